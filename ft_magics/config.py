@@ -1,0 +1,252 @@
+"""Validated settings with help text: the YAML body of ``%%lora_train`` and its ``--kebab-case`` flags.
+
+One dataclass is the single source of truth: the magic's flags, the README reference table and the
+run record are all generated from its fields (peft's LoraConfig style). Pure Python, no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import FtUsageError, did_you_mean
+
+TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
+TRAIN_ON = ("answers", "all")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DATA_FORMATS = ("auto", "chat", "prompt-completion", "alpaca", "sharegpt", "text")
+OVERLONG = ("truncate", "drop")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """LoRA and training settings. Every field is a YAML key and a ``--kebab-case`` flag."""
+
+    # LoRA
+    r: int = _f(16, "LoRA rank: capacity of the adapter (8-64 covers most tasks).")
+    alpha: float = _f(32, "LoRA alpha; the update is scaled by alpha/r (common practice: 2*r).")
+    dropout: float = _f(0.05, "Dropout on the LoRA path during training.")
+    target_modules: Union[str, list] = _f(
+        "all-linear",
+        "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",
+    )
+    # optimisation
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
+    batch_size: int = _f(8, "Examples per device per step.")
+    grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum).")
+    epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 means use epochs.")
+    warmup: float = _f(0.03, "Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1).")
+    lr_scheduler: str = _f("cosine", f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", choices=SCHEDULERS)
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
+    seed: int = _f(42, "Random seed for adapter initialisation, data order and the eval split.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    # data
+    max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
+    overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)
+    train_on: str = _f("answers", "Which tokens carry loss: answers (assistant turns / completions) or all.", choices=TRAIN_ON)
+    format: str = _f("auto", f"Dataset format: {', '.join(DATA_FORMATS)}.", choices=DATA_FORMATS)
+    text_field: Optional[str] = _f(None, "Column holding the text for the text format.")
+    map: Optional[str] = _f(None, "Column mapping, e.g. 'question=prompt,answer=completion'.")
+    group_by_length: bool = _f(True, "Batch examples of similar length together to cut padding waste.")
+    # evaluation
+    eval_fraction: float = _f(0.0, "Fraction of the data held out for evaluation when no --eval source is given.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, when there is eval data).")
+    # reporting
+    log_every: int = _f(1, "Read the loss back from the device every N steps (fewer host syncs).")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict], base: Optional["TrainConfig"] = None) -> "TrainConfig":
+        """Merge ``data`` over ``base`` (or the defaults), validating every key and value."""
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        if not data:
+            cfg.validate()
+            return cfg
+        if not isinstance(data, dict):
+            raise FtUsageError(
+                f"the %%lora_train body must be YAML 'key: value' lines, got {type(data).__name__}. Example:\n"
+                "r: 16\nalpha: 32\nlearning_rate: 2e-4"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for raw_key, value in data.items():
+            key = ALIASES.get(str(raw_key).replace("-", "_"), str(raw_key).replace("-", "_"))
+            if key not in fields:
+                raise FtUsageError(
+                    f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}. "
+                    f"Valid settings: {', '.join(fields)}. See %ft_help lora_train."
+                )
+            setattr(cfg, key, _coerce(key, fields[key], value))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise FtUsageError(msg)
+
+        need(self.r >= 1, f"r must be a positive integer (got {self.r}); try 8, 16 or 32.")
+        need(self.alpha > 0, f"alpha must be positive (got {self.alpha}); common practice is alpha = 2*r.")
+        need(0 <= self.dropout < 1, f"dropout must be in [0, 1) (got {self.dropout}).")
+        need(0 < self.learning_rate < 1, f"learning_rate must be between 0 and 1 (got {self.learning_rate}); try 2e-4.")
+        need(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size}).")
+        need(self.grad_accum >= 1, f"grad_accum must be at least 1 (got {self.grad_accum}).")
+        need(self.epochs > 0, f"epochs must be positive (got {self.epochs}).")
+        need(self.max_steps == -1 or self.max_steps >= 1, f"max_steps must be -1 (use epochs) or >= 1 (got {self.max_steps}).")
+        need(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup}).")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
+        need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
+        need(16 <= self.max_seq_len <= 1_048_576, f"max_seq_len must be between 16 and 1048576 (got {self.max_seq_len}).")
+        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
+        need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
+        need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
+        need(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            need(
+                tm in TARGET_PRESETS or "," in tm or tm.isidentifier(),
+                f"target_modules {tm!r} is not a preset{did_you_mean(tm, TARGET_PRESETS)}: use one of "
+                f"{', '.join(TARGET_PRESETS)} or a list of module names such as [q_proj, v_proj].",
+            )
+        else:
+            need(
+                isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm),
+                "target_modules must be a preset name or a non-empty list of module names.",
+            )
+
+    def warmup_kwargs(self) -> dict:
+        if self.warmup >= 1:
+            return {"warmup_steps": int(self.warmup)}
+        return {"warmup_steps": float(self.warmup)}
+
+
+# Names users bring from transformers / peft / other tools.
+ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "warmup_steps": "warmup",
+    "warmup_ratio": "warmup",
+    "lr_scheduler_type": "lr_scheduler",
+}
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or explain what was expected."""
+    default = f.default
+    choices = f.metadata.get("choices")
+    try:
+        if key == "target_modules":
+            if isinstance(value, str):
+                value = value.strip()
+                if value.startswith("["):
+                    value = [v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip()]
+                elif "," in value:
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (list, tuple)):
+                value = [str(v) for v in value]
+            else:
+                raise TypeError
+            return value
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise TypeError
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise TypeError
+                return int(value)
+            fv = float(str(value).strip())
+            if not math.isfinite(fv) or not fv.is_integer():
+                raise TypeError
+            return int(fv)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            fv = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+            if not math.isfinite(fv):
+                raise TypeError
+            return fv
+        # strings (and Optional[str])
+        if value is None:
+            return None
+        if isinstance(value, (dict, list)):
+            raise TypeError
+        s = str(value).strip()
+        if choices and s not in choices:
+            raise FtUsageError(
+                f"{key} {s!r} is not one of {', '.join(choices)}{did_you_mean(s, choices)}."
+            )
+        return s
+    except (TypeError, ValueError, OverflowError):
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(default), "a string")
+        if key == "target_modules":
+            kind = "a preset name or a list of module names"
+        raise FtUsageError(f"{key} must be {kind}, got {value!r}.") from None
+
+
+def parse_yaml_body(text: str) -> dict:
+    """Parse a cell body as YAML into a dict; a syntax error names the line."""
+    import yaml
+
+    text = text or ""
+    if not text.strip():
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FtUsageError(
+            f"the cell body is not valid YAML{where}: {problem}. Write one 'key: value' per line, e.g. 'r: 16'."
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FtUsageError(
+            "the cell body must be YAML 'key: value' lines (for example 'r: 16'), "
+            f"not a {type(data).__name__}."
+        )
+    return data
+
+
+def reference_table() -> str:
+    """Markdown table of every setting with its default and help (README is checked against it)."""
+    rows = ["| key / flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{f.name}` / `{flag}` | `{f.default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""The training and inference core: torch/transformers/peft/bitsandbytes, no IPython, no widgets."""

@@ -1,0 +1,78 @@
+"""Cached checks of what the hardware and the optional backends can do (peft's import_utils style)."""
+from __future__ import annotations
+
+import functools
+import time
+
+from ..errors import FtUsageError
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device.startswith("cuda") and not cuda_available():
+        raise FtUsageError(
+            "--device cuda was asked for but no CUDA GPU is visible to torch "
+            "(torch.cuda.is_available() is False). Use --device cpu or --device auto, or install a "
+            "CUDA build of torch. See README 'Troubleshooting: no GPU found'."
+        )
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise FtUsageError(f"unknown device {device!r}: use auto, cpu or cuda[:N].")
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_gflops(dtype_name: str, n: int = 512, reps: int = 8) -> float:
+    """Measured matrix-multiply rate on the CPU for ``dtype_name`` (cached per process)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: first call picks kernels
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    dt = time.perf_counter() - t
+    return 2 * n**3 * reps / dt / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def fast_bf16_on_cpu() -> bool:
+    """bf16 is worth it on this CPU only when it actually multiplies faster than fp32 (AMX/AVX512-BF16)."""
+    return cpu_matmul_gflops("bfloat16") > 1.2 * cpu_matmul_gflops("float32")
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The compute dtype: bf16 where the hardware is fast at it, else fp16 (GPU) or fp32 (CPU)."""
+    import torch
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype != "auto":
+        if dtype not in names:
+            raise FtUsageError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32.")
+        if dtype == "fp16" and device == "cpu":
+            raise FtUsageError(
+                "--dtype fp16 on the CPU has no fast kernels (thousands of times slower than bf16 here). "
+                "Use --dtype bf16 or fp32, or auto."
+            )
+        return names[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if fast_bf16_on_cpu() else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as absent
+        return False
+    return True

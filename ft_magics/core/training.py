@@ -1,0 +1,497 @@
+"""Trainer wiring: a PEFT LoRA adapter on the loaded base, trained by ``transformers.Trainer``.
+
+Nothing here is a home-made loop: Trainer owns the optimizer, scheduler, clipping, sampling and
+accumulation; ``DataCollatorForSeq2Seq`` pads. This module adds what a notebook needs around it:
+events for the views, a stop flag (Stop button / kernel interrupt -> stop at the next step
+boundary), the CPU 4-bit layout fix, and an atomic adapter save beside a JSON run record.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..config import TrainConfig
+from ..errors import FtUsageError, did_you_mean
+from .atomic import atomic_dir
+from .events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd, emit
+from .memory import read_memory, reset_peak
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "ft_run.json"
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "query_key_value", "c_attn",
+              "qkv_proj", "out_proj", "dense", "Wqkv", "c_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "dense_h_to_4h",
+        "dense_4h_to_h", "gate_up_proj")
+_QV = ("q_proj", "v_proj", "query", "value", "query_key_value", "c_attn", "qkv_proj", "Wqkv")
+
+
+def linear_module_names(model) -> list:
+    """Leaf names of the linear layers LoRA can target (4/8-bit ones included), lm_head excluded."""
+    import torch
+
+    names = set()
+    for full, mod in model.named_modules():
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf == "lm_head" or leaf == "base_layer" or "lora_" in full:
+            continue
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(model, spec) -> Any:
+    """A preset or a list of names -> what LoraConfig.target_modules takes; checked against the model."""
+    available = linear_module_names(model)
+    if spec == "all-linear":
+        return "all-linear"
+    if isinstance(spec, str) and spec in ("qv", "attention", "mlp"):
+        pool = {"qv": _QV, "attention": _ATTENTION, "mlp": _MLP}[spec]
+        chosen = [n for n in available if n in pool]
+        if spec == "qv" and {"q_proj", "v_proj"} <= set(available):
+            chosen = ["q_proj", "v_proj"]
+        if not chosen:
+            raise FtUsageError(
+                f"target_modules preset {spec!r} matches no layer of this model. Its linear layers are: "
+                f"{', '.join(available)}. Give a list of names, e.g. target_modules: [{', '.join(available[:2])}]."
+            )
+        return chosen
+    names = [spec] if isinstance(spec, str) else list(spec)
+    bad = [n for n in names if n not in available]
+    if bad:
+        raise FtUsageError(
+            f"target_modules {bad[0]!r} is not a linear layer of this model{did_you_mean(bad[0], available)}. "
+            f"Its linear layers are: {', '.join(available)}."
+        )
+    return names
+
+
+# --------------------------------------------------------------------------- CPU 4-bit layout
+def _linear4bit_modules(model):
+    for mod in model.modules():
+        if type(mod).__name__ == "Linear4bit" and hasattr(mod, "support_avx512bf16_for_cpu"):
+            yield mod
+
+
+def unpack_cpu_4bit(model) -> int:
+    """Undo bitsandbytes' CPU inference repacking; return how many layers were unpacked.
+
+    On the CPU, the first no-grad eval forward of a ``Linear4bit`` (any ``generate``) repacks its weight
+    into an AVX512 layout whose kernel has no autograd. Training through it silently stops gradients
+    from flowing back through the frozen base layers, so we restore the standard layout first.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    n = 0
+    for mod in _linear4bit_modules(model):
+        qs = getattr(mod.weight, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
+            mod.quant_state = mod.weight.quant_state
+            n += 1
+    return n
+
+
+@contextlib.contextmanager
+def training_layout(model):
+    """Standard 4-bit layout while training (evaluation inside a run must not repack either);
+    afterwards the fast inference packing is allowed again and happens on the next generate."""
+    mods = list(_linear4bit_modules(model))
+    saved = [m.support_avx512bf16_for_cpu for m in mods]
+    unpack_cpu_4bit(model)
+    for m in mods:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, saved):
+            m.support_avx512bf16_for_cpu = s
+
+
+# --------------------------------------------------------------------------- stop and interrupt
+class StopFlag:
+    """Set by the Stop button, a kernel interrupt or the Python API; read at step boundaries."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "stopped") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+@contextlib.contextmanager
+def interrupt_stops(flag: StopFlag, listeners):
+    """While active, SIGINT (the kernel's interrupt) asks training to stop at the next step boundary
+    instead of raising mid-step. Three interrupts in a row restore the old behaviour and raise."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    count = {"n": 0}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        count["n"] += 1
+        if count["n"] >= 3 and not getattr(flag, "saving", False):
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag.set("interrupted")
+        msg = ("interrupt received: finishing the current step, then saving the adapter"
+               if not getattr(flag, "saving", False) else "interrupt received while saving: the save completes first")
+        emit(listeners, Message(msg, "warning"))
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- collator + callback
+class CountingCollator:
+    """``DataCollatorForSeq2Seq`` plus a running count of loss-bearing tokens (host side, no sync)."""
+
+    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.inner = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors="pt",
+        )
+        self.loss_tokens = 0
+        self.tokens = 0
+
+    def __call__(self, features):
+        self.loss_tokens += sum(sum(1 for x in f["labels"] if x != -100) for f in features)
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"],
+                            "attention_mask": [1] * len(f["input_ids"])} for f in features])
+
+
+def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollator, history: dict, device: str,
+                   begin_info: dict):
+    from transformers import TrainerCallback
+
+    class EventCallback(TrainerCallback):
+        """Trainer hooks -> ft_magics events; the stop flag -> ``control.should_training_stop``."""
+
+        def __init__(self):
+            self.t0 = None
+            self.peak = 0
+            self.last_mem_t = 0.0
+            self.mem = None
+            self.tokens_at_start = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            self.tokens_at_start = collator.loss_tokens
+            emit(listeners, TrainBegin(total_steps=state.max_steps, **begin_info))
+
+        def on_step_end(self, args, state, control, **kw):
+            if flag.is_set():
+                control.should_training_stop = True
+            now = time.perf_counter()
+            if now - self.last_mem_t > 0.25:
+                self.mem = read_memory(device, self.peak)
+                self.peak = max(self.peak, self.mem.peak_bytes)
+                self.last_mem_t = now
+            history["last_step"] = state.global_step
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            step = state.global_step
+            elapsed = time.perf_counter() - self.t0
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                history["loss"].append([step, loss])
+                rate = elapsed / max(step, 1)
+                lb = collator.loss_tokens - self.tokens_at_start
+                emit(listeners, StepEnd(
+                    step=step, total_steps=state.max_steps, epoch=float(logs.get("epoch", state.epoch or 0.0)),
+                    loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
+                    elapsed_s=elapsed, eta_s=rate * max(state.max_steps - step, 0),
+                    tokens_per_s=lb / elapsed if elapsed > 0 else None, memory=self.mem,
+                ))
+            if "eval_loss" in logs:
+                history["eval"].append([step, float(logs["eval_loss"])])
+                emit(listeners, EvalEnd(step=step, eval_loss=float(logs["eval_loss"]),
+                                        metrics={k: v for k, v in logs.items() if k.startswith("eval_")}))
+
+    return EventCallback()
+
+
+def _f(x):
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- the job
+@dataclass
+class TrainResult:
+    name: str
+    status: str
+    adapter_path: Optional[str]
+    steps: int
+    final_loss: Optional[float]
+    first_loss: Optional[float]
+    eval_loss: Optional[float]
+    seconds: float
+    trainable_params: int
+    total_params: int
+    loss_tokens_per_s: Optional[float]
+    peak_memory_bytes: int
+    record: dict = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+def lora_config(model, cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=resolve_target_modules(model, cfg.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(model, name: str, cfg: TrainConfig):
+    """Add a fresh LoRA adapter ``name`` (replacing one of that name) and make it the trainable one."""
+    import torch
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
+    if isinstance(model, PeftModel):
+        base = model.get_base_model()
+        lcfg = lora_config(base, cfg)
+        if name in model.peft_config:
+            model.delete_adapter(name)
+        model.add_adapter(name, lcfg)
+        model.set_adapter(name)
+        peft_model = model
+    else:
+        lcfg = lora_config(model, cfg)
+        peft_model = get_peft_model(model, lcfg, adapter_name=name)
+    # Only the new adapter trains; the others (and the base) stay frozen.
+    for n, p in peft_model.named_parameters():
+        p.requires_grad = (".lora_" in n and f".{name}." in n)
+    return peft_model
+
+
+def trainable_counts(peft_model, base_params: int) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return trainable, base_params
+
+
+def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    on_cuda = device.startswith("cuda")
+    kw = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.log_every,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not on_cuda,
+        bf16=on_cuda and compute_dtype == torch.bfloat16,
+        fp16=on_cuda and compute_dtype == torch.float16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        label_names=["labels"],
+        **cfg.warmup_kwargs(),
+    )
+    return TrainingArguments(**kw)
+
+
+def save_adapter(peft_model, name: str, target: Path, record: dict) -> Path:
+    """Write the adapter in PEFT's own format plus the run record, atomically."""
+    import shutil
+
+    with atomic_dir(target) as tmp:
+        scratch = tmp / "_peft"
+        peft_model.save_pretrained(str(scratch), selected_adapters=[name])
+        src = scratch / name if (scratch / name).is_dir() else scratch
+        for f in src.iterdir():
+            os.replace(f, tmp / f.name)
+        shutil.rmtree(scratch, ignore_errors=True)
+        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return target
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "ft-magics"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_training(
+    handle,
+    name: str,
+    train_examples: list,
+    eval_examples: list,
+    cfg: TrainConfig,
+    target: Path,
+    listeners: list,
+    flag: Optional[StopFlag] = None,
+    data_report=None,
+    background: bool = False,
+    on_model: Optional[Callable[[Any], None]] = None,
+) -> TrainResult:
+    """Train adapter ``name`` on ``handle``'s model; save it to ``target``. Returns a :class:`TrainResult`.
+
+    ``on_model`` receives the PEFT-wrapped model as soon as it exists, so the session holds it even if
+    training fails halfway.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer
+
+    flag = flag or StopFlag()
+    started = time.time()
+    t0 = time.perf_counter()
+    handle.tokenizer.padding_side = "right"
+    peft_model = attach_adapter(handle.model, name, cfg)
+    if on_model is not None:
+        on_model(peft_model)
+    trainable, total = trainable_counts(peft_model, handle.param_count)
+    history: dict = {"loss": [], "eval": [], "last_step": 0}
+    collator = CountingCollator(handle.tokenizer)
+    to_ds = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])  # noqa: E731
+    train_ds = to_ds(train_examples)
+    eval_ds = to_ds(eval_examples) if eval_examples else None
+    settings = cfg.to_dict()
+    begin_info = dict(
+        run_name=name, num_examples=len(train_examples), trainable_params=trainable, total_params=total,
+        device=handle.device, settings=settings, background=background,
+    )
+    reset_peak(handle.device)
+    callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info)
+    ckpt_dir = target.parent / ".checkpoints" / name
+    args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
+    trainer = Trainer(
+        model=peft_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=collator, callbacks=[callback],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # our views report progress; no raw log dicts
+        trainer.remove_callback(cb)
+    status, error, eval_loss, caught = "completed", None, None, None
+    try:
+        with training_layout(peft_model), interrupt_stops(flag, listeners):
+            peft_model.train()
+            trainer.train()
+            if flag.is_set():
+                status = flag.reason or "stopped"
+            if eval_ds is not None and status == "completed":
+                metrics = trainer.evaluate()
+                eval_loss = _f(metrics.get("eval_loss"))
+                if eval_loss is not None and (not history["eval"] or history["eval"][-1][0] != history["last_step"]):
+                    history["eval"].append([history["last_step"], eval_loss])
+                    emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
+            elif history["eval"]:
+                eval_loss = history["eval"][-1][1]
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except Exception as exc:  # noqa: BLE001 - the run ends cleanly and says why; the caller re-raises
+        status, error, caught = "failed", f"{type(exc).__name__}: {exc}", exc
+    finally:
+        peft_model.eval()
+    seconds = time.perf_counter() - t0
+    steps = history["last_step"]
+    losses = [l for _, l in history["loss"]]
+    mem = read_memory(handle.device, callback.peak)
+    lt_s = (collator.loss_tokens / seconds) if seconds > 0 else None
+    record = {
+        "name": name,
+        "status": status,
+        "error": error,
+        "base_model": {"name": handle.name, "source": handle.source, "bits": handle.bits,
+                       "dtype": str(handle.dtype).replace("torch.", ""), "device": handle.device},
+        "settings": settings,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
+        "steps": steps,
+        "loss_history": history["loss"],
+        "eval_history": history["eval"],
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": eval_loss,
+        "timings": {"started": started, "seconds": round(seconds, 3),
+                    "steps_per_s": round(steps / seconds, 4) if seconds else None,
+                    "loss_tokens": collator.loss_tokens,
+                    "loss_tokens_per_s": round(lt_s, 2) if lt_s else None},
+        "peak_memory": {"kind": mem.kind, "bytes": mem.peak_bytes, "label": mem.label},
+        "data": None if data_report is None else {
+            "source": data_report.source, "format": data_report.format, "rows": data_report.rows,
+            "train_rows": data_report.train_rows, "eval_rows": data_report.eval_rows,
+            "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
+        },
+        "versions": versions(),
+    }
+    adapter_path = None
+    if steps > 0 and status != "failed":
+        flag.saving = True
+        try:
+            with interrupt_stops(flag, listeners):
+                adapter_path = str(save_adapter(peft_model, name, target, record))
+        finally:
+            flag.saving = False
+    result = TrainResult(
+        name=name, status=status, adapter_path=adapter_path, steps=steps,
+        final_loss=record["final_loss"], first_loss=losses[0] if losses else None, eval_loss=eval_loss,
+        seconds=seconds, trainable_params=trainable, total_params=total, loss_tokens_per_s=lt_s,
+        peak_memory_bytes=mem.peak_bytes, record=record,
+    )
+    emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
+                             elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
+                             extra={"eval_loss": eval_loss}))
+    del trainer
+    if caught is not None:
+        raise caught
+    return result

@@ -1,0 +1,33 @@
+"""Errors a user can fix.
+
+Core code raises :class:`FtUsageError` for every mistake a user can make (a bad flag value, a
+missing dataset column, an unknown adapter). It knows nothing of IPython; the magics layer turns it
+into IPython's ``UsageError`` so the notebook shows the message without a traceback. A traceback
+therefore always means a bug in this project (the jupysql convention).
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class FtUsageError(ValueError):
+    """A mistake the user can fix; the message names the cause and the fix."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown(kind: str, word: str, choices: Iterable[str], fix: str = "") -> FtUsageError:
+    """The standard error for a name that is not one of ``choices``."""
+    choices = sorted(set(map(str, choices)))
+    msg = f"unknown {kind} {word!r}{did_you_mean(word, choices)}."
+    if choices:
+        shown = ", ".join(choices[:30]) + (" ..." if len(choices) > 30 else "")
+        msg += f" Valid: {shown}."
+    if fix:
+        msg += f" {fix}"
+    return FtUsageError(msg)

@@ -1,0 +1,307 @@
+"""The IPython layer: parse a line/cell into a typed spec, call the Session, render the result.
+
+Magic methods stay thin. Arguments are declared with IPython's ``magic_arguments`` so ``%%lora_train?``
+prints real usage and bad flags raise ``UsageError``; every ``FtUsageError`` from the core becomes a
+``UsageError`` (shown without a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import shlex
+import sys
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.text import dedent
+from traitlets import Bool, Int, Unicode
+
+from .config import TrainConfig, parse_yaml_body
+from .errors import FtUsageError, did_you_mean
+
+README_URL = "README.md"
+
+
+def user_errors(func):
+    """Turn the core's FtUsageError into IPython's UsageError: a message, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FtUsageError as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def parse_args(magic_func, line: str) -> argparse.Namespace:
+    """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations."""
+    from IPython.utils.process import arg_split
+
+    parser = magic_func.parser
+    parser.allow_abbrev = False
+    try:
+        words = arg_split(line or "", posix=True)
+    except ValueError as exc:  # unbalanced quotes
+        raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
+    args, extra = parser.parse_known_args(words)
+    if extra:
+        flags = [s for a in parser._actions for s in a.option_strings]
+        bad = extra[0]
+        if bad.startswith("-"):
+            flag = bad.split("=", 1)[0]
+            raise UsageError(
+                f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
+            )
+        raise UsageError(f"unexpected argument {bad!r}. See %{magic_func.__name__}? for usage.")
+    return args
+
+
+def _config_flags(func):
+    """Add a ``--kebab-case`` flag for every TrainConfig field (flags win over the YAML body)."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} Default: {f.default!r}.".replace("%", "%%")
+        if isinstance(f.default, bool):
+            func = argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                            help=help_text)(func)
+        else:
+            func = argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=help_text)(func)
+    return func
+
+
+def _config_overrides(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+@magics_class
+class FtMagics(Magics):
+    """LoRA / QLoRA fine-tuning magics. Settings: ``%config FtMagics``."""
+
+    default_model = Unicode("demo", config=True, help="Model %qlora_load uses when none is given.")
+    default_bits = Int(4, config=True, help="Bits %qlora_load uses when --bits is not given (4 = QLoRA).")
+    adapters_dir = Unicode("adapters", config=True, help="Folder where %%lora_train saves adapters.")
+    widgets = Bool(True, config=True, help="Show live widgets in a widget frontend (text elsewhere).")
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            from .session import Session
+
+            self._session = Session(adapters_dir=self.adapters_dir,
+                                    namespace=self.shell.user_ns if self.shell is not None else {})
+        self._session.adapters_dir = __import__("pathlib").Path(self.adapters_dir)
+        return self._session
+
+    # ------------------------------------------------------------------ %qlora_load
+    @magic_arguments()
+    @argument("model", nargs="?", default=None,
+              help="'demo' (embedded SmolLM2-135M-Instruct), a hub id, a local model folder or a .gguf file.")
+    @argument("--bits", type=int, default=None, choices=(4, 8, 16, 32),
+              help="Weight precision: 4 = NF4 + double quantisation (QLoRA), 8, 16 or 32. Default 4.")
+    @argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+              help="Compute dtype; auto picks bf16 where the hardware is fast at it.")
+    @argument("--device", default="auto", help="auto, cpu or cuda[:N].")
+    @argument("--trust-remote-code", action="store_true",
+              help="Allow a model's own Python code to run (off by default: it runs arbitrary code).")
+    @argument("--allow-pickle", action="store_true",
+              help="Allow pickle .bin weights (they can run arbitrary code when loaded).")
+    @line_magic
+    @user_errors
+    def qlora_load(self, line=""):
+        """Load a base model, by default the embedded demo model in 4-bit NF4, and print its card.
+
+        Examples::
+
+            %qlora_load
+            %qlora_load ./my-model --bits 16
+            %qlora_load HuggingFaceTB/SmolLM2-135M-Instruct --bits 4
+        """
+        args = parse_args(self.qlora_load, line)
+        handle = self.session.load(
+            args.model or self.default_model, bits=args.bits or self.default_bits, dtype=args.dtype,
+            device=args.device, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        )
+        print(handle.card())
+
+    # ------------------------------------------------------------------ %%lora_train
+    @magic_arguments()
+    @argument("name", help="Adapter name (also its folder name under the adapters folder).")
+    @argument("--data", default=None, help="Training data: file, folder, demo:NAME or a notebook variable.")
+    @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
+    @argument("--output-dir", default=None, help="Folder to save the adapter in (default: adapters/).")
+    @argument("--no-widgets", action="store_true", help="Text progress instead of the live dashboard.")
+    @argument("--background", action="store_true",
+              help="Train on a thread so the kernel stays free (Stop button or %%lora_stop).")
+    @_config_flags
+    @cell_magic
+    @user_errors
+    def lora_train(self, line="", cell=""):
+        """Train a LoRA adapter NAME. The cell body is YAML settings; flags on the line win.
+
+        Example::
+
+            %%lora_train support-bot --data demo:support --max-steps 60
+            r: 16
+            alpha: 32
+            target_modules: all-linear
+            learning_rate: 2e-4
+        """
+        args = parse_args(self.lora_train, line)
+        body = parse_yaml_body(cell)
+        cfg = TrainConfig.from_dict(body)
+        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
+        from .widgets import training_view
+
+        view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
+        result = self.session.train(
+            args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
+            background=args.background,
+        )
+        if args.background:
+            print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
+        return None
+
+    # ------------------------------------------------------------------ %%lora_generate
+    @magic_arguments()
+    @argument("--adapter", default=None, help="Adapter to answer with, or 'base'. Default: the active one.")
+    @argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate. Default 128.")
+    @argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    @argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.0.")
+    @argument("--system", default=None, help="System prompt.")
+    @argument("--seed", type=int, default=None, help="Random seed when sampling.")
+    @argument("--no-stream", action="store_true", help="Print the answer at the end instead of streaming it.")
+    @line_cell_magic
+    @user_errors
+    def lora_generate(self, line="", cell=None):
+        """Answer the cell body (the user message) with the model, through the chat template.
+
+        Example::
+
+            %%lora_generate --adapter support-bot
+            How do I reset my password?
+        """
+        args = parse_args(self.lora_generate, line)
+        prompt = cell if cell is not None else ""
+        if not prompt.strip():
+            raise UsageError("put the user message in the cell body:\n%%lora_generate\nHow do I reset my password?")
+        on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        gen = self.session.generate(
+            prompt.strip(), adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, on_text=on_text, seed=args.seed,
+        )
+        if args.no_stream:
+            print(gen.text)
+        else:
+            print()
+        print(f"[{gen.adapter} · {gen.new_tokens} tokens · {gen.tokens_per_s:.1f} tok/s]")
+
+    # ------------------------------------------------------------------ %lora_adapters
+    @line_magic
+    @user_errors
+    def lora_adapters(self, line=""):
+        """Adapters of this session: ``list`` (default), ``use NAME|base``, ``load PATH [--name N]``."""
+        words = shlex.split(line or "")
+        cmd = words[0] if words else "list"
+        rest = words[1:]
+        s = self.session
+        if cmd == "list":
+            if not s.adapters:
+                print("No adapters yet. Train one with %%lora_train NAME --data ... or load one with %lora_adapters load PATH.")
+                return
+            active = s.adapters.active or "base"
+            for a in s.adapters:
+                mark = "*" if a.name == active else " "
+                loss = f"{a.final_loss:.4f}" if a.final_loss is not None else "-"
+                print(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss}  {a.path}")
+            print(f"active: {active}")
+            return
+        if cmd == "use":
+            if len(rest) != 1:
+                raise UsageError("usage: %lora_adapters use NAME|base")
+            ms = s.use(rest[0])
+            print(f"active adapter: {rest[0]} (swapped in {ms:.2f} ms)")
+            return
+        if cmd == "load":
+            p = argparse.ArgumentParser(prog="%lora_adapters load", add_help=False)
+            p.add_argument("path")
+            p.add_argument("--name", default=None)
+            try:
+                a, extra = p.parse_known_args(rest)
+            except SystemExit:
+                raise UsageError("usage: %lora_adapters load PATH [--name NAME]") from None
+            if extra:
+                raise UsageError(f"unexpected {' '.join(extra)}; usage: %lora_adapters load PATH [--name NAME]")
+            name = s.load_adapter(a.path, a.name)
+            print(f"loaded adapter {name!r} from {a.path}; it is now active.")
+            return
+        commands = ["list", "use", "load"]
+        raise UsageError(f"unknown subcommand {cmd!r}{did_you_mean(cmd, commands)}. Use: {', '.join(commands)}.")
+
+    # ------------------------------------------------------------------ small commands
+    @line_magic
+    @user_errors
+    def lora_stop(self, line=""):
+        """Stop the background training run at the next step boundary (the adapter is saved)."""
+        print("stopping at the next step..." if self.session.stop() else "no training run in progress.")
+
+    @line_magic
+    @user_errors
+    def ft_unload(self, line=""):
+        """Free the model, its adapters and caches without restarting the kernel."""
+        from .core.memory import human_bytes, rss_bytes
+
+        before = rss_bytes()
+        self.session.unload()
+        print(f"model unloaded; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}")
+
+    @line_magic
+    def ft_help(self, line=""):
+        """Usage of every ft_magics command, with examples."""
+        print(help_text())
+
+
+MAGIC_NAMES = {
+    "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help"],
+    "cell": ["lora_train", "lora_generate"],
+}
+
+def help_text() -> str:
+    from IPython.core.magic_arguments import construct_parser  # noqa: F401 - parsers already built
+
+    out = ["ft_magics — LoRA / QLoRA fine-tuning in the notebook.  Full reference: README.md", ""]
+    out.append("Quick start:\n  %qlora_load\n  %%lora_train support-bot --data demo:support --max-steps 60\n"
+               "  r: 16\n  %%lora_generate --adapter support-bot\n  How do I reset my password?\n")
+    for name in ("qlora_load", "lora_train", "lora_generate", "lora_adapters", "lora_stop", "ft_unload"):
+        func = getattr(FtMagics, name)
+        doc = dedent(func.__doc__ or "").strip()
+        out.append(f"%{name}\n" + "\n".join("  " + l for l in doc.splitlines()) + "\n")
+    return "\n".join(out)
+
+
+_loaded: dict = {}
+
+
+def load_ipython_extension(ipython) -> None:
+    magics = FtMagics(ipython)
+    ipython.register_magics(magics)
+    _loaded[id(ipython)] = magics
+
+
+def unload_ipython_extension(ipython) -> None:
+    magics = _loaded.pop(id(ipython), None)
+    registry = ipython.magics_manager.magics
+    for kind, names in MAGIC_NAMES.items():
+        for n in names:
+            registry[kind].pop(n, None)
+    if magics is not None:
+        ipython.magics_manager.registry.pop("FtMagics", None)
+        if magics._session is not None:
+            magics._session.unload()

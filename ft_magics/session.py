@@ -1,0 +1,239 @@
+"""The state one notebook holds: the base model, its tokenizer, the adapters and the run history.
+
+``Session`` is also the Python API (``ft_magics.Session``): everything the magics do goes through
+it, and it imports no IPython and no widget.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import TrainConfig
+from .errors import FtUsageError
+
+
+class Session:
+    def __init__(self, adapters_dir: str | Path = "adapters", namespace: Optional[dict] = None) -> None:
+        self.adapters_dir = Path(adapters_dir)
+        self.namespace = namespace if namespace is not None else {}
+        self.handle = None  # core.loading.ModelHandle
+        from .core.adapters import AdapterRegistry
+
+        self.adapters = AdapterRegistry()
+        self.runs: list = []  # TrainResult of every run in this session
+        self._lock = threading.RLock()
+        self._training: Optional[threading.Thread] = None
+        self._stop = None  # StopFlag of the run in progress
+        self.last_data_report = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self):
+        self._require_model()
+        return self.handle.model
+
+    @property
+    def tokenizer(self):
+        self._require_model()
+        return self.handle.tokenizer
+
+    def _require_model(self) -> None:
+        if self.handle is None:
+            raise FtUsageError("no model is loaded: run %qlora_load first (or Session.load()).")
+
+    @contextlib.contextmanager
+    def _model_busy(self, what: str):
+        """Training and swapping/generating cannot collide: fail clearly while a run holds the model."""
+        if not self._lock.acquire(blocking=False):
+            raise FtUsageError(
+                f"cannot {what} while a background training run is using the model. Wait for it to finish, "
+                "or stop it with the dashboard's Stop button or %lora_stop."
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def load(self, model: str = "demo", bits: int = 4, dtype: str = "auto", device: str = "auto",
+             trust_remote_code: bool = False, allow_pickle: bool = False):
+        """Load a base model (replacing the current one and its adapters); returns the ModelHandle."""
+        from .core.loading import load_model
+
+        with self._model_busy("load a model"):
+            if self.handle is not None:
+                self._drop_model()
+            self.handle = load_model(model, bits=bits, dtype=dtype, device=device,
+                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+            return self.handle
+
+    def _drop_model(self) -> None:
+        from .core.adapters import AdapterRegistry
+        from .core.memory import release_memory
+
+        self.handle = None
+        self.adapters = AdapterRegistry()
+        release_memory()
+
+    def unload(self) -> None:
+        with self._model_busy("unload the model"):
+            self._drop_model()
+
+    # ------------------------------------------------------------------ training
+    def prepare_data(self, data: Any, cfg: TrainConfig, eval_data: Any = None):
+        from .core.data import prepare
+
+        self._require_model()
+        if data is None:
+            raise FtUsageError("--data is required: a file, demo:NAME, or a notebook variable. Try --data demo:support.")
+        return prepare(data, self.handle.tokenizer, cfg, namespace=self.namespace, eval_src=eval_data)
+
+    def train(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
+              eval_data: Any = None, output_dir: Optional[str | Path] = None, listeners: Optional[list] = None,
+              background: bool = False, on_done: Optional[Callable] = None, **overrides):
+        """Train a LoRA adapter ``name``. ``config`` is a dict (YAML body) or TrainConfig; keyword
+        overrides win. Returns a TrainResult, or the Thread when ``background`` is true."""
+        from .core.adapters import validate_name
+        from .core.events import Message, emit
+
+        name = validate_name(name)
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+        if overrides:
+            cfg = TrainConfig.from_dict(overrides, base=cfg)
+        self._require_model()
+        listeners = list(listeners or [])
+        out_root = Path(output_dir) if output_dir else self.adapters_dir
+        target = (out_root / name).resolve()
+        if target.parent != out_root.resolve():
+            raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
+        if self._training is not None and self._training.is_alive():
+            raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        # Everything that can be wrong with the data is found before the model is touched.
+        train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
+        self.last_data_report = report
+        emit(listeners, Message(report.text()))
+        if background:
+            thread = threading.Thread(
+                target=self._train_guarded, args=(name, train_ex, eval_ex, cfg, target, listeners, report, True, on_done),
+                name=f"ft_magics-train-{name}", daemon=True,
+            )
+            self._training = thread
+            thread.start()
+            return thread
+        return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done)
+
+    def _train_guarded(self, name, train_ex, eval_ex, cfg, target, listeners, report, background, on_done):
+        from .core.training import StopFlag, run_training
+
+        self._stop = StopFlag()
+        with self._lock:
+            try:
+                result = run_training(
+                    self.handle, name, train_ex, eval_ex, cfg, target, listeners, flag=self._stop,
+                    data_report=report, background=background, on_model=self._set_model,
+                )
+            except BaseException as exc:
+                if background and on_done is not None:
+                    on_done(exc)
+                if background:
+                    return None
+                raise
+            finally:
+                self._stop = None
+        self.runs.append(result)
+        if result.adapter_path:
+            from .core.adapters import info_from_folder
+
+            self.adapters.add(info_from_folder(name, Path(result.adapter_path), "trained"))
+            self.adapters.active = name
+        if on_done is not None:
+            on_done(result)
+        return result
+
+    def _set_model(self, model) -> None:
+        self.handle.model = model
+
+    def stop(self) -> bool:
+        """Ask the run in progress to stop at the next step boundary (it saves the adapter)."""
+        if self._stop is None:
+            return False
+        self._stop.set("stopped")
+        return True
+
+    def wait(self, timeout: Optional[float] = None):
+        if self._training is not None:
+            self._training.join(timeout)
+        return self.runs[-1] if self.runs else None
+
+    @property
+    def training_in_progress(self) -> bool:
+        return self._training is not None and self._training.is_alive()
+
+    # ------------------------------------------------------------------ adapters
+    def use(self, name: Optional[str]) -> float:
+        """Make ``name`` the active adapter ('base' or None: no adapter). Returns the swap time in ms."""
+        from .core.adapters import BASE, activate
+
+        with self._model_busy("switch adapters"):
+            if name not in (None, BASE):
+                self.adapters.require(name)
+            if not self.adapters:
+                self.adapters.active = None
+                return 0.0
+            ms = activate(self.model, name)
+            self.adapters.active = None if name in (None, BASE) else name
+            return ms
+
+    def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
+        """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
+        from peft import PeftModel
+
+        from .core.adapters import info_from_folder, read_adapter_folder, validate_name
+
+        path = Path(path).expanduser()
+        name = validate_name(name or path.name)
+        read_adapter_folder(path)
+        with self._model_busy("load an adapter"):
+            model = self.model
+            if name in self.adapters:
+                raise FtUsageError(f"an adapter named {name!r} is already loaded; pass --name to pick another.")
+            try:
+                if isinstance(model, PeftModel):
+                    model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                raise FtUsageError(
+                    f"adapter {path} does not fit the loaded model {self.handle.name}: {exc}"
+                ) from None
+            self.adapters.add(info_from_folder(name, path, "loaded"))
+            from .core.adapters import activate
+
+            activate(self.handle.model, name)
+            self.adapters.active = name
+        return name
+
+    # ------------------------------------------------------------------ inference
+    def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None):
+        """Answer ``prompt`` with ``adapter`` (default: the active one; 'base' for none)."""
+        from .core.adapters import BASE, activate
+        from .core.inference import generate
+
+        with self._model_busy("generate"):
+            model = self.model
+            previous = self.adapters.active
+            chosen = previous if adapter is None else adapter
+            if chosen not in (None, BASE):
+                self.adapters.require(chosen)
+            if self.adapters:
+                activate(model, chosen)
+            try:
+                return generate(model, self.tokenizer, prompt, system=system, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, on_text=on_text,
+                                adapter_label=chosen or BASE, seed=seed)
+            finally:
+                if self.adapters and chosen != previous:
+                    activate(model, previous)
