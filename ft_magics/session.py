@@ -214,6 +214,41 @@ class Session:
             self.adapters.active = name
         return name
 
+    def unload_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` from memory (its folder stays on disk)."""
+        with self._model_busy("unload an adapter"):
+            info = self.adapters.require(name)
+            model = self.model
+            if hasattr(model, "peft_config") and name in model.peft_config:
+                if self.adapters.active == name:
+                    from .core.adapters import activate
+
+                    activate(model, None)
+                    self.adapters.active = None
+                others = [n for n in model.peft_config if n != name]
+                if others:  # PEFT needs another adapter to remain active while deleting this one
+                    model.base_model.set_adapter(others[0], inference_mode=True)
+                    model.delete_adapter(name)
+                    if self.adapters.active is None:
+                        activate(model, None)
+                else:
+                    self.handle.model = model.unload()  # plain base model again, LoRA layers removed
+            self.adapters.remove(info.name)
+
+    def delete_adapter(self, name: str) -> Optional[str]:
+        """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""
+        import shutil
+
+        info = self.adapters.require(name)
+        self.unload_adapter(name)
+        if info.path:
+            path = Path(info.path).resolve()
+            root = self.adapters_dir.resolve()
+            if path.parent == root and path.is_dir():
+                shutil.rmtree(path)
+                return str(path)
+        return None
+
     # ------------------------------------------------------------------ inference
     def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
