@@ -47,6 +47,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     seed: int = _f(42, "Random seed for adapter initialisation, data order and the eval split.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    chunked_loss: bool = _f(
+        True, "Compute the loss over the output layer in row chunks, only where tokens carry loss: never holds "
+        "full-vocabulary fp32 logits for the batch (faster, much less memory; same loss and gradients).")
+    loss_chunk_rows: int = _f(0, "Rows per chunk for chunked_loss (0: auto, about 64 MB of fp32 logits per chunk).")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)
@@ -114,6 +118,7 @@ class TrainConfig:
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
+        need(self.loss_chunk_rows >= 0, f"loss_chunk_rows must be >= 0 (0 = auto; got {self.loss_chunk_rows}).")
         need(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
         tm = self.target_modules
         if isinstance(tm, str):

@@ -413,9 +413,11 @@ def run_training(
     callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info)
     ckpt_dir = target.parent / ".checkpoints" / name
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
-    trainer = Trainer(
-        model=peft_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=collator, callbacks=[callback],
+    from .speed import make_trainer  # chunked loss: no full-vocabulary logits for the batch
+
+    trainer = make_trainer(
+        peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, args=args, train_dataset=train_ds,
+        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

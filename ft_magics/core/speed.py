@@ -1,0 +1,208 @@
+"""Training speed and memory levers that sit on top of ``transformers.Trainer``.
+
+The big one is the *chunked loss*. The standard causal-LM forward computes full-vocabulary logits for
+every position of the batch (batch x seq x vocab), upcasts them to fp32 for the cross-entropy and keeps
+them, and their gradient, alive until the backward pass: for the demo model at batch 8 x 256 tokens that
+is 400 MB per fp32 copy, and most rows are prompt or padding positions whose loss is masked out anyway.
+
+Here the decoder runs to its final hidden states only; the rows whose next token carries loss are
+gathered, and the output projection + cross-entropy run over them in chunks of ``chunk_rows`` rows. Each
+chunk's gradient with respect to its hidden rows (and the head weight, if it trains) is computed right
+away, inside the forward, so no logits survive the chunk: peak extra memory is one chunk of fp32 logits.
+The result is the same loss (sum over loss-bearing tokens / their count, or / ``num_items_in_batch``
+under gradient accumulation, like transformers' ``ForCausalLMLoss``) and the same gradients.
+
+Models whose head is not a plain bias-free linear layer over the decoder output (logit soft-capping,
+logit scaling, a custom head) fall back to the standard forward, with a note.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # fp32 logits held per chunk
+
+
+def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one chunk of fp32 logits takes about ``budget_bytes`` (at least 16 rows)."""
+    return max(16, int(budget_bytes // (4 * max(vocab_size, 1))))
+
+
+# --------------------------------------------------------------------------- the loss itself
+def _chunk_loss_and_grads(h, weight, targets, chunk_rows: int, want_h: bool, want_w: bool):
+    """Summed cross-entropy of ``h @ weight.T`` against ``targets``; gradients of that sum if wanted."""
+    import torch
+
+    n = h.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    for s in range(0, n, chunk_rows):
+        hc = h[s:s + chunk_rows]
+        tc = targets[s:s + chunk_rows]
+        logits = (hc @ weight.t()).float()  # same precision path as lm_head(h).float() in the standard loss
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        if want_h or want_w:
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no second chunk-sized buffer
+            probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+            g = probs.to(h.dtype)
+            del logits, probs
+            if want_h:
+                grad_h[s:s + chunk_rows] = g @ weight.to(h.dtype)
+            if want_w:
+                grad_w += (g.t() @ hc).float()
+    return total, grad_h, grad_w
+
+
+def _autograd_fn():
+    import torch
+
+    class ChunkedCrossEntropy(torch.autograd.Function):
+        """Loss = sum CE / denom; gradients computed chunk by chunk in the forward and scaled in backward."""
+
+        @staticmethod
+        def forward(ctx, h, weight, targets, chunk_rows, denom):
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            total, grad_h, grad_w = _chunk_loss_and_grads(h, weight, targets, chunk_rows, want_h, want_w)
+            ctx.denom = denom
+            ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+            ctx.which = (want_h, want_w)
+            ctx.w_dtype = weight.dtype
+            return total / denom
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            saved = list(ctx.saved_tensors)
+            scale = grad_out / ctx.denom
+            gh = gw = None
+            if ctx.which[0]:
+                g = saved.pop(0)
+                gh = g * scale.to(g.dtype)
+            if ctx.which[1]:
+                gw = (saved.pop(0) * scale).to(ctx.w_dtype)
+            return gh, gw, None, None, None
+
+    return ChunkedCrossEntropy
+
+
+_FN = None
+
+
+def chunked_cross_entropy(h, weight, targets, chunk_rows: int, num_items: Optional[Any] = None):
+    """Mean (or sum / ``num_items``) cross-entropy of ``h @ weight.T`` vs ``targets``, in row chunks.
+
+    ``h``: (N, hidden) rows that carry loss; ``weight``: (vocab, hidden); ``targets``: (N,) token ids.
+    """
+    import torch
+
+    global _FN
+    if _FN is None:
+        _FN = _autograd_fn()
+    n = h.shape[0]
+    if num_items is None:
+        denom = float(max(n, 1))
+    else:
+        denom = float(num_items.item() if torch.is_tensor(num_items) else num_items)
+        denom = max(denom, 1.0)
+    if n == 0:  # nothing to learn from in this batch: a zero that keeps the graph connected
+        return h.sum() * 0.0
+    chunk_rows = max(1, int(chunk_rows))
+    if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
+        total, _, _ = _chunk_loss_and_grads(h, weight, targets, chunk_rows, False, False)
+        return total / denom
+    return _FN.apply(h, weight, targets, chunk_rows, denom)
+
+
+# --------------------------------------------------------------------------- model plumbing
+def _causal_lm(model):
+    """The transformers ``*ForCausalLM`` under a PEFT wrapper (LoRA layers are injected in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def chunked_loss_blocker(model) -> Optional[str]:
+    """Why the chunked loss cannot be used on ``model`` (None when it can)."""
+    import torch
+
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    decoder = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    if head is None or decoder is None or decoder is lm:
+        return "the model has no separate decoder and output head"
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"its output head is a {type(head).__name__} (not a plain bias-free Linear)"
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        v = getattr(cfg, attr, None)
+        if v not in (None, 1, 1.0):
+            return f"its config sets {attr}={v} (the head is not a plain projection)"
+    return None
+
+
+def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: Optional[Any] = None):
+    """The causal-LM loss of ``model`` on ``inputs`` (with ``labels``) without full-vocabulary logits."""
+    lm = _causal_lm(model)
+    decoder = getattr(lm, getattr(lm, "base_model_prefix", "model"))
+    head = lm.get_output_embeddings()
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    inputs.pop("num_items_in_batch", None)
+    out = decoder(**inputs, use_cache=False)
+    hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+    shift = labels[:, 1:]
+    mask = shift != IGNORE_INDEX
+    rows = hidden[:, :-1][mask]
+    targets = shift[mask]
+    rows_per_chunk = chunk_rows or auto_chunk_rows(head.weight.shape[0])
+    return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items)
+
+
+def speed_trainer_class():
+    """``transformers.Trainer`` with the chunked loss and a loss-only evaluation step."""
+    import torch
+    from transformers import Trainer
+
+    class SpeedTrainer(Trainer):
+        """Trainer whose loss never materialises full-vocabulary logits for the batch.
+
+        Evaluation returns the loss only (no logits gathered across the eval set: nothing here uses them).
+        """
+
+        chunk_rows: int = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Same normalisation as the model's own loss: per-batch mean, or the token sum over the
+            # accumulated batch when the Trainer passes num_items_in_batch (gradient accumulation).
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows, items)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
+            return loss.detach(), None, None
+
+    return SpeedTrainer
+
+
+def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None, **trainer_kw):
+    """A Trainer for ``model``: the chunked-loss one when asked for and the model allows it."""
+    from transformers import Trainer
+
+    if chunked_loss:
+        why = chunked_loss_blocker(model)
+        if why is None:
+            cls = speed_trainer_class()
+            trainer = cls(model=model, **trainer_kw)
+            trainer.chunk_rows = int(chunk_rows or 0)
+            return trainer
+        msg = f"chunked loss off: {why}; using the standard full-logits loss"
+        log.info(msg)
+        if notes is not None:
+            notes.append(msg)
+    return Trainer(model=model, **trainer_kw)

@@ -1,0 +1,143 @@
+"""The chunked loss (ft_magics/core/speed.py): same loss and gradients as the standard one, knobs reachable."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt positions carry no loss
+    labels[2, 9:] = -100  # a padded tail
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _lora_model(model_dir, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                            init_lora_weights=False))
+    model.train()
+    return model
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
+def test_chunked_loss_equals_standard_loss_and_gradients(tiny_model_dir, chunk_rows):
+    from ft_magics.core.speed import causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir)
+    batch = _batch(model.config.vocab_size)
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    loss = causal_lm_chunked_loss(model, batch, chunk_rows=chunk_rows)
+    loss.backward()
+    grads = _grads(model)
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), (loss.item(), ref.item())
+    assert ref_grads.keys() == grads.keys() and len(grads) > 0
+    for name in ref_grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_loss_with_num_items_and_trainable_head(tiny_model_dir):
+    """Gradient-accumulation normalisation (sum / num_items_in_batch) and a head weight that trains."""
+    from ft_magics.core.speed import causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir)
+    head = model.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(True)  # tied with the input embeddings: both paths contribute
+    batch = _batch(model.config.vocab_size, seed=1)
+    ref = model(**batch, num_items_in_batch=torch.tensor(40)).loss
+    ref.backward()
+    ref_w = head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_chunked_loss(model, batch, chunk_rows=7, num_items=torch.tensor(40))
+    loss.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(head.weight.grad, ref_w, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_bf16_close_to_standard(tiny_model_dir):
+    from ft_magics.core.speed import causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir, dtype=torch.bfloat16)
+    batch = _batch(model.config.vocab_size, seed=2)
+    ref = model(**batch).loss
+    loss = causal_lm_chunked_loss(model, batch, chunk_rows=8)
+    assert abs(loss.item() - ref.item()) < 2e-2 * abs(ref.item())
+
+
+def test_no_loss_tokens_gives_zero_with_graph(tiny_model_dir):
+    from ft_magics.core.speed import causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir)
+    batch = _batch(model.config.vocab_size)
+    batch["labels"][:] = -100
+    loss = causal_lm_chunked_loss(model, batch)
+    loss.backward()  # must not raise
+    assert loss.item() == 0.0
+
+
+def test_eval_without_grad_matches(tiny_model_dir):
+    from ft_magics.core.speed import causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir)
+    model.eval()
+    batch = _batch(model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        ref = model(**batch).loss
+        loss = causal_lm_chunked_loss(model, batch, chunk_rows=3)
+    assert torch.allclose(loss, ref, rtol=1e-5)
+
+
+def test_blocker_for_softcapped_head(tiny_model_dir):
+    from ft_magics.core.speed import chunked_loss_blocker
+
+    model = _lora_model(tiny_model_dir)
+    assert chunked_loss_blocker(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in chunked_loss_blocker(model)
+
+
+def test_knobs_reachable_from_yaml_body():
+    from ft_magics.config import TrainConfig, parse_yaml_body
+    from ft_magics.errors import FtUsageError
+
+    cfg = TrainConfig.from_dict(parse_yaml_body("chunked_loss: false\nloss_chunk_rows: 128\n"))
+    assert cfg.chunked_loss is False and cfg.loss_chunk_rows == 128
+    assert TrainConfig().chunked_loss is True
+    with pytest.raises(FtUsageError):
+        TrainConfig.from_dict({"loss_chunk_rows": -1})
+
+
+def test_training_uses_chunked_loss_and_matches_standard(shell, tiny_model_dir):
+    """Through %%lora_train: the chunked run and the standard run reach the same losses."""
+    import json
+
+    shell.user_ns["_ft_test"] = [{"prompt": f"Question {i}?", "completion": f"Answer number {i}."} for i in range(16)]
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    losses = {}
+    for flag in ("true", "false"):
+        shell.run_cell_magic("lora_train", f"run-{flag} --data _ft_test --max-steps 3 --no-widgets",
+                             f"chunked_loss: {flag}\nbatch_size: 4\nlog_every: 1\ndropout: 0.0\n")
+        with open(f"adapters/run-{flag}/ft_run.json") as fh:
+            rec = json.load(fh)
+        assert rec["settings"]["chunked_loss"] is (flag == "true")
+        losses[flag] = [l for _, l in rec["loss_history"]]
+    assert len(losses["true"]) == 3
+    for a, b in zip(losses["true"], losses["false"]):
+        assert abs(a - b) < 1e-3 * max(abs(b), 1.0), losses
