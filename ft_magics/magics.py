@@ -208,6 +208,16 @@ class FtMagics(Magics):
     @user_errors
     def lora_adapters(self, line=""):
         """Adapters of this session: ``list`` (default), ``use NAME|base``, ``load PATH [--name N]``."""
+        if not (line or "").strip() and self.widgets:  # no arguments in a widget frontend: the adapters panel
+            from .widgets import widget_frontend
+
+            if widget_frontend():
+                from IPython.display import display
+
+                from .widgets.adapters_panel import AdaptersPanel
+
+                display(AdaptersPanel(self.session))
+                return
         words = shlex.split(line or "")
         cmd = words[0] if words else "list"
         rest = words[1:]
@@ -245,6 +255,28 @@ class FtMagics(Magics):
         commands = ["list", "use", "load"]
         raise UsageError(f"unknown subcommand {cmd!r}{did_you_mean(cmd, commands)}. Use: {', '.join(commands)}.")
 
+    # ------------------------------------------------------------------ %ft_memory
+    @magic_arguments()
+    @argument("off", nargs="?", default=None, help="'off' stops the live gauge.")
+    @argument("--interval", type=float, default=1.0, help="Seconds between readings of the live gauge. Default 1.")
+    @argument("--once", action="store_true", help="Print one reading as text instead of the live gauge.")
+    @line_magic
+    @user_errors
+    def ft_memory(self, line=""):
+        """Live memory gauge (VRAM on CUDA, RAM on the CPU) with a sparkline; ``off`` stops it.
+
+        Examples::
+
+            %ft_memory
+            %ft_memory --interval 0.5
+            %ft_memory --once
+            %ft_memory off
+        """
+        from .widgets.memory_gauge import memory_magic
+
+        args = parse_args(self.ft_memory, line)
+        memory_magic(args.off, interval=args.interval, once=args.once, use_widgets=self.widgets)
+
     # ------------------------------------------------------------------ small commands
     @line_magic
     @user_errors
@@ -269,7 +301,8 @@ class FtMagics(Magics):
 
 
 MAGIC_NAMES = {
-    "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help"],
+    "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
+             "ft_memory"],
     "cell": ["lora_train", "lora_generate"],
 }
 

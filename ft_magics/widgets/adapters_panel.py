@@ -1,0 +1,174 @@
+"""``%lora_adapters`` in a widget frontend: the session's adapters as a table, a selector that makes
+one active (or the base model) and shows the swap time, and unload / delete buttons (delete asks
+for a confirmation first). Every action goes through the Session, the same as the text commands.
+"""
+from __future__ import annotations
+
+import html
+from typing import Optional
+
+import ipywidgets as widgets
+
+from ..core.memory import human_bytes
+from ..errors import FtUsageError
+
+BASE_LABEL = "base"
+
+
+def adapter_memory_bytes(model, name: str) -> int:
+    """Bytes the LoRA weights of adapter ``name`` hold in memory (0 when the model has none)."""
+    if model is None or not hasattr(model, "named_parameters"):
+        return 0
+    total = 0
+    for pname, p in model.named_parameters():
+        parts = pname.split(".")
+        if any(a.startswith("lora_") and b == name for a, b in zip(parts, parts[1:])):
+            total += p.numel() * p.element_size()
+    return total
+
+
+class AdaptersPanel:
+    """A table, a selector and unload/delete buttons over ``session.adapters``."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.table = widgets.HTML("")
+        self.table.add_class("ft-adapters-table")
+        self.selector = widgets.Dropdown(description="active", options=[BASE_LABEL], value=BASE_LABEL)
+        self.selector.add_class("ft-adapter-selector")
+        self.status = widgets.Label("")
+        self.status.add_class("ft-adapter-status")
+        self.unload_button = widgets.Button(description="Unload", tooltip="Drop the selected adapter from memory")
+        self.delete_button = widgets.Button(description="Delete…", button_style="warning",
+                                            tooltip="Unload the selected adapter and delete its folder")
+        self.confirm_label = widgets.Label("")
+        self.confirm_button = widgets.Button(description="Yes, delete", button_style="danger")
+        self.cancel_button = widgets.Button(description="Cancel")
+        self.confirm_box = widgets.HBox([self.confirm_label, self.confirm_button, self.cancel_button],
+                                        layout=widgets.Layout(display="none"))
+        self.unload_button.on_click(lambda _b: self.unload())
+        self.delete_button.on_click(lambda _b: self.ask_delete())
+        self.confirm_button.on_click(lambda _b: self.confirm_delete())
+        self.cancel_button.on_click(lambda _b: self.cancel_delete())
+        self._pending_delete: Optional[str] = None
+        self._refreshing = False
+        self.refresh()
+        self.selector.observe(self._on_select, names="value")
+        self.box = widgets.VBox([
+            self.table,
+            widgets.HBox([self.selector, self.status]),
+            widgets.HBox([self.unload_button, self.delete_button]),
+            self.confirm_box,
+        ])
+        self.box.add_class("ft-adapters-panel")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.box)
+
+    # ------------------------------------------------------------------ state -> widgets
+    def rows(self) -> list:
+        s = self.session
+        model = s.handle.model if s.handle is not None else None
+        out = []
+        for a in s.adapters:
+            out.append({
+                "name": a.name, "active": a.name == s.adapters.active, "r": a.r, "alpha": a.alpha,
+                "target_modules": ", ".join(a.target_modules) if isinstance(a.target_modules, list)
+                else (a.target_modules or "-"),
+                "disk": human_bytes(a.size_on_disk()), "memory": human_bytes(adapter_memory_bytes(model, a.name)),
+                "steps": a.steps if a.steps is not None else "-",
+                "final_loss": f"{a.final_loss:.4f}" if a.final_loss is not None else "-",
+                "path": a.path or "-",
+            })
+        return out
+
+    def refresh(self) -> None:
+        rows = self.rows()
+        heads = ["", "name", "rank", "alpha", "target modules", "on disk", "in memory", "steps", "final loss", "path"]
+        keys = ["name", "r", "alpha", "target_modules", "disk", "memory", "steps", "final_loss", "path"]
+        if rows:
+            body = "".join(
+                "<tr>" + f"<td>{'●' if r['active'] else ''}</td>"
+                + "".join(f"<td>{html.escape(str(r[k]))}</td>" for k in keys) + "</tr>" for r in rows
+            )
+            self.table.value = (
+                "<table class='ft-adapters'><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads)
+                + f"</tr></thead><tbody>{body}</tbody></table>"
+            )
+        else:
+            self.table.value = "<i>No adapters yet: train one with %%lora_train NAME --data ...</i>"
+        names = [BASE_LABEL] + [r["name"] for r in rows]
+        active = self.session.adapters.active or BASE_LABEL
+        self._refreshing = True
+        try:
+            if tuple(self.selector.options) != tuple(names):
+                self.selector.options = names
+            self.selector.value = active if active in names else BASE_LABEL
+        finally:
+            self._refreshing = False
+        has = bool(rows)
+        self.unload_button.disabled = self.delete_button.disabled = not has
+
+    # ------------------------------------------------------------------ actions
+    def _on_select(self, change) -> None:
+        if self._refreshing or change["new"] is None:
+            return
+        self.select(change["new"])
+
+    def select(self, name: str) -> Optional[float]:
+        """Make ``name`` active (``base``: no adapter) through ``Session.use``; shows the swap time."""
+        try:
+            ms = self.session.use(name)
+        except FtUsageError as exc:
+            self.status.value = f"cannot switch: {exc}"
+            self.refresh()
+            return None
+        self.status.value = f"active: {name} (swapped in {ms:.2f} ms)"
+        self.refresh()
+        return ms
+
+    def _target(self) -> Optional[str]:
+        name = self.selector.value
+        if name in (None, BASE_LABEL):
+            self.status.value = "select an adapter first (the base model cannot be unloaded here)."
+            return None
+        return name
+
+    def unload(self) -> None:
+        name = self._target()
+        if name is None:
+            return
+        try:
+            self.session.unload_adapter(name)
+            self.status.value = f"unloaded {name} (its folder stays on disk)"
+        except FtUsageError as exc:
+            self.status.value = f"cannot unload: {exc}"
+        self.refresh()
+
+    def ask_delete(self) -> None:
+        name = self._target()
+        if name is None:
+            return
+        info = self.session.adapters.require(name)
+        self._pending_delete = name
+        self.confirm_label.value = f"Delete {name} and its folder {info.path}?"
+        self.confirm_box.layout.display = "flex"
+
+    def cancel_delete(self) -> None:
+        self._pending_delete = None
+        self.confirm_box.layout.display = "none"
+        self.status.value = "delete cancelled"
+
+    def confirm_delete(self) -> None:
+        name, self._pending_delete = self._pending_delete, None
+        self.confirm_box.layout.display = "none"
+        if name is None:
+            return
+        try:
+            removed = self.session.delete_adapter(name)
+            self.status.value = f"deleted {name}" + (f" and {removed}" if removed else " (folder kept: outside the adapters folder)")
+        except FtUsageError as exc:
+            self.status.value = f"cannot delete: {exc}"
+        self.refresh()

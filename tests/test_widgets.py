@@ -1,0 +1,293 @@
+"""The widget views against streams of events: widget state values, not just "no error"."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from ft_magics.core.events import EvalEnd, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd, emit
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+GB = 1024 ** 3
+
+
+def cpu_mem(used=1 * GB):
+    return MemoryReading(kind="cpu", used_bytes=used, peak_bytes=used, total_bytes=16 * GB,
+                         available_bytes=8 * GB, label="CPU process RSS")
+
+
+def cuda_mem():
+    return MemoryReading(kind="cuda", used_bytes=3 * GB, peak_bytes=4 * GB, total_bytes=24 * GB,
+                         available_bytes=19 * GB, reserved_bytes=5 * GB, label="CUDA 0 (Test GPU) allocated")
+
+
+def begin(total=10, background=False):
+    return TrainBegin(run_name="bot", total_steps=total, num_examples=40, trainable_params=1000,
+                      total_params=100000, device="cpu", background=background)
+
+
+def step(i, total=10, loss=None, mem=None):
+    return StepEnd(step=i, total_steps=total, epoch=i / total, loss=2.0 / i if loss is None else loss,
+                   learning_rate=1e-4, grad_norm=0.5 + i / 100, elapsed_s=float(i), eta_s=float(total - i),
+                   tokens_per_s=1234.0, memory=mem or cpu_mem())
+
+
+class FakeSession:
+    def __init__(self):
+        self.stopped = 0
+
+    def stop(self):
+        self.stopped += 1
+        return True
+
+
+@pytest.fixture
+def dash():
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    return TrainingDashboard(background=True, session=FakeSession(), show=False, max_fps=1e9, draw_budget=float("inf"))
+
+
+def test_dashboard_progress_labels_and_image_follow_the_steps(dash):
+    empty = bytes(dash.image.value)
+    assert empty.startswith(PNG_MAGIC)
+    emit([dash], Message("data: 40 examples"))
+    assert "data: 40 examples" in dash.messages.value
+    emit([dash], begin())
+    assert dash.progress.max == 10 and dash.progress.value == 0
+    assert "bot" in dash.title.value and "1,000 trainable" in dash.title.value
+    images = [empty]
+    for i in range(1, 4):
+        emit([dash], step(i))
+        images.append(bytes(dash.image.value))
+    assert dash.progress.value == 3
+    assert dash.progress_text.value.startswith("3/10 · epoch 0.30")
+    assert "0:03 elapsed, 0:07 left" in dash.progress_text.value
+    assert "loss 0.6667" in dash.stats.value and "lr 1.00e-04" in dash.stats.value
+    assert "grad norm 0.530" in dash.stats.value and "1,234 loss-tokens/s" in dash.stats.value
+    assert len(set(images)) == 4, "every step (unthrottled here) redraws a different curve"
+    assert all(img.startswith(PNG_MAGIC) for img in images)
+    assert dash.curve.steps == [1, 2, 3]
+    assert dash.curve.ema[0] == pytest.approx(2.0) and dash.curve.ema[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+
+
+def test_memory_readout_is_labelled_by_kind(dash):
+    emit([dash], begin())
+    emit([dash], step(1, mem=cpu_mem(2 * GB)))
+    assert dash.memory.value.startswith("RAM (CPU): process RSS 2.0 GB")
+    assert "system available 8.0 GB of 16.0 GB" in dash.memory.value
+    assert dash.memory_bar.description == "RAM" and dash.memory_bar.value == pytest.approx(2 / 16)
+    emit([dash], step(2, mem=cuda_mem()))
+    assert dash.memory.value.startswith("CUDA 0 (Test GPU) allocated: allocated 3.0 GB · reserved 5.0 GB · peak 4.0 GB")
+    assert dash.memory_bar.description == "VRAM" and dash.memory_bar.value == pytest.approx(3 / 24)
+
+
+def test_eval_points_and_log_toggle_redraw(dash):
+    emit([dash], begin())
+    emit([dash], step(1))
+    before = bytes(dash.image.value)
+    emit([dash], EvalEnd(step=1, eval_loss=1.5))
+    assert dash.curve.eval_losses == [1.5]
+    after_eval = bytes(dash.image.value)
+    assert after_eval != before
+    dash.scale.value = "log"
+    assert dash.curve.log_scale is True and dash.curve.ax.get_yscale() == "log"
+    assert bytes(dash.image.value) != after_eval
+
+
+def test_stop_button_sets_the_session_flag_in_background_mode(dash):
+    emit([dash], begin(background=True))
+    assert dash.stop_button.layout.display is None  # visible
+    dash.stop_button.click()
+    assert dash.session.stopped == 1
+    assert dash.stop_button.disabled and "stopping" in dash.stop_hint.value
+
+
+def test_blocking_mode_explains_the_kernel_interrupt():
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    d = TrainingDashboard(background=False, show=False)
+    assert d.stop_button.layout.display == "none"
+    assert "interrupt the kernel" in d.stop_hint.value
+
+
+def test_redraws_are_throttled():
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    d = TrainingDashboard(show=False, max_fps=4.0)
+    emit([d], begin(total=200))
+    t = time.perf_counter()
+    for i in range(1, 200):
+        emit([d], step(i, total=200))
+    spent = time.perf_counter() - t
+    # at most one label flush per 0.25 s (plus the first), and the curve is drawn far less than per step
+    assert d.draws <= 1 + spent / 0.25
+    assert d.progress.value < 199 or spent > 0.25
+    emit([d], step(200, total=200))  # the last step is always shown
+    assert d.progress.value == 200 and d.curve.steps[-1] == 200
+
+
+def test_final_record_and_curve_png_written_into_the_adapter_folder(dash, tmp_path):
+    adapter = tmp_path / "bot"
+    adapter.mkdir()
+    emit([dash], begin())
+    for i in range(1, 11):
+        emit([dash], step(i))
+    emit([dash], TrainEnd(run_name="bot", status="completed", steps=10, final_loss=0.2, elapsed_s=12.0,
+                          adapter_path=str(adapter), peak_memory=cpu_mem()))
+    png = (adapter / "loss_curve.png").read_bytes()
+    assert png == bytes(dash.image.value) and png.startswith(PNG_MAGIC)
+    assert not [p for p in adapter.iterdir() if p.name.startswith(".")], "no temporary file left behind"
+    assert "completed after 10 steps in 0:12; loss 2.0000 -&gt; 0.2000" in dash.record.value
+    assert f"adapter saved to {adapter}" in dash.record.value
+    assert "loss_curve.png" in dash.record.value
+    assert dash.stop_button.disabled and "Run (completed)" in dash.title.value
+
+
+def test_matplotlib_backend_is_left_alone(dash):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    emit([dash], begin())
+    emit([dash], step(1))
+    assert matplotlib.get_backend() == backend
+
+
+def test_dashboard_on_a_real_tiny_training_run(tiny_session, tmp_path):
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "completion": "billing"}) + "\n" for i in range(8)))
+    d = TrainingDashboard(show=False, max_fps=1e9, draw_budget=float("inf"))
+    res = tiny_session.train("t", str(data), {"max_steps": 4, "batch_size": 4, "r": 4}, listeners=[d])
+    assert d.progress.value == 4 and d.progress.max == 4
+    assert d.curve.steps == [1, 2, 3, 4]
+    assert d.memory.value.startswith("RAM (CPU): process RSS")
+    curve = tmp_path / "adapters" / "t" / "loss_curve.png"
+    assert curve.read_bytes() == bytes(d.image.value)
+    assert res.adapter_path and "adapter saved to" in d.record.value
+
+
+# ------------------------------------------------------------------ memory gauge
+def test_sparkline_scales_between_min_and_max():
+    from ft_magics.widgets.memory_gauge import sparkline
+
+    assert sparkline([1, 1, 1]) == "▁▁▁"
+    assert sparkline([0, 5, 10]) == "▁▅█"
+    assert len(sparkline(range(100), width=60)) == 60
+
+
+def test_memory_gauge_thread_updates_and_stops_when_closed():
+    from ft_magics.widgets.memory_gauge import MemoryGauge
+
+    readings = iter(range(1, 10_000))
+    g = MemoryGauge(interval=0.05, probe=lambda: cpu_mem(next(readings) * GB // 10))
+    g.start()
+    deadline = time.time() + 5
+    while g.samples < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    assert g.samples >= 4 and g.running
+    assert g.label.value.startswith("RAM (CPU): process RSS")
+    assert g.bar.description == "RAM" and g.bar.value > 0
+    assert "▁" in g.spark.value and "█" in g.spark.value
+    g.close_button.click()
+    assert not g.running
+    n = g.samples
+    time.sleep(0.2)
+    assert g.samples == n and g.box.comm is None
+
+
+def test_ft_memory_magic_text_and_off(shell, capsys):
+    shell.run_line_magic("ft_memory", "--once")
+    out = capsys.readouterr().out
+    assert out.startswith("RAM (CPU): process RSS") or out.startswith("VRAM")
+    shell.run_line_magic("ft_memory", "")  # terminal shell: text, no thread
+    assert "widget frontend" in capsys.readouterr().out
+    shell.run_line_magic("ft_memory", "off")
+    assert "no memory gauge running" in capsys.readouterr().out
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="did you mean 'off'"):
+        shell.run_line_magic("ft_memory", "of")
+    assert not [t for t in threading.enumerate() if t.name == "ft_magics-memory-gauge"]
+
+
+def test_ft_memory_live_gauge_in_a_widget_frontend(shell, monkeypatch):
+    import ft_magics.widgets as w
+    from ft_magics.widgets import memory_gauge
+
+    monkeypatch.setattr(w, "widget_frontend", lambda: True)
+    shell.run_line_magic("ft_memory", "--interval 0.05")
+    g = memory_gauge.current_gauge()
+    assert g is not None and g.running
+    shell.run_line_magic("ft_memory", "off")
+    assert not g.running and memory_gauge.current_gauge() is None
+
+
+# ------------------------------------------------------------------ adapters panel
+@pytest.fixture
+def two_adapters(tiny_session, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hi {i}", "completion": "ok"}) + "\n" for i in range(4)))
+    for name in ("first", "second"):
+        tiny_session.train(name, str(data), {"max_steps": 1, "batch_size": 4, "r": 4})
+    return tiny_session
+
+
+def test_adapters_panel_table_selector_and_swap(two_adapters, monkeypatch):
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+
+    s = two_adapters
+    calls = []
+    real_use = s.use
+    monkeypatch.setattr(s, "use", lambda name: calls.append(name) or real_use(name))
+    p = AdaptersPanel(s)
+    assert list(p.selector.options) == ["base", "first", "second"]
+    assert p.selector.value == "second"  # the last trained adapter is active
+    rows = {r["name"]: r for r in p.rows()}
+    assert rows["first"]["r"] == 4 and rows["first"]["steps"] == 1
+    assert rows["first"]["memory"] != "0 B" and rows["first"]["disk"] != "0 B"
+    for text in ("first", "second", "rank", "in memory", "final loss", str(s.adapters_dir)):
+        assert text in p.table.value
+    p.selector.value = "first"
+    assert calls == ["first"] and s.adapters.active == "first"
+    assert p.status.value.startswith("active: first (swapped in ") and p.status.value.endswith(" ms)")
+    p.selector.value = "base"
+    assert calls == ["first", "base"] and s.adapters.active is None
+
+
+def test_adapters_panel_unload_and_delete_with_confirmation(two_adapters):
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+
+    s = two_adapters
+    folder = s.adapters_dir / "first"
+    p = AdaptersPanel(s)
+    p.selector.value = "first"
+    p.delete_button.click()
+    assert p.confirm_box.layout.display == "flex" and "first" in p.confirm_label.value
+    p.cancel_button.click()
+    assert folder.is_dir() and "first" in s.adapters
+    p.delete_button.click()
+    p.confirm_button.click()
+    assert not folder.exists() and "first" not in s.adapters
+    assert list(p.selector.options) == ["base", "second"]
+    p.selector.value = "second"
+    p.unload_button.click()
+    assert "second" not in s.adapters and (s.adapters_dir / "second").is_dir()
+    assert list(p.selector.options) == ["base"] and p.unload_button.disabled
+
+
+def test_lora_adapters_without_arguments_shows_the_panel_in_a_widget_frontend(shell, monkeypatch, capsys):
+    import ft_magics.widgets as w
+
+    shell.run_line_magic("lora_adapters", "")
+    assert "No adapters yet" in capsys.readouterr().out  # terminal: the text list
+    shown = []
+    monkeypatch.setattr(w, "widget_frontend", lambda: True)
+    monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))
+    shell.run_line_magic("lora_adapters", "")
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+
+    assert len(shown) == 1 and isinstance(shown[0], AdaptersPanel)
