@@ -27,6 +27,8 @@ class Session:
         self._training: Optional[threading.Thread] = None
         self._stop = None  # StopFlag of the run in progress
         self.last_data_report = None
+        self._merged = None  # core.adapters.MergeState while an adapter is folded into the base weights
+        self._router = None  # core.routing.AdapterRouter, made by serve()
 
     # ------------------------------------------------------------------ model
     @property
@@ -74,6 +76,8 @@ class Session:
 
         self.handle = None
         self.adapters = AdapterRegistry()
+        self._merged = None
+        self._router = None
         release_memory()
 
     def unload(self) -> None:
@@ -178,6 +182,7 @@ class Session:
         with self._model_busy("switch adapters"):
             if name not in (None, BASE):
                 self.adapters.require(name)
+            self._check_not_merged("switch adapters", keep=name)
             if not self.adapters:
                 self.adapters.active = None
                 return 0.0
@@ -189,20 +194,25 @@ class Session:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
         from peft import PeftModel
 
-        from .core.adapters import info_from_folder, read_adapter_folder, validate_name
+        from .core.adapters import check_fits, info_from_folder, read_adapter_folder, validate_name
 
         path = Path(path).expanduser()
         name = validate_name(name or path.name)
-        read_adapter_folder(path)
+        config = read_adapter_folder(path)
         with self._model_busy("load an adapter"):
             model = self.model
             if name in self.adapters:
                 raise FtUsageError(f"an adapter named {name!r} is already loaded; pass --name to pick another.")
+            self._check_not_merged("load another adapter")
+            check_fits(model, path, config, self.handle.name)
             try:
+                # low_cpu_mem_usage: LoRA layers are created empty and filled from the file (a cold load
+                # several times faster than initialising them first)
                 if isinstance(model, PeftModel):
-                    model.load_adapter(str(path), adapter_name=name)
+                    model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
                 else:
-                    self.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+                    self.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=name,
+                                                                  low_cpu_mem_usage=True)
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise FtUsageError(
                     f"adapter {path} does not fit the loaded model {self.handle.name}: {exc}"
@@ -218,6 +228,7 @@ class Session:
         """Drop adapter ``name`` from memory (its folder stays on disk)."""
         with self._model_busy("unload an adapter"):
             info = self.adapters.require(name)
+            self._check_not_merged("unload an adapter")
             model = self.model
             if hasattr(model, "peft_config") and name in model.peft_config:
                 if self.adapters.active == name:
@@ -263,12 +274,194 @@ class Session:
             chosen = previous if adapter is None else adapter
             if chosen not in (None, BASE):
                 self.adapters.require(chosen)
-            if self.adapters:
+            self._check_not_merged("generate with another adapter", keep=chosen)
+            if self.adapters and self._merged is None:
                 activate(model, chosen)
             try:
                 return generate(model, self.tokenizer, prompt, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, on_text=on_text,
                                 adapter_label=chosen or BASE, seed=seed)
             finally:
-                if self.adapters and chosen != previous:
+                if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
+
+    # ------------------------------------------------------------------ merge, combine, export
+    def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:
+        m = self._merged
+        if m is not None and keep != m.name:
+            raise FtUsageError(
+                f"cannot {what} while adapter {m.name!r} is merged into the base weights: run "
+                "%lora_adapters unmerge first (Session.unmerge_adapter()), which restores the base exactly."
+            )
+
+    def merge_adapter(self, name: str) -> float:
+        """Fold adapter ``name`` into the base weights for full-speed inference; returns the time in ms.
+        Refused on a 4/8-bit base (see core.adapters.merge); undo exactly with :meth:`unmerge_adapter`."""
+        from .core.adapters import activate, merge
+
+        with self._model_busy("merge an adapter"):
+            self.adapters.require(name)
+            if self._merged is not None:
+                if self._merged.name == name:
+                    raise FtUsageError(f"adapter {name!r} is already merged.")
+                self._check_not_merged("merge another adapter")
+            activate(self.model, name)
+            self._merged = merge(self.model, name)
+            self.adapters.active = name
+            return self._merged.ms
+
+    def unmerge_adapter(self) -> str:
+        """Restore the exact base weights saved at merge time; the adapter stays loaded and active."""
+        from .core.adapters import activate, unmerge
+
+        with self._model_busy("unmerge"):
+            if self._merged is None:
+                raise FtUsageError("no adapter is merged; %lora_adapters merge NAME folds one in.")
+            state, self._merged = self._merged, None
+            unmerge(state)
+            activate(self.model, state.name)
+            self.adapters.active = state.name
+            return state.name
+
+    @property
+    def merged_adapter(self) -> Optional[str]:
+        return self._merged.name if self._merged is not None else None
+
+    def combine_adapters(self, weights: dict | str, name: str, method: str = "linear") -> str:
+        """New adapter ``name`` = weighted combination (``{"a": 0.7, "b": 0.3}`` or ``"a:0.7,b:0.3"``) of
+        loaded adapters, by PEFT's add_weighted_adapter; saved to the adapters folder and made active."""
+        from .core.adapters import activate, combine, info_from_folder, parse_weights, save_peft_adapter, validate_name
+        from .core.training import versions
+
+        if isinstance(weights, str):
+            weights = parse_weights(weights)
+        name = validate_name(name)
+        with self._model_busy("combine adapters"):
+            self._check_not_merged("combine adapters")
+            for a in weights:
+                self.adapters.require(a)
+            if name in self.adapters:
+                raise FtUsageError(f"an adapter named {name!r} is already loaded; pick another --name.")
+            target = self.adapters_dir / name
+            if target.exists():
+                raise FtUsageError(f"{target} already exists on disk; pick another --name or delete it first.")
+            combine(self.model, dict(weights), name, method)
+            record = {"name": name, "status": "combined", "combined_from": dict(weights), "method": method,
+                      "base_model": {"name": self.handle.name, "source": self.handle.source, "bits": self.handle.bits},
+                      "versions": versions()}
+            try:
+                save_peft_adapter(self.model, name, target, record)
+            except BaseException:
+                self.model.delete_adapter(name)
+                raise
+            self.adapters.add(info_from_folder(name, target, "combined"))
+            activate(self.model, name)
+            self.adapters.active = name
+            return name
+
+    def export_adapter(self, name: str, directory: str | Path, merged: bool = False) -> Path:
+        """Write adapter ``name`` to ``directory``: PEFT format, or with ``merged`` a standalone model
+        (base + adapter folded in, safetensors + tokenizer) that plain transformers loads."""
+        import tempfile
+
+        from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
+        from .core.atomic import COMPLETE_MARKER
+
+        info = self.adapters.require(name)
+        target = Path(directory).expanduser()
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / COMPLETE_MARKER).exists())):
+            raise FtUsageError(
+                f"{target} already exists and was not written by an export; choose a new or empty folder "
+                "(an export replaces the whole folder)."
+            )
+        with self._model_busy("export an adapter"):
+            if not merged:
+                return save_peft_adapter(self.model, name, target, record={"name": name, "exported_from": info.path})
+            source_dir = Path(info.path) if info.path else None
+            try:
+                if source_dir is not None:
+                    read_adapter_folder(source_dir)
+            except FtUsageError:
+                source_dir = None
+            with tempfile.TemporaryDirectory(prefix="ft_magics-export-") as tmp:
+                if source_dir is None:  # only in memory: write it out first
+                    source_dir = save_peft_adapter(self.model, name, Path(tmp) / name)
+                dtype = self.handle.dtype
+                return export_merged(self.handle.source, source_dir, self.tokenizer, target, dtype=dtype)
+
+    # ------------------------------------------------------------------ compare, evaluate, serve
+    def compare(self, prompts: list | str, adapters: Optional[list] = None, *, max_new_tokens: int = 64,
+                system: Optional[str] = None):
+        """Greedy answers of the base and each adapter to every prompt; a core.inference.Comparison."""
+        from .core.adapters import BASE, activate
+        from .core.inference import compare, split_prompts
+
+        if isinstance(prompts, str):
+            prompts = split_prompts(prompts)
+        columns = [BASE] + [a for a in (adapters if adapters is not None else self.adapters.names()) if a != BASE]
+        with self._model_busy("compare adapters"):
+            self._check_not_merged("compare adapters")
+            for a in columns[1:]:
+                self.adapters.require(a)
+            previous = self.adapters.active
+            model = self.model
+            try:
+                return compare(model, self.tokenizer, prompts, columns,
+                               switch=lambda n: activate(model, n) if self.adapters else 0.0,
+                               max_new_tokens=max_new_tokens, system=system)
+            finally:
+                if self.adapters:
+                    activate(self.model, previous)
+
+    def evaluate(self, name: Optional[str], data: Any = None, *, general: bool = True, batch_size: int = 8,
+                 max_seq_len: int = 512):
+        """Loss and perplexity of the base and adapter ``name`` on ``data`` and (forgetting check) on the
+        bundled general-text sample; a core.evaluation.EvalReport."""
+        from .core.adapters import BASE, activate
+        from .core.evaluation import EvalReport, general_examples, heldout_examples, loss_and_perplexity
+
+        self._require_model()
+        if data is None and not general:
+            raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
+        if name not in (None, BASE):
+            self.adapters.require(name)
+        sets = []
+        if data is not None:
+            sets.append((str(data) if isinstance(data, str) else "data",
+                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len)))
+        if general:
+            sets.append(("general text (forgetting check)", general_examples(self.tokenizer, max_seq_len)))
+        columns = [BASE] + ([name] if name not in (None, BASE) else [])
+        with self._model_busy("evaluate"):
+            self._check_not_merged("evaluate")
+            previous = self.adapters.active
+            model = self.model
+            report = EvalReport(columns=columns)
+            try:
+                for col in columns:
+                    if self.adapters:
+                        activate(model, col)
+                    for label, examples in sets:
+                        report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
+            finally:
+                if self.adapters:
+                    activate(self.model, previous)
+            return report
+
+    def serve(self, requests: list, store: Optional[str | Path] = None, capacity: Optional[int] = None,
+              max_new_tokens: int = 64, system: Optional[str] = None) -> list:
+        """Answer a batch of requests, each naming a task adapter (or 'base'): adapters missing from memory
+        are loaded from ``store`` (default: the adapters folder), at most ``capacity`` kept (LRU), and the
+        mixed batch runs in one generate call with PEFT's per-row ``adapter_names`` where it can. Returns one
+        core.routing.Served per request (which adapter served it, cold load and swap times)."""
+        from .core.routing import AdapterRouter
+
+        self._require_model()
+        store = Path(store) if store is not None else self.adapters_dir
+        if self._router is None or self._router.store != store:
+            self._router = AdapterRouter(self, store, capacity=capacity or 4)
+        elif capacity is not None:
+            self._router.capacity = capacity
+        with self._model_busy("serve requests"):
+            self._check_not_merged("serve requests with several adapters")
+            return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system)

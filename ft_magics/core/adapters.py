@@ -150,3 +150,197 @@ def activate(model, name: Optional[str]) -> float:
         model.base_model.enable_adapter_layers()
         model.set_adapter(name, inference_mode=True)
     return (time.perf_counter() - t) * 1000.0
+
+
+# --------------------------------------------------------------------------- fit check
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_fits(model, path: Path, config: dict, model_label: str) -> None:
+    """Refuse an adapter whose target modules or layer shapes do not exist in ``model``; name which.
+
+    Checked from the adapter files alone (shapes are read from the safetensors header), before PEFT
+    touches the model, so a refused adapter leaves the session exactly as it was.
+    """
+    from safetensors import safe_open
+
+    trained_for = config.get("base_model_name_or_path") or "an unnamed base model"
+    modules = dict(_base_of(model).named_modules())
+    leaves = {n.rsplit(".", 1)[-1] for n in modules}
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        missing = sorted(t for t in targets if t not in leaves)
+        if missing:
+            raise FtUsageError(
+                f"adapter {path} targets module(s) {', '.join(missing)} that the loaded model {model_label} does "
+                f"not have (it was trained on {trained_for}). Load it on the base model it was trained for."
+            )
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
+        for key in fh.keys():
+            m = _KEY_RE.match(key)
+            if not m:
+                continue
+            mod_name = m.group("module")
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise FtUsageError(
+                    f"adapter {path} has weights for layer {mod_name}, which the loaded model {model_label} does "
+                    f"not have: the adapter was trained on {trained_for}, a different base model."
+                )
+            shape = list(fh.get_slice(key).get_shape())
+            fan_in, fan_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+            if fan_in is None or fan_out is None or len(shape) != 2:
+                continue
+            got = shape[1] if m.group("ab") == "A" else shape[0]
+            want = fan_in if m.group("ab") == "A" else fan_out
+            if got != want:
+                raise FtUsageError(
+                    f"adapter {path} does not fit the loaded model {model_label}: layer {mod_name} is "
+                    f"{fan_in}->{fan_out} here but the adapter expects "
+                    f"{'input' if m.group('ab') == 'A' else 'output'} size {got}; it was trained on {trained_for}."
+                )
+
+
+def is_quantized(model) -> bool:
+    base = _base_of(model)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+                or getattr(getattr(base, "config", None), "quantization_config", None))
+
+
+# --------------------------------------------------------------------------- merge / unmerge
+@dataclass
+class MergeState:
+    """An adapter folded into the base weights, with the original weights kept for an exact unmerge."""
+
+    name: str
+    saved: list  # [(lora layer, weight tensor copy, bias tensor copy or None)]
+    ms: float = 0.0
+
+
+def _lora_layers(model, name: str):
+    from peft.tuners.lora import LoraLayer
+
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer) and (name in mod.lora_A or name in getattr(mod, "lora_embedding_A", {})):
+            yield mod
+
+
+def merge(model, name: str) -> MergeState:
+    """Fold adapter ``name`` into the base weights (full-speed inference, no LoRA matmuls).
+
+    PEFT's own unmerge subtracts the update again, which is not exact in floating point; we keep a
+    copy of every weight we change instead, so :func:`unmerge` restores the base bit for bit. A 4/8-bit
+    base is refused: its weights would be dequantised, changed and requantised, and no exact unmerge
+    exists. ``export NAME DIR --merged`` covers that case by merging into a full-precision copy.
+    """
+    if is_quantized(model):
+        raise FtUsageError(
+            "merge needs a 16- or 32-bit base: this base is quantised (bitsandbytes), so merging would "
+            "dequantise, add and requantise every layer and unmerge could not restore it exactly. "
+            "Either load the model with %qlora_load --bits 16, or write a merged full-precision copy with "
+            "%lora_adapters export NAME DIR --merged (it rebuilds the base from its source)."
+        )
+    t = time.perf_counter()
+    saved = []
+    for mod in _lora_layers(model, name):
+        base = mod.get_base_layer()
+        bias = getattr(base, "bias", None)
+        saved.append((mod, base.weight.data.clone(), None if bias is None else bias.data.clone()))
+    model.base_model.enable_adapter_layers()
+    model.base_model.merge_adapter([name])
+    return MergeState(name=name, saved=saved, ms=(time.perf_counter() - t) * 1000.0)
+
+
+def unmerge(state: MergeState) -> float:
+    """Put back the exact base weights saved by :func:`merge`; return the time in ms."""
+    t = time.perf_counter()
+    for mod, weight, bias in state.saved:
+        base = mod.get_base_layer()
+        base.weight.data.copy_(weight)
+        if bias is not None:
+            base.bias.data.copy_(bias)
+        mod.merged_adapters = []
+    return (time.perf_counter() - t) * 1000.0
+
+
+# --------------------------------------------------------------------------- combine
+COMBINE_METHODS = ("linear", "cat", "svd", "ties")
+
+
+def parse_weights(spec: str) -> dict:
+    """``"a:0.7,b:0.3"`` -> ``{"a": 0.7, "b": 0.3}``."""
+    out: dict = {}
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, w = part.partition(":")
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            raise FtUsageError(f"weight {w!r} for adapter {name!r} is not a number; write e.g. a:0.7,b:0.3.") from None
+        out[name.strip()] = weight
+    if not out:
+        raise FtUsageError("combine needs adapters and weights, e.g. %lora_adapters combine a:0.7,b:0.3 --name mix")
+    return out
+
+
+def combine(model, weights: dict, new_name: str, method: str = "linear") -> None:
+    """Add adapter ``new_name`` = weighted combination of loaded adapters (PEFT add_weighted_adapter)."""
+    from ..errors import unknown
+
+    if method not in COMBINE_METHODS:
+        raise unknown("combine method", method, COMBINE_METHODS)
+    kw = {"density": 0.5} if method == "ties" else {}
+    try:
+        model.add_weighted_adapter(list(weights), list(weights.values()), new_name, combination_type=method, **kw)
+    except (ValueError, TypeError) as exc:
+        hint = " Adapters of different rank combine with --method cat or svd." if "same r" in str(exc) else ""
+        raise FtUsageError(f"cannot combine {', '.join(weights)} with --method {method}: {exc}.{hint}") from None
+
+
+# --------------------------------------------------------------------------- export
+def save_peft_adapter(model, name: str, target: Path, record: Optional[dict] = None) -> Path:
+    """Write adapter ``name`` in PEFT's own format (plus an ft_run.json record) atomically to ``target``."""
+    import os
+    import shutil
+
+    from .atomic import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        scratch = tmp / "_peft"
+        model.save_pretrained(str(scratch), selected_adapters=[name])
+        src = scratch / name if (scratch / name).is_dir() else scratch
+        for f in src.iterdir():
+            os.replace(f, tmp / f.name)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if record is not None:
+            (tmp / "ft_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return Path(target)
+
+
+def export_merged(source: str, adapter_dir: Path, tokenizer, target: Path, dtype=None) -> Path:
+    """Write a standalone model (base + adapter merged; safetensors + tokenizer) that plain transformers loads.
+
+    The base is rebuilt from ``source`` in full precision rather than dequantised from the session's
+    (possibly 4-bit) copy: this is the documented dequantise-and-merge path for a QLoRA base, and it
+    leaves the session's model untouched.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .atomic import atomic_dir
+
+    dtype = dtype or torch.float32
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with atomic_dir(target) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    del merged, base
+    return Path(target)

@@ -78,3 +78,120 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
         text=tokenizer.decode(new, skip_special_tokens=True).strip(), adapter=adapter_label,
         new_tokens=int(new.numel()), seconds=seconds,
     )
+
+
+# --------------------------------------------------------------------------- batches (left padding)
+def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = None, max_new_tokens: int = 64,
+                   adapter_names: Optional[list] = None, limits: Optional[list] = None) -> list:
+    """Greedy answers to several prompts in one ``generate`` call, left-padded so every row ends at the
+    same position. ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
+    adapter on each row in the same forward pass. Returns ``(text, new_tokens)`` per prompt."""
+    import torch
+
+    texts = [build_prompt(tokenizer, p, system) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False,
+              temperature=None, top_p=None, top_k=None)
+    if adapter_names is not None:
+        kw["adapter_names"] = list(adapter_names)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**enc, **kw)
+    if was_training:
+        model.train()
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
+    stops.discard(None)
+    results = []
+    start = enc["input_ids"].shape[1]
+    for j, row in enumerate(out[:, start:].tolist()):
+        if limits is not None:
+            row = row[:limits[j]]
+        n = len(row)
+        for i, tok in enumerate(row):
+            if tok in stops:
+                n = i + 1
+                break
+        results.append((tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
+    return results
+
+
+# --------------------------------------------------------------------------- side-by-side comparison
+def split_prompts(body: str) -> list:
+    """Prompts in a cell body, separated by lines holding only ``---``."""
+    import re
+
+    parts = [p.strip() for p in re.split(r"(?m)^\s*---+\s*$", body or "")]
+    prompts = [p for p in parts if p]
+    if not prompts:
+        raise FtUsageError("the cell body holds no prompt: write one or more prompts separated by lines of ---.")
+    return prompts
+
+
+@dataclass
+class Comparison:
+    prompts: list
+    columns: list  # "base" and adapter names
+    cells: dict  # (prompt index, column) -> Generation
+    swap_ms: dict  # column -> swap time
+
+    def tokens_per_s(self, column: str) -> float:
+        gens = [self.cells[(i, column)] for i in range(len(self.prompts))]
+        secs = sum(g.seconds for g in gens)
+        return sum(g.new_tokens for g in gens) / secs if secs > 0 else 0.0
+
+    def to_text(self, width: int = 40) -> str:
+        import textwrap
+
+        lines = []
+        for i, p in enumerate(self.prompts):
+            lines.append(f"Prompt {i + 1}: {p}")
+            for c in self.columns:
+                g = self.cells[(i, c)]
+                body = textwrap.fill(g.text or "(empty)", width=100, initial_indent="    ", subsequent_indent="    ")
+                lines.append(f"  [{c}] {g.new_tokens} tokens")
+                lines.append(body)
+            lines.append("")
+        lines.append("tokens/s: " + "   ".join(f"{c} {self.tokens_per_s(c):.1f}" for c in self.columns))
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        import html
+
+        head = "".join(f"<th>{html.escape(c)}<br><small>{self.tokens_per_s(c):.1f} tok/s</small></th>"
+                       for c in self.columns)
+        rows = []
+        for i, p in enumerate(self.prompts):
+            cells = "".join(
+                f"<td style='vertical-align:top;white-space:pre-wrap;text-align:left'>"
+                f"{html.escape(self.cells[(i, c)].text)}</td>" for c in self.columns)
+            rows.append(f"<tr><td style='vertical-align:top;text-align:left'><b>{html.escape(p)}</b></td>{cells}</tr>")
+        return (f"<table class='ft-compare'><thead><tr><th>prompt</th>{head}</tr></thead>"
+                f"<tbody>{''.join(rows)}</tbody></table>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def compare(model, tokenizer, prompts: list, columns: list, switch: Callable[[str], float], *,
+            max_new_tokens: int = 64, system: Optional[str] = None) -> Comparison:
+    """Greedy (reproducible) answers of every column to every prompt; ``switch(column)`` selects it."""
+    cells, swaps = {}, {}
+    for c in columns:
+        swaps[c] = switch(c)
+        for i, p in enumerate(prompts):
+            cells[(i, c)] = generate(model, tokenizer, p, system=system, max_new_tokens=max_new_tokens,
+                                     temperature=0.0, adapter_label=c)
+    return Comparison(prompts=list(prompts), columns=list(columns), cells=cells, swap_ms=swaps)

@@ -1,0 +1,131 @@
+"""Held-out loss and perplexity, and the forgetting check: the same measure on general text that no
+adapter was trained on (``ft_magics/data/general.txt``), base and adapter side by side.
+
+Tokenisation is :func:`ft_magics.core.data.prepare`, the same as training, so the loss here is the
+loss training reports (answers only for chat data; every token for plain text).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import FtUsageError
+
+GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general.txt"
+
+
+def _cfg(max_seq_len: int):
+    from ..config import TrainConfig
+
+    return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0})
+
+
+def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512) -> list:
+    """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks."""
+    from .data import prepare
+
+    examples, _, _ = prepare(src, tokenizer, _cfg(max_seq_len), namespace=namespace)
+    return examples
+
+
+def general_examples(tokenizer, max_seq_len: int = 512) -> list:
+    """The bundled general-text sample, one example per paragraph."""
+    from .data import prepare
+
+    examples, _, _ = prepare(str(GENERAL_TEXT), tokenizer, _cfg(max_seq_len), txt_mode="blocks")
+    return examples
+
+
+def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -> tuple[float, float, int]:
+    """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count."""
+    import torch
+    import torch.nn.functional as F
+
+    if not examples:
+        raise FtUsageError("no examples to evaluate (every row was empty or cut away).")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, e in enumerate(batch):
+                n = len(e.input_ids)
+                ids[r, :n] = torch.tensor(e.input_ids)
+                labels[r, :n] = torch.tensor(e.labels)
+                mask[r, :n] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1).to(device)
+            total += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
+            count += int((shift_labels != -100).sum())
+    if was_training:
+        model.train()
+    if count == 0:
+        raise FtUsageError("no loss-bearing tokens to evaluate.")
+    loss = total / count
+    return loss, math.exp(min(loss, 50.0)), count
+
+
+@dataclass
+class EvalReport:
+    columns: list  # "base" and the adapter
+    results: dict = field(default_factory=dict)  # (set label, column) -> (loss, ppl, tokens)
+    sets: list = field(default_factory=list)
+
+    def add(self, label: str, column: str, loss: float, ppl: float, tokens: int) -> None:
+        if label not in self.sets:
+            self.sets.append(label)
+        self.results[(label, column)] = (loss, ppl, tokens)
+
+    def loss(self, label: str, column: str) -> float:
+        return self.results[(label, column)][0]
+
+    def forgetting(self) -> Optional[float]:
+        """Relative change of general-text perplexity, adapter vs base (+0.10 = 10% worse)."""
+        general = [s for s in self.sets if s.startswith("general")]
+        if not general or len(self.columns) < 2:
+            return None
+        base, adapter = (self.results[(general[0], c)][1] for c in self.columns[:2])
+        return adapter / base - 1.0
+
+    def to_text(self) -> str:
+        head = f"{'':<34}" + "".join(f"{c[:24]:>26}" for c in self.columns)
+        lines = [head]
+        for s in self.sets:
+            cells = "".join(
+                f"{f'loss {self.results[(s, c)][0]:.4f} ppl {self.results[(s, c)][1]:.2f}':>26}" for c in self.columns)
+            tokens = self.results[(s, self.columns[0])][2]
+            lines.append(f"{(s + f' ({tokens} tok)')[:33]:<34}{cells}")
+        f = self.forgetting()
+        if f is not None:
+            verdict = ("general text got worse: some forgetting" if f > 0.05 else
+                       "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
+            lines.append(f"forgetting check: perplexity on general text {f * 100:+.1f}% vs base ({verdict})")
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        import html
+
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        rows = "".join(
+            f"<tr><td>{html.escape(s)}</td>" + "".join(
+                f"<td>loss {self.results[(s, c)][0]:.4f}<br>ppl {self.results[(s, c)][1]:.2f}</td>" for c in self.columns)
+            + "</tr>" for s in self.sets)
+        f = self.forgetting()
+        foot = f"<p>forgetting check: general-text perplexity {f * 100:+.1f}% vs base</p>" if f is not None else ""
+        return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def __str__(self) -> str:
+        return self.to_text()

@@ -1,0 +1,224 @@
+"""Issue 5: adapters made anywhere load here and back, `use base` / unmerge restore the base bit for
+bit, merge/combine/export, mismatch refusals and the training lock. Tiny random Llama on the CPU."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from ft_magics.errors import FtUsageError
+
+PROMPT_IDS = [[5, 17, 42, 99, 3, 250, 7, 61]]
+
+
+def peft_adapter(model_dir: Path, out: Path, seed: int = 1, r: int = 4, targets=("q_proj", "v_proj")) -> Path:
+    """An adapter made by plain peft (non-zero B so it changes outputs), saved in PEFT's format."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(out)
+    return out
+
+
+def pristine(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(PROMPT_IDS)).logits
+
+
+@pytest.fixture(scope="module")
+def made_by_peft(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft-made")
+    return {
+        "a": peft_adapter(tiny_model_dir, root / "a", seed=1),
+        "b": peft_adapter(tiny_model_dir, root / "b", seed=2),
+        "mlp": peft_adapter(tiny_model_dir, root / "mlp", seed=3, r=8, targets=("gate_proj", "up_proj", "down_proj")),
+    }
+
+
+def test_peft_adapter_loads_here_with_identical_outputs(tiny_session, tiny_model_dir, made_by_peft):
+    import torch
+    from peft import PeftModel
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    ours = logits(tiny_session.model)
+    theirs = logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(made_by_peft["a"])).eval())
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, logits(pristine(tiny_model_dir)))  # the adapter really changes the outputs
+
+
+def test_use_base_is_bit_identical_to_pristine_base(tiny_session, tiny_model_dir, made_by_peft):
+    import torch
+
+    want = logits(pristine(tiny_model_dir))
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    tiny_session.use("base")
+    assert torch.equal(logits(tiny_session.model), want)
+    with tiny_session.model.disable_adapter():  # PEFT's own context manager, same guarantee
+        assert torch.equal(logits(tiny_session.model), want)
+
+
+def test_adapter_saved_here_loads_in_plain_peft(tiny_session, tiny_model_dir, made_by_peft, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    tiny_session.combine_adapters("a:0.7,b:0.3", "mix", method="linear")
+    ours = logits(tiny_session.model)
+    saved = tiny_session.adapters_dir / "mix"
+    assert json.loads((saved / "ft_run.json").read_text())["combined_from"] == {"a": 0.7, "b": 0.3}
+    theirs = logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(saved)).eval())
+    assert torch.equal(ours, theirs)
+    # export (PEFT format) of a loaded adapter round-trips too
+    out = tiny_session.export_adapter("b", tmp_path / "export-b")
+    tiny_session.use("b")
+    assert torch.equal(logits(tiny_session.model),
+                       logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(out)).eval()))
+
+
+def test_combine_methods_and_refusals(tiny_session, made_by_peft):
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["mlp"], "mlp")
+    with pytest.raises(FtUsageError, match="same r"):
+        tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "bad", method="linear")
+    assert tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "cat-mix", method="cat") == "cat-mix"
+    assert tiny_session.adapters.active == "cat-mix"
+    with pytest.raises(FtUsageError, match="did you mean 'svd'"):
+        tiny_session.combine_adapters({"a": 1.0}, "x", method="svdd")
+    with pytest.raises(FtUsageError, match="no adapter named 'zz'"):
+        tiny_session.combine_adapters("a:0.5,zz:0.5", "y")
+
+
+def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, made_by_peft):
+    import torch
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    tiny_session.use("a")
+    with_adapter = logits(tiny_session.model)
+    tiny_session.merge_adapter("a")
+    assert tiny_session.merged_adapter == "a"
+    assert torch.allclose(logits(tiny_session.model), with_adapter, atol=1e-4)  # merged = same function
+    with pytest.raises(FtUsageError, match="unmerge first"):
+        tiny_session.use("b")
+    with pytest.raises(FtUsageError, match="unmerge first"):
+        tiny_session.generate("hi", adapter="base", max_new_tokens=2)
+    assert tiny_session.unmerge_adapter() == "a"
+    assert torch.equal(logits(tiny_session.model), with_adapter)
+    tiny_session.use("base")
+    assert torch.equal(logits(tiny_session.model), logits(pristine(tiny_model_dir)))
+    with pytest.raises(FtUsageError, match="no adapter is merged"):
+        tiny_session.unmerge_adapter()
+
+
+def test_merge_refused_on_4bit_base(tiny_model_dir, made_by_peft, tmp_path):
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=4, device="cpu")
+    s.load_adapter(made_by_peft["a"], "a")
+    with pytest.raises(FtUsageError, match="16- or 32-bit base.*export NAME DIR --merged"):
+        s.merge_adapter("a")
+
+
+def test_export_merged_loads_in_plain_transformers(tiny_session, made_by_peft, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    want = logits(tiny_session.model)
+    out = tiny_session.export_adapter("a", tmp_path / "merged", merged=True)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits(model), want, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(out).chat_template == tiny_session.tokenizer.chat_template
+    # a folder not written by an export is never overwritten
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FtUsageError, match="not written by an export"):
+        tiny_session.export_adapter("a", tmp_path / "precious", merged=True)
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_mismatched_adapter_refused_naming_why(tiny_session, tmp_path, made_by_peft):
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other_dir = tmp_path / "wide-llama"
+    cfg = LlamaConfig(vocab_size=tiny_session.model.config.vocab_size, hidden_size=96, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(other_dir)
+    wide = peft_adapter(other_dir, tmp_path / "wide")
+    cfgjson = json.loads((wide / "adapter_config.json").read_text())
+    assert cfgjson["base_model_name_or_path"]
+    with pytest.raises(FtUsageError, match=r"layer model\.layers\.0\.self_attn\.q_proj is 64->64 here.*wide-llama"):
+        tiny_session.load_adapter(wide, "wide")
+    odd = tmp_path / "odd"
+    shutil.copytree(made_by_peft["a"], odd)
+    cfgjson = json.loads((odd / "adapter_config.json").read_text())
+    cfgjson["target_modules"] = ["query_key_value"]
+    (odd / "adapter_config.json").write_text(json.dumps(cfgjson))
+    with pytest.raises(FtUsageError, match="targets module\\(s\\) query_key_value"):
+        tiny_session.load_adapter(odd, "odd")
+    assert "wide" not in tiny_session.adapters and "odd" not in tiny_session.adapters
+
+
+def test_delete_only_inside_adapters_folder(tiny_session, made_by_peft, tmp_path):
+    import shutil
+
+    inside = tiny_session.adapters_dir / "a"
+    shutil.copytree(made_by_peft["a"], inside)
+    tiny_session.load_adapter(inside, "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")  # lives outside the adapters folder
+    assert tiny_session.delete_adapter("a") == str(inside.resolve())
+    assert not inside.exists()
+    assert tiny_session.delete_adapter("b") is None
+    assert made_by_peft["b"].exists()
+
+
+def test_swap_merge_generate_fail_clearly_while_training_holds_the_model(tiny_session, made_by_peft):
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    holding, release = threading.Event(), threading.Event()
+
+    def fake_run():  # what _train_guarded does: hold the session lock for the whole run
+        with tiny_session._lock:
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=fake_run)
+    t.start()
+    try:
+        assert holding.wait(10)
+        for call in (lambda: tiny_session.use("base"), lambda: tiny_session.merge_adapter("a"),
+                     lambda: tiny_session.generate("hello", max_new_tokens=2),
+                     lambda: tiny_session.combine_adapters("a:1", "c"),
+                     lambda: tiny_session.serve([("a", "hi")])):
+            with pytest.raises(FtUsageError, match="background training run is using the model"):
+                call()
+    finally:
+        release.set()
+        t.join()
+    assert tiny_session.use("base") >= 0.0  # free again once the run ends
