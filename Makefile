@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench clean browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,21 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
-test: install
+# The real-browser widget test (tests/test_browser.py) drives JupyterLab with Playwright and Debian's
+# chromium (Playwright's own browser download is not used). jupyterlab + playwright come from the test extra.
+browser-deps: install
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if command -v apt-get >/dev/null; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+		else echo "no apt-get: tests/test_browser.py will skip (chromium missing)"; fi; fi
+
+test: install browser-deps
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench-dashboard: install
+	$(BIN)/python benchmarks/bench_dashboard.py
 
 demo: install
 	$(BIN)/python scripts/run_demo.py demo_notebooks/01_quickstart.ipynb
