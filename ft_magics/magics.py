@@ -294,6 +294,34 @@ class FtMagics(Magics):
         self.session.unload()
         print(f"model unloaded; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}")
 
+    @magic_arguments()
+    @argument("model", nargs="?", default="demo",
+              help="A local model folder, a known hub id (e.g. meta-llama/Llama-2-70b-hf), 'demo', or a size like 7B.")
+    @argument("--seq-len", type=int, default=512, help="Tokens per example. Default 512.")
+    @argument("--batch-size", type=int, default=8, help="Examples per step. Default 8.")
+    @argument("--r", type=int, default=16, help="LoRA rank for the adapter size. Default 16.")
+    @argument("--gradient-checkpointing", action="store_true", help="Plan activations with gradient checkpointing.")
+    @line_magic
+    @user_errors
+    def ft_plan(self, line=""):
+        """Estimated memory for full fine-tuning, LoRA and QLoRA of MODEL, with the formula. Loads nothing.
+
+        Examples::
+
+            %ft_plan 7B --seq-len 2048 --batch-size 4
+            %ft_plan meta-llama/Llama-2-70b-hf
+            %ft_plan ./my-model
+        """
+        args = parse_args(self.ft_plan, line)
+        p = self.session.plan(args.model, seq_len=args.seq_len, batch_size=args.batch_size, r=args.r,
+                              gradient_checkpointing=args.gradient_checkpointing)
+        print(p.table())
+        if p.dims.params > 30e9:
+            from .core.planner import seed_comparison
+
+            print()
+            print(seed_comparison(p))
+
     @line_magic
     def ft_help(self, line=""):
         """Usage of every ft_magics command, with examples."""
@@ -302,7 +330,7 @@ class FtMagics(Magics):
 
 MAGIC_NAMES = {
     "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
-             "ft_memory"],
+             "ft_memory", "ft_plan"],
     "cell": ["lora_train", "lora_generate"],
 }
 

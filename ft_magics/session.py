@@ -465,3 +465,12 @@ class Session:
         with self._model_busy("serve requests"):
             self._check_not_merged("serve requests with several adapters")
             return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, model: str = "demo", seq_len: int = 512, batch_size: int = 8, r: int = 16,
+             gradient_checkpointing: bool = False):
+        """Estimated memory for full fine-tuning, LoRA and QLoRA of ``model`` (folder, known hub id or a size
+        such as ``7B``); returns a core.planner.Plan (``.table()`` for the text). Loads nothing."""
+        from .core.planner import plan
+
+        return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing)

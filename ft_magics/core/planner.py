@@ -1,0 +1,271 @@
+"""Memory planner: how much memory full fine-tuning, LoRA and QLoRA need for a model, before loading it.
+
+Pure Python (no torch): works from a model's config.json, a built-in table of common models, or a bare
+parameter count such as ``7B``. Every figure is an *estimate* from the formulas below; the benchmark
+(benchmarks/bench_planner.py) checks them against measured peaks on the demo model.
+
+Per parameter P of the base model (bytes):
+  full fine-tuning, mixed precision + AdamW: 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master copy)
+                                             + 8 (fp32 Adam m and v) = 16
+  LoRA on a 16-bit base:                     2 (frozen weights)
+  QLoRA, NF4 + double quantisation:          0.5 (4-bit codes) + 1/64 (an 8-bit absmax per 64-block)
+                                             + 4/(64*256) (fp32 second-level constant per 256 blocks)
+                                             = 4.127 bits; embeddings and the output head stay 16-bit
+Adapter (A parameters, r * (in + out) per adapted linear layer): 4 (fp32 weights) + 4 (grads) + 8 (Adam) = 16.
+Activations kept for the backward pass, per layer (Korthikanti et al. 2022, with a fused/SDPA attention that
+stores no L x L scores): about 34 * s * b * h bytes at 16-bit, where s = sequence length, b = batch,
+h = hidden size. With gradient checkpointing: 2 * s * b * h per layer plus one layer's worth.
+Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
+ft_magics' chunked loss keeps one chunk (about 64 MB).
+Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import FtUsageError, did_you_mean
+
+GB = 1e9  # decimal gigabytes, as in model cards and the "70B needs ~140 GB" rule of thumb
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+ACT_BYTES_PER_LAYER = 34  # * s * b * h
+CKPT_BYTES_PER_LAYER = 2
+LOGIT_BYTES_STANDARD = 2 + 4 + 4
+CHUNK_BYTES = 64 * 2**20
+OVERHEAD_BYTES = 0.5 * GB
+ADAPTER_BYTES = 16
+FULL_BYTES = 16
+
+
+@dataclass
+class ModelDims:
+    name: str
+    params: float  # total parameter count
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    source: str = "config"  # config | table | estimated from a parameter count
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // max(self.heads, 1)
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def body_linear_params(self) -> int:
+        kv = self.kv_heads * self.head_dim
+        return self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+
+    def lora_params(self, r: int = 16) -> int:
+        """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down)."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+        return self.layers * per_layer
+
+    def as_dict(self) -> dict:
+        return {"hidden": self.hidden, "layers": self.layers, "vocab": self.vocab,
+                "body_linear_params": self.body_linear_params}
+
+
+# name: (params, layers, hidden, intermediate, heads, kv_heads, vocab, tied)
+KNOWN_MODELS = {
+    "HuggingFaceTB/SmolLM2-135M": (134.5e6, 30, 576, 1536, 9, 3, 49152, True),
+    "HuggingFaceTB/SmolLM2-360M": (361.8e6, 32, 960, 2560, 15, 5, 49152, True),
+    "HuggingFaceTB/SmolLM2-1.7B": (1.71e9, 24, 2048, 8192, 32, 32, 49152, True),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": (1.10e9, 22, 2048, 5632, 32, 4, 32000, False),
+    "Qwen/Qwen2.5-0.5B": (494e6, 24, 896, 4864, 14, 2, 151936, True),
+    "Qwen/Qwen2.5-1.5B": (1.54e9, 28, 1536, 8960, 12, 2, 151936, True),
+    "Qwen/Qwen2.5-7B": (7.62e9, 28, 3584, 18944, 28, 4, 152064, False),
+    "meta-llama/Llama-2-7b-hf": (6.74e9, 32, 4096, 11008, 32, 32, 32000, False),
+    "meta-llama/Llama-2-13b-hf": (13.0e9, 40, 5120, 13824, 40, 40, 32000, False),
+    "meta-llama/Llama-2-70b-hf": (69.0e9, 80, 8192, 28672, 64, 8, 32000, False),
+    "meta-llama/Meta-Llama-3-8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),
+    "meta-llama/Meta-Llama-3-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
+    "mistralai/Mistral-7B-v0.1": (7.24e9, 32, 4096, 14336, 32, 8, 32000, False),
+}
+_ALIASES = {"demo": "HuggingFaceTB/SmolLM2-135M"}
+
+
+def _known(name: str) -> Optional[str]:
+    key = _ALIASES.get(name.lower(), name)
+    low = {k.lower(): k for k in KNOWN_MODELS}
+    short = {k.split("/")[-1].lower(): k for k in KNOWN_MODELS}
+    k = key.lower().removesuffix("-instruct").removesuffix("-chat-hf").removesuffix("-hf")
+    for cand in (key.lower(), k, k + "-hf"):
+        if cand in low:
+            return low[cand]
+        if cand in short:
+            return short[cand]
+        if cand.split("/")[-1] in short:
+            return short[cand.split("/")[-1]]
+    return None
+
+
+def dims_from_config(cfg: dict, name: str = "model") -> ModelDims:
+    """Dimensions from a transformers config dict (Llama-style names, with common alternatives)."""
+    g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+    hidden = int(g("hidden_size", "n_embd", "d_model"))
+    layers = int(g("num_hidden_layers", "n_layer", "num_layers"))
+    heads = int(g("num_attention_heads", "n_head", default=max(hidden // 128, 1)))
+    kv = int(g("num_key_value_heads", default=heads))
+    inter = int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
+    vocab = int(g("vocab_size"))
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config")
+    d.params = d.body_linear_params + d.embed_params + layers * 2 * hidden + hidden
+    return d
+
+
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT])?\s*$")
+
+
+def dims_from_count(params: float, name: str) -> ModelDims:
+    """A Llama-shaped model of ``params`` parameters: h ~ (P * 128 / 12) ** (1/3), layers = h / 128."""
+    h = max(256, int(round((params * 128 / 12) ** (1 / 3) / 256)) * 256)
+    layers = max(1, int(round(params / (12 * h * h))))
+    heads = max(1, h // 128)
+    return ModelDims(name, params, layers, h, int(h * 8 / 3 / 256 + 0.999) * 256, heads, heads, 32000, False,
+                     "estimated from a parameter count (Llama-like shape)")
+
+
+def resolve_model(model: str) -> ModelDims:
+    """A local model folder, a known hub id (or 'demo'), or a parameter count such as 7B / 135M."""
+    m = (model or "").strip()
+    if not m:
+        raise FtUsageError("give a model: a local folder, a hub id such as meta-llama/Llama-2-7b-hf, or a size like 7B.")
+    path = Path(m).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FtUsageError(f"{m!r} has no config.json; %ft_plan needs a model folder or a size such as 7B.")
+        d = dims_from_config(json.loads(cfg_file.read_text()), path.name)
+        return d
+    match = _COUNT.match(m)
+    if match:
+        scale = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12, None: 1}[(match.group(2) or "").lower() or None]
+        params = float(match.group(1)) * scale
+        if params < 1e6:
+            raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
+        return dims_from_count(params, m.upper())
+    key = _known(m)
+    if key is not None:
+        p, layers, h, i, heads, kv, vocab, tied = KNOWN_MODELS[key]
+        return ModelDims(key, p, layers, h, i, heads, kv, vocab, tied, "built-in table")
+    names = list(KNOWN_MODELS) + [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"]
+    raise FtUsageError(
+        f"unknown model {m!r}{did_you_mean(m, names)}: not a local folder with config.json and not in the built-in "
+        f"table. Give a parameter count instead (e.g. %ft_plan 7B) or one of: {', '.join(KNOWN_MODELS)}."
+    )
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class ModePlan:
+    mode: str
+    weights: float
+    adapter_optimizer: float
+    activations: float
+    overhead: float = OVERHEAD_BYTES
+    notes: list = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.adapter_optimizer + self.activations + self.overhead
+
+
+@dataclass
+class Plan:
+    dims: ModelDims
+    seq_len: int
+    batch_size: int
+    r: int
+    gradient_checkpointing: bool
+    chunked_loss: bool
+    modes: list
+
+    def mode(self, name: str) -> ModePlan:
+        return next(m for m in self.modes if m.mode == name)
+
+    def table(self) -> str:
+        d = self.dims
+        head = (f"Memory plan for {d.name} ({d.params / 1e9:.3g}B parameters, {d.source}; "
+                f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
+                f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+        rows = [head, "", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
+        for m in self.modes:
+            rows.append(f"{m.mode:<34}{_gb(m.weights):>10}{_gb(m.adapter_optimizer):>13}{_gb(m.activations):>13}"
+                        f"{_gb(m.overhead):>10}{_gb(m.total):>10}")
+        rows += ["", "All figures are ESTIMATES (GB = 1e9 bytes) from these formulas:",
+                 "  full:  16 B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + fp32 Adam m,v 8)",
+                 f"  LoRA:  2 B/param frozen 16-bit base; adapter {ADAPTER_BYTES} B/adapter param (fp32 w, grad, Adam m,v)",
+                 f"  QLoRA: {NF4_BITS:.3f} bits/param (NF4 codes + 8-bit absmax/64 + fp32 constant/16384); "
+                 "embeddings and head 16-bit",
+                 "  activations: layers * 34 * seq * batch * hidden bytes (2 * ... with gradient checkpointing)",
+                 "               + logits: seq * batch * vocab * 10 B (standard loss) or one 64 MB chunk (chunked loss)",
+                 "  overhead: ~0.5 GB runtime (CUDA context / CPU libraries)",
+                 "Measured peaks on the demo model: see benchmarks/bench_planner.py (results/bench_planner.md)."]
+        for m in self.modes:
+            rows += [f"Note ({m.mode}): {n}" for n in m.notes]
+        return "\n".join(rows)
+
+    def as_dict(self) -> dict:
+        return {"model": self.dims.name, "params": self.dims.params, "source": self.dims.source,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "r": self.r,
+                "modes": {m.mode: {"weights": m.weights, "adapter_optimizer": m.adapter_optimizer,
+                                   "activations": m.activations, "overhead": m.overhead, "total": m.total}
+                          for m in self.modes}}
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
+
+
+def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked: bool, act_bytes: int = 2) -> float:
+    tokens = seq_len * batch
+    per = (CKPT_BYTES_PER_LAYER * d.layers + ACT_BYTES_PER_LAYER) if ckpt else ACT_BYTES_PER_LAYER * d.layers
+    body = per * tokens * d.hidden * act_bytes / 2
+    logits = min(CHUNK_BYTES, tokens * d.vocab * 4) if chunked else tokens * d.vocab * LOGIT_BYTES_STANDARD
+    return body + logits
+
+
+def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int = 16,
+         gradient_checkpointing: bool = False, chunked_loss: bool = True) -> Plan:
+    if seq_len < 1 or batch_size < 1:
+        raise FtUsageError(f"--seq-len and --batch-size must be positive (got {seq_len}, {batch_size}).")
+    d = model if isinstance(model, ModelDims) else resolve_model(model)
+    p, emb, lora = d.params, d.embed_params, d.lora_params(r)
+    act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked=False)
+    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss)
+    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2) * p, act_full,
+                    notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"])
+    lora16 = ModePlan("LoRA, 16-bit base", 2 * p, ADAPTER_BYTES * lora, act_peft)
+    qlora = ModePlan("QLoRA, NF4 + double quant", (p - emb) * NF4_BITS / 8 + 2 * emb, ADAPTER_BYTES * lora, act_peft)
+    return Plan(d, seq_len, batch_size, r, gradient_checkpointing, chunked_loss, [full, lora16, qlora])
+
+
+def seed_comparison(p: Optional[Plan] = None) -> str:
+    """The seed's 70B table next to ours, with the reasons they differ."""
+    p = p or plan("meta-llama/Llama-2-70b-hf", seq_len=512, batch_size=1)
+    full, lora, q = p.mode("full fine-tuning (bf16 + AdamW)"), p.mode("LoRA, 16-bit base"), p.mode("QLoRA, NF4 + double quant")
+    n = p.dims.params
+    return "\n".join([
+        f"Seed table (70B) vs computed for {p.dims.name}, seq {p.seq_len}, batch {p.batch_size}:",
+        f"  full:  seed ~280 GB = 4 B/param (16-bit weights + 16-bit grads: {4 * n / GB:.0f} GB); with AdamW states and "
+        f"an fp32 master copy it is {full.total / GB:.0f} GB (16 B/param).",
+        f"  LoRA:  seed ~140 GB = 2 B/param; computed weights {lora.weights / GB:.0f} GB, total {lora.total / GB:.0f} GB "
+        "(adapter, optimizer, activations on top).",
+        f"  QLoRA: seed ~36 GB; computed weights {q.weights / GB:.1f} GB ({NF4_BITS:.3f} bits/param + 16-bit "
+        f"embeddings), total {q.total / GB:.1f} GB.",
+    ])

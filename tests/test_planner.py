@@ -1,0 +1,97 @@
+"""Memory planner (ft_magics/core/planner.py) and %ft_plan."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ft_magics.core import planner
+from ft_magics.errors import FtUsageError
+
+
+def test_seed_70b_table_reproduced():
+    p = planner.plan("meta-llama/Llama-2-70b-hf", seq_len=512, batch_size=1)
+    n = p.dims.params
+    q = p.mode("QLoRA, NF4 + double quant")
+    lora = p.mode("LoRA, 16-bit base")
+    full = p.mode("full fine-tuning (bf16 + AdamW)")
+    # the seed's figures are weights (+ grads for full) at 16 / 4 bits
+    assert abs(lora.weights / 1e9 - 140) < 5
+    assert abs(q.weights / 1e9 - 36) < 2
+    assert abs((full.weights + 2 * n) / 1e9 - 280) < 10  # weights + 16-bit grads
+    assert full.total > 3.5 * 280e9  # with Adam states and a master copy it is ~16 B/param
+    text = planner.seed_comparison(p)
+    assert "280" in text and "140" in text and "36" in text
+
+
+def test_nf4_double_quant_bits():
+    assert abs(planner.NF4_BITS - 4.127) < 1e-3
+
+
+def test_parameter_count_and_folder_and_errors(tiny_model_dir):
+    d = planner.resolve_model("7B")
+    assert d.params == 7e9 and d.hidden == 4096 and 30 <= d.layers <= 36
+    folder = planner.resolve_model(str(tiny_model_dir))
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert folder.hidden == cfg["hidden_size"] and folder.layers == cfg["num_hidden_layers"]
+    # parameter count from config matches the real model
+    from transformers import AutoModelForCausalLM
+
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert abs(folder.params - real) / real < 0.01
+    assert planner.resolve_model("demo").vocab == 49152
+    assert planner.resolve_model("Llama-2-7b-hf").layers == 32
+    with pytest.raises(FtUsageError, match="did you mean"):
+        planner.resolve_model("meta-llama/Llama-2-7b-hg")
+    with pytest.raises(FtUsageError):
+        planner.resolve_model("12")
+
+
+def test_known_table_param_counts_consistent():
+    """The built-in parameter counts agree with what their shapes imply (catches typos in the table)."""
+    for name in planner.KNOWN_MODELS:
+        d = planner.resolve_model(name)
+        shape_params = d.body_linear_params + d.embed_params
+        assert abs(shape_params - d.params) / d.params < 0.03, name
+
+
+def test_gradient_checkpointing_and_chunked_loss_lower_activations():
+    base = planner.plan("demo", seq_len=512, batch_size=8)
+    ckpt = planner.plan("demo", seq_len=512, batch_size=8, gradient_checkpointing=True)
+    std = planner.plan("demo", seq_len=512, batch_size=8, chunked_loss=False)
+    q = "QLoRA, NF4 + double quant"
+    assert ckpt.mode(q).activations < base.mode(q).activations < std.mode(q).activations
+
+
+def test_ft_plan_magic(shell, capsys):
+    shell.run_line_magic("ft_plan", "7B --seq-len 1024 --batch-size 2")
+    out = capsys.readouterr().out
+    assert "QLoRA" in out and "ESTIMATES" in out and "seq_len 1024" in out
+    shell.run_line_magic("ft_plan", "meta-llama/Llama-2-70b-hf")
+    assert "Seed table" in capsys.readouterr().out
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError):
+        shell.run_line_magic("ft_plan", "no-such-model-xyz")
+
+
+def test_session_plan_loads_nothing():
+    from ft_magics import Session
+
+    s = Session()
+    p = s.plan("Qwen2.5-0.5B", seq_len=128, batch_size=1)
+    assert p.dims.name == "Qwen/Qwen2.5-0.5B" and s.handle is None if hasattr(s, "handle") else True
+
+
+def test_load_ext_is_fast_and_torch_free(tmp_path):
+    """A generous bound here; the 0.3 s goal itself is timed in the benchmark."""
+    import subprocess
+
+    code = ("import time; from IPython.core.interactiveshell import InteractiveShell; sh = InteractiveShell.instance();"
+            "t = time.perf_counter(); sh.run_line_magic('load_ext', 'ft_magics'); dt = time.perf_counter() - t;"
+            "import sys; print(dt, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    dt, torch_loaded = out.stdout.split()
+    assert torch_loaded == "False"
+    assert float(dt) < 2.0
