@@ -64,6 +64,12 @@ class TrainConfig:
     eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, when there is eval data).")
     # reporting
     log_every: int = _f(1, "Read the loss back from the device every N steps (fewer host syncs).")
+    # checkpoints and memory (resume with %%lora_train NAME --resume)
+    save_every: int = _f(0, "Save a resumable checkpoint every N steps (0: only by time, see save_every_minutes).")
+    save_every_minutes: float = _f(
+        5.0, "Also save a resumable checkpoint when this many minutes have passed since the last one (0: off)."
+    )
+    auto_batch_size: bool = _f(False, "On out-of-memory, retry with a smaller batch_size until one fits.")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -119,6 +125,9 @@ class TrainConfig:
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
         need(self.loss_chunk_rows >= 0, f"loss_chunk_rows must be >= 0 (0 = auto; got {self.loss_chunk_rows}).")
+        need(self.save_every >= 0, f"save_every must be >= 0 steps (got {self.save_every}); 0 turns it off.")
+        need(self.save_every_minutes >= 0,
+             f"save_every_minutes must be >= 0 (got {self.save_every_minutes}); 0 turns it off.")
         need(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
         tm = self.target_modules
         if isinstance(tm, str):

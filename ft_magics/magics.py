@@ -140,6 +140,8 @@ class FtMagics(Magics):
     @argument("--no-widgets", action="store_true", help="Text progress instead of the live dashboard.")
     @argument("--background", action="store_true",
               help="Train on a thread so the kernel stays free (Stop button or %%lora_stop).")
+    @argument("--resume", action="store_true",
+              help="Continue NAME from its latest complete checkpoint (same --data and settings as before).")
     @_config_flags
     @cell_magic
     @user_errors
@@ -163,7 +165,7 @@ class FtMagics(Magics):
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
         result = self.session.train(
             args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
-            background=args.background,
+            background=args.background, resume=args.resume,
         )
         if args.background:
             print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")

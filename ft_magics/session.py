@@ -95,9 +95,10 @@ class Session:
 
     def train(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
               eval_data: Any = None, output_dir: Optional[str | Path] = None, listeners: Optional[list] = None,
-              background: bool = False, on_done: Optional[Callable] = None, **overrides):
+              background: bool = False, on_done: Optional[Callable] = None, resume: bool = False, **overrides):
         """Train a LoRA adapter ``name``. ``config`` is a dict (YAML body) or TrainConfig; keyword
-        overrides win. Returns a TrainResult, or the Thread when ``background`` is true."""
+        overrides win. ``resume=True`` continues from NAME's latest complete checkpoint (same data and
+        settings). Returns a TrainResult, or the Thread when ``background`` is true."""
         from .core.adapters import validate_name
         from .core.events import Message, emit
 
@@ -113,6 +114,10 @@ class Session:
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
         if self._training is not None and self._training.is_alive():
             raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        if resume:  # nothing to resume is a user error, found before any work
+            from .core.checkpoints import checkpoint_root, require_resumable
+
+            require_resumable(checkpoint_root(target.parent, name), name)
         # Everything that can be wrong with the data is found before the model is touched.
         train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
         self.last_data_report = report
@@ -120,14 +125,16 @@ class Session:
         if background:
             thread = threading.Thread(
                 target=self._train_guarded, args=(name, train_ex, eval_ex, cfg, target, listeners, report, True, on_done),
-                name=f"ft_magics-train-{name}", daemon=True,
+                name=f"ft_magics-train-{name}", daemon=True, kwargs={"resume": resume},
             )
             self._training = thread
             thread.start()
             return thread
-        return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done)
+        return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done,
+                                   resume=resume)
 
-    def _train_guarded(self, name, train_ex, eval_ex, cfg, target, listeners, report, background, on_done):
+    def _train_guarded(self, name, train_ex, eval_ex, cfg, target, listeners, report, background, on_done,
+                       resume=False):
         from .core.training import StopFlag, run_training
 
         self._stop = StopFlag()
@@ -136,6 +143,7 @@ class Session:
                 result = run_training(
                     self.handle, name, train_ex, eval_ex, cfg, target, listeners, flag=self._stop,
                     data_report=report, background=background, on_model=self._set_model,
+                    resume=resume,
                 )
             except BaseException as exc:
                 if background and on_done is not None:
@@ -231,17 +239,16 @@ class Session:
             self._check_not_merged("unload an adapter")
             model = self.model
             if hasattr(model, "peft_config") and name in model.peft_config:
-                if self.adapters.active == name:
-                    from .core.adapters import activate
+                from .core.adapters import activate
 
+                if self.adapters.active == name:
                     activate(model, None)
                     self.adapters.active = None
                 others = [n for n in model.peft_config if n != name]
                 if others:  # PEFT needs another adapter to remain active while deleting this one
                     model.base_model.set_adapter(others[0], inference_mode=True)
                     model.delete_adapter(name)
-                    if self.adapters.active is None:
-                        activate(model, None)
+                    activate(model, self.adapters.active)  # the user's selection, not PEFT's pick
                 else:
                     self.handle.model = model.unload()  # plain base model again, LoRA layers removed
             self.adapters.remove(info.name)
@@ -457,9 +464,11 @@ class Session:
         from .core.routing import AdapterRouter
 
         self._require_model()
+        if capacity is not None and capacity < 1:
+            raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
         store = Path(store) if store is not None else self.adapters_dir
         if self._router is None or self._router.store != store:
-            self._router = AdapterRouter(self, store, capacity=capacity or 4)
+            self._router = AdapterRouter(self, store, capacity=capacity if capacity is not None else 4)
         elif capacity is not None:
             self._router.capacity = capacity
         with self._model_busy("serve requests"):

@@ -323,7 +323,9 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
         data_seed=cfg.seed,
         logging_steps=cfg.log_every,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="no",  # checkpoints.make_callback decides when (steps, minutes, on stop)
+        save_total_limit=2,  # the previous complete checkpoint survives while the next is written
+        auto_find_batch_size=cfg.auto_batch_size,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -381,6 +383,7 @@ def run_training(
     data_report=None,
     background: bool = False,
     on_model: Optional[Callable[[Any], None]] = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train adapter ``name`` on ``handle``'s model; save it to ``target``. Returns a :class:`TrainResult`.
 
@@ -412,12 +415,18 @@ def run_training(
     reset_peak(handle.device)
     callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info)
     ckpt_dir = target.parent / ".checkpoints" / name
+    from . import checkpoints as ckpts
+
+    ckpt_meta = {"name": name, "settings": settings, "data_fingerprint": getattr(data_report, "fingerprint", None)}
+    resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
+    if resume_from is not None:  # the resumed run's record keeps the whole curve
+        history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
     from .speed import make_trainer  # chunked loss: no full-vocabulary logits for the batch
 
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, args=args, train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback],
+        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback, ckpts.make_callback(cfg, flag, ckpt_meta)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -427,7 +436,7 @@ def run_training(
     try:
         with training_layout(peft_model), interrupt_stops(flag, listeners):
             peft_model.train()
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             if flag.is_set():
                 status = flag.reason or "stopped"
             if eval_ds is not None and status == "completed":
@@ -442,6 +451,11 @@ def run_training(
         status = "interrupted"
     except Exception as exc:  # noqa: BLE001 - the run ends cleanly and says why; the caller re-raises
         status, error, caught = "failed", f"{type(exc).__name__}: {exc}", exc
+        from .oom import free_after_oom, is_oom, oom_error
+
+        if is_oom(exc):  # free the failed step's memory; tell the user what to change
+            free_after_oom(trainer)
+            caught, error = oom_error(exc, cfg, handle.bits, handle.device), f"out of memory: {exc}"
     finally:
         peft_model.eval()
     seconds = time.perf_counter() - t0
@@ -490,6 +504,9 @@ def run_training(
         seconds=seconds, trainable_params=trainable, total_params=total, loss_tokens_per_s=lt_s,
         peak_memory_bytes=mem.peak_bytes, record=record,
     )
+    ckpts.finish(ckpt_dir, status)
+    if status in ("interrupted", "stopped"):
+        emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps)))
     emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                              elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                              extra={"eval_loss": eval_loss}))

@@ -1,0 +1,235 @@
+"""Resumable checkpoints: Trainer's own checkpoint-N folders, made crash-safe and found again on resume.
+
+``transformers.Trainer`` writes a checkpoint (adapter weights, optimizer, scheduler, RNG states and the
+trainer state with the data position) straight into ``checkpoint-N/``. A process killed halfway
+through that write leaves a folder that looks like a checkpoint but is not. So a checkpoint only
+counts once :class:`CheckpointCallback` has fsynced its files and written the completion marker
+(``on_save`` runs after Trainer has finished writing); on resume every folder without the marker, or
+with an unreadable file, is skipped and removed. ``save_total_limit=2`` keeps the previous complete
+checkpoint until the next one is complete, so a kill at any moment loses at most the steps since
+the last complete checkpoint.
+
+Layout: ``<adapters folder>/.checkpoints/<NAME>/checkpoint-<step>/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..errors import FtUsageError
+from .atomic import COMPLETE_MARKER, _fsync_dir, atomic_write_json
+from .events import Message, emit
+
+CHECKPOINTS_DIRNAME = ".checkpoints"
+META = "ft_checkpoint.json"
+KEEP = 2  # the newest complete checkpoint survives while the next one is being written
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def checkpoint_root(adapters_root: Path, name: str) -> Path:
+    return Path(adapters_root) / CHECKPOINTS_DIRNAME / name
+
+
+def _checkpoints(root: Path) -> list:
+    """``[(step, path)]`` of every checkpoint-N folder under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """What is wrong with checkpoint folder ``path`` (None when it is complete and readable)."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists():
+        return "no completion marker (the process stopped while writing it)"
+    for f in _REQUIRED:
+        if not (path / f).is_file() or (path / f).stat().st_size == 0:
+            return f"{f} is missing or empty"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json is unreadable ({exc})"
+    m = _CKPT_RE.match(path.name)
+    if m and state.get("global_step") != int(m.group(1)):
+        return f"trainer_state.json says step {state.get('global_step')}, folder says {m.group(1)}"
+    weights = list(path.glob("adapter_model.safetensors")) + list(path.glob("*/adapter_model.safetensors"))
+    if not weights:
+        return "no adapter_model.safetensors"
+    try:
+        from safetensors import safe_open
+
+        for w in weights:
+            with safe_open(str(w), framework="pt") as fh:
+                list(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        return f"{w.relative_to(path)} is corrupt ({type(exc).__name__})"
+    return None
+
+
+def latest_valid(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under ``root``, or None."""
+    for _step, path in reversed(_checkpoints(root)):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def discard_invalid(root: Path) -> list:
+    """Remove checkpoint folders that are not complete; return ``[(name, problem)]``."""
+    removed = []
+    for _step, path in _checkpoints(root):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append((path.name, problem))
+    return removed
+
+
+def prior_losses(path: Path) -> list:
+    """``[[step, loss], ...]`` logged before checkpoint ``path`` (so a resumed run keeps its whole curve)."""
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [[int(e["step"]), float(e["loss"])] for e in state.get("log_history", []) if "loss" in e and "step" in e]
+
+
+def prior_evals(path: Path) -> list:
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [[int(e["step"]), float(e["eval_loss"])] for e in state.get("log_history", [])
+            if "eval_loss" in e and "step" in e]
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> Optional[Path]:
+    """Prepare ``root`` for a run; return the checkpoint to resume from (None for a fresh run).
+
+    A fresh run starts from an empty folder (old checkpoints of NAME belong to the adapter it replaces).
+    A resumed run drops incomplete checkpoints, says which, and warns when the data or settings differ.
+    """
+    root = Path(root)
+    if not resume:
+        if root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+        return None
+    removed = discard_invalid(root)
+    for folder, problem in removed:
+        emit(listeners, Message(f"skipped incomplete checkpoint {folder} of {name!r}: {problem}", "warning"))
+    path = latest_valid(root)
+    if path is None:
+        raise no_checkpoint_error(root, name)
+    old = read_meta(path)
+    changed = [k for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
+    old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
+    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "r")
+                if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    if changed:
+        emit(listeners, Message(
+            f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
+            "the result will not match an uninterrupted run.", "warning"))
+    emit(listeners, Message(f"resuming {name!r} from {path.name} (step {_CKPT_RE.match(path.name).group(1)})"))
+    return path
+
+
+def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
+    return FtUsageError(
+        f"no complete checkpoint of {name!r} to resume from (looked in {root}). "
+        f"Train it without --resume: %%lora_train {name} --data ..."
+    )
+
+
+def require_resumable(root: Path, name: str) -> Path:
+    """Fail before any work when ``--resume`` has nothing to resume."""
+    path = latest_valid(root)
+    if path is None:
+        raise no_checkpoint_error(root, name)
+    return path
+
+
+def finish(root: Path, status: str) -> None:
+    """A completed run needs no checkpoints (they hold optimizer state: often larger than the adapter)."""
+    if status == "completed":
+        shutil.rmtree(root, ignore_errors=True)
+        parent = Path(root).parent
+        if parent.name == CHECKPOINTS_DIRNAME and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int) -> str:
+    ckpt = latest_valid(root)
+    where = f"adapter (step {step}) saved to {adapter_path}" if adapter_path else "no adapter was saved"
+    if ckpt is None:
+        return f"training of {name!r} stopped: {where}."
+    return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with "
+            f"%%lora_train {name} --resume (same --data and settings), or Session.train({name!r}, ..., resume=True).")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        _fsync_dir(d)
+
+
+def make_callback(cfg, flag, meta: dict):
+    """A TrainerCallback that asks Trainer to checkpoint every ``save_every`` steps, every
+    ``save_every_minutes``, and when the run is being stopped; and marks each finished checkpoint."""
+    from transformers import TrainerCallback
+
+    every = int(cfg.save_every or 0)
+    every_s = float(cfg.save_every_minutes or 0) * 60.0
+
+    class CheckpointCallback(TrainerCallback):
+        def __init__(self):
+            self.last = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            stopping = flag.is_set()
+            due = (every and step % every == 0) or (every_s and time.monotonic() - self.last >= every_s)
+            # at the last step the adapter itself is the result; a checkpoint there would be wasted I/O
+            if stopping or (due and step < state.max_steps):
+                control.should_save = True
+                flag.saving = True  # a further interrupt must not break the write
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            try:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    atomic_write_json(folder / META, {**meta, "step": state.global_step, "saved": time.time()})
+                    _fsync_tree(folder)
+                    (folder / COMPLETE_MARKER).write_text("ok\n")
+                    _fsync_dir(folder)
+                self.last = time.monotonic()
+            finally:
+                flag.saving = False
+            return control
+
+    return CheckpointCallback()
