@@ -1,0 +1,101 @@
+"""Issue 5: per-request adapter routing (mixed batches, LRU store loading), compare and eval."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ft_magics.errors import FtUsageError
+from test_adapters_ops import peft_adapter
+
+PROMPTS = ["How do I reset my password?", "hello world", "Billing, shipping, technical support.", "thanks!"]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    for i, name in enumerate(["legal", "support", "shop"]):
+        peft_adapter(tiny_model_dir, root / name, seed=10 + i, targets=("q_proj", "v_proj", "down_proj"))
+    return root
+
+
+def test_mixed_batch_matches_one_request_at_a_time(tiny_session, store):
+    reqs = [("legal", PROMPTS[0]), ("support", PROMPTS[1]), ("base", PROMPTS[2]), ("legal", PROMPTS[3])]
+    served = tiny_session.serve(reqs, store=store, capacity=2, max_new_tokens=6)
+    assert [s.adapter for s in served] == ["legal", "support", "base", "legal"]
+    assert {s.mode for s in served} == {"mixed"}
+    assert served[0].cold and served[0].load_ms > 0 and served[1].cold
+    assert not served[2].cold and not served[3].cold and served[3].load_ms == 0
+    for (adapter, prompt), s in zip(reqs, served):
+        alone = tiny_session.generate(prompt, adapter=adapter, max_new_tokens=6)
+        assert (s.text, s.new_tokens) == (alone.text, alone.new_tokens), adapter
+    # distinct adapters give distinct answers to the same prompt (the rows really differ)
+    same = tiny_session.serve([(a, PROMPTS[0]) for a in ("base", "legal", "support")], max_new_tokens=6,
+                              store=store)
+    assert len({s.text for s in same}) == 3
+    assert not any(s.cold for s in same)  # warm now
+    assert tiny_session.adapters.active is None  # the user's selection is left as it was
+
+
+def test_lru_keeps_at_most_capacity_and_loads_on_demand(tiny_session, store):
+    tiny_session.serve([("legal", "a"), ("support", "b")], store=store, capacity=2, max_new_tokens=2)
+    assert tiny_session._router.in_memory() == ["legal", "support"]
+    tiny_session.serve([("legal", "a")], store=store, max_new_tokens=2)  # legal is now most recent
+    served = tiny_session.serve([("shop", "c")], store=store, max_new_tokens=2)
+    assert served[0].cold and served[0].adapter == "shop"
+    assert tiny_session._router.in_memory() == ["legal", "shop"]  # support (least recent) evicted
+    assert "support" not in tiny_session.adapters
+    # a batch needing more adapters than fit runs in chunks, never holding more than capacity
+    served = tiny_session.serve([("support", "x"), ("legal", "y"), ("shop", "z"), ("base", "w")],
+                                store=store, capacity=1, max_new_tokens=2)
+    assert [s.adapter for s in served] == ["support", "legal", "shop", "base"]
+    assert len(tiny_session._router.in_memory()) == 1
+    assert sum(1 for n in ("support", "legal", "shop") if n in tiny_session.adapters) == 1
+
+
+def test_grouped_fallback_reports_swap_time(tiny_session, store):
+    tiny_session.serve([("legal", "a")], store=store, max_new_tokens=2)
+    tiny_session._router.mixed_ok = False
+    served = tiny_session.serve([("legal", PROMPTS[0]), ("base", PROMPTS[0])], store=store, max_new_tokens=4)
+    assert {s.mode for s in served} == {"grouped"}
+    assert all(s.swap_ms >= 0 for s in served)
+    assert served[0].text == tiny_session.generate(PROMPTS[0], adapter="legal", max_new_tokens=4).text
+
+
+def test_routing_errors_name_the_fix(tiny_session, store):
+    with pytest.raises(FtUsageError, match="no adapter 'legl'.*did you mean 'legal'"):
+        tiny_session.serve([("legl", "hi")], store=store)
+    with pytest.raises(FtUsageError, match="non-empty prompt"):
+        tiny_session.serve([("legal", "  ")], store=store)
+    with pytest.raises(FtUsageError, match="capacity must be at least 1"):
+        tiny_session.serve([("legal", "hi")], store=store / "..", capacity=0)
+    assert "legal" not in tiny_session.adapters  # nothing loaded by a refused batch
+
+
+def test_compare_is_greedy_and_reproducible(tiny_session, store):
+    tiny_session.load_adapter(store / "legal", "legal")
+    cmp1 = tiny_session.compare("How do I reset my password?\n---\nhello world", max_new_tokens=5)
+    cmp2 = tiny_session.compare(["How do I reset my password?", "hello world"], ["legal"], max_new_tokens=5)
+    assert cmp1.columns == ["base", "legal"] and len(cmp1.prompts) == 2
+    assert all(cmp1.cells[k].text == cmp2.cells[k].text for k in cmp1.cells)
+    assert cmp1.cells[(0, "base")].text == tiny_session.generate(PROMPTS[0], adapter="base", max_new_tokens=5).text
+    assert cmp1.tokens_per_s("legal") > 0
+    html = cmp1.to_html()
+    assert html.count("<tr>") == 3 and "tok/s" in html
+    assert "Prompt 2: hello world" in cmp1.to_text()
+    assert tiny_session.adapters.active == "legal"
+
+
+def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
+    import math
+
+    tiny_session.load_adapter(store / "legal", "legal")
+    report = tiny_session.evaluate("legal", "demo:support-eval", max_seq_len=128)
+    assert report.columns == ["base", "legal"]
+    assert report.sets == ["demo:support-eval", "general text (forgetting check)"]
+    for key, (loss, ppl, tokens) in report.results.items():
+        assert loss > 0 and ppl == pytest.approx(math.exp(loss)) and tokens > 100
+    assert report.loss("demo:support-eval", "base") != report.loss("demo:support-eval", "legal")
+    assert "forgetting check" in report.to_text()
+    base_only = tiny_session.evaluate("base", "demo:support-eval", max_seq_len=128)
+    assert base_only.loss("demo:support-eval", "base") == pytest.approx(report.loss("demo:support-eval", "base"))
