@@ -17,6 +17,7 @@ TRAIN_ON = ("answers", "all")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DATA_FORMATS = ("auto", "chat", "prompt-completion", "alpaca", "sharegpt", "text")
 OVERLONG = ("truncate", "drop")
+TXT_MODES = ("auto", "document", "lines", "blocks")
 
 
 def _f(default, help: str, **kw):
@@ -58,6 +59,13 @@ class TrainConfig:
     format: str = _f("auto", f"Dataset format: {', '.join(DATA_FORMATS)}.", choices=DATA_FORMATS)
     text_field: Optional[str] = _f(None, "Column holding the text for the text format.")
     map: Optional[str] = _f(None, "Column mapping, e.g. 'question=prompt,answer=completion'.")
+    txt_mode: str = _f(
+        "auto", "How a .txt file becomes examples: document (the whole file), lines (one per line), blocks "
+        "(separated by blank lines), or auto (blocks if the file has blank lines, else lines).", choices=TXT_MODES)
+    max_rows: int = _f(0, "Read only the first N rows of the data, streaming large files (0: all rows; a file "
+                          "too large for the free memory is refused).")
+    packing: bool = _f(False, "Pack short examples into rows of max_seq_len tokens; attention stays within each "
+                              "example (checked on the loaded model, refused where it cannot).")
     group_by_length: bool = _f(True, "Batch examples of similar length together to cut padding waste.")
     # evaluation
     eval_fraction: float = _f(0.0, "Fraction of the data held out for evaluation when no --eval source is given.")
@@ -121,6 +129,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         need(16 <= self.max_seq_len <= 1_048_576, f"max_seq_len must be between 16 and 1048576 (got {self.max_seq_len}).")
+        need(self.max_rows >= 0, f"max_rows must be >= 0 (got {self.max_rows}); 0 reads every row.")
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
@@ -224,6 +233,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
                 f"{key} {s!r} is not one of {', '.join(choices)}{did_you_mean(s, choices)}."
             )
         return s
+    except FtUsageError:  # a choice check above already said what is wrong (FtUsageError is a ValueError)
+        raise
     except (TypeError, ValueError, OverflowError):
         kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(default), "a string")
         if key == "target_modules":

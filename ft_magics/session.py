@@ -91,7 +91,9 @@ class Session:
         self._require_model()
         if data is None:
             raise FtUsageError("--data is required: a file, demo:NAME, or a notebook variable. Try --data demo:support.")
-        return prepare(data, self.handle.tokenizer, cfg, namespace=self.namespace, eval_src=eval_data)
+        # the model is only read, and only for packing: a forward-pass check once the data is validated
+        return prepare(data, self.handle.tokenizer, cfg, namespace=self.namespace, eval_src=eval_data,
+                       model=self.handle.model)
 
     def train(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
               eval_data: Any = None, output_dir: Optional[str | Path] = None, listeners: Optional[list] = None,

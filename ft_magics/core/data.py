@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -58,14 +59,50 @@ class Record:
 
 
 # ----------------------------------------------------------------------------- sources
+TXT_MODES = ("auto", "document", "lines", "blocks")
+# A file parsed into Python dicts takes several times its size in memory (object headers, str copies,
+# then token-id lists). Loading is refused when this many times the file size exceeds the free memory.
+MEMORY_EXPANSION = 8
+
+
+class Rows(list):
+    """A list of row dicts that remembers where each row came from ("file.jsonl, line 7"), so an error
+    about row i can point at the line to fix."""
+
+    def __init__(self, rows=(), locs=None):
+        super().__init__(rows)
+        self.locs = list(locs) if locs is not None else None
+
+    def where(self, i: int, default: str) -> str:
+        if self.locs is not None and i < len(self.locs) and self.locs[i]:
+            return self.locs[i]
+        return f"{default}, row {i + 1}"
+
+    def extend_from(self, other: list, label: str) -> None:
+        if self.locs is None:
+            self.locs = [None] * len(self)
+        other_locs = getattr(other, "locs", None)
+        for i in range(len(other)):
+            loc = other_locs[i] if other_locs is not None else None
+            self.locs.append(loc or f"{label}, row {i + 1}")
+        super().extend(other)
+
+
 def demo_datasets() -> list[str]:
     return sorted(p.stem for p in DEMO_DIR.glob("*.jsonl"))
 
 
-def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto") -> tuple[list[dict], str]:
-    """Rows (a list of dicts) and a short description of where they came from."""
+def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto",
+              max_rows: int = 0) -> tuple[list[dict], str]:
+    """Rows (a list of dicts) and a short description of where they came from.
+
+    ``max_rows`` > 0 reads only the first rows, streaming files instead of loading them whole; with 0 a
+    file too large for the free memory is refused with a message that says so (nothing half-loaded)."""
+    if txt_mode not in TXT_MODES:
+        raise FtUsageError(f"txt_mode {txt_mode!r} is not one of {', '.join(TXT_MODES)}{did_you_mean(txt_mode, TXT_MODES)}.")
+    limit = max_rows if max_rows and max_rows > 0 else None
     if not isinstance(src, str):
-        return _rows_from_object(src, "the given object"), f"<{type(src).__name__}>"
+        return _rows_from_object(src, "the given object", limit), f"<{type(src).__name__}>"
     if not src.strip():
         raise FtUsageError("--data is empty: give a file path, demo:NAME or the name of a notebook variable.")
     if src.startswith("demo:"):
@@ -76,17 +113,20 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
                 f"no bundled dataset {name!r}{did_you_mean(name, demo_datasets())}. "
                 f"Bundled: {', '.join('demo:' + d for d in demo_datasets())}."
             )
-        return _read_jsonl(path), src
+        return _read_jsonl(path, limit), src
     path = Path(src).expanduser()
     if path.exists():
-        return _rows_from_path(path, txt_mode), str(path)
+        if limit is None:
+            _check_memory(path)
+        return _rows_from_path(path, txt_mode, limit), str(path)
     if namespace is not None and src.isidentifier():
         if src in namespace:
-            return _rows_from_object(namespace[src], f"variable {src!r}"), f"variable {src}"
+            return _rows_from_object(namespace[src], f"variable {src!r}", limit), f"variable {src}"
         names = [k for k, v in namespace.items() if not k.startswith("_") and _looks_like_data(v)]
         raise FtUsageError(
             f"--data {src!r} is neither a file nor a variable in this notebook{did_you_mean(src, names)}. "
-            "Give a path to a .jsonl/.json/.csv/.tsv/.parquet/.txt file, demo:NAME, or define the variable first."
+            "Give a path to a .jsonl/.json/.csv/.tsv/.parquet/.txt file, a folder, demo:NAME, or define the "
+            "variable first (a pandas DataFrame, a list of dicts or strings, a datasets.Dataset or DatasetDict)."
         )
     hint = ""
     if path.parent.exists():
@@ -94,31 +134,80 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     raise FtUsageError(f"data file {src!r} does not exist{hint} (looked relative to {Path.cwd()}).")
 
 
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_memory(path: Path) -> None:
+    """Refuse, before reading a byte, a file (or folder) that cannot be loaded whole into memory."""
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return  # arrow files are memory-mapped; rows are read as needed
+        size = sum(p.stat().st_size for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+    else:
+        size = path.stat().st_size
+    need, free = size * MEMORY_EXPANSION, _available_memory()
+    if need > free:
+        raise FtUsageError(
+            f"{path} is {_human(size)}: loading it whole needs about {_human(need)} of memory and "
+            f"{_human(free)} is free. Set max_rows (e.g. --max-rows 100000) to stream only the first rows "
+            "of .jsonl/.csv/.tsv/.parquet/.txt files, or split the file."
+        )
+
+
 def _looks_like_data(v: Any) -> bool:
     mod = type(v).__module__
     return isinstance(v, (list, tuple)) or mod.startswith(("pandas", "datasets"))
 
 
-def _rows_from_object(obj: Any, what: str) -> list[dict]:
+def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     mod = type(obj).__module__
-    if mod.startswith("pandas") and hasattr(obj, "to_dict"):
-        if hasattr(obj, "columns"):
-            return obj.to_dict(orient="records")
-        raise FtUsageError(f"{what} is a pandas {type(obj).__name__}; pass a DataFrame with named columns.")
+    name = type(obj).__name__
+    if mod.startswith("pandas"):
+        if hasattr(obj, "columns") and hasattr(obj, "to_dict"):
+            df = obj if limit is None else obj.head(limit)
+            return df.to_dict(orient="records")
+        if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
+            return [{"text": v} for v in (obj if limit is None else obj.head(limit))]
+        raise FtUsageError(f"{what} is a pandas {name}; pass a DataFrame with named columns (or a Series of strings).")
     if mod.startswith("datasets"):
-        if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict"):
-            if "train" not in obj:
-                raise FtUsageError(f"{what} is a DatasetDict without a 'train' split (splits: {', '.join(obj)}).")
-            obj = obj["train"]
+        if name in ("DatasetDict", "IterableDatasetDict"):
+            splits = list(obj)
+            if "train" in obj:
+                obj = obj["train"]
+            elif len(splits) == 1:
+                obj = obj[splits[0]]
+            else:
+                raise FtUsageError(
+                    f"{what} is a DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+                    f"pass one split, e.g. {what.split(chr(39))[1] if chr(39) in what else 'ds'}['{splits[0]}']."
+                )
+        if name.startswith("Iterable") or type(obj).__name__.startswith("Iterable"):
+            if limit is None:
+                raise FtUsageError(f"{what} is a streaming IterableDataset; set max_rows to take its first rows.")
+            return [dict(r) for r, _ in zip(obj, range(limit))]
+        if limit is not None and len(obj) > limit:
+            obj = obj.select(range(limit))
         return [dict(r) for r in obj]
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) == 1:  # a dict of columns
             keys = list(obj)
-            return [dict(zip(keys, vals)) for vals in zip(*obj.values())]
+            rows = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
+            return rows[:limit] if limit else rows
     if isinstance(obj, (list, tuple)):
-        rows = list(obj)
-        if all(isinstance(r, str) for r in rows):
+        rows = list(obj) if limit is None else list(obj[:limit])
+        if rows and all(isinstance(r, str) for r in rows):
             return [{"text": r} for r in rows]
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
@@ -127,19 +216,34 @@ def _rows_from_object(obj: Any, what: str) -> list[dict]:
                 )
         return rows
     raise FtUsageError(
-        f"{what} is a {type(obj).__name__}; --data takes a pandas DataFrame, a list of dicts or strings, "
-        "or a datasets.Dataset."
+        f"{what} is a {name}; --data takes a pandas DataFrame, a list of dicts or strings, "
+        "a datasets.Dataset or DatasetDict."
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _open_text(path: Path):
     try:
-        fh = open(path, encoding="utf-8")
+        return open(path, encoding="utf-8")
     except OSError as exc:
-        raise FtUsageError(f"cannot read {path}: {exc.strerror}.") from None
+        raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
+
+
+def _read_jsonl(path: Path, limit: Optional[int] = None) -> Rows:
+    rows = Rows(locs=[])
+    try:
+        fh = open(path, "rb")  # bytes, decoded line by line: a bad byte is reported on its own line
+    except OSError as exc:
+        raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
     with fh:
-        for n, line in enumerate(fh, 1):
+        for n, raw in enumerate(fh, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FtUsageError(
+                    f"{path}, line {n}: not UTF-8 text (byte {exc.start + 1}). Save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -149,89 +253,143 @@ def _read_jsonl(path: Path) -> list[dict]:
                     f"{path}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object."
                 ) from None
-            except UnicodeDecodeError:
-                raise FtUsageError(f"{path}, line {n}: not UTF-8 text.") from None
             if not isinstance(row, dict):
                 raise FtUsageError(f"{path}, line {n}: a JSON {type(row).__name__}, expected an object {{...}}.")
             rows.append(row)
+            rows.locs.append(f"{path}, line {n}")
     return rows
 
 
-def _read_txt(path: Path, mode: str) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+def _iter_blocks(fh):
+    block: list = []
+    for line in fh:
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block).strip()
+            block = []
+    if block:
+        yield "\n".join(block).strip()
+
+
+def _read_txt(path: Path, mode: str, limit: Optional[int] = None) -> list[dict]:
     if mode == "auto":
-        mode = "blocks" if "\n\n" in text.strip() else "lines"
-    if mode == "document":
-        return [{"text": text}]
-    if mode == "blocks":
-        parts = [p.strip() for p in text.split("\n\n")]
-    elif mode == "lines":
-        parts = [p.strip() for p in text.splitlines()]
-    else:
-        raise FtUsageError(f"txt mode {mode!r} is not one of document, lines, blocks, auto.")
-    return [{"text": p} for p in parts if p]
+        with _open_text(path) as fh:
+            head = fh.read(1 << 20)
+        mode = "blocks" if re.search(r"\n[ \t]*\n", head.strip()) else "lines"
+    with _open_text(path) as fh:
+        if mode == "document":
+            text = fh.read()
+            return [{"text": text}] if text.strip() else []
+        parts = _iter_blocks(fh) if mode == "blocks" else (line.strip() for line in fh)
+        rows = []
+        for p in parts:
+            if limit is not None and len(rows) >= limit:
+                break
+            if p:
+                rows.append({"text": p})
+        return rows
 
 
-def _rows_from_path(path: Path, txt_mode: str) -> list[dict]:
+def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
+    with _open_text(path) as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        if exc.lineno > 1:  # a .json file that is really JSON lines?
+            try:
+                return _read_jsonl(path, limit)
+            except FtUsageError:
+                pass
+        raise FtUsageError(
+            f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})."
+        ) from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if len(lists) == 1:  # {"data": [...]} or {"train": [...], "version": 2}
+            data = data[lists[0]]
+        elif all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
+            pass  # a dict of columns: handled by _rows_from_object
+        elif len(lists) > 1:
+            raise FtUsageError(
+                f"{path}: the JSON object holds several lists of records ({', '.join(lists)}); keep one, "
+                "or give a list of records or JSON lines."
+            )
+        else:
+            data = [data]
+    return _rows_from_object(data, str(path), limit)
+
+
+def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> list[dict]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             import datasets
 
-            return _rows_from_object(datasets.load_from_disk(str(path)), f"saved dataset {path}")
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as exc:  # noqa: BLE001 - corrupt arrow files, version mismatches
+                raise FtUsageError(f"cannot read the saved dataset {path}: {type(exc).__name__}: {exc}") from None
+            return _rows_from_object(ds, f"saved dataset {path}", limit)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
-            raise FtUsageError(f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset.")
-        rows: list[dict] = []
+            raise FtUsageError(
+                f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset "
+                "(datasets' save_to_disk writes dataset_info.json)."
+            )
+        rows = Rows(locs=[])
         for f in files:
-            rows += _rows_from_path(f, txt_mode)
+            if limit is not None and len(rows) >= limit:
+                break
+            if f.stat().st_size == 0:
+                raise FtUsageError(f"{f} is empty; remove it from {path} or fill it.")
+            part = _rows_from_path(f, txt_mode, None if limit is None else limit - len(rows))
+            rows.extend_from(part, f.name)
         return rows
     suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise FtUsageError(
+            f"{path.name}: unsupported file type {suffix or '(no extension)'!r}"
+            f"{did_you_mean(suffix, FILE_SUFFIXES)}; use one of {', '.join(FILE_SUFFIXES)}."
+        )
     if path.stat().st_size == 0:
-        raise FtUsageError(f"{path} is empty.")
+        raise FtUsageError(f"{path} is empty (0 bytes): it holds no examples.")
     try:
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return _read_jsonl(path, limit)
         if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                # a .json file that is really JSON lines
-                try:
-                    return _read_jsonl(path)
-                except FtUsageError:
-                    raise FtUsageError(
-                        f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
-                    ) from None
-            if isinstance(data, dict):
-                lists = [k for k, v in data.items() if isinstance(v, list)]
-                if len(lists) == 1 and all(isinstance(r, dict) for r in data[lists[0]]):
-                    data = data[lists[0]]
-                else:
-                    data = [data] if not lists else _rows_from_object(data, str(path))
-            return _rows_from_object(data, str(path))
+            if limit is not None:
+                _check_memory(path)  # plain JSON cannot be streamed: it is parsed whole
+            return _read_json(path, limit)
         if suffix in (".csv", ".tsv"):
             import pandas as pd
 
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False)
-            return df.to_dict(orient="records")
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, nrows=limit,
+                             encoding="utf-8")
+            rows = Rows(df.to_dict(orient="records"))
+            rows.locs = [f"{path}, line {i + 2}" for i in range(len(rows))]  # line 1 is the header
+            return rows
         if suffix == ".parquet":
-            import pandas as pd
+            import pyarrow.parquet as pq
 
-            return pd.read_parquet(path).to_dict(orient="records")
-        if suffix == ".txt":
-            return _read_txt(path, txt_mode)
+            pf = pq.ParquetFile(path)
+            if limit is None:
+                return pf.read().to_pylist()
+            rows = []
+            for batch in pf.iter_batches(batch_size=min(limit, 10_000)):
+                rows += batch.to_pylist()
+                if len(rows) >= limit:
+                    break
+            return rows[:limit]
+        return _read_txt(path, txt_mode, limit)
     except FtUsageError:
         raise
     except UnicodeDecodeError:
-        raise FtUsageError(f"{path} is not UTF-8 text.") from None
+        raise FtUsageError(f"{path} is not UTF-8 text. Save it as UTF-8.") from None
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow parser errors
         raise FtUsageError(f"cannot parse {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    raise FtUsageError(
-        f"{path.name}: unsupported file type {suffix!r}{did_you_mean(suffix, FILE_SUFFIXES)}; "
-        f"use one of {', '.join(FILE_SUFFIXES)}."
-    )
 
 
 # ----------------------------------------------------------------------------- formats
@@ -268,18 +426,39 @@ def detect_format(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
+PROMPT_NAMES = ("prompt", "question", "query", "instruction", "input", "q", "user", "source", "request", "context")
+ANSWER_NAMES = ("completion", "answer", "response", "output", "target", "a", "reply", "assistant", "solution",
+                "label", "chosen")
+TEXT_NAMES = ("text", "content", "body", "document", "passage", "sentence", "article", "story")
+
+
+def suggest_map(keys: Iterable[str]) -> Optional[str]:
+    """A --map value that would make these columns a known format, guessed from common column names."""
+    by_lower = {str(k).lower(): str(k) for k in keys}
+    prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
+    answer = next((by_lower[n] for n in ANSWER_NAMES if n in by_lower and by_lower[n] != prompt), None)
+    if prompt and answer:
+        return f"{prompt}=prompt,{answer}=completion"
+    text = next((by_lower[n] for n in TEXT_NAMES if n in by_lower), None)
+    if text:
+        return f"{text}=text"
+    names = sorted(by_lower.values())
+    if len(names) >= 2:
+        return f"{names[0]}=prompt,{names[1]}=completion"
+    if len(names) == 1:
+        return f"{names[0]}=text"
+    return None
+
+
 def _missing_fields_error(keys: set, where: str) -> FtUsageError:
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
-    suggestion = ""
-    str_keys = sorted(map(str, keys))
-    if len(str_keys) >= 2:
-        suggestion = f" For example: --map \"{str_keys[0]}=prompt,{str_keys[1]}=completion\"."
-    elif len(str_keys) == 1:
-        suggestion = f" For example: --map \"{str_keys[0]}=text\"."
+    fix = suggest_map(keys)
+    suggestion = f' For these columns: --map "{fix}".' if fix else ""
     return FtUsageError(
         f"{where}: cannot tell the dataset format from the fields found ({shown}). "
-        f"Formats and their fields — {formats}. Rename columns with --map source=field.{suggestion}"
+        f"Known formats and the fields they need: {formats}. "
+        f"Rename columns with --map source=field (or the YAML key map:).{suggestion}"
     )
 
 
@@ -323,8 +502,12 @@ def _string_field(row: dict, key: str, where: str, required: bool = True) -> str
 
 
 def _messages(seq: Any, where: str, role_key="role", content_key="content") -> list:
-    if not isinstance(seq, (list, tuple)) or not seq:
-        raise FtUsageError(f"{where}: expected a non-empty list of messages, got {type(seq).__name__}.")
+    if hasattr(seq, "tolist") and not isinstance(seq, (str, bytes)):  # numpy arrays from parquet/pandas
+        seq = seq.tolist()
+    if not isinstance(seq, (list, tuple)):
+        raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
+    if not seq:
+        raise FtUsageError(f"{where}: the list of messages is empty.")
     out = []
     for j, m in enumerate(seq):
         if not isinstance(m, dict):
@@ -338,7 +521,14 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
                 f"{where}, message {j}: unknown role {raw_role!r}{did_you_mean(str(raw_role), ROLE_ALIASES)}. "
                 f"Roles: {', '.join(sorted(ROLE_ALIASES))}."
             )
-        content = m.get(content_key, m.get("content", m.get("value")))
+        if content_key in m:
+            content = m[content_key]
+        elif "content" in m or "value" in m:
+            content = m.get("content", m.get("value"))
+        else:
+            raise FtUsageError(
+                f"{where}, message {j}: no {content_key!r} field (fields: {', '.join(sorted(map(str, m)))})."
+            )
         out.append({"role": role, "content": _content_text(content, f"{where}, message {j}")})
     return out
 
@@ -347,7 +537,8 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
               column_map: Optional[str] = None, where: str = "data") -> tuple[list[Record], str]:
     """Validate every row and turn it into a :class:`Record`; return the records and the format used."""
     if not rows:
-        raise FtUsageError(f"{where} has no rows.")
+        raise FtUsageError(f"{where} has no rows: it holds no examples.")
+    locate = rows.where if isinstance(rows, Rows) else (lambda i, default: f"{default}, row {i + 1}")
     mapping = parse_map(column_map)
     if text_field:
         mapping.setdefault(text_field, "text")
@@ -359,7 +550,8 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
                 f"{where}: --map names column(s) {', '.join(map(repr, missing))} that do not exist"
                 f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}."
             )
-        rows = [{mapping.get(k, k): v for k, v in r.items()} for r in rows]
+        rows = Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows],
+                    getattr(rows, "locs", None))
     keys = set().union(*(r.keys() for r in rows[:1000]))
     if fmt == "auto":
         found = detect_format(keys)
@@ -368,7 +560,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         fmt = found
     elif fmt not in FORMAT_KEYS:
         raise FtUsageError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMAT_KEYS)}; use auto or one of {', '.join(FORMAT_KEYS)}.")
-    records = [_normalise_row(r, fmt, f"{where}, row {i + 1}") for i, r in enumerate(rows)]
+    records = [_normalise_row(r, fmt, locate(i, where)) for i, r in enumerate(rows)]
     return records, fmt
 
 
@@ -380,7 +572,8 @@ def _normalise_row(row: dict, fmt: str, where: str) -> Record:
     if absent:
         raise FtUsageError(
             f"{where}: the {fmt} format needs field(s) {', '.join(map(repr, absent))}; "
-            f"this row has {', '.join(sorted(map(str, row))) or 'no fields'}. Fix the row or use --map."
+            f"this row has {', '.join(sorted(map(str, row))) or 'no fields'}. Fix the row or use --map"
+            + (f' (e.g. --map "{suggest_map(row)}")' if suggest_map(row) else "") + "."
         )
     if fmt == "text":
         return Record(text=_string_field(row, "text", where))
@@ -461,10 +654,17 @@ def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Recor
 class TokenizedExample:
     input_ids: list
     labels: list  # -100 where no loss
+    position_ids: Optional[list] = None  # only for packed rows: positions restart at 0 for each example
 
     @property
     def n_loss_tokens(self) -> int:
         return sum(1 for x in self.labels if x != -100)
+
+    def features(self) -> dict:
+        out = {"input_ids": self.input_ids, "labels": self.labels}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
 
 
 @dataclass
@@ -477,12 +677,20 @@ class DataReport:
     lengths: list = field(default_factory=list)
     truncated: int = 0
     dropped_overlong: int = 0
-    dropped_no_answer: int = 0
+    dropped_no_answer: int = 0  # the answer was cut away entirely by truncation
+    dropped_empty: int = 0  # nothing carried loss even before truncation
+    eval_dropped: int = 0
     warnings: list = field(default_factory=list)
     example: str = ""
     rendering: str = ""
     fingerprint: str = ""
     loss_tokens: int = 0
+    split: str = ""
+    max_seq_len: int = 0
+    overlong: str = "truncate"
+    train_on: str = "answers"
+    packing: str = ""  # how examples were packed, and what keeps them apart; empty: no packing
+    attention: str = ""  # the attention implementation packing relies on
 
     def stats(self) -> dict:
         if not self.lengths:
@@ -491,22 +699,38 @@ class DataReport:
         pick = lambda q: s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)] if q > 0 else s[0]  # noqa: E731
         return {"min": s[0], "median": pick(0.5), "p95": pick(0.95), "max": s[-1]}
 
+    @property
+    def over_max(self) -> int:
+        return sum(1 for n in self.lengths if n > self.max_seq_len) if self.max_seq_len else 0
+
     def text(self) -> str:
         st = self.stats()
         lines = [
             f"Data       {self.source}: {self.format} format, {self.rows} rows "
-            f"-> {self.train_rows} train / {self.eval_rows} eval   ({self.rendering})",
+            f"-> {self.train_rows} train / {self.eval_rows} eval{' (' + self.split + ')' if self.split else ''}",
+            f"Rendering  {self.rendering}; loss on {'every token' if self.train_on == 'all' else 'the answers only'}",
         ]
         if st:
             lines.append(
                 f"Tokens     min {st['min']} / median {st['median']} / p95 {st['p95']} / max {st['max']} per example; "
                 f"{self.loss_tokens} loss-bearing tokens in training"
             )
-        if self.truncated or self.dropped_overlong or self.dropped_no_answer:
+        if self.max_seq_len:
+            line = f"Length     {self.over_max} of {len(self.lengths)} examples exceed max_seq_len={self.max_seq_len}"
+            if self.over_max:
+                line += (f": {self.truncated} truncated, {self.dropped_overlong} dropped (overlong: {self.overlong})")
+            lines.append(line)
+        if self.dropped_no_answer:
             lines.append(
-                f"Length     {self.truncated} truncated, {self.dropped_overlong} dropped as too long, "
-                f"{self.dropped_no_answer} dropped because no answer token survived truncation"
+                f"Dropped    {self.dropped_no_answer} examples whose answer was cut away entirely by truncation "
+                "(no loss-bearing token left); raise max_seq_len to keep them"
             )
+        if self.dropped_empty:
+            lines.append(f"Dropped    {self.dropped_empty} examples with no loss-bearing token at all")
+        if self.eval_dropped:
+            lines.append(f"Dropped    {self.eval_dropped} eval examples (too long, or no answer token left)")
+        if self.packing:
+            lines.append(f"Packing    {self.packing}")
         for w in self.warnings:
             lines.append(f"Warning    {w}")
         if self.example:
@@ -536,7 +760,11 @@ def _render_plain(messages: list) -> tuple[str, list]:
 
 
 def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
-    """Render with the chat template and find the character spans of every assistant turn."""
+    """Render with the chat template and find the character spans of every assistant turn.
+
+    An assistant turn's span runs from the end of the prompt the template renders before it (with the
+    generation prompt) to the end of the conversation rendered up to and including it, so the turn's
+    closing tokens (e.g. ``<|im_end|>``) carry loss: the model learns to stop."""
     kw = {"tokenize": False}
     if tools:
         kw["tools"] = tools
@@ -552,7 +780,7 @@ def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
             stable = False
             break
         spans.append((len(prefix), len(upto)))
-    if not stable:  # templates that rewrite earlier turns: fall back to the last answer only
+    if not stable:  # templates that rewrite earlier turns (e.g. drop old reasoning): the last answer only
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prefix = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, **kw)
         spans = [(len(prefix), len(full))] if full.startswith(prefix) else [(0, len(full))]
@@ -574,7 +802,7 @@ def tokenize_record(tokenizer, record: Record, train_on: str = "answers") -> Tok
     text, spans, special = render(tokenizer, record)
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    offsets = list(enc["offset_mapping"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
     if special and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)  # so the model learns to stop
         offsets.append((len(text), len(text) + 1))
@@ -584,18 +812,26 @@ def tokenize_record(tokenizer, record: Record, train_on: str = "answers") -> Tok
     else:
         labels = []
         for tok, (s, e) in zip(ids, offsets):
-            inside = any(s < se and max(e, s + 1) > ss for ss, se in spans)
+            # a token carries loss when its characters overlap an answer span; special tokens a
+            # post-processor adds (BOS) have the empty offset (0, 0) and never do
+            inside = e > s and any(s < se and e > ss for ss, se in spans)
             labels.append(tok if inside else -100)
     return TokenizedExample(input_ids=ids, labels=labels)
 
 
 def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str = "answers",
              overlong: str = "truncate", report: Optional[DataReport] = None) -> list[TokenizedExample]:
+    """Tokenise ``records``; cut or drop the overlong ones; drop (and count in ``report``) every example
+    left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
     for rec in records:
         ex = tokenize_record(tokenizer, rec, train_on)
         if report is not None:
             report.lengths.append(len(ex.input_ids))
+        if ex.n_loss_tokens == 0:
+            if report is not None:
+                report.dropped_empty += 1
+            continue
         if len(ex.input_ids) > max_seq_len:
             if overlong == "drop":
                 if report is not None:
@@ -604,10 +840,10 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
             ex = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
             if report is not None:
                 report.truncated += 1
-        if ex.n_loss_tokens == 0:
-            if report is not None:
-                report.dropped_no_answer += 1
-            continue
+            if ex.n_loss_tokens == 0:  # the whole answer lay beyond max_seq_len
+                if report is not None:
+                    report.dropped_no_answer += 1
+                continue
         out.append(ex)
     return out
 
@@ -628,6 +864,115 @@ def show_loss_tokens(tokenizer, ex: TokenizedExample, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
+# ----------------------------------------------------------------------------- packing
+def pack(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
+    """Pack examples into rows of at most ``max_seq_len`` tokens (best fit, longest first).
+
+    Each row keeps ``position_ids`` that restart at 0 for every example: transformers reads a restart
+    as the start of a new sequence and masks attention across it (sdpa, eager, flex: a block-diagonal
+    causal mask; flash attention: variable-length kernels). The first label of each example is -100:
+    in a packed row the token before it belongs to another example, which must not learn to predict it.
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    rows: list[list[int]] = []
+    free: list[list[int]] = [[] for _ in range(max_seq_len + 1)]  # free[c]: rows with c tokens of room
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        row = None
+        for c in range(n, max_seq_len + 1):
+            if free[c]:
+                row = free[c].pop()
+                break
+        if row is None:
+            row = len(rows)
+            rows.append([])
+            room.append(max_seq_len)
+        rows[row].append(i)
+        room[row] -= n
+        free[room[row]].append(row)
+    packed = []
+    for members in sorted(rows, key=lambda m: min(m)):
+        ids, labels, pos = [], [], []
+        for i in sorted(members):
+            ex = examples[i]
+            ids += ex.input_ids
+            labels += [-100] + ex.labels[1:]
+            pos += list(range(len(ex.input_ids)))
+        packed.append(TokenizedExample(ids, labels, pos))
+    return packed
+
+
+def packing_flattens(model) -> bool:
+    """Flash-attention kernels isolate packed sequences only in a single flattened row (batch size 1);
+    sdpa/eager/flex build a per-row block-diagonal mask, so padded rows work there."""
+    return "flash" in str(attention_implementation(model) or "")
+
+
+def attention_implementation(model) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def collate_packed(features: list[dict], pad_token_id: int, flatten: bool = False) -> dict:
+    """Batch packed rows without an attention mask, so the model derives it from ``position_ids``.
+
+    Padding gets its own positions 0..k-1 (a separate block, labels -100): real tokens never attend
+    to it. With ``flatten`` the rows are joined into one row (no padding at all). ``use_cache=False``:
+    transformers only derives the packed mask when no KV cache is made, and models default to making one."""
+    import torch
+
+    if flatten:
+        ids = [t for f in features for t in f["input_ids"]]
+        labels = [t for f in features for t in f["labels"]]
+        pos = [t for f in features for t in f["position_ids"]]
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "use_cache": False}
+    width = max(len(f["input_ids"]) for f in features)
+    ids, labels, pos = [], [], []
+    for f in features:
+        k = width - len(f["input_ids"])
+        ids.append(list(f["input_ids"]) + [pad_token_id] * k)
+        labels.append(list(f["labels"]) + [-100] * k)
+        pos.append(list(f["position_ids"]) + list(range(k)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+            "use_cache": False}
+
+
+def check_packing_isolation(model, tokenizer) -> tuple[bool, str]:
+    """Ask the loaded model itself whether packed examples stay apart: the logits of a short text must
+    be the same alone and packed after another text (through :func:`collate_packed`, exactly as in
+    training). Returns (isolated, attention implementation). Forward passes only; no weight changes."""
+    import torch
+
+    impl = attention_implementation(model) or "unknown"
+    a = tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]
+    b = tokenizer("How do I reset my password? Use the reset link.", add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rows = [
+        {"input_ids": a + b, "labels": a + b, "position_ids": list(range(len(a))) + list(range(len(b)))},
+        {"input_ids": b, "labels": b, "position_ids": list(range(len(b)))},
+    ]
+    flatten = packing_flattens(model)
+    batch = collate_packed(rows, pad, flatten=flatten)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0].float()
+            out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                        use_cache=False).logits.float()
+            packed = out[0, len(a):len(a) + len(b)]
+            leaked = model(input_ids=torch.tensor([a + b], device=device), use_cache=False).logits[0, len(a):].float()
+    finally:
+        model.train(was_training)
+    d_packed = (packed - alone).abs().max().item()
+    d_leak = (leaked - alone).abs().max().item()
+    return bool(d_leak > 0 and d_packed <= 0.1 * d_leak), impl
+
+
+# ----------------------------------------------------------------------------- quality + prepare
 def quality_warnings(records: list[Record]) -> list:
     warnings = []
     n = len(records)
@@ -653,25 +998,40 @@ def quality_warnings(records: list[Record]) -> list:
 
 
 def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
-            txt_mode: str = "auto") -> tuple[list, list, DataReport]:
-    """Everything between a --data argument and tokenised train/eval examples, plus the report."""
-    rows, desc = load_rows(src, namespace, txt_mode)
+            txt_mode: Optional[str] = None, model: Any = None) -> tuple[list, list, DataReport]:
+    """Everything between a --data argument and tokenised train/eval examples, plus the report.
+
+    Only reads ``model`` (for ``packing``: a forward-pass check that packed examples stay apart), and
+    only once every row has been validated and tokenised."""
+    txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
+    max_rows = getattr(cfg, "max_rows", 0)
+    rows, desc = load_rows(src, namespace, txt_mode, max_rows)
     records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
+    del rows
     if eval_src is not None:
-        erows, edesc = load_rows(eval_src, namespace, txt_mode)
+        erows, edesc = load_rows(eval_src, namespace, txt_mode, max_rows)
         eval_records, _ = normalise(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
         train_records = records
+        split_desc = f"eval from {edesc}"
     else:
         train_records, eval_records = split(records, cfg.eval_fraction, cfg.seed)
+        split_desc = (f"eval_fraction {cfg.eval_fraction:g}, seed {cfg.seed}" if eval_records else "no eval data")
     chat = has_chat_template(tokenizer)
+    if fmt == "text":
+        rendering = "plain text (text format)"
+    elif chat:
+        rendering = "the tokenizer's chat template"
+    else:
+        rendering = "plain prompt + answer text (the tokenizer has no chat template)"
     report = DataReport(
         source=desc, format=fmt, rows=len(records), train_rows=len(train_records), eval_rows=len(eval_records),
-        rendering="text" if fmt == "text" else ("chat template" if chat else "plain prompt + answer text"),
-        fingerprint=fingerprint(records + eval_records),
+        rendering=rendering, fingerprint=fingerprint(records + (eval_records if eval_src is not None else [])),
+        split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
     )
     report.warnings = quality_warnings(train_records)
     train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
     evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
+    report.eval_dropped = len(eval_records) - len(evals)
     if not train:
         raise FtUsageError(
             f"{desc}: no training example has a loss-bearing token left (all answers empty or cut away by "
@@ -679,4 +1039,32 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         )
     report.loss_tokens = sum(e.n_loss_tokens for e in train)
     report.example = show_loss_tokens(tokenizer, train[0])
+    if getattr(cfg, "packing", False):
+        train, evals = _pack_checked(train, evals, tokenizer, cfg, model, report)
     return train, evals, report
+
+
+def _pack_checked(train, evals, tokenizer, cfg, model, report):
+    if model is None:
+        raise FtUsageError("packing needs the loaded model (to check its attention keeps examples apart).")
+    isolated, impl = check_packing_isolation(model, tokenizer)
+    if not isolated:
+        raise FtUsageError(
+            f"packing: true, but this model's attention implementation ({impl!r}) lets packed examples attend "
+            "to each other (checked with a forward pass). Set packing: false, or load the model with sdpa, "
+            "eager or flash attention."
+        )
+    n = len(train)
+    train = pack(train, cfg.max_seq_len)
+    evals = pack(evals, cfg.max_seq_len) if evals else evals
+    fill = sum(len(r.input_ids) for r in train) / (len(train) * cfg.max_seq_len)
+    how = ("one flattened row per batch, flash-attention varlen kernels" if packing_flattens(model)
+           else "a block-diagonal causal mask")
+    report.attention = impl
+    report.packing = (
+        f"{n} examples -> {len(train)} rows of <= {cfg.max_seq_len} tokens ({fill:.0%} full); "
+        f"examples kept apart by {impl} attention with position_ids restarting per example ({how}), "
+        "checked on this model"
+    )
+    report.loss_tokens = sum(e.n_loss_tokens for e in train)
+    return train, evals

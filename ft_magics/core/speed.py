@@ -151,6 +151,7 @@ def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: 
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     inputs.pop("num_items_in_batch", None)
+    inputs.pop("use_cache", None)  # packed batches (core.data.collate_packed) carry use_cache=False; passed below
     out = decoder(**inputs, use_cache=False)
     hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
     shift = labels[:, 1:]

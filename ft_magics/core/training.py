@@ -175,10 +175,16 @@ class CountingCollator:
         )
         self.loss_tokens = 0
         self.tokens = 0
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.flatten_packed = False  # set for flash attention (core.data.packing_flattens)
 
     def __call__(self, features):
         self.loss_tokens += sum(sum(1 for x in f["labels"] if x != -100) for f in features)
         self.tokens += sum(len(f["input_ids"]) for f in features)
+        if "position_ids" in features[0]:  # packed rows (core.data.pack): no attention mask, see collate_packed
+            from .data import collate_packed
+
+            return collate_packed(features, self.pad_token_id, flatten=self.flatten_packed)
         return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"],
                             "attention_mask": [1] * len(f["input_ids"])} for f in features])
 
@@ -404,7 +410,10 @@ def run_training(
     trainable, total = trainable_counts(peft_model, handle.param_count)
     history: dict = {"loss": [], "eval": [], "last_step": 0}
     collator = CountingCollator(handle.tokenizer)
-    to_ds = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])  # noqa: E731
+    from .data import packing_flattens
+
+    collator.flatten_packed = packing_flattens(peft_model)
+    to_ds = lambda exs: Dataset.from_list([e.features() for e in exs])  # noqa: E731
     train_ds = to_ds(train_examples)
     eval_ds = to_ds(eval_examples) if eval_examples else None
     settings = cfg.to_dict()

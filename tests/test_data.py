@@ -1,0 +1,679 @@
+"""Data: every source and format in, validated with messages that name the fix, chat-templated, loss on
+the answers (checked token by token on the tiny tokenizer), packing that keeps examples apart."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_tokenizer
+from ft_magics.config import TrainConfig
+from ft_magics.core import data as D
+from ft_magics.errors import FtUsageError
+
+CHAT = [
+    {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "reset password?"},
+                  {"role": "assistant", "content": "Use the reset link."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return build_tiny_tokenizer(chat_template=False)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load(src, **kw):
+    """load_rows + normalise, as prepare() runs them."""
+    ns = kw.pop("namespace", None)
+    txt_mode = kw.pop("txt_mode", "auto")
+    max_rows = kw.pop("max_rows", 0)
+    rows, desc = D.load_rows(src, ns, txt_mode, max_rows)
+    return D.normalise(rows, where=desc, **kw)
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig.from_dict(kw)
+
+
+# ============================================================================ sources
+def test_jsonl_chat(tmp_path):
+    recs, fmt = load(str(write_jsonl(tmp_path / "d.jsonl", CHAT)))
+    assert fmt == "chat" and len(recs) == 2
+    assert recs[1].messages[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_json_list_object_holding_a_list_and_dict_of_columns(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(CHAT))
+    (tmp_path / "b.json").write_text(json.dumps({"version": 2, "data": CHAT}))
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": ["p1", "p2"], "completion": ["c1", "c2"]}))
+    for name, want in (("a.json", "chat"), ("b.json", "chat"), ("c.json", "prompt-completion")):
+        recs, fmt = load(str(tmp_path / name))
+        assert (fmt, len(recs)) == (want, 2), name
+    assert recs[1].messages == [{"role": "user", "content": "p2"}, {"role": "assistant", "content": "c2"}]
+
+
+def test_json_file_that_is_really_json_lines(tmp_path):
+    write_jsonl(tmp_path / "d.json", CHAT)
+    recs, fmt = load(str(tmp_path / "d.json"))
+    assert fmt == "chat" and len(recs) == 2
+
+
+def test_csv_and_tsv_alpaca(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"instruction": ["Classify", "Greet"], "input": ["my card was charged twice", ""],
+                       "output": ["billing", "hello"]})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    for name in ("d.csv", "d.tsv"):
+        recs, fmt = load(str(tmp_path / name))
+        assert fmt == "alpaca"
+        assert recs[0].messages == [{"role": "user", "content": "Classify\n\nmy card was charged twice"},
+                                    {"role": "assistant", "content": "billing"}]
+        assert recs[1].messages[0]["content"] == "Greet"  # empty input: instruction alone
+
+
+def test_parquet_prompt_completion(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["2+2?", "3+3?"], "completion": ["4", "6"]}).to_parquet(tmp_path / "d.parquet")
+    recs, fmt = load(str(tmp_path / "d.parquet"))
+    assert fmt == "prompt-completion" and recs[1].messages[-1] == {"role": "assistant", "content": "6"}
+
+
+def test_parquet_chat_with_nested_messages(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame(CHAT).to_parquet(tmp_path / "d.parquet")
+    recs, fmt = load(str(tmp_path / "d.parquet"))
+    assert fmt == "chat" and recs[1].messages[-1]["content"] == "Use the reset link."
+
+
+@pytest.mark.parametrize("mode,want", [
+    ("document", ["first line\nsecond line\n\nthird block\n"]),
+    ("lines", ["first line", "second line", "third block"]),
+    ("blocks", ["first line\nsecond line", "third block"]),
+    ("auto", ["first line\nsecond line", "third block"]),  # blank lines present: blocks
+])
+def test_txt_modes(tmp_path, mode, want):
+    p = tmp_path / "d.txt"
+    p.write_text("first line\nsecond line\n\nthird block\n")
+    recs, fmt = load(str(p), txt_mode=mode)
+    assert fmt == "text" and [r.text for r in recs] == want
+
+
+def test_txt_auto_without_blank_lines_is_one_example_per_line(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_text("one\ntwo\nthree\n")
+    assert [r.text for r in load(str(p))[0]] == ["one", "two", "three"]
+
+
+def test_txt_mode_is_a_config_key_and_a_bad_value_is_refused():
+    assert cfg(txt_mode="lines").txt_mode == "lines"
+    with pytest.raises(FtUsageError, match="txt_mode 'line' is not one of .*did you mean 'lines'"):
+        cfg(txt_mode="line")
+
+
+def test_folder_of_files_and_errors_name_the_file(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", CHAT)
+    write_jsonl(folder / "b.jsonl", CHAT[:1])
+    (folder / "notes.md").write_text("ignored")
+    recs, fmt = load(str(folder))
+    assert fmt == "chat" and len(recs) == 3
+    write_jsonl(folder / "c.jsonl", [{"messages": [{"role": "usr", "content": "x"}]}])
+    with pytest.raises(FtUsageError, match=r"c\.jsonl, line 1, message 0: unknown role 'usr'"):
+        load(str(folder))
+
+
+def test_saved_dataset_and_dataset_dict_folders(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(CHAT).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT),
+                          "test": datasets.Dataset.from_list(CHAT[:1])}).save_to_disk(str(tmp_path / "dd"))
+    for name in ("ds", "dd"):
+        recs, fmt = load(str(tmp_path / name))
+        assert fmt == "chat" and len(recs) == 2, name
+
+
+def test_notebook_variables_of_every_kind():
+    import datasets
+    import pandas as pd
+
+    ns = {
+        "df": pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"]}),
+        "dicts": [{"text": "one"}, {"text": "two"}],
+        "strings": ["plain one", "plain two"],
+        "ds": datasets.Dataset.from_list(CHAT),
+        "dd": datasets.DatasetDict({"train": datasets.Dataset.from_list(CHAT)}),
+        "series": pd.Series(["s one", "s two"]),
+    }
+    recs, fmt = load("df", namespace=ns, column_map="question=prompt,answer=completion")
+    assert fmt == "prompt-completion" and recs[0].messages[1]["content"] == "a1"
+    assert [r.text for r in load("dicts", namespace=ns)[0]] == ["one", "two"]
+    assert [r.text for r in load("strings", namespace=ns)[0]] == ["plain one", "plain two"]
+    assert [r.text for r in load("series", namespace=ns)[0]] == ["s one", "s two"]
+    assert load("ds", namespace=ns)[1] == "chat" and load("dd", namespace=ns)[1] == "chat"
+
+
+def test_dataset_dict_without_train_split_says_which_splits_exist():
+    import datasets
+
+    dd = datasets.DatasetDict({"a": datasets.Dataset.from_list(CHAT), "b": datasets.Dataset.from_list(CHAT)})
+    with pytest.raises(FtUsageError, match="without a 'train' split \\(splits: a, b\\)"):
+        load("dd", namespace={"dd": dd})
+
+
+def test_demo_dataset():
+    recs, fmt = load("demo:support")
+    assert fmt == "chat" and len(recs) >= 100
+    with pytest.raises(FtUsageError, match="no bundled dataset 'suport' \\(did you mean 'support'\\?\\)"):
+        load("demo:suport")
+
+
+# ============================================================================ formats
+def test_chat_content_parts_and_every_role():
+    rows = [{"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Sys."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Look "}, {"type": "text", "value": "up x"}]},
+        {"role": "assistant", "content": "calling"},
+        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "It is 42."},
+    ]}]
+    recs, fmt = D.normalise(rows)
+    assert fmt == "chat"
+    assert [m["role"] for m in recs[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert recs[0].messages[1]["content"] == "Look up x"
+
+
+def test_sharegpt_roles_system_and_tools():
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    rows = [{"system": "You help.", "tools": json.dumps(tools), "conversations": [
+        {"from": "human", "value": "order 7?"},
+        {"from": "function_call", "value": '{"name": "lookup"}'},
+        {"from": "observation", "value": "shipped"},
+        {"from": "gpt", "value": "It shipped."},
+    ]}]
+    recs, fmt = D.normalise(rows)
+    assert fmt == "sharegpt"
+    assert [m["role"] for m in recs[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert recs[0].messages[0]["content"] == "You help." and recs[0].tools == tools
+
+
+def test_prompt_completion_as_message_lists():
+    rows = [{"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+             "completion": [{"role": "assistant", "content": "A"}]}]
+    recs, fmt = D.normalise(rows)
+    assert fmt == "prompt-completion" and [m["role"] for m in recs[0].messages] == ["system", "user", "assistant"]
+
+
+def test_alpaca_with_system_and_history():
+    rows = [{"instruction": "And now?", "input": "", "output": "Done.", "system": "Be kind.",
+             "history": [["First?", "Yes."]]}]
+    recs, fmt = D.normalise(rows)
+    assert fmt == "alpaca"
+    assert recs[0].messages == [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "First?"},
+        {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": "Done."},
+    ]
+
+
+def test_text_field_map_and_format_override():
+    recs, fmt = D.normalise([{"body": "abc"}], text_field="body")
+    assert (fmt, recs[0].text) == ("text", "abc")
+    recs, fmt = D.normalise([{"q": "Q", "a": "A"}], column_map="q=prompt, a=completion")
+    assert fmt == "prompt-completion" and recs[0].messages[1]["content"] == "A"
+    both = [{"text": "raw", "prompt": "P", "completion": "C"}]
+    assert D.normalise(both)[1] == "prompt-completion"
+    recs, fmt = D.normalise(both, fmt="text")
+    assert (fmt, recs[0].text) == ("text", "raw")
+
+
+# ============================================================================ bad input
+def test_malformed_json_line_names_file_line_and_parser_complaint(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(CHAT[0]) + "\n\n" + '{"messages": [}\n')
+    with pytest.raises(FtUsageError) as e:
+        load(str(p))
+    msg = str(e.value)
+    assert f"{p}, line 3: not valid JSON" in msg and "column 15" in msg and "Expecting value" in msg
+
+
+def test_row_error_points_at_the_line_past_blank_lines(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(CHAT[0]) + "\n\n\n" + json.dumps({"messages": "hello"}) + "\n")
+    with pytest.raises(FtUsageError, match=rf"{p}, line 4: expected a list of messages, got str"):
+        load(str(p))
+
+
+def test_missing_field_lists_fields_formats_and_the_map_fix(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A.", "id": 1}])
+    with pytest.raises(FtUsageError) as e:
+        load(str(p))
+    msg = str(e.value)
+    assert "fields found (answer, id, question)" in msg
+    for fmt in ("chat: messages", "sharegpt: conversations", "prompt-completion: prompt + completion",
+                "alpaca: instruction + output", "text: text"):
+        assert fmt in msg
+    assert '--map "question=prompt,answer=completion"' in msg
+    # ... and that map does fix it
+    recs, fmt = load(str(p), column_map="question=prompt,answer=completion")
+    assert fmt == "prompt-completion"
+
+
+def test_missing_field_in_a_later_row(tmp_path):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "answer": "d"}])
+    with pytest.raises(FtUsageError, match=r"line 2: the prompt-completion format needs field\(s\) 'completion'; "
+                                           r"this row has answer, prompt"):
+        load(str(p))
+
+
+def test_map_naming_an_absent_column():
+    with pytest.raises(FtUsageError, match=r"--map names column\(s\) 'questoin' that do not exist "
+                                           r"\(did you mean 'question'\?\). Columns: answer, question"):
+        D.normalise([{"question": "q", "answer": "a"}], column_map="questoin=prompt")
+
+
+def test_empty_inputs(tmp_path):
+    (tmp_path / "zero.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n  \n")
+    (tmp_path / "header.csv").write_text("prompt,completion\n")
+    with pytest.raises(FtUsageError, match=r"zero\.jsonl is empty \(0 bytes\)"):
+        load(str(tmp_path / "zero.jsonl"))
+    for name in ("blank.jsonl", "header.csv"):
+        with pytest.raises(FtUsageError, match=rf"{name} has no rows: it holds no examples"):
+            load(str(tmp_path / name))
+    with pytest.raises(FtUsageError, match="variable nothing has no rows"):
+        load("nothing", namespace={"nothing": []})
+
+
+def test_unknown_role_suggests_the_right_one():
+    with pytest.raises(FtUsageError) as e:
+        D.normalise([{"messages": [{"role": "user", "content": "x"}, {"role": "asistant", "content": "y"}]}],
+                    where="data.jsonl")
+    msg = str(e.value)
+    assert "data.jsonl, row 1, message 1: unknown role 'asistant' (did you mean 'assistant'?)" in msg
+    assert "Roles: " in msg and "observation" in msg
+
+
+@pytest.mark.parametrize("row,complaint", [
+    ({"instruction": "i", "output": ["not", "a", "string"]}, "field 'output' must be a string, got list"),
+    ({"messages": "hello"}, "expected a list of messages, got str"),
+    ({"messages": []}, "the list of messages is empty"),
+    ({"messages": [{"role": "user", "content": {"x": 1}}]}, "content must be a string or a list of text parts, got dict"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "url": "u"}]}]}, "content part of type 'image'"),
+    ({"messages": [{"role": "user", "text": "x"}]}, "no 'content' field \\(fields: role, text\\)"),
+    ({"messages": ["hi"]}, "message 0: expected an object"),
+    ({"prompt": None, "completion": "c"}, "field 'prompt' is missing or null"),
+    ({"instruction": "i", "output": "o", "history": "no"}, "'history' must be a list"),
+])
+def test_wrong_types_are_named(row, complaint):
+    with pytest.raises(FtUsageError, match=complaint):
+        D.normalise([row], where="v")
+
+
+def test_unreadable_files(tmp_path, monkeypatch):
+    p = write_jsonl(tmp_path / "locked.jsonl", CHAT)
+    real_open = open
+
+    def deny(path, *a, **kw):
+        if Path(path) == p:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(D, "open", deny, raising=False)  # tests run as root: chmod 000 would not stop a read
+    with pytest.raises(FtUsageError, match=rf"cannot read {p}: Permission denied"):
+        load(str(p))
+    monkeypatch.undo()
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(FtUsageError, match=r"latin\.jsonl, line 2: not UTF-8 text"):
+        load(str(tmp_path / "latin.jsonl"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(FtUsageError, match=r"cannot parse .*broken\.parquet"):
+        load(str(tmp_path / "broken.parquet"))
+    (tmp_path / "d.xlsx").write_bytes(b"x")
+    with pytest.raises(FtUsageError, match="unsupported file type '.xlsx'"):
+        load(str(tmp_path / "d.xlsx"))
+
+
+def test_missing_file_and_missing_variable():
+    with pytest.raises(FtUsageError, match="'train_rows' is neither a file nor a variable in this notebook "
+                                           "\\(did you mean 'train_row'\\?\\)"):
+        load("train_rows", namespace={"train_row": [{"text": "x"}], "n": 3})
+    with pytest.raises(FtUsageError, match="data file 'nope/d.jsonl' does not exist"):
+        load("nope/d.jsonl", namespace={})
+
+
+def test_file_larger_than_memory_is_refused_and_max_rows_streams(tmp_path, monkeypatch):
+    import pandas as pd
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(50)]
+    jl = write_jsonl(tmp_path / "big.jsonl", rows)
+    pd.DataFrame(rows).to_csv(tmp_path / "big.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "big.parquet")
+    (tmp_path / "big.txt").write_text("\n".join(f"line {i}" for i in range(50)))
+    (tmp_path / "big.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(D, "_available_memory", lambda: 1000)
+    with pytest.raises(FtUsageError) as e:
+        load(str(jl))
+    msg = str(e.value)
+    assert "loading it whole needs about" in msg and "1000 B is free" in msg and "max_rows" in msg
+    for name in ("big.jsonl", "big.csv", "big.parquet", "big.txt"):
+        recs, _ = load(str(tmp_path / name), max_rows=7)
+        assert len(recs) == 7, name
+    assert recs[0].text == "line 0" and recs[-1].text == "line 6"
+    with pytest.raises(FtUsageError, match="big.json is .* loading it whole"):  # plain JSON cannot stream
+        load(str(tmp_path / "big.json"), max_rows=7)
+    monkeypatch.undo()
+    assert len(load(str(jl))[0]) == 50
+
+
+def test_streaming_reader_stops_early(tmp_path):
+    """max_rows really stops reading: a malformed line past the limit is never parsed."""
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n{broken\n")
+    assert [r.text for r in load(str(p), max_rows=2)[0]] == ["a", "b"]
+    with pytest.raises(FtUsageError, match="line 3"):
+        load(str(p))
+
+
+# ============================================================================ loss masks, token by token
+def expected_chat(tok, pieces):
+    """Token ids and labels built piece by piece: (text, carries_loss). Pieces split at special tokens, so
+    tokenising them one at a time gives the same ids as tokenising the whole text."""
+    ids, labels = [], []
+    for text, loss in pieces:
+        part = tok(text, add_special_tokens=False)["input_ids"]
+        ids += part
+        labels += part if loss else [-100] * len(part)
+    return ids, labels
+
+
+def test_loss_on_assistant_turns_only_multi_turn(tok):
+    rec = D.normalise([{"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+        {"role": "user", "content": "again"}, {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "thanks"},
+    ]}])[0][0]
+    ex = D.tokenize_record(tok, rec)
+    S, E = "<|im_start|>", "<|im_end|>"
+    want_ids, want_labels = expected_chat(tok, [
+        (S, 0), ("system\nBe brief.", 0), (E, 0), ("\n", 0),
+        (S, 0), ("user\nhello", 0), (E, 0), ("\n", 0),
+        (S, 0), ("assistant\n", 0), ("world", 1), (E, 1), ("\n", 1),
+        (S, 0), ("user\nagain", 0), (E, 0), ("\n", 0),
+        (S, 0), ("tool\n42", 0), (E, 0), ("\n", 0),
+        (S, 0), ("assistant\n", 0), ("thanks", 1), (E, 1), ("\n", 1),
+    ])
+    assert ex.input_ids == want_ids
+    assert ex.labels == want_labels
+    assert D.show_loss_tokens(tok, ex).count("⟦") == 2
+
+
+def test_loss_on_the_completion_only(tok):
+    rec = D.normalise([{"prompt": "reset password?", "completion": "Use the link."}])[0][0]
+    ex = D.tokenize_record(tok, rec)
+    want_ids, want_labels = expected_chat(tok, [
+        ("<|im_start|>", 0), ("user\nreset password?", 0), ("<|im_end|>", 0), ("\n", 0),
+        ("<|im_start|>", 0), ("assistant\n", 0), ("Use the link.", 1), ("<|im_end|>", 1), ("\n", 1),
+    ])
+    assert (ex.input_ids, ex.labels) == (want_ids, want_labels)
+
+
+def test_train_on_all(tok):
+    rec = D.normalise(CHAT)[0][1]
+    ex = D.tokenize_record(tok, rec, train_on="all")
+    assert ex.labels == ex.input_ids and ex.n_loss_tokens == len(ex.input_ids)
+
+
+def test_plain_rendering_without_chat_template(plain_tok):
+    rec = D.normalise([{"instruction": "hello", "output": "world"}])[0][0]
+    ex = D.tokenize_record(plain_tok, rec)
+    prompt = plain_tok("hello\n", add_special_tokens=False)["input_ids"]
+    answer = plain_tok("world", add_special_tokens=False)["input_ids"]
+    eos = plain_tok.eos_token_id
+    assert ex.input_ids == prompt + answer + [eos]
+    assert ex.labels == [-100] * len(prompt) + answer + [eos]
+    text_ex = D.tokenize_record(plain_tok, D.Record(text="hello world"))
+    assert text_ex.labels == text_ex.input_ids and text_ex.input_ids[-1] == eos
+
+
+def test_answer_cut_away_by_truncation_is_reported_and_dropped(tok):
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    rows = [{"prompt": long_prompt, "completion": "billing"}, {"prompt": "hi", "completion": "hello world"}]
+    train, _, report = D.prepare(rows, tok, cfg(max_seq_len=32))
+    assert report.dropped_no_answer == 1 and report.truncated == 1 and len(train) == 1
+    assert all(e.n_loss_tokens > 0 for e in train)
+    assert "1 examples whose answer was cut away entirely by truncation" in report.text()
+    assert "1 of 2 examples exceed max_seq_len=32: 1 truncated, 0 dropped" in report.text()
+    with pytest.raises(FtUsageError, match="no training example has a loss-bearing token left"):
+        D.prepare(rows[:1], tok, cfg(max_seq_len=32))
+
+
+def test_overlong_drop_and_partial_truncation_keeps_answer_start(tok):
+    rows = [{"prompt": "hi", "completion": "The quick brown fox jumps over the lazy dog. " * 6},
+            {"prompt": "hi", "completion": "ok"}]
+    train, _, report = D.prepare(rows, tok, cfg(max_seq_len=24, overlong="drop"))
+    assert (report.dropped_overlong, len(train)) == (1, 1)
+    train, _, report = D.prepare(rows, tok, cfg(max_seq_len=24))
+    assert report.truncated == 1 and len(train) == 2 and len(train[0].input_ids) == 24
+    assert train[0].n_loss_tokens > 0
+
+
+# ============================================================================ split, report, warnings
+def test_eval_fraction_is_reproducible_with_the_seed(tok):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
+    recs, _ = D.normalise(rows)
+    a_train, a_eval = D.split(recs, 0.25, seed=7)
+    b_train, b_eval = D.split(recs, 0.25, seed=7)
+    c_train, c_eval = D.split(recs, 0.25, seed=8)
+    key = lambda rs: [r.messages[0]["content"] for r in rs]  # noqa: E731
+    assert key(a_eval) == key(b_eval) and key(a_train) == key(b_train)
+    assert key(a_eval) != key(c_eval)
+    assert len(a_eval) == 10 and sorted(key(a_train) + key(a_eval)) == sorted(key(recs))
+    _, evals, report = D.prepare(rows, tok, cfg(eval_fraction=0.25, seed=7))
+    assert (report.train_rows, report.eval_rows, len(evals)) == (30, 10, 10)
+    assert "30 train / 10 eval (eval_fraction 0.25, seed 7)" in report.text()
+    with pytest.raises(FtUsageError, match="leaves no training rows"):
+        D.split(recs[:1], 0.5, seed=1)
+
+
+def test_eval_as_a_separate_source(tok, tmp_path):
+    ev = write_jsonl(tmp_path / "ev.jsonl", CHAT)
+    _, evals, report = D.prepare(CHAT * 3, tok, cfg(eval_fraction=0.5), eval_src=str(ev))
+    assert (report.train_rows, report.eval_rows, len(evals)) == (6, 2, 2)
+    assert f"eval from {ev}" in report.text()
+
+
+def test_length_stats():
+    r = D.DataReport(source="s", format="text", rows=100, train_rows=100, eval_rows=0,
+                     lengths=list(range(100, 0, -1)))
+    assert r.stats() == {"min": 1, "median": 50, "p95": 95, "max": 100}
+
+
+def test_quality_warnings():
+    recs, _ = D.normalise([{"prompt": "a", "completion": "b"}] * 2 + [{"prompt": "c", "completion": " "}])
+    w = " ".join(D.quality_warnings(recs))
+    assert "only 3 examples" in w and "1 exact duplicate" in w and "1 examples with an empty answer" in w
+    many, _ = D.normalise([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(120)])
+    assert D.quality_warnings(many) == []
+
+
+def test_report_text_has_everything(tok):
+    _, _, report = D.prepare(CHAT * 5, tok, cfg(max_seq_len=64, eval_fraction=0.2, seed=3))
+    text = report.text()
+    lengths = sorted(report.lengths)
+    assert f"Tokens     min {lengths[0]} / median " in text and f"max {lengths[-1]} per example" in text
+    assert "chat format, 10 rows -> 8 train / 2 eval" in text
+    assert "Rendering  the tokenizer's chat template; loss on the answers only" in text
+    assert "5 exact duplicate examples" in text or "exact duplicate" in text
+    assert "Example    (text between ⟦ and ⟧ carries loss)" in text and "⟦" in text
+
+
+# ============================================================================ packing
+def _examples(tok, n=9, train_on="answers"):
+    rows = [{"prompt": f"Question {i}: the quick brown fox?", "completion": "Answer: jumps " * (1 + i % 4)}
+            for i in range(n)]
+    recs, _ = D.normalise(rows)
+    return D.tokenize(recs, tok, 512, train_on)
+
+
+def test_pack_layout(tok):
+    exs = _examples(tok)
+    packed = D.pack(exs, 128)
+    assert len(packed) < len(exs)
+    assert all(len(r.input_ids) <= 128 for r in packed)
+    assert sum(len(r.input_ids) for r in packed) == sum(len(e.input_ids) for e in exs)
+    assert sorted(t for r in packed for t in r.input_ids) == sorted(t for e in exs for t in e.input_ids)
+    for r in packed:
+        starts = [i for i, p in enumerate(r.position_ids) if p == 0]
+        assert starts[0] == 0
+        assert all(r.labels[s] == -100 for s in starts)  # nothing learns to predict the next example's start
+        assert all(r.position_ids[i + 1] in (0, r.position_ids[i] + 1) for i in range(len(r.position_ids) - 1))
+
+
+def _sum_loss(model, batch):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels = batch["labels"]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum").item(), int((labels[:, 1:] != -100).sum())
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return {impl: AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
+            for impl in ("sdpa", "eager")}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("train_on", ["answers", "all"])
+def test_packed_loss_equals_unpacked_loss(tok, tiny_models, impl, train_on):
+    import torch
+
+    model = tiny_models[impl]
+    exs = _examples(tok, train_on=train_on)
+    total, count = 0.0, 0
+    for e in exs:  # one at a time: nothing else to attend to
+        s, c = _sum_loss(model, {"input_ids": torch.tensor([e.input_ids]), "labels": torch.tensor([e.labels])})
+        total, count = total + s, count + c
+    packed = D.pack(exs, 128)
+    assert len(packed) < len(exs) and max(len(p.input_ids) for p in packed) > 64  # really packed
+    for flatten in (False, True):
+        batch = D.collate_packed([p.features() for p in packed], tok.pad_token_id, flatten=flatten)
+        s, c = _sum_loss(model, batch)
+        assert c == count
+        assert s == pytest.approx(total, rel=1e-4)
+    # the control: the same rows without position_ids (examples see each other) give another loss
+    leak, _ = _sum_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False})
+    assert abs(leak - total) > 1e-3 * total
+
+
+def test_packing_check_refuses_attention_that_cannot_isolate(tok, tiny_models):
+    import torch
+
+    class NoPositions(torch.nn.Module):
+        """A model whose attention ignores position_ids (as some custom implementations do)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = type("C", (), {"_attn_implementation": "custom_kernel"})()
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, use_cache=False)
+
+    assert D.check_packing_isolation(tiny_models["sdpa"], tok) == (True, "sdpa")
+    assert D.check_packing_isolation(NoPositions(tiny_models["sdpa"]), tok) == (False, "custom_kernel")
+    with pytest.raises(FtUsageError, match="attention implementation \\('custom_kernel'\\) lets packed examples "
+                                           "attend to each other.*Set packing: false"):
+        D.prepare(CHAT * 3, tok, cfg(packing=True), model=NoPositions(tiny_models["sdpa"]))
+    train, _, report = D.prepare(CHAT * 3, tok, cfg(packing=True, max_seq_len=128), model=tiny_models["sdpa"])
+    assert len(train) < 6 and all(t.position_ids is not None for t in train)
+    assert "examples kept apart by sdpa attention with position_ids restarting" in report.text()
+
+
+# ============================================================================ through the session and the magic
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["malformed", "missing_field", "unknown_role", "missing_variable", "empty"])
+def test_bad_data_leaves_the_model_untouched(tiny_session, tmp_path, bad):
+    import torch
+
+    paths = {
+        "malformed": tmp_path / "m.jsonl", "missing_field": tmp_path / "f.jsonl",
+        "unknown_role": tmp_path / "r.jsonl", "empty": tmp_path / "e.jsonl",
+    }
+    paths["malformed"].write_text(json.dumps(CHAT[0]) + "\n{oops\n")
+    write_jsonl(paths["missing_field"], [{"question": "q", "answer": "a"}])
+    write_jsonl(paths["unknown_role"], [{"messages": [{"role": "narrator", "content": "x"}]}])
+    paths["empty"].write_text("")
+    src = "no_such_var" if bad == "missing_variable" else str(paths[bad])
+    model = tiny_session.model
+    before = _state(model)
+    with pytest.raises(FtUsageError):
+        tiny_session.train("bot", src, {"max_steps": 2, "batch_size": 2, "packing": True})
+    assert tiny_session.model is model and not hasattr(model, "peft_config")
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tiny_session.adapters_dir / "bot").exists() and not tiny_session.adapters
+
+
+def test_lora_train_prints_the_data_report(shell, tiny_model_dir, capsys):
+    from IPython.core.error import UsageError
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.user_ns["qa"] = [{"question": f"reset password {i}?", "answer": "Use the reset link."} for i in range(10)]
+    with pytest.raises(UsageError, match='--map "question=prompt,answer=completion"'):
+        shell.run_cell_magic("lora_train", "bot --data qa --no-widgets", "max_steps: 2\n")
+    assert not Path("adapters/bot").exists()
+    shell.run_cell_magic(
+        "lora_train", 'bot --data qa --map "question=prompt,answer=completion" --eval-fraction 0.2 --seed 5 '
+        "--max-steps 2 --batch-size 2 --no-widgets", "max_seq_len: 64\n")
+    out = capsys.readouterr().out
+    assert "variable qa: prompt-completion format, 10 rows -> 8 train / 2 eval (eval_fraction 0.2, seed 5)" in out
+    assert "Rendering  the tokenizer's chat template; loss on the answers only" in out
+    assert "Tokens     min " in out and " / median " in out and " / p95 " in out
+    assert "0 of 8 examples exceed max_seq_len=64" in out
+    assert "Warning    only 8 examples" in out
+    assert "⟦Use the reset link.<|im_end|>\n  ⟧" in out
+    assert (Path("adapters/bot") / "adapter_config.json").exists()
+
+
+def test_lora_train_txt_mode_flag_and_packing(shell, tiny_model_dir, capsys, tmp_path):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    (tmp_path / "notes.txt").write_text("\n".join(f"hello world {i}, thanks!" for i in range(12)))
+    capsys.readouterr()
+    shell.run_cell_magic("lora_train", f"notes --data {tmp_path / 'notes.txt'} --txt-mode lines --no-widgets",
+                         "max_steps: 2\nbatch_size: 2\nmax_seq_len: 64\npacking: true\n")
+    out = capsys.readouterr().out
+    assert "text format, 12 rows -> 12 train / 0 eval" in out
+    assert "Packing    12 examples -> " in out and "kept apart by sdpa attention" in out
+    assert (Path("adapters/notes") / "adapter_config.json").exists()
+    shell.run_cell_magic("lora_train", f"doc --data {tmp_path / 'notes.txt'} --txt-mode document --no-widgets",
+                         "max_steps: 1\nmax_seq_len: 512\n")
+    assert "text format, 1 rows -> 1 train" in capsys.readouterr().out
