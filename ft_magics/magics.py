@@ -209,7 +209,20 @@ class FtMagics(Magics):
     @line_magic
     @user_errors
     def lora_adapters(self, line=""):
-        """Adapters of this session: ``list`` (default), ``use NAME|base``, ``load PATH [--name N]``."""
+        """Adapters of this session (no argument in a notebook: the adapters panel).
+
+        Subcommands::
+
+            list                                  (default in a terminal)
+            use NAME|base                         switch the active adapter (milliseconds)
+            load PATH [--name N]                  any PEFT LoRA adapter folder
+            unload NAME                           drop from memory, keep the folder
+            delete NAME                           drop and delete its folder (only inside adapters/)
+            merge NAME                            fold into the base weights (16/32-bit base)
+            unmerge                               restore the base weights exactly
+            combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]
+            export NAME DIR [--merged]            PEFT folder, or a standalone merged model
+        """
         if not (line or "").strip() and self.widgets:  # no arguments in a widget frontend: the adapters panel
             from .widgets import widget_frontend
 
@@ -220,42 +233,68 @@ class FtMagics(Magics):
 
                 display(AdaptersPanel(self.session))
                 return
-        words = shlex.split(line or "")
-        cmd = words[0] if words else "list"
-        rest = words[1:]
-        s = self.session
-        if cmd == "list":
-            if not s.adapters:
-                print("No adapters yet. Train one with %%lora_train NAME --data ... or load one with %lora_adapters load PATH.")
-                return
-            active = s.adapters.active or "base"
-            for a in s.adapters:
-                mark = "*" if a.name == active else " "
-                loss = f"{a.final_loss:.4f}" if a.final_loss is not None else "-"
-                print(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss}  {a.path}")
-            print(f"active: {active}")
-            return
-        if cmd == "use":
-            if len(rest) != 1:
-                raise UsageError("usage: %lora_adapters use NAME|base")
-            ms = s.use(rest[0])
-            print(f"active adapter: {rest[0]} (swapped in {ms:.2f} ms)")
-            return
-        if cmd == "load":
-            p = argparse.ArgumentParser(prog="%lora_adapters load", add_help=False)
-            p.add_argument("path")
-            p.add_argument("--name", default=None)
-            try:
-                a, extra = p.parse_known_args(rest)
-            except SystemExit:
-                raise UsageError("usage: %lora_adapters load PATH [--name NAME]") from None
-            if extra:
-                raise UsageError(f"unexpected {' '.join(extra)}; usage: %lora_adapters load PATH [--name NAME]")
-            name = s.load_adapter(a.path, a.name)
-            print(f"loaded adapter {name!r} from {a.path}; it is now active.")
-            return
-        commands = ["list", "use", "load"]
-        raise UsageError(f"unknown subcommand {cmd!r}{did_you_mean(cmd, commands)}. Use: {', '.join(commands)}.")
+        from . import adapter_commands
+
+        try:
+            words = shlex.split(line or "")
+        except ValueError as exc:
+            raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
+        adapter_commands.run(self.session, words)
+
+    # ------------------------------------------------------------------ %%lora_compare
+    @magic_arguments()
+    @argument("--adapters", default=None,
+              help="Comma-separated adapters to compare with the base. Default: every loaded adapter.")
+    @argument("--max-new-tokens", type=int, default=64, help="Most tokens per answer. Default 64.")
+    @argument("--system", default=None, help="System prompt.")
+    @cell_magic
+    @user_errors
+    def lora_compare(self, line="", cell=""):
+        """Answer each prompt with the base and each adapter, side by side (greedy, so reproducible),
+        with tokens/s per column. Prompts are separated by lines of ``---``.
+
+        Example::
+
+            %%lora_compare --adapters support-bot,legal
+            How do I reset my password?
+            ---
+            Can I return a gift?
+        """
+        args = parse_args(self.lora_compare, line)
+        adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
+        cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system)
+        self._show(cmp)
+
+    # ------------------------------------------------------------------ %lora_eval
+    @magic_arguments()
+    @argument("name", help="Adapter to evaluate against the base, or 'base' alone.")
+    @argument("--data", default=None, help="Held-out data: file, demo:NAME or a notebook variable.")
+    @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
+    @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
+    @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")
+    @line_magic
+    @user_errors
+    def lora_eval(self, line=""):
+        """Loss and perplexity on held-out data, base vs adapter, plus a forgetting check: the same on a
+        bundled general-text sample no adapter was trained on.
+
+        Example::
+
+            %lora_eval support-bot --data demo:support-eval
+        """
+        args = parse_args(self.lora_eval, line)
+        report = self.session.evaluate(args.name, args.data, general=not args.no_general,
+                                       batch_size=args.batch_size, max_seq_len=args.max_seq_len)
+        self._show(report)
+
+    def _show(self, result) -> None:
+        """An HTML table in a notebook (a kernel with a rich frontend), text elsewhere."""
+        if self.shell is not None and getattr(self.shell, "kernel", None) is not None:
+            from IPython.display import HTML, display
+
+            display(HTML(result.to_html()))
+        else:
+            print(result.to_text())
 
     # ------------------------------------------------------------------ %ft_memory
     @magic_arguments()
@@ -332,8 +371,8 @@ class FtMagics(Magics):
 
 MAGIC_NAMES = {
     "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
-             "ft_memory", "ft_plan"],
-    "cell": ["lora_train", "lora_generate"],
+             "ft_memory", "ft_plan", "lora_eval"],
+    "cell": ["lora_train", "lora_generate", "lora_compare"],
 }
 
 def help_text() -> str:
@@ -342,7 +381,8 @@ def help_text() -> str:
     out = ["ft_magics — LoRA / QLoRA fine-tuning in the notebook.  Full reference: README.md", ""]
     out.append("Quick start:\n  %qlora_load\n  %%lora_train support-bot --data demo:support --max-steps 60\n"
                "  r: 16\n  %%lora_generate --adapter support-bot\n  How do I reset my password?\n")
-    for name in ("qlora_load", "lora_train", "lora_generate", "lora_adapters", "lora_stop", "ft_unload"):
+    for name in ("qlora_load", "lora_train", "lora_generate", "lora_compare", "lora_adapters", "lora_eval", "lora_stop",
+                 "ft_unload"):
         func = getattr(FtMagics, name)
         doc = dedent(func.__doc__ or "").strip()
         out.append(f"%{name}\n" + "\n".join("  " + l for l in doc.splitlines()) + "\n")

@@ -1,0 +1,119 @@
+"""The text subcommands of ``%lora_adapters`` (list, use, load, unload, delete, merge, unmerge,
+combine, export): parse the words, call the Session, print the outcome. No IPython import: user
+mistakes are FtUsageError, which the magic turns into a UsageError."""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from .errors import FtUsageError, did_you_mean
+
+USAGE = {
+    "list": "list",
+    "use": "use NAME|base",
+    "load": "load PATH [--name NAME]",
+    "unload": "unload NAME",
+    "delete": "delete NAME",
+    "merge": "merge NAME",
+    "unmerge": "unmerge",
+    "combine": "combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]",
+    "export": "export NAME DIR [--merged]",
+}
+COMMANDS = list(USAGE)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit the kernel's process; say what is wrong instead
+        raise FtUsageError(f"{message}; usage: %lora_adapters {USAGE[self.prog]}")
+
+
+def _parse(cmd: str, words: list, *specs) -> argparse.Namespace:
+    p = _Parser(prog=cmd, add_help=False, allow_abbrev=False)
+    for args, kw in specs:
+        p.add_argument(*args, **kw)
+    ns, extra = p.parse_known_args(words)
+    if extra:
+        raise FtUsageError(f"unexpected {' '.join(extra)}; usage: %lora_adapters {USAGE[cmd]}")
+    return ns
+
+
+def _name(cmd: str, words: list) -> str:
+    if len(words) != 1:
+        raise FtUsageError(f"usage: %lora_adapters {USAGE[cmd]}")
+    return words[0]
+
+
+def run(session, words: list, out: Callable[[str], None] = print) -> None:
+    cmd = words[0] if words else "list"
+    rest = words[1:]
+    s = session
+    if cmd == "list":
+        if rest:
+            raise FtUsageError("usage: %lora_adapters list")
+        if not s.adapters:
+            out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
+                "%lora_adapters load PATH.")
+            return
+        active = s.adapters.active or "base"
+        merged = s.merged_adapter
+        for a in s.adapters:
+            mark = "*" if a.name == active else " "
+            loss = f"{a.final_loss:.4f}" if a.final_loss is not None else "-"
+            tag = " [merged]" if a.name == merged else ""
+            out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
+                f"{a.origin}{tag}  {a.path}")
+        out(f"active: {active}" + (f" (merged into the base weights)" if merged else ""))
+        return
+    if cmd == "use":
+        name = _name(cmd, rest)
+        ms = s.use(name)
+        out(f"active adapter: {name} (swapped in {ms:.2f} ms)")
+        return
+    if cmd == "load":
+        a = _parse(cmd, rest, (("path",), {}), (("--name",), {"default": None}))
+        name = s.load_adapter(a.path, a.name)
+        out(f"loaded adapter {name!r} from {a.path}; it is now active.")
+        return
+    if cmd == "unload":
+        name = _name(cmd, rest)
+        s.unload_adapter(name)
+        out(f"unloaded adapter {name!r} from memory (its folder stays on disk); active: {s.adapters.active or 'base'}.")
+        return
+    if cmd == "delete":
+        name = _name(cmd, rest)
+        removed = s.delete_adapter(name)
+        out(f"deleted adapter {name!r}" + (f" and its folder {removed}." if removed else
+                                           " from memory; its folder lies outside the adapters folder and was kept."))
+        return
+    if cmd == "merge":
+        name = _name(cmd, rest)
+        ms = s.merge_adapter(name)
+        out(f"merged {name!r} into the base weights in {ms:.0f} ms (full-speed inference). "
+            "%lora_adapters unmerge restores the base exactly.")
+        return
+    if cmd == "unmerge":
+        if rest:
+            raise FtUsageError("usage: %lora_adapters unmerge")
+        name = s.unmerge_adapter()
+        out(f"unmerged {name!r}: base weights restored exactly; {name!r} stays loaded and active.")
+        return
+    if cmd == "combine":
+        from .core.adapters import COMBINE_METHODS
+
+        a = _parse(cmd, rest, (("weights",), {}), (("--name",), {"required": True}),
+                   (("--method",), {"default": "linear"}))
+        if a.method not in COMBINE_METHODS:
+            raise FtUsageError(f"unknown --method {a.method!r}{did_you_mean(a.method, COMBINE_METHODS)}; "
+                               f"use one of {', '.join(COMBINE_METHODS)}.")
+        name = s.combine_adapters(a.weights, a.name, a.method)
+        out(f"combined {a.weights} ({a.method}) into adapter {name!r}, saved to {s.adapters_dir / name}; it is now active.")
+        return
+    if cmd == "export":
+        a = _parse(cmd, rest, (("name",), {}), (("dir",), {}), (("--merged",), {"action": "store_true"}))
+        path = s.export_adapter(a.name, a.dir, merged=a.merged)
+        what = ("a standalone model (adapter merged; safetensors + tokenizer) that "
+                "AutoModelForCausalLM.from_pretrained loads" if a.merged else "the adapter in PEFT format")
+        out(f"exported {a.name!r} to {path}: {what}.")
+        return
+    raise FtUsageError(f"unknown subcommand {cmd!r}{did_you_mean(cmd, COMMANDS)}. Use: "
+                       + "; ".join(USAGE.values()) + ".")
