@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-fast demo bench clean browser-deps bench-dashboard
+.PHONY: install test test-fast demo bench clean soak browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test-fast: install
 
 bench-dashboard: install
 	$(BIN)/python benchmarks/bench_dashboard.py
+
+# `make soak`: the kill test at scale (SOAK_KILLS SIGKILLs at random steps / mid-save, SOAK_INTS SIGINTs).
+SOAK_KILLS ?= 200
+SOAK_INTS  ?= 30
+soak: install
+	rm -rf .soak && mkdir -p .soak
+	$(BIN)/python -c "import sys; sys.path.insert(0, 'tests'); from conftest import build_tiny_model_dir; from pathlib import Path; build_tiny_model_dir(Path('.soak/tiny'))"
+	$(BIN)/python tests/kill_harness.py --model .soak/tiny --workdir .soak/work --sigkill $(SOAK_KILLS) --sigint $(SOAK_INTS) --seed $$(date +%s) > .soak/out.txt 2>.soak/err.txt; rc=$$?; grep '^SUMMARY' .soak/out.txt; [ $$rc -eq 0 ] && rm -rf .soak || { echo "soak FAILED: see .soak/out.txt"; exit 1; }
 
 demo: install
 	$(BIN)/python scripts/run_demo.py demo_notebooks/01_quickstart.ipynb

@@ -247,6 +247,8 @@ def main(argv=None) -> dict:
             mid_save = rng.random() < 0.5
             at = rng.randint(1, max(1, total_fsyncs - 1)) if mid_save else rng.randint(1, MAX_STEPS - 1)
             trial.update(mid_save=mid_save, at=at)
+            # an earlier adapter of the same name: a kill while the new one is saved must leave it intact
+            shutil.copytree(ref_dir / NAME, adapters / NAME)
             victim = Child(a.model, str(adapters), "train", slow_fsync=mid_save)
             seen = 0
             try:
@@ -315,6 +317,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(adapters.parent, ignore_errors=True)
     summary["seconds"] = round(time.time() - t0, 1)
     print("RESULT " + json.dumps(summary), flush=True)
+    print("SUMMARY " + json.dumps({k: v for k, v in summary.items() if k not in ("trials", "reference_losses")}),
+          flush=True)
     return summary
 
 
