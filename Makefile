@@ -41,6 +41,11 @@ test-fast: install
 bench-dashboard: install
 	$(BIN)/python benchmarks/bench_dashboard.py
 
+# `make bench`: every script in BENCH_SCRIPTS, in order (append yours). BENCH_STEPS=60 for longer runs.
+BENCH_SCRIPTS += benchmarks/bench_training.py benchmarks/bench_planner.py
+bench: install
+	@for s in $(BENCH_SCRIPTS); do echo "== $$s"; $(BIN)/python $$s || exit 1; done
+
 # `make soak`: the kill test at scale (SOAK_KILLS SIGKILLs at random steps / mid-save, SOAK_INTS SIGINTs).
 SOAK_KILLS ?= 200
 SOAK_INTS  ?= 30

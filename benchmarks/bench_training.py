@@ -1,0 +1,384 @@
+"""ft_magics vs the standard QLoRA recipe, side by side, on the demo model.
+
+    .venv/bin/python benchmarks/bench_training.py          # short default run (~10 min on 2 cores)
+    BENCH_STEPS=60 .venv/bin/python benchmarks/bench_training.py   # longer, steadier figures
+
+Reference: the recipe a user writes from the transformers / PEFT docs - BitsAndBytesConfig(4-bit NF4,
+double quantisation, bf16 compute), prepare_model_for_kbit_training (its defaults: fp32 upcast of the
+non-quantised weights, gradient checkpointing on), LoraConfig(r=16, alpha=32, dropout=0.05,
+all-linear), transformers.Trainer (TRL is not installed here) with batch 8, bf16 where supported,
+random batches, DataCollatorForSeq2Seq padding to the longest row.
+ft_magics: `%qlora_load` + `%%lora_train` in a real IPython InteractiveShell, dashboard view on.
+
+Both sides train on the very same token sequences and loss masks (tokenised once by ft_magics' data
+pipeline, so only the training recipe differs), the same number of optimizer steps, the same optimizer
+settings (AdamW 2e-4, cosine, 3% warm-up). Each side runs in its own subprocess so its peak RSS is its own.
+
+Measured in each subprocess: loss-bearing tokens/s over the training loop, peak RSS (ru_maxrss, whole
+process), wall time of the "training cell" (tokenise + attach + train + eval + save), final train loss
+(mean of the last 3 logged steps) and eval loss, and the bf16 matmul peak measured in the same process;
+the achieved rate counts useful FLOPs only (non-pad tokens; see ``useful_flops``).
+Results: benchmarks/results/bench_training.{json,md}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STEPS = int(os.environ.get("BENCH_STEPS", "8"))
+BATCH = 8
+MAX_LEN = 512
+LR = 2e-4
+SEED = 42
+
+
+# --------------------------------------------------------------------------- data
+def varlen_dataset(folder: Path, n_train: int = 160, n_eval: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    """Chat rows whose lengths vary widely (about 20 to 500 tokens): where padding waste shows."""
+    rng = random.Random(seed)
+    words = ("order account refund shipping password invoice blender warranty battery screen update app "
+             "delivery address payment card subscription cancel device charger manual setting reset email "
+             "support ticket store return exchange discount coupon tracking package").split()
+    cats = ["billing", "shipping", "technical", "account"]
+
+    def sentence(n):
+        return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
+
+    def row():
+        q_words = int(rng.choice([rng.uniform(3, 12), rng.uniform(20, 80), rng.uniform(120, 300)]))
+        a_words = int(rng.choice([rng.uniform(3, 10), rng.uniform(15, 50), rng.uniform(60, 120)]))
+        q = " ".join(sentence(min(12, q_words)) for _ in range(max(1, q_words // 12)))
+        a = f"Category: {rng.choice(cats)}\nAnswer: " + " ".join(sentence(min(10, a_words)) for _ in range(max(1, a_words // 10)))
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n in (("varlen.jsonl", n_train), ("varlen-eval.jsonl", n_eval)):
+        p = folder / name
+        p.write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def datasets() -> dict:
+    data_dir = ROOT / "ft_magics" / "data"
+    vl_train, vl_eval = varlen_dataset(RESULTS / "data")
+    return {
+        "support": (str(data_dir / "support.jsonl"), str(data_dir / "support-eval.jsonl")),
+        "varlen": (str(vl_train), str(vl_eval)),
+    }
+
+
+# --------------------------------------------------------------------------- measurement helpers
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6) -> float:
+    """Best of three timings of an n x n matmul in ``dtype_name``: the limit for this run."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def useful_flops(dims: dict, stats: dict, lora_params: int) -> float:
+    """FLOPs a QLoRA step needs, counting real (non-pad) tokens only.
+
+    Frozen linear layers: 2N forward + 2N backward (gradient w.r.t. the input; none for the frozen weight).
+    LoRA: 6 per parameter per token. Attention scores and values: 6 * L^2 * hidden per layer per row (causal
+    half of 4 L^2 h forward, times 3 for the backward). Output head: 4 * vocab * hidden per loss-bearing token.
+    """
+    n_body = dims["body_linear_params"]
+    h, layers, vocab = dims["hidden"], dims["layers"], dims["vocab"]
+    return (stats["tokens"] * (4 * n_body + 6 * lora_params)
+            + 6 * h * layers * stats["sq_len_sum"] + 4 * vocab * h * stats["loss_tokens"])
+
+
+def instrument_trainer(stats: dict) -> None:
+    """Count tokens seen by training steps and time the training loop - the same on both sides."""
+    from transformers import Trainer
+
+    orig_step, orig_train = Trainer.training_step, Trainer.train
+
+    def training_step(self, model, inputs, *a, **kw):
+        labels, mask = inputs["labels"], inputs.get("attention_mask")
+        stats["loss_tokens"] += int((labels[:, 1:] != -100).sum())
+        lens = mask.sum(1) if mask is not None else labels.new_full((labels.shape[0],), labels.shape[1])
+        stats["tokens"] += int(lens.sum())
+        stats["sq_len_sum"] += int((lens.double() ** 2).sum())
+        stats["padded_tokens"] += int(labels.numel())
+        return orig_step(self, model, inputs, *a, **kw)
+
+    def train(self, *a, **kw):
+        stats["rss_before_train"] = peak_rss_bytes()
+        t = time.perf_counter()
+        try:
+            return orig_train(self, *a, **kw)
+        finally:
+            stats["train_seconds"] += time.perf_counter() - t
+
+    Trainer.training_step, Trainer.train = training_step, train
+
+
+def _tokenised(train_path: str, eval_path: str, tokenizer):
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+
+    cfg = TrainConfig.from_dict({"max_seq_len": MAX_LEN})
+    tr, ev, _ = prepare(train_path, tokenizer, cfg, eval_src=eval_path)
+    return [e.features() for e in tr], [e.features() for e in ev]
+
+
+def demo_model_path() -> str:
+    from ft_magics.core.loading import resolve_source
+
+    return resolve_source("demo")[1]
+
+
+# --------------------------------------------------------------------------- the two sides
+def run_reference(train_path: str, eval_path: str, steps: int, stats: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainingArguments)
+
+    path = demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": "cpu"})
+    t_cell = time.perf_counter()
+    train, evals = _tokenised(train_path, eval_path, tokenizer)
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH, max_steps=steps,
+            learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=1, bf16=True,
+            use_cpu=True, report_to="none", save_strategy="no", seed=SEED, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                          eval_dataset=Dataset.from_list(evals),
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+        model.save_pretrained(out + "/adapter")
+    cell = time.perf_counter() - t_cell
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(losses=losses, eval_loss=float(eval_loss), cell_seconds=cell, lora_params=lora,
+                view="n/a", gradient_checkpointing=bool(args.gradient_checkpointing
+                                                        or model.base_model.model.is_gradient_checkpointing))
+
+
+def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict) -> dict:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "ft_magics")
+    view = "text (default view: no widget frontend in a plain InteractiveShell)"
+    if (ROOT / "ft_magics" / "widgets" / "dashboard.py").exists():
+        sh.kernel = object()  # make the extension build its widget dashboard, as in Jupyter
+        view = "dashboard (ft_magics.widgets.dashboard, no frontend attached)"
+    with tempfile.TemporaryDirectory() as work:
+        os.chdir(work)
+        sh.run_line_magic("qlora_load", "demo")
+        body = (f"r: 16\nalpha: 32\ndropout: 0.05\ntarget_modules: all-linear\nlearning_rate: {LR}\n"
+                f"batch_size: {BATCH}\nmax_seq_len: {MAX_LEN}\nlr_scheduler: cosine\nwarmup: 0.03\nseed: {SEED}\n"
+                + os.environ.get("BENCH_FT_BODY", "").replace("\\n", "\n"))
+        t_cell = time.perf_counter()
+        sh.run_cell_magic("lora_train", f"bench --data {train_path} --eval {eval_path} --max-steps {steps}", body)
+        cell = time.perf_counter() - t_cell
+        rec = json.loads((Path(work) / "adapters" / "bench" / "ft_run.json").read_text())
+        os.chdir(ROOT)
+    if rec["status"] != "completed":
+        raise RuntimeError(f"ft_magics run ended {rec['status']}: {rec.get('error')}")
+    return dict(losses=[l for _, l in rec["loss_history"]], eval_loss=rec["eval_loss"], cell_seconds=cell,
+                lora_params=rec["trainable_params"], view=view, settings=rec["settings"])
+
+
+def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int, out: str) -> None:
+    from ft_magics.core.planner import dims_from_config
+
+    t0 = time.perf_counter()
+    stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0)
+    instrument_trainer(stats)
+    peak_bf16 = matmul_peak_gflops("bfloat16")
+    res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats)
+    from transformers import AutoConfig
+
+    dims = dims_from_config(AutoConfig.from_pretrained(demo_model_path()).to_dict()).as_dict()
+    flops = useful_flops(dims, stats, res["lora_params"])
+    t = stats["train_seconds"]
+    tail = res["losses"][-3:]
+    result = dict(
+        side=side, dataset=dataset, steps=steps, batch=BATCH, view=res["view"],
+        loss_tokens=stats["loss_tokens"], tokens=stats["tokens"], padded_tokens=stats["padded_tokens"],
+        padding_waste=1 - stats["tokens"] / max(stats["padded_tokens"], 1),
+        train_seconds=t, loss_tokens_per_s=stats["loss_tokens"] / t if t else None,
+        cell_seconds=res["cell_seconds"], process_seconds=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(), rss_before_train=stats.get("rss_before_train"),
+        final_train_loss=sum(tail) / len(tail) if tail else None, losses=res["losses"], eval_loss=res["eval_loss"],
+        useful_gflop=flops / 1e9, achieved_gflops=flops / t / 1e9 if t else None,
+        matmul_peak_bf16_gflops=peak_bf16, lora_params=res["lora_params"],
+        extra={k: v for k, v in res.items() if k in ("settings", "gradient_checkpointing")},
+    )
+    result["fraction_of_peak"] = result["achieved_gflops"] / peak_bf16 if result["achieved_gflops"] else None
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+def worker_extras(out: str) -> None:
+    """`%load_ext ft_magics` time (fresh subprocess) and merged-adapter generation speed vs the base."""
+    code = ("import time; from IPython.core.interactiveshell import InteractiveShell; sh = InteractiveShell.instance();"
+            "t = time.perf_counter(); sh.run_line_magic('load_ext', 'ft_magics'); print(time.perf_counter() - t)")
+    load_ext = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                        cwd=tempfile.gettempdir()).stdout.split()[-1]) for _ in range(3))
+    res = {"load_ext_seconds": load_ext}
+    from ft_magics import Session
+
+    with tempfile.TemporaryDirectory() as work:
+        s = Session(adapters_dir=Path(work) / "adapters")
+        s.load("demo", bits=16)  # merging is refused on a 4-bit base (core.adapters.merge): bf16 base
+        prompt = "How do I reset my password? Please explain step by step."
+
+        def speed(**kw):
+            best = 0.0
+            for _ in range(3):
+                g = s.generate(prompt, max_new_tokens=48, **kw)
+                best = max(best, g.tokens_per_s)
+            return best
+
+        res["base_tokens_per_s"] = speed()  # the bare base model: no PEFT wrapper yet
+        merge = getattr(s, "merge_adapter", None)
+        if merge is None:
+            res["merged_tokens_per_s"] = None
+            res["note"] = "Session.merge_adapter not available"
+        else:
+            s.train("extras", str(ROOT / "ft_magics" / "data" / "support.jsonl"), {"max_steps": 2, "batch_size": 4})
+            res["adapter_tokens_per_s"] = speed(adapter="extras")
+            merge("extras")
+            res["merged_tokens_per_s"] = speed(adapter="extras")
+            res["merged_vs_base"] = res["merged_tokens_per_s"] / res["base_tokens_per_s"]
+    Path(out).write_text(json.dumps(res, indent=1))
+
+
+# --------------------------------------------------------------------------- driver
+def run_side(side: str, dataset: str, paths: tuple, steps: int) -> dict:
+    out = RESULTS / f"raw-{dataset}-{side}.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, __file__, "--worker", side, dataset, paths[0], paths[1], str(steps), str(out)]
+    print(f"  {dataset:8s} {side:10s} ...", end=" ", flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print("FAILED")
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(1)
+    print(f"{time.perf_counter() - t:.0f} s")
+    return json.loads(out.read_text())
+
+
+def gb(n):
+    return n / 2**30
+
+
+def table(rows: list) -> str:
+    lines = ["| dataset | side | loss tok/s | peak RSS GB | train s | cell s | train loss | eval loss | "
+             "padding | GFLOP/s | % of bf16 peak |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['side']} | {r['loss_tokens_per_s']:.0f} | {gb(r['peak_rss_bytes']):.2f} | "
+            f"{r['train_seconds']:.1f} | {r['cell_seconds']:.1f} | {r['final_train_loss']:.4f} | {r['eval_loss']:.4f} | "
+            f"{100 * r['padding_waste']:.0f}% | {r['achieved_gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
+    return "\n".join(lines)
+
+
+def ratios(ref: dict, ft: dict) -> dict:
+    return dict(
+        loss_tokens_per_s=ft["loss_tokens_per_s"] / ref["loss_tokens_per_s"],
+        peak_rss=ft["peak_rss_bytes"] / ref["peak_rss_bytes"],
+        train_seconds=ft["train_seconds"] / ref["train_seconds"],
+        cell_seconds=ft["cell_seconds"] / ref["cell_seconds"],
+        eval_loss=ft["eval_loss"] / ref["eval_loss"],
+        final_train_loss=ft["final_train_loss"] / ref["final_train_loss"],
+    )
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    print(f"ft_magics vs standard QLoRA recipe: demo model, batch {BATCH}, {STEPS} steps (BENCH_STEPS)")
+    rows, summary = [], {}
+    for name, paths in datasets().items():
+        ref = run_side("reference", name, paths, STEPS)
+        ft = run_side("ft_magics", name, paths, STEPS)
+        rows += [ref, ft]
+        summary[name] = ratios(ref, ft)
+    print("  extras   (load_ext time, merged-adapter generation) ...", end=" ", flush=True)
+    t = time.perf_counter()
+    extras_out = RESULTS / "raw-extras.json"
+    proc = subprocess.run([sys.executable, __file__, "--extras", str(extras_out)], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
+    extras = json.loads(extras_out.read_text()) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+    print(f"{time.perf_counter() - t:.0f} s")
+    goals = {}
+    for name, r in summary.items():
+        ft = next(x for x in rows if x["dataset"] == name and x["side"] == "ft_magics")
+        goals[name] = {
+            "tokens_per_s >= 1.5x": r["loss_tokens_per_s"] >= 1.5,
+            "eval loss within 2%": abs(r["eval_loss"] - 1) <= 0.02,
+            "peak memory <= 0.5x": r["peak_rss"] <= 0.5,
+            ">= 50% of matmul peak": ft["fraction_of_peak"] >= 0.5,
+        }
+    md = [table(rows), "", "| dataset | tok/s ratio | peak RSS ratio | train time ratio | eval loss ratio |",
+          "|---|---|---|---|---|"]
+    for name, r in summary.items():
+        md.append(f"| {name} | {r['loss_tokens_per_s']:.2f}x | {r['peak_rss']:.2f}x | {r['train_seconds']:.2f}x | "
+                  f"{r['eval_loss']:.3f} |")
+    md += ["", "Goals: " + "; ".join(f"{n}: " + ", ".join(f"{k} {'MET' if v else 'not met'}" for k, v in g.items())
+                                    for n, g in goals.items()),
+           f"ft_magics view: {rows[1]['view']}"]
+    if "load_ext_seconds" in extras:
+        md.append(f"`%load_ext ft_magics`: {extras['load_ext_seconds']:.3f} s (goal < 0.3 s: "
+                  f"{'MET' if extras['load_ext_seconds'] < 0.3 else 'not met'})")
+    if extras.get("merged_tokens_per_s"):
+        md.append(f"generation tokens/s: base {extras['base_tokens_per_s']:.1f}, adapter (unmerged) "
+                  f"{extras['adapter_tokens_per_s']:.1f}, merged {extras['merged_tokens_per_s']:.1f} = "
+                  f"{extras['merged_vs_base']:.2f}x base (goal >= 0.95x: "
+                  f"{'MET' if extras['merged_vs_base'] >= 0.95 else 'not met'})")
+    else:
+        md.append(f"merged-adapter generation: not measured ({extras.get('note') or extras.get('error', '')[-300:]})")
+    text = "\n".join(md)
+    (RESULTS / "bench_training.json").write_text(json.dumps(
+        {"steps": STEPS, "batch": BATCH, "runs": rows, "ratios": summary, "goals": goals, "extras": extras}, indent=1))
+    (RESULTS / "bench_training.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--extras":
+        worker_extras(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _, _, side, dataset, tr, ev, steps, out = sys.argv
+        worker(side, dataset, tr, ev, int(steps), out)
+    else:
+        main()
