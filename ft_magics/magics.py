@@ -142,6 +142,12 @@ class FtMagics(Magics):
               help="Train on a thread so the kernel stays free (Stop button or %%lora_stop).")
     @argument("--resume", action="store_true",
               help="Continue NAME from its latest complete checkpoint (same --data and settings as before).")
+    @argument("--processes", type=int, default=None,
+              help="Run the same job on N processes (CPU: gloo; GPUs: one per process) and stream its progress "
+                   "here. batch_size is per process. See %%lora_export_job.")
+    @argument("--launcher", default=None, choices=("accelerate", "torchrun", "notebook"),
+              help="What starts the processes: accelerate launch (default), torchrun, or accelerate's notebook "
+                   "launcher where it can fork this kernel (else accelerate launch).")
     @_config_flags
     @cell_magic
     @user_errors
@@ -163,6 +169,13 @@ class FtMagics(Magics):
         from .widgets import training_view
 
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
+        if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
+            if args.background or args.resume:
+                raise UsageError("--processes/--launcher cannot be combined with --background or --resume yet.")
+            self.session.train_processes(args.name, args.data, cfg, processes=args.processes or 1,
+                                         launcher=args.launcher or "accelerate", eval_data=args.eval,
+                                         output_dir=args.output_dir, listeners=[view])
+            return None
         result = self.session.train(
             args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
             background=args.background, resume=args.resume,
@@ -170,6 +183,43 @@ class FtMagics(Magics):
         if args.background:
             print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
         return None
+
+    # ------------------------------------------------------------------ %lora_export_job
+    @magic_arguments()
+    @argument("name", help="Adapter name the job trains.")
+    @argument("dir", help="Folder to write job.yaml, the data and the accelerate configs into.")
+    @argument("--data", default=None, help="Training data: file, demo:NAME or a notebook variable (exported to DIR).")
+    @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
+    @argument("--processes", type=int, default=1, help="Processes `ft-magics train` starts by default. Default 1.")
+    @argument("--output-dir", default=None, help="Where the job writes the adapter (default: DIR/adapters).")
+    @_config_flags
+    @line_cell_magic
+    @user_errors
+    def lora_export_job(self, line="", cell=None):
+        """Write a standalone training job: DIR/job.yaml (settings, model and data reference), the data
+        when it is a notebook variable, and accelerate configs. The cell body is YAML settings, as for
+        %%lora_train. Run it without a notebook, on one or many GPUs or machines::
+
+            %%lora_export_job support-bot jobs/support --data demo:support --max-steps 60
+            r: 16
+
+            $ ft-magics train jobs/support/job.yaml
+            $ accelerate launch --config_file jobs/support/accelerate.yaml -m ft_magics.train jobs/support/job.yaml
+
+        The adapter lands in DIR/adapters/NAME; load it with %lora_adapters load PATH.
+        """
+        args = parse_args(self.lora_export_job, line)
+        cfg = TrainConfig.from_dict(parse_yaml_body(cell or ""))
+        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
+        from .core.jobs import load_job
+        from .widgets.text import TextReporter
+
+        path = self.session.export_job(args.name, args.dir, args.data, cfg, eval_data=args.eval,
+                                       processes=args.processes, output_dir=args.output_dir, listeners=[TextReporter()])
+        spec = load_job(path)
+        print(f"job written to {path}\n  adapter will be saved to {spec.adapter_dir}\n  run it with:\n"
+              f"    ft-magics train {path}\n"
+              f"    accelerate launch --config_file {path.parent / 'accelerate.yaml'} -m ft_magics.train {path}")
 
     # ------------------------------------------------------------------ %%lora_generate
     @magic_arguments()
@@ -370,9 +420,9 @@ class FtMagics(Magics):
 
 
 MAGIC_NAMES = {
-    "line": ["qlora_load", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
+    "line": ["qlora_load", "lora_export_job", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
              "ft_memory", "ft_plan", "lora_eval"],
-    "cell": ["lora_train", "lora_generate", "lora_compare"],
+    "cell": ["lora_train", "lora_export_job", "lora_generate", "lora_compare"],
 }
 
 def help_text() -> str:
@@ -381,7 +431,7 @@ def help_text() -> str:
     out = ["ft_magics — LoRA / QLoRA fine-tuning in the notebook.  Full reference: README.md", ""]
     out.append("Quick start:\n  %qlora_load\n  %%lora_train support-bot --data demo:support --max-steps 60\n"
                "  r: 16\n  %%lora_generate --adapter support-bot\n  How do I reset my password?\n")
-    for name in ("qlora_load", "lora_train", "lora_generate", "lora_compare", "lora_adapters", "lora_eval", "lora_stop",
+    for name in ("qlora_load", "lora_train", "lora_export_job", "lora_generate", "lora_compare", "lora_adapters", "lora_eval", "lora_stop",
                  "ft_unload"):
         func = getattr(FtMagics, name)
         doc = dedent(func.__doc__ or "").strip()

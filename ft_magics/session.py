@@ -184,6 +184,41 @@ class Session:
     def training_in_progress(self) -> bool:
         return self._training is not None and self._training.is_alive()
 
+    # ------------------------------------------------------------------ jobs on several processes (core/jobs.py)
+    def export_job(self, name: str, job_dir: str | Path, data: Any = None, config: Optional[dict | TrainConfig] = None,
+                   *, eval_data: Any = None, processes: int = 1, output_dir: Optional[str | Path] = None,
+                   listeners: Optional[list] = None, **overrides) -> Path:
+        """Write a standalone job (job.yaml, exported notebook data, accelerate configs) to ``job_dir``
+        for ``ft-magics train`` / ``accelerate launch``; returns the job.yaml path."""
+        from .core.jobs import export_job
+
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+        cfg = TrainConfig.from_dict(overrides, base=cfg) if overrides else cfg
+        self._require_model()
+        self.prepare_data(data, cfg, eval_data)  # a data mistake is found here, not in N processes later
+        return export_job(self.handle, name, job_dir, data, cfg, eval_data=eval_data, namespace=self.namespace,
+                          processes=processes, output_dir=output_dir, listeners=listeners)
+
+    def train_processes(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
+                        processes: int = 2, launcher: str = "accelerate", eval_data: Any = None,
+                        output_dir: Optional[str | Path] = None, listeners: Optional[list] = None, **overrides):
+        """Train ``name`` on ``processes`` processes (accelerate launch, torchrun or accelerate's notebook
+        launcher), streaming progress to ``listeners``; the adapter is then loaded here. Returns a TrainResult."""
+        from .core.jobs import result_from_record, run_job
+
+        if self.training_in_progress:
+            raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        out_root = Path(output_dir) if output_dir else self.adapters_dir
+        job = self.export_job(name, out_root / ".jobs" / name, data, config, eval_data=eval_data, processes=processes,
+                              output_dir=out_root.resolve(), listeners=listeners, **overrides)
+        result = result_from_record(run_job(job, processes, launcher, listeners))
+        self.runs.append(result)
+        if result.adapter_path:
+            if name in self.adapters:
+                self.unload_adapter(name)
+            self.load_adapter(result.adapter_path, name)
+        return result
+
     # ------------------------------------------------------------------ adapters
     def use(self, name: Optional[str]) -> float:
         """Make ``name`` the active adapter ('base' or None: no adapter). Returns the swap time in ms."""

@@ -173,7 +173,9 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
     leaves = {n.rsplit(".", 1)[-1] for n in modules}
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        missing = sorted(t for t in targets if t not in leaves)
+        # PEFT matches a target by leaf name or by full-path suffix ("all-linear" is saved as full paths)
+        missing = sorted(t for t in targets
+                         if t not in leaves and not any(n == t or n.endswith("." + t) for n in modules))
         if missing:
             raise FtUsageError(
                 f"adapter {path} targets module(s) {', '.join(missing)} that the loaded model {model_label} does "

@@ -500,7 +500,8 @@ def run_training(
         "versions": versions(),
     }
     adapter_path = None
-    if steps > 0 and status != "failed":
+    # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
+    if steps > 0 and status != "failed" and args.should_save:
         flag.saving = True
         try:
             with interrupt_stops(flag, listeners):

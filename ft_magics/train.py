@@ -1,0 +1,177 @@
+"""The worker of a training job: ``python -m ft_magics.train DIR/job.yaml``.
+
+Run it directly for one process, or under a launcher for several::
+
+    accelerate launch --config_file DIR/accelerate.yaml -m ft_magics.train DIR/job.yaml
+    torchrun --nproc_per_node 2 -m ft_magics.train DIR/job.yaml
+
+Every process loads the model, prepares the same data and runs the same ``run_training`` as the
+notebook; the Trainer splits each global batch between the processes and averages the gradients
+(DDP over gloo on the CPU, nccl on CUDA). Only rank 0 writes the adapter, its run record and the
+event file; a stop request (the STOP file the notebook writes on interrupt) is agreed by all ranks
+at a step boundary, so they stop together.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .core.training import StopFlag
+from .errors import FtUsageError
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as torchrun / accelerate set them; (0, 0, 1) for one process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+class SharedStopFlag(StopFlag):
+    """A stop flag every rank agrees on at the same step boundary.
+
+    One rank stopping alone would leave the others waiting for it in the next gradient all-reduce,
+    so each check is an all-reduce (max) of "anyone wants to stop", on every rank. ``run_training``
+    checks the flag at the same points on every rank, which keeps these collectives in step.
+    """
+
+    def __init__(self, stop_file: Optional[str] = None) -> None:
+        super().__init__()
+        self.stop_file = stop_file
+        self._agreed = False
+
+    def is_set(self) -> bool:
+        if self._agreed:
+            return True
+        local = super().is_set()
+        if not local and self.stop_file and os.path.exists(self.stop_file):
+            local = True
+            reason = Path(self.stop_file).read_text().strip() or "stopped"
+            self.set(reason if reason in ("interrupted", "stopped") else "stopped")
+        agreed = local
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([1 if local else 0], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            agreed = bool(t.item())
+        if agreed:
+            self._agreed = True
+            if not super().is_set():
+                self.set("stopped")
+        return agreed
+
+
+def _init_process_group(world: int, local_rank: int, device: str) -> str:
+    """Join the other processes explicitly: gloo on the CPU, nccl on CUDA (the Trainer reuses it)."""
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if world > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return backend
+
+
+def _check_layout() -> None:
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise FtUsageError(
+            "FSDP is not wired into ft_magics jobs yet (sharded 4-bit weights need a different loading and "
+            "adapter-saving path). Use DDP: accelerate launch --config_file accelerate-multi-gpu.yaml, which "
+            "runs any model that fits one GPU in 4-bit on every GPU."
+        )
+
+
+def run_job(job_path: str, events: Optional[str] = None) -> int:
+    """Train the job in this process (one rank of several, or alone). Returns the exit code."""
+    from .config import TrainConfig
+    from .core.atomic import atomic_write_json
+    from .core.data import prepare
+    from .core.jobs import EVENTS_FILE, JsonlEventWriter, load_job
+    from .core.events import Message, emit
+    from .core import hardware
+    from .core.loading import load_model
+    from .core.training import RUN_RECORD, run_training
+
+    _check_layout()
+    rank, local_rank, world = dist_env()
+    spec = load_job(job_path)
+    run_dir = Path(os.environ.get("FT_MAGICS_RUN_DIR") or spec.path.parent)
+    events_path = Path(events) if events else run_dir / EVENTS_FILE
+    stop_file = os.environ.get("FT_MAGICS_STOP_FILE") or str(run_dir / "STOP")
+    if world > 1:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
+    want = spec.model.get("device", "auto")
+    device = f"cuda:{local_rank}" if want != "cpu" and hardware.cuda_available() else "cpu"
+    backend = _init_process_group(world, local_rank, device)
+    listeners: list = []
+    writer = None
+    if rank == 0:
+        from .widgets.text import TextReporter
+
+        writer = JsonlEventWriter(events_path)
+        listeners = [writer] if os.environ.get("FT_MAGICS_QUIET") else [writer, TextReporter(sys.stdout)]
+    try:
+        handle = load_model(spec.model_source, bits=int(spec.model.get("bits", 4)), dtype=spec.model.get("dtype", "auto"),
+                            device=device, trust_remote_code=bool(spec.model.get("trust_remote_code", False)))
+        cfg = TrainConfig.from_dict(spec.settings)
+        if world > 1 and getattr(cfg, "chunked_loss", False):
+            # The chunked loss calls the decoder inside the model directly; under DDP the forward must go
+            # through the DDP wrapper for gradients to be averaged, so the standard loss is used.
+            cfg.chunked_loss = False
+        if world > 1 and getattr(cfg, "save_every_minutes", 0):
+            # Ranks must decide to checkpoint at the same step; each one's clock would not agree.
+            cfg.save_every_minutes = 0.0
+            emit(listeners, Message("time-based checkpoints are off with several processes (the ranks must agree "
+                                    "on the step); set save_every: N steps for resumable checkpoints."))
+        import inspect
+
+        extra = {"model": handle.model} if "model" in inspect.signature(prepare).parameters else {}
+        train_ex, eval_ex, report = prepare(spec.resolve(spec.data), handle.tokenizer, cfg,
+                                            eval_src=spec.resolve(spec.eval_data), **extra)
+        emit(listeners, Message(report.text()))
+        if world > 1:
+            emit(listeners, Message(
+                f"{world} processes ({backend}); global batch {cfg.batch_size} x {cfg.grad_accum} x {world} = "
+                f"{cfg.batch_size * cfg.grad_accum * world} examples per step"))
+        result = run_training(handle, spec.name, train_ex, eval_ex, cfg, spec.adapter_dir, listeners,
+                              flag=SharedStopFlag(stop_file), data_report=report)
+        if rank == 0 and result.adapter_path:
+            record = dict(result.record, launch={
+                "processes": world, "backend": backend if world > 1 else None, "job": str(spec.path),
+                "global_batch": cfg.batch_size * cfg.grad_accum * world,
+            })
+            atomic_write_json(Path(result.adapter_path) / RUN_RECORD, record)
+        return 0 if result.status != "failed" else 1
+    finally:
+        if writer is not None:
+            writer.close()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ft_magics.train",
+                                     description="Run an ft_magics training job (one rank of it under a launcher).")
+    parser.add_argument("job", help="the job.yaml written by %%lora_export_job (or its folder)")
+    parser.add_argument("--events", default=None, help="JSON-lines event file rank 0 appends to (default: next to the job)")
+    args = parser.parse_args(argv)
+    try:
+        return run_job(args.job, args.events)
+    except FtUsageError as exc:
+        print(f"ft_magics: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

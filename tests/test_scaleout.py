@@ -1,0 +1,296 @@
+"""Scale-out: the same training job on several processes (issue 9).
+
+Real multi-process runs on the CPU (gloo) with the tiny random Llama: accelerate launch and torchrun
+as subprocesses, accelerate's notebook launcher in a fresh interpreter, the exported job from a clean
+shell, a killed worker. Unit tests cover the job file, the accelerate configs and the event tail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ft_magics.core.events import Listener, Message, Recorder, StepEnd, TrainBegin, TrainEnd, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+# small, deterministic settings: no dropout, plain random order (same permutation for 1 and N processes)
+FAST = dict(max_steps=6, dropout=0.0, group_by_length=False, max_seq_len=96, learning_rate=1e-3, warmup=0, r=8)
+
+
+def _files(root: Path, name: str) -> list:
+    return sorted(p for p in Path(root).rglob(name) if p.is_file())
+
+
+# --------------------------------------------------------------------------- unit: job file and configs
+def test_job_yaml_round_trip_and_mistakes(tmp_path):
+    from ft_magics.core.jobs import JobSpec, load_job, write_job
+    from ft_magics.errors import FtUsageError
+
+    spec = JobSpec(name="a", model={"source": "demo", "bits": 4, "dtype": "auto"}, data="data.jsonl",
+                   settings={"r": 8, "max_steps": 3}, processes=2)
+    path = write_job(tmp_path / "job", spec)
+    back = load_job(path)
+    assert back.to_dict() == spec.to_dict()
+    assert back.resolve(back.data) == str((tmp_path / "job" / "data.jsonl").resolve())
+    assert back.adapter_dir == (tmp_path / "job" / "adapters" / "a").resolve()
+    assert load_job(tmp_path / "job").name == "a"  # the folder works too
+    text = path.read_text()
+    assert "processes: 2" in text and text.startswith("# ft_magics training job")
+
+    bad = dict(spec.to_dict(), procesess=2)
+    with pytest.raises(FtUsageError, match="did you mean 'processes'"):
+        JobSpec.from_dict(bad)
+    with pytest.raises(FtUsageError, match="learning_rate"):
+        JobSpec.from_dict(dict(spec.to_dict(), settings={"learning_rate": 5}))
+    with pytest.raises(FtUsageError, match="does not exist"):
+        load_job(tmp_path / "nowhere" / "job.yaml")
+
+
+def test_accelerate_configs_cover_the_layouts(tmp_path):
+    """The CPU layout is MULTI_GPU + use_cpu (torchrun under accelerate): `--cpu` would start one process."""
+    import yaml
+
+    from ft_magics.core.jobs import JobSpec, write_job
+
+    write_job(tmp_path, JobSpec(name="a", model={"source": "demo"}, data="demo:support", settings={}, processes=2))
+    cfgs = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("accelerate*.yaml")}
+    assert set(cfgs) == {"accelerate.yaml", "accelerate-cpu.yaml", "accelerate-single-gpu.yaml",
+                         "accelerate-multi-gpu.yaml", "accelerate-fsdp-qlora.yaml"}
+    assert cfgs["accelerate.yaml"]["distributed_type"] == "MULTI_GPU" and cfgs["accelerate.yaml"]["use_cpu"] is True
+    assert cfgs["accelerate.yaml"]["num_processes"] == 2
+    assert cfgs["accelerate-single-gpu.yaml"]["distributed_type"] == "NO"
+    assert cfgs["accelerate-multi-gpu.yaml"]["distributed_type"] == "MULTI_GPU"
+    assert cfgs["accelerate-multi-gpu.yaml"]["use_cpu"] is False
+    fsdp = cfgs["accelerate-fsdp-qlora.yaml"]
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True
+
+
+def test_launch_commands(tmp_path):
+    from ft_magics.core.jobs import launch_command
+    from ft_magics.errors import FtUsageError
+
+    job = tmp_path / "job.yaml"
+    acc = launch_command(job, 3, "accelerate", port=1234)
+    assert acc[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert acc[acc.index("--config_file") + 1] == str(tmp_path / "accelerate.yaml")
+    assert acc[acc.index("--num_processes") + 1] == "3" and acc[-3:] == ["-m", "ft_magics.train", str(job)]
+    tr = launch_command(job, 2, "torchrun", port=1234)
+    assert tr[1:3] == ["-m", "torch.distributed.run"] and tr[tr.index("--nproc_per_node") + 1] == "2"
+    assert launch_command(job, 1, "torchrun") == [sys.executable, "-m", "ft_magics.train", str(job)]
+    with pytest.raises(FtUsageError, match="did you mean 'torchrun'"):
+        launch_command(job, 2, "torchrn")
+
+
+def test_event_tail_reads_only_complete_lines(tmp_path):
+    from ft_magics.core.jobs import EventTail
+
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read() == []
+    line = json.dumps(to_json(Message("hello")))
+    path.write_text(line + "\n" + line[:10])  # the writer is in the middle of the second line
+    got = tail.read()
+    assert [e.text for e in got] == ["hello"]
+    with open(path, "a") as f:
+        f.write(line[10:] + "\nnot json\n")
+    got = tail.read()
+    assert [e.text for e in got] == ["hello"]  # the finished line; the garbage line is skipped
+
+
+def test_failure_summary_names_the_rank_and_signal():
+    from ft_magics.core.jobs import _failure_summary
+
+    log = ("Root Cause (first observed failure):\n[0]:\n  time : x\n  host : localhost\n"
+           "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n")
+    assert _failure_summary(log) == "worker process rank 1 (pid 4242) was killed by signal SIGKILL"
+    assert _failure_summary("nothing useful") == ""
+
+
+def test_notebook_launcher_falls_back_when_it_cannot_fork(tmp_path, monkeypatch):
+    """After peft/bitsandbytes are imported (any notebook that trained), accelerate refuses to fork."""
+    import peft  # noqa: F401 - imports bitsandbytes, as a notebook that trained has
+
+    from ft_magics.core import jobs
+
+    reason = jobs.notebook_launcher_blocker()
+    assert reason and "bitsandbytes" in reason
+    seen = {}
+
+    def fake_popen(cmd, **kw):  # stop right after the launcher was chosen
+        seen["cmd"] = cmd
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", fake_popen)
+    path = jobs.write_job(tmp_path, jobs.JobSpec(name="a", model={"source": "demo"}, data="demo:support", settings={}))
+    rec = Recorder()
+    with pytest.raises(RuntimeError, match="stop here"):
+        jobs.run_job(path, 2, "notebook", [rec])
+    assert "accelerate.commands.launch" in seen["cmd"]
+    assert any("notebook launcher cannot start here" in m.text for m in rec.of(Message))
+
+
+def test_magic_flags_are_checked(shell):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="invalid choice"):
+        shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --launcher mpi", "r: 8\n")
+    with pytest.raises(UsageError, match="no model is loaded"):
+        shell.run_cell_magic("lora_train", "x --data demo:support --processes 2", "r: 8\n")
+    with pytest.raises(UsageError, match="background"):
+        shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --background", "r: 8\n")
+    assert "lora_export_job" in shell.magics_manager.magics["line"]
+    assert "lora_export_job" in shell.magics_manager.magics["cell"]
+
+
+# --------------------------------------------------------------------------- real runs on 2 CPU processes
+def test_two_processes_train_one_adapter_and_match_one_process(tiny_session, tmp_path):
+    """accelerate launch, 2 gloo processes at batch 4 == 1 process at batch 8: same loss curve; exactly one
+    adapter and one run record; every event streamed back; the adapter is loaded in the session."""
+    s = tiny_session
+    rec = Recorder()
+    two = s.train_processes("two", "demo:support", dict(FAST, batch_size=4), processes=2, listeners=[rec])
+    assert two.status == "completed" and two.steps == 6
+    launch = two.record["launch"]
+    assert launch["processes"] == 2 and launch["backend"] == "gloo" and launch["global_batch"] == 8
+    # exactly one adapter and one run record were written by the two processes
+    assert _files(tmp_path, "adapter_model.safetensors") == [tmp_path / "adapters" / "two" / "adapter_model.safetensors"]
+    assert _files(tmp_path, "ft_run.json") == [tmp_path / "adapters" / "two" / "ft_run.json"]
+    # the notebook's view saw the run: begin, every step, the end with the adapter path
+    assert len(rec.of(TrainBegin)) == 1 and [e.step for e in rec.of(StepEnd)] == list(range(1, 7))
+    assert rec.of(TrainEnd)[-1].adapter_path == str(tmp_path / "adapters" / "two")
+    assert "two" in s.adapters and s.adapters.active == "two"
+
+    one = s.train("one", "demo:support", dict(FAST, batch_size=8))
+    curve_two = [l for _, l in two.record["loss_history"]]
+    curve_one = [l for _, l in one.record["loss_history"]]
+    assert len(curve_one) == len(curve_two) == 6
+    assert curve_one[-1] < curve_one[0]  # it learns
+    worst = max(abs(a - b) for a, b in zip(curve_one, curve_two))
+    assert worst < 0.01 * curve_one[0], (curve_one, curve_two)
+
+
+class _KillRank1(Listener):
+    """Kills worker rank 1 with SIGKILL once training is under way."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = job_dir
+        self.pid = None
+
+    def on_step(self, e: StepEnd) -> None:
+        if self.pid is None and e.step >= 2:
+            pidfile = sorted(self.job_dir.glob("runs/*/rank1.pid"))[-1]
+            self.pid = int(pidfile.read_text())
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def test_killing_one_process_ends_the_run_clearly_without_adapter(tiny_session, tmp_path):
+    from ft_magics.core.jobs import JobFailed
+
+    s = tiny_session
+    killer = _KillRank1(tmp_path / "adapters" / ".jobs" / "doomed")
+    rec = Recorder()
+    with pytest.raises(JobFailed) as info:
+        s.train_processes("doomed", "demo:support", dict(FAST, max_steps=5000, batch_size=2), processes=2,
+                          launcher="torchrun", listeners=[rec, killer])
+    msg = str(info.value)
+    assert killer.pid is not None
+    assert f"rank 1 (pid {killer.pid}) was killed by signal SIGKILL" in msg
+    assert "no adapter was written" in msg and "launch.log" in msg
+    assert rec.of(TrainEnd)[-1].status == "failed" and rec.of(TrainEnd)[-1].adapter_path is None
+    assert not (tmp_path / "adapters" / "doomed").exists()
+    assert _files(tmp_path, "adapter_model.safetensors") == []
+    assert not list((tmp_path / "adapters").glob(".doomed.tmp-*"))  # no half-written folder either
+    assert "doomed" not in s.adapters and len(s.runs) == 0
+    rank0 = int(sorted(killer.job_dir.glob("runs/*/rank0.pid"))[-1].read_text())
+    with pytest.raises(ProcessLookupError):  # the other worker was ended too
+        os.kill(rank0, 0)
+
+
+class _InterruptAt(Listener):
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.fired = False
+
+    def on_step(self, e: StepEnd) -> None:
+        if not self.fired and e.step >= self.step:
+            self.fired = True
+            raise KeyboardInterrupt  # what the kernel's interrupt does to the cell that waits on the job
+
+
+def test_interrupt_stops_every_process_and_keeps_the_adapter(tiny_session, tmp_path):
+    s = tiny_session
+    rec = Recorder()
+    result = s.train_processes("halt", "demo:support", dict(FAST, max_steps=5000, batch_size=2), processes=2,
+                               launcher="torchrun", listeners=[rec, _InterruptAt(2)])
+    assert result.status == "interrupted"
+    assert 2 <= result.steps < 50  # stopped at a step boundary soon after, both ranks together
+    assert (tmp_path / "adapters" / "halt" / "adapter_model.safetensors").exists()
+    assert any("every process stops" in m.text for m in rec.of(Message))
+    assert "halt" in s.adapters
+
+
+def test_exported_job_runs_from_a_clean_shell_and_loads_in_the_notebook(shell, tiny_model_dir, tmp_path):
+    """%lora_export_job with notebook data -> `ft-magics train` (2 processes via accelerate) in a clean
+    environment -> %lora_adapters load in the notebook."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    rows = [json.loads(l) for l in (ROOT / "ft_magics" / "data" / "support.jsonl").read_text().splitlines()[:64]]
+    shell.user_ns["my_rows"] = rows
+    shell.run_cell_magic("lora_export_job", "exported jobdir --data my_rows --processes 2 --max-steps 3 --batch-size 4",
+                         "r: 8\ndropout: 0.0\nmax_seq_len: 96\n")
+    job_dir = tmp_path / "jobdir"
+    assert (job_dir / "data.jsonl").read_text().count("\n") == 64  # the variable crossed as a file
+    spec = __import__("yaml").safe_load((job_dir / "job.yaml").read_text())
+    assert spec["data"] == "data.jsonl" and spec["processes"] == 2 and spec["settings"]["max_steps"] == 3
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FT_MAGICS_HOME": os.environ["FT_MAGICS_HOME"]}
+    done = subprocess.run(["ft-magics", "train", str(job_dir / "job.yaml")], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "accelerate.commands.launch" in done.stdout and "completed after 3 steps" in done.stdout
+    adapter = job_dir / "adapters" / "exported"
+    record = json.loads((adapter / "ft_run.json").read_text())
+    assert record["launch"]["processes"] == 2 and record["steps"] == 3
+
+    shell.run_line_magic("lora_adapters", f"load {adapter}")
+    magics = shell.magics_manager.registry["FtMagics"]
+    assert magics.session.adapters.active == "exported"
+    assert magics.session.adapters.require("exported").steps == 3
+
+
+def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
+    """accelerate's notebook_launcher in a fresh interpreter (nothing imported that blocks a fork)."""
+    from ft_magics.core.jobs import JobSpec, write_job
+    from ft_magics.config import TrainConfig
+
+    job = write_job(tmp_path / "job", JobSpec(
+        name="forked", model={"source": str(tiny_model_dir), "bits": 32, "dtype": "fp32"}, data="demo:support",
+        settings=TrainConfig.from_dict(dict(FAST, max_steps=3, batch_size=4)).to_dict(), processes=2))
+    code = (
+        "import sys, json\n"
+        "from ft_magics.core.jobs import run_job, notebook_launcher_blocker\n"
+        "from ft_magics.core.events import Recorder, StepEnd\n"
+        "assert notebook_launcher_blocker() is None, notebook_launcher_blocker()\n"
+        "rec = Recorder()\n"
+        f"out = run_job({str(job)!r}, 2, 'notebook', [rec])\n"
+        "print('RESULT', json.dumps({'status': out.status, 'adapter': out.adapter_path,\n"
+        "      'steps': [e.step for e in rec.of(StepEnd)], 'procs': out.record['launch']['processes'],\n"
+        "      'texts': [m.text for m in rec.events if type(m).__name__ == 'Message']}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    assert out["status"] == "completed" and out["steps"] == [1, 2, 3] and out["procs"] == 2
+    assert any("notebook launcher" in t for t in out["texts"])
+    assert out["adapter"] == str((tmp_path / "job" / "adapters" / "forked").resolve())
