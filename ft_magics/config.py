@@ -52,6 +52,9 @@ class TrainConfig:
         True, "Compute the loss over the output layer in row chunks, only where tokens carry loss: never holds "
         "full-vocabulary fp32 logits for the batch (faster, much less memory; same loss and gradients).")
     loss_chunk_rows: int = _f(0, "Rows per chunk for chunked_loss (0: auto, about 64 MB of fp32 logits per chunk).")
+    autocast: bool = _f(
+        True, "Run the forward under autocast in the compute dtype (bf16 where the hardware is fast at it): LoRA "
+        "layers compute in bf16 with fp32 weights instead of keeping fp32 copies of their inputs.")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)

@@ -117,9 +117,9 @@ def test_knobs_reachable_from_yaml_body():
     from ft_magics.config import TrainConfig, parse_yaml_body
     from ft_magics.errors import FtUsageError
 
-    cfg = TrainConfig.from_dict(parse_yaml_body("chunked_loss: false\nloss_chunk_rows: 128\n"))
-    assert cfg.chunked_loss is False and cfg.loss_chunk_rows == 128
-    assert TrainConfig().chunked_loss is True
+    cfg = TrainConfig.from_dict(parse_yaml_body("chunked_loss: false\nloss_chunk_rows: 128\nautocast: off\n"))
+    assert cfg.chunked_loss is False and cfg.loss_chunk_rows == 128 and cfg.autocast is False
+    assert TrainConfig().chunked_loss is True and TrainConfig().autocast is True
     with pytest.raises(FtUsageError):
         TrainConfig.from_dict({"loss_chunk_rows": -1})
 
@@ -141,3 +141,41 @@ def test_training_uses_chunked_loss_and_matches_standard(shell, tiny_model_dir):
     assert len(losses["true"]) == 3
     for a, b in zip(losses["true"], losses["false"]):
         assert abs(a - b) < 1e-3 * max(abs(b), 1.0), losses
+
+
+def test_autocast_keeps_lora_inputs_bf16_and_grads_fp32(tiny_model_dir):
+    """Under autocast PEFT no longer casts LoRA inputs to fp32; the loss stays close and adapters still learn."""
+    from ft_magics.core.speed import autocast_context, causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir, dtype=torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()  # PEFT's default: fp32 adapter weights on a bf16 base
+    batch = _batch(model.config.vocab_size, seed=4)
+    seen = []
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    plain = causal_lm_chunked_loss(model, batch)
+    with autocast_context(model, torch.bfloat16):
+        loss = causal_lm_chunked_loss(model, batch)
+    hook.remove()
+    assert seen[0] == (torch.float32, torch.float32)  # without autocast: an fp32 copy of the input
+    assert seen[1] == (torch.bfloat16, torch.bfloat16)
+    assert abs(loss.item() - plain.item()) < 2e-2 * abs(plain.item())
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_autocast_knob_off_and_fp32_model_use_plain_trainer(tiny_model_dir):
+    from transformers import Trainer, TrainingArguments
+
+    from ft_magics.core.speed import make_trainer
+
+    model = _lora_model(tiny_model_dir)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    t = make_trainer(model, False, autocast_dtype=torch.float32, args=args)
+    assert type(t) is Trainer
+    t = make_trainer(model, False, autocast_dtype=torch.bfloat16, args=args)
+    assert type(t) is not Trainer and t.autocast_dtype == torch.bfloat16 and t.chunked is False

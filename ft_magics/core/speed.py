@@ -162,48 +162,86 @@ def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: 
     return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items)
 
 
+def autocast_context(model, dtype):
+    """``torch.autocast`` in ``dtype`` (bf16/fp16) with PEFT's input casting off, or a no-op context.
+
+    Without it PEFT casts every LoRA layer's input to the adapter's fp32 dtype, so each adapted layer keeps
+    an fp32 copy of its input (plus the dropout output) for the backward pass: on the demo model that is
+    more memory than all the base layers' activations. Under autocast the LoRA matmuls run in bf16 on
+    the bf16 activations while the adapter weights (and AdamW) stay fp32.
+    """
+    import contextlib
+
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
+    stack.enter_context(disable_input_dtype_casting(model))
+    return stack
+
+
 def speed_trainer_class():
-    """``transformers.Trainer`` with the chunked loss and a loss-only evaluation step."""
+    """``transformers.Trainer`` with the chunked loss, autocast, and a loss-only evaluation step."""
     import torch
     from transformers import Trainer
 
     class SpeedTrainer(Trainer):
-        """Trainer whose loss never materialises full-vocabulary logits for the batch.
-
-        Evaluation returns the loss only (no logits gathered across the eval set: nothing here uses them).
-        """
+        """Trainer whose loss never materialises full-vocabulary logits for the batch (``chunked``), whose
+        forward runs under autocast in the compute dtype (``autocast_dtype``), and whose evaluation returns
+        the loss only (no logits gathered across the eval set: nothing here uses them)."""
 
         chunk_rows: int = 0
+        chunked: bool = True
+        autocast_dtype = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Same normalisation as the model's own loss: per-batch mean, or the token sum over the
-            # accumulated batch when the Trainer passes num_items_in_batch (gradient accumulation).
-            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-            loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows, items)
+            with autocast_context(model, self.autocast_dtype):
+                if not self.chunked:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                # Same normalisation as the model's own loss: per-batch mean, or the token sum over the
+                # accumulated batch when the Trainer passes num_items_in_batch (gradient accumulation).
+                items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows, items)
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            if not self.chunked:
+                with autocast_context(model, self.autocast_dtype):
+                    return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
+            with torch.no_grad(), autocast_context(model, self.autocast_dtype):
                 loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
             return loss.detach(), None, None
 
     return SpeedTrainer
 
 
-def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None, **trainer_kw):
-    """A Trainer for ``model``: the chunked-loss one when asked for and the model allows it."""
+def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None,
+                 autocast_dtype=None, **trainer_kw):
+    """A Trainer for ``model``: the chunked loss when asked for and the model allows it; the forward under
+    autocast when ``autocast_dtype`` is bf16/fp16; the plain ``transformers.Trainer`` when neither applies."""
+    import torch
     from transformers import Trainer
 
     if chunked_loss:
         why = chunked_loss_blocker(model)
-        if why is None:
-            cls = speed_trainer_class()
-            trainer = cls(model=model, **trainer_kw)
-            trainer.chunk_rows = int(chunk_rows or 0)
-            return trainer
-        msg = f"chunked loss off: {why}; using the standard full-logits loss"
-        log.info(msg)
-        if notes is not None:
-            notes.append(msg)
-    return Trainer(model=model, **trainer_kw)
+        if why is not None:
+            chunked_loss = False
+            msg = f"chunked loss off: {why}; using the standard full-logits loss"
+            log.info(msg)
+            if notes is not None:
+                notes.append(msg)
+    if autocast_dtype not in (torch.bfloat16, torch.float16):
+        autocast_dtype = None
+    if not chunked_loss and autocast_dtype is None:
+        return Trainer(model=model, **trainer_kw)
+    trainer = speed_trainer_class()(model=model, **trainer_kw)
+    trainer.chunked = chunked_loss
+    trainer.chunk_rows = int(chunk_rows or 0)
+    trainer.autocast_dtype = autocast_dtype
+    return trainer

@@ -434,7 +434,8 @@ def run_training(
     from .speed import make_trainer  # chunked loss: no full-vocabulary logits for the batch
 
     trainer = make_trainer(
-        peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, args=args, train_dataset=train_ds,
+        peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
+        args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator, callbacks=[callback, ckpts.make_callback(cfg, flag, ckpt_meta)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
