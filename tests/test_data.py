@@ -351,6 +351,39 @@ def test_unreadable_files(tmp_path, monkeypatch):
         load(str(tmp_path / "d.xlsx"))
 
 
+def test_chat_template_refusing_a_row_names_the_row(tmp_path):
+    strict = build_tiny_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    p = write_jsonl(tmp_path / "d.jsonl", [CHAT[0], {"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}])
+    with pytest.raises(FtUsageError) as e:
+        D.prepare(str(p), strict, cfg())
+    msg = str(e.value)
+    assert f"{p}, line 2: the model's chat template refused this conversation (roles: user, user, assistant)" in msg
+    assert "Conversation roles must alternate" in msg
+
+
+def test_json_object_with_train_and_test_lists_uses_train(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"train": CHAT, "test": CHAT[:1]}))
+    assert len(load(str(tmp_path / "d.json"))[0]) == 2
+    (tmp_path / "e.json").write_text(json.dumps({"a": CHAT, "b": CHAT[:1]}))
+    with pytest.raises(FtUsageError, match="several lists of records \\(a, b\\) and none is called 'train'"):
+        load(str(tmp_path / "e.json"))
+
+
+def test_csv_row_errors_name_the_row(tmp_path):
+    (tmp_path / "d.csv").write_text('prompt,completion\n"multi\nline",ok\nx,\n')
+    recs, _ = load(str(tmp_path / "d.csv"))  # an empty cell is an empty string, not a missing field
+    assert recs[0].messages[0]["content"] == "multi\nline" and recs[1].messages[1]["content"] == ""
+    (tmp_path / "e.csv").write_text("instruction,output\nhi,there\n")
+    with pytest.raises(FtUsageError, match=r"e\.csv, row 1: the prompt-completion format needs"):
+        load(str(tmp_path / "e.csv"), fmt="prompt-completion")
+
+
 def test_missing_file_and_missing_variable():
     with pytest.raises(FtUsageError, match="'train_rows' is neither a file nor a variable in this notebook "
                                            "\\(did you mean 'train_row'\\?\\)"):
@@ -585,6 +618,12 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_models, impl, train_on):
         s, c = _sum_loss(model, batch)
         assert c == count
         assert s == pytest.approx(total, rel=1e-4)
+        # the training loss path (core.speed's chunked loss, which runs the decoder itself) keeps them apart too
+        from ft_magics.core.speed import causal_lm_chunked_loss
+
+        with torch.no_grad():
+            mean = causal_lm_chunked_loss(model, batch).item()
+        assert mean * count == pytest.approx(total, rel=1e-4)
     # the control: the same rows without position_ids (examples see each other) give another loss
     leak, _ = _sum_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False})
     assert abs(leak - total) > 1e-3 * total

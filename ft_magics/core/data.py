@@ -48,6 +48,7 @@ class Record:
     messages: Optional[list] = None  # [{"role": ..., "content": str}, ...]
     text: Optional[str] = None
     tools: Optional[list] = None
+    where: str = ""  # "file.jsonl, line 7": for errors found later (e.g. the chat template refusing it)
 
     def to_json(self) -> dict:
         if self.text is not None:
@@ -190,9 +191,9 @@ def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[
             else:
                 raise FtUsageError(
                     f"{what} is a DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
-                    f"pass one split, e.g. {what.split(chr(39))[1] if chr(39) in what else 'ds'}['{splits[0]}']."
+                    f"pass one split, e.g. dataset['{splits[0]}']."
                 )
-        if name.startswith("Iterable") or type(obj).__name__.startswith("Iterable"):
+        if type(obj).__name__.startswith("Iterable"):
             if limit is None:
                 raise FtUsageError(f"{what} is a streaming IterableDataset; set max_rows to take its first rows.")
             return [dict(r) for r, _ in zip(obj, range(limit))]
@@ -307,14 +308,14 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
         ) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-        if len(lists) == 1:  # {"data": [...]} or {"train": [...], "version": 2}
-            data = data[lists[0]]
+        if len(lists) == 1 or "train" in lists:  # {"data": [...]}, {"train": [...], "test": [...]}
+            data = data["train" if "train" in lists else lists[0]]
         elif all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
             pass  # a dict of columns: handled by _rows_from_object
         elif len(lists) > 1:
             raise FtUsageError(
-                f"{path}: the JSON object holds several lists of records ({', '.join(lists)}); keep one, "
-                "or give a list of records or JSON lines."
+                f"{path}: the JSON object holds several lists of records ({', '.join(lists)}) and none is "
+                "called 'train'; keep one, or give a list of records or JSON lines."
             )
         else:
             data = [data]
@@ -366,9 +367,7 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
 
             df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, nrows=limit,
                              encoding="utf-8")
-            rows = Rows(df.to_dict(orient="records"))
-            rows.locs = [f"{path}, line {i + 2}" for i in range(len(rows))]  # line 1 is the header
-            return rows
+            return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -560,7 +559,12 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         fmt = found
     elif fmt not in FORMAT_KEYS:
         raise FtUsageError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMAT_KEYS)}; use auto or one of {', '.join(FORMAT_KEYS)}.")
-    records = [_normalise_row(r, fmt, locate(i, where)) for i, r in enumerate(rows)]
+    records = []
+    for i, r in enumerate(rows):
+        loc = locate(i, where)
+        rec = _normalise_row(r, fmt, loc)
+        rec.where = loc
+        records.append(rec)
     return records, fmt
 
 
@@ -718,7 +722,8 @@ class DataReport:
         if self.max_seq_len:
             line = f"Length     {self.over_max} of {len(self.lengths)} examples exceed max_seq_len={self.max_seq_len}"
             if self.over_max:
-                line += (f": {self.truncated} truncated, {self.dropped_overlong} dropped (overlong: {self.overlong})")
+                line += (f": {self.truncated} truncated, {self.dropped_overlong} dropped (overlong: {self.overlong}); "
+                         f"max_seq_len: {st['max']} would fit them all")
             lines.append(line)
         if self.dropped_no_answer:
             lines.append(
@@ -825,7 +830,17 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
     for rec in records:
-        ex = tokenize_record(tokenizer, rec, train_on)
+        try:
+            ex = tokenize_record(tokenizer, rec, train_on)
+        except FtUsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - jinja TemplateError from the model's own chat template
+            roles = ", ".join(m["role"] for m in rec.messages or [])
+            raise FtUsageError(
+                f"{rec.where or 'an example'}: the model's chat template refused this conversation "
+                f"(roles: {roles or 'none'}): {type(exc).__name__}: {exc}. Many templates need user and "
+                "assistant turns to alternate and know no 'tool' role; fix the row or load another model."
+            ) from None
         if report is not None:
             report.lengths.append(len(ex.input_ids))
         if ex.n_loss_tokens == 0:
