@@ -469,6 +469,73 @@ def test_loss_on_the_completion_only(tok):
     assert (ex.input_ids, ex.labels) == (want_ids, want_labels)
 
 
+def test_conversation_opening_with_an_answer_keeps_its_header_out_of_the_loss(tok):
+    rec = D.normalise([{"messages": [{"role": "assistant", "content": "Welcome!"},
+                                     {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])[0][0]
+    ex = D.tokenize_record(tok, rec)
+    want_ids, want_labels = expected_chat(tok, [
+        ("<|im_start|>", 0), ("assistant\n", 0), ("Welcome!", 1), ("<|im_end|>", 1), ("\n", 1),
+        ("<|im_start|>", 0), ("user\nhi", 0), ("<|im_end|>", 0), ("\n", 0),
+        ("<|im_start|>", 0), ("assistant\n", 0), ("hello", 1), ("<|im_end|>", 1), ("\n", 1),
+    ])
+    assert (ex.input_ids, ex.labels) == (want_ids, want_labels)
+
+
+def test_loss_marks_exactly_each_answer_for_any_text(tok):
+    """Property: for arbitrary user/assistant text, the loss-bearing tokens decode to exactly each answer
+    followed by <|im_end|> and a newline, and nothing else carries loss."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    text = st.text(alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz ABC?!.,:0123\n")), min_size=1,
+                   max_size=40).filter(lambda t: t.strip())
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(text, text), min_size=1, max_size=3))
+    def check(turns):
+        msgs = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        ex = D.tokenize_record(tok, D.normalise([{"messages": msgs}])[0][0])
+        segments, cur = [], []
+        for t, lab in zip(ex.input_ids, ex.labels):
+            if lab != -100:
+                assert lab == t
+                cur.append(t)
+            elif cur:
+                segments.append(tok.decode(cur))
+                cur = []
+        if cur:
+            segments.append(tok.decode(cur))
+        assert segments == [a + "<|im_end|>\n" for _, a in turns]
+
+    check()
+
+
+def test_pack_property():
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=40), st.integers(32, 80))
+    def check(lengths, max_len):
+        exs = [D.TokenizedExample(list(range(100 * i, 100 * i + n)), list(range(100 * i, 100 * i + n)))
+               for i, n in enumerate(lengths)]
+        rows = D.pack(exs, max_len)
+        assert all(len(r.input_ids) <= max_len for r in rows)
+        assert sorted(t for r in rows for t in r.input_ids) == sorted(t for e in exs for t in e.input_ids)
+        # every example sits whole, in order, with positions 0..n-1
+        for r in rows:
+            for start in [i for i, p in enumerate(r.position_ids) if p == 0]:
+                first = r.input_ids[start]
+                n = lengths[first // 100]
+                assert r.input_ids[start:start + n] == list(range(first, first + n))
+                assert r.position_ids[start:start + n] == list(range(n))
+        # best fit never leaves two rows that would fit in one
+        sizes = sorted(len(r.input_ids) for r in rows)
+        assert len(sizes) < 2 or sizes[0] + sizes[1] > max_len
+
+    check()
+
+
 def test_train_on_all(tok):
     rec = D.normalise(CHAT)[0][1]
     ex = D.tokenize_record(tok, rec, train_on="all")

@@ -779,8 +779,12 @@ def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, **kw) if k else ""
         upto = tokenizer.apply_chat_template(messages[: k + 1], **kw)
+        if k:
+            prefix = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, **kw)
+        else:  # the conversation opens with an answer: its header (and any default system turn) is prompt
+            at = upto.rfind(m["content"]) if m["content"] else -1
+            prefix = upto[:at] if at > 0 else ""
         if not (full.startswith(upto) and upto.startswith(prefix)):
             stable = False
             break
