@@ -294,3 +294,21 @@ def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
     assert out["status"] == "completed" and out["steps"] == [1, 2, 3] and out["procs"] == 2
     assert any("notebook launcher" in t for t in out["texts"])
     assert out["adapter"] == str((tmp_path / "job" / "adapters" / "forked").resolve())
+
+
+@pytest.mark.slow
+def test_demo_model_qlora_on_two_processes(tmp_path):
+    """The demo job as QLoRA (4-bit NF4) on two CPU processes: completes, one adapter, loads back."""
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load("demo", bits=4)
+    rec = Recorder()
+    result = s.train_processes("demo-2p", "demo:support", dict(max_steps=3, batch_size=4, max_seq_len=256),
+                               processes=2, listeners=[rec])
+    assert result.status == "completed" and result.steps == 3
+    assert result.record["base_model"]["bits"] == 4 and result.record["launch"]["processes"] == 2
+    assert _files(tmp_path, "adapter_model.safetensors") == [tmp_path / "adapters" / "demo-2p" / "adapter_model.safetensors"]
+    assert [e.step for e in rec.of(StepEnd)] == [1, 2, 3]
+    assert s.adapters.active == "demo-2p"
+    assert s.generate("How do I reset my password?", max_new_tokens=8).new_tokens > 0
