@@ -194,9 +194,10 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_dir(d)
 
 
-def make_callback(cfg, flag, meta: dict):
+def make_callback(cfg, flag, meta: dict, listeners=()):
     """A TrainerCallback that asks Trainer to checkpoint every ``save_every`` steps, every
-    ``save_every_minutes``, and when the run is being stopped; and marks each finished checkpoint."""
+    ``save_every_minutes``, and when the run is being stopped; and marks each finished checkpoint.
+    It also says which batch size ``auto_batch_size`` settled on."""
     from transformers import TrainerCallback
 
     every = int(cfg.save_every or 0)
@@ -208,6 +209,11 @@ def make_callback(cfg, flag, meta: dict):
 
         def on_train_begin(self, args, state, control, **kw):
             self.last = time.monotonic()
+            used = getattr(state, "train_batch_size", None)
+            if cfg.auto_batch_size and used and used != cfg.batch_size:
+                emit(listeners, Message(
+                    f"auto_batch_size: batch_size {cfg.batch_size} did not fit in memory; training with batch_size "
+                    f"{used}. Put batch_size: {used} in the cell body to skip the search next time.", "warning"))
 
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step

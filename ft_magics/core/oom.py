@@ -53,7 +53,7 @@ def oom_error(exc: BaseException, cfg, bits: Optional[int] = None, device: str =
     if "No executable batch size found" in str(exc):
         tried = " even at batch_size 1 (auto_batch_size tried every size)"
     lines = [f"training ran out of {where}{tried}. The run stopped cleanly and its memory was released; "
-             "the model is still loaded. Try, in the cell body:"]
+             "the model is still loaded. Try one of these settings (cell body or --flags):"]
     lines += [f"  - {s}" for s in suggestions(cfg, bits)] or ["  - a smaller model"]
     first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     lines.append(f"({type(exc).__name__}: {first})")

@@ -436,7 +436,7 @@ def run_training(
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
         args=args, train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback, ckpts.make_callback(cfg, flag, ckpt_meta)],
+        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

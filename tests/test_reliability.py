@@ -1,0 +1,369 @@
+"""Reliability: resumable checkpoints, interrupts, out-of-memory, and safe loading (tiny model, CPU)."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from ft_magics.core.events import Listener, Recorder
+from ft_magics.errors import FtUsageError
+
+DATA = [{"prompt": f"How do I reset password {i}?", "completion": f"Click forgot password, step {i}."}
+        for i in range(24)]
+CFG = dict(max_steps=8, batch_size=2, save_every=2, log_every=1, learning_rate=1e-2, max_seq_len=64, r=4, alpha=8,
+           save_every_minutes=0)
+
+
+class StopAt(Listener):
+    """Asks the run to stop (like the Stop button) once step ``k`` has been reported."""
+
+    def __init__(self, session, k):
+        self.session, self.k = session, k
+
+    def on_step(self, e):
+        if e.step == self.k:
+            self.session.stop()
+
+
+class InterruptAt(Listener):
+    """Sends this process a real SIGINT (what the kernel's interrupt does) at step ``k``."""
+
+    def __init__(self, k, times=1):
+        self.k, self.times = k, times
+
+    def on_step(self, e):
+        if e.step == self.k:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def _ckpts(session, name):
+    root = session.adapters_dir / ".checkpoints" / name
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def _messages(rec):
+    return [e.text for e in rec.events if type(e).__name__ == "Message"]
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_session):
+    s = tiny_session
+    full = s.train("full", DATA, CFG)
+    assert full.status == "completed" and full.steps == 8
+    assert _ckpts(s, "full") == []  # a completed run needs no checkpoints
+
+    part = s.train("part", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert part.status == "stopped" and 3 <= part.steps < 8
+    saved = _ckpts(s, "part")
+    assert saved and all(n.startswith("checkpoint-") for n in saved) and len(saved) <= 2  # save_total_limit
+    assert f"checkpoint-{part.steps}" in saved  # stopping writes a checkpoint at the stop step
+    rec = Recorder()
+    resumed = s.train("part", DATA, CFG, resume=True, listeners=[rec])
+    assert resumed.status == "completed" and resumed.steps == 8
+    assert any(f"resuming 'part' from checkpoint-{part.steps}" in m for m in _messages(rec))
+    a, b = full.record["loss_history"], resumed.record["loss_history"]
+    assert [st for st, _ in a] == [st for st, _ in b] == list(range(1, 9))
+    for (_, la), (_, lb) in zip(a, b):
+        assert lb == pytest.approx(la, abs=1e-4)
+    # the resumed adapter equals the uninterrupted one
+    from safetensors.torch import load_file
+
+    wa = load_file(str(Path(full.adapter_path) / "adapter_model.safetensors"))
+    wb = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() < 1e-4, k
+
+
+def test_incomplete_checkpoints_are_skipped_on_resume(tiny_session):
+    s = tiny_session
+    r = s.train("bot", DATA, dict(CFG, save_every=1), listeners=[StopAt(s, 4)])
+    assert r.status == "stopped"
+    root = s.adapters_dir / ".checkpoints" / "bot"
+    newest, older = sorted(root.iterdir(), key=lambda p: int(p.name.split("-")[1]), reverse=True)[:2]
+    # a kill while the newest was being written: weights truncated, marker never written
+    w = next(newest.rglob("adapter_model.safetensors"))
+    w.write_bytes(w.read_bytes()[:100])
+    (newest / ".ft_magics_complete").unlink()
+    # a stray folder that looks like a later checkpoint but was never finished
+    (root / "checkpoint-99").mkdir()
+    (root / "checkpoint-99" / "trainer_state.json").write_text("{\"global_step\": 99")
+    from ft_magics.core.checkpoints import checkpoint_problem, latest_valid
+
+    assert "marker" in checkpoint_problem(newest)
+    assert latest_valid(root) == older
+    rec = Recorder()
+    done = s.train("bot", DATA, dict(CFG, save_every=1), resume=True, listeners=[rec])
+    msgs = _messages(rec)
+    assert any("skipped incomplete checkpoint checkpoint-99" in m for m in msgs), msgs
+    assert any(f"skipped incomplete checkpoint {newest.name}" in m for m in msgs), msgs
+    assert any(f"resuming 'bot' from {older.name}" in m for m in msgs), msgs
+    assert done.status == "completed" and done.steps == 8
+
+
+def test_checkpoints_by_time(tiny_session):
+    s = tiny_session
+    # save_every_minutes tiny: a checkpoint after every step; the limit keeps the newest two
+    r = s.train("timed", DATA, dict(CFG, save_every=0, save_every_minutes=1e-6), listeners=[StopAt(s, 5)])
+    names = _ckpts(s, "timed")
+    assert len(names) == 2 and f"checkpoint-{r.steps}" in names and f"checkpoint-{r.steps - 1}" in names
+    from ft_magics.core.checkpoints import checkpoint_problem
+
+    assert all(checkpoint_problem(s.adapters_dir / ".checkpoints" / "timed" / n) is None for n in names)
+    # the default: by time only, every 5 minutes, so a short run writes none until it is stopped
+    from ft_magics.config import TrainConfig
+
+    assert TrainConfig().save_every == 0 and TrainConfig().save_every_minutes == 5.0
+
+
+def test_resume_without_a_checkpoint_is_a_usage_error(tiny_session, shell, tiny_model_dir):
+    with pytest.raises(FtUsageError, match="no complete checkpoint of 'nothing'.*without --resume"):
+        tiny_session.train("nothing", DATA, CFG, resume=True)
+    from IPython.core.error import UsageError
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match="no complete checkpoint"):
+        shell.run_cell_magic("lora_train", "nothing --data demo:support --resume --no-widgets", "r: 4\n")
+
+
+@pytest.mark.parametrize("bad", ["save_every: -1", "save_every_minutes: -2", "save_every: often"])
+def test_checkpoint_settings_are_validated(bad):
+    from ft_magics.config import TrainConfig, parse_yaml_body
+
+    with pytest.raises(FtUsageError, match="save_every"):
+        TrainConfig.from_dict(parse_yaml_body(bad))
+
+
+# ------------------------------------------------------------------ interrupts
+def test_sigint_stops_at_a_step_boundary_saves_and_model_stays_usable(tiny_session):
+    s = tiny_session
+    rec = Recorder()
+    r = s.train("bot", DATA, CFG, listeners=[InterruptAt(3), rec])
+    assert r.status == "interrupted" and 3 <= r.steps < 8
+    from ft_magics.core.adapters import read_adapter_folder
+
+    read_adapter_folder(Path(r.adapter_path))
+    record = json.loads((Path(r.adapter_path) / "ft_run.json").read_text())
+    assert record["status"] == "interrupted" and record["steps"] == r.steps
+    hint = [m for m in _messages(rec) if "--resume" in m]
+    assert hint and r.adapter_path in hint[0] and f"%%lora_train bot --resume" in hint[0]
+    # the model is usable: the adapter is registered and generates
+    assert "bot" in s.adapters.names()
+    assert s.generate("How do I reset my password?", max_new_tokens=3).new_tokens >= 1
+    # and the original SIGINT handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_repeated_interrupts_while_saving_do_not_corrupt_the_adapter(tiny_session, monkeypatch):
+    import ft_magics.core.training as training
+
+    real_save = training.save_adapter
+    calls = []
+
+    def save_under_fire(*a, **k):
+        for _ in range(4):  # the 3-interrupt escape hatch must not fire during a save
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(training, "save_adapter", save_under_fire)
+    r = tiny_session.train("bot", DATA, CFG, listeners=[InterruptAt(2, times=2)])
+    assert calls and r.status == "interrupted" and r.adapter_path
+    from ft_magics.core.adapters import read_adapter_folder
+
+    read_adapter_folder(Path(r.adapter_path))
+    assert (Path(r.adapter_path) / ".ft_magics_complete").exists()
+    assert not [p for p in Path(r.adapter_path).parent.iterdir() if ".tmp-" in p.name]
+
+
+# ------------------------------------------------------------------ out of memory
+@pytest.fixture
+def oom_above(monkeypatch):
+    """Make the decoder's forward raise torch.OutOfMemoryError for batches larger than ``limit`` (the
+    decoder runs in every loss path, chunked or not)."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    seen = []
+    real = LlamaModel.forward
+
+    def install(limit):
+        def forward(self, *a, **kw):
+            ids = kw.get("input_ids", a[0] if a else None)
+            if self.training and ids is not None:
+                seen.append(ids.shape[0])
+                if ids.shape[0] > limit:
+                    raise torch.OutOfMemoryError(
+                        f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated for batch {ids.shape[0]})")
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(LlamaModel, "forward", forward)
+        return seen
+
+    return install
+
+
+def test_oom_ends_cleanly_with_concrete_advice(tiny_session, oom_above):
+    import torch
+
+    oom_above(2)
+    with pytest.raises(FtUsageError) as info:
+        tiny_session.train("big", DATA, dict(CFG, batch_size=8))
+    msg = str(info.value)
+    for advice in ("batch_size: 4 with grad_accum: 2", "max_seq_len", "gradient_checkpointing: true", "--bits 4",
+                   "auto_batch_size: true"):
+        assert advice in msg, msg
+    assert "Traceback" not in msg
+    # the failed run's optimizer and gradients are gone; the model stays usable
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+    assert all(p.grad is None for p in tiny_session.model.parameters())
+    assert tiny_session.generate("Hello", max_new_tokens=2).new_tokens >= 1
+    assert not (tiny_session.adapters_dir / "big").exists()
+
+
+def test_oom_in_the_magic_is_a_usage_error(shell, tiny_model_dir, oom_above):
+    from IPython.core.error import UsageError
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    oom_above(1)
+    with pytest.raises(UsageError, match="(?s)ran out of memory.*batch_size: 2"):
+        shell.run_cell_magic("lora_train", "big --data demo:support --no-widgets --max-steps 2 --batch-size 4", "r: 4\n")
+
+
+def test_auto_batch_size_finds_a_batch_that_fits(tiny_session, oom_above):
+    seen = oom_above(3)
+    rec = Recorder()
+    r = tiny_session.train("auto", DATA, dict(CFG, batch_size=8, auto_batch_size=True), listeners=[rec])
+    assert r.status == "completed" and r.steps == 8
+    assert max(seen) == 8 and seen[-1] <= 3  # started at 8, shrank until the batch fitted
+    assert any("training with batch_size 3" in m for m in _messages(rec)), _messages(rec)
+
+
+# ------------------------------------------------------------------ safe by default
+def _pickle_only_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    torch.save(load_file(str(src / "model.safetensors")), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path, shell):
+    from ft_magics import Session
+    from IPython.core.error import UsageError
+
+    folder = _pickle_only_model(tiny_model_dir, tmp_path / "pickled")
+    s = Session(adapters_dir=tmp_path / "adapters")
+    with pytest.raises(FtUsageError, match="pickle.*--allow-pickle"):
+        s.load(str(folder), bits=32)
+    assert s.handle is None
+    with pytest.raises(UsageError, match="--allow-pickle"):
+        shell.run_line_magic("qlora_load", f"{folder} --bits 32")
+    h = s.load(str(folder), bits=32, allow_pickle=True)
+    assert h.param_count > 0
+
+
+def test_remote_code_is_not_run_unless_trusted(tiny_model_dir, tmp_path):
+    import shutil
+
+    from ft_magics import Session
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, folder)
+    ran = tmp_path / "REMOTE_CODE_RAN"
+    code = f"open({str(ran)!r}, 'w').write('yes')\nfrom transformers import LlamaConfig\n" \
+           "class EvilConfig(LlamaConfig):\n    model_type = 'llama'\n"
+    (folder / "configuration_evil.py").write_text(code)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                       "AutoModelForCausalLM": "configuration_evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    s = Session(adapters_dir=tmp_path / "adapters")
+    # a known architecture with an auto_map: the built-in code is used, the shipped code never runs
+    s.load(str(folder), bits=32)
+    assert not ran.exists()
+    # an architecture only the shipped code knows: refused, naming the flag, and still nothing runs
+    cfg["model_type"] = "evil_llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "configuration_evil.py").write_text(code.replace("model_type = 'llama'", "model_type = 'evil_llama'"))
+    with pytest.raises(FtUsageError, match="--trust-remote-code"):
+        s.load(str(folder), bits=32)
+    assert not ran.exists()
+
+
+BAD_NAMES = ["../escape", "a/b", "a\\b", ".hidden", "..", "x/../../y", "/abs", "base", "", " ", "a" * 65,
+             "-flag", "a..b", "name\x00", "über/x"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_bad_adapter_names_are_refused_and_nothing_is_written(tiny_session, bad, tmp_path):
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(FtUsageError):
+        tiny_session.train(bad, DATA, CFG)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_bad_adapter_name_in_the_magic(shell, tiny_model_dir, tmp_path):
+    from IPython.core.error import UsageError
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match="not allowed"):
+        shell.run_cell_magic("lora_train", "../../evil --data demo:support --no-widgets --max-steps 1", "r: 4\n")
+    with pytest.raises(UsageError, match="not allowed"):
+        shell.run_line_magic("lora_adapters", f"load {tiny_model_dir} --name ../x")
+    assert not (tmp_path.parent / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+def _other_base(tmp_path: Path) -> Path:
+    """A tiny Llama of a different shape (hidden 32) with the same tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    path = tmp_path / "other-base"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_adapter_for_another_base_or_other_modules_is_refused_saying_which(tiny_session, tmp_path):
+    import shutil
+
+    from ft_magics import Session
+
+    r = tiny_session.train("bot", DATA, dict(CFG, max_steps=1))
+    # 1. another base model (different layer shapes)
+    other = Session(adapters_dir=tmp_path / "other-adapters")
+    other.load(str(_other_base(tmp_path)), bits=32)
+    with pytest.raises(FtUsageError, match=r"does not fit the loaded model other-base: layer model\.layers\.0\.\S+ is \d+->\d+ here.*trained on \S*tiny-llama"):
+        other.load_adapter(r.adapter_path)
+    assert not other.adapters.names()
+    assert other.generate("Hello", max_new_tokens=2).new_tokens >= 1  # untouched and usable
+    # 2. target modules the model does not have
+    odd = tmp_path / "odd"
+    shutil.copytree(r.adapter_path, odd)
+    cfg = json.loads((odd / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "c_attn"]
+    (odd / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FtUsageError, match="targets module\\(s\\) c_attn"):
+        tiny_session.load_adapter(odd, name="odd")
+    assert "odd" not in tiny_session.adapters.names()
