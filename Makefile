@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-fast demo bench clean soak browser-deps bench-dashboard
+.PHONY: install test test-fast demo bench bench-levers clean soak browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-dashboard: install
 BENCH_SCRIPTS += benchmarks/bench_training.py benchmarks/bench_planner.py
 bench: install
 	@for s in $(BENCH_SCRIPTS); do echo "== $$s"; $(BIN)/python $$s || exit 1; done
+
+# each training lever on its own (longer than `make bench`)
+bench-levers: install
+	$(BIN)/python benchmarks/bench_levers.py
 
 # `make soak`: the kill test at scale (SOAK_KILLS SIGKILLs at random steps / mid-save, SOAK_INTS SIGINTs).
 SOAK_KILLS ?= 200
