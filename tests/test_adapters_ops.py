@@ -222,3 +222,20 @@ def test_swap_merge_generate_fail_clearly_while_training_holds_the_model(tiny_se
         release.set()
         t.join()
     assert tiny_session.use("base") >= 0.0  # free again once the run ends
+
+
+def test_fast_swaps_match_plain_peft_for_every_adapter(tiny_session, tiny_model_dir, made_by_peft):
+    """activate() sets the LoRA layers' flags directly (sub-millisecond); outputs must equal PEFT's."""
+    import torch
+    from peft import PeftModel
+
+    for name in ("a", "b", "mlp"):
+        tiny_session.load_adapter(made_by_peft[name], name)
+    want = {n: logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(made_by_peft[n])).eval())
+            for n in ("a", "b", "mlp")}
+    base = logits(pristine(tiny_model_dir))
+    for name in ("b", "a", "base", "mlp", "a", "base", "b"):
+        ms = tiny_session.use(name)
+        assert ms < 50
+        assert torch.equal(logits(tiny_session.model), base if name == "base" else want[name]), name
+    assert tiny_session.model.active_adapter == "b"

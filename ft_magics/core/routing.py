@@ -1,9 +1,12 @@
 """Per-request adapter routing: the seed's edge pattern (one base model, many task adapters per request).
 
 A batch of requests each names a task adapter (or ``base``). The router loads the adapters missing
-from memory out of an adapter store folder, keeps at most ``capacity`` of the ones it loaded (least
-recently used goes first), and answers the batch in one ``generate`` call in which PEFT runs a
-different adapter on each row (``adapter_names``, left padding). Where PEFT cannot do that (an
+from memory out of an adapter store folder into at most ``capacity`` slots (PEFT adapters named
+``ft-slot-K``), and answers the batch in one ``generate`` call in which PEFT runs a different adapter
+on each row (``adapter_names``, left padding). When every slot is taken, the least recently used
+slot is *hot-swapped*: PEFT's ``hotswap_adapter`` copies the new adapter's weights from disk into the
+slot's existing tensors, which is far cheaper than creating 200-odd LoRA modules; an adapter that does
+not fit the slot (other target modules) replaces it the slow way. Where PEFT cannot do that (an
 adapter type or layer without mixed-batch support) it falls back to one batch per adapter. Each
 answer says which adapter served it, whether that adapter had to be loaded (and how long it took)
 and how long the switch took.
@@ -43,6 +46,7 @@ class Served:
     swap_ms: float  # time to make it the one that runs (0 in a mixed batch: selected per row)
     mode: str  # "mixed" (one forward pass for the whole batch) or "grouped" (one batch per adapter)
     batch_seconds: float  # wall time of the generate call that produced this answer
+    how: str = "resident"  # loaded | hot-swapped | reloaded (cold); resident | pinned (session's own) | base
 
 
 def as_request(item: Any) -> Request:
@@ -60,6 +64,65 @@ def as_request(item: Any) -> Request:
     raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {type(item).__name__}.")
 
 
+SLOT_PREFIX = "ft-slot-"
+_SAME_SETTINGS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "peft_type")
+
+
+def fill_slot(model, slot: str, path: Path) -> bool:
+    """Copy the adapter at ``path`` into the existing LoRA tensors of adapter ``slot``; False (and nothing
+    changed) when it does not fit them (other modules, rank, or settings that change the computation).
+
+    This is what ``peft.utils.hotswap.hotswap_adapter`` does (weights copied in place, scaling updated),
+    checked against the slot's own layers instead of a full ``model.state_dict()``, which on a 4-bit
+    model repacks every quantisation state and costs more than the whole copy.
+    """
+    import math
+
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from .adapters import _KEY_RE, named_lora_layers
+
+    new = LoraConfig.from_pretrained(str(path))
+    old = model.peft_config[slot]
+    if any(getattr(new, k, None) != getattr(old, k, None) for k in _SAME_SETTINGS) or \
+            new.rank_pattern or new.alpha_pattern or old.rank_pattern or old.alpha_pattern:
+        return False
+    layers = {n: l for n, l in named_lora_layers(model).items() if slot in l.lora_A}
+    weights = Path(path) / "adapter_model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise FtUsageError(f"{weights} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
+    pairs, covered = [], set()
+    for key, tensor in state.items():
+        m = _KEY_RE.match(key)
+        layer = layers.get("base_model.model." + m.group("module")) if m else None
+        if layer is None:
+            return False
+        param = (layer.lora_A if m.group("ab") == "A" else layer.lora_B)[slot].weight
+        if param.shape != tensor.shape:
+            return False
+        pairs.append((param, tensor))
+        covered.add((m.group("module"), m.group("ab")))
+    if len(covered) != 2 * len(layers):  # every layer of the slot needs its new A and B
+        return False
+    scaling = new.lora_alpha / (math.sqrt(new.r) if new.use_rslora else new.r)
+    with torch.no_grad():
+        for param, tensor in pairs:
+            param.copy_(tensor)
+    for layer in layers.values():
+        if isinstance(layer.scaling[slot], torch.Tensor):
+            layer.scaling[slot].fill_(scaling)
+        else:
+            layer.scaling[slot] = scaling
+        layer.r[slot] = new.r
+        layer.lora_alpha[slot] = new.lora_alpha
+    old.r, old.lora_alpha = new.r, new.lora_alpha
+    return True
+
+
 class AdapterRouter:
     def __init__(self, host, store: str | Path, capacity: int = 4) -> None:
         if capacity < 1:
@@ -67,15 +130,22 @@ class AdapterRouter:
         self.host = host
         self.store = Path(store)
         self.capacity = capacity
-        self._lru: OrderedDict = OrderedDict()  # adapters this router loaded, least recently used first
+        self._slots: OrderedDict = OrderedDict()  # slot name -> task adapter in it, least recently used first
         self.mixed_ok = True  # set False once PEFT refuses a mixed batch on this model
 
     # ------------------------------------------------------------------ memory
     def in_memory(self) -> list:
-        return list(self._lru)
+        """Task adapters resident in the router's slots, least recently used first."""
+        self._forget_lost_slots()
+        return list(self._slots.values())
+
+    def _forget_lost_slots(self) -> None:
+        configs = getattr(self.host.model, "peft_config", {}) or {}
+        for slot in [s for s in self._slots if s not in configs]:  # e.g. the model was unloaded meanwhile
+            del self._slots[slot]
 
     def _resolve(self, name: str) -> Optional[Path]:
-        """None when the adapter is already in the host; else its folder in the store (checked)."""
+        """None when the session holds ``name`` itself; else its folder in the store (checked)."""
         if name in self.host.adapters:
             return None
         validate_name(name)
@@ -89,26 +159,60 @@ class AdapterRouter:
             )
         return path
 
-    def _ensure(self, name: str, keep: set) -> float:
-        """Make ``name`` resident; return the load time in ms (0 if it was resident)."""
-        if name in self._lru:
-            self._lru.move_to_end(name)
-            return 0.0
-        if name in self.host.adapters:  # loaded by the user (trained or loaded): pinned, not ours to evict
-            return 0.0
+    def _load_new(self, path: Path, slot: str) -> None:
+        from peft import PeftModel
+
+        from .adapters import check_fits, read_adapter_folder
+
+        model = self.host.model
+        check_fits(model, path, read_adapter_folder(path), self.host.handle.name)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
+        else:
+            self.host.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=slot,
+                                                               low_cpu_mem_usage=True)
+
+    def _drop(self, slot: str) -> None:
+        model = self.host.model
+        others = [n for n in model.peft_config if n != slot]
+        if others:  # PEFT keeps another adapter active while deleting this one
+            model.base_model.set_adapter(others[0], inference_mode=True)
+            model.delete_adapter(slot)
+        else:
+            self.host.handle.model = model.unload()
+
+    def _hotswap(self, path: Path, slot: str) -> bool:
+        from .adapters import read_adapter_folder
+
+        read_adapter_folder(path, parse_weights=False)  # fill_slot parses the weights itself
+        return fill_slot(self.host.model, slot, path)
+
+    def _ensure(self, name: str, keep: set) -> tuple:
+        """Make ``name`` resident; return (PEFT adapter name, load ms, how)."""
+        if name in self.host.adapters:  # the user's own (trained or loaded) adapter: never evicted
+            return name, 0.0, "pinned"
+        for slot, task in self._slots.items():
+            if task == name:
+                self._slots.move_to_end(slot)
+                return slot, 0.0, "resident"
         path = self._resolve(name)
-        while len(self._lru) >= self.capacity:
-            victim = next((n for n in self._lru if n not in keep), None)
-            if victim is None:
-                break
-            self._lru.pop(victim)
-            if victim in self.host.adapters:
-                self.host.unload_adapter(victim)
         t = time.perf_counter()
-        self.host.load_adapter(path, name)
-        ms = (time.perf_counter() - t) * 1000.0
-        self._lru[name] = None
-        return ms
+        if len(self._slots) < self.capacity:
+            used = set(self._slots) | set(getattr(self.host.model, "peft_config", {}) or {})
+            slot = next(f"{SLOT_PREFIX}{i}" for i in range(len(used) + 1) if f"{SLOT_PREFIX}{i}" not in used)
+            self._load_new(path, slot)
+            how = "loaded"
+        else:
+            slot = next(s for s, task in self._slots.items() if task not in keep)
+            del self._slots[slot]
+            if self._hotswap(path, slot):
+                how = "hot-swapped"
+            else:  # other target modules, rank or settings: replace the slot the slow way
+                self._drop(slot)
+                self._load_new(path, slot)
+                how = "reloaded"
+        self._slots[slot] = name
+        return slot, (time.perf_counter() - t) * 1000.0, how
 
     # ------------------------------------------------------------------ serving
     def serve(self, requests: list, max_new_tokens: int = 64, system: Optional[str] = None) -> list:
@@ -118,8 +222,9 @@ class AdapterRouter:
         for r in reqs:
             if not isinstance(r.prompt, str) or not r.prompt.strip():
                 raise FtUsageError("every request needs a non-empty prompt.")
-        for stale in [n for n in self._lru if n not in self.host.adapters]:  # unloaded by the user meanwhile
-            del self._lru[stale]
+        self._forget_lost_slots()
+        while len(self._slots) > self.capacity:  # capacity lowered since the last batch
+            self._drop(self._slots.popitem(last=False)[0])
         needed = list(dict.fromkeys(r.adapter for r in reqs if r.adapter != BASE))
         for name in needed:  # every name checked before any work is done
             self._resolve(name)
@@ -128,7 +233,7 @@ class AdapterRouter:
         try:
             # adapters the user loaded are pinned; the others count against `capacity`, so they are
             # served in chunks of at most `capacity`, each of which fits in memory at once
-            pinned = [n for n in needed if n in self.host.adapters and n not in self._lru]
+            pinned = [n for n in needed if n in self.host.adapters]
             routed = [n for n in needed if n not in pinned]
             chunks = [routed[i:i + self.capacity] for i in range(0, len(routed), self.capacity)] or [[]]
             chunks[0] = pinned + chunks[0]
@@ -136,17 +241,17 @@ class AdapterRouter:
                 rows = [k for k, r in enumerate(reqs) if r.adapter in names or (i == 0 and r.adapter == BASE)]
                 if rows:
                     self._serve_chunk(reqs, rows, names, out, max_new_tokens, system)
-        finally:
+        finally:  # leave the session's own selection exactly as it was (slots included: disabled)
             active = previous if previous in self.host.adapters else None
-            if self.host.adapters:
-                activate(self.host.model, active)
+            activate(self.host.model, active)
             self.host.adapters.active = active
         return out
 
     def _serve_chunk(self, reqs, rows, names: set, out, max_new_tokens, system) -> None:
         from .inference import generate_batch
 
-        loads = {n: self._ensure(n, set(names)) for n in names}
+        loads = {n: self._ensure(n, set(names)) for n in names}  # task -> (PEFT name, ms, how)
+        peft_name = {n: v[0] for n, v in loads.items()}
         model, tok = self.host.model, self.host.tokenizer
         limit = max((reqs[k].max_new_tokens or max_new_tokens) for k in rows)
         seen: set = set()
@@ -155,18 +260,20 @@ class AdapterRouter:
             r = reqs[k]
             first = r.adapter not in seen
             seen.add(r.adapter)
-            load_ms = loads.get(r.adapter, 0.0) if first else 0.0
-            out[k] = Served(index=k, adapter=r.adapter, text=text, new_tokens=n, cold=load_ms > 0,
-                            load_ms=load_ms, swap_ms=swap_ms, mode=mode, batch_seconds=seconds)
+            _, ms, how = loads.get(r.adapter, (None, 0.0, "base"))
+            cold = first and how in ("loaded", "hot-swapped", "reloaded")
+            out[k] = Served(index=k, adapter=r.adapter, text=text, new_tokens=n, cold=cold,
+                            load_ms=ms if cold else 0.0, swap_ms=swap_ms, mode=mode, batch_seconds=seconds,
+                            how=how if cold or how in ("pinned", "base") else "resident")
 
-        if self.mixed_ok and self.host.adapters and len({reqs[k].adapter for k in rows}) > 1:
+        if self.mixed_ok and hasattr(model, "peft_config") and len({reqs[k].adapter for k in rows}) > 1:
             model.base_model.enable_adapter_layers()
             t = time.perf_counter()
             try:
                 answers = generate_batch(model, tok, [reqs[k].prompt for k in rows], system=system,
                                          max_new_tokens=limit,
                                          limits=[reqs[k].max_new_tokens or max_new_tokens for k in rows],
-                                         adapter_names=[PEFT_BASE_ROW if reqs[k].adapter == BASE else reqs[k].adapter
+                                         adapter_names=[peft_name.get(reqs[k].adapter, PEFT_BASE_ROW)
                                                         for k in rows])
             except (ValueError, TypeError, NotImplementedError):
                 self.mixed_ok = False  # this model/adapter kind has no mixed-batch path: group instead
@@ -179,7 +286,7 @@ class AdapterRouter:
         for k in rows:
             groups.setdefault(reqs[k].adapter, []).append(k)
         for name, ks in groups.items():
-            swap_ms = activate(model, name) if self.host.adapters else 0.0
+            swap_ms = activate(model, peft_name.get(name, BASE))
             glimit = max((reqs[k].max_new_tokens or max_new_tokens) for k in ks)
             t = time.perf_counter()
             answers = generate_batch(model, tok, [reqs[k].prompt for k in ks], system=system, max_new_tokens=glimit,
