@@ -291,3 +291,12 @@ def test_lora_adapters_without_arguments_shows_the_panel_in_a_widget_frontend(sh
     from ft_magics.widgets.adapters_panel import AdaptersPanel
 
     assert len(shown) == 1 and isinstance(shown[0], AdaptersPanel)
+
+
+def test_target_modules_are_shown_compactly():
+    from ft_magics.widgets.adapters_panel import short_modules
+
+    mods = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert short_modules(mods) == "q_proj, v_proj (x2 layers)"
+    assert short_modules(["q_proj", "v_proj"]) == "q_proj, v_proj"
+    assert short_modules("all-linear") == "all-linear" and short_modules(None) == "-"

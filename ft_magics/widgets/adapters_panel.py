@@ -27,6 +27,18 @@ def adapter_memory_bytes(model, name: str) -> int:
     return total
 
 
+def short_modules(modules) -> str:
+    """``q_proj, v_proj (x24)`` from full module paths like ``model.layers.0.self_attn.q_proj``."""
+    if not modules:
+        return "-"
+    if isinstance(modules, str):
+        return modules
+    leaves = [str(m).rsplit(".", 1)[-1] for m in modules]
+    kinds = sorted(set(leaves))
+    per = len(leaves) // len(kinds) if len(leaves) % len(kinds) == 0 else 0
+    return ", ".join(kinds) + (f" (x{per} layers)" if per > 1 else "")
+
+
 class AdaptersPanel:
     """A table, a selector and unload/delete buttons over ``session.adapters``."""
 
@@ -75,8 +87,7 @@ class AdaptersPanel:
         for a in s.adapters:
             out.append({
                 "name": a.name, "active": a.name == s.adapters.active, "r": a.r, "alpha": a.alpha,
-                "target_modules": ", ".join(a.target_modules) if isinstance(a.target_modules, list)
-                else (a.target_modules or "-"),
+                "target_modules": short_modules(a.target_modules),
                 "disk": human_bytes(a.size_on_disk()), "memory": human_bytes(adapter_memory_bytes(model, a.name)),
                 "steps": a.steps if a.steps is not None else "-",
                 "final_loss": f"{a.final_loss:.4f}" if a.final_loss is not None else "-",

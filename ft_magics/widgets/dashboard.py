@@ -135,7 +135,7 @@ class TrainingDashboard(Listener):
         self.progress_text.add_class("ft-progress-text")
         self.stats = widgets.Label("")
         self.stats.add_class("ft-stats")
-        self.memory = widgets.Label(memory_text(None))
+        self.memory = widgets.HTML(memory_text(None))  # HTML wraps where a Label would cut the line
         self.memory.add_class("ft-memory")
         self.memory_bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, description="memory",
                                                 layout=widgets.Layout(width="420px"))
@@ -154,7 +154,7 @@ class TrainingDashboard(Listener):
         self.box = widgets.VBox([
             self.title, self.messages, self.image, self.scale,
             widgets.HBox([self.progress, self.progress_text]), self.stats,
-            widgets.HBox([self.memory_bar, self.memory]),
+            self.memory_bar, self.memory,
             widgets.HBox([self.stop_button, self.stop_hint]), self.record,
         ])
         self.box.add_class("ft-dashboard")
@@ -177,7 +177,7 @@ class TrainingDashboard(Listener):
         self._ensure_shown()
         colour = "#b35900" if e.level == "warning" else "inherit"
         line = e.text.replace("&", "&amp;").replace("<", "&lt;").replace("\n", "<br>")
-        self.messages.value += f"<div style='color:{colour};font-size:90%'>{line}</div>"
+        self.messages.value += f"<div style='color:{colour};font-size:85%;line-height:1.25;margin:0'>{line}</div>"
 
     def on_train_begin(self, e: TrainBegin) -> None:
         self._ensure_shown()
@@ -217,7 +217,7 @@ class TrainingDashboard(Listener):
                 self.stop_hint.value = ""
                 self.stop_button.layout.display = "none"
                 if e.peak_memory is not None and self._pending is None:
-                    self.memory.value = memory_text(e.peak_memory)
+                    self.memory.value = _esc(memory_text(e.peak_memory))
                 lines = summary_text(e, self._first_loss).splitlines()
                 if e.adapter_path:
                     self.curve_path = save_curve(png, e.adapter_path)
@@ -249,7 +249,7 @@ class TrainingDashboard(Listener):
                     parts.append(f"grad norm {e.grad_norm:.3f}")
                 self.stats.value = " · ".join(parts)
                 if e.memory is not None:
-                    self.memory.value = memory_text(e.memory)
+                    self.memory.value = _esc(memory_text(e.memory))
                     self.memory_bar.value = memory_fraction(e.memory)
                     self.memory_bar.description = "VRAM" if e.memory.kind == "cuda" else "RAM"
             self._last_labels = now
