@@ -17,7 +17,7 @@ USAGE = {
     "merge": "merge NAME",
     "unmerge": "unmerge",
     "combine": "combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]",
-    "export": "export NAME DIR [--merged]",
+    "export": "export NAME DIR [--merged [--dtype auto|fp32|bf16|fp16]]",
 }
 COMMANDS = list(USAGE)
 
@@ -109,8 +109,11 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         out(f"combined {a.weights} ({a.method}) into adapter {name!r}, saved to {s.adapters_dir / name}; it is now active.")
         return
     if cmd == "export":
-        a = _parse(cmd, rest, (("name",), {}), (("dir",), {}), (("--merged",), {"action": "store_true"}))
-        path = s.export_adapter(a.name, a.dir, merged=a.merged)
+        a = _parse(cmd, rest, (("name",), {}), (("dir",), {}), (("--merged",), {"action": "store_true"}),
+                   (("--dtype",), {"default": "auto"}))
+        if a.dtype != "auto" and not a.merged:
+            raise FtUsageError("--dtype applies to --merged exports; an adapter keeps its own precision.")
+        path = s.export_adapter(a.name, a.dir, merged=a.merged, dtype=a.dtype)
         what = ("a standalone model (adapter merged; safetensors + tokenizer) that "
                 "AutoModelForCausalLM.from_pretrained loads" if a.merged else "the adapter in PEFT format")
         out(f"exported {a.name!r} to {path}: {what}.")

@@ -313,12 +313,15 @@ class Session:
         from .core.inference import generate
 
         with self._model_busy("generate"):
-            model = self.model
             previous = self.adapters.active
             chosen = previous if adapter is None else adapter
             if chosen not in (None, BASE):
+                if chosen not in self.adapters and self._merged is None:
+                    self._load_on_demand(chosen)
+                    self.adapters.active = previous  # a per-call adapter does not change the selection
                 self.adapters.require(chosen)
             self._check_not_merged("generate with another adapter", keep=chosen)
+            model = self.model
             if self.adapters and self._merged is None:
                 activate(model, chosen)
             try:
@@ -328,6 +331,17 @@ class Session:
             finally:
                 if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
+
+    def _load_on_demand(self, name: str) -> None:
+        """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""
+        from .core.adapters import validate_name
+
+        try:
+            folder = self.adapters_dir / validate_name(name)
+        except FtUsageError:
+            return  # not a valid name: the registry's "no adapter named" error says more
+        if (folder / "adapter_config.json").is_file():
+            self.load_adapter(folder, name)
 
     # ------------------------------------------------------------------ merge, combine, export
     def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:
@@ -403,9 +417,11 @@ class Session:
             self.adapters.active = name
             return name
 
-    def export_adapter(self, name: str, directory: str | Path, merged: bool = False) -> Path:
+    def export_adapter(self, name: str, directory: str | Path, merged: bool = False, dtype: str = "auto") -> Path:
         """Write adapter ``name`` to ``directory``: PEFT format, or with ``merged`` a standalone model
-        (base + adapter folded in, safetensors + tokenizer) that plain transformers loads."""
+        (base + adapter folded in, safetensors + tokenizer) that plain transformers loads, in ``dtype``
+        (auto = the session's compute dtype; fp32, bf16 or fp16). On a 4/8-bit base the merged model is
+        built from the base's source in full precision, never from the quantised weights."""
         import tempfile
 
         from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
@@ -430,7 +446,15 @@ class Session:
             with tempfile.TemporaryDirectory(prefix="ft_magics-export-") as tmp:
                 if source_dir is None:  # only in memory: write it out first
                     source_dir = save_peft_adapter(self.model, name, Path(tmp) / name)
-                dtype = self.handle.dtype
+                import torch
+
+                dtypes = {"auto": self.handle.dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
+                          "fp16": torch.float16}
+                if dtype not in dtypes:
+                    from .errors import unknown
+
+                    raise unknown("dtype", dtype, dtypes)
+                dtype = dtypes[dtype]
                 return export_merged(self.handle.source, source_dir, self.tokenizer, target, dtype=dtype)
 
     # ------------------------------------------------------------------ compare, evaluate, serve

@@ -66,7 +66,6 @@ def test_lru_hot_swaps_the_least_recent_slot_and_stays_exact(tiny_session, store
         tiny_session.load_adapter(store / "mlp-only", "mlp-direct")
         assert odd[0].text == tiny_session.generate(PROMPTS[1], adapter="mlp-direct", max_new_tokens=4).text
     finally:
-        import shutil
 
         shutil.rmtree(store / "mlp-only")
     assert len(slots(tiny_session)) == 2
@@ -125,3 +124,41 @@ def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
     assert "forgetting check" in report.to_text()
     base_only = tiny_session.evaluate("base", "demo:support-eval", max_seq_len=128)
     assert base_only.loss("demo:support-eval", "base") == pytest.approx(report.loss("demo:support-eval", "base"))
+
+
+def test_per_call_adapter_loads_on_demand_from_the_adapters_folder(tiny_session, store):
+    shutil.copytree(store / "legal", tiny_session.adapters_dir / "legal")
+    gen = tiny_session.generate(PROMPTS[0], adapter="legal", max_new_tokens=5)
+    assert gen.adapter == "legal" and "legal" in tiny_session.adapters
+    assert tiny_session.adapters.active is None  # a per-call adapter does not change the selection
+    assert gen.text == tiny_session.serve([("legal", PROMPTS[0])], max_new_tokens=5)[0].text
+    with pytest.raises(FtUsageError, match="no adapter named 'nope'"):
+        tiny_session.generate("hi", adapter="nope", max_new_tokens=2)
+
+
+def test_qlora_base_routes_mixed_batches_and_exports_merged(tiny_model_dir, store, tmp_path):
+    """4-bit NF4 base (bitsandbytes, CPU): mixed batch per row, and export --merged through the
+    documented path (the base rebuilt in full precision from its source, then merged)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics import Session
+
+    q = Session(adapters_dir=tmp_path / "adapters")
+    q.load(str(tiny_model_dir), bits=4)
+    served = q.serve([("legal", PROMPTS[0]), ("base", PROMPTS[1]), ("support", PROMPTS[2])], store=store,
+                     max_new_tokens=4)
+    assert [s.mode for s in served] == ["mixed"] * 3 and [s.how for s in served] == ["loaded", "base", "loaded"]
+    q.load_adapter(store / "legal", "legal")
+    assert served[0].text == q.generate(PROMPTS[0], adapter="legal", max_new_tokens=4).text
+    default = q.export_adapter("legal", tmp_path / "merged-default", merged=True)
+    assert AutoModelForCausalLM.from_pretrained(default).dtype == q.handle.dtype  # the compute dtype
+    out = q.export_adapter("legal", tmp_path / "merged", merged=True, dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32 and not getattr(merged.config, "quantization_config", None)
+    full = Session(adapters_dir=tmp_path / "a32")
+    full.load(str(tiny_model_dir), bits=32)
+    full.load_adapter(store / "legal", "legal")
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, full.model(input_ids=ids).logits, atol=1e-4)
