@@ -450,6 +450,9 @@ def load_ipython_extension(ipython) -> None:
 
 def unload_ipython_extension(ipython) -> None:
     magics = _loaded.pop(id(ipython), None)
+    gauge = sys.modules.get("ft_magics.widgets.memory_gauge")  # %ft_memory's thread ends with the extension
+    if gauge is not None:
+        gauge.stop_gauge()
     registry = ipython.magics_manager.magics
     for kind, names in MAGIC_NAMES.items():
         for n in names:

@@ -224,6 +224,12 @@ def test_ft_memory_live_gauge_in_a_widget_frontend(shell, monkeypatch):
     assert g is not None and g.running
     shell.run_line_magic("ft_memory", "off")
     assert not g.running and memory_gauge.current_gauge() is None
+    shell.run_line_magic("ft_memory", "--interval 0.05")
+    g = memory_gauge.current_gauge()
+    assert g.running
+    shell.run_line_magic("unload_ext", "ft_magics")  # unloading the extension ends the gauge's thread
+    assert not g.running and memory_gauge.current_gauge() is None
+    shell.run_line_magic("load_ext", "ft_magics")
 
 
 # ------------------------------------------------------------------ adapters panel
