@@ -81,3 +81,16 @@ def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys):
     assert out.count("ppl") >= 4
     with pytest.raises(UsageError, match="did you mean"):
         sh.run_line_magic("lora_eval", "alpha --dta demo:support-eval")
+
+
+def test_compare_shows_an_html_table_in_a_notebook(loaded, monkeypatch):
+    import IPython.display
+
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    monkeypatch.setattr(sh, "kernel", object(), raising=False)  # what a Jupyter kernel's shell has
+    sh.run_cell_magic("lora_compare", "--max-new-tokens 3", "hello world\n---\nthanks!")
+    html = shown[0].data
+    assert html.startswith("<table") and "<th>alpha<br>" in html and html.count("<tr>") == 3

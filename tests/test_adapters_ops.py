@@ -239,3 +239,36 @@ def test_fast_swaps_match_plain_peft_for_every_adapter(tiny_session, tiny_model_
         assert ms < 50
         assert torch.equal(logits(tiny_session.model), base if name == "base" else want[name]), name
     assert tiny_session.model.active_adapter == "b"
+
+
+def test_real_background_run_blocks_swap_merge_generate_until_it_ends(tiny_session, made_by_peft):
+    """A real background %%lora_train run (tiny model), paused inside its first step boundary by a
+    listener, holds the model: swap, merge and generate fail with the message; afterwards they work."""
+    from ft_magics.core.events import Listener
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    in_step, release = threading.Event(), threading.Event()
+
+    class Pause(Listener):
+        def on_step(self, event):
+            if not in_step.is_set():
+                in_step.set()
+                release.wait(30)
+
+    rows = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(16)]
+    thread = tiny_session.train("bg", rows, {"max_steps": 3, "batch_size": 4, "max_seq_len": 32, "r": 4},
+                                listeners=[Pause()], background=True)
+    try:
+        assert in_step.wait(120), "the background run never reached its first step"
+        assert tiny_session.training_in_progress
+        for what, call in (("switch adapters", lambda: tiny_session.use("base")),
+                           ("merge an adapter", lambda: tiny_session.merge_adapter("a")),
+                           ("generate", lambda: tiny_session.generate("hello", max_new_tokens=2))):
+            with pytest.raises(FtUsageError, match=f"cannot {what} while a background training run"):
+                call()
+    finally:
+        release.set()
+        thread.join(120)
+    assert not tiny_session.training_in_progress
+    assert tiny_session.runs[-1].steps == 3 and "bg" in tiny_session.adapters
+    assert tiny_session.generate("hello", adapter="a", max_new_tokens=2).adapter == "a"
