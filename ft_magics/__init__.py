@@ -8,7 +8,7 @@ load on first use.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
 
 
 def load_ipython_extension(ipython) -> None:
@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from .session import Session
 
         return Session
+    if name == "get_session":
+        from .magics import get_session
+
+        return get_session
     if name == "TrainConfig":
         from .config import TrainConfig
 

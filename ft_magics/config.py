@@ -258,6 +258,9 @@ def parse_yaml_body(text: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None:
+            problem += f" ({context} that starts at line {cmark.line + 1})"
         raise FtUsageError(
             f"the cell body is not valid YAML{where}: {problem}. Write one 'key: value' per line, e.g. 'r: 16'."
         ) from None

@@ -149,10 +149,11 @@ class FtMagics(Magics):
               help="What starts the processes: accelerate launch (default), torchrun, or accelerate's notebook "
                    "launcher where it can fork this kernel (else accelerate launch).")
     @_config_flags
-    @cell_magic
+    @line_cell_magic
     @user_errors
-    def lora_train(self, line="", cell=""):
+    def lora_train(self, line="", cell=None):
         """Train a LoRA adapter NAME. The cell body is YAML settings; flags on the line win.
+        (``%lora_train NAME --data ...`` on one line uses the defaults.)
 
         Example::
 
@@ -163,7 +164,7 @@ class FtMagics(Magics):
             learning_rate: 2e-4
         """
         args = parse_args(self.lora_train, line)
-        body = parse_yaml_body(cell)
+        body = parse_yaml_body(cell or "")
         cfg = TrainConfig.from_dict(body)
         cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
         from .widgets import training_view
@@ -420,7 +421,7 @@ class FtMagics(Magics):
 
 
 MAGIC_NAMES = {
-    "line": ["qlora_load", "lora_export_job", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
+    "line": ["qlora_load", "lora_train", "lora_export_job", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
              "ft_memory", "ft_plan", "lora_eval"],
     "cell": ["lora_train", "lora_export_job", "lora_generate", "lora_compare"],
 }
@@ -440,6 +441,17 @@ def help_text() -> str:
 
 
 _loaded: dict = {}
+
+
+def get_session():
+    """The Session behind the magics of the running IPython (so a notebook cell can use the Python API)."""
+    from IPython import get_ipython
+
+    ip = get_ipython()
+    magics = _loaded.get(id(ip)) if ip is not None else None
+    if magics is None:
+        raise FtUsageError("ft_magics is not loaded in this IPython: run %load_ext ft_magics first.")
+    return magics.session
 
 
 def load_ipython_extension(ipython) -> None:

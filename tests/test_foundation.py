@@ -1,0 +1,217 @@
+"""Issue 2: the extension loads, the magics parse, train and generate, through a real InteractiveShell."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+
+ROWS = [{"prompt": f"Question number {i}: how do I reset my password?",
+         "completion": "Category: account\nAnswer: Use the reset link."} for i in range(40)]
+
+
+# --------------------------------------------------------------------------- import cost
+def test_import_and_load_ext_do_not_import_torch_or_transformers():
+    code = (
+        "import sys, time\n"
+        "t = time.perf_counter()\n"
+        "import ft_magics\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "sh = InteractiveShell.instance()\n"
+        "t = time.perf_counter()\n"
+        "sh.run_line_magic('load_ext', 'ft_magics')\n"
+        "dt = time.perf_counter() - t\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets') if m in sys.modules)\n"
+        "print(heavy, 'lora_train' in sh.magics_manager.magics['cell'], dt)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[]", f"heavy modules imported: {out}"
+    assert out[1] == "True"
+
+
+def test_unload_ext_removes_every_magic(shell):
+    assert "qlora_load" in shell.magics_manager.magics["line"]
+    shell.run_line_magic("unload_ext", "ft_magics")
+    for kind in ("line", "cell"):
+        assert not {"qlora_load", "lora_train", "lora_generate"} & set(shell.magics_manager.magics[kind])
+    shell.run_line_magic("load_ext", "ft_magics")  # the fixture unloads again
+
+
+# --------------------------------------------------------------------------- argument errors
+def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
+    with pytest.raises(UsageError, match=r"unknown flag --bitz \(did you mean '--bits'\?\)"):
+        shell.run_line_magic("qlora_load", "demo --bitz 4")
+
+
+def test_bad_choice_is_usage_error(shell):
+    with pytest.raises(UsageError, match="invalid choice"):
+        shell.run_line_magic("qlora_load", "demo --bits 3")
+
+
+def test_lora_train_unknown_body_key_did_you_mean(shell, tiny_model_dir):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match=r"unknown setting 'learnig_rate' \(did you mean 'learning_rate'\?\)"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "learnig_rate: 1e-3\n")
+
+
+def test_lora_train_unknown_flag_did_you_mean(shell):
+    with pytest.raises(UsageError, match=r"did you mean '--max-steps'"):
+        shell.run_line_magic("lora_train", "x --data demo:support --max-step 3")
+
+
+def test_lora_train_bad_value_names_the_key(shell, tiny_model_dir):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match="r must be a whole number"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "r: sixteen\n")
+    with pytest.raises(UsageError, match="not valid YAML at line 3.*starts at line 2"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "r: 8\nalpha: [1\n")
+
+
+def test_train_without_model_says_to_load(shell):
+    with pytest.raises(UsageError, match="no model is loaded: run %qlora_load"):
+        shell.run_line_magic("lora_train", "x --data demo:support")
+
+
+def test_bad_adapter_name_is_refused(shell, tiny_model_dir):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    for bad in ("../evil", ".hidden", "a/b", "base"):
+        with pytest.raises(UsageError):
+            shell.run_line_magic("lora_train", f"{bad} --data demo:support --max-steps 1")
+    assert not (Path.cwd() / "adapters").exists() or not any((Path.cwd() / "adapters").iterdir())
+
+
+def test_unknown_demo_dataset_did_you_mean(shell, tiny_model_dir):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match=r"did you mean 'support'"):
+        shell.run_line_magic("lora_train", "x --data demo:suport")
+
+
+def test_config_flags_win_over_body():
+    from ft_magics.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"r": 8, "learning_rate": "2e-4", "target_modules": "qv"})
+    cfg = TrainConfig.from_dict({"r": "4"}, base=cfg)
+    assert (cfg.r, cfg.learning_rate, cfg.target_modules) == (4, 2e-4, "qv")
+    assert TrainConfig.from_dict({"lora_alpha": 7}).alpha == 7  # aliases users bring from peft
+
+
+# --------------------------------------------------------------------------- train + generate
+def _run_record(path: Path) -> dict:
+    return json.loads((path / "ft_run.json").read_text())
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_magics_train_and_generate_tiny(shell, tiny_model_dir, capsys, bits):
+    shell.user_ns["rows"] = ROWS
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits {bits}")
+    card = capsys.readouterr().out
+    assert "Parameters" in card and "Device     cpu" in card
+    assert ("NF4" in card) == (bits == 4)
+    shell.run_cell_magic(
+        "lora_train", "bot --data rows --max-steps 8 --learning-rate 5e-3 --no-widgets",
+        "r: 8\nalpha: 16\ntarget_modules: all-linear\nbatch_size: 4\nwarmup: 0\n",
+    )
+    out = capsys.readouterr().out
+    assert "trainable parameters" in out and "% of the model" in out
+    assert "step 8/8" in out
+    adapter = Path("adapters/bot")
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    rec = _run_record(adapter)
+    assert rec["status"] == "completed" and rec["steps"] == 8
+    assert rec["settings"]["r"] == 8 and rec["settings"]["learning_rate"] == 5e-3
+    assert len(rec["loss_history"]) == 8
+    assert rec["loss_history"][-1][1] < rec["loss_history"][0][1]
+    assert rec["data"]["fingerprint"] and rec["data"]["rows"] == 40
+    assert rec["timings"]["seconds"] > 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    assert not list(Path("adapters").glob(".bot.tmp-*"))
+
+    shell.run_cell_magic("lora_generate", "--adapter bot --max-new-tokens 5", "How do I reset my password?")
+    out = capsys.readouterr().out
+    assert "[bot · " in out and "tok/s]" in out
+    shell.run_cell_magic("lora_generate", "--adapter base --max-new-tokens 5 --no-stream", "hello")
+    assert "[base · " in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"no adapter named 'bto' \(did you mean 'bot'\?\)"):
+        shell.run_cell_magic("lora_generate", "--adapter bto", "hello")
+
+
+def test_python_api_without_ipython(tiny_model_dir, tmp_path):
+    code = f"""
+import sys, json
+from ft_magics import Session
+s = Session(adapters_dir={str(tmp_path / 'ad')!r})
+s.load({str(tiny_model_dir)!r}, bits=32)
+rows = [{{"text": "hello world number %d" % i}} for i in range(30)]
+r = s.train("api", rows, {{"max_steps": 3, "batch_size": 2}})
+g = s.generate("hi", max_new_tokens=3)
+print(json.dumps({{"status": r.status, "path": r.adapter_path, "ipy": "IPython" in sys.modules, "adapter": g.adapter}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["status"] == "completed" and Path(res["path"], "adapter_model.safetensors").exists()
+    assert res["ipy"] is False and res["adapter"] == "api"
+
+
+def test_retraining_same_name_replaces_adapter_atomically(tiny_session):
+    rows = ROWS
+    r1 = tiny_session.train("same", rows, {"max_steps": 2, "batch_size": 4})
+    first = Path(r1.adapter_path, "adapter_model.safetensors").read_bytes()
+    r2 = tiny_session.train("same", rows, {"max_steps": 2, "batch_size": 4, "seed": 7})
+    assert r2.adapter_path == r1.adapter_path
+    assert Path(r2.adapter_path, "adapter_model.safetensors").read_bytes() != first
+    assert [p.name for p in Path(r1.adapter_path).parent.iterdir() if not p.name.startswith(".checkpoints")] == ["same"]
+
+
+# --------------------------------------------------------------------------- the CPU 4-bit trap
+def _loss_curve(model_dir, tmp_path, generate_first: bool, fix: bool = True):
+    import contextlib
+
+    import ft_magics.core.training as training
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / f"trap-{generate_first}-{fix}")
+    s.load(str(model_dir), bits=4)
+    if generate_first:
+        s.generate("hello there", max_new_tokens=4)  # the natural notebook flow: try the base model first
+    saved = training.training_layout
+    if not fix:
+        training.training_layout = lambda model: contextlib.nullcontext()
+    try:
+        r = s.train("x", ROWS, {"max_steps": 12, "learning_rate": 5e-3, "batch_size": 4, "seed": 1, "warmup": 0})
+    finally:
+        training.training_layout = saved
+    return [loss for _, loss in r.record["loss_history"]]
+
+
+def test_generate_before_training_does_not_stop_learning(tiny_model_dir, tmp_path):
+    """bitsandbytes repacks 4-bit weights on the CPU for inference on the first no-grad forward; training
+    through that layout has no autograd. The loss curve with a generate first must match the one without."""
+    import bitsandbytes.functional as bf
+
+    plain = _loss_curve(tiny_model_dir, tmp_path, generate_first=False)
+    after_generate = _loss_curve(tiny_model_dir, tmp_path, generate_first=True)
+    assert plain[-1] < plain[0] - 0.3, plain  # it learns
+    for a, b in zip(plain, after_generate):
+        assert abs(a - b) < 0.02, (plain, after_generate)
+    if bf.has_avx512bf16():  # where the repacking happens, the test is sensitive: without the fix it fails
+        broken = _loss_curve(tiny_model_dir, tmp_path, generate_first=True, fix=False)
+        assert broken[-1] > after_generate[-1] + 0.2, (broken, after_generate)
+
+
+def test_packing_is_kept_for_inference_after_training(tiny_model_dir, tmp_path):
+    import bitsandbytes.functional as bf
+    from ft_magics import Session
+
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4)
+    s.train("x", ROWS, {"max_steps": 1, "batch_size": 4})
+    s.generate("hi", max_new_tokens=2)
+    packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+              for m in s.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert packed and all(packed)
