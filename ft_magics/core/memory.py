@@ -73,11 +73,43 @@ def human_bytes(n: Optional[float]) -> str:
     return f"{n:.1f} TB"
 
 
+def _clear_traceback(tb) -> None:
+    import traceback
+
+    traceback.clear_frames(tb)  # frames still executing are skipped by clear_frames
+    while tb is not None:
+        try:  # Python < 3.13 keeps a snapshot dict of the locals (made when the traceback was printed);
+            tb.tb_frame.f_locals  # reading it after clear() drops the cleared names from it
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        tb = tb.tb_next
+
+
+def _clear_stored_frames() -> None:
+    seen: set = set()
+    todo = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None)]
+    if getattr(sys, "last_traceback", None) is not None:
+        _clear_traceback(sys.last_traceback)
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen or not isinstance(exc, BaseException):
+            continue
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            _clear_traceback(exc.__traceback__)
+        todo += [exc.__cause__, exc.__context__]
+
+
 def release_memory() -> None:
     """Free what Python and the CUDA caching allocator hold after models were dropped."""
     import gc
 
-    sys.last_traceback = None  # a stored traceback keeps the failing frames (and tensors) alive
+    # A stored traceback keeps the failing frames (and the tensors in their locals) alive, and not only
+    # through sys: IPython's last_execution_result still holds the exception while the next cell (the
+    # one running %ft_unload) executes. Clearing the frames frees their locals wherever they are held;
+    # the exception and its message survive.
+    _clear_stored_frames()
+    sys.last_traceback = None
     sys.last_value = None
     if hasattr(sys, "last_exc"):
         sys.last_exc = None
