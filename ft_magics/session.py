@@ -116,6 +116,7 @@ class Session:
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
         if self._training is not None and self._training.is_alive():
             raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        self._check_not_merged("train")  # it would learn on top of the merged weights
         if resume:  # nothing to resume is a user error, found before any work
             from .core.checkpoints import checkpoint_root, require_resumable
 

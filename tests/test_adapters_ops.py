@@ -121,6 +121,8 @@ def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, 
         tiny_session.use("b")
     with pytest.raises(FtUsageError, match="unmerge first"):
         tiny_session.generate("hi", adapter="base", max_new_tokens=2)
+    with pytest.raises(FtUsageError, match="cannot train while adapter 'a' is merged"):
+        tiny_session.train("x", [{"text": "hello"}], {"max_steps": 1})
     assert tiny_session.unmerge_adapter() == "a"
     assert torch.equal(logits(tiny_session.model), with_adapter)
     tiny_session.use("base")
