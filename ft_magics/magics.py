@@ -272,7 +272,13 @@ class FtMagics(Magics):
             merge NAME                            fold into the base weights (16/32-bit base)
             unmerge                               restore the base weights exactly
             combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]
-            export NAME DIR [--merged]            PEFT folder, or a standalone merged model
+            export NAME DIR [--merged [--dtype D]]  PEFT folder, or a standalone merged model
+
+        Examples::
+
+            %lora_adapters
+            %lora_adapters use support-bot
+            %lora_adapters export support-bot out/peft
         """
         if not (line or "").strip() and self.widgets:  # no arguments in a widget frontend: the adapters panel
             from .widgets import widget_frontend
