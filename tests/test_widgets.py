@@ -306,3 +306,22 @@ def test_target_modules_are_shown_compactly():
     assert short_modules(mods) == "q_proj, v_proj (x2 layers)"
     assert short_modules(["q_proj", "v_proj"]) == "q_proj, v_proj"
     assert short_modules("all-linear") == "all-linear" and short_modules(None) == "-"
+
+
+def test_stop_button_ends_a_real_background_run_and_the_adapter_is_saved(tiny_session, tmp_path):
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "completion": "billing"}) + "\n" for i in range(8)))
+    d = TrainingDashboard(background=True, session=tiny_session, show=False)
+    tiny_session.train("bg", str(data), {"max_steps": 2000, "batch_size": 4, "r": 4}, listeners=[d], background=True)
+    deadline = time.time() + 120
+    while not d.curve.steps and time.time() < deadline:
+        time.sleep(0.05)
+    assert tiny_session.training_in_progress
+    d.stop_button.click()
+    res = tiny_session.wait(120)
+    assert not tiny_session.training_in_progress
+    assert res.status == "stopped" and 0 < res.steps < 2000
+    assert (tmp_path / "adapters" / "bg" / "loss_curve.png").exists()
+    assert "stopped after" in d.record.value
