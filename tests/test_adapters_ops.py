@@ -95,12 +95,21 @@ def test_adapter_saved_here_loads_in_plain_peft(tiny_session, tiny_model_dir, ma
 
 
 def test_combine_methods_and_refusals(tiny_session, made_by_peft):
+    import torch
+
     tiny_session.load_adapter(made_by_peft["a"], "a")
     tiny_session.load_adapter(made_by_peft["mlp"], "mlp")
     with pytest.raises(FtUsageError, match="same r"):
         tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "bad", method="linear")
     assert tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "cat-mix", method="cat") == "cat-mix"
     assert tiny_session.adapters.active == "cat-mix"
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    before = logits(tiny_session.model)
+    tiny_session.combine_adapters({"a": 0.5, "b": 0.5}, "ties-mix", method="ties")
+    assert tiny_session.adapters.active == "ties-mix" and not torch.equal(logits(tiny_session.model), before)
+    with pytest.raises(FtUsageError, match="already exists on disk"):
+        tiny_session.unload_adapter("ties-mix")
+        tiny_session.combine_adapters({"a": 0.5, "b": 0.5}, "ties-mix", method="ties")
     with pytest.raises(FtUsageError, match="did you mean 'svd'"):
         tiny_session.combine_adapters({"a": 1.0}, "x", method="svdd")
     with pytest.raises(FtUsageError, match="no adapter named 'zz'"):
