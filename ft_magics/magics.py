@@ -379,13 +379,24 @@ class FtMagics(Magics):
     @line_magic
     @user_errors
     def lora_stop(self, line=""):
-        """Stop the background training run at the next step boundary (the adapter is saved)."""
+        """Stop the background training run at the next step boundary (the adapter is saved).
+
+        Example::
+
+            %%lora_train support-bot --data demo:support --background
+            %lora_stop
+        """
         print("stopping at the next step..." if self.session.stop() else "no training run in progress.")
 
     @line_magic
     @user_errors
     def ft_unload(self, line=""):
-        """Free the model, its adapters and caches without restarting the kernel."""
+        """Free the model, its adapters and caches without restarting the kernel.
+
+        Example::
+
+            %ft_unload
+        """
         from .core.memory import human_bytes, rss_bytes
 
         before = rss_bytes()
@@ -421,29 +432,27 @@ class FtMagics(Magics):
             print(seed_comparison(p))
 
     @line_magic
+    @user_errors
     def ft_help(self, line=""):
-        """Usage of every ft_magics command, with examples."""
-        print(help_text())
+        """Usage of every ft_magics magic with examples; ``%ft_help NAME`` shows one magic with every flag.
+
+        Examples::
+
+            %ft_help
+            %ft_help lora_train
+        """
+        print(help_text((line or "").strip() or None))
 
 
-MAGIC_NAMES = {
-    "line": ["qlora_load", "lora_train", "lora_export_job", "lora_generate", "lora_adapters", "lora_stop", "ft_unload", "ft_help",
-             "ft_memory", "ft_plan", "lora_eval"],
-    "cell": ["lora_train", "lora_export_job", "lora_generate", "lora_compare"],
-}
+# every magic FtMagics registers (what unloading the extension removes); %ft_help lists the same names
+MAGIC_NAMES = {kind: list(names) for kind, names in FtMagics.magics.items()}
 
-def help_text() -> str:
-    from IPython.core.magic_arguments import construct_parser  # noqa: F401 - parsers already built
 
-    out = ["ft_magics — LoRA / QLoRA fine-tuning in the notebook.  Full reference: README.md", ""]
-    out.append("Quick start:\n  %qlora_load\n  %%lora_train support-bot --data demo:support --max-steps 60\n"
-               "  r: 16\n  %%lora_generate --adapter support-bot\n  How do I reset my password?\n")
-    for name in ("qlora_load", "lora_train", "lora_export_job", "lora_generate", "lora_compare", "lora_adapters", "lora_eval", "lora_stop",
-                 "ft_unload"):
-        func = getattr(FtMagics, name)
-        doc = dedent(func.__doc__ or "").strip()
-        out.append(f"%{name}\n" + "\n".join("  " + l for l in doc.splitlines()) + "\n")
-    return "\n".join(out)
+def help_text(name=None) -> str:
+    """%ft_help's text, generated from the registered magics (ft_magics/reference.py)."""
+    from .reference import help_text as _help_text
+
+    return _help_text(name)
 
 
 _loaded: dict = {}

@@ -155,7 +155,7 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
 def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
     return FtUsageError(
         f"no complete checkpoint of {name!r} to resume from (looked in {root}). "
-        f"Train it without --resume: %%lora_train {name} --data ..."
+        f"Train it without --resume: %%lora_train {name} --data ... (see README 'Troubleshooting: interrupted runs')."
     )
 
 

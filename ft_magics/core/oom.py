@@ -57,6 +57,7 @@ def oom_error(exc: BaseException, cfg, bits: Optional[int] = None, device: str =
     lines += [f"  - {s}" for s in suggestions(cfg, bits)] or ["  - a smaller model"]
     first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     lines.append(f"({type(exc).__name__}: {first})")
+    lines.append("See README 'Troubleshooting: out of memory'.")
     return FtUsageError("\n".join(lines))
 
 
