@@ -42,7 +42,7 @@ SEED = 42
 
 
 # --------------------------------------------------------------------------- data
-def varlen_dataset(folder: Path, n_train: int = 160, n_eval: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def varlen_dataset(folder: Path, n_train: int = 160, n_eval: int = 0, seed: int = 0) -> tuple[Path, Path]:
     """Chat rows whose lengths vary widely (about 20 to 500 tokens): where padding waste shows."""
     rng = random.Random(seed)
     words = ("order account refund shipping password invoice blender warranty battery screen update app "
@@ -62,18 +62,25 @@ def varlen_dataset(folder: Path, n_train: int = 160, n_eval: int = 32, seed: int
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, n in (("varlen.jsonl", n_train), ("varlen-eval.jsonl", n_eval)):
+    for name, n in (("varlen.jsonl", n_train), ("varlen-eval.jsonl", n_eval or EVAL_ROWS)):
         p = folder / name
         p.write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
         paths.append(p)
     return paths[0], paths[1]
 
 
+EVAL_ROWS = int(os.environ.get("BENCH_EVAL_ROWS", "32"))
+# the ft_magics variants: (side name, extra YAML for the %%lora_train body)
+FT_SIDES = [("ft_magics", ""), ("ft_magics+ckpt", "gradient_checkpointing: true")]
+
+
 def datasets() -> dict:
     data_dir = ROOT / "ft_magics" / "data"
     vl_train, vl_eval = varlen_dataset(RESULTS / "data")
+    support_eval = RESULTS / "data" / "support-eval.jsonl"  # the first EVAL_ROWS rows: a shorter eval
+    support_eval.write_text("".join((data_dir / "support-eval.jsonl").read_text().splitlines(True)[:EVAL_ROWS]))
     return {
-        "support": (str(data_dir / "support.jsonl"), str(data_dir / "support-eval.jsonl")),
+        "support": (str(data_dir / "support.jsonl"), str(support_eval)),
         "varlen": (str(vl_train), str(vl_eval)),
     }
 
@@ -225,6 +232,7 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     instrument_trainer(stats)
     peak_bf16 = matmul_peak_gflops("bfloat16")
     res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats)
+    threads = __import__("torch").get_num_threads()
     from transformers import AutoConfig
 
     dims = dims_from_config(AutoConfig.from_pretrained(demo_model_path()).to_dict()).as_dict()
@@ -232,7 +240,8 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     t = stats["train_seconds"]
     tail = res["losses"][-3:]
     result = dict(
-        side=side, dataset=dataset, steps=steps, batch=BATCH, view=res["view"],
+        side=side, dataset=dataset, steps=steps, batch=BATCH, view=res["view"], torch_threads=threads,
+        load_average=os.getloadavg(),
         loss_tokens=stats["loss_tokens"], tokens=stats["tokens"], padded_tokens=stats["padded_tokens"],
         padding_waste=1 - stats["tokens"] / max(stats["padded_tokens"], 1),
         train_seconds=t, loss_tokens_per_s=stats["loss_tokens"] / t if t else None,
@@ -283,19 +292,40 @@ def worker_extras(out: str) -> None:
 
 
 # --------------------------------------------------------------------------- driver
-def run_side(side: str, dataset: str, paths: tuple, steps: int) -> dict:
+def start_side(side: str, dataset: str, paths: tuple, steps: int):
     out = RESULTS / f"raw-{dataset}-{side}.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out.unlink(missing_ok=True)
+    body = dict(FT_SIDES).get(side, "")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), BENCH_FT_BODY=body)
     cmd = [sys.executable, __file__, "--worker", side, dataset, paths[0], paths[1], str(steps), str(out)]
-    print(f"  {dataset:8s} {side:10s} ...", end=" ", flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print("FAILED")
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+    log = open(RESULTS / f"raw-{dataset}-{side}.log", "w")
+    return out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
+
+
+def finish_side(side: str, dataset: str, started) -> dict:
+    out, proc, t = started
+    rc = proc.wait()
+    print(f"  {dataset:8s} {side:15s} {'done' if rc == 0 else 'FAILED'} after {time.perf_counter() - t:.0f} s",
+          flush=True)
+    if rc != 0:
+        log = RESULTS / f"raw-{dataset}-{side}.log"
+        sys.stderr.write(log.read_text()[-5000:])
         raise SystemExit(1)
-    print(f"{time.perf_counter() - t:.0f} s")
     return json.loads(out.read_text())
+
+
+def run_all(steps: int) -> list:
+    """Every (dataset, side) in its own subprocess: one after another, or all at once with BENCH_PARALLEL=1
+    (the sides of each dataset together: on a machine others are loading, that gives them the same conditions)."""
+    sides = ["reference"] + [name for name, _ in FT_SIDES]
+    rows = []
+    for d, paths in datasets().items():
+        if os.environ.get("BENCH_PARALLEL") == "1":  # the sides of one dataset at once
+            started = [(side, start_side(side, d, paths, steps)) for side in sides]
+            rows += [finish_side(side, d, st) for side, st in started]
+        else:
+            rows += [finish_side(side, d, start_side(side, d, paths, steps)) for side in sides]
+    return rows
 
 
 def gb(n):
@@ -327,36 +357,41 @@ def ratios(ref: dict, ft: dict) -> dict:
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"ft_magics vs standard QLoRA recipe: demo model, batch {BATCH}, {STEPS} steps (BENCH_STEPS)")
-    rows, summary = [], {}
-    for name, paths in datasets().items():
-        ref = run_side("reference", name, paths, STEPS)
-        ft = run_side("ft_magics", name, paths, STEPS)
-        rows += [ref, ft]
-        summary[name] = ratios(ref, ft)
-    print("  extras   (load_ext time, merged-adapter generation) ...", end=" ", flush=True)
-    t = time.perf_counter()
     extras_out = RESULTS / "raw-extras.json"
-    proc = subprocess.run([sys.executable, __file__, "--extras", str(extras_out)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
-    extras = json.loads(extras_out.read_text()) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
-    print(f"{time.perf_counter() - t:.0f} s")
+    extras_out.unlink(missing_ok=True)
+    extras_proc = subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
+        [sys.executable, __file__, "--extras", str(extras_out)], stdout=subprocess.DEVNULL,
+        stderr=open(RESULTS / "raw-extras.log", "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
+    if os.environ.get("BENCH_PARALLEL") != "1":
+        extras_proc.wait()
+    rows = run_all(STEPS)
+    summary = {}
+    for r in rows:
+        if r["side"] != "reference":
+            ref = next(x for x in rows if x["dataset"] == r["dataset"] and x["side"] == "reference")
+            summary[f"{r['dataset']} / {r['side']}"] = ratios(ref, r)
+    extras_proc.wait()
+    extras = (json.loads(extras_out.read_text()) if extras_proc.returncode == 0
+              else {"error": (RESULTS / "raw-extras.log").read_text()[-2000:]})
     goals = {}
-    for name, r in summary.items():
-        ft = next(x for x in rows if x["dataset"] == name and x["side"] == "ft_magics")
-        goals[name] = {
+    for key, r in summary.items():
+        dataset, side = key.split(" / ")
+        ft = next(x for x in rows if x["dataset"] == dataset and x["side"] == side)
+        goals[key] = {
             "tokens_per_s >= 1.5x": r["loss_tokens_per_s"] >= 1.5,
             "eval loss within 2%": abs(r["eval_loss"] - 1) <= 0.02,
             "peak memory <= 0.5x": r["peak_rss"] <= 0.5,
             ">= 50% of matmul peak": ft["fraction_of_peak"] >= 0.5,
         }
-    md = [table(rows), "", "| dataset | tok/s ratio | peak RSS ratio | train time ratio | eval loss ratio |",
+    md = [table(rows), "", "| dataset / side | tok/s ratio | peak RSS ratio | train time ratio | eval loss ratio |",
           "|---|---|---|---|---|"]
     for name, r in summary.items():
         md.append(f"| {name} | {r['loss_tokens_per_s']:.2f}x | {r['peak_rss']:.2f}x | {r['train_seconds']:.2f}x | "
                   f"{r['eval_loss']:.3f} |")
-    md += ["", "Goals: " + "; ".join(f"{n}: " + ", ".join(f"{k} {'MET' if v else 'not met'}" for k, v in g.items())
-                                    for n, g in goals.items()),
-           f"ft_magics view: {rows[1]['view']}"]
+    md += ["", "Goals vs the reference:"]
+    md += [f"- {n}: " + ", ".join(f"{k} {'MET' if v else 'not met'}" for k, v in g.items()) for n, g in goals.items()]
+    md += [f"ft_magics view: {rows[1]['view']}; torch threads {rows[0]['torch_threads']}; "
+           f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine slows every side)"]
     if "load_ext_seconds" in extras:
         md.append(f"`%load_ext ft_magics`: {extras['load_ext_seconds']:.3f} s (goal < 0.3 s: "
                   f"{'MET' if extras['load_ext_seconds'] < 0.3 else 'not met'})")
