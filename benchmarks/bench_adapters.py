@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     s.unload_adapter("task1")
     reqs = [("base", "What is LoRA?"), ("task1", "Reset my password"), ("task2", "Track my order"),
             ("task0", "Is it raining?")]
-    served = s.serve(reqs, store=store, capacity=2, max_new_tokens=16)
+    served = s.serve(reqs, store=store, capacity=2, max_new_tokens=8)
     result = {
         "model": s.handle.name, "bits": a.bits, "device": s.handle.device, "dtype": str(s.handle.dtype),
         "model_load_s": round(load_s, 2), "adapter": "r=16 all-linear (210 LoRA pairs)",
