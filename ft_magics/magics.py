@@ -397,11 +397,14 @@ class FtMagics(Magics):
 
             %ft_unload
         """
-        from .core.memory import human_bytes, rss_bytes
+        from .core.memory import human_bytes, read_memory, rss_bytes
 
-        before = rss_bytes()
+        before, gpu = rss_bytes(), read_memory(None)  # a CUDA reading only where CUDA is in use
         self.session.unload()
-        print(f"model unloaded; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}")
+        msg = f"model unloaded; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}"
+        if gpu.kind == "cuda":
+            msg += f"; CUDA allocated {human_bytes(gpu.used_bytes)} -> {human_bytes(read_memory(None).used_bytes)}"
+        print(msg)
 
     @magic_arguments()
     @argument("model", nargs="?", default="demo",

@@ -116,3 +116,22 @@ def test_demo_model_rss_returns_near_baseline_after_unload(tmp_path):
     # loading the same model twice does not hold two copies; unloading again returns as before
     assert rss["after_second_load"] - rss["after_reload"] < 0.5 * loaded, mb
     assert rss["after_second_unload"] - rss["before_load"] < 0.25 * loaded + 96 * 2**20, mb
+
+
+@pytest.mark.gpu
+def test_cuda_memory_is_released_after_training_and_unload(shell, tiny_model_dir, capsys):
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 16 --device cuda")
+    s = shell.magics_manager.registry["FtMagics"].session
+    s.train("bot", DATA, max_steps=2, batch_size=2, r=4)
+    assert torch.cuda.memory_allocated() > base
+    capsys.readouterr()
+    shell.run_line_magic("ft_unload", "")
+    out = capsys.readouterr().out
+    assert "CUDA allocated" in out, out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= base + 2**20
+    assert torch.cuda.memory_reserved() <= base + 64 * 2**20  # empty_cache handed the cached blocks back

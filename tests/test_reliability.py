@@ -237,12 +237,12 @@ def test_oom_in_the_magic_is_a_usage_error(shell, tiny_model_dir, oom_above):
 
 
 def test_auto_batch_size_finds_a_batch_that_fits(tiny_session, oom_above):
-    seen = oom_above(3)
+    seen = oom_above(2)
     rec = Recorder()
-    r = tiny_session.train("auto", DATA, dict(CFG, batch_size=8, auto_batch_size=True), listeners=[rec])
-    assert r.status == "completed" and r.steps == 8
-    assert max(seen) == 8 and seen[-1] <= 3  # started at 8, shrank until the batch fitted
-    assert any("training with batch_size 3" in m for m in _messages(rec)), _messages(rec)
+    r = tiny_session.train("auto", DATA, dict(CFG, batch_size=4, max_steps=3, auto_batch_size=True), listeners=[rec])
+    assert r.status == "completed" and r.steps == 3
+    assert seen[0] == 4 and 3 in seen and seen[-1] == 2  # started at 4, shrank (x0.9) until the batch fitted
+    assert any("training with batch_size 2" in m for m in _messages(rec)), _messages(rec)
 
 
 # ------------------------------------------------------------------ safe by default
