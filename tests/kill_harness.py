@@ -251,8 +251,11 @@ def main(argv=None) -> dict:
             shutil.copytree(ref_dir / NAME, adapters / NAME)
             victim = Child(a.model, str(adapters), "train", slow_fsync=mid_save)
             seen = 0
+            last_step = 0
             try:
                 for ev in victim.events():
+                    if ev.startswith("STEP "):
+                        last_step = int(ev.split()[1])
                     if (mid_save and ev == "FSYNC") or (not mid_save and ev.startswith("STEP ")):
                         seen += 1
                         if seen >= at:
@@ -275,6 +278,14 @@ def main(argv=None) -> dict:
                 summary["failures"].append(f"trial {i}: resume hung: {exc}")
                 continue
             res = checker.result or {"crash": "no result"}
+            # at most the steps since the last complete checkpoint are lost: the checkpoint of the last
+            # even step reported may still have been in writing, the one before it was complete
+            every = CFG["save_every"]
+            floor = max(0, (last_step // every) * every - every)
+            got = int(str(res.get("resumed_from") or "checkpoint-0").split("-")[-1])
+            trial["last_step_seen"], trial["resumed_step"] = last_step, got
+            if "crash" not in res and got < floor:
+                summary["failures"].append(f"trial {i}: killed after step {last_step} but resumed from step {got}")
         else:
             at = rng.randint(1, MAX_STEPS - 2)
             trial.update(at=at)

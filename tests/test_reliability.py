@@ -367,3 +367,16 @@ def test_adapter_for_another_base_or_other_modules_is_refused_saying_which(tiny_
     with pytest.raises(FtUsageError, match="targets module\\(s\\) c_attn"):
         tiny_session.load_adapter(odd, name="odd")
     assert "odd" not in tiny_session.adapters.names()
+
+
+def test_pickle_only_adapter_is_refused(tiny_session, tmp_path):
+    import torch
+
+    folder = tmp_path / "pickled-adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj"]}))
+    torch.save({}, folder / "adapter_model.bin")
+    with pytest.raises(FtUsageError, match="pickle"):
+        tiny_session.load_adapter(folder)
+    assert not tiny_session.adapters.names()
