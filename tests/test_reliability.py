@@ -106,6 +106,16 @@ def test_incomplete_checkpoints_are_skipped_on_resume(tiny_session):
     assert done.status == "completed" and done.steps == 8
 
 
+def test_resume_with_other_data_or_settings_warns(tiny_session):
+    s = tiny_session
+    s.train("bot", DATA, dict(CFG, max_steps=4), listeners=[StopAt(s, 1)])
+    rec = Recorder()
+    other = [dict(r, completion=r["completion"] + "!") for r in DATA]
+    s.train("bot", other, dict(CFG, max_steps=4, learning_rate=5e-3), resume=True, listeners=[rec])
+    warn = [m for m in _messages(rec) if "different" in m]
+    assert warn and "data_fingerprint" in warn[0] and "learning_rate" in warn[0], _messages(rec)
+
+
 def test_checkpoints_by_time(tiny_session):
     s = tiny_session
     # save_every_minutes tiny: a checkpoint after every step; the limit keeps the newest two
