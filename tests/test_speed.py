@@ -179,3 +179,32 @@ def test_autocast_knob_off_and_fp32_model_use_plain_trainer(tiny_model_dir):
     assert type(t) is Trainer
     t = make_trainer(model, False, autocast_dtype=torch.bfloat16, args=args)
     assert type(t) is not Trainer and t.autocast_dtype == torch.bfloat16 and t.chunked is False
+
+
+def test_autocast_with_gradient_checkpointing_trains(tiny_model_dir, tmp_path):
+    """Regression: checkpointed layers are recomputed in the backward with the forward's dtypes."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from ft_magics.core.speed import make_trainer
+
+    model = _lora_model(tiny_model_dir, dtype=torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    model.enable_input_require_grads()
+    batch = _batch(model.config.vocab_size, seed=5)
+    rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(batch["input_ids"], batch["labels"])]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=2,
+                             per_device_train_batch_size=3, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(model, True, autocast_dtype=torch.bfloat16, args=args, train_dataset=Dataset.from_list(rows),
+                           data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)

@@ -162,6 +162,39 @@ def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: 
     return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items)
 
 
+def _half(dtype) -> bool:
+    import torch
+
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def autocast_only(model, dtype):
+    """``torch.autocast`` in ``dtype`` on the model's device type (a no-op context unless bf16/fp16)."""
+    import contextlib
+
+    import torch
+
+    if not _half(dtype):
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def no_input_casting(model, dtype):
+    """PEFT's cast of each LoRA layer's input to the adapter dtype, switched off (a no-op unless bf16/fp16).
+
+    It must stay off for the whole training step, backward included: gradient checkpointing recomputes
+    the forward during the backward, and the recomputed tensors must have the dtypes of the first pass.
+    """
+    import contextlib
+
+    if not _half(dtype):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
+
+
 def autocast_context(model, dtype):
     """``torch.autocast`` in ``dtype`` (bf16/fp16) with PEFT's input casting off, or a no-op context.
 
@@ -172,16 +205,9 @@ def autocast_context(model, dtype):
     """
     import contextlib
 
-    import torch
-
-    if dtype not in (torch.bfloat16, torch.float16):
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-
-    device = next((p.device.type for p in model.parameters()), "cpu")
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
-    stack.enter_context(disable_input_dtype_casting(model))
+    stack.enter_context(autocast_only(model, dtype))
+    stack.enter_context(no_input_casting(model, dtype))
     return stack
 
 
@@ -198,6 +224,11 @@ def speed_trainer_class():
         chunk_rows: int = 0
         chunked: bool = True
         autocast_dtype = None
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            # forward and backward (where checkpointed layers are recomputed) see the same LoRA input dtypes
+            with no_input_casting(model, self.autocast_dtype):
+                return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with autocast_context(model, self.autocast_dtype):
