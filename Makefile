@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-fast demo bench bench-levers clean soak browser-deps bench-dashboard
+.PHONY: install test test-fast demo demos docs bench bench-levers clean soak browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,16 @@ soak: install
 
 demo: install
 	$(BIN)/python scripts/run_demo.py demo_notebooks/01_quickstart.ipynb
+
+# every demo notebook, headless (executed copies: demo_notebooks/*.executed.ipynb, git-ignored)
+demos: install
+	@for nb in demo_notebooks/0*_*.ipynb; do case $$nb in *.executed.ipynb) continue;; esac; \
+		$(BIN)/python scripts/run_demo.py $$nb || exit 1; done
+
+# regenerate what is generated from the code: README's reference block and the demo notebooks
+docs: install
+	$(BIN)/python scripts/gen_reference.py
+	$(BIN)/python scripts/make_notebooks.py
 
 clean:
 	rm -rf $(VENV) adapters .pytest_cache
