@@ -12,9 +12,11 @@ Per parameter P of the base model (bytes):
                                              + 4/(64*256) (fp32 second-level constant per 256 blocks)
                                              = 4.127 bits; embeddings and the output head stay 16-bit
 Adapter (A parameters, r * (in + out) per adapted linear layer): 4 (fp32 weights) + 4 (grads) + 8 (Adam) = 16.
-Activations kept for the backward pass, per layer (Korthikanti et al. 2022, with a fused/SDPA attention that
-stores no L x L scores): about 34 * s * b * h bytes at 16-bit, where s = sequence length, b = batch,
-h = hidden size. With gradient checkpointing: 2 * s * b * h per layer plus one layer's worth.
+Activations kept for the backward pass, per token and layer of a Llama-style block with a fused/SDPA
+attention (no L x L scores): 2 * (6h + 2kv + 4i) bytes of 16-bit tensors + 8h bytes of fp32 RMSNorm copies,
+plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped inputs of the adapted layers);
+h = hidden size, kv = key/value width, i = MLP width (see layer_activation_bytes). With gradient
+checkpointing: 2h bytes per layer plus one layer's full set.
 Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
 ft_magics' chunked loss keeps one chunk (about 64 MB).
 Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
@@ -32,8 +34,6 @@ from ..errors import FtUsageError, did_you_mean
 
 GB = 1e9  # decimal gigabytes, as in model cards and the "70B needs ~140 GB" rule of thumb
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-ACT_BYTES_PER_LAYER = 34  # * s * b * h
-CKPT_BYTES_PER_LAYER = 2
 LOGIT_BYTES_STANDARD = 2 + 4 + 4
 CHUNK_BYTES = 64 * 2**20
 OVERHEAD_BYTES = 0.5 * GB
@@ -212,7 +212,8 @@ class Plan:
                  f"  LoRA:  2 B/param frozen 16-bit base; adapter {ADAPTER_BYTES} B/adapter param (fp32 w, grad, Adam m,v)",
                  f"  QLoRA: {NF4_BITS:.3f} bits/param (NF4 codes + 8-bit absmax/64 + fp32 constant/16384); "
                  "embeddings and head 16-bit",
-                 "  activations: layers * 34 * seq * batch * hidden bytes (2 * ... with gradient checkpointing)",
+                 "  activations: seq * batch * layers * [2(6h + 2kv + 4i) + 8h (+ 3(6h + i) LoRA dropout)] bytes",
+                 "               (gradient checkpointing: seq * batch * (layers * 2h + one layer's set))",
                  "               + logits: seq * batch * vocab * 10 B (standard loss) or one 64 MB chunk (chunked loss)",
                  "  overhead: ~0.5 GB runtime (CUDA context / CPU libraries)",
                  "Measured peaks on the demo model: see benchmarks/bench_planner.py (results/bench_planner.md)."]
@@ -232,10 +233,26 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
 
 
-def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked: bool, act_bytes: int = 2) -> float:
+def layer_activation_bytes(d: ModelDims, act_bytes: int = 2, lora_dropout: bool = False) -> float:
+    """Bytes one decoder layer keeps per token for the backward pass (Llama-style block, fused attention).
+
+    Saved 16-bit tensors: the inputs of q/k/v, o, gate/up and down, q/k/v themselves, the attention output,
+    the gate, up, activation and product tensors: 6h + 2kv + 4i elements; plus the fp32 copies the two
+    RMSNorms keep (8h bytes). With LoRA dropout each adapted layer also keeps its dropout mask (1 byte) and
+    dropped input (16-bit) for the 6h + i input elements of q, k, v, o, gate, up, down.
+    """
+    kv = d.kv_heads * d.head_dim
+    base = act_bytes * (6 * d.hidden + 2 * kv + 4 * d.intermediate) + 8 * d.hidden
+    lora = (1 + act_bytes) * (6 * d.hidden + d.intermediate) if lora_dropout else 0
+    return base + lora
+
+
+def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked: bool, act_bytes: int = 2,
+                     lora_dropout: bool = False) -> float:
     tokens = seq_len * batch
-    per = (CKPT_BYTES_PER_LAYER * d.layers + ACT_BYTES_PER_LAYER) if ckpt else ACT_BYTES_PER_LAYER * d.layers
-    body = per * tokens * d.hidden * act_bytes / 2
+    per_layer = layer_activation_bytes(d, act_bytes, lora_dropout)
+    # with checkpointing: each layer's 16-bit input, plus one layer's full set during its recompute
+    body = tokens * ((d.layers * act_bytes * d.hidden + per_layer) if ckpt else d.layers * per_layer)
     logits = min(CHUNK_BYTES, tokens * d.vocab * 4) if chunked else tokens * d.vocab * LOGIT_BYTES_STANDARD
     return body + logits
 
@@ -250,7 +267,7 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, False, full_act_bytes)
-    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss)
+    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss, lora_dropout=True)
     full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2) * p, act_full, overhead_bytes,
                     notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"])
     lora16 = ModePlan("LoRA, 16-bit base", 2 * p, ADAPTER_BYTES * lora, act_peft, overhead_bytes)
