@@ -324,7 +324,10 @@ def run_all(steps: int) -> list:
     (the sides of each dataset together: on a machine others are loading, that gives them the same conditions)."""
     sides = ["reference"] + [name for name, _ in FT_SIDES]
     rows = []
+    only = [x for x in os.environ.get("BENCH_DATASETS", "").split(",") if x]  # e.g. BENCH_DATASETS=support
     for d, paths in datasets().items():
+        if only and d not in only:
+            continue
         if os.environ.get("BENCH_PARALLEL") == "1":  # the sides of one dataset at once
             started = [(side, start_side(side, d, paths, steps)) for side in sides]
             rows += [finish_side(side, d, st) for side, st in started]
