@@ -328,7 +328,7 @@ Run in its own process per mode so that each peak is its own."""
 import json, sys, threading, time
 import psutil, torch
 
-mode, SEQ, BATCH, STEPS = sys.argv[1], 128, 4, 4
+mode, SEQ, BATCH, STEPS = sys.argv[1], 128, 4, 3
 cuda = torch.cuda.is_available()
 proc, peak, stop = psutil.Process(), [0], threading.Event()
 
@@ -408,7 +408,7 @@ MEMORY = [
         "AdamW's two fp32 states and an fp32 master copy make it 16 B/param. The quoted LoRA/QLoRA figures are "
         "the weights alone; the planner adds the adapter, its optimizer, activations and the runtime.\n\n"
         "## Measured on the demo model\n\n"
-        "A small script trains 4 steps (batch 4, 128 tokens) in one mode per process: `full` (every parameter, "
+        "A small script trains 3 steps (batch 4, 128 tokens) in one mode per process: `full` (every parameter, "
         "fp32 + AdamW, plain PyTorch), `lora` (ft_magics, 16-bit base) and `qlora` (ft_magics, NF4 base). On "
         "the CPU the memory is the process's peak RSS; on a GPU, CUDA's peak allocation."
     ),
