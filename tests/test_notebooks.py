@@ -54,7 +54,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_01_quickstart(tmp_path):
-    text, work, _ = execute("01_quickstart.ipynb", tmp_path)
+    check_01(*execute("01_quickstart.ipynb", tmp_path)[:2])
+
+
+def check_01(text: str, work: Path) -> None:
     s = summary(text)
     m = re.search(r"base (\d+)/(\d+) -> adapter (\d+)/(\d+)", s)
     assert m, s
@@ -67,7 +70,10 @@ def test_01_quickstart(tmp_path):
 
 
 def test_02_bring_your_own_data(tmp_path):
-    text, work, _ = execute("02_bring_your_own_data.ipynb", tmp_path)
+    check_02(*execute("02_bring_your_own_data.ipynb", tmp_path)[:2])
+
+
+def check_02(text: str, work: Path) -> None:
     s = summary(text)
     assert "formats detected: dataframe=prompt-completion, jsonl=chat, csv=alpaca" in s
     answers, every = map(int, re.search(r"answers only (\d+), all (\d+)", s).groups())
@@ -87,7 +93,10 @@ def test_02_bring_your_own_data(tmp_path):
 
 
 def test_03_adapters_at_the_edge(tmp_path):
-    text, work, _ = execute("03_adapters_at_the_edge.ipynb", tmp_path)
+    check_03(*execute("03_adapters_at_the_edge.ipynb", tmp_path)[:2])
+
+
+def check_03(text: str, work: Path) -> None:
     s = summary(text)
     routes = re.findall(r"route #(\d) (\S+)\s+(\S+)\s+load\s+([\d.]+) ms\s+(\w+)", text)
     first, second = routes[:6], routes[6:12]
@@ -111,7 +120,10 @@ def test_03_adapters_at_the_edge(tmp_path):
 
 
 def test_04_memory(tmp_path):
-    text, work, _ = execute("04_memory_full_vs_lora_vs_qlora.ipynb", tmp_path)
+    check_04(*execute("04_memory_full_vs_lora_vs_qlora.ipynb", tmp_path)[:2])
+
+
+def check_04(text: str, work: Path) -> None:
     s = summary(text)
     for size in ("7B", "13B", "70B"):
         full, lora, qlora = map(float, re.search(
@@ -128,7 +140,10 @@ def test_04_memory(tmp_path):
 
 
 def test_05_scale_out(tmp_path):
-    text, work, _ = execute("05_scale_out.ipynb", tmp_path)
+    check_05(*execute("05_scale_out.ipynb", tmp_path)[:2])
+
+
+def check_05(text: str, work: Path) -> None:
     s = summary(text)
     assert "processes 2 (gloo), global batch 8" in s
     m = re.search(r"run support-2p: (\w+), loss ([\d.]+) -> ([\d.]+) over (\d+) steps", s)
