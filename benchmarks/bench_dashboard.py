@@ -10,7 +10,8 @@ kernel. Two figures:
   trusted;
 - the share of each run's wall time spent inside the view's hooks. All of a view's work (labels,
   drawing the curve, sending widget state over the comm, the final PNG) happens synchronously inside
-  its hooks on the training thread, so this is the dashboard's direct cost, and it is stable under load.
+  its hooks on the training thread, so this is the dashboard's direct cost, and it is stable under load;
+- the median time between two steps in each mode (robust to the stalls other jobs cause).
 
     .venv/bin/python benchmarks/bench_dashboard.py                 # tiny random Llama, fast steps (harsh case)
     .venv/bin/python benchmarks/bench_dashboard.py --model demo --steps 10 --repeats 2
@@ -44,7 +45,8 @@ def build_notebook(model: str, bits: int, steps: int, batch: int, repeats: int, 
         "_hooks = {'text': [], 'widgets': []}\n"
         # time spent inside the view's hooks: all of the view's work runs there, on the training thread
         "import ft_magics.widgets as _w\n"
-        "_orig_view, _hook = _w.training_view, [0.0]\n"
+        "_orig_view, _hook, _steps = _w.training_view, [0.0], []\n"
+        "_gaps = {'text': [], 'widgets': []}\n"
         "class _Timed:\n"
         "    def __init__(self, inner): self.inner = inner\n"
         "    def __getattr__(self, k):\n"
@@ -52,6 +54,7 @@ def build_notebook(model: str, bits: int, steps: int, batch: int, repeats: int, 
         "        if not k.startswith('on_'): return f\n"
         "        def timed(*a):\n"
         "            t = time.perf_counter()\n"
+        "            if k == 'on_step': _steps.append(t)\n"
         "            try: return f(*a)\n"
         "            finally: _hook[0] += time.perf_counter() - t\n"
         "        return timed\n"
@@ -61,20 +64,23 @@ def build_notebook(model: str, bits: int, steps: int, batch: int, repeats: int, 
         f"    steps = steps or {steps}\n"
         f"    line = name + ' {flags}' + (' --no-widgets' if mode == 'text' else '')\n"
         "    line += f' --max-steps {steps}' if steps else ''\n"
-        "    _hook[0] = 0.0\n"
+        "    _hook[0] = 0.0; _steps.clear()\n"
         "    t = time.perf_counter()\n"
         "    get_ipython().run_cell_magic('lora_train', line, 'r: 8')\n"
         "    _times[mode].append(time.perf_counter() - t)\n"
         "    _hooks[mode].append(_hook[0])\n"
+        "    g = sorted(b - a for a, b in zip(_steps, _steps[1:]))\n"
+        "    _gaps[mode].append(g[len(g) // 2] if g else None)\n"
         "    _ft.delete_adapter(name)\n",
         # a warm-up run in each mode (first-use imports, allocator growth) that is not counted
         "_bench('text', 'warm', 5); _bench('widgets', 'warm', 5)\n"
-        "_times = {'text': [], 'widgets': []}; _hooks = {'text': [], 'widgets': []}",
+        "_times = {'text': [], 'widgets': []}; _hooks = {'text': [], 'widgets': []}\n"
+        "_gaps = {'text': [], 'widgets': []}",
     ]
     for i in range(repeats):
         order = ("text", "widgets") if i % 2 == 0 else ("widgets", "text")
         cells += [f"_bench({order[0]!r}, {i})", f"_bench({order[1]!r}, {i})"]
-    cells.append("print('BENCH ' + json.dumps({'times': _times, 'hooks': _hooks}))")
+    cells.append("print('BENCH ' + json.dumps({'times': _times, 'hooks': _hooks, 'step_s': _gaps}))")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -122,12 +128,16 @@ def main(argv=None) -> int:
     best = min(wid) / min(text) - 1
     # the direct cost: share of each run's wall time spent inside the view (robust on a busy machine)
     hook_pct = {m: [100 * h / t for h, t in zip(got["hooks"][m], got["times"][m])] for m in ("text", "widgets")}
+    # the median time between two steps of a run ignores the seconds-long stalls other jobs cause
+    step_med = {m: statistics.median(v for v in got["step_s"][m] if v) for m in ("text", "widgets")}
+    step_diff = step_med["widgets"] / step_med["text"] - 1
     result = {
         "model": args.model, "bits": bits, "steps": args.steps, "batch_size": args.batch_size,
         "repeats": args.repeats, "text_s": text, "widgets_s": wid,
         "overhead_median_pct": round(100 * med, 2), "overhead_best_pct": round(100 * best, 2),
         "view_hook_s": got["hooks"], "view_share_pct": {m: [round(v, 3) for v in hook_pct[m]] for m in hook_pct},
         "dashboard_share_median_pct": round(statistics.median(hook_pct["widgets"]), 3),
+        "median_step_s": got["step_s"], "step_time_difference_pct": round(100 * step_diff, 2),
         "goal_pct": 2.0, "total_wall_s": round(wall, 1), "cpus": os.cpu_count(),
     }
     res_dir = ROOT / "benchmarks" / "results"
@@ -137,6 +147,8 @@ def main(argv=None) -> int:
     print(f"--no-widgets: median {statistics.median(text):.2f} s  (runs {', '.join(f'{t:.2f}' for t in text)})")
     print(f"dashboard:    median {statistics.median(wid):.2f} s  (runs {', '.join(f'{t:.2f}' for t in wid)})")
     print(f"wall-time difference: {100 * med:+.2f}% (medians), {100 * best:+.2f}% (best runs) - noisy on a shared machine")
+    print(f"median step time: --no-widgets {step_med['text']:.3f} s, dashboard {step_med['widgets']:.3f} s "
+          f"({100 * step_diff:+.2f}%)")
     print(f"time inside the view's hooks: dashboard {statistics.median(hook_pct['widgets']):.2f}% of each run "
           f"(runs {', '.join(f'{v:.2f}' for v in hook_pct['widgets'])}), text {statistics.median(hook_pct['text']):.3f}%;"
           " goal <= 2%")
