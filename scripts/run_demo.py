@@ -39,9 +39,9 @@ def main() -> int:
     print(f"running {src} in a fresh kernel ...", flush=True)
     try:
         client.execute()
-    except CellExecutionError as exc:
+    except (CellExecutionError, TimeoutError, RuntimeError) as exc:  # CellTimeoutError is a TimeoutError
         nbformat.write(nb, out_path)
-        print(f"FAILED: a cell raised; executed copy (with the error) at {out_path}\n{exc}", file=sys.stderr)
+        print(f"FAILED: {type(exc).__name__}; executed copy (with the error) at {out_path}\n{exc}", file=sys.stderr)
         return 1
     nbformat.write(nb, out_path)
     text = outputs_text(nb)
