@@ -471,12 +471,25 @@ SCALE_OUT = [
     ),
     new_code_cell(COLAB_INSTALL),
     new_code_cell(SETUP),
-    new_code_cell("%qlora_load"),
-    new_code_cell(
-        "%%lora_train support-2p --data demo:support --processes 2 --max-steps 6\n" + SHORT
+    new_markdown_cell(
+        "Each process needs a device of its own: with several GPUs, one process per GPU; without a GPU, two CPU "
+        "processes. With exactly one GPU (Colab) two processes would share it, so this notebook then keeps "
+        "everything on the CPU (the processes inherit `CUDA_VISIBLE_DEVICES`)."
     ),
     new_code_cell(
-        "import os\n"
+        "import os, torch\n"
+        "gpus = torch.cuda.device_count()\n"
+        "PROCESSES = gpus if gpus > 1 else 2\n"
+        "DEVICE = 'cpu' if gpus == 1 else 'auto'\n"
+        "if gpus == 1:\n"
+        "    os.environ['CUDA_VISIBLE_DEVICES'] = ''  # for the training processes started below\n"
+        "print(f'{gpus} GPU(s): model on {DEVICE}, {PROCESSES} training processes')"
+    ),
+    new_code_cell("%qlora_load --device {DEVICE}"),
+    new_code_cell(
+        "%%lora_train support-2p --data demo:support --processes {PROCESSES} --max-steps 6\n" + SHORT
+    ),
+    new_code_cell(
         "from ft_magics import get_session\n"
         "session = get_session()\n"
         "run = session.runs[-1]\n"
@@ -492,7 +505,7 @@ SCALE_OUT = [
         "printed commands; the adapter lands in `jobs/support/adapters/support-2p`."
     ),
     new_code_cell(
-        "%%lora_export_job support-2p jobs/support --data demo:support --processes 2 --max-steps 6\n" + SHORT
+        "%%lora_export_job support-2p jobs/support --data demo:support --processes {PROCESSES} --max-steps 6\n" + SHORT
     ),
     new_code_cell(
         "print(open('jobs/support/job.yaml').read()[:600])\n"
