@@ -57,13 +57,14 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> Path:
+    """Write ``data`` to a temporary sibling, fsync it, and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,6 +72,11 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: os.PathLike | str, data) -> None:

@@ -8,9 +8,7 @@ boundary), the CPU 4-bit layout fix, and an atomic adapter save beside a JSON ru
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import platform
 import signal
 import threading
@@ -21,7 +19,6 @@ from typing import Any, Callable, Optional
 
 from ..config import TrainConfig
 from ..errors import FtUsageError, did_you_mean
-from .atomic import atomic_dir
 from .events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd, emit
 from .memory import read_memory, reset_peak
 
@@ -352,17 +349,9 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
 
 def save_adapter(peft_model, name: str, target: Path, record: dict) -> Path:
     """Write the adapter in PEFT's own format plus the run record, atomically."""
-    import shutil
+    from .adapters import save_peft_adapter
 
-    with atomic_dir(target) as tmp:
-        scratch = tmp / "_peft"
-        peft_model.save_pretrained(str(scratch), selected_adapters=[name])
-        src = scratch / name if (scratch / name).is_dir() else scratch
-        for f in src.iterdir():
-            os.replace(f, tmp / f.name)
-        shutil.rmtree(scratch, ignore_errors=True)
-        (tmp / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return target
+    return save_peft_adapter(peft_model, name, target, record)
 
 
 def versions() -> dict:

@@ -11,10 +11,7 @@ redrawn only when the time since the last draw is large against the draw's own c
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -286,19 +283,9 @@ def save_curve(png: bytes, adapter_path: str) -> Optional[str]:
     folder = Path(adapter_path)
     if not folder.is_dir():
         return None
-    path = folder / CURVE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CURVE_FILE}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return str(path)
+    from ..core.atomic import atomic_write_bytes
+
+    return str(atomic_write_bytes(folder / CURVE_FILE, png))
 
 
 def _esc(text) -> str:
