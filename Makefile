@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-fast demo demos docs bench bench-levers clean soak browser-deps bench-dashboard
+.PHONY: install test test-notebooks test-fast demo demos docs bench bench-levers clean soak browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ browser-deps: install
 		if command -v apt-get >/dev/null; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 		else echo "no apt-get: tests/test_browser.py will skip (chromium missing)"; fi; fi
 
+# The demo notebooks take minutes each on 2 cores: they run in `make test-notebooks`, not in CI's `make test`.
 test: install browser-deps
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not notebooks"
+
+test-notebooks: install
+	$(BIN)/python -m pytest -q -ra -m notebooks
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"

@@ -50,7 +50,7 @@ def number(pattern: str, text: str) -> float:
     return float(m.group(1))
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.notebooks]
 
 
 def test_01_quickstart(tmp_path):
