@@ -250,6 +250,10 @@ def load_model(
         raise
     if qcfg is None:
         lm.to(dev)
+    elif bits == 4 and dev == "cpu":
+        from .training import remember_unpacked_4bit
+
+        remember_unpacked_4bit(lm)  # so a generate (which repacks) never changes the base we train on
     lm.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -80,20 +80,43 @@ def _linear4bit_modules(model):
             yield mod
 
 
+def remember_unpacked_4bit(model) -> None:
+    """Keep a reference to every unpacked 4-bit weight and a copy of its quant state.
+
+    bitsandbytes' CPU inference packing rewrites the quant state in place (nested absmax dequantised,
+    dtype changed) and its inverse is not exact, so the base would drift after generate -> train. Holding
+    the originals (the packed weight is a new tensor: this costs one extra copy of the 4-bit weights only
+    once packing has happened) lets :func:`unpack_cpu_4bit` restore them bit for bit.
+    """
+    import copy
+
+    for mod in _linear4bit_modules(model):
+        qs = getattr(mod.weight, "quant_state", None)
+        if qs is not None and not getattr(qs, "packing_format_for_cpu", False):
+            mod._ft_unpacked = (mod.weight.data, copy.copy(qs))
+
+
 def unpack_cpu_4bit(model) -> int:
     """Undo bitsandbytes' CPU inference repacking; return how many layers were unpacked.
 
     On the CPU, the first no-grad eval forward of a ``Linear4bit`` (any ``generate``) repacks its weight
     into an AVX512 layout whose kernel has no autograd. Training through it silently stops gradients
-    from flowing back through the frozen base layers, so we restore the standard layout first.
+    from flowing back through the frozen base layers, so we restore the standard layout first: the
+    exact original where :func:`remember_unpacked_4bit` kept it, else bitsandbytes' inverse conversion.
     """
+    import copy
+
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     n = 0
     for mod in _linear4bit_modules(model):
         qs = getattr(mod.weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-            mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
+            kept = getattr(mod, "_ft_unpacked", None)
+            if kept is not None:
+                mod.weight.data, mod.weight.quant_state = kept[0], copy.copy(kept[1])
+            else:
+                mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
             mod.quant_state = mod.weight.quant_state
             n += 1
     return n
@@ -106,6 +129,7 @@ def training_layout(model):
     mods = list(_linear4bit_modules(model))
     saved = [m.support_avx512bf16_for_cpu for m in mods]
     unpack_cpu_4bit(model)
+    remember_unpacked_4bit(model)
     for m in mods:
         m.support_avx512bf16_for_cpu = False
     try:
