@@ -455,85 +455,92 @@ def run_training(
 
     for cb in (PrinterCallback, ProgressCallback):  # our views report progress; no raw log dicts
         trainer.remove_callback(cb)
-    status, error, eval_loss, caught = "completed", None, None, None
+    # One SIGINT handler from the first step until the adapter is saved: an interrupt that lands between
+    # training and saving must not fall through to the default handler (a KeyboardInterrupt mid-save).
+    sigint = contextlib.ExitStack()
+    sigint.enter_context(interrupt_stops(flag, listeners))
     try:
-        with training_layout(peft_model), interrupt_stops(flag, listeners):
-            peft_model.train()
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            if flag.is_set():
-                status = flag.reason or "stopped"
-            if eval_ds is not None and status == "completed":
-                metrics = trainer.evaluate()
-                eval_loss = _f(metrics.get("eval_loss"))
-                if eval_loss is not None and (not history["eval"] or history["eval"][-1][0] != history["last_step"]):
-                    history["eval"].append([history["last_step"], eval_loss])
-                    emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
-            elif history["eval"]:
-                eval_loss = history["eval"][-1][1]
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except Exception as exc:  # noqa: BLE001 - the run ends cleanly and says why; the caller re-raises
-        status, error, caught = "failed", f"{type(exc).__name__}: {exc}", exc
-        from .oom import free_after_oom, is_oom, oom_error
-
-        if is_oom(exc):  # free the failed step's memory; tell the user what to change
-            free_after_oom(trainer)
-            caught, error = oom_error(exc, cfg, handle.bits, handle.device), f"out of memory: {exc}"
-    finally:
-        peft_model.eval()
-    seconds = time.perf_counter() - t0
-    steps = history["last_step"]
-    losses = [l for _, l in history["loss"]]
-    mem = read_memory(handle.device, callback.peak)
-    lt_s = (collator.loss_tokens / seconds) if seconds > 0 else None
-    record = {
-        "name": name,
-        "status": status,
-        "error": error,
-        "base_model": {"name": handle.name, "source": handle.source, "bits": handle.bits,
-                       "dtype": str(handle.dtype).replace("torch.", ""), "device": handle.device},
-        "settings": settings,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
-        "steps": steps,
-        "loss_history": history["loss"],
-        "eval_history": history["eval"],
-        "final_loss": losses[-1] if losses else None,
-        "eval_loss": eval_loss,
-        "timings": {"started": started, "seconds": round(seconds, 3),
-                    "steps_per_s": round(steps / seconds, 4) if seconds else None,
-                    "loss_tokens": collator.loss_tokens,
-                    "loss_tokens_per_s": round(lt_s, 2) if lt_s else None},
-        "peak_memory": {"kind": mem.kind, "bytes": mem.peak_bytes, "label": mem.label},
-        "data": None if data_report is None else {
-            "source": data_report.source, "format": data_report.format, "rows": data_report.rows,
-            "train_rows": data_report.train_rows, "eval_rows": data_report.eval_rows,
-            "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
-        },
-        "versions": versions(),
-    }
-    adapter_path = None
-    # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
-    if steps > 0 and status != "failed" and args.should_save:
-        flag.saving = True
+        status, error, eval_loss, caught = "completed", None, None, None
         try:
-            with interrupt_stops(flag, listeners):
-                adapter_path = str(save_adapter(peft_model, name, target, record))
+            with training_layout(peft_model):
+                peft_model.train()
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                if flag.is_set():
+                    status = flag.reason or "stopped"
+                if eval_ds is not None and status == "completed":
+                    metrics = trainer.evaluate()
+                    eval_loss = _f(metrics.get("eval_loss"))
+                    if eval_loss is not None and (not history["eval"] or history["eval"][-1][0] != history["last_step"]):
+                        history["eval"].append([history["last_step"], eval_loss])
+                        emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
+                elif history["eval"]:
+                    eval_loss = history["eval"][-1][1]
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except Exception as exc:  # noqa: BLE001 - the run ends cleanly and says why; the caller re-raises
+            status, error, caught = "failed", f"{type(exc).__name__}: {exc}", exc
+            from .oom import free_after_oom, is_oom, oom_error
+
+            if is_oom(exc):  # free the failed step's memory; tell the user what to change
+                free_after_oom(trainer)
+                caught, error = oom_error(exc, cfg, handle.bits, handle.device), f"out of memory: {exc}"
         finally:
-            flag.saving = False
-    result = TrainResult(
-        name=name, status=status, adapter_path=adapter_path, steps=steps,
-        final_loss=record["final_loss"], first_loss=losses[0] if losses else None, eval_loss=eval_loss,
-        seconds=seconds, trainable_params=trainable, total_params=total, loss_tokens_per_s=lt_s,
-        peak_memory_bytes=mem.peak_bytes, record=record,
-    )
-    ckpts.finish(ckpt_dir, status)
-    if status in ("interrupted", "stopped"):
-        emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps)))
-    emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
-                             elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
-                             extra={"eval_loss": eval_loss}))
+            peft_model.eval()
+        seconds = time.perf_counter() - t0
+        steps = history["last_step"]
+        losses = [l for _, l in history["loss"]]
+        mem = read_memory(handle.device, callback.peak)
+        lt_s = (collator.loss_tokens / seconds) if seconds > 0 else None
+        record = {
+            "name": name,
+            "status": status,
+            "error": error,
+            "base_model": {"name": handle.name, "source": handle.source, "bits": handle.bits,
+                           "dtype": str(handle.dtype).replace("torch.", ""), "device": handle.device},
+            "settings": settings,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
+            "steps": steps,
+            "loss_history": history["loss"],
+            "eval_history": history["eval"],
+            "final_loss": losses[-1] if losses else None,
+            "eval_loss": eval_loss,
+            "timings": {"started": started, "seconds": round(seconds, 3),
+                        "steps_per_s": round(steps / seconds, 4) if seconds else None,
+                        "loss_tokens": collator.loss_tokens,
+                        "loss_tokens_per_s": round(lt_s, 2) if lt_s else None},
+            "peak_memory": {"kind": mem.kind, "bytes": mem.peak_bytes, "label": mem.label},
+            "data": None if data_report is None else {
+                "source": data_report.source, "format": data_report.format, "rows": data_report.rows,
+                "train_rows": data_report.train_rows, "eval_rows": data_report.eval_rows,
+                "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
+            },
+            "versions": versions(),
+        }
+        adapter_path = None
+        # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
+        if steps > 0 and status != "failed" and args.should_save:
+            flag.saving = True
+            try:
+                with interrupt_stops(flag, listeners):
+                    adapter_path = str(save_adapter(peft_model, name, target, record))
+            finally:
+                flag.saving = False
+        result = TrainResult(
+            name=name, status=status, adapter_path=adapter_path, steps=steps,
+            final_loss=record["final_loss"], first_loss=losses[0] if losses else None, eval_loss=eval_loss,
+            seconds=seconds, trainable_params=trainable, total_params=total, loss_tokens_per_s=lt_s,
+            peak_memory_bytes=mem.peak_bytes, record=record,
+        )
+        ckpts.finish(ckpt_dir, status)
+        if status in ("interrupted", "stopped"):
+            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps)))
+        emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
+                                 elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
+                                 extra={"eval_loss": eval_loss}))
+    finally:
+        sigint.close()
     del trainer
     if caught is not None:
         raise caught
