@@ -82,6 +82,26 @@ def test_memory_readout_is_labelled_by_kind(dash):
     emit([dash], step(2, mem=cuda_mem()))
     assert dash.memory.value.startswith("CUDA 0 (Test GPU) allocated: allocated 3.0 GB · reserved 5.0 GB · peak 4.0 GB")
     assert dash.memory_bar.description == "VRAM" and dash.memory_bar.value == pytest.approx(3 / 24)
+    assert "NVML" not in dash.memory.value  # no NVML figure in the reading: none shown
+    nvml = cuda_mem()
+    nvml.device_used_bytes = 6 * GB
+    emit([dash], step(3, mem=nvml))
+    assert "device in use (NVML, all processes) 6.0 GB" in dash.memory.value
+
+
+def test_nvml_reading_is_optional(monkeypatch):
+    """Without NVML (no nvidia-ml-py, or no GPU) the reading has no device figure instead of failing."""
+    import torch
+
+    from ft_magics.core import memory
+
+    def no_nvml(idx):
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(torch.cuda, "device_memory_used", no_nvml)
+    assert memory._nvml_used(0) == 0
+    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda idx: 7 * GB + idx)
+    assert memory._nvml_used(1) == 7 * GB + 1
 
 
 def test_eval_points_and_log_toggle_redraw(dash):

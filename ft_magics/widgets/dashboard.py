@@ -20,23 +20,14 @@ from typing import Optional
 import ipywidgets as widgets
 
 from ..core.events import EvalEnd, Listener, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd
-from ..core.memory import human_bytes
+from ..core.memory import describe, human_bytes
 from .text import fmt_duration, summary_text
 
 CURVE_FILE = "loss_curve.png"
 EMA_BETA = 0.9
 
 
-def memory_text(m: Optional[MemoryReading]) -> str:
-    """One line that says what was measured: CUDA allocator figures, or the process RSS on the CPU."""
-    if m is None:
-        return "memory: not measured yet"
-    if m.kind == "cuda":
-        pct = 100.0 * m.used_bytes / max(m.total_bytes, 1)
-        return (f"{m.label or 'CUDA'}: allocated {human_bytes(m.used_bytes)} · reserved {human_bytes(m.reserved_bytes)}"
-                f" · peak {human_bytes(m.peak_bytes)} of {human_bytes(m.total_bytes)} ({pct:.0f}%)")
-    return (f"RAM (CPU): process RSS {human_bytes(m.used_bytes)} · peak {human_bytes(m.peak_bytes)}"
-            f" · system available {human_bytes(m.available_bytes)} of {human_bytes(m.total_bytes)}")
+memory_text = describe  # one description of a memory reading for every view
 
 
 def memory_fraction(m: Optional[MemoryReading]) -> float:

@@ -11,7 +11,7 @@ import threading
 from typing import Callable, Optional
 
 from ..core.events import MemoryReading
-from ..core.memory import human_bytes, read_memory
+from ..core.memory import describe, human_bytes, read_memory
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -27,12 +27,7 @@ def sparkline(values, width: int = 60) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))] for v in vals)
 
 
-def reading_text(m: MemoryReading) -> str:
-    if m.kind == "cuda":
-        return (f"VRAM {m.label}: allocated {human_bytes(m.used_bytes)}, reserved {human_bytes(m.reserved_bytes)}, "
-                f"peak {human_bytes(m.peak_bytes)} of {human_bytes(m.total_bytes)}")
-    return (f"RAM (CPU): process RSS {human_bytes(m.used_bytes)}, system available "
-            f"{human_bytes(m.available_bytes)} of {human_bytes(m.total_bytes)}")
+reading_text = describe  # the same one-line description as the dashboard's
 
 
 class MemoryGauge:
