@@ -78,7 +78,7 @@ import torch, transformers, peft  # imported before the baseline: libraries stay
 from transformers import AutoModelForCausalLM
 release_memory()
 out = {"before_load": rss_bytes()}
-sh.run_line_magic("qlora_load", "demo --bits 16")
+sh.run_line_magic("qlora_load", "demo --bits 32")
 out["after_load"] = rss_bytes()
 r = sh.run_cell("import torch\ndef boom(m):\n    x = torch.ones(64_000_000)\n    raise RuntimeError('failed cell')\n"
                 "boom(get_ipython().magics_manager.registry['FtMagics'].session.model)")
@@ -87,9 +87,9 @@ del r
 out["after_failed_cell"] = rss_bytes()
 sh.run_line_magic("ft_unload", "")
 out["after_unload"] = rss_bytes()
-sh.run_line_magic("qlora_load", "demo --bits 16")
+sh.run_line_magic("qlora_load", "demo --bits 32")
 out["after_reload"] = rss_bytes()
-sh.run_line_magic("qlora_load", "demo --bits 16")
+sh.run_line_magic("qlora_load", "demo --bits 32")
 out["after_second_load"] = rss_bytes()
 sh.run_line_magic("ft_unload", "")
 out["after_second_unload"] = rss_bytes()
@@ -109,7 +109,8 @@ def test_demo_model_rss_returns_near_baseline_after_unload(tmp_path):
     mb = {k: round(v / 2**20) for k, v in rss.items()}
     print("\nRSS MB:", mb)
     loaded = rss["after_load"] - rss["before_load"]
-    assert loaded > 150 * 2**20  # the demo model at 16 bits is ~270 MB of weights
+    # fp32 weights are a real copy (~540 MB); at 16 bits they would be mapped from the bf16 cache file
+    assert loaded > 300 * 2**20
     assert rss["after_failed_cell"] - rss["after_load"] > 200 * 2**20  # the failed cell's tensor is held
     # after unload: close to the pre-load value (loose: allocator slack, tokenizer caches)
     assert rss["after_unload"] - rss["before_load"] < 0.25 * loaded + 64 * 2**20, mb

@@ -95,8 +95,11 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+CACHE_DTYPE = "bfloat16"  # GGUF blocks dequantised and stored in bf16: half the size of fp32, loads in half the memory
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
-    return home() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    return home() / "models" / f"{gguf.stem}-{_file_key(gguf)}-{CACHE_DTYPE}"
 
 
 def convert_gguf(gguf: Path, notes: Optional[list] = None) -> Path:
@@ -104,11 +107,14 @@ def convert_gguf(gguf: Path, notes: Optional[list] = None) -> Path:
     target = gguf_cache_dir(gguf)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # bf16 holds the dequantised 4/8-bit GGUF blocks with an error far below their quantisation step, and
+    # the cache is then half the size: loading maps the whole file, so this halves the load-time peak.
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, CACHE_DTYPE))
     # The model still carries the GGUF quantiser, which makes save_pretrained refuse.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -233,6 +239,10 @@ def load_model(
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": dev if dev != "cuda" else 0} if dev.startswith("cuda") else {"": "cpu"}
+    if dev == "cpu":
+        from .memory import fix_mmap_threshold
+
+        fix_mmap_threshold()  # large freed buffers go back to the OS: a lower RSS peak while loading and training
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -255,6 +265,9 @@ def load_model(
 
         remember_unpacked_4bit(lm)  # so a generate (which repacks) never changes the base we train on
     lm.eval()
+    from .memory import trim_heap
+
+    trim_heap()  # loading freed the file-sized conversion buffers; give those pages back to the OS
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(lm.generation_config, "pad_token_id", None) is None:
