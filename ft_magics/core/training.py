@@ -360,14 +360,19 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
         use_cpu=not on_cuda,
         bf16=on_cuda and compute_dtype == torch.bfloat16,
         fp16=on_cuda and compute_dtype == torch.float16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
         eval_steps=cfg.eval_steps or None,
         label_names=["labels"],
         **cfg.warmup_kwargs(),
     )
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+    import inspect
+
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters \
+        else "gradient_checkpointing"
+    kw[ckpt] = cfg.gradient_checkpointing
+    kw[f"{ckpt}_kwargs"] = {"use_reentrant": False} if cfg.gradient_checkpointing else None
     return TrainingArguments(**kw)
 
 
