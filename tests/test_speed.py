@@ -208,3 +208,39 @@ def test_autocast_with_gradient_checkpointing_trains(tiny_model_dir, tmp_path):
     trainer.train()
     after = dict(model.named_parameters())
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_short_cpu_batches_use_plain_attention_and_long_ones_flash():
+    """attention_for picks the math kernel at or below SHORT_ATTENTION_LEN tokens on the CPU, else leaves it."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+
+    from ft_magics.core import speed
+
+    class Cfg:
+        _attn_implementation = "sdpa"
+
+    class M:
+        config = Cfg()
+
+    q = torch.randn(1, 2, 8, 4)
+    short = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN, dtype=torch.long)}, M())
+    long_ = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN + 1, dtype=torch.long)}, M())
+    with short:  # only the math kernel is allowed: the CPU flash kernel must not be picked
+        assert torch._fused_sdp_choice(q, q, q) == SDPBackend.MATH.value
+    with long_:
+        assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
+    Cfg._attn_implementation = "eager"
+    with speed.attention_for({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, M()):
+        assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
+
+
+def test_mmap_threshold_is_set_and_can_be_left_alone(monkeypatch):
+    from ft_magics.core import memory
+
+    monkeypatch.setenv("FT_MAGICS_MMAP_THRESHOLD", "0")
+    assert memory.fix_mmap_threshold() == 0
+    monkeypatch.setenv("FT_MAGICS_MMAP_THRESHOLD", str(2 << 20))
+    assert memory.fix_mmap_threshold() == 2 << 20  # glibc accepted it (this machine runs glibc)
+    monkeypatch.delenv("FT_MAGICS_MMAP_THRESHOLD")
+    assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD

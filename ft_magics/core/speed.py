@@ -211,6 +211,28 @@ def autocast_context(model, dtype):
     return stack
 
 
+SHORT_ATTENTION_LEN = 128  # at or below this padded length the CPU's plain (math) attention is faster
+
+
+def attention_for(inputs: dict, model):
+    """The attention kernel for this batch: on the CPU, plain matmul attention for short rows.
+
+    PyTorch's CPU flash-attention kernel pays a fixed cost per call that dominates short sequences
+    (measured on the demo model, batch 8 x 80 tokens: a training step is 12% faster with the math
+    kernel; at 256 tokens they are even, at 512 flash is 30% faster and needs far less memory).
+    """
+    import contextlib
+
+    ids = inputs.get("input_ids")
+    if ids is None or ids.device.type != "cpu" or ids.shape[-1] > SHORT_ATTENTION_LEN:
+        return contextlib.nullcontext()
+    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") != "sdpa":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def speed_trainer_class():
     """``transformers.Trainer`` with the chunked loss, autocast, and a loss-only evaluation step."""
     import torch
@@ -227,7 +249,8 @@ def speed_trainer_class():
 
         def training_step(self, model, inputs, *args, **kwargs):
             # forward and backward (where checkpointed layers are recomputed) see the same LoRA input dtypes
-            with no_input_casting(model, self.autocast_dtype):
+            # and the same attention kernel
+            with no_input_casting(model, self.autocast_dtype), attention_for(inputs, _causal_lm(model)):
                 return super().training_step(model, inputs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -245,7 +268,7 @@ def speed_trainer_class():
                 with autocast_context(model, self.autocast_dtype):
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), autocast_context(model, self.autocast_dtype):
+            with torch.no_grad(), autocast_context(model, self.autocast_dtype), attention_for(inputs, _causal_lm(model)):
                 loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
             return loss.detach(), None, None
 
