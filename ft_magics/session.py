@@ -323,6 +323,8 @@ class Session:
                 self.adapters.require(chosen)
             self._check_not_merged("generate with another adapter", keep=chosen)
             model = self.model
+            if self._merged is not None:  # the LoRA layers are out of the way: the base model is the merged one,
+                model = model.get_base_model()  # and its generate skips PeftModel's per-call wrapping
             if self.adapters and self._merged is None:
                 activate(model, chosen)
             try:

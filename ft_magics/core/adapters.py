@@ -275,6 +275,7 @@ class MergeState:
     name: str
     saved: list  # [(lora layer, weight tensor copy, bias tensor copy or None)]
     ms: float = 0.0
+    unwrapped: list = field(default_factory=list)  # [(parent module, attribute, lora layer)]
 
 
 def _lora_layers(model, name: str):
@@ -308,12 +309,22 @@ def merge(model, name: str) -> MergeState:
         saved.append((mod, base.weight.data.clone(), None if bias is None else bias.data.clone()))
     model.base_model.enable_adapter_layers()
     model.base_model.merge_adapter([name])
-    return MergeState(name=name, saved=saved, ms=(time.perf_counter() - t) * 1000.0)
+    # A merged LoRA layer still sits between its parent and the base layer and costs a Python call per
+    # layer per token (about 10% of generation speed on the demo model): take it out while merged.
+    where = {id(mod): (parent, attr) for parent in model.modules() for attr, mod in parent.named_children()}
+    unwrapped = []
+    for mod, _, _ in saved:
+        parent, attr = where[id(mod)]
+        setattr(parent, attr, mod.get_base_layer())
+        unwrapped.append((parent, attr, mod))
+    return MergeState(name=name, saved=saved, ms=(time.perf_counter() - t) * 1000.0, unwrapped=unwrapped)
 
 
 def unmerge(state: MergeState) -> float:
     """Put back the exact base weights saved by :func:`merge`; return the time in ms."""
     t = time.perf_counter()
+    for parent, attr, mod in state.unwrapped:
+        setattr(parent, attr, mod)
     for mod, weight, bias in state.saved:
         base = mod.get_base_layer()
         base.weight.data.copy_(weight)
