@@ -44,6 +44,7 @@ test-fast: install
 
 bench-dashboard: install
 	$(BIN)/python benchmarks/bench_dashboard.py
+	$(BIN)/python benchmarks/bench_dashboard.py --model demo --steps 15 --repeats 3
 
 # `make bench`: every script in BENCH_SCRIPTS, in order (append yours). BENCH_STEPS=60 for longer runs.
 BENCH_SCRIPTS += benchmarks/bench_training.py benchmarks/bench_planner.py

@@ -16,7 +16,8 @@ kernel. Two figures:
     .venv/bin/python benchmarks/bench_dashboard.py                 # tiny random Llama, fast steps (harsh case)
     .venv/bin/python benchmarks/bench_dashboard.py --model demo --steps 10 --repeats 2
 
-Results are printed and written to benchmarks/results/bench_dashboard.json. Goal: at most 2% slower.
+Results are printed and written to benchmarks/results/bench_dashboard.json (bench_dashboard-MODEL.json for
+another model). Goal: at most 2% slower. `make bench-dashboard` runs both lines above.
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
     }
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "bench_dashboard.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "bench_dashboard" if args.model == "tiny" else f"bench_dashboard-{Path(args.model).name}"
+    (res_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"model {args.model} ({bits}-bit), {args.steps} steps x batch {args.batch_size}, {args.repeats} runs per mode")
     print(f"--no-widgets: median {statistics.median(text):.2f} s  (runs {', '.join(f'{t:.2f}' for t in text)})")
     print(f"dashboard:    median {statistics.median(wid):.2f} s  (runs {', '.join(f'{t:.2f}' for t in wid)})")
