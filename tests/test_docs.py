@@ -163,3 +163,46 @@ def test_committed_notebooks_are_what_the_generator_writes(tmp_path):
         first = next(c for c in nb.cells if c.cell_type == "code")
         assert "%pip install -q ft-magics" in first.source  # the same Colab cell everywhere
         assert "=== ft_magics demo summary ===" in nb.cells[-1].source
+
+
+def _run_install_cell(monkeypatch, tmp_path, installed_after: bool, env: dict):
+    """Run the notebooks' first cell in a shell where ft_magics is missing; %pip only records its argument."""
+    import importlib.util
+    import sys
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from make_notebooks import COLAB_INSTALL
+    finally:
+        sys.path.pop(0)
+    calls = []
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **kw):
+        if name == "ft_magics":
+            return real("ft_magics") if (installed_after and calls) else None
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    shell = InteractiveShell.instance()
+    monkeypatch.setitem(shell.magics_manager.magics["line"], "pip", lambda line: calls.append(line))
+    result = shell.run_cell(COLAB_INSTALL.replace("/content/", f"{tmp_path}/"))
+    return calls, result
+
+
+def test_colab_cell_installs_from_the_named_source_and_says_how_when_it_fails(monkeypatch, tmp_path):
+    calls, result = _run_install_cell(monkeypatch, tmp_path, True, {"FT_MAGICS_PIP": "git+https://example.org/ft_magics"})
+    assert result.success and calls[0] == "install -q git+https://example.org/ft_magics"
+    monkeypatch.delenv("FT_MAGICS_PIP")
+    wheel = tmp_path / "ft_magics-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    calls, result = _run_install_cell(monkeypatch, tmp_path, True, {})
+    assert result.success and calls[0] == f"install -q {wheel}"  # an uploaded wheel is found
+    wheel.unlink()
+    calls, result = _run_install_cell(monkeypatch, tmp_path, False, {})
+    assert calls[0] == "install -q ft-magics"
+    assert isinstance(result.error_in_exec, RuntimeError) and "make wheel" in str(result.error_in_exec)
