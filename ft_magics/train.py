@@ -83,9 +83,11 @@ def _init_process_group(world: int, local_rank: int, device: str) -> str:
 def _check_layout() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
         raise FtUsageError(
-            "FSDP is not wired into ft_magics jobs yet (sharded 4-bit weights need a different loading and "
-            "adapter-saving path). Use DDP: accelerate launch --config_file accelerate-multi-gpu.yaml, which "
-            "runs any model that fits one GPU in 4-bit on every GPU."
+            "FSDP + QLoRA is not wired into ft_magics jobs yet: sharding 4-bit weights needs bf16 quant storage, "
+            "loading without a device map and a gathered state dict for the adapter save, and none of that has run "
+            "here (no GPU; on the CPU, transformers and accelerate fall back to DDP even under an FSDP config). "
+            "Use DDP instead: accelerate launch --config_file accelerate-multi-gpu.yaml, which runs any model that "
+            "fits one GPU in 4-bit on every GPU (README: Several GPUs on one machine)."
         )
 
 

@@ -319,3 +319,14 @@ def test_demo_model_qlora_on_two_processes(tmp_path):
     assert [e.step for e in rec.of(StepEnd)] == [1, 2, 3]
     assert s.adapters.active == "demo-2p"
     assert s.generate("How do I reset my password?", max_new_tokens=8).new_tokens > 0
+
+
+def test_fsdp_layout_is_refused_with_the_reason_and_the_alternative(monkeypatch, tmp_path, capsys):
+    """Under accelerate's FSDP layout the worker stops before loading anything and says to use DDP."""
+    from ft_magics import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert train.main([str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "FSDP + QLoRA is not wired" in err and "accelerate-multi-gpu.yaml" in err
+    assert not (tmp_path / "adapters").exists()
