@@ -61,7 +61,8 @@ class TrainConfig:
     train_on: str = _f("answers", "Which tokens carry loss: answers (assistant turns / completions) or all.", choices=TRAIN_ON)
     format: str = _f("auto", f"Dataset format: {', '.join(DATA_FORMATS)}.", choices=DATA_FORMATS)
     text_field: Optional[str] = _f(None, "Column holding the text for the text format.")
-    map: Optional[str] = _f(None, "Column mapping, e.g. 'question=prompt,answer=completion'.")
+    map: Optional[str] = _f(None, "Column mapping, e.g. 'q=prompt,reply=completion' (well-known pairs such as "
+                            "question/answer or input/output need none).")
     txt_mode: str = _f(
         "auto", "How a .txt file becomes examples: document (the whole file), lines (one per line), blocks "
         "(separated by blank lines), or auto (blocks if the file has blank lines, else lines).", choices=TXT_MODES)

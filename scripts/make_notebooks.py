@@ -153,8 +153,9 @@ BRING_YOUR_OWN_DATA = [
     ),
     new_markdown_cell(
         "## 3. A CSV file\n\n"
-        "Columns `instruction`, `input`, `output` (the alpaca layout). Other column names work with "
-        "`map: question=prompt,answer=completion`."
+        "Columns `instruction`, `input`, `output` (the alpaca layout). Well-known pairs such as `question`/`answer` "
+        "or `input`/`output` are read as prompt/completion by themselves; other names work with "
+        "`map: q=prompt,reply=completion`."
     ),
     new_code_cell(
         "pd.DataFrame({'instruction': 'Answer the customer message with its category.',\n"

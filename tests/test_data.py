@@ -262,18 +262,30 @@ def test_row_error_points_at_the_line_past_blank_lines(tmp_path):
 
 
 def test_missing_field_lists_fields_formats_and_the_map_fix(tmp_path):
-    p = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A.", "id": 1}])
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Q?", "reply": "A.", "id": 1}])
     with pytest.raises(FtUsageError) as e:
         load(str(p))
     msg = str(e.value)
-    assert "fields found (answer, id, question)" in msg
+    assert "fields found (id, q, reply)" in msg
     for fmt in ("chat: messages", "sharegpt: conversations", "prompt-completion: prompt + completion",
                 "alpaca: instruction + output", "text: text"):
         assert fmt in msg
-    assert '--map "question=prompt,answer=completion"' in msg
+    assert '--map "q=prompt,reply=completion"' in msg
     # ... and that map does fix it
-    recs, fmt = load(str(p), column_map="question=prompt,answer=completion")
+    recs, fmt = load(str(p), column_map="q=prompt,reply=completion")
     assert fmt == "prompt-completion"
+
+
+def test_well_known_column_pairs_need_no_map_and_the_report_says_how_they_were_read(tmp_path):
+    p = write_jsonl(tmp_path / "qa.jsonl", [{"Question": "Q?", "Answer": "A.", "id": 1}])
+    recs, fmt = load(str(p))
+    assert fmt == "prompt-completion (columns Question -> prompt, Answer -> completion)"
+    assert [m["content"] for m in recs[0].messages] == ["Q?", "A."]
+    recs, fmt = D.normalise([{"input": "x", "output": "y"}])
+    assert fmt.startswith("prompt-completion (columns input") and recs[0].messages[1]["content"] == "y"
+    # two plausible pairs: no guess, the error names the fix
+    with pytest.raises(FtUsageError, match="--map"):
+        D.normalise([{"question": "q", "answer": "a", "input": "i", "output": "o"}])
 
 
 def test_missing_field_in_a_later_row(tmp_path):
@@ -734,7 +746,7 @@ def test_bad_data_leaves_the_model_untouched(tiny_session, tmp_path, bad):
         "unknown_role": tmp_path / "r.jsonl", "empty": tmp_path / "e.jsonl",
     }
     paths["malformed"].write_text(json.dumps(CHAT[0]) + "\n{oops\n")
-    write_jsonl(paths["missing_field"], [{"question": "q", "answer": "a"}])
+    write_jsonl(paths["missing_field"], [{"q": "q", "reply": "a"}])
     write_jsonl(paths["unknown_role"], [{"messages": [{"role": "narrator", "content": "x"}]}])
     paths["empty"].write_text("")
     src = "no_such_var" if bad == "missing_variable" else str(paths[bad])
@@ -753,12 +765,12 @@ def test_lora_train_prints_the_data_report(shell, tiny_model_dir, capsys):
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     capsys.readouterr()
-    shell.user_ns["qa"] = [{"question": f"reset password {i}?", "answer": "Use the reset link."} for i in range(10)]
-    with pytest.raises(UsageError, match='--map "question=prompt,answer=completion"'):
+    shell.user_ns["qa"] = [{"q": f"reset password {i}?", "reply": "Use the reset link."} for i in range(10)]
+    with pytest.raises(UsageError, match='--map "q=prompt,reply=completion"'):
         shell.run_cell_magic("lora_train", "bot --data qa --no-widgets", "max_steps: 2\n")
     assert not Path("adapters/bot").exists()
     shell.run_cell_magic(
-        "lora_train", 'bot --data qa --map "question=prompt,answer=completion" --eval-fraction 0.2 --seed 5 '
+        "lora_train", 'bot --data qa --map "q=prompt,reply=completion" --eval-fraction 0.2 --seed 5 '
         "--max-steps 2 --batch-size 2 --no-widgets", "max_seq_len: 64\n")
     out = capsys.readouterr().out
     assert "variable qa: prompt-completion format, 10 rows -> 8 train / 2 eval (eval_fraction 0.2, seed 5)" in out

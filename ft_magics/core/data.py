@@ -450,6 +450,21 @@ def suggest_map(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
+# Column pairs whose meaning is unambiguous: read as prompt + completion without a --map.
+PROMPT_COMPLETION_PAIRS = (
+    ("question", "answer"), ("question", "response"), ("query", "response"), ("query", "answer"),
+    ("prompt", "response"), ("prompt", "answer"), ("prompt", "output"), ("input", "output"), ("input", "target"),
+    ("instruction", "response"), ("source", "target"), ("human", "assistant"), ("user", "assistant"),
+)
+
+
+def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
+    """The (prompt column, answer column) when exactly one well-known pair is present (any letter case)."""
+    by_lower = {str(k).lower(): str(k) for k in keys}
+    found = [(by_lower[p], by_lower[a]) for p, a in PROMPT_COMPLETION_PAIRS if p in by_lower and a in by_lower]
+    return found[0] if len(found) == 1 else None
+
+
 def _missing_fields_error(keys: set, where: str) -> FtUsageError:
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
@@ -553,8 +568,14 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         rows = Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows],
                     getattr(rows, "locs", None))
     keys = set().union(*(r.keys() for r in rows[:1000]))
+    shown_fmt = None
     if fmt == "auto":
         found = detect_format(keys)
+        pair = known_pair(keys) if found is None else None
+        if pair is not None:  # e.g. question/answer: no --map needed, and the report says how it was read
+            rename = {pair[0]: "prompt", pair[1]: "completion"}
+            rows = Rows([{rename.get(k, k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
+            found, shown_fmt = "prompt-completion", f"prompt-completion (columns {pair[0]} -> prompt, {pair[1]} -> completion)"
         if found is None:
             raise _missing_fields_error(keys, where)
         fmt = found
@@ -566,7 +587,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         rec = _normalise_row(r, fmt, loc)
         rec.where = loc
         records.append(rec)
-    return records, fmt
+    return records, shown_fmt or fmt
 
 
 def _normalise_row(row: dict, fmt: str, where: str) -> Record:
