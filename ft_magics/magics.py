@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import re
 import shlex
 import sys
 
@@ -58,6 +59,28 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             )
         raise UsageError(f"unexpected argument {bad!r}. See %{magic_func.__name__}? for usage.")
     return args
+
+
+_TOKEN = re.compile(r"""\s*("[^"]*"|'[^']*'|\S+)""")
+
+
+def split_leading_flags(magic_func, line: str) -> tuple[str, str]:
+    """``--flag [value] ... free text`` -> (the flags, the free text verbatim).
+
+    The free text of a line magic (a prompt) may hold apostrophes and question marks that a shell-style
+    split would choke on, so only the leading flags are tokenised; the rest is kept as typed.
+    """
+    arity = {s: a.nargs != 0 for a in magic_func.parser._actions for s in a.option_strings}
+    pos = 0
+    while True:
+        m = _TOKEN.match(line, pos)
+        if m is None or not m.group(1).startswith("--"):
+            return line[:pos], line[pos:].strip()
+        flag = m.group(1).split("=", 1)[0]
+        pos = m.end()
+        if arity.get(flag) and "=" not in m.group(1):
+            v = _TOKEN.match(line, pos)
+            pos = v.end() if v is not None else pos
 
 
 def _config_flags(func):
@@ -236,15 +259,21 @@ class FtMagics(Magics):
     def lora_generate(self, line="", cell=None):
         """Answer the cell body (the user message) with the model, through the chat template.
 
-        Example::
+        Examples::
 
             %%lora_generate --adapter support-bot
             How do I reset my password?
+
+            %lora_generate --adapter support-bot How do I reset my password?
         """
+        if cell is None:  # line form: the flags first, then the message as typed
+            line, prompt = split_leading_flags(self.lora_generate, line)
+        else:
+            prompt = cell
         args = parse_args(self.lora_generate, line)
-        prompt = cell if cell is not None else ""
         if not prompt.strip():
-            raise UsageError("put the user message in the cell body:\n%%lora_generate\nHow do I reset my password?")
+            raise UsageError("give the user message after the flags (%lora_generate --adapter NAME How do I ...?) "
+                             "or in the cell body:\n%%lora_generate\nHow do I reset my password?")
         on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         gen = self.session.generate(
             prompt.strip(), adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,

@@ -137,6 +137,22 @@ def test_magics_train_and_generate_tiny(shell, tiny_model_dir, capsys, bits):
     assert "[base · " in capsys.readouterr().out
     with pytest.raises(UsageError, match=r"no adapter named 'bto' \(did you mean 'bot'\?\)"):
         shell.run_cell_magic("lora_generate", "--adapter bto", "hello")
+    # the line form: flags first, then the message as typed (apostrophes and all)
+    seen = []
+    s = shell.magics_manager.registry["FtMagics"].session
+    real = s.generate
+    s.generate = lambda prompt, **kw: (seen.append((prompt, kw["adapter"], kw["max_new_tokens"])), real(prompt, **kw))[1]
+    try:
+        shell.run_line_magic("lora_generate", "--adapter bot --max-new-tokens 3 I can't log in, what's wrong?")
+        shell.run_line_magic("lora_generate", '--system "Be brief." --no-stream hello there')
+    finally:
+        s.generate = real
+    assert seen == [("I can't log in, what's wrong?", "bot", 3), ("hello there", None, 128)]
+    assert "[bot · " in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"unknown flag --adaptr \(did you mean '--adapter'\?\)"):
+        shell.run_line_magic("lora_generate", "--adaptr bot hi")
+    with pytest.raises(UsageError, match="give the user message"):
+        shell.run_line_magic("lora_generate", "--adapter bot")
 
 
 def test_python_api_without_ipython(tiny_model_dir, tmp_path):
