@@ -259,15 +259,16 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
 
 def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int = 16,
          gradient_checkpointing: bool = False, chunked_loss: bool = True, full_act_bytes: int = 2,
-         overhead_bytes: float = OVERHEAD_BYTES) -> Plan:
+         overhead_bytes: float = OVERHEAD_BYTES, lora_dropout: bool = False) -> Plan:
     """``full_act_bytes``: activation width of the full fine-tuning run (2 for bf16, 4 for an fp32 run);
-    ``overhead_bytes``: the runtime's own memory (a measured figure where one is at hand)."""
+    ``overhead_bytes``: the runtime's own memory (a measured figure where one is at hand);
+    ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input."""
     if seq_len < 1 or batch_size < 1:
         raise FtUsageError(f"--seq-len and --batch-size must be positive (got {seq_len}, {batch_size}).")
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, False, full_act_bytes)
-    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss, lora_dropout=True)
+    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
     full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2) * p, act_full, overhead_bytes,
                     notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"])
     lora16 = ModePlan("LoRA, 16-bit base", 2 * p, ADAPTER_BYTES * lora, act_peft, overhead_bytes)
