@@ -244,3 +244,31 @@ def test_mmap_threshold_is_set_and_can_be_left_alone(monkeypatch):
     assert memory.fix_mmap_threshold() == 2 << 20  # glibc accepted it (this machine runs glibc)
     monkeypatch.delenv("FT_MAGICS_MMAP_THRESHOLD")
     assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD
+
+
+def test_a_one_step_run_trains_the_first_step_is_not_lost_to_warmup(tiny_model_dir, tmp_path):
+    """transformers' warm-up gives step 0 a learning rate of 0; ours starts at 1/w of the peak, so even a
+    one-step run moves the adapter (LoRA B starts at zero and stays there at lr 0)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=32)
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    s.train("one", rows, {"max_steps": 1, "batch_size": 4, "warmup": 0.03, "learning_rate": 1e-2})
+    b = [t for k, t in load_file(str(tmp_path / "ad" / "one" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert b and any(torch.count_nonzero(t) > 0 for t in b)
+    from ft_magics.core.events import Listener
+
+    class LRs(Listener):
+        seen: list = []
+
+        def on_step(self, e):
+            self.seen.append(e.learning_rate)
+
+    lrs = LRs()
+    s.train("four", rows, {"max_steps": 4, "batch_size": 4, "warmup": 2, "learning_rate": 1e-2, "log_every": 1,
+                           "lr_scheduler": "linear"}, listeners=[lrs])
+    assert lrs.seen[:2] == pytest.approx([5e-3, 1e-2])  # 1/2, 2/2 of the peak: no step at lr 0

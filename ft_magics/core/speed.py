@@ -275,6 +275,32 @@ def speed_trainer_class():
     return SpeedTrainer
 
 
+def warmup_from_first_step():
+    """A callback that makes the warm-up's first optimizer step count.
+
+    transformers' warm-up multiplies the learning rate by step / warmup_steps, so step 0 runs at a learning
+    rate of 0: one wasted step in every run, and the whole run when it is a one-step smoke test (any run
+    under 34 steps gets exactly one warm-up step at the default 3%). Shifted by one, the warm-up rises
+    1/w, 2/w, ..., 1 and every step trains; the schedule after the warm-up is unchanged.
+    """
+    from transformers import TrainerCallback
+
+    class WarmupFromFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
+            sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
+            lambdas = getattr(sched, "lr_lambdas", None)
+            w = args.get_warmup_steps(state.max_steps)
+            if not lambdas or w < 1 or optimizer is None or getattr(sched, "_ft_shifted", False):
+                return
+            sched.lr_lambdas = [(lambda step, f=f: f(step + 1) if step < w else f(step)) for f in lambdas]
+            sched._ft_shifted = True
+            for group, base, f in zip(optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * f(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+    return WarmupFromFirstStep()
+
+
 def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None,
                  autocast_dtype=None, **trainer_kw):
     """A Trainer for ``model``: the chunked loss when asked for and the model allows it; the forward under

@@ -449,12 +449,13 @@ def run_training(
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
-    from .speed import make_trainer  # chunked loss: no full-vocabulary logits for the batch
+    from .speed import make_trainer, warmup_from_first_step  # chunked loss: no full-vocabulary logits for the batch
 
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
         args=args, train_dataset=train_ds,
-        eval_dataset=eval_ds, data_collator=collator, callbacks=[callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
+        eval_dataset=eval_ds, data_collator=collator,
+        callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
