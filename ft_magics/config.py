@@ -55,6 +55,9 @@ class TrainConfig:
     autocast: bool = _f(
         True, "Run the forward under autocast in the compute dtype (bf16 where the hardware is fast at it): LoRA "
         "layers compute in bf16 with fp32 weights instead of keeping fp32 copies of their inputs.")
+    lean_activations: bool = _f(
+        True, "Llama-style RMSNorm and SwiGLU MLP keep only their 16-bit inputs for the backward (no fp32 norm "
+        "copies, no SiLU outputs): about a quarter less activation memory, same step time and gradients.")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)

@@ -468,7 +468,9 @@ def run_training(
     try:
         status, error, eval_loss, caught = "completed", None, None, None
         try:
-            with training_layout(peft_model):
+            from .lean import lean_activations
+
+            with training_layout(peft_model), lean_activations(peft_model, cfg.lean_activations):
                 peft_model.train()
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():
