@@ -272,3 +272,13 @@ def test_a_one_step_run_trains_the_first_step_is_not_lost_to_warmup(tiny_model_d
     s.train("four", rows, {"max_steps": 4, "batch_size": 4, "warmup": 2, "learning_rate": 1e-2, "log_every": 1,
                            "lr_scheduler": "linear"}, listeners=[lrs])
     assert lrs.seen[:2] == pytest.approx([5e-3, 1e-2])  # 1/2, 2/2 of the peak: no step at lr 0
+
+
+def test_training_leaves_the_kv_cache_setting_as_it_found_it(tiny_model_dir, tmp_path):
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=32)
+    assert s.model.config.use_cache is True
+    s.train("c", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)], {"max_steps": 1, "batch_size": 4})
+    assert s.model.get_base_model().config.use_cache is True

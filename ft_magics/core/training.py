@@ -422,6 +422,8 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
+    model_config = getattr(handle.model, "config", None)
+    use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
     peft_model = attach_adapter(handle.model, name, cfg)
     if on_model is not None:
         on_model(peft_model)
@@ -494,6 +496,8 @@ def run_training(
                 caught, error = oom_error(exc, cfg, handle.bits, handle.device), f"out of memory: {exc}"
         finally:
             peft_model.eval()
+            if use_cache is not None:
+                model_config.use_cache = use_cache
         seconds = time.perf_counter() - t0
         steps = history["last_step"]
         losses = [l for _, l in history["loss"]]
