@@ -548,6 +548,11 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
     return out
 
 
+def _renamed(rows, mapping: dict) -> "Rows":
+    """The rows with columns renamed by ``mapping`` (source -> field), keeping where each row came from."""
+    return Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
+
+
 def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = None,
               column_map: Optional[str] = None, where: str = "data") -> tuple[list[Record], str]:
     """Validate every row and turn it into a :class:`Record`; return the records and the format used."""
@@ -565,16 +570,14 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
                 f"{where}: --map names column(s) {', '.join(map(repr, missing))} that do not exist"
                 f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}."
             )
-        rows = Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows],
-                    getattr(rows, "locs", None))
+        rows = _renamed(rows, mapping)
     keys = set().union(*(r.keys() for r in rows[:1000]))
     shown_fmt = None
     if fmt == "auto":
         found = detect_format(keys)
         pair = known_pair(keys) if found is None else None
         if pair is not None:  # e.g. question/answer: no --map needed, and the report says how it was read
-            rename = {pair[0]: "prompt", pair[1]: "completion"}
-            rows = Rows([{rename.get(k, k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
+            rows = _renamed(rows, {pair[0]: "prompt", pair[1]: "completion"})
             found, shown_fmt = "prompt-completion", f"prompt-completion (columns {pair[0]} -> prompt, {pair[1]} -> completion)"
         if found is None:
             raise _missing_fields_error(keys, where)
