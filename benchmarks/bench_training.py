@@ -90,12 +90,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def current_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6) -> float:
     """Best of three timings of an n x n matmul in ``dtype_name``: the limit for this run."""
     import torch
@@ -237,7 +231,9 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     import bitsandbytes, datasets, peft, torch, transformers  # noqa: F401 - the libraries both sides load
     from transformers import Trainer  # noqa: F401
 
-    rss_libraries = current_rss_bytes()  # what the libraries alone take: the same on both sides
+    from ft_magics.core.memory import rss_bytes
+
+    rss_libraries = rss_bytes()  # what the libraries alone take: the same on both sides
     stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0)
     instrument_trainer(stats)
     peak_bf16 = matmul_peak_gflops("bfloat16")

@@ -20,14 +20,11 @@ from typing import Optional
 import ipywidgets as widgets
 
 from ..core.events import EvalEnd, Listener, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd
-from ..core.memory import describe, human_bytes
+from ..core.memory import describe
 from .text import fmt_duration, summary_text
 
 CURVE_FILE = "loss_curve.png"
 EMA_BETA = 0.9
-
-
-memory_text = describe  # one description of a memory reading for every view
 
 
 def memory_fraction(m: Optional[MemoryReading]) -> float:
@@ -123,7 +120,7 @@ class TrainingDashboard(Listener):
         self.progress_text.add_class("ft-progress-text")
         self.stats = widgets.Label("")
         self.stats.add_class("ft-stats")
-        self.memory = widgets.HTML(memory_text(None))  # HTML wraps where a Label would cut the line
+        self.memory = widgets.HTML(describe(None))  # HTML wraps where a Label would cut the line
         self.memory.add_class("ft-memory")
         self.memory_bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, description="memory",
                                                 layout=widgets.Layout(width="420px"))
@@ -205,7 +202,7 @@ class TrainingDashboard(Listener):
                 self.stop_hint.value = ""
                 self.stop_button.layout.display = "none"
                 if e.peak_memory is not None and self._pending is None:
-                    self.memory.value = _esc(memory_text(e.peak_memory))
+                    self.memory.value = _esc(describe(e.peak_memory))
                 lines = summary_text(e, self._first_loss).splitlines()
                 if e.adapter_path:
                     self.curve_path = save_curve(png, e.adapter_path)
@@ -237,7 +234,7 @@ class TrainingDashboard(Listener):
                     parts.append(f"grad norm {e.grad_norm:.3f}")
                 self.stats.value = " · ".join(parts)
                 if e.memory is not None:
-                    self.memory.value = _esc(memory_text(e.memory))
+                    self.memory.value = _esc(describe(e.memory))
                     self.memory_bar.value = memory_fraction(e.memory)
                     self.memory_bar.description = "VRAM" if e.memory.kind == "cuda" else "RAM"
             self._last_labels = now
@@ -283,4 +280,4 @@ def _esc(text) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-__all__ = ["TrainingDashboard", "LossCurve", "memory_text", "save_curve", "CURVE_FILE"]
+__all__ = ["TrainingDashboard", "LossCurve", "save_curve", "CURVE_FILE"]

@@ -27,9 +27,6 @@ def sparkline(values, width: int = 60) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / (hi - lo) * (len(SPARK) - 1) + 0.5))] for v in vals)
 
 
-reading_text = describe  # the same one-line description as the dashboard's
-
-
 class MemoryGauge:
     """A progress bar, a label and a sparkline, refreshed by a daemon thread until stopped."""
 
@@ -72,7 +69,7 @@ class MemoryGauge:
         with self.box.hold_sync():
             self.bar.description = "VRAM" if m.kind == "cuda" else "RAM"
             self.bar.value = min(1.0, m.used_bytes / m.total_bytes) if m.total_bytes else 0.0
-            self.label.value = reading_text(m)
+            self.label.value = describe(m)
             self.spark.value = (f"<span style='font-family:monospace'>{sparkline(self.history)}</span> "
                                 f"<small>last {minutes:.1f} min, {human_bytes(min(self.history))}–"
                                 f"{human_bytes(max(self.history))}</small>")
@@ -135,7 +132,7 @@ def current_gauge() -> Optional[MemoryGauge]:
     return _current.get("gauge")
 
 
-__all__ = ["MemoryGauge", "sparkline", "reading_text", "start_gauge", "stop_gauge", "current_gauge"]
+__all__ = ["MemoryGauge", "sparkline", "start_gauge", "stop_gauge", "current_gauge"]
 
 
 def memory_magic(word: Optional[str] = None, interval: float = 1.0, once: bool = False,
@@ -152,7 +149,7 @@ def memory_magic(word: Optional[str] = None, interval: float = 1.0, once: bool =
     if not interval > 0:
         raise FtUsageError(f"--interval must be a positive number of seconds (got {interval}); try --interval 1.")
     if once or not (use_widgets and widget_frontend()):
-        print(reading_text(read_memory(None)))
+        print(describe(read_memory(None)))
         if not once:
             print("(a live gauge needs a widget frontend such as Jupyter; this is one reading)")
         return None
