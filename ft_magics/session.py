@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from .config import TrainConfig
 from .errors import FtUsageError
+from .paths import user_path
 
 
 class Session:
@@ -242,7 +243,7 @@ class Session:
 
         from .core.adapters import check_fits, info_from_folder, read_adapter_folder, validate_name
 
-        path = Path(path).expanduser()
+        path = user_path(path)
         name = validate_name(name or path.name)
         config = read_adapter_folder(path)
         with self._model_busy("load an adapter"):
@@ -431,7 +432,7 @@ class Session:
         from .core.atomic import COMPLETE_MARKER
 
         info = self.adapters.require(name)
-        target = Path(directory).expanduser()
+        target = user_path(directory)
         if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / COMPLETE_MARKER).exists())):
             raise FtUsageError(
                 f"{target} already exists and was not written by an export; choose a new or empty folder "

@@ -94,3 +94,18 @@ def test_compare_shows_an_html_table_in_a_notebook(loaded, monkeypatch):
     sh.run_cell_magic("lora_compare", "--max-new-tokens 3", "hello world\n---\nthanks!")
     html = shown[0].data
     assert html.startswith("<table") and "<th>alpha<br>" in html and html.count("<tr>") == 3
+
+
+def test_tilde_of_an_unknown_user_is_a_usage_error_not_a_crash(shell):
+    """Found by tests/test_fuzz.py: pathlib raises RuntimeError for '~0' (no user named 0)."""
+    from IPython.core.error import UsageError
+
+    from ft_magics.errors import FtUsageError
+    from ft_magics.paths import user_path
+
+    with pytest.raises(FtUsageError, match=r"'~0/x': no user '0' to expand '~' for; write the full path"):
+        user_path("~0/x")
+    assert str(user_path("~/a")).endswith("/a") and not str(user_path("~/a")).startswith("~")
+    shell.run_line_magic("load_ext", "ft_magics")
+    with pytest.raises(UsageError, match="no user '0'"):
+        shell.run_line_magic("lora_adapters", "load ~0")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import FtUsageError, did_you_mean
+from ..paths import user_path
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -116,7 +117,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
                 f"Bundled: {', '.join('demo:' + d for d in demo_datasets())}."
             )
         return _read_jsonl(path, limit), src
-    path = Path(src).expanduser()
+    path = user_path(src)
     if path.exists():
         if limit is None:
             _check_memory(path)

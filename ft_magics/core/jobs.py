@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import FtUsageError, did_you_mean
+from ..paths import user_path
 from .atomic import atomic_write_text
 from .events import Message, TrainEnd, emit, from_json, to_json
 
@@ -106,7 +107,7 @@ class JobSpec:
     def resolve(self, ref: Optional[str]) -> Optional[str]:
         if ref is None or ref.startswith("demo:") or self.path is None:
             return ref
-        p = Path(ref).expanduser()
+        p = user_path(ref)
         return str(p if p.is_absolute() else (self.path.parent / p).resolve())
 
     @property
@@ -118,7 +119,7 @@ class JobSpec:
         src = str(self.model["source"])
         if src == "demo":
             return src
-        p = Path(src).expanduser()
+        p = user_path(src)
         if p.is_absolute() or self.path is None:
             return src
         local = (self.path.parent / p)
@@ -128,7 +129,7 @@ class JobSpec:
 def load_job(path: os.PathLike | str) -> JobSpec:
     import yaml
 
-    path = Path(path).expanduser()
+    path = user_path(path)
     if path.is_dir():
         path = path / JOB_FILE
     if not path.is_file():
@@ -179,7 +180,7 @@ def data_reference(src: Any, namespace: Optional[dict], job_dir: Path, filename:
         if src.startswith("demo:"):
             load_rows(src)  # checks the name
             return src, src
-        p = Path(src).expanduser()
+        p = user_path(src)
         if p.exists():
             return str(p.resolve()), f"file {p}"
     rows, desc = load_rows(src, namespace)
@@ -257,7 +258,7 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
         raise FtUsageError(f"--processes must be a whole number, got {processes!r}.") from None
     if processes < 1:
         raise FtUsageError(f"--processes must be at least 1 (got {processes}).")
-    job_dir = Path(job_dir).expanduser().resolve()
+    job_dir = user_path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     data_ref, note = data_reference(data, namespace, job_dir, DATA_FILE)
     eval_ref = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FtUsageError, did_you_mean
+from ..paths import user_path
 from . import hardware
 from .atomic import atomic_dir
 
@@ -163,7 +164,7 @@ def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list]
             )
             return "SmolLM2-135M-Instruct", source
         return "SmolLM2-135M-Instruct (embedded demo)", str(convert_gguf(gguf, notes))
-    path = Path(model).expanduser()
+    path = user_path(model)
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise FtUsageError(f"GGUF file {model!r} does not exist. Check the path (relative to {Path.cwd()}).")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean
+from ..paths import user_path
 
 GB = 1e9  # decimal gigabytes, as in model cards and the "70B needs ~140 GB" rule of thumb
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
@@ -144,7 +145,7 @@ def resolve_model(model: str) -> ModelDims:
     m = (model or "").strip()
     if not m:
         raise FtUsageError("give a model: a local folder, a hub id such as meta-llama/Llama-2-7b-hf, or a size like 7B.")
-    path = Path(m).expanduser()
+    path = user_path(m)
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
