@@ -282,3 +282,50 @@ def test_training_leaves_the_kv_cache_setting_as_it_found_it(tiny_model_dir, tmp
     assert s.model.config.use_cache is True
     s.train("c", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)], {"max_steps": 1, "batch_size": 4})
     assert s.model.get_base_model().config.use_cache is True
+
+
+def test_a_4bit_load_keeps_no_tensor_in_the_mapped_weights_file(tiny_model_dir, tmp_path):
+    """transformers leaves the unquantised tensors (embeddings, norms) of a file already in the compute dtype
+    as views into the mmapped safetensors file, which keeps the whole file's touched pages resident;
+    load_model copies them out."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics.core import memory
+    from ft_magics.core.loading import load_model
+
+    bf16_dir = tmp_path / "bf16"  # saved in bf16, the compute dtype: transformers converts nothing
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copy(f, bf16_dir)
+
+    def in_file(module):
+        ranges = memory._file_mappings(".safetensors")
+        return [n for n, t in module.state_dict().items()
+                if any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)]
+
+    h = load_model(str(bf16_dir), bits=4, device="cpu", dtype="bf16")
+    assert in_file(h.model) == []
+    lm = h.model
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight  # still tied
+    ids = h.tokenizer("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(lm(ids).logits).all()
+
+    # the helper itself: a tensor that does lie in such a mapping is copied out, and only that one
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
+        key = next(iter(f.keys()))
+        mapped = f.get_tensor(key)
+    holder = torch.nn.Module()
+    holder.mapped = torch.nn.Parameter(mapped, requires_grad=False)
+    holder.own = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    before = holder.mapped.clone()
+    inside = bool(in_file(holder))
+    copied = memory.detach_from_files(holder)
+    assert in_file(holder) == []
+    assert copied == (mapped.nbytes if inside else 0)
+    assert torch.equal(holder.mapped, before) and torch.equal(holder.own, torch.ones(3))

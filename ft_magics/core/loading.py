@@ -309,8 +309,10 @@ def load_model(
 
         remember_unpacked_4bit(lm)  # so a generate (which repacks) never changes the base we train on
     lm.eval()
-    from .memory import trim_heap
+    from .memory import detach_from_files, trim_heap
 
+    if qcfg is not None and dev == "cpu":
+        detach_from_files(lm)  # the 16-bit file the quantised weights came from need not stay resident
     trim_heap()  # loading freed the file-sized conversion buffers; give those pages back to the OS
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

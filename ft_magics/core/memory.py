@@ -180,3 +180,48 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def _file_mappings(suffix: str) -> list:
+    """(start, end) address ranges of this process's mappings of files whose name ends in ``suffix`` (Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n").endswith(suffix):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:  # no /proc (not Linux): nothing to find
+        pass
+    return ranges
+
+
+def detach_from_files(module, suffix: str = ".safetensors") -> int:
+    """Copy every parameter and buffer of ``module`` that still lies in a memory-mapped weights file into
+    memory of its own, so that the mapping (the whole file) can go. Returns the bytes copied.
+
+    transformers loads safetensors through mmap, and the tensors it keeps unchanged (on a quantised model:
+    the embeddings and norms) stay views into that mapping - which keeps every page of the file that loading
+    touched resident: the full 16-bit weights that quantisation has already replaced. On the demo model in
+    4-bit, 56 MB of embeddings kept a 256 MB mapping alive. Tied parameters stay tied: the Parameter
+    objects keep their identity, only their storage moves.
+    """
+    ranges = _file_mappings(suffix)
+    if not ranges:
+        return 0
+    copied = 0
+    seen: set = set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen or t.device.type != "cpu":
+            continue
+        seen.add(id(t))
+        ptr = t.untyped_storage().data_ptr()
+        if any(start <= ptr < end for start, end in ranges):
+            t.data = t.data.clone()
+            copied += t.nbytes
+    if copied:
+        import gc
+
+        gc.collect()  # the storages that held the mapping are gone with their last tensor
+    return copied
