@@ -7,6 +7,17 @@ load on first use.
 """
 from __future__ import annotations
 
+import os as _os
+
+# oneDNN (bf16/fp32 matmuls on the CPU) and PyTorch's ideep layer each keep up to 1024 compiled kernels,
+# one set per input shape, and a training run meets a new shape with every new padded batch length: about
+# 14 MB per shape on the demo model, never freed. 64 entries hold a step's kernels; measured on the demo
+# model (20 checkpointed steps, 2 cores) the peak RSS fell from 1.30-1.41 GB to 1.10 GB with no slower
+# steps. Read when torch first runs such a kernel, so set here, on import; a value already set is kept.
+CPU_KERNEL_CACHE_ENTRIES = "64"
+for _var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    _os.environ.setdefault(_var, CPU_KERNEL_CACHE_ENTRIES)
+
 __version__ = "0.1.0"
 __all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
 

@@ -1,6 +1,10 @@
 """The chunked loss (ft_magics/core/speed.py): same loss and gradients as the standard one, knobs reachable."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -329,3 +333,32 @@ def test_a_4bit_load_keeps_no_tensor_in_the_mapped_weights_file(tiny_model_dir, 
     assert in_file(holder) == []
     assert copied == (mapped.nbytes if inside else 0)
     assert torch.equal(holder.mapped, before) and torch.equal(holder.own, torch.ones(3))
+
+
+def test_importing_ft_magics_bounds_the_cpu_kernel_caches():
+    """Each new matmul shape adds compiled oneDNN/ideep kernels that are kept (1024 by default); after
+    `import ft_magics` the caches are bounded, so 48 new shapes no longer grow the process."""
+    import subprocess
+
+    code = (
+        "import ft_magics, torch, psutil\n"
+        "w = [torch.randn(o, 96, dtype=torch.bfloat16) for o in (96, 32, 256)]\n"
+        "def run(m):\n"
+        "    x = torch.randn(m, 96, dtype=torch.bfloat16, requires_grad=True)\n"
+        "    sum(torch.nn.functional.linear(x, v).sum() for v in w).backward()\n"
+        "for m in range(300, 320): run(m)\n"
+        "rss = psutil.Process().memory_info().rss\n"
+        "for m in range(320, 800, 10): run(m)\n"
+        "print(psutil.Process().memory_info().rss - rss)\n"
+    )
+
+    def growth(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True, cwd=str(Path(__file__).resolve().parent.parent))
+        return int(out.stdout.split()[-1])
+
+    unbounded = growth(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    bounded = growth()
+    assert unbounded > 20 * 2**20, unbounded  # the effect is there to bound: about 1 MB per shape here
+    assert bounded < unbounded / 3, (bounded, unbounded)
