@@ -230,8 +230,12 @@ def test_short_cpu_batches_use_plain_attention_and_long_ones_flash():
     q = torch.randn(1, 2, 8, 4)
     short = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN, dtype=torch.long)}, M())
     long_ = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN + 1, dtype=torch.long)}, M())
+    flags = torch.backends.cuda
+    assert not flags.fp16_bf16_reduction_math_sdp_allowed()
     with short:  # only the math kernel is allowed: the CPU flash kernel must not be picked
         assert torch._fused_sdp_choice(q, q, q) == SDPBackend.MATH.value
+        assert flags.fp16_bf16_reduction_math_sdp_allowed()  # and it keeps bf16 inputs in bf16
+    assert not flags.fp16_bf16_reduction_math_sdp_allowed()  # restored
     with long_:
         assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
     Cfg._attn_implementation = "eager"
@@ -362,3 +366,30 @@ def test_importing_ft_magics_bounds_the_cpu_kernel_caches():
     bounded = growth()
     assert unbounded > 20 * 2**20, unbounded  # the effect is there to bound: about 1 MB per shape here
     assert bounded < unbounded / 3, (bounded, unbounded)
+
+
+def test_short_row_attention_in_bf16_matches_fp32_math_and_keeps_less():
+    """The math kernel without its fp32 upcast gives the same attention (to bf16 rounding) and its
+    gradients, and autograd keeps less for the backward."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ft_magics.core import speed
+
+    torch.manual_seed(0)
+    qkv = [torch.randn(4, 3, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+    def run(ctx):
+        saved = []
+        with ctx, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            out = F.scaled_dot_product_attention(*qkv, is_causal=True)
+        grads = torch.autograd.grad(out.float().square().sum(), qkv)
+        return out, grads, sum(saved)
+
+    ref_out, ref_grads, ref_kept = run(sdpa_kernel(SDPBackend.MATH))
+    out, grads, kept = run(speed._short_row_attention())
+    assert (out.float() - ref_out.float()).abs().max() < 2e-2
+    for g, r in zip(grads, ref_grads):
+        assert (g.float() - r.float()).norm() / r.float().norm() < 2e-2
+    assert kept < 0.75 * ref_kept, (kept, ref_kept)

@@ -17,6 +17,7 @@ logit scaling, a custom head) fall back to the standard forward, with a note.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Optional
 
@@ -220,6 +221,11 @@ def attention_for(inputs: dict, model):
     PyTorch's CPU flash-attention kernel pays a fixed cost per call that dominates short sequences
     (measured on the demo model, batch 8 x 80 tokens: a training step is 12% faster with the math
     kernel; at 256 tokens they are even, at 512 flash is 30% faster and needs far less memory).
+
+    The math kernel runs in the 16-bit input dtype rather than upcasting q, k, v and the scores to fp32
+    (its default): the matmuls still accumulate in fp32 and softmax computes in fp32, but what autograd
+    keeps is half the size. Measured on the demo model's attention shape (8 x 9 heads x 80 x 64, bf16),
+    forward + backward: 2.7 ms instead of 4.4-5.0 ms (flash: 9.8 ms), outputs equal to 1e-5.
     """
     import contextlib
 
@@ -228,9 +234,22 @@ def attention_for(inputs: dict, model):
         return contextlib.nullcontext()
     if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") != "sdpa":
         return contextlib.nullcontext()
+    return _short_row_attention()
+
+
+@contextlib.contextmanager
+def _short_row_attention():
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    flags = torch.backends.cuda  # the flag is global (it names CUDA, the math kernel reads it on every device)
+    before = flags.fp16_bf16_reduction_math_sdp_allowed()
+    flags.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        flags.allow_fp16_bf16_reduction_math_sdp(before)
 
 
 def speed_trainer_class():
