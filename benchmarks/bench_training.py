@@ -302,6 +302,10 @@ def worker_extras(out: str) -> None:
 REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files already there (same steps)
 
 
+CPU_KERNEL_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # see ft_magics/__init__.py
+TORCH_KERNEL_CACHE_DEFAULT = "1024"
+
+
 def start_side(side: str, dataset: str, paths: tuple, steps: int):
     out = RESULTS / f"raw-{dataset}-{side}.json"
     if REUSE and out.exists() and json.loads(out.read_text()).get("steps") == steps:
@@ -309,6 +313,10 @@ def start_side(side: str, dataset: str, paths: tuple, steps: int):
     out.unlink(missing_ok=True)
     body = dict(FT_SIDES).get(side, "")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), BENCH_FT_BODY=body)
+    for var in CPU_KERNEL_CACHE_VARS:  # the worker imports ft_magics (its data pipeline) on every side, which
+        env.pop(var, None)  # bounds these caches; the reference keeps torch's own default, as a user has it
+        if side == "reference":
+            env[var] = TORCH_KERNEL_CACHE_DEFAULT
     cmd = [sys.executable, __file__, "--worker", side, dataset, paths[0], paths[1], str(steps), str(out)]
     log = open(RESULTS / f"raw-{dataset}-{side}.log", "w")
     return out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
