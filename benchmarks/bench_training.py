@@ -264,37 +264,53 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
 
 
 def worker_extras(out: str) -> None:
-    """`%load_ext ft_magics` time (fresh subprocess) and merged-adapter generation speed vs the base."""
+    """`%load_ext ft_magics` time (fresh subprocess) and merged-adapter generation speed vs the base.
+
+    Generation speed: a fixed number of new tokens (end-of-sequence suppressed), so that an answer that
+    stops earlier does not count its prompt's cost over fewer tokens; the merged model and a second, bare
+    copy of the base are timed in turns (best of 5 each), so that drift in the machine's speed over the
+    run falls on both.
+    """
     code = ("import time; from IPython.core.interactiveshell import InteractiveShell; sh = InteractiveShell.instance();"
             "t = time.perf_counter(); sh.run_line_magic('load_ext', 'ft_magics'); print(time.perf_counter() - t)")
     load_ext = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                         cwd=tempfile.gettempdir()).stdout.split()[-1]) for _ in range(3))
     res = {"load_ext_seconds": load_ext}
+    import torch
+
     from ft_magics import Session
+    from ft_magics.core.loading import load_model
+
+    prompt = "How do I reset my password? Please explain step by step."
+    new_tokens = 48
+
+    def tokens_per_s(model, tokenizer) -> float:
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - t)
 
     with tempfile.TemporaryDirectory() as work:
         s = Session(adapters_dir=Path(work) / "adapters")
         s.load("demo", bits=16)  # merging is refused on a 4-bit base (core.adapters.merge): bf16 base
-        prompt = "How do I reset my password? Please explain step by step."
-
-        def speed(**kw):
-            best = 0.0
-            for _ in range(5):  # best of 5: one answer of 48 tokens takes about a second
-                g = s.generate(prompt, max_new_tokens=48, **kw)
-                best = max(best, g.tokens_per_s)
-            return best
-
-        res["base_tokens_per_s"] = speed()  # the bare base model: no PEFT wrapper yet
-        merge = getattr(s, "merge_adapter", None)
-        if merge is None:
-            res["merged_tokens_per_s"] = None
-            res["note"] = "Session.merge_adapter not available"
-        else:
-            s.train("extras", str(ROOT / "ft_magics" / "data" / "support.jsonl"), {"max_steps": 2, "batch_size": 4})
-            res["adapter_tokens_per_s"] = speed(adapter="extras")
-            merge("extras")
-            res["merged_tokens_per_s"] = speed(adapter="extras")
-            res["merged_vs_base"] = res["merged_tokens_per_s"] / res["base_tokens_per_s"]
+        s.train("extras", str(ROOT / "ft_magics" / "data" / "support.jsonl"), {"max_steps": 2, "batch_size": 4})
+        res["adapter_tokens_per_s"] = max(s.generate(prompt, adapter="extras", max_new_tokens=new_tokens).tokens_per_s
+                                          for _ in range(3))  # LoRA layers in the way, as trained
+        s.merge_adapter("extras")
+        merged = s.model.get_base_model()  # what Session.generate runs while an adapter is merged
+        base = load_model("demo", bits=16)  # a bare copy of the base, timed in turns with the merged model
+        base.model.eval()
+        speeds = {"base": [], "merged": []}
+        for _ in range(5):
+            speeds["base"].append(tokens_per_s(base.model, base.tokenizer))
+            speeds["merged"].append(tokens_per_s(merged, s.tokenizer))
+        res["base_tokens_per_s"] = max(speeds["base"])
+        res["merged_tokens_per_s"] = max(speeds["merged"])
+        res["merged_vs_base"] = res["merged_tokens_per_s"] / res["base_tokens_per_s"]
+        res["rounds"] = speeds
     Path(out).write_text(json.dumps(res, indent=1))
 
 

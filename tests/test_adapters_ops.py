@@ -123,8 +123,14 @@ def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, 
     tiny_session.load_adapter(made_by_peft["b"], "b")
     tiny_session.use("a")
     with_adapter = logits(tiny_session.model)
+    weights = {n: (p.detach(), p.clone()) for n, p in tiny_session.model.named_parameters() if "lora_" not in n}
     tiny_session.merge_adapter("a")
     assert tiny_session.merged_adapter == "a"
+    # merged into copies: the original tensors (which may be views into a mapped weights file) are not written
+    assert all(torch.equal(p, copy) for p, copy in weights.values())
+    changed = [n for n, p in tiny_session.model.get_base_model().named_parameters()
+               if p.data_ptr() not in {w.data_ptr() for w, _ in weights.values()}]
+    assert changed and all(".weight" in n for n in changed)
     assert torch.allclose(logits(tiny_session.model), with_adapter, atol=1e-4)  # merged = same function
     with pytest.raises(FtUsageError, match="unmerge first"):
         tiny_session.use("b")
@@ -134,6 +140,8 @@ def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, 
         tiny_session.train("x", [{"text": "hello"}], {"max_steps": 1})
     assert tiny_session.unmerge_adapter() == "a"
     assert torch.equal(logits(tiny_session.model), with_adapter)
+    assert {n: p.data_ptr() for n, p in tiny_session.model.named_parameters() if "lora_" not in n} == {
+        n: w.data_ptr() for n, (w, _) in weights.items()}  # the very tensors are back
     tiny_session.use("base")
     assert torch.equal(logits(tiny_session.model), logits(pristine(tiny_model_dir)))
     with pytest.raises(FtUsageError, match="no adapter is merged"):
