@@ -393,3 +393,12 @@ def test_short_row_attention_in_bf16_matches_fp32_math_and_keeps_less():
     for g, r in zip(grads, ref_grads):
         assert (g.float() - r.float()).norm() / r.float().norm() < 2e-2
     assert kept < 0.75 * ref_kept, (kept, ref_kept)
+
+
+def test_auto_chunk_rows_caps_rows_and_bytes():
+    from ft_magics.core.speed import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_ROWS, auto_chunk_rows
+
+    assert auto_chunk_rows(49152) == DEFAULT_CHUNK_ROWS == 128  # the demo model: 24 MB of fp32 logits
+    big = auto_chunk_rows(256_000)  # a 256k vocabulary: the byte budget binds
+    assert big < DEFAULT_CHUNK_ROWS and big * 4 * 256_000 <= DEFAULT_CHUNK_BYTES
+    assert auto_chunk_rows(10**9) == 16

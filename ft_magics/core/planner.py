@@ -18,7 +18,7 @@ plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped input
 h = hidden size, kv = key/value width, i = MLP width (see layer_activation_bytes). With gradient
 checkpointing: 2h bytes per layer plus one layer's full set.
 Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
-ft_magics' chunked loss keeps one chunk (about 64 MB).
+ft_magics' chunked loss keeps one chunk (128 rows of fp32 logits, at most 64 MB: core.speed.auto_chunk_rows).
 Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
 """
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean
 from ..paths import user_path
+from .speed import auto_chunk_rows
 
 GB = 1e9  # decimal gigabytes, as in model cards and the "70B needs ~140 GB" rule of thumb
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 LOGIT_BYTES_STANDARD = 2 + 4 + 4
-CHUNK_BYTES = 64 * 2**20
 OVERHEAD_BYTES = 0.5 * GB
 ADAPTER_BYTES = 16
 FULL_BYTES = 16
@@ -215,7 +215,8 @@ class Plan:
                  "embeddings and head 16-bit",
                  "  activations: seq * batch * layers * [2(6h + 2kv + 4i) + 8h (+ 3(6h + i) LoRA dropout)] bytes",
                  "               (gradient checkpointing: seq * batch * (layers * 2h + one layer's set))",
-                 "               + logits: seq * batch * vocab * 10 B (standard loss) or one 64 MB chunk (chunked loss)",
+                 "               + logits: seq * batch * vocab * 10 B (standard loss) or one chunk of 128 rows * vocab * 4 B, "
+                 "at most 64 MB (chunked loss)",
                  "  overhead: ~0.5 GB runtime (CUDA context / CPU libraries)",
                  "Measured peaks on the demo model: see benchmarks/bench_planner.py (results/bench_planner.md)."]
         for m in self.modes:
@@ -254,7 +255,7 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
     per_layer = layer_activation_bytes(d, act_bytes, lora_dropout)
     # with checkpointing: each layer's 16-bit input, plus one layer's full set during its recompute
     body = tokens * ((d.layers * act_bytes * d.hidden + per_layer) if ckpt else d.layers * per_layer)
-    logits = min(CHUNK_BYTES, tokens * d.vocab * 4) if chunked else tokens * d.vocab * LOGIT_BYTES_STANDARD
+    logits = min(auto_chunk_rows(d.vocab), tokens) * d.vocab * 4 if chunked else tokens * d.vocab * LOGIT_BYTES_STANDARD
     return body + logits
 
 

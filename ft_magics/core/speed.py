@@ -24,12 +24,16 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # fp32 logits held per chunk
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # at most this much fp32 logits held per chunk
+DEFAULT_CHUNK_ROWS = 128  # and at most this many rows
 
 
 def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk of fp32 logits takes about ``budget_bytes`` (at least 16 rows)."""
-    return max(16, int(budget_bytes // (4 * max(vocab_size, 1))))
+    """Rows per chunk: 128, or fewer so that one chunk of fp32 logits stays within ``budget_bytes``
+    (at least 16 rows). Measured on the demo model's head (vocab 49152, bf16, 2 cores), loss forward +
+    backward over 2000 rows: 128-row chunks (24 MB) 503 ms, 341-row chunks (64 MB) 643 ms, 32-row 674 ms;
+    over 250 rows they are within noise. Smaller chunks also lower the peak that the loss adds."""
+    return max(16, min(DEFAULT_CHUNK_ROWS, int(budget_bytes // (4 * max(vocab_size, 1)))))
 
 
 # --------------------------------------------------------------------------- the loss itself
