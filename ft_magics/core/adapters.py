@@ -291,8 +291,8 @@ def merge(model, name: str) -> MergeState:
 
     PEFT's own unmerge subtracts the update again, which is not exact in floating point; we leave the
     original tensors untouched and merge into copies, so :func:`unmerge` puts the very same tensors
-    back, bit for bit. A 4/8-bit base is refused: its weights would be dequantised, changed and requantised, and no exact unmerge
-    exists. ``export NAME DIR --merged`` covers that case by merging into a full-precision copy.
+    back, bit for bit. A 4/8-bit base is refused: its weights would be dequantised, changed and
+    requantised, and no exact unmerge exists. ``export NAME DIR --merged`` covers that case by merging into a full-precision copy.
     """
     if is_quantized(model):
         raise FtUsageError(

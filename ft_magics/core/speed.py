@@ -175,8 +175,6 @@ def _half(dtype) -> bool:
 
 def autocast_only(model, dtype):
     """``torch.autocast`` in ``dtype`` on the model's device type (a no-op context unless bf16/fp16)."""
-    import contextlib
-
     import torch
 
     if not _half(dtype):
@@ -191,8 +189,6 @@ def no_input_casting(model, dtype):
     It must stay off for the whole training step, backward included: gradient checkpointing recomputes
     the forward during the backward, and the recomputed tensors must have the dtypes of the first pass.
     """
-    import contextlib
-
     if not _half(dtype):
         return contextlib.nullcontext()
     from peft.helpers import disable_input_dtype_casting
@@ -208,8 +204,6 @@ def autocast_context(model, dtype):
     more memory than all the base layers' activations. Under autocast the LoRA matmuls run in bf16 on
     the bf16 activations while the adapter weights (and AdamW) stay fp32.
     """
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(autocast_only(model, dtype))
     stack.enter_context(no_input_casting(model, dtype))
@@ -231,8 +225,6 @@ def attention_for(inputs: dict, model):
     keeps is half the size. Measured on the demo model's attention shape (8 x 9 heads x 80 x 64, bf16),
     forward + backward: 2.7 ms instead of 4.4-5.0 ms (flash: 9.8 ms), outputs equal to 1e-5.
     """
-    import contextlib
-
     ids = inputs.get("input_ids")
     if ids is None or ids.device.type != "cpu" or ids.shape[-1] > SHORT_ATTENTION_LEN:
         return contextlib.nullcontext()
