@@ -47,7 +47,10 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     seed: int = _f(42, "Random seed for adapter initialisation, data order and the eval split.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing: Union[bool, str] = _f(
+        "auto", "Recompute activations in the backward pass: less memory, ~20-30% slower. auto: on when the "
+        "longest batch's activations (estimated as %ft_plan does) would take over half the free memory.",
+        tristate=True)
     chunked_loss: bool = _f(
         True, "Compute the loss over the output layer in row chunks, only where tokens carry loss: never holds "
         "full-vocabulary fp32 logits for the batch (faster, much less memory; same loss and gradients).")
@@ -202,7 +205,9 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             else:
                 raise TypeError
             return value
-        if isinstance(default, bool):
+        if f.metadata.get("tristate") and str(value).strip().lower() == "auto":
+            return "auto"
+        if isinstance(default, bool) or f.metadata.get("tristate"):
             if isinstance(value, bool):
                 return value
             s = str(value).strip().lower()
@@ -244,6 +249,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         raise
     except (TypeError, ValueError, OverflowError):
         kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(type(default), "a string")
+        if f.metadata.get("tristate"):
+            kind = "true, false or auto"
         if key == "target_modules":
             kind = "a preset name or a list of module names"
         raise FtUsageError(f"{key} must be {kind}, got {value!r}.") from None

@@ -88,7 +88,7 @@ def _config_flags(func):
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} Default: {f.default!r}.".replace("%", "%%")
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or f.metadata.get("tristate"):  # tristate: auto unless a flag says
             func = argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)(func)
         else:

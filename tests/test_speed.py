@@ -402,3 +402,65 @@ def test_auto_chunk_rows_caps_rows_and_bytes():
     big = auto_chunk_rows(256_000)  # a 256k vocabulary: the byte budget binds
     assert big < DEFAULT_CHUNK_ROWS and big * 4 * 256_000 <= DEFAULT_CHUNK_BYTES
     assert auto_chunk_rows(10**9) == 16
+
+
+def test_gradient_checkpointing_is_true_false_or_auto():
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    assert TrainConfig().gradient_checkpointing == "auto"
+    for given, got in (("auto", "auto"), (" AUTO ", "auto"), (True, True), ("yes", True), ("off", False), (False, False)):
+        assert TrainConfig.from_dict({"gradient_checkpointing": given}).gradient_checkpointing == got
+    with pytest.raises(FtUsageError, match="gradient_checkpointing must be true, false or auto, got 'maybe'"):
+        TrainConfig.from_dict({"gradient_checkpointing": "maybe"})
+
+
+def test_auto_checkpointing_follows_the_estimate_against_free_memory(tiny_model_dir):
+    """auto: on exactly when the planner's activation estimate for the longest batch passes half the free
+    memory; an explicit true/false is kept whatever the memory."""
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import TokenizedExample
+    from ft_magics.core.planner import activation_bytes, dims_from_config
+    from ft_magics.core.training import checkpointing_for
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [TokenizedExample(input_ids=[1] * n, labels=[1] * n) for n in (10, 300, 40)]
+    cfg = TrainConfig.from_dict({"batch_size": 4, "max_seq_len": 256})
+    need = activation_bytes(dims_from_config(model.config.to_dict()), 256, 4, False, True)  # longest row, capped
+    on, why = checkpointing_for(cfg, model, "cpu", rows, free=int(need * 1.9))
+    assert on and why.startswith("auto: on") and "4 x 256 tokens" in why
+    on, why = checkpointing_for(cfg, model, "cpu", rows, free=int(need * 2.1))
+    assert not on and why.startswith("auto: off")
+    for fixed in (True, False):
+        cfg_fixed = TrainConfig.from_dict({"gradient_checkpointing": fixed})
+        assert checkpointing_for(cfg_fixed, model, "cpu", rows, free=1) == (fixed, "")
+
+
+def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, monkeypatch, capsys):
+    """--gradient-checkpointing / --no-gradient-checkpointing / auto, as typed; the run record says what
+    the run did and, for auto, why; a low-memory auto run turns it on and says so."""
+    import json
+
+    from ft_magics.core import memory
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = [{"prompt": f"reset password {i}?", "completion": "Use the reset link."} for i in range(6)]
+
+    def settings(name):
+        return json.loads(Path(f"adapters/{name}/ft_run.json").read_text())["settings"]
+
+    shell.run_cell_magic("lora_train", "on --data rows --max-steps 1 --no-widgets --gradient-checkpointing", "r: 4\n")
+    assert settings("on")["gradient_checkpointing"] is True and "gradient_checkpointing_auto" not in settings("on")
+    shell.run_cell_magic("lora_train", "off --data rows --max-steps 1 --no-widgets --no-gradient-checkpointing",
+                         "gradient_checkpointing: true\n")  # the flag wins over the body
+    assert settings("off")["gradient_checkpointing"] is False
+    shell.run_cell_magic("lora_train", "roomy --data rows --max-steps 1 --no-widgets", "r: 4\n")
+    assert settings("roomy")["gradient_checkpointing"] is False
+    assert settings("roomy")["gradient_checkpointing_auto"].startswith("auto: off")
+    monkeypatch.setattr(memory, "free_bytes", lambda device=None: 1000)
+    capsys.readouterr()
+    shell.run_cell_magic("lora_train", "tight --data rows --max-steps 1 --no-widgets", "gradient_checkpointing: auto\n")
+    assert settings("tight")["gradient_checkpointing"] is True
+    assert "gradient checkpointing auto: on" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def suggestions(cfg, bits: Optional[int] = None) -> list:
         out.append("auto_batch_size: true (retry with smaller batches until one fits)")
     if cfg.max_seq_len > 128:
         out.append(f"max_seq_len: {max(128, cfg.max_seq_len // 2)} (activations grow with sequence length)")
-    if not cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is not True:
         out.append("gradient_checkpointing: true (recompute activations: less memory, ~30% slower)")
     if bits is not None and bits > 4:
         out.append("load the model in 4-bit: %qlora_load ... --bits 4 (QLoRA)")

@@ -8,6 +8,7 @@ boundary), the CPU 4-bit layout fix, and an atomic adapter save beside a JSON ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import platform
 import signal
@@ -330,6 +331,31 @@ def trainable_counts(peft_model, base_params: int) -> tuple[int, int]:
     return trainable, base_params
 
 
+AUTO_CHECKPOINTING_SHARE = 0.5  # gradient_checkpointing: auto turns it on above this share of free memory
+
+
+def checkpointing_for(cfg: TrainConfig, model, device: str, examples: list, free: Optional[int] = None):
+    """(on, why): ``gradient_checkpointing`` as set, or for ``auto`` on when the longest batch's activations
+    without it - estimated by the planner's formula (core.planner.activation_bytes, validated against measured
+    peaks within 25%) - would take more than half the memory free now. ``why`` is empty unless auto decided."""
+    if cfg.gradient_checkpointing != "auto":
+        return bool(cfg.gradient_checkpointing), ""
+    from .memory import free_bytes, human_bytes
+    from .planner import activation_bytes, dims_from_config
+
+    longest = min(max((len(e.input_ids) for e in examples), default=1), cfg.max_seq_len)
+    config = getattr(model, "config", None)
+    try:
+        dims = dims_from_config(config.to_dict())
+    except (AttributeError, KeyError, TypeError, ValueError):  # not a config the planner reads: keep it off
+        return False, "auto: off (the model's size could not be read to estimate its activations)"
+    need = activation_bytes(dims, longest, cfg.batch_size, False, cfg.chunked_loss, lora_dropout=cfg.dropout > 0)
+    free = free_bytes(device) if free is None else free
+    on = need > AUTO_CHECKPOINTING_SHARE * free
+    return on, (f"auto: {'on' if on else 'off'} - the longest batch ({cfg.batch_size} x {longest} tokens) needs "
+                f"about {human_bytes(need)} of activations without it, {human_bytes(free)} is free")
+
+
 def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -422,6 +448,10 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
+    ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
+    if ckpt_on and ckpt_why:
+        emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
     peft_model = attach_adapter(handle.model, name, cfg)
@@ -437,6 +467,8 @@ def run_training(
     train_ds = to_ds(train_examples)
     eval_ds = to_ds(eval_examples) if eval_examples else None
     settings = cfg.to_dict()
+    if ckpt_why:
+        settings["gradient_checkpointing_auto"] = ckpt_why
     begin_info = dict(
         run_name=name, num_examples=len(train_examples), trainable_params=trainable, total_params=total,
         device=handle.device, settings=settings, background=background,
