@@ -1,6 +1,7 @@
 """The chunked loss (ft_magics/core/speed.py): same loss and gradients as the standard one, knobs reachable."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -464,3 +465,34 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
     shell.run_cell_magic("lora_train", "tight --data rows --max-steps 1 --no-widgets", "gradient_checkpointing: auto\n")
     assert settings("tight")["gradient_checkpointing"] is True
     assert "gradient checkpointing auto: on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, monkeypatch, chunked):
+    """Both evaluation branches (chunked loss or the standard one) run under the same attention choice as
+    training."""
+    import contextlib
+
+    from datasets import Dataset
+    from transformers import TrainingArguments, default_data_collator
+
+    from ft_magics.core import speed
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(speed, "_short_row_attention", recording)
+    model = _lora_model(tiny_model_dir)
+    rows = [{"input_ids": [5 + i, 6, 7, 8, 9, 10], "labels": [5 + i, 6, 7, 8, 9, 10],
+             "attention_mask": [1] * 6} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = speed.make_trainer(model, chunked, autocast_dtype=torch.bfloat16, args=args,
+                                 eval_dataset=Dataset.from_list(rows), data_collator=default_data_collator)
+    loss = trainer.evaluate()["eval_loss"]
+    assert entered and len(entered) == 2  # one per eval batch
+    assert math.isfinite(loss)

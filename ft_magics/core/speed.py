@@ -279,12 +279,12 @@ def speed_trainer_class():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            if not self.chunked:
-                with autocast_context(model, self.autocast_dtype):
+            inputs = self._prepare_inputs(inputs)  # on the device first: the attention choice reads it
+            with autocast_context(model, self.autocast_dtype), attention_for(inputs, _causal_lm(model)):
+                if not self.chunked:
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), autocast_context(model, self.autocast_dtype), attention_for(inputs, _causal_lm(model)):
-                loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
+                with torch.no_grad():
+                    loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
             return loss.detach(), None, None
 
     return SpeedTrainer
