@@ -443,6 +443,7 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
     """--gradient-checkpointing / --no-gradient-checkpointing / auto, as typed; the run record says what
     the run did and, for auto, why; a low-memory auto run turns it on and says so."""
     import json
+    import types
 
     from ft_magics.core import memory
 
@@ -460,7 +461,7 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
     shell.run_cell_magic("lora_train", "roomy --data rows --max-steps 1 --no-widgets", "r: 4\n")
     assert settings("roomy")["gradient_checkpointing"] is False
     assert settings("roomy")["gradient_checkpointing_auto"].startswith("auto: off")
-    monkeypatch.setattr(memory, "free_bytes", lambda device=None: 1000)
+    monkeypatch.setattr(memory, "read_memory", lambda device=None: types.SimpleNamespace(available_bytes=1000))
     capsys.readouterr()
     shell.run_cell_magic("lora_train", "tight --data rows --max-steps 1 --no-widgets", "gradient_checkpointing: auto\n")
     assert settings("tight")["gradient_checkpointing"] is True

@@ -81,16 +81,6 @@ def describe(m: Optional[MemoryReading], sep: str = " · ") -> str:
                      f"system available {human_bytes(m.available_bytes)} of {human_bytes(m.total_bytes)}"])
 
 
-def free_bytes(device: Optional[str] = None) -> int:
-    """Memory free for new tensors now: free VRAM on a CUDA device, available RAM otherwise."""
-    if _cuda_ready(device):
-        import torch
-
-        idx = torch.device(device).index
-        return int(torch.cuda.mem_get_info(torch.cuda.current_device() if idx is None else idx)[0])
-    return int(psutil.virtual_memory().available)
-
-
 def reset_peak(device: Optional[str] = None) -> None:
     if _cuda_ready(device):
         import torch

@@ -340,7 +340,7 @@ def checkpointing_for(cfg: TrainConfig, model, device: str, examples: list, free
     peaks within 25%) - would take more than half the memory free now. ``why`` is empty unless auto decided."""
     if cfg.gradient_checkpointing != "auto":
         return bool(cfg.gradient_checkpointing), ""
-    from .memory import free_bytes, human_bytes
+    from .memory import human_bytes, read_memory
     from .planner import activation_bytes, dims_from_config
 
     longest = min(max((len(e.input_ids) for e in examples), default=1), cfg.max_seq_len)
@@ -350,7 +350,7 @@ def checkpointing_for(cfg: TrainConfig, model, device: str, examples: list, free
     except (AttributeError, KeyError, TypeError, ValueError):  # not a config the planner reads: keep it off
         return False, "auto: off (the model's size could not be read to estimate its activations)"
     need = activation_bytes(dims, longest, cfg.batch_size, False, cfg.chunked_loss, lora_dropout=cfg.dropout > 0)
-    free = free_bytes(device) if free is None else free
+    free = read_memory(device).available_bytes if free is None else free  # the figure the dashboard shows
     on = need > AUTO_CHECKPOINTING_SHARE * free
     return on, (f"auto: {'on' if on else 'off'} - the longest batch ({cfg.batch_size} x {longest} tokens) needs "
                 f"about {human_bytes(need)} of activations without it, {human_bytes(free)} is free")
