@@ -152,6 +152,13 @@ def run_job(job_path: str, events: Optional[str] = None) -> int:
                 "global_batch": cfg.batch_size * cfg.grad_accum * world,
             })
             atomic_write_json(Path(result.adapter_path) / RUN_RECORD, record)
+        if world > 1:
+            import torch.distributed as dist
+
+            # Leave together: a rank that tore its gloo group down while rank 0 was still saving the adapter
+            # aborted at exit ("terminate called without an active exception", SIGABRT), and the launcher
+            # then reported the finished job as failed.
+            dist.barrier()
         return 0 if result.status != "failed" else 1
     finally:
         if writer is not None:
