@@ -497,3 +497,49 @@ def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, m
     loss = trainer.evaluate()["eval_loss"]
     assert entered and len(entered) == 2  # one per eval batch
     assert math.isfinite(loss)
+
+
+def test_a_quantised_cpu_load_reads_tensors_without_mapping_the_file(tiny_model_dir, tmp_path, monkeypatch):
+    """Inside read_weights_into_memory transformers opens safetensors with the pread backend, so no mapping of
+    the 16-bit file is left resident; load_model uses it for quantised CPU loads (and not for 16-bit ones,
+    whose weights are the mapped file's pages, shared with the page cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import modeling_utils as mu
+
+    from ft_magics.core import memory
+    from ft_magics.core.loading import load_model, quantization_config
+
+    backends = []
+    real = mu.safe_open
+
+    def spy(*a, **kw):
+        backends.append(kw.get("backend"))
+        return real(*a, **kw)
+
+    bf16_dir = tmp_path / "bf16"  # saved in the compute dtype: through a mapping, kept tensors stay views of it
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    monkeypatch.setattr(mu, "safe_open", spy)
+    weights = str(bf16_dir / "model.safetensors")
+
+    def mapped():
+        with open("/proc/self/maps") as fh:
+            return [line for line in fh if line.rstrip("\n").endswith(weights)]
+
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=quantization_config(4, torch.bfloat16))
+    with memory.read_weights_into_memory() as on:
+        assert on and mu.safe_open is not spy
+        inside = AutoModelForCausalLM.from_pretrained(str(bf16_dir), **kw)
+    assert mu.safe_open is spy and backends == ["pread"]
+    assert mapped() == []  # nothing of the file stays mapped, though the embeddings were kept as they were
+    ids = torch.tensor([[1, 2, 3]])
+    outside = AutoModelForCausalLM.from_pretrained(str(bf16_dir), **kw)
+    assert backends[-1] == "mmap" and mapped() != []  # the embeddings are views of the mapped file
+    with torch.no_grad():
+        assert torch.equal(inside(ids).logits, outside(ids).logits)
+    del outside
+
+    backends.clear()
+    load_model(str(tiny_model_dir), bits=4, device="cpu", dtype="bf16")
+    load_model(str(tiny_model_dir), bits=16, device="cpu", dtype="bf16")
+    assert backends == ["pread", "mmap"]

@@ -7,6 +7,7 @@ load reads the cache (seconds instead of a conversion).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -289,7 +290,12 @@ def load_model(
         fix_mmap_threshold()  # large freed buffers go back to the OS: a lower RSS peak while loading and training
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from .memory import read_weights_into_memory
+
+        # quantising reads every 16-bit weight once: tensor by tensor, not through a mapping kept resident
+        reading = read_weights_into_memory() if qcfg is not None and dev == "cpu" else contextlib.nullcontext()
+        with reading:
+            lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, EnvironmentError) as exc:
         raise FtUsageError(
             f"could not load {model!r} from {source}: {exc}. A hub id needs network access or a copy in the "

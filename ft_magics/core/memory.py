@@ -1,6 +1,8 @@
 """Memory probes: CUDA allocator statistics where there is a GPU, process RSS on the CPU."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 from typing import Optional
@@ -180,6 +182,46 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+@contextlib.contextmanager
+def read_weights_into_memory():
+    """While active, transformers reads each safetensors tensor into memory of its own (``pread``) instead
+    of mapping the whole file.
+
+    Loading through a mapping leaves every page it read resident in the process: quantising a model reads
+    all of its 16-bit weights, so the 16-bit file stays in RSS beside the quantised copy until the mapping
+    goes (and the tensors kept unchanged, such as the embeddings, are views that pin it). Read one tensor at
+    a time, each 16-bit weight is freed once it is quantised. Measured on the demo model in 4-bit (2 cores):
+    load-time peak RSS 774 MB -> 564 MB, the same load time, the same weights. transformers calls safetensors'
+    ``safe_open(..., backend="mmap")``; the switch asks for its ``"pread"`` backend (the one transformers uses
+    on Windows). A transformers without that call is left as it is.
+    """
+    try:
+        from transformers import modeling_utils as mu
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield False
+        return
+    original = getattr(mu, "safe_open", None)
+    if original is None:
+        yield False
+        return
+
+    def safe_open_pread(filename, framework="pt", device="cpu", backend=None, **kw):
+        if backend in (None, "mmap") and str(device) == "cpu":
+            try:
+                return original(filename, framework=framework, device=device, backend="pread", **kw)
+            except TypeError:  # a safetensors without the backend argument
+                pass
+        if backend is None:
+            return original(filename, framework=framework, device=device, **kw)
+        return original(filename, framework=framework, device=device, backend=backend, **kw)
+
+    mu.safe_open = safe_open_pread
+    try:
+        yield True
+    finally:
+        mu.safe_open = original
 
 
 def _file_mappings(suffix: str) -> list:
