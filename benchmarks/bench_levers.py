@@ -20,10 +20,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 STEPS = int(os.environ.get("LEVER_STEPS", "4"))
 
 CONFIGS = [
-    ("all levers off", "chunked_loss: false\nautocast: false\ngroup_by_length: false"),
-    ("+ group_by_length", "chunked_loss: false\nautocast: false"),
-    ("+ chunked_loss", "autocast: false"),
-    ("+ autocast (defaults)", ""),
+    ("all levers off", "chunked_loss: false\nautocast: false\ngroup_by_length: false\nfused_lora: false"),
+    ("+ group_by_length", "chunked_loss: false\nautocast: false\nfused_lora: false"),
+    ("+ chunked_loss", "autocast: false\nfused_lora: false"),
+    ("+ autocast", "fused_lora: false"),
+    ("+ fused_lora (defaults)", ""),
     ("defaults + gradient_checkpointing", "gradient_checkpointing: true"),
 ]
 

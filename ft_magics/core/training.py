@@ -502,9 +502,11 @@ def run_training(
     try:
         status, error, eval_loss, caught = "completed", None, None, None
         try:
+            from .fused_lora import fused_lora
             from .lean import lean_activations
 
-            with training_layout(peft_model), lean_activations(peft_model, cfg.lean_activations):
+            with training_layout(peft_model), lean_activations(peft_model, cfg.lean_activations), \
+                    fused_lora(peft_model, cfg.fused_lora):
                 peft_model.train()
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():

@@ -1,0 +1,167 @@
+"""One autograd node per LoRA layer while training: the base matmul and the low-rank update, fused.
+
+PEFT computes a LoRA layer as ``base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the
+matmuls that is a clone, a scaling pass and an addition over the whole output in the forward, a scaling
+pass over the output's gradient and an addition of the two input gradients in the backward, and one
+autograd node per op. On a small model those passes over activation-sized tensors cost as much as the
+matmuls they surround (measured on the demo model, batch 8 x ~75 tokens on 2 cores: a scalar multiply of
+an 8 x 75 x 1536 bf16 tensor takes 0.3 ms inside a training step, a third of the base matmul it follows).
+
+:class:`LoraLinearFn` does the same arithmetic with none of those passes::
+
+    y  = x W^T (+ bias);  xa = dropout(x) A^T;  y += scaling * xa B^T         (addmm, in place)
+    backward:  g = scaling * dy B;  dA = g^T dropout(x);  dB = scaling * dy^T xa;  dx = dy W (+ g A)
+
+keeping what PEFT keeps (the LoRA input and ``xa``; the base weight is re-dequantised in the backward,
+as bitsandbytes does). The weight is the bitsandbytes 4-bit weight dequantised to the compute dtype, or
+a plain ``nn.Linear`` weight. Only vanilla LoRA with one active adapter under autocast (or with every
+dtype already equal) is switched; DoRA and other variants, LoRA bias, mixed adapter batches, merged or
+disabled adapters, trainable base weights and inference-packed 4-bit weights run PEFT's own forward.
+The switch lasts for a ``with`` block, like :func:`ft_magics.core.lean.lean_activations`.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+_FN = None
+
+
+def _function():
+    global _FN
+    if _FN is not None:
+        return _FN
+    import torch
+
+    class LoraLinearFn(torch.autograd.Function):
+        """``x W^T + bias + scaling * dropout(x) A^T B^T`` with the scaling and sum folded into one addmm."""
+
+        @staticmethod
+        def forward(ctx, x, xd, A, B, bias, weight_of, scaling, dtype):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            xd2 = x2 if xd is None else xd.reshape(-1, shape[-1]).to(dtype)
+            w = weight_of(dtype)
+            y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+            a, b = A.to(dtype), B.to(dtype)
+            xa = xd2 @ a.t()
+            y.addmm_(xa, b.t(), alpha=scaling)
+            ctx.save_for_backward(xd2, xa, a, b)
+            ctx.weight_of, ctx.scaling, ctx.shape, ctx.x_dtype = weight_of, scaling, shape, x.dtype
+            ctx.xd_dtype = None if xd is None else xd.dtype
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            xd2, xa, a, b = ctx.saved_tensors
+            want_x, want_xd, want_a, want_b = ctx.needs_input_grad[:4]
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(xa.dtype)
+            g = (dy2 @ b).mul_(ctx.scaling) if (want_a or want_x or want_xd) else None
+            da = (g.t() @ xd2).to(torch.float32) if want_a else None
+            db = (dy2.t() @ xa).mul_(ctx.scaling).to(torch.float32) if want_b else None
+            dx = dxd = None
+            shape = ctx.shape
+            if want_x:
+                dx = dy2 @ ctx.weight_of(dy2.dtype)
+                if ctx.xd_dtype is None:  # no dropout: both branches read x
+                    dx.addmm_(g, a)
+                dx = dx.view(shape).to(ctx.x_dtype)
+            if want_xd:
+                dxd = (g @ a).view(shape).to(ctx.xd_dtype)
+            return dx, dxd, da, db, None, None, None, None
+
+    _FN = LoraLinearFn
+    return _FN
+
+
+def _weight_reader(base):
+    """``dtype -> (out, in) weight`` for a frozen base layer this module fuses, or None."""
+    import torch
+
+    weight = getattr(base, "weight", None)
+    bias = getattr(base, "bias", None)
+    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if type(base) is torch.nn.Linear:
+        return lambda dtype: weight.to(dtype)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return None
+    if isinstance(base, bnb.nn.Linear4bit):
+        from bitsandbytes.functional import dequantize_4bit
+
+        def dequantised(dtype):
+            qs = base.weight.quant_state
+            return dequantize_4bit(base.weight.data, qs).to(dtype)
+
+        return dequantised
+    return None
+
+
+def _compute_dtype(x, base, a_dtype):
+    """The dtype the fused layer computes in, or None where PEFT's own path must run (its precisions)."""
+    import torch
+
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    base_dtype = getattr(base, "compute_dtype", None) or base.weight.dtype
+    if x.dtype == a_dtype == base_dtype:  # all one dtype (e.g. fp32 on a CPU without fast bf16)
+        return x.dtype
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    cls_forward = type(self).forward
+    if args or kwargs or self.disable_adapters or self.merged:
+        return cls_forward(self, x, *args, **kwargs)
+    active = [n for n in self.active_adapters if n in self.lora_A]
+    if len(active) != 1 or active[0] in self.lora_variant:
+        return cls_forward(self, x, *args, **kwargs)
+    name = active[0]
+    base = self.get_base_layer()
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        return cls_forward(self, x, *args, **kwargs)
+    A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    dtype = _compute_dtype(x, base, A.dtype)
+    reader = _weight_reader(base)
+    if dtype is None or reader is None or getattr(self.lora_B[name], "bias", None) is not None:
+        return cls_forward(self, x, *args, **kwargs)
+    if qs is not None:
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
+    dropout = self.lora_dropout[name]
+    import torch
+
+    xd = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    return _function().apply(x, xd, A, B, base.bias, reader, float(self.scaling[name]), dtype)
+
+
+def fusable_layers(model):
+    """The PEFT LoRA layers of ``model`` whose base layer this module can fuse with (whatever the adapter state)."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")
+            and _weight_reader(m.get_base_layer()) is not None]
+
+
+@contextlib.contextmanager
+def fused_lora(model, enabled: bool = True):
+    """Inside the block, LoRA layers of ``model`` run as one fused autograd node each (see the module doc)."""
+    switched = []
+    if enabled:
+        for mod in fusable_layers(model):
+            if "forward" in vars(mod):  # already switched (nested use) or patched by someone else
+                continue
+            mod.forward = types.MethodType(_fused_forward, mod)
+            switched.append(mod)
+    try:
+        yield len(switched)
+    finally:
+        for mod in switched:
+            vars(mod).pop("forward", None)

@@ -1,0 +1,162 @@
+"""core.fused_lora: one autograd node per LoRA layer, the same loss and gradients as PEFT's layers."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _tiny(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def _lora(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    cfg.update(kw)
+    pm = get_peft_model(model, LoraConfig(**cfg))
+    torch.manual_seed(2)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:  # B starts at zero: give it values so that every LoRA gradient is non-trivial
+            torch.nn.init.normal_(p, std=0.05)
+    return pm
+
+
+def _step(model, fused: bool, autocast=None):
+    """Loss and every trainable gradient of one forward + backward, with the layers fused or not."""
+    from ft_magics.core.fused_lora import fused_lora
+    from ft_magics.core.speed import autocast_context
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (3, 24))
+    model.zero_grad(set_to_none=True)
+    with fused_lora(model, fused) as n:
+        with autocast_context(model, autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, n
+
+
+def test_same_loss_and_gradients_as_peft_layers():
+    pm = _lora(_tiny())
+    loss0, g0, n0 = _step(pm, False)
+    loss1, g1, n1 = _step(pm, True)
+    assert n0 == 0 and n1 == 14  # 7 linear layers per block, 2 blocks
+    assert torch.allclose(loss0, loss1, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) == 28  # lora_A and lora_B of every layer
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_dropout_draws_the_same_mask():
+    pm = _lora(_tiny(), lora_dropout=0.3)
+    pm.train()
+    loss0, g0, _ = _step(pm, False)
+    loss1, g1, _ = _step(pm, True)
+    assert torch.allclose(loss0, loss1, atol=1e-6)
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics.core.loading import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": "cpu"},
+                                                quantization_config=quantization_config(4, torch.bfloat16))
+    pm = _lora(base)
+    loss0, g0, _ = _step(pm, False, torch.bfloat16)
+    loss1, g1, n = _step(pm, True, torch.bfloat16)
+    assert n > 0 and all(type(m.get_base_layer()).__name__ == "Linear4bit"
+                         for m in __import__("ft_magics.core.fused_lora", fromlist=["x"]).fusable_layers(pm))
+    assert abs(float(loss0) - float(loss1)) < 1e-2
+    assert all(g.dtype == torch.float32 for g in g1.values())  # the adapter (and AdamW) stay fp32
+    flat0 = torch.cat([g.flatten() for g in g0.values()])
+    flat1 = torch.cat([g1[k].flatten() for k in g0])
+    assert float((flat0 - flat1).norm() / flat0.norm()) < 2e-2
+
+
+def test_other_states_and_variants_run_pefts_own_forward():
+    from ft_magics.core import fused_lora as fl
+
+    calls = []
+    fn = fl._function()
+    real_apply = fn.apply
+
+    def counting_apply(*a):
+        calls.append(1)
+        return real_apply(*a)
+
+    ids = torch.randint(0, 96, (2, 10))
+    for kw, state in (({}, "merged"), ({}, "disabled"), ({"use_dora": True}, None)):
+        pm = _lora(_tiny(), **kw)
+        if state == "merged":
+            pm.merge_adapter()
+        with torch.no_grad():
+            want = pm(input_ids=ids).logits if state != "disabled" else None
+            if state == "disabled":
+                with pm.disable_adapter():
+                    want = pm(input_ids=ids).logits
+        fn.apply = counting_apply
+        try:
+            with fl.fused_lora(pm), torch.no_grad():
+                if state == "disabled":
+                    with pm.disable_adapter():
+                        got = pm(input_ids=ids).logits
+                else:
+                    got = pm(input_ids=ids).logits
+        finally:
+            fn.apply = real_apply
+        assert torch.allclose(want, got, atol=1e-5), (kw, state)
+    assert calls == []
+    # the plain case does go through the fused function
+    pm = _lora(_tiny())
+    fn.apply = counting_apply
+    try:
+        with fl.fused_lora(pm), torch.no_grad():
+            pm(input_ids=ids)
+    finally:
+        fn.apply = real_apply
+    assert len(calls) == 14
+
+
+def test_switched_only_inside_the_block():
+    from ft_magics.core.fused_lora import fusable_layers, fused_lora
+
+    pm = _lora(_tiny())
+    layers = fusable_layers(pm)
+    assert len(layers) == 14
+    with fused_lora(pm) as n:
+        assert n == 14 and all("forward" in vars(m) for m in layers)
+        with fused_lora(pm) as inner:  # nested use leaves the outer switch in place
+            assert inner == 0
+        assert all("forward" in vars(m) for m in layers)
+    assert not any("forward" in vars(m) for m in layers)
+
+
+def test_training_uses_it_by_default_and_the_setting_turns_it_off(tiny_model_dir, tmp_path, monkeypatch):
+    from ft_magics import Session
+    from ft_magics.core import fused_lora as fl
+
+    calls = []
+    real = fl.fused_lora
+
+    def spy(model, enabled=True):
+        calls.append(enabled)
+        return real(model, enabled)
+
+    monkeypatch.setattr(fl, "fused_lora", spy)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=32)
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    s.train("on", rows, {"max_steps": 1, "batch_size": 4})
+    s.train("off", rows, {"max_steps": 1, "batch_size": 4, "fused_lora": False})
+    assert calls == [True, False]
