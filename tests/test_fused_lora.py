@@ -163,3 +163,17 @@ def test_training_uses_it_by_default_and_the_setting_turns_it_off(tiny_model_dir
     s.train("on", rows, {"max_steps": 1, "batch_size": 4})
     s.train("off", rows, {"max_steps": 1, "batch_size": 4, "fused_lora": False})
     assert calls == [True, False]
+
+
+def test_a_16bit_adapter_gets_gradients_in_its_own_dtype():
+    """All one dtype without autocast (a bf16 model with a bf16 adapter): fused, and the adapter's
+    gradients come back in bf16, agreeing with PEFT's within bf16 rounding."""
+    pm = _lora(_tiny(torch.bfloat16))
+    pm.to(torch.bfloat16)
+    loss0, g0, _ = _step(pm, False)
+    loss1, g1, n = _step(pm, True)
+    assert n == 14 and all(g.dtype == torch.bfloat16 for g in g1.values())
+    assert abs(float(loss0) - float(loss1)) < 1e-2
+    flat0 = torch.cat([g.float().flatten() for g in g0.values()])
+    flat1 = torch.cat([g1[k].float().flatten() for k in g0])
+    assert float((flat0 - flat1).norm() / flat0.norm()) < 2e-2

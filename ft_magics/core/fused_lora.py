@@ -51,6 +51,7 @@ def _function():
             ctx.save_for_backward(xd2, xa, a, b)
             ctx.weight_of, ctx.scaling, ctx.shape, ctx.x_dtype = weight_of, scaling, shape, x.dtype
             ctx.xd_dtype = None if xd is None else xd.dtype
+            ctx.ab_dtypes = (A.dtype, B.dtype)  # the adapter's own dtype (fp32 unless it was made otherwise)
             return y.view(*shape[:-1], y.shape[-1])
 
         @staticmethod
@@ -59,8 +60,8 @@ def _function():
             want_x, want_xd, want_a, want_b = ctx.needs_input_grad[:4]
             dy2 = dy.reshape(-1, dy.shape[-1]).to(xa.dtype)
             g = (dy2 @ b).mul_(ctx.scaling) if (want_a or want_x or want_xd) else None
-            da = (g.t() @ xd2).to(torch.float32) if want_a else None
-            db = (dy2.t() @ xa).mul_(ctx.scaling).to(torch.float32) if want_b else None
+            da = (g.t() @ xd2).to(ctx.ab_dtypes[0]) if want_a else None
+            db = (dy2.t() @ xa).mul_(ctx.scaling).to(ctx.ab_dtypes[1]) if want_b else None
             dx = dxd = None
             shape = ctx.shape
             if want_x:
