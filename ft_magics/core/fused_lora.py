@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import types
 
+from .training import cpu_packed
+
 _FN = None
 
 
@@ -133,7 +135,7 @@ def _fused_forward(self, x, *args, **kwargs):
         return cls_forward(self, x, *args, **kwargs)
     dropout, scaling = self.lora_dropout[name], float(self.scaling[name])
     qs = getattr(base.weight, "quant_state", None)
-    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+    if cpu_packed(qs):
         return cls_forward(self, x, *args, **kwargs)
     dtype = _compute_dtype(x, base, A.dtype)
     reader = _weight_reader(base)

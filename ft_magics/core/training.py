@@ -81,6 +81,11 @@ def _linear4bit_modules(model):
             yield mod
 
 
+def cpu_packed(quant_state) -> bool:
+    """Whether a 4-bit weight's quant state is in bitsandbytes' CPU inference layout (see :func:`unpack_cpu_4bit`)."""
+    return quant_state is not None and bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
 def remember_unpacked_4bit(model) -> None:
     """Keep a reference to every unpacked 4-bit weight and a copy of its quant state.
 
@@ -93,7 +98,7 @@ def remember_unpacked_4bit(model) -> None:
 
     for mod in _linear4bit_modules(model):
         qs = getattr(mod.weight, "quant_state", None)
-        if qs is not None and not getattr(qs, "packing_format_for_cpu", False):
+        if qs is not None and not cpu_packed(qs):
             mod._ft_unpacked = (mod.weight.data, copy.copy(qs))
 
 
@@ -112,7 +117,7 @@ def unpack_cpu_4bit(model) -> int:
     n = 0
     for mod in _linear4bit_modules(model):
         qs = getattr(mod.weight, "quant_state", None)
-        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+        if cpu_packed(qs):
             kept = getattr(mod, "_ft_unpacked", None)
             if kept is not None:
                 mod.weight.data, mod.weight.quant_state = kept[0], copy.copy(kept[1])
