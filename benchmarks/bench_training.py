@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -132,11 +133,13 @@ def instrument_trainer(stats: dict) -> None:
         stats["tokens"] += int(lens.sum())
         stats["sq_len_sum"] += int((lens.double() ** 2).sum())
         stats["padded_tokens"] += int(labels.numel())
-        return orig_step(self, model, inputs, *a, **kw)
+        out = orig_step(self, model, inputs, *a, **kw)
+        stats["step_seconds"].append(time.perf_counter() - stats["train_started"])  # for the loss-vs-time plot
+        return out
 
     def train(self, *a, **kw):
         stats["rss_before_train"] = peak_rss_bytes()
-        t = time.perf_counter()
+        t = stats["train_started"] = time.perf_counter()
         try:
             return orig_train(self, *a, **kw)
         finally:
@@ -234,7 +237,7 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     from ft_magics.core.memory import rss_bytes
 
     rss_libraries = rss_bytes()  # what the libraries alone take: the same on both sides
-    stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0)
+    stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0, step_seconds=[])
     instrument_trainer(stats)
     peak_bf16 = matmul_peak_gflops("bfloat16")
     res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats)
@@ -255,6 +258,7 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
         peak_rss_bytes=peak_rss_bytes(), rss_libraries=rss_libraries,
         job_peak_bytes=peak_rss_bytes() - rss_libraries, rss_before_train=stats.get("rss_before_train"),
         final_train_loss=sum(tail) / len(tail) if tail else None, losses=res["losses"], eval_loss=res["eval_loss"],
+        step_seconds=stats["step_seconds"],
         useful_gflop=flops / 1e9, achieved_gflops=flops / t / 1e9 if t else None,
         matmul_peak_bf16_gflops=peak_bf16, lora_params=res["lora_params"],
         extra={k: v for k, v in res.items() if k in ("settings", "gradient_checkpointing")},
@@ -382,6 +386,47 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list, path: Path) -> Optional[Path]:
+    """Training loss against training time for every side (one panel per dataset), and the peak memory and
+    loss tokens/s of each side as bars: where the tables give end points, this shows the whole run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib comes with the package's dependencies; without it, tables only
+        return None
+    datasets_ = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(len(datasets_), 2, figsize=(11, 3.6 * len(datasets_)), squeeze=False)
+    for row_axes, d in zip(axes, datasets_):
+        runs = [r for r in rows if r["dataset"] == d]
+        ax = row_axes[0]
+        for r in runs:
+            xs = r.get("step_seconds") or [r["train_seconds"] * (i + 1) / len(r["losses"]) for i in range(len(r["losses"]))]
+            n = min(len(xs), len(r["losses"]))
+            ax.plot(xs[:n], r["losses"][:n], marker=".", label=f"{r['side']} ({r['train_seconds']:.0f} s)")
+        ax.set_title(f"{d}: training loss over training time")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+        ax = row_axes[1]
+        names = [r["side"] for r in runs]
+        xs = range(len(runs))
+        ax.bar([x - 0.2 for x in xs], [r["loss_tokens_per_s"] for r in runs], width=0.4, label="loss tokens/s")
+        ax.set_ylabel("loss tokens/s")
+        ax2 = ax.twinx()
+        ax2.bar([x + 0.2 for x in xs], [gb(r["peak_rss_bytes"]) for r in runs], width=0.4, color="tab:orange",
+                label="peak RSS GB")
+        ax2.set_ylabel("peak RSS GB")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_title(f"{d}: speed (blue) and peak memory (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def ratios(ref: dict, ft: dict) -> dict:
     return dict(
         loss_tokens_per_s=ft["loss_tokens_per_s"] / ref["loss_tokens_per_s"],
@@ -450,6 +495,9 @@ def main() -> None:
     text = "\n".join(md)
     (RESULTS / "bench_training.json").write_text(json.dumps(
         {"steps": STEPS, "batch": BATCH, "runs": rows, "ratios": summary, "goals": goals, "extras": extras}, indent=1))
+    picture = plot(rows, RESULTS / "bench_training.png")
+    if picture is not None:
+        text += f"\n\n![loss over time, speed and memory]({picture.name})"
     (RESULTS / "bench_training.md").write_text(text + "\n")
     print(text)
 
