@@ -6,12 +6,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def _tiny(dtype=torch.float32):
+def _tiny(dtype=torch.float32, bias=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
+                      num_key_value_heads=2, attention_bias=bias, mlp_bias=bias)
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -44,8 +44,13 @@ def _step(model, fused: bool, autocast=None):
     return loss.detach(), grads, n
 
 
-def test_same_loss_and_gradients_as_peft_layers():
-    pm = _lora(_tiny())
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "biased-base"])  # Qwen2-style q/k/v biases
+def test_same_loss_and_gradients_as_peft_layers(bias):
+    pm = _lora(_tiny(bias=bias))
+    if bias:
+        for n, p in pm.named_parameters():
+            if n.endswith("base_layer.bias"):
+                torch.nn.init.normal_(p, std=0.1)
     loss0, g0, n0 = _step(pm, False)
     loss1, g1, n1 = _step(pm, True)
     assert n0 == 0 and n1 == 14  # 7 linear layers per block, 2 blocks
