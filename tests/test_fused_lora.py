@@ -1,4 +1,8 @@
-"""core.fused_lora: one autograd node per LoRA layer, the same loss and gradients as PEFT's layers."""
+"""core.fused_lora: one autograd node per LoRA layer, the same loss and gradients as PEFT's layers.
+
+That training switches it on by default (and `fused_lora: false` off) is checked beside lean_activations, in
+tests/test_lean.py.
+"""
 from __future__ import annotations
 
 import pytest
@@ -148,26 +152,6 @@ def test_switched_only_inside_the_block():
             assert inner == 0
         assert all("forward" in vars(m) for m in layers)
     assert not any("forward" in vars(m) for m in layers)
-
-
-def test_training_uses_it_by_default_and_the_setting_turns_it_off(tiny_model_dir, tmp_path, monkeypatch):
-    from ft_magics import Session
-    from ft_magics.core import fused_lora as fl
-
-    calls = []
-    real = fl.fused_lora
-
-    def spy(model, enabled=True):
-        calls.append(enabled)
-        return real(model, enabled)
-
-    monkeypatch.setattr(fl, "fused_lora", spy)
-    s = Session(adapters_dir=tmp_path / "ad")
-    s.load(str(tiny_model_dir), bits=32)
-    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
-    s.train("on", rows, {"max_steps": 1, "batch_size": 4})
-    s.train("off", rows, {"max_steps": 1, "batch_size": 4, "fused_lora": False})
-    assert calls == [True, False]
 
 
 def test_a_16bit_adapter_gets_gradients_in_its_own_dtype():

@@ -80,21 +80,26 @@ def test_only_llama_forwards_are_switched_and_only_inside_the_block():
     assert not any("forward" in vars(m) for m, _ in lean_modules(model))
 
 
-def test_training_uses_it_by_default_and_the_setting_turns_it_off(tiny_model_dir, tmp_path, monkeypatch):
-    from ft_magics import Session
-    from ft_magics.core import lean
+@pytest.mark.parametrize("module, switch", [("lean", "lean_activations"), ("fused_lora", "fused_lora")])
+def test_training_uses_it_by_default_and_the_setting_turns_it_off(module, switch, tiny_model_dir, tmp_path,
+                                                                   monkeypatch):
+    """Each module switch of core.training (lean_activations, fused_lora) is on by default; its YAML key turns it off."""
+    import importlib
 
+    from ft_magics import Session
+
+    mod = importlib.import_module(f"ft_magics.core.{module}")
     calls = []
-    real = lean.lean_activations
+    real = getattr(mod, switch)
 
     def spy(model, enabled=True):
         calls.append(enabled)
         return real(model, enabled)
 
-    monkeypatch.setattr(lean, "lean_activations", spy)
+    monkeypatch.setattr(mod, switch, spy)
     s = Session(adapters_dir=tmp_path / "ad")
     s.load(str(tiny_model_dir), bits=32)
     rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
     s.train("on", rows, {"max_steps": 1, "batch_size": 4})
-    s.train("off", rows, {"max_steps": 1, "batch_size": 4, "lean_activations": False})
+    s.train("off", rows, {"max_steps": 1, "batch_size": 4, switch: False})
     assert calls == [True, False]

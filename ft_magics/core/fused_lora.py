@@ -23,18 +23,13 @@ The switch lasts for a ``with`` block, like :func:`ft_magics.core.lean.lean_acti
 """
 from __future__ import annotations
 
-import contextlib
-import types
+import functools
 
+from .lean import switched_forwards
 from .training import cpu_packed
 
-_FN = None
-
-
+@functools.cache
 def _function():
-    global _FN
-    if _FN is not None:
-        return _FN
     import torch
 
     class LoraLinearFn(torch.autograd.Function):
@@ -75,8 +70,7 @@ def _function():
                 dxd = (g @ a).view(shape).to(ctx.xd_dtype)
             return dx, dxd, da, db, None, None, None, None
 
-    _FN = LoraLinearFn
-    return _FN
+    return LoraLinearFn
 
 
 def _weight_reader(base):
@@ -159,18 +153,6 @@ def fusable_layers(model):
             and _weight_reader(m.get_base_layer()) is not None]
 
 
-@contextlib.contextmanager
 def fused_lora(model, enabled: bool = True):
     """Inside the block, LoRA layers of ``model`` run as one fused autograd node each (see the module doc)."""
-    switched = []
-    if enabled:
-        for mod in fusable_layers(model):
-            if "forward" in vars(mod):  # already switched (nested use) or patched by someone else
-                continue
-            mod.forward = types.MethodType(_fused_forward, mod)
-            switched.append(mod)
-    try:
-        yield len(switched)
-    finally:
-        for mod in switched:
-            vars(mod).pop("forward", None)
+    return switched_forwards(((mod, _fused_forward) for mod in fusable_layers(model)) if enabled else ())

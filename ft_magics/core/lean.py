@@ -20,17 +20,13 @@ projections, other activations) keeps its own forward. The switch lasts for a ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import types
 from typing import Iterator
 
-_FNS = None
-
-
+@functools.cache
 def _functions():
-    global _FNS
-    if _FNS is not None:
-        return _FNS
     import torch
     import torch.nn.functional as F
 
@@ -70,8 +66,7 @@ def _functions():
             dg = torch.ops.aten.silu_backward(d * u, g) if ctx.needs_input_grad[0] else None
             return dg, du
 
-    _FNS = (RMSNormFn, SiluMulFn)
-    return _FNS
+    return RMSNormFn, SiluMulFn
 
 
 def _norm_forward(self, hidden_states):
@@ -122,17 +117,24 @@ def lean_modules(model) -> Iterator[tuple[object, str]]:
 
 
 @contextlib.contextmanager
-def lean_activations(model, enabled: bool = True):
-    """Inside the block, Llama-style norms and MLPs of ``model`` keep fewer tensors for the backward."""
+def switched_forwards(pairs) -> Iterator[int]:
+    """Inside the block each module of ``pairs`` (``(module, function)``) runs ``function`` as its forward.
+    A module whose instance already has a forward (nested use, or patched by someone else) is left alone.
+    Yields how many were switched; on the way out the class forwards are back."""
     switched = []
-    if enabled:
-        for mod, kind in lean_modules(model):
-            if "forward" in vars(mod):  # already switched (nested use) or patched by someone else
-                continue
-            mod.forward = types.MethodType(_norm_forward if kind == "norm" else _mlp_forward, mod)
-            switched.append(mod)
+    for mod, fn in pairs:
+        if "forward" in vars(mod):
+            continue
+        mod.forward = types.MethodType(fn, mod)
+        switched.append(mod)
     try:
         yield len(switched)
     finally:
         for mod in switched:
             vars(mod).pop("forward", None)
+
+
+def lean_activations(model, enabled: bool = True):
+    """Inside the block, Llama-style norms and MLPs of ``model`` keep fewer tensors for the backward."""
+    pairs = ((mod, _norm_forward if kind == "norm" else _mlp_forward) for mod, kind in lean_modules(model))
+    return switched_forwards(pairs if enabled else ())
