@@ -28,6 +28,7 @@ import functools
 from .lean import switched_forwards
 from .training import cpu_packed
 
+
 @functools.cache
 def _function():
     import torch

@@ -25,6 +25,7 @@ import inspect
 import types
 from typing import Iterator
 
+
 @functools.cache
 def _functions():
     import torch
