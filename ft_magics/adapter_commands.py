@@ -62,7 +62,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")
-        out(f"active: {active}" + (f" (merged into the base weights)" if merged else ""))
+        out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
         return
     if cmd == "use":
         name = _name(cmd, rest)

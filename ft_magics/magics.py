@@ -16,7 +16,6 @@ import sys
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from IPython.utils.text import dedent
 from traitlets import Bool, Int, Unicode
 
 from .config import TrainConfig, parse_yaml_body
@@ -200,7 +199,7 @@ class FtMagics(Magics):
                                          launcher=args.launcher or "accelerate", eval_data=args.eval,
                                          output_dir=args.output_dir, listeners=[view])
             return None
-        result = self.session.train(
+        self.session.train(
             args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
             background=args.background, resume=args.resume,
         )

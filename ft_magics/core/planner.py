@@ -24,10 +24,8 @@ Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); m
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean

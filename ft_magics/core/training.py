@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from ..config import TrainConfig
 from ..errors import FtUsageError, did_you_mean
-from .events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd, emit
+from .events import EvalEnd, Message, StepEnd, TrainBegin, TrainEnd, emit
 from .memory import read_memory, reset_peak
 
 log = logging.getLogger(__name__)
@@ -445,9 +445,7 @@ def run_training(
     ``on_model`` receives the PEFT-wrapped model as soon as it exists, so the session holds it even if
     training fails halfway.
     """
-    import torch
     from datasets import Dataset
-    from transformers import Trainer
 
     flag = flag or StopFlag()
     started = time.time()
