@@ -322,7 +322,6 @@ def worker_extras(out: str) -> None:
 REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files already there (same steps)
 
 
-CPU_KERNEL_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # see ft_magics/__init__.py
 TORCH_KERNEL_CACHE_DEFAULT = "1024"
 
 
@@ -333,6 +332,8 @@ def start_side(side: str, dataset: str, paths: tuple, steps: int):
     out.unlink(missing_ok=True)
     body = dict(FT_SIDES).get(side, "")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), BENCH_FT_BODY=body)
+    from ft_magics import CPU_KERNEL_CACHE_VARS  # the caches that `import ft_magics` bounds
+
     for var in CPU_KERNEL_CACHE_VARS:  # the worker imports ft_magics (its data pipeline) on every side, which
         env.pop(var, None)  # bounds these caches; the reference keeps torch's own default, as a user has it
         if side == "reference":
