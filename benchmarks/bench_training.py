@@ -18,7 +18,13 @@ Measured in each subprocess: loss-bearing tokens/s over the training loop, peak 
 process), wall time of the "training cell" (tokenise + attach + train + eval + save), final train loss
 (mean of the last 3 logged steps) and eval loss, and the bf16 matmul peak measured in the same process;
 the achieved rate counts useful FLOPs only (non-pad tokens; see ``useful_flops``).
-Results: benchmarks/results/bench_training.{json,md}.
+Results: benchmarks/results/bench_training.{json,md,png}.
+
+CUDA mode (``BENCH_DEVICE=cuda``, or ``auto``, the default, on a machine where torch sees a GPU): both sides
+train on the GPU (the reference with ``device_map={"": 0}``, ft_magics through ``%qlora_load --device cuda``),
+peak memory is the peak allocated VRAM (``torch.cuda.max_memory_allocated``), the matmul peak is an
+8192-cube bf16 product, and results go to benchmarks/results/bench_training_cuda.{json,md,png}.
+``BENCH_MODEL=FOLDER`` trains another model folder instead of the embedded demo model (both sides).
 """
 from __future__ import annotations
 
@@ -40,6 +46,22 @@ BATCH = 8
 MAX_LEN = 512
 LR = 2e-4
 SEED = 42
+
+
+def bench_device() -> str:
+    """``cpu`` or ``cuda``: BENCH_DEVICE (cpu / cuda / auto, the default: cuda where torch sees a GPU)."""
+    want = os.environ.get("BENCH_DEVICE", "auto").strip().lower()
+    if want not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"BENCH_DEVICE={want!r}: use cpu, cuda or auto")
+    if want == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def results_suffix(device: str) -> str:
+    return "" if device == "cpu" else f"_{device}"  # CPU and GPU results side by side
 
 
 # --------------------------------------------------------------------------- data
@@ -91,20 +113,44 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6) -> float:
-    """Best of three timings of an n x n matmul in ``dtype_name``: the limit for this run."""
+def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6, device: str = "cpu") -> float:
+    """Best of three timings of an n x n matmul in ``dtype_name`` on ``device``: the limit for this run.
+
+    On CUDA the timings wait for the GPU (synchronize) before and after each batch of products."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
+    sync()
     best = 0.0
     for _ in range(3):
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def peak_memory(device: str, rss_libraries: int) -> dict:
+    """The peak memory figures of this process: on the CPU, RSS (whole process) and job = RSS less what the
+    libraries alone take; on CUDA, the issue's figure is the peak allocated VRAM, which holds no libraries."""
+    out = dict(peak_rss_bytes=peak_rss_bytes(), memory_kind="process RSS")
+    out["job_peak_bytes"] = out["peak_rss_bytes"] - rss_libraries
+    out["peak_memory_bytes"] = out["peak_rss_bytes"]
+    if device.startswith("cuda"):
+        import torch
+
+        out.update(memory_kind="peak allocated VRAM", peak_memory_bytes=torch.cuda.max_memory_allocated(),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        out["job_peak_bytes"] = out["peak_memory_bytes"]
+    return out
+
+
+def peak_bytes(run: dict) -> int:
+    return run.get("peak_memory_bytes", run.get("peak_rss_bytes"))  # raw files of earlier runs: RSS only
 
 
 def useful_flops(dims: dict, stats: dict, lora_params: int) -> float:
@@ -157,14 +203,18 @@ def _tokenised(train_path: str, eval_path: str, tokenizer):
     return [e.features() for e in tr], [e.features() for e in ev]
 
 
+def model_arg() -> str:
+    return os.environ.get("BENCH_MODEL") or "demo"
+
+
 def demo_model_path() -> str:
     from ft_magics.core.loading import resolve_source
 
-    return resolve_source("demo")[1]
+    return resolve_source(model_arg())[1]
 
 
 # --------------------------------------------------------------------------- the two sides
-def run_reference(train_path: str, eval_path: str, steps: int, stats: dict) -> dict:
+def run_reference(train_path: str, eval_path: str, steps: int, stats: dict, device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -175,7 +225,9 @@ def run_reference(train_path: str, eval_path: str, steps: int, stats: dict) -> d
     tokenizer = AutoTokenizer.from_pretrained(path)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": "cpu"})
+    on_gpu = device.startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb,
+                                                 device_map={"": 0 if on_gpu else "cpu"})
     t_cell = time.perf_counter()
     train, evals = _tokenised(train_path, eval_path, tokenizer)
     model = prepare_model_for_kbit_training(model)
@@ -185,7 +237,7 @@ def run_reference(train_path: str, eval_path: str, steps: int, stats: dict) -> d
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH, max_steps=steps,
             learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=1, bf16=True,
-            use_cpu=True, report_to="none", save_strategy="no", seed=SEED, disable_tqdm=True,
+            use_cpu=not on_gpu, report_to="none", save_strategy="no", seed=SEED, disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                           eval_dataset=Dataset.from_list(evals),
@@ -201,7 +253,7 @@ def run_reference(train_path: str, eval_path: str, steps: int, stats: dict) -> d
                                                         or model.base_model.model.is_gradient_checkpointing))
 
 
-def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict) -> dict:
+def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict, device: str = "cpu") -> dict:
     from IPython.core.interactiveshell import InteractiveShell
 
     sh = InteractiveShell.instance()
@@ -212,7 +264,7 @@ def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict) -> di
         view = "dashboard (ft_magics.widgets.dashboard, no frontend attached)"
     with tempfile.TemporaryDirectory() as work:
         os.chdir(work)
-        sh.run_line_magic("qlora_load", "demo")
+        sh.run_line_magic("qlora_load", f"{model_arg()} --device {device}")
         body = (f"r: 16\nalpha: 32\ndropout: 0.0\ntarget_modules: all-linear\nlearning_rate: {LR}\n"
                 f"batch_size: {BATCH}\nmax_seq_len: {MAX_LEN}\nlr_scheduler: cosine\nwarmup: 0.03\nseed: {SEED}\n"
                 + os.environ.get("BENCH_FT_BODY", "").replace("\\n", "\n"))
@@ -227,7 +279,8 @@ def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict) -> di
                 lora_params=rec["trainable_params"], view=view, settings=rec["settings"])
 
 
-def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int, out: str) -> None:
+def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int, out: str,
+           device: str = "cpu") -> None:
     from ft_magics.core.planner import dims_from_config
 
     t0 = time.perf_counter()
@@ -239,8 +292,13 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     rss_libraries = rss_bytes()  # what the libraries alone take: the same on both sides
     stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0, step_seconds=[])
     instrument_trainer(stats)
-    peak_bf16 = matmul_peak_gflops("bfloat16")
-    res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats)
+    if device.startswith("cuda"):
+        peak_bf16 = matmul_peak_gflops("bfloat16", n=8192, reps=10, device=device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the matmul peak's operands are not the job's
+    else:
+        peak_bf16 = matmul_peak_gflops("bfloat16")
+    res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats, device)
     threads = __import__("torch").get_num_threads()
     from transformers import AutoConfig
 
@@ -249,14 +307,15 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     t = stats["train_seconds"]
     tail = res["losses"][-3:]
     result = dict(
-        side=side, dataset=dataset, steps=steps, batch=BATCH, view=res["view"], torch_threads=threads,
+        side=side, dataset=dataset, device=device, model=model_arg(), steps=steps, batch=BATCH, view=res["view"],
+        torch_threads=threads,
         load_average=os.getloadavg(),
         loss_tokens=stats["loss_tokens"], tokens=stats["tokens"], padded_tokens=stats["padded_tokens"],
         padding_waste=1 - stats["tokens"] / max(stats["padded_tokens"], 1),
         train_seconds=t, loss_tokens_per_s=stats["loss_tokens"] / t if t else None,
         cell_seconds=res["cell_seconds"], process_seconds=time.perf_counter() - t0,
-        peak_rss_bytes=peak_rss_bytes(), rss_libraries=rss_libraries,
-        job_peak_bytes=peak_rss_bytes() - rss_libraries, rss_before_train=stats.get("rss_before_train"),
+        rss_libraries=rss_libraries, rss_before_train=stats.get("rss_before_train"),
+        **peak_memory(device, rss_libraries),
         final_train_loss=sum(tail) / len(tail) if tail else None, losses=res["losses"], eval_loss=res["eval_loss"],
         step_seconds=stats["step_seconds"],
         useful_gflop=flops / 1e9, achieved_gflops=flops / t / 1e9 if t else None,
@@ -267,7 +326,7 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     Path(out).write_text(json.dumps(result, indent=1))
 
 
-def worker_extras(out: str) -> None:
+def worker_extras(out: str, device: str = "cpu") -> None:
     """`%load_ext ft_magics` time (fresh subprocess) and merged-adapter generation speed vs the base.
 
     Generation speed: a fixed number of new tokens (end-of-sequence suppressed), so that an answer that
@@ -279,7 +338,7 @@ def worker_extras(out: str) -> None:
             "t = time.perf_counter(); sh.run_line_magic('load_ext', 'ft_magics'); print(time.perf_counter() - t)")
     load_ext = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                         cwd=tempfile.gettempdir()).stdout.split()[-1]) for _ in range(3))
-    res = {"load_ext_seconds": load_ext}
+    res = {"load_ext_seconds": load_ext, "device": device}
     import torch
 
     from ft_magics import Session
@@ -290,22 +349,25 @@ def worker_extras(out: str) -> None:
 
     def tokens_per_s(model, tokenizer) -> float:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+                                            return_tensors="pt", return_dict=True).to(model.device)
+        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        sync()
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
+        sync()
         return (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - t)
 
     with tempfile.TemporaryDirectory() as work:
         s = Session(adapters_dir=Path(work) / "adapters")
-        s.load("demo", bits=16)  # merging is refused on a 4-bit base (core.adapters.merge): bf16 base
+        s.load(model_arg(), bits=16, device=device)  # merging is refused on a 4-bit base (core.adapters.merge): bf16 base
         s.train("extras", str(ROOT / "ft_magics" / "data" / "support.jsonl"), {"max_steps": 2, "batch_size": 4})
         res["adapter_tokens_per_s"] = max(s.generate(prompt, adapter="extras", max_new_tokens=new_tokens).tokens_per_s
                                           for _ in range(3))  # LoRA layers in the way, as trained
         s.merge_adapter("extras")
         merged = s.model.get_base_model()  # what Session.generate runs while an adapter is merged
-        base = load_model("demo", bits=16)  # a bare copy of the base, timed in turns with the merged model
+        base = load_model(model_arg(), bits=16, device=device)  # a bare copy of the base, timed in turns with the merged model
         base.model.eval()
         speeds = {"base": [], "merged": []}
         for _ in range(5):
@@ -325,8 +387,8 @@ REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files a
 TORCH_KERNEL_CACHE_DEFAULT = "1024"
 
 
-def start_side(side: str, dataset: str, paths: tuple, steps: int):
-    out = RESULTS / f"raw-{dataset}-{side}.json"
+def start_side(side: str, dataset: str, paths: tuple, steps: int, device: str = "cpu"):
+    out = RESULTS / f"raw{results_suffix(device)}-{dataset}-{side}.json"
     if REUSE and out.exists() and json.loads(out.read_text()).get("steps") == steps:
         return out, None, time.perf_counter()
     out.unlink(missing_ok=True)
@@ -338,8 +400,8 @@ def start_side(side: str, dataset: str, paths: tuple, steps: int):
         env.pop(var, None)  # bounds these caches; the reference keeps torch's own default, as a user has it
         if side == "reference":
             env[var] = TORCH_KERNEL_CACHE_DEFAULT
-    cmd = [sys.executable, __file__, "--worker", side, dataset, paths[0], paths[1], str(steps), str(out)]
-    log = open(RESULTS / f"raw-{dataset}-{side}.log", "w")
+    cmd = [sys.executable, __file__, "--worker", side, dataset, paths[0], paths[1], str(steps), str(out), device]
+    log = open(out.with_suffix(".log"), "w")
     return out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
 
 
@@ -349,13 +411,12 @@ def finish_side(side: str, dataset: str, started) -> dict:
     print(f"  {dataset:8s} {side:15s} {'done' if rc == 0 else 'FAILED'} after {time.perf_counter() - t:.0f} s",
           flush=True)
     if rc != 0:
-        log = RESULTS / f"raw-{dataset}-{side}.log"
-        sys.stderr.write(log.read_text()[-5000:])
+        sys.stderr.write(out.with_suffix(".log").read_text()[-5000:])
         raise SystemExit(1)
     return json.loads(out.read_text())
 
 
-def run_all(steps: int) -> list:
+def run_all(steps: int, device: str = "cpu") -> list:
     """Every (dataset, side) in its own subprocess: one after another, or all at once with BENCH_PARALLEL=1
     (the sides of each dataset together: on a machine others are loading, that gives them the same conditions)."""
     sides = ["reference"] + [name for name, _ in FT_SIDES]
@@ -365,10 +426,10 @@ def run_all(steps: int) -> list:
         if only and d not in only:
             continue
         if os.environ.get("BENCH_PARALLEL") == "1":  # the sides of one dataset at once
-            started = [(side, start_side(side, d, paths, steps)) for side in sides]
+            started = [(side, start_side(side, d, paths, steps, device)) for side in sides]
             rows += [finish_side(side, d, st) for side, st in started]
         else:
-            rows += [finish_side(side, d, start_side(side, d, paths, steps)) for side in sides]
+            rows += [finish_side(side, d, start_side(side, d, paths, steps, device)) for side in sides]
     return rows
 
 
@@ -377,11 +438,12 @@ def gb(n):
 
 
 def table(rows: list) -> str:
-    lines = ["| dataset | side | loss tok/s | peak RSS GB | job GB | train s | cell s | train loss | eval loss | "
+    kind = "peak VRAM GB" if rows and rows[0].get("device", "cpu") != "cpu" else "peak RSS GB"
+    lines = [f"| dataset | side | loss tok/s | {kind} | job GB | train s | cell s | train loss | eval loss | "
              "padding | GFLOP/s of bf16 matmul peak | % of peak |", "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {r['dataset']} | {r['side']} | {r['loss_tokens_per_s']:.3g} | {gb(r['peak_rss_bytes']):.2f} | {gb(r['job_peak_bytes']):.2f} | "
+            f"| {r['dataset']} | {r['side']} | {r['loss_tokens_per_s']:.3g} | {gb(peak_bytes(r)):.2f} | {gb(r['job_peak_bytes']):.2f} | "
             f"{r['train_seconds']:.1f} | {r['cell_seconds']:.1f} | {r['final_train_loss']:.4f} | {r['eval_loss']:.4f} | "
             f"{100 * r['padding_waste']:.0f}% | {r['achieved_gflops']:.3g} of {r['matmul_peak_bf16_gflops']:.3g} | {100 * r['fraction_of_peak']:.1f}% |")
     return "\n".join(lines)
@@ -416,9 +478,9 @@ def plot(rows: list, path: Path) -> Optional[Path]:
         ax.bar([x - 0.2 for x in xs], [r["loss_tokens_per_s"] for r in runs], width=0.4, label="loss tokens/s")
         ax.set_ylabel("loss tokens/s")
         ax2 = ax.twinx()
-        ax2.bar([x + 0.2 for x in xs], [gb(r["peak_rss_bytes"]) for r in runs], width=0.4, color="tab:orange",
-                label="peak RSS GB")
-        ax2.set_ylabel("peak RSS GB")
+        mem = "peak VRAM GB" if runs[0].get("device", "cpu") != "cpu" else "peak RSS GB"
+        ax2.bar([x + 0.2 for x in xs], [gb(peak_bytes(r)) for r in runs], width=0.4, color="tab:orange", label=mem)
+        ax2.set_ylabel(mem)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, fontsize=8)
         ax.set_title(f"{d}: speed (blue) and peak memory (orange)")
@@ -431,7 +493,7 @@ def plot(rows: list, path: Path) -> Optional[Path]:
 def ratios(ref: dict, ft: dict) -> dict:
     return dict(
         loss_tokens_per_s=ft["loss_tokens_per_s"] / ref["loss_tokens_per_s"],
-        peak_rss=ft["peak_rss_bytes"] / ref["peak_rss_bytes"],
+        peak_rss=peak_bytes(ft) / peak_bytes(ref),  # the peak memory figure: RSS on the CPU, VRAM on CUDA
         job_memory=ft["job_peak_bytes"] / ref["job_peak_bytes"],
         train_seconds=ft["train_seconds"] / ref["train_seconds"],
         cell_seconds=ft["cell_seconds"] / ref["cell_seconds"],
@@ -442,16 +504,19 @@ def ratios(ref: dict, ft: dict) -> dict:
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    print(f"ft_magics vs standard QLoRA recipe: demo model, batch {BATCH}, {STEPS} steps (BENCH_STEPS)")
-    extras_out = RESULTS / "raw-extras.json"
+    device = bench_device()
+    suffix = results_suffix(device)
+    print(f"ft_magics vs standard QLoRA recipe: {model_arg()} model on {device}, batch {BATCH}, {STEPS} steps "
+          "(BENCH_STEPS)")
+    extras_out = RESULTS / f"raw{suffix}-extras.json"
     if not (REUSE and extras_out.exists()):
         extras_out.unlink(missing_ok=True)
     extras_proc = None if extras_out.exists() else subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
-        [sys.executable, __file__, "--extras", str(extras_out)], stdout=subprocess.DEVNULL,
-        stderr=open(RESULTS / "raw-extras.log", "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
+        [sys.executable, __file__, "--extras", str(extras_out), device], stdout=subprocess.DEVNULL,
+        stderr=open(extras_out.with_suffix(".log"), "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
     if os.environ.get("BENCH_PARALLEL") != "1" and extras_proc is not None:
         extras_proc.wait()
-    rows = run_all(STEPS)
+    rows = run_all(STEPS, device)
     summary = {}
     for r in rows:
         if r["side"] != "reference":
@@ -460,7 +525,7 @@ def main() -> None:
     if extras_proc is not None:
         extras_proc.wait()
     extras = (json.loads(extras_out.read_text()) if extras_out.exists()
-              else {"error": (RESULTS / "raw-extras.log").read_text()[-2000:]})
+              else {"error": extras_out.with_suffix(".log").read_text()[-2000:]})
     goals = {}
     for key, r in summary.items():
         dataset, side = key.split(" / ")
@@ -472,9 +537,12 @@ def main() -> None:
             "job memory <= 0.5x": r["job_memory"] <= 0.5,
             ">= 50% of matmul peak": ft["fraction_of_peak"] >= 0.5,
         }
-    md = [table(rows), "", "job GB: peak RSS less the RSS of the libraries alone (torch, transformers, peft, "
-          "bitsandbytes, datasets imported), the CPU counterpart of CUDA's peak allocated memory.", "",
-          "| dataset / side | tok/s ratio | peak RSS ratio | job memory ratio | train time ratio | eval loss ratio |",
+    job_note = ("job GB: peak RSS less the RSS of the libraries alone (torch, transformers, peft, bitsandbytes, "
+                "datasets imported), the CPU counterpart of CUDA's peak allocated memory." if device == "cpu" else
+                "peak VRAM: torch.cuda.max_memory_allocated() over the whole side (load, train, eval, save); job GB "
+                "is the same figure (no libraries live in VRAM).")
+    md = [f"Device: {device}; model: {model_arg()}.", "", table(rows), "", job_note, "",
+          "| dataset / side | tok/s ratio | peak memory ratio | job memory ratio | train time ratio | eval loss ratio |",
           "|---|---|---|---|---|---|"]
     for name, r in summary.items():
         md.append(f"| {name} | {r['loss_tokens_per_s']:.2f}x | {r['peak_rss']:.2f}x | {r['job_memory']:.2f}x | {r['train_seconds']:.2f}x | "
@@ -494,20 +562,20 @@ def main() -> None:
     else:
         md.append(f"merged-adapter generation: not measured ({extras.get('note') or extras.get('error', '')[-300:]})")
     text = "\n".join(md)
-    (RESULTS / "bench_training.json").write_text(json.dumps(
-        {"steps": STEPS, "batch": BATCH, "runs": rows, "ratios": summary, "goals": goals, "extras": extras}, indent=1))
-    picture = plot(rows, RESULTS / "bench_training.png")
+    (RESULTS / f"bench_training{suffix}.json").write_text(json.dumps(
+        {"device": device, "steps": STEPS, "batch": BATCH, "runs": rows, "ratios": summary, "goals": goals, "extras": extras}, indent=1))
+    picture = plot(rows, RESULTS / f"bench_training{suffix}.png")
     if picture is not None:
         text += f"\n\n![loss over time, speed and memory]({picture.name})"
-    (RESULTS / "bench_training.md").write_text(text + "\n")
+    (RESULTS / f"bench_training{suffix}.md").write_text(text + "\n")
     print(text)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--extras":
-        worker_extras(sys.argv[2])
+        worker_extras(*sys.argv[2:4])
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, side, dataset, tr, ev, steps, out = sys.argv
-        worker(side, dataset, tr, ev, int(steps), out)
+        _, _, side, dataset, tr, ev, steps, out, device = sys.argv
+        worker(side, dataset, tr, ev, int(steps), out, device)
     else:
         main()

@@ -38,7 +38,7 @@ def _step(model, fused: bool, autocast=None):
     from ft_magics.core.speed import autocast_context
 
     torch.manual_seed(1)
-    ids = torch.randint(0, 96, (3, 24))
+    ids = torch.randint(0, 96, (3, 24)).to(next(model.parameters()).device)
     model.zero_grad(set_to_none=True)
     with fused_lora(model, fused) as n:
         with autocast_context(model, autocast):
@@ -74,12 +74,13 @@ def test_dropout_draws_the_same_mask():
         assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k
 
 
-def test_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir, device):
     from transformers import AutoModelForCausalLM
 
     from ft_magics.core.loading import quantization_config
 
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": "cpu"},
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": device},
                                                 quantization_config=quantization_config(4, torch.bfloat16))
     pm = _lora(base)
     loss0, g0, _ = _step(pm, False, torch.bfloat16)
