@@ -387,13 +387,18 @@ REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files a
 TORCH_KERNEL_CACHE_DEFAULT = "1024"
 
 
+def python_path() -> str:
+    """The workers' PYTHONPATH: the checkout first, then whatever the caller had (packages it brings)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def start_side(side: str, dataset: str, paths: tuple, steps: int, device: str = "cpu"):
     out = RESULTS / f"raw{results_suffix(device)}-{dataset}-{side}.json"
     if REUSE and out.exists() and json.loads(out.read_text()).get("steps") == steps:
         return out, None, time.perf_counter()
     out.unlink(missing_ok=True)
     body = dict(FT_SIDES).get(side, "")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), BENCH_FT_BODY=body)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=python_path(), BENCH_FT_BODY=body)
     from ft_magics import CPU_KERNEL_CACHE_VARS  # the caches that `import ft_magics` bounds
 
     for var in CPU_KERNEL_CACHE_VARS:  # the worker imports ft_magics (its data pipeline) on every side, which
@@ -513,7 +518,7 @@ def main() -> None:
         extras_out.unlink(missing_ok=True)
     extras_proc = None if extras_out.exists() else subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
         [sys.executable, __file__, "--extras", str(extras_out), device], stdout=subprocess.DEVNULL,
-        stderr=open(extras_out.with_suffix(".log"), "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT)))
+        stderr=open(extras_out.with_suffix(".log"), "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=python_path()))
     if os.environ.get("BENCH_PARALLEL") != "1" and extras_proc is not None:
         extras_proc.wait()
     rows = run_all(STEPS, device)
