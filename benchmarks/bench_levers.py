@@ -20,11 +20,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 STEPS = int(os.environ.get("LEVER_STEPS", "4"))
 
 CONFIGS = [
-    ("all levers off", "chunked_loss: false\nautocast: false\ngroup_by_length: false\nfused_lora: false"),
-    ("+ group_by_length", "chunked_loss: false\nautocast: false\nfused_lora: false"),
-    ("+ chunked_loss", "autocast: false\nfused_lora: false"),
-    ("+ autocast", "fused_lora: false"),
-    ("+ fused_lora (defaults)", ""),
+    ("all levers off", "chunked_loss: false\nautocast: false\ngroup_by_length: false\nfused_lora: false\n"
+                       "lean_steps: false"),
+    ("+ group_by_length", "chunked_loss: false\nautocast: false\nfused_lora: false\nlean_steps: false"),
+    ("+ chunked_loss", "autocast: false\nfused_lora: false\nlean_steps: false"),
+    ("+ autocast", "fused_lora: false\nlean_steps: false"),
+    ("+ fused_lora", "lean_steps: false"),
+    ("+ lean_steps (defaults)", ""),
     ("defaults + gradient_checkpointing", "gradient_checkpointing: true"),
 ]
 

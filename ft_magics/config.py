@@ -64,6 +64,10 @@ class TrainConfig:
     fused_lora: bool = _f(
         True, "Each LoRA layer runs as one fused step (base matmul + low-rank update in one addmm, no separate "
         "scaling, clone or sum passes over its output): same gradients, faster on small models.")
+    lean_steps: bool = _f(
+        True, "The training loop's per-step bookkeeping (PEFT's input-casting switch, train(), zero_grad, gradient "
+        "clipping, the FLOP count) uses lists of the model's modules and parameters made once, instead of walking "
+        "every module on every step: the same steps, less host time (most of a small model's step on a GPU).")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)

@@ -543,3 +543,81 @@ def test_a_quantised_cpu_load_reads_tensors_without_mapping_the_file(tiny_model_
     load_model(str(tiny_model_dir), bits=4, device="cpu", dtype="bf16")
     load_model(str(tiny_model_dir), bits=16, device="cpu", dtype="bf16")
     assert backends == ["pread", "mmap"]
+
+
+# --------------------------------------------------------------------------- lean_steps
+def _lean_steps_run(model_dir, tmp_path, lean: bool, steps: int, eval_rows=None):
+    """A 4-bit run with clipping that bites (max_grad_norm far below the gradient norms) and gradient
+    accumulation (zero_grad between optimizer steps matters); returns the losses, the grad norms, the saved
+    adapter, the number of modules visited by module walks (``named_modules`` calls) in the run and the
+    number of modules in the model."""
+    from safetensors.torch import load_file
+
+    from ft_magics import Session
+    from ft_magics.core.events import Listener
+
+    class Norms(Listener):
+        def __init__(self):
+            self.seen = []
+
+        def on_step(self, e):
+            self.seen.append(e.grad_norm)
+
+    rows = [{"prompt": f"question {i} about the order", "completion": f"answer {i % 5}"} for i in range(40)]
+    s = Session(adapters_dir=tmp_path / f"lean-{lean}-{steps}")
+    s.load(str(model_dir), bits=4, device="cpu")
+    walks = [0]
+    real = torch.nn.Module.named_modules
+
+    def counting(self, *a, **kw):  # called once per module a walk reaches (the walk recurses through it)
+        walks[0] += 1
+        return real(self, *a, **kw)
+
+    norms = Norms()
+    torch.nn.Module.named_modules = counting
+    try:
+        r = s.train("x", rows, {"max_steps": steps, "batch_size": 4, "grad_accum": 2, "max_grad_norm": 0.05,
+                                "learning_rate": 5e-3, "warmup": 0, "seed": 3, "log_every": 1, "lean_steps": lean},
+                    listeners=[norms], eval_data=eval_rows)
+    finally:
+        torch.nn.Module.named_modules = real
+    adapter = load_file(str(tmp_path / f"lean-{lean}-{steps}" / "x" / "adapter_model.safetensors"))
+    assert "train" not in s.model.__dict__ and "zero_grad" not in s.model.__dict__  # the model's own methods back
+    return [l for _, l in r.record["loss_history"]], norms.seen, adapter, walks[0], len(list(s.model.modules()))
+
+
+def test_lean_steps_train_the_same_steps_without_walking_the_model_each_step(tiny_model_dir, tmp_path):
+    losses_off, norms_off, adapter_off, walks_off_6, _ = _lean_steps_run(tiny_model_dir, tmp_path, False, 6)
+    losses_on, norms_on, adapter_on, walks_on_6, _ = _lean_steps_run(tiny_model_dir, tmp_path, True, 6)
+    assert max(norms_off) > 0.2  # clipping to 0.05 changes every step: the clipped set of parameters matters
+    assert losses_on == pytest.approx(losses_off, abs=1e-5) and norms_on == pytest.approx(norms_off, rel=1e-4)
+    assert adapter_on.keys() == adapter_off.keys()
+    for k in adapter_off:
+        assert torch.allclose(adapter_on[k], adapter_off[k], atol=1e-6), k
+    # modules visited per step: Trainer + PEFT walk the whole model several times a step; lean_steps, almost
+    # none (a first-parameter lookup for the autocast device stops at the first module)
+    walks_off_2, n_modules = _lean_steps_run(tiny_model_dir, tmp_path, False, 2)[3:]
+    walks_on_2 = _lean_steps_run(tiny_model_dir, tmp_path, True, 2)[3]
+    assert (walks_off_6 - walks_off_2) / 4 >= 3 * n_modules, (walks_off_2, walks_off_6, n_modules)
+    assert (walks_on_6 - walks_on_2) / 4 <= n_modules / 10, (walks_on_2, walks_on_6, n_modules)
+
+
+def test_lean_steps_keep_train_and_eval_modes_right_around_evaluation(tiny_model_dir, tmp_path):
+    """Evaluation puts every module in eval mode; the next training step must put them back (dropout on)."""
+    from ft_magics.core.speed import listed_step_calls, model_walks
+
+    model = _lora_model(tiny_model_dir)
+    walks = model_walks(model)
+    with listed_step_calls(model, walks):
+        model.eval()
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert all(m.training for m in model.modules())
+        model.base_model.model.model.layers[0].eval()  # one block switched by hand: train() must still reach it
+        model.train()
+        assert all(m.training for m in model.modules())
+        model(**_batch(model.config.vocab_size)).loss.backward()
+        assert all(p.grad is not None for p in walks.trainable)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
