@@ -255,6 +255,60 @@ def test_mmap_threshold_is_set_and_can_be_left_alone(monkeypatch):
     assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_heap_for_training_keeps_freed_blocks_for_reuse_and_gives_them_back_after(monkeypatch):
+    import ctypes
+
+    from ft_magics.core import memory
+
+    monkeypatch.delenv("FT_MAGICS_MMAP_THRESHOLD", raising=False)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def rss_drop_on_free(size: int) -> int:
+        """RSS given back when a touched block of ``size`` is freed while a later block sits above it."""
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        pin = libc.malloc(1 << 20)  # too big for any hole below: above the block, which is then not the top
+        ctypes.memset(pin, 1, 1 << 20)
+        before = memory.rss_bytes()
+        libc.free(block)
+        dropped = before - memory.rss_bytes()
+        libc.free(pin)
+        return dropped
+
+    assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD
+    assert rss_drop_on_free(16 << 20) > 15 << 20  # a mapping of its own: back to the OS at once
+    with memory.heap_for_training("cpu", True) as threshold:
+        assert threshold == memory.TRAINING_MMAP_THRESHOLD
+        assert rss_drop_on_free(16 << 20) < 2 << 20  # kept in the heap for the next step
+    assert rss_drop_on_free(24 << 20) > 23 << 20  # the 1 MB threshold is back
+    for device, reuse in (("cpu", False), ("cuda", True), ("cuda:0", True)):
+        with memory.heap_for_training(device, reuse) as threshold:
+            assert threshold == 0
+    monkeypatch.setenv("FT_MAGICS_MMAP_THRESHOLD", str(2 << 20))  # pinned by the user: left alone
+    with memory.heap_for_training("cpu", True) as threshold:
+        assert threshold == 0
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_cpu_training_raises_the_threshold_only_for_the_run(tiny_model_dir, tmp_path, monkeypatch, reuse):
+    from ft_magics import Session
+    from ft_magics.core import memory
+
+    monkeypatch.delenv("FT_MAGICS_MMAP_THRESHOLD", raising=False)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4, device="cpu")
+    seen = []
+    real = memory.set_mmap_threshold
+    monkeypatch.setattr(memory, "set_mmap_threshold", lambda v: (seen.append(v), real(v))[1])
+    r = s.train("h", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)],
+                {"max_steps": 1, "batch_size": 4, "heap_reuse": reuse})
+    assert r.record["status"] == "completed" and r.record["settings"]["heap_reuse"] is reuse
+    assert seen == ([memory.TRAINING_MMAP_THRESHOLD, memory.MMAP_THRESHOLD] if reuse else [])
+
+
 def test_a_one_step_run_trains_the_first_step_is_not_lost_to_warmup(tiny_model_dir, tmp_path):
     """transformers' warm-up gives step 0 a learning rate of 0; ours starts at 1/w of the peak, so even a
     one-step run moves the adapter (LoRA B starts at zero and stays there at lr 0)."""

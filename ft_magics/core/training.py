@@ -508,8 +508,10 @@ def run_training(
             from .fused_lora import fused_lora
             from .lean import lean_activations
 
+            from .memory import heap_for_training
+
             with training_layout(peft_model), lean_activations(peft_model, cfg.lean_activations), \
-                    fused_lora(peft_model, cfg.fused_lora):
+                    fused_lora(peft_model, cfg.fused_lora), heap_for_training(handle.device, cfg.heap_reuse):
                 peft_model.train()
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():
