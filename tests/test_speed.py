@@ -255,35 +255,55 @@ def test_mmap_threshold_is_set_and_can_be_left_alone(monkeypatch):
     assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD
 
 
+HEAP_CHECK = """
+import ctypes, json, os
+from ft_magics.core import memory
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def rss_drop_on_free(size):
+    # RSS given back when a touched block of `size` is freed while a later block sits above it
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    pin = libc.malloc(1 << 20)  # too big for any hole below: above the block, which is then not the top
+    ctypes.memset(pin, 1, 1 << 20)
+    before = memory.rss_bytes()
+    libc.free(block)
+    dropped = before - memory.rss_bytes()
+    libc.free(pin)
+    return dropped
+
+
+out = {"fixed": memory.fix_mmap_threshold(), "before": rss_drop_on_free(16 << 20)}
+with memory.heap_for_training("cpu", True) as threshold:
+    out["threshold"], out["inside"] = threshold, rss_drop_on_free(16 << 20)
+out["after"] = rss_drop_on_free(24 << 20)
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_heap_for_training_keeps_freed_blocks_for_reuse_and_gives_them_back_after(monkeypatch):
-    import ctypes
+    import json
+    import subprocess
 
     from ft_magics.core import memory
 
+    # glibc's heap in a fresh process: in this one, earlier tests' holes decide where blocks land
+    env = {k: v for k, v in os.environ.items() if k != "FT_MAGICS_MMAP_THRESHOLD"}
+    run = subprocess.run([sys.executable, "-c", HEAP_CHECK], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["fixed"] == memory.MMAP_THRESHOLD
+    assert out["before"] > 15 << 20  # a mapping of its own: back to the OS at once
+    assert out["threshold"] == memory.TRAINING_MMAP_THRESHOLD
+    assert out["inside"] < 2 << 20  # kept in the heap for the next step
+    assert out["after"] > 23 << 20  # the 1 MB threshold is back
     monkeypatch.delenv("FT_MAGICS_MMAP_THRESHOLD", raising=False)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-
-    def rss_drop_on_free(size: int) -> int:
-        """RSS given back when a touched block of ``size`` is freed while a later block sits above it."""
-        block = libc.malloc(size)
-        ctypes.memset(block, 1, size)
-        pin = libc.malloc(1 << 20)  # too big for any hole below: above the block, which is then not the top
-        ctypes.memset(pin, 1, 1 << 20)
-        before = memory.rss_bytes()
-        libc.free(block)
-        dropped = before - memory.rss_bytes()
-        libc.free(pin)
-        return dropped
-
-    assert memory.fix_mmap_threshold() == memory.MMAP_THRESHOLD
-    assert rss_drop_on_free(16 << 20) > 15 << 20  # a mapping of its own: back to the OS at once
-    with memory.heap_for_training("cpu", True) as threshold:
-        assert threshold == memory.TRAINING_MMAP_THRESHOLD
-        assert rss_drop_on_free(16 << 20) < 2 << 20  # kept in the heap for the next step
-    assert rss_drop_on_free(24 << 20) > 23 << 20  # the 1 MB threshold is back
     for device, reuse in (("cpu", False), ("cuda", True), ("cuda:0", True)):
         with memory.heap_for_training(device, reuse) as threshold:
             assert threshold == 0
