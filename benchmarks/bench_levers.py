@@ -82,7 +82,7 @@ def main() -> None:
     small_eval = RESULTS / "data" / "support-eval-small.jsonl"
     small_eval.parent.mkdir(parents=True, exist_ok=True)
     small_eval.write_text("".join((data / "support-eval.jsonl").read_text().splitlines(True)[:16]))
-    rows = []
+    rows, failed = [], []
     for label, body in CONFIGS:
         out = RESULTS / f"raw-lever-{len(rows)}.json"
         env = dict(os.environ, BENCH_FT_BODY=body, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -95,6 +95,7 @@ def main() -> None:
         if proc.returncode != 0:
             print("FAILED")
             sys.stderr.write(proc.stderr[-4000:])
+            failed.append(label)
             continue
         r = json.loads(out.read_text())
         r["lever"] = label
@@ -111,6 +112,8 @@ def main() -> None:
     (RESULTS / "bench_levers.json").write_text(json.dumps({"micro": micro_rows, "runs": rows}, indent=1))
     (RESULTS / "bench_levers.md").write_text(text + "\n")
     print(text)
+    if failed:
+        raise SystemExit(f"levers that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

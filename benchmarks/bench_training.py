@@ -580,7 +580,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--extras":
         worker_extras(*sys.argv[2:4])
     elif len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, side, dataset, tr, ev, steps, out, device = sys.argv
-        worker(side, dataset, tr, ev, int(steps), out, device)
+        side, dataset, tr, ev, steps, out = sys.argv[2:8]
+        worker(side, dataset, tr, ev, int(steps), out, sys.argv[8] if len(sys.argv) > 8 else "cpu")
     else:
         main()
