@@ -135,6 +135,21 @@ def switched_forwards(pairs) -> Iterator[int]:
             vars(mod).pop("forward", None)
 
 
+@contextlib.contextmanager
+def attribute_set(objects, name: str, value) -> Iterator[None]:
+    """Inside the block attribute ``name`` of each of ``objects`` is ``value``; on the way out each has its
+    own value back."""
+    objects = list(objects)
+    was = [getattr(obj, name) for obj in objects]
+    for obj in objects:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, own in zip(objects, was):
+            setattr(obj, name, own)
+
+
 def lean_activations(model, enabled: bool = True):
     """Inside the block, Llama-style norms and MLPs of ``model`` keep fewer tensors for the backward."""
     pairs = ((mod, _norm_forward if kind == "norm" else _mlp_forward) for mod, kind in lean_modules(model))

@@ -193,22 +193,12 @@ def no_input_casting(model, dtype, tuner_layers: Optional[list] = None):
     if not _half(dtype):
         return contextlib.nullcontext()
     if tuner_layers is not None:
-        return _casting_off(tuner_layers)
+        from .lean import attribute_set
+
+        return attribute_set(tuner_layers, "cast_input_dtype_enabled", False)
     from peft.helpers import disable_input_dtype_casting
 
     return disable_input_dtype_casting(model)
-
-
-@contextlib.contextmanager
-def _casting_off(layers: list):
-    was = [layer.cast_input_dtype_enabled for layer in layers]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for layer, value in zip(layers, was):
-            layer.cast_input_dtype_enabled = value
 
 
 class ModelWalks(NamedTuple):

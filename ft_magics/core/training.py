@@ -132,17 +132,12 @@ def unpack_cpu_4bit(model) -> int:
 def training_layout(model):
     """Standard 4-bit layout while training (evaluation inside a run must not repack either);
     afterwards the fast inference packing is allowed again and happens on the next generate."""
-    mods = list(_linear4bit_modules(model))
-    saved = [m.support_avx512bf16_for_cpu for m in mods]
+    from .lean import attribute_set
+
     unpack_cpu_4bit(model)
     remember_unpacked_4bit(model)
-    for m in mods:
-        m.support_avx512bf16_for_cpu = False
-    try:
+    with attribute_set(_linear4bit_modules(model), "support_avx512bf16_for_cpu", False):
         yield
-    finally:
-        for m, s in zip(mods, saved):
-            m.support_avx512bf16_for_cpu = s
 
 
 # --------------------------------------------------------------------------- stop and interrupt
