@@ -695,3 +695,57 @@ def test_lean_steps_keep_train_and_eval_modes_right_around_evaluation(tiny_model
         model.zero_grad()
         assert all(p.grad is None for p in model.parameters())
     assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+# --------------------------------------------------------------------------- causal_mask_only
+def test_only_a_right_padding_mask_is_dropped():
+    from ft_magics.core.speed import without_padding_mask
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert "attention_mask" not in without_padding_mask(right) and "input_ids" in without_padding_mask(right)
+    for mask in ([[1, 1, 1, 1], [0, 0, 1, 1]],  # left padding
+                 [[1, 0, 1, 1], [1, 1, 1, 1]],  # a hole
+                 [[1, 1, 2, 2], [1, 1, 1, 0]]):  # segment ids, not a padding mask
+        batch = {"input_ids": ids, "attention_mask": torch.tensor(mask)}
+        assert without_padding_mask(batch) is batch, mask
+    packed = dict(right, position_ids=torch.arange(4).repeat(2, 1))
+    assert without_padding_mask(packed) is packed
+
+
+def test_the_causal_mask_alone_gives_the_same_loss_and_gradients(tiny_model_dir):
+    from ft_magics.core.speed import causal_lm_chunked_loss, without_padding_mask
+
+    model = _lora_model(tiny_model_dir)
+    batch = _batch(model.config.vocab_size)  # row 2 is right-padded, its tail carries no loss
+    assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()
+    results = []
+    for inputs in (batch, without_padding_mask(batch)):
+        model.zero_grad()
+        loss = causal_lm_chunked_loss(model, inputs, 4)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    assert "attention_mask" not in without_padding_mask(batch)
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for k, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_training_passes_right_padded_batches_without_their_mask(tiny_model_dir, tmp_path, on):
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=32, device="cpu")
+    masks = []
+    decoder = s.model.get_decoder()  # the chunked loss runs the decoder, then the head over loss rows
+    hook = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    rows = [{"prompt": "q " * (1 + i % 7), "completion": f"a{i}"} for i in range(16)]  # lengths differ: padding
+    try:
+        r = s.train("m", rows, {"max_steps": 3, "batch_size": 4, "group_by_length": False, "causal_mask_only": on,
+                                "seed": 1, "warmup": 0})
+    finally:
+        hook.remove()
+    assert r.record["status"] == "completed" and len(masks) >= 3
+    assert all(m is None for m in masks) if on else any(m is not None and int(m.min()) == 0 for m in masks)

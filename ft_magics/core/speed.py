@@ -274,6 +274,28 @@ def autocast_context(model, dtype, tuner_layers: Optional[list] = None):
 SHORT_ATTENTION_LEN = 128  # at or below this padded length the CPU's plain (math) attention is faster
 
 
+def without_padding_mask(inputs: dict) -> dict:
+    """``inputs`` without the attention mask where that mask only marks right padding (``causal_mask_only``).
+
+    In a causal model each position attends to itself and earlier positions, so with right padding every
+    real token sees only real tokens: the padding mask changes nothing for the tokens that carry loss (pad
+    positions carry none), and positions come from the index either way. Without a mask tensor attention
+    runs PyTorch's causal kernels: no mask to build and apply in every layer, and no handling of fully
+    masked rows in the plain kernel. Measured on the demo model (2 cores, batch 8, steps timed in turns in
+    one process): 7% faster steps on the bundled set, about 5% on the varying-length set, the same losses.
+    A mask with left padding, holes or values other than 0/1, and batches with position_ids (packed rows),
+    keep it.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or "position_ids" in inputs or mask.dim() != 2:
+        return inputs
+    if mask.shape[1] > 1 and not bool((mask[:, :-1] >= mask[:, 1:]).all()):
+        return inputs  # a 1 after a 0: left padding or holes
+    if bool((mask > 1).any()) or bool((mask < 0).any()):
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 def attention_for(inputs: dict, model):
     """The attention kernel for this batch: on the CPU, plain matmul attention for short rows.
 
@@ -324,6 +346,7 @@ def speed_trainer_class():
         chunked: bool = True
         autocast_dtype = None
         lean_steps: bool = False
+        causal_mask_only: bool = False
         _walks = None  # (model, ModelWalks)
         _flop_params = None
 
@@ -373,7 +396,11 @@ def speed_trainer_class():
                 return super()._clip_grad_norm(model)
             return self.accelerator.clip_grad_norm_(walks.trainable, self.args.max_grad_norm)
 
+        def _model_inputs(self, inputs):
+            return without_padding_mask(inputs) if self.causal_mask_only else inputs
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = self._model_inputs(inputs)  # here, not in training_step: callbacks see the batch as made
             with autocast_context(model, self.autocast_dtype, self._tuner_layers()):
                 if not self.chunked:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -390,7 +417,7 @@ def speed_trainer_class():
                 if not self.chunked:
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
                 with torch.no_grad():
-                    loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows)
+                    loss = causal_lm_chunked_loss(model, self._model_inputs(inputs), self.chunk_rows)
             return loss.detach(), None, None
 
     return SpeedTrainer
@@ -431,10 +458,11 @@ def _sagemaker_mp() -> bool:
 
 
 def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None,
-                 autocast_dtype=None, lean_steps: bool = False, **trainer_kw):
+                 autocast_dtype=None, lean_steps: bool = False, causal_mask_only: bool = False, **trainer_kw):
     """A Trainer for ``model``: the chunked loss when asked for and the model allows it; the forward under
     autocast when ``autocast_dtype`` is bf16/fp16; the per-step bookkeeping over lists made once when
-    ``lean_steps``; the plain ``transformers.Trainer`` when none applies."""
+    ``lean_steps``; right-padded batches without their padding mask when ``causal_mask_only``; the plain
+    ``transformers.Trainer`` when none applies."""
     import torch
     from transformers import Trainer
 
@@ -448,11 +476,12 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
                 notes.append(msg)
     if autocast_dtype not in (torch.bfloat16, torch.float16):
         autocast_dtype = None
-    if not chunked_loss and autocast_dtype is None and not lean_steps:
+    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only:
         return Trainer(model=model, **trainer_kw)
     trainer = speed_trainer_class()(model=model, **trainer_kw)
     trainer.chunked = chunked_loss
     trainer.chunk_rows = int(chunk_rows or 0)
     trainer.autocast_dtype = autocast_dtype
     trainer.lean_steps = bool(lean_steps)
+    trainer.causal_mask_only = bool(causal_mask_only)
     return trainer

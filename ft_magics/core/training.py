@@ -485,7 +485,7 @@ def run_training(
 
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
-        lean_steps=cfg.lean_steps, args=args, train_dataset=train_ds,
+        lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
