@@ -289,11 +289,9 @@ def without_padding_mask(inputs: dict) -> dict:
     mask = inputs.get("attention_mask")
     if mask is None or "position_ids" in inputs or mask.dim() != 2:
         return inputs
-    if mask.shape[1] > 1 and not bool((mask[:, :-1] >= mask[:, 1:]).all()):
-        return inputs  # a 1 after a 0: left padding or holes
-    if bool((mask > 1).any()) or bool((mask < 0).any()):
-        return inputs
-    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+    # ones, then zeros: no 1 after a 0 (left padding, holes) and nothing but 0/1; one host sync for all
+    right_padding = ((mask == 0) | (mask == 1)).all() & (mask[:, :-1] >= mask[:, 1:]).all()
+    return {k: v for k, v in inputs.items() if k != "attention_mask"} if bool(right_padding) else inputs
 
 
 def attention_for(inputs: dict, model):
@@ -339,8 +337,9 @@ def speed_trainer_class():
     class SpeedTrainer(Trainer):
         """Trainer whose loss never materialises full-vocabulary logits for the batch (``chunked``), whose
         forward runs under autocast in the compute dtype (``autocast_dtype``), whose evaluation returns
-        the loss only (no logits gathered across the eval set: nothing here uses them), and whose per-step
-        bookkeeping uses lists of the model's modules and parameters made once (``lean_steps``)."""
+        the loss only (no logits gathered across the eval set: nothing here uses them), whose per-step
+        bookkeeping uses lists of the model's modules and parameters made once (``lean_steps``), and whose
+        right-padded batches reach the model without their padding mask (``causal_mask_only``)."""
 
         chunk_rows: int = 0
         chunked: bool = True
