@@ -19,16 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEPS = int(os.environ.get("LEVER_STEPS", "4"))
 
-CONFIGS = [
-    ("all levers off", "chunked_loss: false\nautocast: false\ngroup_by_length: false\nfused_lora: false\n"
-                       "lean_steps: false"),
-    ("+ group_by_length", "chunked_loss: false\nautocast: false\nfused_lora: false\nlean_steps: false"),
-    ("+ chunked_loss", "autocast: false\nfused_lora: false\nlean_steps: false"),
-    ("+ autocast", "fused_lora: false\nlean_steps: false"),
-    ("+ fused_lora", "lean_steps: false"),
-    ("+ lean_steps (defaults)", ""),
-    ("defaults + gradient_checkpointing", "gradient_checkpointing: true"),
-]
+# each training lever switched on in turn, in this order, on top of the ones before it
+LEVERS = ["group_by_length", "chunked_loss", "autocast", "fused_lora", "lean_steps", "causal_mask_only", "heap_reuse"]
+CONFIGS = [("all levers off", "\n".join(f"{k}: false" for k in LEVERS))]
+CONFIGS += [(f"+ {lever}" + (" (defaults)" if i == len(LEVERS) - 1 else ""),
+             "\n".join(f"{k}: false" for k in LEVERS[i + 1:])) for i, lever in enumerate(LEVERS)]
+CONFIGS += [("defaults + gradient_checkpointing", "gradient_checkpointing: true")]
 
 
 def micro(mode: str) -> dict:
