@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_training import worker_env  # this folder is first on sys.path when a benchmark runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEPS = int(os.environ.get("LEVER_STEPS", "4"))
@@ -63,7 +65,7 @@ def micro(mode: str) -> dict:
 
 def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = worker_env()
     micro_rows = []
     for mode in ("standard", "chunked"):
         proc = subprocess.run([sys.executable, __file__, "--micro", mode], env=env, capture_output=True, text=True,
@@ -81,8 +83,7 @@ def main() -> None:
     rows, failed = [], []
     for label, body in CONFIGS:
         out = RESULTS / f"raw-lever-{len(rows)}.json"
-        env = dict(os.environ, BENCH_FT_BODY=body, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONPATH=str(ROOT))
+        env = worker_env(BENCH_FT_BODY=body)
         print(f"  {label:36s} ...", end=" ", flush=True)
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--worker", "ft_magics",

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_training import worker_env  # this folder is first on sys.path when a benchmark runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ, BATCH, STEPS = 256, 8, 3
@@ -100,7 +102,7 @@ def main() -> None:
     from ft_magics.core.planner import plan
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env = worker_env()
     measured = {}
     for mode in MODES:
         out = RESULTS / f"raw-planner-{mode}.json"

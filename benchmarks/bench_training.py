@@ -121,7 +121,7 @@ def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6, device: st
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     a @ b
     sync()
     best = 0.0
@@ -151,6 +151,17 @@ def peak_memory(device: str, rss_libraries: int) -> dict:
 
 def peak_bytes(run: dict) -> int:
     return run.get("peak_memory_bytes", run.get("peak_rss_bytes"))  # raw files of earlier runs: RSS only
+
+
+def peak_label(run: dict) -> str:
+    return "peak VRAM GB" if run.get("device", "cpu") != "cpu" else "peak RSS GB"
+
+
+def synchronizer(device):
+    """What waits for ``device`` to finish its queued work before a clock is read (nothing on the CPU)."""
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
 
 def useful_flops(dims: dict, stats: dict, lora_params: int) -> float:
@@ -350,7 +361,7 @@ def worker_extras(out: str, device: str = "cpu") -> None:
     def tokens_per_s(model, tokenizer) -> float:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True).to(model.device)
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        sync = synchronizer(model.device.type)
         sync()
         t = time.perf_counter()
         with torch.no_grad():
@@ -387,9 +398,12 @@ REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files a
 TORCH_KERNEL_CACHE_DEFAULT = "1024"
 
 
-def python_path() -> str:
-    """The workers' PYTHONPATH: the checkout first, then whatever the caller had (packages it brings)."""
-    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+def worker_env(**extra) -> dict:
+    """The environment of every benchmark worker process (this file's, bench_levers' and bench_planner's):
+    offline, with the checkout first on PYTHONPATH and whatever the caller had there after it (packages it
+    brings, as on a GPU machine), plus ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=path, **extra)
 
 
 def start_side(side: str, dataset: str, paths: tuple, steps: int, device: str = "cpu"):
@@ -398,7 +412,7 @@ def start_side(side: str, dataset: str, paths: tuple, steps: int, device: str = 
         return out, None, time.perf_counter()
     out.unlink(missing_ok=True)
     body = dict(FT_SIDES).get(side, "")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=python_path(), BENCH_FT_BODY=body)
+    env = worker_env(BENCH_FT_BODY=body)
     from ft_magics import CPU_KERNEL_CACHE_VARS  # the caches that `import ft_magics` bounds
 
     for var in CPU_KERNEL_CACHE_VARS:  # the worker imports ft_magics (its data pipeline) on every side, which
@@ -443,8 +457,7 @@ def gb(n):
 
 
 def table(rows: list) -> str:
-    kind = "peak VRAM GB" if rows and rows[0].get("device", "cpu") != "cpu" else "peak RSS GB"
-    lines = [f"| dataset | side | loss tok/s | {kind} | job GB | train s | cell s | train loss | eval loss | "
+    lines = [f"| dataset | side | loss tok/s | {peak_label(rows[0]) if rows else 'peak RSS GB'} | job GB | train s | cell s | train loss | eval loss | "
              "padding | GFLOP/s of bf16 matmul peak | % of peak |", "|" + "---|" * 12]
     for r in rows:
         lines.append(
@@ -483,7 +496,7 @@ def plot(rows: list, path: Path) -> Optional[Path]:
         ax.bar([x - 0.2 for x in xs], [r["loss_tokens_per_s"] for r in runs], width=0.4, label="loss tokens/s")
         ax.set_ylabel("loss tokens/s")
         ax2 = ax.twinx()
-        mem = "peak VRAM GB" if runs[0].get("device", "cpu") != "cpu" else "peak RSS GB"
+        mem = peak_label(runs[0])
         ax2.bar([x + 0.2 for x in xs], [gb(peak_bytes(r)) for r in runs], width=0.4, color="tab:orange", label=mem)
         ax2.set_ylabel(mem)
         ax.set_xticks(list(xs))
@@ -518,7 +531,7 @@ def main() -> None:
         extras_out.unlink(missing_ok=True)
     extras_proc = None if extras_out.exists() else subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
         [sys.executable, __file__, "--extras", str(extras_out), device], stdout=subprocess.DEVNULL,
-        stderr=open(extras_out.with_suffix(".log"), "w"), env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=python_path()))
+        stderr=open(extras_out.with_suffix(".log"), "w"), env=worker_env())
     if os.environ.get("BENCH_PARALLEL") != "1" and extras_proc is not None:
         extras_proc.wait()
     rows = run_all(STEPS, device)
