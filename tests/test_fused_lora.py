@@ -167,3 +167,26 @@ def test_a_16bit_adapter_gets_gradients_in_its_own_dtype():
     flat0 = torch.cat([g.float().flatten() for g in g0.values()])
     flat1 = torch.cat([g1[k].float().flatten() for k in g0])
     assert float((flat0 - flat1).norm() / flat0.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(96, 64), (64, 130), (1, 64), (48, 33)], ids=str)
+def test_direct_dequantisation_is_bitsandbytes_bit_for_bit(nested, quant_type, shape):
+    """The fused layer's weight reader calls bitsandbytes' two kernels itself; what it returns must equal
+    bitsandbytes.functional.dequantize_4bit exactly (double-quantised absmax and its offset included;
+    odd widths go through bitsandbytes' generic fallback)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit
+
+    from ft_magics.core.fused_lora import dequantize_4bit_direct
+
+    torch.manual_seed(3)
+    w = torch.randn(*shape) * 0.05 + 0.01  # a non-zero mean gives the double quantisation a real offset
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=nested)._quantize("cpu")
+    assert p.quant_state.nested is nested
+    want = dequantize_4bit(p.data, p.quant_state)
+    got = dequantize_4bit_direct(p.data, p.quant_state)
+    assert got.shape == want.shape == torch.Size(shape) and got.dtype == want.dtype
+    assert torch.equal(got, want)
+    assert (got - w.to(got.dtype)).abs().max() < 0.05  # and it is the weight, not merely the same garbage
