@@ -479,6 +479,85 @@ def test_auto_chunk_rows_caps_rows_and_bytes():
     assert auto_chunk_rows(10**9) == 16
 
 
+def test_auto_chunk_rows_are_fewer_with_gradient_checkpointing():
+    from ft_magics.core.speed import CHECKPOINTED_CHUNK_BYTES, auto_chunk_rows, chunk_bytes
+
+    assert auto_chunk_rows(49152, checkpointing=True) == 32 < auto_chunk_rows(49152)
+    big = auto_chunk_rows(256_000, checkpointing=True)
+    assert 16 <= big < 32 and big * 4 * 256_000 <= CHECKPOINTED_CHUNK_BYTES
+    assert chunk_bytes(128, 49152) == 128 * 49152 * 6 and chunk_bytes(128, 49152, compute_bytes=4) == 128 * 49152 * 4
+
+
+def test_loss_workspace_blocks_are_reused_across_chunks_and_calls(tiny_model_dir):
+    """A workspace's logits blocks are made once (grown only for more rows) and give the same loss and
+    gradients as fresh blocks."""
+    from ft_magics.core.speed import LossWorkspace, causal_lm_chunked_loss
+
+    model = _lora_model(tiny_model_dir)
+    batch = _batch(model.config.vocab_size)
+    ref = causal_lm_chunked_loss(model, batch, chunk_rows=5)
+    ref.backward()
+    ref_grads = _grads(model)
+    ws = LossWorkspace()
+    pointers = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_chunked_loss(model, batch, chunk_rows=5, workspace=ws)
+        loss.backward()
+        assert torch.equal(loss, ref)
+        for name, g in _grads(model).items():
+            assert torch.equal(g, ref_grads[name]), name
+        (low, high), = ws._blocks.values()
+        assert low is high and high.shape == (5, model.config.vocab_size)  # fp32 model: one block serves
+        pointers.append(high.data_ptr())
+    assert pointers[0] == pointers[1]
+    low, high = ws.blocks(9, model.config.vocab_size, torch.bfloat16, "cpu")
+    assert low.dtype == torch.bfloat16 and high.dtype == torch.float32 and high.shape == low.shape == (9, model.config.vocab_size)
+    ws.clear()
+    assert not ws._blocks
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_training_makes_the_loss_blocks_once_per_run_and_fewer_rows_when_checkpointed(tiny_model_dir, tmp_path,
+                                                                                    ckpt):
+    from ft_magics import Session
+    from ft_magics.core import speed
+
+    made, rows_asked = [], []
+    real_empty, real_blocks = torch.empty, speed.LossWorkspace.blocks
+
+    def counting_empty(*size, **kw):
+        dims = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        if len(dims) == 2 and dims[1] == vocab:
+            made.append(dims)
+        return real_empty(*size, **kw)
+
+    def blocks(self, rows, *a, **kw):
+        rows_asked.append(rows)
+        return real_blocks(self, rows, *a, **kw)
+
+    rows = [{"prompt": f"question {i} about the order", "completion": " ".join(["answer"] * 18) + f" {i}"}
+            for i in range(24)]
+    s = Session(adapters_dir=tmp_path / "ws")
+    s.load(str(tiny_model_dir), bits=16, device="cpu")
+    vocab = s.model.config.vocab_size
+    torch.empty, speed.LossWorkspace.blocks = counting_empty, blocks
+    try:
+        r = s.train("x", rows, {"max_steps": 5, "batch_size": 4, "seed": 3, "gradient_checkpointing": ckpt},
+                    eval_data=rows[:8])
+    finally:
+        torch.empty, speed.LossWorkspace.blocks = real_empty, real_blocks
+    assert r.record["status"] == "completed"
+    assert len(rows_asked) >= 5 * 2  # every step ran several chunks through the workspace
+    # one pair of blocks (bf16 and fp32) for the training, one for the evaluation after it; fresh blocks for
+    # every chunk would be two per chunk
+    assert len(made) <= 4 and len(rows_asked) >= 2 * len(made), (made, len(rows_asked))
+    if ckpt:  # 4 rows x 20+ loss tokens: 128-row chunks, or 32-row chunks with checkpointing
+        assert max(rows_asked) == 32
+    else:
+        assert max(rows_asked) > 32
+
+
 def test_gradient_checkpointing_is_true_false_or_auto():
     from ft_magics.config import TrainConfig
     from ft_magics.errors import FtUsageError
