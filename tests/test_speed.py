@@ -470,6 +470,105 @@ def test_short_row_attention_in_bf16_matches_fp32_math_and_keeps_less():
     assert kept < 0.75 * ref_kept, (kept, ref_kept)
 
 
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("groups, kv_heads", [(1, 4), (2, 2), (3, 3)])
+def test_grouped_causal_attention_equals_transformers_sdpa(groups, kv_heads):
+    """Same output and gradients as transformers' SDPA path (repeat_kv + PyTorch's math kernel, which short
+    rows used before) in fp32, and autograd keeps less: each key/value head once, not once per query head."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ft_magics.core.speed import causal_grouped_attention
+
+    torch.manual_seed(0)
+    b, length, dim = 2, 37, 16
+    q = torch.randn(b, groups * kv_heads, length, dim, requires_grad=True)
+    k, v = (torch.randn(b, kv_heads, length, dim, requires_grad=True) for _ in range(2))
+
+    def run(fn, **kw):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            out, _ = fn(_Attention(groups), q, k, v, None, scaling=0.25, **kw)
+        return out, torch.autograd.grad(out.square().sum(), (q, k, v)), sum(saved)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, ref_grads, ref_kept = run(sdpa_attention_forward)
+    out, grads, kept = run(causal_grouped_attention, fallback=None)
+    assert out.shape == ref.shape == (b, length, groups * kv_heads, dim)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4)
+    if groups > 1:
+        assert kept < ref_kept, (kept, ref_kept)
+
+
+@pytest.mark.parametrize("case", ["mask", "dropout", "window", "softcap", "cache", "not-causal", "one-token"])
+def test_grouped_causal_attention_hands_other_cases_to_sdpa(case):
+    from ft_magics.core.speed import causal_grouped_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    calls = []
+
+    def fallback(*a, **kw):
+        calls.append(kw)
+        return "sdpa", None
+
+    # a plain causal call (a window longer than the rows changes nothing) is computed here
+    out, _ = causal_grouped_attention(_Attention(2), q, k, v, None, fallback=fallback, sliding_window=64)
+    assert torch.is_tensor(out) and not calls
+    mask, kw, module = None, {}, _Attention(2)
+    if case == "mask":
+        mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    elif case == "dropout":
+        kw["dropout"] = 0.1
+    elif case == "window":
+        kw["sliding_window"] = 3
+    elif case == "softcap":
+        kw["softcap"] = 30.0
+    elif case == "cache":  # new queries against a longer cached key/value
+        k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    elif case == "not-causal":
+        module.is_causal = False
+    elif case == "one-token":
+        q, k, v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
+    assert causal_grouped_attention(module, q, k, v, mask, fallback=fallback, **kw)[0] == "sdpa" and len(calls) == 1
+
+
+def test_short_rows_train_through_the_grouped_attention_and_restore_sdpa(tiny_model_dir, tmp_path):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ft_magics import Session
+    from ft_magics.core import speed
+
+    real, calls = speed.causal_grouped_attention, []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i % 3}"} for i in range(16)]
+    s = Session(adapters_dir=tmp_path / "att")
+    s.load(str(tiny_model_dir), bits=16, device="cpu")
+    speed.causal_grouped_attention = counting
+    try:
+        r = s.train("x", rows, {"max_steps": 2, "batch_size": 4, "seed": 1})
+    finally:
+        speed.causal_grouped_attention = real
+    assert r.record["status"] == "completed"
+    layers = s.model.config.num_hidden_layers
+    assert len(calls) >= 2 * layers  # every layer of every step (forward; recomputed under checkpointing)
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+
+
 def test_auto_chunk_rows_caps_rows_and_bytes():
     from ft_magics.core.speed import DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_ROWS, auto_chunk_rows
 

@@ -18,6 +18,7 @@ logit scaling, a custom head) fall back to the standard forward, with a note.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any, NamedTuple, Optional
 
@@ -376,6 +377,10 @@ def attention_for(inputs: dict, model):
     (its default): the matmuls still accumulate in fp32 and softmax computes in fp32, but what autograd
     keeps is half the size. Measured on the demo model's attention shape (8 x 9 heads x 80 x 64, bf16),
     forward + backward: 2.7 ms instead of 4.4-5.0 ms (flash: 9.8 ms), outputs equal to 1e-5.
+
+    Causal rows without a mask (``causal_mask_only``) skip the kernel's own overheads too
+    (:func:`causal_grouped_attention`): demo shape, 8 x 9 query / 3 key-value heads, forward + backward per
+    layer: 1.75 instead of 3.25 ms at 85 tokens, 0.60 instead of 1.12 ms at 40, 2.8 instead of 5.6 ms at 128.
     """
     ids = inputs.get("input_ids")
     if ids is None or ids.device.type != "cpu" or ids.shape[-1] > SHORT_ATTENTION_LEN:
@@ -389,15 +394,69 @@ def attention_for(inputs: dict, model):
 def _short_row_attention():
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     flags = torch.backends.cuda  # the flag is global (it names CUDA, the math kernel reads it on every device)
     before = flags.fp16_bf16_reduction_math_sdp_allowed()
     flags.allow_fp16_bf16_reduction_math_sdp(True)
+    own = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = functools.partial(causal_grouped_attention, fallback=sdpa)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         flags.allow_fp16_bf16_reduction_math_sdp(before)
+        if own is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = own
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_bias(length: int, groups: int, dtype, device):
+    """``(groups * length, length)``: 0 where row ``i % length`` may attend (at or before it), -inf after."""
+    import torch
+
+    i = torch.arange(length, device=device)
+    allowed = (i[:, None] >= i[None, :]).repeat(groups, 1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def causal_grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             is_causal=None, *, fallback, **kwargs):
+    """Causal attention over whole rows with grouped query heads, as two batched matmuls and a softmax;
+    anything else (a mask, dropout, a sliding window, soft-capping, a cache, non-causal attention) goes to
+    ``fallback`` (transformers' SDPA function).
+
+    For short rows on the CPU this is what PyTorch's math kernel computes, less its overheads: the kernel
+    repeats each key/value head for its query heads (and sums the copies' gradients back, a strided
+    reduction), builds the causal mask on every call and runs a "safe" softmax that looks for fully masked
+    rows, which a causal row never is. Here the query heads that share a key/value head are stacked along
+    the rows, so every key/value head is read once, the mask is a cached additive bias folded into the
+    first matmul (``baddbmm``), and the softmax is the plain one. Same arithmetic in the same 16-bit dtype.
+    """
+    b, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+    if (attention_mask is not None or not causal or dropout or length < 2 or key.shape[2] != length
+            or heads % kv_heads or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions") or (window is not None and window < length)
+            or not query.dtype == key.dtype == value.dtype):
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)
+    import torch
+
+    groups = heads // kv_heads  # query head j * groups + g reads key/value head j (transformers' repeat_kv)
+    scale = scaling if scaling is not None else dim ** -0.5
+    q = query.reshape(b * kv_heads, groups * length, dim)
+    k = key.reshape(b * kv_heads, length, dim)
+    v = value.reshape(b * kv_heads, length, dim)
+    scores = torch.baddbmm(_causal_bias(length, groups, query.dtype, query.device), q, k.transpose(1, 2),
+                           alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    return out.view(b, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def speed_trainer_class():
