@@ -703,6 +703,13 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_models, impl, train_on):
         with torch.no_grad():
             mean = causal_lm_chunked_loss(model, batch).item()
         assert mean * count == pytest.approx(total, rel=1e-4)
+        # and so does the trainer's attention for short rows on the CPU (its own causal attention must hand
+        # the packed rows' block mask to SDPA)
+        from ft_magics.core.speed import attention_for
+
+        with torch.no_grad(), attention_for(batch, model):
+            mean = causal_lm_chunked_loss(model, batch).item()
+        assert mean * count == pytest.approx(total, rel=1e-4)
     # the control: the same rows without position_ids (examples see each other) give another loss
     leak, _ = _sum_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False})
     assert abs(leak - total) > 1e-3 * total
