@@ -239,6 +239,20 @@ def test_short_cpu_batches_use_plain_attention_and_long_ones_flash():
     assert not flags.fp16_bf16_reduction_math_sdp_allowed()  # restored
     with long_:
         assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
+    # up to grouped_len (checkpointed training): our grouped attention, with PyTorch's own choice behind it
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mid = {"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN + 1, dtype=torch.long)}
+    with speed.attention_for(mid, M(), speed.CHECKPOINTED_ATTENTION_LEN):
+        assert "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+        assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
+        assert not flags.fp16_bf16_reduction_math_sdp_allowed()
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    with long_:
+        assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    too_long = {"input_ids": torch.zeros(2, speed.CHECKPOINTED_ATTENTION_LEN + 1, dtype=torch.long)}
+    with speed.attention_for(too_long, M(), speed.CHECKPOINTED_ATTENTION_LEN):
+        assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
     Cfg._attn_implementation = "eager"
     with speed.attention_for({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, M()):
         assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
@@ -542,6 +556,35 @@ def test_grouped_causal_attention_hands_other_cases_to_sdpa(case):
     assert causal_grouped_attention(module, q, k, v, mask, fallback=fallback, **kw)[0] == "sdpa" and len(calls) == 1
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_longer_rows_use_the_grouped_attention_only_under_checkpointing(tiny_model_dir, tmp_path, ckpt):
+    """Rows over SHORT_ATTENTION_LEN tokens: the grouped attention when checkpointing keeps one layer's
+    attention alive at a time, PyTorch's own kernel otherwise (it keeps far less for the backward)."""
+    from ft_magics import Session
+    from ft_magics.core import speed
+
+    real, calls = speed.causal_grouped_attention, []
+
+    def counting(*a, **kw):
+        calls.append(a[1].shape[2])  # the rows' length
+        return real(*a, **kw)
+
+    words = " ".join(f"word{j}" for j in range(90))  # well over 128 tokens a row
+    rows = [{"prompt": f"question {i} {words}", "completion": f"answer {i % 3}"} for i in range(8)]
+    s = Session(adapters_dir=tmp_path / "long")
+    s.load(str(tiny_model_dir), bits=16, device="cpu")
+    speed.causal_grouped_attention = counting
+    try:
+        r = s.train("x", rows, {"max_steps": 1, "batch_size": 4, "seed": 1, "gradient_checkpointing": ckpt})
+    finally:
+        speed.causal_grouped_attention = real
+    assert r.record["status"] == "completed"
+    if ckpt:
+        assert calls and min(calls) > speed.SHORT_ATTENTION_LEN
+    else:
+        assert not calls
+
+
 def test_short_rows_train_through_the_grouped_attention_and_restore_sdpa(tiny_model_dir, tmp_path):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -734,8 +777,8 @@ def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, m
     entered = []
 
     @contextlib.contextmanager
-    def recording():
-        entered.append(True)
+    def recording(math_kernel=True):
+        entered.append(math_kernel)
         yield
 
     monkeypatch.setattr(speed, "_short_row_attention", recording)
@@ -747,7 +790,7 @@ def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, m
     trainer = speed.make_trainer(model, chunked, autocast_dtype=torch.bfloat16, args=args,
                                  eval_dataset=Dataset.from_list(rows), data_collator=default_data_collator)
     loss = trainer.evaluate()["eval_loss"]
-    assert entered and len(entered) == 2  # one per eval batch
+    assert entered == [True, True]  # one per eval batch, short rows: the math kernel behind it
     assert math.isfinite(loss)
 
 
