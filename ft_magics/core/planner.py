@@ -18,8 +18,8 @@ plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped input
 h = hidden size, kv = key/value width, i = MLP width (see layer_activation_bytes). With gradient
 checkpointing: 2h bytes per layer plus one layer's full set.
 Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
-ft_magics' chunked loss keeps one chunk (128 rows of fp32 logits, at most 64 MB, with their 16-bit copy; 32 rows
-with gradient checkpointing: core.speed.auto_chunk_rows).
+ft_magics' chunked loss keeps one chunk (128 rows of fp32 logits, at most 64 MB, with their 16-bit copy:
+core.speed.auto_chunk_rows).
 Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
 """
 from __future__ import annotations
@@ -254,7 +254,7 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
     per_layer = layer_activation_bytes(d, act_bytes, lora_dropout)
     # with checkpointing: each layer's 16-bit input, plus one layer's full set during its recompute
     body = tokens * ((d.layers * act_bytes * d.hidden + per_layer) if ckpt else d.layers * per_layer)
-    logits = (chunk_bytes(min(auto_chunk_rows(d.vocab, checkpointing=ckpt), tokens), d.vocab, act_bytes) if chunked
+    logits = (chunk_bytes(min(auto_chunk_rows(d.vocab), tokens), d.vocab, act_bytes) if chunked
               else tokens * d.vocab * LOGIT_BYTES_STANDARD)
     return body + logits
 

@@ -27,21 +27,17 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # at most this much fp32 logits held per chunk
 DEFAULT_CHUNK_ROWS = 128  # and at most this many rows
-CHECKPOINTED_CHUNK_BYTES = 16 * 2**20  # with gradient checkpointing (memory is the bound): smaller chunks
-CHECKPOINTED_CHUNK_ROWS = 32
 
 
-def auto_chunk_rows(vocab_size: int, budget_bytes: int = 0, checkpointing: bool = False) -> int:
-    """Rows per chunk: 128, or fewer so that one chunk of fp32 logits stays within ``budget_bytes`` (64 MB
-    by default); with gradient ``checkpointing`` 32 rows within 16 MB; at least 16 rows.
-
-    Measured on the demo model's head (vocab 49152, bf16, 2 cores), loss forward + backward over 2000 rows:
-    128-row chunks (24 MB) 503 ms, 341-row chunks (64 MB) 643 ms, 32-row 674 ms; over 250 rows they are
-    within noise. With checkpointing, a whole step (make bench's bundled set, 10 steps, 3 runs each) peaked
-    at 966 MB RSS with 32-row chunks against 1016 MB with 128 rows, for steps 1-5% slower."""
-    rows, budget = ((CHECKPOINTED_CHUNK_ROWS, CHECKPOINTED_CHUNK_BYTES) if checkpointing
-                    else (DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_BYTES))
-    return max(16, min(rows, int((budget_bytes or budget) // (4 * max(vocab_size, 1)))))
+def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk: 128, or fewer so that one chunk of fp32 logits stays within ``budget_bytes``
+    (at least 16 rows). Measured on the demo model's head (vocab 49152, bf16, 2 cores), loss forward +
+    backward over 2000 rows: 128-row chunks (24 MB) 503 ms, 341-row chunks (64 MB) 643 ms, 32-row 674 ms;
+    over 250 rows they are within noise. Smaller chunks also lower the peak that the loss adds: with
+    gradient checkpointing on the bundled set, 32-row chunks peaked at 966 MB RSS against 1016 MB (10 steps,
+    3 runs each), but for steps 1-5% slower, which took the checkpointed run under 1.5x the reference's speed
+    in one make bench; so 128 stays the default and ``loss_chunk_rows`` sets fewer."""
+    return max(16, min(DEFAULT_CHUNK_ROWS, int(budget_bytes // (4 * max(vocab_size, 1)))))
 
 
 def chunk_bytes(rows: int, vocab_size: int, compute_bytes: int = 2) -> int:
@@ -491,7 +487,6 @@ def speed_trainer_class():
         _flop_params = None
         _loss_workspace = None
         _workspace_users = 0
-        _rows = 0  # the loss chunk's rows for this run (chunk_rows, or the automatic choice)
 
         def walks(self) -> Optional[ModelWalks]:
             """The lists for ``self.model`` (made on first use), or None when ``lean_steps`` is off."""
@@ -511,8 +506,6 @@ def speed_trainer_class():
             two, as training evaluates inside), then its blocks are freed."""
             if self._loss_workspace is None:
                 self._loss_workspace = LossWorkspace()
-            if not self._workspace_users:
-                self._rows = self.chunk_rows or self._auto_rows()
             self._workspace_users += 1
             try:
                 yield
@@ -523,13 +516,6 @@ def speed_trainer_class():
 
         def _checkpointing(self) -> bool:
             return any(getattr(self.args, k, False) for k in ("activation_checkpointing", "gradient_checkpointing"))
-
-        def _auto_rows(self) -> int:
-            """Rows per loss chunk when ``chunk_rows`` is 0: fewer with gradient checkpointing on."""
-            head = getattr(_causal_lm(self.model), "get_output_embeddings", lambda: None)()
-            if head is None:
-                return 0
-            return auto_chunk_rows(head.weight.shape[0], checkpointing=self._checkpointing())
 
         def train(self, *args, **kwargs):
             walks = self.walks()
@@ -582,7 +568,7 @@ def speed_trainer_class():
                 # Same normalisation as the model's own loss: per-batch mean, or the token sum over the
                 # accumulated batch when the Trainer passes num_items_in_batch (gradient accumulation).
                 items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-                loss = causal_lm_chunked_loss(model, inputs, self._rows, items, self._loss_workspace)
+                loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows, items, self._loss_workspace)
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -592,7 +578,7 @@ def speed_trainer_class():
                 if not self.chunked:
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
                 with torch.no_grad():
-                    loss = causal_lm_chunked_loss(model, self._model_inputs(inputs), self._rows,
+                    loss = causal_lm_chunked_loss(model, self._model_inputs(inputs), self.chunk_rows,
                                                   workspace=self._loss_workspace)
             return loss.detach(), None, None
 
