@@ -610,6 +610,7 @@ def test_short_rows_train_through_the_grouped_attention_and_restore_sdpa(tiny_mo
     layers = s.model.config.num_hidden_layers
     assert len(calls) >= 2 * layers  # every layer of every step (forward; recomputed under checkpointing)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert speed._causal_bias.cache_info().currsize == 0  # no bias outlives the step that made it
 
 
 def test_auto_chunk_rows_caps_rows_and_bytes():

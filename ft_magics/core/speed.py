@@ -418,9 +418,10 @@ def _short_row_attention(math_kernel: bool = True):
             del ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = own
+        _causal_bias.cache_clear()  # a step's layers share one bias; none is kept after it (1.5 MB at 512 rows)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=4)
 def _causal_bias(length: int, groups: int, dtype, device):
     """``(groups * length, length)``: 0 where row ``i % length`` may attend (at or before it), -inf after."""
     import torch
