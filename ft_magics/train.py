@@ -50,21 +50,25 @@ class SharedStopFlag(StopFlag):
             local = True
             reason = Path(self.stop_file).read_text().strip() or "stopped"
             self.set(reason if reason in ("interrupted", "stopped") else "stopped")
-        agreed = local
+        # 0: go on, 1: stopped, 2: interrupted; the ranks agree on the largest, so a rank that learns of the
+        # stop from the others records the same reason as the one that read the file
+        code = (2 if self.reason == "interrupted" else 1) if local else 0
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
             dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([1 if local else 0], device=dev)
+            t = torch.tensor([code], device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            agreed = bool(t.item())
-        if agreed:
+            code = int(t.item())
+        if code:
             self._agreed = True
             if not super().is_set():
-                self.set("stopped")
-        return agreed
+                self.set("interrupted" if code == 2 else "stopped")
+            elif code == 2:
+                self.reason = "interrupted"  # another rank read the interrupt: the agreed reason wins
+        return bool(code)
 
 
 def _init_process_group(world: int, local_rank: int, device: str) -> str:

@@ -330,3 +330,34 @@ def test_fsdp_layout_is_refused_with_the_reason_and_the_alternative(monkeypatch,
     err = capsys.readouterr().err
     assert "FSDP + QLoRA is not wired" in err and "accelerate-multi-gpu.yaml" in err
     assert not (tmp_path / "adapters").exists()
+
+
+def _stop_flag_rank(rank: int, world: int, port: int, stop_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ft_magics.train import SharedStopFlag
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        flag = SharedStopFlag(stop_file if rank == 1 else None)  # only rank 1 reads the interrupt
+        agreed = flag.is_set()
+        Path(out, f"rank{rank}").write_text(f"{agreed} {flag.reason}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_records_the_interrupt_that_one_rank_read(tmp_path):
+    """The stop is agreed by all-reduce; the reason travels with it, so rank 0 (which writes the run's
+    status) says 'interrupted' even when only another rank read the STOP file."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    stop = tmp_path / "STOP"
+    stop.write_text("interrupted\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_stop_flag_rank, args=(2, port, str(stop), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "True interrupted"
+    assert (tmp_path / "rank1").read_text() == "True interrupted"

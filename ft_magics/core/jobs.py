@@ -427,7 +427,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts == 1:
-                    (run_dir / STOP_FILE).write_text("interrupted\n")
+                    atomic_write_text(run_dir / STOP_FILE, "interrupted\n")  # whole or absent: a rank never reads it empty
                     emit(listeners, Message("interrupt received: every process stops after the current step and "
                                             "rank 0 saves the adapter (interrupt again to end them now)", "warning"))
                 else:
@@ -527,7 +527,7 @@ def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Opt
         notebook_launcher(_notebook_worker, (str(spec.path), str(events), str(run_dir)), num_processes=processes,
                           use_port=str(free_port()))
     except KeyboardInterrupt:
-        (run_dir / STOP_FILE).write_text("interrupted\n")
+        atomic_write_text(run_dir / STOP_FILE, "interrupted\n")  # whole or absent: a rank never reads it empty
         error = "interrupted before the processes finished"
     except Exception as exc:  # noqa: BLE001 - reported as a failed job below
         error = f"{type(exc).__name__}: {exc}"
