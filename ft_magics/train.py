@@ -29,6 +29,9 @@ def dist_env() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
 
+STOP_CODES = ("", "stopped", "interrupted")  # what the ranks all-reduce (max): 0 is "go on"
+
+
 class SharedStopFlag(StopFlag):
     """A stop flag every rank agrees on at the same step boundary.
 
@@ -49,25 +52,26 @@ class SharedStopFlag(StopFlag):
         if not local and self.stop_file and os.path.exists(self.stop_file):
             local = True
             reason = Path(self.stop_file).read_text().strip() or "stopped"
-            self.set(reason if reason in ("interrupted", "stopped") else "stopped")
-        # 0: go on, 1: stopped, 2: interrupted; the ranks agree on the largest, so a rank that learns of the
-        # stop from the others records the same reason as the one that read the file
-        code = (2 if self.reason == "interrupted" else 1) if local else 0
+            self.set(reason if reason in STOP_CODES[1:] else "stopped")
+        # the ranks agree on the largest code, so a rank that learns of the stop from the others records the
+        # same reason as the one that read the file
+        mine = (STOP_CODES.index(self.reason) if self.reason in STOP_CODES[1:] else 1) if local else 0
+        code = mine
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
             dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([code], device=dev)
+            t = torch.tensor([mine], device=dev)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             code = int(t.item())
         if code:
             self._agreed = True
             if not super().is_set():
-                self.set("interrupted" if code == 2 else "stopped")
-            elif code == 2:
-                self.reason = "interrupted"  # another rank read the interrupt: the agreed reason wins
+                self.set(STOP_CODES[code])
+            elif code > mine:
+                self.reason = STOP_CODES[code]  # another rank read the interrupt: the agreed reason wins
         return bool(code)
 
 

@@ -51,6 +51,12 @@ LAUNCHERS = ("accelerate", "torchrun", "notebook")
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "launch.log"
 STOP_FILE = "STOP"
+
+
+def ask_ranks_to_stop(run_dir: Path) -> None:
+    """The interrupt, as the training processes see it: the STOP file with its reason, written whole (a
+    rank never reads it empty)."""
+    atomic_write_text(run_dir / STOP_FILE, "interrupted\n")
 RUNS_DIR = "runs"
 
 
@@ -427,7 +433,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
             except KeyboardInterrupt:
                 interrupts += 1
                 if interrupts == 1:
-                    atomic_write_text(run_dir / STOP_FILE, "interrupted\n")  # whole or absent: a rank never reads it empty
+                    ask_ranks_to_stop(run_dir)
                     emit(listeners, Message("interrupt received: every process stops after the current step and "
                                             "rank 0 saves the adapter (interrupt again to end them now)", "warning"))
                 else:
@@ -527,7 +533,7 @@ def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Opt
         notebook_launcher(_notebook_worker, (str(spec.path), str(events), str(run_dir)), num_processes=processes,
                           use_port=str(free_port()))
     except KeyboardInterrupt:
-        atomic_write_text(run_dir / STOP_FILE, "interrupted\n")  # whole or absent: a rank never reads it empty
+        ask_ranks_to_stop(run_dir)
         error = "interrupted before the processes finished"
     except Exception as exc:  # noqa: BLE001 - reported as a failed job below
         error = f"{type(exc).__name__}: {exc}"
