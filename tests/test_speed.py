@@ -215,10 +215,13 @@ def test_autocast_with_gradient_checkpointing_trains(tiny_model_dir, tmp_path):
     assert any(not torch.equal(before[n], after[n].detach()) for n in before)
 
 
-def test_short_cpu_batches_use_plain_attention_and_long_ones_flash():
-    """attention_for picks the math kernel at or below SHORT_ATTENTION_LEN tokens on the CPU, else leaves it."""
+def test_cpu_batches_get_our_attention_with_the_math_kernel_behind_short_rows():
+    """attention_for installs ft_magics' causal attention for every CPU batch (and removes it after); for rows
+    at or below SHORT_ATTENTION_LEN tokens what it hands on gets the math kernel in 16 bits, longer rows keep
+    PyTorch's own choice; a model not on SDPA is left alone."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from ft_magics.core import speed
 
@@ -230,31 +233,23 @@ def test_short_cpu_batches_use_plain_attention_and_long_ones_flash():
 
     q = torch.randn(1, 2, 8, 4)
     short = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN, dtype=torch.long)}, M())
-    long_ = speed.attention_for({"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN + 1, dtype=torch.long)}, M())
+    long_ = speed.attention_for({"input_ids": torch.zeros(2, 4 * speed.SHORT_ATTENTION_LEN, dtype=torch.long)}, M())
     flags = torch.backends.cuda
     assert not flags.fp16_bf16_reduction_math_sdp_allowed()
     with short:  # only the math kernel is allowed: the CPU flash kernel must not be picked
+        assert "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
         assert torch._fused_sdp_choice(q, q, q) == SDPBackend.MATH.value
         assert flags.fp16_bf16_reduction_math_sdp_allowed()  # and it keeps bf16 inputs in bf16
     assert not flags.fp16_bf16_reduction_math_sdp_allowed()  # restored
+    assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
     with long_:
-        assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
-    # up to grouped_len (checkpointed training): our grouped attention, with PyTorch's own choice behind it
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    mid = {"input_ids": torch.zeros(2, speed.SHORT_ATTENTION_LEN + 1, dtype=torch.long)}
-    with speed.attention_for(mid, M(), speed.CHECKPOINTED_ATTENTION_LEN):
         assert "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
         assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
         assert not flags.fp16_bf16_reduction_math_sdp_allowed()
     assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
-    with long_:
-        assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
-    too_long = {"input_ids": torch.zeros(2, speed.CHECKPOINTED_ATTENTION_LEN + 1, dtype=torch.long)}
-    with speed.attention_for(too_long, M(), speed.CHECKPOINTED_ATTENTION_LEN):
-        assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
     Cfg._attn_implementation = "eager"
     with speed.attention_for({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, M()):
+        assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
         assert torch._fused_sdp_choice(q, q, q) != SDPBackend.MATH.value
 
 
@@ -477,7 +472,7 @@ def test_short_row_attention_in_bf16_matches_fp32_math_and_keeps_less():
         return out, grads, sum(saved)
 
     ref_out, ref_grads, ref_kept = run(sdpa_kernel(SDPBackend.MATH))
-    out, grads, kept = run(speed._short_row_attention())
+    out, grads, kept = run(speed._causal_row_attention())
     assert (out.float() - ref_out.float()).abs().max() < 2e-2
     for g, r in zip(grads, ref_grads):
         assert (g.float() - r.float()).norm() / r.float().norm() < 2e-2
@@ -557,32 +552,73 @@ def test_grouped_causal_attention_hands_other_cases_to_sdpa(case):
 
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
-def test_longer_rows_use_the_grouped_attention_only_under_checkpointing(tiny_model_dir, tmp_path, ckpt):
-    """Rows over SHORT_ATTENTION_LEN tokens: the grouped attention when checkpointing keeps one layer's
-    attention alive at a time, PyTorch's own kernel otherwise (it keeps far less for the backward)."""
+def test_longer_rows_train_through_the_block_attention(tiny_model_dir, tmp_path, ckpt):
+    """Rows over SHORT_ATTENTION_LEN tokens go through the blockwise attention, with or without gradient
+    checkpointing, and the run learns."""
     from ft_magics import Session
     from ft_magics.core import speed
 
-    real, calls = speed.causal_grouped_attention, []
+    real, calls = speed.block_causal_attention, []
 
-    def counting(*a, **kw):
-        calls.append(a[1].shape[2])  # the rows' length
-        return real(*a, **kw)
+    def counting(q, *a, **kw):
+        calls.append(q.shape[2])  # the rows' length
+        return real(q, *a, **kw)
 
     words = " ".join(f"word{j}" for j in range(90))  # well over 128 tokens a row
     rows = [{"prompt": f"question {i} {words}", "completion": f"answer {i % 3}"} for i in range(8)]
     s = Session(adapters_dir=tmp_path / "long")
     s.load(str(tiny_model_dir), bits=16, device="cpu")
-    speed.causal_grouped_attention = counting
+    speed.block_causal_attention = counting
     try:
-        r = s.train("x", rows, {"max_steps": 1, "batch_size": 4, "seed": 1, "gradient_checkpointing": ckpt})
+        r = s.train("x", rows, {"max_steps": 3, "batch_size": 4, "seed": 1, "learning_rate": 1e-2,
+                                "gradient_checkpointing": ckpt})
     finally:
-        speed.causal_grouped_attention = real
+        speed.block_causal_attention = real
     assert r.record["status"] == "completed"
-    if ckpt:
-        assert calls and min(calls) > speed.SHORT_ATTENTION_LEN
-    else:
-        assert not calls
+    assert calls and min(calls) > speed.SHORT_ATTENTION_LEN
+    assert len(calls) >= 3 * s.model.config.num_hidden_layers  # every layer of every step
+    losses = [l for _, l in r.record["loss_history"]]
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("groups, kv_heads, length, block", [(1, 4, 37, 16), (2, 2, 150, 64), (3, 3, 70, 16),
+                                                             (3, 1, 33, 64)])
+def test_block_causal_attention_equals_sdpa_and_keeps_no_scores(groups, kv_heads, length, block, monkeypatch):
+    """Same output and gradients as PyTorch's causal SDPA (exact to fp64 rounding) with one block or several,
+    a last block shorter than the others included, and nothing of size length x length kept for the
+    backward: only q (regrouped), k and v."""
+    import torch.nn.functional as F
+
+    from ft_magics.core import speed
+
+    monkeypatch.setattr(speed, "ATTENTION_BLOCK_ROWS", block)
+    torch.manual_seed(0)
+    b, dim = 2, 8
+    q = torch.randn(b, groups * kv_heads, length, dim, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, kv_heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = speed.block_causal_attention(q, k, v, 0.3)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                         is_causal=True, scale=0.3).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    assert out.shape == ref.shape == (b, length, groups * kv_heads, dim)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert sum(saved) == q.numel() + k.numel() + v.numel(), saved
+
+
+def test_block_size_shrinks_for_long_rows_and_many_heads():
+    from ft_magics.core import speed
+
+    assert speed._query_block(24, 3, 512, 2) == speed.ATTENTION_BLOCK_ROWS  # the demo model at 512 tokens
+    big = speed._query_block(32, 4, 2048, 2)  # batch 4 x 8 key/value heads x 4 groups at 2048 tokens
+    assert 16 < big < speed.ATTENTION_BLOCK_ROWS
+    assert 32 * 4 * big * 2048 * 2 <= speed.ATTENTION_SCORES_BYTES < 32 * 4 * (big + 1) * 2048 * 2
+    assert speed._query_block(512, 8, 32768, 2) == 16  # never below 16 rows
 
 
 def test_short_rows_train_through_the_grouped_attention_and_restore_sdpa(tiny_model_dir, tmp_path):
@@ -611,6 +647,7 @@ def test_short_rows_train_through_the_grouped_attention_and_restore_sdpa(tiny_mo
     assert len(calls) >= 2 * layers  # every layer of every step (forward; recomputed under checkpointing)
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before and "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
     assert speed._causal_bias.cache_info().currsize == 0  # no bias outlives the step that made it
+    assert speed._diagonal_bias.cache_info().currsize == 0
 
 
 def test_auto_chunk_rows_caps_rows_and_bytes():
@@ -757,7 +794,7 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, monkeypatch, chunked):
+def test_evaluation_uses_the_same_attention_as_training(tiny_model_dir, tmp_path, monkeypatch, chunked):
     """Both evaluation branches (chunked loss or the standard one) run under the same attention choice as
     training."""
     import contextlib
@@ -774,7 +811,7 @@ def test_evaluation_uses_the_short_row_attention_too(tiny_model_dir, tmp_path, m
         entered.append(math_kernel)
         yield
 
-    monkeypatch.setattr(speed, "_short_row_attention", recording)
+    monkeypatch.setattr(speed, "_causal_row_attention", recording)
     model = _lora_model(tiny_model_dir)
     rows = [{"input_ids": [5 + i, 6, 7, 8, 9, 10], "labels": [5 + i, 6, 7, 8, 9, 10],
              "attention_mask": [1] * 6} for i in range(4)]

@@ -339,11 +339,9 @@ def autocast_context(model, dtype, tuner_layers: Optional[list] = None):
     return stack
 
 
-SHORT_ATTENTION_LEN = 128  # at or below this padded length the CPU's plain (math) attention is faster
-# with gradient checkpointing (one layer's attention alive at a time) causal_grouped_attention serves rows up to
-# this length: demo model, varying-length set, 12 steps: 130 instead of 106 loss tokens/s, peak RSS 1.52
-# instead of 1.47 GB
-CHECKPOINTED_ATTENTION_LEN = 512
+SHORT_ATTENTION_LEN = 128  # at or below this padded length: whole-row attention, probabilities kept
+ATTENTION_SCORES_BYTES = 16 << 20  # longer rows: query blocks sized so one block's scores stay under this
+ATTENTION_BLOCK_ROWS = 64  # the query block for long rows (demo model, 437 tokens: 32-96 within 10%)
 
 
 def without_padding_mask(inputs: dict) -> dict:
@@ -367,37 +365,33 @@ def without_padding_mask(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k != "attention_mask"} if bool(right_padding) else inputs
 
 
-def attention_for(inputs: dict, model, grouped_len: int = SHORT_ATTENTION_LEN):
-    """The attention kernel for this batch: on the CPU, plain matmul attention for short rows.
+def attention_for(inputs: dict, model):
+    """The attention for this batch on the CPU: ft_magics' own causal attention (:func:`causal_grouped_attention`)
+    in place of transformers' SDPA function, with SDPA behind it for what it does not cover.
 
-    PyTorch's CPU flash-attention kernel pays a fixed cost per call that dominates short sequences
-    (measured on the demo model, batch 8 x 80 tokens: a training step is 12% faster with the math
-    kernel; at 256 tokens they are even, at 512 flash is 30% faster and needs far less memory).
+    For causal rows without a mask (``causal_mask_only``) that is, up to ``SHORT_ATTENTION_LEN`` tokens,
+    two batched matmuls and a softmax over whole rows, and above it the same by blocks of query rows
+    (:func:`block_causal_attention`). PyTorch's CPU kernels are slower at every length here: demo shape,
+    8 x 9 query / 3 key-value heads, bf16, forward + backward per layer: 1.75 instead of 3.25 ms (math
+    kernel) at 85 tokens, 2.8 instead of 5.6 ms at 128; 23 instead of 68-78 ms (flash) at 437, 30 instead
+    of 88-94 ms at 512, 134 instead of 213-220 ms at 1024.
 
-    The math kernel runs in the 16-bit input dtype rather than upcasting q, k, v and the scores to fp32
-    (its default): the matmuls still accumulate in fp32 and softmax computes in fp32, but what autograd
-    keeps is half the size. Measured on the demo model's attention shape (8 x 9 heads x 80 x 64, bf16),
-    forward + backward: 2.7 ms instead of 4.4-5.0 ms (flash: 9.8 ms), outputs equal to 1e-5.
-
-    Causal rows without a mask (``causal_mask_only``) skip the kernel's own overheads too
-    (:func:`causal_grouped_attention`): demo shape, 8 x 9 query / 3 key-value heads, forward + backward per
-    layer: 1.75 instead of 3.25 ms at 85 tokens, 0.60 instead of 1.12 ms at 40, 2.8 instead of 5.6 ms at 128.
-
-    ``grouped_len`` (the trainer passes :data:`CHECKPOINTED_ATTENTION_LEN` under gradient checkpointing):
-    rows longer than ``SHORT_ATTENTION_LEN`` and up to this length also go through
-    :func:`causal_grouped_attention`, and what it hands on keeps PyTorch's own kernel choice. Without
-    checkpointing each layer would keep its L x L probabilities for the backward, so that stays off there.
+    What goes to SDPA (a mask: left padding, packed rows; dropout; a window) gets the math kernel in the
+    16-bit input dtype for short rows, where its fixed cost is lower than flash attention's, rather than
+    upcasting q, k, v and the scores to fp32 (its default): the matmuls still accumulate in fp32 and softmax
+    computes in fp32, but what autograd keeps is half the size (demo shape at 80 tokens, forward + backward:
+    2.7 ms instead of 4.4-5.0 ms, flash 9.8 ms, outputs equal to 1e-5). Longer rows keep PyTorch's choice.
     """
     ids = inputs.get("input_ids")
-    if ids is None or ids.device.type != "cpu" or ids.shape[-1] > max(SHORT_ATTENTION_LEN, grouped_len):
+    if ids is None or ids.device.type != "cpu":
         return contextlib.nullcontext()
     if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") != "sdpa":
         return contextlib.nullcontext()
-    return _short_row_attention(math_kernel=ids.shape[-1] <= SHORT_ATTENTION_LEN)
+    return _causal_row_attention(math_kernel=ids.shape[-1] <= SHORT_ATTENTION_LEN)
 
 
 @contextlib.contextmanager
-def _short_row_attention(math_kernel: bool = True):
+def _causal_row_attention(math_kernel: bool = True):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -418,7 +412,8 @@ def _short_row_attention(math_kernel: bool = True):
             del ALL_ATTENTION_FUNCTIONS["sdpa"]
         else:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = own
-        _causal_bias.cache_clear()  # a step's layers share one bias; none is kept after it (1.5 MB at 512 rows)
+        _causal_bias.cache_clear()  # a step's layers share one bias; none is kept after it
+        _diagonal_bias.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
@@ -433,7 +428,8 @@ def _causal_bias(length: int, groups: int, dtype, device):
 
 def causal_grouped_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, *, fallback, **kwargs):
-    """Causal attention over whole rows with grouped query heads, as two batched matmuls and a softmax;
+    """Causal attention with grouped query heads, as two batched matmuls and a softmax: over whole rows up
+    to ``SHORT_ATTENTION_LEN`` tokens, by blocks of query rows above (:func:`block_causal_attention`);
     anything else (a mask, dropout, a sliding window, soft-capping, a cache, non-causal attention) goes to
     ``fallback`` (transformers' SDPA function).
 
@@ -458,6 +454,8 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
 
     groups = heads // kv_heads  # query head j * groups + g reads key/value head j (transformers' repeat_kv)
     scale = scaling if scaling is not None else dim ** -0.5
+    if length > SHORT_ATTENTION_LEN:
+        return block_causal_attention(query, key, value, scale), None
     q = query.reshape(b * kv_heads, groups * length, dim)
     k = key.reshape(b * kv_heads, length, dim)
     v = value.reshape(b * kv_heads, length, dim)
@@ -465,6 +463,96 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
                            alpha=scale)
     out = torch.bmm(torch.softmax(scores, dim=-1), v)
     return out.view(b, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=4)
+def _diagonal_bias(block: int, groups: int, dtype, device):
+    """``(block * groups, block)``: the causal bias of a diagonal block whose rows are (position, group)."""
+    import torch
+
+    i = torch.arange(block, device=device)
+    allowed = (i[:, None] >= i[None, :]).repeat_interleave(groups, 0)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def _query_block(batch_heads: int, groups: int, length: int, itemsize: int) -> int:
+    """Query positions per block: ``ATTENTION_BLOCK_ROWS``, fewer where one block's scores would pass
+    ``ATTENTION_SCORES_BYTES`` (long rows, many heads), never under 16."""
+    fit = ATTENTION_SCORES_BYTES // max(1, batch_heads * groups * length * itemsize)
+    return max(16, min(ATTENTION_BLOCK_ROWS, fit))
+
+
+@functools.cache
+def _block_causal_fn():
+    import torch
+
+    class BlockCausalAttention(torch.autograd.Function):
+        """Causal grouped-query attention by blocks of query rows; the backward recomputes each block's
+        probabilities instead of keeping them (what flash attention keeps: q, k, v)."""
+
+        @staticmethod
+        def forward(ctx, query, key, value, scale):
+            b, heads, length, dim = query.shape
+            kv = key.shape[1]
+            groups = heads // kv
+            # rows ordered (position, group): a block of positions is a contiguous run of rows
+            q = query.reshape(b, kv, groups, length, dim).transpose(2, 3).reshape(b * kv, length * groups, dim)
+            k, v = key.reshape(b * kv, length, dim), value.reshape(b * kv, length, dim)
+            block = _query_block(b * kv, groups, length, q.element_size())
+            out = torch.empty_like(q)
+            with torch.autocast(query.device.type, enabled=False):
+                for s, e, scores in _block_scores(q, k, scale, block, groups):
+                    torch.bmm(torch.softmax(scores, dim=-1), v[:, :e], out=out[:, s * groups:e * groups])
+            ctx.save_for_backward(q, k, v)
+            ctx.scale, ctx.block, ctx.shape = scale, block, (b, heads, length, dim, kv, groups)
+            # (b, kv, L, groups, d) -> (b, L, heads, d): transformers' attention output layout
+            return out.view(b, kv, length, groups, dim).permute(0, 2, 1, 3, 4).reshape(b, length, heads, dim)
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v = ctx.saved_tensors
+            b, heads, length, dim, kv, groups = ctx.shape
+            do = dout.reshape(b, length, kv, groups, dim).transpose(1, 2).reshape(b * kv, length * groups, dim)
+            do = do.to(q.dtype)
+            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            with torch.autocast(q.device.type, enabled=False):
+                for s, e, scores in _block_scores(q, k, ctx.scale, ctx.block, groups):
+                    rows = slice(s * groups, e * groups)
+                    probs = torch.softmax(scores, dim=-1)
+                    dv[:, :e].baddbmm_(probs.transpose(1, 2), do[:, rows])
+                    dprobs = torch.bmm(do[:, rows], v[:, :e].transpose(1, 2))
+                    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype).mul_(ctx.scale)
+                    torch.bmm(dscores, k[:, :e], out=dq[:, rows])
+                    dk[:, :e].baddbmm_(dscores.transpose(1, 2), q[:, rows])
+            dq = dq.view(b, kv, length, groups, dim).transpose(2, 3).reshape(b, heads, length, dim)
+            return dq, dk.view(b, kv, length, dim), dv.view(b, kv, length, dim), None
+
+    return BlockCausalAttention
+
+
+def _block_scores(q, k, scale, block, groups):
+    """``(start, end, scores)`` per block of query positions: the scaled scores of rows ``start..end``
+    against keys ``0..end`` with the causal bias on the diagonal block (keys past ``end`` are never read)."""
+    import torch
+
+    length = k.shape[1]
+    bias = _diagonal_bias(block, groups, q.dtype, q.device)
+    for s in range(0, length, block):
+        e = min(s + block, length)
+        scores = torch.bmm(q[:, s * groups:e * groups], k[:, :e].transpose(1, 2)).mul_(scale)
+        scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
+        yield s, e, scores
+
+
+def block_causal_attention(query, key, value, scale: float):
+    """Causal attention of ``query`` (b, heads, L, d) over ``key``/``value`` (b, kv_heads, L, d), by blocks of
+    query rows, as (b, L, heads, d).
+
+    Each block of query positions multiplies against the keys up to its own end only (the causal half),
+    softmax, then the values; the backward recomputes a block's scores and probabilities rather than
+    keeping L x L of them per layer, so memory is what flash attention keeps. Faster than PyTorch's CPU
+    flash kernel in 16 bits at every length measured (see :func:`attention_for`), exact in fp64."""
+    return _block_causal_fn().apply(query, key, value, scale)
 
 
 def speed_trainer_class():
@@ -515,9 +603,6 @@ def speed_trainer_class():
                 if not self._workspace_users:
                     self._loss_workspace.clear()
 
-        def _checkpointing(self) -> bool:
-            return any(getattr(self.args, k, False) for k in ("activation_checkpointing", "gradient_checkpointing"))
-
         def train(self, *args, **kwargs):
             walks = self.walks()
             with listed_step_calls(self.model, walks) if walks is not None else contextlib.nullcontext(), \
@@ -531,9 +616,8 @@ def speed_trainer_class():
         def training_step(self, model, inputs, *args, **kwargs):
             # forward and backward (where checkpointed layers are recomputed) see the same LoRA input dtypes
             # and the same attention kernel
-            grouped = CHECKPOINTED_ATTENTION_LEN if self._checkpointing() else SHORT_ATTENTION_LEN
             with no_input_casting(model, self.autocast_dtype, self._tuner_layers()), \
-                    attention_for(inputs, _causal_lm(model), grouped):
+                    attention_for(inputs, _causal_lm(model)):
                 return super().training_step(model, inputs, *args, **kwargs)
 
         def floating_point_ops(self, inputs) -> int:
