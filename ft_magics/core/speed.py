@@ -415,16 +415,18 @@ def _causal_row_attention(math_kernel: bool = True):
         else:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = own
         _causal_bias.cache_clear()  # a step's layers share one bias; none is kept after it
-        _diagonal_bias.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
-def _causal_bias(length: int, groups: int, dtype, device):
-    """``(groups * length, length)``: 0 where row ``i % length`` may attend (at or before it), -inf after."""
+def _causal_bias(length: int, groups: int, dtype, device, group_major: bool = True):
+    """``(groups * length, length)``: 0 where a row's position may attend (at or before it), -inf after.
+    Rows are (group, position) when ``group_major`` (row ``r`` is position ``r % length``), else
+    (position, group) (position ``r // groups``)."""
     import torch
 
     i = torch.arange(length, device=device)
-    allowed = (i[:, None] >= i[None, :]).repeat(groups, 1)
+    allowed = i[:, None] >= i[None, :]
+    allowed = allowed.repeat(groups, 1) if group_major else allowed.repeat_interleave(groups, 0)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
@@ -465,16 +467,6 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
                            alpha=scale)
     out = torch.bmm(torch.softmax(scores, dim=-1), v)
     return out.view(b, heads, length, dim).transpose(1, 2).contiguous(), None
-
-
-@functools.lru_cache(maxsize=4)
-def _diagonal_bias(block: int, groups: int, dtype, device):
-    """``(block * groups, block)``: the causal bias of a diagonal block whose rows are (position, group)."""
-    import torch
-
-    i = torch.arange(block, device=device)
-    allowed = (i[:, None] >= i[None, :]).repeat_interleave(groups, 0)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def _query_block(batch_heads: int, groups: int, length: int, itemsize: int) -> int:
@@ -538,7 +530,7 @@ def _block_scores(q, k, scale, block, groups):
     import torch
 
     length = k.shape[1]
-    bias = _diagonal_bias(block, groups, q.dtype, q.device)
+    bias = _causal_bias(block, groups, q.dtype, q.device, group_major=False)  # the diagonal block's
     for s in range(0, length, block):
         e = min(s + block, length)
         scores = torch.bmm(q[:, s * groups:e * groups], k[:, :e].transpose(1, 2)).mul_(scale)
