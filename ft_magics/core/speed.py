@@ -584,9 +584,10 @@ def speed_trainer_class():
             return walks.tuner_layers if walks is not None else None
 
         @contextlib.contextmanager
-        def _loss_blocks(self):
+        def loss_blocks(self):
             """The chunked loss's workspace lives while training or evaluation runs (the outermost of the
-            two, as training evaluates inside), then its blocks are freed."""
+            two, as training evaluates inside; a caller that evaluates after training holds it across
+            both), then its blocks are freed."""
             if self._loss_workspace is None:
                 self._loss_workspace = LossWorkspace()
             self._workspace_users += 1
@@ -600,11 +601,11 @@ def speed_trainer_class():
         def train(self, *args, **kwargs):
             walks = self.walks()
             with listed_step_calls(self.model, walks) if walks is not None else contextlib.nullcontext(), \
-                    self._loss_blocks():
+                    self.loss_blocks():
                 return super().train(*args, **kwargs)
 
         def evaluate(self, *args, **kwargs):
-            with self._loss_blocks():
+            with self.loss_blocks():
                 return super().evaluate(*args, **kwargs)
 
         def _get_train_sampler(self, train_dataset=None):
@@ -673,6 +674,25 @@ def speed_trainer_class():
             return loss.detach(), None, None
 
     return SpeedTrainer
+
+
+def drop_optimizer_state(trainer) -> None:
+    """Free the optimizer's per-parameter state (AdamW's two moments: two fp32 copies of the adapter).
+
+    For a run that has completed, before its final evaluation: no step follows, and the evaluation's
+    buffers then fit where the moments were instead of growing the process (on the CPU a freed block stays
+    in the heap for reuse)."""
+    opt = getattr(trainer, "optimizer", None)
+    state = getattr(getattr(opt, "optimizer", opt), "state", None)  # accelerate wraps the optimizer
+    if state is not None:
+        state.clear()
+
+
+def holding_loss_blocks(trainer):
+    """A context that keeps ``trainer``'s chunked-loss workspace across the calls inside it (nothing for a
+    plain ``transformers.Trainer``)."""
+    hold = getattr(trainer, "loss_blocks", None)
+    return hold() if hold is not None else contextlib.nullcontext()
 
 
 def _row_lengths(ds) -> list:

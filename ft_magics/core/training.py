@@ -481,7 +481,8 @@ def run_training(
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
-    from .speed import make_trainer, warmup_from_first_step  # chunked loss: no full-vocabulary logits for the batch
+    # make_trainer: the chunked loss (no full-vocabulary logits for the batch) and the other speed levers
+    from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, warmup_from_first_step
 
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
@@ -506,12 +507,14 @@ def run_training(
             from .memory import heap_for_training
 
             with training_layout(peft_model), lean_activations(peft_model, cfg.lean_activations), \
-                    fused_lora(peft_model, cfg.fused_lora), heap_for_training(handle.device, cfg.heap_reuse):
+                    fused_lora(peft_model, cfg.fused_lora), heap_for_training(handle.device, cfg.heap_reuse), \
+                    holding_loss_blocks(trainer):  # the final evaluation reuses the training's logits blocks
                 peft_model.train()
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():
                     status = flag.reason or "stopped"
                 if eval_ds is not None and status == "completed":
+                    drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
                     eval_loss = _f(metrics.get("eval_loss"))
                     if eval_loss is not None and (not history["eval"] or history["eval"][-1][0] != history["last_step"]):
