@@ -518,8 +518,10 @@ def test_grouped_causal_attention_equals_transformers_sdpa(groups, kv_heads):
         assert kept < ref_kept, (kept, ref_kept)
 
 
-@pytest.mark.parametrize("case", ["mask", "dropout", "window", "softcap", "cache", "not-causal", "one-token"])
+@pytest.mark.parametrize("case", ["mask", "dropout", "window", "softcap", "cache", "not-causal", "one-token",
+                                  "value-width", "long-value-width"])
 def test_grouped_causal_attention_hands_other_cases_to_sdpa(case):
+    from ft_magics.core import speed
     from ft_magics.core.speed import causal_grouped_attention
 
     torch.manual_seed(0)
@@ -548,6 +550,11 @@ def test_grouped_causal_attention_hands_other_cases_to_sdpa(case):
         module.is_causal = False
     elif case == "one-token":
         q, k, v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
+    elif case == "value-width":  # value heads narrower than query/key heads (as in multi-head latent attention)
+        v = torch.randn(1, 2, 6, 4)
+    elif case == "long-value-width":  # the same on rows long enough for the blockwise attention
+        n = 2 * speed.SHORT_ATTENTION_LEN
+        q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 4)
     assert causal_grouped_attention(module, q, k, v, mask, fallback=fallback, **kw)[0] == "sdpa" and len(calls) == 1
 
 

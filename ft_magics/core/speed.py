@@ -434,8 +434,8 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
                              is_causal=None, *, fallback, **kwargs):
     """Causal attention with grouped query heads, as two batched matmuls and a softmax: over whole rows up
     to ``SHORT_ATTENTION_LEN`` tokens, by blocks of query rows above (:func:`block_causal_attention`);
-    anything else (a mask, dropout, a sliding window, soft-capping, a cache, non-causal attention) goes to
-    ``fallback`` (transformers' SDPA function).
+    anything else (a mask, dropout, a sliding window, soft-capping, a cache, non-causal attention, value
+    heads of another width than the query's) goes to ``fallback`` (transformers' SDPA function).
 
     For short rows on the CPU this is what PyTorch's math kernel computes, less its overheads: the kernel
     repeats each key/value head for its query heads (and sums the copies' gradients back, a strided
@@ -451,7 +451,7 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
     if (attention_mask is not None or not causal or dropout or length < 2 or key.shape[2] != length
             or heads % kv_heads or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
             or kwargs.get("output_attentions") or (window is not None and window < length)
-            or not query.dtype == key.dtype == value.dtype):
+            or not query.dtype == key.dtype == value.dtype or value.shape[-1] != dim):
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
     import torch
