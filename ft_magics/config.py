@@ -66,9 +66,9 @@ class TrainConfig:
         "scaling, clone or sum passes over its output): same gradients, faster on small models.")
     causal_mask_only: bool = _f(
         True, "Right-padded batches run with the causal mask alone: in a causal model the padding mask changes "
-        "nothing for the tokens that carry loss, and without it the flash kernels skip the blocks above the "
-        "diagonal (8% faster steps at a few hundred tokens per row on the demo model). Same loss; left padding, "
-        "holes and packed rows keep their mask.")
+        "nothing for the tokens that carry loss, and without it the attention kernels skip the blocks above the "
+        "diagonal (on the CPU: ft_magics' own causal attention, 2-3x faster than PyTorch's at a few hundred tokens "
+        "per row on the demo model). Same loss; left padding, holes and packed rows keep their mask.")
     heap_reuse: bool = _f(
         True, "CPU only: while training, freed heap blocks up to 32 MB are kept for the next step's activations "
         "instead of going back to the OS at once: no page faults for every activation every step (1.4-1.6x "
