@@ -3,7 +3,6 @@ the answers (checked token by token on the tiny tokenizer), packing that keeps e
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -803,61 +802,3 @@ def test_lora_train_txt_mode_flag_and_packing(shell, tiny_model_dir, capsys, tmp
     shell.run_cell_magic("lora_train", f"doc --data {tmp_path / 'notes.txt'} --txt-mode document --no-widgets",
                          "max_steps: 1\nmax_seq_len: 512\n")
     assert "text format, 1 rows -> 1 train" in capsys.readouterr().out
-
-
-def _padding(order, lengths, batch_size):
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return 1 - sum(lengths) / padded
-
-
-def test_length_grouped_order_is_a_permutation_of_similar_length_batches():
-    """Every example once per epoch; whole batches of similar lengths, the longest example's batch first,
-    a shorter final batch last; less padding than transformers' sampler on a small set of widely varying
-    lengths; another order with another seed; the same order again with the same seed."""
-    import torch
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    from ft_magics.core.data import length_grouped_order
-
-    rng = random.Random(0)
-    lengths = [rng.randint(10, 500) for _ in range(163)]  # 20 whole batches of 8 and one of 3
-    order = length_grouped_order(lengths, 8, torch.Generator().manual_seed(1))
-    assert sorted(order) == list(range(len(lengths)))
-    assert max(lengths) in [lengths[i] for i in order[:8]]
-    assert set(order[-3:]) == set(sorted(range(163), key=lambda i: lengths[i])[:3])  # the shortest, at the end
-    ours = _padding(order, lengths, 8)
-    theirs = _padding(get_length_grouped_indices(lengths, 8, generator=torch.Generator().manual_seed(1)), lengths, 8)
-    assert ours < 0.05 and ours < theirs / 3, (ours, theirs)
-    again = length_grouped_order(lengths, 8, torch.Generator().manual_seed(1))
-    other = length_grouped_order(lengths, 8, torch.Generator().manual_seed(2))
-    assert again == order and other != order
-    # the batches come in random order, not sorted by length
-    firsts = [max(lengths[i] for i in order[b:b + 8]) for b in range(8, 160, 8)]
-    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
-    assert length_grouped_order([], 8) == [] and sorted(length_grouped_order([5, 3], 8)) == [0, 1]
-
-
-def test_training_groups_batches_with_our_sampler(tiny_model_dir, tmp_path, monkeypatch):
-    """group_by_length trains on length_grouped_order's batches (and switched off, on a random order)."""
-    from ft_magics import Session
-    from ft_magics.core import data
-
-    calls = []
-    real = data.length_grouped_order
-
-    def recording(lengths, batch_size, generator=None):
-        calls.append((list(lengths), batch_size))
-        return real(lengths, batch_size, generator)
-
-    monkeypatch.setattr(data, "length_grouped_order", recording)
-    words = [" ".join(["w"] * n) for n in (2, 40, 5, 30, 9, 60, 3, 20)]
-    rows = [{"prompt": f"q {w}", "completion": "a"} for w in words]
-    s = Session(adapters_dir=tmp_path / "grp")
-    s.load(str(tiny_model_dir), bits=16, device="cpu")
-    r = s.train("g", rows, {"max_steps": 2, "batch_size": 2, "seed": 1})
-    assert r.record["status"] == "completed"
-    assert calls and calls[0][1] == 2 and len(calls[0][0]) == len(rows) and len(set(calls[0][0])) > 4
-    calls.clear()
-    s.train("h", rows, {"max_steps": 2, "batch_size": 2, "seed": 1, "group_by_length": False})
-    assert not calls

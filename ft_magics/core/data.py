@@ -909,58 +909,6 @@ def show_loss_tokens(tokenizer, ex: TokenizedExample, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-# ----------------------------------------------------------------------------- length-grouped batches
-GROUP_WINDOW_BATCHES = 50  # batches' worth of examples sorted together (transformers' largest mega-batch)
-
-
-def length_grouped_order(lengths: list[int], batch_size: int, generator=None) -> list[int]:
-    """An epoch's example order in which each run of ``batch_size`` consecutive indices is one batch of
-    similar lengths, the batches in random order, the one holding the longest example first.
-
-    The examples are shuffled, sorted by length within windows of ``GROUP_WINDOW_BATCHES`` batches, cut into
-    batches, and the batches shuffled. transformers' ``LengthGroupedSampler`` sorts within windows too, but
-    shrinks them so that there are at least four (on a 160-example set with batch 8: windows of 40), and
-    keeps each window's batches in descending order; a small set with widely varying lengths keeps much of
-    its padding that way (the benchmark's varying-length set: 16% of the tokens in a batch were padding;
-    windows of the whole set: see the test). A shorter final batch stays last, where the data loader puts
-    it, so every other batch is whole. Uses ``generator`` (or torch's global generator, as transformers does,
-    so a resumed run replays the same order)."""
-    import torch
-
-    n = len(lengths)
-    if n == 0:
-        return []
-    batch_size = max(1, int(batch_size))
-    shuffled = torch.randperm(n, generator=generator).tolist()
-    window = GROUP_WINDOW_BATCHES * batch_size
-    batches: list[list[int]] = []
-    for w in range(0, n, window):
-        part = sorted(shuffled[w:w + window], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
-        batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
-    tail = batches.pop() if len(batches[-1]) < batch_size else None
-    order = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    if order:
-        longest = max(range(len(order)), key=lambda b: max(lengths[i] for i in order[b]))
-        order[0], order[longest] = order[longest], order[0]
-    if tail is not None:
-        order.append(tail)
-    return [i for batch in order for i in batch]
-
-
-def length_grouped_sampler(lengths: list[int], batch_size: int, generator=None):
-    """A ``torch.utils.data.Sampler`` over :func:`length_grouped_order` (a new order every epoch)."""
-    from torch.utils.data import Sampler
-
-    class LengthGroupedBatches(Sampler):
-        def __len__(self):
-            return len(lengths)
-
-        def __iter__(self):
-            return iter(length_grouped_order(lengths, batch_size, generator))
-
-    return LengthGroupedBatches()
-
-
 # ----------------------------------------------------------------------------- packing
 def pack(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
     """Pack examples into rows of at most ``max_seq_len`` tokens (best fit, longest first).

@@ -608,17 +608,6 @@ def speed_trainer_class():
             with self.loss_blocks():
                 return super().evaluate(*args, **kwargs)
 
-        def _get_train_sampler(self, train_dataset=None):
-            # group_by_length: batches of similar lengths from windows of the whole set (core.data), not
-            # transformers' at-least-four windows; the same seeding (torch's global generator)
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            if self.args.train_sampling_strategy != "group_by_length" or ds is None or not hasattr(ds, "__len__"):
-                return super()._get_train_sampler(train_dataset)
-            from .data import length_grouped_sampler
-
-            return length_grouped_sampler(_row_lengths(ds),
-                                          self.args.train_batch_size * self.args.gradient_accumulation_steps)
-
         def training_step(self, model, inputs, *args, **kwargs):
             # forward and backward (where checkpointed layers are recomputed) see the same LoRA input dtypes
             # and the same attention kernel
@@ -693,17 +682,6 @@ def holding_loss_blocks(trainer):
     plain ``transformers.Trainer``)."""
     hold = getattr(trainer, "loss_blocks", None)
     return hold() if hold is not None else contextlib.nullcontext()
-
-
-def _row_lengths(ds) -> list:
-    """Tokens per training row: from the Arrow column where ``ds`` is a plain ``datasets.Dataset`` (no row
-    decoded; one with an indices mapping, after ``select`` or ``shuffle``, is read row by row)."""
-    table = getattr(getattr(ds, "data", None), "table", None)
-    if table is not None and getattr(ds, "_indices", None) is None and "input_ids" in table.column_names:
-        import pyarrow.compute as pc
-
-        return pc.list_value_length(table.column("input_ids")).to_pylist()
-    return [len(row["input_ids"]) for row in ds]
 
 
 def warmup_from_first_step():
