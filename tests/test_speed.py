@@ -452,7 +452,7 @@ def test_importing_ft_magics_bounds_the_cpu_kernel_caches():
     assert bounded < unbounded / 3, (bounded, unbounded)
 
 
-def test_short_row_attention_in_bf16_matches_fp32_math_and_keeps_less():
+def test_math_kernel_in_bf16_matches_fp32_math_and_keeps_less():
     """The math kernel without its fp32 upcast gives the same attention (to bf16 rounding) and its
     gradients, and autograd keeps less for the backward."""
     import torch
