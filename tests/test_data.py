@@ -703,13 +703,25 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_models, impl, train_on):
         with torch.no_grad():
             mean = causal_lm_chunked_loss(model, batch).item()
         assert mean * count == pytest.approx(total, rel=1e-4)
-        # and so does the trainer's attention for short rows on the CPU (its own causal attention must hand
-        # the packed rows' block mask to SDPA)
-        from ft_magics.core.speed import attention_for
+        # and so does the trainer's attention on the CPU (its own causal attention must keep the packed rows'
+        # examples apart, or hand their block mask to SDPA)
+        from ft_magics.core import speed
 
-        with torch.no_grad(), attention_for(batch, model):
-            mean = causal_lm_chunked_loss(model, batch).item()
+        real, docs_seen = speed.block_causal_attention, []
+
+        def recording(q, k, v, scale, docs=None):
+            docs_seen.append(docs is not None)
+            return real(q, k, v, scale, docs)
+
+        speed.block_causal_attention = recording
+        try:
+            with torch.no_grad(), speed.attention_for(batch, model):
+                mean = speed.causal_lm_chunked_loss(model, batch).item()
+        finally:
+            speed.block_causal_attention = real
         assert mean * count == pytest.approx(total, rel=1e-4)
+        if impl == "sdpa":  # the packed mask is taken by ft_magics' own attention, with the documents
+            assert docs_seen and all(docs_seen)
     # the control: the same rows without position_ids (examples see each other) give another loss
     leak, _ = _sum_loss(model, {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False})
     assert abs(leak - total) > 1e-3 * total

@@ -1032,3 +1032,88 @@ def test_the_final_evaluation_runs_without_the_optimizer_state(tiny_model_dir, t
     assert r.record["status"] == "completed" and r.eval_loss is not None
     assert len(seen) == 3 and seen[0] > 0 and seen[1] > 0  # steps 2 and 4 during training: moments alive
     assert seen[-1] == 0  # the final evaluation: freed
+
+
+def _packed(b, length, seed):
+    """Rows of examples of random lengths packed one after another, then a padding run of its own (as
+    core.data.collate_packed makes them): position_ids, the documents and transformers' boolean mask."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(b):
+        pos = []
+        while len(pos) < length - 5:
+            pos += list(range(int(torch.randint(3, 30, (), generator=g))))
+        rows.append(pos[:length - 5] + list(range(5)))
+    pos = torch.tensor(rows)
+    start = torch.ones(b, length, dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    docs, at = start.cumsum(1), torch.arange(length)
+    return pos, ((docs[:, :, None] == docs[:, None, :]) & (at[:, None] >= at[None, :]))[:, None]
+
+
+@pytest.mark.parametrize("length, block", [(40, 16), (150, 64)])
+def test_packed_rows_take_the_block_attention_within_their_examples(length, block, monkeypatch):
+    """A mask that is exactly causal attention within each example of packed rows (boolean or additive) is
+    computed here, equal to SDPA with that mask in fp64, output and gradients; a mask that hides anything
+    more, or no position_ids to check it against, goes to SDPA."""
+    import torch.nn.functional as F
+
+    from ft_magics.core import speed
+
+    monkeypatch.setattr(speed, "ATTENTION_BLOCK_ROWS", block)
+    torch.manual_seed(0)
+    b, kv, groups, dim = 2, 2, 3, 8
+    pos, mask = _packed(b, length, seed=1)
+    q = torch.randn(b, kv * groups, length, dim, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, kv, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def fallback(*a, **kw):
+        return "sdpa", None
+
+    def ours(m, **kw):
+        return speed.causal_grouped_attention(_Attention(groups), q, k, v, m, scaling=0.3, fallback=fallback, **kw)[0]
+
+    out = ours(mask, position_ids=pos)
+    assert torch.is_tensor(out)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                         attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.allclose(got, want, atol=1e-12)
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill_(~mask, torch.finfo(torch.float64).min)
+    assert torch.allclose(ours(additive, position_ids=pos), ref, atol=1e-12)
+    hides_more = mask.clone()
+    hides_more[1, 0, length - 9, length - 10] = False  # inside an example: not what the documents say
+    assert mask[1, 0, length - 9, length - 10] and ours(hides_more, position_ids=pos) == "sdpa"
+    assert ours(mask) == "sdpa"  # nothing to check the mask against
+    assert ours(mask, position_ids=torch.arange(length)[None]) == "sdpa"  # one example: this mask is not that
+
+
+def test_packed_training_runs_through_the_block_attention(tiny_model_dir, tmp_path):
+    """packing: true on the CPU trains through ft_magics' attention with the packed rows' documents, and
+    the run learns; the check leaves nothing cached after the step."""
+    from ft_magics import Session
+    from ft_magics.core import speed
+
+    real, seen = speed.block_causal_attention, []
+
+    def recording(q, k, v, scale, docs=None):
+        seen.append(docs is not None and int(docs[:, -1].max()) > 1)  # several examples in a row
+        return real(q, k, v, scale, docs)
+
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i % 3}"} for i in range(24)]
+    s = Session(adapters_dir=tmp_path / "pk")
+    s.load(str(tiny_model_dir), bits=16, device="cpu")
+    speed.block_causal_attention = recording
+    try:
+        r = s.train("x", rows, {"max_steps": 3, "batch_size": 2, "seed": 1, "packing": True, "max_seq_len": 64,
+                                "learning_rate": 1e-2})
+    finally:
+        speed.block_causal_attention = real
+    assert r.record["status"] == "completed"
+    assert seen and all(seen), seen
+    losses = [l for _, l in r.record["loss_history"]]
+    assert losses[-1] < losses[0], losses
+    assert not speed._PACKED_CHECKS

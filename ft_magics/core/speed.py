@@ -415,6 +415,7 @@ def _causal_row_attention(math_kernel: bool = True):
         else:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = own
         _causal_bias.cache_clear()  # a step's layers share one bias; none is kept after it
+        _PACKED_CHECKS.clear()
 
 
 @functools.lru_cache(maxsize=4)
@@ -448,18 +449,22 @@ def causal_grouped_attention(module, query, key, value, attention_mask, dropout:
     kv_heads = key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
-    if (attention_mask is not None or not causal or dropout or length < 2 or key.shape[2] != length
-            or heads % kv_heads or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
-            or kwargs.get("output_attentions") or (window is not None and window < length)
-            or not query.dtype == key.dtype == value.dtype or value.shape[-1] != dim):
+    unsupported = (not causal or dropout or length < 2 or key.shape[2] != length or heads % kv_heads
+                   or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+                   or kwargs.get("output_attentions") or (window is not None and window < length)
+                   or not query.dtype == key.dtype == value.dtype or value.shape[-1] != dim)
+    # a mask is taken only where it is exactly the packed rows' causal-within-each-example mask
+    docs = None if unsupported or attention_mask is None else \
+        packed_documents(attention_mask, kwargs.get("position_ids"), b, length)
+    if unsupported or (attention_mask is not None and docs is None):
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         is_causal=is_causal, **kwargs)
     import torch
 
     groups = heads // kv_heads  # query head j * groups + g reads key/value head j (transformers' repeat_kv)
     scale = scaling if scaling is not None else dim ** -0.5
-    if length > SHORT_ATTENTION_LEN:
-        return block_causal_attention(query, key, value, scale), None
+    if length > SHORT_ATTENTION_LEN or docs is not None:
+        return block_causal_attention(query, key, value, scale, docs), None
     q = query.reshape(b * kv_heads, groups * length, dim)
     k = key.reshape(b * kv_heads, length, dim)
     v = value.reshape(b * kv_heads, length, dim)
@@ -485,7 +490,7 @@ def _block_causal_fn():
         probabilities instead of keeping them (what flash attention keeps: q, k, v)."""
 
         @staticmethod
-        def forward(ctx, query, key, value, scale):
+        def forward(ctx, query, key, value, scale, docs):
             b, heads, length, dim = query.shape
             kv = key.shape[1]
             groups = heads // kv
@@ -495,9 +500,10 @@ def _block_causal_fn():
             block = _query_block(b * kv, groups, length, q.element_size())
             out = torch.empty_like(q)
             with torch.autocast(query.device.type, enabled=False):
-                for s, e, scores in _block_scores(q, k, scale, block, groups):
+                for s, e, scores in _block_scores(q, k, scale, block, groups, docs):
                     torch.bmm(torch.softmax(scores, dim=-1), v[:, :e], out=out[:, s * groups:e * groups])
             ctx.save_for_backward(q, k, v)
+            ctx.docs = docs
             ctx.scale, ctx.block, ctx.shape = scale, block, (b, heads, length, dim, kv, groups)
             # (b, kv, L, groups, d) -> (b, L, heads, d): transformers' attention output layout
             return out.view(b, kv, length, groups, dim).permute(0, 2, 1, 3, 4).reshape(b, length, heads, dim)
@@ -510,7 +516,7 @@ def _block_causal_fn():
             do = do.to(q.dtype)
             dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
             with torch.autocast(q.device.type, enabled=False):
-                for s, e, scores in _block_scores(q, k, ctx.scale, ctx.block, groups):
+                for s, e, scores in _block_scores(q, k, ctx.scale, ctx.block, groups, ctx.docs):
                     rows = slice(s * groups, e * groups)
                     probs = torch.softmax(scores, dim=-1)
                     dv[:, :e].baddbmm_(probs.transpose(1, 2), do[:, rows])
@@ -519,34 +525,83 @@ def _block_causal_fn():
                     torch.bmm(dscores, k[:, :e], out=dq[:, rows])
                     dk[:, :e].baddbmm_(dscores.transpose(1, 2), q[:, rows])
             dq = dq.view(b, kv, length, groups, dim).transpose(2, 3).reshape(b, heads, length, dim)
-            return dq, dk.view(b, kv, length, dim), dv.view(b, kv, length, dim), None
+            return dq, dk.view(b, kv, length, dim), dv.view(b, kv, length, dim), None, None
 
     return BlockCausalAttention
 
 
-def _block_scores(q, k, scale, block, groups):
+def _block_scores(q, k, scale, block, groups, docs=None):
     """``(start, end, scores)`` per block of query positions: the scaled scores of rows ``start..end``
-    against keys ``0..end`` with the causal bias on the diagonal block (keys past ``end`` are never read)."""
+    against keys ``0..end`` with the causal bias on the diagonal block (keys past ``end`` are never read);
+    with ``docs`` (b, L), each position sees only the earlier positions of its own document."""
     import torch
 
     length = k.shape[1]
     bias = _causal_bias(block, groups, q.dtype, q.device, group_major=False)  # the diagonal block's
+    at = torch.arange(length, device=q.device)
     for s in range(0, length, block):
         e = min(s + block, length)
         scores = torch.bmm(q[:, s * groups:e * groups], k[:, :e].transpose(1, 2)).mul_(scale)
-        scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
+        if docs is None:
+            scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
+        else:
+            allowed = (docs[:, s:e, None] == docs[:, None, :e]) & (at[s:e, None] >= at[None, :e])
+            doc_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            b = docs.shape[0]  # rows (position, group): (b * kv, n * groups, e) -> (b, kv, n, groups, e)
+            scores.view(b, -1, e - s, groups, e).add_(doc_bias[:, None, :, None, :])
         yield s, e, scores
 
 
-def block_causal_attention(query, key, value, scale: float):
+def packed_documents(attention_mask, position_ids, batch: int, length: int):
+    """``(batch, length)`` document numbers where ``attention_mask`` (transformers' 4-D SDPA mask, boolean or
+    additive) is exactly causal attention within each run of consecutive ``position_ids`` (packed rows: a
+    restart begins a new example; padding is a run of its own), else None.
+
+    Checked against the mask itself, once per mask (every layer of a forward shares it), so a mask that
+    also hides anything else (left padding, a window) keeps its own kernel."""
+    import torch
+
+    if position_ids is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 \
+            or tuple(attention_mask.shape[-2:]) != (length, length) or attention_mask.shape[0] not in (1, batch):
+        return None
+    key = (id(attention_mask), attention_mask._version, id(position_ids))
+    if key in _PACKED_CHECKS:
+        return _PACKED_CHECKS[key][-1]
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    if pos.shape[-1] != length or pos.shape[0] not in (1, batch):
+        return None
+    pos = pos.expand(batch, length)
+    start = torch.ones(batch, length, dtype=torch.bool, device=pos.device)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    docs = start.cumsum(1)
+    given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    given = given.expand(batch, 1, length, length)
+    at = torch.arange(length, device=pos.device)
+    ok = True
+    for s in range(0, length, 256):  # by row blocks: no batch x L x L comparison at once
+        e = min(s + 256, length)
+        want = (docs[:, s:e, None] == docs[:, None, :]) & (at[s:e, None] >= at[None, :])
+        if not torch.equal(given[:, 0, s:e], want):
+            ok = False
+            break
+    _PACKED_CHECKS.clear()  # one mask per forward: the last one is all that is worth keeping
+    _PACKED_CHECKS[key] = (attention_mask, position_ids, docs if ok else None)  # held: their ids stay theirs
+    return docs if ok else None
+
+
+_PACKED_CHECKS: dict = {}
+
+
+def block_causal_attention(query, key, value, scale: float, docs=None):
     """Causal attention of ``query`` (b, heads, L, d) over ``key``/``value`` (b, kv_heads, L, d), by blocks of
-    query rows, as (b, L, heads, d).
+    query rows, as (b, L, heads, d); with ``docs`` (b, L) (see :func:`packed_documents`) within each
+    document only.
 
     Each block of query positions multiplies against the keys up to its own end only (the causal half),
     softmax, then the values; the backward recomputes a block's scores and probabilities rather than
     keeping L x L of them per layer, so memory is what flash attention keeps. Faster than PyTorch's CPU
     flash kernel in 16 bits at every length measured (see :func:`attention_for`), exact in fp64."""
-    return _block_causal_fn().apply(query, key, value, scale)
+    return _block_causal_fn().apply(query, key, value, scale, docs)
 
 
 def speed_trainer_class():
