@@ -538,14 +538,13 @@ def _block_scores(q, k, scale, block, groups, docs=None):
 
     length = k.shape[1]
     bias = _causal_bias(block, groups, q.dtype, q.device, group_major=False)  # the diagonal block's
-    at = torch.arange(length, device=q.device)
     for s in range(0, length, block):
         e = min(s + block, length)
         scores = torch.bmm(q[:, s * groups:e * groups], k[:, :e].transpose(1, 2)).mul_(scale)
         if docs is None:
             scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
         else:
-            allowed = (docs[:, s:e, None] == docs[:, None, :e]) & (at[s:e, None] >= at[None, :e])
+            allowed = _within_documents(docs, s, e, e)
             doc_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
             b = docs.shape[0]  # rows (position, group): (b * kv, n * groups, e) -> (b, kv, n, groups, e)
             scores.view(b, -1, e - s, groups, e).add_(doc_bias[:, None, :, None, :])
@@ -576,12 +575,10 @@ def packed_documents(attention_mask, position_ids, batch: int, length: int):
     docs = start.cumsum(1)
     given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     given = given.expand(batch, 1, length, length)
-    at = torch.arange(length, device=pos.device)
     ok = True
     for s in range(0, length, 256):  # by row blocks: no batch x L x L comparison at once
         e = min(s + 256, length)
-        want = (docs[:, s:e, None] == docs[:, None, :]) & (at[s:e, None] >= at[None, :])
-        if not torch.equal(given[:, 0, s:e], want):
+        if not torch.equal(given[:, 0, s:e], _within_documents(docs, s, e, length)):
             ok = False
             break
     _PACKED_CHECKS.clear()  # one mask per forward: the last one is all that is worth keeping
@@ -590,6 +587,16 @@ def packed_documents(attention_mask, position_ids, batch: int, length: int):
 
 
 _PACKED_CHECKS: dict = {}
+
+
+def _within_documents(docs, start: int, end: int, keys: int):
+    """``(b, end - start, keys)``: whether query position ``start..end`` may attend to key ``0..keys``:
+    at or before it, in the same document (``docs``: b x L document numbers)."""
+    import torch
+
+    q_at = torch.arange(start, end, device=docs.device)
+    k_at = torch.arange(keys, device=docs.device)
+    return (docs[:, start:end, None] == docs[:, None, :keys]) & (q_at[:, None] >= k_at[None, :])
 
 
 def block_causal_attention(query, key, value, scale: float, docs=None):
