@@ -51,13 +51,13 @@ LAUNCHERS = ("accelerate", "torchrun", "notebook")
 EVENTS_FILE = "events.jsonl"
 LOG_FILE = "launch.log"
 STOP_FILE = "STOP"
+RUNS_DIR = "runs"
 
 
 def ask_ranks_to_stop(run_dir: Path) -> None:
     """The interrupt, as the training processes see it: the STOP file with its reason, written whole (a
     rank never reads it empty)."""
     atomic_write_text(run_dir / STOP_FILE, "interrupted\n")
-RUNS_DIR = "runs"
 
 
 # --------------------------------------------------------------------------- the job spec
