@@ -264,6 +264,9 @@ class FtMagics(Magics):
             How do I reset my password?
 
             %lora_generate --adapter support-bot How do I reset my password?
+
+        In the line form a final ? belongs to the question (IPython would otherwise read it as a help
+        request); %lora_generate? alone still shows this help.
         """
         if cell is None:  # line form: the flags first, then the message as typed
             line, prompt = split_leading_flags(self.lora_generate, line)
@@ -500,14 +503,43 @@ def get_session():
     return magics.session
 
 
+_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate)[ \t]+(\S.*?)\s*$")
+
+
+def prompts_keep_question_marks(lines: list) -> list:
+    """IPython input transformer: ``%lora_generate ... How do I reset my password?`` is a prompt.
+
+    IPython reads a line that ends in ``?`` as a help request for its last word (``password``), so the
+    natural way to ask a question never reached the magic. Such lines are turned into the call IPython
+    would make for any other line magic, before its help syntax is looked for. ``%lora_generate?`` (no
+    text) is still help, and a cell magic's body is left as typed."""
+    first = next((line for line in lines if line.strip()), "")
+    if first.lstrip().startswith("%%"):
+        return lines
+    out = []
+    for line in lines:
+        m = _PROMPT_LINE.match(line)
+        if m is not None and m.group(3).endswith("?"):
+            end = "\n" if line.endswith("\n") else ""
+            line = f"{m.group(1)}get_ipython().run_line_magic({m.group(2)!r}, {m.group(3)!r}){end}"
+        out.append(line)
+    return out
+
+
 def load_ipython_extension(ipython) -> None:
     magics = FtMagics(ipython)
     ipython.register_magics(magics)
     _loaded[id(ipython)] = magics
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None and prompts_keep_question_marks not in cleanup:
+        cleanup.append(prompts_keep_question_marks)
 
 
 def unload_ipython_extension(ipython) -> None:
     magics = _loaded.pop(id(ipython), None)
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None and prompts_keep_question_marks in cleanup:
+        cleanup.remove(prompts_keep_question_marks)
     gauge = sys.modules.get("ft_magics.widgets.memory_gauge")  # %ft_memory's thread ends with the extension
     if gauge is not None:
         gauge.stop_gauge()

@@ -41,6 +41,26 @@ def test_unload_ext_removes_every_magic(shell):
     shell.run_line_magic("load_ext", "ft_magics")  # the fixture unloads again
 
 
+def test_a_prompt_ending_in_a_question_mark_reaches_lora_generate(shell):
+    """IPython turns a line ending in ? into a help request for its last word; the extension keeps the
+    question for %lora_generate while it is loaded, and help on the magic itself still works."""
+    def tr(cell):
+        return shell.transform_cell(cell).strip()
+
+    assert tr("%lora_generate --adapter bot How do I reset my password?") == \
+        "get_ipython().run_line_magic('lora_generate', '--adapter bot How do I reset my password?')"
+    assert tr("for q in qs:\n    %lora_generate {q}, why?") == \
+        "for q in qs:\n    get_ipython().run_line_magic('lora_generate', '{q}, why?')"
+    assert tr("%lora_generate?") == "get_ipython().run_line_magic('pinfo', '%lora_generate')"
+    assert "run_cell_magic('lora_generate', '', '%lora_generate Why?" in tr("%%lora_generate\n%lora_generate Why?")
+    assert tr("%lora_generate hello") == "get_ipython().run_line_magic('lora_generate', 'hello')"  # unchanged path
+    shell.run_line_magic("unload_ext", "ft_magics")
+    try:
+        assert tr("%lora_generate How?") == "get_ipython().run_line_magic('pinfo', 'How')"  # IPython's own again
+    finally:
+        shell.run_line_magic("load_ext", "ft_magics")  # the fixture unloads again
+
+
 # --------------------------------------------------------------------------- argument errors
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
     with pytest.raises(UsageError, match=r"unknown flag --bitz \(did you mean '--bits'\?\)"):
@@ -147,7 +167,8 @@ def test_magics_train_and_generate_tiny(shell, tiny_model_dir, capsys, bits, dev
     real = s.generate
     s.generate = lambda prompt, **kw: (seen.append((prompt, kw["adapter"], kw["max_new_tokens"])), real(prompt, **kw))[1]
     try:
-        shell.run_line_magic("lora_generate", "--adapter bot --max-new-tokens 3 I can't log in, what's wrong?")
+        # typed as a user types it (run_cell: IPython's input transformers, where a final ? means help)
+        assert shell.run_cell("%lora_generate --adapter bot --max-new-tokens 3 I can't log in, what's wrong?").success
         shell.run_line_magic("lora_generate", '--system "Be brief." --no-stream hello there')
     finally:
         s.generate = real
