@@ -288,6 +288,15 @@ def test_well_known_column_pairs_need_no_map_and_the_report_says_how_they_were_r
         D.normalise([{"question": "q", "answer": "a", "input": "i", "output": "o"}])
 
 
+def test_unknown_column_names_suggest_a_map_in_the_data_s_column_order():
+    """Columns with no known name (here German): the suggestion takes the first column as the prompt, as
+    datasets put them, not the alphabetical first (which made the answer the prompt)."""
+    with pytest.raises(FtUsageError, match='--map "Frage=prompt,Antwort=completion"'):
+        D.normalise([{"Frage": "Wie?", "Antwort": "So."}])
+    with pytest.raises(FtUsageError, match='--map "Antwort=prompt,Frage=completion"'):
+        D.normalise([{"Antwort": "So.", "Frage": "Wie?"}])
+
+
 def test_missing_field_in_a_later_row(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "answer": "d"}])
     with pytest.raises(FtUsageError, match=r"line 2: the prompt-completion format needs field\(s\) 'completion'; "

@@ -443,7 +443,7 @@ def suggest_map(keys: Iterable[str]) -> Optional[str]:
     text = next((by_lower[n] for n in TEXT_NAMES if n in by_lower), None)
     if text:
         return f"{text}=text"
-    names = sorted(by_lower.values())
+    names = list(by_lower.values())  # in the data's column order: the question usually comes first
     if len(names) >= 2:
         return f"{names[0]}=prompt,{names[1]}=completion"
     if len(names) == 1:
@@ -466,7 +466,7 @@ def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
     return found[0] if len(found) == 1 else None
 
 
-def _missing_fields_error(keys: set, where: str) -> FtUsageError:
+def _missing_fields_error(keys: list, where: str) -> FtUsageError:
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
     fix = suggest_map(keys)
@@ -572,7 +572,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
                 f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}."
             )
         rows = _renamed(rows, mapping)
-    keys = set().union(*(r.keys() for r in rows[:1000]))
+    keys = list(dict.fromkeys(k for r in rows[:1000] for k in r))  # the columns, in the data's order
     shown_fmt = None
     if fmt == "auto":
         found = detect_format(keys)
