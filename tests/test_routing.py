@@ -121,7 +121,11 @@ def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
     for key, (loss, ppl, tokens) in report.results.items():
         assert loss > 0 and ppl == pytest.approx(math.exp(loss)) and tokens > 100
     assert report.loss("demo:support-eval", "base") != report.loss("demo:support-eval", "legal")
-    assert "forgetting check" in report.to_text()
+    text = report.to_text()
+    assert "forgetting check" in text
+    for s in report.sets:  # each set's name whole, with its token count, and the columns aligned
+        assert f"{s} ({report.results[(s, 'base')][2]} tok)" in text
+    assert len({line.index("loss") for line in text.splitlines()[1:3]}) == 1
     base_only = tiny_session.evaluate("base", "demo:support-eval", max_seq_len=128)
     assert base_only.loss("demo:support-eval", "base") == pytest.approx(report.loss("demo:support-eval", "base"))
 

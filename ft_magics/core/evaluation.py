@@ -98,13 +98,13 @@ class EvalReport:
         return adapter / base - 1.0
 
     def to_text(self) -> str:
-        head = f"{'':<34}" + "".join(f"{c[:24]:>26}" for c in self.columns)
-        lines = [head]
-        for s in self.sets:
+        labels = [f"{s} ({self.results[(s, self.columns[0])][2]} tok)" for s in self.sets]
+        width = max([33] + [len(label) for label in labels]) + 1  # each set's whole name, tokens included
+        lines = [f"{'':<{width}}" + "".join(f"{c[:24]:>26}" for c in self.columns)]
+        for s, label in zip(self.sets, labels):
             cells = "".join(
                 f"{f'loss {self.results[(s, c)][0]:.4f} ppl {self.results[(s, c)][1]:.2f}':>26}" for c in self.columns)
-            tokens = self.results[(s, self.columns[0])][2]
-            lines.append(f"{(s + f' ({tokens} tok)')[:33]:<34}{cells}")
+            lines.append(f"{label:<{width}}{cells}")
         f = self.forgetting()
         if f is not None:
             verdict = ("general text got worse: some forgetting" if f > 0.05 else
