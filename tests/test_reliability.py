@@ -116,6 +116,24 @@ def test_resume_with_other_data_or_settings_warns(tiny_session):
     assert warn and "data_fingerprint" in warn[0] and "learning_rate" in warn[0], _messages(rec)
 
 
+def test_resume_with_no_steps_left_is_refused_and_keeps_the_checkpoint(tiny_session):
+    s = tiny_session
+    s.train("bot", DATA, dict(CFG, max_steps=6), listeners=[StopAt(s, 3)])
+    before = _ckpts(s, "bot")
+    last = max(int(n.split("-")[1]) for n in before)
+    assert 3 <= last < 6
+    adapter = (s.adapters_dir / "bot" / "adapter_model.safetensors").read_bytes()
+    for limit in (2, last):
+        with pytest.raises(FtUsageError, match=rf"checkpoint-{last} of 'bot' is already at step {last}, so "
+                                               rf"max_steps={limit} leaves nothing.*above {last} \(the run was "
+                                               r"started with 6\)"):
+            s.train("bot", DATA, dict(CFG, max_steps=limit), resume=True)
+    assert _ckpts(s, "bot") == before  # nothing lost: the checkpoint and the adapter are as they were
+    assert (s.adapters_dir / "bot" / "adapter_model.safetensors").read_bytes() == adapter
+    done = s.train("bot", DATA, dict(CFG, max_steps=6), resume=True)
+    assert done.status == "completed" and done.steps == 6
+
+
 def test_checkpoints_by_time(tiny_session):
     s = tiny_session
     # save_every_minutes tiny: a checkpoint after every step; the limit keeps the newest two

@@ -140,6 +140,14 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
     if path is None:
         raise no_checkpoint_error(root, name)
     old = read_meta(path)
+    step = int(_CKPT_RE.match(path.name).group(1))
+    limit = (meta.get("settings") or {}).get("max_steps", -1)
+    if isinstance(limit, int) and 0 < limit <= step:
+        started = (old.get("settings") or {}).get("max_steps")
+        raise FtUsageError(
+            f"{path.name} of {name!r} is already at step {step}, so max_steps={limit} leaves nothing to train. "
+            f"Resume with --max-steps above {step}" + (f" (the run was started with {started})" if started else "")
+            + ", or train afresh without --resume (that replaces the adapter).")
     changed = [k for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
     changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "r")
@@ -148,7 +156,7 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
         emit(listeners, Message(
             f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
             "the result will not match an uninterrupted run.", "warning"))
-    emit(listeners, Message(f"resuming {name!r} from {path.name} (step {_CKPT_RE.match(path.name).group(1)})"))
+    emit(listeners, Message(f"resuming {name!r} from {path.name} (step {step})"))
     return path
 
 
