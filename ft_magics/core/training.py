@@ -513,11 +513,12 @@ def run_training(
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():
                     status = flag.reason or "stopped"
-                if eval_ds is not None and status == "completed":
+                evaluated_last = bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
+                if eval_ds is not None and status == "completed" and not evaluated_last:
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
                     eval_loss = _f(metrics.get("eval_loss"))
-                    if eval_loss is not None and (not history["eval"] or history["eval"][-1][0] != history["last_step"]):
+                    if eval_loss is not None:
                         history["eval"].append([history["last_step"], eval_loss])
                         emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
                 elif history["eval"]:
