@@ -102,7 +102,7 @@ class Session:
         """Train a LoRA adapter ``name``. ``config`` is a dict (YAML body) or TrainConfig; keyword
         overrides win. ``resume=True`` continues from NAME's latest complete checkpoint (same data and
         settings). Returns a TrainResult, or the Thread when ``background`` is true."""
-        from .core.adapters import validate_name
+        from .core.adapters import replacing_note, validate_name
         from .core.events import Message, emit
 
         name = validate_name(name)
@@ -126,6 +126,10 @@ class Session:
         train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
         self.last_data_report = report
         emit(listeners, Message(report.text()))
+        if not resume:
+            note = replacing_note(target, name)
+            if note:
+                emit(listeners, Message(note, "warning"))
         if background:
             thread = threading.Thread(
                 target=self._train_guarded, args=(name, train_ex, eval_ex, cfg, target, listeners, report, True, on_done),

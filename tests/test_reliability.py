@@ -134,6 +134,18 @@ def test_resume_with_no_steps_left_is_refused_and_keeps_the_checkpoint(tiny_sess
     assert done.status == "completed" and done.steps == 6
 
 
+def test_training_a_name_again_says_what_it_replaces(tiny_session):
+    s = tiny_session
+    first, again = Recorder(), Recorder()
+    s.train("twice", DATA, dict(CFG, max_steps=2), listeners=[first])
+    assert not [m for m in _messages(first) if "already exists" in m]
+    loss = json.loads((s.adapters_dir / "twice" / "ft_run.json").read_text())["final_loss"]
+    s.train("twice", DATA, dict(CFG, max_steps=1), listeners=[again])
+    note = [m for m in _messages(again) if "already exists" in m]
+    assert len(note) == 1 and f"(2 steps, loss {loss:.4f}" in note[0] and "--resume" in note[0]
+    assert json.loads((s.adapters_dir / "twice" / "ft_run.json").read_text())["steps"] == 1  # and it did
+
+
 def test_checkpoints_by_time(tiny_session):
     s = tiny_session
     # save_every_minutes tiny: a checkpoint after every step; the limit keeps the newest two

@@ -109,6 +109,17 @@ def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
     )
 
 
+def replacing_note(target: Path, name: str) -> Optional[str]:
+    """What a fresh run of ``name`` into ``target`` would replace, said before it starts (None: nothing)."""
+    try:
+        info = info_from_folder(name, Path(target), "trained")
+    except (FtUsageError, OSError, ValueError):
+        return None
+    done = f"{info.steps} steps, loss {info.final_loss:.4f}" if info.steps and info.final_loss is not None else "trained earlier"
+    return (f"adapter {name!r} already exists ({done}, {target}); this run replaces it when it saves. "
+            "Use another name to keep it, or --resume to continue it.")
+
+
 class AdapterRegistry:
     """Which adapters this session knows, in insertion order."""
 
