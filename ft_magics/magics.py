@@ -352,6 +352,9 @@ class FtMagics(Magics):
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
         cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system)
         self._show(cmp)
+        if len(cmp.prompts) == 1 and "\n" in cmp.prompts[0]:  # one prompt per line is a natural first guess
+            lines = cmp.prompts[0].count("\n") + 1
+            print(f"(the cell held one prompt of {lines} lines; separate several prompts with a line of ---)")
 
     # ------------------------------------------------------------------ %lora_eval
     @magic_arguments()

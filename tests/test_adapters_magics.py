@@ -73,6 +73,11 @@ def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys):
     out = capsys.readouterr().out
     assert "Prompt 1: hello world" in out and "Prompt 2: thanks!" in out
     assert "[base]" in out and "[alpha]" in out and "tokens/s: base" in out
+    assert "separate several prompts" not in out
+    sh.run_cell_magic("lora_compare", "--adapters alpha --max-new-tokens 2", "hello world\nthanks!\n")
+    out = capsys.readouterr().out  # one prompt of two lines, and a word on how to give two
+    assert "Prompt 1: hello world\nthanks!" in out and "Prompt 2" not in out
+    assert "one prompt of 2 lines; separate several prompts with a line of ---" in out
     with pytest.raises(UsageError, match="no prompt"):
         sh.run_cell_magic("lora_compare", "", "---\n")
     sh.run_line_magic("lora_eval", "alpha --data demo:support-eval --max-seq-len 96")
