@@ -1028,11 +1028,6 @@ def test_the_final_evaluation_runs_without_the_optimizer_state(tiny_model_dir, t
     rows = [{"prompt": f"question {i}", "completion": f"answer {i % 3}"} for i in range(16)]
     s = Session(adapters_dir=tmp_path / "opt")
     s.load(str(tiny_model_dir), bits=16, device="cpu")
-    r = s.train("x", rows, {"max_steps": 4, "batch_size": 4, "seed": 1}, eval_data=rows[:4])
-    assert r.record["status"] == "completed" and r.eval_loss is not None
-    assert seen == [0]  # one evaluation, after the last step: the moments are freed
-    # with eval_steps the Trainer evaluates the last step itself (moments alive): that evaluation is the
-    # final one, with no second pass and no second report
     from ft_magics.core.events import EvalEnd, Listener
 
     class Evals(Listener):
@@ -1042,6 +1037,13 @@ def test_the_final_evaluation_runs_without_the_optimizer_state(tiny_model_dir, t
         def on_eval(self, e: EvalEnd):
             self.steps.append(e.step)
 
+    evals = Evals()
+    r = s.train("x", rows, {"max_steps": 4, "batch_size": 4, "seed": 1}, eval_data=rows[:4], listeners=[evals])
+    assert r.record["status"] == "completed" and r.eval_loss is not None
+    assert seen == [0]  # one evaluation, after the last step: the moments are freed
+    assert evals.steps == [4]  # and reported once
+    # with eval_steps the Trainer evaluates the last step itself (moments alive): that evaluation is the
+    # final one, with no second pass and no second report
     seen.clear()
     evals = Evals()
     r = s.train("y", rows, {"max_steps": 4, "batch_size": 4, "seed": 1, "eval_steps": 2}, eval_data=rows[:4],

@@ -518,7 +518,8 @@ def run_training(
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
                     eval_loss = _f(metrics.get("eval_loss"))
-                    if eval_loss is not None:
+                    recorded = bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
+                    if eval_loss is not None and not recorded:  # the callback has usually logged it already
                         history["eval"].append([history["last_step"], eval_loss])
                         emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
                 elif history["eval"]:
