@@ -819,7 +819,10 @@ def test_lora_train_txt_mode_flag_and_packing(shell, tiny_model_dir, capsys, tmp
     out = capsys.readouterr().out
     assert "text format, 12 rows -> 12 train / 0 eval" in out
     assert "Packing    12 examples -> " in out and "kept apart by sdpa attention" in out
+    rows = int(out.split("Packing    12 examples -> ")[1].split(" rows")[0])
+    assert rows < 12 and f"Training 'notes': 12 examples packed into {rows} rows, 2 steps" in out
     assert (Path("adapters/notes") / "adapter_config.json").exists()
     shell.run_cell_magic("lora_train", f"doc --data {tmp_path / 'notes.txt'} --txt-mode document --no-widgets",
                          "max_steps: 1\nmax_seq_len: 512\n")
-    assert "text format, 1 rows -> 1 train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "text format, 1 rows -> 1 train" in out and "Training 'doc': 1 examples, 1 steps" in out

@@ -38,6 +38,14 @@ class TrainBegin:
     device: str
     settings: dict = field(default_factory=dict)
     background: bool = False
+    packed_examples: Optional[int] = None  # with packing: the examples behind the num_examples rows
+
+    @property
+    def examples_text(self) -> str:
+        """"48 examples", or with packing "48 examples packed into 6 rows"."""
+        if self.packed_examples is not None:
+            return f"{self.packed_examples} examples packed into {self.num_examples} rows"
+        return f"{self.num_examples} examples"
 
     @property
     def trainable_percent(self) -> float:

@@ -168,7 +168,7 @@ class TrainingDashboard(Listener):
         self._ensure_shown()
         self._begin = e
         with self.box.hold_sync():
-            self.title.value = (f"<b>Training {_esc(e.run_name)}</b> on {_esc(e.device)} · {e.num_examples} examples · "
+            self.title.value = (f"<b>Training {_esc(e.run_name)}</b> on {_esc(e.device)} · {e.examples_text} · "
                                 f"{e.trainable_params:,} trainable parameters ({e.trainable_percent:.2f}%)")
             self.progress.max = max(e.total_steps, 1)
             self.progress.value = 0

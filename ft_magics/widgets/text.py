@@ -57,7 +57,7 @@ class TextReporter(Listener):
         self._begin = e
         self._every = max(1, e.total_steps // self.lines_per_run)
         self._print(
-            f"Training {e.run_name!r}: {e.num_examples} examples, {e.total_steps} steps on {e.device}; "
+            f"Training {e.run_name!r}: {e.examples_text}, {e.total_steps} steps on {e.device}; "
             f"trainable parameters {e.trainable_params:,} of {e.total_params:,} ({e.trainable_percent:.2f}% of the model)"
         )
         if not e.background:
