@@ -141,6 +141,77 @@ def test_other_states_and_variants_run_pefts_own_forward():
     assert len(calls) == 14
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base"])
+def test_without_autograd_the_update_is_peft_s_in_fewer_ops(dtype):
+    """Generation and evaluation (no autograd) take the switched forward: the base layer's own forward
+    plus the update in the adapter's (fp32) dtype. Same logits as PEFT's forward (exactly up to rounding in
+    fp32; within bf16 rounding on a bf16 base, where it rounds once instead of twice); dropout left active
+    in training mode keeps PEFT's forward."""
+    from ft_magics.core import fused_lora as fl
+
+    pm = _lora(_tiny(dtype))
+    ids = torch.randint(0, 96, (2, 12))
+    taken = []
+    real = fl._inference_forward
+
+    def counting(self, *a):
+        taken.append(1)
+        return real(self, *a)
+
+    pm.eval()
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits.float()
+        fl._inference_forward = counting
+        try:
+            with fl.fused_lora(pm):
+                got = pm(input_ids=ids).logits.float()
+        finally:
+            fl._inference_forward = real
+    assert len(taken) == 14
+    scale = want.abs().max()
+    assert float((got - want).abs().max() / scale) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+    drop = _lora(_tiny(), lora_dropout=0.5)
+    drop.train()  # dropout active without autograd: PEFT's forward (its own random mask)
+    with torch.no_grad(), fl.fused_lora(drop):
+        torch.manual_seed(4)
+        a = drop(input_ids=ids).logits
+    with torch.no_grad():
+        torch.manual_seed(4)
+        b = drop(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_generation_with_an_adapter_is_unchanged_by_the_switch(tiny_model_dir):
+    """core.inference.generate switches the layers for its duration: greedy tokens as with PEFT's forward."""
+    from transformers import AutoTokenizer
+
+    from ft_magics.core import fused_lora as fl
+    from ft_magics.core.inference import generate
+
+    from transformers import AutoModelForCausalLM
+
+    pm = _lora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    taken = []
+    real = fl._inference_forward
+    fl._inference_forward = lambda self, *a: (taken.append(1), real(self, *a))[1]
+    try:
+        got = generate(pm, tok, "hello there", max_new_tokens=6)
+    finally:
+        fl._inference_forward = real
+    n = len(fl.fusable_layers(pm))
+    assert n > 0 and len(taken) >= n and len(taken) % n == 0  # every layer, at every generated position
+    assert not any("forward" in vars(m) for m in fl.fusable_layers(pm))  # switched back afterwards
+    original = fl.fused_lora  # the same generation with PEFT's forward throughout
+    fl.fused_lora = lambda model, enabled=True: original(model, False)
+    try:
+        want = generate(pm, tok, "hello there", max_new_tokens=6)
+    finally:
+        fl.fused_lora = original
+    assert got.text == want.text and got.new_tokens == want.new_tokens
+
+
 def test_switched_only_inside_the_block():
     from ft_magics.core.fused_lora import fusable_layers, fused_lora
 

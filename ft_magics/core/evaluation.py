@@ -50,7 +50,9 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    from .fused_lora import fused_lora
+
+    with torch.no_grad(), fused_lora(model):
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
             width = max(len(e.input_ids) for e in batch)

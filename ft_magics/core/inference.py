@@ -67,8 +67,11 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
         kw["streamer"] = _streamer(tokenizer, on_text)
     was_training = model.training
     model.eval()
+    from .fused_lora import fused_lora
+
     t = time.perf_counter()
-    with torch.no_grad():  # not inference_mode: bnb repacks weights in here, and they must stay trainable
+    # not inference_mode: bnb repacks weights in here, and they must stay trainable
+    with torch.no_grad(), fused_lora(model):
         out = model.generate(**enc, **kw)
     seconds = time.perf_counter() - t
     if was_training:
