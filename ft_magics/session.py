@@ -73,8 +73,10 @@ class Session:
 
     def _drop_model(self) -> None:
         from .core.adapters import AdapterRegistry
+        from .core.data import forget_tokenized
         from .core.memory import release_memory
 
+        forget_tokenized()  # keyed by the tokenizer that goes with the model
         self.handle = None
         self.adapters = AdapterRegistry()
         self._merged = None

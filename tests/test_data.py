@@ -647,6 +647,61 @@ def test_report_text_has_everything(tok):
     assert "Example    (text between ⟦ and ⟧ carries loss)" in text and "⟦" in text
 
 
+def _mixed_records():
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": "hello " * (1 + i % 3)},
+                          {"role": "user", "content": "again?"}, {"role": "assistant", "content": f"yes {i}"}]}
+            for i in range(7)]
+    rows += [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(6)]
+    recs = D.normalise(rows[:7])[0] + D.normalise(rows[7:])[0] + D.normalise([{"text": "plain words here"}])[0]
+    return recs
+
+
+@pytest.mark.parametrize("train_on", ["answers", "all"])
+@pytest.mark.parametrize("which", ["chat-template", "no-template"])
+def test_batched_tokenisation_equals_one_record_at_a_time(tok, plain_tok, which, train_on, monkeypatch):
+    """tokenize_records encodes the rendered texts in batches (chunks of ENCODE_BATCH): the same ids and
+    labels as tokenize_record on each record, multi-turn chats, prompt/completion and text alike."""
+    t = tok if which == "chat-template" else plain_tok
+    D.forget_tokenized()
+    monkeypatch.setattr(D, "ENCODE_BATCH", 4)  # several chunks, and a short last one
+    recs = _mixed_records()
+    got = D.tokenize_records(t, recs, train_on)
+    want = [D.tokenize_record(t, r, train_on) for r in recs]
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    assert all(e.n_loss_tokens > 0 for e in got) and any(-100 in e.labels for e in got) == (train_on == "answers")
+
+
+def test_tokenised_records_are_remembered_until_the_data_or_tokenizer_changes(tok, monkeypatch):
+    D.forget_tokenized()
+    calls = []
+    real_call = type(tok).__call__
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    recs = _mixed_records()
+    first = D.tokenize_records(tok, recs)
+    n = len(calls)
+    assert n > 0
+    again = D.tokenize_records(tok, list(recs))  # the same records, as a new list: a cell run again
+    assert len(calls) == n and [e.input_ids for e in again] == [e.input_ids for e in first]
+    assert again is not first  # a list of its own: callers may drop or reorder examples
+    D.tokenize_records(tok, recs, train_on="all")  # another labelling: tokenised again
+    assert len(calls) > n
+    n = len(calls)
+    changed = recs[:-1] + D.normalise([{"text": "other words"}])[0]
+    D.tokenize_records(tok, changed)
+    assert len(calls) > n
+    assert len(D._TOKENIZED) == D.TOKENIZED_CACHE_ENTRIES  # the oldest went
+    n = len(calls)
+    D.forget_tokenized()
+    D.tokenize_records(tok, changed)
+    assert len(calls) > n
+
+
 # ============================================================================ packing
 def _examples(tok, n=9, train_on="answers"):
     rows = [{"prompt": f"Question {i}: the quick brown fox?", "completion": "Answer: jumps " * (1 + i % 4)}

@@ -65,6 +65,9 @@ def test_unload_frees_model_adapters_and_optimizer_even_after_a_failed_cell(shel
     assert shell.user_ns["_ft_test"]() is None
     assert s.handle is None and not s.adapters.names()
     assert not _optimizers()
+    from ft_magics.core import data
+
+    assert not data._TOKENIZED  # the remembered tokenisation of the training data went too
 
 
 MEASURE = r'''

@@ -805,7 +805,7 @@ def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        upto = tokenizer.apply_chat_template(messages[: k + 1], **kw)
+        upto = full if k == len(messages) - 1 else tokenizer.apply_chat_template(messages[: k + 1], **kw)
         if k:
             prefix = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, **kw)
         else:  # the conversation opens with an answer: its header (and any default system turn) is prompt
@@ -833,25 +833,89 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
     return text, spans, True
 
 
-def tokenize_record(tokenizer, record: Record, train_on: str = "answers") -> TokenizedExample:
-    text, spans, special = render(tokenizer, record)
-    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
+def _example(tokenizer, text: str, spans: list, special: bool, ids: list, offsets: list,
+             train_on: str) -> TokenizedExample:
+    """Token ids and offsets of a rendered text -> the example, with labels on the answer spans."""
+    ids, offsets = list(ids), [tuple(o) for o in offsets]
     if special and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)  # so the model learns to stop
         offsets.append((len(text), len(text) + 1))
         spans = [(s, e + 1 if e == len(text) else e) for s, e in spans]
     if train_on == "all":
-        labels = list(ids)
+        return TokenizedExample(input_ids=ids, labels=list(ids))
+    # a token carries loss when its characters overlap an answer span; special tokens a post-processor
+    # adds (BOS) have the empty offset (0, 0) and never do
+    if len(spans) == 1:
+        (ss, se), = spans
+        labels = [t if s < se and e > ss and e > s else -100 for t, (s, e) in zip(ids, offsets)]
     else:
-        labels = []
-        for tok, (s, e) in zip(ids, offsets):
-            # a token carries loss when its characters overlap an answer span; special tokens a
-            # post-processor adds (BOS) have the empty offset (0, 0) and never do
-            inside = e > s and any(s < se and e > ss for ss, se in spans)
-            labels.append(tok if inside else -100)
+        labels = [t if e > s and any(s < se and e > ss for ss, se in spans) else -100
+                  for t, (s, e) in zip(ids, offsets)]
     return TokenizedExample(input_ids=ids, labels=labels)
+
+
+def tokenize_record(tokenizer, record: Record, train_on: str = "answers") -> TokenizedExample:
+    text, spans, special = render(tokenizer, record)
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    return _example(tokenizer, text, spans, special, enc["input_ids"], enc["offset_mapping"], train_on)
+
+
+def _render_checked(tokenizer, rec: Record) -> tuple[str, list, bool]:
+    try:
+        return render(tokenizer, rec)
+    except FtUsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - jinja TemplateError from the model's own chat template
+        roles = ", ".join(m["role"] for m in rec.messages or [])
+        raise FtUsageError(
+            f"{rec.where or 'an example'}: the model's chat template refused this conversation "
+            f"(roles: {roles or 'none'}): {type(exc).__name__}: {exc}. Many templates need user and "
+            "assistant turns to alternate and know no 'tool' role; fix the row or load another model."
+        ) from None
+
+
+ENCODE_BATCH = 1024  # texts per call of the tokenizer: its Rust side encodes a batch on every core
+TOKENIZED_CACHE_ENTRIES = 2  # the last tokenised record lists kept (a train and an eval set)
+_TOKENIZED: dict = {}
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    template = getattr(tokenizer, "chat_template", None)
+    return (id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), tokenizer.eos_token_id,
+            hashlib.sha256(json.dumps(template, sort_keys=True, default=str).encode()).hexdigest())
+
+
+def tokenize_records(tokenizer, records: list[Record], train_on: str = "answers") -> list[TokenizedExample]:
+    """:func:`tokenize_record` of every record, with the texts encoded in batches, and remembered: the same
+    records with the same tokenizer (a cell run again with other settings) are not tokenised again.
+
+    Measured on 20,000 question/answer rows with the demo tokenizer (2 cores): 5.4 s one record at a time;
+    batched, with the last answer's conversation rendered once, 3.7-4.0 s; from the cache 0.4 s (the
+    whole of Session.prepare_data: 5.5-6.3 s before)."""
+    key = (_tokenizer_key(tokenizer), train_on, fingerprint(records))
+    hit = _TOKENIZED.pop(key, None)
+    if hit is None:
+        rendered = [_render_checked(tokenizer, rec) for rec in records]
+        hit = [None] * len(records)
+        for special in (False, True):
+            idx = [i for i, r in enumerate(rendered) if r[2] is special]
+            for at in range(0, len(idx), ENCODE_BATCH):
+                part = idx[at:at + ENCODE_BATCH]
+                enc = tokenizer([rendered[i][0] for i in part], add_special_tokens=special,
+                                return_offsets_mapping=True)
+                for j, i in enumerate(part):
+                    text, spans, _ = rendered[i]
+                    hit[i] = _example(tokenizer, text, spans, special, enc["input_ids"][j], enc["offset_mapping"][j],
+                                      train_on)
+    _TOKENIZED[key] = hit  # the newest last
+    while len(_TOKENIZED) > TOKENIZED_CACHE_ENTRIES:
+        del _TOKENIZED[next(iter(_TOKENIZED))]
+    return list(hit)
+
+
+def forget_tokenized() -> None:
+    """Drop the remembered tokenisations (their memory goes with them)."""
+    _TOKENIZED.clear()
 
 
 def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str = "answers",
@@ -859,18 +923,7 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     """Tokenise ``records``; cut or drop the overlong ones; drop (and count in ``report``) every example
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
-    for rec in records:
-        try:
-            ex = tokenize_record(tokenizer, rec, train_on)
-        except FtUsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - jinja TemplateError from the model's own chat template
-            roles = ", ".join(m["role"] for m in rec.messages or [])
-            raise FtUsageError(
-                f"{rec.where or 'an example'}: the model's chat template refused this conversation "
-                f"(roles: {roles or 'none'}): {type(exc).__name__}: {exc}. Many templates need user and "
-                "assistant turns to alternate and know no 'tool' role; fix the row or load another model."
-            ) from None
+    for ex in tokenize_records(tokenizer, records, train_on):
         if report is not None:
             report.lengths.append(len(ex.input_ids))
         if ex.n_loss_tokens == 0:
