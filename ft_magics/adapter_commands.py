@@ -50,7 +50,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
     if cmd == "list":
         if rest:
             raise FtUsageError("usage: %lora_adapters list")
-        if not s.adapters:
+        on_disk = s.adapters_on_disk()
+        if not s.adapters and not on_disk:
             out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
                 "%lora_adapters load PATH.")
             return
@@ -62,6 +63,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")
+        if on_disk:
+            out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(on_disk)}")
         out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
         return
     if cmd == "use":

@@ -234,7 +234,7 @@ class Session:
 
         with self._model_busy("switch adapters"):
             if name not in (None, BASE):
-                self.adapters.require(name)
+                self._require_adapter(name)
             self._check_not_merged("switch adapters", keep=name)
             if not self.adapters:
                 self.adapters.active = None
@@ -324,10 +324,7 @@ class Session:
             previous = self.adapters.active
             chosen = previous if adapter is None else adapter
             if chosen not in (None, BASE):
-                if chosen not in self.adapters and self._merged is None:
-                    self._load_on_demand(chosen)
-                    self.adapters.active = previous  # a per-call adapter does not change the selection
-                self.adapters.require(chosen)
+                self._require_adapter(chosen)  # a per-call adapter does not change the selection
             self._check_not_merged("generate with another adapter", keep=chosen)
             model = self.model
             if self._merged is not None:  # the LoRA layers are out of the way: the base model is the merged one,
@@ -353,6 +350,28 @@ class Session:
         if (folder / "adapter_config.json").is_file():
             self.load_adapter(folder, name)
 
+    def _require_adapter(self, name: str):
+        """The registry's entry for ``name``, loading it first from the adapters folder when it is only there
+        (trained before a kernel restart, or by another notebook). The active adapter stays as it was."""
+        from .core.adapters import activate
+
+        if name not in self.adapters and self._merged is None:
+            previous = self.adapters.active
+            self._load_on_demand(name)
+            if name in self.adapters and previous != name:  # load_adapter made it active: undo that
+                activate(self.model, previous)
+                self.adapters.active = previous
+        return self.adapters.require(name)
+
+    def adapters_on_disk(self) -> list:
+        """Names of adapter folders in the adapters folder that this session has not loaded."""
+        root = self.adapters_dir
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name not in self.adapters
+                      and (p / "adapter_config.json").is_file())
+
     # ------------------------------------------------------------------ merge, combine, export
     def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:
         m = self._merged
@@ -368,7 +387,7 @@ class Session:
         from .core.adapters import activate, merge
 
         with self._model_busy("merge an adapter"):
-            self.adapters.require(name)
+            self._require_adapter(name)
             if self._merged is not None:
                 if self._merged.name == name:
                     raise FtUsageError(f"adapter {name!r} is already merged.")
@@ -407,7 +426,7 @@ class Session:
         with self._model_busy("combine adapters"):
             self._check_not_merged("combine adapters")
             for a in weights:
-                self.adapters.require(a)
+                self._require_adapter(a)
             if name in self.adapters:
                 raise FtUsageError(f"an adapter named {name!r} is already loaded; pick another --name.")
             target = self.adapters_dir / name
@@ -480,7 +499,7 @@ class Session:
         with self._model_busy("compare adapters"):
             self._check_not_merged("compare adapters")
             for a in columns[1:]:
-                self.adapters.require(a)
+                self._require_adapter(a)
             previous = self.adapters.active
             model = self.model
             try:
@@ -502,7 +521,8 @@ class Session:
         if data is None and not general:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
         if name not in (None, BASE):
-            self.adapters.require(name)
+            with self._model_busy("evaluate"):
+                self._require_adapter(name)
         sets = []
         if data is not None:
             sets.append((str(data) if isinstance(data, str) else "data",

@@ -130,6 +130,50 @@ def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
     assert base_only.loss("demo:support-eval", "base") == pytest.approx(report.loss("demo:support-eval", "base"))
 
 
+def test_compare_times_no_one_time_cost_in_its_first_column(tiny_session, store, monkeypatch):
+    """The first generation after a load pays one-time costs (on the CPU, bitsandbytes' inference repack):
+    compare pays them before timing, so the base column is not charged for them."""
+    import time
+
+    tiny_session.load_adapter(store / "legal", "legal")
+    model = tiny_session.model
+    real = type(model).generate
+    first = []
+
+    def generate(self, *a, **kw):
+        if not first:
+            first.append(1)
+            time.sleep(1.0)  # a one-time cost
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "generate", generate)
+    cmp = tiny_session.compare("hello world", ["legal"], max_new_tokens=3)
+    assert first and cmp.cells[(0, "base")].seconds < 0.5
+
+
+def test_adapters_in_the_adapters_folder_are_listed_and_load_when_used_by_name(tiny_session, store, capsys):
+    """After a kernel restart the session knows no adapters, but the adapters folder still holds them:
+    list names them, and use / evaluate / compare / generate load them by name (the active one stays)."""
+    from ft_magics.adapter_commands import run
+
+    for name in ("legal", "support"):
+        shutil.copytree(store / name, tiny_session.adapters_dir / name)
+    (tiny_session.adapters_dir / "half").mkdir()  # no adapter_config.json: not an adapter
+    assert tiny_session.adapters_on_disk() == ["legal", "support"]
+    run(tiny_session, ["list"])
+    assert "not loaded (used by name, they load): legal, support" in capsys.readouterr().out
+    report = tiny_session.evaluate("legal", "demo:support-eval", general=False, max_seq_len=64)
+    assert report.columns == ["base", "legal"] and "legal" in tiny_session.adapters
+    assert tiny_session.adapters.active is None  # loading for the evaluation changed no selection
+    tiny_session.compare("hello", ["support"], max_new_tokens=2)
+    assert "support" in tiny_session.adapters and tiny_session.adapters_on_disk() == []
+    tiny_session.unload_adapter("legal")
+    tiny_session.use("legal")
+    assert tiny_session.adapters.active == "legal"
+    with pytest.raises(FtUsageError, match="no adapter named 'half'"):
+        tiny_session.use("half")
+
+
 def test_per_call_adapter_loads_on_demand_from_the_adapters_folder(tiny_session, store):
     shutil.copytree(store / "legal", tiny_session.adapters_dir / "legal")
     gen = tiny_session.generate(PROMPTS[0], adapter="legal", max_new_tokens=5)

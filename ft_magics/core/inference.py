@@ -190,8 +190,15 @@ class Comparison:
 
 def compare(model, tokenizer, prompts: list, columns: list, switch: Callable[[str], float], *,
             max_new_tokens: int = 64, system: Optional[str] = None) -> Comparison:
-    """Greedy (reproducible) answers of every column to every prompt; ``switch(column)`` selects it."""
+    """Greedy (reproducible) answers of every column to every prompt; ``switch(column)`` selects it.
+
+    One token is generated first, untimed: the first generation after a load or a training run pays
+    one-time costs (bitsandbytes repacks 4-bit weights for inference on the CPU, kernels warm up) that
+    made the first column, the base, look up to 2x slower than the adapters after it."""
     cells, swaps = {}, {}
+    if columns and prompts:
+        switch(columns[0])
+        generate(model, tokenizer, prompts[0], system=system, max_new_tokens=1, temperature=0.0)
     for c in columns:
         swaps[c] = switch(c)
         for i, p in enumerate(prompts):
