@@ -262,6 +262,11 @@ def two_adapters(tiny_session, tmp_path):
     return tiny_session
 
 
+def _choices(panel) -> list:
+    """The adapter names the panel's selector offers (its options are (label, value) pairs)."""
+    return [value for _label, value in panel.selector.options]
+
+
 def test_adapters_panel_table_selector_and_swap(two_adapters, monkeypatch):
     from ft_magics.widgets.adapters_panel import AdaptersPanel
 
@@ -270,7 +275,7 @@ def test_adapters_panel_table_selector_and_swap(two_adapters, monkeypatch):
     real_use = s.use
     monkeypatch.setattr(s, "use", lambda name: calls.append(name) or real_use(name))
     p = AdaptersPanel(s)
-    assert list(p.selector.options) == ["base", "first", "second"]
+    assert _choices(p) == ["base", "first", "second"]
     assert p.selector.value == "second"  # the last trained adapter is active
     rows = {r["name"]: r for r in p.rows()}
     assert rows["first"]["r"] == 4 and rows["first"]["steps"] == 1
@@ -298,11 +303,15 @@ def test_adapters_panel_unload_and_delete_with_confirmation(two_adapters):
     p.delete_button.click()
     p.confirm_button.click()
     assert not folder.exists() and "first" not in s.adapters
-    assert list(p.selector.options) == ["base", "second"]
+    assert _choices(p) == ["base", "second"]
     p.selector.value = "second"
     p.unload_button.click()
     assert "second" not in s.adapters and (s.adapters_dir / "second").is_dir()
-    assert list(p.selector.options) == ["base"] and p.unload_button.disabled
+    assert p.selector.options == (("base", "base"), ("second (on disk)", "second")) and p.unload_button.disabled
+    assert "not loaded (select one to load it): second" in p.table.value
+    p.selector.value = "second"  # an adapter in the folder loads when selected (as after a kernel restart)
+    assert "second" in s.adapters and s.adapters.active == "second"
+    assert _choices(p) == ["base", "second"] and "not loaded" not in p.table.value
 
 
 def test_lora_adapters_without_arguments_shows_the_panel_in_a_widget_frontend(shell, monkeypatch, capsys):

@@ -108,15 +108,21 @@ class AdaptersPanel:
                 "<table class='ft-adapters'><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads)
                 + f"</tr></thead><tbody>{body}</tbody></table>"
             )
-        else:
-            self.table.value = "<i>No adapters yet: train one with %%lora_train NAME --data ...</i>"
-        names = [BASE_LABEL] + [r["name"] for r in rows]
+        on_disk = self.session.adapters_on_disk()  # after a kernel restart: selecting one loads it
+        if not rows:
+            self.table.value = ("" if on_disk else
+                                "<i>No adapters yet: train one with %%lora_train NAME --data ...</i>")
+        if on_disk:
+            self.table.value += (f"<p class='ft-adapters-on-disk'>In {html.escape(str(self.session.adapters_dir))}, "
+                                 f"not loaded (select one to load it): {html.escape(', '.join(on_disk))}</p>")
+        loaded = [BASE_LABEL] + [r["name"] for r in rows]
+        names = [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in on_disk]  # (label, value)
         active = self.session.adapters.active or BASE_LABEL
         self._refreshing = True
         try:
             if tuple(self.selector.options) != tuple(names):
                 self.selector.options = names
-            self.selector.value = active if active in names else BASE_LABEL
+            self.selector.value = active if active in loaded else BASE_LABEL
         finally:
             self._refreshing = False
         has = bool(rows)
