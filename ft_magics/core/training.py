@@ -264,6 +264,11 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
     return EventCallback()
 
 
+def _last_step_evaluated(history: dict) -> bool:
+    """Whether the run's last step has an evaluation recorded (the Trainer's own, with eval_steps)."""
+    return bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
+
+
 def _f(x):
     try:
         return None if x is None else float(x)
@@ -514,13 +519,11 @@ def run_training(
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 if flag.is_set():
                     status = flag.reason or "stopped"
-                evaluated_last = bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
-                if eval_ds is not None and status == "completed" and not evaluated_last:
+                if eval_ds is not None and status == "completed" and not _last_step_evaluated(history):
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
                     eval_loss = _f(metrics.get("eval_loss"))
-                    recorded = bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
-                    if eval_loss is not None and not recorded:  # the callback has usually logged it already
+                    if eval_loss is not None and not _last_step_evaluated(history):  # the callback usually has
                         history["eval"].append([history["last_step"], eval_loss])
                         emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
                 elif history["eval"]:
