@@ -130,6 +130,35 @@ def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
     assert base_only.loss("demo:support-eval", "base") == pytest.approx(report.loss("demo:support-eval", "base"))
 
 
+def test_eval_loss_without_full_vocabulary_logits_equals_the_standard_loss(tiny_model_dir, monkeypatch):
+    """%lora_eval sums the loss over the answer rows through the chunked loss (no batch x length x vocab
+    logits, the head never called as a module); the same loss as the logits + cross_entropy it replaced."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft_magics.core import speed
+    from ft_magics.core.data import TokenizedExample
+    from ft_magics.core.evaluation import loss_and_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (7, 19, 12, 30, 5):
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        examples.append(TokenizedExample(ids, [-100] * (n // 2) + ids[n // 2:]))
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    chunked = loss_and_perplexity(model, tok, examples, batch_size=2)
+    assert head_calls == []  # no full logits
+    monkeypatch.setattr(speed, "chunked_loss_blocker", lambda m: "forced standard loss")
+    standard = loss_and_perplexity(model, tok, examples, batch_size=2)
+    hook.remove()
+    assert head_calls  # the standard path did call the head
+    assert chunked[2] == standard[2] == sum(len(e.input_ids) - len(e.input_ids) // 2 for e in examples)
+    assert abs(chunked[0] - standard[0]) < 1e-5 * standard[0]
+
+
 def test_compare_times_no_one_time_cost_in_its_first_column(tiny_session, store, monkeypatch):
     """The first generation after a load pays one-time costs (on the CPU, bitsandbytes' inference repack):
     compare pays them before timing, so the base column is not charged for them."""

@@ -51,6 +51,9 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
     was_training = model.training
     model.eval()
     from .fused_lora import fused_lora
+    from .speed import causal_lm_chunked_loss, chunked_loss_blocker
+
+    chunked = chunked_loss_blocker(model) is None
 
     with torch.no_grad(), fused_lora(model):
         for i in range(0, len(examples), batch_size):
@@ -64,11 +67,15 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
                 ids[r, :n] = torch.tensor(e.input_ids)
                 labels[r, :n] = torch.tensor(e.labels)
                 mask[r, :n] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1).to(device)
-            total += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
-            count += int((shift_labels != -100).sum())
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
+                total += float(causal_lm_chunked_loss(
+                    model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, num_items=1))
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
     if was_training:
         model.train()
     if count == 0:
