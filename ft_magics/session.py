@@ -339,15 +339,20 @@ class Session:
                 if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
 
-    def _load_on_demand(self, name: str) -> None:
-        """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""
+    def _adapter_folder(self, name: str) -> Optional[Path]:
+        """``adapters_dir / name`` when that folder holds an adapter (its adapter_config.json), else None."""
         from .core.adapters import validate_name
 
         try:
             folder = self.adapters_dir / validate_name(name)
         except FtUsageError:
-            return  # not a valid name: the registry's "no adapter named" error says more
-        if (folder / "adapter_config.json").is_file():
+            return None  # not a valid name: the registry's "no adapter named" error says more
+        return folder if (folder / "adapter_config.json").is_file() else None
+
+    def _load_on_demand(self, name: str) -> None:
+        """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""
+        folder = self._adapter_folder(name)
+        if folder is not None:
             self.load_adapter(folder, name)
 
     def _require_adapter(self, name: str):
@@ -368,9 +373,8 @@ class Session:
         root = self.adapters_dir
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and p.name not in self.adapters
-                      and (p / "adapter_config.json").is_file())
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and p.name not in self.adapters and self._adapter_folder(p.name) is not None)
 
     # ------------------------------------------------------------------ merge, combine, export
     def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:
