@@ -85,6 +85,21 @@ def test_csv_and_tsv_alpaca(tmp_path):
         assert recs[1].messages[0]["content"] == "Greet"  # empty input: instruction alone
 
 
+def test_csv_from_a_spreadsheet_semicolons_and_a_byte_order_mark(tmp_path):
+    """Excel in many locales exports 'question;answer' with a UTF-8 byte-order mark: read as two columns
+    (not one column named 'question;answer'); a comma CSV with a semicolon inside a field stays a comma CSV."""
+    (tmp_path / "semi.csv").write_text("question;answer\nWhat is 1+1?;2\nWhat is 2+2?;4\n", encoding="utf-8-sig")
+    recs, fmt = load(str(tmp_path / "semi.csv"))
+    assert fmt.startswith("prompt-completion (columns question -> prompt, answer -> completion)")
+    assert [m["content"] for m in recs[1].messages] == ["What is 2+2?", "4"]
+    (tmp_path / "comma.csv").write_text('prompt,completion\n"a; b",c\nd,"e; f"\n', encoding="utf-8")
+    recs, fmt = load(str(tmp_path / "comma.csv"))
+    assert fmt == "prompt-completion" and [m["content"] for m in recs[0].messages] == ["a; b", "c"]
+    (tmp_path / "bars.csv").write_text("prompt|completion\nhi|there\n", encoding="utf-8")
+    recs, _ = load(str(tmp_path / "bars.csv"))
+    assert [m["content"] for m in recs[0].messages] == ["hi", "there"]
+
+
 def test_parquet_prompt_completion(tmp_path):
     import pandas as pd
 

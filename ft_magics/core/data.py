@@ -231,6 +231,18 @@ def _open_text(path: Path):
         raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
 
 
+def _csv_separator(path: Path, suffix: str) -> str:
+    """The column separator of a .csv/.tsv file: a tab for .tsv; for .csv a comma, unless the header line
+    has none but a semicolon, tab or bar (spreadsheets in many locales export 'question;answer')."""
+    if suffix == ".tsv":
+        return "\t"
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    if "," in header:
+        return ","
+    return next((sep for sep in (";", "\t", "|") if sep in header), ",")
+
+
 def _read_jsonl(path: Path, limit: Optional[int] = None) -> Rows:
     rows = Rows(locs=[])
     try:
@@ -367,8 +379,8 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
         if suffix in (".csv", ".tsv"):
             import pandas as pd
 
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, nrows=limit,
-                             encoding="utf-8")
+            df = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, nrows=limit,
+                             encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
             return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
