@@ -85,6 +85,12 @@ def test_csv_and_tsv_alpaca(tmp_path):
         assert recs[1].messages[0]["content"] == "Greet"  # empty input: instruction alone
 
 
+def test_a_missing_eval_file_is_named_as_the_eval_data(tmp_path, tok):
+    write_jsonl(tmp_path / "train.jsonl", CHAT)
+    with pytest.raises(FtUsageError, match=r"^the eval data \(--eval\): data file '.*nosuch.jsonl' does not exist"):
+        D.prepare(str(tmp_path / "train.jsonl"), tok, cfg(), eval_src=str(tmp_path / "nosuch.jsonl"))
+
+
 def test_csv_from_a_spreadsheet_semicolons_and_a_byte_order_mark(tmp_path):
     """Excel in many locales exports 'question;answer' with a UTF-8 byte-order mark: read as two columns
     (not one column named 'question;answer'); a comma CSV with a semicolon inside a field stays a comma CSV."""

@@ -1119,7 +1119,10 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     del rows
     if eval_src is not None:
-        erows, edesc = load_rows(eval_src, namespace, txt_mode, max_rows)
+        try:
+            erows, edesc = load_rows(eval_src, namespace, txt_mode, max_rows)
+        except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
+            raise FtUsageError(f"the eval data (--eval): {exc}") from None
         eval_records, _ = normalise(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
         train_records = records
         split_desc = f"eval from {edesc}"
