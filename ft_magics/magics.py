@@ -266,7 +266,8 @@ class FtMagics(Magics):
             %lora_generate --adapter support-bot How do I reset my password?
 
         In the line form a final ? belongs to the question (IPython would otherwise read it as a help
-        request); %lora_generate? alone still shows this help.
+        request); %lora_generate? alone still shows this help. Interrupting the kernel (the stop button)
+        ends the answer at the next token and keeps what was generated.
         """
         if cell is None:  # line form: the flags first, then the message as typed
             line, prompt = split_leading_flags(self.lora_generate, line)
@@ -285,7 +286,8 @@ class FtMagics(Magics):
             print(gen.text)
         else:
             print()
-        print(f"[{gen.adapter} · {gen.new_tokens} tokens · {gen.tokens_per_s:.1f} tok/s]")
+        stopped = " · stopped by interrupt" if gen.stopped else ""
+        print(f"[{gen.adapter} · {gen.new_tokens} tokens · {gen.tokens_per_s:.1f} tok/s{stopped}]")
 
     # ------------------------------------------------------------------ %lora_adapters
     @line_magic

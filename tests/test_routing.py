@@ -159,6 +159,43 @@ def test_eval_loss_without_full_vocabulary_logits_equals_the_standard_loss(tiny_
     assert abs(chunked[0] - standard[0]) < 1e-5 * standard[0]
 
 
+def test_an_interrupt_ends_a_generation_at_the_next_token_and_keeps_its_text(tiny_session, store):
+    """The kernel's stop button (SIGINT) during %lora_generate: the answer so far comes back, marked
+    stopped, the SIGINT handler and the layers are as before; in a comparison it ends the comparison."""
+    import os
+    import signal
+
+    tiny_session.load_adapter(store / "legal", "legal")
+    handler = signal.getsignal(signal.SIGINT)
+    steps = []
+
+    def interrupt_at_the_third_token(module, args):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook = tiny_session.model.get_base_model().register_forward_pre_hook(interrupt_at_the_third_token)
+    try:
+        gen = tiny_session.generate("hello world", adapter="legal", max_new_tokens=400)
+    finally:
+        hook.remove()
+    assert gen.stopped and gen.new_tokens == 3 and gen.text  # the token being made when it came is kept
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not any("forward" in vars(m) for m in tiny_session.model.modules())
+    again = tiny_session.generate("hello world", adapter="legal", max_new_tokens=5)
+    assert not again.stopped and again.new_tokens == 5
+    import ft_magics.core.inference as inf
+
+    real = inf.generate
+    inf.generate = lambda *a, **kw: (lambda g: (setattr(g, "stopped", True), g)[1])(real(*a, **kw))
+    try:
+        with pytest.raises(FtUsageError, match="comparison stopped by an interrupt after 1 of 4 answers"):
+            tiny_session.compare("a\n---\nb", ["legal"], max_new_tokens=2)
+    finally:
+        inf.generate = real
+    assert tiny_session.adapters.active == "legal"  # the comparison put the selection back
+
+
 def test_compare_times_no_one_time_cost_in_its_first_column(tiny_session, store, monkeypatch):
     """The first generation after a load pays one-time costs (on the CPU, bitsandbytes' inference repack):
     compare pays them before timing, so the base column is not charged for them."""

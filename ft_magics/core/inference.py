@@ -14,6 +14,7 @@ class Generation:
     adapter: str  # adapter name or "base"
     new_tokens: int
     seconds: float
+    stopped: bool = False  # ended early by an interrupt (the text so far is kept)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,10 +69,14 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
     was_training = model.training
     model.eval()
     from .fused_lora import fused_lora
+    from .training import StopFlag, interrupt_stops
 
+    flag = StopFlag()
+    kw["stopping_criteria"] = _stop_when(flag)
     t = time.perf_counter()
-    # not inference_mode: bnb repacks weights in here, and they must stay trainable
-    with torch.no_grad(), fused_lora(model):
+    # not inference_mode: bnb repacks weights in here, and they must stay trainable. An interrupt (the
+    # kernel's stop button, Ctrl-C) ends the answer at the next token and keeps it, as it stops training.
+    with torch.no_grad(), fused_lora(model), interrupt_stops(flag, []):
         out = model.generate(**enc, **kw)
     seconds = time.perf_counter() - t
     if was_training:
@@ -79,8 +84,20 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
     new = out[0][enc["input_ids"].shape[1]:]
     return Generation(
         text=tokenizer.decode(new, skip_special_tokens=True).strip(), adapter=adapter_label,
-        new_tokens=int(new.numel()), seconds=seconds,
+        new_tokens=int(new.numel()), seconds=seconds, stopped=flag.is_set(),
     )
+
+
+def _stop_when(flag):
+    """A ``stopping_criteria`` for ``generate`` that ends every row once ``flag`` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Flag(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Flag()])
 
 
 # --------------------------------------------------------------------------- batches (left padding)
@@ -204,4 +221,7 @@ def compare(model, tokenizer, prompts: list, columns: list, switch: Callable[[st
         for i, p in enumerate(prompts):
             cells[(i, c)] = generate(model, tokenizer, p, system=system, max_new_tokens=max_new_tokens,
                                      temperature=0.0, adapter_label=c)
+            if cells[(i, c)].stopped:  # an interrupt ends the whole comparison, not one answer of it
+                raise FtUsageError(f"comparison stopped by an interrupt after {len(cells)} of "
+                                   f"{len(columns) * len(prompts)} answers.")
     return Comparison(prompts=list(prompts), columns=list(columns), cells=cells, swap_ms=swaps)

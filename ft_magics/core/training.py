@@ -160,7 +160,8 @@ class StopFlag:
 @contextlib.contextmanager
 def interrupt_stops(flag: StopFlag, listeners):
     """While active, SIGINT (the kernel's interrupt) asks training to stop at the next step boundary
-    instead of raising mid-step. Three interrupts in a row restore the old behaviour and raise."""
+    (generation: at the next token) instead of raising mid-step. Three interrupts in a row restore the old
+    behaviour and raise."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
