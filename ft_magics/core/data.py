@@ -236,7 +236,7 @@ def _csv_separator(path: Path, suffix: str) -> str:
     has none but a semicolon, tab or bar (spreadsheets in many locales export 'question;answer')."""
     if suffix == ".tsv":
         return "\t"
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with _open_text(path) as f:  # a byte-order mark stays in the header here: it is not a separator
         header = f.readline()
     if "," in header:
         return ","
