@@ -6,6 +6,7 @@ run record are all generated from its fields (peft's LoraConfig style). Pure Pyt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -123,13 +124,19 @@ class TrainConfig:
                 "r: 16\nalpha: 32\nlearning_rate: 2e-4"
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        seen: dict = {}
         for raw_key, value in data.items():
-            key = ALIASES.get(str(raw_key).replace("-", "_"), str(raw_key).replace("-", "_"))
+            key = canonical_key(raw_key)
             if key not in fields:
                 raise FtUsageError(
                     f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}. "
                     f"Valid settings: {', '.join(fields)}. See %ft_help lora_train."
                 )
+            if key in seen:
+                raise FtUsageError(
+                    f"{key} is given twice, as {seen[key]!r} and as {raw_key!r} (another name for it); keep one."
+                )
+            seen[key] = raw_key
             setattr(cfg, key, _coerce(key, fields[key], value))
         cfg.validate()
         return cfg
@@ -199,6 +206,23 @@ ALIASES = {
     "warmup_ratio": "warmup",
     "lr_scheduler_type": "lr_scheduler",
 }
+
+
+
+def canonical_key(raw_key) -> str:
+    """The setting a YAML key or flag name means: ``learning-rate``, ``lr`` -> ``learning_rate``."""
+    key = str(raw_key).replace("-", "_")
+    return ALIASES.get(key, key)
+
+
+def overridden_notes(given: set, cfg: "TrainConfig") -> list:
+    """Notes for settings given together where one makes the other moot (``given``: canonical keys)."""
+    notes = []
+    if {"max_steps", "epochs"} <= given and cfg.max_steps > 0:
+        notes.append(f"max_steps {cfg.max_steps} and epochs {cfg.epochs:g} are both set: training stops after "
+                     f"max_steps; epochs is ignored (max_steps: -1 goes by epochs).")
+    return notes
+
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -272,6 +296,26 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
         raise FtUsageError(f"{key} must be {kind}, got {value!r}.") from None
 
 
+@functools.cache
+def _strict_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (not the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def parse_yaml_body(text: str) -> dict:
     """Parse a cell body as YAML into a dict; a syntax error names the line."""
     import yaml
@@ -280,7 +324,7 @@ def parse_yaml_body(text: str) -> dict:
     if not text.strip():
         return {}
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -18,7 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .config import TrainConfig, parse_yaml_body
+from .config import ALIASES, TrainConfig, canonical_key, overridden_notes, parse_yaml_body
 from .errors import FtUsageError, did_you_mean
 
 README_URL = "README.md"
@@ -86,12 +86,14 @@ def _config_flags(func):
     """Add a ``--kebab-case`` flag for every TrainConfig field (flags win over the YAML body)."""
     for f in reversed(dataclasses.fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
+        # the names users bring from transformers / peft (--lr, --lora-alpha, ...) as second spellings
+        flags = [flag] + ["--" + a.replace("_", "-") for a, target in ALIASES.items() if target == f.name]
         help_text = f"{f.metadata['help']} Default: {f.default!r}.".replace("%", "%%")
         if isinstance(f.default, bool) or f.metadata.get("tristate"):  # tristate: auto unless a flag says
-            func = argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+            func = argument(*flags, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)(func)
         else:
-            func = argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=help_text)(func)
+            func = argument(*flags, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=help_text)(func)
     return func
 
 
@@ -156,7 +158,8 @@ class FtMagics(Magics):
     # ------------------------------------------------------------------ %%lora_train
     @magic_arguments()
     @argument("name", help="Adapter name (also its folder name under the adapters folder).")
-    @argument("--data", default=None, help="Training data: file, folder, demo:NAME or a notebook variable.")
+    @argument("--data", default=None, help="Training data: a file, a folder, a glob pattern (data/*.jsonl), "
+              "demo:NAME, a notebook variable, or a Hugging Face Hub dataset id (owner/name[:split]).")
     @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
     @argument("--output-dir", default=None, help="Folder to save the adapter in (default: adapters/).")
     @argument("--no-widgets", action="store_true", help="Text progress instead of the live dashboard.")
@@ -188,7 +191,10 @@ class FtMagics(Magics):
         args = parse_args(self.lora_train, line)
         body = parse_yaml_body(cell or "")
         cfg = TrainConfig.from_dict(body)
-        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
+        overrides = _config_overrides(args)
+        cfg = TrainConfig.from_dict(overrides, base=cfg)
+        for note in overridden_notes({canonical_key(k) for k in body} | set(overrides), cfg):
+            print("Note: " + note)
         from .widgets import training_view
 
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
@@ -211,7 +217,7 @@ class FtMagics(Magics):
     @magic_arguments()
     @argument("name", help="Adapter name the job trains.")
     @argument("dir", help="Folder to write job.yaml, the data and the accelerate configs into.")
-    @argument("--data", default=None, help="Training data: file, demo:NAME or a notebook variable (exported to DIR).")
+    @argument("--data", default=None, help="Training data, as for %%lora_train (a notebook variable is exported to DIR).")
     @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
     @argument("--processes", type=int, default=1, help="Processes `ft-magics train` starts by default. Default 1.")
     @argument("--output-dir", default=None, help="Where the job writes the adapter (default: DIR/adapters).")
@@ -361,7 +367,7 @@ class FtMagics(Magics):
     # ------------------------------------------------------------------ %lora_eval
     @magic_arguments()
     @argument("name", help="Adapter to evaluate against the base, or 'base' alone.")
-    @argument("--data", default=None, help="Held-out data: file, demo:NAME or a notebook variable.")
+    @argument("--data", default=None, help="Held-out data, the same kinds as %%lora_train --data.")
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
     @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
     @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")

@@ -137,7 +137,7 @@ def _md_escape(s: str) -> str:
 
 def readme_block() -> str:
     """The README's reference section body (between BEGIN and END), as markdown."""
-    from .config import reference_table
+    from .config import ALIASES, reference_table
 
     out = [BEGIN, "", "### Magics", "",
            "Generated from the magics' own parsers and docstrings (`%ft_help` shows the same in the notebook; "
@@ -158,8 +158,9 @@ def readme_block() -> str:
             out += ["Every setting in the table below is also a `--kebab-case` flag of this magic (flags win over the "
                     "YAML body).", ""]
     out += ["### Training settings (YAML keys of `%%lora_train` / `%%lora_export_job`)", "",
-            "Generated from `ft_magics.config.TrainConfig`. Aliases such as `lr`, `lora_alpha`, "
-            "`num_train_epochs` are accepted.", "", reference_table(), "", END]
+            "Generated from `ft_magics.config.TrainConfig`. The names transformers and peft use are accepted "
+            "too, as keys and as flags: " + ", ".join(f"`{a}`" for a in ALIASES) + ". A key given twice "
+            "(also under two names) is refused.", "", reference_table(), "", END]
     return "\n".join(out)
 
 

@@ -901,4 +901,60 @@ def test_lora_train_txt_mode_flag_and_packing(shell, tiny_model_dir, capsys, tmp
     shell.run_cell_magic("lora_train", f"doc --data {tmp_path / 'notes.txt'} --txt-mode document --no-widgets",
                          "max_steps: 1\nmax_seq_len: 512\n")
     out = capsys.readouterr().out
-    assert "text format, 1 rows -> 1 train" in out and "Training 'doc': 1 examples, 1 steps" in out
+    assert "text format, 1 row -> 1 train" in out and "Training 'doc': 1 example, 1 step on" in out
+
+
+def test_glob_pattern_reads_every_matching_file_in_name_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parts").mkdir()
+    write_jsonl(tmp_path / "parts" / "b.jsonl", CHAT[1:])
+    write_jsonl(tmp_path / "parts" / "a.jsonl", CHAT[:1])
+    (tmp_path / "parts" / "c.md").write_text("not data")
+    rows, desc = D.load_rows("parts/*.jsonl")
+    assert desc == "parts/*.jsonl" and len(rows) == 2
+    assert rows[0] == CHAT[0] and rows.locs[0].startswith("parts/a.jsonl") and rows.locs[1].startswith("parts/b.jsonl")
+    assert len(D.load_rows("**/b.jsonl")[0]) == 1  # recursive
+    with pytest.raises(FtUsageError, match=r"the pattern 'parts/\*\.csv' matches no data file"):
+        D.load_rows("parts/*.csv")
+    with pytest.raises(FtUsageError, match=r"1 other paths match, none a"):
+        D.load_rows("parts/*.md")
+
+
+def test_hub_dataset_id_goes_through_load_dataset_and_offline_failure_says_what_to_do(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_load_dataset(name, split=None):
+        calls.append((name, split))
+        if name == "owner/offline":
+            raise ConnectionError("Couldn't reach 'owner/offline' on the Hub (LocalEntryNotFoundError)")
+        return datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}] * 3)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, desc = D.load_rows("owner/name")
+    assert calls[-1] == ("owner/name", "train") and len(rows) == 3 and desc == "hub:owner/name"
+    D.load_rows("owner/name:test", max_rows=2)
+    assert calls[-1] == ("owner/name", "test[:2]")
+    with pytest.raises(FtUsageError, match=r"not a local file or folder, and loading it as a Hugging Face Hub "
+                                           r"dataset failed: ConnectionError: Couldn't reach.*save_to_disk"):
+        D.load_rows("owner/offline")
+    # a local path wins over the Hub, and a missing file with a data suffix stays a missing file
+    n = len(calls)
+    with pytest.raises(FtUsageError, match=r"data file 'owner/data\.jsonl' does not exist"):
+        D.load_rows("owner/data.jsonl")
+    (tmp_path / "local").mkdir()
+    write_jsonl(tmp_path / "local" / "x.jsonl", CHAT)
+    assert len(D.load_rows("local/x.jsonl")[0]) == 2 and len(calls) == n
+
+
+def test_text_format_notes_an_unused_answer_like_column(tok, tmp_path):
+    src = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"great movie {i}", "label": i % 2} for i in range(4)])
+    _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"max_seq_len": 64}))
+    note = [w for w in report.warnings if "is not used" in w]
+    assert note and "--map \"text=prompt,label=completion\"" in note[0]
+    assert "loss on every token" in report.text()  # text format: nothing is an answer
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"great movie {i}", "id": i} for i in range(4)])
+    _, _, report = D.prepare(str(plain), tok, TrainConfig.from_dict({"max_seq_len": 64}))
+    assert not [w for w in report.warnings if "is not used" in w]

@@ -293,3 +293,24 @@ def test_peft_wrapping_deprecation_warning_is_hidden_once_ft_magics_is_imported(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("is_gradient_checkpointing` is deprecated" in out.stderr) is (not with_ft_magics), out.stderr[-2000:]
+
+
+def test_transformers_names_work_as_flags_and_two_names_for_one_setting_are_refused(shell, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(type(shell.magics_manager.registry["FtMagics"].session), "train",
+                        lambda self, name, data, cfg, **kw: seen.update(cfg=cfg))
+    shell.run_line_magic("lora_train", "x --data demo:support --lr 1e-3 --lora-alpha 8 --num-train-epochs 2")
+    assert (seen["cfg"].learning_rate, seen["cfg"].alpha, seen["cfg"].epochs) == (1e-3, 8, 2)
+    with pytest.raises(UsageError, match="learning_rate is given twice, as 'lr' and as 'learning_rate'"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "lr: 1e-3\nlearning_rate: 2e-4\n")
+    with pytest.raises(UsageError, match=r"the key 'r' is given twice \(lines 1 and 3\)"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "r: 8\nalpha: 16\nr: 4\n")
+
+
+def test_max_steps_beside_epochs_says_which_wins(shell, monkeypatch, capsys):
+    monkeypatch.setattr(type(shell.magics_manager.registry["FtMagics"].session), "train",
+                        lambda self, name, data, cfg, **kw: None)
+    shell.run_cell_magic("lora_train", "x --data demo:support --max-steps 5", "epochs: 3\n")
+    assert "max_steps 5 and epochs 3 are both set: training stops after max_steps" in capsys.readouterr().out
+    shell.run_cell_magic("lora_train", "x --data demo:support --max-steps 5", "r: 8\n")
+    assert "epochs is ignored" not in capsys.readouterr().out

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 
 from ..errors import FtUsageError, did_you_mean
 from ..paths import user_path
+from .events import counted
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
@@ -122,6 +123,8 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
         if limit is None:
             _check_memory(path)
         return _rows_from_path(path, txt_mode, limit), str(path)
+    if any(c in src for c in "*?[") and not HUB_ID.fullmatch(src):
+        return _rows_from_glob(src, txt_mode, limit), src
     if namespace is not None and src.isidentifier():
         if src in namespace:
             return _rows_from_object(namespace[src], f"variable {src!r}", limit), f"variable {src}"
@@ -131,10 +134,59 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
             "Give a path to a .jsonl/.json/.csv/.tsv/.parquet/.txt file, a folder, demo:NAME, or define the "
             "variable first (a pandas DataFrame, a list of dicts or strings, a datasets.Dataset or DatasetDict)."
         )
+    if HUB_ID.fullmatch(src) and Path(src.split(":")[0]).suffix.lower() not in FILE_SUFFIXES:
+        return _rows_from_hub(src, limit), f"hub:{src}"
     hint = ""
     if path.parent.exists():
         hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
     raise FtUsageError(f"data file {src!r} does not exist{hint} (looked relative to {Path.cwd()}).")
+
+
+# owner/name, optionally :split - what the Hugging Face Hub calls a dataset (not a local path: checked first)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]:%-]+)?")
+
+
+def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
+    """Rows of a Hugging Face Hub dataset ``owner/name[:split]`` (split ``train`` unless given), through
+    ``datasets.load_dataset``, which caches the download; a failure (no network, no such dataset, a gated
+    one) is a usage error that says how to give the data instead."""
+    import sys
+
+    import datasets
+
+    name, _, split = src.partition(":")
+    split = split or "train"
+    if limit is not None and "[" not in split:
+        split = f"{split}[:{limit}]"
+    print(f"Loading {name} (split {split}) from the Hugging Face Hub through datasets.load_dataset ...",
+          file=sys.stderr, flush=True)
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown, gated, unknown split: all say the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise FtUsageError(
+            f"--data {src!r} is not a local file or folder, and loading it as a Hugging Face Hub dataset "
+            f"failed: {type(exc).__name__}: {first[:300]}. Check the name and split (owner/name:split), or, "
+            "without access to the Hub, save it elsewhere (datasets' save_to_disk, or a .jsonl file) and "
+            "give that path."
+        ) from None
+    return _rows_from_object(ds, f"Hub dataset {name}", limit)
+
+
+def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[dict]:
+    """Rows of every data file a glob pattern (``data/*.jsonl``, ``parts/**/*.csv``) matches, in name order."""
+    import glob
+
+    base = user_path(pattern)
+    matches = sorted(Path(m) for m in glob.glob(str(base), recursive=True))
+    files = [m for m in matches if m.is_file() and m.suffix.lower() in FILE_SUFFIXES]
+    if not files:
+        others = f" ({len(matches)} other paths match, none a {'/'.join(FILE_SUFFIXES)} file)" if matches else ""
+        raise FtUsageError(f"the pattern {pattern!r} matches no data file{others} (looked relative to {Path.cwd()}).")
+    if limit is None:
+        _check_size(sum(f.stat().st_size for f in files), f"what {pattern!r} matches ({len(files)} files)")
+    cwd = Path.cwd()
+    return _rows_from_files(files, txt_mode, limit, lambda f: str(f.relative_to(cwd)) if f.is_relative_to(cwd) else str(f))
 
 
 def _available_memory() -> int:
@@ -159,10 +211,14 @@ def _check_memory(path: Path) -> None:
         size = sum(p.stat().st_size for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
     else:
         size = path.stat().st_size
+    _check_size(size, str(path))
+
+
+def _check_size(size: int, what: str) -> None:
     need, free = size * MEMORY_EXPANSION, _available_memory()
     if need > free:
         raise FtUsageError(
-            f"{path} is {_human(size)}: loading it whole needs about {_human(need)} of memory and "
+            f"{what} is {_human(size)}: loading it whole needs about {_human(need)} of memory and "
             f"{_human(free)} is free. Set max_rows (e.g. --max-rows 100000) to stream only the first rows "
             "of .jsonl/.csv/.tsv/.parquet/.txt files, or split the file."
         )
@@ -336,6 +392,19 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     return _rows_from_object(data, str(path), limit)
 
 
+def _rows_from_files(files: list, txt_mode: str, limit: Optional[int], label, where: str = "") -> list[dict]:
+    """The rows of several data files in turn, each row's location labelled with ``label(file)``."""
+    rows = Rows(locs=[])
+    for f in files:
+        if limit is not None and len(rows) >= limit:
+            break
+        if f.stat().st_size == 0:
+            raise FtUsageError(f"{f} is empty; remove it{where} or fill it.")
+        part = _rows_from_path(f, txt_mode, None if limit is None else limit - len(rows))
+        rows.extend_from(part, label(f))
+    return rows
+
+
 def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> list[dict]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -352,15 +421,7 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                 f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset "
                 "(datasets' save_to_disk writes dataset_info.json)."
             )
-        rows = Rows(locs=[])
-        for f in files:
-            if limit is not None and len(rows) >= limit:
-                break
-            if f.stat().st_size == 0:
-                raise FtUsageError(f"{f} is empty; remove it from {path} or fill it.")
-            part = _rows_from_path(f, txt_mode, None if limit is None else limit - len(rows))
-            rows.extend_from(part, f.name)
-        return rows
+        return _rows_from_files(files, txt_mode, limit, lambda f: f.name, where=f" from {path}")
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise FtUsageError(
@@ -748,9 +809,10 @@ class DataReport:
     def text(self) -> str:
         st = self.stats()
         lines = [
-            f"Data       {self.source}: {self.format} format, {self.rows} rows "
+            f"Data       {self.source}: {self.format} format, {counted(self.rows, 'row')} "
             f"-> {self.train_rows} train / {self.eval_rows} eval{' (' + self.split + ')' if self.split else ''}",
-            f"Rendering  {self.rendering}; loss on {'every token' if self.train_on == 'all' else 'the answers only'}",
+            f"Rendering  {self.rendering}; loss on "
+            f"{'every token' if self.train_on == 'all' or self.format == 'text' else 'the answers only'}",
         ]
         if st:
             lines.append(
@@ -1107,6 +1169,19 @@ def quality_warnings(records: list[Record]) -> list:
     return warnings
 
 
+def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str]:
+    """For the text format, a note when a column named like an answer (label, answer, output, ...) sits
+    beside the text unused: a classification or question set trained as plain text by mistake."""
+    if fmt != "text" or not rows or not isinstance(rows[0], dict):
+        return None
+    text = text_field or "text"
+    cols = [str(k) for k in rows[0] if str(k) != text and str(k).lower() in ANSWER_NAMES]
+    if not cols:
+        return None
+    return (f"column {cols[0]!r} is not used: the text format trains on {text!r} alone. To train {cols[0]!r} as "
+            f"the answer to the text: --map \"{text}=prompt,{cols[0]}=completion\".")
+
+
 def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
             txt_mode: Optional[str] = None, model: Any = None) -> tuple[list, list, DataReport]:
     """Everything between a --data argument and tokenised train/eval examples, plus the report.
@@ -1117,6 +1192,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     max_rows = getattr(cfg, "max_rows", 0)
     rows, desc = load_rows(src, namespace, txt_mode, max_rows)
     records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
+    unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
     del rows
     if eval_src is not None:
         try:
@@ -1141,7 +1217,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         rendering=rendering, fingerprint=fingerprint(records + (eval_records if eval_src is not None else [])),
         split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
     )
-    report.warnings = quality_warnings(train_records)
+    report.warnings = quality_warnings(train_records) + ([unused_note] if unused_note else [])
     train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
     evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
     report.eval_dropped = len(eval_records) - len(evals)

@@ -14,6 +14,11 @@ from typing import Any, Iterable, Optional
 log = logging.getLogger(__name__)
 
 
+
+def counted(n: int, noun: str) -> str:
+    """"1 step", "2 steps": a count with its noun (regular plurals only)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
 @dataclass
 class MemoryReading:
     """One memory probe. ``kind`` says what was measured, so views can label it honestly."""
@@ -44,8 +49,8 @@ class TrainBegin:
     def examples_text(self) -> str:
         """"48 examples", or with packing "48 examples packed into 6 rows"."""
         if self.packed_examples is not None:
-            return f"{self.packed_examples} examples packed into {self.num_examples} rows"
-        return f"{self.num_examples} examples"
+            return f"{counted(self.packed_examples, 'example')} packed into {counted(self.num_examples, 'row')}"
+        return counted(self.num_examples, "example")
 
     @property
     def trainable_percent(self) -> float:

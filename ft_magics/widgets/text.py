@@ -5,7 +5,7 @@ import sys
 import time
 from typing import Optional, TextIO
 
-from ..core.events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd
+from ..core.events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd, counted
 from ..core.memory import human_bytes
 
 
@@ -57,7 +57,7 @@ class TextReporter(Listener):
         self._begin = e
         self._every = max(1, e.total_steps // self.lines_per_run)
         self._print(
-            f"Training {e.run_name!r}: {e.examples_text}, {e.total_steps} steps on {e.device}; "
+            f"Training {e.run_name!r}: {e.examples_text}, {counted(e.total_steps, 'step')} on {e.device}; "
             f"trainable parameters {e.trainable_params:,} of {e.total_params:,} ({e.trainable_percent:.2f}% of the model)"
         )
         if not e.background:
@@ -82,7 +82,7 @@ def summary_text(e: TrainEnd, first_loss: Optional[float] = None) -> str:
     loss = "n/a"
     if e.final_loss is not None:
         loss = f"{first_loss:.4f} -> {e.final_loss:.4f}" if first_loss is not None else f"{e.final_loss:.4f}"
-    lines = [f"Run {e.run_name!r} {e.status} after {e.steps} steps in {fmt_duration(e.elapsed_s)}; loss {loss}"]
+    lines = [f"Run {e.run_name!r} {e.status} after {counted(e.steps, 'step')} in {fmt_duration(e.elapsed_s)}; loss {loss}"]
     if e.extra.get("eval_loss") is not None:
         lines.append(f"eval loss {e.extra['eval_loss']:.4f}")
     if e.peak_memory is not None:
