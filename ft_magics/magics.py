@@ -19,6 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
 from .config import ALIASES, TrainConfig, canonical_key, overridden_notes, parse_yaml_body
+from .core.events import counted
 from .errors import FtUsageError, did_you_mean
 
 README_URL = "README.md"
@@ -292,8 +293,72 @@ class FtMagics(Magics):
             print(gen.text)
         else:
             print()
-        stopped = " · stopped by interrupt" if gen.stopped else ""
-        print(f"[{gen.adapter} · {gen.new_tokens} tokens · {gen.tokens_per_s:.1f} tok/s{stopped}]")
+        _answer_footer(gen)
+
+    # ------------------------------------------------------------------ %%lora_chat
+    @magic_arguments()
+    @argument("--adapter", default=None, help="Adapter to answer this turn with, or 'base'. Default: the active one.")
+    @argument("--system", default=None, help="System prompt of the conversation from this turn on.")
+    @argument("--new", action="store_true", help="Start a new conversation (alone: just forget the old one).")
+    @argument("--max-new-tokens", type=int, default=256, help="Most tokens in the answer. Default 256.")
+    @argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    @argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.0.")
+    @argument("--seed", type=int, default=None, help="Random seed when sampling.")
+    @argument("--no-stream", action="store_true", help="Print the answer at the end instead of streaming it.")
+    @line_cell_magic
+    @user_errors
+    def lora_chat(self, line="", cell=None):
+        """Chat with the model: each call is the next turn of one conversation, which remembers what was
+        said (the chat template carries the earlier turns). Switch adapters between turns to hear each
+        one continue the same conversation.
+
+        Examples::
+
+            %%lora_chat --adapter support-bot
+            My order hasn't arrived.
+
+            %lora_chat It was order 1234, placed last Tuesday.
+            %lora_chat --adapter base And what would you say?
+            %lora_chat                    (the conversation so far)
+            %lora_chat --new              (forget it and start again)
+
+        The oldest turns are left out (and you are told) when the conversation outgrows the model's
+        context. Interrupting the kernel ends the answer at the next token and keeps it in the history.
+        """
+        if cell is None:
+            line, message = split_leading_flags(self.lora_chat, line)
+        else:
+            message = cell
+        args = parse_args(self.lora_chat, line)
+        session = self.session
+        if not message.strip():
+            if args.new:
+                from .core.chat import Conversation
+
+                session.conversation = Conversation(system=args.system or None)
+                print("started a new conversation" + (f" (system prompt: {args.system})" if args.system else "") + ".")
+                return
+            conv = session.conversation
+            if conv is None or not conv.turns:
+                raise UsageError("no conversation yet: write a message, e.g. %lora_chat Hello! (or in the cell "
+                                 "body of %%lora_chat).")
+            print(conv.transcript())
+            print(f"[{counted(conv.exchanges, 'exchange')}; %lora_chat --new starts over]")
+            return
+        on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        gen, left_out = session.chat(
+            message.strip(), adapter=args.adapter, system=args.system, new=args.new,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            on_text=on_text, seed=args.seed,
+        )
+        if args.no_stream:
+            print(gen.text)
+        else:
+            print()
+        notes = [f"turn {session.conversation.exchanges}"]
+        if left_out:
+            notes.append(f"{counted(left_out, 'oldest exchange')} left out to fit the context")
+        _answer_footer(gen, notes)
 
     # ------------------------------------------------------------------ %lora_adapters
     @line_magic
@@ -514,7 +579,14 @@ def get_session():
     return magics.session
 
 
-_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate)[ \t]+(\S.*?)\s*$")
+_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat)[ \t]+(\S.*?)\s*$")
+
+
+def _answer_footer(gen, notes=()) -> None:
+    """``[adapter · N tokens · tok/s · ...]`` under a generated answer."""
+    extra = list(notes) + ([gen.note] if gen.note else []) + (["stopped by interrupt"] if gen.stopped else [])
+    print(f"[{gen.adapter} · {counted(gen.new_tokens, 'token')} · {gen.tokens_per_s:.1f} tok/s"
+          + "".join(" · " + e for e in extra) + "]")
 
 
 def prompts_keep_question_marks(lines: list) -> list:

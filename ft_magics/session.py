@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
 from .errors import FtUsageError
@@ -30,6 +30,7 @@ class Session:
         self.last_data_report = None
         self._merged = None  # core.adapters.MergeState while an adapter is folded into the base weights
         self._router = None  # core.routing.AdapterRouter, made by serve()
+        self.conversation = None  # core.chat.Conversation of chat(), kept across adapter switches and loads
 
     # ------------------------------------------------------------------ model
     @property
@@ -280,6 +281,9 @@ class Session:
     def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` from memory (its folder stays on disk)."""
         with self._model_busy("unload an adapter"):
+            if name not in self.adapters and self._adapter_folder(name) is not None:
+                raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
+                                   "disk), so there is nothing to unload.")
             info = self.adapters.require(name)
             self._check_not_merged("unload an adapter")
             model = self.model
@@ -302,6 +306,11 @@ class Session:
         """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""
         import shutil
 
+        if name not in self.adapters and self._adapter_folder(name) is not None:  # on disk only (after a restart)
+            with self._model_busy("delete an adapter"):
+                folder = self._adapter_folder(name).resolve()
+                shutil.rmtree(folder)
+                return str(folder)
         info = self.adapters.require(name)
         self.unload_adapter(name)
         if info.path:
@@ -315,8 +324,10 @@ class Session:
     # ------------------------------------------------------------------ inference
     def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None):
-        """Answer ``prompt`` with ``adapter`` (default: the active one; 'base' for none)."""
+                 on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
+                 history: Sequence[dict] = ()):
+        """Answer ``prompt`` with ``adapter`` (default: the active one; 'base' for none); ``history``: the
+        earlier messages of a conversation (see :meth:`chat`)."""
         from .core.adapters import BASE, activate
         from .core.inference import generate
 
@@ -334,10 +345,31 @@ class Session:
             try:
                 return generate(model, self.tokenizer, prompt, system=system, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, on_text=on_text,
-                                adapter_label=chosen or BASE, seed=seed)
+                                adapter_label=chosen or BASE, seed=seed, history=history)
             finally:
                 if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
+
+    def chat(self, message: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
+             new: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None):
+        """Answer ``message`` as the next turn of this session's conversation (``new``: start another;
+        ``system``: its system prompt from now on). Any adapter may answer any turn. Returns
+        ``(Generation, left_out)``: ``left_out`` older exchanges did not fit the model's context."""
+        from .core.chat import Conversation
+
+        if new or self.conversation is None:
+            self.conversation = Conversation()
+        conv = self.conversation
+        if system is not None:
+            conv.system = system or None
+        if not message or not message.strip():
+            raise FtUsageError("the message is empty: write it after the flags or in the cell body.")
+        history, left_out = conv.fitting_history(self.model, self.tokenizer, message, max(1, min(max_new_tokens, 64)))
+        gen = self.generate(message, adapter, system=conv.system, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, on_text=on_text, seed=seed, history=history)
+        conv.add(message, gen.text, gen.adapter, gen.stopped)
+        return gen, left_out
 
     def _adapter_folder(self, name: str) -> Optional[Path]:
         """``adapters_dir / name`` when that folder holds an adapter (its adapter_config.json), else None."""
@@ -524,6 +556,8 @@ class Session:
         self._require_model()
         if data is None and not general:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
+        if int(batch_size) < 1:
+            raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
         if name not in (None, BASE):
             with self._model_busy("evaluate"):
                 self._require_adapter(name)

@@ -114,3 +114,73 @@ def test_tilde_of_an_unknown_user_is_a_usage_error_not_a_crash(shell):
     shell.run_line_magic("load_ext", "ft_magics")
     with pytest.raises(UsageError, match="no user '0'"):
         shell.run_line_magic("lora_adapters", "load ~0")
+
+
+def test_on_disk_adapter_after_a_restart_can_be_deleted_and_unload_says_it_is_not_loaded(loaded, capsys):
+    sh, a, _ = loaded  # alpha sits in adapters/ and this session has not loaded it
+    with pytest.raises(UsageError, match=r"'alpha' is not loaded \(its folder .* is on disk\)"):
+        sh.run_line_magic("lora_adapters", "unload alpha")
+    assert a.exists()
+    sh.run_line_magic("lora_adapters", "delete alpha")
+    assert not a.exists() and "deleted adapter 'alpha'" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no adapter named 'alpha'"):
+        sh.run_line_magic("lora_adapters", "delete alpha")
+
+
+def test_eval_batch_size_below_one_is_a_usage_error(loaded):
+    sh, _, _ = loaded
+    with pytest.raises(UsageError, match=r"--batch-size must be at least 1 \(got 0\)"):
+        sh.run_line_magic("lora_eval", "alpha --data demo:support-eval --batch-size 0 --no-general")
+
+
+def test_chat_remembers_the_conversation_across_turns_and_adapters(loaded, capsys, monkeypatch):
+    from ft_magics.core import inference
+
+    sh, _, _ = loaded
+    seen = []
+    real = inference.build_prompt
+    monkeypatch.setattr(inference, "build_prompt", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    with pytest.raises(UsageError, match="no conversation yet"):
+        sh.run_line_magic("lora_chat", "")
+    sh.run_line_magic("lora_chat", "--max-new-tokens 3 My name is Ada?")  # a final ? is part of the message
+    first_answer = magics(sh).session.conversation.turns[1].content
+    sh.run_cell_magic("lora_chat", "--adapter alpha --max-new-tokens 3", "What is my name?\n")
+    conv = magics(sh).session.conversation
+    assert [t.role for t in conv.turns] == ["user", "assistant"] * 2
+    assert [t.adapter for t in conv.turns[1::2]] == ["base", "alpha"]
+    # the second turn's prompt carries the first exchange before the new question
+    assert "My name is Ada?" in seen[-1] and first_answer in seen[-1] and seen[-1].index("Ada") < seen[-1].index("What is")
+    out = capsys.readouterr().out
+    assert "[base · 3 tokens" in out and "turn 1]" in out and "[alpha · 3 tokens" in out and "turn 2]" in out
+    sh.run_line_magic("lora_chat", "")
+    out = capsys.readouterr().out
+    assert "you: My name is Ada?" in out and "alpha: " in out and "[2 exchanges;" in out
+    sh.run_line_magic("lora_chat", "--new --system 'Be brief.'")
+    sh.run_line_magic("lora_chat", "--max-new-tokens 2 Hi")
+    assert "My name" not in seen[-1] and "Be brief." in seen[-1]
+    assert magics(sh).session.conversation.exchanges == 1
+    assert sh.transform_cell("%lora_chat Why?").strip() == "get_ipython().run_line_magic('lora_chat', 'Why?')"
+
+
+def test_chat_leaves_out_the_oldest_turns_that_outgrow_the_context(loaded, capsys):
+    sh, _, _ = loaded
+    sess = magics(sh).session
+    limit = sess.model.config.max_position_embeddings
+    words = " ".join(["hello"] * (limit // 3))
+    sh.user_ns["words"] = words
+    for _ in range(3):
+        sh.run_line_magic("lora_chat", "--max-new-tokens 2 {words}")
+    out = capsys.readouterr().out
+    assert "oldest exchange" in out and "left out to fit the context" in out
+    assert sess.conversation.exchanges == 3  # kept in the transcript, only left out of the prompt
+
+
+def test_a_prompt_past_the_context_is_refused_and_a_long_answer_is_cut_to_fit(loaded, capsys):
+    sh, _, _ = loaded
+    limit = magics(sh).session.model.config.max_position_embeddings
+    sh.user_ns["words"] = " ".join(["hello"] * (limit + 10))
+    with pytest.raises(UsageError, match=rf"reads at most {limit:,} \(max_position_embeddings\): shorten it"):
+        sh.run_line_magic("lora_generate", "--max-new-tokens 2 {words}")
+    sh.user_ns["words"] = " ".join(["hello"] * (limit - 40))
+    sh.run_line_magic("lora_generate", "--max-new-tokens 500 {words}")
+    assert "answer cut to" in capsys.readouterr().out

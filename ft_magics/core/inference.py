@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from ..errors import FtUsageError
 
@@ -15,18 +15,42 @@ class Generation:
     new_tokens: int
     seconds: float
     stopped: bool = False  # ended early by an interrupt (the text so far is kept)
+    note: str = ""  # what was adjusted to make the call fit (the answer's length cut to the model's context)
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def build_prompt(tokenizer, prompt: str, system: Optional[str] = None) -> str:
-    """The text the model sees: the chat template where the tokenizer has one, else the plain prompt."""
+def build_prompt(tokenizer, prompt: str, system: Optional[str] = None, history: Sequence[dict] = ()) -> str:
+    """The text the model sees: the chat template where the tokenizer has one, else the plain prompt.
+    ``history``: earlier messages of a conversation (``{"role": "user"|"assistant", "content": ...}``)."""
     if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = (([{"role": "system", "content": system}] if system else [])
+                    + [{"role": m["role"], "content": m["content"]} for m in history]
+                    + [{"role": "user", "content": prompt}])
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (system + "\n\n" if system else "") + prompt + "\n"
+    return (system + "\n\n" if system else "") + "".join(m["content"] + "\n" for m in history) + prompt + "\n"
+
+
+def context_limit(model) -> Optional[int]:
+    """The most tokens (prompt + answer) the model reads: its config's max_position_embeddings, if any."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def fit_to_context(model, prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """``(max_new_tokens, note)`` that fit the model's context after a prompt of ``prompt_tokens``; a prompt
+    that leaves no room is a usage error (past the context a model's positions are garbage, and slow)."""
+    limit = context_limit(model)
+    if limit is None or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens, ""
+    if prompt_tokens >= limit:
+        raise FtUsageError(
+            f"the prompt is {prompt_tokens:,} tokens (with the chat template) and the model reads at most "
+            f"{limit:,} (max_position_embeddings): shorten it."
+        )
+    return limit - prompt_tokens, f"answer cut to {limit - prompt_tokens} tokens: the model's context is {limit:,}"
 
 
 def _streamer(tokenizer, on_text: Callable[[str], None]):
@@ -42,7 +66,7 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
 
 def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, on_text: Optional[Callable[[str], None]] = None,
-             adapter_label: str = "base", seed: Optional[int] = None) -> Generation:
+             adapter_label: str = "base", seed: Optional[int] = None, history: Sequence[dict] = ()) -> Generation:
     import torch
 
     if not prompt or not prompt.strip():
@@ -53,9 +77,10 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
         raise FtUsageError(f"--temperature must be >= 0 (got {temperature}); 0 means greedy.")
     if not 0 < top_p <= 1:
         raise FtUsageError(f"--top-p must be in (0, 1] (got {top_p}).")
-    text = build_prompt(tokenizer, prompt, system)
+    text = build_prompt(tokenizer, prompt, system, history)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if temperature > 0:
@@ -84,7 +109,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
     new = out[0][enc["input_ids"].shape[1]:]
     return Generation(
         text=tokenizer.decode(new, skip_special_tokens=True).strip(), adapter=adapter_label,
-        new_tokens=int(new.numel()), seconds=seconds, stopped=flag.is_set(),
+        new_tokens=int(new.numel()), seconds=seconds, stopped=flag.is_set(), note=note,
     )
 
 
@@ -116,6 +141,7 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
                         add_special_tokens=not getattr(tokenizer, "chat_template", None))
     finally:
         tokenizer.padding_side = side
+    max_new_tokens, _ = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False,
