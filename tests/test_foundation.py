@@ -314,3 +314,21 @@ def test_max_steps_beside_epochs_says_which_wins(shell, monkeypatch, capsys):
     assert "max_steps 5 and epochs 3 are both set: training stops after max_steps" in capsys.readouterr().out
     shell.run_cell_magic("lora_train", "x --data demo:support --max-steps 5", "r: 8\n")
     assert "epochs is ignored" not in capsys.readouterr().out
+
+
+def test_eight_bit_model_trains_and_generates_and_bnb_cast_notice_shows_once(tiny_model_dir, tmp_path, caplog):
+    """LLM.int8 logs a bf16 -> fp16 cast on every matmul: hundreds of lines per answer unless shown once."""
+    import logging
+
+    from ft_magics import Session
+    from ft_magics.config import TrainConfig
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=8)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        s.generate("hello", max_new_tokens=4)
+        s.generate("hello again", max_new_tokens=4)
+    casts = [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    assert len(casts) <= 1
+    res = s.train("eight", "demo:support", TrainConfig.from_dict({"max_steps": 2, "batch_size": 2}))
+    assert res.steps == 2 and (tmp_path / "adapters" / "eight" / "adapter_config.json").exists()

@@ -249,6 +249,30 @@ def quantization_config(bits: int, compute_dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+class _OncePerMessage:
+    """A logging filter that lets each message template through once (like warnings' default "once")."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+
+    def filter(self, record) -> bool:
+        key = (record.levelno, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def quiet_repeated_logs(logger_name: str) -> None:
+    """Show each message of ``logger_name`` once: bitsandbytes' LLM.int8 matmul logs that it casts a bf16
+    input to fp16 on every call (hundreds of lines per generated answer)."""
+    import logging
+
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OncePerMessage) for f in log.filters):
+        log.addFilter(_OncePerMessage())
+
+
 def load_model(
     model: str = DEMO_NAME,
     bits: int = 4,
@@ -279,6 +303,8 @@ def load_model(
         use_safetensors=None if allow_pickle else True,
     )
     qcfg = quantization_config(bits, compute_dtype)
+    if bits == 8:
+        quiet_repeated_logs("bitsandbytes.autograd._functions")  # a cast notice on every int8 matmul
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = {"": dev if dev != "cuda" else 0} if dev.startswith("cuda") else {"": "cpu"}
