@@ -319,8 +319,11 @@ class FtMagics(Magics):
 
             %lora_chat It was order 1234, placed last Tuesday.
             %lora_chat --adapter base And what would you say?
-            %lora_chat                    (the conversation so far)
+            %lora_chat                    (the conversation so far; in a notebook, the chat panel)
             %lora_chat --new              (forget it and start again)
+
+        In a notebook ``%lora_chat`` alone shows a chat panel: a message box, Send, and a choice of the
+        adapter (or base model) that answers each message; it shows the same conversation as the magic.
 
         The oldest turns are left out (and you are told) when the conversation outgrows the model's
         context. Interrupting the kernel ends the answer at the next token and keeps it in the history.
@@ -332,11 +335,24 @@ class FtMagics(Magics):
         args = parse_args(self.lora_chat, line)
         session = self.session
         if not message.strip():
+            from .widgets import widget_frontend
+
             if args.new:
                 from .core.chat import Conversation
 
                 session.conversation = Conversation(system=args.system or None)
-                print("started a new conversation" + (f" (system prompt: {args.system})" if args.system else "") + ".")
+                if not (self.widgets and widget_frontend()):
+                    print("started a new conversation" + (f" (system prompt: {args.system})" if args.system else "") + ".")
+                    return
+            if self.widgets and widget_frontend():  # the chat panel: a message box and an adapter per message
+                from IPython.display import display
+
+                from .widgets.chat_panel import ChatPanel
+
+                session._require_model()
+                display(ChatPanel(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, adapter=args.adapter,
+                                  system=None if args.new else args.system))
                 return
             conv = session.conversation
             if conv is None or not conv.turns:

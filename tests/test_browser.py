@@ -65,6 +65,7 @@ def _write_notebook(root: Path, model_dir: Path) -> Path:
         _cell(f"%%lora_train beta --data beta.jsonl\n{TRAIN_BODY}"),
         _cell("%lora_adapters"),
         _cell("%%lora_generate --max-new-tokens 8 --no-stream\nHow do I reset my password?"),
+        _cell("%lora_chat --max-new-tokens 8"),
     ]
     nb = {
         "cells": cells,
@@ -243,5 +244,24 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
             page.screenshot(path=str(ARTIFACTS / "browser-4-answers.png"), full_page=True)
             assert answers["alpha"] != answers["beta"], answers
             assert "billing" in answers["alpha"] and "hello" in answers["beta"], answers
+
+            # The chat panel: each message answered by the adapter picked for it, in one conversation.
+            page.wait_for_selector(".ft-chat-panel")
+            chat_select = page.locator(".ft-chat-adapter select")
+            assert chat_select.locator("option").all_inner_texts() == ["base", "alpha", "beta"]
+            for name, message, expect in (("alpha", "How do I reset my password?", "billing"), ("beta", "hello", "hello")):
+                chat_select.select_option(name)
+                page.locator(".ft-chat-input textarea").fill(message)
+                page.locator(".ft-chat-send").click()
+                page.wait_for_function(
+                    "n => { const e = document.querySelector('.ft-chat-status');"
+                    " return e && e.textContent.startsWith(n + ' · '); }", arg=name)
+            log = page.locator(".ft-chat-log").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "browser-5-chat.png"), full_page=True)
+            assert log.index("How do I reset my password?") < log.index("hello"), log
+            first, second = log.split("How do I reset my password?", 1)[1].split("\nyou\n", 1)
+            assert first.lstrip().startswith("alpha") and "billing" in first, log
+            assert "beta" in second and "hello world" in second.split("hello", 1)[1], log
+            assert page.locator(".ft-chat-input textarea").input_value() == ""
         finally:
             browser.close()

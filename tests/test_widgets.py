@@ -328,6 +328,60 @@ def test_lora_adapters_without_arguments_shows_the_panel_in_a_widget_frontend(sh
     assert len(shown) == 1 and isinstance(shown[0], AdaptersPanel)
 
 
+def test_chat_panel_answers_each_message_with_the_chosen_adapter(two_adapters):
+    from ft_magics.widgets.chat_panel import ChatPanel
+
+    s = two_adapters
+    p = ChatPanel(s, max_new_tokens=4)
+    assert _choices_of(p.adapter) == ["base", "first", "second"] and p.adapter.value == "second"
+    assert "No messages yet" in p.log.value
+    p.adapter.value = "first"
+    p.text.value = "hi there"
+    p.send_button.click()
+    conv = s.conversation
+    assert conv.exchanges == 1 and conv.turns[1].adapter == "first" and p.text.value == ""
+    assert "hi there" in p.log.value and "<b>first</b>" in p.log.value
+    assert p.status.value.startswith("first · ") and "tok/s" in p.status.value
+    assert s.adapters.active == "second"  # a per-message choice, not a switch of the active adapter
+    p.adapter.value = "base"
+    assert p.send("and again")
+    assert [t.adapter for t in s.conversation.turns[1::2]] == ["first", "base"]
+    p.render(pending=("typing", "partial answ", "base"))
+    assert "partial answ …" in p.log.value and "answering" in p.log.value
+    p.new_button.click()
+    assert s.conversation.exchanges == 0 and "No messages yet" in p.log.value
+
+
+def test_chat_panel_keeps_the_message_when_it_cannot_answer(two_adapters):
+    from ft_magics.widgets.chat_panel import ChatPanel
+
+    s = two_adapters
+    p = ChatPanel(s, max_new_tokens=0)  # a setting the generator refuses
+    p.text.value = "keep me"
+    assert not p.send()
+    assert p.text.value == "keep me" and p.status.value.startswith("cannot answer: --max-new-tokens")
+    assert not p.send_button.disabled
+    p.text.value = "   "
+    assert not p.send() and p.status.value == "write a message first."
+
+
+def test_lora_chat_without_a_message_shows_the_chat_panel_in_a_widget_frontend(shell, tiny_model_dir, monkeypatch):
+    import ft_magics.widgets as w
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shown = []
+    monkeypatch.setattr(w, "widget_frontend", lambda: True)
+    monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))
+    shell.run_line_magic("lora_chat", "--max-new-tokens 3")
+    from ft_magics.widgets.chat_panel import ChatPanel
+
+    assert len(shown) == 1 and isinstance(shown[0], ChatPanel) and shown[0].settings["max_new_tokens"] == 3
+
+
+def _choices_of(dropdown) -> list:
+    return [value for _label, value in dropdown.options]
+
+
 def test_target_modules_are_shown_compactly():
     from ft_magics.widgets.adapters_panel import short_modules
 
