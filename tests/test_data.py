@@ -958,3 +958,32 @@ def test_text_format_notes_an_unused_answer_like_column(tok, tmp_path):
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"great movie {i}", "id": i} for i in range(4)])
     _, _, report = D.prepare(str(plain), tok, TrainConfig.from_dict({"max_seq_len": 64}))
     assert not [w for w in report.warnings if "is not used" in w]
+
+
+def test_byte_order_marks_crlf_and_a_json_array_named_jsonl_are_read(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode() + b"\r\n")
+    assert D.load_rows(str(bom))[0] == rows
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text(json.dumps(rows, indent=1))
+    assert D.load_rows(str(arr))[0] == rows
+    js = tmp_path / "bom.json"
+    js.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    assert D.load_rows(str(js))[0] == rows
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbfHello there.\nSecond line.\n")
+    assert D.load_rows(str(txt), txt_mode="lines")[0][0] == {"text": "Hello there."}
+    broken = tmp_path / "broken.json"  # a broken array over several lines: an error, not an endless retry
+    broken.write_text('[\n{"prompt": "a", "completion": "b"},\n{"prompt": \n')
+    with pytest.raises(FtUsageError, match="not valid JSON"):
+        D.load_rows(str(broken))
+
+
+def test_chats_without_an_assistant_message_say_what_is_missing(tok, tmp_path):
+    src = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "u"}]}] * 3)
+    with pytest.raises(FtUsageError, match=r"no example has an answer to learn from: in the chat format the loss is "
+                                           r"on the assistant messages, and every one of the 3 examples has none"):
+        D.prepare(str(src), tok, TrainConfig.from_dict({"max_seq_len": 64}))
+    _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"max_seq_len": 64, "train_on": "all"}))
+    assert report.train_rows == 3

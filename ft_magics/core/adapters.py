@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean
 from .atomic import COMPLETE_MARKER
+from .events import counted
 
 BASE = "base"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -115,7 +116,7 @@ def replacing_note(target: Path, name: str) -> Optional[str]:
         info = info_from_folder(name, Path(target), "trained")
     except (FtUsageError, OSError, ValueError):
         return None
-    done = f"{info.steps} steps, loss {info.final_loss:.4f}" if info.steps and info.final_loss is not None else "trained earlier"
+    done = f"{counted(info.steps, 'step')}, loss {info.final_loss:.4f}" if info.steps and info.final_loss is not None else "trained earlier"
     return (f"adapter {name!r} already exists ({done}, {target}); this run replaces it when it saves. "
             "Use another name to keep it, or --resume to continue it.")
 

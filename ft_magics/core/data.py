@@ -282,7 +282,7 @@ def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[
 
 def _open_text(path: Path):
     try:
-        return open(path, encoding="utf-8")
+        return open(path, encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped, not read as text
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
 
@@ -292,14 +292,14 @@ def _csv_separator(path: Path, suffix: str) -> str:
     has none but a semicolon, tab or bar (spreadsheets in many locales export 'question;answer')."""
     if suffix == ".tsv":
         return "\t"
-    with _open_text(path) as f:  # a byte-order mark stays in the header here: it is not a separator
+    with _open_text(path) as f:
         header = f.readline()
     if "," in header:
         return ","
     return next((sep for sep in (";", "\t", "|") if sep in header), ",")
 
 
-def _read_jsonl(path: Path, limit: Optional[int] = None) -> Rows:
+def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) -> Rows:
     rows = Rows(locs=[])
     try:
         fh = open(path, "rb")  # bytes, decoded line by line: a bad byte is reported on its own line
@@ -309,6 +309,10 @@ def _read_jsonl(path: Path, limit: Optional[int] = None) -> Rows:
         for n, raw in enumerate(fh, 1):
             if limit is not None and len(rows) >= limit:
                 break
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors, Excel)
+                raw = raw[3:]
+            if n == 1 and array_ok and raw.lstrip().startswith(b"["):  # one JSON array of records, named .jsonl
+                return _read_json(path, limit)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -370,7 +374,7 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     except json.JSONDecodeError as exc:
         if exc.lineno > 1:  # a .json file that is really JSON lines?
             try:
-                return _read_jsonl(path, limit)
+                return _read_jsonl(path, limit, array_ok=False)
             except FtUsageError:
                 pass
         raise FtUsageError(
@@ -831,7 +835,7 @@ class DataReport:
                 "(no loss-bearing token left); raise max_seq_len to keep them"
             )
         if self.dropped_empty:
-            lines.append(f"Dropped    {self.dropped_empty} examples with no loss-bearing token at all")
+            lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no loss-bearing token at all")
         if self.eval_dropped:
             lines.append(f"Dropped    {self.eval_dropped} eval examples (too long, or no answer token left)")
         if self.packing:
@@ -1169,6 +1173,13 @@ def quality_warnings(records: list[Record]) -> list:
     return warnings
 
 
+# where each format's loss-bearing answer lives (what an example without one lacks)
+ANSWER_PART = {
+    "chat": "assistant messages", "sharegpt": "gpt/assistant turns", "prompt-completion": "completions",
+    "alpaca": "outputs",
+}
+
+
 def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str]:
     """For the text format, a note when a column named like an answer (label, answer, output, ...) sits
     beside the text unused: a classification or question set trained as plain text by mistake."""
@@ -1222,6 +1233,13 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
     report.eval_dropped = len(eval_records) - len(evals)
     if not train:
+        if report.dropped_empty == len(train_records) and cfg.train_on != "all":
+            raise FtUsageError(
+                f"{desc}: no example has an answer to learn from: in the {fmt.split(' (')[0]} format the loss is on "
+                f"the {ANSWER_PART.get(fmt.split(' (')[0], 'answers')}, and every one of the "
+                f"{len(train_records)} examples has none "
+                "(empty, or missing). Add the answers, or train on every token with train_on: all."
+            )
         raise FtUsageError(
             f"{desc}: no training example has a loss-bearing token left (all answers empty or cut away by "
             f"max_seq_len={cfg.max_seq_len}). Raise max_seq_len or check the answer fields."
