@@ -272,7 +272,9 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
         eval_ref, enote = data_reference(eval_data, namespace, job_dir, EVAL_FILE)
         note += f"; eval: {enote}"
     if "exported" in note:
-        emit(listeners or [], Message(f"notebook data cannot cross into other processes: {note}"))
+        emit(listeners or [], Message("the data is written into the job folder, so the job trains on exactly these "
+                                      "rows (a notebook variable cannot reach another process; what a glob or a Hub "
+                                      f"id names can change): {note}"))
     spec = JobSpec(name=name, model=model_reference(handle), data=data_ref, settings=cfg.to_dict(),
                    output_dir=str(output_dir) if output_dir is not None else "adapters", eval_data=eval_ref,
                    processes=processes, data_note=note)
