@@ -104,9 +104,13 @@ class Session:
               background: bool = False, on_done: Optional[Callable] = None, resume: bool = False, **overrides):
         """Train a LoRA adapter ``name``. ``config`` is a dict (YAML body) or TrainConfig; keyword
         overrides win. ``resume=True`` continues from NAME's latest complete checkpoint (same data and
-        settings). Returns a TrainResult, or the Thread when ``background`` is true."""
+        settings). ``listeners`` see the run's events; by default (None) progress is printed as text, as
+        the magic does in a terminal; ``[]`` trains silently. Returns a TrainResult, or the Thread when
+        ``background`` is true."""
         from .core.adapters import replacing_note, validate_name
         from .core.events import Message, emit
+
+        listeners = _default_listeners(listeners)
 
         name = validate_name(name)
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
@@ -212,9 +216,11 @@ class Session:
                         processes: int = 2, launcher: str = "accelerate", eval_data: Any = None,
                         output_dir: Optional[str | Path] = None, listeners: Optional[list] = None, **overrides):
         """Train ``name`` on ``processes`` processes (accelerate launch, torchrun or accelerate's notebook
-        launcher), streaming progress to ``listeners``; the adapter is then loaded here. Returns a TrainResult."""
+        launcher), streaming progress to ``listeners`` (None: printed as text); the adapter is then loaded here.
+        Returns a TrainResult."""
         from .core.jobs import result_from_record, run_job
 
+        listeners = _default_listeners(listeners)
         if self.training_in_progress:
             raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
         out_root = Path(output_dir) if output_dir else self.adapters_dir
@@ -612,3 +618,13 @@ class Session:
         from .core.planner import plan
 
         return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing)
+
+
+def _default_listeners(listeners: Optional[list]) -> list:
+    """``listeners`` as given, or (None) the text view: the Python API prints progress like the magics do
+    in a terminal; ``[]`` runs silently."""
+    if listeners is not None:
+        return list(listeners)
+    from .widgets.text import TextReporter
+
+    return [TextReporter()]

@@ -332,3 +332,11 @@ def test_eight_bit_model_trains_and_generates_and_bnb_cast_notice_shows_once(tin
     assert len(casts) <= 1
     res = s.train("eight", "demo:support", TrainConfig.from_dict({"max_steps": 2, "batch_size": 2}))
     assert res.steps == 2 and (tmp_path / "adapters" / "eight" / "adapter_config.json").exists()
+
+
+def test_python_api_prints_progress_by_default_and_is_silent_with_no_listeners(tiny_session, capsys):
+    tiny_session.train("talk", "demo:support", {"max_steps": 1, "batch_size": 2})
+    out = capsys.readouterr().out
+    assert "Training 'talk'" in out and "step 1/1" in out and "adapter saved to" in out
+    tiny_session.train("quiet", "demo:support", {"max_steps": 1, "batch_size": 2}, listeners=[])
+    assert capsys.readouterr().out == ""
