@@ -184,3 +184,13 @@ def test_a_prompt_past_the_context_is_refused_and_a_long_answer_is_cut_to_fit(lo
     sh.user_ns["words"] = " ".join(["hello"] * (limit - 40))
     sh.run_line_magic("lora_generate", "--max-new-tokens 500 {words}")
     assert "answer cut to" in capsys.readouterr().out
+
+
+def test_an_answer_cut_inside_a_multibyte_character_drops_the_partial_character():
+    from ft_magics.core.inference import _decoded
+
+    class Tok:  # byte-level BPE: the first two of an emoji's four bytes decode to U+FFFD
+        def decode(self, ids, skip_special_tokens=True):
+            return {(1,): "Hi \ufffd", (2,): "Hi 🌱", (3,): "  \ufffd"}[tuple(ids)]
+
+    assert _decoded(Tok(), [1]) == "Hi" and _decoded(Tok(), [2]) == "Hi 🌱" and _decoded(Tok(), [3]) == ""

@@ -108,9 +108,15 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
         model.train()
     new = out[0][enc["input_ids"].shape[1]:]
     return Generation(
-        text=tokenizer.decode(new, skip_special_tokens=True).strip(), adapter=adapter_label,
+        text=_decoded(tokenizer, new.tolist()), adapter=adapter_label,
         new_tokens=int(new.numel()), seconds=seconds, stopped=flag.is_set(), note=note,
     )
+
+
+def _decoded(tokenizer, ids: list) -> str:
+    """The answer's text. An answer cut by max_new_tokens can end inside a character that spans several
+    byte-level tokens (an emoji, CJK): that partial character decodes to U+FFFD, and is dropped."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
 
 
 def _stop_when(flag):
@@ -167,7 +173,7 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
             if tok in stops:
                 n = i + 1
                 break
-        results.append((tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
+        results.append((_decoded(tokenizer, row[:n]), n))
     return results
 
 
