@@ -987,3 +987,21 @@ def test_chats_without_an_assistant_message_say_what_is_missing(tok, tmp_path):
         D.prepare(str(src), tok, TrainConfig.from_dict({"max_seq_len": 64}))
     _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"max_seq_len": 64, "train_on": "all"}))
     assert report.train_rows == 3
+
+
+def test_a_format_setting_that_does_not_fit_names_the_format_the_rows_are_in():
+    with pytest.raises(FtUsageError, match=r"the chat format needs field\(s\) 'messages'; this row has completion, "
+                                           r"prompt\. This row is in the prompt-completion format: drop the format "
+                                           r"setting \(auto detects it\) or use format: prompt-completion"):
+        D.normalise([{"prompt": "p", "completion": "c"}], fmt="chat")
+    with pytest.raises(FtUsageError, match=r"This row is in the alpaca format"):
+        D.normalise([{"instruction": "i", "input": "", "output": "o"}], fmt="text")
+    with pytest.raises(FtUsageError, match=r"This row is in the prompt-completion format"):  # a well-known pair
+        D.normalise([{"question": "q", "answer": "a"}], fmt="chat")
+    with pytest.raises(FtUsageError, match=r"--text-field names column\(s\) 'body' that do not exist"):
+        D.normalise([{"text": "t"}], text_field="body")
+
+
+def test_the_suggested_map_is_in_the_datas_own_column_names_when_a_map_was_given():
+    with pytest.raises(FtUsageError, match=r'--map "instruction=prompt,output=completion"'):
+        D.normalise([{"instruction": "i", "input": "", "output": "o"}], column_map="instruction=prompt")

@@ -543,10 +543,16 @@ def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
     return found[0] if len(found) == 1 else None
 
 
-def _missing_fields_error(keys: list, where: str) -> FtUsageError:
+def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None) -> FtUsageError:
+    """``renamed``: the user's --map (source -> field), already applied to ``keys``; the suggested --map is
+    then written in the data's own column names, the user's entries included."""
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
     fix = suggest_map(keys)
+    if fix and renamed:
+        back = {field: source for source, field in renamed.items()}
+        pairs = [p.split("=", 1) for p in fix.split(",")]
+        fix = ",".join(f"{back.get(col, col)}={field}" for col, field in pairs)
     suggestion = f' For these columns: --map "{fix}".' if fix else ""
     return FtUsageError(
         f"{where}: cannot tell the dataset format from the fields found ({shown}). "
@@ -644,8 +650,9 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         keys0 = set().union(*(r.keys() for r in rows[:1000]))
         missing = [a for a in mapping if a not in keys0]
         if missing:
+            given = "--text-field" if missing == [text_field] and text_field not in parse_map(column_map) else "--map"
             raise FtUsageError(
-                f"{where}: --map names column(s) {', '.join(map(repr, missing))} that do not exist"
+                f"{where}: {given} names column(s) {', '.join(map(repr, missing))} that do not exist"
                 f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}."
             )
         rows = _renamed(rows, mapping)
@@ -658,7 +665,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
             rows = _renamed(rows, {pair[0]: "prompt", pair[1]: "completion"})
             found, shown_fmt = "prompt-completion", f"prompt-completion (columns {pair[0]} -> prompt, {pair[1]} -> completion)"
         if found is None:
-            raise _missing_fields_error(keys, where)
+            raise _missing_fields_error(keys, where, mapping)
         fmt = found
     elif fmt not in FORMAT_KEYS:
         raise FtUsageError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMAT_KEYS)}; use auto or one of {', '.join(FORMAT_KEYS)}.")
@@ -677,10 +684,16 @@ def _normalise_row(row: dict, fmt: str, where: str) -> Record:
     need = FORMAT_KEYS[fmt]
     absent = [k for k in need if k not in row]
     if absent:
+        other = detect_format(row)
+        if other is None and known_pair(row) is not None:
+            other = "prompt-completion"
+        if other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
+            fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
+        else:
+            fix = "Fix the row or use --map" + (f' (e.g. --map "{suggest_map(row)}")' if suggest_map(row) else "")
         raise FtUsageError(
             f"{where}: the {fmt} format needs field(s) {', '.join(map(repr, absent))}; "
-            f"this row has {', '.join(sorted(map(str, row))) or 'no fields'}. Fix the row or use --map"
-            + (f' (e.g. --map "{suggest_map(row)}")' if suggest_map(row) else "") + "."
+            f"this row has {', '.join(sorted(map(str, row))) or 'no fields'}. {fix[0].upper() + fix[1:]}."
         )
     if fmt == "text":
         return Record(text=_string_field(row, "text", where))
