@@ -63,8 +63,13 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")
-        if on_disk:
-            out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(on_disk)}")
+        fitting = s.adapters_on_disk(fitting=True)
+        if fitting:
+            out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(fitting)}")
+        others = [n for n in on_disk if n not in fitting]
+        if others:
+            out(f"on disk in {s.adapters_dir}, trained on another base model (they do not fit "
+                f"{s.handle.name}): {', '.join(others)}")
         out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
         return
     if cmd == "use":

@@ -406,13 +406,30 @@ class Session:
                 self.adapters.active = previous
         return self.adapters.require(name)
 
-    def adapters_on_disk(self) -> list:
-        """Names of adapter folders in the adapters folder that this session has not loaded."""
+    def adapters_on_disk(self, fitting: bool = False) -> list:
+        """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``
+        only those whose layers fit the loaded model (checked from their files, nothing is loaded)."""
         root = self.adapters_dir
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and p.name not in self.adapters and self._adapter_folder(p.name) is not None)
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in self.adapters and self._adapter_folder(p.name) is not None)
+        if fitting and self.handle is not None:
+            names = [n for n in names if self.misfit(n) is None]
+        return names
+
+    def misfit(self, name: str) -> Optional[str]:
+        """Why adapter ``name`` in the adapters folder cannot go on the loaded model (None: it can)."""
+        from .core.adapters import check_fits, read_adapter_folder
+
+        folder = self._adapter_folder(name)
+        if folder is None or self.handle is None:
+            return None
+        try:
+            check_fits(self.model, folder, read_adapter_folder(folder, parse_weights=False), self.handle.name)
+        except FtUsageError as exc:
+            return str(exc)
+        return None
 
     # ------------------------------------------------------------------ merge, combine, export
     def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:

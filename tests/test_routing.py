@@ -240,6 +240,32 @@ def test_adapters_in_the_adapters_folder_are_listed_and_load_when_used_by_name(t
         tiny_session.use("half")
 
 
+def test_adapters_trained_on_another_base_are_listed_apart_and_kept_out_of_the_selectors(tiny_session, store,
+                                                                                          tmp_path, capsys):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from ft_magics.adapter_commands import run
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+    from ft_magics.widgets.chat_panel import ChatPanel
+    from test_adapters_ops import peft_adapter
+
+    cfg = AutoConfig.from_pretrained(tiny_session.handle.source)
+    cfg.hidden_size, cfg.intermediate_size = 32, 64  # another base: every layer has other shapes
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other-base")
+    peft_adapter(tmp_path / "other-base", tiny_session.adapters_dir / "elsewhere")
+    shutil.copytree(store / "legal", tiny_session.adapters_dir / "legal")
+    assert tiny_session.adapters_on_disk() == ["elsewhere", "legal"]
+    assert tiny_session.adapters_on_disk(fitting=True) == ["legal"]
+    assert "does not fit the loaded model" in tiny_session.misfit("elsewhere") and tiny_session.misfit("legal") is None
+    run(tiny_session, ["list"])
+    out = capsys.readouterr().out
+    assert "(used by name, they load): legal\n" in out and "trained on another base model" in out
+    assert out.rstrip().splitlines()[-2].endswith(": elsewhere")
+    for values in ([v for _l, v in AdaptersPanel(tiny_session).selector.options],
+                   [v for _l, v in ChatPanel(tiny_session).adapter.options]):
+        assert "legal" in values and "elsewhere" not in values
+
+
 def test_per_call_adapter_loads_on_demand_from_the_adapters_folder(tiny_session, store):
     shutil.copytree(store / "legal", tiny_session.adapters_dir / "legal")
     gen = tiny_session.generate(PROMPTS[0], adapter="legal", max_new_tokens=5)

@@ -108,7 +108,7 @@ class AdaptersPanel:
                 "<table class='ft-adapters'><thead><tr>" + "".join(f"<th>{h}</th>" for h in heads)
                 + f"</tr></thead><tbody>{body}</tbody></table>"
             )
-        on_disk = self.session.adapters_on_disk()  # after a kernel restart: selecting one loads it
+        on_disk = self.session.adapters_on_disk(fitting=True)  # after a kernel restart: selecting one loads it
         if not rows:
             self.table.value = ("" if on_disk else
                                 "<i>No adapters yet: train one with %%lora_train NAME --data ...</i>")

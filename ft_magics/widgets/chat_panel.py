@@ -62,7 +62,7 @@ class ChatPanel:
         """The choices: the base model, the loaded adapters, then those only in the adapters folder."""
         s = self.session
         loaded = [a.name for a in s.adapters]
-        names = [(BASE_LABEL, BASE_LABEL)] + [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in s.adapters_on_disk()]
+        names = [(BASE_LABEL, BASE_LABEL)] + [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in s.adapters_on_disk(fitting=True)]
         current = prefer or self.adapter.value or s.adapters.active or BASE_LABEL
         values = [v for _label, v in names]
         if tuple(self.adapter.options) != tuple(names):
