@@ -191,6 +191,7 @@ def test_an_answer_cut_inside_a_multibyte_character_drops_the_partial_character(
 
     class Tok:  # byte-level BPE: the first two of an emoji's four bytes decode to U+FFFD
         def decode(self, ids, skip_special_tokens=True):
-            return {(1,): "Hi \ufffd", (2,): "Hi 🌱", (3,): "  \ufffd"}[tuple(ids)]
+            return {(1,): "Hi \ufffd", (2,): "Hi 🌱", (3,): "  \ufffd", (4,): "a\ufffd\ufffd"}[tuple(ids)]
 
     assert _decoded(Tok(), [1]) == "Hi" and _decoded(Tok(), [2]) == "Hi 🌱" and _decoded(Tok(), [3]) == ""
+    assert _decoded(Tok(), [4]) == "a\ufffd"  # only the last, partial character goes

@@ -115,8 +115,9 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
 
 def _decoded(tokenizer, ids: list) -> str:
     """The answer's text. An answer cut by max_new_tokens can end inside a character that spans several
-    byte-level tokens (an emoji, CJK): that partial character decodes to U+FFFD, and is dropped."""
-    return tokenizer.decode(ids, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+    byte-level tokens (an emoji, CJK): that partial character decodes to one U+FFFD, which is dropped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return text[:-1].rstrip() if text.endswith("\ufffd") else text
 
 
 def _stop_when(flag):
