@@ -63,7 +63,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")
-        fitting = s.adapters_on_disk(fitting=True)
+        fitting = [n for n in on_disk if s.misfit(n) is None]
         if fitting:
             out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(fitting)}")
         others = [n for n in on_disk if n not in fitting]

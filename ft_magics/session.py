@@ -111,13 +111,11 @@ class Session:
         from .core.events import Message, emit
 
         listeners = _default_listeners(listeners)
-
         name = validate_name(name)
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
         if overrides:
             cfg = TrainConfig.from_dict(overrides, base=cfg)
         self._require_model()
-        listeners = list(listeners or [])
         out_root = Path(output_dir) if output_dir else self.adapters_dir
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():
@@ -312,11 +310,11 @@ class Session:
         """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""
         import shutil
 
-        if name not in self.adapters and self._adapter_folder(name) is not None:  # on disk only (after a restart)
+        folder = self._adapter_folder(name) if name not in self.adapters else None
+        if folder is not None:  # on disk only (after a restart): nothing to unload
             with self._model_busy("delete an adapter"):
-                folder = self._adapter_folder(name).resolve()
-                shutil.rmtree(folder)
-                return str(folder)
+                shutil.rmtree(folder.resolve())
+                return str(folder.resolve())
         info = self.adapters.require(name)
         self.unload_adapter(name)
         if info.path:
