@@ -208,7 +208,6 @@ ALIASES = {
 }
 
 
-
 def canonical_key(raw_key) -> str:
     """The setting a YAML key or flag name means: ``learning-rate``, ``lr`` -> ``learning_rate``."""
     key = str(raw_key).replace("-", "_")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .inference import build_prompt, context_limit
+from .inference import adds_special_tokens, build_prompt, context_limit
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Conversation:
         dropped = 0
         while history:
             text = build_prompt(tokenizer, question, self.system, history)
-            n = len(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
+            n = len(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"])
             if n + answer_tokens <= limit:
                 break
             history = history[2:]  # the oldest question and its answer

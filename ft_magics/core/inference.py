@@ -33,6 +33,11 @@ def build_prompt(tokenizer, prompt: str, system: Optional[str] = None, history: 
     return (system + "\n\n" if system else "") + "".join(m["content"] + "\n" for m in history) + prompt + "\n"
 
 
+def adds_special_tokens(tokenizer) -> bool:
+    """Whether encoding a built prompt should add BOS/EOS: not where the chat template already wrote them."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def context_limit(model) -> Optional[int]:
     """The most tokens (prompt + answer) the model reads: its config's max_position_embeddings, if any."""
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -79,7 +84,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max
         raise FtUsageError(f"--top-p must be in (0, 1] (got {top_p}).")
     text = build_prompt(tokenizer, prompt, system, history)
     device = next(model.parameters()).device
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer))
     max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -145,7 +150,7 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
     tokenizer.padding_side = "left"
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True,
-                        add_special_tokens=not getattr(tokenizer, "chat_template", None))
+                        add_special_tokens=adds_special_tokens(tokenizer))
     finally:
         tokenizer.padding_side = side
     max_new_tokens, _ = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
