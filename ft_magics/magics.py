@@ -523,8 +523,10 @@ class FtMagics(Magics):
         from .core.memory import human_bytes, read_memory, rss_bytes
 
         before, gpu = rss_bytes(), read_memory(None)  # a CUDA reading only where CUDA is in use
-        self.session.unload()
-        msg = f"model unloaded; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}"
+        had_model = self.session.handle is not None
+        self.session.unload()  # also drops caches when no model is loaded
+        what = "model unloaded" if had_model else "no model was loaded (caches freed)"
+        msg = f"{what}; process memory {human_bytes(before)} -> {human_bytes(rss_bytes())}"
         if gpu.kind == "cuda":
             msg += f"; CUDA allocated {human_bytes(gpu.used_bytes)} -> {human_bytes(read_memory(None).used_bytes)}"
         print(msg)

@@ -70,6 +70,12 @@ def test_unload_frees_model_adapters_and_optimizer_even_after_a_failed_cell(shel
     assert not data._TOKENIZED  # the remembered tokenisation of the training data went too
 
 
+def test_unload_without_a_model_says_so(shell, capsys):
+    shell.run_line_magic("ft_unload", "")
+    out = capsys.readouterr().out
+    assert out.startswith("no model was loaded (caches freed); process memory") and "model unloaded" not in out
+
+
 MEASURE = r'''
 import gc, json, os, sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
