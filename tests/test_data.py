@@ -304,6 +304,8 @@ def test_well_known_column_pairs_need_no_map_and_the_report_says_how_they_were_r
     assert [m["content"] for m in recs[0].messages] == ["Q?", "A."]
     recs, fmt = D.normalise([{"input": "x", "output": "y"}])
     assert fmt.startswith("prompt-completion (columns input") and recs[0].messages[1]["content"] == "y"
+    recs, fmt = D.normalise([{"q": "2+2?", "a": "4"}])  # the shortest spelling of question/answer
+    assert fmt == "prompt-completion (columns q -> prompt, a -> completion)" and recs[0].messages[1]["content"] == "4"
     # two plausible pairs: no guess, the error names the fix
     with pytest.raises(FtUsageError, match="--map"):
         D.normalise([{"question": "q", "answer": "a", "input": "i", "output": "o"}])

@@ -533,6 +533,7 @@ PROMPT_COMPLETION_PAIRS = (
     ("question", "answer"), ("question", "response"), ("query", "response"), ("query", "answer"),
     ("prompt", "response"), ("prompt", "answer"), ("prompt", "output"), ("input", "output"), ("input", "target"),
     ("instruction", "response"), ("source", "target"), ("human", "assistant"), ("user", "assistant"),
+    ("q", "a"),
 )
 
 
