@@ -208,6 +208,22 @@ ALIASES = {
 }
 
 
+# where the data comes from may also be written in the body (flags on the line win, as for settings)
+DATA_KEYS = {"data": "data", "dataset": "data", "train_data": "data", "train_file": "data",
+             "eval": "eval", "eval_data": "eval", "eval_dataset": "eval", "eval_file": "eval"}
+
+
+def pop_data_keys(body: dict) -> dict:
+    """Take ``data:`` / ``eval:`` (and their usual other names) out of a cell body: ``{"data": .., "eval": ..}``."""
+    found: dict = {}
+    for raw in [k for k in body if str(k).replace("-", "_") in DATA_KEYS]:
+        which = DATA_KEYS[str(raw).replace("-", "_")]
+        if which in found:
+            raise FtUsageError(f"the {which} source is given twice in the cell body ({raw!r} and another name); keep one.")
+        found[which] = str(body.pop(raw))
+    return found
+
+
 def canonical_key(raw_key) -> str:
     """The setting a YAML key or flag name means: ``learning-rate``, ``lr`` -> ``learning_rate``."""
     key = str(raw_key).replace("-", "_")
@@ -232,6 +248,8 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     default = f.default
     choices = f.metadata.get("choices")
     try:
+        if key == "map" and isinstance(value, dict):  # YAML's own mapping form: {question: prompt, answer: completion}
+            return ",".join(f"{k}={v}" for k, v in value.items())
         if key == "target_modules":
             if isinstance(value, str):
                 value = value.strip()

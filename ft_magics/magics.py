@@ -12,13 +12,14 @@ import functools
 import re
 import shlex
 import sys
+from typing import Optional
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .config import ALIASES, TrainConfig, canonical_key, overridden_notes, parse_yaml_body
+from .config import ALIASES, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
 from .core.events import counted
 from .errors import FtUsageError, did_you_mean
 
@@ -96,6 +97,16 @@ def _config_flags(func):
         else:
             func = argument(*flags, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=help_text)(func)
     return func
+
+
+def _training_body(args: argparse.Namespace, cell: Optional[str]) -> dict:
+    """The YAML settings of a %%lora_train / %%lora_export_job body; a ``data:`` / ``eval:`` there fills
+    ``args.data`` / ``args.eval`` where the line gave none (the line wins, as for every setting)."""
+    body = parse_yaml_body(cell or "")
+    for which, src in pop_data_keys(body).items():
+        if getattr(args, which) is None:
+            setattr(args, which, src)
+    return body
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -179,7 +190,8 @@ class FtMagics(Magics):
     @user_errors
     def lora_train(self, line="", cell=None):
         """Train a LoRA adapter NAME. The cell body is YAML settings; flags on the line win.
-        (``%lora_train NAME --data ...`` on one line uses the defaults.)
+        (``%lora_train NAME --data ...`` on one line uses the defaults.) The body may also name the data
+        (``data: train.jsonl``, ``eval: held-out.jsonl``) instead of ``--data`` / ``--eval``.
 
         Example::
 
@@ -190,7 +202,7 @@ class FtMagics(Magics):
             learning_rate: 2e-4
         """
         args = parse_args(self.lora_train, line)
-        body = parse_yaml_body(cell or "")
+        body = _training_body(args, cell)
         cfg = TrainConfig.from_dict(body)
         overrides = _config_overrides(args)
         cfg = TrainConfig.from_dict(overrides, base=cfg)
@@ -239,7 +251,8 @@ class FtMagics(Magics):
         The adapter lands in DIR/adapters/NAME; load it with %lora_adapters load PATH.
         """
         args = parse_args(self.lora_export_job, line)
-        cfg = TrainConfig.from_dict(parse_yaml_body(cell or ""))
+        body = _training_body(args, cell)
+        cfg = TrainConfig.from_dict(body)
         cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
         from .core.jobs import load_job
         from .widgets.text import TextReporter

@@ -340,3 +340,26 @@ def test_python_api_prints_progress_by_default_and_is_silent_with_no_listeners(t
     assert "Training 'talk'" in out and "step 1/1" in out and "adapter saved to" in out
     tiny_session.train("quiet", "demo:support", {"max_steps": 1, "batch_size": 2}, listeners=[])
     assert capsys.readouterr().out == ""
+
+
+def test_data_and_eval_may_be_written_in_the_body_and_the_line_wins(shell, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(type(shell.magics_manager.registry["FtMagics"].session), "train",
+                        lambda self, name, data, cfg, **kw: seen.update(data=data, eval=kw.get("eval_data"), cfg=cfg))
+    shell.run_cell_magic("lora_train", "x", "dataset: demo:support\neval: demo:support-eval\nr: 8\n")
+    assert (seen["data"], seen["eval"], seen["cfg"].r) == ("demo:support", "demo:support-eval", 8)
+    shell.run_cell_magic("lora_train", "x --data other.jsonl", "data: demo:support\n")
+    assert seen["data"] == "other.jsonl"
+    with pytest.raises(UsageError, match="the data source is given twice in the cell body"):
+        shell.run_cell_magic("lora_train", "x", "data: a.jsonl\ntrain_data: b.jsonl\n")
+
+
+def test_map_as_a_yaml_mapping_and_target_modules_all_suggests_all_linear(tiny_session):
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    assert TrainConfig.from_dict({"map": {"question": "prompt", "answer": "completion"}}).map == \
+        "question=prompt,answer=completion"
+    with pytest.raises(FtUsageError, match=r"target_modules 'all' is not a linear layer of this model \(did you mean "
+                                           r"'all-linear'\?\).*presets: qv, attention, mlp, all-linear"):
+        tiny_session.train("x", "demo:support", {"max_steps": 1, "target_modules": "all"})

@@ -67,9 +67,13 @@ def resolve_target_modules(model, spec) -> Any:
     names = [spec] if isinstance(spec, str) else list(spec)
     bad = [n for n in names if n not in available]
     if bad:
+        from ..config import TARGET_PRESETS
+
+        hint = (" (did you mean 'all-linear'?)" if bad[0].lower().replace("_", "-") in ("all", "linear", "all-linear")
+                else did_you_mean(bad[0], list(available) + list(TARGET_PRESETS)))
         raise FtUsageError(
-            f"target_modules {bad[0]!r} is not a linear layer of this model{did_you_mean(bad[0], available)}. "
-            f"Its linear layers are: {', '.join(available)}."
+            f"target_modules {bad[0]!r} is not a linear layer of this model{hint}. "
+            f"Its linear layers are: {', '.join(available)}; presets: {', '.join(TARGET_PRESETS)}."
         )
     return names
 
