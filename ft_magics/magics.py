@@ -384,10 +384,9 @@ class FtMagics(Magics):
             print(gen.text)
         else:
             print()
-        notes = [f"turn {session.conversation.exchanges}"]
-        if left_out:
-            notes.append(f"{counted(left_out, 'oldest exchange')} left out to fit the context")
-        _answer_footer(gen, notes)
+        from .core.chat import left_out_notes
+
+        _answer_footer(gen, [f"turn {session.conversation.exchanges}"] + left_out_notes(left_out))
 
     # ------------------------------------------------------------------ %lora_adapters
     @line_magic
@@ -615,9 +614,7 @@ _PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat)[ \t]+(\S.*?)\s*$
 
 def _answer_footer(gen, notes=()) -> None:
     """``[adapter · N tokens · tok/s · ...]`` under a generated answer."""
-    extra = list(notes) + ([gen.note] if gen.note else []) + (["stopped by interrupt"] if gen.stopped else [])
-    print(f"[{gen.adapter} · {counted(gen.new_tokens, 'token')} · {gen.tokens_per_s:.1f} tok/s"
-          + "".join(" · " + e for e in extra) + "]")
+    print(f"[{gen.describe(notes)}]")
 
 
 def prompts_keep_question_marks(lines: list) -> list:

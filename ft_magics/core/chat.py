@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .events import counted
 from .inference import adds_special_tokens, build_prompt, context_limit
+
+
+def left_out_notes(left_out: int) -> list:
+    """The note a view shows when older exchanges did not fit the model's context (none when all did)."""
+    return [f"{counted(left_out, 'oldest exchange')} left out to fit the context"] if left_out else []
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import Any, Iterable, Optional
 log = logging.getLogger(__name__)
 
 
-
 def counted(n: int, noun: str) -> str:
     """"1 step", "2 steps": a count with its noun (regular plurals only)."""
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
 
 @dataclass
 class MemoryReading:

@@ -21,6 +21,13 @@ class Generation:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def describe(self, notes=()) -> str:
+        """``adapter · N tokens · tok/s · notes...``: what a view shows under the answer."""
+        from .events import counted
+
+        extra = list(notes) + ([self.note] if self.note else []) + (["stopped by interrupt"] if self.stopped else [])
+        return " · ".join([self.adapter, counted(self.new_tokens, "token"), f"{self.tokens_per_s:.1f} tok/s"] + extra)
+
 
 def build_prompt(tokenizer, prompt: str, system: Optional[str] = None, history: Sequence[dict] = ()) -> str:
     """The text the model sees: the chat template where the tokenizer has one, else the plain prompt.

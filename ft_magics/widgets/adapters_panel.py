@@ -39,6 +39,12 @@ def short_modules(modules) -> str:
     return ", ".join(kinds) + (f" (x{per} layers)" if per > 1 else "")
 
 
+def adapter_choices(loaded: list, on_disk: list) -> list:
+    """A selector's (label, value) options: the base model, the loaded adapters, then those only in the
+    adapters folder (labelled so; choosing one loads it)."""
+    return [(BASE_LABEL, BASE_LABEL)] + [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in on_disk]
+
+
 class AdaptersPanel:
     """A table, a selector and unload/delete buttons over ``session.adapters``."""
 
@@ -116,7 +122,7 @@ class AdaptersPanel:
             self.table.value += (f"<p class='ft-adapters-on-disk'>In {html.escape(str(self.session.adapters_dir))}, "
                                  f"not loaded (select one to load it): {html.escape(', '.join(on_disk))}</p>")
         loaded = [BASE_LABEL] + [r["name"] for r in rows]
-        names = [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in on_disk]  # (label, value)
+        names = adapter_choices(loaded[1:], on_disk)
         active = self.session.adapters.active or BASE_LABEL
         self._refreshing = True
         try:

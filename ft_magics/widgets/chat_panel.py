@@ -11,8 +11,9 @@ from typing import Optional
 
 import ipywidgets as widgets
 
+from ..core.chat import left_out_notes
 from ..errors import FtUsageError
-from .adapters_panel import BASE_LABEL
+from .adapters_panel import BASE_LABEL, adapter_choices
 
 REDRAW_S = 0.1  # at most ten redraws a second while an answer streams in
 
@@ -61,8 +62,7 @@ class ChatPanel:
     def refresh_adapters(self, prefer: Optional[str] = None) -> None:
         """The choices: the base model, the loaded adapters, then those only in the adapters folder."""
         s = self.session
-        loaded = [a.name for a in s.adapters]
-        names = [(BASE_LABEL, BASE_LABEL)] + [(n, n) for n in loaded] + [(f"{n} (on disk)", n) for n in s.adapters_on_disk(fitting=True)]
+        names = adapter_choices([a.name for a in s.adapters], s.adapters_on_disk(fitting=True))
         current = prefer or self.adapter.value or s.adapters.active or BASE_LABEL
         values = [v for _label, v in names]
         if tuple(self.adapter.options) != tuple(names):
@@ -113,14 +113,7 @@ class ChatPanel:
             gen, left_out = self.session.chat(message, adapter=adapter, system=self.system, on_text=on_text,
                                               **self.settings)
             self.system = None  # applies from the first turn on; the conversation keeps it
-            notes = [f"{gen.new_tokens} tokens", f"{gen.tokens_per_s:.1f} tok/s"]
-            if left_out:
-                notes.append(f"{left_out} oldest exchanges left out to fit the context")
-            if gen.note:
-                notes.append(gen.note)
-            if gen.stopped:
-                notes.append("stopped by interrupt")
-            self.status.value = f"{gen.adapter} · " + " · ".join(notes)
+            self.status.value = gen.describe(left_out_notes(left_out))
             answered = True
         except FtUsageError as exc:
             self.text.value = message  # nothing typed is lost
