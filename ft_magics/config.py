@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -119,10 +120,7 @@ class TrainConfig:
             cfg.validate()
             return cfg
         if not isinstance(data, dict):
-            raise FtUsageError(
-                f"the %%lora_train body must be YAML 'key: value' lines, got {type(data).__name__}. Example:\n"
-                "r: 16\nalpha: 32\nlearning_rate: 2e-4"
-            )
+            raise not_settings(data)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         seen: dict = {}
         for raw_key, value in data.items():
@@ -355,11 +353,22 @@ def parse_yaml_body(text: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise FtUsageError(
-            "the cell body must be YAML 'key: value' lines (for example 'r: 16'), "
-            f"not a {type(data).__name__}."
-        )
+        raise not_settings(data, text)
     return data
+
+
+_KEY_EQUALS = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*(.*?)\s*$")
+
+
+def not_settings(data, text: str = "") -> FtUsageError:
+    """The error for a body (or a settings object) that is not a mapping of settings: names what it is
+    and, for ``key=value`` lines, the 'key: value' spelling that works."""
+    what = {str: "plain text", list: "a list"}.get(type(data), f"a {type(data).__name__}")
+    first = next((line for line in (text or "").splitlines() if line.strip()), "")
+    m = _KEY_EQUALS.match(first)
+    hint = (f" '{first.strip()}' is written with '='; write '{m.group(1)}: {m.group(2)}'." if m
+            else " Example:\nr: 16\nalpha: 32\nlearning_rate: 2e-4")
+    return FtUsageError(f"the cell body must be YAML 'key: value' lines, one setting per line, not {what}.{hint}")
 
 
 def reference_table() -> str:

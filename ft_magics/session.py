@@ -292,18 +292,14 @@ class Session:
             self._check_not_merged("unload an adapter")
             model = self.model
             if hasattr(model, "peft_config") and name in model.peft_config:
-                from .core.adapters import activate
+                from .core.adapters import activate, drop_adapter
 
                 if self.adapters.active == name:
                     activate(model, None)
                     self.adapters.active = None
-                others = [n for n in model.peft_config if n != name]
-                if others:  # PEFT needs another adapter to remain active while deleting this one
-                    model.base_model.set_adapter(others[0], inference_mode=True)
-                    model.delete_adapter(name)
+                self.handle.model = drop_adapter(model, name)
+                if self.handle.model is model:
                     activate(model, self.adapters.active)  # the user's selection, not PEFT's pick
-                else:
-                    self.handle.model = model.unload()  # plain base model again, LoRA layers removed
             self.adapters.remove(info.name)
 
     def delete_adapter(self, name: str) -> Optional[str]:

@@ -606,7 +606,12 @@ def test_answer_cut_away_by_truncation_is_reported_and_dropped(tok):
     assert all(e.n_loss_tokens > 0 for e in train)
     assert "1 examples whose answer was cut away entirely by truncation" in report.text()
     assert "1 of 2 examples exceed max_seq_len=32: 1 truncated, 0 dropped" in report.text()
-    with pytest.raises(FtUsageError, match="no training example has a loss-bearing token left"):
+    # every answer cut away: the error says where the answers begin and what max_seq_len would keep them
+    start = next(i for i, lab in enumerate(D.tokenize_record(tok, D.normalise(rows[:1])[0][0]).labels) if lab != -100)
+    assert 32 < start and max(len(e.input_ids) for e in D.tokenize_records(tok, D.normalise(rows[:1])[0])) <= 128
+    with pytest.raises(FtUsageError, match=rf"max_seq_len=32 cut away every answer: the answers begin after "
+                                           rf"{start} to {start} tokens of prompt\. Raise max_seq_len above {start} "
+                                           rf"\(--max-seq-len 128 keeps every example whole\)"):
         D.prepare(rows[:1], tok, cfg(max_seq_len=32))
 
 
@@ -634,7 +639,8 @@ def test_eval_fraction_is_reproducible_with_the_seed(tok):
     _, evals, report = D.prepare(rows, tok, cfg(eval_fraction=0.25, seed=7))
     assert (report.train_rows, report.eval_rows, len(evals)) == (30, 10, 10)
     assert "30 train / 10 eval (eval_fraction 0.25, seed 7)" in report.text()
-    with pytest.raises(FtUsageError, match="leaves no training rows"):
+    with pytest.raises(FtUsageError, match="leaves no training rows out of 1: give more rows, set eval_fraction: 0 "
+                                           ".*--eval"):
         D.split(recs[:1], 0.5, seed=1)
 
 

@@ -89,6 +89,9 @@ def test_lora_train_bad_value_names_the_key(shell, tiny_model_dir):
         shell.run_cell_magic("lora_train", "x --data demo:support", "r: sixteen\n")
     with pytest.raises(UsageError, match="not valid YAML at line 3.*starts at line 2"):
         shell.run_cell_magic("lora_train", "x --data demo:support", "r: 8\nalpha: [1\n")
+    # Python-style assignments are plain text to YAML: the error shows the spelling that works
+    with pytest.raises(UsageError, match="not plain text. 'r=16' is written with '='; write 'r: 16'"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "r=16\nmax_steps=1\n")
 
 
 def test_train_without_model_says_to_load(shell):
@@ -205,6 +208,21 @@ def test_retraining_same_name_replaces_adapter_atomically(tiny_session):
     assert r2.adapter_path == r1.adapter_path
     assert Path(r2.adapter_path, "adapter_model.safetensors").read_bytes() != first
     assert [p.name for p in Path(r1.adapter_path).parent.iterdir() if not p.name.startswith(".checkpoints")] == ["same"]
+
+
+def test_retraining_beside_another_adapter_keeps_it_and_warns_nothing(tiny_session):
+    import warnings
+
+    tiny_session.train("other", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    tiny_session.train("same", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_session.train("same", ROWS, {"max_steps": 1, "batch_size": 4, "seed": 7}, listeners=[])
+    # PEFT warns "Adapter same was active which is now deleted. Setting active adapter to other." when left
+    # to pick the adapter that stays active itself
+    assert not [w for w in caught if "deleted" in str(w.message)], [str(w.message) for w in caught]
+    assert sorted(tiny_session.model.peft_config) == ["other", "same"]
+    assert tiny_session.adapters.active == "same"
 
 
 # --------------------------------------------------------------------------- the CPU 4-bit trap

@@ -218,6 +218,18 @@ def activate(model, name: Optional[str]) -> float:
     return (time.perf_counter() - t) * 1000.0
 
 
+def drop_adapter(model, name: str):
+    """Remove adapter ``name`` from PEFT ``model``; return the model to keep (the plain base model when it
+    was the last one). PEFT needs another adapter active while it deletes one, and warns when it picks
+    that other one itself; so it is picked here, and the caller re-activates what the user chose."""
+    others = [n for n in model.peft_config if n != name]
+    if not others:
+        return model.unload()  # plain base model again, LoRA layers removed
+    model.base_model.set_adapter(others[0], inference_mode=True)
+    model.delete_adapter(name)
+    return model
+
+
 # --------------------------------------------------------------------------- fit check
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 

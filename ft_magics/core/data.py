@@ -765,7 +765,9 @@ def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Recor
     random.Random(seed).shuffle(idx)
     n_eval = max(1, int(round(len(records) * fraction)))
     if n_eval >= len(records):
-        raise FtUsageError(f"eval_fraction {fraction} leaves no training rows out of {len(records)}.")
+        raise FtUsageError(
+            f"eval_fraction {fraction:g} leaves no training rows out of {len(records)}: give more rows, set "
+            "eval_fraction: 0 (no held-out evaluation), or give held-out data with --eval.")
     eval_idx = set(idx[:n_eval])
     return [r for i, r in enumerate(records) if i not in eval_idx], [records[i] for i in sorted(eval_idx)]
 
@@ -799,6 +801,7 @@ class DataReport:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_answer: int = 0  # the answer was cut away entirely by truncation
+    answer_starts: list = field(default_factory=list)  # where those answers began (token index)
     dropped_empty: int = 0  # nothing carried loss even before truncation
     eval_dropped: int = 0
     warnings: list = field(default_factory=list)
@@ -1027,13 +1030,15 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
                 if report is not None:
                     report.dropped_overlong += 1
                 continue
-            ex = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+            cut = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
             if report is not None:
                 report.truncated += 1
-            if ex.n_loss_tokens == 0:  # the whole answer lay beyond max_seq_len
+            if cut.n_loss_tokens == 0:  # the whole answer lay beyond max_seq_len
                 if report is not None:
                     report.dropped_no_answer += 1
+                    report.answer_starts.append(next(i for i, lab in enumerate(ex.labels) if lab != -100))
                 continue
+            ex = cut
         out.append(ex)
     return out
 
@@ -1254,6 +1259,14 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
                 f"{len(train_records)} examples has none "
                 "(empty, or missing). Add the answers, or train on every token with train_on: all."
             )
+        if report.answer_starts:
+            first = min(report.answer_starts)
+            raise FtUsageError(
+                f"{desc}: max_seq_len={cfg.max_seq_len} cut away every answer: the answers begin after "
+                f"{first:,} to {max(report.answer_starts):,} tokens of prompt. Raise max_seq_len above "
+                f"{first:,} (--max-seq-len {_round_up(max(report.lengths))} keeps every example whole), or shorten "
+                "the prompts."
+            )
         raise FtUsageError(
             f"{desc}: no training example has a loss-bearing token left (all answers empty or cut away by "
             f"max_seq_len={cfg.max_seq_len}). Raise max_seq_len or check the answer fields."
@@ -1263,6 +1276,10 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     if getattr(cfg, "packing", False):
         train, evals = _pack_checked(train, evals, tokenizer, cfg, model, report)
     return train, evals, report
+
+
+def _round_up(n: int, step: int = 64) -> int:
+    return -(-n // step) * step
 
 
 def _pack_checked(train, evals, tokenizer, cfg, model, report):

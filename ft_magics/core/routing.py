@@ -173,13 +173,9 @@ class AdapterRouter:
                                                                low_cpu_mem_usage=True)
 
     def _drop(self, slot: str) -> None:
-        model = self.host.model
-        others = [n for n in model.peft_config if n != slot]
-        if others:  # PEFT keeps another adapter active while deleting this one
-            model.base_model.set_adapter(others[0], inference_mode=True)
-            model.delete_adapter(slot)
-        else:
-            self.host.handle.model = model.unload()
+        from .adapters import drop_adapter
+
+        self.host.handle.model = drop_adapter(self.host.model, slot)
 
     def _hotswap(self, path: Path, slot: str) -> bool:
         from .adapters import read_adapter_folder

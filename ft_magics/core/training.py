@@ -318,12 +318,14 @@ def attach_adapter(model, name: str, cfg: TrainConfig):
     import torch
     from peft import PeftModel, get_peft_model
 
+    from .adapters import drop_adapter
+
     torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
+    if isinstance(model, PeftModel) and name in model.peft_config:
+        model = drop_adapter(model, name)  # replaced: the plain base model when it was the only one
     if isinstance(model, PeftModel):
         base = model.get_base_model()
         lcfg = lora_config(base, cfg)
-        if name in model.peft_config:
-            model.delete_adapter(name)
         model.add_adapter(name, lcfg)
         model.set_adapter(name)
         peft_model = model
