@@ -436,19 +436,23 @@ class FtMagics(Magics):
               help="Comma-separated adapters to compare with the base. Default: every loaded adapter.")
     @argument("--max-new-tokens", type=int, default=64, help="Most tokens per answer. Default 64.")
     @argument("--system", default=None, help="System prompt.")
-    @cell_magic
+    @line_cell_magic
     @user_errors
-    def lora_compare(self, line="", cell=""):
+    def lora_compare(self, line="", cell=None):
         """Answer each prompt with the base and each adapter, side by side (greedy, so reproducible),
         with tokens/s per column. Prompts are separated by lines of ``---``.
 
-        Example::
+        Examples::
 
             %%lora_compare --adapters support-bot,legal
             How do I reset my password?
             ---
             Can I return a gift?
+
+            %lora_compare --adapters support-bot How do I reset my password?
         """
+        if cell is None:  # line form: the flags first, then one prompt as typed
+            line, cell = split_leading_flags(self.lora_compare, line)
         args = parse_args(self.lora_compare, line)
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
         cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system)
@@ -459,8 +463,11 @@ class FtMagics(Magics):
 
     # ------------------------------------------------------------------ %lora_eval
     @magic_arguments()
-    @argument("name", help="Adapter to evaluate against the base, or 'base' alone.")
-    @argument("--data", default=None, help="Held-out data, the same kinds as %%lora_train --data.")
+    @argument("name", nargs="?", default=None,
+              help="Adapter to evaluate against the base, or 'base' alone. Default: the active adapter.")
+    @argument("--data", default=None,
+              help="Held-out data, the same kinds as %%lora_train --data. Default: the examples held out when "
+                   "NAME was trained in this session (--eval or eval_fraction), if any.")
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
     @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
     @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")
@@ -470,12 +477,14 @@ class FtMagics(Magics):
         """Loss and perplexity on held-out data, base vs adapter, plus a forgetting check: the same on a
         bundled general-text sample no adapter was trained on.
 
-        Example::
+        Examples::
 
             %lora_eval support-bot --data demo:support-eval
+            %lora_eval                 (the active adapter, on what its training run held out)
         """
         args = parse_args(self.lora_eval, line)
-        report = self.session.evaluate(args.name, args.data, general=not args.no_general,
+        name = args.name or self.session.adapters.active or "base"
+        report = self.session.evaluate(name, args.data, general=not args.no_general,
                                        batch_size=args.batch_size, max_seq_len=args.max_seq_len)
         self._show(report)
 
@@ -609,7 +618,7 @@ def get_session():
     return magics.session
 
 
-_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat)[ \t]+(\S.*?)\s*$")
+_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat|lora_compare)[ \t]+(\S.*?)\s*$")
 
 
 def _answer_footer(gen, notes=()) -> None:

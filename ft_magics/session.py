@@ -6,6 +6,7 @@ it, and it imports no IPython and no widget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -31,6 +32,7 @@ class Session:
         self._merged = None  # core.adapters.MergeState while an adapter is folded into the base weights
         self._router = None  # core.routing.AdapterRouter, made by serve()
         self.conversation = None  # core.chat.Conversation of chat(), kept across adapter switches and loads
+        self.heldout: dict = {}  # adapter name -> (data, eval_data, TrainConfig) of its run's held-out examples
 
     # ------------------------------------------------------------------ model
     @property
@@ -80,6 +82,7 @@ class Session:
         forget_tokenized()  # keyed by the tokenizer that goes with the model
         self.handle = None
         self.adapters = AdapterRegistry()
+        self.heldout.clear()
         self._merged = None
         self._router = None
         release_memory()
@@ -135,19 +138,21 @@ class Session:
             note = replacing_note(target, name)
             if note:
                 emit(listeners, Message(note, "warning"))
+        # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)
+        heldout = (data, eval_data, cfg) if eval_ex else None
         if background:
             thread = threading.Thread(
                 target=self._train_guarded, args=(name, train_ex, eval_ex, cfg, target, listeners, report, True, on_done),
-                name=f"ft_magics-train-{name}", daemon=True, kwargs={"resume": resume},
+                name=f"ft_magics-train-{name}", daemon=True, kwargs={"resume": resume, "heldout": heldout},
             )
             self._training = thread
             thread.start()
             return thread
         return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done,
-                                   resume=resume)
+                                   resume=resume, heldout=heldout)
 
     def _train_guarded(self, name, train_ex, eval_ex, cfg, target, listeners, report, background, on_done,
-                       resume=False):
+                       resume=False, heldout=None):
         from .core.training import StopFlag, run_training
 
         self._stop = StopFlag()
@@ -172,6 +177,9 @@ class Session:
 
             self.adapters.add(info_from_folder(name, Path(result.adapter_path), "trained"))
             self.adapters.active = name
+            self.heldout.pop(name, None)
+            if heldout is not None:
+                self.heldout[name] = heldout
         if on_done is not None:
             on_done(result)
         return result
@@ -301,6 +309,7 @@ class Session:
                 if self.handle.model is model:
                     activate(model, self.adapters.active)  # the user's selection, not PEFT's pick
             self.adapters.remove(info.name)
+            self.heldout.pop(info.name, None)
 
     def delete_adapter(self, name: str) -> Optional[str]:
         """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""
@@ -571,7 +580,8 @@ class Session:
         from .core.evaluation import EvalReport, general_examples, heldout_examples, loss_and_perplexity
 
         self._require_model()
-        if data is None and not general:
+        own = self.heldout.get(name) if data is None else None  # the run's own held-out examples
+        if data is None and own is None and not general:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
@@ -582,6 +592,10 @@ class Session:
         if data is not None:
             sets.append((str(data) if isinstance(data, str) else "data",
                          heldout_examples(data, self.tokenizer, self.namespace, max_seq_len)))
+        elif own is not None:
+            train_src, eval_src, cfg = own
+            _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)
+            sets.append((f"held out in training ({report.split})", examples))
         if general:
             sets.append(("general text (forgetting check)", general_examples(self.tokenizer, max_seq_len)))
         columns = [BASE] + ([name] if name not in (None, BASE) else [])

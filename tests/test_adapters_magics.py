@@ -1,6 +1,8 @@
 """Issue 5 through a real IPython shell: %lora_adapters subcommands, %%lora_compare, %lora_eval."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from IPython.core.error import UsageError
 
@@ -195,3 +197,46 @@ def test_an_answer_cut_inside_a_multibyte_character_drops_the_partial_character(
 
     assert _decoded(Tok(), [1]) == "Hi" and _decoded(Tok(), [2]) == "Hi 🌱" and _decoded(Tok(), [3]) == ""
     assert _decoded(Tok(), [4]) == "a\ufffd"  # only the last, partial character goes
+
+
+def test_compare_has_a_line_form_that_keeps_the_question_mark(loaded, capsys):
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    sh.run_cell("%lora_compare --adapters alpha --max-new-tokens 2 How do I reset my password?")
+    out = capsys.readouterr().out
+    assert "Prompt 1: How do I reset my password?" in out and "[base]" in out and "[alpha]" in out
+    assert "Prompt 2" not in out
+
+
+def test_combine_takes_name_equals_weight_and_refuses_a_name_given_twice(loaded, tmp_path):
+    sh, a, b = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    sh.run_line_magic("lora_adapters", f"load {b} --name beta")
+    with pytest.raises(UsageError, match="adapter 'alpha' is named twice"):
+        sh.run_line_magic("lora_adapters", "combine alpha=0.5,alpha=0.5 --name twice")
+    assert "twice" not in sess.adapters and not (tmp_path / "adapters" / "twice").exists()
+    sh.run_line_magic("lora_adapters", "combine alpha=0.6,beta=0.4 --name mix")
+    record = json.loads((tmp_path / "adapters" / "mix" / "ft_run.json").read_text())
+    assert record["combined_from"] == {"alpha": 0.6, "beta": 0.4}
+
+
+def test_eval_alone_uses_the_active_adapter_and_the_rows_its_run_held_out(shell, tiny_model_dir, capsys):
+    from test_foundation import ROWS
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    shell.run_cell_magic("lora_train", "held --data rows --no-widgets",
+                         "max_steps: 2\nbatch_size: 4\neval_fraction: 0.25\nmax_seq_len: 64\n")
+    run_eval = magics(shell).session.runs[-1].eval_loss
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", "--no-general")
+    out = capsys.readouterr().out
+    assert "held out in training (eval_fraction 0.25, seed 42)" in out and "held" in out.splitlines()[0]
+    # the same examples as the run's own evaluation: the same loss
+    row = next(line for line in out.splitlines() if line.startswith("held out in training"))
+    assert run_eval is not None and f"loss {run_eval:.4f}" in row
+    # without held-out rows and without --data, --no-general leaves nothing to evaluate: said so
+    shell.run_cell_magic("lora_train", "noeval --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\n")
+    with pytest.raises(UsageError, match="--data is required"):
+        shell.run_line_magic("lora_eval", "--no-general")

@@ -369,18 +369,21 @@ COMBINE_METHODS = ("linear", "cat", "svd", "ties")
 
 
 def parse_weights(spec: str) -> dict:
-    """``"a:0.7,b:0.3"`` -> ``{"a": 0.7, "b": 0.3}``."""
+    """``"a:0.7,b:0.3"`` (or ``a=0.7,b=0.3``) -> ``{"a": 0.7, "b": 0.3}``."""
     out: dict = {}
     for part in (spec or "").split(","):
         part = part.strip()
         if not part:
             continue
-        name, sep, w = part.partition(":")
+        name, sep, w = re.match(r"([^:=]*)([:=]?)(.*)", part).groups()
+        name = name.strip()
         try:
             weight = float(w) if sep else 1.0
         except ValueError:
             raise FtUsageError(f"weight {w!r} for adapter {name!r} is not a number; write e.g. a:0.7,b:0.3.") from None
-        out[name.strip()] = weight
+        if name in out:
+            raise FtUsageError(f"adapter {name!r} is named twice in {spec!r}; give each adapter once, with its weight.")
+        out[name] = weight
     if not out:
         raise FtUsageError("combine needs adapters and weights, e.g. %lora_adapters combine a:0.7,b:0.3 --name mix")
     return out
