@@ -65,13 +65,15 @@ class Session:
     def load(self, model: str = "demo", bits: int = 4, dtype: str = "auto", device: str = "auto",
              trust_remote_code: bool = False, allow_pickle: bool = False):
         """Load a base model (replacing the current one and its adapters); returns the ModelHandle."""
-        from .core.loading import load_model
+        from .core.loading import load_model, plan_load
 
         with self._model_busy("load a model"):
+            # a wrong argument (a typo in the path, an unknown device) keeps the model and adapters loaded now
+            plan = plan_load(model, bits, dtype, device, allow_pickle)
             if self.handle is not None:
-                self._drop_model()
+                self._drop_model()  # before the new one: two models at once may not fit
             self.handle = load_model(model, bits=bits, dtype=dtype, device=device,
-                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, plan=plan)
             return self.handle
 
     def _drop_model(self) -> None:

@@ -72,6 +72,26 @@ def test_bad_choice_is_usage_error(shell):
         shell.run_line_magic("qlora_load", "demo --bits 3")
 
 
+def test_a_load_that_cannot_start_keeps_the_model_and_adapters_loaded_now(shell, tiny_model_dir, monkeypatch):
+    from ft_magics.core import loading
+    from ft_magics.magics import _loaded
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    session = _loaded[id(shell)].session
+    shell.user_ns["rows"] = ROWS
+    shell.run_line_magic("lora_train", "kept --data rows --max-steps 1 --batch-size 4 --no-widgets")
+    model = session.model
+    for line, why in (("./no-such-folder", "no model './no-such-folder'"),
+                      ("someone/not-cached-here", "not in the local Hugging Face cache"),
+                      (f"{tiny_model_dir} --device cuda:7", "cuda"),
+                      ("missing.gguf", "does not exist")):
+        with pytest.raises(UsageError, match=why):
+            shell.run_line_magic("qlora_load", line)
+        assert session.model is model and session.adapters.active == "kept" and "kept" in session.adapters
+    assert session.generate("hello", max_new_tokens=2).adapter == "kept"
+
+
 def test_lora_train_unknown_body_key_did_you_mean(shell, tiny_model_dir):
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     with pytest.raises(UsageError, match=r"unknown setting 'learnig_rate' \(did you mean 'learning_rate'\?\)"):

@@ -273,18 +273,24 @@ def quiet_repeated_logs(logger_name: str) -> None:
         log.addFilter(_OncePerMessage())
 
 
-def load_model(
-    model: str = DEMO_NAME,
-    bits: int = 4,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> ModelHandle:
-    """Load a causal LM and its tokenizer. Every user mistake is an :class:`FtUsageError`."""
+@dataclass
+class LoadPlan:
+    """The arguments of a load, checked: where the weights come from, the device and the compute dtype."""
+
+    name: str
+    source: str
+    device: str
+    dtype: Any
+    notes: list
+
+
+def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device: str = "auto",
+              allow_pickle: bool = False) -> LoadPlan:
+    """Every check of a load that needs no loading: the precision, the device, the dtype and the source
+    (a missing folder, a typo, an unreachable hub id). A wrong argument fails here, before anything that
+    is loaded now is let go."""
     if bits not in (4, 8, 16, 32):
         raise FtUsageError(f"--bits {bits} is not supported: use 4 (QLoRA, NF4), 8, 16 or 32.")
-    t0 = time.perf_counter()
     notes: list = []
     dev = hardware.resolve_device(device)
     compute_dtype = hardware.resolve_dtype(dtype, dev)
@@ -293,6 +299,23 @@ def load_model(
 
         compute_dtype = torch.float32
     name, source = resolve_source(model, allow_pickle=allow_pickle, notes=notes)
+    return LoadPlan(name, source, dev, compute_dtype, notes)
+
+
+def load_model(
+    model: str = DEMO_NAME,
+    bits: int = 4,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    plan: Optional["LoadPlan"] = None,
+) -> ModelHandle:
+    """Load a causal LM and its tokenizer. Every user mistake is an :class:`FtUsageError`. ``plan``: what
+    :func:`plan_load` made of the same arguments (a caller checks them before it lets go of a model)."""
+    t0 = time.perf_counter()
+    plan = plan or plan_load(model, bits, dtype, device, allow_pickle)
+    name, source, dev, compute_dtype, notes = plan.name, plan.source, plan.device, plan.dtype, list(plan.notes)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
