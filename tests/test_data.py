@@ -1013,3 +1013,59 @@ def test_a_format_setting_that_does_not_fit_names_the_format_the_rows_are_in():
 def test_the_suggested_map_is_in_the_datas_own_column_names_when_a_map_was_given():
     with pytest.raises(FtUsageError, match=r'--map "instruction=prompt,output=completion"'):
         D.normalise([{"instruction": "i", "input": "", "output": "o"}], column_map="instruction=prompt")
+
+
+# ============================================================================ preference pairs, nested columns, tool calls
+def test_preference_pairs_are_named_and_the_map_trains_on_the_chosen_answers(tok, tmp_path):
+    plain = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": f"say {i}", "chosen": f"{i}", "rejected": "no"}
+                                                  for i in range(4)])
+    with pytest.raises(FtUsageError, match=r"preference pairs \(chosen, prompt, rejected\).*would not use 'rejected'"
+                                           r".*--map \"prompt=prompt,chosen=completion\""):
+        D.prepare(str(plain), tok, cfg())
+    train, _, report = D.prepare(str(plain), tok, cfg(map="prompt=prompt,chosen=completion"))
+    assert len(train) == 4 and report.format == "prompt-completion"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chats = write_jsonl(tmp_path / "conv.jsonl", [{"chosen": conv, "rejected": conv[:1] + [
+        {"role": "assistant", "content": "go away"}]}] * 2)
+    # before: the suggestion was --map "chosen=prompt,rejected=completion", training on the rejected answers
+    with pytest.raises(FtUsageError, match=r'preference pairs.*--map "chosen=messages"'):
+        D.prepare(str(chats), tok, cfg())
+    train, _, report = D.prepare(str(chats), tok, cfg(map="chosen=messages"))
+    assert report.format == "chat" and "hello" in tok.decode([t for t in train[0].labels if t != -100])
+
+
+def test_a_column_of_nested_objects_is_not_suggested_as_text(tok, tmp_path):
+    nested = write_jsonl(tmp_path / "nested.jsonl", [{"data": {"prompt": "a", "completion": "b"}}] * 2)
+    with pytest.raises(FtUsageError, match="cannot tell the dataset format") as err:
+        D.prepare(str(nested), tok, cfg())
+    assert "--map \"data=text\"" not in str(err.value)
+    convs = write_jsonl(tmp_path / "dialog.jsonl", [{"dialog": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "yo"}]}] * 2)
+    with pytest.raises(FtUsageError, match='--map "dialog=messages"'):
+        D.prepare(str(convs), tok, cfg())
+
+
+TOOL_ROWS = [{"messages": [
+    {"role": "user", "content": "weather in Oslo?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "It is sunny."}]}] * 2
+
+
+def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_that_drops_them(tok, tmp_path):
+    import copy
+
+    path = write_jsonl(tmp_path / "tools.jsonl", TOOL_ROWS)
+    # the tiny ChatML template writes only role and content: the call would be an empty, loss-bearing turn
+    with pytest.raises(FtUsageError, match=r"tools.jsonl, line 1: an assistant turn calls 'get_weather' .*"
+                                           r"does not write tool calls.*empty answer"):
+        D.prepare(str(path), tok, cfg())
+    with_tools = copy.deepcopy(tok)
+    with_tools.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+        "{% for c in m.get('tool_calls') or [] %}<call>{{ c['function']['name'] }}</call>{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    train, _, _ = D.prepare(str(path), with_tools, cfg())
+    learned = with_tools.decode([t for t in train[0].labels if t != -100])
+    assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")

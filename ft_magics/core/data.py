@@ -510,8 +510,24 @@ ANSWER_NAMES = ("completion", "answer", "response", "output", "target", "a", "re
 TEXT_NAMES = ("text", "content", "body", "document", "passage", "sentence", "article", "story")
 
 
-def suggest_map(keys: Iterable[str]) -> Optional[str]:
-    """A --map value that would make these columns a known format, guessed from common column names."""
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _is_texty(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[str]:
+    """A --map value that would make these columns a known format, guessed from common column names and,
+    given a ``sample`` row, from what the columns hold (a list of role/content messages is a chat; a
+    nested object is nothing to train on)."""
+    keys = list(keys)
+    if sample is not None:
+        chats = [str(k) for k in keys if _is_conversation(sample.get(k))]
+        if chats:
+            return f"{chats[0]}=messages"
+        keys = [k for k in keys if _is_texty(sample.get(k))]
     by_lower = {str(k).lower(): str(k) for k in keys}
     prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
     answer = next((by_lower[n] for n in ANSWER_NAMES if n in by_lower and by_lower[n] != prompt), None)
@@ -544,12 +560,38 @@ def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
     return found[0] if len(found) == 1 else None
 
 
-def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None) -> FtUsageError:
+def _preference_error(keys: list, where: str, sample: Optional[dict]) -> Optional[FtUsageError]:
+    """Rows of preference pairs (prompt / chosen / rejected, as DPO trainers take them): what they are, and
+    the --map that fine-tunes on the preferred answers instead of guessing at the columns."""
+    by_lower = {str(k).lower(): str(k) for k in keys}
+    if not {"chosen", "rejected"} <= set(by_lower):
+        return None
+    chosen = by_lower["chosen"]
+    prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
+    if sample is not None and _is_conversation(sample.get(chosen)):
+        fix = f"{chosen}=messages"
+    elif prompt is not None:
+        fix = f"{prompt}=prompt,{chosen}=completion"
+    else:
+        fix = None
+    how = (f' To fine-tune on the preferred answers: --map "{fix}".' if fix
+           else f" To fine-tune on the preferred answers, give each row a prompt and map {chosen!r} to completion.")
+    return FtUsageError(
+        f"{where}: these rows are preference pairs ({', '.join(sorted(map(str, keys)))}), the data of DPO-style "
+        f"training; %%lora_train fine-tunes on one answer per example and would not use {by_lower['rejected']!r}.{how}"
+    )
+
+
+def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None,
+                          sample: Optional[dict] = None) -> FtUsageError:
     """``renamed``: the user's --map (source -> field), already applied to ``keys``; the suggested --map is
-    then written in the data's own column names, the user's entries included."""
+    then written in the data's own column names, the user's entries included. ``sample``: the first row."""
+    preference = _preference_error(keys, where, sample) if not renamed else None
+    if preference is not None:
+        return preference
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
-    fix = suggest_map(keys)
+    fix = suggest_map(keys, sample)
     if fix and renamed:
         back = {field: source for source, field in renamed.items()}
         pairs = [p.split("=", 1) for p in fix.split(",")]
@@ -629,8 +671,22 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
             raise FtUsageError(
                 f"{where}, message {j}: no {content_key!r} field (fields: {', '.join(sorted(map(str, m)))})."
             )
-        out.append({"role": role, "content": _content_text(content, f"{where}, message {j}")})
+        msg = {"role": role, "content": _content_text(content, f"{where}, message {j}")}
+        for extra in ("tool_calls", "name", "tool_call_id"):  # function calling: the template writes them
+            if m.get(extra) is not None:
+                msg[extra] = m[extra]
+        out.append(msg)
     return out
+
+
+def _tool_call_names(messages: list) -> list:
+    names = []
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if isinstance(fn, dict) and fn.get("name"):
+                names.append(str(fn["name"]))
+    return names
 
 
 def _renamed(rows, mapping: dict) -> "Rows":
@@ -666,7 +722,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
             rows = _renamed(rows, {pair[0]: "prompt", pair[1]: "completion"})
             found, shown_fmt = "prompt-completion", f"prompt-completion (columns {pair[0]} -> prompt, {pair[1]} -> completion)"
         if found is None:
-            raise _missing_fields_error(keys, where, mapping)
+            raise _missing_fields_error(keys, where, mapping, rows[0] if isinstance(rows[0], dict) else None)
         fmt = found
     elif fmt not in FORMAT_KEYS:
         raise FtUsageError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMAT_KEYS)}; use auto or one of {', '.join(FORMAT_KEYS)}.")
@@ -691,7 +747,8 @@ def _normalise_row(row: dict, fmt: str, where: str) -> Record:
         if other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
             fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
         else:
-            fix = "Fix the row or use --map" + (f' (e.g. --map "{suggest_map(row)}")' if suggest_map(row) else "")
+            guess = suggest_map(row, row)
+            fix = "Fix the row or use --map" + (f' (e.g. --map "{guess}")' if guess else "")
         raise FtUsageError(
             f"{where}: the {fmt} format needs field(s) {', '.join(map(repr, absent))}; "
             f"this row has {', '.join(sorted(map(str, row))) or 'no fields'}. {fix[0].upper() + fix[1:]}."
@@ -923,6 +980,13 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
         return record.text, [(0, len(record.text))], True
     if has_chat_template(tokenizer):
         text, spans = _render_chat(tokenizer, record.messages, record.tools)
+        missing = [n for n in _tool_call_names(record.messages) if n not in text]
+        if missing:  # the template dropped the calls: the turn would teach an empty answer
+            raise FtUsageError(
+                f"{record.where or 'an example'}: an assistant turn calls {missing[0]!r} (tool_calls), but this "
+                "model's chat template does not write tool calls, so the turn would train as an empty answer. "
+                "Load a model whose chat template supports tools, or write the call into the message content."
+            )
         return text, spans, False
     text, spans = _render_plain(record.messages)
     return text, spans, True
