@@ -1,4 +1,4 @@
-"""The text subcommands of ``%lora_adapters`` (list, use, load, unload, delete, merge, unmerge,
+"""The text subcommands of ``%lora_adapters`` (list, info, use, load, unload, delete, merge, unmerge,
 combine, export): parse the words, call the Session, print the outcome. No IPython import: user
 mistakes are FtUsageError, which the magic turns into a UsageError."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from .errors import FtUsageError, did_you_mean
 
 USAGE = {
     "list": "list",
+    "info": "info NAME",
     "use": "use NAME|base",
     "load": "load PATH [--name NAME]",
     "unload": "unload NAME",
@@ -71,6 +72,9 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             out(f"on disk in {s.adapters_dir}, trained on another base model (they do not fit "
                 f"{s.handle.name}): {', '.join(others)}")
         out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
+        return
+    if cmd == "info":
+        out(s.adapter_card(_name(cmd, rest)))
         return
     if cmd == "use":
         name = _name(cmd, rest)

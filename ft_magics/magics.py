@@ -397,6 +397,7 @@ class FtMagics(Magics):
         Subcommands::
 
             list                                  (default in a terminal)
+            info NAME                             how it was trained: data, settings, losses, speed
             use NAME|base                         switch the active adapter (milliseconds)
             load PATH [--name N]                  any PEFT LoRA adapter folder
             unload NAME                           drop from memory, keep the folder

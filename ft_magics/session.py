@@ -382,6 +382,21 @@ class Session:
         conv.add(message, gen.text, gen.adapter, gen.stopped)
         return gen, left_out
 
+    def adapter_card(self, name: str) -> str:
+        """What adapter ``name`` (loaded, or a folder in the adapters folder) is and how it was trained."""
+        from .core.adapters import adapter_card
+
+        if name in self.adapters:
+            info = self.adapters.require(name)
+            if not info.path:
+                raise FtUsageError(f"adapter {name!r} has no folder to describe (it was made in memory).")
+            state = "loaded" + (", active" if self.adapters.active == name else "")
+            return adapter_card(name, Path(info.path), state)
+        folder = self._adapter_folder(name)
+        if folder is None:
+            self.adapters.require(name)  # the registry's "no adapter named ..., did you mean" error
+        return adapter_card(name, folder, "on disk, not loaded")
+
     def _adapter_folder(self, name: str) -> Optional[Path]:
         """``adapters_dir / name`` when that folder holds an adapter (its adapter_config.json), else None."""
         from .core.adapters import validate_name

@@ -240,3 +240,29 @@ def test_eval_alone_uses_the_active_adapter_and_the_rows_its_run_held_out(shell,
     shell.run_cell_magic("lora_train", "noeval --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\n")
     with pytest.raises(UsageError, match="--data is required"):
         shell.run_line_magic("lora_eval", "--no-general")
+
+
+def test_adapter_info_tells_how_it_was_trained_loaded_or_only_on_disk(shell, tiny_model_dir, tmp_path, capsys):
+    from test_foundation import ROWS
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    shell.run_cell_magic("lora_train", "told --data rows --no-widgets", "max_steps: 2\nbatch_size: 4\nr: 4\n")
+    run = magics(shell).session.runs[-1]
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "info told")
+    card = capsys.readouterr().out
+    assert card.startswith("Adapter    told  (loaded, active)")
+    assert "LoRA       r=4 alpha=32" in card and "Base       tiny-llama, 32-bit" in card
+    assert "Trained    2 steps in" in card and "completed" in card
+    assert f"-> {run.final_loss:.4f}" in card and f"{run.first_loss:.4f} ->" in card
+    assert f"Data       variable rows: prompt-completion, {len(ROWS)} rows ({len(ROWS)} train / 0 eval)" in card
+    assert "Settings   " in card and "r 4" in card and "max_steps 2" in card and "batch_size 4" in card
+    # a PEFT folder made elsewhere, on disk only: its LoRA shape, and no run it does not have
+    peft_adapter(tiny_model_dir, tmp_path / "adapters" / "outsider", seed=3)
+    shell.run_line_magic("lora_adapters", "info outsider")
+    card = capsys.readouterr().out
+    assert "(on disk, not loaded)" in card and "LoRA       r=" in card and "Trained" not in card
+    assert "outsider" not in magics(shell).session.adapters  # describing loads nothing
+    with pytest.raises(UsageError, match="no adapter named 'nope'"):
+        shell.run_line_magic("lora_adapters", "info nope")

@@ -5,6 +5,7 @@ Adapters stay in PEFT's own format (adapter_config.json + adapter_model.safetens
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -108,6 +109,63 @@ def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
         target_modules=sorted(tm) if isinstance(tm, list) else tm, steps=record.get("steps"),
         final_loss=record.get("final_loss"), extra={"complete_marker": (Path(path) / COMPLETE_MARKER).exists()},
     )
+
+
+def adapter_card(name: str, path: Path, state: str = "") -> str:
+    """What an adapter folder says about itself: its LoRA shape, the base it was made on, and for one this
+    tool trained, the run (steps, losses, data, the settings that differ from the defaults, speed, peak)."""
+    import datetime
+
+    from ..config import TrainConfig
+    from .memory import human_bytes
+
+    path = Path(path)
+    config = read_adapter_folder(path, parse_weights=False)
+    try:
+        record = json.loads((path / "ft_run.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    tm = config.get("target_modules")
+    modules = ", ".join(sorted(tm)) if isinstance(tm, list) else str(tm)
+    rows = [("Adapter", f"{name}{f'  ({state})' if state else ''}  {path}  {human_bytes(size)}"),
+            ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)} "
+                     f"on {modules}")]
+    base = record.get("base_model") or {}
+    base_name = base.get("name") or config.get("base_model_name_or_path")
+    if base_name:
+        rows.append(("Base", f"{base_name}" + (f", {base['bits']}-bit" if base.get("bits") else "")))
+    if record.get("combined_from"):
+        parts = ", ".join(f"{k}:{v:g}" for k, v in record["combined_from"].items())
+        rows.append(("Combined", f"{parts} ({record.get('method', 'linear')})"))
+    timings = record.get("timings") or {}
+    if record.get("steps") is not None:
+        when = (datetime.datetime.fromtimestamp(timings["started"]).strftime("%Y-%m-%d %H:%M")
+                if timings.get("started") else "")
+        speed = f", {timings['loss_tokens_per_s']:g} loss-tok/s" if timings.get("loss_tokens_per_s") else ""
+        took = f" in {timings['seconds']:.1f} s" if timings.get("seconds") is not None else ""
+        rows.append(("Trained", f"{counted(record['steps'], 'step')}{took}{speed}; {record.get('status', '?')}"
+                                + (f"; started {when}" if when else "")))
+        losses = [v for _, v in record.get("loss_history") or []] if record.get("loss_history") else []
+        first = f"{losses[0]:.4f} -> " if losses else ""
+        final = record.get("final_loss")
+        loss = f"{first}{final:.4f}" if final is not None else "-"
+        if record.get("eval_loss") is not None:
+            loss += f"; eval {record['eval_loss']:.4f}"
+        rows.append(("Loss", loss))
+    data = record.get("data") or {}
+    if data:
+        rows.append(("Data", f"{data.get('source')}: {data.get('format')}, {counted(data.get('rows') or 0, 'row')} "
+                              f"({data.get('train_rows')} train / {data.get('eval_rows')} eval)"))
+    settings = record.get("settings") or {}
+    if settings:
+        defaults = dataclasses.asdict(TrainConfig())
+        changed = [f"{k} {v}" for k, v in settings.items() if k in defaults and defaults[k] != v]
+        rows.append(("Settings", ", ".join(changed) if changed else "the defaults"))
+    peak = record.get("peak_memory") or {}
+    if peak.get("bytes"):
+        rows.append(("Peak", f"{human_bytes(peak['bytes'])} ({peak.get('label', '')})"))
+    return "\n".join(f"{k:<10} {v}" for k, v in rows)
 
 
 def replacing_note(target: Path, name: str) -> Optional[str]:
