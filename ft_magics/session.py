@@ -595,6 +595,7 @@ class Session:
         bundled general-text sample; a core.evaluation.EvalReport."""
         from .core.adapters import BASE, activate
         from .core.evaluation import EvalReport, general_examples, heldout_examples, loss_and_perplexity
+        from .core.training import training_layout
 
         self._require_model()
         own = self.heldout.get(name) if data is None else None  # the run's own held-out examples
@@ -622,11 +623,14 @@ class Session:
             model = self.model
             report = EvalReport(columns=columns)
             try:
-                for col in columns:
-                    if self.adapters:
-                        activate(model, col)
-                    for label, examples in sets:
-                        report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
+                # the 4-bit layout training evaluates in: after a generate (which repacks the weights for its
+                # CPU kernel) the same adapter would otherwise score ~1% differently than its run reported
+                with training_layout(model):
+                    for col in columns:
+                        if self.adapters:
+                            activate(model, col)
+                        for label, examples in sets:
+                            report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
             finally:
                 if self.adapters:
                     activate(self.model, previous)

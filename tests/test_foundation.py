@@ -283,6 +283,32 @@ def test_generate_before_training_does_not_stop_learning(tiny_model_dir, tmp_pat
         assert broken[-1] > after_generate[-1] + 0.2, (broken, after_generate)
 
 
+def test_eval_scores_the_same_before_and_after_a_generate(tiny_model_dir, tmp_path):
+    """A generate repacks the 4-bit weights for bitsandbytes' CPU kernel, whose rounding differs; %lora_eval
+    evaluates in the layout training uses, so a score does not depend on what the notebook did before."""
+    import bitsandbytes.functional as bf
+    from ft_magics import Session
+
+    from test_adapters_ops import peft_adapter
+
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "ad" / "a", seed=3)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4, device="cpu")
+    base_alone = s.evaluate("base", ROWS[:8], general=False).to_text()  # the plain model, no LoRA layers yet
+    score = lambda: s.evaluate("a", ROWS[:8], general=False).to_text()  # noqa: E731
+    s.load_adapter(adapter, "a")
+    before = score()
+    base_column = lambda text: text.splitlines()[1].split("loss")[1].strip()  # noqa: E731
+    assert base_column(before) == base_column(base_alone)  # loading an adapter changes nothing of the base's score
+    s.generate("hello there", max_new_tokens=3)
+    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in s.model.modules() if type(m).__name__ == "Linear4bit")  # the generate did repack
+    assert score() == before
+    assert s.generate("hello there", max_new_tokens=3).new_tokens == 3  # and inference still works after
+
+
 def test_packing_is_kept_for_inference_after_training(tiny_model_dir, tmp_path):
     import bitsandbytes.functional as bf
     from ft_magics import Session
