@@ -17,6 +17,9 @@ from .errors import FtUsageError, did_you_mean
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 TRAIN_ON = ("answers", "all")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# transformers' optimizer names (TrainingArguments.optim) a LoRA run would use; "adamw" is its default
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit", "adafactor", "sgd", "lion_8bit", "lion_32bit", "rmsprop")
 DATA_FORMATS = ("auto", "chat", "prompt-completion", "alpaca", "sharegpt", "text")
 OVERLONG = ("truncate", "drop")
 TXT_MODES = ("auto", "document", "lines", "blocks")
@@ -46,6 +49,10 @@ class TrainConfig:
     max_steps: int = _f(-1, "Optimizer steps to run; -1 means use epochs.")
     warmup: float = _f(0.03, "Warm-up: a fraction of the steps (< 1) or a number of steps (>= 1).")
     lr_scheduler: str = _f("cosine", f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", choices=SCHEDULERS)
+    optimizer: str = _f(
+        "adamw", "Optimizer, by transformers' name: adamw (torch's fused AdamW), adamw_8bit (bitsandbytes: Adam "
+        "states in 8 bits, a quarter of their memory), paged_adamw_8bit (CUDA), adafactor, sgd, ...",
+        choices=OPTIMIZERS)
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     seed: int = _f(42, "Random seed for adapter initialisation, data order and the eval split.")
@@ -203,6 +210,7 @@ ALIASES = {
     "warmup_steps": "warmup",
     "warmup_ratio": "warmup",
     "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer",
 }
 
 

@@ -427,3 +427,30 @@ def test_map_as_a_yaml_mapping_and_target_modules_all_suggests_all_linear(tiny_s
     with pytest.raises(FtUsageError, match=r"target_modules 'all' is not a linear layer of this model \(did you mean "
                                            r"'all-linear'\?\).*presets: qv, attention, mlp, all-linear"):
         tiny_session.train("x", "demo:support", {"max_steps": 1, "target_modules": "all"})
+
+
+def test_optimizer_setting_reaches_the_trainer_and_8bit_keeps_adam_states_in_8_bits(tiny_session, monkeypatch):
+    from transformers import Trainer
+
+    made = []
+    create = Trainer.create_optimizer
+
+    def recording(self, *a, **kw):
+        made.append(create(self, *a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(Trainer, "create_optimizer", recording)
+    # r=64 on hidden 64: 4096-element LoRA matrices, the size from which bitsandbytes keeps states in 8 bits
+    r = tiny_session.train("opt8", ROWS, {"max_steps": 3, "batch_size": 4, "r": 64, "optim": "adamw_8bit",
+                                          "learning_rate": 5e-3, "warmup": 0}, listeners=[])
+    opt = made[-1]
+    assert type(opt).__module__.startswith("bitsandbytes")
+    dtypes = {v.dtype for st in opt.state.values() for k, v in st.items() if k in ("state1", "state2")}
+    assert __import__("torch").uint8 in dtypes  # smaller matrices keep 32-bit states, as bitsandbytes decides
+    assert r.final_loss < r.first_loss and r.record["settings"]["optimizer"] == "adamw_8bit"
+    tiny_session.train("opt32", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    assert type(made[-1]).__name__ == "AdamW" and type(made[-1]).__module__.startswith("torch")
+    from ft_magics.errors import FtUsageError
+
+    with pytest.raises(FtUsageError, match=r"optimizer 'adam_8bit' is not one of .*did you mean 'adamw_8bit'"):
+        tiny_session.train("bad", ROWS, {"optimizer": "adam_8bit"}, listeners=[])

@@ -382,6 +382,7 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.lr_scheduler,
+        optim="adamw_torch_fused" if cfg.optimizer == "adamw" else cfg.optimizer,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
