@@ -37,6 +37,10 @@ class TrainConfig:
     r: int = _f(16, "LoRA rank: capacity of the adapter (8-64 covers most tasks).")
     alpha: float = _f(32, "LoRA alpha; the update is scaled by alpha/r (common practice: 2*r).")
     dropout: float = _f(0.0, "Dropout on the LoRA path during training (0: off; on the CPU each dropout costs about 30% of step time and memory, measured).")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale the update by alpha/sqrt(r) instead of alpha/r "
+                                 "(helps at large r).")
+    use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Slower: "
+                               "it runs PEFT's own forward, not the fused one.")
     target_modules: Union[str, list] = _f(
         "all-linear",
         "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",
@@ -54,6 +58,8 @@ class TrainConfig:
         "states in 8 bits, a quarter of their memory), paged_adamw_8bit (CUDA), adafactor, sgd, ...",
         choices=OPTIMIZERS)
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    neftune_noise_alpha: float = _f(0.0, "NEFTune: noise added to the input embeddings while training (e.g. 5; "
+                                         "0: off).")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns clipping off).")
     seed: int = _f(42, "Random seed for adapter initialisation, data order and the eval split.")
     gradient_checkpointing: Union[bool, str] = _f(
@@ -133,6 +139,8 @@ class TrainConfig:
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
             if key not in fields:
+                if key in OTHER_TOOLS:
+                    raise FtUsageError(f"{raw_key!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
                 raise FtUsageError(
                     f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}. "
                     f"Valid settings: {', '.join(fields)}. See %ft_help lora_train."
@@ -169,6 +177,7 @@ class TrainConfig:
         need(16 <= self.max_seq_len <= 1_048_576, f"max_seq_len must be between 16 and 1048576 (got {self.max_seq_len}).")
         need(self.max_rows >= 0, f"max_rows must be >= 0 (got {self.max_rows}); 0 reads every row.")
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
+        need(self.neftune_noise_alpha >= 0, f"neftune_noise_alpha must be >= 0 (got {self.neftune_noise_alpha}); 0 turns it off.")
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
         need(self.loss_chunk_rows >= 0, f"loss_chunk_rows must be >= 0 (0 = auto; got {self.loss_chunk_rows}).")
@@ -211,6 +220,20 @@ ALIASES = {
     "warmup_ratio": "warmup",
     "lr_scheduler_type": "lr_scheduler",
     "optim": "optimizer",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "dataset_text_field": "text_field",
+    "num_epochs": "epochs",
+}
+
+# settings of other tools (TRL, transformers, PEFT) that say the same thing another way: what to write here
+OTHER_TOOLS = {
+    "completion_only_loss": "train_on: answers (the default: loss on the answers only) or train_on: all",
+    "assistant_only_loss": "train_on: answers (the default: loss on the assistant turns only) or train_on: all",
+    "eval_strategy": "eval_steps: N (evaluate every N steps; 0, the default, evaluates at the end)",
+    "save_strategy": "save_every: N (steps) or save_every_minutes: M",
+    "bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
+    "lora_bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
 }
 
 

@@ -454,3 +454,51 @@ def test_optimizer_setting_reaches_the_trainer_and_8bit_keeps_adam_states_in_8_b
 
     with pytest.raises(FtUsageError, match=r"optimizer 'adam_8bit' is not one of .*did you mean 'adamw_8bit'"):
         tiny_session.train("bad", ROWS, {"optimizer": "adam_8bit"}, listeners=[])
+
+
+def test_lora_variants_rslora_dora_and_neftune_train_save_and_reload(tiny_model_dir, tmp_path):
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4)
+    base = {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0}
+    rs = s.train("rs", ROWS, {**base, "use_rslora": True, "r": 16, "alpha": 32}, listeners=[])
+    assert json.loads((Path(rs.adapter_path) / "adapter_config.json").read_text())["use_rslora"] is True
+    scalings = {m.scaling["rs"] for m in s.model.modules() if isinstance(getattr(m, "scaling", None), dict)
+                and "rs" in m.scaling}
+    assert scalings == {32 / math.sqrt(16)}  # alpha / sqrt(r), not alpha / r
+    dora = s.train("dora", ROWS, {**base, "use_dora": True}, listeners=[])
+    assert dora.final_loss < dora.first_loss
+    with safe_open(str(Path(dora.adapter_path) / "adapter_model.safetensors"), framework="pt") as fh:
+        assert any("lora_magnitude_vector" in k for k in fh.keys())
+    fresh = Session(adapters_dir=tmp_path / "ad")
+    fresh.load(str(tiny_model_dir), bits=4)
+    assert fresh.generate("hello", adapter="dora", max_new_tokens=3).new_tokens == 3  # loads by name, runs
+    assert " DoRA on " in fresh.adapter_card("dora") and " rsLoRA on " in fresh.adapter_card("rs")
+    # NEFTune: noise on the input embeddings while training only (the first step's loss moves), none after
+    s.train("plain", ROWS, {**base, "max_steps": 1}, listeners=[])
+    noisy = s.train("noisy", ROWS, {**base, "max_steps": 1, "neftune_noise_alpha": 50}, listeners=[])
+    assert noisy.first_loss != s.runs[-2].first_loss
+    emb = s.model.get_input_embeddings()
+    assert not emb._forward_hooks  # the Trainer removed its noise hook when the run ended
+    with torch.no_grad():
+        ids = s.tokenizer("hello", return_tensors="pt").input_ids
+        assert torch.equal(emb(ids), emb(ids))
+
+
+def test_settings_of_other_tools_are_understood_or_translated():
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    cfg = TrainConfig.from_dict({"logging_steps": 5, "save_steps": 20, "dataset_text_field": "body",
+                                 "num_epochs": 2, "optim": "adamw_8bit"})
+    assert (cfg.log_every, cfg.save_every, cfg.text_field, cfg.epochs, cfg.optimizer) == (5, 20, "body", 2.0, "adamw_8bit")
+    with pytest.raises(FtUsageError, match="'completion_only_loss' is another tool's setting; here write train_on"):
+        TrainConfig.from_dict({"completion_only_loss": True})
+    with pytest.raises(FtUsageError, match="here write eval_steps: N"):
+        TrainConfig.from_dict({"eval_strategy": "steps"})

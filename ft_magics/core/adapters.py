@@ -129,8 +129,9 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     tm = config.get("target_modules")
     modules = ", ".join(sorted(tm)) if isinstance(tm, list) else str(tm)
     rows = [("Adapter", f"{name}{f'  ({state})' if state else ''}  {path}  {human_bytes(size)}"),
-            ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)} "
-                     f"on {modules}")]
+            ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)}"
+                     + (" DoRA" if config.get("use_dora") else "") + (" rsLoRA" if config.get("use_rslora") else "")
+                     + f" on {modules}")]
     base = record.get("base_model") or {}
     base_name = base.get("name") or config.get("base_model_name_or_path")
     if base_name:

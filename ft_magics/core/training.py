@@ -309,7 +309,7 @@ def lora_config(model, cfg: TrainConfig):
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         target_modules=resolve_target_modules(model, cfg.target_modules),
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
     )
 
 
@@ -383,6 +383,7 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
         max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.lr_scheduler,
         optim="adamw_torch_fused" if cfg.optimizer == "adamw" else cfg.optimizer,
+        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
