@@ -49,7 +49,7 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
         words = arg_split(line or "", posix=True)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
-    args, extra = parser.parse_known_args(words)
+    args, extra = parser.parse_known_args(_spelled_out_switches(parser, words))
     if extra:
         flags = [s for a in parser._actions for s in a.option_strings]
         bad = extra[0]
@@ -60,6 +60,29 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             )
         raise UsageError(f"unexpected argument {bad!r}. See %{magic_func.__name__}? for usage.")
     return args
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _spelled_out_switches(parser, words: list) -> list:
+    """``--use-dora true`` / ``--use-dora=false`` (as a YAML body would say it) -> ``--use-dora`` / ``--no-use-dora``
+    for the on/off flags (argparse's BooleanOptionalAction takes no value)."""
+    switches = {s for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)
+                for s in a.option_strings if not s.startswith("--no-")}
+    out, i = [], 0
+    while i < len(words):
+        word = words[i]
+        flag, eq, value = word.partition("=")
+        if flag in switches and not eq and i + 1 < len(words) and words[i + 1].lower() in _TRUE | _FALSE:
+            value, i = words[i + 1], i + 1
+        elif not (flag in switches and eq and value.lower() in _TRUE | _FALSE):
+            out.append(word)
+            i += 1
+            continue
+        out.append(flag if value.lower() in _TRUE else "--no-" + flag[2:])
+        i += 1
+    return out
 
 
 _TOKEN = re.compile(r"""\s*("[^"]*"|'[^']*'|\S+)""")

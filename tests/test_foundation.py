@@ -502,3 +502,17 @@ def test_settings_of_other_tools_are_understood_or_translated():
         TrainConfig.from_dict({"completion_only_loss": True})
     with pytest.raises(FtUsageError, match="here write eval_steps: N"):
         TrainConfig.from_dict({"eval_strategy": "steps"})
+
+
+def test_on_off_flags_take_true_or_false_as_a_body_would_say_it(shell, tiny_model_dir, tmp_path):
+    import yaml
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    shell.run_line_magic("lora_export_job", "j jobdir --data rows --use-rslora true --use-dora=yes "
+                                            "--gradient-checkpointing off --packing false --r 8")
+    settings = yaml.safe_load((tmp_path / "jobdir" / "job.yaml").read_text())["settings"]
+    assert (settings["use_rslora"], settings["use_dora"], settings["gradient_checkpointing"], settings["packing"],
+            settings["r"]) == (True, True, False, False, 8)
+    with pytest.raises(UsageError, match="unexpected argument 'maybe'"):
+        shell.run_line_magic("lora_export_job", "j jobdir2 --data rows --use-dora maybe")
