@@ -40,7 +40,8 @@ class TrainConfig:
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale the update by alpha/sqrt(r) instead of alpha/r "
                                  "(helps at large r).")
     use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Slower: "
-                               "it runs PEFT's own forward, not the fused one.")
+                               "it runs PEFT's own forward, not the fused one, and PEFT recomputes the weight norm "
+                               "for every generated token (demo model, 4-bit, CPU: 3.5 instead of 29 tok/s).")
     target_modules: Union[str, list] = _f(
         "all-linear",
         "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",
