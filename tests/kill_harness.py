@@ -151,7 +151,10 @@ class Child:
                 _child_main(w, model_dir, adapters, mode, slow_fsync)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
                 try:
-                    os.write(w, ("RESULT " + json.dumps({"mode": mode, "crash": f"{type(exc).__name__}: {exc}"})
+                    import traceback
+
+                    where = " | ".join(l.strip() for l in traceback.format_exc().strip().splitlines()[-14:])  # the failing frames
+                    os.write(w, ("RESULT " + json.dumps({"mode": mode, "crash": f"{type(exc).__name__}: {exc} ({where})"})
                                  + "\n").encode())
                 except OSError:
                     pass

@@ -284,7 +284,7 @@ def drop_adapter(model, name: str):
     others = [n for n in model.peft_config if n != name]
     if not others:
         return model.unload()  # plain base model again, LoRA layers removed
-    model.base_model.set_adapter(others[0], inference_mode=True)
+    model.set_adapter(others[0], inference_mode=True)  # the wrapper's record too: it names the active one
     model.delete_adapter(name)
     return model
 
