@@ -511,6 +511,9 @@ class FtMagics(Magics):
         report = self.session.evaluate(name, args.data, general=not args.no_general,
                                        batch_size=args.batch_size, max_seq_len=args.max_seq_len)
         self._show(report)
+        if args.data is None and name not in self.session.heldout:
+            print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "
+                  "--data FILE scores it on yours)")
 
     def _show(self, result) -> None:
         """An HTML table in a notebook (a kernel with a rich frontend), text elsewhere."""

@@ -233,11 +233,17 @@ def test_eval_alone_uses_the_active_adapter_and_the_rows_its_run_held_out(shell,
     shell.run_line_magic("lora_eval", "--no-general")
     out = capsys.readouterr().out
     assert "held out in training (eval_fraction 0.25, seed 42)" in out and "held" in out.splitlines()[0]
+    assert "only the forgetting check" not in out
     # the same examples as the run's own evaluation: the same loss
     row = next(line for line in out.splitlines() if line.startswith("held out in training"))
     assert run_eval is not None and f"loss {run_eval:.4f}" in row
     # without held-out rows and without --data, --no-general leaves nothing to evaluate: said so
     shell.run_cell_magic("lora_train", "noeval --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\n")
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", "--max-seq-len 64")
+    out = capsys.readouterr().out
+    assert "general text" in out and "noeval" in out.splitlines()[0]
+    assert "only the forgetting check: no held-out examples are known for 'noeval'" in out
     with pytest.raises(UsageError, match="--data is required"):
         shell.run_line_magic("lora_eval", "--no-general")
 
