@@ -696,5 +696,11 @@ def unload_ipython_extension(ipython) -> None:
             registry[kind].pop(n, None)
     if magics is not None:
         ipython.magics_manager.registry.pop("FtMagics", None)
-        if magics._session is not None:
-            magics._session.unload()
+        session = magics._session
+        if session is not None:
+            if session.handle is not None:  # what a %reload_ext costs, said: the next %load_ext starts empty
+                n = len(session.adapters)
+                print(f"ft_magics unloaded: the model {session.handle.name}"
+                      + (f" and {counted(n, 'adapter')} in memory were" if n else " in memory was")
+                      + " freed (adapter folders stay on disk); load it again with %qlora_load.")
+            session.unload()

@@ -33,6 +33,20 @@ def test_import_and_load_ext_do_not_import_torch_or_transformers():
     assert out[1] == "True"
 
 
+def test_reload_ext_says_that_the_model_in_memory_was_freed(shell, tiny_model_dir, capsys):
+    from ft_magics.magics import _loaded
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    old = _loaded[id(shell)].session
+    capsys.readouterr()
+    shell.run_line_magic("reload_ext", "ft_magics")
+    out = capsys.readouterr().out
+    assert "ft_magics unloaded: the model tiny-llama in memory was freed" in out and "%qlora_load" in out
+    assert old.handle is None and _loaded[id(shell)].session.handle is None
+    shell.run_line_magic("reload_ext", "ft_magics")
+    assert "unloaded" not in capsys.readouterr().out  # nothing was loaded: nothing to say
+
+
 def test_unload_ext_removes_every_magic(shell):
     assert "qlora_load" in shell.magics_manager.magics["line"]
     shell.run_line_magic("unload_ext", "ft_magics")
