@@ -139,9 +139,12 @@ class TrainConfig:
         seen: dict = {}
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
+            if key in OTHER_TOOLS:
+                translated = _other_tools_setting(key, raw_key, value)
+                if translated is None:  # what this tool does anyway (e.g. bias: none)
+                    continue
+                key, value = translated
             if key not in fields:
-                if key in OTHER_TOOLS:
-                    raise FtUsageError(f"{raw_key!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
                 raise FtUsageError(
                     f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}. "
                     f"Valid settings: {', '.join(fields)}. See %ft_help lora_train."
@@ -236,6 +239,17 @@ OTHER_TOOLS = {
     "bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
     "lora_bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
 }
+_ANSWERS_ONLY = ("completion_only_loss", "assistant_only_loss")
+
+
+def _other_tools_setting(key: str, raw_key: str, value):
+    """``(setting, value)`` for another tool's setting that has a clean translation, None for one that asks
+    for what happens anyway, else a usage error saying what to write here."""
+    if key in _ANSWERS_ONLY and isinstance(value, bool):
+        return "train_on", "answers" if value else "all"
+    if key in ("bias", "lora_bias") and value in ("none", False, None):
+        return None
+    raise FtUsageError(f"{raw_key!r}: {value!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
 
 
 # where the data comes from may also be written in the body (flags on the line win, as for settings)

@@ -70,18 +70,16 @@ def _spelled_out_switches(parser, words: list) -> list:
     for the on/off flags (argparse's BooleanOptionalAction takes no value)."""
     switches = {s for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)
                 for s in a.option_strings if not s.startswith("--no-")}
-    out, i = [], 0
-    while i < len(words):
-        word = words[i]
+    out, words = [], list(words)
+    while words:
+        word = words.pop(0)
         flag, eq, value = word.partition("=")
-        if flag in switches and not eq and i + 1 < len(words) and words[i + 1].lower() in _TRUE | _FALSE:
-            value, i = words[i + 1], i + 1
-        elif not (flag in switches and eq and value.lower() in _TRUE | _FALSE):
+        if flag in switches and not eq and words and words[0].lower() in _TRUE | _FALSE:
+            value = words.pop(0)  # --flag VALUE
+        elif not (flag in switches and value.lower() in _TRUE | _FALSE):  # not --flag=VALUE either
             out.append(word)
-            i += 1
             continue
         out.append(flag if value.lower() in _TRUE else "--no-" + flag[2:])
-        i += 1
     return out
 
 

@@ -1061,6 +1061,16 @@ def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_tha
     with pytest.raises(FtUsageError, match=r"tools.jsonl, line 1: an assistant turn calls 'get_weather' .*"
                                            r"does not write tool calls.*empty answer"):
         D.prepare(str(path), tok, cfg())
+    # a template that prints the tool list up front but drops the calls: the name in the list is no call
+    lists_tools = copy.deepcopy(tok)
+    lists_tools.chat_template = (
+        "{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    listed = write_jsonl(tmp_path / "listed.jsonl", [dict(r, tools=[{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]) for r in TOOL_ROWS])
+    with pytest.raises(FtUsageError, match="does not write tool calls"):
+        D.prepare(str(listed), lists_tools, cfg())
     with_tools = copy.deepcopy(tok)
     with_tools.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"

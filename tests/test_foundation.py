@@ -512,10 +512,16 @@ def test_settings_of_other_tools_are_understood_or_translated():
     cfg = TrainConfig.from_dict({"logging_steps": 5, "save_steps": 20, "dataset_text_field": "body",
                                  "num_epochs": 2, "optim": "adamw_8bit"})
     assert (cfg.log_every, cfg.save_every, cfg.text_field, cfg.epochs, cfg.optimizer) == (5, 20, "body", 2.0, "adamw_8bit")
-    with pytest.raises(FtUsageError, match="'completion_only_loss' is another tool's setting; here write train_on"):
-        TrainConfig.from_dict({"completion_only_loss": True})
+    # a clean translation is taken; what happens anyway is accepted; the rest says what to write here
+    assert TrainConfig.from_dict({"completion_only_loss": False}).train_on == "all"
+    assert TrainConfig.from_dict({"assistant_only_loss": True}).train_on == "answers"
+    assert TrainConfig.from_dict({"bias": "none", "r": 4}).r == 4
+    with pytest.raises(FtUsageError, match="'lora_bias': True is another tool's setting; here write nothing"):
+        TrainConfig.from_dict({"lora_bias": True})
     with pytest.raises(FtUsageError, match="here write eval_steps: N"):
         TrainConfig.from_dict({"eval_strategy": "steps"})
+    with pytest.raises(FtUsageError, match="train_on is given twice"):
+        TrainConfig.from_dict({"completion_only_loss": True, "train_on": "all"})
 
 
 def test_on_off_flags_take_true_or_false_as_a_body_would_say_it(shell, tiny_model_dir, tmp_path):

@@ -980,7 +980,8 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
         return record.text, [(0, len(record.text))], True
     if has_chat_template(tokenizer):
         text, spans = _render_chat(tokenizer, record.messages, record.tools)
-        missing = [n for n in _tool_call_names(record.messages) if n not in text]
+        answers = "".join(text[a:b] for a, b in spans)  # not the tool list a template may print up front
+        missing = [n for n in _tool_call_names(record.messages) if n not in answers]
         if missing:  # the template dropped the calls: the turn would teach an empty answer
             raise FtUsageError(
                 f"{record.where or 'an example'}: an assistant turn calls {missing[0]!r} (tool_calls), but this "
