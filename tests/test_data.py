@@ -639,6 +639,8 @@ def test_eval_fraction_is_reproducible_with_the_seed(tok):
     _, evals, report = D.prepare(rows, tok, cfg(eval_fraction=0.25, seed=7))
     assert (report.train_rows, report.eval_rows, len(evals)) == (30, 10, 10)
     assert "30 train / 10 eval (eval_fraction 0.25, seed 7)" in report.text()
+    _, _, report = D.prepare(rows, tok, cfg(eval_fraction=0.25), eval_src=rows[:4])  # both given: --eval wins
+    assert report.train_rows == 40 and "eval_fraction 0.25 is not used" in report.text()
     with pytest.raises(FtUsageError, match="leaves no training rows out of 1: give more rows, set eval_fraction: 0 "
                                            ".*--eval"):
         D.split(recs[:1], 0.5, seed=1)

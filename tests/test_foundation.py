@@ -536,3 +536,25 @@ def test_on_off_flags_take_true_or_false_as_a_body_would_say_it(shell, tiny_mode
             settings["r"]) == (True, True, False, False, 8)
     with pytest.raises(UsageError, match="unexpected argument 'maybe'"):
         shell.run_line_magic("lora_export_job", "j jobdir2 --data rows --use-dora maybe")
+
+
+def test_an_adapter_too_big_for_its_layers_or_for_memory_is_refused_before_the_model_is_touched(shell, tiny_model_dir):
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.training import adapter_size, check_adapter_fits
+    from ft_magics.errors import FtUsageError
+    from ft_magics.magics import _loaded
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    session = _loaded[id(shell)].session
+    shell.user_ns["rows"] = ROWS
+    # hidden 64, MLP 128: no layer holds a rank above 64 (r=4096 on the demo model took 20 GB of 24 here)
+    with pytest.raises(UsageError, match=r"r=128 is above the rank any adapted layer can hold: the widest is 64"):
+        shell.run_line_magic("lora_train", "wide --data rows --max-steps 1 --r 128 --no-widgets")
+    assert not hasattr(session.model, "peft_config")  # untouched: no LoRA layer was added
+    shell.run_line_magic("lora_train", "fits --data rows --max-steps 1 --r 8 --no-widgets")
+    params, top = adapter_size(session.model, TrainConfig(r=8))
+    assert top == 64 and params == sum(p.numel() for n, p in session.model.named_parameters() if ".fits." in n)
+    with pytest.raises(FtUsageError, match=rf"makes an adapter of {adapter_size(session.model, TrainConfig(r=64))[0]:,} "
+                                           r"parameters: .* need about 2\.0 MB, and 976\.6 KB is free\. Use a smaller r"):
+        check_adapter_fits(session.model, TrainConfig(r=64), "cpu", free=1_000_000)
+    check_adapter_fits(session.model, TrainConfig(r=8), "cpu", free=10_000_000)  # 8 x (64+64..) params fit

@@ -1313,6 +1313,9 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
     )
     report.warnings = quality_warnings(train_records) + ([unused_note] if unused_note else [])
+    if eval_src is not None and cfg.eval_fraction > 0:
+        report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
+                               "data given (--eval), and every training row trains.")
     train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
     evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
     report.eval_dropped = len(eval_records) - len(evals)

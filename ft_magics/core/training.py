@@ -78,6 +78,54 @@ def resolve_target_modules(model, spec) -> Any:
     return names
 
 
+def adapter_size(model, cfg: TrainConfig) -> tuple[int, int]:
+    """``(parameters the adapter will have, the highest rank one of its layers can hold)`` for ``cfg``'s
+    r and target modules on ``model``: r * (in + out) per adapted layer, plus DoRA's magnitude per output.
+    A rank above min(in, out) adds parameters and no capacity."""
+    import torch
+
+    targets = resolve_target_modules(model, cfg.target_modules)
+    params, top_rank = 0, 0
+    for full, mod in model.named_modules():
+        parts = full.split(".")
+        if parts[-1] == "base_layer":  # a layer an adapter already wraps: named as its wrapper
+            parts = parts[:-1]
+        leaf = parts[-1]
+        if leaf == "lm_head" or any(p.startswith("lora_") for p in parts):
+            continue
+        is_linear = isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
+        if not (is_linear and (leaf in targets if targets != "all-linear" else True)):
+            continue
+        n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        if not n_in or not n_out:
+            continue
+        params += cfg.r * (n_in + n_out) + (n_out if cfg.use_dora else 0)
+        top_rank = max(top_rank, min(n_in, n_out))
+    return params, top_rank
+
+
+def check_adapter_fits(model, cfg: TrainConfig, device: str, free: Optional[int] = None) -> None:
+    """Refuse, before the model is touched, an adapter whose rank no layer can hold or whose weights,
+    gradients and optimizer states would not fit the memory free now (on the CPU that would be the
+    kernel's death, not an error)."""
+    from .memory import human_bytes, read_memory
+
+    params, top_rank = adapter_size(model, cfg)
+    if top_rank and cfg.r > top_rank:
+        raise FtUsageError(
+            f"r={cfg.r} is above the rank any adapted layer can hold: the widest is {top_rank} "
+            f"(min of its inputs and outputs), so the extra rank adds parameters and no capacity. Use r <= "
+            f"{top_rank}; 8-64 covers most tasks.")
+    per_param = 10 if "8bit" in cfg.optimizer else 16  # fp32 weight + gradient, and the two Adam states
+    need = params * per_param
+    free = read_memory(device).available_bytes if free is None else free
+    if free and need > 0.8 * free:
+        raise FtUsageError(
+            f"r={cfg.r} on {cfg.target_modules} makes an adapter of {params:,} parameters: its weights, "
+            f"gradients and optimizer states need about {human_bytes(need)}, and {human_bytes(free)} is free. "
+            "Use a smaller r (8-64 covers most tasks) or fewer target_modules.")
+
+
 # --------------------------------------------------------------------------- CPU 4-bit layout
 def _linear4bit_modules(model):
     for mod in model.modules():
@@ -460,6 +508,7 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
+    check_adapter_fits(handle.model, cfg, handle.device)
     ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples)
     cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
     if ckpt_on and ckpt_why:
