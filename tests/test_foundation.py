@@ -558,3 +558,31 @@ def test_an_adapter_too_big_for_its_layers_or_for_memory_is_refused_before_the_m
                                            r"parameters: .* need about 2\.0 MB, and 976\.6 KB is free\. Use a smaller r"):
         check_adapter_fits(session.model, TrainConfig(r=64), "cpu", free=1_000_000)
     check_adapter_fits(session.model, TrainConfig(r=8), "cpu", free=10_000_000)  # 8 x (64+64..) params fit
+
+
+def test_a_batch_whose_activations_cannot_fit_is_refused_on_the_cpu(shell, tiny_model_dir, monkeypatch):
+    import ft_magics.core.memory as memory
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import TokenizedExample
+    from ft_magics.core.training import _activations, check_batch_fits
+    from ft_magics.errors import FtUsageError
+    from ft_magics.magics import _loaded
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    model = _loaded[id(shell)].session.model
+    rows = [TokenizedExample([1] * 300, [1] * 300)]
+    cfg = TrainConfig(batch_size=64, max_seq_len=512, gradient_checkpointing=False)
+    _, need = _activations(cfg, model, rows, checkpointing=False)
+    with pytest.raises(FtUsageError, match=r"the longest batch \(64 x 300 tokens\) needs about .* of activations, "
+                                           r"and .* is free: on the CPU .* or gradient_checkpointing: true"):
+        check_batch_fits(cfg, model, "cpu", rows, free=need // 2)
+    check_batch_fits(cfg, model, "cpu", rows, free=need * 2)  # fits: no error
+    check_batch_fits(cfg, model, "cuda", rows, free=need // 2)  # CUDA raises its own, recoverable, error
+    # through the magic: the same refusal, before any LoRA layer is added
+    real = memory.read_memory
+    monkeypatch.setattr(memory, "read_memory", lambda device=None, peak_bytes=0: __import__("dataclasses").replace(
+        real(device, peak_bytes), available_bytes=200_000))
+    shell.user_ns["rows"] = ROWS
+    with pytest.raises(UsageError, match="of activations even with gradient checkpointing"):
+        shell.run_line_magic("lora_train", "big --data rows --max-steps 1 --r 1 --batch-size 16 --no-widgets")
+    assert not hasattr(_loaded[id(shell)].session.model, "peft_config")

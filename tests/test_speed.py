@@ -775,9 +775,6 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
     """--gradient-checkpointing / --no-gradient-checkpointing / auto, as typed; the run record says what
     the run did and, for auto, why; a low-memory auto run turns it on and says so."""
     import json
-    import types
-
-    from ft_magics.core import memory
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     shell.user_ns["rows"] = [{"prompt": f"reset password {i}?", "completion": "Use the reset link."} for i in range(6)]
@@ -793,7 +790,11 @@ def test_lora_train_checkpointing_flags_and_auto_record(shell, tiny_model_dir, m
     shell.run_cell_magic("lora_train", "roomy --data rows --max-steps 1 --no-widgets", "r: 4\n")
     assert settings("roomy")["gradient_checkpointing"] is False
     assert settings("roomy")["gradient_checkpointing_auto"].startswith("auto: off")
-    monkeypatch.setattr(memory, "read_memory", lambda device=None: types.SimpleNamespace(available_bytes=1000))
+    # a low-memory machine, as auto sees it: activations above a tiny share of what is free (faking the free
+    # memory itself would also trip the checks that refuse a run that cannot fit at all)
+    from ft_magics.core import training
+
+    monkeypatch.setattr(training, "AUTO_CHECKPOINTING_SHARE", 1e-9)
     capsys.readouterr()
     shell.run_cell_magic("lora_train", "tight --data rows --max-steps 1 --no-widgets", "gradient_checkpointing: auto\n")
     assert settings("tight")["gradient_checkpointing"] is True
