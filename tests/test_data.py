@@ -1055,29 +1055,32 @@ TOOL_ROWS = [{"messages": [
     {"role": "assistant", "content": "It is sunny."}]}] * 2
 
 
-def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_that_drops_them(tok, tmp_path):
+def _tool_template(tok, lists_tools: bool, writes_calls: bool):
+    """A copy of ``tok`` whose ChatML-style template may print the tool list up front and may write calls."""
     import copy
 
+    t = copy.deepcopy(tok)
+    t.chat_template = (
+        ("{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}" if lists_tools else "")
+        + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+        + ("{% for c in m.get('tool_calls') or [] %}<call>{{ c['function']['name'] }}</call>{% endfor %}"
+           if writes_calls else "")
+        + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return t
+
+
+def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_that_drops_them(tok, tmp_path):
     path = write_jsonl(tmp_path / "tools.jsonl", TOOL_ROWS)
     # the tiny ChatML template writes only role and content: the call would be an empty, loss-bearing turn
     with pytest.raises(FtUsageError, match=r"tools.jsonl, line 1: an assistant turn calls 'get_weather' .*"
                                            r"does not write tool calls.*empty answer"):
         D.prepare(str(path), tok, cfg())
     # a template that prints the tool list up front but drops the calls: the name in the list is no call
-    lists_tools = copy.deepcopy(tok)
-    lists_tools.chat_template = (
-        "{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     listed = write_jsonl(tmp_path / "listed.jsonl", [dict(r, tools=[{"type": "function", "function": {
         "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]) for r in TOOL_ROWS])
     with pytest.raises(FtUsageError, match="does not write tool calls"):
-        D.prepare(str(listed), lists_tools, cfg())
-    with_tools = copy.deepcopy(tok)
-    with_tools.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
-        "{% for c in m.get('tool_calls') or [] %}<call>{{ c['function']['name'] }}</call>{% endfor %}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        D.prepare(str(listed), _tool_template(tok, lists_tools=True, writes_calls=False), cfg())
+    with_tools = _tool_template(tok, lists_tools=False, writes_calls=True)
     train, _, _ = D.prepare(str(path), with_tools, cfg())
     learned = with_tools.decode([t for t in train[0].labels if t != -100])
     assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")
