@@ -580,8 +580,13 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_on_the_cpu(shell, tiny_
     check_batch_fits(cfg, model, "cuda", rows, free=need // 2)  # CUDA raises its own, recoverable, error
     # through the magic: the same refusal, before any LoRA layer is added
     real = memory.read_memory
-    monkeypatch.setattr(memory, "read_memory", lambda device=None, peak_bytes=0: __import__("dataclasses").replace(
-        real(device, peak_bytes), available_bytes=200_000))
+    def scarce(device=None, peak_bytes=0):
+        return __import__("dataclasses").replace(real(device, peak_bytes), available_bytes=200_000)
+
+    import ft_magics.core.training as training
+
+    monkeypatch.setattr(memory, "read_memory", scarce)
+    monkeypatch.setattr(training, "read_memory", scarce)  # run_training's one reading before it starts
     shell.user_ns["rows"] = ROWS
     with pytest.raises(UsageError, match="of activations even with gradient checkpointing"):
         shell.run_line_magic("lora_train", "big --data rows --max-steps 1 --r 1 --batch-size 16 --no-widgets")

@@ -536,10 +536,11 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
-    check_adapter_fits(handle.model, cfg, handle.device)
-    ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples)
+    free = read_memory(handle.device).available_bytes  # one reading for the three decisions below
+    check_adapter_fits(handle.model, cfg, handle.device, free)
+    ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples, free)
     cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
-    check_batch_fits(cfg, handle.model, handle.device, train_examples)
+    check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
