@@ -125,6 +125,10 @@ class Session:
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
+        if output_dir:  # found now, not when the first checkpoint or the adapter is saved
+            from .core.atomic import writable_dir
+
+            writable_dir(out_root, "the adapter")
         if self._training is not None and self._training.is_alive():
             raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
         self._check_not_merged("train")  # it would learn on top of the merged weights
@@ -535,8 +539,12 @@ class Session:
         from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
         from .core.atomic import COMPLETE_MARKER
 
-        info = self.adapters.require(name)
+        from .core.atomic import writable_dir
+
+        with self._model_busy("export an adapter"):
+            info = self._require_adapter(name)  # also one only in the adapters folder (after a restart)
         target = user_path(directory)
+        writable_dir(target.parent, "the export")
         if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / COMPLETE_MARKER).exists())):
             raise FtUsageError(
                 f"{target} already exists and was not written by an export; choose a new or empty folder "

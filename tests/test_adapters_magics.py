@@ -272,3 +272,20 @@ def test_adapter_info_tells_how_it_was_trained_loaded_or_only_on_disk(shell, tin
     assert "outsider" not in magics(shell).session.adapters  # describing loads nothing
     with pytest.raises(UsageError, match="no adapter named 'nope'"):
         shell.run_line_magic("lora_adapters", "info nope")
+
+
+def test_export_finds_an_adapter_only_on_disk_and_unwritable_folders_are_usage_errors(loaded, tmp_path):
+    from test_foundation import ROWS
+
+    sh, a, _ = loaded  # alpha sits in adapters/ and this session has not loaded it (as after a restart)
+    sh.run_line_magic("lora_adapters", "export alpha deep/a/b/alpha-peft")
+    assert (tmp_path / "deep/a/b/alpha-peft/adapter_model.safetensors").exists()
+    # /proc takes no new files, even from root: each is found before any work, as a usage error
+    with pytest.raises(UsageError, match=r"cannot write the export to /proc: .* Choose a folder you can write to"):
+        sh.run_line_magic("lora_adapters", "export alpha /proc/ft-magics-test")
+    sh.user_ns["rows"] = ROWS
+    with pytest.raises(UsageError, match=r"cannot write the adapter to /proc/ft-magics-test"):
+        sh.run_line_magic("lora_train", "x --data rows --max-steps 1 --output-dir /proc/ft-magics-test --no-widgets")
+    assert "x" not in magics(sh).session.adapters
+    with pytest.raises(UsageError, match=r"cannot write the job to /proc/ft-magics-job"):
+        sh.run_line_magic("lora_export_job", "x /proc/ft-magics-job --data rows")

@@ -28,6 +28,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def writable_dir(path: os.PathLike | str, what: str) -> Path:
+    """``path``, made with its parents and checked writable, or a usage error saying ``what`` was to be
+    written there (a read-only or missing mount found before any work, not at the first save)."""
+    from ..errors import FtUsageError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ft_magics-probe-"):
+            pass
+    except OSError as exc:
+        raise FtUsageError(f"cannot write {what} to {path}: {exc.strerror or exc}. Choose a folder you can "
+                           "write to.") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces ``target`` in one rename."""

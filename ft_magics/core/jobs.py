@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import FtUsageError, did_you_mean
 from ..paths import user_path
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, writable_dir
 from .events import Message, TrainEnd, emit, from_json, to_json
 
 JOB_FILE = "job.yaml"
@@ -264,8 +264,7 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
         raise FtUsageError(f"--processes must be a whole number, got {processes!r}.") from None
     if processes < 1:
         raise FtUsageError(f"--processes must be at least 1 (got {processes}).")
-    job_dir = user_path(job_dir).resolve()
-    job_dir.mkdir(parents=True, exist_ok=True)
+    job_dir = writable_dir(user_path(job_dir).resolve(), "the job")
     data_ref, note = data_reference(data, namespace, job_dir, DATA_FILE)
     eval_ref = None
     if eval_data is not None:
