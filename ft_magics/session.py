@@ -162,6 +162,7 @@ class Session:
         from .core.training import StopFlag, run_training
 
         self._stop = StopFlag()
+        before = getattr(self.handle.model, "peft_config", {}).get(name)  # to tell whether the run attached its own
         with self._lock:
             try:
                 result = run_training(
@@ -170,6 +171,7 @@ class Session:
                     resume=resume,
                 )
             except BaseException as exc:
+                self._forget_unsaved(name, before)
                 if background and on_done is not None:
                     on_done(exc)
                 if background:
@@ -177,6 +179,8 @@ class Session:
                 raise
             finally:
                 self._stop = None
+        if not result.adapter_path:
+            self._forget_unsaved(name, before)
         self.runs.append(result)
         if result.adapter_path:
             from .core.adapters import info_from_folder
@@ -192,6 +196,28 @@ class Session:
 
     def _set_model(self, model) -> None:
         self.handle.model = model
+
+    def _forget_unsaved(self, name: str, before) -> None:
+        """After a run that saved nothing (it failed, or made no step): take its LoRA layers out of the model
+        and ``name`` out of the registry, so memory and the registry agree again. A copy of ``name`` that was
+        loaded before the run was replaced by it; its folder is untouched and loads by name when used.
+        ``before``: ``name``'s PEFT config before the run; still there, the run never attached its own (it was
+        refused first) and nothing is undone."""
+        from .core.adapters import activate, drop_adapter
+
+        model = self.handle.model if self.handle is not None else None
+        configs = getattr(model, "peft_config", {})
+        if configs.get(name) is before:
+            return
+        if name in configs:
+            self.handle.model = drop_adapter(model, name)
+        if name in self.adapters:
+            self.adapters.remove(name)
+            if self.adapters.active == name:
+                self.adapters.active = None
+        if self.handle is not None and hasattr(self.handle.model, "peft_config"):
+            activate(self.handle.model, self.adapters.active)  # the user's choice, not the one PEFT was left on
+        self.heldout.pop(name, None)
 
     def stop(self) -> bool:
         """Ask the run in progress to stop at the next step boundary (it saves the adapter)."""

@@ -591,3 +591,33 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_on_the_cpu(shell, tiny_
     with pytest.raises(UsageError, match="of activations even with gradient checkpointing"):
         shell.run_line_magic("lora_train", "big --data rows --max-steps 1 --r 1 --batch-size 16 --no-widgets")
     assert not hasattr(_loaded[id(shell)].session.model, "peft_config")
+
+
+def test_a_run_that_fails_leaves_the_model_and_adapters_as_they_were(tiny_session, monkeypatch):
+    import ft_magics.core.speed as speed
+    from ft_magics.errors import FtUsageError
+
+    tiny_session.train("kept", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    tiny_session.train("again", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    tiny_session.use("kept")
+    before = tiny_session.generate("hello", max_new_tokens=3).text
+
+    def broken(*a, **kw):
+        raise RuntimeError("the trainer could not be made")
+
+    monkeypatch.setattr(speed, "make_trainer", broken)
+    with pytest.raises(RuntimeError):
+        tiny_session.train("new", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    assert "new" not in tiny_session.model.peft_config and "new" not in tiny_session.adapters
+    # a retrain of a loaded adapter that fails: the old copy was replaced in memory; it is forgotten there and
+    # loads again from its untouched folder by name
+    with pytest.raises(RuntimeError):
+        tiny_session.train("again", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    assert "again" not in tiny_session.model.peft_config and "again" not in tiny_session.adapters
+    assert tiny_session.adapters.active == "kept" and tiny_session.generate("hello", max_new_tokens=3).text == before
+    assert tiny_session.generate("hello", adapter="again", max_new_tokens=2).adapter == "again"  # from its folder
+    # refused before it starts (rank above every layer): the loaded copy stays as it was
+    monkeypatch.undo()
+    with pytest.raises(FtUsageError, match="r=4096 is above the rank"):
+        tiny_session.train("kept", ROWS, {"max_steps": 1, "r": 4096}, listeners=[])
+    assert "kept" in tiny_session.model.peft_config and "kept" in tiny_session.adapters
