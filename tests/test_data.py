@@ -604,7 +604,7 @@ def test_answer_cut_away_by_truncation_is_reported_and_dropped(tok):
     train, _, report = D.prepare(rows, tok, cfg(max_seq_len=32))
     assert report.dropped_no_answer == 1 and report.truncated == 1 and len(train) == 1
     assert all(e.n_loss_tokens > 0 for e in train)
-    assert "1 examples whose answer was cut away entirely by truncation" in report.text()
+    assert "Dropped    1 example whose answer was cut away entirely by truncation" in report.text()
     assert "1 of 2 examples exceed max_seq_len=32: 1 truncated, 0 dropped" in report.text()
     # every answer cut away: the error says where the answers begin and what max_seq_len would keep them
     start = next(i for i, lab in enumerate(D.tokenize_record(tok, D.normalise(rows[:1])[0][0]).labels) if lab != -100)
@@ -641,6 +641,9 @@ def test_eval_fraction_is_reproducible_with_the_seed(tok):
     assert "30 train / 10 eval (eval_fraction 0.25, seed 7)" in report.text()
     _, _, report = D.prepare(rows, tok, cfg(eval_fraction=0.25), eval_src=rows[:4])  # both given: --eval wins
     assert report.train_rows == 40 and "eval_fraction 0.25 is not used" in report.text()
+    _, _, big = D.prepare([{"prompt": f"q{i}", "completion": "an answer"} for i in range(1200)], tok, cfg())
+    assert "1,200 rows -> 1,200 train / 0 eval" in big.text() and f"; {big.loss_tokens:,} loss-bearing" in big.text()
+    assert big.loss_tokens >= 1000 and "0 of 1,200 examples exceed" in big.text()
     with pytest.raises(FtUsageError, match="leaves no training rows out of 1: give more rows, set eval_fraction: 0 "
                                            ".*--eval"):
         D.split(recs[:1], 0.5, seed=1)

@@ -157,7 +157,7 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     data = record.get("data") or {}
     if data:
         rows.append(("Data", f"{data.get('source')}: {data.get('format')}, {counted(data.get('rows') or 0, 'row')} "
-                              f"({data.get('train_rows')} train / {data.get('eval_rows')} eval)"))
+                              f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"))
     settings = record.get("settings") or {}
     if settings:
         defaults = dataclasses.asdict(TrainConfig())

@@ -888,30 +888,30 @@ class DataReport:
         st = self.stats()
         lines = [
             f"Data       {self.source}: {self.format} format, {counted(self.rows, 'row')} "
-            f"-> {self.train_rows} train / {self.eval_rows} eval{' (' + self.split + ')' if self.split else ''}",
+            f"-> {self.train_rows:,} train / {self.eval_rows:,} eval{' (' + self.split + ')' if self.split else ''}",
             f"Rendering  {self.rendering}; loss on "
             f"{'every token' if self.train_on == 'all' or self.format == 'text' else 'the answers only'}",
         ]
         if st:
             lines.append(
                 f"Tokens     min {st['min']} / median {st['median']} / p95 {st['p95']} / max {st['max']} per example; "
-                f"{self.loss_tokens} loss-bearing tokens in training"
+                f"{self.loss_tokens:,} loss-bearing tokens in training"
             )
         if self.max_seq_len:
-            line = f"Length     {self.over_max} of {len(self.lengths)} examples exceed max_seq_len={self.max_seq_len}"
+            line = f"Length     {self.over_max:,} of {len(self.lengths):,} examples exceed max_seq_len={self.max_seq_len}"
             if self.over_max:
-                line += (f": {self.truncated} truncated, {self.dropped_overlong} dropped (overlong: {self.overlong}); "
+                line += (f": {self.truncated:,} truncated, {self.dropped_overlong:,} dropped (overlong: {self.overlong}); "
                          f"max_seq_len: {st['max']} would fit them all")
             lines.append(line)
         if self.dropped_no_answer:
             lines.append(
-                f"Dropped    {self.dropped_no_answer} examples whose answer was cut away entirely by truncation "
+                f"Dropped    {counted(self.dropped_no_answer, 'example')} whose answer was cut away entirely by truncation "
                 "(no loss-bearing token left); raise max_seq_len to keep them"
             )
         if self.dropped_empty:
             lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no loss-bearing token at all")
         if self.eval_dropped:
-            lines.append(f"Dropped    {self.eval_dropped} eval examples (too long, or no answer token left)")
+            lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} (too long, or no answer token left)")
         if self.packing:
             lines.append(f"Packing    {self.packing}")
         for w in self.warnings:
