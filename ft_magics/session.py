@@ -563,9 +563,7 @@ class Session:
         import tempfile
 
         from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
-        from .core.atomic import COMPLETE_MARKER
-
-        from .core.atomic import writable_dir
+        from .core.atomic import COMPLETE_MARKER, writable_dir
 
         with self._model_busy("export an adapter"):
             info = self._require_adapter(name)  # also one only in the adapters folder (after a restart)
