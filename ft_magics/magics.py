@@ -19,7 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .config import ALIASES, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
+from .config import ALIASES, OPTIMIZERS, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
 from .core.events import counted
 from .errors import FtUsageError, did_you_mean
 
@@ -584,6 +584,8 @@ class FtMagics(Magics):
     @argument("--batch-size", type=int, default=8, help="Examples per step. Default 8.")
     @argument("--r", type=int, default=16, help="LoRA rank for the adapter size. Default 16.")
     @argument("--gradient-checkpointing", action="store_true", help="Plan activations with gradient checkpointing.")
+    @argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+              help="The optimizer (as the optimizer setting): adamw_8bit keeps Adam's states in 8 bits. Default adamw.")
     @line_magic
     @user_errors
     def ft_plan(self, line=""):
@@ -597,7 +599,7 @@ class FtMagics(Magics):
         """
         args = parse_args(self.ft_plan, line)
         p = self.session.plan(args.model, seq_len=args.seq_len, batch_size=args.batch_size, r=args.r,
-                              gradient_checkpointing=args.gradient_checkpointing)
+                              gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer)
         print(p.table())
         if p.dims.params > 30e9:
             from .core.planner import seed_comparison

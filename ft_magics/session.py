@@ -690,12 +690,13 @@ class Session:
 
     # ------------------------------------------------------------------ planning
     def plan(self, model: str = "demo", seq_len: int = 512, batch_size: int = 8, r: int = 16,
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, optimizer: str = "adamw"):
         """Estimated memory for full fine-tuning, LoRA and QLoRA of ``model`` (folder, known hub id or a size
         such as ``7B``); returns a core.planner.Plan (``.table()`` for the text). Loads nothing."""
         from .core.planner import plan
 
-        return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing)
+        return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
+                    optimizer=optimizer)
 
 
 def _default_listeners(listeners: Optional[list]) -> list:

@@ -76,6 +76,25 @@ def test_ft_plan_magic(shell, capsys):
         shell.run_line_magic("ft_plan", "no-such-model-xyz")
 
 
+def test_an_8bit_optimizer_is_planned_at_10_bytes_per_trained_parameter(shell, capsys):
+    from ft_magics.config import TrainConfig
+    from ft_magics.core import planner
+
+    fp32, q8 = planner.plan("7B"), planner.plan("7B", optimizer="adamw_8bit")
+    lora = fp32.dims.lora_params(16)
+    for mode in ("LoRA, 16-bit base", "QLoRA, NF4 + double quant"):
+        assert (fp32.mode(mode).adapter_optimizer, q8.mode(mode).adapter_optimizer) == (16 * lora, 10 * lora)
+    full = "full fine-tuning (bf16 + AdamW)"
+    assert (fp32.mode(full).adapter_optimizer, q8.mode(full).adapter_optimizer) == (14 * fp32.dims.params,
+                                                                                     8 * fp32.dims.params)
+    shell.run_line_magic("ft_plan", "7B --optimizer adamw_8bit")
+    out = capsys.readouterr().out
+    assert "optimizer adamw_8bit" in out and "adapter 10 B/adapter param (fp32 w, grad, 8-bit Adam m,v 2)" in out
+    # training's own check counts the same bytes as the planner
+    assert planner.adapter_bytes(TrainConfig(optimizer="adamw_8bit").optimizer) == 10
+    assert planner.adapter_bytes(TrainConfig().optimizer) == 16
+
+
 def test_session_plan_loads_nothing():
     from ft_magics import Session
 

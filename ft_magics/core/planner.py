@@ -12,6 +12,8 @@ Per parameter P of the base model (bytes):
                                              + 4/(64*256) (fp32 second-level constant per 256 blocks)
                                              = 4.127 bits; embeddings and the output head stay 16-bit
 Adapter (A parameters, r * (in + out) per adapted linear layer): 4 (fp32 weights) + 4 (grads) + 8 (Adam) = 16.
+With an 8-bit optimizer (optimizer: adamw_8bit) Adam's two states take 2 bytes instead of 8: 10 per adapter
+parameter, and 10 per parameter for full fine-tuning.
 Activations kept for the backward pass, per token and layer of a Llama-style block with a fused/SDPA
 attention (no L x L scores): 2 * (6h + 2kv + 4i) bytes of 16-bit tensors + 8h bytes of fp32 RMSNorm copies,
 plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped inputs of the adapted layers);
@@ -39,6 +41,17 @@ LOGIT_BYTES_STANDARD = 2 + 4 + 4
 OVERHEAD_BYTES = 0.5 * GB
 ADAPTER_BYTES = 16
 FULL_BYTES = 16
+ADAM_STATE_SAVING_8BIT = 6  # Adam's m and v: 8 bytes in fp32, 2 in 8 bits
+
+
+def optimizer_saving(optimizer: str = "adamw") -> int:
+    """Bytes per trained parameter an optimizer saves against fp32 AdamW (8-bit optimizers: Adam's states)."""
+    return ADAM_STATE_SAVING_8BIT if "8bit" in str(optimizer) else 0
+
+
+def adapter_bytes(optimizer: str = "adamw") -> int:
+    """Bytes per adapter parameter: fp32 weight and gradient plus the optimizer's states."""
+    return ADAPTER_BYTES - optimizer_saving(optimizer)
 
 
 @dataclass
@@ -193,23 +206,29 @@ class Plan:
     gradient_checkpointing: bool
     chunked_loss: bool
     modes: list
+    optimizer: str = "adamw"
 
     def mode(self, name: str) -> ModePlan:
         return next(m for m in self.modes if m.mode == name)
 
     def table(self) -> str:
         d = self.dims
+        saving = optimizer_saving(self.optimizer)
+        adam = "8-bit Adam m,v" if saving else "fp32 Adam m,v"
         head = (f"Memory plan for {d.name} ({d.params / 1e9:.3g}B parameters, {d.source}; "
                 f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
                 f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
-                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
+                f"{', optimizer ' + self.optimizer if saving else ''}")
         rows = [head, "", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
         for m in self.modes:
             rows.append(f"{m.mode:<34}{_gb(m.weights):>10}{_gb(m.adapter_optimizer):>13}{_gb(m.activations):>13}"
                         f"{_gb(m.overhead):>10}{_gb(m.total):>10}")
         rows += ["", "All figures are ESTIMATES (GB = 1e9 bytes) from these formulas:",
-                 "  full:  16 B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + fp32 Adam m,v 8)",
-                 f"  LoRA:  2 B/param frozen 16-bit base; adapter {ADAPTER_BYTES} B/adapter param (fp32 w, grad, Adam m,v)",
+                 f"  full:  {FULL_BYTES - saving} B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + {adam} "
+                 f"{8 - saving})",
+                 f"  LoRA:  2 B/param frozen 16-bit base; adapter {ADAPTER_BYTES - saving} B/adapter param (fp32 w, grad, "
+                 f"{adam} {8 - saving})",
                  f"  QLoRA: {NF4_BITS:.3f} bits/param (NF4 codes + 8-bit absmax/64 + fp32 constant/16384); "
                  "embeddings and head 16-bit",
                  "  activations: seq * batch * layers * [2(6h + 2kv + 4i) + 8h (+ 3(6h + i) LoRA dropout)] bytes",
@@ -261,7 +280,7 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
 
 def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int = 16,
          gradient_checkpointing: bool = False, chunked_loss: bool = True, full_act_bytes: int = 2,
-         overhead_bytes: float = OVERHEAD_BYTES, lora_dropout: bool = False) -> Plan:
+         overhead_bytes: float = OVERHEAD_BYTES, lora_dropout: bool = False, optimizer: str = "adamw") -> Plan:
     """``full_act_bytes``: activation width of the full fine-tuning run (2 for bf16, 4 for an fp32 run);
     ``overhead_bytes``: the runtime's own memory (a measured figure where one is at hand);
     ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input."""
@@ -271,12 +290,14 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, False, full_act_bytes)
     act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
-    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2) * p, act_full, overhead_bytes,
+    per_adapter = adapter_bytes(optimizer)
+    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p,
+                    act_full, overhead_bytes,
                     notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"])
-    lora16 = ModePlan("LoRA, 16-bit base", 2 * p, ADAPTER_BYTES * lora, act_peft, overhead_bytes)
-    qlora = ModePlan("QLoRA, NF4 + double quant", (p - emb) * NF4_BITS / 8 + 2 * emb, ADAPTER_BYTES * lora, act_peft,
+    lora16 = ModePlan("LoRA, 16-bit base", 2 * p, per_adapter * lora, act_peft, overhead_bytes)
+    qlora = ModePlan("QLoRA, NF4 + double quant", (p - emb) * NF4_BITS / 8 + 2 * emb, per_adapter * lora, act_peft,
                      overhead_bytes)
-    return Plan(d, seq_len, batch_size, r, gradient_checkpointing, chunked_loss, [full, lora16, qlora])
+    return Plan(d, seq_len, batch_size, r, gradient_checkpointing, chunked_loss, [full, lora16, qlora], optimizer)
 
 
 def seed_comparison(p: Optional[Plan] = None) -> str:

@@ -116,8 +116,9 @@ def check_adapter_fits(model, cfg: TrainConfig, device: str, free: Optional[int]
             f"r={cfg.r} is above the rank any adapted layer can hold: the widest is {top_rank} "
             f"(min of its inputs and outputs), so the extra rank adds parameters and no capacity. Use r <= "
             f"{top_rank}; 8-64 covers most tasks.")
-    per_param = 10 if "8bit" in cfg.optimizer else 16  # fp32 weight + gradient, and the two Adam states
-    need = params * per_param
+    from .planner import adapter_bytes
+
+    need = params * adapter_bytes(cfg.optimizer)  # fp32 weight + gradient, and the optimizer's states
     free = read_memory(device).available_bytes if free is None else free
     if free and need > 0.8 * free:
         raise FtUsageError(
