@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
-from .errors import FtUsageError
+from .errors import FtUsageError, did_you_mean
 from .paths import user_path
 
 
@@ -424,7 +424,7 @@ class Session:
             return adapter_card(name, Path(info.path), state)
         folder = self._adapter_folder(name)
         if folder is None:
-            self.adapters.require(name)  # the registry's "no adapter named ..., did you mean" error
+            self._unknown_adapter(name)
         return adapter_card(name, folder, "on disk, not loaded")
 
     def _adapter_folder(self, name: str) -> Optional[Path]:
@@ -454,7 +454,22 @@ class Session:
             if name in self.adapters and previous != name:  # load_adapter made it active: undo that
                 activate(self.model, previous)
                 self.adapters.active = previous
+        if name not in self.adapters:
+            self._unknown_adapter(name)
         return self.adapters.require(name)
+
+    def _unknown_adapter(self, name: str) -> None:
+        """Raise "no adapter named ...", naming the loaded adapters and those in the adapters folder (which
+        load by name), with a did-you-mean over both: after a restart every adapter is only on disk."""
+        from .core.adapters import BASE
+
+        on_disk = self.adapters_on_disk()
+        if not on_disk:
+            self.adapters.require(name)  # the registry's own message says it all
+        loaded = self.adapters.names()
+        where = (f" Loaded: {', '.join(loaded)}." if loaded else "") + (
+            f" In {self.adapters_dir} (used by name, they load): {', '.join(on_disk)}.")
+        raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, loaded + on_disk + [BASE])}.{where}")
 
     def adapters_on_disk(self, fitting: bool = False) -> list:
         """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``

@@ -289,3 +289,15 @@ def test_export_finds_an_adapter_only_on_disk_and_unwritable_folders_are_usage_e
     assert "x" not in magics(sh).session.adapters
     with pytest.raises(UsageError, match=r"cannot write the job to /proc/ft-magics-job"):
         sh.run_line_magic("lora_export_job", "x /proc/ft-magics-job --data rows")
+
+
+def test_a_misspelled_adapter_after_a_restart_points_at_the_one_on_disk(loaded):
+    sh, a, _ = loaded  # alpha is only in adapters/, as after a kernel restart
+    for line in ("lora_generate", "--adapter alpah hello"), ("lora_adapters", "use alpah"), ("lora_adapters", "info alpah"):
+        # before: "no adapter named 'alpah'. No adapters yet: train one with %%lora_train."
+        with pytest.raises(UsageError, match=r"no adapter named 'alpah' \(did you mean 'alpha'\?\)\. "
+                                             r"In adapters \(used by name, they load\): alpha\."):
+            sh.run_line_magic(*line)
+    sh.run_line_magic("lora_adapters", "use alpha")
+    with pytest.raises(UsageError, match=r"no adapter named 'alpah' \(did you mean 'alpha'\?\)\. Known adapters: alpha"):
+        sh.run_line_magic("lora_adapters", "use alpah")  # loaded now, and nothing else on disk: the registry's words
