@@ -203,20 +203,24 @@ class Session:
         loaded before the run was replaced by it; its folder is untouched and loads by name when used.
         ``before``: ``name``'s PEFT config before the run; still there, the run never attached its own (it was
         refused first) and nothing is undone."""
+        if self.handle is None or getattr(self.handle.model, "peft_config", {}).get(name) is before:
+            return
+        self._drop_from_memory(name)
+
+    def _drop_from_memory(self, name: str) -> None:
+        """Take adapter ``name`` out of the model's LoRA layers (when it is there) and out of the registry,
+        and make the user's choice active again (PEFT leaves another adapter on)."""
         from .core.adapters import activate, drop_adapter
 
-        model = self.handle.model if self.handle is not None else None
-        configs = getattr(model, "peft_config", {})
-        if configs.get(name) is before:
-            return
-        if name in configs:
+        model = self.handle.model
+        if name in getattr(model, "peft_config", {}):
             self.handle.model = drop_adapter(model, name)
         if name in self.adapters:
             self.adapters.remove(name)
-            if self.adapters.active == name:
-                self.adapters.active = None
-        if self.handle is not None and hasattr(self.handle.model, "peft_config"):
-            activate(self.handle.model, self.adapters.active)  # the user's choice, not the one PEFT was left on
+        if self.adapters.active == name:
+            self.adapters.active = None
+        if hasattr(self.handle.model, "peft_config"):
+            activate(self.handle.model, self.adapters.active)
         self.heldout.pop(name, None)
 
     def stop(self) -> bool:
@@ -330,18 +334,7 @@ class Session:
                                    "disk), so there is nothing to unload.")
             info = self.adapters.require(name)
             self._check_not_merged("unload an adapter")
-            model = self.model
-            if hasattr(model, "peft_config") and name in model.peft_config:
-                from .core.adapters import activate, drop_adapter
-
-                if self.adapters.active == name:
-                    activate(model, None)
-                    self.adapters.active = None
-                self.handle.model = drop_adapter(model, name)
-                if self.handle.model is model:
-                    activate(model, self.adapters.active)  # the user's selection, not PEFT's pick
-            self.adapters.remove(info.name)
-            self.heldout.pop(info.name, None)
+            self._drop_from_memory(info.name)
 
     def delete_adapter(self, name: str) -> Optional[str]:
         """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""

@@ -227,7 +227,7 @@ class Plan:
         rows += ["", "All figures are ESTIMATES (GB = 1e9 bytes) from these formulas:",
                  f"  full:  {FULL_BYTES - saving} B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + {adam} "
                  f"{8 - saving})",
-                 f"  LoRA:  2 B/param frozen 16-bit base; adapter {ADAPTER_BYTES - saving} B/adapter param (fp32 w, grad, "
+                 f"  LoRA:  2 B/param frozen 16-bit base; adapter {adapter_bytes(self.optimizer)} B/adapter param (fp32 w, grad, "
                  f"{adam} {8 - saving})",
                  f"  QLoRA: {NF4_BITS:.3f} bits/param (NF4 codes + 8-bit absmax/64 + fp32 constant/16384); "
                  "embeddings and head 16-bit",
