@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
-from .errors import FtUsageError, did_you_mean
+from .errors import FtUsageError
 from .paths import user_path
 
 
@@ -416,8 +416,8 @@ class Session:
             state = "loaded" + (", active" if self.adapters.active == name else "")
             return adapter_card(name, Path(info.path), state)
         folder = self._adapter_folder(name)
-        if folder is None:
-            self._unknown_adapter(name)
+        if folder is None:  # not loaded and not on disk: the error names the ones that are
+            self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
         return adapter_card(name, folder, "on disk, not loaded")
 
     def _adapter_folder(self, name: str) -> Optional[Path]:
@@ -447,22 +447,8 @@ class Session:
             if name in self.adapters and previous != name:  # load_adapter made it active: undo that
                 activate(self.model, previous)
                 self.adapters.active = previous
-        if name not in self.adapters:
-            self._unknown_adapter(name)
-        return self.adapters.require(name)
-
-    def _unknown_adapter(self, name: str) -> None:
-        """Raise "no adapter named ...", naming the loaded adapters and those in the adapters folder (which
-        load by name), with a did-you-mean over both: after a restart every adapter is only on disk."""
-        from .core.adapters import BASE
-
-        on_disk = self.adapters_on_disk()
-        if not on_disk:
-            self.adapters.require(name)  # the registry's own message says it all
-        loaded = self.adapters.names()
-        where = (f" Loaded: {', '.join(loaded)}." if loaded else "") + (
-            f" In {self.adapters_dir} (used by name, they load): {', '.join(on_disk)}.")
-        raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, loaded + on_disk + [BASE])}.{where}")
+        # unknown: the error names the loaded adapters and those in the adapters folder (they load by name)
+        return self.adapters.require(name, () if name in self.adapters else self.adapters_on_disk(), self.adapters_dir)
 
     def adapters_on_disk(self, fitting: bool = False) -> list:
         """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``

@@ -205,11 +205,17 @@ class AdapterRegistry:
     def remove(self, name: str) -> AdapterInfo:
         return self._items.pop(self.require(name).name)
 
-    def require(self, name: str) -> AdapterInfo:
+    def require(self, name: str, on_disk: list = (), folder: Optional[Path] = None) -> AdapterInfo:
+        """The entry for ``name``, or "no adapter named ..." with a did-you-mean; ``on_disk``: the adapters in
+        ``folder`` that are not loaded (they load by name), named too (after a restart every adapter is there)."""
         if name not in self._items:
             known = self.names()
-            hint = f" Known adapters: {', '.join(known)}." if known else " No adapters yet: train one with %%lora_train."
-            raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, known + [BASE])}.{hint}")
+            if on_disk:
+                hint = ((f" Loaded: {', '.join(known)}." if known else "")
+                        + f" In {folder} (used by name, they load): {', '.join(on_disk)}.")
+            else:
+                hint = f" Known adapters: {', '.join(known)}." if known else " No adapters yet: train one with %%lora_train."
+            raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, known + list(on_disk) + [BASE])}.{hint}")
         return self._items[name]
 
 
