@@ -39,9 +39,10 @@ class TrainConfig:
     dropout: float = _f(0.0, "Dropout on the LoRA path during training (0: off; on the CPU each dropout costs about 30% of step time and memory, measured).")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale the update by alpha/sqrt(r) instead of alpha/r "
                                  "(helps at large r).")
-    use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Slower: "
-                               "it runs PEFT's own forward, not the fused one, and PEFT recomputes the weight norm "
-                               "for every generated token (demo model, 4-bit, CPU: 3.5 instead of 29 tok/s).")
+    use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Training "
+                               "runs PEFT's own forward, not the fused one (demo model, 4-bit, CPU: 195 instead of "
+                               "314 loss tokens/s, peak 2.0 instead of 1.4 GB); generation keeps each layer's "
+                               "weight norm until the adapter changes (27 tok/s, where PEFT's own gives 3.5).")
     target_modules: Union[str, list] = _f(
         "all-linear",
         "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",

@@ -19,7 +19,9 @@ dtype already equal) is switched; DoRA and other variants, LoRA bias, mixed adap
 disabled adapters, trainable base weights and inference-packed 4-bit weights run PEFT's own forward.
 Without autograd (generation, evaluation: :mod:`ft_magics.core.inference` and ``evaluation`` switch it on
 too) the base layer's own forward runs (bitsandbytes' inference kernels) and the update is added in the
-adapter's dtype, as PEFT does, in four ops instead of PEFT's dozen (:func:`_inference_forward`). In the
+adapter's dtype, as PEFT does, in four ops instead of PEFT's dozen (:func:`_inference_forward`); a DoRA
+layer computes its weight norm once and keeps it until the adapter changes (:func:`_dora_inference_forward`),
+reading a 4-bit weight right also once bitsandbytes has repacked it (:func:`true_weight`). In the
 compute dtype it would be slower: a bf16 matmul of one row costs 29 us here against 9 us in fp32.
 The switch lasts for a ``with`` block, like :func:`ft_magics.core.lean.lean_activations`.
 """
@@ -115,6 +117,33 @@ def dequantize_4bit_direct(A, qs):
     return out.t() if A.shape[0] == 1 else out  # bitsandbytes' transposed-input convention
 
 
+def true_weight(base):
+    """The (out, in) weight of a plain or bitsandbytes 4-bit linear layer, also once bitsandbytes has repacked
+    it for its CPU inference kernel.
+
+    PEFT's ``dequantize_module_weight`` reads a repacked weight as if it were in the standard layout: on the
+    demo model the result is off by up to 5.8 where the weights are below 1, so every DoRA forward that
+    needs the weight (PEFT's, in each generated token) computed its norm from garbage. The repacked
+    weight is read through the copy :func:`ft_magics.core.training.remember_unpacked_4bit` kept, else
+    through bitsandbytes' inverse conversion (on a copy of the quant state, which it rewrites).
+    """
+    import copy
+
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is None:
+        return base.weight
+    data = base.weight.data
+    if cpu_packed(qs):
+        kept = getattr(base, "_ft_unpacked", None)
+        if kept is not None:
+            data, qs = kept
+        else:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, qs = _convert_weight_packed_for_cpu_inverse(data, copy.copy(qs))
+    return dequantize_4bit_direct(data, qs)
+
+
 def _compute_dtype(x, base, a_dtype):
     """The dtype the fused layer computes in, or None where PEFT's own path must run (its precisions)."""
     import torch
@@ -151,10 +180,15 @@ def _fused_forward(self, x, *args, parts=None, **kwargs):
         parts = {}
     if name not in parts:
         parts[name] = _layer_parts(self, name)
+    import torch
+
     if parts[name] is None:
+        if not torch.is_grad_enabled() and name in self.lora_variant:
+            out = _dora_inference_forward(self, x, name)
+            if out is not None:
+                return out
         return cls_forward(self, x, *args, **kwargs)
     base, A, B, dropout, scaling = parts[name]
-    import torch
 
     if not torch.is_grad_enabled():  # generation and evaluation
         return _inference_forward(self, x, base, A, B, dropout, scaling)
@@ -184,6 +218,52 @@ def _inference_forward(self, x, base, A, B, dropout, scaling):
     if (self.training and not isinstance(dropout, torch.nn.Identity)) or torch.is_autocast_enabled(x.device.type):
         return type(self).forward(self, x)
     return base(x).add_((x.to(A.dtype) @ A.t()) @ B.t(), alpha=scaling)
+
+
+def _dora_scale(self, name, A, B, magnitude, scaling):
+    """DoRA's per-output scale ``magnitude / ||W + scaling * B A||`` (rows), as PEFT computes it, kept on the
+    layer until the adapter's weights change (or are replaced: their tensor versions and identities are the key).
+
+    PEFT recomputes it in every forward: it dequantises the whole base weight and forms ``B A`` for each
+    generated token. Its own cache (``peft.helpers.DoraCaching``) would also keep ``B A``, a full-size matrix
+    per layer: the size of the model again, in fp32. This keeps one vector per layer.
+    """
+    import weakref
+
+    key = tuple((weakref.ref(t), t._version) for t in (A, B, magnitude))
+    cache = vars(self).setdefault("_ft_dora_scale", {})
+    hit = cache.get(name)
+    if hit is not None and all(ref() is t and v == t._version for (ref, v), t in zip(hit[0], (A, B, magnitude))):
+        return hit[1]
+    dora = self.lora_magnitude_vector[name]
+    weight = true_weight(self.get_base_layer()).to(A.dtype)
+    norm = dora.get_weight_norm(weight, (B @ A).detach(), scaling)  # no adapter_name: PEFT's cache stays off
+    scale = (magnitude / norm.detach()).view(1, -1)
+    cache[name] = (key, scale)
+    return scale
+
+
+def _dora_inference_forward(self, x, name):
+    """A DoRA layer without autograd, PEFT's arithmetic with the weight norm kept (:func:`_dora_scale`); None
+    where PEFT's own forward must run (autocast, active dropout, a LoRA bias, a transposed base weight, a
+    base layer this module cannot read)."""
+    import torch
+
+    mags = getattr(self, "lora_magnitude_vector", None)
+    dora = mags[name] if getattr(self, "use_dora", {}).get(name) and mags is not None and name in mags else None
+    dropout = self.lora_dropout[name]
+    base = self.get_base_layer()
+    if (dora is None or torch.is_autocast_enabled(x.device.type) or getattr(self, "fan_in_fan_out", False)
+            or (self.training and not isinstance(dropout, torch.nn.Identity))
+            or getattr(self.lora_B[name], "bias", None) is not None or _weight_reader(base) is None):
+        return None
+    A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    scale = _dora_scale(self, name, A, B, dora.weight, scaling)
+    result = base(x)
+    xa = x.to(A.dtype)
+    lora = (xa @ A.t()) @ B.t()
+    base_result = result if base.bias is None else result - base.bias
+    return (result + ((scale - 1) * base_result + scale * lora * scaling)).to(result.dtype)
 
 
 def fusable_layers(model):

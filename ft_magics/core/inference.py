@@ -169,7 +169,10 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
         kw["adapter_names"] = list(adapter_names)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    from .fused_lora import fused_lora
+
+    # the fused forwards (DoRA with its norm kept); rows of several adapters run PEFT's mixed-batch forward
+    with torch.no_grad(), fused_lora(model):
         out = model.generate(**enc, **kw)
     if was_training:
         model.train()
