@@ -546,6 +546,9 @@ def run_training(
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
+    # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
+    # one a generate repacked for bitsandbytes' CPU kernel (PEFT dequantises that as garbage)
+    unpack_cpu_4bit(handle.model)
     peft_model = attach_adapter(handle.model, name, cfg)
     if on_model is not None:
         on_model(peft_model)
