@@ -111,6 +111,26 @@ def test_compare_is_greedy_and_reproducible(tiny_session, store):
     assert tiny_session.adapters.active == "legal"
 
 
+def test_eval_report_keeps_its_columns_apart_when_a_perplexity_explodes():
+    """An adapter that forgot everything (demo model: general-text perplexity 8,875,394) ran its cells
+    together ("ppl 53.13loss 15.9988") and printed "+16705062.9%"."""
+    from ft_magics.core.evaluation import EvalReport
+
+    r = EvalReport(columns=["base", "add"])
+    r.add("add_eval.jsonl", "base", 3.3165, 27.56, 32)
+    r.add("add_eval.jsonl", "add", 1.0324, 2.81, 32)
+    r.add("general text (forgetting check)", "base", 3.9727, 53.13, 832)
+    r.add("general text (forgetting check)", "add", 15.9988, 8875394.84, 832)
+    lines = r.to_text().splitlines()
+    assert "53.13 " in lines[2] and "ppl 8.88e+06" in lines[2]
+    ends = {line.index(c) + len(c) for line, c in zip(lines[:3], ("add", "ppl 2.81", "ppl 8.88e+06"))}
+    assert len(ends) == 1  # right-aligned under its header
+    assert "167,051x the base's" in lines[3] and "%" not in lines[3]
+    assert "167,051x the base's" in r.to_html()
+    r.add("general text (forgetting check)", "add", 3.99, 54.0, 832)
+    assert "+1.6% vs base" in r.to_text()
+
+
 def test_eval_reports_loss_perplexity_and_forgetting(tiny_session, store):
     import math
 

@@ -84,6 +84,11 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
     return loss, math.exp(min(loss, 50.0)), count
 
 
+def _ppl(ppl: float) -> str:
+    """A perplexity to two decimals, or to three significant digits once it is past 100,000."""
+    return f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+
+
 @dataclass
 class EvalReport:
     columns: list  # "base" and the adapter
@@ -106,19 +111,27 @@ class EvalReport:
         base, adapter = (self.results[(general[0], c)][1] for c in self.columns[:2])
         return adapter / base - 1.0
 
+    def _cell(self, s: str, c: str, sep: str = " ") -> str:
+        loss, ppl, _ = self.results[(s, c)]
+        return f"loss {loss:.4f}{sep}ppl {_ppl(ppl)}"
+
+    def _forgetting_line(self, f: float) -> str:
+        change = f"{f + 1:,.0f}x the base's" if f >= 9 else f"{f * 100:+.1f}% vs base"  # +900% and up: a factor
+        return f"forgetting check: perplexity on general text {change}"
+
     def to_text(self) -> str:
         labels = [f"{s} ({self.results[(s, self.columns[0])][2]} tok)" for s in self.sets]
         width = max([33] + [len(label) for label in labels]) + 1  # each set's whole name, tokens included
-        lines = [f"{'':<{width}}" + "".join(f"{c[:24]:>26}" for c in self.columns)]
-        for s, label in zip(self.sets, labels):
-            cells = "".join(
-                f"{f'loss {self.results[(s, c)][0]:.4f} ppl {self.results[(s, c)][1]:.2f}':>26}" for c in self.columns)
-            lines.append(f"{label:<{width}}{cells}")
+        cells = [[self._cell(s, c) for c in self.columns] for s in self.sets]
+        col = max([26] + [len(x) + 2 for row in cells for x in row])  # a wide perplexity keeps its gap
+        lines = [f"{'':<{width}}" + "".join(f"{c[:col - 2]:>{col}}" for c in self.columns)]
+        for label, row in zip(labels, cells):
+            lines.append(f"{label:<{width}}" + "".join(f"{x:>{col}}" for x in row))
         f = self.forgetting()
         if f is not None:
             verdict = ("general text got worse: some forgetting" if f > 0.05 else
                        "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
-            lines.append(f"forgetting check: perplexity on general text {f * 100:+.1f}% vs base ({verdict})")
+            lines.append(f"{self._forgetting_line(f)} ({verdict})")
         return "\n".join(lines)
 
     def to_html(self) -> str:
@@ -126,11 +139,10 @@ class EvalReport:
 
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         rows = "".join(
-            f"<tr><td>{html.escape(s)}</td>" + "".join(
-                f"<td>loss {self.results[(s, c)][0]:.4f}<br>ppl {self.results[(s, c)][1]:.2f}</td>" for c in self.columns)
+            f"<tr><td>{html.escape(s)}</td>" + "".join(f"<td>{self._cell(s, c, '<br>')}</td>" for c in self.columns)
             + "</tr>" for s in self.sets)
         f = self.forgetting()
-        foot = f"<p>forgetting check: general-text perplexity {f * 100:+.1f}% vs base</p>" if f is not None else ""
+        foot = f"<p>{self._forgetting_line(f)}</p>" if f is not None else ""
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
 
     def _repr_html_(self) -> str:
