@@ -116,6 +116,25 @@ def test_combine_methods_and_refusals(tiny_session, made_by_peft):
         tiny_session.combine_adapters("a:0.5,zz:0.5", "y")
 
 
+def test_dora_adapters_are_refused_by_combine_and_nothing_is_added(tiny_session, tiny_model_dir, tmp_path):
+    """PEFT's add_weighted_adapter mixes A and B but not DoRA's magnitudes (demo model: the mix answered
+    garbage); combining DoRA adapters is refused, and the model keeps only what it had."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for name, seed in (("da", 1), ("db", 2)):
+        torch.manual_seed(seed)
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                       init_lora_weights=False, task_type="CAUSAL_LM"))
+        pm.save_pretrained(tmp_path / name)
+        tiny_session.load_adapter(tmp_path / name, name)
+    with pytest.raises(FtUsageError, match="DoRA adapters .use_dora. do not combine"):
+        tiny_session.combine_adapters({"da": 0.5, "db": 0.5}, "dmix")
+    assert sorted(tiny_session.model.peft_config) == ["da", "db"] and "dmix" not in tiny_session.adapters.names()
+
+
 def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, made_by_peft):
     import torch
 

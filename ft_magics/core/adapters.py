@@ -460,6 +460,12 @@ def combine(model, weights: dict, new_name: str, method: str = "linear") -> None
 
     if method not in COMBINE_METHODS:
         raise unknown("combine method", method, COMBINE_METHODS)
+    dora = [n for n in weights if getattr(model.peft_config.get(n), "use_dora", False)]
+    if dora:
+        raise FtUsageError(
+            f"cannot combine {', '.join(dora)}: DoRA adapters (use_dora) do not combine. PEFT's weighted combination "
+            "mixes the LoRA matrices but not DoRA's learned magnitudes, so the result would be neither adapter. "
+            "Switch between them per request instead, or train one adapter on both datasets.")
     kw = {"density": 0.5} if method == "ties" else {}
     try:
         model.add_weighted_adapter(list(weights), list(weights.values()), new_name, combination_type=method, **kw)
