@@ -13,8 +13,9 @@ from ft_magics.errors import FtUsageError
 PROMPT_IDS = [[5, 17, 42, 99, 3, 250, 7, 61]]
 
 
-def peft_adapter(model_dir: Path, out: Path, seed: int = 1, r: int = 4, targets=("q_proj", "v_proj")) -> Path:
-    """An adapter made by plain peft (non-zero B so it changes outputs), saved in PEFT's format."""
+def peft_adapter(model_dir: Path, out: Path, seed: int = 1, r: int = 4, targets=("q_proj", "v_proj"), **config) -> Path:
+    """An adapter made by plain peft (non-zero B so it changes outputs), saved in PEFT's format; ``config``:
+    more LoraConfig settings (``use_dora=True``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -22,7 +23,7 @@ def peft_adapter(model_dir: Path, out: Path, seed: int = 1, r: int = 4, targets=
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
-                     task_type="CAUSAL_LM")
+                     task_type="CAUSAL_LM", **config)
     model = get_peft_model(base, cfg)
     model.save_pretrained(out)
     return out
@@ -119,17 +120,8 @@ def test_combine_methods_and_refusals(tiny_session, made_by_peft):
 def test_dora_adapters_are_refused_by_combine_and_nothing_is_added(tiny_session, tiny_model_dir, tmp_path):
     """PEFT's add_weighted_adapter mixes A and B but not DoRA's magnitudes (demo model: the mix answered
     garbage); combining DoRA adapters is refused, and the model keeps only what it had."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     for name, seed in (("da", 1), ("db", 2)):
-        torch.manual_seed(seed)
-        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
-                                       init_lora_weights=False, task_type="CAUSAL_LM"))
-        pm.save_pretrained(tmp_path / name)
-        tiny_session.load_adapter(tmp_path / name, name)
+        tiny_session.load_adapter(peft_adapter(tiny_model_dir, tmp_path / name, seed=seed, use_dora=True), name)
     with pytest.raises(FtUsageError, match="DoRA adapters .use_dora. do not combine"):
         tiny_session.combine_adapters({"da": 0.5, "db": 0.5}, "dmix")
     assert sorted(tiny_session.model.peft_config) == ["da", "db"] and "dmix" not in tiny_session.adapters.names()

@@ -41,6 +41,36 @@ def test_mixed_batch_matches_one_request_at_a_time(tiny_session, store):
         assert (s.text, s.new_tokens) == (alone.text, alone.new_tokens), adapter
 
 
+def test_dora_adapters_are_served_in_groups_and_leave_no_hooks_behind(tiny_model_dir, tmp_path):
+    """PEFT refuses DoRA adapters in a mixed batch, and its refused generate left a hook on every LoRA layer
+    that passed the refused batch's adapter names to every later forward: the grouped retry failed
+    ("Length of `adapter_names` should be the same as the number of inputs")."""
+    import torch
+    from ft_magics import Session
+
+    for i, name in enumerate(["da", "db"]):
+        peft_adapter(tiny_model_dir, tmp_path / "store" / name, seed=20 + i, use_dora=True)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=32)
+    reqs = [("da", PROMPTS[0]), ("db", PROMPTS[1]), ("base", PROMPTS[2]), ("da", PROMPTS[3])]
+    served = s.serve(reqs, store=tmp_path / "store", max_new_tokens=6)
+    assert {x.mode for x in served} == {"grouped"}
+    for name in ("da", "db"):
+        s.load_adapter(tmp_path / "store" / name, f"{name}-direct")
+    for (adapter, prompt), x in zip(reqs, served):
+        alone = s.generate(prompt, adapter=adapter if adapter == "base" else f"{adapter}-direct", max_new_tokens=6)
+        assert (x.text, x.new_tokens) == (alone.text, alone.new_tokens), adapter
+    # what a refused mixed generate leaves, and that the router's clean-up takes it all away
+    from ft_magics.core.routing import remove_adapter_name_hooks
+
+    enc = s.tokenizer(["hi", "hello"], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="DoRA"), torch.no_grad():
+        s.model.generate(**enc, adapter_names=["da-direct", "db-direct"], max_new_tokens=2)
+    assert remove_adapter_name_hooks(s.model) > 0
+    assert remove_adapter_name_hooks(s.model) == 0
+    assert s.generate(PROMPTS[0], adapter="da-direct", max_new_tokens=6).text == served[0].text
+
+
 def slots(session) -> list:
     return sorted(n for n in session.model.peft_config if n.startswith("ft-slot-"))
 

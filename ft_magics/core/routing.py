@@ -64,6 +64,28 @@ def as_request(item: Any) -> Request:
     raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {type(item).__name__}.")
 
 
+def remove_adapter_name_hooks(model) -> int:
+    """Remove the pre-forward hooks through which PEFT's mixed-adapter batches pass ``adapter_names`` to each
+    LoRA layer; returns how many there were.
+
+    PEFT (0.21) registers them for one ``generate`` and removes them after it only when it succeeds (its
+    ``_enable_peft_forward_hooks`` has no ``finally``). After a refused mixed batch every later forward got
+    the refused batch's names: generation then failed ("Length of `adapter_names` should be the same as the
+    number of inputs") or, at the same batch size, ran the wrong adapter on each row.
+    """
+    n = 0
+    for module in model.modules():
+        hooks = getattr(module, "_forward_pre_hooks", None)
+        if not hooks:
+            continue
+        for key in [k for k, h in hooks.items()
+                    if getattr(getattr(h, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            n += 1
+    return n
+
+
 SLOT_PREFIX = "ft-slot-"
 _SAME_SETTINGS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "peft_type")
 
@@ -262,8 +284,9 @@ class AdapterRouter:
                             load_ms=ms if cold else 0.0, swap_ms=swap_ms, mode=mode, batch_seconds=seconds,
                             how=how if cold or how in ("pinned", "base") else "resident")
 
-        if self.mixed_ok and hasattr(model, "peft_config") and len({reqs[k].adapter for k in rows}) > 1:
-            model.base_model.enable_adapter_layers()
+        if (self.mixed_ok and hasattr(model, "peft_config") and len({reqs[k].adapter for k in rows}) > 1
+                and not any(getattr(model.peft_config.get(v), "use_dora", False) for v in peft_name.values())):
+            model.base_model.enable_adapter_layers()  # (PEFT refuses DoRA in a mixed batch: those are grouped)
             t = time.perf_counter()
             try:
                 answers = generate_batch(model, tok, [reqs[k].prompt for k in rows], system=system,
@@ -273,6 +296,7 @@ class AdapterRouter:
                                                         for k in rows])
             except (ValueError, TypeError, NotImplementedError):
                 self.mixed_ok = False  # this model/adapter kind has no mixed-batch path: group instead
+                remove_adapter_name_hooks(model)
             else:
                 seconds = time.perf_counter() - t
                 for k, (text, n) in zip(rows, answers):
