@@ -71,6 +71,25 @@ def test_dora_adapters_are_served_in_groups_and_leave_no_hooks_behind(tiny_model
     assert s.generate(PROMPTS[0], adapter="da-direct", max_new_tokens=6).text == served[0].text
 
 
+def test_an_interrupted_mixed_batch_leaves_no_hooks_behind(tiny_session, store, monkeypatch):
+    """An interrupt inside PEFT's mixed-batch generate left its adapter-name hooks on every layer too."""
+    from ft_magics.core.routing import remove_adapter_name_hooks
+
+    reqs = [("legal", PROMPTS[0]), ("support", PROMPTS[1])]
+    assert {x.mode for x in tiny_session.serve(reqs, store=store, max_new_tokens=2)} == {"mixed"}
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    # PEFT has registered its hooks by the time it calls the base model's generate
+    monkeypatch.setattr(type(tiny_session.model.get_base_model()), "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_session.serve(reqs, store=store, max_new_tokens=4)
+    monkeypatch.undo()
+    assert remove_adapter_name_hooks(tiny_session.model) == 0
+    assert tiny_session.generate(PROMPTS[0], max_new_tokens=4).new_tokens == 4
+
+
 def slots(session) -> list:
     return sorted(n for n in session.model.peft_config if n.startswith("ft-slot-"))
 

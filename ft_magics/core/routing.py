@@ -289,14 +289,16 @@ class AdapterRouter:
             model.base_model.enable_adapter_layers()  # (PEFT refuses DoRA in a mixed batch: those are grouped)
             t = time.perf_counter()
             try:
-                answers = generate_batch(model, tok, [reqs[k].prompt for k in rows], system=system,
-                                         max_new_tokens=limit,
-                                         limits=[reqs[k].max_new_tokens or max_new_tokens for k in rows],
-                                         adapter_names=[peft_name.get(reqs[k].adapter, PEFT_BASE_ROW)
-                                                        for k in rows])
+                try:
+                    answers = generate_batch(model, tok, [reqs[k].prompt for k in rows], system=system,
+                                             max_new_tokens=limit,
+                                             limits=[reqs[k].max_new_tokens or max_new_tokens for k in rows],
+                                             adapter_names=[peft_name.get(reqs[k].adapter, PEFT_BASE_ROW)
+                                                            for k in rows])
+                finally:  # refused or interrupted, PEFT leaves its hooks on every layer
+                    remove_adapter_name_hooks(model)
             except (ValueError, TypeError, NotImplementedError):
                 self.mixed_ok = False  # this model/adapter kind has no mixed-batch path: group instead
-                remove_adapter_name_hooks(model)
             else:
                 seconds = time.perf_counter() - t
                 for k, (text, n) in zip(rows, answers):
