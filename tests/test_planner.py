@@ -48,6 +48,32 @@ def test_parameter_count_and_folder_and_errors(tiny_model_dir):
         planner.resolve_model("12")
 
 
+def test_hub_ids_of_current_models_and_cached_configs_resolve(tmp_path, monkeypatch):
+    """%ft_plan meta-llama/Llama-3.1-8B was "unknown model"; a hub model in the local cache is planned from its
+    own config; a head width other than hidden / heads (Qwen3, Gemma) is counted as it is."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    for name, layers in (("meta-llama/Llama-3.1-8B-Instruct", 32), ("Qwen/Qwen2.5-14B-Instruct", 48),
+                         ("gemma-2-9b-it", 42), ("Llama-3.2-1B", 16)):
+        d = planner.resolve_model(name)
+        assert d.layers == layers and d.source == "built-in table", name
+    cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    snap = tmp_path / "models--someone--tiny-qwen3" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(cfg.to_json_string())
+    (tmp_path / "models--someone--tiny-qwen3" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-qwen3" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    d = planner.resolve_model("someone/tiny-qwen3")
+    assert d.source == "its config in the local Hugging Face cache" and d.head_dim == 32 and d.q_width == 128
+    assert abs(d.params - real) / real < 0.01  # q and o are 64 x 128 here, not 64 x 64
+    with pytest.raises(FtUsageError, match="unknown model"):
+        planner.resolve_model("someone/not-cached")
+
+
 def test_known_table_param_counts_consistent():
     """The built-in parameter counts agree with what their shapes imply (catches typos in the table)."""
     for name in planner.KNOWN_MODELS:
@@ -114,3 +140,29 @@ def test_load_ext_is_fast_and_torch_free(tmp_path):
     dt, torch_loaded = out.stdout.split()
     assert torch_loaded == "False"
     assert float(dt) < 2.0
+
+
+def test_each_optimizer_is_planned_at_the_state_it_keeps(tmp_path):
+    """%ft_plan --optimizer counted Adafactor, SGD, Lion and RMSprop as AdamW (8 bytes of state per trained
+    parameter). Each optimizer the `optimizer` setting takes, made as the Trainer makes it and stepped once on
+    LoRA-shaped matrices, keeps what the planner says (8-bit states carry a small absmax on top)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from ft_magics.config import OPTIMIZERS
+
+    for name in OPTIMIZERS:
+        args = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch_fused" if name == "adamw" else name,
+                                 use_cpu=True, report_to="none")
+        cls, kw = Trainer.get_optimizer_cls_and_kwargs(args)
+        params = [torch.nn.Parameter(torch.randn(16, 576)), torch.nn.Parameter(torch.randn(576, 16))]
+        opt = cls(params, **kw)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        kept = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                   if torch.is_tensor(t) and t.numel() > 1) / sum(p.numel() for p in params)
+        assert abs(kept - planner.optimizer_states(name)[0]) <= 0.3, (name, kept)
+    lora = planner.resolve_model("7B").lora_params(16)
+    assert planner.plan("7B", optimizer="sgd").mode("LoRA, 16-bit base").adapter_optimizer == 8 * lora
+    assert "SGD: no state 0" in planner.plan("7B", optimizer="sgd").table()

@@ -13,7 +13,8 @@ Per parameter P of the base model (bytes):
                                              = 4.127 bits; embeddings and the output head stay 16-bit
 Adapter (A parameters, r * (in + out) per adapted linear layer): 4 (fp32 weights) + 4 (grads) + 8 (Adam) = 16.
 With an 8-bit optimizer (optimizer: adamw_8bit) Adam's two states take 2 bytes instead of 8: 10 per adapter
-parameter, and 10 per parameter for full fine-tuning.
+parameter, and 10 per parameter for full fine-tuning; Lion keeps one momentum (4 B, 1 in 8 bits), RMSprop a
+square average (4), SGD without momentum and Adafactor (factored) about nothing (OPTIMIZER_STATES).
 Activations kept for the backward pass, per token and layer of a Llama-style block with a fused/SDPA
 attention (no L x L scores): 2 * (6h + 2kv + 4i) bytes of 16-bit tensors + 8h bytes of fp32 RMSNorm copies,
 plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped inputs of the adapted layers);
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean
@@ -41,12 +43,33 @@ LOGIT_BYTES_STANDARD = 2 + 4 + 4
 OVERHEAD_BYTES = 0.5 * GB
 ADAPTER_BYTES = 16
 FULL_BYTES = 16
-ADAM_STATE_SAVING_8BIT = 6  # Adam's m and v: 8 bytes in fp32, 2 in 8 bits
+ADAM_STATE_BYTES = 8  # fp32 Adam m and v
+# (bytes of state per trained parameter, what they are) for the optimizers the `optimizer` setting takes
+# (transformers' names and defaults: its sgd and rmsprop keep no momentum; adafactor factors its second moment)
+OPTIMIZER_STATES = {
+    "adamw": (8, "fp32 Adam m,v"),
+    "8bit": (2, "8-bit Adam m,v"),
+    "lion_32bit": (4, "fp32 Lion momentum"),
+    "lion_8bit": (1, "8-bit Lion momentum"),
+    "rmsprop": (4, "fp32 RMSprop square average"),
+    "sgd": (0, "SGD: no state"),
+    "adafactor": (0, "Adafactor: a row and a column vector per matrix, ~0"),
+}
+
+
+def optimizer_states(optimizer: str = "adamw") -> tuple:
+    """``(bytes per trained parameter, description)`` of ``optimizer``'s states; AdamW's for names not listed."""
+    name = str(optimizer).lower()
+    if name in OPTIMIZER_STATES:
+        return OPTIMIZER_STATES[name]
+    if "8bit" in name:  # adamw_8bit, adamw_bnb_8bit, paged_adamw_8bit
+        return OPTIMIZER_STATES["8bit"]
+    return OPTIMIZER_STATES["adamw"]
 
 
 def optimizer_saving(optimizer: str = "adamw") -> int:
-    """Bytes per trained parameter an optimizer saves against fp32 AdamW (8-bit optimizers: Adam's states)."""
-    return ADAM_STATE_SAVING_8BIT if "8bit" in str(optimizer) else 0
+    """Bytes per trained parameter an optimizer saves against fp32 AdamW."""
+    return ADAM_STATE_BYTES - optimizer_states(optimizer)[0]
 
 
 def adapter_bytes(optimizer: str = "adamw") -> int:
@@ -66,10 +89,16 @@ class ModelDims:
     vocab: int
     tied: bool = False
     source: str = "config"  # config | table | estimated from a parameter count
+    attention_head_dim: Optional[int] = None  # where it is not hidden / heads (Gemma, Qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // max(self.heads, 1)
+        return self.attention_head_dim or self.hidden // max(self.heads, 1)
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query projection's output (= the output projection's input)."""
+        return self.heads * self.head_dim
 
     @property
     def embed_params(self) -> int:
@@ -78,12 +107,12 @@ class ModelDims:
     @property
     def body_linear_params(self) -> int:
         kv = self.kv_heads * self.head_dim
-        return self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+        return self.layers * (2 * self.hidden * self.q_width + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
 
     def lora_params(self, r: int = 16) -> int:
         """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down)."""
         h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
-        per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
+        per_layer = r * ((h + self.q_width) * 2 + (h + kv) * 2 + (h + i) * 3)
         return self.layers * per_layer
 
     def as_dict(self) -> dict:
@@ -91,7 +120,7 @@ class ModelDims:
                 "body_linear_params": self.body_linear_params}
 
 
-# name: (params, layers, hidden, intermediate, heads, kv_heads, vocab, tied)
+# name: (params, layers, hidden, intermediate, heads, kv_heads, vocab, tied[, head_dim where not hidden / heads])
 KNOWN_MODELS = {
     "HuggingFaceTB/SmolLM2-135M": (134.5e6, 30, 576, 1536, 9, 3, 49152, True),
     "HuggingFaceTB/SmolLM2-360M": (361.8e6, 32, 960, 2560, 15, 5, 49152, True),
@@ -106,6 +135,23 @@ KNOWN_MODELS = {
     "meta-llama/Meta-Llama-3-8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),
     "meta-llama/Meta-Llama-3-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
     "mistralai/Mistral-7B-v0.1": (7.24e9, 32, 4096, 14336, 32, 8, 32000, False),
+    "mistralai/Mistral-7B-v0.3": (7.25e9, 32, 4096, 14336, 32, 8, 32768, False),
+    "meta-llama/Llama-3.1-8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),
+    "meta-llama/Llama-3.1-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
+    "meta-llama/Llama-3.3-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
+    "meta-llama/Llama-3.2-1B": (1.24e9, 16, 2048, 8192, 32, 8, 128256, True),
+    "meta-llama/Llama-3.2-3B": (3.21e9, 28, 3072, 8192, 24, 8, 128256, True),
+    "Qwen/Qwen2.5-3B": (3.09e9, 36, 2048, 11008, 16, 2, 151936, True),
+    "Qwen/Qwen2.5-14B": (14.7e9, 48, 5120, 13824, 40, 8, 152064, False),
+    "Qwen/Qwen2.5-32B": (32.8e9, 64, 5120, 27648, 40, 8, 152064, False),
+    "Qwen/Qwen2.5-72B": (72.7e9, 80, 8192, 29568, 64, 8, 152064, False),
+    "Qwen/Qwen3-0.6B": (0.596e9, 28, 1024, 3072, 16, 8, 151936, True, 128),
+    "Qwen/Qwen3-4B": (4.02e9, 36, 2560, 9728, 32, 8, 151936, True, 128),
+    "Qwen/Qwen3-8B": (8.19e9, 36, 4096, 12288, 32, 8, 151936, False, 128),
+    "Qwen/Qwen3-14B": (14.8e9, 40, 5120, 17408, 40, 8, 151936, False, 128),
+    "google/gemma-2-2b": (2.61e9, 26, 2304, 9216, 8, 4, 256000, True, 256),
+    "google/gemma-2-9b": (9.24e9, 42, 3584, 14336, 16, 8, 256000, True, 256),
+    "microsoft/Phi-3-mini-4k-instruct": (3.82e9, 32, 3072, 8192, 32, 32, 32064, False),
 }
 _ALIASES = {"demo": "HuggingFaceTB/SmolLM2-135M"}
 
@@ -114,8 +160,8 @@ def _known(name: str) -> Optional[str]:
     key = _ALIASES.get(name.lower(), name)
     low = {k.lower(): k for k in KNOWN_MODELS}
     short = {k.split("/")[-1].lower(): k for k in KNOWN_MODELS}
-    k = key.lower().removesuffix("-instruct").removesuffix("-chat-hf").removesuffix("-hf")
-    for cand in (key.lower(), k, k + "-hf"):
+    k = key.lower().removesuffix("-instruct").removesuffix("-chat-hf").removesuffix("-hf").removesuffix("-it")
+    for cand in (key.lower(), k, k + "-hf", k + "-instruct"):
         if cand in low:
             return low[cand]
         if cand in short:
@@ -135,7 +181,9 @@ def dims_from_config(cfg: dict, name: str = "model") -> ModelDims:
     inter = int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
     vocab = int(g("vocab_size"))
     tied = bool(cfg.get("tie_word_embeddings", False))
-    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config")
+    head_dim = g("head_dim")
+    head_dim = int(head_dim) if head_dim and int(head_dim) != hidden // max(heads, 1) else None
+    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config", head_dim)
     d.params = d.body_linear_params + d.embed_params + layers * 2 * hidden + hidden
     return d
 
@@ -150,6 +198,19 @@ def dims_from_count(params: float, name: str) -> ModelDims:
     heads = max(1, h // 128)
     return ModelDims(name, params, layers, h, int(h * 8 / 3 / 256 + 0.999) * 256, heads, heads, 32000, False,
                      "estimated from a parameter count (Llama-like shape)")
+
+
+def _cached_hub_config(repo_id: str) -> Optional[Path]:
+    """The config.json of hub model ``repo_id`` in the local Hugging Face cache (no network), or None."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no huggingface_hub: not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def resolve_model(model: str) -> ModelDims:
@@ -171,14 +232,19 @@ def resolve_model(model: str) -> ModelDims:
         if params < 1e6:
             raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
         return dims_from_count(params, m.upper())
+    cached = _cached_hub_config(m)
+    if cached is not None:
+        d = dims_from_config(json.loads(cached.read_text()), m)
+        d.source = "its config in the local Hugging Face cache"
+        return d
     key = _known(m)
     if key is not None:
-        p, layers, h, i, heads, kv, vocab, tied = KNOWN_MODELS[key]
-        return ModelDims(key, p, layers, h, i, heads, kv, vocab, tied, "built-in table")
+        return ModelDims(key, *KNOWN_MODELS[key][:8], "built-in table", *KNOWN_MODELS[key][8:])
     names = list(KNOWN_MODELS) + [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"]
     raise FtUsageError(
         f"unknown model {m!r}{did_you_mean(m, names)}: not a local folder with config.json and not in the built-in "
-        f"table. Give a parameter count instead (e.g. %ft_plan 7B) or one of: {', '.join(KNOWN_MODELS)}."
+        f"table or the local Hugging Face cache. Give a parameter count instead (e.g. %ft_plan 7B), a folder with "
+        f"its config.json, or one of: {', '.join(k.split('/')[-1] for k in KNOWN_MODELS)}."
     )
 
 
@@ -214,7 +280,7 @@ class Plan:
     def table(self) -> str:
         d = self.dims
         saving = optimizer_saving(self.optimizer)
-        adam = "8-bit Adam m,v" if saving else "fp32 Adam m,v"
+        adam = optimizer_states(self.optimizer)[1]
         head = (f"Memory plan for {d.name} ({d.params / 1e9:.3g}B parameters, {d.source}; "
                 f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
                 f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
@@ -226,9 +292,9 @@ class Plan:
                         f"{_gb(m.overhead):>10}{_gb(m.total):>10}")
         rows += ["", "All figures are ESTIMATES (GB = 1e9 bytes) from these formulas:",
                  f"  full:  {FULL_BYTES - saving} B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + {adam} "
-                 f"{8 - saving})",
+                 f"{ADAM_STATE_BYTES - saving})",
                  f"  LoRA:  2 B/param frozen 16-bit base; adapter {adapter_bytes(self.optimizer)} B/adapter param (fp32 w, grad, "
-                 f"{adam} {8 - saving})",
+                 f"{adam} {ADAM_STATE_BYTES - saving})",
                  f"  QLoRA: {NF4_BITS:.3f} bits/param (NF4 codes + 8-bit absmax/64 + fp32 constant/16384); "
                  "embeddings and head 16-bit",
                  "  activations: seq * batch * layers * [2(6h + 2kv + 4i) + 8h (+ 3(6h + i) LoRA dropout)] bytes",
