@@ -646,3 +646,25 @@ def test_a_run_that_fails_leaves_the_model_and_adapters_as_they_were(tiny_sessio
     with pytest.raises(FtUsageError, match="r=4096 is above the rank"):
         tiny_session.train("kept", ROWS, {"max_steps": 1, "r": 4096}, listeners=[])
     assert "kept" in tiny_session.model.peft_config and "kept" in tiny_session.adapters
+
+
+def test_the_cpu_dtype_choice_survives_a_busy_machine(monkeypatch, tiny_model_dir):
+    """--dtype auto measures bf16 against fp32 matrix multiplies. Measured once each while another process
+    kept the cores busy, fp32 won on a CPU whose bf16 is several times faster, and the notebook silently
+    trained at fp32 speed. Alternating rounds (best of each) keep the choice; the load says what it chose and why."""
+    from ft_magics.core import hardware
+    from ft_magics.core.loading import plan_load
+
+    rates = iter([100.0, 300.0, 900.0, 250.0, 880.0, 290.0])  # bf16, fp32, ...: the first bf16 round ran beside other work
+    monkeypatch.setattr(hardware, "cpu_matmul_gflops", lambda name: next(rates))
+    hardware.cpu_bf16_speedup.cache_clear()
+    try:
+        assert hardware.fast_bf16_on_cpu() and hardware.cpu_bf16_speedup() == pytest.approx(3.0)
+        assert any("bf16 chosen: this CPU multiplies bf16 matrices 3.0x as fast as fp32" in n
+                   for n in plan_load(str(tiny_model_dir), device="cpu").notes)
+        assert not any("chosen" in n for n in plan_load(str(tiny_model_dir), device="cpu", dtype="fp32").notes)
+        hardware.cpu_bf16_speedup.cache_clear()
+        monkeypatch.setattr(hardware, "cpu_matmul_gflops", lambda name: 300.0)
+        assert any("fp32 chosen" in n and "1.0x fp32" in n for n in plan_load(str(tiny_model_dir), device="cpu").notes)
+    finally:
+        hardware.cpu_bf16_speedup.cache_clear()

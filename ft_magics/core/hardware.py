@@ -28,9 +28,8 @@ def resolve_device(device: str) -> str:
     return device
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_matmul_gflops(dtype_name: str, n: int = 512, reps: int = 8) -> float:
-    """Measured matrix-multiply rate on the CPU for ``dtype_name`` (cached per process)."""
+    """One measurement of the CPU's matrix-multiply rate for ``dtype_name`` (a few ms)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -45,9 +44,21 @@ def cpu_matmul_gflops(dtype_name: str, n: int = 512, reps: int = 8) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(rounds: int = 3) -> float:
+    """How many times as fast this CPU multiplies bf16 matrices as fp32 ones (cached per process): the best of
+    ``rounds`` alternating measurements of each, so that other work on the cores slows both alike instead of
+    tipping the choice. One measurement of each, taken while another process kept both cores of this 2-core
+    machine busy, chose fp32 on a CPU whose bf16 is several times faster."""
+    bf16 = fp32 = 0.0
+    for _ in range(rounds):
+        bf16 = max(bf16, cpu_matmul_gflops("bfloat16"))
+        fp32 = max(fp32, cpu_matmul_gflops("float32"))
+    return bf16 / fp32
+
+
 def fast_bf16_on_cpu() -> bool:
     """bf16 is worth it on this CPU only when it actually multiplies faster than fp32 (AMX/AVX512-BF16)."""
-    return cpu_matmul_gflops("bfloat16") > 1.2 * cpu_matmul_gflops("float32")
+    return cpu_bf16_speedup() > 1.2
 
 
 def resolve_dtype(dtype: str, device: str):
