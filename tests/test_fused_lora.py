@@ -309,6 +309,16 @@ def test_dora_without_autograd_is_peft_s_with_the_norm_kept_until_the_adapter_ch
                 got2 = pm(input_ids=ids).logits
             assert len(calls) == 1 and torch.allclose(want2, got2, atol=1e-5)
             assert not torch.allclose(want, want2, atol=1e-3)
+            # an adapter dropped from the model leaves nothing kept for it once another DoRA layer is computed
+            from peft import LoraConfig
+
+            pm.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+            pm.set_adapter("second")
+            pm.delete_adapter("default")
+            with fl.fused_lora(pm):
+                pm(input_ids=ids)
+            kept = [set(vars(m).get("_ft_dora_scale", {})) for m in fl.fusable_layers(pm)]
+            assert kept and all(k == {"second"} for k in kept)
     finally:
         undo()
 

@@ -235,6 +235,8 @@ def _dora_scale(self, name, A, B, magnitude, scaling):
     hit = cache.get(name)
     if hit is not None and all(ref() is t and v == t._version for (ref, v), t in zip(hit[0], (A, B, magnitude))):
         return hit[1]
+    for gone in [n for n, (k, _) in cache.items() if any(ref() is None for ref, _ in k)]:
+        del cache[gone]  # adapters dropped since: their tensors are gone
     dora = self.lora_magnitude_vector[name]
     weight = true_weight(self.get_base_layer()).to(A.dtype)
     norm = dora.get_weight_norm(weight, (B @ A).detach(), scaling)  # no adapter_name: PEFT's cache stays off
