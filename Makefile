@@ -48,7 +48,7 @@ bench-dashboard: install
 
 # `make bench`: every script in BENCH_SCRIPTS, in order (append yours). BENCH_STEPS=60 for longer runs.
 BENCH_SCRIPTS += benchmarks/bench_training.py benchmarks/bench_planner.py
-BENCH_SCRIPTS += benchmarks/bench_adapters.py
+BENCH_SCRIPTS += benchmarks/bench_adapters.py benchmarks/bench_dora.py
 bench: install
 	@for s in $(BENCH_SCRIPTS); do echo "== $$s"; $(BIN)/python $$s || exit 1; done
 
