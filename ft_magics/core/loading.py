@@ -200,17 +200,23 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def hub_source(repo_id: str) -> str:
-    """The local snapshot folder of ``repo_id`` when the HF cache holds it, else the id itself if the hub is
-    reachable. Otherwise a clear error at once, instead of transformers' minute of retries."""
+def cached_hub_config(repo_id: str) -> Optional[Path]:
+    """The config.json of hub model ``repo_id`` in the local Hugging Face cache (no network), or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - an odd id or cache layout: let transformers decide
-        cached = None
-    if isinstance(cached, str):
-        return str(Path(cached).parent)  # the snapshot folder: loads with no network at all
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - an odd id or cache layout: not cached, as far as we can tell
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def hub_source(repo_id: str) -> str:
+    """The local snapshot folder of ``repo_id`` when the HF cache holds it, else the id itself if the hub is
+    reachable. Otherwise a clear error at once, instead of transformers' minute of retries."""
+    cached = cached_hub_config(repo_id)
+    if cached is not None:
+        return str(cached.parent)  # the snapshot folder: loads with no network at all
     if not hub_reachable():
         raise FtUsageError(
             f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached from this machine. "

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from ..errors import FtUsageError, did_you_mean
@@ -200,19 +199,6 @@ def dims_from_count(params: float, name: str) -> ModelDims:
                      "estimated from a parameter count (Llama-like shape)")
 
 
-def _cached_hub_config(repo_id: str) -> Optional[Path]:
-    """The config.json of hub model ``repo_id`` in the local Hugging Face cache (no network), or None."""
-    if repo_id.count("/") != 1:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - not a valid repo id, or no huggingface_hub: not cached
-        return None
-    return Path(found) if isinstance(found, str) else None
-
-
 def resolve_model(model: str) -> ModelDims:
     """A local model folder, a known hub id (or 'demo'), or a parameter count such as 7B / 135M."""
     m = (model or "").strip()
@@ -232,7 +218,9 @@ def resolve_model(model: str) -> ModelDims:
         if params < 1e6:
             raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
         return dims_from_count(params, m.upper())
-    cached = _cached_hub_config(m)
+    from .loading import cached_hub_config
+
+    cached = cached_hub_config(m) if m.count("/") == 1 else None  # a hub id the local cache holds
     if cached is not None:
         d = dims_from_config(json.loads(cached.read_text()), m)
         d.source = "its config in the local Hugging Face cache"
