@@ -454,13 +454,18 @@ def parse_weights(spec: str) -> dict:
     return out
 
 
+def uses_dora(model, name: str) -> bool:
+    """Whether PEFT adapter ``name`` of ``model`` is a DoRA adapter (``use_dora``)."""
+    return bool(getattr(getattr(model, "peft_config", {}).get(name), "use_dora", False))
+
+
 def combine(model, weights: dict, new_name: str, method: str = "linear") -> None:
     """Add adapter ``new_name`` = weighted combination of loaded adapters (PEFT add_weighted_adapter)."""
     from ..errors import unknown
 
     if method not in COMBINE_METHODS:
         raise unknown("combine method", method, COMBINE_METHODS)
-    dora = [n for n in weights if getattr(model.peft_config.get(n), "use_dora", False)]
+    dora = [n for n in weights if uses_dora(model, n)]
     if dora:
         raise FtUsageError(
             f"cannot combine {', '.join(dora)}: DoRA adapters (use_dora) do not combine. PEFT's weighted combination "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FtUsageError, did_you_mean
-from .adapters import BASE, activate, validate_name
+from .adapters import BASE, activate, uses_dora, validate_name
 
 PEFT_BASE_ROW = "__base__"  # PEFT's name for "no adapter on this row"
 
@@ -285,7 +285,7 @@ class AdapterRouter:
                             how=how if cold or how in ("pinned", "base") else "resident")
 
         if (self.mixed_ok and hasattr(model, "peft_config") and len({reqs[k].adapter for k in rows}) > 1
-                and not any(getattr(model.peft_config.get(v), "use_dora", False) for v in peft_name.values())):
+                and not any(uses_dora(model, v) for v in peft_name.values())):
             model.base_model.enable_adapter_layers()  # (PEFT refuses DoRA in a mixed batch: those are grouped)
             t = time.perf_counter()
             try:
