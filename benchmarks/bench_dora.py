@@ -1,4 +1,4 @@
-"""DoRA adapters at inference on the demo model in 4-bit: ft_magics' path against PEFT's own forward.
+"""DoRA adapters on the demo model in 4-bit: ft_magics' paths against PEFT's own forward.
 
     .venv/bin/python benchmarks/bench_dora.py [--steps 20] [--tokens 32]
 
@@ -12,6 +12,8 @@ after its first generate). Then, greedy, the same prompts:
 Reported: tokens/s of the two paths, and how often each picks the reference's next token along the
 reference answers (teacher-forced argmax agreement: exact text is too strict, since the repacked kernel's
 rounding differs a little from the standard layout's and greedy answers drift apart after a while).
+Training: the same DoRA run (same seed and data) with ft_magics' fused DoRA node and with PEFT's forward
+(``fused_lora: false``): loss tokens/s of each and the largest difference between their loss curves.
 Results: printed, and benchmarks/results/bench_dora.json.
 """
 from __future__ import annotations
@@ -44,8 +46,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         s = Session(adapters_dir=Path(work) / "adapters")
         s.load("demo")
-        s.train("dora", "demo:support", {"max_steps": args.steps, "batch_size": 8, "use_dora": True,
-                                         "learning_rate": 1e-3}, listeners=[])
+        settings = {"max_steps": args.steps, "batch_size": 8, "use_dora": True, "learning_rate": 1e-3, "seed": 1}
+        runs = {fused: s.train(f"dora-{fused}", "demo:support", {**settings, "fused_lora": fused}, listeners=[])
+                for fused in (False, True)}
+        curves = {k: [loss for _, loss in r.record["loss_history"]] for k, r in runs.items()}
+        training = {"ft_magics_loss_tokens_per_s": runs[True].loss_tokens_per_s,
+                    "peft_loss_tokens_per_s": runs[False].loss_tokens_per_s,
+                    "largest_loss_difference": max(abs(a - b) for a, b in zip(curves[True], curves[False])),
+                    "final_loss": curves[True][-1]}
+        s.train("dora", "demo:support", settings, listeners=[])
         s.generate("Hello", adapter="base", max_new_tokens=2)  # the notebook's base-model try: weights repacked
         model, tok = s.model, s.tokenizer
         model.set_adapter("dora")
@@ -92,7 +101,7 @@ def main() -> None:
             "steps": args.steps, "new_tokens": args.tokens, "ft_magics_tokens_per_s": ours_speed,
             "peft_tokens_per_s": peft_speed, "speedup": ours_speed / peft_speed,
             "ft_magics_next_token_agreement": ours_agree, "peft_next_token_agreement": peft_agree,
-            "answers": len(PROMPTS), "torch_threads": torch.get_num_threads(),
+            "answers": len(PROMPTS), "torch_threads": torch.get_num_threads(), "training": training,
             "examples": {"reference": reference[0], "ft_magics": ours[0], "peft": peft_texts[0]},
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -102,6 +111,10 @@ def main() -> None:
           "of the time along its answers")
     print(f"  PEFT's own forward {peft_speed:5.1f} tok/s; {100 * peft_agree:.0f}% "
           f"(ft_magics {res['speedup']:.1f}x as fast)")
+    t = res["training"]
+    print(f"DoRA training, {args.steps} steps of 8: ft_magics {t['ft_magics_loss_tokens_per_s']:.0f} loss tokens/s, PEFT's "
+          f"forward {t['peft_loss_tokens_per_s']:.0f} ({t['ft_magics_loss_tokens_per_s'] / t['peft_loss_tokens_per_s']:.2f}x); "
+          f"loss curves at most {t['largest_loss_difference']:.3f} apart (final {t['final_loss']:.3f})")
     for k, v in res["examples"].items():
         print(f"  {k:>9}: {v[:70]!r}")
 

@@ -39,10 +39,10 @@ class TrainConfig:
     dropout: float = _f(0.0, "Dropout on the LoRA path during training (0: off; on the CPU each dropout costs about 30% of step time and memory, measured).")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale the update by alpha/sqrt(r) instead of alpha/r "
                                  "(helps at large r).")
-    use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Training "
-                               "runs PEFT's own forward, not the fused one (demo model, 4-bit, CPU: 195 instead of "
-                               "314 loss tokens/s, peak 2.0 instead of 1.4 GB); generation keeps each layer's "
-                               "weight norm until the adapter changes (27 tok/s, where PEFT's own gives 3.5).")
+    use_dora: bool = _f(False, "DoRA: learn a magnitude per output as well as the LoRA direction (PEFT). Costs "
+                               "more than LoRA (demo model, 4-bit, CPU: 267 instead of 336 loss tokens/s, peak 1.7 "
+                               "instead of 1.4 GB; PEFT's own DoRA: 196, 2.0 GB); generation keeps each layer's "
+                               "weight norm until the adapter changes (26 tok/s; PEFT's own: 3.7).")
     target_modules: Union[str, list] = _f(
         "all-linear",
         "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",

@@ -15,8 +15,10 @@ an 8 x 75 x 1536 bf16 tensor takes 0.3 ms inside a training step, a third of the
 keeping what PEFT keeps (the LoRA input and ``xa``; the base weight is re-dequantised in the backward,
 as bitsandbytes does). The weight is the bitsandbytes 4-bit weight dequantised to the compute dtype, or
 a plain ``nn.Linear`` weight. Only vanilla LoRA with one active adapter under autocast (or with every
-dtype already equal) is switched; DoRA and other variants, LoRA bias, mixed adapter batches, merged or
-disabled adapters, trainable base weights and inference-packed 4-bit weights run PEFT's own forward.
+dtype already equal) is switched; a DoRA adapter gets a node of its own (:func:`_dora_function`: the norm
+of ``W + s B A`` detached, as PEFT has it, and the undivided output kept for the magnitude's gradient); other
+variants, LoRA bias, mixed adapter batches, merged or disabled adapters, trainable base weights and
+inference-packed 4-bit weights run PEFT's own forward.
 Without autograd (generation, evaluation: :mod:`ft_magics.core.inference` and ``evaluation`` switch it on
 too) the base layer's own forward runs (bitsandbytes' inference kernels) and the update is added in the
 adapter's dtype, as PEFT does, in four ops instead of PEFT's dozen (:func:`_inference_forward`); a DoRA
@@ -76,6 +78,51 @@ def _function():
             return dx, dxd, da, db, None, None, None, None
 
     return LoraLinearFn
+
+
+@functools.cache
+def _dora_function():
+    import torch
+
+    class DoraLinearFn(torch.autograd.Function):
+        """DoRA's ``m / ||W + s B A|| * (x W^T + s x A^T B^T) + bias`` (the norm detached, as PEFT and the paper
+        have it) as one node: keeps the input, ``x A^T``, the undivided output ``z`` and the scale."""
+
+        @staticmethod
+        def forward(ctx, x, A, B, magnitude, bias, weight_of, scaling, dtype):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            w = weight_of(dtype)
+            a, b = A.to(dtype), B.to(dtype)
+            norm = torch.linalg.vector_norm(torch.addmm(w, b, a, alpha=scaling), dim=1, dtype=torch.float32)
+            scale = magnitude.float() / norm  # per output row
+            z = x2 @ w.t()
+            xa = x2 @ a.t()
+            z.addmm_(xa, b.t(), alpha=scaling)
+            y = torch.mul(z, scale).to(dtype)
+            if bias is not None:
+                y += bias.to(dtype)
+            ctx.save_for_backward(x2, xa, a, b, z, scale, norm)
+            ctx.weight_of, ctx.scaling, ctx.shape, ctx.x_dtype = weight_of, scaling, shape, x.dtype
+            ctx.dtypes = (A.dtype, B.dtype, magnitude.dtype)
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2, xa, a, b, z, scale, norm = ctx.saved_tensors
+            want_x, want_a, want_b, want_m = ctx.needs_input_grad[:4]
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dm = (dy2.float() * z).sum(0).div_(norm).to(ctx.dtypes[2]) if want_m else None
+            dz = torch.mul(dy2, scale).to(xa.dtype)
+            g = (dz @ b).mul_(ctx.scaling) if (want_a or want_x) else None
+            da = (g.t() @ x2).to(ctx.dtypes[0]) if want_a else None
+            db = (dz.t() @ xa).mul_(ctx.scaling).to(ctx.dtypes[1]) if want_b else None
+            dx = None
+            if want_x:
+                dx = (dz @ ctx.weight_of(dz.dtype)).addmm_(g, a).view(ctx.shape).to(ctx.x_dtype)
+            return dx, da, db, dm, None, None, None, None
+
+    return DoraLinearFn
 
 
 def _weight_reader(base):
@@ -183,8 +230,9 @@ def _fused_forward(self, x, *args, parts=None, **kwargs):
     import torch
 
     if parts[name] is None:
-        if not torch.is_grad_enabled() and name in self.lora_variant:
-            out = _dora_inference_forward(self, x, name)
+        if name in self.lora_variant:
+            dora = _dora_inference_forward if not torch.is_grad_enabled() else _dora_training_forward
+            out = dora(self, x, name)
             if out is not None:
                 return out
         return cls_forward(self, x, *args, **kwargs)
@@ -245,20 +293,51 @@ def _dora_scale(self, name, A, B, magnitude, scaling):
     return scale
 
 
-def _dora_inference_forward(self, x, name):
-    """A DoRA layer without autograd, PEFT's arithmetic with the weight norm kept (:func:`_dora_scale`); None
-    where PEFT's own forward must run (autocast, active dropout, a LoRA bias, a transposed base weight, a
-    base layer this module cannot read)."""
+def _dora_layer(self, name):
+    """The magnitude module of DoRA adapter ``name`` of LoRA layer ``self`` where this module computes it, else
+    None (PEFT's own forward: dropout in training mode, a LoRA bias, a transposed base weight, a base layer
+    this module cannot read)."""
     import torch
 
     mags = getattr(self, "lora_magnitude_vector", None)
-    dora = mags[name] if getattr(self, "use_dora", {}).get(name) and mags is not None and name in mags else None
-    dropout = self.lora_dropout[name]
-    base = self.get_base_layer()
-    if (dora is None or torch.is_autocast_enabled(x.device.type) or getattr(self, "fan_in_fan_out", False)
-            or (self.training and not isinstance(dropout, torch.nn.Identity))
-            or getattr(self.lora_B[name], "bias", None) is not None or _weight_reader(base) is None):
+    if not getattr(self, "use_dora", {}).get(name) or mags is None or name not in mags:
         return None
+    if (getattr(self, "fan_in_fan_out", False) or getattr(self.lora_B[name], "bias", None) is not None
+            or (self.training and not isinstance(self.lora_dropout[name], torch.nn.Identity))
+            or _weight_reader(self.get_base_layer()) is None):
+        return None
+    return mags[name]
+
+
+def _dora_training_forward(self, x, name):
+    """A DoRA layer while autograd records: one :func:`_dora_function` node (PEFT's takes a dozen, keeps more,
+    and returns fp32 under autocast); None where PEFT's forward must run (see :func:`_dora_layer`, and a
+    4-bit weight in the inference layout, a trainable base, or dtypes without autocast that differ)."""
+    dora = _dora_layer(self, name)
+    base = self.get_base_layer()
+    if dora is None or cpu_packed(getattr(base.weight, "quant_state", None)):
+        return None
+    A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    dtype = _compute_dtype(x, base, A.dtype)
+    reader = _weight_reader(base)
+    if dtype is None or reader is None:
+        return None
+    if getattr(base.weight, "quant_state", None) is not None:
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
+    return _dora_function().apply(x, A, B, dora.weight, base.bias, reader, float(self.scaling[name]), dtype)
+
+
+def _dora_inference_forward(self, x, name):
+    """A DoRA layer without autograd, PEFT's arithmetic with the weight norm kept (:func:`_dora_scale`); None
+    where PEFT's own forward must run (autocast, and see :func:`_dora_layer`)."""
+    import torch
+
+    dora = _dora_layer(self, name)
+    if dora is None or torch.is_autocast_enabled(x.device.type):
+        return None
+    base = self.get_base_layer()
     A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     scale = _dora_scale(self, name, A, B, dora.weight, scaling)
     result = base(x)
