@@ -69,6 +69,10 @@ def test_dora_adapters_are_served_in_groups_and_leave_no_hooks_behind(tiny_model
     assert remove_adapter_name_hooks(s.model) > 0
     assert remove_adapter_name_hooks(s.model) == 0
     assert s.generate(PROMPTS[0], adapter="da-direct", max_new_tokens=6).text == served[0].text
+    # one slot: the next DoRA adapter is copied into it in place, magnitudes included (not reloaded)
+    s.serve([("da", PROMPTS[0])], store=tmp_path / "store", capacity=1, max_new_tokens=6)
+    swapped = s.serve([("db", PROMPTS[1])], store=tmp_path / "store", capacity=1, max_new_tokens=6)[0]
+    assert swapped.how == "hot-swapped" and swapped.text == served[1].text
 
 
 def test_an_interrupted_mixed_batch_leaves_no_hooks_behind(tiny_session, store, monkeypatch):

@@ -16,6 +16,7 @@ The host is anything with ``model``, ``tokenizer``, ``adapters`` (the registry) 
 """
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ def remove_adapter_name_hooks(model) -> int:
 
 
 SLOT_PREFIX = "ft-slot-"
+_MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _SAME_SETTINGS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "peft_type")
 
 
@@ -119,16 +121,21 @@ def fill_slot(model, slot: str, path: Path) -> bool:
         raise FtUsageError(f"{weights} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
     pairs, covered = [], set()
     for key, tensor in state.items():
-        m = _KEY_RE.match(key)
+        m = _KEY_RE.match(key) or _MAGNITUDE_RE.match(key)
         layer = layers.get("base_model.model." + m.group("module")) if m else None
         if layer is None:
             return False
-        param = (layer.lora_A if m.group("ab") == "A" else layer.lora_B)[slot].weight
-        if param.shape != tensor.shape:
+        part = m.groupdict().get("ab", "m")
+        if part == "m":  # DoRA's magnitude vector
+            param = layer.lora_magnitude_vector[slot].weight if slot in getattr(layer, "lora_magnitude_vector", {}) else None
+        else:
+            param = (layer.lora_A if part == "A" else layer.lora_B)[slot].weight
+        if param is None or param.shape != tensor.shape:
             return False
         pairs.append((param, tensor))
-        covered.add((m.group("module"), m.group("ab")))
-    if len(covered) != 2 * len(layers):  # every layer of the slot needs its new A and B
+        covered.add((m.group("module"), part))
+    # every layer of the slot needs its new A and B (and magnitude: use_dora is the same on both sides)
+    if len(covered) != (3 if new.use_dora else 2) * len(layers):
         return False
     scaling = new.lora_alpha / (math.sqrt(new.r) if new.use_rslora else new.r)
     with torch.no_grad():
