@@ -668,3 +668,28 @@ def test_the_cpu_dtype_choice_survives_a_busy_machine(monkeypatch, tiny_model_di
         assert any("fp32 chosen" in n and "1.0x fp32" in n for n in plan_load(str(tiny_model_dir), device="cpu").notes)
     finally:
         hardware.cpu_bf16_speedup.cache_clear()
+
+
+def test_packing_is_checked_in_the_training_layout_beside_a_dora_adapter(tiny_model_dir, tmp_path):
+    """packing: true asks the model whether packed examples stay apart, with forward passes that repacked
+    the 4-bit weights for bitsandbytes' CPU kernel; with a DoRA adapter active PEFT then read the weights as
+    garbage and the check refused packing ("lets packed examples attend to each other")."""
+    import bitsandbytes.functional as bf
+    from ft_magics import Session
+    from ft_magics.core.data import check_packing_isolation
+    from ft_magics.core.training import cpu_packed
+
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4, device="cpu")
+    s.train("d", ROWS, {"max_steps": 2, "batch_size": 4, "learning_rate": 5e-2, "warmup": 0, "use_dora": True},
+            listeners=[])
+    layers = [m for m in s.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert not any(cpu_packed(m.weight.quant_state) for m in layers)
+    # (on the tiny model the garbage norms stay small enough to pass; on the demo model they moved the packed
+    # logits by 0.44 against 1.5 for a real leak, and packing was refused)
+    assert check_packing_isolation(s.model, s.tokenizer)[0]
+    assert not any(cpu_packed(m.weight.quant_state) for m in layers)  # its forwards ran in the training layout
+    r = s.train("p", ROWS, {"max_steps": 2, "batch_size": 4, "packing": True, "use_dora": True}, listeners=[])
+    assert r.status == "completed"

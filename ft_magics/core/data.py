@@ -1218,8 +1218,10 @@ def check_packing_isolation(model, tokenizer) -> tuple[bool, str]:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    try:
-        with torch.no_grad():
+    from .training import training_layout
+
+    try:  # in the layout training runs in (PEFT's DoRA reads a 4-bit weight repacked for inference as garbage)
+        with torch.no_grad(), training_layout(model):
             alone = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0].float()
             out = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                         use_cache=False).logits.float()
