@@ -127,7 +127,8 @@ def fill_slot(model, slot: str, path: Path) -> bool:
             return False
         part = m.groupdict().get("ab", "m")
         if part == "m":  # DoRA's magnitude vector
-            param = layer.lora_magnitude_vector[slot].weight if slot in getattr(layer, "lora_magnitude_vector", {}) else None
+            mags = getattr(layer, "lora_magnitude_vector", {})
+            param = mags[slot].weight if slot in mags else None
         else:
             param = (layer.lora_A if part == "A" else layer.lora_B)[slot].weight
         if param is None or param.shape != tensor.shape:
