@@ -240,19 +240,29 @@ def _fused_forward(self, x, *args, parts=None, **kwargs):
 
     if not torch.is_grad_enabled():  # generation and evaluation
         return _inference_forward(self, x, base, A, B, dropout, scaling)
+    how = _training_weight(x, base, A.dtype)
+    if how is None:
+        return cls_forward(self, x, *args, **kwargs)
+    xd = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    return _function().apply(x, xd, A, B, base.bias, how[1], scaling, how[0])
+
+
+def _training_weight(x, base, adapter_dtype):
+    """``(compute dtype, weight reader)`` for a fused node over ``base`` while training, or None where PEFT's
+    forward must run (a 4-bit weight in the inference layout, a base this module cannot read, dtypes without
+    autocast that differ). Readies a 4-bit weight's quant state as bitsandbytes' own forward does."""
     qs = getattr(base.weight, "quant_state", None)
     if cpu_packed(qs):
-        return cls_forward(self, x, *args, **kwargs)
-    dtype = _compute_dtype(x, base, A.dtype)
+        return None
+    dtype = _compute_dtype(x, base, adapter_dtype)
     reader = _weight_reader(base)
     if dtype is None or reader is None:
-        return cls_forward(self, x, *args, **kwargs)
+        return None
     if qs is not None:
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(base)
-    xd = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
-    return _function().apply(x, xd, A, B, base.bias, reader, scaling, dtype)
+    return dtype, reader
 
 
 def _inference_forward(self, x, base, A, B, dropout, scaling):
@@ -278,11 +288,11 @@ def _dora_scale(self, name, A, B, magnitude, scaling):
     """
     import weakref
 
-    key = tuple((weakref.ref(t), t._version) for t in (A, B, magnitude))
     cache = vars(self).setdefault("_ft_dora_scale", {})
     hit = cache.get(name)
     if hit is not None and all(ref() is t and v == t._version for (ref, v), t in zip(hit[0], (A, B, magnitude))):
         return hit[1]
+    key = tuple((weakref.ref(t), t._version) for t in (A, B, magnitude))
     for gone in [n for n, (k, _) in cache.items() if any(ref() is None for ref, _ in k)]:
         del cache[gone]  # adapters dropped since: their tensors are gone
     dora = self.lora_magnitude_vector[name]
@@ -295,49 +305,42 @@ def _dora_scale(self, name, A, B, magnitude, scaling):
 
 def _dora_layer(self, name):
     """The magnitude module of DoRA adapter ``name`` of LoRA layer ``self`` where this module computes it, else
-    None (PEFT's own forward: dropout in training mode, a LoRA bias, a transposed base weight, a base layer
-    this module cannot read)."""
+    None (PEFT's own forward: dropout in training mode, a LoRA bias, a transposed base weight)."""
     import torch
 
     mags = getattr(self, "lora_magnitude_vector", None)
     if not getattr(self, "use_dora", {}).get(name) or mags is None or name not in mags:
         return None
     if (getattr(self, "fan_in_fan_out", False) or getattr(self.lora_B[name], "bias", None) is not None
-            or (self.training and not isinstance(self.lora_dropout[name], torch.nn.Identity))
-            or _weight_reader(self.get_base_layer()) is None):
+            or (self.training and not isinstance(self.lora_dropout[name], torch.nn.Identity))):
         return None
     return mags[name]
 
 
 def _dora_training_forward(self, x, name):
     """A DoRA layer while autograd records: one :func:`_dora_function` node (PEFT's takes a dozen, keeps more,
-    and returns fp32 under autocast); None where PEFT's forward must run (see :func:`_dora_layer`, and a
-    4-bit weight in the inference layout, a trainable base, or dtypes without autocast that differ)."""
+    and returns fp32 under autocast); None where PEFT's forward must run (:func:`_dora_layer`,
+    :func:`_training_weight`)."""
     dora = _dora_layer(self, name)
+    if dora is None:
+        return None
     base = self.get_base_layer()
-    if dora is None or cpu_packed(getattr(base.weight, "quant_state", None)):
-        return None
     A, B = self.lora_A[name].weight, self.lora_B[name].weight
-    dtype = _compute_dtype(x, base, A.dtype)
-    reader = _weight_reader(base)
-    if dtype is None or reader is None:
+    how = _training_weight(x, base, A.dtype)
+    if how is None:
         return None
-    if getattr(base.weight, "quant_state", None) is not None:
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(base)
-    return _dora_function().apply(x, A, B, dora.weight, base.bias, reader, float(self.scaling[name]), dtype)
+    return _dora_function().apply(x, A, B, dora.weight, base.bias, how[1], float(self.scaling[name]), how[0])
 
 
 def _dora_inference_forward(self, x, name):
     """A DoRA layer without autograd, PEFT's arithmetic with the weight norm kept (:func:`_dora_scale`); None
-    where PEFT's own forward must run (autocast, and see :func:`_dora_layer`)."""
+    where PEFT's own forward must run (autocast, a base :func:`true_weight` cannot read, :func:`_dora_layer`)."""
     import torch
 
     dora = _dora_layer(self, name)
-    if dora is None or torch.is_autocast_enabled(x.device.type):
-        return None
     base = self.get_base_layer()
+    if dora is None or torch.is_autocast_enabled(x.device.type) or _weight_reader(base) is None:
+        return None
     A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
     scale = _dora_scale(self, name, A, B, dora.weight, scaling)
     result = base(x)
