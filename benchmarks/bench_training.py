@@ -196,11 +196,23 @@ def instrument_trainer(stats: dict) -> None:
 
     def train(self, *a, **kw):
         stats["rss_before_train"] = peak_rss_bytes()
+        sampler = None
+        if os.environ.get("BENCH_SAMPLE") == "1":  # where the slow steps spend their time (stack_sampler.py)
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from stack_sampler import StackSampler
+
+            sampler = StackSampler().start()
         t = stats["train_started"] = time.perf_counter()
         try:
             return orig_train(self, *a, **kw)
         finally:
             stats["train_seconds"] += time.perf_counter() - t
+            if sampler is not None:
+                sampler.stop()
+                try:
+                    stats["sampled"] = sampler.report([t + s for s in stats["step_seconds"]])
+                except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the side it watches
+                    stats["sampled"] = {"error": repr(exc)}
 
     Trainer.training_step, Trainer.train = training_step, train
 
@@ -332,6 +344,7 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
         useful_gflop=flops / 1e9, achieved_gflops=flops / t / 1e9 if t else None,
         matmul_peak_bf16_gflops=peak_bf16, lora_params=res["lora_params"],
         extra={k: v for k, v in res.items() if k in ("settings", "gradient_checkpointing")},
+        **({"sampled": stats["sampled"]} if stats.get("sampled") else {}),
     )
     result["fraction_of_peak"] = result["achieved_gflops"] / peak_bf16 if result["achieved_gflops"] else None
     Path(out).write_text(json.dumps(result, indent=1))

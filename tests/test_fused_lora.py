@@ -106,12 +106,13 @@ def test_dora_trains_as_peft_s_layers_in_one_node(bias):
         assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k
 
 
-def test_dora_on_a_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dora_on_a_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir, device):
     from transformers import AutoModelForCausalLM
 
     from ft_magics.core.loading import quantization_config
 
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": "cpu"},
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": device},
                                                 quantization_config=quantization_config(4, torch.bfloat16))
     pm = _dora(base)
     calls = []
@@ -386,6 +387,39 @@ def test_dora_without_autograd_is_peft_s_with_the_norm_kept_until_the_adapter_ch
             assert kept and all(k == {"second"} for k in kept)
     finally:
         undo()
+
+
+@pytest.mark.gpu
+def test_dora_without_autograd_on_a_4bit_cuda_base_answers_as_peft(tiny_model_dir):
+    """On CUDA bitsandbytes keeps the standard 4-bit layout, so PEFT's own DoRA forward is the truth there:
+    the switched no-grad forward (true_weight, the kept norm) and batched generation must give its answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft_magics.core import fused_lora as fl
+    from ft_magics.core.inference import generate_batch
+    from ft_magics.core.loading import quantization_config
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": "cuda"},
+                                                quantization_config=quantization_config(4, torch.bfloat16))
+    pm = _dora(base)
+    pm.eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tok("Question 3: reset?", return_tensors="pt")["input_ids"].to("cuda")
+    calls, undo = _dora_norms_counted()
+    try:
+        with torch.no_grad():
+            want = pm(input_ids=ids).logits
+            want_tokens = pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+            calls.clear()
+            with fl.fused_lora(pm):
+                got = [pm(input_ids=ids).logits for _ in range(2)]
+            assert len(calls) == len(fl.fusable_layers(pm))  # the norm computed once per layer, then kept
+    finally:
+        undo()
+    assert all((want - g).abs().max() < 0.02 * want.abs().max() for g in got)
+    with torch.no_grad(), fl.fused_lora(pm):
+        assert torch.equal(pm.generate(input_ids=ids, max_new_tokens=6, do_sample=False), want_tokens)
+    assert len(generate_batch(pm, tok, ["hello", "reset?"], max_new_tokens=5)) == 2  # the router's batch path runs
 
 
 def test_dora_on_a_4bit_base_repacked_for_the_cpu_kernel_answers_as_in_the_standard_layout(tiny_model_dir, tmp_path):
