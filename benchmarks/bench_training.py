@@ -25,6 +25,7 @@ train on the GPU (the reference with ``device_map={"": 0}``, ft_magics through `
 peak memory is the peak allocated VRAM (``torch.cuda.max_memory_allocated``), the matmul peak is an
 8192-cube bf16 product, and results go to benchmarks/results/bench_training_cuda.{json,md,png}.
 ``BENCH_MODEL=FOLDER`` trains another model folder instead of the embedded demo model (both sides).
+``BENCH_ASSEMBLE=1`` runs nothing and reports the raw-*.json files there (a run cut short; results fetched back).
 """
 from __future__ import annotations
 
@@ -406,6 +407,8 @@ def worker_extras(out: str, device: str = "cpu") -> None:
 
 # --------------------------------------------------------------------------- driver
 REUSE = os.environ.get("BENCH_REUSE") == "1"  # assemble from raw-*.json files already there (same steps)
+# report only what raw-*.json files are there, running nothing (a run cut short, results fetched from a GPU machine)
+ASSEMBLE = os.environ.get("BENCH_ASSEMBLE") == "1"
 
 
 TORCH_KERNEL_CACHE_DEFAULT = "1024"
@@ -456,6 +459,12 @@ def run_all(steps: int, device: str = "cpu") -> list:
     only = [x for x in os.environ.get("BENCH_DATASETS", "").split(",") if x]  # e.g. BENCH_DATASETS=support
     for d, paths in datasets().items():
         if only and d not in only:
+            continue
+        if ASSEMBLE:
+            found = [RESULTS / f"raw{results_suffix(device)}-{d}-{side}.json" for side in sides]
+            rows += [json.loads(f.read_text()) for f in found if f.exists()]
+            print("".join(f"  {d:8s} {f.stem.rsplit('-', 1)[-1]:15s} not run (no {f.name})\n"
+                          for f in found if not f.exists()), end="")
             continue
         if os.environ.get("BENCH_PARALLEL") == "1":  # the sides of one dataset at once
             started = [(side, start_side(side, d, paths, steps, device)) for side in sides]
@@ -540,9 +549,9 @@ def main() -> None:
     print(f"ft_magics vs standard QLoRA recipe: {model_arg()} model on {device}, batch {BATCH}, {STEPS} steps "
           "(BENCH_STEPS)")
     extras_out = RESULTS / f"raw{suffix}-extras.json"
-    if not (REUSE and extras_out.exists()):
+    if not ((REUSE or ASSEMBLE) and extras_out.exists()):
         extras_out.unlink(missing_ok=True)
-    extras_proc = None if extras_out.exists() else subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
+    extras_proc = None if extras_out.exists() or ASSEMBLE else subprocess.Popen(  # `%load_ext` time and merged-adapter generation speed
         [sys.executable, __file__, "--extras", str(extras_out), device], stdout=subprocess.DEVNULL,
         stderr=open(extras_out.with_suffix(".log"), "w"), env=worker_env())
     if os.environ.get("BENCH_PARALLEL") != "1" and extras_proc is not None:
@@ -550,8 +559,8 @@ def main() -> None:
     rows = run_all(STEPS, device)
     summary = {}
     for r in rows:
-        if r["side"] != "reference":
-            ref = next(x for x in rows if x["dataset"] == r["dataset"] and x["side"] == "reference")
+        ref = next((x for x in rows if x["dataset"] == r["dataset"] and x["side"] == "reference"), None)
+        if r["side"] != "reference" and ref is not None:
             summary[f"{r['dataset']} / {r['side']}"] = ratios(ref, r)
     if extras_proc is not None:
         extras_proc.wait()
@@ -581,7 +590,7 @@ def main() -> None:
     md += ["", "Goals vs the reference:"]
     md += [f"- {n}: " + ", ".join(f"{k} {'MET' if v else 'not met'}" for k, v in g.items()) for n, g in goals.items()]
     md += [f"ft_magics view: {rows[1]['view']}; torch threads {rows[0]['torch_threads']}; "
-           f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine slows every side)"]
+           f"load average at the end {rows[-1]['load_average'][0]:.1f} (other work on the machine slows every side)"]
     if "load_ext_seconds" in extras:
         md.append(f"`%load_ext ft_magics`: {extras['load_ext_seconds']:.3f} s (goal < 0.3 s: "
                   f"{'MET' if extras['load_ext_seconds'] < 0.3 else 'not met'})")
