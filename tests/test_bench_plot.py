@@ -31,3 +31,47 @@ def test_plot_draws_every_side_of_every_dataset(tmp_path):
     img = matplotlib.image.imread(out)
     assert img.shape[0] > img.shape[1] * 0.5  # two rows of panels: one per dataset
     assert img.shape[1] >= 900
+
+
+def test_assemble_reports_the_raw_results_there_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    """BENCH_ASSEMBLE=1: a run cut short (a GPU machine's time limit) still gives its table from what it left."""
+    import json
+    import subprocess
+
+    bench = _bench()
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "ASSEMBLE", True)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a side")))
+    for side in ("reference", "ft_magics"):  # ft_magics+ckpt is missing, as after a timeout
+        (tmp_path / f"raw_cuda-varlen-{side}.json").write_text(json.dumps({"dataset": "varlen", "side": side}))
+    monkeypatch.setenv("BENCH_DATASETS", "varlen")
+    rows = bench.run_all(20, "cuda")
+    assert [r["side"] for r in rows] == ["reference", "ft_magics"]
+    assert "ft_magics+ckpt  not run (no raw_cuda-varlen-ft_magics+ckpt.json)" in capsys.readouterr().out
+
+
+def test_stack_sampler_names_what_the_slow_steps_wait_in():
+    import sys
+    import time
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from stack_sampler import StackSampler
+
+    def ordinary_work():
+        time.sleep(0.03)
+
+    def rare_stall():
+        time.sleep(0.15)
+
+    sampler = StackSampler(interval=0.002).start()
+    ends = [time.perf_counter()]
+    for i in range(8):
+        ordinary_work()
+        if i in (3, 6):
+            rare_stall()
+        ends.append(time.perf_counter())
+    sampler.stop()
+    rep = sampler.report(ends)
+    assert len(rep["slow_steps"]) == 2 and rep["samples_slow"] > 20
+    top, share_slow, share_ordinary = rep["share_on_stack"][0]
+    assert top.endswith(":rare_stall") and share_slow > 0.5 and share_ordinary == 0
