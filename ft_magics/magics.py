@@ -39,6 +39,39 @@ def user_errors(func):
     return wrapper
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+def sampling_arguments(max_new_tokens: int, sampled: bool = True):
+    """The decoding flags that %lora_generate and %lora_chat share (``sampled=False``, %lora_compare: the
+    ones that keep an answer greedy and reproducible). ``sampling_of(args)`` makes them a Sampling."""
+    flags = [argument("--max-new-tokens", type=int, default=max_new_tokens,
+                      help=f"Most tokens in the answer. Default {max_new_tokens}.")]
+    if sampled:
+        flags += [argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples."),
+                  argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.0."),
+                  argument("--top-k", type=int, default=None,
+                           help="Sample among the K likeliest tokens; 0 = no limit. Default: the model's generation "
+                                "config (transformers: 50)."),
+                  argument("--seed", type=int, default=None, help="Random seed when sampling.")]
+    flags.append(argument("--repetition-penalty", type=float, default=1.0,
+                          help="> 1 makes tokens already in the text less likely, greedy too: 1.1-1.3 curbs a small "
+                               "model's loops. Default 1.0 (none)."))
+
+    def decorate(func):
+        for flag in reversed(flags):
+            func = flag(func)
+        return func
+
+    return decorate
+
+
+def sampling_of(args: argparse.Namespace):
+    from .core.inference import Sampling
+
+    return Sampling.of(**{k: getattr(args, k) for k in SAMPLING_FLAGS if hasattr(args, k)})
+
+
 def parse_args(magic_func, line: str) -> argparse.Namespace:
     """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations."""
     from IPython.utils.process import arg_split
@@ -288,11 +321,8 @@ class FtMagics(Magics):
     # ------------------------------------------------------------------ %%lora_generate
     @magic_arguments()
     @argument("--adapter", default=None, help="Adapter to answer with, or 'base'. Default: the active one.")
-    @argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate. Default 128.")
-    @argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
-    @argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.0.")
+    @sampling_arguments(max_new_tokens=128)
     @argument("--system", default=None, help="System prompt.")
-    @argument("--seed", type=int, default=None, help="Random seed when sampling.")
     @argument("--no-stream", action="store_true", help="Print the answer at the end instead of streaming it.")
     @line_cell_magic
     @user_errors
@@ -319,10 +349,8 @@ class FtMagics(Magics):
             raise UsageError("give the user message after the flags (%lora_generate --adapter NAME How do I ...?) "
                              "or in the cell body:\n%%lora_generate\nHow do I reset my password?")
         on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-        gen = self.session.generate(
-            prompt.strip(), adapter=args.adapter, system=args.system, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, on_text=on_text, seed=args.seed,
-        )
+        gen = self.session.generate(prompt.strip(), adapter=args.adapter, system=args.system, on_text=on_text,
+                                    sampling=sampling_of(args))
         if args.no_stream:
             print(gen.text)
         else:
@@ -334,10 +362,7 @@ class FtMagics(Magics):
     @argument("--adapter", default=None, help="Adapter to answer this turn with, or 'base'. Default: the active one.")
     @argument("--system", default=None, help="System prompt of the conversation from this turn on.")
     @argument("--new", action="store_true", help="Start a new conversation (alone: just forget the old one).")
-    @argument("--max-new-tokens", type=int, default=256, help="Most tokens in the answer. Default 256.")
-    @argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
-    @argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling. Default 1.0.")
-    @argument("--seed", type=int, default=None, help="Random seed when sampling.")
+    @sampling_arguments(max_new_tokens=256)
     @argument("--no-stream", action="store_true", help="Print the answer at the end instead of streaming it.")
     @line_cell_magic
     @user_errors
@@ -384,8 +409,7 @@ class FtMagics(Magics):
                 from .widgets.chat_panel import ChatPanel
 
                 session._require_model()
-                display(ChatPanel(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, seed=args.seed, adapter=args.adapter,
+                display(ChatPanel(session, sampling=sampling_of(args), adapter=args.adapter,
                                   system=None if args.new else args.system))
                 return
             conv = session.conversation
@@ -396,11 +420,8 @@ class FtMagics(Magics):
             print(f"[{counted(conv.exchanges, 'exchange')}; %lora_chat --new starts over]")
             return
         on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-        gen, left_out = session.chat(
-            message.strip(), adapter=args.adapter, system=args.system, new=args.new,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            on_text=on_text, seed=args.seed,
-        )
+        gen, left_out = session.chat(message.strip(), adapter=args.adapter, system=args.system, new=args.new,
+                                     on_text=on_text, sampling=sampling_of(args))
         if args.no_stream:
             print(gen.text)
         else:
@@ -456,7 +477,7 @@ class FtMagics(Magics):
     @magic_arguments()
     @argument("--adapters", default=None,
               help="Comma-separated adapters to compare with the base. Default: every loaded adapter.")
-    @argument("--max-new-tokens", type=int, default=64, help="Most tokens per answer. Default 64.")
+    @sampling_arguments(max_new_tokens=64, sampled=False)
     @argument("--system", default=None, help="System prompt.")
     @line_cell_magic
     @user_errors
@@ -477,7 +498,8 @@ class FtMagics(Magics):
             line, cell = split_leading_flags(self.lora_compare, line)
         args = parse_args(self.lora_compare, line)
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
-        cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system)
+        cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system,
+                                   repetition_penalty=args.repetition_penalty)
         self._show(cmp)
         if len(cmp.prompts) == 1 and "\n" in cmp.prompts[0]:  # one prompt per line is a natural first guess
             lines = cmp.prompts[0].count("\n") + 1

@@ -357,14 +357,16 @@ class Session:
 
     # ------------------------------------------------------------------ inference
     def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
-                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None,
-                 history: Sequence[dict] = ()):
+                 on_text: Optional[Callable[[str], None]] = None, history: Sequence[dict] = (),
+                 sampling=None, **settings):
         """Answer ``prompt`` with ``adapter`` (default: the active one; 'base' for none); ``history``: the
-        earlier messages of a conversation (see :meth:`chat`)."""
+        earlier messages of a conversation (see :meth:`chat`). How it is decoded: ``sampling`` (a
+        core.inference.Sampling) and/or its fields as keywords: ``max_new_tokens`` (128), ``temperature``
+        (0: greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``."""
         from .core.adapters import BASE, activate
-        from .core.inference import generate
+        from .core.inference import Sampling, generate
 
+        sampling = Sampling.of(sampling, **settings)  # a bad setting is refused before the model is touched
         with self._model_busy("generate"):
             previous = self.adapters.active
             chosen = previous if adapter is None else adapter
@@ -377,21 +379,22 @@ class Session:
             if self.adapters and self._merged is None:
                 activate(model, chosen)
             try:
-                return generate(model, self.tokenizer, prompt, system=system, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, on_text=on_text,
-                                adapter_label=chosen or BASE, seed=seed, history=history)
+                return generate(model, self.tokenizer, prompt, system=system, sampling=sampling, on_text=on_text,
+                                adapter_label=chosen or BASE, history=history)
             finally:
                 if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
 
     def chat(self, message: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
-             new: bool = False, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             on_text: Optional[Callable[[str], None]] = None, seed: Optional[int] = None):
+             new: bool = False, on_text: Optional[Callable[[str], None]] = None, sampling=None, **settings):
         """Answer ``message`` as the next turn of this session's conversation (``new``: start another;
-        ``system``: its system prompt from now on). Any adapter may answer any turn. Returns
-        ``(Generation, left_out)``: ``left_out`` older exchanges did not fit the model's context."""
+        ``system``: its system prompt from now on). Any adapter may answer any turn. Decoding as in
+        :meth:`generate`, but ``max_new_tokens`` defaults to 256. Returns ``(Generation, left_out)``:
+        ``left_out`` older exchanges did not fit the model's context."""
         from .core.chat import Conversation
+        from .core.inference import Sampling
 
+        sampling = Sampling.of(sampling or Sampling(max_new_tokens=256), **settings)
         if new or self.conversation is None:
             self.conversation = Conversation()
         conv = self.conversation
@@ -399,9 +402,10 @@ class Session:
             conv.system = system or None
         if not message or not message.strip():
             raise FtUsageError("the message is empty: write it after the flags or in the cell body.")
-        history, left_out = conv.fitting_history(self.model, self.tokenizer, message, max(1, min(max_new_tokens, 64)))
-        gen = self.generate(message, adapter, system=conv.system, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, on_text=on_text, seed=seed, history=history)
+        history, left_out = conv.fitting_history(self.model, self.tokenizer, message,
+                                                 max(1, min(sampling.max_new_tokens, 64)))
+        gen = self.generate(message, adapter, system=conv.system, sampling=sampling, on_text=on_text,
+                            history=history)
         conv.add(message, gen.text, gen.adapter, gen.stopped)
         return gen, left_out
 
@@ -593,7 +597,7 @@ class Session:
 
     # ------------------------------------------------------------------ compare, evaluate, serve
     def compare(self, prompts: list | str, adapters: Optional[list] = None, *, max_new_tokens: int = 64,
-                system: Optional[str] = None):
+                system: Optional[str] = None, repetition_penalty: float = 1.0):
         """Greedy answers of the base and each adapter to every prompt; a core.inference.Comparison."""
         from .core.adapters import BASE, activate
         from .core.inference import compare, split_prompts
@@ -610,7 +614,7 @@ class Session:
             try:
                 return compare(model, self.tokenizer, prompts, columns,
                                switch=lambda n: activate(model, n) if self.adapters else 0.0,
-                               max_new_tokens=max_new_tokens, system=system)
+                               max_new_tokens=max_new_tokens, system=system, repetition_penalty=repetition_penalty)
             finally:
                 if self.adapters:
                     activate(self.model, previous)

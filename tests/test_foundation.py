@@ -202,7 +202,8 @@ def test_magics_train_and_generate_tiny(shell, tiny_model_dir, capsys, bits, dev
     seen = []
     s = shell.magics_manager.registry["FtMagics"].session
     real = s.generate
-    s.generate = lambda prompt, **kw: (seen.append((prompt, kw["adapter"], kw["max_new_tokens"])), real(prompt, **kw))[1]
+    s.generate = lambda prompt, **kw: (seen.append((prompt, kw["adapter"], kw["sampling"].max_new_tokens)),
+                                       real(prompt, **kw))[1]
     try:
         # typed as a user types it (run_cell: IPython's input transformers, where a final ? means help)
         assert shell.run_cell("%lora_generate --adapter bot --max-new-tokens 3 I can't log in, what's wrong?").success
@@ -693,3 +694,66 @@ def test_packing_is_checked_in_the_training_layout_beside_a_dora_adapter(tiny_mo
     assert not any(cpu_packed(m.weight.quant_state) for m in layers)  # its forwards ran in the training layout
     r = s.train("p", ROWS, {"max_steps": 2, "batch_size": 4, "packing": True, "use_dora": True}, listeners=[])
     assert r.status == "completed"
+
+
+def test_sampling_settings_reach_generate_and_bad_ones_are_refused_before_the_model_runs(tiny_session, monkeypatch):
+    """One Sampling from the flags to model.generate: a repetition penalty changes a greedy answer (the
+    tiny random model loops on a few tokens), top_k is passed only where it was asked for, and a bad or
+    unknown setting is a usage error naming the fix, raised before generate is called."""
+    from ft_magics.core.inference import Sampling
+    from ft_magics.errors import FtUsageError
+
+    s = tiny_session
+    plain = s.generate("hello there", max_new_tokens=24)
+    penalised = s.generate("hello there", max_new_tokens=24, repetition_penalty=5.0)
+    ids = lambda g: s.tokenizer(g.text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert plain.text != penalised.text
+    assert len(set(ids(penalised))) > len(set(ids(plain)))  # fewer repeats
+
+    seen = []
+    real = s.model.generate
+    monkeypatch.setattr(s.model, "generate", lambda **kw: (seen.append(kw), real(**kw))[1])
+    s.generate("hi", max_new_tokens=2, temperature=0.7, seed=1)
+    s.generate("hi", max_new_tokens=2, temperature=0.7, top_k=0, top_p=0.9)
+    s.generate("hi", max_new_tokens=2, repetition_penalty=1.2)
+    assert "top_k" not in seen[0] and seen[0]["do_sample"] and "repetition_penalty" not in seen[0]
+    assert (seen[1]["top_k"], seen[1]["top_p"]) == (0, 0.9)
+    assert seen[2]["do_sample"] is False and seen[2]["repetition_penalty"] == 1.2
+    seen.clear()
+    for bad, message in (({"top_k": -1}, "--top-k must be a whole number >= 0"),
+                         ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0"),
+                         ({"temperature": -0.5}, "--temperature must be >= 0"),
+                         ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
+                         ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+                         ({"repetiton_penalty": 1.1}, "unknown generation setting repetiton_penalty: the settings are "
+                                                      "max_new_tokens, temperature, top_p, top_k, repetition_penalty")):
+        with pytest.raises(FtUsageError, match=message):
+            s.generate("hi", **bad)
+        with pytest.raises(FtUsageError, match=message):
+            s.chat("hi", **bad)
+    assert seen == []  # refused before the model ran
+    assert s.conversation is None or not s.conversation.turns  # and nothing kept
+    assert Sampling.of(Sampling(max_new_tokens=9), top_k=3) == Sampling(max_new_tokens=9, top_k=3)
+
+
+def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
+    from IPython.core.error import UsageError
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    s = shell.magics_manager.registry["FtMagics"].session
+    seen = []
+    real = s.generate
+    s.generate = lambda prompt, *a, **kw: (seen.append(kw["sampling"]), real(prompt, *a, **kw))[1]
+    shell.run_line_magic("lora_generate", "--max-new-tokens 3 --temperature 0.8 --top-k 7 --seed 3 hello")
+    shell.run_line_magic("lora_chat", "--max-new-tokens 2 --repetition-penalty 1.3 hello")
+    assert (seen[0].top_k, seen[0].seed, seen[0].temperature) == (7, 3, 0.8)
+    assert (seen[1].max_new_tokens, seen[1].repetition_penalty) == (2, 1.3)
+    with pytest.raises(UsageError, match="--repetition-penalty must be > 0"):
+        shell.run_line_magic("lora_generate", "--repetition-penalty -1 hello")
+    with pytest.raises(UsageError, match="unknown flag --top-k"):  # %lora_compare stays greedy: no sampling flags
+        shell.run_cell_magic("lora_compare", "--top-k 3", "hello")
+    capsys.readouterr()
+    shell.run_cell_magic("lora_compare", "--max-new-tokens 12", "hello")
+    greedy = capsys.readouterr().out
+    shell.run_cell_magic("lora_compare", "--max-new-tokens 12 --repetition-penalty 5", "hello")
+    assert capsys.readouterr().out.split("tokens/s")[0] != greedy.split("tokens/s")[0]

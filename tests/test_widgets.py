@@ -355,11 +355,16 @@ def test_chat_panel_answers_each_message_with_the_chosen_adapter(two_adapters):
 def test_chat_panel_keeps_the_message_when_it_cannot_answer(two_adapters):
     from ft_magics.widgets.chat_panel import ChatPanel
 
+    from ft_magics.errors import FtUsageError
+
     s = two_adapters
-    p = ChatPanel(s, max_new_tokens=0)  # a setting the generator refuses
-    p.text.value = "keep me"
+    with pytest.raises(FtUsageError, match="--max-new-tokens must be at least 1"):
+        ChatPanel(s, max_new_tokens=0)  # a setting the generator refuses is refused as the panel is made
+    p = ChatPanel(s, max_new_tokens=4)
+    too_long = " ".join(["keep me"] * 2000)  # more tokens than the tiny model's context
+    p.text.value = too_long
     assert not p.send()
-    assert p.text.value == "keep me" and p.status.value.startswith("cannot answer: --max-new-tokens")
+    assert p.text.value == too_long and p.status.value.startswith("cannot answer: the prompt is")
     assert not p.send_button.disabled
     p.text.value = "   "
     assert not p.send() and p.status.value == "write a message first."
@@ -372,10 +377,11 @@ def test_lora_chat_without_a_message_shows_the_chat_panel_in_a_widget_frontend(s
     shown = []
     monkeypatch.setattr(w, "widget_frontend", lambda: True)
     monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: shown.append(obj))
-    shell.run_line_magic("lora_chat", "--max-new-tokens 3")
+    shell.run_line_magic("lora_chat", "--max-new-tokens 3 --repetition-penalty 1.2")
     from ft_magics.widgets.chat_panel import ChatPanel
 
-    assert len(shown) == 1 and isinstance(shown[0], ChatPanel) and shown[0].settings["max_new_tokens"] == 3
+    assert len(shown) == 1 and isinstance(shown[0], ChatPanel)
+    assert (shown[0].sampling.max_new_tokens, shown[0].sampling.repetition_penalty) == (3, 1.2)
 
 
 def _choices_of(dropdown) -> list:

@@ -29,6 +29,64 @@ class Generation:
         return " · ".join([self.adapter, counted(self.new_tokens, "token"), f"{self.tokens_per_s:.1f} tok/s"] + extra)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How an answer is decoded, one object from the magics' flags down to ``model.generate``: greedy
+    unless ``temperature`` > 0. ``top_k`` None keeps the model's generation config (transformers: 50), 0
+    turns it off; ``repetition_penalty`` > 1 makes tokens already in the text less likely (greedy too: small
+    models loop without it)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @classmethod
+    def of(cls, sampling: Optional["Sampling"] = None, **settings) -> "Sampling":
+        """``sampling`` (default: the defaults) with ``settings`` replaced, checked. A setting that is not a
+        field is a usage error naming the fields (the Python API's counterpart of an unknown flag)."""
+        import dataclasses
+
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise FtUsageError(f"unknown generation setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                               f"the settings are {', '.join(names)}.")
+        return dataclasses.replace(sampling or cls(), **settings).checked()
+
+    def checked(self) -> "Sampling":
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise FtUsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens}).")
+        if not self.temperature >= 0:
+            raise FtUsageError(f"--temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
+        if not 0 < self.top_p <= 1:
+            raise FtUsageError(f"--top-p must be in (0, 1] (got {self.top_p}).")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise FtUsageError(f"--top-k must be a whole number >= 0 (got {self.top_k}); 0 turns it off.")
+        if not self.repetition_penalty > 0:
+            raise FtUsageError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1 is none, "
+                               "1.1-1.3 curbs loops.")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self, max_new_tokens: Optional[int] = None) -> dict:
+        """``model.generate`` keywords; ``max_new_tokens`` where the context cut the answer shorter."""
+        kw = dict(max_new_tokens=max_new_tokens or self.max_new_tokens)
+        if self.greedy:  # None: the model's generation config may hold sampling values that would only warn
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            if self.top_k is not None:
+                kw["top_k"] = self.top_k
+        if self.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = self.repetition_penalty
+        return kw
+
+
 def build_prompt(tokenizer, prompt: str, system: Optional[str] = None, history: Sequence[dict] = ()) -> str:
     """The text the model sees: the chat template where the tokenizer has one, else the plain prompt.
     ``history``: earlier messages of a conversation (``{"role": "user"|"assistant", "content": ...}``)."""
@@ -76,31 +134,24 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, on_text: Optional[Callable[[str], None]] = None,
-             adapter_label: str = "base", seed: Optional[int] = None, history: Sequence[dict] = ()) -> Generation:
+def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sampling: Optional[Sampling] = None,
+             on_text: Optional[Callable[[str], None]] = None, adapter_label: str = "base",
+             history: Sequence[dict] = (), **settings) -> Generation:
+    """One answer to ``prompt``; ``sampling`` (a :class:`Sampling`) and/or its fields as keywords
+    (``max_new_tokens=64, temperature=0.7, ...``) say how it is decoded."""
     import torch
 
+    sampling = Sampling.of(sampling, **settings)
     if not prompt or not prompt.strip():
         raise FtUsageError("the prompt is empty: put the user message in the cell body.")
-    if max_new_tokens < 1:
-        raise FtUsageError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
-    if temperature < 0:
-        raise FtUsageError(f"--temperature must be >= 0 (got {temperature}); 0 means greedy.")
-    if not 0 < top_p <= 1:
-        raise FtUsageError(f"--top-p must be in (0, 1] (got {top_p}).")
     text = build_prompt(tokenizer, prompt, system, history)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer))
-    max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
+    max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], sampling.max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
-        if seed is not None:
-            torch.manual_seed(seed)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kw = dict(sampling.generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)
+    if not sampling.greedy and sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
     if on_text is not None:
         kw["streamer"] = _streamer(tokenizer, on_text)
     was_training = model.training
@@ -163,8 +214,7 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
     max_new_tokens, _ = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=False,
-              temperature=None, top_p=None, top_k=None)
+    kw = dict(Sampling().generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)  # greedy
     if adapter_names is not None:
         kw["adapter_names"] = list(adapter_names)
     was_training = model.training
@@ -254,21 +304,21 @@ class Comparison:
 
 
 def compare(model, tokenizer, prompts: list, columns: list, switch: Callable[[str], float], *,
-            max_new_tokens: int = 64, system: Optional[str] = None) -> Comparison:
+            max_new_tokens: int = 64, system: Optional[str] = None, repetition_penalty: float = 1.0) -> Comparison:
     """Greedy (reproducible) answers of every column to every prompt; ``switch(column)`` selects it.
 
     One token is generated first, untimed: the first generation after a load or a training run pays
     one-time costs (bitsandbytes repacks 4-bit weights for inference on the CPU, kernels warm up) that
     made the first column, the base, look up to 2x slower than the adapters after it."""
     cells, swaps = {}, {}
+    greedy = Sampling.of(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     if columns and prompts:
         switch(columns[0])
-        generate(model, tokenizer, prompts[0], system=system, max_new_tokens=1, temperature=0.0)
+        generate(model, tokenizer, prompts[0], system=system, sampling=greedy, max_new_tokens=1)
     for c in columns:
         swaps[c] = switch(c)
         for i, p in enumerate(prompts):
-            cells[(i, c)] = generate(model, tokenizer, p, system=system, max_new_tokens=max_new_tokens,
-                                     temperature=0.0, adapter_label=c)
+            cells[(i, c)] = generate(model, tokenizer, p, system=system, sampling=greedy, adapter_label=c)
             if cells[(i, c)].stopped:  # an interrupt ends the whole comparison, not one answer of it
                 raise FtUsageError(f"comparison stopped by an interrupt after {len(cells)} of "
                                    f"{len(columns) * len(prompts)} answers.")

@@ -28,10 +28,13 @@ def _bubble(who: str, text: str, kind: str, note: str = "") -> str:
 class ChatPanel:
     """A conversation view, a message box, an adapter choice per message, Send and New conversation."""
 
-    def __init__(self, session, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: Optional[int] = None, system: Optional[str] = None, adapter: Optional[str] = None) -> None:
+    def __init__(self, session, *, sampling=None, system: Optional[str] = None, adapter: Optional[str] = None,
+                 **settings) -> None:
+        """``sampling`` (core.inference.Sampling) and/or its fields as keywords: how every answer is decoded."""
+        from ..core.inference import Sampling
+
         self.session = session
-        self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        self.sampling = Sampling.of(sampling or Sampling(max_new_tokens=256), **settings)
         self.system = system
         self.log = widgets.HTML("")
         self.log.add_class("ft-chat-log")
@@ -111,7 +114,7 @@ class ChatPanel:
         answered = False
         try:
             gen, left_out = self.session.chat(message, adapter=adapter, system=self.system, on_text=on_text,
-                                              **self.settings)
+                                              sampling=self.sampling)
             self.system = None  # applies from the first turn on; the conversation keeps it
             self.status.value = gen.describe(left_out_notes(left_out))
             answered = True
