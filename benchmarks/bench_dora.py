@@ -7,8 +7,9 @@ once (on the CPU that repacks the 4-bit weights for bitsandbytes' inference kern
 after its first generate). Then, greedy, the same prompts:
   reference - the adapter in the standard 4-bit layout (what training computes): the right answers
   ft_magics - Session.generate (the weight norm of each layer kept; read from the true weights)
-  peft      - PEFT's own DoRA forward in the same state (recomputes the norm for every token, from the
-              repacked weights)
+  peft      - PEFT's own DoRA forward in the same state (recomputes the norm for every token; it read the
+              repacked weights as garbage until ft_magics gave PEFT's reader the true weights, see
+              core.fused_lora.read_packed_weights_in_peft)
 Reported: tokens/s of the two paths, and how often each picks the reference's next token along the
 reference answers (teacher-forced argmax agreement: exact text is too strict, since the repacked kernel's
 rounding differs a little from the standard layout's and greedy answers drift apart after a while).

@@ -460,3 +460,8 @@ def test_dora_on_a_4bit_base_repacked_for_the_cpu_kernel_answers_as_in_the_stand
     pm.set_adapter("d2")
     assert generate_batch(pm, tok, ["hello", "reset?"], max_new_tokens=5) == want_d2
     assert any(cpu_packed(getattr(m.weight, "quant_state", None)) for m in base4)  # fast layout kept after
+    # PEFT's own forward, as a user's own s.model(...) / s.model.generate(...) runs it, reads the weight right too
+    pm.set_adapter("d1")
+    with torch.no_grad():
+        own = pm(input_ids=ids).logits
+    assert (want - own).abs().max() < 0.02 * want.abs().max(), (want - own).abs().max()

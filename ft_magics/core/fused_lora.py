@@ -191,6 +191,41 @@ def true_weight(base):
     return dequantize_4bit_direct(data, qs)
 
 
+_PEFT_READERS = ("peft.tuners.lora.dora", "peft.tuners.lora.layer", "peft.tuners.lora.variants")
+
+
+def read_packed_weights_in_peft() -> int:
+    """Make PEFT's own ``dequantize_module_weight`` read a 4-bit weight through :func:`true_weight` once
+    bitsandbytes has repacked it for its CPU kernel; return how many of PEFT's modules were switched.
+
+    The fused paths already read it right, but PEFT's forward still runs where a user calls
+    ``model.generate`` on the session's model, where DoRA trains with dropout, and where PEFT builds DoRA
+    magnitudes or delta weights; on a repacked weight all of those computed from garbage. Only weights in
+    that layout take the new reader (PEFT's result there is never right), so this is safe process-wide; it is
+    installed once, when a 4-bit model is loaded on the CPU."""
+    import importlib
+
+    switched = 0
+    for name in _PEFT_READERS:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        original = getattr(mod, "dequantize_module_weight", None)
+        if original is None or getattr(original, "_ft_packed_aware", False):
+            continue
+
+        def dequantize_module_weight(module, _original=original):
+            if cpu_packed(getattr(getattr(module, "weight", None), "quant_state", None)):
+                return true_weight(module)
+            return _original(module)
+
+        dequantize_module_weight._ft_packed_aware = True
+        mod.dequantize_module_weight = dequantize_module_weight
+        switched += 1
+    return switched
+
+
 def _compute_dtype(x, base, a_dtype):
     """The dtype the fused layer computes in, or None where PEFT's own path must run (its precisions)."""
     import torch

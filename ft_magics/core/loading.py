@@ -370,9 +370,11 @@ def load_model(
     if qcfg is None:
         lm.to(dev)
     elif bits == 4 and dev == "cpu":
+        from .fused_lora import read_packed_weights_in_peft
         from .training import remember_unpacked_4bit
 
         remember_unpacked_4bit(lm)  # so a generate (which repacks) never changes the base we train on
+        read_packed_weights_in_peft()  # and PEFT's own DoRA / merge paths read a repacked weight right
     lm.eval()
     from .memory import detach_from_files, trim_heap
 
