@@ -26,6 +26,19 @@ import warnings as _warnings
 
 _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+# bitsandbytes' CPU backend, wherever it is first imported (a 4-bit load, or PEFT attaching an adapter to a
+# 16-bit base), warns that it could not fetch an optional kernel from the Hugging Face Hub ("pip install
+# kernels"): offline that is the normal case, and its built-in kernels run instead. Only that message is dropped.
+import logging as _logging
+
+
+class _HubKernelNote(_logging.Filter):
+    def filter(self, record) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
+
 __version__ = "0.1.0"
 __all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
 

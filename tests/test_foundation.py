@@ -757,3 +757,17 @@ def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
     greedy = capsys.readouterr().out
     shell.run_cell_magic("lora_compare", "--max-new-tokens 12 --repetition-penalty 5", "hello")
     assert capsys.readouterr().out.split("tokens/s")[0] != greedy.split("tokens/s")[0]
+
+
+def test_bitsandbytes_hub_kernel_note_is_not_shown_wherever_bitsandbytes_is_first_imported():
+    """PEFT imports bitsandbytes when it wraps a 16-bit base; its CPU backend then warned "Failed to load CPU
+    gemm_4bit_forward from kernels-community ... pip install kernels" in the first training cell."""
+    import subprocess
+    import sys
+
+    first_import = "import logging; logging.basicConfig(); import bitsandbytes"
+    bare = subprocess.run([sys.executable, "-c", first_import], capture_output=True, text=True)
+    if "kernels-community" not in bare.stderr:
+        pytest.skip("bitsandbytes does not try the hub kernel on this CPU (no AVX512-BF16)")
+    ours = subprocess.run([sys.executable, "-c", "import ft_magics; " + first_import], capture_output=True, text=True)
+    assert ours.returncode == 0 and "kernels-community" not in ours.stderr, ours.stderr

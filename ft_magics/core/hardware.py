@@ -82,17 +82,8 @@ def resolve_dtype(dtype: str, device: str):
 
 @functools.lru_cache(maxsize=None)
 def bitsandbytes_available() -> bool:
-    import logging
-
-    # On import, bitsandbytes' CPU backend warns that it cannot fetch an optional kernel from the hub
-    # (no network is the normal case here and its built-in kernels are used instead): not the user's concern.
-    noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    try:
+    try:  # (its import-time note about an optional hub kernel is filtered in ft_magics/__init__.py)
         import bitsandbytes  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install counts as absent
         return False
-    finally:
-        noisy.setLevel(level)
     return True
