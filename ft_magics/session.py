@@ -593,7 +593,8 @@ class Session:
 
                     raise unknown("dtype", dtype, dtypes)
                 dtype = dtypes[dtype]
-                return export_merged(self.handle.source, source_dir, self.tokenizer, target, dtype=dtype)
+                return export_merged(self.handle.source, source_dir, self.tokenizer, target, dtype=dtype, name=name,
+                                     base_label=self.handle.name)
 
     # ------------------------------------------------------------------ compare, evaluate, serve
     def compare(self, prompts: list | str, adapters: Optional[list] = None, *, max_new_tokens: int = 64,

@@ -190,6 +190,34 @@ def test_export_merged_loads_in_plain_transformers(tiny_session, made_by_peft, t
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
+def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session, made_by_peft, tmp_path):
+    """Export --merged, load that model, ask for the same adapter again (by name from the adapters folder,
+    or by path under another name): its update would count twice, silently. Refused, naming the way out;
+    other adapters, and the same adapter on its own base, still load."""
+    import json
+    import shutil
+
+    from ft_magics import Session
+
+    s = tiny_session
+    shutil.copytree(made_by_peft["a"], s.adapters_dir / "a")
+    s.load_adapter(s.adapters_dir / "a", "a")
+    out = s.export_adapter("a", tmp_path / "merged", merged=True)
+    record = json.loads((out / "config.json").read_text())["ft_magics_merged"]
+    assert [e["name"] for e in record] == ["a"] and len(record[0]["fingerprint"]) == 16
+
+    m = Session(adapters_dir=s.adapters_dir)
+    m.load(str(out), bits=32)
+    with pytest.raises(FtUsageError, match=r"adapter 'a' is already merged into the loaded model merged .*--adapter base"):
+        m.generate("hello", adapter="a", max_new_tokens=2)
+    with pytest.raises(FtUsageError, match="already merged"):
+        m.load_adapter(made_by_peft["a"], "renamed")  # the same weights under another name
+    assert "a" not in m.adapters_on_disk(fitting=True) and m.adapters.names() == []
+    assert m.generate("hello", adapter="base", max_new_tokens=2).new_tokens >= 1  # the session is intact
+    m.load_adapter(made_by_peft["b"], "b")  # another adapter fits
+    assert s.generate("hello", adapter="a", max_new_tokens=2).adapter == "a"  # and 'a' on its own base
+
+
 def test_mismatched_adapter_refused_naming_why(tiny_session, tmp_path, made_by_peft):
     import shutil
 

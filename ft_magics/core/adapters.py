@@ -303,14 +303,47 @@ def _base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def adapter_fingerprint(path: Path) -> str:
+    """A short hash of an adapter folder's weights: the same adapter wherever it was copied or renamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(path) / "adapter_model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+MERGED_KEY = "ft_magics_merged"  # in an exported merged model's config.json: the adapters merged into it
+
+
+def check_not_merged_in(model, path: Path, model_label: str) -> None:
+    """Refuse an adapter that an exported merged model (``export NAME DIR --merged``) already holds:
+    applied again, its update would count twice, and nothing would look wrong."""
+    merged = getattr(getattr(_base_of(model), "config", None), MERGED_KEY, None)
+    if not merged:
+        return
+    mark = adapter_fingerprint(path)
+    for entry in merged:
+        if isinstance(entry, dict) and entry.get("fingerprint") == mark:
+            raise FtUsageError(
+                f"adapter {Path(path).name!r} is already merged into the loaded model {model_label} (it was exported "
+                f"with %lora_adapters export {entry.get('name', Path(path).name)} DIR --merged): applying it again "
+                "would add its update twice. Use the model as it is (--adapter base), or load the base model it was "
+                f"trained on ({entry.get('base', 'its base')}) to use the adapter."
+            )
+
+
 def check_fits(model, path: Path, config: dict, model_label: str) -> None:
-    """Refuse an adapter whose target modules or layer shapes do not exist in ``model``; name which.
+    """Refuse an adapter whose target modules or layer shapes do not exist in ``model``; name which;
+    and one the model already has merged into it (see :func:`check_not_merged_in`).
 
     Checked from the adapter files alone (shapes are read from the safetensors header), before PEFT
     touches the model, so a refused adapter leaves the session exactly as it was.
     """
     from safetensors import safe_open
 
+    check_not_merged_in(model, path, model_label)
     trained_for = config.get("base_model_name_or_path") or "an unnamed base model"
     modules = dict(_base_of(model).named_modules())
     leaves = {n.rsplit(".", 1)[-1] for n in modules}
@@ -499,7 +532,8 @@ def save_peft_adapter(model, name: str, target: Path, record: Optional[dict] = N
     return Path(target)
 
 
-def export_merged(source: str, adapter_dir: Path, tokenizer, target: Path, dtype=None) -> Path:
+def export_merged(source: str, adapter_dir: Path, tokenizer, target: Path, dtype=None,
+                  name: Optional[str] = None, base_label: Optional[str] = None) -> Path:
     """Write a standalone model (base + adapter merged; safetensors + tokenizer) that plain transformers loads.
 
     The base is rebuilt from ``source`` in full precision rather than dequantised from the session's
@@ -515,6 +549,10 @@ def export_merged(source: str, adapter_dir: Path, tokenizer, target: Path, dtype
     dtype = dtype or torch.float32
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    # which adapters this model holds (a base that was itself a merged export keeps its own list)
+    setattr(merged.config, MERGED_KEY, list(getattr(base.config, MERGED_KEY, None) or []) + [{
+        "name": name or Path(adapter_dir).name, "fingerprint": adapter_fingerprint(adapter_dir),
+        "base": base_label or str(source)}])
     with atomic_dir(target) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
