@@ -128,7 +128,8 @@ def run_job(job_path: str, events: Optional[str] = None) -> int:
         from .widgets.text import TextReporter
 
         writer = JsonlEventWriter(events_path)
-        listeners = [writer] if os.environ.get("FT_MAGICS_QUIET") else [writer, TextReporter(sys.stdout)]
+        listeners = [writer] if os.environ.get("FT_MAGICS_QUIET") else [
+            writer, TextReporter(sys.stdout, stop_hint=TextReporter.TERMINAL_STOP_HINT)]
     try:
         handle = load_model(spec.model_source, bits=int(spec.model.get("bits", 4)), dtype=spec.model.get("dtype", "auto"),
                             device=device, trust_remote_code=bool(spec.model.get("trust_remote_code", False)))

@@ -264,6 +264,7 @@ def test_exported_job_runs_from_a_clean_shell_and_loads_in_the_notebook(shell, t
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "accelerate.commands.launch" in done.stdout and "completed after 3 steps" in done.stdout
+    assert "Press Ctrl-C to stop" in done.stdout and "Interrupt the kernel" not in done.stdout  # a terminal's words
     adapter = job_dir / "adapters" / "exported"
     record = json.loads((adapter / "ft_run.json").read_text())
     assert record["launch"]["processes"] == 2 and record["steps"] == 3

@@ -38,8 +38,13 @@ def step_line(e: StepEnd) -> str:
 class TextReporter(Listener):
     """Progress lines at a sensible rate (about 20 per run, and at least every ``every_s`` seconds)."""
 
-    def __init__(self, stream: Optional[TextIO] = None, every_s: float = 10.0, lines_per_run: int = 20):
+    NOTEBOOK_STOP_HINT = "Interrupt the kernel (■ / Ctrl-C) to stop at the next step; the adapter is still saved."
+    TERMINAL_STOP_HINT = "Press Ctrl-C to stop at the next step; the adapter is still saved."
+
+    def __init__(self, stream: Optional[TextIO] = None, every_s: float = 10.0, lines_per_run: int = 20,
+                 stop_hint: str = NOTEBOOK_STOP_HINT):
         self.stream = stream
+        self.stop_hint = stop_hint
         self.every_s = every_s
         self.lines_per_run = lines_per_run
         self._last_t = 0.0
@@ -60,8 +65,8 @@ class TextReporter(Listener):
             f"Training {e.run_name!r}: {e.examples_text}, {counted(e.total_steps, 'step')} on {e.device}; "
             f"trainable parameters {e.trainable_params:,} of {e.total_params:,} ({e.trainable_percent:.2f}% of the model)"
         )
-        if not e.background:
-            self._print("Interrupt the kernel (■ / Ctrl-C) to stop at the next step; the adapter is still saved.")
+        if not e.background and self.stop_hint:
+            self._print(self.stop_hint)
 
     def on_step(self, e: StepEnd) -> None:
         if self._first_loss is None and e.loss is not None:
