@@ -1087,3 +1087,33 @@ def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_tha
     train, _, _ = D.prepare(str(path), with_tools, cfg())
     learned = with_tools.decode([t for t in train[0].labels if t != -100])
     assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")
+
+
+def test_a_dataset_dict_s_held_out_split_becomes_the_eval_data(tok, tmp_path):
+    """A DatasetDict (a variable, a dict of record lists, or one saved to disk) with 'train' and 'validation' or
+    'test': training reads 'train', and the other split was silently left unused. Now it is the eval data
+    (said in the report), unless --eval names other data; %lora_eval --data on it scores that split."""
+    import datasets
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+    from ft_magics.core.evaluation import heldout_examples
+
+    rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(12)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:9]),
+                               "test": datasets.Dataset.from_list(rows[9:])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    ns = {"dd": dd, "lists": {"train": rows[:8], "validation": rows[8:11], "test": rows[11:]}}
+    cfg = TrainConfig.from_dict({})
+    for src, n_train, n_eval, said in (("dd", 9, 3, "eval from the 'test' split of variable dd"),
+                                       ("lists", 8, 3, "eval from the 'validation' split of variable lists"),
+                                       (str(tmp_path / "saved"), 9, 3, f"eval from the 'test' split of {tmp_path / 'saved'}")):
+        train, ev, report = prepare(src, tok, cfg, namespace=ns)
+        assert (len(train), len(ev), report.split) == (n_train, n_eval, said), src
+    train, ev, report = prepare("dd", tok, TrainConfig.from_dict({"eval_fraction": 0.2}), namespace=ns)
+    assert report.split.endswith("(eval_fraction not used)") and len(ev) == 3
+    train, ev, report = prepare("dd", tok, cfg, namespace=ns, eval_src="lists")  # --eval wins
+    assert len(ev) == 8 and "eval from variable lists" in report.split  # its train split, as --data would read it
+    assert len(heldout_examples("dd", tok, namespace=ns)) == 3
+    one_split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    assert prepare("one", tok, cfg, namespace={"one": one_split})[2].split == "no eval data"

@@ -142,6 +142,33 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     raise FtUsageError(f"data file {src!r} does not exist{hint} (looked relative to {Path.cwd()}).")
 
 
+EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")  # in order of preference
+
+
+def held_out_split(src: Any, namespace: Optional[dict] = None) -> Optional[tuple]:
+    """``(rows object, description)`` of the evaluation split that a --data source brings with it: a
+    DatasetDict (or a dict of record lists) with a 'train' split and a 'validation' / 'test' / ... one.
+    Training reads 'train'; without this the other split was silently left unused."""
+    obj, what = src, "the given data"
+    if isinstance(src, str):
+        saved = user_path(src) / "dataset_dict.json"  # a DatasetDict saved with save_to_disk
+        if saved.is_file():
+            import datasets
+
+            obj, what = datasets.load_from_disk(str(saved.parent)), str(saved.parent)
+        elif namespace is None or not src.isidentifier() or src not in namespace:
+            return None
+        else:
+            obj, what = namespace[src], f"variable {src}"
+    if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj):
+        if "train" not in obj:
+            return None
+        for name in EVAL_SPLITS:
+            if name in obj:
+                return obj[name], f"the '{name}' split of {what}"
+    return None
+
+
 # owner/name, optionally :split - what the Hugging Face Hub calls a dataset (not a local path: checked first)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]:%-]+)?")
 
@@ -229,6 +256,12 @@ def _looks_like_data(v: Any) -> bool:
     return isinstance(v, (list, tuple)) or mod.startswith(("pandas", "datasets"))
 
 
+def _split_lists(obj: Any) -> bool:
+    """A dict of splits, each a list of records (dicts), rather than a dict of columns."""
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in obj.values())
+
+
 def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     mod = type(obj).__module__
     name = type(obj).__name__
@@ -258,6 +291,11 @@ def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[
         if limit is not None and len(obj) > limit:
             obj = obj.select(range(limit))
         return [dict(r) for r in obj]
+    if _split_lists(obj):  # {"train": [records], "test": [records]}: as a DatasetDict, or a JSON file of that shape
+        if "train" not in obj and len(obj) > 1:
+            raise FtUsageError(f"{what} holds several lists of records ({', '.join(obj)}) and none is called "
+                               f"'train'; pass one, e.g. {what.split()[-1]}['{next(iter(obj))}'].")
+        return _rows_from_object(obj["train"] if "train" in obj else next(iter(obj.values())), what, limit)
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) == 1:  # a dict of columns
@@ -1291,14 +1329,16 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
     del rows
-    if eval_src is not None:
+    held = held_out_split(src, namespace) if eval_src is None else None
+    if eval_src is not None or held is not None:
         try:
-            erows, edesc = load_rows(eval_src, namespace, txt_mode, max_rows)
+            erows, edesc = load_rows(held[0] if held else eval_src, namespace, txt_mode, max_rows)
         except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
-            raise FtUsageError(f"the eval data (--eval): {exc}") from None
+            raise FtUsageError(f"the eval data ({held[1] if held else '--eval'}): {exc}") from None
+        edesc = held[1] if held else edesc
         eval_records, _ = normalise(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
         train_records = records
-        split_desc = f"eval from {edesc}"
+        split_desc = f"eval from {edesc}" + (" (eval_fraction not used)" if held and cfg.eval_fraction else "")
     else:
         train_records, eval_records = split(records, cfg.eval_fraction, cfg.seed)
         split_desc = (f"eval_fraction {cfg.eval_fraction:g}, seed {cfg.seed}" if eval_records else "no eval data")

@@ -23,11 +23,12 @@ def _cfg(max_seq_len: int):
 
 
 def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512) -> list:
-    """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks."""
+    """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
+    'train' and a 'validation' / 'test' split, that held-out split."""
     from .data import prepare
 
-    examples, _, _ = prepare(src, tokenizer, _cfg(max_seq_len), namespace=namespace)
-    return examples
+    examples, held_out, _ = prepare(src, tokenizer, _cfg(max_seq_len), namespace=namespace)
+    return held_out or examples
 
 
 def general_examples(tokenizer, max_seq_len: int = 512) -> list:
