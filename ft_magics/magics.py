@@ -606,6 +606,9 @@ class FtMagics(Magics):
     @argument("--batch-size", type=int, default=8, help="Examples per step. Default 8.")
     @argument("--r", type=int, default=16, help="LoRA rank for the adapter size. Default 16.")
     @argument("--gradient-checkpointing", action="store_true", help="Plan activations with gradient checkpointing.")
+    @argument("--memory", default=None,
+              help="Say what fits in this much memory (24GB, 16GiB, 80) and at which batch; 'here': this machine's "
+                   "GPU (or RAM without one).")
     @argument("--optimizer", default="adamw", choices=OPTIMIZERS,
               help="The optimizer (as the optimizer setting): adamw_8bit keeps Adam's states in 8 bits. Default adamw.")
     @line_magic
@@ -616,13 +619,22 @@ class FtMagics(Magics):
         Examples::
 
             %ft_plan 7B --seq-len 2048 --batch-size 4
+            %ft_plan 8B --memory 24GB            (what fits in 24 GB, at which batch)
             %ft_plan meta-llama/Llama-2-70b-hf
             %ft_plan ./my-model
         """
         args = parse_args(self.ft_plan, line)
+        memory = None
+        if args.memory:  # checked before anything is printed
+            from .core.planner import memory_here, parse_memory
+
+            memory = memory_here() if args.memory.strip().lower() == "here" else (parse_memory(args.memory), "")
         p = self.session.plan(args.model, seq_len=args.seq_len, batch_size=args.batch_size, r=args.r,
                               gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer)
         print(p.table())
+        if memory is not None:
+            print()
+            print(p.fit_text(*memory))
         if p.dims.params > 30e9:
             from .core.planner import seed_comparison
 

@@ -166,3 +166,41 @@ def test_each_optimizer_is_planned_at_the_state_it_keeps(tmp_path):
     lora = planner.resolve_model("7B").lora_params(16)
     assert planner.plan("7B", optimizer="sgd").mode("LoRA, 16-bit base").adapter_optimizer == 8 * lora
     assert "SGD: no state 0" in planner.plan("7B", optimizer="sgd").table()
+
+
+def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
+    """--memory: per mode, the first of (smaller batch with grad_accum, down to 2; then checkpointing) whose
+    planned total fits; the advice's settings must fit and the plan's own batch without them must not."""
+    from IPython.core.error import UsageError
+
+    assert planner.parse_memory("24GB") == 24e9 and planner.parse_memory("16GiB") == 16 * 2**30
+    assert planner.parse_memory("80") == 80e9 and planner.parse_memory("512 MB") == 512e6
+    for bad in ("lots", "0", "-3GB", "24 apples"):
+        with pytest.raises(FtUsageError, match="--memory"):
+            planner.parse_memory(bad)
+
+    p = planner.plan("8B", seq_len=512, batch_size=8)
+    text = p.fit_text(24e9)
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines()[1:]}
+    full, lora, qlora = (lines[m.mode] for m in p.modes)
+    assert "does not fit, even at batch 1" in full and "or QLoRA" in full
+    assert "fits at batch 8 with gradient checkpointing" in lora
+    assert "fits at batch 4," in qlora and "batch_size: 4, grad_accum: 2: 8 examples per step" in qlora
+
+    def total(mode, batch, ckpt):
+        return planner.plan("8B", seq_len=512, batch_size=batch, gradient_checkpointing=ckpt).mode(mode).total
+
+    lm, qm = p.modes[1].mode, p.modes[2].mode
+    assert total(lm, 8, True) <= 24e9 < min(total(lm, 8, False), total(lm, 4, False), total(lm, 2, False))
+    assert total(qm, 4, False) <= 24e9 < total(qm, 8, False)
+    assert "fits at batch 8, " in planner.plan("8B").fit_text(1e12)  # plenty: the plan as it is
+
+    shell.run_line_magic("ft_plan", "8B --memory 24GB")
+    out = capsys.readouterr().out
+    assert "In 24.0 GB:" in out and "grad_accum: 2" in out
+    with pytest.raises(UsageError, match="--memory 'lots' is not a size"):
+        shell.run_line_magic("ft_plan", "8B --memory lots")
+    assert capsys.readouterr().out == ""  # refused before the table was printed
+    shell.run_line_magic("ft_plan", "demo --memory here")
+    mem, where = planner.memory_here()  # the GPU's memory where there is one, else the RAM
+    assert f"In {mem / 1e9:.1f} GB ({where}):" in capsys.readouterr().out

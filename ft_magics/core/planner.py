@@ -265,6 +265,10 @@ class Plan:
     def mode(self, name: str) -> ModePlan:
         return next(m for m in self.modes if m.mode == name)
 
+    def fit_text(self, memory: float, where: str = "") -> str:
+        """Which modes fit in ``memory`` bytes, at which batch (see :func:`fit_advice`)."""
+        return fit_advice(self, memory, where)
+
     def table(self) -> str:
         d = self.dims
         saving = optimizer_saving(self.optimizer)
@@ -368,3 +372,76 @@ def seed_comparison(p: Optional[Plan] = None) -> str:
         f"  QLoRA: seed ~36 GB; computed weights {q.weights / GB:.1f} GB ({NF4_BITS:.3f} bits/param + 16-bit "
         f"embeddings), total {q.total / GB:.1f} GB.",
     ])
+
+
+# --------------------------------------------------------------------------- will it fit?
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.I)
+
+
+def parse_memory(text: str) -> float:
+    """``24GB``, ``24G``, ``16GiB``, ``80`` (GB), ``512MB`` -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise FtUsageError(f"--memory {text!r} is not a size: write it like 24GB, 16GiB or 80 (GB), or 'here' for "
+                           "this machine's accelerator (or RAM without one).")
+    unit = (m.group(2) or "gb").lower()
+    scale = {"g": GB, "gb": GB, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12, "tb": 1e12, "tib": 2**40}[unit]
+    value = float(m.group(1)) * scale
+    if value <= 0:
+        raise FtUsageError(f"--memory must be more than 0 (got {text!r}).")
+    return value
+
+
+def memory_here() -> tuple:
+    """``(bytes, what)``: the first CUDA GPU's total memory, else the machine's RAM."""
+    import psutil
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory), torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no usable torch: plan against RAM
+        pass
+    return float(psutil.virtual_memory().total), "this machine's RAM (no GPU)"
+
+
+def fit_advice(p: "Plan", memory: float, where: str = "") -> str:
+    """Per mode: whether the plan's batch fits ``memory``, and if not, the largest batch that does (with
+    gradient checkpointing where it needs it, and the grad_accum that keeps the batch the same)."""
+    lines = [f"In {memory / GB:.1f} GB{' (' + where + ')' if where else ''}:"]
+    want = p.batch_size
+
+    def total(mode, batch, ckpt):
+        return plan(p.dims, p.seq_len, batch, p.r, gradient_checkpointing=ckpt, chunked_loss=p.chunked_loss,
+                    optimizer=p.optimizer).mode(mode).total
+
+    for m in p.modes:
+        # a smaller batch (with grad_accum) first, down to 2; then gradient checkpointing, which costs a
+        # recomputed forward (about a third more compute) but keeps the batch
+        options = ([(b, p.gradient_checkpointing) for b in _halvings(want) if b >= min(2, want)]
+                   + [(b, True) for b in _halvings(want)])
+        fit = next(((b, c) for b, c in options if total(m.mode, b, c) <= memory), None)
+        if fit is None:
+            least = total(m.mode, 1, True)
+            ways = "a smaller model or a shorter --seq-len" + ("" if m.mode.startswith("QLoRA") else ", or QLoRA")
+            lines.append(f"  {m.mode}: does not fit, even at batch 1 with gradient checkpointing "
+                         f"({least / GB:.1f} GB); choose {ways}.")
+            continue
+        b, ckpt = fit
+        settings = ([f"batch_size: {b}"] if b < want else []) + ([f"grad_accum: {want // b}"] if b < want else []) \
+            + (["gradient_checkpointing: true"] if ckpt and not p.gradient_checkpointing else [])
+        how = f"batch {b}" + (" with gradient checkpointing" if ckpt and not p.gradient_checkpointing else "")
+        lines.append(f"  {m.mode}: fits at {how}, {total(m.mode, b, ckpt) / GB:.1f} GB"
+                     + (f" ({', '.join(settings)}{f': {want} examples per step' if b < want else ''})" if settings else "")
+                     + ".")
+    return "\n".join(lines)
+
+
+def _halvings(n: int) -> list:
+    out = []
+    while n >= 1:
+        out.append(n)
+        n //= 2
+    return out
+
