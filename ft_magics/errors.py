@@ -16,9 +16,17 @@ class FtUsageError(ValueError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string. Where no choice is close as a
+    whole, the ones that contain the word, case aside (``mistral`` -> ``Mistral-7B-v0.1``), up to three."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    low = str(word).lower().strip("-_ ./")
+    holding = [c for c in choices if len(low) >= 3 and low in c.lower()]
+    if 0 < len(holding) <= 3:
+        return " (did you mean " + " or ".join(repr(c) for c in holding) + "?)"
+    return ""
 
 
 def unknown(kind: str, word: str, choices: Iterable[str], fix: str = "") -> FtUsageError:

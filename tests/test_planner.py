@@ -204,3 +204,8 @@ def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
     shell.run_line_magic("ft_plan", "demo --memory here")
     mem, where = planner.memory_here()  # the GPU's memory where there is one, else the RAM
     assert f"In {mem / 1e9:.1f} GB ({where}):" in capsys.readouterr().out
+
+
+def test_a_partial_model_name_is_answered_with_the_models_that_hold_it():
+    with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'Mistral-7B-v0.1' or 'Mistral-7B-v0.3'\?\)"):
+        planner.resolve_model("mistral")
