@@ -207,5 +207,5 @@ def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
 
 
 def test_a_partial_model_name_is_answered_with_the_models_that_hold_it():
-    with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'Mistral-7B-v0.1' or 'Mistral-7B-v0.3'\?\)"):
+    with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'mistralai/Mistral-7B-v0.1' or 'mistralai/Mistral-7B-v0.3'\?\)"):
         planner.resolve_model("mistral")

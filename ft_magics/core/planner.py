@@ -228,9 +228,9 @@ def resolve_model(model: str) -> ModelDims:
     key = _known(m)
     if key is not None:
         return ModelDims(key, *KNOWN_MODELS[key][:8], "built-in table", *KNOWN_MODELS[key][8:])
-    names = list(KNOWN_MODELS) + [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"]
+    hint = did_you_mean(m, list(KNOWN_MODELS)) or did_you_mean(m, [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"])
     raise FtUsageError(
-        f"unknown model {m!r}{did_you_mean(m, names)}: not a local folder with config.json and not in the built-in "
+        f"unknown model {m!r}{hint}: not a local folder with config.json and not in the built-in "
         f"table or the local Hugging Face cache. Give a parameter count instead (e.g. %ft_plan 7B), a folder with "
         f"its config.json, or one of: {', '.join(k.split('/')[-1] for k in KNOWN_MODELS)}."
     )
