@@ -296,10 +296,10 @@ class Session:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
         from peft import PeftModel
 
-        from .core.adapters import check_fits, info_from_folder, read_adapter_folder, validate_name
+        from .core.adapters import check_fits, info_from_folder, name_from_folder, read_adapter_folder, validate_name
 
         path = user_path(path)
-        name = validate_name(name or path.name)
+        name = validate_name(name or name_from_folder(path))
         config = read_adapter_folder(path)
         with self._model_busy("load an adapter"):
             model = self.model

@@ -330,3 +330,20 @@ def test_real_background_run_blocks_swap_merge_generate_until_it_ends(tiny_sessi
     assert not tiny_session.training_in_progress
     assert tiny_session.runs[-1].steps == 3 and "bg" in tiny_session.adapters
     assert tiny_session.generate("hello", adapter="a", max_new_tokens=2).adapter == "a"
+
+
+def test_a_dotted_adapter_name_is_refused_with_a_fix_and_a_dotted_folder_loads_under_a_dotless_name(
+        tiny_session, made_by_peft, tmp_path):
+    """PEFT cannot hold '.' in an adapter name (its layer dictionaries refuse it): %%lora_train kb0.05 crashed
+    inside PEFT with a KeyError after the data was read. Refused up front, naming a name that works."""
+    import shutil
+
+    s = tiny_session
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(8)]
+    with pytest.raises(FtUsageError, match=r"adapter name 'kb0.05' is not allowed \('.' cannot be part of one.*'kb0_05'"):
+        s.train("kb0.05", rows, {"max_steps": 1, "batch_size": 2}, listeners=[])
+    assert s.adapters.names() == [] and not hasattr(s.model, "peft_config")  # nothing attached
+    dotted = tmp_path / "llama-3.1-lora"
+    shutil.copytree(made_by_peft["a"], dotted)
+    assert s.load_adapter(dotted) == "llama-3_1-lora"
+    assert s.generate("hi", adapter="llama-3_1-lora", max_new_tokens=2).adapter == "llama-3_1-lora"

@@ -18,7 +18,7 @@ from .atomic import COMPLETE_MARKER
 from .events import counted
 
 BASE = "base"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's layer dictionaries refuse it
 
 
 def validate_name(name: str) -> str:
@@ -29,11 +29,20 @@ def validate_name(name: str) -> str:
     if name == BASE:
         raise FtUsageError("'base' is reserved for the base model without adapters; choose another name.")
     if "/" in name or "\\" in name or ".." in name or name.startswith(".") or not _NAME_RE.match(name):
+        dotless = name.replace(".", "_")
+        hint = (f" ('.' cannot be part of one: PEFT names the adapter's layers with it; e.g. {dotless!r})"
+                if "." in name and _NAME_RE.match(dotless) else "")
         raise FtUsageError(
-            f"adapter name {name!r} is not allowed: use letters, digits, '-', '_' or '.', start with a letter "
-            "or digit, at most 64 characters, no path separators or '..'."
+            f"adapter name {name!r} is not allowed{hint}: use letters, digits, '-' or '_', start with a letter "
+            "or digit, at most 64 characters."
         )
     return name
+
+
+def name_from_folder(path) -> str:
+    """The name an adapter folder loads under when none is given: the folder's name, a '.' (which an adapter
+    name cannot hold) written '_' (``llama-3.1-lora`` -> ``llama-3_1-lora``)."""
+    return Path(path).name.replace(".", "_")
 
 
 @dataclass
