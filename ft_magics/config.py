@@ -113,6 +113,10 @@ class TrainConfig:
     # evaluation
     eval_fraction: float = _f(0.0, "Fraction of the data held out for evaluation when no --eval source is given.")
     eval_steps: int = _f(0, "Evaluate every N steps (0: only at the end, when there is eval data).")
+    keep_best: bool = _f(False, "Save the adapter as it was at the evaluation with the lowest eval loss, not as the "
+                                "last step left it (needs eval data and eval_steps).")
+    early_stopping: int = _f(0, "Stop after this many evaluations in a row without a lower eval loss, keeping the "
+                                "best adapter (needs eval data and eval_steps; 0: off).")
     # reporting
     log_every: int = _f(1, "Read the loss back from the device every N steps (fewer host syncs).")
     # checkpoints and memory (resume with %%lora_train NAME --resume)
@@ -184,6 +188,10 @@ class TrainConfig:
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
         need(self.neftune_noise_alpha >= 0, f"neftune_noise_alpha must be >= 0 (got {self.neftune_noise_alpha}); 0 turns it off.")
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
+        need(self.early_stopping >= 0, f"early_stopping must be >= 0 evaluations (got {self.early_stopping}); 0 turns it off.")
+        need(not (self.keep_best or self.early_stopping) or self.eval_steps > 0,
+             f"{'early_stopping' if self.early_stopping else 'keep_best'} compares evaluations made during training: "
+             "set eval_steps: N too (and give eval data: --eval FILE or eval_fraction: 0.1).")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
         need(self.loss_chunk_rows >= 0, f"loss_chunk_rows must be >= 0 (0 = auto; got {self.loss_chunk_rows}).")
         need(self.save_every >= 0, f"save_every must be >= 0 steps (got {self.save_every}); 0 turns it off.")
@@ -227,6 +235,8 @@ ALIASES = {
     "optim": "optimizer",
     "logging_steps": "log_every",
     "save_steps": "save_every",
+    "load_best_model_at_end": "keep_best",
+    "early_stopping_patience": "early_stopping",
     "dataset_text_field": "text_field",
     "num_epochs": "epochs",
 }

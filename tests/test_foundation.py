@@ -771,3 +771,42 @@ def test_bitsandbytes_hub_kernel_note_is_not_shown_wherever_bitsandbytes_is_firs
         pytest.skip("bitsandbytes does not try the hub kernel on this CPU (no AVX512-BF16)")
     ours = subprocess.run([sys.executable, "-c", "import ft_magics; " + first_import], capture_output=True, text=True)
     assert ours.returncode == 0 and "kernels-community" not in ours.stderr, ours.stderr
+
+
+def test_keep_best_saves_the_lowest_eval_loss_adapter_and_early_stopping_stops(tiny_session):
+    """A learning rate high enough that the eval loss bottoms out and rises: keep_best saves the weights of
+    the best evaluation (scored again from the saved adapter), early_stopping ends the run after N evaluations
+    without a lower loss; without either the last step's weights are saved. Both need evaluations."""
+    from ft_magics.errors import FtUsageError
+
+    s = tiny_session
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(40)]
+    ev = [{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(8)]
+    base = {"max_steps": 12, "batch_size": 4, "learning_rate": 0.3, "warmup": 0, "eval_steps": 2}
+    plain = s.train("plain", rows, base, eval_data=ev, listeners=[])
+    evals = plain.record["eval_history"]
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert best_step < 12 and evals[-1][1] > best_loss  # the setting this test needs: the loss turns back up
+
+    def rescored(name):
+        report = s.evaluate(name, ev, general=False)  # the saved adapter, scored again
+        return report.loss(report.sets[0], name)
+
+    assert abs(rescored("plain") - evals[-1][1]) < 1e-4  # without keep_best: the last step's adapter
+    kept = s.train("kept", rows, dict(base, keep_best=True), eval_data=ev, listeners=[])
+    assert kept.record["best"] == {"step": best_step, "eval_loss": kept.eval_loss, "restored": True,
+                                   "early_stopped_at": None}
+    assert abs(kept.eval_loss - best_loss) < 1e-4 and abs(rescored("kept") - best_loss) < 1e-4
+    stopped = s.train("stopped", rows, dict(base, max_steps=40, early_stopping=2), eval_data=ev, listeners=[])
+    own_step, own_loss = min(stopped.record["eval_history"], key=lambda e: e[1])  # (its schedule runs to 40 steps)
+    assert stopped.status == "completed" and stopped.steps == own_step + 4 < 40  # two evaluations without a lower loss
+    assert stopped.record["best"]["early_stopped_at"] == stopped.steps and stopped.eval_loss == own_loss
+    assert abs(rescored("stopped") - own_loss) < 1e-4
+    assert f"(the weights of step {own_step}, its lowest eval loss; early stopping at step {stopped.steps})" \
+        in s.adapter_card("stopped")
+    for bad, message in (({"keep_best": True}, "keep_best compares evaluations made during training: set eval_steps"),
+                         ({"early_stopping": 2, "eval_steps": 2}, "early_stopping compares eval losses, and this run "
+                                                                  "has no eval data")):
+        with pytest.raises(FtUsageError, match=message):
+            s.train("bad", rows, dict({"max_steps": 2, "batch_size": 4}, **bad), listeners=[])
+    assert "bad" not in s.adapters.names()

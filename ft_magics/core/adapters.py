@@ -162,6 +162,10 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
         loss = f"{first}{final:.4f}" if final is not None else "-"
         if record.get("eval_loss") is not None:
             loss += f"; eval {record['eval_loss']:.4f}"
+        best = record.get("best") or {}
+        if best.get("restored"):
+            loss += f" (the weights of step {best['step']}, its lowest eval loss"
+            loss += f"; early stopping at step {best['early_stopped_at']})" if best.get("early_stopped_at") else ")"
         rows.append(("Loss", loss))
     data = record.get("data") or {}
     if data:

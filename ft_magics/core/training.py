@@ -318,6 +318,68 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
     return EventCallback()
 
 
+class BestKeeper:
+    """``keep_best`` / ``early_stopping``: a copy (on the CPU) of the adapter's weights at the lowest eval loss
+    so far, put back before the adapter is saved; and the stop once ``early_stopping`` evaluations in a row
+    found no lower loss. Works from the Trainer's evaluations, the final one included. Within one run: a
+    resumed run starts looking for its best afresh."""
+
+    def __init__(self, peft_model, cfg: TrainConfig):
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.patience = int(cfg.early_stopping)
+        self.best: Optional[tuple] = None  # (eval loss, step)
+        self.weights: Optional[list] = None
+        self.evaluations = 0
+        self.since_best = 0
+        self.stopped_at: Optional[int] = None
+        self.last_step_seen: Optional[int] = None  # the step whose weights the model holds at the last evaluation
+
+    def consider(self, step: int, loss: Optional[float]) -> bool:
+        """Record an evaluation; whether training should stop now."""
+        import math
+
+        self.evaluations += 1
+        self.last_step_seen = step
+        if loss is not None and math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best, self.since_best = (loss, step), 0
+            self.weights = [p.detach().to("cpu", copy=True) for p in self.params]
+        else:
+            self.since_best += 1
+        if self.patience and self.since_best >= self.patience and self.stopped_at is None:
+            self.stopped_at = step
+            return True
+        return False
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        keeper = self
+
+        class KeepBest(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                if keeper.consider(state.global_step, _f((metrics or {}).get("eval_loss"))):
+                    control.should_training_stop = True
+                return control
+
+        return KeepBest()
+
+    def restore(self, last_step: int) -> Optional[str]:
+        """Put the best weights back where the model holds others; a line saying what was kept (None: nothing
+        to say, the last step was the best or nothing was evaluated)."""
+        import torch
+
+        if self.best is None:
+            return None
+        loss, step = self.best
+        if step == last_step and self.last_step_seen == last_step:
+            return None
+        with torch.no_grad():
+            for p, w in zip(self.params, self.weights):
+                p.copy_(w.to(p.device))
+        return (f"kept the adapter as it was at step {step} (eval loss {loss:.4f}, the lowest of "
+                f"{self.evaluations} evaluations), not as step {last_step} left it")
+
+
 def _last_step_evaluated(history: dict) -> bool:
     """Whether the run's last step has an evaluation recorded (the Trainer's own, with eval_steps)."""
     return bool(history["eval"]) and history["eval"][-1][0] == history["last_step"]
@@ -534,6 +596,9 @@ def run_training(
     from datasets import Dataset
 
     flag = flag or StopFlag()
+    if (cfg.keep_best or cfg.early_stopping) and not eval_examples:
+        raise FtUsageError(f"{'early_stopping' if cfg.early_stopping else 'keep_best'} compares eval losses, and this "
+                           "run has no eval data: give --eval FILE (or eval_fraction: 0.1 in the body).")
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
@@ -582,11 +647,13 @@ def run_training(
     # make_trainer: the chunked loss (no full-vocabulary logits for the batch) and the other speed levers
     from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, warmup_from_first_step
 
+    keeper = BestKeeper(peft_model, cfg) if (cfg.keep_best or cfg.early_stopping) else None
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
         lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
-        callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
+        callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)]
+        + ([keeper.callback()] if keeper is not None else []),
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -636,6 +703,19 @@ def run_training(
         seconds = time.perf_counter() - t0
         steps = history["last_step"]
         losses = [l for _, l in history["loss"]]
+        best = None
+        if keeper is not None and status != "failed":
+            if keeper.stopped_at is not None:
+                emit(listeners, Message(f"early stopping: {keeper.patience} evaluation"
+                                        f"{'s' if keeper.patience != 1 else ''} in a row without a lower eval loss; "
+                                        f"stopped at step {keeper.stopped_at}."))
+            kept = keeper.restore(steps)
+            if keeper.best is not None:
+                best = {"step": keeper.best[1], "eval_loss": keeper.best[0], "restored": kept is not None,
+                        "early_stopped_at": keeper.stopped_at}
+                eval_loss = keeper.best[0]  # the saved adapter's
+            if kept:
+                emit(listeners, Message(kept))
         mem = read_memory(handle.device, callback.peak)
         lt_s = (collator.loss_tokens / seconds) if seconds > 0 else None
         record = {
@@ -653,6 +733,7 @@ def run_training(
             "eval_history": history["eval"],
             "final_loss": losses[-1] if losses else None,
             "eval_loss": eval_loss,
+            "best": best,
             "timings": {"started": started, "seconds": round(seconds, 3),
                         "steps_per_s": round(steps / seconds, 4) if seconds else None,
                         "loss_tokens": collator.loss_tokens,
