@@ -810,3 +810,17 @@ def test_keep_best_saves_the_lowest_eval_loss_adapter_and_early_stopping_stops(t
         with pytest.raises(FtUsageError, match=message):
             s.train("bad", rows, dict({"max_steps": 2, "batch_size": 4}, **bad), listeners=[])
     assert "bad" not in s.adapters.names()
+
+
+def test_an_answer_that_loops_says_how_to_curb_it(tiny_session, capsys):
+    """Greedy decoding of a small model ends in a loop ("I'm a wizard. I'm a wizard. ..." for 256 tokens on the
+    demo model); the footer names --repetition-penalty. Not where the answer does not loop, nor with a penalty."""
+    from ft_magics.core.inference import LOOP_NOTE, repeats_itself
+
+    assert repeats_itself([7, 1, 2, 3] + [4, 5, 6] * 4) and not repeats_itself([4, 5, 6] * 3)
+    assert not repeats_itself(list(range(40))) and not repeats_itself([0] * 8)  # a short run of one token
+    s = tiny_session
+    looped = s.generate("hello there", max_new_tokens=40)  # the tiny random model loops on a few tokens
+    assert LOOP_NOTE in looped.note and LOOP_NOTE in looped.describe()
+    assert LOOP_NOTE not in s.generate("hello there", max_new_tokens=40, repetition_penalty=5.0).note
+    assert LOOP_NOTE not in s.generate("hello there", max_new_tokens=3).note  # too short to tell

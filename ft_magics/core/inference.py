@@ -169,11 +169,31 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     seconds = time.perf_counter() - t
     if was_training:
         model.train()
-    new = out[0][enc["input_ids"].shape[1]:]
+    new = out[0][enc["input_ids"].shape[1]:].tolist()
+    if sampling.repetition_penalty == 1.0 and repeats_itself(new):
+        note = "; ".join(n for n in (note, LOOP_NOTE) if n)
     return Generation(
-        text=_decoded(tokenizer, new.tolist()), adapter=adapter_label,
-        new_tokens=int(new.numel()), seconds=seconds, stopped=flag.is_set(), note=note,
+        text=_decoded(tokenizer, new), adapter=adapter_label,
+        new_tokens=len(new), seconds=seconds, stopped=flag.is_set(), note=note,
     )
+
+
+def repeats_itself(ids: Sequence[int], min_repeats: int = 4, max_period: int = 32, min_span: int = 12) -> bool:
+    """Whether the answer ends in one stretch of 1-``max_period`` tokens said ``min_repeats`` times or more in
+    a row, over ``min_span`` tokens at least ("I'm a wizard. I'm a wizard. ..."): the loop a small model falls
+    into when decoded greedily. (The span keeps a run of dots or a table rule from counting.)"""
+    ids = list(ids)
+    for period in range(1, max_period + 1):
+        span = period * max(min_repeats, -(-min_span // period))
+        if len(ids) < span:
+            break
+        tail = ids[-span:]
+        if all(tail[i] == tail[i % period] for i in range(span)):
+            return True
+    return False
+
+
+LOOP_NOTE = "the answer repeats itself: --repetition-penalty 1.2 (or sampling, --temperature 0.7) curbs that"
 
 
 def _decoded(tokenizer, ids: list) -> str:
