@@ -52,7 +52,13 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         if rest:
             raise FtUsageError("usage: %lora_adapters list")
         on_disk = s.adapters_on_disk()
+        running = s.training_in_background
+        if running:
+            out(f"training {running!r} in the background: it joins this list when it is saved (%lora_stop stops it "
+                "at the next step and saves it).")
         if not s.adapters and not on_disk:
+            if running:
+                return
             out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
                 "%lora_adapters load PATH.")
             return

@@ -129,8 +129,7 @@ class Session:
             from .core.atomic import writable_dir
 
             writable_dir(out_root, "the adapter")
-        if self._training is not None and self._training.is_alive():
-            raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        self._check_no_training()
         self._check_not_merged("train")  # it would learn on top of the merged weights
         if resume:  # nothing to resume is a user error, found before any work
             from .core.checkpoints import checkpoint_root, require_resumable
@@ -239,6 +238,16 @@ class Session:
     def training_in_progress(self) -> bool:
         return self._training is not None and self._training.is_alive()
 
+    @property
+    def training_in_background(self) -> Optional[str]:
+        """The name of the adapter a background run is training now, or None."""
+        return self._training.name.removeprefix("ft_magics-train-") if self.training_in_progress else None
+
+    def _check_no_training(self) -> None:
+        if self.training_in_progress:
+            raise FtUsageError(f"training {self.training_in_background!r} is in progress in the background; stop it "
+                               "first (%lora_stop) or wait for it to finish.")
+
     # ------------------------------------------------------------------ jobs on several processes (core/jobs.py)
     def export_job(self, name: str, job_dir: str | Path, data: Any = None, config: Optional[dict | TrainConfig] = None,
                    *, eval_data: Any = None, processes: int = 1, output_dir: Optional[str | Path] = None,
@@ -263,8 +272,7 @@ class Session:
         from .core.jobs import result_from_record, run_job
 
         listeners = _default_listeners(listeners)
-        if self.training_in_progress:
-            raise FtUsageError("a training run is already in progress; stop it first (%lora_stop).")
+        self._check_no_training()
         out_root = Path(output_dir) if output_dir else self.adapters_dir
         job = self.export_job(name, out_root / ".jobs" / name, data, config, eval_data=eval_data, processes=processes,
                               output_dir=out_root.resolve(), listeners=listeners, **overrides)

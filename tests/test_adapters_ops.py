@@ -318,7 +318,14 @@ def test_real_background_run_blocks_swap_merge_generate_until_it_ends(tiny_sessi
                                 listeners=[Pause()], background=True)
     try:
         assert in_step.wait(120), "the background run never reached its first step"
-        assert tiny_session.training_in_progress
+        assert tiny_session.training_in_progress and tiny_session.training_in_background == "bg"
+        from ft_magics import adapter_commands
+
+        lines = []
+        adapter_commands.run(tiny_session, ["list"], out=lines.append)
+        assert lines[0].startswith("training 'bg' in the background") and any(l.startswith("* a ") for l in lines)
+        with pytest.raises(FtUsageError, match="training 'bg' is in progress in the background; stop it first"):
+            tiny_session.train("other", rows, {"max_steps": 1}, listeners=[])
         for what, call in (("switch adapters", lambda: tiny_session.use("base")),
                            ("merge an adapter", lambda: tiny_session.merge_adapter("a")),
                            ("generate", lambda: tiny_session.generate("hello", max_new_tokens=2))):
