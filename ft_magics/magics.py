@@ -229,6 +229,9 @@ class FtMagics(Magics):
     @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
     @argument("--output-dir", default=None, help="Folder to save the adapter in (default: adapters/).")
     @argument("--no-widgets", action="store_true", help="Text progress instead of the live dashboard.")
+    @argument("--dry-run", action="store_true",
+              help="Read and check the data, show the report and an example, make the memory checks and say how "
+                   "many steps the run would take; train nothing.")
     @argument("--background", action="store_true",
               help="Train on a thread so the kernel stays free (Stop button or %%lora_stop).")
     @argument("--resume", action="store_true",
@@ -264,6 +267,15 @@ class FtMagics(Magics):
             print("Note: " + note)
         from .widgets import training_view
 
+        if args.dry_run:
+            from .widgets.text import TextReporter
+
+            if args.processes is not None or args.launcher is not None or args.background:
+                raise UsageError("--dry-run checks a run without starting one: leave out --processes, --launcher and "
+                                 "--background.")
+            self.session.train(args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir,
+                               listeners=[TextReporter()], resume=args.resume, dry_run=True)
+            return None
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
         if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
             if args.background or args.resume:

@@ -106,12 +106,14 @@ class Session:
 
     def train(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
               eval_data: Any = None, output_dir: Optional[str | Path] = None, listeners: Optional[list] = None,
-              background: bool = False, on_done: Optional[Callable] = None, resume: bool = False, **overrides):
+              background: bool = False, on_done: Optional[Callable] = None, resume: bool = False,
+              dry_run: bool = False, **overrides):
         """Train a LoRA adapter ``name``. ``config`` is a dict (YAML body) or TrainConfig; keyword
         overrides win. ``resume=True`` continues from NAME's latest complete checkpoint (same data and
         settings). ``listeners`` see the run's events; by default (None) progress is printed as text, as
         the magic does in a terminal; ``[]`` trains silently. Returns a TrainResult, or the Thread when
-        ``background`` is true."""
+        ``background`` is true. ``dry_run``: read, check and report the data, make the run's memory checks, say
+        how many steps it would take, and stop there (returns the DataReport; the model is not touched)."""
         from .core.adapters import replacing_note, validate_name
         from .core.events import Message, emit
 
@@ -143,6 +145,9 @@ class Session:
             note = replacing_note(target, name)
             if note:
                 emit(listeners, Message(note, "warning"))
+        if dry_run:
+            emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex)))
+            return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)
         heldout = (data, eval_data, cfg) if eval_ex else None
         if background:
@@ -155,6 +160,24 @@ class Session:
             return thread
         return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done,
                                    resume=resume, heldout=heldout)
+
+    def _dry_run_text(self, cfg: TrainConfig, train_ex: list, eval_ex: list) -> str:
+        from .core.training import planned_steps, preflight
+
+        run_cfg, ckpt_why = preflight(self.handle, cfg, train_ex)  # a batch that cannot fit is refused here too
+        steps = planned_steps(cfg, len(train_ex))
+        per_step = f"{cfg.batch_size}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
+        span = (f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
+        if not eval_ex:
+            evals = "no eval data"
+        elif cfg.eval_steps:
+            evals = f"{len(eval_ex)} eval examples, every {cfg.eval_steps} steps and at the end"
+        else:
+            evals = f"{len(eval_ex)} eval examples, at the end"
+        ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
+        return (f"Dry run: {len(train_ex):,} training examples -> {steps:,} optimizer steps of {per_step} ({span}); "
+                f"{evals}; gradient checkpointing {ckpt}. The memory checks passed. Nothing was trained: run the "
+                "cell without --dry-run to train.")
 
     def _train_guarded(self, name, train_ex, eval_ex, cfg, target, listeners, report, background, on_done,
                        resume=False, heldout=None):

@@ -824,3 +824,29 @@ def test_an_answer_that_loops_says_how_to_curb_it(tiny_session, capsys):
     assert LOOP_NOTE in looped.note and LOOP_NOTE in looped.describe()
     assert LOOP_NOTE not in s.generate("hello there", max_new_tokens=40, repetition_penalty=5.0).note
     assert LOOP_NOTE not in s.generate("hello there", max_new_tokens=3).note  # too short to tell
+
+
+def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model_dir, tmp_path, capsys):
+    """%%lora_train --dry-run: the data report, the example, the steps the run would take (the same count a
+    real run then takes) and the memory checks; no adapter attached, nothing written."""
+    import json
+
+    from IPython.core.error import UsageError
+
+    rows = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(21)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    s = shell.magics_manager.registry["FtMagics"].session
+    body = "batch_size: 4\ngrad_accum: 2\nepochs: 2\nr: 4\neval_fraction: 0.2\neval_steps: 2\n"
+    shell.run_cell_magic("lora_train", "dry --data d.jsonl --dry-run", body)
+    out = capsys.readouterr().out
+    assert "Example" in out and "Dry run: 17 training examples -> 6 optimizer steps of 4 x grad_accum 2 (2 epochs); " \
+                                  "4 eval examples, every 2 steps and at the end" in out
+    assert not hasattr(s.model, "peft_config") and not (tmp_path / "adapters" / "dry").exists() and not s.runs
+    shell.run_cell_magic("lora_train", "dry --data d.jsonl --no-widgets", body)
+    assert s.runs[-1].steps == 6  # what the dry run said
+    with pytest.raises(UsageError, match="--dry-run checks a run without starting one"):
+        shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run --background", body)
+    with pytest.raises(UsageError, match="free"):  # the memory check a real run makes, made by the dry run too
+        shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run", "batch_size: 100000000\nr: 4\n"
+                                                                           "gradient_checkpointing: false\n")

@@ -574,6 +574,28 @@ def versions() -> dict:
     return out
 
 
+def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
+    """The memory checks a run makes before it touches the model (the adapter, the batch, whether gradient
+    checkpointing goes on): ``(cfg as the run will train, why checkpointing was switched on, or "")``."""
+    free = read_memory(handle.device).available_bytes  # one reading for the three decisions
+    check_adapter_fits(handle.model, cfg, handle.device, free)
+    ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples, free)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
+    check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
+    return cfg, ckpt_why
+
+
+def planned_steps(cfg: TrainConfig, examples: int, processes: int = 1) -> int:
+    """Optimizer steps the Trainer will take: max_steps, else epochs over batches of batch_size x grad_accum
+    (x processes), as transformers counts them."""
+    import math
+
+    if cfg.max_steps > 0:
+        return int(cfg.max_steps)
+    per_epoch = max(1, math.ceil(math.ceil(examples / (cfg.batch_size * processes)) / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
 def run_training(
     handle,
     name: str,
@@ -602,11 +624,8 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
-    free = read_memory(handle.device).available_bytes  # one reading for the three decisions below
-    check_adapter_fits(handle.model, cfg, handle.device, free)
-    ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples, free)
-    cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
-    check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
+    cfg, ckpt_why = preflight(handle, cfg, train_examples)
+    ckpt_on = cfg.gradient_checkpointing
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
