@@ -527,6 +527,9 @@ class FtMagics(Magics):
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
     @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
     @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")
+    @argument("--answers", type=int, default=0,
+              help="Also answer N held-out questions greedily with the base and the adapter and count the answers "
+                   "that match the reference (whole, and first line). Default 0: none.")
     @line_magic
     @user_errors
     def lora_eval(self, line=""):
@@ -541,7 +544,7 @@ class FtMagics(Magics):
         args = parse_args(self.lora_eval, line)
         name = args.name or self.session.adapters.active or "base"
         report = self.session.evaluate(name, args.data, general=not args.no_general,
-                                       batch_size=args.batch_size, max_seq_len=args.max_seq_len)
+                                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, answers=args.answers)
         self._show(report)
         if args.data is None and name not in self.session.heldout:
             print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "

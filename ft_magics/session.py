@@ -652,11 +652,13 @@ class Session:
                     activate(self.model, previous)
 
     def evaluate(self, name: Optional[str], data: Any = None, *, general: bool = True, batch_size: int = 8,
-                 max_seq_len: int = 512):
+                 max_seq_len: int = 512, answers: int = 0):
         """Loss and perplexity of the base and adapter ``name`` on ``data`` and (forgetting check) on the
-        bundled general-text sample; a core.evaluation.EvalReport."""
+        bundled general-text sample; a core.evaluation.EvalReport. ``answers`` > 0: also the greedy answers of
+        each to that many held-out questions, scored against the reference answers (exact, first line)."""
         from .core.adapters import BASE, activate
-        from .core.evaluation import EvalReport, general_examples, heldout_examples, loss_and_perplexity
+        from .core.evaluation import (EvalReport, answer_scores, eval_config, general_examples,
+                                      heldout_examples, loss_and_perplexity)
         from .core.training import training_layout
 
         self._require_model()
@@ -665,6 +667,22 @@ class Session:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
+        if int(answers) < 0:
+            raise FtUsageError(f"--answers must be >= 0 questions (got {answers}); 0 scores no answers.")
+        cases = []
+        if answers:
+            from .core.data import answer_cases, split_records
+
+            if data is None and own is None:
+                raise FtUsageError("--answers needs held-out questions: give --data FILE (or evaluate an adapter "
+                                   "trained in this session with --eval or eval_fraction).")
+            src, eval_src, cfg = (data, None, eval_config(max_seq_len)) if data is not None else own
+            *_, train_records, eval_records, _ = split_records(src, cfg, self.namespace, eval_src)
+            held = eval_records if (eval_records or data is None) else train_records  # --data: all of it
+            cases = answer_cases(held)[:int(answers)]
+            if not cases:
+                raise FtUsageError("--answers scores answers to questions, and none of the held-out examples is a "
+                                   "question with an answer (prompt/completion or a chat ending with the assistant).")
         if name not in (None, BASE):
             with self._model_busy("evaluate"):
                 self._require_adapter(name)
@@ -693,6 +711,10 @@ class Session:
                             activate(model, col)
                         for label, examples in sets:
                             report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
+                for col in columns if cases else ():  # generation: the inference layout, fused layers
+                    if self.adapters:
+                        activate(model, col)
+                    report.answers[col] = answer_scores(model, self.tokenizer, cases, batch_size)
             finally:
                 if self.adapters:
                     activate(self.model, previous)

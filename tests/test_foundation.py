@@ -850,3 +850,60 @@ def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model
     with pytest.raises(UsageError, match="free"):  # the memory check a real run makes, made by the dry run too
         shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run", "batch_size: 100000000\nr: 4\n"
                                                                            "gradient_checkpointing: false\n")
+
+
+def test_lora_eval_answers_scores_greedy_answers_against_the_references(shell, tiny_model_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    """%lora_eval --answers N: held-out questions (system prompt and earlier turns kept) answered greedily by
+    the base and the adapter; an answer matches when it equals the reference, whitespace and case aside, and
+    its first line matches when that line does."""
+    import json
+
+    from IPython.core.error import UsageError
+
+    from ft_magics.core import evaluation
+    from ft_magics.core.data import Record, answer_cases
+
+    convo = Record(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "reset?"},
+                             {"role": "assistant", "content": "Category: account"}])
+    case, = answer_cases([convo, Record(text="plain text has no answer"),
+                          Record(messages=[{"role": "user", "content": "no answer yet"}])])
+    assert (case.system, case.prompt, case.reference) == ("Be brief.", "reset?", "Category: account")
+    assert [m["content"] for m in case.history] == ["hi", "hello"]
+
+    rows = [{"prompt": f"question {i}?", "completion": f"Category: c{i % 2}\nAnswer: a{i}"} for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_cell_magic("lora_train", "a --data d.jsonl --max-steps 2 --no-widgets", "batch_size: 4\nr: 4\n")
+    capsys.readouterr()
+    seen = []
+
+    def canned(model, tokenizer, prompts, **kw):  # the base answers right once, the adapter twice (once in case)
+        seen.append((prompts, kw["contexts"], kw["max_new_tokens"]))
+        right = {0: ["Category: c0\nAnswer: a0", "Category: c1 \nno", "wrong"],
+                 1: ["category: C0\n\nAnswer:   a0", "Category: c1\nAnswer: a1", "Category: c0"]}[len(seen) - 1]
+        return [(t, 3) for t in right]
+
+    from ft_magics.core import inference
+
+    real_batch = inference.generate_batch
+    monkeypatch.setattr(inference, "generate_batch", canned)
+    shell.run_line_magic("lora_eval", "a --data d.jsonl --answers 3 --no-general")
+    out = capsys.readouterr().out
+    assert "greedy answers, base: exact 1/3 (33%), first line 2/3 (67%) match the reference" in out
+    assert "greedy answers, a: exact 2/3 (67%), first line 3/3 (100%) match the reference" in out
+    assert seen[0][0] == ["question 0?", "question 1?", "question 2?"] and seen[0][1][0] == (None, [])
+    monkeypatch.setattr(inference, "generate_batch", real_batch)
+    shell.run_line_magic("lora_eval", "a --data d.jsonl --answers 2 --no-general")  # real generation runs
+    assert "greedy answers, a: exact" in capsys.readouterr().out
+    s = shell.magics_manager.registry["FtMagics"].session
+    rep = s.evaluate("a", str(tmp_path / "d.jsonl"), general=False, answers=1)
+    assert set(rep.answers) == {"base", "a"} and "greedy answers matching the reference" in rep.to_html()
+    (tmp_path / "t.txt").write_text("just text\n\nmore text\n")
+    for line, message in (("a --data t.txt --answers 2", "none of the held-out examples is a question"),
+                          ("a --answers 2", "--answers needs held-out questions"),
+                          ("a --data d.jsonl --answers -1", "--answers must be >= 0")):
+        with pytest.raises(UsageError, match=message):
+            shell.run_line_magic("lora_eval", line)
+    assert evaluation.normalised_answer(" A  b\nC ") == "a b c"

@@ -1317,12 +1317,11 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
             f"the answer to the text: --map \"{text}=prompt,{cols[0]}=completion\".")
 
 
-def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
-            txt_mode: Optional[str] = None, model: Any = None) -> tuple[list, list, DataReport]:
-    """Everything between a --data argument and tokenised train/eval examples, plus the report.
-
-    Only reads ``model`` (for ``packing``: a forward-pass check that packed examples stay apart), and
-    only once every row has been validated and tokenised."""
+def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
+                  txt_mode: Optional[str] = None) -> tuple:
+    """``(records, format, description, unused-column note, train records, eval records, split description)``:
+    the rows of --data normalised, and the held-out part: --eval's rows, else the source's own eval split
+    (:func:`held_out_split`), else ``eval_fraction`` of the rows (seeded)."""
     txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
     max_rows = getattr(cfg, "max_rows", 0)
     rows, desc = load_rows(src, namespace, txt_mode, max_rows)
@@ -1342,6 +1341,42 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     else:
         train_records, eval_records = split(records, cfg.eval_fraction, cfg.seed)
         split_desc = (f"eval_fraction {cfg.eval_fraction:g}, seed {cfg.seed}" if eval_records else "no eval data")
+    return records, fmt, desc, unused_note, train_records, eval_records, split_desc
+
+
+@dataclass
+class AnswerCase:
+    """A held-out example as a question with a known answer: what generation is scored on."""
+
+    prompt: str
+    reference: str
+    system: Optional[str] = None
+    history: list = field(default_factory=list)  # earlier turns
+
+
+def answer_cases(records: list) -> list:
+    """The examples whose conversation ends with an assistant answer, split into what the model is asked
+    (system prompt, earlier turns, the last user message) and the answer it should give."""
+    cases = []
+    for r in records:
+        msgs = r.messages or []
+        if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or msgs[-2].get("role") != "user":
+            continue
+        system = msgs[0]["content"] if msgs[0].get("role") == "system" else None
+        history = [m for m in msgs[1 if system is not None else 0:-2]]
+        cases.append(AnswerCase(prompt=msgs[-2]["content"], reference=msgs[-1]["content"], system=system,
+                                history=history))
+    return cases
+
+
+def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
+            txt_mode: Optional[str] = None, model: Any = None) -> tuple[list, list, DataReport]:
+    """Everything between a --data argument and tokenised train/eval examples, plus the report.
+
+    Only reads ``model`` (for ``packing``: a forward-pass check that packed examples stay apart), and
+    only once every row has been validated and tokenised."""
+    records, fmt, desc, unused_note, train_records, eval_records, split_desc = split_records(
+        src, cfg, namespace, eval_src, txt_mode)
     chat = has_chat_template(tokenizer)
     if fmt == "text":
         rendering = "plain text (text format)"

@@ -16,7 +16,7 @@ from ..errors import FtUsageError
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general.txt"
 
 
-def _cfg(max_seq_len: int):
+def eval_config(max_seq_len: int):
     from ..config import TrainConfig
 
     return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0})
@@ -27,7 +27,7 @@ def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_
     'train' and a 'validation' / 'test' split, that held-out split."""
     from .data import prepare
 
-    examples, held_out, _ = prepare(src, tokenizer, _cfg(max_seq_len), namespace=namespace)
+    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len), namespace=namespace)
     return held_out or examples
 
 
@@ -35,7 +35,7 @@ def general_examples(tokenizer, max_seq_len: int = 512) -> list:
     """The bundled general-text sample, one example per paragraph."""
     from .data import prepare
 
-    examples, _, _ = prepare(str(GENERAL_TEXT), tokenizer, _cfg(max_seq_len), txt_mode="blocks")
+    examples, _, _ = prepare(str(GENERAL_TEXT), tokenizer, eval_config(max_seq_len), txt_mode="blocks")
     return examples
 
 
@@ -90,11 +90,42 @@ def _ppl(ppl: float) -> str:
     return f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
 
 
+def normalised_answer(text: str) -> str:
+    return " ".join((text or "").split()).casefold()
+
+
+def first_line(text: str) -> str:
+    return next((line for line in (text or "").splitlines() if line.strip()), "")
+
+
+def answer_scores(model, tokenizer, cases: list, batch_size: int = 8) -> tuple:
+    """Greedy answers to ``cases`` (data.AnswerCase): ``(exact, first line, n, answers)``. Exact: the whole
+    answer equals the reference, whitespace and case aside; first line: its first non-empty line does (a
+    label, a category, a one-line verdict). Answers get the reference's length in tokens and 8 more."""
+    from .inference import generate_batch
+
+    limit = min(512, max(len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in cases) + 8)
+    answers = []
+    for i in range(0, len(cases), batch_size):
+        chunk = cases[i:i + batch_size]
+        answers += [text for text, _ in generate_batch(model, tokenizer, [c.prompt for c in chunk], max_new_tokens=limit,
+                                                       contexts=[(c.system, c.history) for c in chunk])]
+    exact = sum(normalised_answer(a) == normalised_answer(c.reference) for a, c in zip(answers, cases))
+    first = sum(normalised_answer(first_line(a)) == normalised_answer(first_line(c.reference))
+                for a, c in zip(answers, cases))
+    return exact, first, len(cases), answers
+
+
 @dataclass
 class EvalReport:
     columns: list  # "base" and the adapter
     results: dict = field(default_factory=dict)  # (set label, column) -> (loss, ppl, tokens)
     sets: list = field(default_factory=list)
+    answers: dict = field(default_factory=dict)  # column -> (exact, first line, n): greedy answers scored
+
+    def answer_cell(self, column: str) -> str:
+        exact, first, n = self.answers[column][:3]
+        return f"exact {exact}/{n} ({100 * exact / n:.0f}%), first line {first}/{n} ({100 * first / n:.0f}%)"
 
     def add(self, label: str, column: str, loss: float, ppl: float, tokens: int) -> None:
         if label not in self.sets:
@@ -128,6 +159,9 @@ class EvalReport:
         lines = [f"{'':<{width}}" + "".join(f"{c[:col - 2]:>{col}}" for c in self.columns)]
         for label, row in zip(labels, cells):
             lines.append(f"{label:<{width}}" + "".join(f"{x:>{col}}" for x in row))
+        for c in self.columns:
+            if c in self.answers:
+                lines.append(f"greedy answers, {c}: {self.answer_cell(c)} match the reference")
         f = self.forgetting()
         if f is not None:
             verdict = ("general text got worse: some forgetting" if f > 0.05 else
@@ -142,6 +176,10 @@ class EvalReport:
         rows = "".join(
             f"<tr><td>{html.escape(s)}</td>" + "".join(f"<td>{self._cell(s, c, '<br>')}</td>" for c in self.columns)
             + "</tr>" for s in self.sets)
+        if self.answers:
+            rows += ("<tr><td>greedy answers matching the reference</td>"
+                     + "".join(f"<td>{self.answer_cell(c) if c in self.answers else ''}</td>" for c in self.columns)
+                     + "</tr>")
         f = self.forgetting()
         foot = f"<p>{self._forgetting_line(f)}</p>" if f is not None else ""
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"

@@ -217,13 +217,15 @@ def _stop_when(flag):
 
 # --------------------------------------------------------------------------- batches (left padding)
 def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = None, max_new_tokens: int = 64,
-                   adapter_names: Optional[list] = None, limits: Optional[list] = None) -> list:
+                   adapter_names: Optional[list] = None, limits: Optional[list] = None,
+                   contexts: Optional[list] = None) -> list:
     """Greedy answers to several prompts in one ``generate`` call, left-padded so every row ends at the
     same position. ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
-    adapter on each row in the same forward pass. Returns ``(text, new_tokens)`` per prompt."""
+    adapter on each row in the same forward pass; ``contexts`` (one ``(system, earlier turns)`` per row)
+    replaces the one ``system``. Returns ``(text, new_tokens)`` per prompt."""
     import torch
 
-    texts = [build_prompt(tokenizer, p, system) for p in prompts]
+    texts = [build_prompt(tokenizer, p, *(contexts[i] if contexts else (system, ()))) for i, p in enumerate(prompts)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
