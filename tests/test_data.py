@@ -1117,3 +1117,19 @@ def test_a_dataset_dict_s_held_out_split_becomes_the_eval_data(tok, tmp_path):
     assert len(heldout_examples("dd", tok, namespace=ns)) == 3
     one_split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
     assert prepare("one", tok, cfg, namespace={"one": one_split})[2].split == "no eval data"
+
+
+def test_a_hub_dataset_named_without_a_split_evaluates_on_its_validation_split(tok, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    splits = {"owner/both": ["train", "test", "validation"], "owner/trainonly": ["train"]}
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name: splits[name])
+    sizes = {"train": 9, "validation": 3, "test": 5}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: datasets.Dataset.from_list(
+        [{"prompt": f"{split} {i}", "completion": "c"} for i in range(sizes[split.split("[")[0]])]))
+    cfg = TrainConfig.from_dict({})
+    train, ev, report = D.prepare("owner/both", tok, cfg)
+    assert (len(train), len(ev), report.split) == (9, 3, "eval from the 'validation' split of hub:owner/both")
+    assert D.prepare("owner/both:train", tok, cfg)[2].split == "no eval data"  # a split named: that split alone
+    assert D.prepare("owner/trainonly", tok, cfg)[2].split == "no eval data"

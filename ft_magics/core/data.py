@@ -150,6 +150,16 @@ def held_out_split(src: Any, namespace: Optional[dict] = None) -> Optional[tuple
     DatasetDict (or a dict of record lists) with a 'train' split and a 'validation' / 'test' / ... one.
     Training reads 'train'; without this the other split was silently left unused."""
     obj, what = src, "the given data"
+    if isinstance(src, str) and HUB_ID.fullmatch(src) and ":" not in src and not user_path(src).exists() \
+            and not (namespace and src in namespace):  # a Hub dataset named without a split: trains on 'train'
+        try:
+            import datasets
+
+            splits = datasets.get_dataset_split_names(src)
+        except Exception:  # noqa: BLE001 - offline or unknown: its loading says so; no eval split here
+            return None
+        found = next((n for n in EVAL_SPLITS if n in splits), None) if "train" in splits else None
+        return (f"{src}:{found}", f"the '{found}' split of hub:{src}") if found else None
     if isinstance(src, str):
         saved = user_path(src) / "dataset_dict.json"  # a DatasetDict saved with save_to_disk
         if saved.is_file():
