@@ -70,10 +70,17 @@ class Session:
         with self._model_busy("load a model"):
             # a wrong argument (a typo in the path, an unknown device) keeps the model and adapters loaded now
             plan = plan_load(model, bits, dtype, device, allow_pickle)
+            replaced = None
             if self.handle is not None:
+                held = self.adapters.names()
+                replaced = (f"replaced {self.handle.name}" + (
+                    f"; the adapters it held ({', '.join(held)}) were let go (saved ones load again by name)"
+                    if held else ""))
                 self._drop_model()  # before the new one: two models at once may not fit
             self.handle = load_model(model, bits=bits, dtype=dtype, device=device,
                                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, plan=plan)
+            if replaced:
+                self.handle.notes.append(replaced)
             return self.handle
 
     def _drop_model(self) -> None:

@@ -907,3 +907,14 @@ def test_lora_eval_answers_scores_greedy_answers_against_the_references(shell, t
         with pytest.raises(UsageError, match=message):
             shell.run_line_magic("lora_eval", line)
     assert evaluation.normalised_answer(" A  b\nC ") == "a b c"
+
+
+def test_loading_another_model_says_what_it_replaced(shell, tiny_model_dir, capsys):
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_cell_magic("lora_train", "kept --data demo:support --max-steps 1 --no-widgets", "batch_size: 2\nr: 4\n")
+    capsys.readouterr()
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 16")
+    out = capsys.readouterr().out
+    assert "replaced tiny-llama; the adapters it held (kept) were let go (saved ones load again by name)" in out
+    s = shell.magics_manager.registry["FtMagics"].session
+    assert s.adapters.names() == [] and s.generate("hi", adapter="kept", max_new_tokens=2).adapter == "kept"
