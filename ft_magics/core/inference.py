@@ -170,7 +170,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     if was_training:
         model.train()
     new = out[0][enc["input_ids"].shape[1]:].tolist()
-    if sampling.repetition_penalty == 1.0 and repeats_itself(new):
+    if sampling.greedy and sampling.repetition_penalty == 1.0 and repeats_itself(new):
         note = "; ".join(n for n in (note, LOOP_NOTE) if n)
     return Generation(
         text=_decoded(tokenizer, new), adapter=adapter_label,

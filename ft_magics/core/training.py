@@ -585,14 +585,14 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     return cfg, ckpt_why
 
 
-def planned_steps(cfg: TrainConfig, examples: int, processes: int = 1) -> int:
-    """Optimizer steps the Trainer will take: max_steps, else epochs over batches of batch_size x grad_accum
-    (x processes), as transformers counts them."""
+def planned_steps(cfg: TrainConfig, examples: int) -> int:
+    """Optimizer steps the Trainer will take (one process): max_steps, else epochs over batches of
+    batch_size x grad_accum, as transformers counts them."""
     import math
 
     if cfg.max_steps > 0:
         return int(cfg.max_steps)
-    per_epoch = max(1, math.ceil(math.ceil(examples / (cfg.batch_size * processes)) / cfg.grad_accum))
+    per_epoch = max(1, math.ceil(math.ceil(examples / cfg.batch_size) / cfg.grad_accum))
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
