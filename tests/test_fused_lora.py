@@ -19,6 +19,16 @@ def _tiny(dtype=torch.float32, bias=False):
     return LlamaForCausalLM(cfg).to(dtype)
 
 
+def _4bit_base(tiny_model_dir, device):
+    """The tiny model in NF4 4-bit (bitsandbytes), bf16 compute, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics.core.loading import quantization_config
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": device},
+                                                quantization_config=quantization_config(4, torch.bfloat16))
+
+
 def _lora(model, **kw):
     from peft import LoraConfig, get_peft_model
 
@@ -108,12 +118,7 @@ def test_dora_trains_as_peft_s_layers_in_one_node(bias):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_dora_on_a_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir, device):
-    from transformers import AutoModelForCausalLM
-
-    from ft_magics.core.loading import quantization_config
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": device},
-                                                quantization_config=quantization_config(4, torch.bfloat16))
+    base = _4bit_base(tiny_model_dir, device)
     pm = _dora(base)
     calls = []
     undo = _counting_dora(calls)
@@ -142,12 +147,7 @@ def test_dropout_draws_the_same_mask():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_4bit_base_under_bf16_autocast_agrees_within_bf16_rounding(tiny_model_dir, device):
-    from transformers import AutoModelForCausalLM
-
-    from ft_magics.core.loading import quantization_config
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": device},
-                                                quantization_config=quantization_config(4, torch.bfloat16))
+    base = _4bit_base(tiny_model_dir, device)
     pm = _lora(base)
     loss0, g0, _ = _step(pm, False, torch.bfloat16)
     loss1, g1, n = _step(pm, True, torch.bfloat16)
@@ -393,14 +393,12 @@ def test_dora_without_autograd_is_peft_s_with_the_norm_kept_until_the_adapter_ch
 def test_dora_without_autograd_on_a_4bit_cuda_base_answers_as_peft(tiny_model_dir):
     """On CUDA bitsandbytes keeps the standard 4-bit layout, so PEFT's own DoRA forward is the truth there:
     the switched no-grad forward (true_weight, the kept norm) and batched generation must give its answers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ft_magics.core import fused_lora as fl
     from ft_magics.core.inference import generate_batch
-    from ft_magics.core.loading import quantization_config
 
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16, device_map={"": "cuda"},
-                                                quantization_config=quantization_config(4, torch.bfloat16))
+    base = _4bit_base(tiny_model_dir, "cuda")
     pm = _dora(base)
     pm.eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
