@@ -183,6 +183,7 @@ def test_checkpoint_settings_are_validated(bad):
 def test_sigint_stops_at_a_step_boundary_saves_and_model_stays_usable(tiny_session):
     s = tiny_session
     rec = Recorder()
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN where the parent ignores SIGINT
     r = s.train("bot", DATA, CFG, listeners=[InterruptAt(3), rec])
     assert r.status == "interrupted" and 3 <= r.steps < 8
     from ft_magics.core.adapters import read_adapter_folder
@@ -196,7 +197,7 @@ def test_sigint_stops_at_a_step_boundary_saves_and_model_stays_usable(tiny_sessi
     assert "bot" in s.adapters.names()
     assert s.generate("How do I reset my password?", max_new_tokens=3).new_tokens >= 1
     # and the original SIGINT handler is back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_repeated_interrupts_while_saving_do_not_corrupt_the_adapter(tiny_session, monkeypatch):
