@@ -70,10 +70,15 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")
-        fitting = [n for n in on_disk if s.misfit(n) is None]
+        why = {n: s.misfit(n) for n in on_disk}
+        fitting = [n for n in on_disk if why[n] is None]
         if fitting:
             out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(fitting)}")
-        others = [n for n in on_disk if n not in fitting]
+        merged_in = [n for n in on_disk if why[n] and "is already merged into" in why[n]]
+        if merged_in:
+            out(f"on disk in {s.adapters_dir}, already merged into {s.handle.name} (applied again, their update "
+                f"would count twice): {', '.join(merged_in)}")
+        others = [n for n in on_disk if why[n] and n not in merged_in]
         if others:
             out(f"on disk in {s.adapters_dir}, trained on another base model (they do not fit "
                 f"{s.handle.name}): {', '.join(others)}")

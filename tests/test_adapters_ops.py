@@ -213,6 +213,12 @@ def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session
     with pytest.raises(FtUsageError, match="already merged"):
         m.load_adapter(made_by_peft["a"], "renamed")  # the same weights under another name
     assert "a" not in m.adapters_on_disk(fitting=True) and m.adapters.names() == []
+    from ft_magics import adapter_commands
+
+    lines = []
+    adapter_commands.run(m, ["list"], out=lines.append)
+    assert any("already merged into merged (applied again, their update would count twice): a" in l for l in lines)
+    assert not any("trained on another base model" in l for l in lines)
     assert m.generate("hello", adapter="base", max_new_tokens=2).new_tokens >= 1  # the session is intact
     m.load_adapter(made_by_peft["b"], "b")  # another adapter fits
     assert s.generate("hello", adapter="a", max_new_tokens=2).adapter == "a"  # and 'a' on its own base
