@@ -1133,3 +1133,14 @@ def test_a_hub_dataset_named_without_a_split_evaluates_on_its_validation_split(t
     assert (len(train), len(ev), report.split) == (9, 3, "eval from the 'validation' split of hub:owner/both")
     assert D.prepare("owner/both:train", tok, cfg)[2].split == "no eval data"  # a split named: that split alone
     assert D.prepare("owner/trainonly", tok, cfg)[2].split == "no eval data"
+
+
+def test_a_json_file_with_train_and_test_lists_evaluates_on_the_test_list(tok, tmp_path):
+    """{"train": [...], "test": [...]} in a .json file: training read 'train' and dropped 'test' unseen."""
+    rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(10)]
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": rows[:7], "test": rows[7:]}))
+    train, ev, report = D.prepare(str(path), tok, TrainConfig.from_dict({}))
+    assert (len(train), len(ev), report.split) == (7, 3, f"eval from the 'test' split of {path}")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": "1.0", "data": rows}))
+    assert D.prepare(str(tmp_path / "wrapped.json"), tok, TrainConfig.from_dict({}))[2].split == "no eval data"

@@ -73,6 +73,8 @@ class Rows(list):
     """A list of row dicts that remembers where each row came from ("file.jsonl, line 7"), so an error
     about row i can point at the line to fix."""
 
+    held_out = None  # (split name, its source): see _with_held_out
+
     def __init__(self, rows=(), locs=None):
         super().__init__(rows)
         self.locs = list(locs) if locs is not None else None
@@ -145,38 +147,21 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
 EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")  # in order of preference
 
 
-def held_out_split(src: Any, namespace: Optional[dict] = None) -> Optional[tuple]:
-    """``(rows object, description)`` of the evaluation split that a --data source brings with it: a
-    DatasetDict (or a dict of record lists) with a 'train' split and a 'validation' / 'test' / ... one.
-    Training reads 'train'; without this the other split was silently left unused."""
-    obj, what = src, "the given data"
-    if isinstance(src, str) and HUB_ID.fullmatch(src) and ":" not in src and not user_path(src).exists() \
-            and not (namespace and src in namespace):  # a Hub dataset named without a split: trains on 'train'
-        try:
-            import datasets
+def _eval_split(splits) -> Optional[str]:
+    """The split a dataset with splits (a DatasetDict, a dict of record lists, a JSON object, the Hub's split
+    names) holds out for evaluation beside its 'train' split, or None."""
+    if "train" not in splits:
+        return None
+    return next((name for name in EVAL_SPLITS if name in splits), None)
 
-            splits = datasets.get_dataset_split_names(src)
-        except Exception:  # noqa: BLE001 - offline or unknown: its loading says so; no eval split here
-            return None
-        found = next((n for n in EVAL_SPLITS if n in splits), None) if "train" in splits else None
-        return (f"{src}:{found}", f"the '{found}' split of hub:{src}") if found else None
-    if isinstance(src, str):
-        saved = user_path(src) / "dataset_dict.json"  # a DatasetDict saved with save_to_disk
-        if saved.is_file():
-            import datasets
 
-            obj, what = datasets.load_from_disk(str(saved.parent)), str(saved.parent)
-        elif namespace is None or not src.isidentifier() or src not in namespace:
-            return None
-        else:
-            obj, what = namespace[src], f"variable {src}"
-    if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj):
-        if "train" not in obj:
-            return None
-        for name in EVAL_SPLITS:
-            if name in obj:
-                return obj[name], f"the '{name}' split of {what}"
-    return None
+def _with_held_out(rows: list, split: str, source: Any) -> "Rows":
+    """``rows`` (the 'train' split) remembering the eval split its source brings: ``rows.held_out`` is
+    ``(split name, what load_rows reads it from)``. Training read 'train' alone, and the other split went
+    silently unused; :func:`split_records` makes it the eval data."""
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    rows.held_out = (split, source)
+    return rows
 
 
 # owner/name, optionally :split - what the Hugging Face Hub calls a dataset (not a local path: checked first)
@@ -192,6 +177,7 @@ def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
     import datasets
 
     name, _, split = src.partition(":")
+    named_split = bool(split)
     split = split or "train"
     if limit is not None and "[" not in split:
         split = f"{split}[:{limit}]"
@@ -207,7 +193,15 @@ def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
             "without access to the Hub, save it elsewhere (datasets' save_to_disk, or a .jsonl file) and "
             "give that path."
         ) from None
-    return _rows_from_object(ds, f"Hub dataset {name}", limit)
+    rows = _rows_from_object(ds, f"Hub dataset {name}", limit)
+    if not named_split:  # named without a split: it trains on 'train'; its eval split, if it has one, evaluates
+        try:
+            held = _eval_split(datasets.get_dataset_split_names(name))
+        except Exception:  # noqa: BLE001 - the split names are a nicety; training goes on without an eval split
+            held = None
+        if held:
+            return _with_held_out(rows, held, f"{name}:{held}")
+    return rows
 
 
 def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[dict]:
@@ -273,6 +267,13 @@ def _split_lists(obj: Any) -> bool:
 
 
 def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
+    held = _eval_split(obj) if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj) \
+        else None
+    rows = _rows_of_object(obj, what, limit)
+    return _with_held_out(rows, held, obj[held]) if held else rows
+
+
+def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     mod = type(obj).__module__
     name = type(obj).__name__
     if mod.startswith("pandas"):
@@ -428,9 +429,12 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
         raise FtUsageError(
             f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})."
         ) from None
+    held = None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
         if len(lists) == 1 or "train" in lists:  # {"data": [...]}, {"train": [...], "test": [...]}
+            held = _eval_split(lists)
+            held = (held, data[held]) if held else None
             data = data["train" if "train" in lists else lists[0]]
         elif all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
             pass  # a dict of columns: handled by _rows_from_object
@@ -441,7 +445,8 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
             )
         else:
             data = [data]
-    return _rows_from_object(data, str(path), limit)
+    rows = _rows_from_object(data, str(path), limit)
+    return _with_held_out(rows, *held) if held else rows
 
 
 def _rows_from_files(files: list, txt_mode: str, limit: Optional[int], label, where: str = "") -> list[dict]:
@@ -1331,14 +1336,15 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
                   txt_mode: Optional[str] = None) -> tuple:
     """``(records, format, description, unused-column note, train records, eval records, split description)``:
     the rows of --data normalised, and the held-out part: --eval's rows, else the source's own eval split
-    (:func:`held_out_split`), else ``eval_fraction`` of the rows (seeded)."""
+    (``rows.held_out``: see :func:`_with_held_out`), else ``eval_fraction`` of the rows (seeded)."""
     txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
     max_rows = getattr(cfg, "max_rows", 0)
     rows, desc = load_rows(src, namespace, txt_mode, max_rows)
     records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
+    held = getattr(rows, "held_out", None) if eval_src is None else None
+    held = (held[1], f"the '{held[0]}' split of {desc}") if held else None
     del rows
-    held = held_out_split(src, namespace) if eval_src is None else None
     if eval_src is not None or held is not None:
         try:
             erows, edesc = load_rows(held[0] if held else eval_src, namespace, txt_mode, max_rows)
