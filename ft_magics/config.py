@@ -16,6 +16,7 @@ from .errors import FtUsageError, did_you_mean
 
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 TRAIN_ON = ("answers", "all")
+OBJECTIVES = ("sft", "dpo", "orpo")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # transformers' optimizer names (TrainingArguments.optim) a LoRA run would use; "adamw" is its default
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
@@ -94,6 +95,14 @@ class TrainConfig:
         True, "The training loop's per-step bookkeeping (PEFT's input-casting switch, train(), zero_grad, gradient "
         "clipping, the FLOP count) uses lists of the model's modules and parameters made once, instead of walking "
         "every module on every step: the same steps, less host time (most of a small model's step on a GPU).")
+    # objective
+    objective: str = _f(
+        "sft", "What the adapter learns: sft (imitate the answers), dpo (prefer the chosen answer of each "
+        "prompt/chosen/rejected pair over the rejected one, relative to the base model, which is the same model "
+        "with the adapter switched off: no second copy) or orpo (learn the chosen answers and, in the same loss, "
+        "their odds over the rejected ones; no reference pass).", choices=OBJECTIVES)
+    beta: float = _f(0.1, "dpo: how strongly the adapter is held to the base model (higher: closer; 0.1-0.5 is "
+                          "usual); orpo: the weight of the odds-ratio term beside the chosen answers' loss.")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)
@@ -192,6 +201,12 @@ class TrainConfig:
         need(not (self.keep_best or self.early_stopping) or self.eval_steps > 0,
              f"{'early_stopping' if self.early_stopping else 'keep_best'} compares evaluations made during training: "
              "set eval_steps: N too (and give eval data: --eval FILE or eval_fraction: 0.1).")
+        need(self.beta > 0, f"beta must be positive (got {self.beta}); 0.1 is the usual start.")
+        if self.objective != "sft":
+            need(not self.packing, f"packing: true does not apply to objective: {self.objective} (each pair is "
+                                   "compared as a whole); set packing: false.")
+            need(self.train_on == "answers", f"train_on: {self.train_on} does not apply to objective: "
+                 f"{self.objective}: the pairs are compared on their answers; drop train_on.")
         need(self.log_every >= 1, f"log_every must be >= 1 (got {self.log_every}).")
         need(self.loss_chunk_rows >= 0, f"loss_chunk_rows must be >= 0 (0 = auto; got {self.loss_chunk_rows}).")
         need(self.save_every >= 0, f"save_every must be >= 0 steps (got {self.save_every}); 0 turns it off.")
@@ -210,6 +225,11 @@ class TrainConfig:
                 isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm),
                 "target_modules must be a preset name or a non-empty list of module names.",
             )
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the run trains on preference pairs (each pair is two rows of the batch)."""
+        return self.objective != "sft"
 
     def warmup_kwargs(self) -> dict:
         if self.warmup >= 1:
@@ -239,6 +259,12 @@ ALIASES = {
     "early_stopping_patience": "early_stopping",
     "dataset_text_field": "text_field",
     "num_epochs": "epochs",
+    "dpo_beta": "beta",
+    "orpo_beta": "beta",
+    "pref_beta": "beta",
+    "orpo_lambda": "beta",
+    "training_objective": "objective",
+    "stage": "objective",
 }
 
 # settings of other tools (TRL, transformers, PEFT) that say the same thing another way: what to write here

@@ -665,7 +665,8 @@ class Session:
         each to that many held-out questions, scored against the reference answers (exact, first line)."""
         from .core.adapters import BASE, activate
         from .core.evaluation import (EvalReport, answer_scores, eval_config, general_examples,
-                                      heldout_examples, loss_and_perplexity)
+                                      heldout_examples, loss_and_perplexity, pair_scores)
+        from .core.preference import PairExample
         from .core.training import training_layout
 
         self._require_model()
@@ -701,6 +702,10 @@ class Session:
             train_src, eval_src, cfg = own
             _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)
             sets.append((f"held out in training ({report.split})", examples))
+        pairs = []  # preference pairs: scored as pairs, and their chosen answers as text
+        for i, (label, examples) in enumerate(sets):
+            if examples and isinstance(examples[0], PairExample):
+                pairs, sets[i] = examples, (f"{label}, chosen answers", [p.chosen for p in examples])
         if general:
             sets.append(("general text (forgetting check)", general_examples(self.tokenizer, max_seq_len)))
         columns = [BASE] + ([name] if name not in (None, BASE) else [])
@@ -718,6 +723,8 @@ class Session:
                             activate(model, col)
                         for label, examples in sets:
                             report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
+                        if pairs:
+                            report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size)
                 for col in columns if cases else ():  # generation: the inference layout, fused layers
                     if self.adapters:
                         activate(model, col)

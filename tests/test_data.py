@@ -729,6 +729,8 @@ def test_tokenised_records_are_remembered_until_the_data_or_tokenizer_changes(to
     changed = recs[:-1] + D.normalise([{"text": "other words"}])[0]
     D.tokenize_records(tok, changed)
     assert len(calls) > n
+    for k in range(D.TOKENIZED_CACHE_ENTRIES):  # more record lists than the cache keeps
+        D.tokenize_records(tok, recs[:k + 1])
     assert len(D._TOKENIZED) == D.TOKENIZED_CACHE_ENTRIES  # the oldest went
     n = len(calls)
     D.forget_tokenized()

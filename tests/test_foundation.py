@@ -12,6 +12,9 @@ from IPython.core.error import UsageError
 
 ROWS = [{"prompt": f"Question number {i}: how do I reset my password?",
          "completion": "Category: account\nAnswer: Use the reset link."} for i in range(40)]
+# preference pairs over the same questions: the answer above, preferred to one off the subject
+PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "The quick brown fox jumps over the lazy dog."}
+         for r in ROWS]
 
 
 # --------------------------------------------------------------------------- import cost
@@ -261,7 +264,8 @@ def test_retraining_beside_another_adapter_keeps_it_and_warns_nothing(tiny_sessi
 
 
 # --------------------------------------------------------------------------- the CPU 4-bit trap
-def _loss_curve(model_dir, tmp_path, generate_first: bool, fix: bool = True, device: str = "cpu"):
+def _loss_curve(model_dir, tmp_path, generate_first: bool, fix: bool = True, device: str = "cpu",
+                objective: str = "sft"):
     import contextlib
 
     import ft_magics.core.training as training
@@ -276,26 +280,29 @@ def _loss_curve(model_dir, tmp_path, generate_first: bool, fix: bool = True, dev
         training.training_layout = lambda model: contextlib.nullcontext()
         training.unpack_cpu_4bit = lambda model: 0
     try:
-        r = s.train("x", ROWS, {"max_steps": 12, "learning_rate": 5e-3, "batch_size": 4, "seed": 1, "warmup": 0})
+        r = s.train("x", PAIRS if objective != "sft" else ROWS, {"max_steps": 12, "learning_rate": 5e-3, "batch_size": 4,
+                                                                 "seed": 1, "warmup": 0, "objective": objective})
     finally:
         training.training_layout, training.unpack_cpu_4bit = saved
     return [loss for _, loss in r.record["loss_history"]]
 
 
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_generate_before_training_does_not_stop_learning(tiny_model_dir, tmp_path, device):
+def test_generate_before_training_does_not_stop_learning(tiny_model_dir, tmp_path, device, objective):
     """bitsandbytes repacks 4-bit weights on the CPU for inference on the first no-grad forward; training
     through that layout has no autograd. The loss curve with a generate first must match the one without
-    (on CUDA too, where nothing is repacked: the same notebook flow)."""
+    (on CUDA too, where nothing is repacked: the same notebook flow). DPO also runs the base (the adapter
+    switched off) in every step: the same layout rules hold for that pass."""
     import bitsandbytes.functional as bf
 
-    plain = _loss_curve(tiny_model_dir, tmp_path, generate_first=False, device=device)
-    after_generate = _loss_curve(tiny_model_dir, tmp_path, generate_first=True, device=device)
+    plain = _loss_curve(tiny_model_dir, tmp_path, generate_first=False, device=device, objective=objective)
+    after_generate = _loss_curve(tiny_model_dir, tmp_path, generate_first=True, device=device, objective=objective)
     assert plain[-1] < plain[0] - 0.3, plain  # it learns
     for a, b in zip(plain, after_generate):
         assert abs(a - b) < 0.02, (plain, after_generate)
     if device == "cpu" and bf.has_avx512bf16():  # where the repacking happens, the test is sensitive: without the fix it fails
-        broken = _loss_curve(tiny_model_dir, tmp_path, generate_first=True, fix=False)
+        broken = _loss_curve(tiny_model_dir, tmp_path, generate_first=True, fix=False, objective=objective)
         assert broken[-1] > after_generate[-1] + 0.2, (broken, after_generate)
 
 

@@ -50,6 +50,7 @@ class Record:
     text: Optional[str] = None
     tools: Optional[list] = None
     where: str = ""  # "file.jsonl, line 7": for errors found later (e.g. the chat template refusing it)
+    answer_turns: Optional[int] = None  # only the last N assistant turns carry loss (None: every one)
 
     def to_json(self) -> dict:
         if self.text is not None:
@@ -57,6 +58,8 @@ class Record:
         out = {"messages": self.messages}
         if self.tools:
             out["tools"] = self.tools
+        if self.answer_turns is not None:
+            out["answer_turns"] = self.answer_turns
         return out
 
 
@@ -627,11 +630,12 @@ def _preference_error(keys: list, where: str, sample: Optional[dict]) -> Optiona
         fix = f"{prompt}=prompt,{chosen}=completion"
     else:
         fix = None
-    how = (f' To fine-tune on the preferred answers: --map "{fix}".' if fix
-           else f" To fine-tune on the preferred answers, give each row a prompt and map {chosen!r} to completion.")
+    how = (f' To fine-tune on the preferred answers alone: --map "{fix}".' if fix
+           else f" To fine-tune on the preferred answers alone, give each row a prompt and map {chosen!r} to completion.")
     return FtUsageError(
-        f"{where}: these rows are preference pairs ({', '.join(sorted(map(str, keys)))}), the data of DPO-style "
-        f"training; %%lora_train fine-tunes on one answer per example and would not use {by_lower['rejected']!r}.{how}"
+        f"{where}: these rows are preference pairs ({', '.join(sorted(map(str, keys)))}). To train on the pairs, "
+        f"set objective: dpo (or orpo) in the cell body; objective: sft, the default, learns one answer per "
+        f"example and would not use {by_lower['rejected']!r}.{how}"
     )
 
 
@@ -924,7 +928,17 @@ class DataReport:
     overlong: str = "truncate"
     train_on: str = "answers"
     packing: str = ""  # how examples were packed, and what keeps them apart; empty: no packing
+    objective: str = "sft"  # dpo / orpo: the rows are preference pairs
     attention: str = ""  # the attention implementation packing relies on
+
+    def count(self, outcome: str, ex: "TokenizedExample") -> None:
+        """Count what :func:`fit_length` did to ``ex`` (as tokenised, before any cut)."""
+        if outcome == "kept":
+            return
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        if outcome == "dropped_no_answer":  # cut, and nothing left to learn: truncated too
+            self.truncated += 1
+            self.answer_starts.append(next(i for i, lab in enumerate(ex.labels) if lab != -100))
 
     def stats(self) -> dict:
         if not self.lengths:
@@ -943,7 +957,9 @@ class DataReport:
             f"Data       {self.source}: {self.format} format, {counted(self.rows, 'row')} "
             f"-> {self.train_rows:,} train / {self.eval_rows:,} eval{' (' + self.split + ')' if self.split else ''}",
             f"Rendering  {self.rendering}; loss on "
-            f"{'every token' if self.train_on == 'all' or self.format == 'text' else 'the answers only'}",
+            f"{'every token' if self.train_on == 'all' or self.format == 'text' else 'the answers only'}"
+            + (f"; {self.objective.upper()} compares each pair's chosen and rejected answer" if self.objective != "sft"
+               else ""),
         ]
         if st:
             lines.append(
@@ -1033,6 +1049,7 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
         return record.text, [(0, len(record.text))], True
     if has_chat_template(tokenizer):
         text, spans = _render_chat(tokenizer, record.messages, record.tools)
+        spans = spans[-record.answer_turns:] if record.answer_turns else spans
         answers = "".join(text[a:b] for a, b in spans)  # not the tool list a template may print up front
         missing = [n for n in _tool_call_names(record.messages) if n not in answers]
         if missing:  # the template dropped the calls: the turn would teach an empty answer
@@ -1043,7 +1060,7 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
             )
         return text, spans, False
     text, spans = _render_plain(record.messages)
-    return text, spans, True
+    return text, spans[-record.answer_turns:] if record.answer_turns else spans, True
 
 
 def _example(tokenizer, text: str, spans: list, special: bool, ids: list, offsets: list,
@@ -1088,7 +1105,7 @@ def _render_checked(tokenizer, rec: Record) -> tuple[str, list, bool]:
 
 
 ENCODE_BATCH = 1024  # texts per call of the tokenizer: its Rust side encodes a batch on every core
-TOKENIZED_CACHE_ENTRIES = 2  # the last tokenised record lists kept (a train and an eval set)
+TOKENIZED_CACHE_ENTRIES = 4  # the last tokenised record lists kept (a train and an eval set; two sides each for pairs)
 _TOKENIZED: dict = {}
 
 
@@ -1137,28 +1154,27 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
     for ex in tokenize_records(tokenizer, records, train_on):
+        fitted, outcome = fit_length(ex, max_seq_len, overlong)
         if report is not None:
             report.lengths.append(len(ex.input_ids))
-        if ex.n_loss_tokens == 0:
-            if report is not None:
-                report.dropped_empty += 1
-            continue
-        if len(ex.input_ids) > max_seq_len:
-            if overlong == "drop":
-                if report is not None:
-                    report.dropped_overlong += 1
-                continue
-            cut = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
-            if report is not None:
-                report.truncated += 1
-            if cut.n_loss_tokens == 0:  # the whole answer lay beyond max_seq_len
-                if report is not None:
-                    report.dropped_no_answer += 1
-                    report.answer_starts.append(next(i for i, lab in enumerate(ex.labels) if lab != -100))
-                continue
-            ex = cut
-        out.append(ex)
+            report.count(outcome, ex)
+        if fitted is not None:
+            out.append(fitted)
     return out
+
+
+def fit_length(ex: TokenizedExample, max_seq_len: int, overlong: str = "truncate") -> tuple:
+    """``(the example as it trains, or None when it cannot, what happened)``; what happened is "kept",
+    "truncated", "dropped_overlong", "dropped_empty" (no loss-bearing token at all) or "dropped_no_answer"
+    (the whole answer lay beyond ``max_seq_len``): the :class:`DataReport` counters of those names."""
+    if ex.n_loss_tokens == 0:
+        return None, "dropped_empty"
+    if len(ex.input_ids) <= max_seq_len:
+        return ex, "kept"
+    if overlong == "drop":
+        return None, "dropped_overlong"
+    cut = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+    return (cut, "truncated") if cut.n_loss_tokens else (None, "dropped_no_answer")
 
 
 def show_loss_tokens(tokenizer, ex: TokenizedExample, limit: int = 600) -> str:
@@ -1333,14 +1349,16 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
 
 
 def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
-                  txt_mode: Optional[str] = None) -> tuple:
+                  txt_mode: Optional[str] = None, normaliser=None) -> tuple:
     """``(records, format, description, unused-column note, train records, eval records, split description)``:
     the rows of --data normalised, and the held-out part: --eval's rows, else the source's own eval split
-    (``rows.held_out``: see :func:`_with_held_out`), else ``eval_fraction`` of the rows (seeded)."""
+    (``rows.held_out``: see :func:`_with_held_out`), else ``eval_fraction`` of the rows (seeded).
+    ``normaliser``: what turns rows into records (:func:`normalise`; preference pairs have their own)."""
+    normalise_rows = normaliser or normalise
     txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
     max_rows = getattr(cfg, "max_rows", 0)
     rows, desc = load_rows(src, namespace, txt_mode, max_rows)
-    records, fmt = normalise(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
+    records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
     held = getattr(rows, "held_out", None) if eval_src is None else None
     held = (held[1], f"the '{held[0]}' split of {desc}") if held else None
@@ -1351,7 +1369,7 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
             raise FtUsageError(f"the eval data ({held[1] if held else '--eval'}): {exc}") from None
         edesc = held[1] if held else edesc
-        eval_records, _ = normalise(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
+        eval_records, _ = normalise_rows(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
         train_records = records
         split_desc = f"eval from {edesc}" + (" (eval_fraction not used)" if held and cfg.eval_fraction else "")
     else:
@@ -1391,8 +1409,11 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
 
     Only reads ``model`` (for ``packing``: a forward-pass check that packed examples stay apart), and
     only once every row has been validated and tokenised."""
+    pairs = getattr(cfg, "pairs", False)
+    if pairs:
+        from .preference import normalise_pairs, pair_warnings, show_pair, tokenize_pairs
     records, fmt, desc, unused_note, train_records, eval_records, split_desc = split_records(
-        src, cfg, namespace, eval_src, txt_mode)
+        src, cfg, namespace, eval_src, txt_mode, normaliser=normalise_pairs if pairs else None)
     chat = has_chat_template(tokenizer)
     if fmt == "text":
         rendering = "plain text (text format)"
@@ -1405,12 +1426,17 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         rendering=rendering, fingerprint=fingerprint(records + (eval_records if eval_src is not None else [])),
         split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
     )
-    report.warnings = quality_warnings(train_records) + ([unused_note] if unused_note else [])
+    report.objective = getattr(cfg, "objective", "sft")
+    report.warnings = (pair_warnings if pairs else quality_warnings)(train_records) + ([unused_note] if unused_note else [])
     if eval_src is not None and cfg.eval_fraction > 0:
         report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
                                "data given (--eval), and every training row trains.")
-    train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
-    evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
+    if pairs:
+        train = tokenize_pairs(train_records, tokenizer, cfg.max_seq_len, cfg.overlong, report)
+        evals = tokenize_pairs(eval_records, tokenizer, cfg.max_seq_len, cfg.overlong)
+    else:
+        train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
+        evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
     report.eval_dropped = len(eval_records) - len(evals)
     if not train:
         if report.dropped_empty == len(train_records) and cfg.train_on != "all":
@@ -1433,7 +1459,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             f"max_seq_len={cfg.max_seq_len}). Raise max_seq_len or check the answer fields."
         )
     report.loss_tokens = sum(e.n_loss_tokens for e in train)
-    report.example = show_loss_tokens(tokenizer, train[0])
+    report.example = show_pair(tokenizer, train[0]) if pairs else show_loss_tokens(tokenizer, train[0])
     if getattr(cfg, "packing", False):
         train, evals = _pack_checked(train, evals, tokenizer, cfg, model, report)
     return train, evals, report

@@ -16,19 +16,69 @@ from ..errors import FtUsageError
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general.txt"
 
 
-def eval_config(max_seq_len: int):
+def eval_config(max_seq_len: int, objective: str = "sft"):
     from ..config import TrainConfig
 
-    return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0})
+    return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0, "objective": objective})
 
 
 def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512) -> list:
     """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
-    'train' and a 'validation' / 'test' split, that held-out split."""
-    from .data import prepare
+    'train' and a 'validation' / 'test' split, that held-out split. Rows of preference pairs (prompt / chosen /
+    rejected) give :class:`core.preference.PairExample` s."""
+    from .data import load_rows, prepare
+    from .preference import pair_columns
 
-    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len), namespace=namespace)
+    rows, _ = load_rows(src, namespace, max_rows=1)
+    pairs = bool(rows) and isinstance(rows[0], dict) and pair_columns(rows[0]) is not None
+    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len, "dpo" if pairs else "sft"),
+                                    namespace=namespace)
     return held_out or examples
+
+
+def _padded(batch: list, pad: int, device):
+    """``(input_ids, attention_mask, labels)`` of tokenised examples, right-padded to the longest."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8) -> tuple:
+    """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
+    mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
+    import torch
+
+    from .fused_lora import fused_lora
+    from .preference import sequence_logprobs
+    from .speed import chunked_loss_blocker
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    chunked = chunked_loss_blocker(model) is None
+    right, was_training = 0, model.training
+    model.eval()
+    try:
+        with torch.no_grad(), fused_lora(model):
+            for i in range(0, len(pairs), batch_size):
+                batch = pairs[i:i + batch_size]
+                ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
+                sums, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                                 chunked=chunked)
+                per_token = sums / counts.clamp(min=1)
+                right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
+    finally:
+        if was_training:
+            model.train()
+    return right, len(pairs)
 
 
 def general_examples(tokenizer, max_seq_len: int = 512) -> list:
@@ -58,17 +108,7 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
 
     with torch.no_grad(), fused_lora(model):
         for i in range(0, len(examples), batch_size):
-            batch = examples[i:i + batch_size]
-            width = max(len(e.input_ids) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, e in enumerate(batch):
-                n = len(e.input_ids)
-                ids[r, :n] = torch.tensor(e.input_ids)
-                labels[r, :n] = torch.tensor(e.labels)
-                mask[r, :n] = 1
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            ids, mask, labels = _padded(examples[i:i + batch_size], pad, device)
             if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
                 total += float(causal_lm_chunked_loss(
                     model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, num_items=1))
@@ -122,6 +162,11 @@ class EvalReport:
     results: dict = field(default_factory=dict)  # (set label, column) -> (loss, ppl, tokens)
     sets: list = field(default_factory=list)
     answers: dict = field(default_factory=dict)  # column -> (exact, first line, n): greedy answers scored
+    pairs: dict = field(default_factory=dict)  # column -> (pairs ranked as preferred, pairs): preference data
+
+    def pair_cell(self, column: str) -> str:
+        right, n = self.pairs[column]
+        return f"{right}/{n} ({100 * right / n:.0f}%)"
 
     def answer_cell(self, column: str) -> str:
         exact, first, n = self.answers[column][:3]
@@ -162,6 +207,9 @@ class EvalReport:
         for c in self.columns:
             if c in self.answers:
                 lines.append(f"greedy answers, {c}: {self.answer_cell(c)} match the reference")
+        for c in self.columns:
+            if c in self.pairs:
+                lines.append(f"held-out pairs, {c}: the chosen answer is the more likely one (per token) in {self.pair_cell(c)}")
         f = self.forgetting()
         if f is not None:
             verdict = ("general text got worse: some forgetting" if f > 0.05 else
@@ -179,6 +227,10 @@ class EvalReport:
         if self.answers:
             rows += ("<tr><td>greedy answers matching the reference</td>"
                      + "".join(f"<td>{self.answer_cell(c) if c in self.answers else ''}</td>" for c in self.columns)
+                     + "</tr>")
+        if self.pairs:
+            rows += ("<tr><td>held-out pairs whose chosen answer is the more likely one (per token)</td>"
+                     + "".join(f"<td>{self.pair_cell(c) if c in self.pairs else ''}</td>" for c in self.columns)
                      + "</tr>")
         f = self.forgetting()
         foot = f"<p>{self._forgetting_line(f)}</p>" if f is not None else ""

@@ -69,6 +69,7 @@ class StepEnd:
     eta_s: Optional[float]
     tokens_per_s: Optional[float]  # loss-bearing tokens per second over the run so far
     memory: Optional[MemoryReading] = None
+    pairs_right: Optional[float] = None  # preference runs: share of the logged steps' pairs ranked as preferred
 
 
 @dataclass

@@ -89,8 +89,10 @@ def _compute_dtype_of(h, weight):
 
 
 def _chunk_loss_and_grads(h, weight, targets, chunk_rows: int, want_h: bool, want_w: bool,
-                          workspace: Optional[LossWorkspace] = None):
+                          workspace: Optional[LossWorkspace] = None, per_row: bool = False):
     """Summed cross-entropy of ``h @ weight.T`` against ``targets``; gradients of that sum if wanted.
+    ``per_row``: each row's cross-entropy (N,) instead of the sum; the gradients are then each row's own
+    (row i of ``grad_h`` is d CE_i / d h_i), which is what a loss that weighs rows differently needs.
 
     Each chunk's logits go into the ``workspace`` blocks (a fresh workspace, freed on return, if none is
     given); the fp32 block turns into log-probabilities, the softmax and then the logits' gradient in place,
@@ -101,7 +103,7 @@ def _chunk_loss_and_grads(h, weight, targets, chunk_rows: int, want_h: bool, wan
     cd = _compute_dtype_of(h, weight)
     w = weight.to(cd)  # once per call, not once per chunk
     ws = workspace if workspace is not None else LossWorkspace()
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    total = torch.zeros(n if per_row else (), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
     with torch.autocast(h.device.type, enabled=False):  # inputs are cast already; out= variants below
@@ -115,7 +117,10 @@ def _chunk_loss_and_grads(h, weight, targets, chunk_rows: int, want_h: bool, wan
             # log-probabilities in place: one fused pass (logsumexp, then a subtraction and an exp over the
             # block, took 6.7 instead of 4.4 ms for 128 rows of a 49k vocabulary with the exp below)
             torch.log_softmax(high, dim=-1, out=high)
-            total -= high.gather(1, tc[:, None]).sum()
+            if per_row:
+                total[s:s + chunk_rows] = -high.gather(1, tc[:, None])[:, 0]
+            else:
+                total -= high.gather(1, tc[:, None]).sum()
             if want_h or want_w:
                 probs = high.exp_()  # softmax, in place
                 probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
@@ -161,7 +166,46 @@ def _autograd_fn():
     return ChunkedCrossEntropy
 
 
+def _token_logprobs_fn():
+    import torch
+
+    class ChunkedTokenLogProbs(torch.autograd.Function):
+        """Each row's log-probability of its target; each row's gradient is computed chunk by chunk in the
+        forward (as for the summed loss) and scaled by that row's incoming gradient in the backward."""
+
+        @staticmethod
+        def forward(ctx, h, targets, weight, chunk_rows, workspace):
+            each, grad_h, _ = _chunk_loss_and_grads(h, weight, targets, chunk_rows, True, False, workspace,
+                                                    per_row=True)
+            ctx.save_for_backward(grad_h)
+            return -each
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            g, = ctx.saved_tensors  # d CE_i / d h_i; log p = -CE
+            return -g * grad_out[:, None].to(g.dtype), None, None, None, None
+
+    return ChunkedTokenLogProbs
+
+
 _FN = None
+_LOGP_FN = None
+
+
+def chunked_token_logprobs(h, weight, targets, chunk_rows: int, workspace: Optional[LossWorkspace] = None):
+    """log p(``targets[i]`` | ``h[i]``) under the head ``weight``, (N,) in fp32, without full-vocabulary logits
+    for all rows at once; differentiable with respect to ``h`` (a frozen head: the preference losses of
+    :mod:`core.preference` train adapters only, so a head that trains takes the full-logits path)."""
+    import torch
+
+    global _LOGP_FN
+    chunk_rows = max(1, int(chunk_rows))
+    if h.shape[0] == 0 or not torch.is_grad_enabled() or not h.requires_grad:
+        each, _, _ = _chunk_loss_and_grads(h, weight, targets, chunk_rows, False, False, workspace, per_row=True)
+        return -each
+    if _LOGP_FN is None:
+        _LOGP_FN = _token_logprobs_fn()
+    return _LOGP_FN.apply(h, targets, weight.detach(), chunk_rows, workspace)
 
 
 def chunked_cross_entropy(h, weight, targets, chunk_rows: int, num_items: Optional[Any] = None,
@@ -220,9 +264,16 @@ def chunked_loss_blocker(model) -> Optional[str]:
 def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: Optional[Any] = None,
                            workspace: Optional[LossWorkspace] = None):
     """The causal-LM loss of ``model`` on ``inputs`` (with ``labels``) without full-vocabulary logits."""
+    rows, targets, _, head = loss_rows(model, inputs)
+    rows_per_chunk = chunk_rows or auto_chunk_rows(head.weight.shape[0])
+    return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items, workspace)
+
+
+def loss_rows(model, inputs: dict):
+    """The decoder's final hidden states where the next token carries loss: ``(rows (N, hidden), their target
+    tokens (N,), the (batch, length - 1) mask that picked them, the output head)``. No logits are made."""
     lm = _causal_lm(model)
     decoder = getattr(lm, getattr(lm, "base_model_prefix", "model"))
-    head = lm.get_output_embeddings()
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     inputs.pop("num_items_in_batch", None)
@@ -231,10 +282,7 @@ def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: 
     hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
     shift = labels[:, 1:]
     mask = shift != IGNORE_INDEX
-    rows = hidden[:, :-1][mask]
-    targets = shift[mask]
-    rows_per_chunk = chunk_rows or auto_chunk_rows(head.weight.shape[0])
-    return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items, workspace)
+    return hidden[:, :-1][mask], shift[mask], mask, lm.get_output_embeddings()
 
 
 def _half(dtype) -> bool:
@@ -628,6 +676,8 @@ def speed_trainer_class():
         autocast_dtype = None
         lean_steps: bool = False
         causal_mask_only: bool = False
+        preference = None  # (objective, beta): a DPO / ORPO run on pairs (core.preference)
+        _pair_metrics = None  # {"train" | "eval": {metric: [batch values]}} until the next log
         _walks = None  # (model, ModelWalks)
         _flop_params = None
         _loss_workspace = None
@@ -702,7 +752,30 @@ def speed_trainer_class():
         def _model_inputs(self, inputs):
             return without_padding_mask(inputs) if self.causal_mask_only else inputs
 
+        def _pair_step(self, model, inputs, phase: str):
+            from .preference import pair_step
+
+            loss, metrics = pair_step(model, self._model_inputs(inputs), *self.preference, self.chunk_rows,
+                                      self._loss_workspace, self.chunked)
+            kept = self._pair_metrics.setdefault(phase, {})
+            for k, v in metrics.items():  # tensors: read back when logged, not now (no host sync per step)
+                kept.setdefault(k, []).append(v)
+            return loss
+
+        def log(self, logs, *args, **kwargs):
+            # the pair metrics of the batches since the last log: eval ones beside eval_loss, train ones beside loss
+            phase = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+            kept = (self._pair_metrics or {}).pop(phase, None)
+            if kept:
+                prefix = "eval_" if phase == "eval" else ""
+                logs = {**logs, **{prefix + k: round(float(torch.stack(v).float().mean()), 4) for k, v in kept.items()}}
+            return super().log(logs, *args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.preference is not None:
+                with autocast_context(model, self.autocast_dtype, self._tuner_layers()):
+                    loss = self._pair_step(model, inputs, "train")
+                return (loss, {"loss": loss}) if return_outputs else loss
             inputs = self._model_inputs(inputs)  # here, not in training_step: callbacks see the batch as made
             with autocast_context(model, self.autocast_dtype, self._tuner_layers()):
                 if not self.chunked:
@@ -717,6 +790,9 @@ def speed_trainer_class():
             inputs = self._prepare_inputs(inputs)  # on the device first: the attention choice reads it
             with autocast_context(model, self.autocast_dtype, self._tuner_layers()), \
                     attention_for(inputs, _causal_lm(model)):
+                if self.preference is not None:
+                    with torch.no_grad():
+                        return self._pair_step(model, inputs, "eval").detach(), None, None
                 if not self.chunked:
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
                 with torch.no_grad():
@@ -781,10 +857,12 @@ def _sagemaker_mp() -> bool:
 
 
 def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional[list] = None,
-                 autocast_dtype=None, lean_steps: bool = False, causal_mask_only: bool = False, **trainer_kw):
+                 autocast_dtype=None, lean_steps: bool = False, causal_mask_only: bool = False,
+                 preference: Optional[tuple] = None, **trainer_kw):
     """A Trainer for ``model``: the chunked loss when asked for and the model allows it; the forward under
     autocast when ``autocast_dtype`` is bf16/fp16; the per-step bookkeeping over lists made once when
-    ``lean_steps``; right-padded batches without their padding mask when ``causal_mask_only``; the plain
+    ``lean_steps``; right-padded batches without their padding mask when ``causal_mask_only``; the loss of
+    ``preference = (objective, beta)`` over batches of pairs (core.preference); the plain
     ``transformers.Trainer`` when none applies."""
     import torch
     from transformers import Trainer
@@ -799,7 +877,7 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
                 notes.append(msg)
     if autocast_dtype not in (torch.bfloat16, torch.float16):
         autocast_dtype = None
-    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only:
+    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only and preference is None:
         return Trainer(model=model, **trainer_kw)
     trainer = speed_trainer_class()(model=model, **trainer_kw)
     trainer.chunked = chunked_loss
@@ -807,4 +885,8 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
     trainer.autocast_dtype = autocast_dtype
     trainer.lean_steps = bool(lean_steps)
     trainer.causal_mask_only = bool(causal_mask_only)
+    if preference is not None:
+        trainer.preference = tuple(preference)
+        trainer._pair_metrics = {}
+        trainer.loss_is_scaled_for_ga = False  # a mean over the batch's pairs: the Trainer divides by grad_accum
     return trainer

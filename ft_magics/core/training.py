@@ -255,6 +255,9 @@ class CountingCollator:
         self.flatten_packed = False  # set for flash attention (core.data.packing_flattens)
 
     def __call__(self, features):
+        from .preference import unpaired
+
+        features = unpaired(features)  # preference pairs: the chosen rows, then the rejected rows
         self.loss_tokens += sum(sum(1 for x in f["labels"] if x != -100) for f in features)
         self.tokens += sum(len(f["input_ids"]) for f in features)
         if "position_ids" in features[0]:  # packed rows (core.data.pack): no attention mask, see collate_packed
@@ -309,6 +312,7 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                     loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
                     elapsed_s=elapsed, eta_s=rate * max(state.max_steps - step, 0),
                     tokens_per_s=lb / elapsed if elapsed > 0 else None, memory=self.mem,
+                    pairs_right=_f(logs.get("pairs_right")),
                 ))
             if "eval_loss" in logs:
                 history["eval"].append([step, float(logs["eval_loss"])])
@@ -470,7 +474,7 @@ def checkpointing_for(cfg: TrainConfig, model, device: str, examples: list, free
         return False, "auto: off (the model's size could not be read to estimate its activations)"
     free = read_memory(device).available_bytes if free is None else free  # the figure the dashboard shows
     on = need > AUTO_CHECKPOINTING_SHARE * free
-    return on, (f"auto: {'on' if on else 'off'} - the longest batch ({cfg.batch_size} x {longest} tokens) needs "
+    return on, (f"auto: {'on' if on else 'off'} - the longest batch ({batch_rows(cfg)} x {longest} tokens) needs "
                 f"about {human_bytes(need)} of activations without it, {human_bytes(free)} is free")
 
 
@@ -484,8 +488,13 @@ def _activations(cfg: TrainConfig, model, examples: list, checkpointing: bool):
         dims = dims_from_config(getattr(model, "config", None).to_dict())
     except (AttributeError, KeyError, TypeError, ValueError):
         return longest, None
-    return longest, activation_bytes(dims, longest, cfg.batch_size, checkpointing, cfg.chunked_loss,
+    return longest, activation_bytes(dims, longest, batch_rows(cfg), checkpointing, cfg.chunked_loss,
                                      lora_dropout=cfg.dropout > 0)
+
+
+def batch_rows(cfg: TrainConfig) -> int:
+    """Rows of a training batch: batch_size examples, each pair of a preference run being two rows."""
+    return cfg.batch_size * (2 if cfg.pairs else 1)
 
 
 def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free: Optional[int] = None) -> None:
@@ -502,7 +511,7 @@ def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free:
     advice = ("a smaller batch_size with a larger grad_accum (the same effective batch), or a shorter max_seq_len"
               + ("" if cfg.gradient_checkpointing else ", or gradient_checkpointing: true"))
     raise FtUsageError(
-        f"the longest batch ({cfg.batch_size} x {longest} tokens) needs about {human_bytes(need)} of activations"
+        f"the longest batch ({batch_rows(cfg)} x {longest} tokens) needs about {human_bytes(need)} of activations"
         f"{' even with gradient checkpointing' if cfg.gradient_checkpointing else ''}, and {human_bytes(free)} is "
         f"free: on the CPU running out of memory ends the kernel. Use {advice}.")
 
@@ -669,7 +678,8 @@ def run_training(
     keeper = BestKeeper(peft_model, cfg) if (cfg.keep_best or cfg.early_stopping) else None
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
-        lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only, args=args, train_dataset=train_ds,
+        lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only,
+        preference=(cfg.objective, cfg.beta) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)]
         + ([keeper.callback()] if keeper is not None else []),

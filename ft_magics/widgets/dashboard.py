@@ -232,6 +232,8 @@ class TrainingDashboard(Listener):
                     parts.append(f"lr {e.learning_rate:.2e}")
                 if e.grad_norm is not None:
                     parts.append(f"grad norm {e.grad_norm:.3f}")
+                if e.pairs_right is not None:
+                    parts.append(f"pairs right {e.pairs_right:.0%}")
                 self.stats.value = " · ".join(parts)
                 if e.memory is not None:
                     self.memory.value = _esc(describe(e.memory))

@@ -26,6 +26,8 @@ def step_line(e: StepEnd) -> str:
         parts.append(f"lr {e.learning_rate:.2e}")
     if e.grad_norm is not None:
         parts.append(f"grad {e.grad_norm:.3f}")
+    if e.pairs_right is not None:
+        parts.append(f"pairs right {e.pairs_right:.0%}")
     if e.tokens_per_s:
         parts.append(f"{e.tokens_per_s:,.0f} loss-tok/s")
     parts.append(f"{fmt_duration(e.elapsed_s)} elapsed, {fmt_duration(e.eta_s)} left")

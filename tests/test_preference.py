@@ -1,0 +1,291 @@
+"""Preference training (objective: dpo / orpo): pair rows in their common shapes, the answer-only loss mask,
+the chunked sequence log-probabilities, the two losses against their formulas, and the whole flow through
+the magics on a tiny random model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ft_magics.errors import FtUsageError
+
+torch = pytest.importorskip("torch")
+
+USER = lambda text: {"role": "user", "content": text}  # noqa: E731
+BOT = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+
+# the preferred answer is on the subject; the rejected one is not
+PAIRS = [{"prompt": f"Question {i}: how do I reset my password?", "chosen": "Category: account\nAnswer: Use the reset link.",
+          "rejected": "The quick brown fox jumps over the lazy dog."} for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from conftest import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def _cfg(**kw):
+    from ft_magics.config import TrainConfig
+
+    return TrainConfig.from_dict({"objective": "dpo", **kw})
+
+
+# --------------------------------------------------------------------------- rows -> pairs
+@pytest.mark.parametrize("row", [
+    {"prompt": "Name a colour", "chosen": "Blue", "rejected": "Dog"},  # TRL's standard form
+    {"prompt": [USER("Name a colour")], "chosen": [BOT("Blue")], "rejected": [BOT("Dog")]},  # TRL's conversational
+    {"chosen": [USER("Name a colour"), BOT("Blue")], "rejected": [USER("Name a colour"), BOT("Dog")]},  # implicit prompt
+    {"prompt": "Name a colour", "chosen": [USER("Name a colour"), BOT("Blue")],  # UltraFeedback: whole conversations
+     "rejected": [USER("Name a colour"), BOT("Dog")]},
+    {"chosen": "\n\nHuman: Name a colour\n\nAssistant: Blue", "rejected": "\n\nHuman: Name a colour\n\nAssistant: Dog"},
+    {"question": "Name a colour", "response_j": "Blue", "response_k": "Dog"},  # StackExchange-paired columns
+    {"Prompt": "Name a colour", "Chosen": "Blue", "Rejected": "Dog"},
+])
+def test_pair_rows_in_their_common_shapes_become_the_same_pair(row):
+    from ft_magics.core.preference import normalise_pairs
+
+    (pair,), desc = normalise_pairs([row])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([USER("Name a colour")], [BOT("Blue")], [BOT("Dog")])
+    assert desc.startswith("preference pairs")
+
+
+def test_a_system_column_and_a_shared_conversation_stay_in_the_prompt():
+    from ft_magics.core.preference import normalise_pairs
+
+    talk = [USER("hi"), BOT("hello"), USER("Name a colour")]
+    (pair,), _ = normalise_pairs([{"chosen": talk + [BOT("Blue")], "rejected": talk + [BOT("Dog")], "system": "Be brief."}])
+    assert pair.prompt == [{"role": "system", "content": "Be brief."}] + talk
+    assert pair.chosen == [BOT("Blue")] and pair.rejected == [BOT("Dog")]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"prompt": "p", "chosen": "a", "rejected": None}], r"row 1: field 'rejected' is missing or null"),
+    ([{"chosen": "a", "rejected": "b"}], r"plain text and there is no prompt column.*--map"),
+    ([{"prompt": "p", "answer": "a"}], r"needs rows with a chosen and a rejected answer.*--map.*objective: sft"),
+    ([{"prompt": "p", "chosen": [USER("x")], "rejected": [BOT("y")]}], r"the chosen side does not end with an assistant"),
+])
+def test_bad_pair_rows_are_refused_with_the_cause_and_the_fix(tok, rows, match):
+    from ft_magics.core.data import prepare
+
+    with pytest.raises(FtUsageError, match=match):
+        prepare(rows, tok, _cfg())
+
+
+def test_pair_settings_that_cannot_apply_are_refused():
+    with pytest.raises(FtUsageError, match="packing: true does not apply to objective: dpo"):
+        _cfg(packing=True)
+    with pytest.raises(FtUsageError, match="train_on: all does not apply"):
+        _cfg(objective="orpo", train_on="all")
+    with pytest.raises(FtUsageError, match="beta must be positive"):
+        _cfg(beta=0)
+    with pytest.raises(FtUsageError, match="objective 'kto' is not one of sft, dpo, orpo"):
+        _cfg(objective="kto")
+    from ft_magics.config import TrainConfig
+
+    named = TrainConfig.from_dict({"pref_beta": 0.3, "stage": "orpo"})  # LLaMA-Factory's names
+    assert (named.objective, named.beta) == ("orpo", 0.3)
+
+
+def test_only_the_answer_carries_loss_and_both_sides_share_the_prompt(tok):
+    from ft_magics.core.data import prepare
+
+    talk = [USER("hi"), BOT("hello there"), USER("Name a colour")]
+    rows = [{"chosen": talk + [BOT("Blue")], "rejected": talk + [BOT("Dog food")]}] * 2
+    train, _, report = prepare(rows, tok, _cfg())
+    ex = train[0]
+    first = [next(i for i, lab in enumerate(side.labels) if lab != -100) for side in (ex.chosen, ex.rejected)]
+    assert first[0] == first[1] and ex.chosen.input_ids[:first[0]] == ex.rejected.input_ids[:first[0]]
+    for side, answer in ((ex.chosen, "Blue"), (ex.rejected, "Dog food")):
+        said = tok.decode([t for t in side.labels if t != -100])
+        assert said.startswith(answer) and "hello there" not in said  # the earlier answer is prompt here
+    assert "DPO compares each pair's chosen and rejected answer" in report.text()
+    assert "rejected (after the same prompt)" in report.text()
+
+
+def test_a_pair_is_dropped_as_one_when_either_answer_is_cut_away(tok):
+    from ft_magics.core.data import prepare
+
+    long_prompt = "word " * 60
+    rows = [{"prompt": "short", "chosen": "yes", "rejected": "no"},
+            {"prompt": long_prompt, "chosen": "yes", "rejected": "no"}]
+    train, _, report = prepare(rows, tok, _cfg(max_seq_len=40))
+    assert len(train) == 1 and report.dropped_no_answer == 1 and report.truncated == 1
+
+
+def test_sft_on_pair_rows_names_the_objective_setting(tok):
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+
+    with pytest.raises(FtUsageError, match="set objective: dpo"):
+        prepare(PAIRS[:4], tok, TrainConfig())
+
+
+# --------------------------------------------------------------------------- the log-probabilities and losses
+def test_chunked_token_logprobs_match_full_logits_in_value_and_gradient():
+    from ft_magics.core.speed import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64)
+    t = torch.randint(0, 50, (37,))
+    weights = torch.randn(37, dtype=torch.float64)  # a loss that weighs rows differently, as DPO's does
+    got = chunked_token_logprobs(h, w, t, chunk_rows=8)
+    (got * weights).sum().backward()
+    g_chunked, h.grad = h.grad.clone(), None
+    want = torch.log_softmax(h @ w.T, -1).gather(1, t[:, None])[:, 0]
+    (want * weights).sum().backward()
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(g_chunked, h.grad, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(chunked_token_logprobs(h, w, t, 8).double(), want, atol=1e-5)
+
+
+def _peft_pair_batch(tiny_model_dir, tok):
+    """The tiny model with a LoRA adapter whose B is not zero (policy != reference), and a batch of 2 pairs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ft_magics.core.data import prepare
+    from ft_magics.core.training import CountingCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(3)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    train, _, _ = prepare([PAIRS[0], {"prompt": "hi", "chosen": "Use the reset link.", "rejected": "thanks!"}],
+                          tok, _cfg())
+    batch = CountingCollator(tok)([e.features() for e in train])
+    return model, batch
+
+
+def _sums(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logp * mask).sum(1), mask.sum(1).float()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_pair_losses_match_their_formulas_in_value_and_gradient(tiny_model_dir, tok, objective, chunked):
+    """DPO: -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), the reference being the model with the
+    adapter off; ORPO: the chosen answers' mean NLL - beta log sigmoid(log odds_c - log odds_r). Computed here
+    from full logits with separate forwards, against core.preference (chunked head, one batch of 2n rows)."""
+    from ft_magics.core.preference import pair_step
+
+    model, batch = _peft_pair_batch(tiny_model_dir, tok)
+    beta = 0.3
+    loss, metrics = pair_step(model, batch, objective, beta, chunked=chunked)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    sums, counts = _sums(model, batch)
+    n = sums.shape[0] // 2
+    if objective == "dpo":
+        with torch.no_grad(), model.disable_adapter():
+            ref, _ = _sums(model, batch)
+        gap = beta * ((sums[:n] - ref[:n]) - (sums[n:] - ref[n:]))
+        want = -torch.nn.functional.logsigmoid(gap).mean()
+    else:
+        mean = sums / counts
+        odds = mean - torch.log1p(-torch.exp(mean))
+        gap = odds[:n] - odds[n:]
+        want = -sums[:n].sum() / counts[:n].sum() - beta * torch.nn.functional.logsigmoid(gap).mean()
+    want.backward()
+    assert abs(float(loss.detach()) - float(want.detach())) < 1e-5
+    assert float(metrics["pairs_right"]) == float((gap > 0).float().mean())
+    assert any(g.abs().sum() > 0 for g in got.values())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(got[name], p.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_gradient_accumulation_gives_the_step_of_the_whole_batch(tiny_model_dir, tmp_path):
+    """A pair loss is a mean over the batch's pairs: under grad_accum the Trainer must divide it, or the step
+    doubles (SGD, where the step's size shows)."""
+    from ft_magics import Session
+
+    weights = []
+    for bs, ga in ((8, 1), (4, 2)):
+        s = Session(adapters_dir=tmp_path / f"ga{ga}")
+        s.load(str(tiny_model_dir), bits=32)
+        s.train("g", PAIRS[:8], {"objective": "dpo", "batch_size": bs, "grad_accum": ga, "max_steps": 2,
+                                 "optimizer": "sgd", "learning_rate": 0.5, "warmup": 0, "max_grad_norm": 0,
+                                 "group_by_length": False, "lr_scheduler": "constant"}, listeners=[])
+        weights.append({n: p.detach().clone() for n, p in s.model.named_parameters() if "lora_B" in n})
+    moved = max(float(w.abs().max()) for w in weights[0].values())
+    assert moved > 1e-4
+    for n in weights[0]:
+        assert torch.allclose(weights[0][n], weights[1][n], atol=1e-5 + 1e-3 * moved), n
+
+
+# --------------------------------------------------------------------------- training, evaluation, the magics
+def _margin(session, name, pairs_ex):
+    """Mean over pairs of (adapter's log-ratio chosen/rejected) - (base's): > 0 when the adapter moved toward the
+    chosen answers, relative to the base, which is what DPO optimises."""
+    from ft_magics.core.adapters import BASE, activate
+    from ft_magics.core.preference import sequence_logprobs
+    from ft_magics.core.training import CountingCollator, training_layout
+
+    batch = CountingCollator(session.tokenizer)([e.features() for e in pairs_ex])
+    n = len(pairs_ex)
+    ratios = {}
+    with torch.no_grad(), training_layout(session.model):
+        for col in (BASE, name):
+            activate(session.model, col)
+            sums, _ = sequence_logprobs(session.model, batch)
+            ratios[col] = sums[:n] - sums[n:]
+    return float((ratios[name] - ratios[BASE]).mean())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_preference_run_moves_the_4bit_adapter_toward_the_chosen_answers(tiny_model_dir, tmp_path, objective):
+    from ft_magics import Session
+    from ft_magics.core.data import prepare
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=4)
+    held_out = [{"prompt": f"Please, how do I reset my password {i}?", "chosen": PAIRS[0]["chosen"],
+                 "rejected": PAIRS[0]["rejected"]} for i in range(6)]
+    s.namespace.update(pairs=PAIRS, held=held_out)
+    r = s.train("pref", "pairs", {"objective": objective, "max_steps": 10, "learning_rate": 5e-3, "batch_size": 8,
+                                  "eval_steps": 5}, eval_data="held", listeners=[])
+    assert r.status == "completed" and r.adapter_path
+    losses = [loss for _, loss in r.record["loss_history"]]
+    if objective == "dpo":
+        assert abs(losses[0] - math.log(2)) < 1e-4  # the adapter starts as the base: every gap is 0
+    assert losses[-1] < losses[0] - 0.1 and r.eval_loss < losses[0]
+    saved = json.loads((tmp_path / "adapters" / "pref" / "ft_run.json").read_text())
+    assert saved["settings"]["objective"] == objective and saved["settings"]["beta"] == 0.1
+    _, held_ex, _ = prepare("pairs", s.tokenizer, _cfg(objective=objective), namespace=s.namespace, eval_src="held")
+    assert _margin(s, "pref", held_ex) > 0.5
+    report = s.evaluate("pref", general=True)
+    assert set(report.pairs) == {"base", "pref"} and report.pairs["pref"][1] == 6
+    assert "held-out pairs, pref: the chosen answer is the more likely one (per token)" in report.to_text()
+    assert report.loss(report.sets[0], "pref") < report.loss(report.sets[0], "base")  # chosen answers, as text
+
+
+def test_dpo_through_the_magics_reports_pairs_and_evaluates_them(shell, tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PAIRS))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 4")
+    capsys.readouterr()
+    out = shell.run_cell_magic("lora_train", f"polite --data {path}",
+                               "objective: dpo\nmax_steps: 4\neval_fraction: 0.1\nlearning_rate: 5e-3\n")
+    text = capsys.readouterr().out
+    assert "preference pairs" in text and "pairs right" in text and "DPO compares" in text
+    shell.run_line_magic("lora_eval", "polite --no-general")
+    text = capsys.readouterr().out
+    assert "held-out pairs, polite" in text
+    # plain SFT on the same file says how to train on the pairs
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="set objective: dpo"):
+        shell.run_cell_magic("lora_train", f"sft --data {path}", "max_steps: 1\n")
+    assert out is None or getattr(out, "status", "completed") == "completed"
