@@ -664,7 +664,7 @@ class Session:
         bundled general-text sample; a core.evaluation.EvalReport. ``answers`` > 0: also the greedy answers of
         each to that many held-out questions, scored against the reference answers (exact, first line)."""
         from .core.adapters import BASE, activate
-        from .core.evaluation import (EvalReport, answer_scores, eval_config, general_examples,
+        from .core.evaluation import (EvalReport, answer_scores, data_objective, eval_config, general_examples,
                                       heldout_examples, loss_and_perplexity, pair_scores)
         from .core.preference import PairExample
         from .core.training import training_layout
@@ -684,7 +684,8 @@ class Session:
             if data is None and own is None:
                 raise FtUsageError("--answers needs held-out questions: give --data FILE (or evaluate an adapter "
                                    "trained in this session with --eval or eval_fraction).")
-            src, eval_src, cfg = (data, None, eval_config(max_seq_len)) if data is not None else own
+            src, eval_src, cfg = (data, None, eval_config(max_seq_len, data_objective(data, self.namespace))) \
+                if data is not None else own
             *_, train_records, eval_records, _ = split_records(src, cfg, self.namespace, eval_src)
             held = eval_records if (eval_records or data is None) else train_records  # --data: all of it
             cases = answer_cases(held)[:int(answers)]

@@ -1,4 +1,5 @@
-"""Write the bundled demo dataset `demo:support` (and its held-out split `demo:support-eval`).
+"""Write the bundled demo dataset `demo:support` (and its held-out split `demo:support-eval`), and the same
+questions as preference pairs for DPO / ORPO (`demo:support-pairs`, `demo:support-pairs-eval`).
 
 A customer-support assistant that always answers in a fixed two-line format:
 
@@ -126,10 +127,35 @@ def make(seed: int = 7):
     return train, held
 
 
+VAGUE = "Please contact our support team; they will look into it for you."
+
+
+def as_pairs(rows: list, seed: int) -> list:
+    """Each example as a preference pair: its answer preferred to a worse one, in turn one with the wrong
+    category, one without the two-line format, and one that helps nobody."""
+    rng = random.Random(seed)
+    pairs = []
+    for i, r in enumerate(rows):
+        question, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        cat_line, answer_line = answer.split("\n", 1)
+        cat = cat_line.split(": ", 1)[1]
+        kind = i % 3
+        if kind == 0:
+            other = rng.choice([c for c in QUESTIONS if c != cat])
+            rejected = f"Category: {other}\n{answer_line}"
+        elif kind == 1:
+            rejected = answer_line.split(": ", 1)[1]
+        else:
+            rejected = f"{cat_line}\nAnswer: {VAGUE}"
+        pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
+    return pairs
+
+
 def main() -> None:
     train, held = make()
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("support", train), ("support-eval", held)):
+    for name, rows in (("support", train), ("support-eval", held), ("support-pairs", as_pairs(train, 1)),
+                       ("support-pairs-eval", as_pairs(held, 2))):
         with open(OUT / f"{name}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1349,12 +1349,15 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
 
 
 def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
-                  txt_mode: Optional[str] = None, normaliser=None) -> tuple:
+                  txt_mode: Optional[str] = None) -> tuple:
     """``(records, format, description, unused-column note, train records, eval records, split description)``:
     the rows of --data normalised, and the held-out part: --eval's rows, else the source's own eval split
-    (``rows.held_out``: see :func:`_with_held_out`), else ``eval_fraction`` of the rows (seeded).
-    ``normaliser``: what turns rows into records (:func:`normalise`; preference pairs have their own)."""
-    normalise_rows = normaliser or normalise
+    (``rows.held_out``: see :func:`_with_held_out`), else ``eval_fraction`` of the rows (seeded). For a
+    preference objective (``cfg.pairs``) the records are ``core.preference.Pair`` s."""
+    if getattr(cfg, "pairs", False):
+        from .preference import normalise_pairs as normalise_rows
+    else:
+        normalise_rows = normalise
     txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
     max_rows = getattr(cfg, "max_rows", 0)
     rows, desc = load_rows(src, namespace, txt_mode, max_rows)
@@ -1411,9 +1414,9 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     only once every row has been validated and tokenised."""
     pairs = getattr(cfg, "pairs", False)
     if pairs:
-        from .preference import normalise_pairs, pair_warnings, show_pair, tokenize_pairs
+        from .preference import pair_warnings, show_pair, tokenize_pairs
     records, fmt, desc, unused_note, train_records, eval_records, split_desc = split_records(
-        src, cfg, namespace, eval_src, txt_mode, normaliser=normalise_pairs if pairs else None)
+        src, cfg, namespace, eval_src, txt_mode)
     chat = has_chat_template(tokenizer)
     if fmt == "text":
         rendering = "plain text (text format)"

@@ -26,14 +26,21 @@ def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_
     """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
     'train' and a 'validation' / 'test' split, that held-out split. Rows of preference pairs (prompt / chosen /
     rejected) give :class:`core.preference.PairExample` s."""
-    from .data import load_rows, prepare
+    from .data import prepare
+
+    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len, data_objective(src, namespace)),
+                                    namespace=namespace)
+    return held_out or examples
+
+
+def data_objective(src: Any, namespace: Optional[dict] = None) -> str:
+    """"dpo" when ``src``'s rows are preference pairs (chosen / rejected columns), else "sft": how data given
+    to an evaluation is read."""
+    from .data import load_rows
     from .preference import pair_columns
 
     rows, _ = load_rows(src, namespace, max_rows=1)
-    pairs = bool(rows) and isinstance(rows[0], dict) and pair_columns(rows[0]) is not None
-    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len, "dpo" if pairs else "sft"),
-                                    namespace=namespace)
-    return held_out or examples
+    return "dpo" if rows and isinstance(rows[0], dict) and pair_columns(rows[0]) is not None else "sft"
 
 
 def _padded(batch: list, pad: int, device):
