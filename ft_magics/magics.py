@@ -120,18 +120,30 @@ _TOKEN = re.compile(r"""\s*("[^"]*"|'[^']*'|\S+)""")
 
 
 def split_leading_flags(magic_func, line: str) -> tuple[str, str]:
-    """``--flag [value] ... free text`` -> (the flags, the free text verbatim).
+    """``--flag [value] ... free text [--flag [value] ...]`` -> (the flags, the free text verbatim).
 
     The free text of a line magic (a prompt) may hold apostrophes and question marks that a shell-style
-    split would choke on, so only the leading flags are tokenised; the rest is kept as typed.
+    split would choke on, so only the flags are tokenised; the rest is kept as typed. Flags typed after the
+    text count too, when everything from the first of them to the end is this magic's own flags and their
+    values (``%lora_generate Hi there --max-new-tokens 40``): before, they were silently part of the prompt.
     """
     arity = {s: a.nargs != 0 for a in magic_func.parser._actions for s in a.option_strings}
-    pos = 0
+    end = _flags_end(line, 0, arity, known_only=False)
+    text = line[end:].strip()
+    for m in re.finditer(r"(?:^|\s)(--[\w-]+)", text):
+        if _flags_end(text, m.start(1), arity, known_only=True) == len(text.rstrip()):
+            return line[:end] + " " + text[m.start(1):], text[:m.start()].strip()
+    return line[:end], text
+
+
+def _flags_end(line: str, pos: int, arity: dict, known_only: bool) -> int:
+    """Where the run of ``--flag [value]`` tokens starting at ``pos`` ends (``known_only``: a token that is
+    not one of ``arity``'s flags ends it, as free text)."""
     while True:
         m = _TOKEN.match(line, pos)
-        if m is None or not m.group(1).startswith("--"):
-            return line[:pos], line[pos:].strip()
-        flag = m.group(1).split("=", 1)[0]
+        flag = m.group(1).split("=", 1)[0] if m is not None else ""
+        if m is None or not flag.startswith("--") or (known_only and flag not in arity):
+            return pos
         pos = m.end()
         if arity.get(flag) and "=" not in m.group(1):
             v = _TOKEN.match(line, pos)

@@ -78,6 +78,20 @@ def test_a_prompt_ending_in_a_question_mark_reaches_lora_generate(shell):
         shell.run_line_magic("load_ext", "ft_magics")  # the fixture unloads again
 
 
+def test_flags_typed_after_the_prompt_are_read_as_flags_not_as_words_of_it():
+    """%lora_generate How do I ...? --max-new-tokens 40 sent the flag to the model as part of the question and
+    generated 128 tokens; only this magic's own flags at the end are read so, other dashes stay text."""
+    from ft_magics.magics import FtMagics, split_leading_flags
+
+    gen, chat = FtMagics.lora_generate, FtMagics.lora_chat
+    assert split_leading_flags(gen, "How do I reset it? --max-new-tokens 40") == (" --max-new-tokens 40", "How do I reset it?")
+    assert split_leading_flags(gen, "--adapter a Hi --temperature 0.7 --seed=3") == \
+        ("--adapter a --temperature 0.7 --seed=3", "Hi")
+    assert split_leading_flags(chat, "Bonjour --new") == (" --new", "Bonjour")
+    for text in ("What does --verbose do in git?", "Explain --max-new-tokens to me please", "a--b", "Hi --"):
+        assert split_leading_flags(gen, text) == ("", text)
+
+
 # --------------------------------------------------------------------------- argument errors
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
     with pytest.raises(UsageError, match=r"unknown flag --bitz \(did you mean '--bits'\?\)"):
