@@ -269,6 +269,12 @@ class FtMagics(Magics):
             alpha: 32
             target_modules: all-linear
             learning_rate: 2e-4
+
+        Preference pairs (prompt / chosen / rejected) train with ``objective: dpo`` or ``orpo``::
+
+            %%lora_train polite --data demo:support-pairs --eval demo:support-pairs-eval
+            objective: orpo
+            max_steps: 30
         """
         args = parse_args(self.lora_train, line)
         body = _training_body(args, cell)
@@ -361,7 +367,8 @@ class FtMagics(Magics):
             %lora_generate --adapter support-bot How do I reset my password?
 
         In the line form a final ? belongs to the question (IPython would otherwise read it as a help
-        request); %lora_generate? alone still shows this help. Interrupting the kernel (the stop button)
+        request); %lora_generate? alone still shows this help. Flags may also follow the message
+        (``%lora_generate How do I reset my password? --max-new-tokens 40``). Interrupting the kernel (the stop button)
         ends the answer at the next token and keeps what was generated.
         """
         if cell is None:  # line form: the flags first, then the message as typed

@@ -280,6 +280,7 @@ def test_dpo_through_the_magics_reports_pairs_and_evaluates_them(shell, tiny_mod
                                "objective: dpo\nmax_steps: 4\neval_fraction: 0.1\nlearning_rate: 5e-3\n")
     text = capsys.readouterr().out
     assert "preference pairs" in text and "pairs right" in text and "DPO compares" in text
+    assert "Training 'polite': 43 pairs (DPO)" in text  # 48 less the eval_fraction
     shell.run_line_magic("lora_eval", "polite --no-general --answers 2")  # the chosen answers are the references
     text = capsys.readouterr().out
     assert "held-out pairs, polite" in text and "greedy answers, polite:" in text

@@ -71,6 +71,11 @@ def test_dashboard_progress_labels_and_image_follow_the_steps(dash):
     assert all(img.startswith(PNG_MAGIC) for img in images)
     assert dash.curve.steps == [1, 2, 3]
     assert dash.curve.ema[0] == pytest.approx(2.0) and dash.curve.ema[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
+    assert "pairs right" not in dash.stats.value
+    pref = step(4)
+    pref.pairs_right = 0.75  # a DPO / ORPO run's share of pairs ranked as preferred
+    emit([dash], pref)
+    assert "pairs right 75%" in dash.stats.value
 
 
 def test_memory_readout_is_labelled_by_kind(dash):

@@ -47,9 +47,12 @@ class TrainBegin:
 
     @property
     def examples_text(self) -> str:
-        """"48 examples", or with packing "48 examples packed into 6 rows"."""
+        """"48 examples", with packing "48 examples packed into 6 rows", for a preference run "48 pairs (dpo)"."""
         if self.packed_examples is not None:
             return f"{counted(self.packed_examples, 'example')} packed into {counted(self.num_examples, 'row')}"
+        objective = self.settings.get("objective", "sft")
+        if objective != "sft":
+            return f"{counted(self.num_examples, 'pair')} ({objective.upper()})"
         return counted(self.num_examples, "example")
 
     @property
