@@ -182,7 +182,7 @@ class Session:
         else:
             evals = f"{len(eval_ex)} eval examples, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
-        return (f"Dry run: {len(train_ex):,} training examples -> {steps:,} optimizer steps of {per_step} ({span}); "
+        return (f"Dry run: {len(train_ex):,} training {'pairs' if cfg.pairs else 'examples'} -> {steps:,} optimizer steps of {per_step} ({span}); "
                 f"{evals}; gradient checkpointing {ckpt}. The memory checks passed. Nothing was trained: run the "
                 "cell without --dry-run to train.")
 

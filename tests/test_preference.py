@@ -281,6 +281,8 @@ def test_dpo_through_the_magics_reports_pairs_and_evaluates_them(shell, tiny_mod
     text = capsys.readouterr().out
     assert "preference pairs" in text and "pairs right" in text and "DPO compares" in text
     assert "Training 'polite': 43 pairs (DPO)" in text  # 48 less the eval_fraction
+    shell.run_cell_magic("lora_train", f"polite2 --data {path} --dry-run", "objective: orpo\nbatch_size: 16\n")
+    assert "Dry run: 48 training pairs -> 3 optimizer steps of 16" in capsys.readouterr().out
     shell.run_line_magic("lora_eval", "polite --no-general --answers 2")  # the chosen answers are the references
     text = capsys.readouterr().out
     assert "held-out pairs, polite" in text and "greedy answers, polite:" in text
