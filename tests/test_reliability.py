@@ -421,3 +421,28 @@ def test_pickle_only_adapter_is_refused(tiny_session, tmp_path):
     with pytest.raises(FtUsageError, match="pickle"):
         tiny_session.load_adapter(folder)
     assert not tiny_session.adapters.names()
+
+
+def test_keep_best_carries_its_best_across_a_resume(tiny_session):
+    """The best weights so far travel in every checkpoint: stopped after its best evaluation and resumed, a
+    keep_best run saves the same adapter as the uninterrupted one (before, the resumed run looked for its
+    best among the evaluations after the interruption only, and kept a worse adapter)."""
+    from safetensors.torch import load_file
+
+    s = tiny_session
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(40)]
+    ev = [{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(8)]
+    cfg = {"max_steps": 12, "batch_size": 4, "learning_rate": 0.3, "warmup": 0, "eval_steps": 2, "save_every": 2,
+           "save_every_minutes": 0, "keep_best": True}
+    full = s.train("full", rows, cfg, eval_data=ev, listeners=[])
+    best_step = full.record["best"]["step"]
+    assert full.record["best"]["restored"] and best_step <= 8  # the setting this test needs: the loss turns back up
+    part = s.train("part", rows, cfg, eval_data=ev, listeners=[StopAt(s, best_step + 1)])
+    assert part.status == "stopped" and best_step < part.steps < 12
+    assert any((Path(s.adapters_dir) / ".checkpoints" / "part").glob("checkpoint-*/ft_best.safetensors"))
+    resumed = s.train("part", rows, cfg, eval_data=ev, resume=True, listeners=[])
+    assert resumed.status == "completed" and resumed.record["best"] == full.record["best"]
+    wa = load_file(str(Path(full.adapter_path) / "adapter_model.safetensors"))
+    wb = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() < 1e-5, k

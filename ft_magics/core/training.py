@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import platform
 import signal
@@ -325,11 +326,16 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
 class BestKeeper:
     """``keep_best`` / ``early_stopping``: a copy (on the CPU) of the adapter's weights at the lowest eval loss
     so far, put back before the adapter is saved; and the stop once ``early_stopping`` evaluations in a row
-    found no lower loss. Works from the Trainer's evaluations, the final one included. Within one run: a
-    resumed run starts looking for its best afresh."""
+    found no lower loss. Works from the Trainer's evaluations, the final one included. Every checkpoint holds
+    the best so far (:attr:`FILE`, written before the checkpoint is marked complete), so a resumed run goes on
+    comparing with the evaluations made before the interruption."""
+
+    FILE = "ft_best.safetensors"  # in a checkpoint folder: the best weights so far, the bookkeeping as metadata
 
     def __init__(self, peft_model, cfg: TrainConfig):
-        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.patience = int(cfg.early_stopping)
         self.best: Optional[tuple] = None  # (eval loss, step)
         self.weights: Optional[list] = None
@@ -365,7 +371,41 @@ class BestKeeper:
                     control.should_training_stop = True
                 return control
 
+            def on_save(self, args, state, control, **kw):  # before checkpoints' callback marks it complete
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if state.is_world_process_zero and folder.is_dir():
+                    keeper.save(folder)
+                return control
+
         return KeepBest()
+
+    def save(self, folder: Path) -> None:
+        """Write the best so far into checkpoint ``folder`` (atomically; nothing before the first evaluation)."""
+        if self.best is None:
+            return
+        from safetensors.torch import save
+
+        from .atomic import atomic_write_bytes
+
+        state = {"loss": self.best[0], "step": self.best[1], "evaluations": self.evaluations,
+                 "since_best": self.since_best, "last_step_seen": self.last_step_seen}
+        atomic_write_bytes(Path(folder) / self.FILE,
+                           save(dict(zip(self.names, self.weights)), metadata={"ft_magics_best": json.dumps(state)}))
+
+    def load(self, folder: Path) -> bool:
+        """Take up the best that checkpoint ``folder`` holds; False when it holds none (no evaluation yet)."""
+        from safetensors import safe_open
+
+        path = Path(folder) / self.FILE
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads(f.metadata()["ft_magics_best"])
+            self.weights = [f.get_tensor(n) for n in self.names]
+        self.best = (float(state["loss"]), int(state["step"]))
+        self.evaluations, self.since_best = int(state["evaluations"]), int(state["since_best"])
+        self.last_step_seen = state.get("last_step_seen")
+        return True
 
     def restore(self, last_step: int) -> Optional[str]:
         """Put the best weights back where the model holds others; a line saying what was kept (None: nothing
@@ -676,13 +716,16 @@ def run_training(
     from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, warmup_from_first_step
 
     keeper = BestKeeper(peft_model, cfg) if (cfg.keep_best or cfg.early_stopping) else None
+    if keeper is not None and resume_from is not None:
+        keeper.load(resume_from)
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
         lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only,
         preference=(cfg.objective, cfg.beta) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
-        callbacks=[warmup_from_first_step(), callback, ckpts.make_callback(cfg, flag, ckpt_meta, listeners)]
-        + ([keeper.callback()] if keeper is not None else []),
+        # the best weights go into a checkpoint before its callback marks it complete
+        callbacks=[warmup_from_first_step(), callback] + ([keeper.callback()] if keeper is not None else [])
+        + [ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
