@@ -736,13 +736,17 @@ class Session:
             return report
 
     def serve(self, requests: list, store: Optional[str | Path] = None, capacity: Optional[int] = None,
-              max_new_tokens: int = 64, system: Optional[str] = None) -> list:
+              max_new_tokens: int = 64, system: Optional[str] = None, sampling=None, **settings) -> list:
         """Answer a batch of requests, each naming a task adapter (or 'base'): adapters missing from memory
         are loaded from ``store`` (default: the adapters folder), at most ``capacity`` kept (LRU), and the
         mixed batch runs in one generate call with PEFT's per-row ``adapter_names`` where it can. Returns one
-        core.routing.Served per request (which adapter served it, cold load and swap times)."""
+        core.routing.Served per request (which adapter served it, cold load and swap times). Answers are
+        greedy unless ``sampling`` (a core.inference.Sampling) or its fields as keywords (``temperature``,
+        ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``) say otherwise, as for :meth:`generate`."""
+        from .core.inference import Sampling
         from .core.routing import AdapterRouter
 
+        sampling = Sampling.of(sampling, max_new_tokens=max_new_tokens, **settings)  # refused before any work
         self._require_model()
         if capacity is not None and capacity < 1:
             raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
@@ -753,7 +757,7 @@ class Session:
             self._router.capacity = capacity
         with self._model_busy("serve requests"):
             self._check_not_merged("serve requests with several adapters")
-            return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system)
+            return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system, sampling=sampling)
 
     # ------------------------------------------------------------------ planning
     def plan(self, model: str = "demo", seq_len: int = 512, batch_size: int = 8, r: int = 16,

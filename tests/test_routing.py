@@ -41,6 +41,30 @@ def test_mixed_batch_matches_one_request_at_a_time(tiny_session, store):
         assert (s.text, s.new_tokens) == (alone.text, alone.new_tokens), adapter
 
 
+def test_served_answers_take_the_sampling_settings_of_generate(tiny_session, store):
+    """serve() decoded greedily, whatever the caller wanted; it now takes generate's settings: a repetition
+    penalty changes a looping greedy answer, a seeded sampled batch is the same twice (and not the greedy one),
+    in the mixed batch and in the grouped fallback alike, and a misspelt setting is refused before any work."""
+    s = tiny_session
+    reqs = [("legal", PROMPTS[0]), ("support", PROMPTS[1]), ("base", PROMPTS[2])]
+    greedy = [r.text for r in s.serve(reqs, store=store, max_new_tokens=12)]
+    assert [r.text for r in s.serve(reqs, store=store, max_new_tokens=12)] == greedy  # greedy is greedy
+    curbed = [r.text for r in s.serve(reqs, store=store, max_new_tokens=12, repetition_penalty=3.0)]
+    assert curbed != greedy
+    sampled = [s.serve(reqs, store=store, max_new_tokens=12, temperature=1.5, seed=7) for _ in range(2)]
+    assert [r.text for r in sampled[0]] == [r.text for r in sampled[1]] != greedy
+    assert {r.mode for r in sampled[0]} == {"mixed"}
+    s._router.mixed_ok = False  # the grouped path (DoRA adapters, models without mixed batches)
+    try:
+        grouped = s.serve(reqs, store=store, max_new_tokens=12, temperature=1.5, seed=7)
+        assert {r.mode for r in grouped} == {"grouped"}
+        assert [r.text for r in s.serve(reqs, store=store, max_new_tokens=12, repetition_penalty=3.0)] == curbed
+    finally:
+        s._router.mixed_ok = True
+    with pytest.raises(FtUsageError, match="unknown generation setting temperatur"):
+        s.serve(reqs, store=store, temperatur=0.7)
+
+
 def test_dora_adapters_are_served_in_groups_and_leave_no_hooks_behind(tiny_model_dir, tmp_path):
     """PEFT refuses DoRA adapters in a mixed batch, and its refused generate left a hook on every LoRA layer
     that passed the refused batch's adapter names to every later forward: the grouped retry failed

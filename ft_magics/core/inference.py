@@ -73,6 +73,13 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def seed_generator(self) -> None:
+        """Seed torch's generator before a sampled answer that has a ``seed``: the same seed, the same answer."""
+        if not self.greedy and self.seed is not None:
+            import torch
+
+            torch.manual_seed(self.seed)
+
     def generate_kwargs(self, max_new_tokens: Optional[int] = None) -> dict:
         """``model.generate`` keywords; ``max_new_tokens`` where the context cut the answer shorter."""
         kw = dict(max_new_tokens=max_new_tokens or self.max_new_tokens)
@@ -150,8 +157,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], sampling.max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(sampling.generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)
-    if not sampling.greedy and sampling.seed is not None:
-        torch.manual_seed(sampling.seed)
+    sampling.seed_generator()
     if on_text is not None:
         kw["streamer"] = _streamer(tokenizer, on_text)
     was_training = model.training
@@ -218,9 +224,9 @@ def _stop_when(flag):
 # --------------------------------------------------------------------------- batches (left padding)
 def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = None, max_new_tokens: int = 64,
                    adapter_names: Optional[list] = None, limits: Optional[list] = None,
-                   contexts: Optional[list] = None) -> list:
-    """Greedy answers to several prompts in one ``generate`` call, left-padded so every row ends at the
-    same position. ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
+                   contexts: Optional[list] = None, sampling: Optional[Sampling] = None) -> list:
+    """Answers to several prompts in one ``generate`` call (greedy unless ``sampling`` says otherwise; its
+    ``max_new_tokens`` gives way to the argument), left-padded so every row ends at the same position. ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
     adapter on each row in the same forward pass; ``contexts`` (one ``(system, earlier turns)`` per row)
     replaces the one ``system``. Returns ``(text, new_tokens)`` per prompt."""
     import torch
@@ -236,7 +242,9 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
     max_new_tokens, _ = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
-    kw = dict(Sampling().generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)  # greedy
+    sampling = sampling or Sampling()
+    kw = dict(sampling.generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)
+    sampling.seed_generator()
     if adapter_names is not None:
         kw["adapter_names"] = list(adapter_names)
     was_training = model.training

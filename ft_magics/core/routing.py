@@ -241,7 +241,9 @@ class AdapterRouter:
         return slot, (time.perf_counter() - t) * 1000.0, how
 
     # ------------------------------------------------------------------ serving
-    def serve(self, requests: list, max_new_tokens: int = 64, system: Optional[str] = None) -> list:
+    def serve(self, requests: list, max_new_tokens: int = 64, system: Optional[str] = None, sampling=None) -> list:
+        """One answer per request; ``sampling`` (a core.inference.Sampling): how every answer is decoded
+        (default greedy); ``max_new_tokens``: for requests that name no limit of their own."""
         reqs = [as_request(r) for r in requests]
         if not reqs:
             return []
@@ -266,14 +268,14 @@ class AdapterRouter:
             for i, names in enumerate(chunks):
                 rows = [k for k, r in enumerate(reqs) if r.adapter in names or (i == 0 and r.adapter == BASE)]
                 if rows:
-                    self._serve_chunk(reqs, rows, names, out, max_new_tokens, system)
+                    self._serve_chunk(reqs, rows, names, out, max_new_tokens, system, sampling)
         finally:  # leave the session's own selection exactly as it was (slots included: disabled)
             active = previous if previous in self.host.adapters else None
             activate(self.host.model, active)
             self.host.adapters.active = active
         return out
 
-    def _serve_chunk(self, reqs, rows, names: set, out, max_new_tokens, system) -> None:
+    def _serve_chunk(self, reqs, rows, names: set, out, max_new_tokens, system, sampling=None) -> None:
         from .inference import generate_batch
 
         loads = {n: self._ensure(n, set(names)) for n in names}  # task -> (PEFT name, ms, how)
@@ -302,7 +304,7 @@ class AdapterRouter:
                                              max_new_tokens=limit,
                                              limits=[reqs[k].max_new_tokens or max_new_tokens for k in rows],
                                              adapter_names=[peft_name.get(reqs[k].adapter, PEFT_BASE_ROW)
-                                                            for k in rows])
+                                                            for k in rows], sampling=sampling)
                 finally:  # refused or interrupted, PEFT leaves its hooks on every layer
                     remove_adapter_name_hooks(model)
             except (ValueError, TypeError, NotImplementedError):
@@ -320,7 +322,7 @@ class AdapterRouter:
             glimit = max((reqs[k].max_new_tokens or max_new_tokens) for k in ks)
             t = time.perf_counter()
             answers = generate_batch(model, tok, [reqs[k].prompt for k in ks], system=system, max_new_tokens=glimit,
-                                     limits=[reqs[k].max_new_tokens or max_new_tokens for k in ks])
+                                     limits=[reqs[k].max_new_tokens or max_new_tokens for k in ks], sampling=sampling)
             seconds = time.perf_counter() - t
             for k, (text, n) in zip(ks, answers):
                 record(k, text, n, "grouped", swap_ms, seconds)
