@@ -151,3 +151,19 @@ def check_05(text: str, work: Path) -> None:
     assert (work / "adapters" / "support-2p" / "adapter_config.json").is_file()
     assert (work / "jobs" / "support" / "job.yaml").is_file()
     assert "accelerate.yaml" in s and "job.yaml" in s
+
+
+def test_06_preferences(tmp_path):
+    check_06(*execute("06_preferences.ipynb", tmp_path)[:2])
+
+
+def check_06(text: str, work: Path) -> None:
+    s = summary(text)
+    m = re.search(r"run prefer: (\w+), loss ([\d.]+) -> ([\d.]+) over (\d+) steps", s)
+    assert m and m.group(1) == "completed" and int(m.group(4)) == 20 and float(m.group(3)) < float(m.group(2)), s
+    base = re.search(r"base: pairs right (\d+)/72, first line right (\d+)/8", s)
+    tuned = re.search(r"prefer: pairs right (\d+)/72, first line right (\d+)/8", s)
+    assert base and tuned, s
+    assert int(tuned.group(1)) > int(base.group(1)) and int(tuned.group(2)) > int(base.group(2))  # it learned both
+    assert "pairs right" in text and "ORPO compares each pair's chosen and rejected answer" in text
+    assert (work / "adapters" / "prefer" / "adapter_config.json").is_file()
