@@ -252,6 +252,23 @@ print(json.dumps({{"status": r.status, "path": r.adapter_path, "ipy": "IPython" 
     assert res["ipy"] is False and res["adapter"] == "api"
 
 
+@pytest.mark.parametrize("bits", [32, 4])
+def test_a_new_adapter_trains_while_the_base_is_selected(tiny_model_dir, tmp_path, bits):
+    """'%lora_adapters use base' switches every LoRA layer off; a new adapter trained after it was added to
+    layers still switched off, and the first backward failed ('element 0 of tensors does not require grad'),
+    then every later run too. It trains as it would with nothing selected."""
+    from ft_magics import Session
+
+    s = Session(adapters_dir=tmp_path / f"ad{bits}")
+    s.load(str(tiny_model_dir), bits=bits)
+    s.train("a", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    s.use("base")
+    c = s.train("c", ROWS, {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup": 0}, listeners=[])
+    losses = [loss for _, loss in c.record["loss_history"]]
+    assert c.status == "completed" and losses[-1] < losses[0] and s.adapters.active == "c"
+    assert s.generate("hello", max_new_tokens=2, adapter="a").adapter == "a"  # the other adapter still answers
+
+
 def test_retraining_same_name_replaces_adapter_atomically(tiny_session):
     rows = ROWS
     r1 = tiny_session.train("same", rows, {"max_steps": 2, "batch_size": 4})

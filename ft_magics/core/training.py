@@ -482,6 +482,9 @@ def attach_adapter(model, name: str, cfg: TrainConfig):
         base = model.get_base_model()
         lcfg = lora_config(base, cfg)
         model.add_adapter(name, lcfg)
+        # 'base' selected (every LoRA layer switched off) must not leave the new adapter off: its LoRA path
+        # would never run, and the first backward would find nothing that requires grad
+        model.base_model.enable_adapter_layers()
         model.set_adapter(name)
         peft_model = model
     else:
