@@ -143,7 +143,7 @@ class Session:
         if resume:  # nothing to resume is a user error, found before any work
             from .core.checkpoints import checkpoint_root, require_resumable
 
-            require_resumable(checkpoint_root(target.parent, name), name)
+            require_resumable(checkpoint_root(target.parent, name), name, cfg.to_dict())
         # Everything that can be wrong with the data is found before the model is touched.
         train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
         self.last_data_report = report

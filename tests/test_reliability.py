@@ -128,8 +128,15 @@ def test_resume_with_no_steps_left_is_refused_and_keeps_the_checkpoint(tiny_sess
                                                rf"max_steps={limit} leaves nothing.*above {last} \(the run was "
                                                r"started with 6\)"):
             s.train("bot", DATA, dict(CFG, max_steps=limit), resume=True)
+    # an adapter of another shape cannot continue the checkpoint: said before any work (it was a 56-line
+    # state-dict traceback from inside the Trainer)
+    for other, was in (({"r": 8}, "r: 4"), ({"target_modules": "qv"}, "target_modules: all-linear")):
+        with pytest.raises(FtUsageError, match=rf"checkpoint-{last} of 'bot' holds an adapter made with {was}; "
+                                               r"this run asks for .*Resume with .*or train afresh"):
+            s.train("bot", DATA, dict(CFG, max_steps=6, **other), resume=True)
     assert _ckpts(s, "bot") == before  # nothing lost: the checkpoint and the adapter are as they were
     assert (s.adapters_dir / "bot" / "adapter_model.safetensors").read_bytes() == adapter
+    assert "bot" in s.adapters and s.adapters.active == "bot"  # a refused resume leaves the adapter loaded
     done = s.train("bot", DATA, dict(CFG, max_steps=6), resume=True)
     assert done.status == "completed" and done.steps == 6
 

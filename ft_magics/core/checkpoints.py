@@ -139,25 +139,46 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
     path = latest_valid(root)
     if path is None:
         raise no_checkpoint_error(root, name)
-    old = read_meta(path)
+    old = check_resumable(path, name, meta.get("settings") or {})
     step = int(_CKPT_RE.match(path.name).group(1))
-    limit = (meta.get("settings") or {}).get("max_steps", -1)
-    if isinstance(limit, int) and 0 < limit <= step:
-        started = (old.get("settings") or {}).get("max_steps")
-        raise FtUsageError(
-            f"{path.name} of {name!r} is already at step {step}, so max_steps={limit} leaves nothing to train. "
-            f"Resume with --max-steps above {step}" + (f" (the run was started with {started})" if started else "")
-            + ", or train afresh without --resume (that replaces the adapter).")
     changed = [k for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
-    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "r")
-                if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha",
+                            "objective") if k in old_s and k in new_s and old_s[k] != new_s[k]]
     if changed:
         emit(listeners, Message(
             f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
             "the result will not match an uninterrupted run.", "warning"))
     emit(listeners, Message(f"resuming {name!r} from {path.name} (step {step})"))
     return path
+
+
+# settings that fix the adapter's tensors: a checkpoint made with others cannot be loaded into this run
+SHAPE_SETTINGS = ("r", "target_modules", "use_dora")
+
+
+def check_resumable(path: Path, name: str, settings: dict) -> dict:
+    """Refuse to resume from checkpoint ``path`` what cannot continue it: a run whose max_steps is already
+    reached, or whose adapter has another shape (``SHAPE_SETTINGS``). Returns the checkpoint's metadata."""
+    old = read_meta(path)
+    step = int(_CKPT_RE.match(Path(path).name).group(1))
+    limit = settings.get("max_steps", -1)
+    if isinstance(limit, int) and 0 < limit <= step:
+        started = (old.get("settings") or {}).get("max_steps")
+        raise FtUsageError(
+            f"{Path(path).name} of {name!r} is already at step {step}, so max_steps={limit} leaves nothing to train. "
+            f"Resume with --max-steps above {step}" + (f" (the run was started with {started})" if started else "")
+            + ", or train afresh without --resume (that replaces the adapter).")
+    old_s = old.get("settings") or {}
+    shape = [k for k in SHAPE_SETTINGS if k in old_s and k in settings and old_s[k] != settings[k]]
+    if shape:
+        was = ", ".join(f"{k}: {old_s[k]}" for k in shape)
+        raise FtUsageError(
+            f"{Path(path).name} of {name!r} holds an adapter made with {was}; this run asks for "
+            f"{', '.join(f'{k}: {settings[k]}' for k in shape)}, which changes the adapter's tensors, so the "
+            f"checkpoint cannot continue it. Resume with {was}, or train afresh without --resume (that replaces "
+            "the adapter).")
+    return old
 
 
 def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
@@ -167,11 +188,14 @@ def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
     )
 
 
-def require_resumable(root: Path, name: str) -> Path:
-    """Fail before any work when ``--resume`` has nothing to resume."""
+def require_resumable(root: Path, name: str, settings: Optional[dict] = None) -> Path:
+    """Fail before any work (the model untouched, the adapter left loaded) when ``--resume`` has nothing to
+    resume, or nothing these ``settings`` can continue (:func:`check_resumable`)."""
     path = latest_valid(root)
     if path is None:
         raise no_checkpoint_error(root, name)
+    if settings is not None:
+        check_resumable(path, name, settings)
     return path
 
 
