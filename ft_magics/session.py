@@ -599,16 +599,17 @@ class Session:
         import tempfile
 
         from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
-        from .core.atomic import COMPLETE_MARKER, writable_dir
+        from .core.atomic import writable_dir
 
         with self._model_busy("export an adapter"):
             info = self._require_adapter(name)  # also one only in the adapters folder (after a restart)
         target = user_path(directory)
         writable_dir(target.parent, "the export")
-        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / COMPLETE_MARKER).exists())):
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _written_by_export(target))):
+            kept = "a trained adapter" if (target / "ft_run.json").exists() else "other files"
             raise FtUsageError(
-                f"{target} already exists and was not written by an export; choose a new or empty folder "
-                "(an export replaces the whole folder)."
+                f"{target} already exists and was not written by an export (it holds {kept}); choose a new or "
+                "empty folder (an export replaces the whole folder)."
             )
         with self._model_busy("export an adapter"):
             if not merged:
@@ -768,6 +769,26 @@ class Session:
 
         return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
                     optimizer=optimizer)
+
+
+def _written_by_export(folder: Path) -> bool:
+    """Whether ``folder`` is a finished export (which a new export may replace): an adapter whose record says
+    it was exported, or a merged model whose config lists the adapters merged into it. A trained adapter's
+    folder is neither, and is never overwritten by an export."""
+    import json
+
+    from .core.adapters import MERGED_KEY
+    from .core.atomic import COMPLETE_MARKER
+
+    if not (folder / COMPLETE_MARKER).exists():
+        return False
+    for name, key in (("ft_run.json", "exported_from"), ("config.json", MERGED_KEY)):
+        try:
+            if key in json.loads((folder / name).read_text()):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def _default_listeners(listeners: Optional[list]) -> list:

@@ -188,6 +188,17 @@ def test_export_merged_loads_in_plain_transformers(tiny_session, made_by_peft, t
     with pytest.raises(FtUsageError, match="not written by an export"):
         tiny_session.export_adapter("a", tmp_path / "precious", merged=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    # nor another adapter's folder: 'export one adapters/two' replaced the trained adapter two, silently
+    trained = tiny_session.train("two", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 1},
+                                 listeners=[])
+    weights = (Path(trained.adapter_path) / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FtUsageError, match=r"not written by an export \(it holds a trained adapter\)"):
+        tiny_session.export_adapter("a", trained.adapter_path)
+    assert (Path(trained.adapter_path) / "adapter_model.safetensors").read_bytes() == weights
+    # an earlier export is replaced, PEFT format or merged
+    assert tiny_session.export_adapter("a", tmp_path / "merged", merged=True) == out
+    peft_out = tiny_session.export_adapter("a", tmp_path / "peft")
+    assert tiny_session.export_adapter("two", peft_out) == peft_out
 
 
 def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session, made_by_peft, tmp_path):
