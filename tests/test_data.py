@@ -104,6 +104,13 @@ def test_csv_from_a_spreadsheet_semicolons_and_a_byte_order_mark(tmp_path):
     (tmp_path / "bars.csv").write_text("prompt|completion\nhi|there\n", encoding="utf-8")
     recs, _ = load(str(tmp_path / "bars.csv"))
     assert [m["content"] for m in recs[0].messages] == ["hi", "there"]
+    # spaces around the header's names ("Question , Answer"): the names are the words. Before, the format was
+    # not found and the suggested --map "Question =prompt,..." failed in turn (the map's names are stripped)
+    (tmp_path / "spaced.csv").write_text("Question , Answer\nWhat is 1+1?,2\n", encoding="utf-8")
+    recs, fmt = load(str(tmp_path / "spaced.csv"))
+    assert fmt.startswith("prompt-completion (columns Question -> prompt, Answer -> completion)")
+    recs, _ = load(str(tmp_path / "spaced.csv"), column_map="Question=prompt,Answer=completion")
+    assert [m["content"] for m in recs[0].messages] == ["What is 1+1?", "2"]
 
 
 def test_parquet_prompt_completion(tmp_path):

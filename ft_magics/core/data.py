@@ -502,6 +502,9 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
 
             df = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, nrows=limit,
                              encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
+            stripped = [str(c).strip() for c in df.columns]
+            if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
+                df.columns = stripped
             return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
