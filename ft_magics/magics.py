@@ -298,7 +298,8 @@ class FtMagics(Magics):
         if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
             if args.background or args.resume:
                 raise UsageError("--processes/--launcher cannot be combined with --background or --resume yet.")
-            self.session.train_processes(args.name, args.data, cfg, processes=args.processes or 1,
+            self.session.train_processes(args.name, args.data, cfg,
+                                         processes=args.processes if args.processes is not None else 1,
                                          launcher=args.launcher or "accelerate", eval_data=args.eval,
                                          output_dir=args.output_dir, listeners=[view])
             return None
@@ -669,7 +670,7 @@ class FtMagics(Magics):
         if memory is not None:
             print()
             print(p.fit_text(*memory))
-        if p.dims.params > 30e9:
+        if 60e9 <= p.dims.params <= 80e9:  # the seed's table is of a 70B model
             from .core.planner import seed_comparison
 
             print()

@@ -169,6 +169,7 @@ class Session:
                                    resume=resume, heldout=heldout)
 
     def _dry_run_text(self, cfg: TrainConfig, train_ex: list, eval_ex: list) -> str:
+        from .core.events import counted
         from .core.training import planned_steps, preflight
 
         run_cfg, ckpt_why = preflight(self.handle, cfg, train_ex)  # a batch that cannot fit is refused here too
@@ -182,7 +183,8 @@ class Session:
         else:
             evals = f"{len(eval_ex)} eval examples, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
-        return (f"Dry run: {len(train_ex):,} training {'pairs' if cfg.pairs else 'examples'} -> {steps:,} optimizer steps of {per_step} ({span}); "
+        return (f"Dry run: {counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')} -> "
+                f"{counted(steps, 'optimizer step')} of {per_step} ({span}); "
                 f"{evals}; gradient checkpointing {ckpt}. The memory checks passed. Nothing was trained: run the "
                 "cell without --dry-run to train.")
 
@@ -272,6 +274,12 @@ class Session:
     def training_in_background(self) -> Optional[str]:
         """The name of the adapter a background run is training now, or None."""
         return self._training.name.removeprefix("ft_magics-train-") if self.training_in_progress else None
+
+    def _check_not_training(self, name: str) -> None:
+        """``name`` is the adapter a background run is training: it exists once the run saves it."""
+        if name == self.training_in_background:
+            raise FtUsageError(f"adapter {name!r} is training in the background; it is saved, and usable, when the "
+                               "run ends (%lora_stop ends it early, keeping what it learned).")
 
     def _check_no_training(self) -> None:
         if self.training_in_progress:
@@ -459,6 +467,7 @@ class Session:
             return adapter_card(name, Path(info.path), state)
         folder = self._adapter_folder(name)
         if folder is None:  # not loaded and not on disk: the error names the ones that are
+            self._check_not_training(name)
             self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
         return adapter_card(name, folder, "on disk, not loaded")
 
@@ -483,6 +492,8 @@ class Session:
         (trained before a kernel restart, or by another notebook). The active adapter stays as it was."""
         from .core.adapters import activate
 
+        if name not in self.adapters:
+            self._check_not_training(name)
         if name not in self.adapters and self._merged is None:
             previous = self.adapters.active
             self._load_on_demand(name)

@@ -341,6 +341,9 @@ def test_real_background_run_blocks_swap_merge_generate_until_it_ends(tiny_sessi
         lines = []
         adapter_commands.run(tiny_session, ["list"], out=lines.append)
         assert lines[0].startswith("training 'bg' in the background") and any(l.startswith("* a ") for l in lines)
+        # the adapter being trained is named as such, not as unknown ("No adapters yet")
+        with pytest.raises(FtUsageError, match="adapter 'bg' is training in the background; it is saved"):
+            tiny_session.adapter_card("bg")
         with pytest.raises(FtUsageError, match="training 'bg' is in progress in the background; stop it first"):
             tiny_session.train("other", rows, {"max_steps": 1}, listeners=[])
         for what, call in (("switch adapters", lambda: tiny_session.use("base")),

@@ -100,6 +100,10 @@ def test_ft_plan_magic(shell, capsys):
 
     with pytest.raises(UsageError):
         shell.run_line_magic("ft_plan", "no-such-model-xyz")
+    with pytest.raises(UsageError, match="--r must be a positive LoRA rank"):  # it planned a rank-0 adapter
+        shell.run_line_magic("ft_plan", "7B --r 0")
+    shell.run_line_magic("ft_plan", "400B")
+    assert "Seed table" not in capsys.readouterr().out  # the seed's comparison is of a 70B model only
 
 
 def test_an_8bit_optimizer_is_planned_at_10_bytes_per_trained_parameter(shell, capsys):

@@ -136,7 +136,7 @@ def test_notebook_launcher_falls_back_when_it_cannot_fork(tmp_path, monkeypatch)
     assert any("notebook launcher cannot start here" in m.text for m in rec.of(Message))
 
 
-def test_magic_flags_are_checked(shell):
+def test_magic_flags_are_checked(shell, tiny_model_dir):
     from IPython.core.error import UsageError
 
     with pytest.raises(UsageError, match="invalid choice"):
@@ -147,6 +147,10 @@ def test_magic_flags_are_checked(shell):
         shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --background", "r: 8\n")
     assert "lora_export_job" in shell.magics_manager.magics["line"]
     assert "lora_export_job" in shell.magics_manager.magics["cell"]
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    for n in (0, -2):  # 0 read as 'not given' started a one-process job
+        with pytest.raises(UsageError, match=rf"--processes must be at least 1 \(got {n}\)"):
+            shell.run_cell_magic("lora_train", f"x --data demo:support --processes {n}", "r: 8\n")
 
 
 # --------------------------------------------------------------------------- real runs on 2 CPU processes

@@ -1311,7 +1311,8 @@ def quality_warnings(records: list[Record]) -> list:
     warnings = []
     n = len(records)
     if n < 100:
-        warnings.append(f"only {n} examples; the seed's guidance is 100-500 high-quality examples at the least.")
+        warnings.append(f"only {counted(n, 'example')}; the usual guidance is 100-500 high-quality examples at the "
+                        "least.")
     seen, dups, empty = set(), 0, 0
     for r in records:
         key = json.dumps(r.to_json(), sort_keys=True)
@@ -1493,7 +1494,7 @@ def _pack_checked(train, evals, tokenizer, cfg, model, report):
            else "a block-diagonal causal mask")
     report.attention = impl
     report.packing = (
-        f"{n} examples -> {len(train)} rows of <= {cfg.max_seq_len} tokens ({fill:.0%} full); "
+        f"{counted(n, 'example')} -> {counted(len(train), 'row')} of <= {cfg.max_seq_len} tokens ({fill:.0%} full); "
         f"examples kept apart by {impl} attention with position_ids restarting per example ({how}), "
         "checked on this model"
     )

@@ -344,6 +344,8 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input."""
     if seq_len < 1 or batch_size < 1:
         raise FtUsageError(f"--seq-len and --batch-size must be positive (got {seq_len}, {batch_size}).")
+    if r < 1:
+        raise FtUsageError(f"--r must be a positive LoRA rank (got {r}); try 8, 16 or 32.")
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, False, full_act_bytes)
