@@ -165,6 +165,15 @@ def test_folder_of_files_and_errors_name_the_file(tmp_path):
     write_jsonl(folder / "c.jsonl", [{"messages": [{"role": "usr", "content": "x"}]}])
     with pytest.raises(FtUsageError, match=r"c\.jsonl, line 1, message 0: unknown role 'usr'"):
         load(str(folder))
+    # files in two formats: said as such (it advised dropping a format setting that was never given)
+    (folder / "c.jsonl").unlink()
+    (folder / "d.csv").write_text("text\nhello\n")
+    with pytest.raises(FtUsageError, match=r"d\.csv, row 1: .*This row is in the text format, while the first rows "
+                                           r"are chat: the rows of one dataset share one format") as err:
+        load(str(folder))
+    assert "format setting" not in str(err.value)
+    with pytest.raises(FtUsageError, match="drop the format setting"):  # where one was given, it still says so
+        load(str(folder / "a.jsonl"), fmt="prompt-completion")
 
 
 def test_saved_dataset_and_dataset_dict_folders(tmp_path):

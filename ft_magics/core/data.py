@@ -775,6 +775,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         rows = _renamed(rows, mapping)
     keys = list(dict.fromkeys(k for r in rows[:1000] for k in r))  # the columns, in the data's order
     shown_fmt = None
+    found_auto = fmt == "auto"
     if fmt == "auto":
         found = detect_format(keys)
         pair = known_pair(keys) if found is None else None
@@ -789,13 +790,14 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     records = []
     for i, r in enumerate(rows):
         loc = locate(i, where)
-        rec = _normalise_row(r, fmt, loc)
+        rec = _normalise_row(r, fmt, loc, found_auto)
         rec.where = loc
         records.append(rec)
     return records, shown_fmt or fmt
 
 
-def _normalise_row(row: dict, fmt: str, where: str) -> Record:
+def _normalise_row(row: dict, fmt: str, where: str, detected: bool = False) -> Record:
+    """``detected``: ``fmt`` was read from the first rows' columns, not set by the user."""
     if not isinstance(row, dict):
         raise FtUsageError(f"{where}: expected an object, got {type(row).__name__}.")
     need = FORMAT_KEYS[fmt]
@@ -804,7 +806,10 @@ def _normalise_row(row: dict, fmt: str, where: str) -> Record:
         other = detect_format(row)
         if other is None and known_pair(row) is not None:
             other = "prompt-completion"
-        if other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
+        if other is not None and other != fmt and detected:  # e.g. a folder of files in two formats
+            fix = (f"this row is in the {other} format, while the first rows are {fmt}: the rows of one dataset share "
+                   "one format; convert or rename the odd rows' columns, or train on the two parts separately")
+        elif other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
             fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
         else:
             guess = suggest_map(row, row)
