@@ -171,6 +171,11 @@ def test_checkpoints_by_time(tiny_session):
 def test_resume_without_a_checkpoint_is_a_usage_error(tiny_session, shell, tiny_model_dir):
     with pytest.raises(FtUsageError, match="no complete checkpoint of 'nothing'.*without --resume"):
         tiny_session.train("nothing", DATA, CFG, resume=True)
+    # a run that completed removed its checkpoints: said as such, with how to train longer
+    tiny_session.train("done", DATA, dict(CFG, max_steps=2), listeners=[])
+    with pytest.raises(FtUsageError, match=r"'done' completed its run \(2 steps; the adapter is saved\).*nothing to "
+                                           r"resume. To train longer, run it again without --resume"):
+        tiny_session.train("done", DATA, dict(CFG, max_steps=4), resume=True)
     from IPython.core.error import UsageError
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")

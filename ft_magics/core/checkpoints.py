@@ -182,6 +182,15 @@ def check_resumable(path: Path, name: str, settings: dict) -> dict:
 
 
 def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
+    try:  # the adapter's own folder, beside .checkpoints/: a run that completed keeps no checkpoints
+        record = json.loads((Path(root).parent.parent / name / "ft_run.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("status") == "completed":
+        return FtUsageError(
+            f"{name!r} completed its run ({record.get('steps')} steps; the adapter is saved) and a completed run keeps "
+            "no checkpoints, so there is nothing to resume. To train longer, run it again without --resume with "
+            "more steps (that replaces the adapter), or under a new name to keep this one.")
     return FtUsageError(
         f"no complete checkpoint of {name!r} to resume from (looked in {root}). "
         f"Train it without --resume: %%lora_train {name} --data ... (see README 'Troubleshooting: interrupted runs')."
