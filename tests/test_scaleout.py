@@ -148,6 +148,11 @@ def test_magic_flags_are_checked(shell, tiny_model_dir):
     assert "lora_export_job" in shell.magics_manager.magics["line"]
     assert "lora_export_job" in shell.magics_manager.magics["cell"]
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    # a folder that is not a job's (here: the model's own) is not written into
+    before = sorted(p.name for p in Path(tiny_model_dir).iterdir())
+    with pytest.raises(UsageError, match="already holds other files and is not a job folder"):
+        shell.run_cell_magic("lora_export_job", f"x {tiny_model_dir} --data demo:support", "r: 8\n")
+    assert sorted(p.name for p in Path(tiny_model_dir).iterdir()) == before
     for n in (0, -2):  # 0 read as 'not given' started a one-process job
         with pytest.raises(UsageError, match=rf"--processes must be at least 1 \(got {n}\)"):
             shell.run_cell_magic("lora_train", f"x --data demo:support --processes {n}", "r: 8\n")
