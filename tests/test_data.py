@@ -62,6 +62,10 @@ def test_json_list_object_holding_a_list_and_dict_of_columns(tmp_path):
         recs, fmt = load(str(tmp_path / name))
         assert (fmt, len(recs)) == (want, 2), name
     assert recs[1].messages == [{"role": "user", "content": "p2"}, {"role": "assistant", "content": "c2"}]
+    for value, kind in ((3, "int"), ("text", "str"), (None, "null")):  # it said "scalar.json is a int; --data takes
+        (tmp_path / "s.json").write_text(json.dumps(value))           # a pandas DataFrame", a notebook variable's words
+        with pytest.raises(FtUsageError, match=rf"s\.json holds a single JSON {kind}, not records"):
+            load(str(tmp_path / "s.json"))
 
 
 def test_json_file_that_is_really_json_lines(tmp_path):

@@ -522,7 +522,8 @@ def combine(model, weights: dict, new_name: str, method: str = "linear") -> None
         model.add_weighted_adapter(list(weights), list(weights.values()), new_name, combination_type=method, **kw)
     except (ValueError, TypeError) as exc:
         hint = " Adapters of different rank combine with --method cat or svd." if "same r" in str(exc) else ""
-        raise FtUsageError(f"cannot combine {', '.join(weights)} with --method {method}: {exc}.{hint}") from None
+        said = str(exc).rstrip(". ")  # PEFT's own message may end in a period
+        raise FtUsageError(f"cannot combine {', '.join(weights)} with --method {method}: {said}.{hint}") from None
 
 
 # --------------------------------------------------------------------------- export

@@ -448,6 +448,10 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
             )
         else:
             data = [data]
+    elif not isinstance(data, list):  # 3, "text", null: not records
+        raise FtUsageError(f"{path} holds a single JSON {type(data).__name__ if data is not None else 'null'}, not "
+                           "records: a .json file holds a list of objects (one per example) or an object whose list "
+                           "is the records; JSON lines (.jsonl) hold one object per line.")
     rows = _rows_from_object(data, str(path), limit)
     return _with_held_out(rows, *held) if held else rows
 
