@@ -154,7 +154,7 @@ def test_committed_notebooks_are_what_the_generator_writes(tmp_path):
     make_notebooks.main()
     names = sorted(p.name for p in tmp_path.glob("*.ipynb"))
     assert names == ["01_quickstart.ipynb", "02_bring_your_own_data.ipynb", "03_adapters_at_the_edge.ipynb",
-                     "04_memory_full_vs_lora_vs_qlora.ipynb", "05_scale_out.ipynb"]
+                     "04_memory_full_vs_lora_vs_qlora.ipynb", "05_scale_out.ipynb", "06_preferences.ipynb"]
     for name in names:
         committed = ROOT / "demo_notebooks" / name
         assert committed.read_text() == (tmp_path / name).read_text(), f"regenerate {name}: scripts/make_notebooks.py"
