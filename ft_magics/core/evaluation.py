@@ -6,6 +6,7 @@ loss training reports (answers only for chat data; every token for plain text).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,23 @@ def data_objective(src: Any, namespace: Optional[dict] = None) -> str:
     return "dpo" if rows and isinstance(rows[0], dict) and pair_columns(rows[0]) is not None else "sft"
 
 
+@contextlib.contextmanager
+def _scoring(model):
+    """How evaluation runs ``model``: eval mode, no gradients, the fused LoRA layers; its mode put back after."""
+    import torch
+
+    from .fused_lora import fused_lora
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), fused_lora(model):
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def _padded(batch: list, pad: int, device):
     """``(input_ids, attention_mask, labels)`` of tokenised examples, right-padded to the longest."""
     import torch
@@ -62,29 +80,21 @@ def _padded(batch: list, pad: int, device):
 def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8) -> tuple:
     """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
     mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
-    import torch
-
-    from .fused_lora import fused_lora
     from .preference import sequence_logprobs
     from .speed import chunked_loss_blocker
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     chunked = chunked_loss_blocker(model) is None
-    right, was_training = 0, model.training
-    model.eval()
-    try:
-        with torch.no_grad(), fused_lora(model):
-            for i in range(0, len(pairs), batch_size):
-                batch = pairs[i:i + batch_size]
-                ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
-                sums, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
-                                                 chunked=chunked)
-                per_token = sums / counts.clamp(min=1)
-                right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
-    finally:
-        if was_training:
-            model.train()
+    right = 0
+    with _scoring(model):
+        for i in range(0, len(pairs), batch_size):
+            batch = pairs[i:i + batch_size]
+            ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
+            sums, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                             chunked=chunked)
+            per_token = sums / counts.clamp(min=1)
+            right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
     return right, len(pairs)
 
 
@@ -98,7 +108,6 @@ def general_examples(tokenizer, max_seq_len: int = 512) -> list:
 
 def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -> tuple[float, float, int]:
     """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count."""
-    import torch
     import torch.nn.functional as F
 
     if not examples:
@@ -106,14 +115,11 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    from .fused_lora import fused_lora
     from .speed import causal_lm_chunked_loss, chunked_loss_blocker
 
     chunked = chunked_loss_blocker(model) is None
 
-    with torch.no_grad(), fused_lora(model):
+    with _scoring(model):
         for i in range(0, len(examples), batch_size):
             ids, mask, labels = _padded(examples[i:i + batch_size], pad, device)
             if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
@@ -124,8 +130,6 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
                 total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
             count += int((labels[:, 1:] != -100).sum())
-    if was_training:
-        model.train()
     if count == 0:
         raise FtUsageError("no loss-bearing tokens to evaluate.")
     loss = total / count
