@@ -369,8 +369,8 @@ class FtMagics(Magics):
 
         In the line form a final ? belongs to the question (IPython would otherwise read it as a help
         request); %lora_generate? alone still shows this help. Flags may also follow the message
-        (``%lora_generate How do I reset my password? --max-new-tokens 40``). Interrupting the kernel (the stop button)
-        ends the answer at the next token and keeps what was generated.
+        (``%lora_generate How do I reset my password? --max-new-tokens 40``). Interrupting the kernel (the
+        stop button) ends the answer at the next token and keeps what was generated.
         """
         if cell is None:  # line form: the flags first, then the message as typed
             line, prompt = split_leading_flags(self.lora_generate, line)

@@ -226,7 +226,8 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
                    adapter_names: Optional[list] = None, limits: Optional[list] = None,
                    contexts: Optional[list] = None, sampling: Optional[Sampling] = None) -> list:
     """Answers to several prompts in one ``generate`` call (greedy unless ``sampling`` says otherwise; its
-    ``max_new_tokens`` gives way to the argument), left-padded so every row ends at the same position. ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
+    ``max_new_tokens`` gives way to the argument), left-padded so every row ends at the same position.
+    ``adapter_names`` (one per row, ``"__base__"`` for none) lets PEFT run a different
     adapter on each row in the same forward pass; ``contexts`` (one ``(system, earlier turns)`` per row)
     replaces the one ``system``. Returns ``(text, new_tokens)`` per prompt."""
     import torch
