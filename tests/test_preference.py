@@ -61,11 +61,28 @@ def test_a_system_column_and_a_shared_conversation_stay_in_the_prompt():
     assert pair.chosen == [BOT("Blue")] and pair.rejected == [BOT("Dog")]
 
 
+def test_whole_conversations_beside_a_prompt_column_keep_their_system_turn():
+    """UltraFeedback-style rows whose conversations open with a system turn: the prompt is what both sides
+    share (before, the prompt column was put in front of the whole conversation: user, system, user, answer)."""
+    from ft_magics.core.preference import normalise_pairs
+
+    sysm = {"role": "system", "content": "Be brief."}
+    (pair,), _ = normalise_pairs([{"prompt": "Name a colour", "chosen": [sysm, USER("Name a colour"), BOT("Blue")],
+                                   "rejected": [sysm, USER("Name a colour"), BOT("Dog")]}])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ([sysm, USER("Name a colour")], [BOT("Blue")], [BOT("Dog")])
+
+
 @pytest.mark.parametrize("rows, match", [
     ([{"prompt": "p", "chosen": "a", "rejected": None}], r"row 1: field 'rejected' is missing or null"),
+    ([{"chosen": [USER("a"), BOT("x")], "rejected": [USER("b"), BOT("y")]}],
+     r"chosen and rejected part at message 0, a user / user turn, not at the answer"),
+    ([{"chosen": [BOT("x")], "rejected": [BOT("y")]}], r"a pair of answers without a prompt"),
     ([{"chosen": "a", "rejected": "b"}], r"plain text and there is no prompt column.*--map"),
     ([{"prompt": "p", "answer": "a"}], r"needs rows with a chosen and a rejected answer.*--map.*objective: sft"),
-    ([{"prompt": "p", "chosen": [USER("x")], "rejected": [BOT("y")]}], r"the chosen side does not end with an assistant"),
+    ([{"prompt": "p", "chosen": [USER("x"), BOT("a"), USER("y")], "rejected": [USER("x"), BOT("a"), USER("z")]}],
+     r"part at message 2, a user / user turn"),
+    ([{"prompt": "p", "chosen": [BOT("a"), USER("y")], "rejected": [BOT("b")]}],
+     r"the chosen side does not end with an assistant"),
 ])
 def test_bad_pair_rows_are_refused_with_the_cause_and_the_fix(tok, rows, match):
     from ft_magics.core.data import prepare

@@ -156,16 +156,23 @@ def _pair(row: Any, where: str) -> Pair:
                 "cannot be told. Give a prompt column (--map \"question=prompt\"), or write each side as a "
                 "conversation (a list of role/content messages ending in the answer).")
     chosen, rejected = _side(c_raw, row, "chosen", where), _side(r_raw, row, "rejected", where)
-    if prompt is not None and chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt \
-            and len(chosen) > len(prompt):  # whole conversations beside their prompt (UltraFeedback)
-        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
-    elif prompt is None:  # whole conversations: the prompt is what they share
+    if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        # whole conversations (implicit prompt; UltraFeedback's beside a prompt column, which they repeat): the
+        # prompt is what the two share, up to the first message where they differ
         k = 0
         while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
             k += 1
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        if chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+            raise FtUsageError(
+                f"{where}: chosen and rejected part at message {k}, a {chosen[0]['role']} / {rejected[0]['role']} "
+                "turn, not at the answer: a pair is two answers to one conversation. Give the shared conversation "
+                "once (a prompt column, or the same first messages on both sides).")
+    elif prompt is None:
+        raise FtUsageError(f"{where}: a pair of answers without a prompt: give the question they answer (a prompt "
+                           "column, --map \"question=prompt\"), or write both sides as whole conversations.")
     for side, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if not msgs or msgs[-1]["role"] != "assistant":
+        if msgs[-1]["role"] != "assistant":
             raise FtUsageError(f"{where}: the {side} side does not end with an assistant answer "
                                f"(roles: {', '.join(m['role'] for m in prompt + msgs)}).")
     system = row.get("system")
