@@ -435,6 +435,14 @@ class FtMagics(Magics):
                 if not (self.widgets and widget_frontend()):
                     print("started a new conversation" + (f" (system prompt: {args.system})" if args.system else "") + ".")
                     return
+            elif args.system is not None and not (self.widgets and widget_frontend()):
+                from .core.chat import Conversation
+
+                session.conversation = session.conversation or Conversation()
+                session.conversation.system = args.system or None
+                print(f"system prompt from the next turn on: {args.system}" if args.system else
+                      "no system prompt from the next turn on.")
+                return
             if self.widgets and widget_frontend():  # the chat panel: a message box and an adapter per message
                 from IPython.display import display
 

@@ -441,18 +441,20 @@ class Session:
         from .core.inference import Sampling
 
         sampling = Sampling.of(sampling or Sampling(max_new_tokens=256), **settings)
-        if new or self.conversation is None:
-            self.conversation = Conversation()
-        conv = self.conversation
-        if system is not None:
-            conv.system = system or None
         if not message or not message.strip():
             raise FtUsageError("the message is empty: write it after the flags or in the cell body.")
+        # the turn is tried on a copy: a refused turn (unknown adapter, too long) leaves the conversation,
+        # its system prompt included, as it was; --new forgets the old one only once the new one has begun
+        old = None if (new or self.conversation is None) else self.conversation
+        conv = Conversation(system=old.system if old else None, turns=list(old.turns) if old else [])
+        if system is not None:
+            conv.system = system or None
         history, left_out = conv.fitting_history(self.model, self.tokenizer, message,
                                                  max(1, min(sampling.max_new_tokens, 64)))
         gen = self.generate(message, adapter, system=conv.system, sampling=sampling, on_text=on_text,
                             history=history)
         conv.add(message, gen.text, gen.adapter, gen.stopped)
+        self.conversation = conv
         return gen, left_out
 
     def adapter_card(self, name: str) -> str:

@@ -164,6 +164,24 @@ def test_chat_remembers_the_conversation_across_turns_and_adapters(loaded, capsy
     assert sh.transform_cell("%lora_chat Why?").strip() == "get_ipython().run_line_magic('lora_chat', 'Why?')"
 
 
+def test_a_refused_chat_turn_leaves_the_conversation_as_it_was(loaded, capsys):
+    """A turn refused for an unknown adapter (or as too long) had already set its --system, and --new had
+    already forgotten the conversation; --system alone printed the transcript and did nothing."""
+    sh, _, _ = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("lora_chat", "--max-new-tokens 2 first turn")
+    before = (sess.conversation.system, [(t.role, t.content) for t in sess.conversation.turns])
+    for flags in ("--system SYS-X --adapter nope", "--new --adapter nope", "--new --system SYS-Z --adapter nope"):
+        with pytest.raises(UsageError, match="no adapter named 'nope'"):
+            sh.run_line_magic("lora_chat", f"{flags} hi")
+        assert (sess.conversation.system, [(t.role, t.content) for t in sess.conversation.turns]) == before, flags
+    sh.run_line_magic("lora_chat", "--system 'Be terse.'")
+    assert "system prompt from the next turn on: Be terse." in capsys.readouterr().out
+    assert sess.conversation.system == "Be terse." and sess.conversation.exchanges == 1
+    sh.run_line_magic("lora_chat", "--new --max-new-tokens 2 again")
+    assert sess.conversation.exchanges == 1 and sess.conversation.system is None  # --new with a turn: begun afresh
+
+
 def test_chat_leaves_out_the_oldest_turns_that_outgrow_the_context(loaded, capsys):
     sh, _, _ = loaded
     sess = magics(sh).session
