@@ -69,7 +69,10 @@ def sampling_arguments(max_new_tokens: int, sampled: bool = True):
 def sampling_of(args: argparse.Namespace):
     from .core.inference import Sampling
 
-    return Sampling.of(**{k: getattr(args, k) for k in SAMPLING_FLAGS if hasattr(args, k)})
+    sampling = Sampling.of(**{k: getattr(args, k) for k in SAMPLING_FLAGS if hasattr(args, k)})
+    if sampling.unused:  # e.g. --top-p 0.5 without --temperature: the answer is greedy, the flag does nothing
+        print(f"Note: {', '.join(sampling.unused)} apply when sampling; add --temperature 0.7 (greedy without it).")
+    return sampling
 
 
 def parse_args(magic_func, line: str) -> argparse.Namespace:

@@ -763,6 +763,10 @@ def test_sampling_settings_reach_generate_and_bad_ones_are_refused_before_the_mo
                          ({"temperature": -0.5}, "--temperature must be >= 0"),
                          ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
                          ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+                         # these reached the model: a garbage answer, or torch.manual_seed's overflow traceback
+                         ({"temperature": float("inf")}, "--temperature must be >= 0 and finite"),
+                         ({"repetition_penalty": float("inf")}, "--repetition-penalty must be > 0"),
+                         ({"temperature": 1.0, "seed": 10**20}, r"--seed must be a whole number from 0 to 2\*\*63"),
                          ({"repetiton_penalty": 1.1}, "unknown generation setting repetiton_penalty: the settings are "
                                                       "max_new_tokens, temperature, top_p, top_k, repetition_penalty")):
         with pytest.raises(FtUsageError, match=message):
@@ -788,6 +792,11 @@ def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
     assert (seen[1].max_new_tokens, seen[1].repetition_penalty) == (2, 1.3)
     with pytest.raises(UsageError, match="--repetition-penalty must be > 0"):
         shell.run_line_magic("lora_generate", "--repetition-penalty -1 hello")
+    capsys.readouterr()
+    shell.run_line_magic("lora_generate", "--max-new-tokens 2 --top-p 0.5 --seed 1 hello")  # greedy: both do nothing
+    assert "Note: --top-p, --seed apply when sampling; add --temperature 0.7" in capsys.readouterr().out
+    shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 0.7 --top-p 0.5 hello")
+    assert "Note:" not in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown flag --top-k"):  # %lora_compare stays greedy: no sampling flags
         shell.run_cell_magic("lora_compare", "--top-k 3", "hello")
     capsys.readouterr()

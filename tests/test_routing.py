@@ -63,6 +63,9 @@ def test_served_answers_take_the_sampling_settings_of_generate(tiny_session, sto
         s._router.mixed_ok = True
     with pytest.raises(FtUsageError, match="unknown generation setting temperatur"):
         s.serve(reqs, store=store, temperatur=0.7)
+    for limit in (0, -3, 2.5):  # 0 was read as 'not given', -3 reached generate's own ValueError
+        with pytest.raises(FtUsageError, match=rf"a request's max_new_tokens must be a whole number >= 1 \(got {limit}\)"):
+            s.serve([{"prompt": "hi", "adapter": "legal", "max_new_tokens": limit}], store=store)
 
 
 def test_dora_adapters_are_served_in_groups_and_leave_no_hooks_behind(tiny_model_dir, tmp_path):

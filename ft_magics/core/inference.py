@@ -1,6 +1,7 @@
 """Generation: chat-templated prompts, streamed text, timing."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -58,16 +59,27 @@ class Sampling:
     def checked(self) -> "Sampling":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise FtUsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens}).")
-        if not self.temperature >= 0:
-            raise FtUsageError(f"--temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise FtUsageError(f"--temperature must be >= 0 and finite (got {self.temperature}); 0 means greedy, "
+                               "0.7 is usual.")
         if not 0 < self.top_p <= 1:
             raise FtUsageError(f"--top-p must be in (0, 1] (got {self.top_p}).")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise FtUsageError(f"--top-k must be a whole number >= 0 (got {self.top_k}); 0 turns it off.")
-        if not self.repetition_penalty > 0:
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise FtUsageError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1 is none, "
                                "1.1-1.3 curbs loops.")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise FtUsageError(f"--seed must be a whole number from 0 to 2**63 - 1 (got {self.seed}).")
         return self
+
+    @property
+    def unused(self) -> list:
+        """The flags that do nothing in this decoding (sampling settings of a greedy answer)."""
+        if not self.greedy:
+            return []
+        return [flag for flag, on in (("--top-p", self.top_p != 1.0), ("--top-k", self.top_k is not None),
+                                      ("--seed", self.seed is not None)) if on]
 
     @property
     def greedy(self) -> bool:

@@ -59,7 +59,11 @@ def as_request(item: Any) -> Request:
             raise FtUsageError(
                 f"a request is a dict with 'prompt' and optionally 'adapter', 'max_new_tokens'; got keys {sorted(item)}."
             )
-        return Request(item["prompt"], item.get("adapter") or BASE, item.get("max_new_tokens"))
+        limit = item.get("max_new_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise FtUsageError(f"a request's max_new_tokens must be a whole number >= 1 (got {limit!r}); leave it out "
+                               "for the batch's.")
+        return Request(item["prompt"], item.get("adapter") or BASE, limit)
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(prompt=item[1], adapter=item[0] or BASE)
     raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {type(item).__name__}.")
