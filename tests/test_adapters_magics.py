@@ -127,6 +127,10 @@ def test_on_disk_adapter_after_a_restart_can_be_deleted_and_unload_says_it_is_no
     assert not a.exists() and "deleted adapter 'alpha'" in capsys.readouterr().out
     with pytest.raises(UsageError, match="no adapter named 'alpha'"):
         sh.run_line_magic("lora_adapters", "delete alpha")
+    for op in ("delete base", "unload base", "info base"):  # was "no adapter named 'base' (did you mean 'base'?)"
+        with pytest.raises(UsageError, match="'base' is the base model itself, not an adapter") as err:
+            sh.run_line_magic("lora_adapters", op)
+        assert "did you mean" not in str(err.value)
 
 
 def test_eval_batch_size_below_one_is_a_usage_error(loaded):

@@ -223,6 +223,9 @@ class AdapterRegistry:
         ``folder`` that are not loaded (they load by name), named too (after a restart every adapter is there)."""
         if name not in self._items:
             known = self.names()
+            if name == BASE:  # it was "no adapter named 'base' (did you mean 'base'?)"
+                raise FtUsageError(f"'{BASE}' is the base model itself, not an adapter: give an adapter's name"
+                                   + (f" ({', '.join(known + list(on_disk))})." if known or on_disk else "."))
             if on_disk:
                 hint = ((f" Loaded: {', '.join(known)}." if known else "")
                         + f" In {folder} (used by name, they load): {', '.join(on_disk)}.")
