@@ -657,7 +657,13 @@ class Session:
 
         if isinstance(prompts, str):
             prompts = split_prompts(prompts)
-        columns = [BASE] + [a for a in (adapters if adapters is not None else self.adapters.names()) if a != BASE]
+        elif not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise FtUsageError("compare needs at least one prompt, each a non-empty string.")
+        if isinstance(adapters, str):  # one name, or "a,b" as the magic's flag takes them (not its letters)
+            adapters = [a.strip() for a in adapters.split(",") if a.strip()]
+        # each adapter once, in the order given (a repeated name made two identical columns)
+        named = adapters if adapters is not None else self.adapters.names()
+        columns = [BASE] + [a for a in dict.fromkeys(named) if a != BASE]
         with self._model_busy("compare adapters"):
             self._check_not_merged("compare adapters")
             for a in columns[1:]:

@@ -189,6 +189,15 @@ def test_compare_is_greedy_and_reproducible(tiny_session, store):
     assert html.count("<tr>") == 3 and "tok/s" in html
     assert "Prompt 2: hello world" in cmp1.to_text()
     assert tiny_session.adapters.active == "legal"
+    # one adapter name as a string (it was split into letters: "no adapter named 'l'"), a name given twice (two
+    # identical columns), and no prompt at all (an empty comparison)
+    one = tiny_session.compare(["hello world"], "legal", max_new_tokens=5)
+    assert one.columns == ["base", "legal"] and one.cells[(0, "legal")].text == cmp1.cells[(1, "legal")].text
+    assert tiny_session.compare(["hello world"], ["legal", "legal"], max_new_tokens=2).columns == ["base", "legal"]
+    with pytest.raises(FtUsageError, match="compare needs at least one prompt"):
+        tiny_session.compare([], ["legal"])
+    with pytest.raises(FtUsageError, match=r"no prompt to compare: write it after the flags"):
+        tiny_session.compare("\n---\n", ["legal"])
 
 
 def test_eval_report_keeps_its_columns_apart_when_a_perplexity_explodes():

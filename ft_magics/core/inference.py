@@ -294,7 +294,8 @@ def split_prompts(body: str) -> list:
     parts = [p.strip() for p in re.split(r"(?m)^\s*---+\s*$", body or "")]
     prompts = [p for p in parts if p]
     if not prompts:
-        raise FtUsageError("the cell body holds no prompt: write one or more prompts separated by lines of ---.")
+        raise FtUsageError("no prompt to compare: write it after the flags (%lora_compare --adapters a,b How do I ...?), "
+                           "or one or more prompts in the cell body of %%lora_compare, separated by lines of ---.")
     return prompts
 
 
