@@ -67,6 +67,9 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         for a in s.adapters:
             mark = "*" if a.name == active else " "
             loss = f"{a.final_loss:.4f}" if a.final_loss is not None else "-"
+            best = (a.extra or {}).get("best") or {}
+            if best.get("restored"):  # keep_best saved an earlier step's weights: the last step's loss is not theirs
+                loss += f" (kept step {best['step']}: eval {best['eval_loss']:.4f})"
             tag = " [merged]" if a.name == merged else ""
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}")

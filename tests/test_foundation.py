@@ -851,6 +851,13 @@ def test_keep_best_saves_the_lowest_eval_loss_adapter_and_early_stopping_stops(t
     assert abs(rescored("stopped") - own_loss) < 1e-4
     assert f"(the weights of step {own_step}, its lowest eval loss; early stopping at step {stopped.steps})" \
         in s.adapter_card("stopped")
+    from ft_magics import adapter_commands
+
+    lines = []
+    adapter_commands.run(s, ["list"], out=lines.append)  # the listed loss says whose weights were kept
+    row = next(line for line in lines if line[2:].startswith("kept "))
+    assert f"(kept step {best_step}: eval {best_loss:.4f})" in row
+    assert "(kept step" not in next(line for line in lines if line[2:].startswith("plain "))
     for bad, message in (({"keep_best": True}, "keep_best compares evaluations made during training: set eval_steps"),
                          ({"early_stopping": 2, "eval_steps": 2}, "early_stopping compares eval losses, and this run "
                                                                   "has no eval data")):

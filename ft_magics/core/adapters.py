@@ -116,7 +116,8 @@ def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
     return AdapterInfo(
         name=name, path=str(path), loaded=True, origin=origin, r=config.get("r"), alpha=config.get("lora_alpha"),
         target_modules=sorted(tm) if isinstance(tm, list) else tm, steps=record.get("steps"),
-        final_loss=record.get("final_loss"), extra={"complete_marker": (Path(path) / COMPLETE_MARKER).exists()},
+        final_loss=record.get("final_loss"), extra={"complete_marker": (Path(path) / COMPLETE_MARKER).exists(),
+                                                    "best": record.get("best") or None},
     )
 
 
