@@ -136,7 +136,7 @@ def test_notebook_launcher_falls_back_when_it_cannot_fork(tmp_path, monkeypatch)
     assert any("notebook launcher cannot start here" in m.text for m in rec.of(Message))
 
 
-def test_magic_flags_are_checked(shell, tiny_model_dir):
+def test_magic_flags_are_checked(shell, tiny_model_dir, tmp_path):
     from IPython.core.error import UsageError
 
     with pytest.raises(UsageError, match="invalid choice"):
@@ -153,6 +153,14 @@ def test_magic_flags_are_checked(shell, tiny_model_dir):
     with pytest.raises(UsageError, match="already holds other files and is not a job folder"):
         shell.run_cell_magic("lora_export_job", f"x {tiny_model_dir} --data demo:support", "r: 8\n")
     assert sorted(p.name for p in Path(tiny_model_dir).iterdir()) == before
+    # a job folder written again for another job keeps no rows of the old one that nothing reads now
+    shell.user_ns["rows"] = [{"prompt": "hi", "completion": "there"}] * 4
+    job = tmp_path / "jobdir"
+    shell.run_cell_magic("lora_export_job", f"first {job} --data rows --eval rows", "r: 8\n")
+    assert (job / "data.jsonl").exists() and (job / "eval.jsonl").exists()
+    shell.run_cell_magic("lora_export_job", f"second {job} --data demo:support", "r: 8\n")
+    assert not (job / "data.jsonl").exists() and not (job / "eval.jsonl").exists()
+    assert "data: demo:support" in (job / "job.yaml").read_text()
     for n in (0, -2):  # 0 read as 'not given' started a one-process job
         with pytest.raises(UsageError, match=rf"--processes must be at least 1 \(got {n}\)"):
             shell.run_cell_magic("lora_train", f"x --data demo:support --processes {n}", "r: 8\n")

@@ -285,7 +285,21 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
         import torch
 
         gpus = torch.cuda.device_count()
-    return write_job(job_dir, spec, gpus=gpus)
+    previous = job_dir / JOB_FILE
+    if previous.exists():
+        try:
+            old_name = load_job(previous).name
+        except FtUsageError:
+            old_name = None
+        emit(listeners or [], Message(f"{job_dir} held job {old_name!r}; it is replaced by job {name!r}."
+                                      if old_name and old_name != name else f"{job_dir}: the job is written again."))
+    path = write_job(job_dir, spec, gpus=gpus)
+    # an earlier job's exported rows that this job does not read would only mislead
+    read = {(job_dir / ref).resolve() for ref in (data_ref, eval_ref) if ref and not str(ref).startswith("demo:")}
+    for stale in (job_dir / DATA_FILE, job_dir / EVAL_FILE):
+        if stale.exists() and stale.resolve() not in read:
+            stale.unlink()
+    return path
 
 
 # --------------------------------------------------------------------------- launching
