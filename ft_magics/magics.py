@@ -85,7 +85,9 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
         words = arg_split(line or "", posix=True)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
-    args, extra = parser.parse_known_args(_spelled_out_switches(parser, words))
+    words = _spelled_out_switches(parser, words)
+    _refuse_repeats(parser, words)
+    args, extra = parser.parse_known_args(words)
     if extra:
         flags = [s for a in parser._actions for s in a.option_strings]
         bad = extra[0]
@@ -99,6 +101,20 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _refuse_repeats(parser, words: list) -> None:
+    """A setting given twice on one line (``--r 4 --r 8``, ``--lr 1e-3 --learning-rate 2e-4``) is refused, as a
+    key given twice in a YAML body is: argparse would keep the last one without a word."""
+    seen: dict = {}
+    for word in words:
+        action = parser._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("--") else None
+        if action is None or isinstance(action, (argparse._AppendAction, argparse._CountAction)):
+            continue
+        if action.dest in seen:
+            raise UsageError(f"{seen[action.dest]} and {word.split('=', 1)[0]} both set {action.dest.removeprefix('cfg_')}"
+                             "; keep one.")
+        seen[action.dest] = word.split("=", 1)[0]
 
 
 def _spelled_out_switches(parser, words: list) -> list:

@@ -98,6 +98,18 @@ def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
         shell.run_line_magic("qlora_load", "demo --bitz 4")
 
 
+def test_a_setting_given_twice_on_the_line_is_refused(shell):
+    """--r 4 --r 8 trained with r 8 without a word, where a key given twice in the YAML body is refused."""
+    for line, first, second, dest in (("x --data d --r 4 --r 8", "--r", "--r", "r"),
+                                      ("x --data d --lr 1e-3 --learning-rate=2e-4", "--lr", "--learning-rate",
+                                       "learning_rate"),
+                                      ("x --data d --use-dora --no-use-dora", "--use-dora", "--no-use-dora", "use_dora")):
+        with pytest.raises(UsageError, match=rf"{first} and {second} both set {dest}; keep one"):
+            shell.run_line_magic("lora_train", line)
+    with pytest.raises(UsageError, match="--max-new-tokens and --max-new-tokens both set max_new_tokens"):
+        shell.run_line_magic("lora_generate", "--max-new-tokens 3 hi --max-new-tokens 5")
+
+
 def test_bad_choice_is_usage_error(shell):
     with pytest.raises(UsageError, match="invalid choice"):
         shell.run_line_magic("qlora_load", "demo --bits 3")
