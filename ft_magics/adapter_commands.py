@@ -40,7 +40,8 @@ def _parse(cmd: str, words: list, *specs) -> argparse.Namespace:
 
 def _name(cmd: str, words: list) -> str:
     if len(words) != 1:
-        raise FtUsageError(f"usage: %lora_adapters {USAGE[cmd]}")
+        said = f"unexpected {' '.join(words[1:])}; " if len(words) > 1 else f"{cmd} needs a name; "
+        raise FtUsageError(f"{said}usage: %lora_adapters {USAGE[cmd]}")
     return words[0]
 
 
@@ -50,7 +51,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
     s = session
     if cmd == "list":
         if rest:
-            raise FtUsageError("usage: %lora_adapters list")
+            raise FtUsageError(f"unexpected {' '.join(rest)}; usage: %lora_adapters list")
         on_disk = s.adapters_on_disk()
         running = s.training_in_background
         if running:
@@ -119,7 +120,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         return
     if cmd == "unmerge":
         if rest:
-            raise FtUsageError("usage: %lora_adapters unmerge")
+            raise FtUsageError(f"unexpected {' '.join(rest)}; usage: %lora_adapters unmerge")
         name = s.unmerge_adapter()
         out(f"unmerged {name!r}: base weights restored exactly; {name!r} stays loaded and active.")
         return

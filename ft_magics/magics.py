@@ -75,14 +75,30 @@ def sampling_of(args: argparse.Namespace):
     return sampling
 
 
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment``: a ``#`` outside quotes that starts a word. IPython hands a line
+    magic its whole line, and ``%qlora_load   # the demo model`` failed with "unexpected argument 'the'". (The
+    free text of %lora_generate / %lora_chat is not passed through here: a message may hold " #42".)"""
+    quote = None
+    for i, ch in enumerate(line or ""):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line or ""
+
+
 def parse_args(magic_func, line: str) -> argparse.Namespace:
-    """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations."""
+    """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations; a trailing
+    ``# comment`` is not part of the arguments."""
     from IPython.utils.process import arg_split
 
     parser = magic_func.parser
     parser.allow_abbrev = False
     try:
-        words = arg_split(line or "", posix=True)
+        words = arg_split(strip_comment(line), posix=True)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
     words = _spelled_out_switches(parser, words)
@@ -514,7 +530,8 @@ class FtMagics(Magics):
             %lora_adapters use support-bot
             %lora_adapters export support-bot out/peft
         """
-        if not (line or "").strip() and self.widgets:  # no arguments in a widget frontend: the adapters panel
+        line = strip_comment(line)
+        if not line.strip() and self.widgets:  # no arguments in a widget frontend: the adapters panel
             from .widgets import widget_frontend
 
             if widget_frontend():
@@ -713,7 +730,7 @@ class FtMagics(Magics):
             %ft_help
             %ft_help lora_train
         """
-        print(help_text((line or "").strip() or None))
+        print(help_text(strip_comment(line).strip() or None))
 
 
 # every magic FtMagics registers (what unloading the extension removes); %ft_help lists the same names

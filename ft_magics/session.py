@@ -496,6 +496,8 @@ class Session:
 
         if name not in self.adapters:
             self._check_not_training(name)
+            if self._adapter_folder(name) is not None:  # on disk: loading it needs the base as it was
+                self._check_not_merged(f"load adapter {name!r}")
         if name not in self.adapters and self._merged is None:
             previous = self.adapters.active
             self._load_on_demand(name)

@@ -133,6 +133,24 @@ def test_on_disk_adapter_after_a_restart_can_be_deleted_and_unload_says_it_is_no
         assert "did you mean" not in str(err.value)
 
 
+def test_a_trailing_comment_on_a_magic_line_is_not_an_argument(loaded, capsys):
+    """The README's own cells carried comments ('%qlora_load   # the demo model ...'): IPython hands the whole
+    line to the magic, and they failed with "unexpected argument 'the'" or a bare usage line."""
+    from ft_magics.magics import strip_comment
+
+    assert strip_comment("demo --bits 4   # the demo model") == "demo --bits 4"
+    assert strip_comment('--system "be # terse" x') == '--system "be # terse" x'  # quoted: kept
+    assert strip_comment("a#b") == "a#b" and strip_comment("# only") == ""
+    sh, _, _ = loaded
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "list   # * marks the active one")
+    assert "alpha" in capsys.readouterr().out
+    sh.run_line_magic("ft_plan", "7B --seq-len 256  # a 7B model")
+    assert "seq_len 256" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"unexpected extra; usage: %lora_adapters list"):  # not a bare usage line
+        sh.run_line_magic("lora_adapters", "list extra")
+
+
 def test_eval_batch_size_below_one_is_a_usage_error(loaded):
     sh, _, _ = loaded
     with pytest.raises(UsageError, match=r"--batch-size must be at least 1 \(got 0\)"):

@@ -148,6 +148,13 @@ def test_merge_then_unmerge_restores_base_exactly(tiny_session, tiny_model_dir, 
         tiny_session.use("b")
     with pytest.raises(FtUsageError, match="unmerge first"):
         tiny_session.generate("hi", adapter="base", max_new_tokens=2)
+    import shutil
+
+    shutil.copytree(made_by_peft["b"], tiny_session.adapters_dir / "ondisk")  # in the adapters folder, not loaded
+    for call in (lambda: tiny_session.use("ondisk"), lambda: tiny_session.generate("hi", adapter="ondisk")):
+        # was "no adapter named 'ondisk' (did you mean 'ondisk'?)", listing it as on disk
+        with pytest.raises(FtUsageError, match="cannot load adapter 'ondisk' while adapter 'a' is merged.*unmerge"):
+            call()
     with pytest.raises(FtUsageError, match="cannot train while adapter 'a' is merged"):
         tiny_session.train("x", [{"text": "hello"}], {"max_steps": 1})
     assert tiny_session.unmerge_adapter() == "a"
@@ -220,7 +227,7 @@ def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session
 
     m = Session(adapters_dir=s.adapters_dir)
     m.load(str(out), bits=32)
-    with pytest.raises(FtUsageError, match=r"adapter 'a' is already merged into the loaded model merged .*--adapter base"):
+    with pytest.raises(FtUsageError, match=r"adapter 'a' is already merged into the loaded model \(merged, exported .*--adapter base"):
         m.generate("hello", adapter="a", max_new_tokens=2)
     with pytest.raises(FtUsageError, match="already merged"):
         m.load_adapter(made_by_peft["a"], "renamed")  # the same weights under another name

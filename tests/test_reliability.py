@@ -407,7 +407,7 @@ def test_adapter_for_another_base_or_other_modules_is_refused_saying_which(tiny_
     # 1. another base model (different layer shapes)
     other = Session(adapters_dir=tmp_path / "other-adapters")
     other.load(str(_other_base(tmp_path)), bits=32)
-    with pytest.raises(FtUsageError, match=r"does not fit the loaded model other-base: layer model\.layers\.0\.\S+ is \d+->\d+ here.*trained on \S*tiny-llama"):
+    with pytest.raises(FtUsageError, match=r"does not fit the loaded model \(other-base\): layer model\.layers\.0\.\S+ is \d+->\d+ here.*trained on \S*tiny-llama"):
         other.load_adapter(r.adapter_path)
     assert not other.adapters.names()
     assert other.generate("Hello", max_new_tokens=2).new_tokens >= 1  # untouched and usable

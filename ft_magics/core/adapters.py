@@ -232,7 +232,8 @@ class AdapterRegistry:
                         + f" In {folder} (used by name, they load): {', '.join(on_disk)}.")
             else:
                 hint = f" Known adapters: {', '.join(known)}." if known else " No adapters yet: train one with %%lora_train."
-            raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, known + list(on_disk) + [BASE])}.{hint}")
+            others = [k for k in known + list(on_disk) + [BASE] if k != name]
+            raise FtUsageError(f"no adapter named {name!r}{did_you_mean(name, others)}.{hint}")
         return self._items[name]
 
 
@@ -344,7 +345,7 @@ def check_not_merged_in(model, path: Path, model_label: str) -> None:
     for entry in merged:
         if isinstance(entry, dict) and entry.get("fingerprint") == mark:
             raise FtUsageError(
-                f"adapter {Path(path).name!r} is already merged into the loaded model {model_label} (it was exported "
+                f"adapter {Path(path).name!r} is already merged into the loaded model ({model_label}, exported "
                 f"with %lora_adapters export {entry.get('name', Path(path).name)} DIR --merged): applying it again "
                 "would add its update twice. Use the model as it is (--adapter base), or load the base model it was "
                 f"trained on ({entry.get('base', 'its base')}) to use the adapter."
@@ -371,7 +372,7 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
                          if t not in leaves and not any(n == t or n.endswith("." + t) for n in modules))
         if missing:
             raise FtUsageError(
-                f"adapter {path} targets module(s) {', '.join(missing)} that the loaded model {model_label} does "
+                f"adapter {path} targets module(s) {', '.join(missing)} that the loaded model ({model_label}) does "
                 f"not have (it was trained on {trained_for}). Load it on the base model it was trained for."
             )
     with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
@@ -383,7 +384,7 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
             mod = modules.get(mod_name)
             if mod is None:
                 raise FtUsageError(
-                    f"adapter {path} has weights for layer {mod_name}, which the loaded model {model_label} does "
+                    f"adapter {path} has weights for layer {mod_name}, which the loaded model ({model_label}) does "
                     f"not have: the adapter was trained on {trained_for}, a different base model."
                 )
             shape = list(fh.get_slice(key).get_shape())
@@ -394,7 +395,7 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
             want = fan_in if m.group("ab") == "A" else fan_out
             if got != want:
                 raise FtUsageError(
-                    f"adapter {path} does not fit the loaded model {model_label}: layer {mod_name} is "
+                    f"adapter {path} does not fit the loaded model ({model_label}): layer {mod_name} is "
                     f"{fan_in}->{fan_out} here but the adapter expects "
                     f"{'input' if m.group('ab') == 'A' else 'output'} size {got}; it was trained on {trained_for}."
                 )
