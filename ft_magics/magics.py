@@ -19,7 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .config import ALIASES, OPTIMIZERS, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
+from .config import ALIASES, OBJECTIVES, OPTIMIZERS, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
 from .core.events import counted
 from .errors import FtUsageError, did_you_mean
 
@@ -690,6 +690,9 @@ class FtMagics(Magics):
                    "GPU (or RAM without one).")
     @argument("--optimizer", default="adamw", choices=OPTIMIZERS,
               help="The optimizer (as the optimizer setting): adamw_8bit keeps Adam's states in 8 bits. Default adamw.")
+    @argument("--objective", default="sft", choices=OBJECTIVES,
+              help="dpo / orpo plan a preference run: each example is a pair (two rows); DPO under full fine-tuning "
+                   "also keeps a frozen reference copy. Default sft.")
     @line_magic
     @user_errors
     def ft_plan(self, line=""):
@@ -709,7 +712,8 @@ class FtMagics(Magics):
 
             memory = memory_here() if args.memory.strip().lower() == "here" else (parse_memory(args.memory), "")
         p = self.session.plan(args.model, seq_len=args.seq_len, batch_size=args.batch_size, r=args.r,
-                              gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer)
+                              gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                              objective=args.objective)
         print(p.table())
         if memory is not None:
             print()

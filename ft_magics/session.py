@@ -783,13 +783,13 @@ class Session:
 
     # ------------------------------------------------------------------ planning
     def plan(self, model: str = "demo", seq_len: int = 512, batch_size: int = 8, r: int = 16,
-             gradient_checkpointing: bool = False, optimizer: str = "adamw"):
+             gradient_checkpointing: bool = False, optimizer: str = "adamw", objective: str = "sft"):
         """Estimated memory for full fine-tuning, LoRA and QLoRA of ``model`` (folder, known hub id or a size
         such as ``7B``); returns a core.planner.Plan (``.table()`` for the text). Loads nothing."""
         from .core.planner import plan
 
         return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
-                    optimizer=optimizer)
+                    optimizer=optimizer, objective=objective)
 
 
 def _written_by_export(folder: Path) -> bool:

@@ -213,3 +213,28 @@ def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
 def test_a_partial_model_name_is_answered_with_the_models_that_hold_it():
     with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'mistralai/Mistral-7B-v0.1' or 'mistralai/Mistral-7B-v0.3'\?\)"):
         planner.resolve_model("mistral")
+
+
+def test_a_preference_run_is_planned_at_two_rows_per_pair_and_dpo_full_keeps_a_reference(shell, capsys):
+    """objective: dpo / orpo put each pair's two sides in the batch: the activations of twice the batch. DPO's
+    reference model is a second frozen copy under full fine-tuning only; under LoRA / QLoRA it is the base
+    itself with the adapter off, as core.preference runs it."""
+    from ft_magics.core import planner
+
+    sft, dpo, orpo, double = (planner.plan("7B", objective="sft"), planner.plan("7B", objective="dpo"),
+                              planner.plan("7B", objective="orpo"), planner.plan("7B", batch_size=16))
+    full, lora, q = "full fine-tuning (bf16 + AdamW)", "LoRA, 16-bit base", "QLoRA, NF4 + double quant"
+    for mode in (full, lora, q):
+        assert dpo.mode(mode).activations == orpo.mode(mode).activations == double.mode(mode).activations
+        assert dpo.mode(mode).activations > sft.mode(mode).activations
+    assert dpo.mode(full).weights == sft.mode(full).weights + 2 * sft.dims.params  # the frozen reference
+    assert orpo.mode(full).weights == sft.mode(full).weights  # no reference
+    assert dpo.mode(lora).weights == sft.mode(lora).weights and dpo.mode(q).weights == sft.mode(q).weights
+    assert "fits at" in dpo.fit_text(200e9) and dpo.fit_text(40e9) != sft.fit_text(40e9)
+    shell.run_line_magic("ft_plan", "7B --objective dpo")
+    out = capsys.readouterr().out
+    assert "objective dpo (each pair is two rows" in out and "a second, frozen bf16 copy" in out
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="invalid choice"):
+        shell.run_line_magic("ft_plan", "7B --objective kto")

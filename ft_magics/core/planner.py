@@ -261,6 +261,7 @@ class Plan:
     chunked_loss: bool
     modes: list
     optimizer: str = "adamw"
+    objective: str = "sft"  # dpo / orpo: each example is a pair, two rows of the batch
 
     def mode(self, name: str) -> ModePlan:
         return next(m for m in self.modes if m.mode == name)
@@ -277,7 +278,8 @@ class Plan:
                 f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
                 f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
-                f"{', optimizer ' + self.optimizer if saving else ''}")
+                f"{', optimizer ' + self.optimizer if saving else ''}"
+                f"{f', objective {self.objective} (each pair is two rows: activations of batch x 2)' if self.objective != 'sft' else ''}")
         rows = [head, "", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
         for m in self.modes:
             rows.append(f"{m.mode:<34}{_gb(m.weights):>10}{_gb(m.adapter_optimizer):>13}{_gb(m.activations):>13}"
@@ -338,26 +340,39 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
 
 def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int = 16,
          gradient_checkpointing: bool = False, chunked_loss: bool = True, full_act_bytes: int = 2,
-         overhead_bytes: float = OVERHEAD_BYTES, lora_dropout: bool = False, optimizer: str = "adamw") -> Plan:
+         overhead_bytes: float = OVERHEAD_BYTES, lora_dropout: bool = False, optimizer: str = "adamw",
+         objective: str = "sft") -> Plan:
     """``full_act_bytes``: activation width of the full fine-tuning run (2 for bf16, 4 for an fp32 run);
     ``overhead_bytes``: the runtime's own memory (a measured figure where one is at hand);
-    ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input."""
+    ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input;
+    ``objective``: dpo / orpo train on pairs (two rows per example); DPO's reference model is a second frozen
+    copy under full fine-tuning, and the base itself (the adapter switched off) under LoRA and QLoRA."""
+    from ..config import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise FtUsageError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}.")
     if seq_len < 1 or batch_size < 1:
         raise FtUsageError(f"--seq-len and --batch-size must be positive (got {seq_len}, {batch_size}).")
     if r < 1:
         raise FtUsageError(f"--r must be a positive LoRA rank (got {r}); try 8, 16 or 32.")
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
-    act_full = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, False, full_act_bytes)
-    act_peft = activation_bytes(d, seq_len, batch_size, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
+    rows = batch_size * (2 if objective != "sft" else 1)  # a pair's chosen and rejected sides
+    act_full = activation_bytes(d, seq_len, rows, gradient_checkpointing, False, full_act_bytes)
+    act_peft = activation_bytes(d, seq_len, rows, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
     per_adapter = adapter_bytes(optimizer)
-    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p, (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p,
-                    act_full, overhead_bytes,
-                    notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"])
-    lora16 = ModePlan("LoRA, 16-bit base", 2 * p, per_adapter * lora, act_peft, overhead_bytes)
+    reference = 2 * p if objective == "dpo" else 0  # full fine-tuning's DPO keeps the starting model frozen beside it
+    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p + reference,
+                    (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p, act_full, overhead_bytes,
+                    notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"]
+                    + (["weights include DPO's reference: a second, frozen bf16 copy of the model"] if reference else []))
+    shared = ["DPO's reference is the base itself with the adapter switched off: no second copy"] \
+        if objective == "dpo" else []
+    lora16 = ModePlan("LoRA, 16-bit base", 2 * p, per_adapter * lora, act_peft, overhead_bytes, notes=list(shared))
     qlora = ModePlan("QLoRA, NF4 + double quant", (p - emb) * NF4_BITS / 8 + 2 * emb, per_adapter * lora, act_peft,
-                     overhead_bytes)
-    return Plan(d, seq_len, batch_size, r, gradient_checkpointing, chunked_loss, [full, lora16, qlora], optimizer)
+                     overhead_bytes, notes=list(shared))
+    return Plan(d, seq_len, batch_size, r, gradient_checkpointing, chunked_loss, [full, lora16, qlora], optimizer,
+                objective)
 
 
 def seed_comparison(p: Optional[Plan] = None) -> str:
@@ -416,7 +431,7 @@ def fit_advice(p: "Plan", memory: float, where: str = "") -> str:
 
     def total(mode, batch, ckpt):
         return plan(p.dims, p.seq_len, batch, p.r, gradient_checkpointing=ckpt, chunked_loss=p.chunked_loss,
-                    optimizer=p.optimizer).mode(mode).total
+                    optimizer=p.optimizer, objective=p.objective).mode(mode).total
 
     for m in p.modes:
         # a smaller batch (with grad_accum) first, down to 2; then gradient checkpointing, which costs a
