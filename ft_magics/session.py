@@ -585,14 +585,21 @@ class Session:
         name = validate_name(name)
         with self._model_busy("combine adapters"):
             self._check_not_merged("combine adapters")
-            for a in weights:
-                self._require_adapter(a)
             if name in self.adapters:
                 raise FtUsageError(f"an adapter named {name!r} is already loaded; pick another --name.")
             target = self.adapters_dir / name
             if target.exists():
                 raise FtUsageError(f"{target} already exists on disk; pick another --name or delete it first.")
-            combine(self.model, dict(weights), name, method)
+            loaded_here = [a for a in weights if a not in self.adapters]  # from the adapters folder, for this
+            try:
+                for a in weights:
+                    self._require_adapter(a)
+                combine(self.model, dict(weights), name, method)
+            except BaseException:  # a refused combination leaves memory as it found it
+                for a in loaded_here:
+                    if a in self.adapters:
+                        self._drop_from_memory(a)
+                raise
             record = {"name": name, "status": "combined", "combined_from": dict(weights), "method": method,
                       "base_model": {"name": self.handle.name, "source": self.handle.source, "bits": self.handle.bits},
                       "versions": versions()}

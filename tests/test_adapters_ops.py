@@ -103,6 +103,14 @@ def test_combine_methods_and_refusals(tiny_session, made_by_peft):
     with pytest.raises(FtUsageError, match="same r") as err:
         tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "bad", method="linear")
     assert ".." not in str(err.value)  # PEFT's sentence keeps one full stop
+    import shutil
+
+    for src, dst in (("a", "disk-a"), ("mlp", "disk-mlp")):  # only in the adapters folder: loaded for the combine
+        shutil.copytree(made_by_peft[src], tiny_session.adapters_dir / dst)
+    with pytest.raises(FtUsageError, match="same r"):
+        tiny_session.combine_adapters({"disk-a": 0.5, "disk-mlp": 0.5}, "bad", method="linear")
+    assert "disk-a" not in tiny_session.adapters and "disk-mlp" not in tiny_session.adapters  # as it found them
+    assert "disk-a" in tiny_session.adapters_on_disk()
     assert tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "cat-mix", method="cat") == "cat-mix"
     assert tiny_session.adapters.active == "cat-mix"
     tiny_session.load_adapter(made_by_peft["b"], "b")
