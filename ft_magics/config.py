@@ -17,6 +17,11 @@ from .errors import FtUsageError, did_you_mean
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 TRAIN_ON = ("answers", "all")
 OBJECTIVES = ("sft", "dpo", "orpo")
+
+
+def rows_per_example(objective: str) -> int:
+    """Rows of the batch one example takes: a preference pair (dpo / orpo) is its chosen and its rejected side."""
+    return 1 if objective == "sft" else 2
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # transformers' optimizer names (TrainingArguments.optim) a LoRA run would use; "adamw" is its default
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
@@ -229,7 +234,7 @@ class TrainConfig:
     @property
     def pairs(self) -> bool:
         """Whether the run trains on preference pairs (each pair is two rows of the batch)."""
-        return self.objective != "sft"
+        return rows_per_example(self.objective) > 1
 
     def warmup_kwargs(self) -> dict:
         if self.warmup >= 1:

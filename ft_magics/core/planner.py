@@ -347,7 +347,7 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input;
     ``objective``: dpo / orpo train on pairs (two rows per example); DPO's reference model is a second frozen
     copy under full fine-tuning, and the base itself (the adapter switched off) under LoRA and QLoRA."""
-    from ..config import OBJECTIVES
+    from ..config import OBJECTIVES, rows_per_example
 
     if objective not in OBJECTIVES:
         raise FtUsageError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}.")
@@ -357,7 +357,7 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
         raise FtUsageError(f"--r must be a positive LoRA rank (got {r}); try 8, 16 or 32.")
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
-    rows = batch_size * (2 if objective != "sft" else 1)  # a pair's chosen and rejected sides
+    rows = batch_size * rows_per_example(objective)  # a pair's chosen and rejected sides, as training batches them
     act_full = activation_bytes(d, seq_len, rows, gradient_checkpointing, False, full_act_bytes)
     act_peft = activation_bytes(d, seq_len, rows, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
     per_adapter = adapter_bytes(optimizer)

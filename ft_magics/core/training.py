@@ -537,7 +537,9 @@ def _activations(cfg: TrainConfig, model, examples: list, checkpointing: bool):
 
 def batch_rows(cfg: TrainConfig) -> int:
     """Rows of a training batch: batch_size examples, each pair of a preference run being two rows."""
-    return cfg.batch_size * (2 if cfg.pairs else 1)
+    from ..config import rows_per_example
+
+    return cfg.batch_size * rows_per_example(cfg.objective)
 
 
 def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free: Optional[int] = None) -> None:
