@@ -305,15 +305,17 @@ def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict, devic
 
 def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int, out: str,
            device: str = "cpu") -> None:
+    t0 = time.perf_counter()
+    if side == "reference":  # a user of the standard recipe, without ft_magics: bitsandbytes imported as it
+        import bitsandbytes  # noqa: F401 - comes (ft_magics defers its torch.compile wrappers: _deferred_compile)
     from ft_magics.core.planner import dims_from_config
 
-    t0 = time.perf_counter()
     import bitsandbytes, datasets, peft, torch, transformers  # noqa: F401 - the libraries both sides load
     from transformers import Trainer  # noqa: F401
 
     from ft_magics.core.memory import rss_bytes
 
-    rss_libraries = rss_bytes()  # what the libraries alone take: the same on both sides
+    rss_libraries = rss_bytes()  # what the libraries alone take (ft_magics: without torch's compiler stack)
     stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0, step_seconds=[])
     instrument_trainer(stats)
     if device.startswith("cuda"):
@@ -578,7 +580,8 @@ def main() -> None:
             ">= 50% of matmul peak": ft["fraction_of_peak"] >= 0.5,
         }
     job_note = ("job GB: peak RSS less the RSS of the libraries alone (torch, transformers, peft, bitsandbytes, "
-                "datasets imported), the CPU counterpart of CUDA's peak allocated memory." if device == "cpu" else
+                "datasets imported in that side's process; ft_magics defers bitsandbytes' torch.compile wrappers, so its "
+                "process holds no torch compiler stack), the CPU counterpart of CUDA's peak allocated memory." if device == "cpu" else
                 "peak VRAM: torch.cuda.max_memory_allocated() over the whole side (load, train, eval, save); job GB "
                 "is the same figure (no libraries live in VRAM).")
     md = [f"Device: {device}; model: {model_arg()}.", "", table(rows), "", job_note, "",

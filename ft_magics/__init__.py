@@ -39,6 +39,12 @@ class _HubKernelNote(_logging.Filter):
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
 
+# bitsandbytes makes torch.compile wrappers as it is imported, which loads torch's compiler stack (~40 MB of
+# RSS) for functions a QLoRA run never calls: the first import of bitsandbytes makes them on first call.
+from . import _deferred_compile
+
+_deferred_compile.install()
+
 __version__ = "0.1.0"
 __all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]
 
