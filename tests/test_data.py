@@ -215,7 +215,8 @@ def test_dataset_dict_without_train_split_says_which_splits_exist():
     import datasets
 
     dd = datasets.DatasetDict({"a": datasets.Dataset.from_list(CHAT), "b": datasets.Dataset.from_list(CHAT)})
-    with pytest.raises(FtUsageError, match="without a 'train' split \\(splits: a, b\\)"):
+    with pytest.raises(FtUsageError, match="without one split to train on \\(splits: a, b\\); pass one split, "
+                                           "e.g. dd\\['a'\\]"):
         load("dd", namespace={"dd": dd})
 
 
@@ -1139,6 +1140,37 @@ def test_a_dataset_dict_s_held_out_split_becomes_the_eval_data(tok, tmp_path):
     assert len(heldout_examples("dd", tok, namespace=ns)) == 3
     one_split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
     assert prepare("one", tok, cfg, namespace={"one": one_split})[2].split == "no eval data"
+
+
+def test_ultrafeedback_style_splits_train_on_the_objective_s_split_and_evaluate_on_its_test_split(tok, tmp_path):
+    """UltraFeedback names its splits train_prefs / test_prefs (pairs), train_sft / test_sft and train_gen /
+    test_gen, and has no 'train': such a DatasetDict (a variable, saved to disk, or a JSON object of record
+    lists) was refused. A preference run now reads the *_prefs pair, SFT the *_sft pair; a dataset with one
+    train_* split trains on it whatever the objective."""
+    import datasets
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+
+    pairs = [{"prompt": f"How do I reset password {i}?", "chosen": "Category: account\nAnswer: Use the link.",
+              "rejected": "No idea."} for i in range(10)]
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]}
+             for i in range(7)]
+    splits = {"train_prefs": pairs[:8], "test_prefs": pairs[8:], "train_sft": chats[:5], "test_sft": chats[5:],
+              "train_gen": chats[:2], "test_gen": chats[2:3]}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+    dd.save_to_disk(str(tmp_path / "uf"))
+    (tmp_path / "uf.json").write_text(json.dumps(splits))
+    ns = {"uf": dd, "uf_lists": splits, "prefs_only": datasets.DatasetDict(
+        {"train_prefs": datasets.Dataset.from_list(pairs[:8]), "test_prefs": datasets.Dataset.from_list(pairs[8:])})}
+    dpo, sft = TrainConfig.from_dict({"objective": "dpo"}), TrainConfig.from_dict({})
+    for src in ("uf", "uf_lists", str(tmp_path / "uf"), str(tmp_path / "uf.json")):
+        train, ev, report = prepare(src, tok, dpo, namespace=ns)
+        assert (len(train), len(ev)) == (8, 2) and "'test_prefs' split" in report.split, src
+        train, ev, report = prepare(src, tok, sft, namespace=ns)
+        assert (len(train), len(ev)) == (5, 2) and "'test_sft' split" in report.split, src
+    train, ev, report = prepare("prefs_only", tok, dpo, namespace=ns)
+    assert (len(train), len(ev)) == (8, 2)
 
 
 def test_a_hub_dataset_named_without_a_split_evaluates_on_its_validation_split(tok, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ Everything a user can get wrong is an :class:`FtUsageError` raised *before* the 
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import math
@@ -148,14 +149,32 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
 
 
 EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")  # in order of preference
+# Which of several training splits a run reads (UltraFeedback's train_prefs / train_sft / train_gen) depends on
+# what it trains: split_records sets this while it reads a preference objective's data.
+_READING_PAIRS = contextvars.ContextVar("ft_magics_reading_pairs", default=False)
 
 
-def _eval_split(splits) -> Optional[str]:
+def _train_split(splits) -> Optional[str]:
+    """The split a dataset with named splits trains on: 'train'; else its only train* split; else, among
+    several, the one for this run's objective (a name holding 'pref' for DPO / ORPO, 'sft' otherwise); or None."""
+    splits = list(splits)
+    if "train" in splits:
+        return "train"
+    candidates = [s for s in splits if str(s).lower().startswith("train")]
+    if len(candidates) > 1:
+        word = "pref" if _READING_PAIRS.get() else "sft"
+        candidates = [s for s in candidates if word in str(s).lower()]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _eval_split(splits, train: Optional[str] = "train") -> Optional[str]:
     """The split a dataset with splits (a DatasetDict, a dict of record lists, a JSON object, the Hub's split
-    names) holds out for evaluation beside its 'train' split, or None."""
-    if "train" not in splits:
+    names) holds out for evaluation beside its ``train`` split, or None: validation, test, ... with the train
+    split's suffix (test_prefs beside train_prefs)."""
+    if train is None or train not in splits:
         return None
-    return next((name for name in EVAL_SPLITS if name in splits), None)
+    suffix = train[len("train"):]
+    return next((name + suffix for name in EVAL_SPLITS if name + suffix in splits), None)
 
 
 def _with_held_out(rows: list, split: str, source: Any) -> "Rows":
@@ -270,8 +289,8 @@ def _split_lists(obj: Any) -> bool:
 
 
 def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
-    held = _eval_split(obj) if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj) \
-        else None
+    held = _eval_split(obj, _train_split(obj)) \
+        if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj) else None
     rows = _rows_of_object(obj, what, limit)
     return _with_held_out(rows, held, obj[held]) if held else rows
 
@@ -289,15 +308,12 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
     if mod.startswith("datasets"):
         if name in ("DatasetDict", "IterableDatasetDict"):
             splits = list(obj)
-            if "train" in obj:
-                obj = obj["train"]
-            elif len(splits) == 1:
-                obj = obj[splits[0]]
-            else:
+            train = _train_split(splits) or (splits[0] if len(splits) == 1 else None)
+            if train is None:
                 raise FtUsageError(
-                    f"{what} is a DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
-                    f"pass one split, e.g. dataset['{splits[0]}']."
-                )
+                    f"{what} is a DatasetDict without one split to train on (splits: {', '.join(splits)}); "
+                    f"pass one split, e.g. {what.split()[-1].strip(chr(39))}['{splits[0]}'].")
+            obj = obj[train]
         if type(obj).__name__.startswith("Iterable"):
             if limit is None:
                 raise FtUsageError(f"{what} is a streaming IterableDataset; set max_rows to take its first rows.")
@@ -306,10 +322,11 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             obj = obj.select(range(limit))
         return [dict(r) for r in obj]
     if _split_lists(obj):  # {"train": [records], "test": [records]}: as a DatasetDict, or a JSON file of that shape
-        if "train" not in obj and len(obj) > 1:
+        train = _train_split(obj) or (next(iter(obj)) if len(obj) == 1 else None)
+        if train is None:
             raise FtUsageError(f"{what} holds several lists of records ({', '.join(obj)}) and none is called "
                                f"'train'; pass one, e.g. {what.split()[-1]}['{next(iter(obj))}'].")
-        return _rows_from_object(obj["train"] if "train" in obj else next(iter(obj.values())), what, limit)
+        return _rows_from_object(obj[train], what, limit)
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) == 1:  # a dict of columns
@@ -435,10 +452,11 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     held = None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-        if len(lists) == 1 or "train" in lists:  # {"data": [...]}, {"train": [...], "test": [...]}
-            held = _eval_split(lists)
+        train = _train_split(lists) or (lists[0] if len(lists) == 1 else None)
+        if train is not None:  # {"data": [...]}, {"train": [...], "test": [...]}
+            held = _eval_split(lists, train)
             held = (held, data[held]) if held else None
-            data = data["train" if "train" in lists else lists[0]]
+            data = data[train]
         elif all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
             pass  # a dict of columns: handled by _rows_from_object
         elif len(lists) > 1:
@@ -1373,7 +1391,11 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         normalise_rows = normalise
     txt_mode = txt_mode or getattr(cfg, "txt_mode", "auto")
     max_rows = getattr(cfg, "max_rows", 0)
-    rows, desc = load_rows(src, namespace, txt_mode, max_rows)
+    reading = _READING_PAIRS.set(bool(getattr(cfg, "pairs", False)))
+    try:
+        rows, desc = load_rows(src, namespace, txt_mode, max_rows)
+    finally:
+        _READING_PAIRS.reset(reading)
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
     held = getattr(rows, "held_out", None) if eval_src is None else None
