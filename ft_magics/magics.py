@@ -70,8 +70,8 @@ def sampling_of(args: argparse.Namespace):
     from .core.inference import Sampling
 
     sampling = Sampling.of(**{k: getattr(args, k) for k in SAMPLING_FLAGS if hasattr(args, k)})
-    if sampling.unused:  # e.g. --top-p 0.5 without --temperature: the answer is greedy, the flag does nothing
-        print(f"Note: {', '.join(sampling.unused)} apply when sampling; add --temperature 0.7 (greedy without it).")
+    for note in sampling.notes:
+        print(f"Note: {note}")
     return sampling
 
 

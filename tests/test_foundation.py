@@ -809,6 +809,8 @@ def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
     assert "Note: --top-p, --seed apply when sampling; add --temperature 0.7" in capsys.readouterr().out
     shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 0.7 --top-p 0.5 hello")
     assert "Note:" not in capsys.readouterr().out
+    shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 1000 hello")  # near-uniform sampling
+    assert "Note: --temperature 1000 makes every token almost as likely" in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown flag --top-k"):  # %lora_compare stays greedy: no sampling flags
         shell.run_cell_magic("lora_compare", "--top-k 3", "hello")
     capsys.readouterr()

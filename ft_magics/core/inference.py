@@ -30,6 +30,9 @@ class Generation:
         return " · ".join([self.adapter, counted(self.new_tokens, "token"), f"{self.tokens_per_s:.1f} tok/s"] + extra)
 
 
+HOT_TEMPERATURE = 2.0  # above it sampling is close to uniform over the vocabulary: a note says so
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How an answer is decoded, one object from the magics' flags down to ``model.generate``: greedy
@@ -80,6 +83,17 @@ class Sampling:
             return []
         return [flag for flag, on in (("--top-p", self.top_p != 1.0), ("--top-k", self.top_k is not None),
                                       ("--seed", self.seed is not None)) if on]
+
+    @property
+    def notes(self) -> list:
+        """What a user should know about these settings before reading the answer (printed by the magics)."""
+        out = []
+        if self.unused:  # e.g. --top-p 0.5 without --temperature: the answer is greedy, the flag does nothing
+            out.append(f"{', '.join(self.unused)} apply when sampling; add --temperature 0.7 (greedy without it).")
+        if self.temperature > HOT_TEMPERATURE:
+            out.append(f"--temperature {self.temperature:g} makes every token almost as likely as the model's choice: "
+                       "expect noise. 0.2-1.5 is the usual range.")
+        return out
 
     @property
     def greedy(self) -> bool:
