@@ -183,6 +183,9 @@ def test_two_processes_train_one_adapter_and_match_one_process(tiny_session, tmp
     assert len(rec.of(TrainBegin)) == 1 and [e.step for e in rec.of(StepEnd)] == list(range(1, 7))
     assert rec.of(TrainEnd)[-1].adapter_path == str(tmp_path / "adapters" / "two")
     assert "two" in s.adapters and s.adapters.active == "two"
+    logs = "".join(p.read_text() for p in tmp_path.rglob("launch.log"))
+    assert "Run 'two' completed after 6 steps" in logs  # the launch log was read
+    assert "find_unused_parameters=True" not in logs  # DDP told every weight is used: no search, no warning
 
     one = s.train("one", "demo:support", dict(FAST, batch_size=8))
     curve_two = [l for _, l in two.record["loss_history"]]
@@ -394,3 +397,20 @@ def test_dpo_on_two_processes_matches_one_process(tiny_session, tmp_path):
     assert abs(curve_one[0] - 0.6931) < 1e-3 and curve_one[-1] < curve_one[0] - 0.05  # from log 2, and it learns
     worst = max(abs(a - b) for a, b in zip(curve_one, curve_two))
     assert len(curve_two) == len(curve_one) and worst < 0.01, (curve_one, curve_two)
+
+
+def test_ddp_searches_for_unused_weights_only_in_mixture_of_experts_models(tmp_path):
+    """An expert no token reached in a step leaves its LoRA weights unused, which DDP must be told to expect;
+    any other model uses every LoRA weight in each step, so the per-step search is off."""
+    from types import SimpleNamespace
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.training import _training_args
+
+    def find_unused(config):
+        return _training_args(TrainConfig.from_dict({}), str(tmp_path), "cpu", None, False,
+                              config).ddp_find_unused_parameters
+
+    assert find_unused(SimpleNamespace(num_hidden_layers=2)) is False
+    assert find_unused(SimpleNamespace(num_local_experts=8)) is True  # Mixtral
+    assert find_unused(SimpleNamespace(num_experts=0)) is False

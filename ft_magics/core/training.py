@@ -561,7 +561,12 @@ def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free:
         f"free: on the CPU running out of memory ends the kernel. Use {advice}.")
 
 
-def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, has_eval: bool):
+# config keys of mixture-of-experts models: an expert no token reached in a step has unused LoRA weights
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, has_eval: bool,
+                   model_config=None):
     import torch
     from transformers import TrainingArguments
 
@@ -597,6 +602,9 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
         eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
         eval_steps=cfg.eval_steps or None,
         label_names=["labels"],
+        # under several processes DDP otherwise searches the autograd graph for unused weights every step (the
+        # Trainer cannot tell a PEFT model uses them all) and every rank logs a warning that it found none
+        ddp_find_unused_parameters=any(getattr(model_config, k, None) for k in MOE_CONFIG_KEYS),
         **cfg.warmup_kwargs(),
     )
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
@@ -716,7 +724,7 @@ def run_training(
     resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
-    args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None)
+    args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None, model_config)
     # make_trainer: the chunked loss (no full-vocabulary logits for the batch) and the other speed levers
     from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, warmup_from_first_step
 
