@@ -16,7 +16,17 @@ from .errors import FtUsageError, did_you_mean
 
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 TRAIN_ON = ("answers", "all")
-OBJECTIVES = ("sft", "dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "orpo", "ipo", "simpo")
+REFERENCE_OBJECTIVES = ("dpo", "ipo")  # measured against the base: one more no-grad forward per step
+OBJECTIVE_NAMES = {"sft": "SFT", "dpo": "DPO", "orpo": "ORPO", "ipo": "IPO", "simpo": "SimPO"}  # as papers write them
+
+
+def objective_name(objective: str) -> str:
+    return OBJECTIVE_NAMES.get(objective, objective.upper())
+
+
+# beta when the run gives none (beta: 0): the usual value of each objective (SimPO's paper: 2-2.5; the others 0.1)
+PAIR_BETA = {"dpo": 0.1, "orpo": 0.1, "ipo": 0.1, "simpo": 2.0}
 
 
 def rows_per_example(objective: str) -> int:
@@ -105,9 +115,16 @@ class TrainConfig:
         "sft", "What the adapter learns: sft (imitate the answers), dpo (prefer the chosen answer of each "
         "prompt/chosen/rejected pair over the rejected one, relative to the base model, which is the same model "
         "with the adapter switched off: no second copy) or orpo (learn the chosen answers and, in the same loss, "
-        "their odds over the rejected ones; no reference pass).", choices=OBJECTIVES)
-    beta: float = _f(0.1, "dpo: how strongly the adapter is held to the base model (higher: closer; 0.1-0.5 is "
-                          "usual); orpo: the weight of the odds-ratio term beside the chosen answers' loss.")
+        "their odds over the rejected ones; no reference pass), ipo (DPO's comparison with the base, pulled toward a "
+        "fixed margin of 1/(2 beta) in mean log-probability per token instead of ever wider) or simpo (the chosen "
+        "answers' mean log-probability per token above the rejected ones' by a margin; no reference pass).",
+        choices=OBJECTIVES)
+    beta: float = _f(0.0, "dpo: how strongly the adapter is held to the base model (higher: closer; 0.1-0.5 is "
+                          "usual); orpo: the weight of the odds-ratio term beside the chosen answers' loss; ipo: the "
+                          "margin is 1/(2 beta); simpo: the scale of the per-token gap. 0: the objective's usual "
+                          "value (simpo 2.0, the others 0.1).")
+    simpo_gamma: float = _f(0.5, "simpo: the margin the scaled gap (beta x per-token log-probability gap) must "
+                                 "clear (0.5-1.5 is usual).")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
     overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)
@@ -206,7 +223,9 @@ class TrainConfig:
         need(not (self.keep_best or self.early_stopping) or self.eval_steps > 0,
              f"{'early_stopping' if self.early_stopping else 'keep_best'} compares evaluations made during training: "
              "set eval_steps: N too (and give eval data: --eval FILE or eval_fraction: 0.1).")
-        need(self.beta > 0, f"beta must be positive (got {self.beta}); 0.1 is the usual start.")
+        need(self.beta >= 0 and math.isfinite(self.beta),
+             f"beta must be positive (got {self.beta}); 0.1 is the usual start (0: the objective's usual value).")
+        need(self.simpo_gamma >= 0, f"simpo_gamma must be >= 0 (got {self.simpo_gamma}); 0.5 is the usual start.")
         if self.objective != "sft":
             need(not self.packing, f"packing: true does not apply to objective: {self.objective} (each pair is "
                                    "compared as a whole); set packing: false.")
@@ -230,6 +249,11 @@ class TrainConfig:
                 isinstance(tm, list) and tm and all(isinstance(m, str) and m for m in tm),
                 "target_modules must be a preset name or a non-empty list of module names.",
             )
+
+    @property
+    def pair_beta(self) -> float:
+        """The beta a preference run uses: the one given, else the objective's usual value."""
+        return self.beta or PAIR_BETA.get(self.objective, 0.1)
 
     @property
     def pairs(self) -> bool:

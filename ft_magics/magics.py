@@ -305,7 +305,7 @@ class FtMagics(Magics):
             target_modules: all-linear
             learning_rate: 2e-4
 
-        Preference pairs (prompt / chosen / rejected) train with ``objective: dpo`` or ``orpo``::
+        Preference pairs (prompt / chosen / rejected) train with ``objective: dpo``, ``orpo``, ``ipo`` or ``simpo``::
 
             %%lora_train polite --data demo:support-pairs --eval demo:support-pairs-eval
             objective: orpo
@@ -691,8 +691,8 @@ class FtMagics(Magics):
     @argument("--optimizer", default="adamw", choices=OPTIMIZERS,
               help="The optimizer (as the optimizer setting): adamw_8bit keeps Adam's states in 8 bits. Default adamw.")
     @argument("--objective", default="sft", choices=OBJECTIVES,
-              help="dpo / orpo plan a preference run: each example is a pair (two rows); DPO under full fine-tuning "
-                   "also keeps a frozen reference copy. Default sft.")
+              help="dpo / orpo / ipo / simpo plan a preference run: each example is a pair (two rows); DPO and IPO "
+                   "under full fine-tuning also keep a frozen reference copy. Default sft.")
     @line_magic
     @user_errors
     def ft_plan(self, line=""):

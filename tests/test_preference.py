@@ -1,4 +1,4 @@
-"""Preference training (objective: dpo / orpo): pair rows in their common shapes, the answer-only loss mask,
+"""Preference training (objective: dpo / orpo / ipo / simpo): pair rows in their common shapes, the answer-only loss mask,
 the chunked sequence log-probabilities, the two losses against their formulas, and the whole flow through
 the magics on a tiny random model."""
 from __future__ import annotations
@@ -97,9 +97,13 @@ def test_pair_settings_that_cannot_apply_are_refused():
     with pytest.raises(FtUsageError, match="train_on: all does not apply"):
         _cfg(objective="orpo", train_on="all")
     with pytest.raises(FtUsageError, match="beta must be positive"):
-        _cfg(beta=0)
-    with pytest.raises(FtUsageError, match="objective 'kto' is not one of sft, dpo, orpo"):
+        _cfg(beta=-0.1)
+    with pytest.raises(FtUsageError, match="simpo_gamma must be >= 0"):
+        _cfg(objective="simpo", simpo_gamma=-1)
+    with pytest.raises(FtUsageError, match="objective 'kto' is not one of sft, dpo, orpo, ipo, simpo"):
         _cfg(objective="kto")
+    assert (_cfg(objective="simpo").pair_beta, _cfg(objective="ipo").pair_beta) == (2.0, 0.1)  # beta 0: usual
+    assert _cfg(objective="simpo", beta=0.5).pair_beta == 0.5
     from ft_magics.config import TrainConfig
 
     named = TrainConfig.from_dict({"pref_beta": 0.3, "stage": "orpo"})  # LLaMA-Factory's names
@@ -188,27 +192,36 @@ def _sums(model, batch):
     return (logp * mask).sum(1), mask.sum(1).float()
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "ipo", "simpo"])
 @pytest.mark.parametrize("chunked", [True, False])
 def test_the_pair_losses_match_their_formulas_in_value_and_gradient(tiny_model_dir, tok, objective, chunked):
     """DPO: -log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), the reference being the model with the
-    adapter off; ORPO: the chosen answers' mean NLL - beta log sigmoid(log odds_c - log odds_r). Computed here
-    from full logits with separate forwards, against core.preference (chunked head, one batch of 2n rows)."""
+    adapter off; ORPO: the chosen answers' mean NLL - beta log sigmoid(log odds_c - log odds_r); IPO:
+    (per-token log-ratio gap - 1/(2 beta))^2; SimPO: -log sigmoid(beta (mean_c - mean_r) - gamma), per-token
+    means, no reference. Computed here from full logits with separate forwards, against core.preference
+    (chunked head, one batch of 2n rows)."""
     from ft_magics.core.preference import pair_step
 
     model, batch = _peft_pair_batch(tiny_model_dir, tok)
-    beta = 0.3
-    loss, metrics = pair_step(model, batch, objective, beta, chunked=chunked)
+    beta, gamma = 0.3, 0.7
+    loss, metrics = pair_step(model, batch, objective, beta, gamma, chunked=chunked)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     sums, counts = _sums(model, batch)
     n = sums.shape[0] // 2
-    if objective == "dpo":
+    if objective in ("dpo", "ipo"):
         with torch.no_grad(), model.disable_adapter():
             ref, _ = _sums(model, batch)
+    if objective == "dpo":
         gap = beta * ((sums[:n] - ref[:n]) - (sums[n:] - ref[n:]))
         want = -torch.nn.functional.logsigmoid(gap).mean()
+    elif objective == "ipo":
+        gap = (sums[:n] - ref[:n]) / counts[:n] - (sums[n:] - ref[n:]) / counts[n:]
+        want = ((gap - 1 / (2 * beta)) ** 2).mean()
+    elif objective == "simpo":
+        gap = beta * (sums[:n] / counts[:n] - sums[n:] / counts[n:])
+        want = -torch.nn.functional.logsigmoid(gap - gamma).mean()
     else:
         mean = sums / counts
         odds = mean - torch.log1p(-torch.exp(mean))
@@ -261,7 +274,7 @@ def _margin(session, name, pairs_ex):
     return float((ratios[name] - ratios[BASE]).mean())
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "ipo", "simpo"])
 def test_a_preference_run_moves_the_4bit_adapter_toward_the_chosen_answers(tiny_model_dir, tmp_path, objective):
     from ft_magics import Session
     from ft_magics.core.data import prepare
@@ -279,7 +292,8 @@ def test_a_preference_run_moves_the_4bit_adapter_toward_the_chosen_answers(tiny_
         assert abs(losses[0] - math.log(2)) < 1e-4  # the adapter starts as the base: every gap is 0
     assert losses[-1] < losses[0] - 0.1 and r.eval_loss < losses[0]
     saved = json.loads((tmp_path / "adapters" / "pref" / "ft_run.json").read_text())
-    assert saved["settings"]["objective"] == objective and saved["settings"]["beta"] == 0.1
+    assert saved["settings"]["objective"] == objective  # and the beta it used, the objective's usual one:
+    assert saved["settings"]["beta"] == (2.0 if objective == "simpo" else 0.1)
     _, held_ex, _ = prepare("pairs", s.tokenizer, _cfg(objective=objective), namespace=s.namespace, eval_src="held")
     assert _margin(s, "pref", held_ex) > 0.5
     report = s.evaluate("pref", general=True)

@@ -156,7 +156,7 @@ _READING_PAIRS = contextvars.ContextVar("ft_magics_reading_pairs", default=False
 
 def _train_split(splits) -> Optional[str]:
     """The split a dataset with named splits trains on: 'train'; else its only train* split; else, among
-    several, the one for this run's objective (a name holding 'pref' for DPO / ORPO, 'sft' otherwise); or None."""
+    several, the one for this run's objective (a name holding 'pref' for a preference objective, 'sft' otherwise); or None."""
     splits = list(splits)
     if "train" in splits:
         return "train"
@@ -659,7 +659,7 @@ def _preference_error(keys: list, where: str, sample: Optional[dict]) -> Optiona
            else f" To fine-tune on the preferred answers alone, give each row a prompt and map {chosen!r} to completion.")
     return FtUsageError(
         f"{where}: these rows are preference pairs ({', '.join(sorted(map(str, keys)))}). To train on the pairs, "
-        f"set objective: dpo (or orpo) in the cell body; objective: sft, the default, learns one answer per "
+        f"set objective: dpo (or orpo, ipo, simpo) in the cell body; objective: sft, the default, learns one answer per "
         f"example and would not use {by_lower['rejected']!r}.{how}"
     )
 
@@ -982,14 +982,16 @@ class DataReport:
         return sum(1 for n in self.lengths if n > self.max_seq_len) if self.max_seq_len else 0
 
     def text(self) -> str:
+        from ..config import objective_name
+
         st = self.stats()
         lines = [
             f"Data       {self.source}: {self.format} format, {counted(self.rows, 'row')} "
             f"-> {self.train_rows:,} train / {self.eval_rows:,} eval{' (' + self.split + ')' if self.split else ''}",
             f"Rendering  {self.rendering}; loss on "
             f"{'every token' if self.train_on == 'all' or self.format == 'text' else 'the answers only'}"
-            + (f"; {self.objective.upper()} compares each pair's chosen and rejected answer" if self.objective != "sft"
-               else ""),
+            + (f"; {objective_name(self.objective)} compares each pair's chosen and rejected answer"
+               if self.objective != "sft" else ""),
         ]
         if st:
             lines.append(

@@ -47,12 +47,14 @@ class TrainBegin:
 
     @property
     def examples_text(self) -> str:
-        """"48 examples", with packing "48 examples packed into 6 rows", for a preference run "48 pairs (dpo)"."""
+        """"48 examples", with packing "48 examples packed into 6 rows", for a preference run "48 pairs (DPO)"."""
         if self.packed_examples is not None:
             return f"{counted(self.packed_examples, 'example')} packed into {counted(self.num_examples, 'row')}"
         objective = self.settings.get("objective", "sft")
         if objective != "sft":
-            return f"{counted(self.num_examples, 'pair')} ({objective.upper()})"
+            from ..config import objective_name
+
+            return f"{counted(self.num_examples, 'pair')} ({objective_name(objective)})"
         return counted(self.num_examples, "example")
 
     @property

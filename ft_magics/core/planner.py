@@ -345,9 +345,9 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     """``full_act_bytes``: activation width of the full fine-tuning run (2 for bf16, 4 for an fp32 run);
     ``overhead_bytes``: the runtime's own memory (a measured figure where one is at hand);
     ``lora_dropout``: LoRA dropout > 0 (off by default in ft_magics), which keeps a copy of each adapted input;
-    ``objective``: dpo / orpo train on pairs (two rows per example); DPO's reference model is a second frozen
-    copy under full fine-tuning, and the base itself (the adapter switched off) under LoRA and QLoRA."""
-    from ..config import OBJECTIVES, rows_per_example
+    ``objective``: dpo / orpo / ipo / simpo train on pairs (two rows per example); DPO's and IPO's reference
+    model is a second frozen copy under full fine-tuning, and the base itself (the adapter switched off) under LoRA and QLoRA."""
+    from ..config import OBJECTIVES, REFERENCE_OBJECTIVES, objective_name, rows_per_example
 
     if objective not in OBJECTIVES:
         raise FtUsageError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}.")
@@ -361,13 +361,15 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     act_full = activation_bytes(d, seq_len, rows, gradient_checkpointing, False, full_act_bytes)
     act_peft = activation_bytes(d, seq_len, rows, gradient_checkpointing, chunked_loss, lora_dropout=lora_dropout)
     per_adapter = adapter_bytes(optimizer)
-    reference = 2 * p if objective == "dpo" else 0  # full fine-tuning's DPO keeps the starting model frozen beside it
+    # full fine-tuning's DPO (or IPO) keeps the starting model frozen beside it
+    reference = 2 * p if objective in REFERENCE_OBJECTIVES else 0
     full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p + reference,
                     (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p, act_full, overhead_bytes,
                     notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"]
-                    + (["weights include DPO's reference: a second, frozen bf16 copy of the model"] if reference else []))
-    shared = ["DPO's reference is the base itself with the adapter switched off: no second copy"] \
-        if objective == "dpo" else []
+                    + ([f"weights include {objective_name(objective)}'s reference: a second, frozen bf16 copy of the model"]
+                       if reference else []))
+    shared = [f"{objective_name(objective)}'s reference is the base itself with the adapter switched off: no second copy"] \
+        if reference else []
     lora16 = ModePlan("LoRA, 16-bit base", 2 * p, per_adapter * lora, act_peft, overhead_bytes, notes=list(shared))
     qlora = ModePlan("QLoRA, NF4 + double quant", (p - emb) * NF4_BITS / 8 + 2 * emb, per_adapter * lora, act_peft,
                      overhead_bytes, notes=list(shared))

@@ -96,7 +96,7 @@ def normalise_pairs(rows: list, fmt: str = "auto", text_field: Optional[str] = N
     found = pair_columns(mapped.values())
     if found is None:
         raise FtUsageError(
-            f"{where}: preference training (objective: dpo / orpo) needs rows with a chosen and a rejected answer "
+            f"{where}: preference training (objective: dpo / orpo / ipo / simpo) needs rows with a chosen and a rejected answer "
             f"(and their prompt); these rows have {', '.join(sorted(map(str, mapped.values()))) or 'no fields'}. "
             "Name the columns with --map, e.g. --map \"question=prompt,good=chosen,bad=rejected\", or train with "
             "objective: sft.")
@@ -285,11 +285,13 @@ def unwrapped(model):
     return getattr(model, "module", model) if not hasattr(model, "disable_adapter") else model
 
 
-def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[Any] = None) -> tuple:
+def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[Any] = None,
+              gamma: float = 0.5) -> tuple:
     """``(loss, metrics)`` for a batch whose first half of rows are the chosen sides and second half the
     rejected ones. ``policy``: :func:`sequence_logprobs` with the adapter on; ``reference``: the sums with it
-    off (DPO only). Metrics (detached): ``pairs_right``, the share of pairs the adapter ranks the chosen
-    answer above the rejected one (DPO: by implicit reward; ORPO: by odds), and ``margin``, the mean gap."""
+    off (DPO, IPO). Metrics (detached): ``pairs_right``, the share of pairs the adapter ranks the chosen
+    answer above the rejected one (DPO, IPO: against the base; ORPO: by odds; SimPO: per token), and
+    ``margin``, the mean gap."""
     import torch
     import torch.nn.functional as F
 
@@ -300,6 +302,14 @@ def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[An
         chosen_reward, rejected_reward = beta * (sums[:n] - ref[:n]), beta * (sums[n:] - ref[n:])
         gap = chosen_reward - rejected_reward
         loss = -F.logsigmoid(gap).mean()
+    elif objective == "ipo":  # Azar et al. 2023, on mean log-probabilities per token (as TRL computes it)
+        per_token = (sums - reference.to(sums.dtype)) / counts.clamp(min=1)
+        gap = per_token[:n] - per_token[n:]
+        loss = ((gap - 1 / (2 * beta)) ** 2).mean()
+    elif objective == "simpo":  # Meng et al. 2024: no reference, length-normalised, a target margin gamma
+        mean = sums / counts.clamp(min=1)
+        gap = beta * (mean[:n] - mean[n:])
+        loss = -F.logsigmoid(gap - gamma).mean()
     elif objective == "orpo":
         mean = sums / counts.clamp(min=1)
         mean = mean.clamp(max=-1e-6)  # log(1 - p) is -inf at p = 1
@@ -313,15 +323,17 @@ def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[An
     return loss, {"pairs_right": (gap > 0).float().mean(), "margin": gap.mean()}
 
 
-def pair_step(model, inputs: dict, objective: str, beta: float, chunk_rows: int = 0, workspace=None,
-              chunked: bool = True) -> tuple:
+def pair_step(model, inputs: dict, objective: str, beta: float, gamma: float = 0.5, chunk_rows: int = 0,
+              workspace=None, chunked: bool = True) -> tuple:
     """The loss and metrics of one batch of pairs (``core.training.CountingCollator`` builds it)."""
     import torch
 
+    from ..config import REFERENCE_OBJECTIVES
+
     policy = sequence_logprobs(model, inputs, chunk_rows, workspace, chunked)
     reference = None
-    if objective == "dpo":  # no-grad: past a DistributedDataParallel wrapper, which only syncs gradients
+    if objective in REFERENCE_OBJECTIVES:  # no-grad: past a DistributedDataParallel wrapper, which only syncs gradients
         peft_model = unwrapped(model)
         with torch.no_grad(), peft_model.disable_adapter():
             reference, _ = sequence_logprobs(peft_model, inputs, chunk_rows, workspace, chunked)
-    return pair_loss(objective, beta, policy, reference)
+    return pair_loss(objective, beta, policy, reference, gamma)

@@ -676,7 +676,7 @@ def speed_trainer_class():
         autocast_dtype = None
         lean_steps: bool = False
         causal_mask_only: bool = False
-        preference = None  # (objective, beta): a DPO / ORPO run on pairs (core.preference)
+        preference = None  # (objective, beta, gamma): a DPO / ORPO / IPO / SimPO run on pairs (core.preference)
         _pair_metrics = None  # {"train" | "eval": {metric: [batch values]}} until the next log
         _walks = None  # (model, ModelWalks)
         _flop_params = None
@@ -862,7 +862,7 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
     """A Trainer for ``model``: the chunked loss when asked for and the model allows it; the forward under
     autocast when ``autocast_dtype`` is bf16/fp16; the per-step bookkeeping over lists made once when
     ``lean_steps``; right-padded batches without their padding mask when ``causal_mask_only``; the loss of
-    ``preference = (objective, beta)`` over batches of pairs (core.preference); the plain
+    ``preference = (objective, beta, gamma)`` over batches of pairs (core.preference); the plain
     ``transformers.Trainer`` when none applies."""
     import torch
     from transformers import Trainer

@@ -708,6 +708,8 @@ def run_training(
     train_ds = to_ds(train_examples)
     eval_ds = to_ds(eval_examples) if eval_examples else None
     settings = cfg.to_dict()
+    if cfg.pairs:
+        settings["beta"] = cfg.pair_beta  # the run's record says the beta it used
     if ckpt_why:
         settings["gradient_checkpointing_auto"] = ckpt_why
     begin_info = dict(
@@ -734,7 +736,7 @@ def run_training(
     trainer = make_trainer(
         peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
         lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only,
-        preference=(cfg.objective, cfg.beta) if cfg.pairs else None, args=args, train_dataset=train_ds,
+        preference=(cfg.objective, cfg.pair_beta, cfg.simpo_gamma) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         # the best weights go into a checkpoint before its callback marks it complete
         callbacks=[warmup_from_first_step(), callback] + ([keeper.callback()] if keeper is not None else [])
