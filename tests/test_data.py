@@ -1198,3 +1198,35 @@ def test_a_json_file_with_train_and_test_lists_evaluates_on_the_test_list(tok, t
     assert (len(train), len(ev), report.split) == (7, 3, f"eval from the 'test' split of {path}")
     (tmp_path / "wrapped.json").write_text(json.dumps({"version": "1.0", "data": rows}))
     assert D.prepare(str(tmp_path / "wrapped.json"), tok, TrainConfig.from_dict({}))[2].split == "no eval data"
+
+
+def test_a_variable_named_like_a_folder_is_the_variable_and_expressions_are_named(tmp_path, monkeypatch):
+    """In a notebook `--data parts` with a DataFrame `parts` and a folder parts/ read the folder, silently.
+    The variable now wins and the Data line says how to read the folder; an expression such as
+    uf['train_prefs'] (its quotes lost to the flag parser) said "matches no data file"."""
+    from ft_magics.core.data import load_rows
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) + "\n"
+                                                       for i in range(5)))
+    ns = {"parts": [{"prompt": "x", "completion": "y"}] * 2, "uf": [{"text": "t"}]}
+    rows, desc = load_rows("parts", ns)
+    assert len(rows) == 2 and desc == "variable parts (not the folder parts: --data ./parts reads that)"
+    assert len(load_rows("./parts", ns)[0]) == 5 and len(load_rows("parts", {})[0]) == 5
+    for expr in ("uf[train_prefs]", "uf.head(5)", "uf[:10]"):
+        with pytest.raises(FtUsageError, match=r"not an expression .*train_rows = uf\[\.\.\.\]"):
+            load_rows(expr, ns)
+
+
+def test_a_control_character_in_json_is_reported_once():
+    import tempfile
+
+    from ft_magics.core.data import load_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "bad.jsonl"
+        p.write_text('{"text": "ok"}\n{"text": "a\tb"}\n')
+        with pytest.raises(FtUsageError) as err:
+            load_rows(str(p))
+    assert "line 2: not valid JSON (Invalid control character at column" in str(err.value)

@@ -125,10 +125,21 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
             )
         return _read_jsonl(path, limit), src
     path = user_path(src)
+    variable = namespace.get(src) if namespace is not None and src.isidentifier() else None
+    if path.exists() and _looks_like_data(variable):  # `parts` names a DataFrame and the folder parts/: in a
+        # notebook the name means the variable; the Data line says how to read the folder instead
+        return (_rows_from_object(variable, f"variable {src!r}", limit),
+                f"variable {src} (not the {'folder' if path.is_dir() else 'file'} {src}: --data ./{src} reads that)")
     if path.exists():
         if limit is None:
             _check_memory(path)
         return _rows_from_path(path, txt_mode, limit), str(path)
+    expression = re.match(r"([A-Za-z_]\w*)\s*[\[(.]", src)
+    if (expression and namespace is not None and _looks_like_data(namespace.get(expression.group(1)))
+            and Path(src).suffix.lower() not in FILE_SUFFIXES):
+        name = expression.group(1)
+        raise FtUsageError(f"--data takes a variable's name, not an expression ({src!r}): assign it first, e.g. "
+                           f"train_rows = {name}[...] in a cell, then --data train_rows.")
     if any(c in src for c in "*?[") and not HUB_ID.fullmatch(src):
         return _rows_from_glob(src, txt_mode, limit), src
     if namespace is not None and src.isidentifier():
@@ -224,6 +235,11 @@ def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
         if held:
             return _with_held_out(rows, held, f"{name}:{held}")
     return rows
+
+
+def _json_problem(exc) -> str:
+    """json's message without its own trailing "at" ("Invalid control character at"): ours adds the column."""
+    return exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
 
 
 def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[dict]:
@@ -394,7 +410,7 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FtUsageError(
-                    f"{path}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}). "
+                    f"{path}, line {n}: not valid JSON ({_json_problem(exc)} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object."
                 ) from None
             if not isinstance(row, dict):
@@ -447,7 +463,7 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
             except FtUsageError:
                 pass
         raise FtUsageError(
-            f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})."
+            f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)} at column {exc.colno})."
         ) from None
     held = None
     if isinstance(data, dict):
