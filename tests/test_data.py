@@ -686,9 +686,26 @@ def test_length_stats():
 def test_quality_warnings():
     recs, _ = D.normalise([{"prompt": "a", "completion": "b"}] * 2 + [{"prompt": "c", "completion": " "}])
     w = " ".join(D.quality_warnings(recs))
-    assert "only 3 examples" in w and "1 exact duplicate" in w and "1 examples with an empty answer" in w
+    assert "only 3 examples" in w and "1 exact duplicate" in w
     many, _ = D.normalise([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(120)])
     assert D.quality_warnings(many) == []
+
+
+def test_examples_with_an_empty_answer_are_dropped_not_trained_to_end_the_turn(tok):
+    """An empty or blank answer was kept with a warning "nothing to learn from them", yet its end-of-turn token
+    carried loss: the model learned to answer those prompts with nothing. Such examples are dropped and counted;
+    a tool-call turn without text is an answer."""
+    rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]
+    rows += [{"prompt": "blank", "completion": "   "}, {"prompt": "empty", "completion": ""}]
+    train, _, report = D.prepare(rows, tok, cfg())
+    assert len(train) == 6 and report.dropped_empty == 2
+    assert "Dropped    2 examples with no answer to learn from (empty or blank" in report.text()
+    assert all("blank" not in tok.decode(e.input_ids) and "empty" not in tok.decode(e.input_ids) for e in train)
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] + CHAT
+    train, _, report = D.prepare(chat, tok, cfg())
+    assert (len(train), report.dropped_empty) == (len(CHAT), 1)
+    everything, _, report = D.prepare(rows, tok, cfg(train_on="all"))  # the prompt is learned too: kept
+    assert len(everything) == 8 and report.dropped_empty == 0
 
 
 def test_report_text_has_everything(tok):

@@ -1026,7 +1026,8 @@ class DataReport:
                 "(no loss-bearing token left); raise max_seq_len to keep them"
             )
         if self.dropped_empty:
-            lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no loss-bearing token at all")
+            lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no answer to learn from (empty or "
+                         "blank: it would teach the model to end its turn at once)")
         if self.eval_dropped:
             lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} (too long, or no answer token left)")
         if self.packing:
@@ -1201,14 +1202,25 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     """Tokenise ``records``; cut or drop the overlong ones; drop (and count in ``report``) every example
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
-    for ex in tokenize_records(tokenizer, records, train_on):
-        fitted, outcome = fit_length(ex, max_seq_len, overlong)
+    for record, ex in zip(records, tokenize_records(tokenizer, records, train_on)):
+        if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
+            fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
+        else:
+            fitted, outcome = fit_length(ex, max_seq_len, overlong)
         if report is not None:
             report.lengths.append(len(ex.input_ids))
             report.count(outcome, ex)
         if fitted is not None:
             out.append(fitted)
     return out
+
+
+def _answerless(record: Record) -> bool:
+    """A conversation whose answers are all empty (blank, no tool call)."""
+    if record.messages is None:
+        return False
+    answers = [m for m in record.messages if m.get("role") == "assistant"]
+    return bool(answers) and all(not str(m.get("content") or "").strip() and not m.get("tool_calls") for m in answers)
 
 
 def fit_length(ex: TokenizedExample, max_seq_len: int, overlong: str = "truncate") -> tuple:
@@ -1364,16 +1376,12 @@ def quality_warnings(records: list[Record]) -> list:
         if key in seen:
             dups += 1
         seen.add(key)
-        if r.messages is not None:
-            answers = [m["content"] for m in r.messages if m["role"] == "assistant"]
-            if not answers or all(not a.strip() for a in answers):
-                empty += 1
-        elif not (r.text or "").strip():
-            empty += 1
+        if r.messages is None and not (r.text or "").strip():
+            empty += 1  # (an empty answer is dropped, and counted in the report, as it is tokenised)
     if dups:
         warnings.append(f"{dups} exact duplicate examples (they weigh double in training).")
     if empty:
-        warnings.append(f"{empty} examples with an empty answer (nothing to learn from them).")
+        warnings.append(f"{counted(empty, 'example')} with an empty text (nothing to learn from them).")
     return warnings
 
 
