@@ -1247,3 +1247,21 @@ def test_a_control_character_in_json_is_reported_once():
         with pytest.raises(FtUsageError) as err:
             load_rows(str(p))
     assert "line 2: not valid JSON (Invalid control character at column" in str(err.value)
+
+
+def test_map_reaches_integer_columns_and_fields_inside_objects():
+    """A DataFrame with columns 0 and 1 was told to use --map "0=prompt,1=completion", which then failed
+    ("names column(s) '0', '1' that do not exist ... Columns: 0, 1"); a field inside a column of objects could
+    not be named at all, and the message did not say how."""
+    import pandas as pd
+
+    df = pd.DataFrame({0: ["q1", "q2"], 1: ["a1", "a2"]})
+    with pytest.raises(FtUsageError, match='--map "0=prompt,1=completion"'):
+        D.normalise(df.to_dict(orient="records"))
+    recs, fmt = D.normalise(df.to_dict(orient="records"), column_map="0=prompt,1=completion")
+    assert fmt.startswith("prompt-completion") and recs[1].messages[-1]["content"] == "a2"
+    nested = [{"meta": {"id": i}, "data": {"q": f"question {i}", "r": f"reply {i}"}} for i in range(3)]
+    recs, _ = D.normalise(nested, column_map="data.q=prompt,data.r=completion")
+    assert [m["content"] for m in recs[2].messages] == ["question 2", "reply 2"]
+    with pytest.raises(FtUsageError, match=r'named with dots, e.g. --map "data.q=prompt"'):
+        D.normalise(nested, column_map="q=prompt,r=completion")

@@ -787,6 +787,17 @@ def _tool_call_names(messages: list) -> list:
     return names
 
 
+def _with_nested(rows, paths: list) -> "Rows":
+    """The rows with a column for each dotted path (``data.q``: the field ``q`` of the object in ``data``)."""
+    def get(row, path):
+        value = row
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return Rows([{**r, **{p: get(r, p) for p in paths}} for r in rows], getattr(rows, "locs", None))
+
+
 def _renamed(rows, mapping: dict) -> "Rows":
     """The rows with columns renamed by ``mapping`` (source -> field), keeping where each row came from."""
     return Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
@@ -801,14 +812,23 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     mapping = parse_map(column_map)
     if text_field:
         mapping.setdefault(text_field, "text")
+    if rows and any(not isinstance(k, str) for k in rows[0]):  # a DataFrame's 0, 1 columns: named as typed
+        rows = Rows([{str(k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
     if mapping:
         keys0 = set().union(*(r.keys() for r in rows[:1000]))
+        nested = [a for a in mapping if a not in keys0 and "." in a and a.split(".", 1)[0] in keys0]
+        if nested:  # --map "data.q=prompt": a field inside a column of objects
+            rows = _with_nested(rows, nested)
+            keys0 |= set(nested)
         missing = [a for a in mapping if a not in keys0]
         if missing:
             given = "--text-field" if missing == [text_field] and text_field not in parse_map(column_map) else "--map"
+            objects = sorted(k for k in keys0 if isinstance(rows[0].get(k), dict))
+            inside = (f" Fields inside a column of objects are named with dots, e.g. --map "
+                      f"\"{objects[0]}.{next(iter(rows[0][objects[0]]), 'field')}=prompt\"." if objects else "")
             raise FtUsageError(
                 f"{where}: {given} names column(s) {', '.join(map(repr, missing))} that do not exist"
-                f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}."
+                f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}.{inside}"
             )
         rows = _renamed(rows, mapping)
     keys = list(dict.fromkeys(k for r in rows[:1000] for k in r))  # the columns, in the data's order
