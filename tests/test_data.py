@@ -977,6 +977,7 @@ def test_hub_dataset_id_goes_through_load_dataset_and_offline_failure_says_what_
     import datasets
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "_hub_unreachable", lambda: None)  # the Hub as if online: load_dataset is faked
     calls = []
 
     def fake_load_dataset(name, split=None):
@@ -1194,6 +1195,7 @@ def test_a_hub_dataset_named_without_a_split_evaluates_on_its_validation_split(t
     import datasets
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "_hub_unreachable", lambda: None)
     splits = {"owner/both": ["train", "test", "validation"], "owner/trainonly": ["train"]}
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name: splits[name])
     sizes = {"train": 9, "validation": 3, "test": 5}
@@ -1265,3 +1267,23 @@ def test_map_reaches_integer_columns_and_fields_inside_objects():
     assert [m["content"] for m in recs[2].messages] == ["question 2", "reply 2"]
     with pytest.raises(FtUsageError, match=r'named with dots, e.g. --map "data.q=prompt"'):
         D.normalise(nested, column_map="q=prompt,r=completion")
+
+
+def test_a_hub_id_without_network_is_refused_at_once_naming_the_local_path(tmp_path, monkeypatch):
+    """Offline, `--data owner/name` (or a mistyped local folder shaped like one) printed ~20 s of datasets'
+    retries before its error. Without a route to the Hub it is refused at once, naming the local path looked
+    for; in offline mode (HF_HUB_OFFLINE=1) datasets is asked, as it reads its cache."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    called = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: called.append(a))
+    with pytest.raises(FtUsageError, match=r"not a local file or folder \(looked for .*owner/name\).*no-such-host"
+                                           r"\.invalid cannot be reached from this machine"):
+        D.load_rows("owner/name")
+    assert called == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert D._hub_unreachable() is None

@@ -201,6 +201,23 @@ def _with_held_out(rows: list, split: str, source: Any) -> "Rows":
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]:%-]+)?")
 
 
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hub cannot be reached from here (no network, no name resolution), or None: also None in
+    offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), where datasets reads its cache without the network."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} cannot be reached from this machine ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
     """Rows of a Hugging Face Hub dataset ``owner/name[:split]`` (split ``train`` unless given), through
     ``datasets.load_dataset``, which caches the download; a failure (no network, no such dataset, a gated
@@ -214,6 +231,14 @@ def _rows_from_hub(src: str, limit: Optional[int]) -> list[dict]:
     split = split or "train"
     if limit is not None and "[" not in split:
         split = f"{split}[:{limit}]"
+    unreachable = _hub_unreachable()
+    if unreachable:  # datasets would retry for ~20 s, printing each attempt, before the same conclusion
+        local = user_path(name)
+        raise FtUsageError(
+            f"--data {src!r} is not a local file or folder (looked for {local}), and it cannot be a Hugging Face "
+            f"Hub dataset here: {unreachable}. Check the path, or save the dataset where there is network "
+            "(datasets' save_to_disk, or a .jsonl file) and give that path. (A dataset already in the local "
+            "cache loads with HF_HUB_OFFLINE=1 set before the notebook starts.)")
     print(f"Loading {name} (split {split}) from the Hugging Face Hub through datasets.load_dataset ...",
           file=sys.stderr, flush=True)
     try:
