@@ -1287,3 +1287,17 @@ def test_a_hub_id_without_network_is_refused_at_once_naming_the_local_path(tmp_p
     assert called == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert D._hub_unreachable() is None
+
+
+def test_the_data_line_says_when_eval_loss_cannot_compare_or_cannot_happen(tok, tmp_path):
+    """--eval in the text format beside chat training (loss on every token against loss on the answers) was
+    accepted without a word, and its eval loss printed beside the training loss; eval_steps without eval data
+    was silent too."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Plain text to read.\n\nAnother block of text.\n")
+    _, ev, report = D.prepare(CHAT * 3, tok, cfg(), eval_src=str(corpus))
+    assert ev and "in the text format, not chat: its loss is on every token, training's on the answers" in report.split
+    _, _, report = D.prepare(CHAT * 3, tok, cfg(), eval_src=CHAT)
+    assert "do not compare" not in report.split
+    _, _, report = D.prepare(CHAT * 3, tok, cfg(eval_steps=2))
+    assert "eval_steps: 2 has nothing to evaluate: give --eval FILE or eval_fraction: 0.1" in report.text()

@@ -1478,9 +1478,14 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
             raise FtUsageError(f"the eval data ({held[1] if held else '--eval'}): {exc}") from None
         edesc = held[1] if held else edesc
-        eval_records, _ = normalise_rows(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
+        eval_records, eval_fmt = normalise_rows(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
         train_records = records
         split_desc = f"eval from {edesc}" + (" (eval_fraction not used)" if held and cfg.eval_fraction else "")
+        kind, eval_kind = fmt.split(" (")[0], eval_fmt.split(" (")[0]
+        if (kind == "text") != (eval_kind == "text") and getattr(cfg, "train_on", "answers") != "all":
+            split_desc += (f" - in the {eval_kind} format, not {kind}: its loss is on "
+                           f"{'every token' if eval_kind == 'text' else 'the answers'}, training's on "
+                           f"{'every token' if kind == 'text' else 'the answers'}, so the two losses do not compare")
     else:
         train_records, eval_records = split(records, cfg.eval_fraction, cfg.seed)
         split_desc = (f"eval_fraction {cfg.eval_fraction:g}, seed {cfg.seed}" if eval_records else "no eval data")
@@ -1536,6 +1541,9 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
     )
     report.objective = getattr(cfg, "objective", "sft")
+    if getattr(cfg, "eval_steps", 0) and not eval_records:
+        report.split += (f"; eval_steps: {cfg.eval_steps} has nothing to evaluate: give --eval FILE or "
+                         "eval_fraction: 0.1")
     report.warnings = (pair_warnings if pairs else quality_warnings)(train_records) + ([unused_note] if unused_note else [])
     if eval_src is not None and cfg.eval_fraction > 0:
         report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
