@@ -37,7 +37,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit", "adafactor", "sgd", "lion_8bit", "lion_32bit", "rmsprop")
 DATA_FORMATS = ("auto", "chat", "prompt-completion", "alpaca", "sharegpt", "text")
-OVERLONG = ("truncate", "drop")
+OVERLONG = ("truncate", "drop", "split")
 TXT_MODES = ("auto", "document", "lines", "blocks")
 
 
@@ -127,7 +127,9 @@ class TrainConfig:
                                  "clear (0.5-1.5 is usual).")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
-    overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate or drop.", choices=OVERLONG)
+    overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate, drop, or split (text "
+                       "learned whole, as in continued pre-training: consecutive rows of max_seq_len tokens, nothing "
+                       "lost).", choices=OVERLONG)
     train_on: str = _f("answers", "Which tokens carry loss: answers (assistant turns / completions) or all.", choices=TRAIN_ON)
     format: str = _f("auto", f"Dataset format: {', '.join(DATA_FORMATS)}.", choices=DATA_FORMATS)
     text_field: Optional[str] = _f(None, "Column holding the text for the text format.")
@@ -227,6 +229,8 @@ class TrainConfig:
              f"beta must be positive (got {self.beta}); 0.1 is the usual start (0: the objective's usual value).")
         need(self.simpo_gamma >= 0, f"simpo_gamma must be >= 0 (got {self.simpo_gamma}); 0.5 is the usual start.")
         if self.objective != "sft":
+            need(self.overlong != "split", f"overlong: split does not apply to objective: {self.objective} (each "
+                                           "pair is compared as a whole); use truncate or drop.")
             need(not self.packing, f"packing: true does not apply to objective: {self.objective} (each pair is "
                                    "compared as a whole); set packing: false.")
             need(self.train_on == "answers", f"train_on: {self.train_on} does not apply to objective: "

@@ -3,6 +3,7 @@ the answers (checked token by token on the tiny tokenizer), packing that keeps e
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -1301,3 +1302,24 @@ def test_the_data_line_says_when_eval_loss_cannot_compare_or_cannot_happen(tok, 
     assert "do not compare" not in report.split
     _, _, report = D.prepare(CHAT * 3, tok, cfg(eval_steps=2))
     assert "eval_steps: 2 has nothing to evaluate: give --eval FILE or eval_fraction: 0.1" in report.text()
+
+
+def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tmp_path):
+    """Continued pre-training on a document longer than max_seq_len kept its first max_seq_len tokens only
+    (the report even said how long max_seq_len would have to be). overlong: split makes consecutive rows of
+    it, every token in exactly one row; a chat example cannot be split (its later rows lose the prompt)."""
+    doc = tmp_path / "book.txt"
+    doc.write_text(" ".join(f"word{i}" for i in range(400)))
+    whole = D.tokenize_records(tok, D.normalise(D.load_rows(str(doc), txt_mode="document")[0])[0], "all")[0]
+    train, _, report = D.prepare(str(doc), tok, cfg(max_seq_len=64, overlong="split"), txt_mode="document")
+    assert len(whole.input_ids) > 3 * 64 and len(train) == math.ceil(len(whole.input_ids) / 64)
+    assert [t for e in train for t in e.input_ids] == whole.input_ids and all(len(e.input_ids) <= 64 for e in train)
+    assert f"split into {len(train)} rows of at most 64 tokens (overlong: split)" in report.text()
+    _, _, truncated = D.prepare(str(doc), tok, cfg(max_seq_len=64), txt_mode="document")
+    assert "overlong: split trains on all of it" in truncated.text()
+    with pytest.raises(FtUsageError, match="overlong: split cuts a long example .* chat format"):
+        D.prepare(CHAT, tok, cfg(max_seq_len=16, overlong="split"))
+    from ft_magics.config import TrainConfig
+
+    with pytest.raises(FtUsageError, match="overlong: split does not apply to objective: dpo"):
+        TrainConfig.from_dict({"objective": "dpo", "overlong": "split"})

@@ -1005,6 +1005,7 @@ class DataReport:
     lengths: list = field(default_factory=list)
     truncated: int = 0
     dropped_overlong: int = 0
+    split_rows: int = 0  # overlong: split - the rows the overlong examples became
     dropped_no_answer: int = 0  # the answer was cut away entirely by truncation
     answer_starts: list = field(default_factory=list)  # where those answers began (token index)
     dropped_empty: int = 0  # nothing carried loss even before truncation
@@ -1061,9 +1062,12 @@ class DataReport:
             )
         if self.max_seq_len:
             line = f"Length     {self.over_max:,} of {len(self.lengths):,} examples exceed max_seq_len={self.max_seq_len}"
-            if self.over_max:
+            if self.over_max and self.overlong == "split":
+                line += f": split into {counted(self.split_rows, 'row')} of at most {self.max_seq_len} tokens (overlong: split)"
+            elif self.over_max:
                 line += (f": {self.truncated:,} truncated, {self.dropped_overlong:,} dropped (overlong: {self.overlong}); "
-                         f"max_seq_len: {st['max']} would fit them all")
+                         f"max_seq_len: {st['max']} would fit them all"
+                         + ("; overlong: split trains on all of it" if self.format == "text" else ""))
             lines.append(line)
         if self.dropped_no_answer:
             lines.append(
@@ -1250,6 +1254,14 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     for record, ex in zip(records, tokenize_records(tokenizer, records, train_on)):
         if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
             fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
+        elif overlong == "split" and len(ex.input_ids) > max_seq_len:
+            rows = [r for r in (TokenizedExample(ex.input_ids[i:i + max_seq_len], ex.labels[i:i + max_seq_len])
+                                for i in range(0, len(ex.input_ids), max_seq_len)) if r.n_loss_tokens]
+            if report is not None:
+                report.lengths.append(len(ex.input_ids))
+                report.split_rows += len(rows)
+            out.extend(rows)
+            continue
         else:
             fitted, outcome = fit_length(ex, max_seq_len, overlong)
         if report is not None:
@@ -1552,6 +1564,11 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         train = tokenize_pairs(train_records, tokenizer, cfg.max_seq_len, cfg.overlong, report)
         evals = tokenize_pairs(eval_records, tokenizer, cfg.max_seq_len, cfg.overlong)
     else:
+        if cfg.overlong == "split" and fmt.split(" (")[0] != "text" and cfg.train_on != "all":
+            raise FtUsageError(
+                f"overlong: split cuts a long example into consecutive rows, for text learned whole (the text "
+                f"format, or train_on: all); {desc} is in the {fmt.split(' (')[0]} format, whose later rows would "
+                "lose the prompt they answer. Use overlong: truncate or drop, or a larger max_seq_len.")
         train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
         evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong)
     report.eval_dropped = len(eval_records) - len(evals)
