@@ -1323,3 +1323,16 @@ def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tm
 
     with pytest.raises(FtUsageError, match="overlong: split does not apply to objective: dpo"):
         TrainConfig.from_dict({"objective": "dpo", "overlong": "split"})
+
+
+def test_rows_past_the_model_context_window_are_named():
+    from types import SimpleNamespace
+
+    from ft_magics.core.training import context_note
+
+    rows = [D.TokenizedExample(list(range(n)), list(range(n))) for n in (10, 300, 500)]
+    note = context_note(SimpleNamespace(max_position_embeddings=256), rows)
+    assert note.startswith("2 training rows longer than the model's context window (256 tokens)")
+    assert "max_seq_len: 256" in note
+    assert context_note(SimpleNamespace(max_position_embeddings=512), rows) is None
+    assert context_note(SimpleNamespace(), rows) is None

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from ..config import TrainConfig
 from ..errors import FtUsageError, did_you_mean
-from .events import EvalEnd, Message, StepEnd, TrainBegin, TrainEnd, emit
+from .events import EvalEnd, Message, StepEnd, TrainBegin, TrainEnd, counted, emit
 from .memory import read_memory, reset_peak
 
 log = logging.getLogger(__name__)
@@ -647,6 +647,19 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     return cfg, ckpt_why
 
 
+def context_note(model_config, examples: list) -> Optional[str]:
+    """What to say when training rows are longer than the model's context window (positions it never
+    learned: a max_seq_len of 100000 on an 8k model is accepted, and those rows train on garbage positions)."""
+    window = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    longer = sum(1 for e in examples if len(e.input_ids) > window)
+    if not longer:
+        return None
+    return (f"{counted(longer, 'training row')} longer than the model's context window ({window:,} tokens): "
+            f"it never learned positions past that. Set max_seq_len: {window} (overlong: truncate, drop or split).")
+
+
 def planned_steps(cfg: TrainConfig, examples: int) -> int:
     """Optimizer steps the Trainer will take (one process): max_steps, else epochs over batches of
     batch_size x grad_accum, as transformers counts them."""
@@ -691,6 +704,9 @@ def run_training(
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
+    beyond = context_note(model_config, train_examples)
+    if beyond:
+        emit(listeners, Message(beyond, "warning"))
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
     # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
     # one a generate repacked for bitsandbytes' CPU kernel (PEFT dequantises that as garbage)
