@@ -708,6 +708,7 @@ def test_the_cpu_dtype_choice_survives_a_busy_machine(monkeypatch, tiny_model_di
 
     rates = iter([100.0, 300.0, 900.0, 250.0, 880.0, 290.0])  # bf16, fp32, ...: the first bf16 round ran beside other work
     monkeypatch.setattr(hardware, "cpu_matmul_gflops", lambda name: next(rates))
+    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: None)  # a CPU known only by its timings
     hardware.cpu_bf16_speedup.cache_clear()
     try:
         assert hardware.fast_bf16_on_cpu() and hardware.cpu_bf16_speedup() == pytest.approx(3.0)
@@ -717,6 +718,11 @@ def test_the_cpu_dtype_choice_survives_a_busy_machine(monkeypatch, tiny_model_di
         hardware.cpu_bf16_speedup.cache_clear()
         monkeypatch.setattr(hardware, "cpu_matmul_gflops", lambda name: 300.0)
         assert any("fp32 chosen" in n and "1.0x fp32" in n for n in plan_load(str(tiny_model_dir), device="cpu").notes)
+        # a CPU that lists bf16 instructions keeps bf16 even when a busy machine times it no faster (it did, once)
+        hardware.cpu_bf16_speedup.cache_clear()
+        monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: "avx512_bf16")
+        assert any("bf16 chosen: this CPU has avx512_bf16 and multiplies bf16 matrices 1.0x" in n
+                   for n in plan_load(str(tiny_model_dir), device="cpu").notes)
     finally:
         hardware.cpu_bf16_speedup.cache_clear()
 

@@ -56,9 +56,25 @@ def cpu_bf16_speedup(rounds: int = 3) -> float:
     return bf16 / fp32
 
 
+BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 natively
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_instructions() -> str | None:
+    """The bf16 matrix instructions this CPU lists (Linux's /proc/cpuinfo), or None (none, or not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((f for f in BF16_INSTRUCTIONS if f in flags), None)
+
+
 def fast_bf16_on_cpu() -> bool:
-    """bf16 is worth it on this CPU only when it actually multiplies faster than fp32 (AMX/AVX512-BF16)."""
-    return cpu_bf16_speedup() > 1.2
+    """bf16 is worth it on this CPU only when it actually multiplies faster than fp32 (AMX/AVX512-BF16). A CPU
+    that lists those instructions has it, whatever a timing says: timings taken while other work filled the
+    cores chose fp32 on such a CPU now and then, so the same notebook trained at another precision."""
+    return cpu_bf16_instructions() is not None or cpu_bf16_speedup() > 1.2
 
 
 def resolve_dtype(dtype: str, device: str):

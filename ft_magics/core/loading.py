@@ -305,8 +305,9 @@ def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device
 
         compute_dtype = torch.float32
     elif dev == "cpu" and dtype == "auto":
-        x = hardware.cpu_bf16_speedup()
-        notes.append(f"bf16 chosen: this CPU multiplies bf16 matrices {x:.1f}x as fast as fp32 (measured)"
+        x, isa = hardware.cpu_bf16_speedup(), hardware.cpu_bf16_instructions()
+        notes.append(f"bf16 chosen: this CPU {'has ' + isa + ' and ' if isa else ''}multiplies bf16 matrices "
+                     f"{x:.1f}x as fast as fp32 (measured)"
                      if hardware.fast_bf16_on_cpu() else
                      f"fp32 chosen: bf16 matrix multiplies are no faster on this CPU ({x:.1f}x fp32, measured); "
                      "--dtype bf16 uses bf16 anyway")
