@@ -1336,3 +1336,12 @@ def test_rows_past_the_model_context_window_are_named():
     assert "max_seq_len: 256" in note
     assert context_note(SimpleNamespace(max_position_embeddings=512), rows) is None
     assert context_note(SimpleNamespace(), rows) is None
+
+
+def test_rows_with_a_prompt_and_no_answer_say_the_answers_are_missing():
+    """Rows holding only a prompt were told to --map "prompt=text", which trains on the questions as text."""
+    with pytest.raises(FtUsageError, match=r"prompt column \('prompt'\) but no answer column \(fields: id, prompt\)"
+                                           r".*as 'completion'.*plain text instead: --map \"prompt=text\""):
+        D.normalise([{"prompt": "How do I reset my password?", "id": 1}])
+    with pytest.raises(FtUsageError, match="cannot tell the dataset format"):  # nothing prompt-like: as before
+        D.normalise([{"foo": "x", "bar": 1}])

@@ -713,6 +713,14 @@ def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None
     if preference is not None:
         return preference
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
+    by_lower = {str(k).lower(): str(k) for k in keys}
+    prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
+    if prompt is not None and not renamed and not any(n in by_lower for n in ANSWER_NAMES + TEXT_NAMES):
+        return FtUsageError(  # a prompt column and nothing to answer it: the answers are what is missing
+            f"{where}: the rows have a prompt column ({prompt!r}) but no answer column (fields: {shown}). "
+            f"Add the answers as 'completion' (or response, answer, output; another name: --map "
+            f"\"{prompt}=prompt,COLUMN=completion\"). To train on the prompts as plain text instead: "
+            f"--map \"{prompt}=text\".")
     formats = "; ".join(f"{fmt}: {' + '.join(need)}" for fmt, need in FORMAT_KEYS.items())
     fix = suggest_map(keys, sample)
     if fix and renamed:
