@@ -588,6 +588,7 @@ class FtMagics(Magics):
     @argument("--data", default=None,
               help="Held-out data, the same kinds as %%lora_train --data. Default: the examples held out when "
                    "NAME was trained in this session (--eval or eval_fraction), if any.")
+    @argument("--map", default=None, help="Column mapping for --data, as for %%lora_train (q=prompt,reply=completion).")
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
     @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
     @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")
@@ -607,8 +608,10 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_eval, line)
         name = args.name or self.session.adapters.active or "base"
-        report = self.session.evaluate(name, args.data, general=not args.no_general,
-                                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, answers=args.answers)
+        if args.map and args.data is None:
+            raise UsageError("--map renames the columns of --data: give --data FILE too.")
+        report = self.session.evaluate(name, args.data, general=not args.no_general, batch_size=args.batch_size,
+                                       max_seq_len=args.max_seq_len, answers=args.answers, column_map=args.map)
         self._show(report)
         if args.data is None and name not in self.session.heldout:
             print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "

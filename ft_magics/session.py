@@ -688,7 +688,7 @@ class Session:
                     activate(self.model, previous)
 
     def evaluate(self, name: Optional[str], data: Any = None, *, general: bool = True, batch_size: int = 8,
-                 max_seq_len: int = 512, answers: int = 0):
+                 max_seq_len: int = 512, answers: int = 0, column_map: Optional[str] = None):
         """Loss and perplexity of the base and adapter ``name`` on ``data`` and (forgetting check) on the
         bundled general-text sample; a core.evaluation.EvalReport. ``answers`` > 0: also the greedy answers of
         each to that many held-out questions, scored against the reference answers (exact, first line)."""
@@ -713,8 +713,8 @@ class Session:
             if data is None and own is None:
                 raise FtUsageError("--answers needs held-out questions: give --data FILE (or evaluate an adapter "
                                    "trained in this session with --eval or eval_fraction).")
-            src, eval_src, cfg = (data, None, eval_config(max_seq_len, data_objective(data, self.namespace))) \
-                if data is not None else own
+            src, eval_src, cfg = (data, None, eval_config(max_seq_len, data_objective(data, self.namespace, column_map),
+                                                          column_map)) if data is not None else own
             *_, train_records, eval_records, _ = split_records(src, cfg, self.namespace, eval_src)
             held = eval_records if (eval_records or data is None) else train_records  # --data: all of it
             cases = answer_cases(held)[:int(answers)]
@@ -727,7 +727,7 @@ class Session:
         sets = []
         if data is not None:
             sets.append((str(data) if isinstance(data, str) else "data",
-                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len)))
+                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len, column_map)))
         elif own is not None:
             train_src, eval_src, cfg = own
             _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)

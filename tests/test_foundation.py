@@ -1026,3 +1026,21 @@ def test_first_bitsandbytes_import_does_not_load_torchs_compiler_and_its_compile
     assert ours["inductor"] == "False" and ours["restored"] == "True"
     assert ours["loader"] == "SourceFileLoader SourceFileLoader"
     assert float(ours["error"]) < 0.15 and abs(float(ours["error"]) - float(bare["error"])) < 1e-6
+
+
+def test_lora_eval_map_renames_the_columns_of_its_data(shell, tiny_model_dir, tmp_path, capsys):
+    """%lora_eval on a file with its own column names said "Rename columns with --map ...", and had no --map."""
+    (tmp_path / "custom.jsonl").write_text("".join(json.dumps({"ask": f"question {i}?", "reply": f"answer {i}"}) + "\n"
+                                                  for i in range(4)))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"ask": f"q {i}?", "good": "yes", "bad": "no"}) + "\n"
+                                                 for i in range(4)))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match="--map"):
+        shell.run_line_magic("lora_eval", "base --data custom.jsonl --no-general")
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", 'base --data custom.jsonl --map "ask=prompt,reply=completion" --no-general')
+    assert "custom.jsonl" in capsys.readouterr().out
+    shell.run_line_magic("lora_eval", 'base --data pairs.jsonl --map "ask=prompt,good=chosen,bad=rejected" --no-general')
+    assert "held-out pairs, base: the chosen answer is the more likely one (per token) in" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--map renames the columns of --data: give --data FILE too"):
+        shell.run_line_magic("lora_eval", 'base --map "ask=prompt"')

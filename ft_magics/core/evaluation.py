@@ -17,31 +17,37 @@ from ..errors import FtUsageError
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general.txt"
 
 
-def eval_config(max_seq_len: int, objective: str = "sft"):
+def eval_config(max_seq_len: int, objective: str = "sft", column_map: Optional[str] = None):
     from ..config import TrainConfig
 
-    return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0, "objective": objective})
+    return TrainConfig.from_dict({"max_seq_len": max_seq_len, "eval_fraction": 0.0, "objective": objective,
+                                  "map": column_map})
 
 
-def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512) -> list:
+def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512,
+                     column_map: Optional[str] = None) -> list:
     """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
     'train' and a 'validation' / 'test' split, that held-out split. Rows of preference pairs (prompt / chosen /
     rejected) give :class:`core.preference.PairExample` s."""
     from .data import prepare
 
-    examples, held_out, _ = prepare(src, tokenizer, eval_config(max_seq_len, data_objective(src, namespace)),
-                                    namespace=namespace)
+    cfg = eval_config(max_seq_len, data_objective(src, namespace, column_map), column_map)
+    examples, held_out, _ = prepare(src, tokenizer, cfg, namespace=namespace)
     return held_out or examples
 
 
-def data_objective(src: Any, namespace: Optional[dict] = None) -> str:
-    """"dpo" when ``src``'s rows are preference pairs (chosen / rejected columns), else "sft": how data given
-    to an evaluation is read."""
-    from .data import load_rows
+def data_objective(src: Any, namespace: Optional[dict] = None, column_map: Optional[str] = None) -> str:
+    """"dpo" when ``src``'s rows are preference pairs (chosen / rejected columns, after ``column_map``), else
+    "sft": how data given to an evaluation is read."""
+    from .data import load_rows, parse_map
     from .preference import pair_columns
 
     rows, _ = load_rows(src, namespace, max_rows=1)
-    return "dpo" if rows and isinstance(rows[0], dict) and pair_columns(rows[0]) is not None else "sft"
+    if not rows or not isinstance(rows[0], dict):
+        return "sft"
+    mapping = parse_map(column_map)
+    row = {mapping.get(str(k), str(k)): v for k, v in rows[0].items()}
+    return "dpo" if pair_columns(row) is not None else "sft"
 
 
 @contextlib.contextmanager
