@@ -173,10 +173,18 @@ def test_folder_of_files_and_errors_name_the_file(tmp_path):
     # files in two formats: said as such (it advised dropping a format setting that was never given)
     (folder / "c.jsonl").unlink()
     (folder / "d.csv").write_text("text\nhello\n")
-    with pytest.raises(FtUsageError, match=r"d\.csv, row 1: .*This row is in the text format, while the first rows "
-                                           r"are chat: the rows of one dataset share one format") as err:
+    with pytest.raises(FtUsageError, match=r"d\.csv, row 1: .*This row is in the text format, while .*a\.jsonl, "
+                                           r"line 1 is chat: the rows of one dataset share one format") as err:
         load(str(folder))
     assert "format setting" not in str(err.value)
+    # the odd file first in name order: the message names a row of the format detected, not "the first rows"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    write_jsonl(odd / "a.jsonl", [{"prompt": "p", "completion": "c"}])
+    write_jsonl(odd / "b.jsonl", CHAT)
+    with pytest.raises(FtUsageError, match=r"a\.jsonl, line 1: the chat format needs .*This row is in the "
+                                           r"prompt-completion format, while .*b\.jsonl, line 1 is chat"):
+        load(str(odd))
     with pytest.raises(FtUsageError, match="drop the format setting"):  # where one was given, it still says so
         load(str(folder / "a.jsonl"), fmt="prompt-completion")
 

@@ -879,16 +879,21 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     elif fmt not in FORMAT_KEYS:
         raise FtUsageError(f"unknown format {fmt!r}{did_you_mean(fmt, FORMAT_KEYS)}; use auto or one of {', '.join(FORMAT_KEYS)}.")
     records = []
+    detected = None  # where a row of the detected format is, for a row in another one
+    if found_auto:
+        need = FORMAT_KEYS[fmt]
+        first = next((i for i, r in enumerate(rows[:1000]) if isinstance(r, dict) and all(k in r for k in need)), 0)
+        detected = locate(first, where)
     for i, r in enumerate(rows):
         loc = locate(i, where)
-        rec = _normalise_row(r, fmt, loc, found_auto)
+        rec = _normalise_row(r, fmt, loc, detected)
         rec.where = loc
         records.append(rec)
     return records, shown_fmt or fmt
 
 
-def _normalise_row(row: dict, fmt: str, where: str, detected: bool = False) -> Record:
-    """``detected``: ``fmt`` was read from the first rows' columns, not set by the user."""
+def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = None) -> Record:
+    """``detected``: ``fmt`` was read from the first rows' columns, not set by the user; where a row of it is."""
     if not isinstance(row, dict):
         raise FtUsageError(f"{where}: expected an object, got {type(row).__name__}.")
     need = FORMAT_KEYS[fmt]
@@ -898,7 +903,7 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: bool = False) -> R
         if other is None and known_pair(row) is not None:
             other = "prompt-completion"
         if other is not None and other != fmt and detected:  # e.g. a folder of files in two formats
-            fix = (f"this row is in the {other} format, while the first rows are {fmt}: the rows of one dataset share "
+            fix = (f"this row is in the {other} format, while {detected} is {fmt}: the rows of one dataset share "
                    "one format; convert or rename the odd rows' columns, or train on the two parts separately")
         elif other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
             fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
