@@ -176,12 +176,13 @@ class Session:
         steps = planned_steps(cfg, len(train_ex))
         per_step = f"{cfg.batch_size}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
         span = (f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
+        unit = "eval pair" if cfg.pairs else "eval example"
         if not eval_ex:
             evals = "no eval data"
         elif cfg.eval_steps:
-            evals = f"{len(eval_ex)} eval examples, every {cfg.eval_steps} steps and at the end"
+            evals = f"{counted(len(eval_ex), unit)}, every {cfg.eval_steps} steps and at the end"
         else:
-            evals = f"{len(eval_ex)} eval examples, at the end"
+            evals = f"{counted(len(eval_ex), unit)}, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
         return (f"Dry run: {counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')} -> "
                 f"{counted(steps, 'optimizer step')} of {per_step} ({span}); "

@@ -1353,3 +1353,14 @@ def test_rows_with_a_prompt_and_no_answer_say_the_answers_are_missing():
         D.normalise([{"prompt": "How do I reset my password?", "id": 1}])
     with pytest.raises(FtUsageError, match="cannot tell the dataset format"):  # nothing prompt-like: as before
         D.normalise([{"foo": "x", "bar": 1}])
+
+
+def test_a_latin1_csv_and_a_null_answer_say_how_to_go_on(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("prompt,completion\ncaf\xe9,cr\xe8me\n".encode("latin-1"))
+    with pytest.raises(FtUsageError, match=r"not UTF-8 text\. Save it as UTF-8, or read it in a cell with its "
+                                           r"encoding \(e\.g\. pandas\.read_csv\(path, encoding='latin-1'\)\)"):
+        D.load_rows(str(p))
+    with pytest.raises(FtUsageError, match=r"field 'completion' is missing or null\. Fill it, or drop such rows "
+                                           r"\(for a DataFrame: df\.dropna\(subset=\['completion'\]\)\)"):
+        D.normalise([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}])

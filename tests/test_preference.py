@@ -314,6 +314,8 @@ def test_dpo_through_the_magics_reports_pairs_and_evaluates_them(shell, tiny_mod
     assert "Training 'polite': 43 pairs (DPO)" in text  # 48 less the eval_fraction
     shell.run_cell_magic("lora_train", f"polite2 --data {path} --dry-run", "objective: orpo\nbatch_size: 16\n")
     assert "Dry run: 48 training pairs -> 3 optimizer steps of 16" in capsys.readouterr().out
+    shell.run_cell_magic("lora_train", f"polite2 --data {path} --dry-run", "objective: orpo\neval_fraction: 0.1\n")
+    assert "training pairs" in (out := capsys.readouterr().out) and "; 5 eval pairs, at the end;" in out
     shell.run_line_magic("lora_eval", "polite --no-general --answers 2")  # the chosen answers are the references
     text = capsys.readouterr().out
     assert "held-out pairs, polite" in text and "greedy answers, polite:" in text

@@ -585,7 +585,10 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
     except FtUsageError:
         raise
     except UnicodeDecodeError:
-        raise FtUsageError(f"{path} is not UTF-8 text. Save it as UTF-8.") from None
+        raise FtUsageError(
+            f"{path} is not UTF-8 text. Save it as UTF-8, "
+            "or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1')) and pass the "
+            "DataFrame's name to --data.") from None
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow parser errors
@@ -765,7 +768,8 @@ def _string_field(row: dict, key: str, where: str, required: bool = True) -> str
     val = row.get(key)
     if val is None or (isinstance(val, float) and math.isnan(val)):
         if required:
-            raise FtUsageError(f"{where}: field {key!r} is missing or null.")
+            raise FtUsageError(f"{where}: field {key!r} is missing or null. Fill it, or drop such rows (for a "
+                               f"DataFrame: df.dropna(subset=[{key!r}])).")
         return ""
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return str(val)
