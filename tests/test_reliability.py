@@ -80,6 +80,22 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_session):
         assert (wa[k] - wb[k]).abs().max().item() < 1e-4, k
 
 
+def test_a_checkpoint_holds_only_the_adapter_it_trains_and_resumes(tiny_session):
+    """With another adapter loaded, each checkpoint held a copy of it too (PEFT saves every adapter)."""
+    s = tiny_session
+    s.train("other", DATA, dict(CFG, max_steps=2))
+    part = s.train("mine", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert part.status == "stopped"
+    root = s.adapters_dir / ".checkpoints" / "mine"
+    saved = [p for p in root.iterdir() if p.name.startswith("checkpoint-")]
+    assert saved
+    for ckpt in saved:
+        weights = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("adapter_model.safetensors"))
+        assert weights == ["mine/adapter_model.safetensors"], weights
+    resumed = s.train("mine", DATA, CFG, resume=True)
+    assert resumed.status == "completed" and resumed.steps == 8 and "other" in s.adapters
+
+
 def test_incomplete_checkpoints_are_skipped_on_resume(tiny_session):
     s = tiny_session
     r = s.train("bot", DATA, dict(CFG, save_every=1), listeners=[StopAt(s, 4)])

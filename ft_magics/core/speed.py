@@ -683,6 +683,19 @@ def speed_trainer_class():
         _loss_workspace = None
         _workspace_users = 0
 
+        def _save(self, output_dir=None, state_dict=None):
+            """A checkpoint holds the adapter being trained: PEFT saves every adapter loaded beside it otherwise
+            (a copy of each in every checkpoint, written at every save)."""
+            model = self.accelerator.unwrap_model(self.model)
+            active = getattr(model, "active_adapter", None)
+            if not isinstance(active, str) or len(getattr(model, "peft_config", None) or {}) < 2:
+                return super()._save(output_dir, state_dict)
+            model.save_pretrained = functools.partial(type(model).save_pretrained, model, selected_adapters=[active])
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained  # the class's method again
+
         def walks(self) -> Optional[ModelWalks]:
             """The lists for ``self.model`` (made on first use), or None when ``lean_steps`` is off."""
             if not self.lean_steps:
