@@ -110,7 +110,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         name = _name(cmd, rest)
         removed = s.delete_adapter(name)
         out(f"deleted adapter {name!r}" + (f" and its folder {removed}." if removed else
-                                           " from memory; its folder lies outside the adapters folder and was kept."))
+                                           f" from memory; the folder it was loaded from was kept (delete removes "
+                                           f"only its own folder, {s.adapters_dir / name})."))
         return
     if cmd == "merge":
         name = _name(cmd, rest)

@@ -352,6 +352,10 @@ class Session:
             model = self.model
             if name in self.adapters:
                 raise FtUsageError(f"an adapter named {name!r} is already loaded; pass --name to pick another.")
+            own = self._adapter_folder(name)
+            if own is not None and own.resolve() != path.resolve():
+                raise FtUsageError(f"{own} holds another adapter named {name!r}; pass --name to pick another name "
+                                   f"for {path}.")
             self._check_not_merged("load another adapter")
             check_fits(model, path, config, self.handle.name)
             try:
@@ -379,27 +383,39 @@ class Session:
             if name not in self.adapters and self._adapter_folder(name) is not None:
                 raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
                                    "disk), so there is nothing to unload.")
-            info = self.adapters.require(name)
+            self._check_not_training(name)
+            info = self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             self._check_not_merged("unload an adapter")
             self._drop_from_memory(info.name)
 
+    def deletable_folder(self, name: str) -> Optional[Path]:
+        """The folder ``delete_adapter(name)`` removes: the adapter's own folder ``adapters/NAME``, and no other.
+        An adapter loaded from elsewhere, or from another adapter's folder under a new name, keeps its folder."""
+        if name not in self.adapters:
+            folder = self._adapter_folder(name)
+            return folder.resolve() if folder is not None else None
+        info = self.adapters.require(name)
+        if not info.path:
+            return None
+        path = Path(info.path).resolve()
+        return path if path == (self.adapters_dir / name).resolve() and path.is_dir() else None
+
     def delete_adapter(self, name: str) -> Optional[str]:
-        """Unload adapter ``name`` and delete its folder (only inside the adapters folder). Returns the path removed."""
+        """Unload adapter ``name`` and delete its folder (``deletable_folder``). Returns the path removed."""
         import shutil
 
-        folder = self._adapter_folder(name) if name not in self.adapters else None
-        if folder is not None:  # on disk only (after a restart): nothing to unload
-            with self._model_busy("delete an adapter"):
-                shutil.rmtree(folder.resolve())
-                return str(folder.resolve())
-        info = self.adapters.require(name)
+        folder = self.deletable_folder(name)
+        if name not in self.adapters:
+            self._check_not_training(name)
+            if folder is None:  # "no adapter named ...", naming the loaded ones and those in the adapters folder
+                self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
+            with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
+                shutil.rmtree(folder)
+                return str(folder)
         self.unload_adapter(name)
-        if info.path:
-            path = Path(info.path).resolve()
-            root = self.adapters_dir.resolve()
-            if path.parent == root and path.is_dir():
-                shutil.rmtree(path)
-                return str(path)
+        if folder is not None:
+            shutil.rmtree(folder)
+            return str(folder)
         return None
 
     # ------------------------------------------------------------------ inference

@@ -341,3 +341,25 @@ def test_a_misspelled_adapter_after_a_restart_points_at_the_one_on_disk(loaded):
     sh.run_line_magic("lora_adapters", "use alpha")
     with pytest.raises(UsageError, match=r"no adapter named 'alpah' \(did you mean 'alpha'\?\)\. Known adapters: alpha"):
         sh.run_line_magic("lora_adapters", "use alpah")  # loaded now, and nothing else on disk: the registry's words
+
+
+def test_delete_removes_only_the_adapters_own_folder_and_names_what_is_on_disk(shell, tiny_model_dir, tmp_path, capsys):
+    """`load adapters/po --name a2` then `delete a2` deleted adapters/po (adapter po's folder) and left
+    adapters/a2; a name that clashes with another adapter's folder is refused at load; a missing name in a
+    session whose adapters are all on disk said "No adapters yet"."""
+    sh = shell
+    sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    assert magics(sh).session.adapters_dir.resolve() == (tmp_path / "adapters").resolve()
+    for name in ("po", "a2"):
+        peft_adapter(tiny_model_dir, tmp_path / "adapters" / name, seed=len(name))
+    with pytest.raises(UsageError, match=r"adapters/a2 holds another adapter named 'a2'; pass --name"):
+        sh.run_line_magic("lora_adapters", "load adapters/po --name a2")
+    sh.run_line_magic("lora_adapters", "load adapters/po --name copy")
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "delete copy")
+    assert "the folder it was loaded from was kept" in capsys.readouterr().out
+    assert (tmp_path / "adapters" / "po" / "adapter_config.json").is_file()
+    with pytest.raises(UsageError, match=r"no adapter named 'nope'\..* \(used by name, they load\): a2, po"):
+        sh.run_line_magic("lora_adapters", "delete nope")
+    sh.run_line_magic("lora_adapters", "delete po")  # on disk only: its own folder goes
+    assert not (tmp_path / "adapters" / "po").exists() and (tmp_path / "adapters" / "a2").exists()

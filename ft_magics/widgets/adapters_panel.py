@@ -174,9 +174,11 @@ class AdaptersPanel:
         name = self._target()
         if name is None:
             return
-        info = self.session.adapters.require(name)
+        self.session.adapters.require(name)
+        folder = self.session.deletable_folder(name)
         self._pending_delete = name
-        self.confirm_label.value = f"Delete {name} and its folder {info.path}?"
+        self.confirm_label.value = (f"Delete {name} and its folder {folder}?" if folder is not None else
+                                    f"Unload {name}? (the folder it was loaded from is kept)")
         self.confirm_box.layout.display = "flex"
 
     def cancel_delete(self) -> None:
@@ -191,7 +193,7 @@ class AdaptersPanel:
             return
         try:
             removed = self.session.delete_adapter(name)
-            self.status.value = f"deleted {name}" + (f" and {removed}" if removed else " (folder kept: outside the adapters folder)")
+            self.status.value = f"deleted {name}" + (f" and {removed}" if removed else " (the folder it was loaded from is kept)")
         except FtUsageError as exc:
             self.status.value = f"cannot delete: {exc}"
         self.refresh()
