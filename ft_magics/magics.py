@@ -165,9 +165,19 @@ def split_leading_flags(magic_func, line: str) -> tuple[str, str]:
     arity = {s: a.nargs != 0 for a in magic_func.parser._actions for s in a.option_strings}
     end = _flags_end(line, 0, arity, known_only=False)
     text = line[end:].strip()
+    if text.endswith("?"):  # a question ends the line: "What does --seed do?" asks about a flag, it sets none
+        return line[:end], text
     for m in re.finditer(r"(?:^|\s)(--[\w-]+)", text):
         if _flags_end(text, m.start(1), arity, known_only=True) == len(text.rstrip()):
-            return line[:end] + " " + text[m.start(1):], text[:m.start()].strip()
+            trailing = text[m.start(1):]
+            try:
+                parse_args(magic_func, trailing)
+            except UsageError as exc:
+                name = magic_func.__name__
+                raise UsageError(f"{exc} ({trailing!r} after the message was read as flags; to send it as part of "
+                                 f"the message, put the message in the cell body: %%{name} on the first line, "
+                                 "the message below)") from None
+            return line[:end] + " " + trailing, text[:m.start()].strip()
     return line[:end], text
 
 
@@ -404,7 +414,8 @@ class FtMagics(Magics):
 
         In the line form a final ? belongs to the question (IPython would otherwise read it as a help
         request); %lora_generate? alone still shows this help. Flags may also follow the message
-        (``%lora_generate How do I reset my password? --max-new-tokens 40``). Interrupting the kernel (the
+        (``%lora_generate How do I reset my password? --max-new-tokens 40``); a line ending in ? is all message
+        ("What does --seed do?"). Interrupting the kernel (the
         stop button) ends the answer at the next token and keeps what was generated.
         """
         if cell is None:  # line form: the flags first, then the message as typed

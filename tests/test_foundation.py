@@ -88,8 +88,15 @@ def test_flags_typed_after_the_prompt_are_read_as_flags_not_as_words_of_it():
     assert split_leading_flags(gen, "--adapter a Hi --temperature 0.7 --seed=3") == \
         ("--adapter a --temperature 0.7 --seed=3", "Hi")
     assert split_leading_flags(chat, "Bonjour --new") == (" --new", "Bonjour")
-    for text in ("What does --verbose do in git?", "Explain --max-new-tokens to me please", "a--b", "Hi --"):
+    for text in ("What does --verbose do in git?", "Explain --max-new-tokens to me please", "a--b", "Hi --",
+                 "What does --seed do?", "What does --adapter do?"):  # a question asks about a flag, sets none
         assert split_leading_flags(gen, text) == ("", text)
+    cmp = FtMagics.lora_compare  # it took "do?" as the system prompt and answered "What does"
+    assert split_leading_flags(cmp, "--adapters a --max-new-tokens 4 What does --system do?") == \
+        ("--adapters a --max-new-tokens 4", "What does --system do?")
+    with pytest.raises(UsageError, match=r"invalid float value: 'wisely' \('--temperature wisely' after the message "
+                                         r"was read as flags; .* %%lora_generate on the first line"):
+        split_leading_flags(gen, "Use --temperature wisely")
 
 
 # --------------------------------------------------------------------------- argument errors
