@@ -25,6 +25,9 @@ def objective_name(objective: str) -> str:
     return OBJECTIVE_NAMES.get(objective, objective.upper())
 
 
+PAIR_ONLY_SETTINGS = ("beta", "simpo_gamma")  # what only a preference objective reads
+
+
 # beta when the run gives none (beta: 0): the usual value of each objective (SimPO's paper: 2-2.5; the others 0.1)
 PAIR_BETA = {"dpo": 0.1, "orpo": 0.1, "ipo": 0.1, "simpo": 2.0}
 

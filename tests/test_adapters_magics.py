@@ -225,7 +225,7 @@ def test_a_prompt_past_the_context_is_refused_and_a_long_answer_is_cut_to_fit(lo
         sh.run_line_magic("lora_generate", "--max-new-tokens 2 {words}")
     sh.user_ns["words"] = " ".join(["hello"] * (limit - 40))
     sh.run_line_magic("lora_generate", "--max-new-tokens 500 {words}")
-    assert "answer cut to" in capsys.readouterr().out
+    assert "answer limit lowered to" in capsys.readouterr().out
 
 
 def test_an_answer_cut_inside_a_multibyte_character_drops_the_partial_character():
@@ -304,6 +304,13 @@ def test_adapter_info_tells_how_it_was_trained_loaded_or_only_on_disk(shell, tin
     assert f"-> {run.final_loss:.4f}" in card and f"{run.first_loss:.4f} ->" in card
     assert f"Data       variable rows: prompt-completion, {len(ROWS)} rows ({len(ROWS)} train / 0 eval)" in card
     assert "Settings   " in card and "r 4" in card and "max_steps 2" in card and "batch_size 4" in card
+    # an SFT run recorded before beta's default changed (0.1, now 0): beta does not apply to SFT, and is not shown
+    path = magics(shell).session.adapters_dir / "told" / "ft_run.json"
+    record = json.loads(path.read_text())
+    record["settings"]["beta"] = 0.1
+    path.write_text(json.dumps(record))
+    shell.run_line_magic("lora_adapters", "info told")
+    assert "beta" not in capsys.readouterr().out
     # a PEFT folder made elsewhere, on disk only: its LoRA shape, and no run it does not have
     peft_adapter(tiny_model_dir, tmp_path / "adapters" / "outsider", seed=3)
     shell.run_line_magic("lora_adapters", "info outsider")

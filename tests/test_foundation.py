@@ -820,6 +820,8 @@ def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
     capsys.readouterr()
     shell.run_line_magic("lora_generate", "--max-new-tokens 2 --top-p 0.5 --seed 1 hello")  # greedy: both do nothing
     assert "Note: --top-p, --seed apply when sampling; add --temperature 0.7" in capsys.readouterr().out
+    shell.run_line_magic("lora_generate", "--max-new-tokens 2 --seed 1 hello")
+    assert "Note: --seed applies when sampling" in capsys.readouterr().out
     shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 0.7 --top-p 0.5 hello")
     assert "Note:" not in capsys.readouterr().out
     shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 1000 hello")  # near-uniform sampling

@@ -126,7 +126,7 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     tool trained, the run (steps, losses, data, the settings that differ from the defaults, speed, peak)."""
     import datetime
 
-    from ..config import TrainConfig
+    from ..config import PAIR_ONLY_SETTINGS, TrainConfig
     from .memory import human_bytes
 
     path = Path(path)
@@ -175,7 +175,8 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     settings = record.get("settings") or {}
     if settings:
         defaults = dataclasses.asdict(TrainConfig())
-        changed = [f"{k} {v}" for k, v in settings.items() if k in defaults and defaults[k] != v]
+        unused = PAIR_ONLY_SETTINGS if settings.get("objective", "sft") == "sft" else ()  # e.g. the old default beta
+        changed = [f"{k} {v}" for k, v in settings.items() if k in defaults and defaults[k] != v and k not in unused]
         rows.append(("Settings", ", ".join(changed) if changed else "the defaults"))
     peak = record.get("peak_memory") or {}
     if peak.get("bytes"):

@@ -89,7 +89,8 @@ class Sampling:
         """What a user should know about these settings before reading the answer (printed by the magics)."""
         out = []
         if self.unused:  # e.g. --top-p 0.5 without --temperature: the answer is greedy, the flag does nothing
-            out.append(f"{', '.join(self.unused)} apply when sampling; add --temperature 0.7 (greedy without it).")
+            verb = "applies" if len(self.unused) == 1 else "apply"
+            out.append(f"{', '.join(self.unused)} {verb} when sampling; add --temperature 0.7 (greedy without it).")
         if self.temperature > HOT_TEMPERATURE:
             out.append(f"--temperature {self.temperature:g} makes every token almost as likely as the model's choice: "
                        "expect noise. 0.2-1.5 is the usual range.")
@@ -153,7 +154,8 @@ def fit_to_context(model, prompt_tokens: int, max_new_tokens: int) -> tuple[int,
             f"the prompt is {prompt_tokens:,} tokens (with the chat template) and the model reads at most "
             f"{limit:,} (max_position_embeddings): shorten it."
         )
-    return limit - prompt_tokens, f"answer cut to {limit - prompt_tokens} tokens: the model's context is {limit:,}"
+    return limit - prompt_tokens, (f"answer limit lowered to {limit - prompt_tokens} tokens: the model's context is "
+                                   f"{limit:,}")
 
 
 def _streamer(tokenizer, on_text: Callable[[str], None]):
