@@ -95,6 +95,10 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         name = _name(cmd, rest)
         ms = s.use(name)
         out(f"active adapter: {name} (swapped in {ms:.2f} ms)")
+        other = s.trained_on_another_base(name)
+        if other:
+            out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({s.handle.name}): its answers "
+                f"assume that base (%qlora_load it to use {name!r} as trained).")
         return
     if cmd == "load":
         a = _parse(cmd, rest, (("path",), {}), (("--name",), {"default": None}))

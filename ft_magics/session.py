@@ -339,6 +339,24 @@ class Session:
             self.adapters.active = None if name in (None, BASE) else name
             return ms
 
+    def trained_on_another_base(self, name: str) -> Optional[str]:
+        """The base model adapter ``name`` was trained on, when its run record names one other than the model
+        loaded now (e.g. a DPO adapter trained over an exported SFT model, used on the plain base), else None."""
+        import json
+
+        info = self.adapters.require(name) if name in self.adapters else None
+        if info is None or not info.path or self.handle is None:
+            return None
+        try:
+            base = json.loads((Path(info.path) / "ft_run.json").read_text()).get("base_model") or {}
+        except (OSError, ValueError):
+            return None
+        source = base.get("source")
+        if not source or not self.handle.source:
+            return None
+        same = Path(str(source)).expanduser().resolve() == Path(str(self.handle.source)).expanduser().resolve()
+        return None if same else str(base.get("name") or source)
+
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
         from peft import PeftModel

@@ -370,3 +370,25 @@ def test_delete_removes_only_the_adapters_own_folder_and_names_what_is_on_disk(s
         sh.run_line_magic("lora_adapters", "delete nope")
     sh.run_line_magic("lora_adapters", "delete po")  # on disk only: its own folder goes
     assert not (tmp_path / "adapters" / "po").exists() and (tmp_path / "adapters" / "a2").exists()
+
+
+def test_using_an_adapter_trained_on_another_base_says_so(shell, tiny_model_dir, tmp_path, capsys):
+    """The README's DPO-over-SFT recipe trains on an exported model; `use` of that adapter on the plain base
+    said only "active adapter" (the adapter was measured against another model)."""
+    import shutil
+
+    from test_foundation import ROWS
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    shell.user_ns["rows"] = ROWS
+    shell.run_line_magic("qlora_load", f"{other} --bits 32")
+    shell.run_cell_magic("lora_train", "over --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\nr: 4\n")
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_cell_magic("lora_train", "plain --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\nr: 4\n")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "use over")
+    out = capsys.readouterr().out
+    assert "Note: 'over' was trained on other-base, not on the model loaded now (tiny-llama)" in out
+    shell.run_line_magic("lora_adapters", "use plain")
+    assert "Note" not in capsys.readouterr().out
