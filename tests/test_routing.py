@@ -411,3 +411,15 @@ def test_qlora_base_routes_mixed_batches_and_exports_merged(tiny_model_dir, stor
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, full.model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_malformed_requests_and_sizes_say_what_was_given():
+    from ft_magics.core.planner import resolve_model
+    from ft_magics.core.routing import as_request
+
+    with pytest.raises(FtUsageError, match=r"got a tuple of 3 items\. A request with its own answer length: "
+                                           r"\{'adapter': NAME, 'prompt': TEXT, 'max_new_tokens': N\}"):
+        as_request(("bot", "hi", 4))
+    assert as_request({"adapter": "bot", "prompt": "hi", "max_new_tokens": 4}).max_new_tokens == 4
+    with pytest.raises(FtUsageError, match="'0B': a model size must be positive"):
+        resolve_model("0B")

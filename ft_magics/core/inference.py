@@ -178,7 +178,8 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
 
     sampling = Sampling.of(sampling, **settings)
     if not prompt or not prompt.strip():
-        raise FtUsageError("the prompt is empty: put the user message in the cell body.")
+        raise FtUsageError("the prompt is empty: give the user message (in a magic, after the flags or in the cell "
+                           "body).")
     text = build_prompt(tokenizer, prompt, system, history)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer))

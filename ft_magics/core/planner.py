@@ -215,6 +215,8 @@ def resolve_model(model: str) -> ModelDims:
     if match:
         scale = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12, None: 1}[(match.group(2) or "").lower() or None]
         params = float(match.group(1)) * scale
+        if params <= 0:
+            raise FtUsageError(f"{m!r}: a model size must be positive, e.g. 135M or 7B.")
         if params < 1e6:
             raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
         return dims_from_count(params, m.upper())

@@ -66,7 +66,10 @@ def as_request(item: Any) -> Request:
         return Request(item["prompt"], item.get("adapter") or BASE, limit)
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return Request(prompt=item[1], adapter=item[0] or BASE)
-    raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {type(item).__name__}.")
+    what = (f"a {type(item).__name__} of {len(item)} items" if isinstance(item, (tuple, list))
+            else f"a {type(item).__name__}")
+    raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {what}. A request with its "
+                       "own answer length: {'adapter': NAME, 'prompt': TEXT, 'max_new_tokens': N}.")
 
 
 def remove_adapter_name_hooks(model) -> int:
