@@ -832,12 +832,17 @@ def _with_nested(rows, paths: list) -> "Rows":
             value = value.get(part) if isinstance(value, dict) else None
         return value
 
-    return Rows([{**r, **{p: get(r, p) for p in paths}} for r in rows], getattr(rows, "locs", None))
+    return _remade(rows, lambda r: {**r, **{p: get(r, p) for p in paths}})
 
 
 def _renamed(rows, mapping: dict) -> "Rows":
     """The rows with columns renamed by ``mapping`` (source -> field), keeping where each row came from."""
-    return Rows([{mapping.get(k, k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
+    return _remade(rows, lambda r: {mapping.get(k, k): v for k, v in r.items()})
+
+
+def _remade(rows, remake) -> "Rows":
+    """``remake`` applied to every row, each keeping where it came from."""
+    return Rows([remake(r) for r in rows], getattr(rows, "locs", None))
 
 
 def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = None,
@@ -850,7 +855,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     if text_field:
         mapping.setdefault(text_field, "text")
     if rows and any(not isinstance(k, str) for k in rows[0]):  # a DataFrame's 0, 1 columns: named as typed
-        rows = Rows([{str(k): v for k, v in r.items()} for r in rows], getattr(rows, "locs", None))
+        rows = _remade(rows, lambda r: {str(k): v for k, v in r.items()})
     if mapping:
         keys0 = set().union(*(r.keys() for r in rows[:1000]))
         nested = [a for a in mapping if a not in keys0 and "." in a and a.split(".", 1)[0] in keys0]
@@ -1269,20 +1274,20 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
     for record, ex in zip(records, tokenize_records(tokenizer, records, train_on)):
+        if report is not None:
+            report.lengths.append(len(ex.input_ids))
         if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
             fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
         elif overlong == "split" and len(ex.input_ids) > max_seq_len:
             rows = [r for r in (TokenizedExample(ex.input_ids[i:i + max_seq_len], ex.labels[i:i + max_seq_len])
                                 for i in range(0, len(ex.input_ids), max_seq_len)) if r.n_loss_tokens]
-            if report is not None:
-                report.lengths.append(len(ex.input_ids))
-                report.split_rows += len(rows)
             out.extend(rows)
+            if report is not None:
+                report.split_rows += len(rows)
             continue
         else:
             fitted, outcome = fit_length(ex, max_seq_len, overlong)
         if report is not None:
-            report.lengths.append(len(ex.input_ids))
             report.count(outcome, ex)
         if fitted is not None:
             out.append(fitted)
