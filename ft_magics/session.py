@@ -342,15 +342,12 @@ class Session:
     def trained_on_another_base(self, name: str) -> Optional[str]:
         """The base model adapter ``name`` was trained on, when its run record names one other than the model
         loaded now (e.g. a DPO adapter trained over an exported SFT model, used on the plain base), else None."""
-        import json
+        from .core.adapters import run_record
 
         info = self.adapters.require(name) if name in self.adapters else None
         if info is None or not info.path or self.handle is None:
             return None
-        try:
-            base = json.loads((Path(info.path) / "ft_run.json").read_text()).get("base_model") or {}
-        except (OSError, ValueError):
-            return None
+        base = run_record(info.path).get("base_model") or {}
         source = base.get("source")
         if not source or not self.handle.source:
             return None

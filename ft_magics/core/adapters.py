@@ -103,15 +103,18 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
     return config
 
 
+def run_record(path) -> dict:
+    """The ft_run.json record in adapter folder ``path`` ({} when there is none, or it cannot be read)."""
+    try:
+        record = json.loads((Path(path) / "ft_run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
     config = read_adapter_folder(path)
-    record = {}
-    rec_file = Path(path) / "ft_run.json"
-    if rec_file.exists():
-        try:
-            record = json.loads(rec_file.read_text())
-        except json.JSONDecodeError:
-            record = {}
+    record = run_record(path)
     tm = config.get("target_modules")
     return AdapterInfo(
         name=name, path=str(path), loaded=True, origin=origin, r=config.get("r"), alpha=config.get("lora_alpha"),
@@ -131,10 +134,7 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
 
     path = Path(path)
     config = read_adapter_folder(path, parse_weights=False)
-    try:
-        record = json.loads((path / "ft_run.json").read_text())
-    except (OSError, ValueError):
-        record = {}
+    record = run_record(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     tm = config.get("target_modules")
     modules = ", ".join(sorted(tm)) if isinstance(tm, list) else str(tm)
