@@ -66,6 +66,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_session):
     resumed = s.train("part", DATA, CFG, resume=True, listeners=[rec])
     assert resumed.status == "completed" and resumed.steps == 8
     assert any(f"resuming 'part' from checkpoint-{part.steps}" in m for m in _messages(rec))
+    # its summary gives the whole curve's first loss (it gave the resumed part's) and says the time is the part's
+    from ft_magics.widgets.text import summary_text
+
+    end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
+    summary = summary_text(end, first_loss=123.0)  # what a view saw first: the resumed part's first step
+    assert f"after 8 steps (resumed at step {part.steps}; this part in " in summary
+    assert f"loss {resumed.record['loss_history'][0][1]:.4f} -> " in summary
     a, b = full.record["loss_history"], resumed.record["loss_history"]
     assert [st for st, _ in a] == [st for st, _ in b] == list(range(1, 9))
     for (_, la), (_, lb) in zip(a, b):

@@ -87,9 +87,13 @@ class TextReporter(Listener):
 
 def summary_text(e: TrainEnd, first_loss: Optional[float] = None) -> str:
     loss = "n/a"
+    first_loss = e.extra.get("first_loss", first_loss)  # a resumed run's curve starts before this process saw it
     if e.final_loss is not None:
         loss = f"{first_loss:.4f} -> {e.final_loss:.4f}" if first_loss is not None else f"{e.final_loss:.4f}"
-    lines = [f"Run {e.run_name!r} {e.status} after {counted(e.steps, 'step')} in {fmt_duration(e.elapsed_s)}; loss {loss}"]
+    resumed = e.extra.get("resumed_at")
+    span = (f"(resumed at step {resumed}; this part in {fmt_duration(e.elapsed_s)})" if resumed
+            else f"in {fmt_duration(e.elapsed_s)}")
+    lines = [f"Run {e.run_name!r} {e.status} after {counted(e.steps, 'step')} {span}; loss {loss}"]
     if e.extra.get("eval_loss") is not None:
         lines.append(f"eval loss {e.extra['eval_loss']:.4f}")
     if e.peak_memory is not None:
