@@ -619,8 +619,6 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_eval, line)
         name = args.name or self.session.adapters.active or "base"
-        if args.map and args.data is None:
-            raise UsageError("--map renames the columns of --data: give --data FILE too.")
         report = self.session.evaluate(name, args.data, general=not args.no_general, batch_size=args.batch_size,
                                        max_seq_len=args.max_seq_len, answers=args.answers, column_map=args.map)
         self._show(report)

@@ -734,6 +734,8 @@ class Session:
         own = self.heldout.get(name) if data is None else None  # the run's own held-out examples
         if data is None and own is None and not general:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
+        if column_map and data is None:
+            raise FtUsageError("--map renames the columns of --data: give --data FILE too.")
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
         if int(answers) < 0:
