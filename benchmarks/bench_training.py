@@ -306,12 +306,12 @@ def run_ftmagics(train_path: str, eval_path: str, steps: int, stats: dict, devic
 def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int, out: str,
            device: str = "cpu") -> None:
     t0 = time.perf_counter()
-    if side == "reference":  # a user of the standard recipe, without ft_magics: bitsandbytes imported as it
-        import bitsandbytes  # noqa: F401 - comes (ft_magics defers its torch.compile wrappers: _deferred_compile)
-    from ft_magics.core.planner import dims_from_config
+    if side == "reference":  # a user of the standard recipe, without ft_magics: bitsandbytes and datasets
+        import bitsandbytes, datasets as hf_datasets  # noqa: F401, E401 - imported as they come (ft_magics makes
+    from ft_magics.core.planner import dims_from_config  # these imports lean: _lean_imports)
 
-    import bitsandbytes, datasets, peft, torch, transformers  # noqa: F401 - the libraries both sides load
-    from transformers import Trainer  # noqa: F401
+    import bitsandbytes, peft, torch, transformers  # noqa: F401 - the libraries both sides load
+    from transformers import Trainer  # noqa: F401 - (ft_magics' Trainer runs without datasets)
 
     from ft_magics.core.memory import rss_bytes
 
@@ -579,9 +579,10 @@ def main() -> None:
             "job memory <= 0.5x": r["job_memory"] <= 0.5,
             ">= 50% of matmul peak": ft["fraction_of_peak"] >= 0.5,
         }
-    job_note = ("job GB: peak RSS less the RSS of the libraries alone (torch, transformers, peft, bitsandbytes, "
-                "datasets imported in that side's process; ft_magics defers bitsandbytes' torch.compile wrappers, so its "
-                "process holds no torch compiler stack), the CPU counterpart of CUDA's peak allocated memory." if device == "cpu" else
+    job_note = ("job GB: peak RSS less the RSS of the libraries alone (torch, transformers with its Trainer, peft, "
+                "bitsandbytes, imported in that side's process; the reference's Trainer brings datasets, ft_magics' does "
+                "not, and ft_magics defers bitsandbytes' torch.compile wrappers, so its process holds no torch compiler "
+                "stack), the CPU counterpart of CUDA's peak allocated memory." if device == "cpu" else
                 "peak VRAM: torch.cuda.max_memory_allocated() over the whole side (load, train, eval, save); job GB "
                 "is the same figure (no libraries live in VRAM).")
     md = [f"Device: {device}; model: {model_arg()}.", "", table(rows), "", job_note, "",

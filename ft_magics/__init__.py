@@ -40,10 +40,11 @@ class _HubKernelNote(_logging.Filter):
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
 
 # bitsandbytes makes torch.compile wrappers as it is imported, which loads torch's compiler stack (~40 MB of
-# RSS) for functions a QLoRA run never calls: the first import of bitsandbytes makes them on first call.
-from . import _deferred_compile
+# RSS), and transformers' Trainer imports datasets (~80 MB), for what a QLoRA run never uses: their first
+# imports are made lean (see _lean_imports).
+from . import _lean_imports
 
-_deferred_compile.install()
+_lean_imports.install()
 
 __version__ = "0.1.0"
 __all__ = ["Session", "get_session", "TrainConfig", "FtUsageError", "load_ipython_extension", "unload_ipython_extension"]

@@ -1037,6 +1037,50 @@ def test_first_bitsandbytes_import_does_not_load_torchs_compiler_and_its_compile
     assert float(ours["error"]) < 0.15 and abs(float(ours["error"]) - float(bare["error"])) < 1e-6
 
 
+def test_training_does_not_import_datasets_and_a_later_import_gives_the_trainer_the_real_package(tiny_model_dir,
+                                                                                                  tmp_path):
+    """transformers' trainer.py imports datasets (with pyarrow and pandas: ~80 MB of RSS) at module level to ask
+    isinstance(x, datasets.Dataset), and ft_magics copied its examples into a datasets.Dataset. A training run
+    (4-bit, length-grouped, with eval) now leaves datasets unimported; once the user imports it, the Trainer's
+    checks see the real classes and a Trainer given a datasets.Dataset drops its unused columns as before."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, os
+from IPython.core.interactiveshell import InteractiveShell
+sh = InteractiveShell.instance()
+sh.run_line_magic("load_ext", "ft_magics")
+sh.run_line_magic("qlora_load", "{tiny_model_dir} --bits 4")
+os.chdir({str(tmp_path)!r})
+sh.run_cell_magic("lora_train", "t --data demo:support --eval demo:support-eval --max-steps 2 --no-widgets",
+                  "batch_size: 2\\nr: 4\\ngroup_by_length: true\\neval_steps: 1\\n")
+import json; rec = json.load(open("adapters/t/ft_run.json"))
+print("status", rec["status"], len(rec["loss_history"]), len(rec["eval_history"]))
+print("unloaded", "datasets" in sys.modules, "pyarrow" in sys.modules)
+import transformers.trainer as tt
+print("stand-in", isinstance({{"input_ids": [1]}}, tt.datasets.Dataset))
+import datasets, torch
+print("real", tt.datasets.Dataset is datasets.Dataset, tt.datasets.__version__ == datasets.__version__)
+ds = datasets.Dataset.from_list([{{"input_ids": [1, 2], "labels": [1, 2], "extra": "x"}}])
+class M(torch.nn.Linear):
+    def forward(self, input_ids, labels=None):
+        return input_ids
+trainer = tt.Trainer(model=M(2, 2), args=tt.TrainingArguments(str({str(tmp_path)!r}) + "/o",
+                     report_to="none", use_cpu=True))
+print("columns", trainer._remove_unused_columns(ds).column_names)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0] in
+               ("status", "unloaded", "stand-in", "real", "columns"))
+    assert out["status"] == "completed 2 2", res.stdout[-2000:]
+    assert out["unloaded"] == "False False"
+    assert out["stand-in"] == "False"
+    assert out["real"] == "True True"
+    assert out["columns"] == "['input_ids', 'labels']"  # `extra` is not an argument of M.forward
+
+
 def test_lora_eval_map_renames_the_columns_of_its_data(shell, tiny_model_dir, tmp_path, capsys):
     """%lora_eval on a file with its own column names said "Rename columns with --map ...", and had no --map."""
     (tmp_path / "custom.jsonl").write_text("".join(json.dumps({"ask": f"question {i}?", "reply": f"answer {i}"}) + "\n"

@@ -240,6 +240,22 @@ def interrupt_stops(flag: StopFlag, listeners):
 
 
 # --------------------------------------------------------------------------- collator + callback
+class Features:
+    """The examples as the Trainer's map-style dataset: item ``i`` is ``examples[i].features()``.
+
+    Not a ``datasets.Dataset``: that copied every token into an Arrow table, and needs the datasets package
+    (about 80 MB of RSS with pyarrow and pandas) in the training process; see ``ft_magics._lean_imports``."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i].features()
+
+
 class CountingCollator:
     """``DataCollatorForSeq2Seq`` plus a running count of loss-bearing tokens (host side, no sync)."""
 
@@ -690,8 +706,6 @@ def run_training(
     ``on_model`` receives the PEFT-wrapped model as soon as it exists, so the session holds it even if
     training fails halfway.
     """
-    from datasets import Dataset
-
     flag = flag or StopFlag()
     if (cfg.keep_best or cfg.early_stopping) and not eval_examples:
         raise FtUsageError(f"{'early_stopping' if cfg.early_stopping else 'keep_best'} compares eval losses, and this "
@@ -720,9 +734,8 @@ def run_training(
     from .data import packing_flattens
 
     collator.flatten_packed = packing_flattens(peft_model)
-    to_ds = lambda exs: Dataset.from_list([e.features() for e in exs])  # noqa: E731
-    train_ds = to_ds(train_examples)
-    eval_ds = to_ds(eval_examples) if eval_examples else None
+    train_ds = Features(train_examples)
+    eval_ds = Features(eval_examples) if eval_examples else None
     settings = cfg.to_dict()
     if cfg.pairs:
         settings["beta"] = cfg.pair_beta  # the run's record says the beta it used
