@@ -4,7 +4,7 @@ The set-up comes from the project's own files: ``make browser-deps`` installs ch
 /usr/bin/chromium is missing, and jupyterlab + playwright are in the ``test`` extra. Playwright's own
 browser download is not used. The test starts a Jupyter server on 127.0.0.1 (free port, no token,
 a temporary root folder), opens a short notebook that trains two adapters on the tiny model in the
-dashboard, checks that the loss image, progress and memory readout change during training, then
+dashboard, checks that the loss chart, progress and memory readout change during training, then
 switches adapters by clicking the selector and checks that the model's answer changes. Screenshots
 go to test-artifacts/.
 """
@@ -133,12 +133,13 @@ def lab(tmp_path_factory, tiny_model_dir):
 
 
 STATE_JS = """() => Array.from(document.querySelectorAll('.ft-dashboard')).map(d => {
-  const img = d.querySelector('img.ft-loss-image');
+  const chart = d.querySelector('svg.ft-loss-chart');
+  const ema = chart ? chart.querySelector('.ft-loss-ema') : null;
   const bar = d.querySelector('.ft-progress .progress-bar, .ft-progress .widget-progress .progress-bar');
   const text = sel => { const e = d.querySelector(sel); return e ? e.textContent : null; };
   return {
-    img: img ? img.getAttribute('src') : null,
-    imgWidth: img ? img.naturalWidth : 0,
+    chart: chart ? chart.querySelector('title').textContent : null,
+    emaWidth: ema ? ema.getBBox().width : 0,
     progress: text('.ft-progress-text'),
     memory: text('.ft-memory'),
     record: text('.ft-record'),
@@ -183,9 +184,9 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
             deadline = time.time() + 300
             while time.time() < deadline:
                 for i, st in enumerate(page.evaluate(STATE_JS)):
-                    s = seen.setdefault(i, {"img": set(), "progress": [], "memory": set(), "record": ""})
-                    if st["img"]:
-                        s["img"].add(st["img"])
+                    s = seen.setdefault(i, {"chart": set(), "progress": [], "memory": set(), "record": ""})
+                    if st["chart"]:
+                        s["chart"].add(st["chart"])
                     if st["progress"] and (not s["progress"] or s["progress"][-1] != st["progress"]):
                         s["progress"].append(st["progress"])
                     if st["memory"]:
@@ -210,15 +211,16 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
                 # progress observed at several steps while training ran, ending at the last step
                 assert len(set(steps)) >= 3, f"dashboard {i}: progress did not move live: {s['progress']}"
                 assert s["progress"][-1].startswith("100/100"), s["progress"][-1]
-                # the loss image was redrawn during training (initial empty axes + live redraws + final)
-                assert len(s["img"]) >= 3, f"dashboard {i}: loss image changed only {len(s['img'])} times"
-                assert all(src.startswith("blob:") or src.startswith("data:image/png") for src in s["img"])
+                # the loss chart was redrawn during training (initial empty axes + live redraws + final)
+                assert len(s["chart"]) >= 3, f"dashboard {i}: loss chart changed only {len(s['chart'])} times"
+                assert any(t.startswith("loss curve: 100 steps") for t in s["chart"]), s["chart"]
                 mem = [m for m in s["memory"] if m.startswith("RAM (CPU): process RSS")]
                 assert mem, f"dashboard {i}: no labelled memory readout: {s['memory']}"
                 assert len(s["memory"]) >= 2, f"dashboard {i}: memory readout never changed: {s['memory']}"
-                assert "adapter saved to" in s["record"] and "loss_curve.png" in s["record"]
+                assert "adapter saved to" in s["record"] and "loss_curve.svg" in s["record"]
             assert page.evaluate(
-                "() => Array.from(document.querySelectorAll('img.ft-loss-image')).every(i => i.naturalWidth > 0)")
+                "() => Array.from(document.querySelectorAll('svg.ft-loss-chart .ft-loss-ema'))"
+                ".map(l => l.getBBox().width > 100).filter(Boolean).length === 2")  # both curves drawn, wide
 
             # The adapter selector: switching by clicking it changes the model's answer.
             select = page.locator(".ft-adapter-selector select")

@@ -66,7 +66,7 @@ def check_01(text: str, work: Path) -> None:
     first, final = map(float, re.search(r"loss: ([\d.]+) -> ([\d.]+)", s).groups())
     assert final < first
     assert (work / "adapters" / "support-bot" / "adapter_config.json").is_file()
-    assert (work / "adapters" / "support-bot" / "loss_curve.png").is_file()
+    assert (work / "adapters" / "support-bot" / "loss_curve.svg").is_file()
 
 
 def test_02_bring_your_own_data(tmp_path):

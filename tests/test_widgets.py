@@ -9,7 +9,6 @@ import pytest
 
 from ft_magics.core.events import EvalEnd, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd, emit
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GB = 1024 ** 3
 
 
@@ -50,9 +49,9 @@ def dash():
     return TrainingDashboard(background=True, session=FakeSession(), show=False, max_fps=1e9, draw_budget=float("inf"))
 
 
-def test_dashboard_progress_labels_and_image_follow_the_steps(dash):
-    empty = bytes(dash.image.value)
-    assert empty.startswith(PNG_MAGIC)
+def test_dashboard_progress_labels_and_chart_follow_the_steps(dash):
+    empty = dash.chart.value
+    assert empty.startswith("<svg") and "waiting for the first step" in empty
     emit([dash], Message("data: 40 examples"))
     assert "data: 40 examples" in dash.messages.value
     emit([dash], begin())
@@ -61,14 +60,15 @@ def test_dashboard_progress_labels_and_image_follow_the_steps(dash):
     images = [empty]
     for i in range(1, 4):
         emit([dash], step(i))
-        images.append(bytes(dash.image.value))
+        images.append(dash.chart.value)
     assert dash.progress.value == 3
     assert dash.progress_text.value.startswith("3/10 · epoch 0.30")
     assert "0:03 elapsed, 0:07 left" in dash.progress_text.value
     assert "loss 0.6667" in dash.stats.value and "lr 1.00e-04" in dash.stats.value
     assert "grad norm 0.530" in dash.stats.value and "1,234 loss-tokens/s" in dash.stats.value
     assert len(set(images)) == 4, "every step (unthrottled here) redraws a different curve"
-    assert all(img.startswith(PNG_MAGIC) for img in images)
+    assert all(img.startswith("<svg") and img.endswith("</svg>") for img in images)
+    assert images[-1].count('class="ft-loss-raw"') == 1 and "last loss 0.6667" in images[-1]
     assert dash.curve.steps == [1, 2, 3]
     assert dash.curve.ema[0] == pytest.approx(2.0) and dash.curve.ema[1] == pytest.approx(0.9 * 2.0 + 0.1 * 1.0)
     assert "pairs right" not in dash.stats.value
@@ -112,14 +112,14 @@ def test_nvml_reading_is_optional(monkeypatch):
 def test_eval_points_and_log_toggle_redraw(dash):
     emit([dash], begin())
     emit([dash], step(1))
-    before = bytes(dash.image.value)
+    before = dash.chart.value
     emit([dash], EvalEnd(step=1, eval_loss=1.5))
     assert dash.curve.eval_losses == [1.5]
-    after_eval = bytes(dash.image.value)
-    assert after_eval != before
+    after_eval = dash.chart.value
+    assert after_eval != before and after_eval.count('class="ft-loss-eval"') == 1 and "eval loss" in after_eval
     dash.scale.value = "log"
-    assert dash.curve.log_scale is True and dash.curve.ax.get_yscale() == "log"
-    assert bytes(dash.image.value) != after_eval
+    assert dash.curve.log_scale is True and dash.curve.log_drawn
+    assert dash.chart.value != after_eval and "loss (log)" in dash.chart.value
 
 
 def test_stop_button_sets_the_session_flag_in_background_mode(dash):
@@ -154,7 +154,7 @@ def test_redraws_are_throttled():
     assert d.progress.value == 200 and d.curve.steps[-1] == 200
 
 
-def test_final_record_and_curve_png_written_into_the_adapter_folder(dash, tmp_path):
+def test_final_record_and_curve_svg_written_into_the_adapter_folder(dash, tmp_path):
     adapter = tmp_path / "bot"
     adapter.mkdir()
     emit([dash], begin())
@@ -162,22 +162,82 @@ def test_final_record_and_curve_png_written_into_the_adapter_folder(dash, tmp_pa
         emit([dash], step(i))
     emit([dash], TrainEnd(run_name="bot", status="completed", steps=10, final_loss=0.2, elapsed_s=12.0,
                           adapter_path=str(adapter), peak_memory=cpu_mem()))
-    png = (adapter / "loss_curve.png").read_bytes()
-    assert png == bytes(dash.image.value) and png.startswith(PNG_MAGIC)
+    svg = (adapter / "loss_curve.svg").read_text()
+    assert svg == dash.chart.value and svg.startswith("<svg") and "10 steps, last loss 0.2000" in svg
     assert not [p for p in adapter.iterdir() if p.name.startswith(".")], "no temporary file left behind"
     assert "completed after 10 steps in 0:12; loss 2.0000 -&gt; 0.2000" in dash.record.value
     assert f"adapter saved to {adapter}" in dash.record.value
-    assert "loss_curve.png" in dash.record.value
+    assert "loss_curve.svg" in dash.record.value
     assert dash.stop_button.disabled and "Run (completed)" in dash.title.value
 
 
-def test_matplotlib_backend_is_left_alone(dash):
-    import matplotlib
+def test_dashboard_needs_no_plotting_library():
+    """The curve was drawn with matplotlib, ~25 MB of the training process's RSS (issue 7's memory goal) and
+    tens of ms per redraw: a whole run's dashboard now leaves matplotlib unimported."""
+    import subprocess
+    import sys
 
-    backend = matplotlib.get_backend()
-    emit([dash], begin())
-    emit([dash], step(1))
-    assert matplotlib.get_backend() == backend
+    code = ("import sys\n"
+            "from ft_magics.core.events import EvalEnd, StepEnd, TrainBegin, TrainEnd, emit\n"
+            "from ft_magics.widgets.dashboard import TrainingDashboard\n"
+            "d = TrainingDashboard(show=False, max_fps=1e9, draw_budget=float('inf'))\n"
+            "emit([d], TrainBegin(run_name='b', total_steps=3, num_examples=4, trainable_params=1, total_params=2,"
+            " device='cpu'))\n"
+            "for i in (1, 2, 3): emit([d], StepEnd(step=i, total_steps=3, epoch=i / 3, loss=1.0 / i,"
+            " learning_rate=1e-4, grad_norm=1.0, elapsed_s=i, eta_s=3 - i, tokens_per_s=10.0))\n"
+            "emit([d], EvalEnd(step=3, eval_loss=0.5))\n"
+            "emit([d], TrainEnd(run_name='b', status='completed', steps=3, final_loss=0.3, elapsed_s=1.0,"
+            " adapter_path=None))\n"
+            "print(d.draws, 'matplotlib' in sys.modules, d.chart.value.count('<circle'))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    draws, imported, circles = res.stdout.split()
+    assert int(draws) >= 4 and imported == "False" and int(circles) == 2  # the eval point and its legend mark
+
+
+def test_loss_chart_places_points_by_value_and_labels_round_ticks():
+    import re
+
+    from ft_magics.widgets.dashboard import LossCurve, _log_ticks, _nice_ticks
+
+    c = LossCurve()
+    for i, loss in enumerate([3.0, 2.0, 1.0, 1.5], start=1):
+        c.add(i, loss)
+    c.add_eval(4, 1.2)
+    svg = c.svg()
+    raw = re.search(r'class="ft-loss-raw"[^>]*points="([^"]+)"', svg).group(1).split()
+    xs, ys = zip(*((float(a), float(b)) for a, b in (p.split(",") for p in raw)))
+    assert list(xs) == sorted(xs) and len(xs) == 4
+    assert ys[2] > ys[3] > ys[1] > ys[0]  # SVG y grows downward: the lowest loss is drawn lowest
+    cy = float(re.search(r'class="ft-loss-eval" cx="[^"]+" cy="([^"]+)"', svg).group(1))
+    assert ys[2] > cy > ys[1]  # eval 1.2 lies between the losses 1.0 and 2.0
+    labels = re.findall(r'text-anchor="end">([^<]+)</text>', svg)
+    assert labels == ["1.0", "1.5", "2.0", "2.5", "3.0"]
+    assert [v for v, _ in _nice_ticks(0.37, 3.12)] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [t for _, t in _log_ticks(0.4, 3.1)] == ["0.5", "1", "2", "3"]
+    assert [t for _, t in _nice_ticks(1, 7, integer=True)] == ["1", "2", "3", "4", "5", "6", "7"]
+    c.add(5, float("nan"))  # a diverged step: the chart skips it and stays a valid document
+    points = re.search(r'class="ft-loss-raw"[^>]*points="([^"]+)"', c.svg()).group(1)
+    assert "nan" not in points.lower() and len(points.split()) == 4
+
+
+def test_a_long_runs_chart_stays_small_and_keeps_the_extremes():
+    import re
+
+    from ft_magics.widgets.dashboard import LossCurve
+
+    c = LossCurve()
+    for i in range(1, 20001):
+        c.add(i, 1.0 + (i % 7) / 10)
+    c.losses[12345] = 9.0  # a spike a thinned curve must still show
+    c.losses[777] = 0.1
+    svg = c.svg()
+    raw = re.search(r'class="ft-loss-raw"[^>]*points="([^"]+)"', svg).group(1).split()
+    assert len(raw) <= 2 * (c.width - c.left - c.right) and len(svg) < 60_000
+    ys = [float(p.split(",")[1]) for p in raw]
+    top, bottom = c.top, c.height - c.bottom
+    assert min(ys) == pytest.approx(top + 0.06 / 1.12 * (bottom - top), abs=0.2)  # 9.0: the top of the range
+    assert max(ys) == pytest.approx(bottom - 0.06 / 1.12 * (bottom - top), abs=0.2)  # 0.1: its bottom
 
 
 def test_dashboard_on_a_real_tiny_training_run(tiny_session, tmp_path):
@@ -190,8 +250,8 @@ def test_dashboard_on_a_real_tiny_training_run(tiny_session, tmp_path):
     assert d.progress.value == 4 and d.progress.max == 4
     assert d.curve.steps == [1, 2, 3, 4]
     assert d.memory.value.startswith("RAM (CPU): process RSS")
-    curve = tmp_path / "adapters" / "t" / "loss_curve.png"
-    assert curve.read_bytes() == bytes(d.image.value)
+    curve = tmp_path / "adapters" / "t" / "loss_curve.svg"
+    assert curve.read_text() == d.chart.value
     assert res.adapter_path and "adapter saved to" in d.record.value
 
 
@@ -417,5 +477,5 @@ def test_stop_button_ends_a_real_background_run_and_the_adapter_is_saved(tiny_se
     res = tiny_session.wait(120)
     assert not tiny_session.training_in_progress
     assert res.status == "stopped" and 0 < res.steps < 2000
-    assert (tmp_path / "adapters" / "bg" / "loss_curve.png").exists()
+    assert (tmp_path / "adapters" / "bg" / "loss_curve.svg").exists()
     assert "stopped after" in d.record.value
