@@ -356,9 +356,8 @@ class Session:
 
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
-        from peft import PeftModel
-
-        from .core.adapters import check_fits, info_from_folder, name_from_folder, read_adapter_folder, validate_name
+        from .core.adapters import (check_fits, info_from_folder, load_folder, name_from_folder, read_adapter_folder,
+                                    validate_name)
 
         path = user_path(path)
         name = validate_name(name or name_from_folder(path))
@@ -374,13 +373,7 @@ class Session:
             self._check_not_merged("load another adapter")
             check_fits(model, path, config, self.handle.name)
             try:
-                # low_cpu_mem_usage: LoRA layers are created empty and filled from the file (a cold load
-                # several times faster than initialising them first)
-                if isinstance(model, PeftModel):
-                    model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
-                else:
-                    self.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=name,
-                                                                  low_cpu_mem_usage=True)
+                self.handle.model = load_folder(model, path, name)
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise FtUsageError(
                     f"adapter {path} does not fit the loaded model {self.handle.name}: {exc}"

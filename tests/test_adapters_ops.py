@@ -390,3 +390,48 @@ def test_a_dotted_adapter_name_is_refused_with_a_fix_and_a_dotted_folder_loads_u
     shutil.copytree(made_by_peft["a"], dotted)
     assert s.load_adapter(dotted) == "llama-3_1-lora"
     assert s.generate("hi", adapter="llama-3_1-lora", max_new_tokens=2).adapter == "llama-3_1-lora"
+
+
+def test_a_loaded_adapter_keeps_the_files_exact_weights_and_its_reexport_is_still_refused_by_its_merge(
+        tiny_model_dir, tmp_path):
+    """On a 4-bit base with bf16 compute, PEFT's fast load (low_cpu_mem_usage) came back with every LoRA
+    value rounded to bf16, and `export NAME DIR` of the loaded adapter wrote those values: a different file,
+    whose hash no longer matched the one a merged export records, so the merged model took the adapter a
+    second time (its update counted twice). Loading now keeps the file's values, the re-export holds the
+    same weights, and the merged model refuses the re-export, and a bf16-rounded copy, by any name."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ft_magics import Session
+
+    trained = Session(adapters_dir=tmp_path / "adapters")
+    trained.load(str(tiny_model_dir), bits=4)
+    assert trained.handle.dtype == torch.bfloat16
+    trained.train("ev", "demo:support", {"max_steps": 2, "batch_size": 2, "r": 4, "learning_rate": 1e-2})
+    saved = load_file(str(tmp_path / "adapters" / "ev" / "adapter_model.safetensors"))
+    assert not all(torch.equal(v, v.bfloat16().float()) for v in saved.values())  # fp32 values, not bf16 ones
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=4)
+    s.load_adapter(tmp_path / "adapters" / "ev", "ev")
+    loaded = {n.replace(".ev.", "."): p.detach() for n, p in s.model.named_parameters() if ".ev." in n}
+    assert set(saved) <= set(loaded)
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+
+    copy = s.export_adapter("ev", tmp_path / "peft")
+    exported = load_file(str(copy / "adapter_model.safetensors"))
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], v) for k, v in saved.items())
+    rounded = tmp_path / "rounded"  # what an export by the earlier ft_magics wrote
+    rounded.mkdir()
+    for f in copy.iterdir():
+        if f.is_file():
+            (rounded / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.bfloat16().float() for k, v in saved.items()}, str(rounded / "adapter_model.safetensors"))
+
+    merged = s.export_adapter("ev", tmp_path / "merged", merged=True)
+    m = Session(adapters_dir=tmp_path / "elsewhere")
+    m.load(str(merged), bits=32)
+    for folder in (copy, rounded):
+        with pytest.raises(FtUsageError, match="already merged"):
+            m.load_adapter(folder, "again")
+    assert m.adapters.names() == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Optional
 from ..errors import FtUsageError, did_you_mean
 from .atomic import COMPLETE_MARKER
 from .events import counted
+
+log = logging.getLogger(__name__)
 
 BASE = "base"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's layer dictionaries refuse it
@@ -323,7 +326,29 @@ def _base_of(model):
 
 
 def adapter_fingerprint(path: Path) -> str:
-    """A short hash of an adapter folder's weights: the same adapter wherever it was copied or renamed."""
+    """A short hash of an adapter folder's weights: the same adapter wherever it was copied, renamed or
+    re-exported. It hashes each tensor's name, shape and values rounded to bf16, not the file's bytes: a
+    re-export of the adapter writes another header, and an older ft_magics exported bf16-rounded values
+    (see :func:`load_exact`); both are still this adapter."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
+        for key in sorted(fh.keys()):
+            t = fh.get_tensor(key)
+            h.update(f"{key}{tuple(t.shape)}".encode())
+            if t.is_floating_point():
+                t = t.to(torch.bfloat16).view(torch.int16)
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str:
+    """What :func:`adapter_fingerprint` was before it hashed values: the weights file's bytes (merged models
+    exported then carry this one)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -331,6 +356,38 @@ def adapter_fingerprint(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def load_folder(model, path: Path, name: str):
+    """``model`` with the adapter in folder ``path`` loaded as ``name`` (a PeftModel: the same one if it was
+    already), its weights exactly the file's."""
+    from peft import PeftModel
+
+    # low_cpu_mem_usage: LoRA layers are created empty and filled from the file (a cold load several times
+    # faster than initialising them first)
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
+    else:
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, low_cpu_mem_usage=True)
+    load_exact(model, path, name)
+    return model
+
+
+def load_exact(model, path: Path, name: str) -> None:
+    """Put the weights file's own values into adapter ``name``'s parameters.
+
+    PEFT 0.21's ``load_adapter(..., low_cpu_mem_usage=True)`` (the fast cold load) on a 4-bit base with bf16
+    compute creates the LoRA weights in bf16 and only then upcasts them to fp32: every value comes back rounded
+    to bf16 (up to 6e-5 off on the demo model), and an export of the loaded adapter wrote those rounded values.
+    Copying the file's tensors over them (the parameters are fp32 by then) keeps the fast load and the exact
+    weights."""
+    from peft.utils import set_peft_model_state_dict
+    from peft.utils.save_and_load import load_peft_weights
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(path), device="cpu"), adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:  # the fast load took these; a second pass that cannot is a PEFT change to look at
+        log.warning("exact reload of adapter %s skipped %d tensors (%s...)", name, len(unexpected), unexpected[0])
 
 
 MERGED_KEY = "ft_magics_merged"  # in an exported merged model's config.json: the adapters merged into it
@@ -342,9 +399,9 @@ def check_not_merged_in(model, path: Path, model_label: str) -> None:
     merged = getattr(getattr(_base_of(model), "config", None), MERGED_KEY, None)
     if not merged:
         return
-    mark = adapter_fingerprint(path)
+    marks = {adapter_fingerprint(path), file_fingerprint(path)}  # the second: merged by an older ft_magics
     for entry in merged:
-        if isinstance(entry, dict) and entry.get("fingerprint") == mark:
+        if isinstance(entry, dict) and entry.get("fingerprint") in marks:
             raise FtUsageError(
                 f"adapter {Path(path).name!r} is already merged into the loaded model ({model_label}, exported "
                 f"with %lora_adapters export {entry.get('name', Path(path).name)} DIR --merged): applying it again "

@@ -197,17 +197,11 @@ class AdapterRouter:
         return path
 
     def _load_new(self, path: Path, slot: str) -> None:
-        from peft import PeftModel
-
-        from .adapters import check_fits, read_adapter_folder
+        from .adapters import check_fits, load_folder, read_adapter_folder
 
         model = self.host.model
         check_fits(model, path, read_adapter_folder(path), self.host.handle.name)
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
-        else:
-            self.host.handle.model = PeftModel.from_pretrained(model, str(path), adapter_name=slot,
-                                                               low_cpu_mem_usage=True)
+        self.host.handle.model = load_folder(model, path, slot)
 
     def _drop(self, slot: str) -> None:
         from .adapters import drop_adapter
