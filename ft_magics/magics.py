@@ -154,19 +154,49 @@ def _spelled_out_switches(parser, words: list) -> list:
 _TOKEN = re.compile(r"""\s*("[^"]*"|'[^']*'|\S+)""")
 
 
-def split_leading_flags(magic_func, line: str) -> tuple[str, str]:
+PROSE_FLAGS = ("--system",)  # flags whose value is a sentence: unquoted, only its first word would be taken
+
+
+def split_leading_flags(magic_func, line: str, message_optional: bool = False) -> tuple[str, str]:
     """``--flag [value] ... free text [--flag [value] ...]`` -> (the flags, the free text verbatim).
 
     The free text of a line magic (a prompt) may hold apostrophes and question marks that a shell-style
     split would choke on, so only the flags are tokenised; the rest is kept as typed. Flags typed after the
     text count too, when everything from the first of them to the end is this magic's own flags and their
     values (``%lora_generate Hi there --max-new-tokens 40``): before, they were silently part of the prompt.
+
+    A sentence-valued flag (``--system``) given unquoted just before the text took its first word alone
+    (``--system You are a pirate. Say hello`` used "You" as the system prompt). Where the magic needs no
+    message (``message_optional``: %lora_chat sets the system prompt alone) the flag takes the whole text;
+    elsewhere where the sentence ends cannot be told, and the user is asked to quote it.
     """
+    leading, text, trailing = _split_flags(magic_func, line)
+    prose = _open_prose_flag(leading)
+    if prose is None or not text:
+        return (leading + " " + trailing).strip(), text
+    start, flag, word = prose
+    if message_optional:
+        return f"{leading[:start]}{flag} {shlex.quote(word + ' ' + text)} {trailing}".strip(), ""
+    raise UsageError(
+        f"{flag} {word} {text}: an unquoted {flag} value is one word, so where the {flag} text ends and the message "
+        f"begins cannot be told. Quote it: %{magic_func.__name__} {flag} \"{word} ...\" then the message.")
+
+
+def _open_prose_flag(flags: str) -> Optional[tuple]:
+    """``(offset, flag, value)`` when the last of ``flags`` is a sentence-valued flag with an unquoted value."""
+    tokens = [(m.start(1), m.group(1)) for m in _TOKEN.finditer(flags)]
+    if len(tokens) < 2 or tokens[-2][1] not in PROSE_FLAGS or tokens[-1][1][:1] in "\"'":
+        return None
+    return tokens[-2][0], tokens[-2][1], tokens[-1][1]
+
+
+def _split_flags(magic_func, line: str) -> tuple[str, str, str]:
+    """(the flags before the text, the text, the flags after it)."""
     arity = {s: a.nargs != 0 for a in magic_func.parser._actions for s in a.option_strings}
     end = _flags_end(line, 0, arity, known_only=False)
     text = line[end:].strip()
     if text.endswith("?"):  # a question ends the line: "What does --seed do?" asks about a flag, it sets none
-        return line[:end], text
+        return line[:end], text, ""
     for m in re.finditer(r"(?:^|\s)(--[\w-]+)", text):
         if _flags_end(text, m.start(1), arity, known_only=True) == len(text.rstrip()):
             trailing = text[m.start(1):]
@@ -177,8 +207,8 @@ def split_leading_flags(magic_func, line: str) -> tuple[str, str]:
                 raise UsageError(f"{exc} ({trailing!r} after the message was read as flags; to send it as part of "
                                  f"the message, put the message in the cell body: %%{name} on the first line, "
                                  "the message below)") from None
-            return line[:end] + " " + trailing, text[:m.start()].strip()
-    return line[:end], text
+            return line[:end], text[:m.start()].strip(), trailing
+    return line[:end], text, ""
 
 
 def _flags_end(line: str, pos: int, arity: dict, known_only: bool) -> int:
@@ -466,7 +496,7 @@ class FtMagics(Magics):
         context. Interrupting the kernel ends the answer at the next token and keeps it in the history.
         """
         if cell is None:
-            line, message = split_leading_flags(self.lora_chat, line)
+            line, message = split_leading_flags(self.lora_chat, line, message_optional=True)
         else:
             message = cell
         args = parse_args(self.lora_chat, line)

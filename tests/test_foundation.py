@@ -84,10 +84,10 @@ def test_flags_typed_after_the_prompt_are_read_as_flags_not_as_words_of_it():
     from ft_magics.magics import FtMagics, split_leading_flags
 
     gen, chat = FtMagics.lora_generate, FtMagics.lora_chat
-    assert split_leading_flags(gen, "How do I reset it? --max-new-tokens 40") == (" --max-new-tokens 40", "How do I reset it?")
+    assert split_leading_flags(gen, "How do I reset it? --max-new-tokens 40") == ("--max-new-tokens 40", "How do I reset it?")
     assert split_leading_flags(gen, "--adapter a Hi --temperature 0.7 --seed=3") == \
         ("--adapter a --temperature 0.7 --seed=3", "Hi")
-    assert split_leading_flags(chat, "Bonjour --new") == (" --new", "Bonjour")
+    assert split_leading_flags(chat, "Bonjour --new") == ("--new", "Bonjour")
     for text in ("What does --verbose do in git?", "Explain --max-new-tokens to me please", "a--b", "Hi --",
                  "What does --seed do?", "What does --adapter do?"):  # a question asks about a flag, sets none
         assert split_leading_flags(gen, text) == ("", text)
@@ -97,6 +97,25 @@ def test_flags_typed_after_the_prompt_are_read_as_flags_not_as_words_of_it():
     with pytest.raises(UsageError, match=r"invalid float value: 'wisely' \('--temperature wisely' after the message "
                                          r"was read as flags; .* %%lora_generate on the first line"):
         split_leading_flags(gen, "Use --temperature wisely")
+
+
+def test_an_unquoted_system_prompt_is_not_cut_after_its_first_word(shell, tiny_model_dir, capsys):
+    """`%lora_chat --system Be terse.` set the system prompt "Be" and sent "terse." as a turn; `%lora_generate
+    --system You are a pirate. Say hello` used "You". %lora_chat, where --system alone sets the system prompt,
+    now takes the whole sentence; where a message is needed the user is asked to quote it, as nothing tells
+    where the system prompt ends."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("lora_chat", "--system Be terse. Don't ramble --max-new-tokens 3")
+    assert "system prompt from the next turn on: Be terse. Don't ramble" in capsys.readouterr().out
+    s = shell.magics_manager.registry["FtMagics"].session
+    assert s.conversation.system == "Be terse. Don't ramble" and not s.conversation.turns
+    shell.run_line_magic("lora_chat", '--system "Be brief." Hello there --max-new-tokens 2')
+    assert s.conversation.system == "Be brief." and s.conversation.turns[0].content == "Hello there"
+    for magic in ("lora_generate", "lora_compare"):
+        with pytest.raises(UsageError, match=r'an unquoted --system value is one word.*Quote it: '
+                                             rf'%{magic} --system "You \.\.\." then the message'):
+            shell.run_line_magic(magic, "--system You are a pirate. Say hello")
 
 
 # --------------------------------------------------------------------------- argument errors
