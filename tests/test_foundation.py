@@ -657,7 +657,7 @@ def test_an_adapter_too_big_for_its_layers_or_for_memory_is_refused_before_the_m
     params, top = adapter_size(session.model, TrainConfig(r=8))
     assert top == 64 and params == sum(p.numel() for n, p in session.model.named_parameters() if ".fits." in n)
     with pytest.raises(FtUsageError, match=rf"makes an adapter of {adapter_size(session.model, TrainConfig(r=64))[0]:,} "
-                                           r"parameters: .* need about 2\.0 MB, and 976\.6 KB is free\. Use a smaller r"):
+                                           r"parameters: .* need about 2\.1 MB, and 1\.0 MB is free\. Use a smaller r"):
         check_adapter_fits(session.model, TrainConfig(r=64), "cpu", free=1_000_000)
     check_adapter_fits(session.model, TrainConfig(r=8), "cpu", free=10_000_000)  # 8 x (64+64..) params fit
 

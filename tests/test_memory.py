@@ -148,3 +148,19 @@ def test_cuda_memory_is_released_after_training_and_unload(shell, tiny_model_dir
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= base + 2**20
     assert torch.cuda.memory_reserved() <= base + 64 * 2**20  # empty_cache handed the cached blocks back
+
+
+def test_a_plan_and_a_memory_reading_of_the_same_memory_show_the_same_figure(shell, capsys):
+    """%ft_plan counts GB as 1e9 bytes (model cards, the seed's table); %ft_memory, the training summaries and
+    the out-of-memory refusals divided by 1024 and also wrote "GB": on a 23.5 GiB machine the plan said
+    "In 25.3 GB" and the gauge "of 23.5 GB" for the same RAM. Both now use decimal units."""
+    import re
+
+    from ft_magics.core.memory import human_bytes
+
+    assert [human_bytes(n) for n in (999, 1000, 25_300_000_000, 2**30)] == ["999 B", "1.0 kB", "25.3 GB", "1.1 GB"]
+    shell.run_line_magic("ft_plan", "7B --memory here")
+    plan = re.search(r"In ([\d.]+) GB \(this machine's RAM", capsys.readouterr().out).group(1)
+    shell.run_line_magic("ft_memory", "--once")
+    reading = re.search(r"system available [\d.]+ GB of ([\d.]+) GB", capsys.readouterr().out).group(1)
+    assert plan == reading

@@ -9,7 +9,7 @@ import pytest
 
 from ft_magics.core.events import EvalEnd, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd, emit
 
-GB = 1024 ** 3
+GB = 10 ** 9  # human_bytes shows decimal GB
 
 
 def cpu_mem(used=1 * GB):

@@ -289,14 +289,6 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _check_memory(path: Path) -> None:
     """Refuse, before reading a byte, a file (or folder) that cannot be loaded whole into memory."""
     if path.is_dir():
@@ -311,9 +303,11 @@ def _check_memory(path: Path) -> None:
 def _check_size(size: int, what: str) -> None:
     need, free = size * MEMORY_EXPANSION, _available_memory()
     if need > free:
+        from .memory import human_bytes
+
         raise FtUsageError(
-            f"{what} is {_human(size)}: loading it whole needs about {_human(need)} of memory and "
-            f"{_human(free)} is free. Set max_rows (e.g. --max-rows 100000) to stream only the first rows "
+            f"{what} is {human_bytes(size)}: loading it whole needs about {human_bytes(need)} of memory and "
+            f"{human_bytes(free)} is free. Set max_rows (e.g. --max-rows 100000) to stream only the first rows "
             "of .jsonl/.csv/.tsv/.parquet/.txt files, or split the file."
         )
 

@@ -90,13 +90,15 @@ def reset_peak(device: Optional[str] = None) -> None:
 
 
 def human_bytes(n: Optional[float]) -> str:
+    """``n`` bytes in decimal units (1 GB = 1e9 bytes), the units of %ft_plan, model cards and the seed's
+    memory table, so a plan and a reading of the same memory show the same figure."""
     if n is None:
         return "?"
     n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n:.1f} TB"
 
 
