@@ -747,6 +747,9 @@ class FtMagics(Magics):
             %ft_plan meta-llama/Llama-2-70b-hf
             %ft_plan ./my-model
         """
+        # argparse takes "--memory -5GB"'s value for a flag ("expected one argument"): join a signed value to
+        # its flag, so that parse_memory says what is wrong with it
+        line = re.sub(r"(--memory)\s+(?=[-+]\s*[\d.])", r"\1=", line)
         args = parse_args(self.ft_plan, line)
         memory = None
         if args.memory:  # checked before anything is printed

@@ -238,3 +238,118 @@ def test_a_preference_run_is_planned_at_two_rows_per_pair_and_dpo_full_keeps_a_r
 
     with pytest.raises(UsageError, match="invalid choice"):
         shell.run_line_magic("ft_plan", "7B --objective kto")
+
+
+MIXTRAL_8X7B = {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "vocab_size": 32000}
+
+
+def test_a_mixture_of_experts_counts_every_expert_in_memory_and_the_routed_ones_in_activations(tmp_path, shell, capsys):
+    """Mixtral-8x7B's config was planned as a dense 7.24B model (its MLP once, not eight times): it has 46.7B
+    parameters, ~24 GB in NF4. Weights and the all-linear adapter count every expert; activations the routed ones.
+    A dense config's figures are as before."""
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
+    d = planner.resolve_model(str(folder))
+    assert abs(d.params - 46.7e9) / 46.7e9 < 0.02
+    p = planner.plan(d, seq_len=512, batch_size=1)
+    assert 23e9 < p.mode("QLoRA, NF4 + double quant").weights < 26e9
+    dense_cfg = {k: v for k, v in MIXTRAL_8X7B.items() if "expert" not in k} | {"model_type": "mistral"}
+    dense = planner.dims_from_config(dense_cfg, "mistral")
+    assert dense.params == 7_241_732_096 and dense.lora_params(16) == 41_943_040  # Mistral-7B, as before
+    dense_plan = planner.plan(dense, seq_len=1024, batch_size=2, lora_dropout=True)
+    assert [(m.weights, m.adapter_optimizer, m.activations) for m in dense_plan.modes] == [
+        (14483464192, 101384249344, 13808697344), (14483464192, 671088640, 20828323840),
+        (4124842113.0, 671088640, 20828323840)]
+    assert [m.activations for m in planner.plan(dense, seq_len=1024, batch_size=2, gradient_checkpointing=True).modes] \
+        == [1603272704, 972488704, 972488704]
+    # the adapter: r * (3h + 5 * width) per expert (PEFT's fused gate_up at rank 2r, down at r) and the router
+    h, i, r = 4096, 14336, 16
+    assert d.lora_params(r) - dense.lora_params(r) == 32 * (8 * r * (3 * h + 5 * i) + r * (h + 8) - 3 * r * (h + i))
+    # activations: the two routed experts' MLPs, each with its copy of the input, and the router's 8 logits
+    lora = "LoRA, 16-bit base"
+    moe_act, dense_act = (planner.plan(x, seq_len=512, batch_size=1, chunked_loss=False).mode(lora).activations
+                          for x in (d, dense))
+    assert moe_act - dense_act == 512 * 32 * 2 * (4 * i + h + 8)
+    shell.run_line_magic("ft_plan", str(folder))
+    out = capsys.readouterr().out
+    assert "46.7B parameters" in out and "8 experts of width 14336 in each of 32 layers" in out
+    assert "activations count the 2 routed to each token (num_experts_per_tok)" in out
+
+
+def test_moe_configs_match_the_real_models_and_peft_adapters():
+    """Tiny Mixtral, Qwen3-MoE and OLMoE built by transformers: the planner's parameter count is the model's and
+    its adapter size PEFT's all-linear one. Full-size Qwen-MoE (shared expert) and DeepSeek-V3 (shared experts,
+    first layers dense) configs give their published sizes; a config without experts-per-token says what it assumed."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    small = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2)
+    for cfg in (MixtralConfig(intermediate_size=96, num_local_experts=4, **small),
+                Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, head_dim=32, num_experts=4, **small),
+                OlmoeConfig(intermediate_size=48, num_experts=4, **small)):
+        model = AutoModelForCausalLM.from_config(cfg)
+        real = sum(p.numel() for p in model.parameters())
+        d = planner.dims_from_config(cfg.to_dict(), cfg.model_type)
+        assert d.moe_layers == 2 and d.experts == 4 and abs(d.params - real) / real < 0.005, cfg.model_type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapter = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        assert d.lora_params(4) == sum(p.numel() for p in adapter.parameters() if p.requires_grad), cfg.model_type
+
+    qwen_moe = planner.dims_from_config(dict(  # Qwen1.5-MoE-A2.7B: 14.3B
+        hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=5632, num_experts=60,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts_per_tok=4, vocab_size=151936))
+    assert abs(qwen_moe.params - 14.3e9) / 14.3e9 < 0.02 and qwen_moe.mlp_active(True) == (5, 4 * 1408 + 5632)
+    deepseek = planner.dims_from_config(dict(  # DeepSeek-V3: 671B (without its multi-token-prediction layer)
+        hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+        num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=3, moe_layer_freq=1, vocab_size=129280))
+    assert abs(deepseek.params - 671e9) / 671e9 < 0.02 and (deepseek.moe_layers, deepseek.dense_layers) == (58, 3)
+    assert "3 dense layers" in deepseek.experts_text() and "shared experts of width 2048" in deepseek.experts_text()
+    unsure = planner.dims_from_config({k: v for k, v in MIXTRAL_8X7B.items() if k != "num_experts_per_tok"})
+    assert unsure.experts_per_token == 2 and "assumed" in unsure.experts_text()
+
+
+def test_an_unreadable_config_json_is_a_usage_error_that_names_the_file_and_the_fix(tmp_path, shell):
+    """An invalid config.json gave a JSONDecodeError traceback, one without the sizes a TypeError (int(None))."""
+    from IPython.core.error import UsageError
+
+    broken, partial, wordy = tmp_path / "broken", tmp_path / "partial", tmp_path / "wordy"
+    for folder, text in ((broken, '{"model_type": "llama",'), (partial, '{"model_type": "llama"}'),
+                         (wordy, json.dumps(MIXTRAL_8X7B | {"hidden_size": "big"}))):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    with pytest.raises(UsageError, match=r"broken/config.json is not valid JSON \(.* at line 1, column 24\)\. "
+                                         r"Fix the file, or plan from a parameter count instead \(e.g. %ft_plan 7B\)"):
+        shell.run_line_magic("ft_plan", str(broken))
+    with pytest.raises(UsageError, match=r"partial/config.json has no hidden size \(hidden_size / n_embd / d_model\), "
+                                         r"layer count .*vocabulary size \(vocab_size\).* %ft_plan 7B"):
+        shell.run_line_magic("ft_plan", str(partial))
+    with pytest.raises(UsageError, match=r"wordy/config.json has a size that is not a whole number.* %ft_plan 7B"):
+        shell.run_line_magic("ft_plan", str(wordy))
+
+
+def test_counts_of_a_trillion_parameters_and_more_are_readable(shell, capsys):
+    """%ft_plan 7T printed "7e+03B parameters"."""
+    assert [planner.format_count(n) for n in (135e6, 46.7e9, 999e9, 999.6e9, 7e12, 1.5e12, 2e15)] == [
+        "0.135B", "46.7B", "999B", "1T", "7T", "1.5T", "2,000T"]
+    shell.run_line_magic("ft_plan", "7T")
+    assert "(7T parameters" in capsys.readouterr().out
+
+
+def test_a_negative_memory_is_refused_as_not_positive_not_as_a_missing_value(shell, capsys):
+    """%ft_plan 7B --memory -5GB said "argument --memory: expected one argument": argparse read -5GB as a flag."""
+    from IPython.core.error import UsageError
+
+    for value in ("-5GB", "=-5GB", "-0.5", "  -16GiB"):
+        with pytest.raises(UsageError, match=r"--memory must be positive \(got .-[\d.]+\w*.\): .*--memory 24GB"):
+            shell.run_line_magic("ft_plan", f"7B --memory{'' if value.startswith('=') else ' '}{value}")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(UsageError, match="expected one argument"):  # a missing value is still one
+        shell.run_line_magic("ft_plan", "7B --memory --seq-len 128")

@@ -23,6 +23,9 @@ checkpointing: 2h bytes per layer plus one layer's full set.
 Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
 ft_magics' chunked loss keeps one chunk (128 rows of fp32 logits, at most 64 MB, with their 16-bit copy:
 core.speed.auto_chunk_rows).
+Mixture of experts (Mixtral, Qwen-MoE, OLMoE, DeepSeek): every expert is held in memory, so the parameter count,
+the weights and the all-linear adapter (PEFT adapts each expert) count all of them; activations count the experts
+a token is routed to (num_experts_per_tok) and any shared experts (ModelDims.experts_text says what was assumed).
 Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
 """
 from __future__ import annotations
@@ -82,13 +85,24 @@ class ModelDims:
     params: float  # total parameter count
     layers: int
     hidden: int
-    intermediate: int
+    intermediate: int  # MLP width of a dense layer
     heads: int
     kv_heads: int
     vocab: int
     tied: bool = False
     source: str = "config"  # config | table | estimated from a parameter count
     attention_head_dim: Optional[int] = None  # where it is not hidden / heads (Gemma, Qwen3)
+    # mixture of experts (0 experts: a dense model): in each of ``moe_layers`` layers the MLP is ``experts``
+    # routed experts of width ``expert_intermediate`` (all held in memory, ``experts_per_token`` of them run
+    # for a token) behind a router, plus shared experts of total width ``shared_intermediate`` that every
+    # token runs (DeepSeek, Qwen-MoE); the other layers have a dense MLP of width ``intermediate``
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    moe_layers: int = 0
+    shared_expert_gate: bool = False  # Qwen-MoE's Linear(h, 1) that scales the shared expert
+    experts_per_token_source: str = ""  # the config key it came from, or what was assumed and why
 
     @property
     def head_dim(self) -> int:
@@ -104,15 +118,58 @@ class ModelDims:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    @property
+    def attention_linear_params(self) -> int:
+        """q, k, v and o of one layer."""
+        return 2 * self.hidden * self.q_width + 2 * self.hidden * self.kv_heads * self.head_dim
+
+    @property
+    def moe_mlp_params(self) -> int:
+        """One mixture-of-experts layer's MLP: every routed expert (gate, up, down), the shared experts, the router."""
+        h = self.hidden
+        return (3 * h * (self.experts * self.expert_intermediate + self.shared_intermediate) + h * self.experts
+                + (h if self.shared_expert_gate else 0))
+
+    @property
     def body_linear_params(self) -> int:
-        kv = self.kv_heads * self.head_dim
-        return self.layers * (2 * self.hidden * self.q_width + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+        return (self.layers * self.attention_linear_params + self.dense_layers * 3 * self.hidden * self.intermediate
+                + self.moe_layers * self.moe_mlp_params)
+
+    def mlp_active(self, moe: bool) -> tuple:
+        """``(MLPs a token runs, their total width)`` in a dense (``moe=False``) or a mixture-of-experts layer."""
+        if not moe:
+            return 1, self.intermediate
+        shared = 1 if self.shared_intermediate else 0
+        return (self.experts_per_token + shared,
+                self.experts_per_token * self.expert_intermediate + self.shared_intermediate)
 
     def lora_params(self, r: int = 16) -> int:
-        """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down)."""
+        """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down). In a mixture-of-experts
+        layer all-linear adapts every expert, as PEFT does with transformers' fused expert weights (gate_up_proj
+        at rank 2r, down_proj at r: r * (3h + 5 * width) per expert), the router and the shared experts."""
         h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
-        per_layer = r * ((h + self.q_width) * 2 + (h + kv) * 2 + (h + i) * 3)
-        return self.layers * per_layer
+        attention = r * ((h + self.q_width) * 2 + (h + kv) * 2)
+        dense = r * (h + i) * 3
+        moe = (self.experts * r * (3 * h + 5 * self.expert_intermediate) + r * (h + self.experts)
+               + (r * (h + self.shared_intermediate) * 3 if self.shared_intermediate else 0)
+               + (r * (h + 1) if self.shared_expert_gate else 0))
+        return self.layers * attention + self.dense_layers * dense + self.moe_layers * moe
+
+    def experts_text(self) -> str:
+        """What the plan assumed of a mixture-of-experts model (empty for a dense one)."""
+        if not self.moe_layers:
+            return ""
+        shared = (f", plus shared experts of width {self.shared_intermediate} that every token runs"
+                  if self.shared_intermediate else "")
+        dense = f"; {self.dense_layers} dense layers (MLP width {self.intermediate})" if self.dense_layers else ""
+        return (f"Mixture of experts: {self.experts} experts of width {self.expert_intermediate} in each of "
+                f"{self.moe_layers} layers{dense}. Weights, and the all-linear adapter, count all {self.experts} "
+                f"(every expert is held in memory and adapted); activations count the {self.experts_per_token} "
+                f"routed to each token{' (' + self.experts_per_token_source + ')' if self.experts_per_token_source else ''}"
+                f"{shared}.")
 
     def as_dict(self) -> dict:
         return {"hidden": self.hidden, "layers": self.layers, "vocab": self.vocab,
@@ -170,21 +227,66 @@ def _known(name: str) -> Optional[str]:
     return None
 
 
-def dims_from_config(cfg: dict, name: str = "model") -> ModelDims:
-    """Dimensions from a transformers config dict (Llama-style names, with common alternatives)."""
+# config keys, first found wins: routed experts per MoE layer (Mixtral, Qwen-MoE / OLMoE, DeepSeek, others),
+# experts run per token, and an expert's MLP width where it is not intermediate_size
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk")
+EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size")
+_REQUIRED = {"hidden size": ("hidden_size", "n_embd", "d_model"),
+             "layer count": ("num_hidden_layers", "n_layer", "num_layers"),
+             "vocabulary size": ("vocab_size",)}
+
+
+def dims_from_config(cfg: dict, name: str = "model", where: str = "") -> ModelDims:
+    """Dimensions from a transformers config dict (Llama-style names, with common alternatives), dense or
+    mixture of experts. ``where`` (the config's file) names it in the error for a config the planner cannot read."""
+    where = where or f"{name}'s config"
+    fix = "Fix the file, or plan from a parameter count instead (e.g. %ft_plan 7B)."
+    if not isinstance(cfg, dict):
+        raise FtUsageError(f"{where} is not a JSON object of config keys. {fix}")
+    missing = [f"{what} ({' / '.join(keys)})" for what, keys in _REQUIRED.items()
+               if all(cfg.get(k) is None for k in keys)]
+    if missing:
+        raise FtUsageError(f"{where} has no {', '.join(missing)}: the planner needs them to size the model. {fix}")
     g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
-    hidden = int(g("hidden_size", "n_embd", "d_model"))
-    layers = int(g("num_hidden_layers", "n_layer", "num_layers"))
-    heads = int(g("num_attention_heads", "n_head", default=max(hidden // 128, 1)))
-    kv = int(g("num_key_value_heads", default=heads))
-    inter = int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
-    vocab = int(g("vocab_size"))
+    try:
+        hidden = int(g("hidden_size", "n_embd", "d_model"))
+        layers = int(g("num_hidden_layers", "n_layer", "num_layers"))
+        heads = int(g("num_attention_heads", "n_head", default=max(hidden // 128, 1)))
+        kv = int(g("num_key_value_heads", default=heads))
+        inter = int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
+        vocab = int(g("vocab_size"))
+        head_dim = g("head_dim")
+        head_dim = int(head_dim) if head_dim and int(head_dim) != hidden // max(heads, 1) else None
+        experts = int(g(*EXPERT_KEYS, default=0))
+        moe = _moe_from_config(cfg, g, layers, inter) if experts > 1 else {}
+    except (TypeError, ValueError) as exc:
+        raise FtUsageError(f"{where} has a size that is not a whole number ({exc}). {fix}") from None
     tied = bool(cfg.get("tie_word_embeddings", False))
-    head_dim = g("head_dim")
-    head_dim = int(head_dim) if head_dim and int(head_dim) != hidden // max(heads, 1) else None
-    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config", head_dim)
+    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config", head_dim, **moe)
     d.params = d.body_linear_params + d.embed_params + layers * 2 * hidden + hidden
     return d
+
+
+def _moe_from_config(cfg: dict, g, layers: int, inter: int) -> dict:
+    """ModelDims' mixture-of-experts fields from a config that names more than one expert."""
+    experts = int(g(*EXPERT_KEYS))
+    key = next((k for k in EXPERTS_PER_TOKEN_KEYS if cfg.get(k) is not None), None)
+    per_token = int(cfg[key]) if key else 2
+    source = key or f"assumed: the config has none of {', '.join(EXPERTS_PER_TOKEN_KEYS)}"
+    width = int(g(*EXPERT_WIDTH_KEYS, default=inter))
+    # shared experts: Qwen-MoE gives their width, DeepSeek their count (each as wide as a routed expert)
+    shared = int(g("shared_expert_intermediate_size", default=0)) or int(g("n_shared_experts", default=0)) * width
+    # dense layers among them: DeepSeek's first_k_dense_replace and moe_layer_freq, Qwen-MoE's mlp_only_layers
+    # and decoder_sparse_step (transformers' own rules for which layer gets experts)
+    first_dense, freq = int(g("first_k_dense_replace", default=0)), max(int(g("moe_layer_freq", default=1)), 1)
+    step, only_mlp = max(int(g("decoder_sparse_step", default=1)), 1), set(g("mlp_only_layers", default=()) or ())
+    moe_layers = sum(1 for i in range(layers)
+                     if i >= first_dense and i % freq == 0 and (i + 1) % step == 0 and i not in only_mlp)
+    return dict(experts=experts, experts_per_token=min(per_token, experts),
+                expert_intermediate=width, shared_intermediate=shared, moe_layers=moe_layers,
+                shared_expert_gate="shared_expert_intermediate_size" in cfg and shared > 0,
+                experts_per_token_source=source)
 
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT])?\s*$")
@@ -199,6 +301,17 @@ def dims_from_count(params: float, name: str) -> ModelDims:
                      "estimated from a parameter count (Llama-like shape)")
 
 
+def dims_from_file(cfg_file, name: str) -> ModelDims:
+    """:func:`dims_from_config` of a config.json file; a file that is not JSON is a user's error that names it."""
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise FtUsageError(f"{cfg_file} is not valid JSON ({getattr(exc, 'msg', exc)}{where}). Fix the file, or plan "
+                           "from a parameter count instead (e.g. %ft_plan 7B).") from None
+    return dims_from_config(cfg, name, where=str(cfg_file))
+
+
 def resolve_model(model: str) -> ModelDims:
     """A local model folder, a known hub id (or 'demo'), or a parameter count such as 7B / 135M."""
     m = (model or "").strip()
@@ -209,8 +322,7 @@ def resolve_model(model: str) -> ModelDims:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FtUsageError(f"{m!r} has no config.json; %ft_plan needs a model folder or a size such as 7B.")
-        d = dims_from_config(json.loads(cfg_file.read_text()), path.name)
-        return d
+        return dims_from_file(cfg_file, path.name)
     match = _COUNT.match(m)
     if match:
         scale = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12, None: 1}[(match.group(2) or "").lower() or None]
@@ -224,7 +336,7 @@ def resolve_model(model: str) -> ModelDims:
 
     cached = cached_hub_config(m) if m.count("/") == 1 else None  # a hub id the local cache holds
     if cached is not None:
-        d = dims_from_config(json.loads(cached.read_text()), m)
+        d = dims_from_file(cached, m)
         d.source = "its config in the local Hugging Face cache"
         return d
     key = _known(m)
@@ -276,13 +388,13 @@ class Plan:
         d = self.dims
         saving = optimizer_saving(self.optimizer)
         adam = optimizer_states(self.optimizer)[1]
-        head = (f"Memory plan for {d.name} ({d.params / 1e9:.3g}B parameters, {d.source}; "
+        head = (f"Memory plan for {d.name} ({format_count(d.params)} parameters, {d.source}; "
                 f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
                 f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
                 f"{', optimizer ' + self.optimizer if saving else ''}"
                 f"{f', objective {self.objective} (each pair is two rows: activations of batch x 2)' if self.objective != 'sft' else ''}")
-        rows = [head, "", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
+        rows = [head] + ([d.experts_text()] if d.moe_layers else []) + ["", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
         for m in self.modes:
             rows.append(f"{m.mode:<34}{_gb(m.weights):>10}{_gb(m.adapter_optimizer):>13}{_gb(m.activations):>13}"
                         f"{_gb(m.overhead):>10}{_gb(m.total):>10}")
@@ -295,6 +407,8 @@ class Plan:
                  "embeddings and head 16-bit",
                  "  activations: seq * batch * layers * [2(6h + 2kv + 4i) + 8h (+ 3(6h + i) LoRA dropout)] bytes",
                  "               (gradient checkpointing: seq * batch * (layers * 2h + one layer's set))",
+                 *(["               mixture-of-experts layers: i = the width of the experts a token runs, "
+                    "+ (n - 1)h for n of them + E router logits"] if d.moe_layers else []),
                  "               + logits: seq * batch * vocab * 10 B (standard loss) or one chunk of 128 rows * vocab * 4 B, "
                  "at most 64 MB (chunked loss)",
                  "  overhead: ~0.5 GB runtime (CUDA context / CPU libraries)",
@@ -311,30 +425,46 @@ class Plan:
                           for m in self.modes}}
 
 
+def format_count(n: float) -> str:
+    """A parameter count in billions, past 999.5B in trillions: 0.135B, 46.7B, 7T (not 7e+03B)."""
+    billions = f"{n / 1e9:.3g}"
+    if "e" not in billions:
+        return billions + "B"
+    trillions = n / 1e12
+    return f"{trillions:.3g}T" if trillions < 999.5 else f"{trillions:,.0f}T"
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
 
 
-def layer_activation_bytes(d: ModelDims, act_bytes: int = 2, lora_dropout: bool = False) -> float:
+def layer_activation_bytes(d: ModelDims, act_bytes: int = 2, lora_dropout: bool = False, moe: bool = False) -> float:
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block, fused attention).
 
     Saved 16-bit tensors: the inputs of q/k/v, o, gate/up and down, q/k/v themselves, the attention output,
     the gate, up, activation and product tensors: 6h + 2kv + 4i elements; plus the fp32 copies the two
     RMSNorms keep (8h bytes). With LoRA dropout each adapted layer also keeps its dropout mask (1 byte) and
     dropped input (16-bit) for the 6h + i input elements of q, k, v, o, gate, up, down.
+    A mixture-of-experts layer (``moe``) runs, per token, n MLPs (the routed experts and any shared one) of
+    total width i (d.mlp_active): each keeps its own copy of the token's input (n - 1 more h) and the router
+    keeps its E logits; with LoRA dropout each of the n MLPs' gate and up, and the router, keeps its input.
     """
     kv = d.kv_heads * d.head_dim
-    base = act_bytes * (6 * d.hidden + 2 * kv + 4 * d.intermediate) + 8 * d.hidden
-    lora = (1 + act_bytes) * (6 * d.hidden + d.intermediate) if lora_dropout else 0
+    n, i = d.mlp_active(moe)
+    router = d.experts if moe else 0
+    base = act_bytes * (6 * d.hidden + 2 * kv + 4 * i + (n - 1) * d.hidden + router) + 8 * d.hidden
+    lora = (1 + act_bytes) * ((4 + 2 * n + (1 if moe else 0)) * d.hidden + i) if lora_dropout else 0
     return base + lora
 
 
 def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked: bool, act_bytes: int = 2,
                      lora_dropout: bool = False) -> float:
     tokens = seq_len * batch
-    per_layer = layer_activation_bytes(d, act_bytes, lora_dropout)
-    # with checkpointing: each layer's 16-bit input, plus one layer's full set during its recompute
-    body = tokens * ((d.layers * act_bytes * d.hidden + per_layer) if ckpt else d.layers * per_layer)
+    kinds = [(count, layer_activation_bytes(d, act_bytes, lora_dropout, moe))
+             for count, moe in ((d.dense_layers, False), (d.moe_layers, True)) if count]
+    # with checkpointing: each layer's 16-bit input, plus one layer's full set (the largest) during its recompute
+    body = tokens * ((d.layers * act_bytes * d.hidden + max(b for _, b in kinds)) if ckpt
+                     else sum(count * b for count, b in kinds))
     logits = (chunk_bytes(min(auto_chunk_rows(d.vocab), tokens), d.vocab, act_bytes) if chunked
               else tokens * d.vocab * LOGIT_BYTES_STANDARD)
     return body + logits
@@ -396,7 +526,7 @@ def seed_comparison(p: Optional[Plan] = None) -> str:
 
 
 # --------------------------------------------------------------------------- will it fit?
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*([-+]?\s*\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.I)
 
 
 def parse_memory(text: str) -> float:
@@ -407,9 +537,10 @@ def parse_memory(text: str) -> float:
                            "this machine's accelerator (or RAM without one).")
     unit = (m.group(2) or "gb").lower()
     scale = {"g": GB, "gb": GB, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12, "tb": 1e12, "tib": 2**40}[unit]
-    value = float(m.group(1)) * scale
+    value = float(m.group(1).replace(" ", "")) * scale
     if value <= 0:
-        raise FtUsageError(f"--memory must be more than 0 (got {text!r}).")
+        raise FtUsageError(f"--memory must be positive (got {text!r}): give the memory to plan for, e.g. "
+                           "--memory 24GB, or --memory here for this machine's.")
     return value
 
 
