@@ -57,8 +57,13 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         if running:
             out(f"training {running!r} in the background: it joins this list when it is saved (%lora_stop stops it "
                 "at the next step and saves it).")
+        cut_short = s.resumable_runs()
+        for name, step in cut_short.items():
+            if name != running:
+                out(f"{name}: its run was cut short at step {step} before it saved an adapter; %%lora_train {name} "
+                    "--data ... --resume continues it from there.")
         if not s.adapters and not on_disk:
-            if running:
+            if running or cut_short:
                 return
             out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
                 "%lora_adapters load PATH.")

@@ -530,7 +530,34 @@ class Session:
                 activate(self.model, previous)
                 self.adapters.active = previous
         # unknown: the error names the loaded adapters and those in the adapters folder (they load by name)
-        return self.adapters.require(name, () if name in self.adapters else self.adapters_on_disk(), self.adapters_dir)
+        try:
+            return self.adapters.require(name, () if name in self.adapters else self.adapters_on_disk(),
+                                         self.adapters_dir)
+        except FtUsageError as exc:
+            step = self.resumable_runs().get(name)
+            if step is None:
+                raise
+            raise FtUsageError(f"{exc} Its run was cut short before it saved an adapter; its checkpoint at step {step} "
+                               f"continues with %%lora_train {name} --data ... --resume (the same data and "
+                               "settings).") from None
+
+    def resumable_runs(self) -> dict:
+        """``{name: step}`` of runs in the adapters folder that were cut short (a killed kernel, a stop, an
+        error) and that have no saved adapter of their own: their newest complete checkpoint's step, from which
+        ``%%lora_train NAME --data ... --resume`` continues."""
+        from .core.checkpoints import CHECKPOINTS_DIRNAME, checkpoint_step, latest_valid
+
+        root = self.adapters_dir / CHECKPOINTS_DIRNAME
+        if not root.is_dir():
+            return {}
+        out = {}
+        for run in sorted(p for p in root.iterdir() if p.is_dir()):
+            if run.name in self.adapters or self._adapter_folder(run.name) is not None:
+                continue  # the adapter is there (a stopped run saves one): list and use name it already
+            latest = latest_valid(run)
+            if latest is not None:
+                out[run.name] = checkpoint_step(latest)
+        return out
 
     def adapters_on_disk(self, fitting: bool = False) -> list:
         """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``

@@ -481,3 +481,27 @@ def test_keep_best_carries_its_best_across_a_resume(tiny_session):
     wb = load_file(str(Path(resumed.adapter_path) / "adapter_model.safetensors"))
     for k in wa:
         assert (wa[k] - wb[k]).abs().max().item() < 1e-5, k
+
+
+def test_a_run_killed_before_it_saved_is_listed_as_resumable_and_named_when_asked_for(tiny_session):
+    """After a kernel was killed mid-run (checkpoints on disk, no adapter saved) `%lora_adapters list` said
+    nothing of it and `use NAME` answered "no adapter named" without a word of its checkpoint. Both now name the
+    step and the --resume that continues it; the resume then completes."""
+    import shutil
+
+    from ft_magics import adapter_commands
+
+    s = tiny_session
+    part = s.train("cut", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert part.status == "stopped" and _ckpts(s, "cut")
+    shutil.rmtree(part.adapter_path)  # what a SIGKILL before the save leaves: the checkpoints alone
+    s.unload_adapter("cut")
+    assert s.resumable_runs() == {"cut": part.steps}
+    lines = []
+    adapter_commands.run(s, ["list"], out=lines.append)
+    assert any(f"cut: its run was cut short at step {part.steps}" in l and "--resume" in l for l in lines), lines
+    with pytest.raises(FtUsageError, match=rf"no adapter named 'cut'.*checkpoint at step {part.steps} continues with "
+                                           r"%%lora_train cut --data \.\.\. --resume"):
+        s.use("cut")
+    resumed = s.train("cut", DATA, CFG, resume=True)
+    assert resumed.status == "completed" and resumed.steps == 8 and s.resumable_runs() == {}

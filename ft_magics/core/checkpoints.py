@@ -78,6 +78,11 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     return None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a ``checkpoint-N`` folder was written at."""
+    return int(_CKPT_RE.match(Path(path).name).group(1))
+
+
 def latest_valid(root: Path) -> Optional[Path]:
     """The newest complete checkpoint under ``root``, or None."""
     for _step, path in reversed(_checkpoints(root)):
