@@ -505,3 +505,21 @@ def test_a_run_killed_before_it_saved_is_listed_as_resumable_and_named_when_aske
         s.use("cut")
     resumed = s.train("cut", DATA, CFG, resume=True)
     assert resumed.status == "completed" and resumed.steps == 8 and s.resumable_runs() == {}
+
+
+def test_a_resumed_runs_card_says_where_it_resumed_and_what_data_the_earlier_steps_ran_on(tiny_session):
+    """`%lora_adapters info` of a resumed run said "Trained 8 steps in 2.1 s" with the resumed part's time and
+    speed as if they were the whole run's, and showed only the resumed part's data when it had changed."""
+    from ft_magics.core.adapters import adapter_card
+
+    s = tiny_session
+    part = s.train("re", DATA, CFG, listeners=[StopAt(s, 3)])
+    other = [{"prompt": f"Where is parcel {i}?", "completion": f"In depot {i}."} for i in range(24)]
+    resumed = s.train("re", other, CFG, resume=True)
+    assert resumed.record["resumed"]["at"] == part.steps and resumed.record["resumed"]["earlier_data"]
+    card = adapter_card("re", Path(resumed.adapter_path))
+    assert f"Trained    8 steps (resumed at step {part.steps}; steps {part.steps + 1}-8 in " in card
+    assert f"; steps 1-{part.steps} ran on " in card
+    fresh = s.train("fresh", DATA, CFG)
+    assert fresh.record["resumed"] is None
+    assert "resumed at" not in adapter_card("fresh", Path(fresh.adapter_path))

@@ -158,6 +158,10 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
                 if timings.get("started") else "")
         speed = f", {timings['loss_tokens_per_s']:g} loss-tok/s" if timings.get("loss_tokens_per_s") else ""
         took = f" in {timings['seconds']:.1f} s" if timings.get("seconds") is not None else ""
+        resumed = record.get("resumed") or {}
+        if resumed.get("at") is not None:  # the timings are the resumed part's
+            took = f" (resumed at step {resumed['at']}; steps {resumed['at'] + 1}-{record['steps']}{took}{speed})"
+            speed = ""
         rows.append(("Trained", f"{counted(record['steps'], 'step')}{took}{speed}; {record.get('status', '?')}"
                                 + (f"; started {when}" if when else "")))
         losses = [v for _, v in record.get("loss_history") or []] if record.get("loss_history") else []
@@ -173,8 +177,10 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
         rows.append(("Loss", loss))
     data = record.get("data") or {}
     if data:
+        earlier = (record.get("resumed") or {}).get("earlier_data")
         rows.append(("Data", f"{data.get('source')}: {data.get('format')}, {counted(data.get('rows') or 0, 'row')} "
-                              f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"))
+                              f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"
+                              + (f"; steps 1-{record['resumed']['at']} ran on {earlier}" if earlier else "")))
     settings = record.get("settings") or {}
     if settings:
         defaults = dataclasses.asdict(TrainConfig())

@@ -285,6 +285,20 @@ class CountingCollator:
                             "attention_mask": [1] * len(f["input_ids"])} for f in features])
 
 
+def _resumed(checkpoint, meta: dict) -> Optional[dict]:
+    """What a resumed run's record says of its start: the step it resumed at (its timings are the resumed
+    part's), and the data the earlier steps ran on where it was not this run's."""
+    if checkpoint is None:
+        return None
+    from .checkpoints import checkpoint_step, read_meta
+
+    before = read_meta(checkpoint)
+    out = {"at": checkpoint_step(checkpoint)}
+    if before.get("data_fingerprint") and before["data_fingerprint"] != meta.get("data_fingerprint"):
+        out["earlier_data"] = before.get("data_source") or "other data"
+    return out
+
+
 def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollator, history: dict, device: str,
                    begin_info: dict):
     from transformers import TrainerCallback
@@ -751,7 +765,8 @@ def run_training(
     ckpt_dir = target.parent / ".checkpoints" / name
     from . import checkpoints as ckpts
 
-    ckpt_meta = {"name": name, "settings": settings, "data_fingerprint": getattr(data_report, "fingerprint", None)}
+    ckpt_meta = {"name": name, "settings": settings, "data_fingerprint": getattr(data_report, "fingerprint", None),
+                 "data_source": getattr(data_report, "source", None)}
     resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
@@ -861,6 +876,7 @@ def run_training(
                 "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
             },
             "versions": versions(),
+            "resumed": _resumed(resume_from, ckpt_meta),
         }
         adapter_path = None
         # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
