@@ -73,7 +73,7 @@ def main() -> None:
         micro_rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     micro_md = ["Loss alone (head + cross-entropy, fwd + bwd), batch 8 x 256, vocab 49152, bf16:", "",
                 "| loss | s/iter | process peak RSS GB | loss value |", "|---|---|---|---|"]
-    micro_md += [f"| {m['mode']} | {m['seconds']:.2f} | {m['peak_rss'] / 2**30:.2f} | {m['loss']:.4f} |"
+    micro_md += [f"| {m['mode']} | {m['seconds']:.2f} | {m['peak_rss'] / 1e9:.2f} | {m['loss']:.4f} |"
                  for m in micro_rows]
     print("\n".join(micro_md))
     data = ROOT / "ft_magics" / "data"
@@ -103,7 +103,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['lever']} | {r['loss_tokens_per_s']:.0f} | {r['train_seconds'] / r['steps']:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['rss_before_train'] / 2**30:.2f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_before_train'] / 1e9:.2f} | "
                      f"{100 * r['padding_waste']:.0f}% | {r['eval_loss']:.4f} | {100 * r['fraction_of_peak']:.0f}% |")
     text = "\n".join(micro_md + [""] + lines)
     (RESULTS / "bench_levers.json").write_text(json.dumps({"micro": micro_rows, "runs": rows}, indent=1))

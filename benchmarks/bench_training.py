@@ -477,7 +477,8 @@ def run_all(steps: int, device: str = "cpu") -> list:
 
 
 def gb(n):
-    return n / 2**30
+    """Decimal GB (1e9 bytes), as ft_magics' own readouts and %ft_plan give them."""
+    return n / 1e9
 
 
 def table(rows: list) -> str:
