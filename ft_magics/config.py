@@ -90,7 +90,7 @@ class TrainConfig:
     chunked_loss: bool = _f(
         True, "Compute the loss over the output layer in row chunks, only where tokens carry loss: never holds "
         "full-vocabulary fp32 logits for the batch (faster, much less memory; same loss and gradients).")
-    loss_chunk_rows: int = _f(0, "Rows per chunk for chunked_loss (0: auto, 128 rows, fewer where that would pass 64 MB of fp32 logits).")
+    loss_chunk_rows: int = _f(0, "Rows per chunk for chunked_loss (0: auto, 128 rows, 64 with gradient checkpointing, fewer where that would pass 64 MB of fp32 logits).")
     autocast: bool = _f(
         True, "Run the forward under autocast in the compute dtype (bf16 where the hardware is fast at it): LoRA "
         "layers compute in bf16 with fp32 weights instead of keeping fp32 copies of their inputs.")

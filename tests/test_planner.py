@@ -264,7 +264,7 @@ def test_a_mixture_of_experts_counts_every_expert_in_memory_and_the_routed_ones_
         (14483464192, 101384249344, 13808697344), (14483464192, 671088640, 20828323840),
         (4124842113.0, 671088640, 20828323840)]
     assert [m.activations for m in planner.plan(dense, seq_len=1024, batch_size=2, gradient_checkpointing=True).modes] \
-        == [1603272704, 972488704, 972488704]
+        == [1603272704, 960200704, 960200704]  # checkpointed: 64-row loss chunks
     # the adapter: r * (3h + 5 * width) per expert (PEFT's fused gate_up at rank 2r, down at r) and the router
     h, i, r = 4096, 14336, 16
     assert d.lora_params(r) - dense.lora_params(r) == 32 * (8 * r * (3 * h + 5 * i) + r * (h + 8) - 3 * r * (h + i))

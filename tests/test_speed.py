@@ -664,6 +664,23 @@ def test_auto_chunk_rows_caps_rows_and_bytes():
     big = auto_chunk_rows(256_000)  # a 256k vocabulary: the byte budget binds
     assert big < DEFAULT_CHUNK_ROWS and big * 4 * 256_000 <= DEFAULT_CHUNK_BYTES
     assert auto_chunk_rows(10**9) == 16
+    assert auto_chunk_rows(49152, checkpointed=True) == 64 and auto_chunk_rows(10**9, checkpointed=True) == 16
+
+
+@pytest.mark.parametrize("checkpointing,rows", [(True, 64), (False, 128)])
+def test_a_checkpointed_run_takes_smaller_loss_chunks(tiny_session, monkeypatch, checkpointing, rows):
+    """Gradient checkpointing is the memory-bound mode: its auto loss chunks are 64 rows, not 128 (bundled set:
+    peak 870-872 against 887-916 MB at the same speed); loss_chunk_rows still sets any other."""
+    from ft_magics.core import speed
+
+    seen = []
+    real = speed.make_trainer
+    monkeypatch.setattr(speed, "make_trainer", lambda model, chunked, chunk_rows=0, **kw: seen.append(chunk_rows)
+                        or real(model, chunked, chunk_rows, **kw))
+    cfg = {"max_steps": 1, "batch_size": 2, "r": 4, "gradient_checkpointing": checkpointing}
+    tiny_session.train("c", "demo:support", cfg)
+    tiny_session.train("d", "demo:support", {**cfg, "loss_chunk_rows": 24})
+    assert seen == [rows, 24]
 
 
 def test_chunk_bytes_count_both_logits_blocks():

@@ -465,7 +465,7 @@ def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked
     # with checkpointing: each layer's 16-bit input, plus one layer's full set (the largest) during its recompute
     body = tokens * ((d.layers * act_bytes * d.hidden + max(b for _, b in kinds)) if ckpt
                      else sum(count * b for count, b in kinds))
-    logits = (chunk_bytes(min(auto_chunk_rows(d.vocab), tokens), d.vocab, act_bytes) if chunked
+    logits = (chunk_bytes(min(auto_chunk_rows(d.vocab, checkpointed=ckpt), tokens), d.vocab, act_bytes) if chunked
               else tokens * d.vocab * LOGIT_BYTES_STANDARD)
     return body + logits
 

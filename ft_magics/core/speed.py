@@ -27,17 +27,21 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 64 * 2**20  # at most this much fp32 logits held per chunk
 DEFAULT_CHUNK_ROWS = 128  # and at most this many rows
+CHECKPOINTED_CHUNK_ROWS = 64  # with gradient checkpointing, where memory is what the run is short of
 
 
-def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk: 128, or fewer so that one chunk of fp32 logits stays within ``budget_bytes``
-    (at least 16 rows). Measured on the demo model's head (vocab 49152, bf16, 2 cores), loss forward +
-    backward over 2000 rows: 128-row chunks (24 MB) 503 ms, 341-row chunks (64 MB) 643 ms, 32-row 674 ms;
-    over 250 rows they are within noise. Smaller chunks also lower the peak that the loss adds: with
-    gradient checkpointing on the bundled set, 32-row chunks peaked at 966 MB RSS against 1016 MB (10 steps,
+def auto_chunk_rows(vocab_size: int, budget_bytes: int = DEFAULT_CHUNK_BYTES, checkpointed: bool = False) -> int:
+    """Rows per chunk: 128 (64 with gradient checkpointing), or fewer so that one chunk of fp32 logits stays
+    within ``budget_bytes`` (at least 16 rows). Measured on the demo model's head (vocab 49152, bf16, 2 cores),
+    loss forward + backward over 2000 rows: 128-row chunks (24 MB) 503 ms, 341-row chunks (64 MB) 643 ms,
+    32-row 674 ms; over 250 rows they are within noise. Smaller chunks also lower the peak that the loss adds:
+    with gradient checkpointing on the bundled set, 32-row chunks peaked at 966 MB RSS against 1016 MB (10 steps,
     3 runs each), but for steps 1-5% slower, which took the checkpointed run under 1.5x the reference's speed
-    in one make bench; so 128 stays the default and ``loss_chunk_rows`` sets fewer."""
-    return max(16, min(DEFAULT_CHUNK_ROWS, int(budget_bytes // (4 * max(vocab_size, 1)))))
+    in one make bench. 64-row chunks there (20 steps, two runs each in turns): peak 870-872 MB against
+    887-916 MB with 128, at 127 against 125-138 loss tokens/s. So a checkpointed run, which asked for memory
+    over speed, takes 64; ``loss_chunk_rows`` sets any other."""
+    rows = CHECKPOINTED_CHUNK_ROWS if checkpointed else DEFAULT_CHUNK_ROWS
+    return max(16, min(rows, int(budget_bytes // (4 * max(vocab_size, 1)))))
 
 
 def chunk_bytes(rows: int, vocab_size: int, compute_bytes: int = 2) -> int:

@@ -285,6 +285,15 @@ class CountingCollator:
                             "attention_mask": [1] * len(f["input_ids"])} for f in features])
 
 
+def _auto_chunk_rows(model, checkpointed: bool) -> int:
+    """The chunked loss's rows per chunk for this run (0: the loss decides, for a head it cannot read)."""
+    from .speed import auto_chunk_rows
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return auto_chunk_rows(weight.shape[0], checkpointed=checkpointed) if weight is not None else 0
+
+
 def _resumed(checkpoint, meta: dict) -> Optional[dict]:
     """What a resumed run's record says of its start: the step it resumed at (its timings are the resumed
     part's), and the data the earlier steps ran on where it was not this run's."""
@@ -778,7 +787,8 @@ def run_training(
     if keeper is not None and resume_from is not None:
         keeper.load(resume_from)
     trainer = make_trainer(
-        peft_model, cfg.chunked_loss, cfg.loss_chunk_rows, autocast_dtype=handle.dtype if cfg.autocast else None,
+        peft_model, cfg.chunked_loss, cfg.loss_chunk_rows or _auto_chunk_rows(peft_model, ckpt_on),
+        autocast_dtype=handle.dtype if cfg.autocast else None,
         lean_steps=cfg.lean_steps, causal_mask_only=cfg.causal_mask_only,
         preference=(cfg.objective, cfg.pair_beta, cfg.simpo_gamma) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
