@@ -153,7 +153,7 @@ class Session:
             if note:
                 emit(listeners, Message(note, "warning"))
         if dry_run:
-            emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex)))
+            emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex, report)))
             return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)
         heldout = (data, eval_data, cfg) if eval_ex else None
@@ -168,7 +168,7 @@ class Session:
         return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done,
                                    resume=resume, heldout=heldout)
 
-    def _dry_run_text(self, cfg: TrainConfig, train_ex: list, eval_ex: list) -> str:
+    def _dry_run_text(self, cfg: TrainConfig, train_ex: list, eval_ex: list, report=None) -> str:
         from .core.events import counted
         from .core.training import planned_steps, preflight
 
@@ -184,7 +184,11 @@ class Session:
         else:
             evals = f"{counted(len(eval_ex), unit)}, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
-        return (f"Dry run: {counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')} -> "
+        if cfg.packing and report is not None:  # the rows are packs of examples: say both, as the run does
+            what = f"{counted(report.train_rows, 'training example')} packed into {counted(len(train_ex), 'row')}"
+        else:
+            what = counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')
+        return (f"Dry run: {what} -> "
                 f"{counted(steps, 'optimizer step')} of {per_step} ({span}); "
                 f"{evals}; gradient checkpointing {ckpt}. The memory checks passed. Nothing was trained: run the "
                 "cell without --dry-run to train.")

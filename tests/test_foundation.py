@@ -932,6 +932,7 @@ def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model
     """%%lora_train --dry-run: the data report, the example, the steps the run would take (the same count a
     real run then takes) and the memory checks; no adapter attached, nothing written."""
     import json
+    import re
 
     from IPython.core.error import UsageError
 
@@ -947,6 +948,11 @@ def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model
     assert not hasattr(s.model, "peft_config") and not (tmp_path / "adapters" / "dry").exists() and not s.runs
     shell.run_cell_magic("lora_train", "dry --data d.jsonl --no-widgets", body)
     assert s.runs[-1].steps == 6  # what the dry run said
+    packed = "batch_size: 2\nr: 4\npacking: true\ntrain_on: all\nmax_seq_len: 64\nmax_steps: 1\n"
+    shell.run_cell_magic("lora_train", "pk --data d.jsonl --dry-run", packed)  # it said "N training examples" of
+    out = capsys.readouterr().out  # the packed rows, as if the other examples were gone
+    rows_made = int(re.search(r"Packing\s+21 examples -> (\d+) rows", out).group(1))
+    assert rows_made < 21 and f"Dry run: 21 training examples packed into {rows_made} rows -> " in out
     with pytest.raises(UsageError, match="--dry-run checks a run without starting one"):
         shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run --background", body)
     with pytest.raises(UsageError, match="free"):  # the memory check a real run makes, made by the dry run too
