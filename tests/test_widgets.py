@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -154,7 +155,7 @@ def test_redraws_are_throttled():
     assert d.progress.value == 200 and d.curve.steps[-1] == 200
 
 
-def test_final_record_and_curve_svg_written_into_the_adapter_folder(dash, tmp_path):
+def test_final_record_names_the_curve_the_run_saved(dash, tmp_path):
     adapter = tmp_path / "bot"
     adapter.mkdir()
     emit([dash], begin())
@@ -162,13 +163,40 @@ def test_final_record_and_curve_svg_written_into_the_adapter_folder(dash, tmp_pa
         emit([dash], step(i))
     emit([dash], TrainEnd(run_name="bot", status="completed", steps=10, final_loss=0.2, elapsed_s=12.0,
                           adapter_path=str(adapter), peak_memory=cpu_mem()))
-    svg = (adapter / "loss_curve.svg").read_text()
-    assert svg == dash.chart.value and svg.startswith("<svg") and "10 steps, last loss 0.2000" in svg
-    assert not [p for p in adapter.iterdir() if p.name.startswith(".")], "no temporary file left behind"
+    assert "10 steps, last loss 0.2000" in dash.chart.value
     assert "completed after 10 steps in 0:12; loss 2.0000 -&gt; 0.2000" in dash.record.value
     assert f"adapter saved to {adapter}" in dash.record.value
-    assert "loss_curve.svg" in dash.record.value
+    assert "loss_curve.svg" not in dash.record.value  # this folder holds none: nothing is claimed
     assert dash.stop_button.disabled and "Run (completed)" in dash.title.value
+    (adapter / "loss_curve.svg").write_text("<svg/>")  # what a run writes with its adapter
+    again = TrainingDashboardForTest()
+    emit([again], begin())
+    emit([again], TrainEnd(run_name="bot", status="completed", steps=10, final_loss=0.2, elapsed_s=12.0,
+                           adapter_path=str(adapter), peak_memory=cpu_mem()))
+    assert f"loss curve saved to {adapter / 'loss_curve.svg'}" in again.record.value
+
+
+def TrainingDashboardForTest():
+    from ft_magics.widgets.dashboard import TrainingDashboard
+
+    return TrainingDashboard(background=True, session=FakeSession(), show=False, max_fps=1e9, draw_budget=float("inf"))
+
+
+def test_every_saved_run_has_its_loss_curve_with_or_without_a_dashboard(tiny_session, tmp_path):
+    """Only the Jupyter dashboard wrote loss_curve.svg: a run from a terminal, a script, --no-widgets or the
+    Python API had none, though the README promised it in the adapter folder. The run writes it now, with the
+    adapter (atomically), drawn from its record: one raw point per logged step, one dot per evaluation."""
+    import re
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"hello {i}", "completion": "billing"}) + "\n" for i in range(12)))
+    res = tiny_session.train("plain", str(data), {"max_steps": 4, "batch_size": 2, "r": 4, "eval_fraction": 0.25,
+                                                   "eval_steps": 2}, listeners=[])
+    svg = (Path(res.adapter_path) / "loss_curve.svg").read_text()
+    points = re.search(r'class="ft-loss-raw"[^>]*points="([^"]+)"', svg).group(1).split()
+    assert len(points) == len(res.record["loss_history"]) == 4
+    assert svg.count('class="ft-loss-eval"') == len(res.record["eval_history"]) >= 2
+    assert f"last loss {res.record['loss_history'][-1][1]:.4f}" in svg
 
 
 def test_dashboard_needs_no_plotting_library():
@@ -198,7 +226,7 @@ def test_dashboard_needs_no_plotting_library():
 def test_loss_chart_places_points_by_value_and_labels_round_ticks():
     import re
 
-    from ft_magics.widgets.dashboard import LossCurve, _log_ticks, _nice_ticks
+    from ft_magics.core.chart import LossCurve, _log_ticks, _nice_ticks
 
     c = LossCurve()
     for i, loss in enumerate([3.0, 2.0, 1.0, 1.5], start=1):
@@ -224,7 +252,7 @@ def test_loss_chart_places_points_by_value_and_labels_round_ticks():
 def test_a_long_runs_chart_stays_small_and_keeps_the_extremes():
     import re
 
-    from ft_magics.widgets.dashboard import LossCurve
+    from ft_magics.core.chart import LossCurve
 
     c = LossCurve()
     for i in range(1, 20001):
@@ -251,7 +279,8 @@ def test_dashboard_on_a_real_tiny_training_run(tiny_session, tmp_path):
     assert d.curve.steps == [1, 2, 3, 4]
     assert d.memory.value.startswith("RAM (CPU): process RSS")
     curve = tmp_path / "adapters" / "t" / "loss_curve.svg"
-    assert curve.read_text() == d.chart.value
+    assert curve.read_text() == d.chart.value  # the run's saved curve is the chart the dashboard showed last
+    assert f"loss curve saved to {curve}" in d.record.value
     assert res.adapter_path and "adapter saved to" in d.record.value
 
 

@@ -596,8 +596,10 @@ def combine(model, weights: dict, new_name: str, method: str = "linear") -> None
 
 
 # --------------------------------------------------------------------------- export
-def save_peft_adapter(model, name: str, target: Path, record: Optional[dict] = None) -> Path:
-    """Write adapter ``name`` in PEFT's own format (plus an ft_run.json record) atomically to ``target``."""
+def save_peft_adapter(model, name: str, target: Path, record: Optional[dict] = None,
+                      files: Optional[dict] = None) -> Path:
+    """Write adapter ``name`` in PEFT's own format (plus an ft_run.json record, and ``files``: ``{name:
+    text}``) atomically to ``target``."""
     import os
     import shutil
 
@@ -612,6 +614,8 @@ def save_peft_adapter(model, name: str, target: Path, record: Optional[dict] = N
         shutil.rmtree(scratch, ignore_errors=True)
         if record is not None:
             (tmp / "ft_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        for file_name, text in (files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
     return Path(target)
 
 

@@ -657,10 +657,12 @@ def _training_args(cfg: TrainConfig, out_dir: str, device: str, compute_dtype, h
 
 
 def save_adapter(peft_model, name: str, target: Path, record: dict) -> Path:
-    """Write the adapter in PEFT's own format plus the run record, atomically."""
+    """Write the adapter in PEFT's own format, the run record and its loss curve (``loss_curve.svg``, with
+    or without a dashboard), atomically."""
     from .adapters import save_peft_adapter
+    from .chart import CURVE_FILE, curve_svg
 
-    return save_peft_adapter(peft_model, name, target, record)
+    return save_peft_adapter(peft_model, name, target, record, files={CURVE_FILE: curve_svg(record)})
 
 
 def versions() -> dict:
