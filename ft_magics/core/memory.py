@@ -197,7 +197,17 @@ def heap_for_training(device: str, reuse: bool = True):
     instead of 3.03 GB), and with gradient checkpointing 119 instead of 72 (1.53 instead of 1.14 GB); on the
     bundled set (~80 tokens) the same speed and memory either way. On exit the 1 MB threshold is back and
     the freed heap is returned. FT_MAGICS_MMAP_THRESHOLD, where set, pins the threshold throughout.
+
+    On the CPU the heap is trimmed first (after a garbage collection): the holes that loading, tokenising and
+    building the Trainer left are returned instead of being where the step's small long-lived allocations
+    land. Bundled set with gradient checkpointing, 20 steps, two runs each in turns: peak 862-867 MB against
+    868-940 MB, the same speed.
     """
+    if str(device).startswith("cpu"):  # start from a compact heap: what loading and tokenising freed goes back
+        import gc
+
+        gc.collect()
+        trim_heap()
     if (not str(device).startswith("cpu") or not reuse or "FT_MAGICS_MMAP_THRESHOLD" in os.environ
             or not set_mmap_threshold(TRAINING_MMAP_THRESHOLD)):
         yield 0
