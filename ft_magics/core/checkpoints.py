@@ -145,7 +145,7 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
     if path is None:
         raise no_checkpoint_error(root, name)
     old = check_resumable(path, name, meta.get("settings") or {})
-    step = int(_CKPT_RE.match(path.name).group(1))
+    step = checkpoint_step(path)
     changed = [k for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
     changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha",
@@ -166,7 +166,7 @@ def check_resumable(path: Path, name: str, settings: dict) -> dict:
     """Refuse to resume from checkpoint ``path`` what cannot continue it: a run whose max_steps is already
     reached, or whose adapter has another shape (``SHAPE_SETTINGS``). Returns the checkpoint's metadata."""
     old = read_meta(path)
-    step = int(_CKPT_RE.match(Path(path).name).group(1))
+    step = checkpoint_step(path)
     limit = settings.get("max_steps", -1)
     if isinstance(limit, int) and 0 < limit <= step:
         started = (old.get("settings") or {}).get("max_steps")
