@@ -55,8 +55,7 @@ class TrainingDashboard(Listener):
         self.curve_path: Optional[str] = None
 
         self.title = widgets.HTML("<b>Training</b>")
-        self.svg = self.curve.svg()  # the document last sent to the chart widget
-        self.chart = widgets.HTML(self.svg)
+        self.chart = widgets.HTML(self.curve.svg())  # its value: the document last drawn
         self.chart.add_class("ft-loss-chart")
         self.scale = widgets.ToggleButtons(options=["linear", "log"], value="linear", description="scale",
                                            style={"button_width": "60px"})
@@ -194,8 +193,7 @@ class TrainingDashboard(Listener):
 
     def _draw(self) -> None:
         t = time.perf_counter()
-        self.svg = self.curve.svg()
-        self.chart.value = self.svg
+        self.chart.value = self.curve.svg()
         done = time.perf_counter()
         self._draw_cost = done - t
         self._last_draw = done
