@@ -492,3 +492,68 @@ def test_dora_on_a_4bit_base_repacked_for_the_cpu_kernel_answers_as_in_the_stand
     with torch.no_grad():
         own = pm(input_ids=ids).logits
     assert (want - own).abs().max() < 0.02 * want.abs().max(), (want - own).abs().max()
+
+
+def _lean_fused_step(model, autocast=None):
+    """Loss, trainable gradients, bytes autograd kept and the backward node names of one step with both
+    switches on (fused LoRA layers and the lean norms/MLPs)."""
+    from ft_magics.core.fused_lora import fused_lora
+    from ft_magics.core.lean import lean_activations
+    from ft_magics.core.speed import autocast_context
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 96, (3, 24)).to(next(model.parameters()).device)
+    kept: dict = {}
+
+    def pack(t):
+        kept.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with fused_lora(model), lean_activations(model):
+        with autocast_context(model, autocast), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        names, todo, seen = set(), [loss.grad_fn], set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+        loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(kept.values()), names
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit-bf16"])
+def test_a_lora_down_proj_takes_the_silu_product_in_its_node_without_keeping_it(four_bit, tiny_model_dir, monkeypatch):
+    """The SwiGLU MLP's product ``silu(g) * u`` feeds a fused LoRA down_proj: one node keeps g and u (which the
+    SiLU's backward needs anyway) instead of the product too, with the same loss and gradients bit for bit
+    as the two nodes it replaces."""
+    from ft_magics.core import fused_lora as fl
+
+    if four_bit:
+        pm, autocast = _lora(_4bit_base(tiny_model_dir, "cpu")), torch.bfloat16
+    else:
+        pm, autocast = _lora(_tiny()), None
+    loss1, g1, kept1, names1 = _lean_fused_step(pm, autocast)
+    monkeypatch.setattr(fl, "silu_mul_down", lambda down, g, u: None)  # down_proj(lean product), as before
+    loss0, g0, kept0, names0 = _lean_fused_step(pm, autocast)
+    assert "SiluMulLoraFnBackward" in names1 and "SiluMulLoraFnBackward" not in names0
+    assert "SiluMulFnBackward" in names0 and "SiluMulFnBackward" not in names1
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys() and any("down_proj.lora_A" in k for k in g0)
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
+    cfg = pm.config
+    product = 3 * 24 * cfg.intermediate_size * (2 if four_bit else 4)  # one (batch, length, width) product
+    assert kept0 - kept1 >= cfg.num_hidden_layers * product, (kept0, kept1)
+
+
+def test_dropout_on_down_proj_keeps_the_two_nodes():
+    """With LoRA dropout the mask would have to be kept: the product goes to down_proj's own node."""
+    pm = _lora(_tiny(), lora_dropout=0.1)
+    pm.train()
+    *_, names = _lean_fused_step(pm)
+    assert "SiluMulLoraFnBackward" not in names and "SiluMulFnBackward" in names

@@ -82,6 +82,84 @@ def _function():
 
 
 @functools.cache
+def _silu_mul_function():
+    import torch
+    import torch.nn.functional as F
+
+    class SiluMulLoraFn(torch.autograd.Function):
+        """A SwiGLU MLP's ``down(silu(g) * u)`` with ``down`` a LoRA layer, as one node that keeps ``g`` and ``u``
+        (which the SiLU's backward needs anyway) and not the product ``h = silu(g) * u``: the backward
+        recomputes ``h`` (one elementwise product more; the SiLU it computes once either way). The arithmetic
+        is :class:`LoraLinearFn`'s on ``h`` and the lean SiLU product's, op for op."""
+
+        @staticmethod
+        def forward(ctx, g, u, A, B, bias, weight_of, scaling, dtype):
+            shape = g.shape
+            h2 = F.silu(g).mul_(u).reshape(-1, shape[-1]).to(dtype)
+            w = weight_of(dtype)
+            y = torch.addmm(bias.to(dtype), h2, w.t()) if bias is not None else h2 @ w.t()
+            a, b = A.to(dtype), B.to(dtype)
+            xa = h2 @ a.t()
+            y.addmm_(xa, b.t(), alpha=scaling)
+            ctx.save_for_backward(g, u, xa, a, b)
+            ctx.weight_of, ctx.scaling, ctx.dtype = weight_of, scaling, dtype
+            ctx.ab_dtypes = (A.dtype, B.dtype)
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            g, u, xa, a, b = ctx.saved_tensors
+            want_g, want_u, want_a, want_b = ctx.needs_input_grad[:4]
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(xa.dtype)
+            gl = (dy2 @ b).mul_(ctx.scaling)
+            s = F.silu(g)
+            da = None
+            if want_a:
+                h2 = (s * u).reshape(-1, g.shape[-1]).to(ctx.dtype)
+                da = (gl.t() @ h2).to(ctx.ab_dtypes[0])
+                del h2
+            db = (dy2.t() @ xa).mul_(ctx.scaling).to(ctx.ab_dtypes[1]) if want_b else None
+            dg = du = None
+            if want_g or want_u:
+                dh = (dy2 @ ctx.weight_of(dy2.dtype)).addmm_(gl, a).view(g.shape).to(g.dtype)
+                du = s.mul_(dh) if want_u else None
+                if want_g:
+                    dh_u = dh.mul_(u)
+                    dg = torch.ops.aten.silu_backward.grad_input(dh_u, g, grad_input=dh_u)  # in place
+            return dg, du, da, db, None, None, None, None
+
+    return SiluMulLoraFn
+
+
+def silu_mul_down(down, g, u):
+    """``down(silu(g) * u)`` as one :func:`_silu_mul_function` node, or None where ``down`` runs otherwise: not
+    switched by a :func:`fused_lora` block, no autograd, or its forward would not be the fused LoRA node (see
+    :func:`_fused_forward`), or LoRA dropout (its mask would have to be kept)."""
+    import torch
+
+    fn = getattr(vars(down).get("forward"), "__func__", None)
+    if not (isinstance(fn, functools.partial) and fn.func is _fused_forward) or not torch.is_grad_enabled():
+        return None
+    if down.disable_adapters or down.merged:
+        return None
+    active = down.active_adapters
+    if len(active) != 1 or active[0] not in down.lora_A:
+        return None
+    name, parts = active[0], fn.keywords["parts"]
+    if name not in parts:
+        parts[name] = _layer_parts(down, name)
+    if parts[name] is None:
+        return None
+    base, A, B, dropout, scaling = parts[name]
+    if not isinstance(dropout, torch.nn.Identity) or g.dtype != u.dtype:
+        return None
+    how = _training_weight(g, base, A.dtype, parts)
+    if how is None:
+        return None
+    return _silu_mul_function().apply(g, u, A, B, base.bias, how[1], scaling, how[0])
+
+
+@functools.cache
 def _dora_function():
     import torch
 

@@ -78,7 +78,11 @@ def _norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(_functions()[1].apply(self.gate_proj(x), self.up_proj(x)))
+    g, u = self.gate_proj(x), self.up_proj(x)
+    from .fused_lora import silu_mul_down  # (fused_lora imports this module)
+
+    y = silu_mul_down(self.down_proj, g, u)  # a fused LoRA down_proj: the product is not kept either
+    return y if y is not None else self.down_proj(_functions()[1].apply(g, u))
 
 
 def _source(fn) -> str:
