@@ -526,8 +526,10 @@ def _lean_fused_step(model, autocast=None):
     return loss.detach(), grads, sum(kept.values()), names
 
 
-@pytest.mark.parametrize("four_bit", [False, True], ids=["fp32", "4bit-bf16"])
-def test_a_lora_down_proj_takes_the_silu_product_in_its_node_without_keeping_it(four_bit, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("four_bit,bias", [(False, False), (False, True), (True, False)],
+                         ids=["fp32", "fp32-biased-mlp", "4bit-bf16"])
+def test_a_lora_down_proj_takes_the_silu_product_in_its_node_without_keeping_it(four_bit, bias, tiny_model_dir,
+                                                                                  monkeypatch):
     """The SwiGLU MLP's product ``silu(g) * u`` feeds a fused LoRA down_proj: one node keeps g and u (which the
     SiLU's backward needs anyway) instead of the product too, with the same loss and gradients bit for bit
     as the two nodes it replaces."""
@@ -536,7 +538,7 @@ def test_a_lora_down_proj_takes_the_silu_product_in_its_node_without_keeping_it(
     if four_bit:
         pm, autocast = _lora(_4bit_base(tiny_model_dir, "cpu")), torch.bfloat16
     else:
-        pm, autocast = _lora(_tiny()), None
+        pm, autocast = _lora(_tiny(bias=bias)), None
     loss1, g1, kept1, names1 = _lean_fused_step(pm, autocast)
     monkeypatch.setattr(fl, "silu_mul_down", lambda down, g, u: None)  # down_proj(lean product), as before
     loss0, g0, kept0, names0 = _lean_fused_step(pm, autocast)
