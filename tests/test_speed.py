@@ -1170,3 +1170,24 @@ def test_packed_training_runs_through_the_block_attention(tiny_model_dir, tmp_pa
     losses = [l for _, l in r.record["loss_history"]]
     assert losses[-1] < losses[0], losses
     assert not speed._PACKED_CHECKS
+
+
+def test_a_block_of_packed_rows_multiplies_only_the_keys_of_its_own_documents():
+    """Keys before the first document of a block of queries are not read: a packed row of n examples costs
+    what the examples cost apart (the fp64 tests above check the values)."""
+    from ft_magics.core.speed import _block_scores
+
+    lengths = [40, 25, 60, 35]  # one packed row of four examples, 160 tokens
+    docs = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    q, k = torch.randn(1, 160 * 2, 8), torch.randn(1, 160, 8)  # one key/value head, two query heads per group
+    seen = [(s, e, k0, tuple(scores.shape)) for s, e, k0, scores in _block_scores(q, k, 0.5, 16, 2, docs)]
+    assert [s for s, *_ in seen] == list(range(0, 160, 16))
+    for s, e, k0, shape in seen:
+        assert k0 == max(st for st in starts if st <= s)  # where the block's first query's example begins
+        assert shape == (1, (e - s) * 2, e - k0)
+    assert sum(shape[2] for *_, shape in seen) < 0.6 * sum(e for _, e, _, _ in seen)
+    two_rows = torch.cat([docs, torch.cat([torch.full((100,), 1), torch.full((60,), 2)])[None]])
+    q2, k2 = torch.randn(2, 160 * 2, 8), torch.randn(2, 160, 8)
+    firsts = {s: k0 for s, _, k0, _ in _block_scores(q2, k2, 0.5, 16, 2, two_rows)}
+    assert firsts[96] == 0 and firsts[112] == 65 and firsts[128] == 100  # the earliest over the rows

@@ -552,8 +552,8 @@ def _block_causal_fn():
             block = _query_block(b * kv, groups, length, q.element_size())
             out = torch.empty_like(q)
             with torch.autocast(query.device.type, enabled=False):
-                for s, e, scores in _block_scores(q, k, scale, block, groups, docs):
-                    torch.bmm(torch.softmax(scores, dim=-1), v[:, :e], out=out[:, s * groups:e * groups])
+                for s, e, k0, scores in _block_scores(q, k, scale, block, groups, docs):
+                    torch.bmm(torch.softmax(scores, dim=-1), v[:, k0:e], out=out[:, s * groups:e * groups])
             ctx.save_for_backward(q, k, v)
             ctx.docs = docs
             ctx.scale, ctx.block, ctx.shape = scale, block, (b, heads, length, dim, kv, groups)
@@ -568,14 +568,14 @@ def _block_causal_fn():
             do = do.to(q.dtype)
             dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
             with torch.autocast(q.device.type, enabled=False):
-                for s, e, scores in _block_scores(q, k, ctx.scale, ctx.block, groups, ctx.docs):
+                for s, e, k0, scores in _block_scores(q, k, ctx.scale, ctx.block, groups, ctx.docs):
                     rows = slice(s * groups, e * groups)
                     probs = torch.softmax(scores, dim=-1)
-                    dv[:, :e].baddbmm_(probs.transpose(1, 2), do[:, rows])
-                    dprobs = torch.bmm(do[:, rows], v[:, :e].transpose(1, 2))
+                    dv[:, k0:e].baddbmm_(probs.transpose(1, 2), do[:, rows])
+                    dprobs = torch.bmm(do[:, rows], v[:, k0:e].transpose(1, 2))
                     dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype).mul_(ctx.scale)
-                    torch.bmm(dscores, k[:, :e], out=dq[:, rows])
-                    dk[:, :e].baddbmm_(dscores.transpose(1, 2), q[:, rows])
+                    torch.bmm(dscores, k[:, k0:e], out=dq[:, rows])
+                    dk[:, k0:e].baddbmm_(dscores.transpose(1, 2), q[:, rows])
             dq = dq.view(b, kv, length, groups, dim).transpose(2, 3).reshape(b, heads, length, dim)
             return dq, dk.view(b, kv, length, dim), dv.view(b, kv, length, dim), None, None
 
@@ -583,24 +583,40 @@ def _block_causal_fn():
 
 
 def _block_scores(q, k, scale, block, groups, docs=None):
-    """``(start, end, scores)`` per block of query positions: the scaled scores of rows ``start..end``
-    against keys ``0..end`` with the causal bias on the diagonal block (keys past ``end`` are never read);
-    with ``docs`` (b, L), each position sees only the earlier positions of its own document."""
+    """``(start, end, first, scores)`` per block of query positions: the scaled scores of rows ``start..end``
+    against keys ``first..end`` with the causal bias on the diagonal block (keys past ``end`` are never read).
+    Without ``docs`` ``first`` is 0; with ``docs`` (b, L), each position sees only the earlier positions of its
+    own document, and ``first`` is where the block's first document begins (the earliest over the rows):
+    keys before it belong to earlier documents and are not multiplied at all. So a packed row of n
+    examples costs about what its examples cost apart, not the causal half of the whole row."""
     import torch
 
     length = k.shape[1]
     bias = _causal_bias(block, groups, q.dtype, q.device, group_major=False)  # the diagonal block's
+    starts = None if docs is None else _document_starts(docs)
     for s in range(0, length, block):
         e = min(s + block, length)
-        scores = torch.bmm(q[:, s * groups:e * groups], k[:, :e].transpose(1, 2)).mul_(scale)
+        k0 = 0 if starts is None else int(starts[:, s].min())
+        scores = torch.bmm(q[:, s * groups:e * groups], k[:, k0:e].transpose(1, 2)).mul_(scale)
         if docs is None:
             scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
         else:
-            allowed = _within_documents(docs, s, e, e)
+            allowed = _within_documents(docs, s, e, e)[:, :, k0:]
             doc_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-            b = docs.shape[0]  # rows (position, group): (b * kv, n * groups, e) -> (b, kv, n, groups, e)
-            scores.view(b, -1, e - s, groups, e).add_(doc_bias[:, None, :, None, :])
-        yield s, e, scores
+            b = docs.shape[0]  # rows (position, group): (b * kv, n * groups, e - k0) -> (b, kv, n, groups, e - k0)
+            scores.view(b, -1, e - s, groups, e - k0).add_(doc_bias[:, None, :, None, :])
+        yield s, e, k0, scores
+
+
+def _document_starts(docs):
+    """``(b, L)``: the position at which each position's document begins (``docs``: nondecreasing document
+    numbers along each row, as :func:`packed_documents` makes them)."""
+    import torch
+
+    at = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return torch.where(first, at, torch.zeros_like(at)).cummax(1).values
 
 
 def packed_documents(attention_mask, position_ids, batch: int, length: int):
