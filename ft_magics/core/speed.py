@@ -593,10 +593,11 @@ def _block_scores(q, k, scale, block, groups, docs=None):
 
     length = k.shape[1]
     bias = _causal_bias(block, groups, q.dtype, q.device, group_major=False)  # the diagonal block's
-    starts = None if docs is None else _document_starts(docs)
-    for s in range(0, length, block):
+    # each block's first key, read to the host once for all blocks
+    firsts = [0] * len(range(0, length, block)) if docs is None else \
+        _document_starts(docs)[:, ::block].amin(0).tolist()
+    for s, k0 in zip(range(0, length, block), firsts):
         e = min(s + block, length)
-        k0 = 0 if starts is None else int(starts[:, s].min())
         scores = torch.bmm(q[:, s * groups:e * groups], k[:, k0:e].transpose(1, 2)).mul_(scale)
         if docs is None:
             scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
