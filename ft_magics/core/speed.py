@@ -602,7 +602,7 @@ def _block_scores(q, k, scale, block, groups, docs=None):
         if docs is None:
             scores[:, :, s:e].add_(bias[:(e - s) * groups, :e - s])
         else:
-            allowed = _within_documents(docs, s, e, e)[:, :, k0:]
+            allowed = _within_documents(docs, s, e, e, first_key=k0)
             doc_bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
             b = docs.shape[0]  # rows (position, group): (b * kv, n * groups, e - k0) -> (b, kv, n, groups, e - k0)
             scores.view(b, -1, e - s, groups, e - k0).add_(doc_bias[:, None, :, None, :])
@@ -658,14 +658,14 @@ def packed_documents(attention_mask, position_ids, batch: int, length: int):
 _PACKED_CHECKS: dict = {}
 
 
-def _within_documents(docs, start: int, end: int, keys: int):
-    """``(b, end - start, keys)``: whether query position ``start..end`` may attend to key ``0..keys``:
-    at or before it, in the same document (``docs``: b x L document numbers)."""
+def _within_documents(docs, start: int, end: int, keys: int, first_key: int = 0):
+    """``(b, end - start, keys - first_key)``: whether query position ``start..end`` may attend to key
+    ``first_key..keys``: at or before it, in the same document (``docs``: b x L document numbers)."""
     import torch
 
     q_at = torch.arange(start, end, device=docs.device)
-    k_at = torch.arange(keys, device=docs.device)
-    return (docs[:, start:end, None] == docs[:, None, :keys]) & (q_at[:, None] >= k_at[None, :])
+    k_at = torch.arange(first_key, keys, device=docs.device)
+    return (docs[:, start:end, None] == docs[:, None, first_key:keys]) & (q_at[:, None] >= k_at[None, :])
 
 
 def block_causal_attention(query, key, value, scale: float, docs=None):
