@@ -140,17 +140,11 @@ def silu_mul_down(down, g, u):
     fn = getattr(vars(down).get("forward"), "__func__", None)
     if not (isinstance(fn, functools.partial) and fn.func is _fused_forward) or not torch.is_grad_enabled():
         return None
-    if down.disable_adapters or down.merged:
+    parts = fn.keywords["parts"]
+    active = _active_parts(down, parts)
+    if active is None or active[1] is None:
         return None
-    active = down.active_adapters
-    if len(active) != 1 or active[0] not in down.lora_A:
-        return None
-    name, parts = active[0], fn.keywords["parts"]
-    if name not in parts:
-        parts[name] = _layer_parts(down, name)
-    if parts[name] is None:
-        return None
-    base, A, B, dropout, scaling = parts[name]
+    base, A, B, dropout, scaling = active[1]
     if not isinstance(dropout, torch.nn.Identity) or g.dtype != u.dtype:
         return None
     how = _training_weight(g, base, A.dtype, parts)
@@ -359,30 +353,39 @@ def _layer_parts(self, name):
             float(self.scaling[name]))
 
 
+def _active_parts(self, parts: dict):
+    """``(name, parts)`` of the one active adapter of LoRA layer ``self`` (``parts``: :func:`_layer_parts`, None for
+    a variant, cached in the block's dict ``parts``), or None where PEFT's own forward runs whatever the adapter:
+    adapters disabled or merged, or several active."""
+    if self.disable_adapters or self.merged:
+        return None
+    active = self.active_adapters
+    if len(active) != 1 or active[0] not in self.lora_A:
+        return None
+    name = active[0]
+    if name not in parts:
+        parts[name] = _layer_parts(self, name)
+    return name, parts[name]
+
+
 def _fused_forward(self, x, *args, parts=None, **kwargs):
     """The switched forward. ``parts`` caches :func:`_layer_parts` per adapter name for the ``with`` block
     (nn.Module attribute lookups were a third of this function's time per generated token)."""
     cls_forward = type(self).forward
-    if args or kwargs or self.disable_adapters or self.merged:
+    active = None if args or kwargs else _active_parts(self, {} if parts is None else parts)
+    if active is None:
         return cls_forward(self, x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1 or active[0] not in self.lora_A:
-        return cls_forward(self, x, *args, **kwargs)
-    name = active[0]
-    if parts is None:
-        parts = {}
-    if name not in parts:
-        parts[name] = _layer_parts(self, name)
     import torch
 
-    if parts[name] is None:
+    name, layer = active
+    if layer is None:
         if name in self.lora_variant:
             dora = _dora_inference_forward if not torch.is_grad_enabled() else _dora_training_forward
             out = dora(self, x, name)
             if out is not None:
                 return out
         return cls_forward(self, x, *args, **kwargs)
-    base, A, B, dropout, scaling = parts[name]
+    base, A, B, dropout, scaling = layer
 
     if not torch.is_grad_enabled():  # generation and evaluation
         return _inference_forward(self, x, base, A, B, dropout, scaling)
