@@ -36,6 +36,25 @@ from .lean import switched_forwards
 from .training import cpu_packed
 
 
+def _lora_forward(x2, xd2, weight_of, bias, A, B, scaling, dtype):
+    """``(y, xa, a, b)``: ``x2 W^T + bias + scaling * xd2 A^T B^T`` (2-D inputs) with the scaling and sum folded
+    into one addmm, ``xa = xd2 A^T`` and the adapter's matrices in ``dtype``: what a fused node keeps besides
+    its input."""
+    import torch
+
+    w = weight_of(dtype)
+    y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+    a, b = A.to(dtype), B.to(dtype)
+    xa = xd2 @ a.t()
+    y.addmm_(xa, b.t(), alpha=scaling)
+    return y, xa, a, b
+
+
+def _lora_grad_b(dy2, xa, scaling, dtype):
+    """The gradient of B: ``scaling * dy^T xa``, in B's own dtype."""
+    return (dy2.t() @ xa).mul_(scaling).to(dtype)
+
+
 @functools.cache
 def _function():
     import torch
@@ -48,11 +67,7 @@ def _function():
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             xd2 = x2 if xd is None else xd.reshape(-1, shape[-1]).to(dtype)
-            w = weight_of(dtype)
-            y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-            a, b = A.to(dtype), B.to(dtype)
-            xa = xd2 @ a.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
+            y, xa, a, b = _lora_forward(x2, xd2, weight_of, bias, A, B, scaling, dtype)
             ctx.save_for_backward(xd2, xa, a, b)
             ctx.weight_of, ctx.scaling, ctx.shape, ctx.x_dtype = weight_of, scaling, shape, x.dtype
             ctx.xd_dtype = None if xd is None else xd.dtype
@@ -66,7 +81,7 @@ def _function():
             dy2 = dy.reshape(-1, dy.shape[-1]).to(xa.dtype)
             g = (dy2 @ b).mul_(ctx.scaling) if (want_a or want_x or want_xd) else None
             da = (g.t() @ xd2).to(ctx.ab_dtypes[0]) if want_a else None
-            db = (dy2.t() @ xa).mul_(ctx.scaling).to(ctx.ab_dtypes[1]) if want_b else None
+            db = _lora_grad_b(dy2, xa, ctx.scaling, ctx.ab_dtypes[1]) if want_b else None
             dx = dxd = None
             shape = ctx.shape
             if want_x:
@@ -96,11 +111,7 @@ def _silu_mul_function():
         def forward(ctx, g, u, A, B, bias, weight_of, scaling, dtype):
             shape = g.shape
             h2 = F.silu(g).mul_(u).reshape(-1, shape[-1]).to(dtype)
-            w = weight_of(dtype)
-            y = torch.addmm(bias.to(dtype), h2, w.t()) if bias is not None else h2 @ w.t()
-            a, b = A.to(dtype), B.to(dtype)
-            xa = h2 @ a.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
+            y, xa, a, b = _lora_forward(h2, h2, weight_of, bias, A, B, scaling, dtype)
             ctx.save_for_backward(g, u, xa, a, b)
             ctx.weight_of, ctx.scaling, ctx.dtype = weight_of, scaling, dtype
             ctx.ab_dtypes = (A.dtype, B.dtype)
@@ -118,7 +129,7 @@ def _silu_mul_function():
                 h2 = (s * u).reshape(-1, g.shape[-1]).to(ctx.dtype)
                 da = (gl.t() @ h2).to(ctx.ab_dtypes[0])
                 del h2
-            db = (dy2.t() @ xa).mul_(ctx.scaling).to(ctx.ab_dtypes[1]) if want_b else None
+            db = _lora_grad_b(dy2, xa, ctx.scaling, ctx.ab_dtypes[1]) if want_b else None
             dg = du = None
             if want_g or want_u:
                 dh = (dy2 @ ctx.weight_of(dy2.dtype)).addmm_(gl, a).view(g.shape).to(g.dtype)
