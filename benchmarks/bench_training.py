@@ -136,6 +136,13 @@ def matmul_peak_gflops(dtype_name: str, n: int = 1024, reps: int = 6, device: st
     return best
 
 
+def device_matmul_peak(device: str) -> float:
+    """The bf16 matmul peak of ``device``: an 8192-cube product on CUDA, a 1024-cube one on the CPU."""
+    if device.startswith("cuda"):
+        return matmul_peak_gflops("bfloat16", n=8192, reps=10, device=device)
+    return matmul_peak_gflops("bfloat16")
+
+
 def peak_memory(device: str, rss_libraries: int) -> dict:
     """The peak memory figures of this process: on the CPU, RSS (whole process) and job = RSS less what the
     libraries alone take; on CUDA, the issue's figure is the peak allocated VRAM, which holds no libraries."""
@@ -319,19 +326,16 @@ def worker(side: str, dataset: str, train_path: str, eval_path: str, steps: int,
     rss_libraries = rss_bytes()  # what the libraries alone take (ft_magics: without torch's compiler stack)
     stats = dict(loss_tokens=0, tokens=0, sq_len_sum=0, padded_tokens=0, train_seconds=0.0, step_seconds=[])
     instrument_trainer(stats)
+    peak_bf16 = device_matmul_peak(device)
     if device.startswith("cuda"):
-        peak_bf16 = matmul_peak_gflops("bfloat16", n=8192, reps=10, device=device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the matmul peak's operands are not the job's
-    else:
-        peak_bf16 = matmul_peak_gflops("bfloat16")
     res = (run_reference if side == "reference" else run_ftmagics)(train_path, eval_path, steps, stats, device)
     memory = peak_memory(device, rss_libraries)  # before the second matmul measurement, whose operands are not the job's
     # the limit is measured again after the job and the higher of the two taken: one measurement of ~0.1 s
     # that fell in a slow moment (other work on the machine) read 340-380 against 420-440 GFLOP/s here, which
     # made the job's share of the peak look higher than it was
-    peak_samples = [peak_bf16, matmul_peak_gflops("bfloat16", n=8192, reps=10, device=device)
-                    if device.startswith("cuda") else matmul_peak_gflops("bfloat16")]
+    peak_samples = [peak_bf16, device_matmul_peak(device)]
     peak_bf16 = max(peak_samples)
     threads = __import__("torch").get_num_threads()
     from transformers import AutoConfig
