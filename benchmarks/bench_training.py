@@ -188,14 +188,19 @@ def useful_flops(dims: dict, stats: dict, lora_params: int) -> float:
 
 def instrument_trainer(stats: dict) -> None:
     """Count tokens seen by training steps and time the training loop - the same on both sides."""
+    import torch
     from transformers import Trainer
 
     orig_step, orig_train = Trainer.training_step, Trainer.train
 
     def training_step(self, model, inputs, *a, **kw):
-        labels, mask = inputs["labels"], inputs.get("attention_mask")
+        labels, mask, pos = inputs["labels"], inputs.get("attention_mask"), inputs.get("position_ids")
         stats["loss_tokens"] += int((labels[:, 1:] != -100).sum())
-        lens = mask.sum(1) if mask is not None else labels.new_full((labels.shape[0],), labels.shape[1])
+        if pos is not None:  # examples joined in a row (padding-free, packing): each example's own length
+            starts = (pos.reshape(-1) == 0).nonzero()[:, 0]
+            lens = torch.diff(starts, append=starts.new_tensor([pos.numel()]))
+        else:
+            lens = mask.sum(1) if mask is not None else labels.new_full((labels.shape[0],), labels.shape[1])
         stats["tokens"] += int(lens.sum())
         stats["sq_len_sum"] += int((lens.double() ** 2).sum())
         stats["padded_tokens"] += int(labels.numel())

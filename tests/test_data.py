@@ -854,18 +854,19 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_models, impl, train_on):
         # examples apart, or hand their block mask to SDPA)
         from ft_magics.core import speed
 
-        real, docs_seen = speed.block_causal_attention, []
+        real, docs_seen = speed.packed_documents, []
 
-        def recording(q, k, v, scale, docs=None):
+        def recording(*a, **kw):
+            docs = real(*a, **kw)
             docs_seen.append(docs is not None)
-            return real(q, k, v, scale, docs)
+            return docs
 
-        speed.block_causal_attention = recording
+        speed.packed_documents = recording
         try:
             with torch.no_grad(), speed.attention_for(batch, model):
                 mean = speed.causal_lm_chunked_loss(model, batch).item()
         finally:
-            speed.block_causal_attention = real
+            speed.packed_documents = real
         assert mean * count == pytest.approx(total, rel=1e-4)
         if impl == "sdpa":  # the packed mask is taken by ft_magics' own attention, with the documents
             assert docs_seen and all(docs_seen)

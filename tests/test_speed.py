@@ -1037,7 +1037,7 @@ def test_training_passes_right_padded_batches_without_their_mask(tiny_model_dir,
     rows = [{"prompt": "q " * (1 + i % 7), "completion": f"a{i}"} for i in range(16)]  # lengths differ: padding
     try:
         r = s.train("m", rows, {"max_steps": 3, "batch_size": 4, "group_by_length": False, "causal_mask_only": on,
-                                "seed": 1, "warmup": 0})
+                                "seed": 1, "warmup": 0, "padding_free": False})
     finally:
         hook.remove()
     assert r.record["status"] == "completed" and len(masks) >= 3
@@ -1104,16 +1104,20 @@ def _packed(b, length, seed):
     return pos, ((docs[:, :, None] == docs[:, None, :]) & (at[:, None] >= at[None, :]))[:, None]
 
 
+@pytest.mark.parametrize("layout", ["blocks", "rows"])
 @pytest.mark.parametrize("length, block", [(40, 16), (150, 64)])
-def test_packed_rows_take_the_block_attention_within_their_examples(length, block, monkeypatch):
+def test_packed_rows_take_the_block_attention_within_their_examples(length, block, layout, monkeypatch):
     """A mask that is exactly causal attention within each example of packed rows (boolean or additive) is
-    computed here, equal to SDPA with that mask in fp64, output and gradients; a mask that hides anything
-    more, or no position_ids to check it against, goes to SDPA."""
+    computed here, equal to SDPA with that mask in fp64, output and gradients, by blocks within the rows and
+    with each example as a row of its own; a mask that hides anything more, or no position_ids to check it
+    against, goes to SDPA."""
     import torch.nn.functional as F
 
     from ft_magics.core import speed
 
     monkeypatch.setattr(speed, "ATTENTION_BLOCK_ROWS", block)
+    monkeypatch.setattr(speed, "DOCUMENT_ROWS", layout == "rows")
+    speed._LAYOUTS.clear()
     torch.manual_seed(0)
     b, kv, groups, dim = 2, 2, 3, 8
     pos, mask = _packed(b, length, seed=1)
@@ -1128,6 +1132,7 @@ def test_packed_rows_take_the_block_attention_within_their_examples(length, bloc
 
     out = ours(mask, position_ids=pos)
     assert torch.is_tensor(out)
+    assert bool(speed._LAYOUTS) == (layout == "rows")  # the layout this forward took
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
@@ -1144,32 +1149,33 @@ def test_packed_rows_take_the_block_attention_within_their_examples(length, bloc
     assert ours(mask, position_ids=torch.arange(length)[None]) == "sdpa"  # one example: this mask is not that
 
 
-def test_packed_training_runs_through_the_block_attention(tiny_model_dir, tmp_path):
+def test_packed_training_runs_through_the_document_attention(tiny_model_dir, tmp_path):
     """packing: true on the CPU trains through ft_magics' attention with the packed rows' documents, and
     the run learns; the check leaves nothing cached after the step."""
     from ft_magics import Session
     from ft_magics.core import speed
 
-    real, seen = speed.block_causal_attention, []
+    real, seen = speed.packed_documents, []
 
-    def recording(q, k, v, scale, docs=None):
+    def recording(*a, **kw):
+        docs = real(*a, **kw)
         seen.append(docs is not None and int(docs[:, -1].max()) > 1)  # several examples in a row
-        return real(q, k, v, scale, docs)
+        return docs
 
     rows = [{"prompt": f"question {i}", "completion": f"answer {i % 3}"} for i in range(24)]
     s = Session(adapters_dir=tmp_path / "pk")
     s.load(str(tiny_model_dir), bits=16, device="cpu")
-    speed.block_causal_attention = recording
+    speed.packed_documents = recording
     try:
         r = s.train("x", rows, {"max_steps": 3, "batch_size": 2, "seed": 1, "packing": True, "max_seq_len": 64,
                                 "learning_rate": 1e-2})
     finally:
-        speed.block_causal_attention = real
+        speed.packed_documents = real
     assert r.record["status"] == "completed"
     assert seen and all(seen), seen
     losses = [l for _, l in r.record["loss_history"]]
     assert losses[-1] < losses[0], losses
-    assert not speed._PACKED_CHECKS
+    assert not speed._PACKED_CHECKS and not speed._LAYOUTS
 
 
 def test_a_block_of_packed_rows_multiplies_only_the_keys_of_its_own_documents():
@@ -1191,3 +1197,99 @@ def test_a_block_of_packed_rows_multiplies_only_the_keys_of_its_own_documents():
     q2, k2 = torch.randn(2, 160 * 2, 8), torch.randn(2, 160, 8)
     firsts = {s: k0 for s, _, k0, _ in _block_scores(q2, k2, 0.5, 16, 2, two_rows)}
     assert firsts[96] == 0 and firsts[112] == 65 and firsts[128] == 100  # the earliest over the rows
+
+
+def _varied_features(vocab: int, lengths, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})  # a prompt, then the answer
+    return feats
+
+
+def test_a_mostly_padding_batch_runs_as_one_row_with_the_padded_loss_and_gradients(tiny_model_dir, monkeypatch):
+    """padding_free: a batch whose rows would be over 8% padding is one row of its examples (positions restart,
+    each example's first label is no target); the model's loss and every gradient equal the padded batch's, and
+    ft_magics' attention takes each example as a row of its own. A batch of equal lengths stays padded."""
+    from transformers import AutoTokenizer
+
+    from ft_magics.core import speed
+    from ft_magics.core.training import CountingCollator
+
+    model = _lora_model(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    feats = _varied_features(model.config.vocab_size, [30, 5, 17, 9])
+    padded_collator, flat_collator = CountingCollator(tok), CountingCollator(tok)
+    flat_collator.padding_free = True
+    padded, flat = padded_collator(feats), flat_collator(feats)
+    assert tuple(padded["input_ids"].shape) == (4, 30) and "position_ids" not in padded
+    assert tuple(flat["input_ids"].shape) == (1, 61) and "attention_mask" not in flat
+    assert flat["position_ids"][0].tolist() == [p for n in (30, 5, 17, 9) for p in range(n)]
+    starts = [0, 30, 35, 52]
+    assert all(flat["labels"][0, s] == -100 for s in starts)
+    assert flat_collator.loss_tokens == padded_collator.loss_tokens
+
+    calls = []
+    real = speed.attention_by_documents
+    monkeypatch.setattr(speed, "attention_by_documents", lambda *a: calls.append(a[-1]) or real(*a))
+    results = []
+    for batch in (padded, flat):
+        model.zero_grad(set_to_none=True)
+        inputs = speed.without_padding_mask(batch)
+        with speed.attention_for(inputs, model):
+            loss = speed.causal_lm_chunked_loss(model, inputs)
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (ref, ref_grads), (got, grads) = results
+    assert calls and [n for _, n, _ in calls[0].groups] and not speed._LAYOUTS  # rows of their own, nothing kept
+    assert sorted(w for _, _, w in calls[0].groups)[-1] == 30
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), (got.item(), ref.item())
+    for name in ref_grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+    even = _varied_features(model.config.vocab_size, [20, 20, 19])  # 1.7% padding: padded as it was
+    assert "position_ids" not in flat_collator(even) and flat_collator(even)["input_ids"].shape[0] == 3
+
+
+def test_padding_free_training_runs_the_padded_runs_steps(tiny_model_dir, tmp_path):
+    """Through a whole run on examples of widely different lengths: padding_free gives the same losses as the
+    padded run step by step (the same examples in each step); it applies only where the attention keeps the
+    examples of a row apart at their own cost (not eager attention, not SDPA on CUDA)."""
+    from ft_magics import Session
+    from ft_magics.core.data import padding_free_attention
+
+    rows = [{"prompt": f"question {i} " + "word " * (i * 7 % 40), "completion": f"answer {i}"} for i in range(24)]
+    s = Session(adapters_dir=tmp_path / "pf")
+    s.load(str(tiny_model_dir), bits=32, device="cpu")
+    losses, flattened = {}, {}
+    for flag in (True, False):
+        from ft_magics.core import training
+
+        real = training.CountingCollator.__call__
+        seen = []
+
+        def recording(self, features, real=real, seen=seen):
+            out = real(self, features)
+            seen.append("position_ids" in out)
+            return out
+
+        training.CountingCollator.__call__ = recording
+        try:
+            r = s.train(f"pf-{flag}", rows, {"max_steps": 4, "batch_size": 6, "seed": 3, "padding_free": flag,
+                                             "learning_rate": 1e-2, "group_by_length": False})
+        finally:
+            training.CountingCollator.__call__ = real
+        assert r.record["status"] == "completed" and r.record["settings"]["padding_free"] is flag
+        losses[flag], flattened[flag] = [l for _, l in r.record["loss_history"]], seen
+    assert any(flattened[True]) and not any(flattened[False])
+    assert len(losses[True]) == 4
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) < 1e-4 * max(abs(b), 1.0), losses
+    model = s.model
+    assert padding_free_attention(model, "cpu") and not padding_free_attention(model, "cuda")
+    model.config._attn_implementation = "eager"
+    try:
+        assert not padding_free_attention(model, "cpu")
+    finally:
+        model.config._attn_implementation = "sdpa"

@@ -1371,6 +1371,24 @@ def packing_flattens(model) -> bool:
     return "flash" in str(attention_implementation(model) or "")
 
 
+def padding_free_attention(model, device) -> bool:
+    """Whether the attention that training runs keeps the examples of one flattened row apart at the cost of
+    their own lengths: flash attention (variable-length kernels), and on the CPU ft_magics' own attention
+    in place of SDPA (``core.speed.attention_for``: each example as a row of its own). SDPA elsewhere would
+    take the row's block-diagonal mask and compute the whole row."""
+    impl = str(attention_implementation(model) or "")
+    return "flash" in impl or (impl == "sdpa" and str(device).startswith("cpu"))
+
+
+def as_one_document(features: dict) -> dict:
+    """One example's features as a packed row of one example (:func:`pack`'s layout: positions from 0, the
+    first label -100), for :func:`collate_packed` to join with others. The first label is never a target in
+    a row of its own either (nothing precedes it), so the loss is the same."""
+    n = len(features["input_ids"])
+    return {"input_ids": features["input_ids"], "labels": [-100] + list(features["labels"][1:]),
+            "position_ids": list(range(n))}
+
+
 def attention_implementation(model) -> Optional[str]:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)

@@ -256,6 +256,14 @@ class Features:
         return self.examples[i].features()
 
 
+PADDING_FREE_ABOVE = 0.08  # padding share of a batch above which it runs padding-free (``padding_free``)
+
+
+def padding_share(lengths: list) -> float:
+    """The share of a right-padded batch of rows of these lengths that is padding."""
+    return 1 - sum(lengths) / (len(lengths) * max(lengths)) if lengths else 0.0
+
+
 class CountingCollator:
     """``DataCollatorForSeq2Seq`` plus a running count of loss-bearing tokens (host side, no sync)."""
 
@@ -270,6 +278,7 @@ class CountingCollator:
         self.tokens = 0
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.flatten_packed = False  # set for flash attention (core.data.packing_flattens)
+        self.padding_free = False  # set where the attention keeps a flattened batch's examples apart
 
     def __call__(self, features):
         from .preference import unpaired
@@ -281,6 +290,10 @@ class CountingCollator:
             from .data import collate_packed
 
             return collate_packed(features, self.pad_token_id, flatten=self.flatten_packed)
+        if self.padding_free and padding_share([len(f["input_ids"]) for f in features]) > PADDING_FREE_ABOVE:
+            from .data import as_one_document, collate_packed
+
+            return collate_packed([as_one_document(f) for f in features], self.pad_token_id, flatten=True)
         return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"],
                             "attention_mask": [1] * len(f["input_ids"])} for f in features])
 
@@ -756,9 +769,10 @@ def run_training(
     trainable, total = trainable_counts(peft_model, handle.param_count)
     history: dict = {"loss": [], "eval": [], "last_step": 0}
     collator = CountingCollator(handle.tokenizer)
-    from .data import packing_flattens
+    from .data import packing_flattens, padding_free_attention
 
     collator.flatten_packed = packing_flattens(peft_model)
+    collator.padding_free = cfg.padding_free and not cfg.pairs and padding_free_attention(peft_model, handle.device)
     train_ds = Features(train_examples)
     eval_ds = Features(eval_examples) if eval_examples else None
     settings = cfg.to_dict()
