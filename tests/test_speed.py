@@ -1293,3 +1293,29 @@ def test_padding_free_training_runs_the_padded_runs_steps(tiny_model_dir, tmp_pa
         assert not padding_free_attention(model, "cpu")
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+def test_padding_free_stays_off_for_a_model_that_lets_a_rows_examples_mix(tiny_model_dir, tmp_path, monkeypatch):
+    """A model whose forward lets joined examples see each other (the isolation check packing uses says so)
+    trains on padded batches, and the run says why."""
+    from ft_magics import Session
+    from ft_magics.core import data, training
+    from ft_magics.core.events import Listener, Message
+
+    monkeypatch.setattr(data, "check_packing_isolation", lambda model, tok: (False, "leaky"))
+    seen, notes = [], []
+    real = training.CountingCollator.__call__
+    monkeypatch.setattr(training.CountingCollator, "__call__",
+                        lambda self, f: seen.append(self.padding_free) or real(self, f))
+
+    class Notes(Listener):
+        def on_message(self, ev: Message) -> None:
+            notes.append(ev.text)
+
+    rows = [{"prompt": f"question {i} " + "word " * (i * 7 % 40), "completion": f"answer {i}"} for i in range(12)]
+    s = Session(adapters_dir=tmp_path / "pf")
+    s.load(str(tiny_model_dir), bits=32, device="cpu")
+    r = s.train("leaky", rows, {"max_steps": 2, "batch_size": 6, "group_by_length": False}, listeners=[Notes()])
+    assert r.record["status"] == "completed"
+    assert seen and not any(seen)
+    assert any("padding_free: off" in n and "leaky" in n for n in notes), notes

@@ -256,6 +256,21 @@ class Features:
         return self.examples[i].features()
 
 
+def padding_free_applies(model, handle, cfg: TrainConfig, listeners) -> bool:
+    """Whether this run's batches may run padding-free (``padding_free``): SFT without packing, an attention
+    that keeps a row's examples apart at their own cost, and a model that does keep them apart (asked with a
+    forward pass, as packing asks: a model whose mask ignores restarting positions would let them mix)."""
+    from .data import check_packing_isolation, padding_free_attention
+
+    if not cfg.padding_free or cfg.pairs or cfg.packing or not padding_free_attention(model, handle.device):
+        return False
+    isolated, impl = check_packing_isolation(model, handle.tokenizer)
+    if not isolated:
+        emit(listeners, Message(f"padding_free: off for this model: its {impl} attention lets the examples of one "
+                                "row see each other (checked with a forward pass); batches are padded"))
+    return isolated
+
+
 PADDING_FREE_ABOVE = 0.08  # padding share of a batch above which it runs padding-free (``padding_free``)
 
 
@@ -769,10 +784,10 @@ def run_training(
     trainable, total = trainable_counts(peft_model, handle.param_count)
     history: dict = {"loss": [], "eval": [], "last_step": 0}
     collator = CountingCollator(handle.tokenizer)
-    from .data import packing_flattens, padding_free_attention
+    from .data import packing_flattens
 
     collator.flatten_packed = packing_flattens(peft_model)
-    collator.padding_free = cfg.padding_free and not cfg.pairs and padding_free_attention(peft_model, handle.device)
+    collator.padding_free = padding_free_applies(peft_model, handle, cfg, listeners)
     train_ds = Features(train_examples)
     eval_ds = Features(eval_examples) if eval_examples else None
     settings = cfg.to_dict()
