@@ -1357,10 +1357,10 @@ def pack(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedEx
     for members in sorted(rows, key=lambda m: min(m)):
         ids, labels, pos = [], [], []
         for i in sorted(members):
-            ex = examples[i]
-            ids += ex.input_ids
-            labels += [-100] + ex.labels[1:]
-            pos += list(range(len(ex.input_ids)))
+            one = as_one_document(examples[i].features())
+            ids += one["input_ids"]
+            labels += one["labels"]
+            pos += one["position_ids"]
         packed.append(TokenizedExample(ids, labels, pos))
     return packed
 
