@@ -744,13 +744,17 @@ class Session:
                     activate(self.model, previous)
 
     def evaluate(self, name: Optional[str], data: Any = None, *, general: bool = True, batch_size: int = 8,
-                 max_seq_len: int = 512, answers: int = 0, column_map: Optional[str] = None):
+                 max_seq_len: int = 512, answers: int = 0, column_map: Optional[str] = None,
+                 progress: Optional[Callable[[str], None]] = None):
         """Loss and perplexity of the base and adapter ``name`` on ``data`` and (forgetting check) on the
         bundled general-text sample; a core.evaluation.EvalReport. ``answers`` > 0: also the greedy answers of
-        each to that many held-out questions, scored against the reference answers (exact, first line)."""
+        each to that many held-out questions, scored against the reference answers (exact, first line).
+        ``progress``: called with a line of progress (batches done of all, what is being scored) once the
+        evaluation has run a few seconds, then every few seconds (``%lora_eval`` prints them)."""
         from .core.adapters import BASE, activate
-        from .core.evaluation import (EvalReport, answer_scores, data_objective, eval_config, general_examples,
-                                      heldout_examples, loss_and_perplexity, pair_scores)
+        from .core.events import counted
+        from .core.evaluation import (EvalProgress, EvalReport, answer_scores, batches, data_objective, eval_config,
+                                      general_examples, heldout_examples, loss_and_perplexity, pair_scores)
         from .core.preference import PairExample
         from .core.training import training_layout
 
@@ -797,6 +801,10 @@ class Session:
         if general:
             sets.append(("general text (forgetting check)", general_examples(self.tokenizer, max_seq_len)))
         columns = [BASE] + ([name] if name not in (None, BASE) else [])
+        bs = int(batch_size)
+        total = len(columns) * (sum(batches(len(ex), bs) for _, ex in sets) + batches(len(pairs), bs)
+                                + batches(len(cases), bs))
+        meter = EvalProgress(total, progress or (lambda line: None))
         with self._model_busy("evaluate"):
             self._check_not_merged("evaluate")
             previous = self.adapters.active
@@ -810,13 +818,17 @@ class Session:
                         if self.adapters:
                             activate(model, col)
                         for label, examples in sets:
-                            report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size))
+                            meter.what = f"{col} on {label}"
+                            report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size,
+                                                                        on_batch=meter.tick))
                         if pairs:
-                            report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size)
+                            meter.what = f"{col} ranking the preference pairs"
+                            report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size, on_batch=meter.tick)
                 for col in columns if cases else ():  # generation: the inference layout, fused layers
                     if self.adapters:
                         activate(model, col)
-                    report.answers[col] = answer_scores(model, self.tokenizer, cases, batch_size)
+                    meter.what = f"{col} answering {counted(len(cases), 'question')}"
+                    report.answers[col] = answer_scores(model, self.tokenizer, cases, batch_size, on_batch=meter.tick)
             finally:
                 if self.adapters:
                     activate(self.model, previous)

@@ -86,6 +86,7 @@ def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys):
     out = capsys.readouterr().out
     assert "demo:support-eval" in out and "general text" in out and "forgetting check" in out
     assert out.count("ppl") >= 4
+    assert "evaluating:" not in out  # a quick evaluation prints no progress
     with pytest.raises(UsageError, match="did you mean"):
         sh.run_line_magic("lora_eval", "alpha --dta demo:support-eval")
 
@@ -392,3 +393,23 @@ def test_using_an_adapter_trained_on_another_base_says_so(shell, tiny_model_dir,
     assert "Note: 'over' was trained on other-base, not on the model loaded now (tiny-llama)" in out
     shell.run_line_magic("lora_adapters", "use plain")
     assert "Note" not in capsys.readouterr().out
+
+
+def test_a_long_eval_prints_its_progress_by_batches(loaded, capsys, monkeypatch):
+    """%lora_eval says how far it is once it has run a while: batches done of all the passes (base and
+    adapter, each set), what is being scored, the last batch included."""
+    from ft_magics.core import evaluation
+
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    real = evaluation.EvalProgress.__init__
+    monkeypatch.setattr(evaluation.EvalProgress, "__init__",
+                        lambda self, total, write: real(self, total, write, after_s=0.0, every_s=0.0))
+    sh.run_line_magic("lora_eval", "alpha --data demo:support-eval --max-seq-len 96 --batch-size 16")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluating:")]
+    n_eval = len(evaluation.heldout_examples("demo:support-eval", magics(sh).session.tokenizer, {}, 96))
+    per_column = -(-n_eval // 16) + -(-len(evaluation.general_examples(magics(sh).session.tokenizer, 96)) // 16)
+    total = 2 * per_column  # base and alpha
+    assert len(lines) == total, lines
+    assert lines[0].startswith(f"evaluating: 1/{total} batches") and "base on demo:support-eval" in lines[0]
+    assert lines[-1].startswith(f"evaluating: {total}/{total} batches (100%)") and "alpha on general text" in lines[-1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -83,7 +84,7 @@ def _padded(batch: list, pad: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8) -> tuple:
+def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None) -> tuple:
     """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
     mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
     from .preference import sequence_logprobs
@@ -101,6 +102,8 @@ def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8) -> tuple:
                                              chunked=chunked)
             per_token = sums / counts.clamp(min=1)
             right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
+            if on_batch is not None:
+                on_batch()
     return right, len(pairs)
 
 
@@ -112,8 +115,10 @@ def general_examples(tokenizer, max_seq_len: int = 512) -> list:
     return examples
 
 
-def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -> tuple[float, float, int]:
-    """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count."""
+def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8,
+                        on_batch=None) -> tuple[float, float, int]:
+    """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count.
+    ``on_batch()`` is called after each batch (progress)."""
     import torch.nn.functional as F
 
     if not examples:
@@ -136,6 +141,8 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8) -
                 total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
             count += int((labels[:, 1:] != -100).sum())
+            if on_batch is not None:
+                on_batch()
     if count == 0:
         raise FtUsageError("no loss-bearing tokens to evaluate.")
     loss = total / count
@@ -155,7 +162,7 @@ def first_line(text: str) -> str:
     return next((line for line in (text or "").splitlines() if line.strip()), "")
 
 
-def answer_scores(model, tokenizer, cases: list, batch_size: int = 8) -> tuple:
+def answer_scores(model, tokenizer, cases: list, batch_size: int = 8, on_batch=None) -> tuple:
     """Greedy answers to ``cases`` (data.AnswerCase): ``(exact, first line, n, answers)``. Exact: the whole
     answer equals the reference, whitespace and case aside; first line: its first non-empty line does (a
     label, a category, a one-line verdict). Answers get the reference's length in tokens and 8 more."""
@@ -167,10 +174,37 @@ def answer_scores(model, tokenizer, cases: list, batch_size: int = 8) -> tuple:
         chunk = cases[i:i + batch_size]
         answers += [text for text, _ in generate_batch(model, tokenizer, [c.prompt for c in chunk], max_new_tokens=limit,
                                                        contexts=[(c.system, c.history) for c in chunk])]
+        if on_batch is not None:
+            on_batch()
     exact = sum(normalised_answer(a) == normalised_answer(c.reference) for a, c in zip(answers, cases))
     first = sum(normalised_answer(first_line(a)) == normalised_answer(first_line(c.reference))
                 for a, c in zip(answers, cases))
     return exact, first, len(cases), answers
+
+
+def batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+class EvalProgress:
+    """Progress lines for an evaluation of ``total`` batches: none in its first ``after_s`` seconds (a quick
+    evaluation prints nothing), then one at most every ``every_s`` seconds, and one for the last batch."""
+
+    def __init__(self, total: int, write, after_s: float = 3.0, every_s: float = 5.0):
+        self.total, self.write, self.after_s, self.every_s = total, write, after_s, every_s
+        self.done, self.what = 0, ""
+        self.started, self.last = time.monotonic(), None
+
+    def tick(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.started < self.after_s:
+            return
+        if self.last is not None and now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        self.write(f"evaluating: {self.done}/{self.total} batches ({self.done / max(self.total, 1):.0%}), "
+                   f"{self.what}, {now - self.started:.0f} s")
 
 
 @dataclass
