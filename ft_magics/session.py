@@ -820,10 +820,11 @@ class Session:
                         for label, examples in sets:
                             meter.what = f"{col} on {label}"
                             report.add(label, col, *loss_and_perplexity(model, self.tokenizer, examples, batch_size,
-                                                                        on_batch=meter.tick))
+                                                                        on_batch=meter.tick, dtype=self.handle.dtype))
                         if pairs:
                             meter.what = f"{col} ranking the preference pairs"
-                            report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size, on_batch=meter.tick)
+                            report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size, on_batch=meter.tick,
+                                                            dtype=self.handle.dtype)
                 for col in columns if cases else ():  # generation: the inference layout, fused layers
                     if self.adapters:
                         activate(model, col)

@@ -423,3 +423,42 @@ def test_malformed_requests_and_sizes_say_what_was_given():
     assert as_request({"adapter": "bot", "prompt": "hi", "max_new_tokens": 4}).max_new_tokens == 4
     with pytest.raises(FtUsageError, match="'0B': a model size must be positive"):
         resolve_model("0B")
+
+
+def test_evaluation_batches_examples_of_similar_length_and_autocasts_as_training_does(tiny_model_dir, monkeypatch):
+    """Held-out examples are scored longest first, so a batch pads to lengths like its own (file order padded
+    short rows to long ones), with the same loss; with a 16-bit compute dtype the forward runs under autocast,
+    as the training run's own evaluation does, and without one it does not."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ft_magics.core import evaluation
+    from ft_magics.core.data import TokenizedExample
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(1)
+    lengths = [40, 5, 38, 6, 35, 7, 33, 8]
+    examples = []
+    for n in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+        examples.append(TokenizedExample(ids, [-100] * (n // 2) + ids[n // 2:]))
+    widths, real = [], evaluation._padded
+    monkeypatch.setattr(evaluation, "_padded", lambda batch, pad, dev: widths.append(
+        (max(len(e.input_ids) for e in batch), len(batch))) or real(batch, pad, dev))
+    casts = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda *a: casts.append(torch.is_autocast_enabled("cpu")))
+    loss, _, count = evaluation.loss_and_perplexity(model, tok, examples, batch_size=2)
+    padded = sum(w * n for w, n in widths)
+    assert widths == [(40, 2), (35, 2), (8, 2), (6, 2)] and padded < 2 * 40 + 2 * 38 + 2 * 35 + 2 * 33
+    shuffled = examples[:]
+    random.Random(0).shuffle(shuffled)
+    assert evaluation.loss_and_perplexity(model, tok, shuffled, batch_size=2)[0] == pytest.approx(loss, rel=1e-6)
+    assert casts and not any(casts)
+    casts.clear()
+    evaluation.loss_and_perplexity(model, tok, examples, batch_size=2, dtype=torch.bfloat16)
+    assert casts and all(casts)
+    hook.remove()

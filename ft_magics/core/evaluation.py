@@ -52,20 +52,28 @@ def data_objective(src: Any, namespace: Optional[dict] = None, column_map: Optio
 
 
 @contextlib.contextmanager
-def _scoring(model):
-    """How evaluation runs ``model``: eval mode, no gradients, the fused LoRA layers; its mode put back after."""
+def _scoring(model, dtype=None):
+    """How evaluation runs ``model``: eval mode, no gradients, the fused LoRA layers and, with a 16-bit compute
+    ``dtype``, autocast as in training (what a run's own evaluation computes); its mode put back after."""
     import torch
 
     from .fused_lora import fused_lora
+    from .speed import autocast_context
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), fused_lora(model):
+        with torch.no_grad(), fused_lora(model), autocast_context(model, dtype):
             yield
     finally:
         if was_training:
             model.train()
+
+
+def by_length(items: list, key=lambda e: len(e.input_ids)) -> list:
+    """``items`` longest first: batches of similar lengths pad little (a sum over examples does not depend on
+    their order). Held-out data in file order padded 8 long rows to 512 tokens for a few hundred real ones."""
+    return sorted(items, key=key, reverse=True)
 
 
 def _padded(batch: list, pad: int, device):
@@ -84,7 +92,7 @@ def _padded(batch: list, pad: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None) -> tuple:
+def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None, dtype=None) -> tuple:
     """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
     mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
     from .preference import sequence_logprobs
@@ -94,7 +102,8 @@ def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=Non
     device = next(model.parameters()).device
     chunked = chunked_loss_blocker(model) is None
     right = 0
-    with _scoring(model):
+    pairs = by_length(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
+    with _scoring(model, dtype):
         for i in range(0, len(pairs), batch_size):
             batch = pairs[i:i + batch_size]
             ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
@@ -115,10 +124,10 @@ def general_examples(tokenizer, max_seq_len: int = 512) -> list:
     return examples
 
 
-def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8,
-                        on_batch=None) -> tuple[float, float, int]:
+def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8, on_batch=None,
+                        dtype=None) -> tuple[float, float, int]:
     """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count.
-    ``on_batch()`` is called after each batch (progress)."""
+    ``on_batch()`` is called after each batch (progress); ``dtype``: the compute dtype to autocast to."""
     import torch.nn.functional as F
 
     if not examples:
@@ -126,20 +135,23 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    from .speed import causal_lm_chunked_loss, chunked_loss_blocker
+    from .speed import _causal_lm, attention_for, causal_lm_chunked_loss, chunked_loss_blocker, without_padding_mask
 
     chunked = chunked_loss_blocker(model) is None
 
-    with _scoring(model):
+    examples = by_length(examples)
+    with _scoring(model, dtype):
         for i in range(0, len(examples), batch_size):
             ids, mask, labels = _padded(examples[i:i + batch_size], pad, device)
-            if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
-                total += float(causal_lm_chunked_loss(
-                    model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, num_items=1))
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                               labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+            # right padding: the causal mask alone, and on the CPU ft_magics' attention, as training evaluates
+            inputs = without_padding_mask({"input_ids": ids, "attention_mask": mask, "labels": labels})
+            with attention_for(inputs, _causal_lm(model)):
+                if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
+                    total += float(causal_lm_chunked_loss(model, inputs, num_items=1))
+                else:
+                    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+                    total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                   labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
             count += int((labels[:, 1:] != -100).sum())
             if on_batch is not None:
                 on_batch()
