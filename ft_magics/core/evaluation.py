@@ -96,7 +96,7 @@ def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=Non
     """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
     mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
     from .preference import sequence_logprobs
-    from .speed import chunked_loss_blocker
+    from .speed import _causal_lm, attention_for, chunked_loss_blocker, without_padding_mask
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -107,8 +107,9 @@ def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=Non
         for i in range(0, len(pairs), batch_size):
             batch = pairs[i:i + batch_size]
             ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
-            sums, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
-                                             chunked=chunked)
+            inputs = without_padding_mask({"input_ids": ids, "attention_mask": mask, "labels": labels})
+            with attention_for(inputs, _causal_lm(model)):  # as the training run's own evaluation of pairs
+                sums, counts = sequence_logprobs(model, inputs, chunked=chunked)
             per_token = sums / counts.clamp(min=1)
             right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
             if on_batch is not None:
