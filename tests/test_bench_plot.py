@@ -75,3 +75,20 @@ def test_stack_sampler_names_what_the_slow_steps_wait_in():
     assert len(rep["slow_steps"]) == 2 and rep["samples_slow"] > 20
     top, share_slow, share_ordinary = rep["share_on_stack"][0]
     assert top.endswith(":rare_stall") and share_slow > 0.5 and share_ordinary == 0
+
+
+def test_recomputed_flops_are_the_layers_forward_pass_and_the_table_shows_both_shares():
+    """Gradient checkpointing runs each layer's forward twice: the hardware's share of the peak counts it,
+    the model's (useful) share does not."""
+    bench = _bench()
+    dims = dict(body_linear_params=1000, hidden=8, layers=2, vocab=50)
+    stats = dict(tokens=10, sq_len_sum=30, loss_tokens=4)
+    useful = bench.useful_flops(dims, stats, lora_params=100)
+    assert useful == 10 * (4 * 1000 + 6 * 100) + 6 * 8 * 2 * 30 + 4 * 50 * 8 * 4
+    assert bench.recomputed_flops(dims, stats, 100) == 10 * (2 * 1000 + 2 * 100) + 2 * 8 * 2 * 30
+    row = dict(dataset="support", side="ft_magics+ckpt", loss_tokens_per_s=120.0, peak_rss_bytes=8.5e8,
+               job_peak_bytes=4.8e8, train_seconds=10.0, cell_seconds=12.0, final_train_loss=3.0, eval_loss=3.1,
+               padding_waste=0.05, achieved_gflops=140.0, matmul_peak_bf16_gflops=420.0, fraction_of_peak=1 / 3,
+               hardware_fraction_of_peak=0.51)
+    line = bench.table([row]).splitlines()[-1]
+    assert line.endswith("| 33.3% | 51.0% |")
