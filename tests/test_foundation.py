@@ -425,6 +425,57 @@ def test_eval_scores_the_same_before_and_after_a_generate(tiny_model_dir, tmp_pa
     assert s.generate("hello there", max_new_tokens=3).new_tokens == 3  # and inference still works after
 
 
+def _base_logits(s, ids):
+    import torch
+
+    from ft_magics.core.adapters import BASE, activate
+
+    if s.adapters:
+        activate(s.model, BASE)
+    with torch.no_grad():  # a no-grad eval forward: the repacked inference layout, as a generate uses
+        return s.model(input_ids=ids).logits.float()
+
+
+def test_loading_and_unloading_an_adapter_after_a_generate_leaves_the_base_bit_for_bit(tiny_model_dir, tmp_path):
+    """PEFT writes the model's state_dict() while it loads an adapter, and bitsandbytes' state_dict of a repacked
+    4-bit layer undoes the packing through its inexact inverse, in place: after 'generate, load an adapter, use
+    base' (or unload it) the base answered differently for good (every absmax changed; logits 0.5 off on the demo
+    model). The base's logits and its saved weights stay exactly what was loaded, and the fast layout stays."""
+    import bitsandbytes.functional as bf
+    import torch
+    from ft_magics import Session
+    from ft_magics.core.training import cpu_packed
+
+    from test_adapters_ops import peft_adapter
+
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "ad" / "a", seed=3,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    fresh = Session(adapters_dir=tmp_path / "fresh")
+    fresh.load(str(tiny_model_dir), bits=4, device="cpu")
+    loaded_weights = {k: v.clone() for k, v in fresh.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=4, device="cpu")
+    ids = s.tokenizer("How do I reset my password?", return_tensors="pt").input_ids
+    s.generate("hello there", max_new_tokens=3)  # repacks every 4-bit layer
+    before = _base_logits(s, ids)
+    s.load_adapter(adapter, "a")
+    layers = [m for m in s.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and all(cpu_packed(m.weight.quant_state) for m in layers)  # loading kept the fast layout
+    assert s.generate("hello there", max_new_tokens=3, adapter="a").adapter == "a"
+    s.use("base")
+    assert torch.equal(_base_logits(s, ids), before)
+    s.unload_adapter("a")
+    s.generate("hello there", max_new_tokens=3)
+    assert torch.equal(_base_logits(s, ids), before)
+    saved = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+             for k, v in s.model.state_dict().items() if isinstance(v, torch.Tensor) and "lora_" not in k}
+    assert saved.keys() == loaded_weights.keys()
+    for key, value in loaded_weights.items():  # what a save writes is what was loaded, bit for bit
+        assert torch.equal(saved[key], value), key
+
+
 def test_packing_is_kept_for_inference_after_training(tiny_model_dir, tmp_path):
     import bitsandbytes.functional as bf
     from ft_magics import Session

@@ -182,6 +182,44 @@ def unpack_cpu_4bit(model) -> int:
     return n
 
 
+def save_packed_4bit_exactly() -> bool:
+    """Make every ``state_dict()`` of a repacked 4-bit layer write the kept original and leave the layer packed;
+    return whether the reader was installed now (False: it already was).
+
+    bitsandbytes' ``Linear4bit._save_to_state_dict`` undoes its CPU inference packing through the inexact
+    inverse conversion, in place, for good. PEFT calls ``state_dict()`` when it loads an adapter, so loading one
+    after a generate changed the base model itself: on the demo model every layer's absmax moved and the base's
+    logits by up to 0.5, even after the adapter was unloaded. A layer whose original
+    :func:`remember_unpacked_4bit` kept now writes that original (bit for bit what was loaded) and keeps its
+    packed inference layout (no repack on the next generate). Only packed layers with a kept original take the
+    new path, so this is safe process-wide; it is installed once, when a 4-bit model is loaded on the CPU."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    original = Linear4bit._save_to_state_dict
+    if getattr(original, "_ft_exact", False):
+        return False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars, _original=original):
+        kept = getattr(self, "_ft_unpacked", None)
+        packed = (self.weight.data, getattr(self.weight, "quant_state", None))
+        if kept is None or not cpu_packed(packed[1]):
+            return _original(self, destination, prefix, keep_vars)
+        if keep_vars:  # the caller keeps the Parameter itself: it must hold the original, so unpack for good
+            unpack_cpu_4bit(self)
+            return _original(self, destination, prefix, keep_vars)
+        self.weight.data, self.weight.quant_state = kept  # not packed: the original call leaves them as they are
+        try:
+            return _original(self, destination, prefix, keep_vars)
+        finally:
+            self.weight.data, self.weight.quant_state = packed
+
+    _save_to_state_dict._ft_exact = True
+    Linear4bit._save_to_state_dict = _save_to_state_dict
+    return True
+
+
 @contextlib.contextmanager
 def training_layout(model):
     """Standard 4-bit layout while training (evaluation inside a run must not repack either);
