@@ -1365,3 +1365,71 @@ def test_a_latin1_csv_and_a_null_answer_say_how_to_go_on(tmp_path):
     with pytest.raises(FtUsageError, match=r"field 'completion' is missing or null\. Fill it, or drop such rows "
                                            r"\(for a DataFrame: df\.dropna\(subset=\['completion'\]\)\)"):
         D.normalise([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}])
+
+
+def test_csv_fields_are_the_text_written_never_type_guessed(tmp_path):
+    """pandas guesses column types: a column of numbers lost its leading zeros and trailing decimals
+    ('02134' -> 2134, '0.50' -> 0.5) and a column of True/False became booleans, which were then refused."""
+    (tmp_path / "d.csv").write_text("prompt,completion\nzip of Boston?,02134\nhalf?,0.50\n")
+    recs, _ = load(str(tmp_path / "d.csv"))
+    assert [r.messages[1]["content"] for r in recs] == ["02134", "0.50"]
+    (tmp_path / "b.tsv").write_text("question\tanswer\nis the sky blue?\tTrue\nis grass red?\tFalse\n")
+    recs, _ = load(str(tmp_path / "b.tsv"))
+    assert [r.messages[1]["content"] for r in recs] == ["True", "False"]
+
+
+@pytest.mark.parametrize("body,line", [("p1,c1,EXTRA\np2,c2\n", 2), ("p1,c1\np2,c2,EXTRA\n", 3)])
+def test_a_csv_row_with_an_extra_field_is_refused_by_its_line(tmp_path, body, line):
+    """A first data row with one field too many made pandas read the first column as an index: every column
+    shifted by one without a word (the prompts became completions)."""
+    (tmp_path / "d.csv").write_text("prompt,completion\n" + body)
+    with pytest.raises(FtUsageError, match=rf"d\.csv, line {line}: 3 fields where the header has 2 "
+                                           r"\(prompt, completion\)\. Put quotes around a field"):
+        load(str(tmp_path / "d.csv"))
+
+
+def test_a_json_object_of_columns_of_different_lengths_says_so(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"prompt": ["a", "b", "c"], "completion": ["x", "y"]}))
+    with pytest.raises(FtUsageError, match=r"columns of different lengths \(prompt: 3 entries, completion: 2 "
+                                           r"entries\)"):
+        load(str(tmp_path / "d.json"))
+    (tmp_path / "e.json").write_text(json.dumps({"prompt": ["a", "b"], "completion": ["x", "y"]}))
+    assert len(load(str(tmp_path / "e.json"))[0]) == 2  # equal columns are rows
+
+
+def test_sharegpt_conversations_with_role_and_content_keys():
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    recs, fmt = load([{"conversations": conv}])
+    assert fmt == "sharegpt" and recs[0].messages == conv
+    with pytest.raises(FtUsageError, match=r"message 0: no role \(fields: speaker, text\)\. Each message needs "
+                                           r"'role' and 'content'"):
+        load([{"conversations": [{"speaker": "user", "text": "hi"}]}])
+
+
+def test_messages_written_as_json_text_in_a_csv_column(tmp_path):
+    conv = [{"role": "user", "content": "hi, you"}, {"role": "assistant", "content": "yo"}]
+    import csv
+
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["messages"], [json.dumps(conv)]])
+    recs, fmt = load(str(tmp_path / "d.csv"))
+    assert fmt == "chat" and recs[0].messages == conv
+    with pytest.raises(FtUsageError, match="starts like a JSON list but is not valid JSON"):
+        load([{"messages": '[{"role": "user", "content": "hi"'}])
+
+
+def test_a_wrong_field_in_a_nested_map_is_named_with_the_fields_there_are():
+    rows = [{"data": {"q": "hi", "a": "yo"}}] * 2
+    recs, _ = load(rows, column_map="data.q=prompt,data.a=completion")
+    assert recs[0].messages[0]["content"] == "hi"
+    with pytest.raises(FtUsageError, match=r"--map names 'data\.x', which does not exist \(did you mean "
+                                           r"'data\.q'\?\)\. The fields in 'data': a, q\."):
+        load(rows, column_map="data.x=prompt,data.a=completion")
+    with pytest.raises(FtUsageError, match=r"--map names 'data\.q\.z', but 'data\.q' holds text, not objects"):
+        load(rows, column_map="data.q.z=prompt,data.a=completion")
+
+
+def test_question_answer_beside_a_text_column_suggests_the_pair_with_the_question(tok):
+    rows = [{"question": f"q{i}?", "answer": f"a{i}", "text": f"passage {i}"} for i in range(4)]
+    notes = " ".join(D.prepare(rows, tok, cfg(max_seq_len=64))[2].warnings)
+    assert '--map "question=prompt,answer=completion"' in notes and "text=prompt" not in notes

@@ -403,6 +403,48 @@ def _csv_separator(path: Path, suffix: str) -> str:
     return next((sep for sep in (";", "\t", "|") if sep in header), ",")
 
 
+def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
+    """The rows of a .csv/.tsv file, every field the text written in it.
+
+    Fields are read as strings, never type-guessed: pandas would turn a column of numbers into numbers
+    ('02134' into 2134, '0.50' into 0.5) and a column of True/False into booleans. A row with more fields
+    than the header is refused with its line number: pandas would silently read the first column of such a
+    first row as an index and shift every column by one."""
+    import warnings
+
+    import pandas as pd
+
+    sep = _csv_separator(path, suffix)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # "leads to a loss of data": a too-long row
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False, nrows=limit,
+                             encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
+    except (pd.errors.ParserWarning, pd.errors.ParserError) as exc:
+        raise _csv_row_error(path, sep) or FtUsageError(
+            f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+    stripped = [str(c).strip() for c in df.columns]
+    if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
+        df.columns = stripped
+    return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
+
+
+def _csv_row_error(path: Path, sep: str) -> Optional[FtUsageError]:
+    """The first row with more fields than the header, named by its line, or None."""
+    import csv
+
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        header = next(reader, [])
+        for row in reader:
+            if len(row) > len(header):
+                return FtUsageError(
+                    f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
+                    f"({', '.join(h.strip() for h in header)}). Put quotes around a field that contains "
+                    f"{'a tab' if sep == chr(9) else repr(sep)} (\"like, this\"), or remove the extra field.")
+    return None
+
+
 def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) -> Rows:
     rows = Rows(locs=[])
     try:
@@ -499,6 +541,12 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
                 f"{path}: the JSON object holds several lists of records ({', '.join(lists)}) and none is "
                 "called 'train'; keep one, or give a list of records or JSON lines."
             )
+        elif data and all(isinstance(v, list) for v in data.values()):
+            sizes = {k: len(v) for k, v in data.items()}  # a dict of columns, one of them short: no row is whole
+            raise FtUsageError(
+                f"{path}: the JSON object is a set of columns of different lengths "
+                f"({', '.join(f'{k}: {n} entries' for k, n in sizes.items())}); each column needs one entry "
+                "per example. Fill the short column(s), or give a list of records instead.")
         else:
             data = [data]
     elif not isinstance(data, list):  # 3, "text", null: not records
@@ -555,14 +603,7 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                 _check_memory(path)  # plain JSON cannot be streamed: it is parsed whole
             return _read_json(path, limit)
         if suffix in (".csv", ".tsv"):
-            import pandas as pd
-
-            df = pd.read_csv(path, sep=_csv_separator(path, suffix), keep_default_na=False, nrows=limit,
-                             encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
-            stripped = [str(c).strip() for c in df.columns]
-            if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
-                df.columns = stripped
-            return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
+            return _read_csv(path, suffix, limit)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -775,6 +816,13 @@ def _string_field(row: dict, key: str, where: str, required: bool = True) -> str
 def _messages(seq: Any, where: str, role_key="role", content_key="content") -> list:
     if hasattr(seq, "tolist") and not isinstance(seq, (str, bytes)):  # numpy arrays from parquet/pandas
         seq = seq.tolist()
+    if isinstance(seq, str) and seq.lstrip().startswith("["):  # a list written as JSON text (a CSV column)
+        try:
+            seq = json.loads(seq)
+        except json.JSONDecodeError as exc:
+            raise FtUsageError(f"{where}: the messages are text that starts like a JSON list but is not valid JSON "
+                               f"({_json_problem(exc)} at character {exc.pos}). Fix the JSON, or store the "
+                               "data as JSON lines (.jsonl), where a list of messages needs no quoting.") from None
     if not isinstance(seq, (list, tuple)):
         raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
     if not seq:
@@ -784,9 +832,15 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         if not isinstance(m, dict):
             raise FtUsageError(f"{where}, message {j}: expected an object with {role_key!r} and {content_key!r}.")
         raw_role = m.get(role_key)
-        if raw_role is None and role_key == "role" and "from" in m:
-            raw_role, content_key = m.get("from"), "value"
-        role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
+        if raw_role is None:  # the other convention: ShareGPT's from/value, or role/content in conversations
+            other = next(((r, c) for r, c in (("role", "content"), ("from", "value")) if r != role_key and r in m), None)
+            if other is not None:
+                raw_role, content_key = m.get(other[0]), other[1]
+        if raw_role is None:
+            raise FtUsageError(
+                f"{where}, message {j}: no role (fields: {', '.join(sorted(map(str, m))) or 'none'}). Each message "
+                "needs 'role' and 'content' (or ShareGPT's 'from' and 'value').")
+        role = ROLE_ALIASES.get(str(raw_role).lower())
         if role is None:
             raise FtUsageError(
                 f"{where}, message {j}: unknown role {raw_role!r}{did_you_mean(str(raw_role), ROLE_ALIASES)}. "
@@ -829,6 +883,37 @@ def _with_nested(rows, paths: list) -> "Rows":
     return _remade(rows, lambda r: {**r, **{p: get(r, p) for p in paths}})
 
 
+_KIND_NAMES = {"str": "text", "int": "numbers", "float": "numbers", "bool": "true/false", "list": "lists",
+               "NoneType": "null", "dict": "objects"}
+
+
+def _check_nested_path(rows, path: str, where: str) -> None:
+    """Refuse a dotted --map path (``data.x``) that no row has, naming what there is where it stops."""
+    parts = path.split(".")
+    depth, fields, kinds = 0, set(), set()  # how far the path got, and the fields / kinds of value found there
+    for row in rows:
+        value = row
+        for d, part in enumerate(parts):
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+                continue
+            if d > depth:
+                depth, fields, kinds = d, set(), set()
+            if d == depth:
+                fields |= set(map(str, value)) if isinstance(value, dict) else set()
+                kinds.add(_KIND_NAMES.get(type(value).__name__, type(value).__name__))
+            break
+        else:
+            return  # some row has it
+    parent = ".".join(parts[:depth])
+    if fields:
+        options = [f"{parent}.{f}" for f in sorted(fields)]
+        raise FtUsageError(f"{where}: --map names {path!r}, which does not exist{did_you_mean(path, options)}. "
+                           f"The fields in {parent!r}: {', '.join(sorted(fields))}.")
+    raise FtUsageError(f"{where}: --map names {path!r}, but {parent!r} holds {', '.join(sorted(kinds))}, not "
+                       "objects with fields. Fields inside a column of objects are named with dots: column.field.")
+
+
 def _renamed(rows, mapping: dict) -> "Rows":
     """The rows with columns renamed by ``mapping`` (source -> field), keeping where each row came from."""
     return _remade(rows, lambda r: {mapping.get(k, k): v for k, v in r.items()})
@@ -854,6 +939,8 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         keys0 = set().union(*(r.keys() for r in rows[:1000]))
         nested = [a for a in mapping if a not in keys0 and "." in a and a.split(".", 1)[0] in keys0]
         if nested:  # --map "data.q=prompt": a field inside a column of objects
+            for path in nested:
+                _check_nested_path(rows[:1000], path, where)
             rows = _with_nested(rows, nested)
             keys0 |= set(nested)
         missing = [a for a in mapping if a not in keys0]
@@ -1492,6 +1579,11 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
     cols = [str(k) for k in rows[0] if str(k) != text and str(k).lower() in ANSWER_NAMES]
     if not cols:
         return None
+    prompts = [str(k) for k in rows[0] if str(k) not in (text, cols[0]) and str(k).lower() in PROMPT_NAMES]
+    if prompts:  # question + answer + text: the pair is the likelier intent, and the question must not be lost
+        return (f"columns {prompts[0]!r} and {cols[0]!r} are not used: the text format trains on {text!r} alone. "
+                f"To train {cols[0]!r} as the answer to {prompts[0]!r}: --map \"{prompts[0]}=prompt,{cols[0]}=completion\" "
+                f"(the {text!r} column is then left out).")
     return (f"column {cols[0]!r} is not used: the text format trains on {text!r} alone. To train {cols[0]!r} as "
             f"the answer to the text: --map \"{text}=prompt,{cols[0]}=completion\".")
 
