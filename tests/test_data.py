@@ -1433,3 +1433,9 @@ def test_question_answer_beside_a_text_column_suggests_the_pair_with_the_questio
     rows = [{"question": f"q{i}?", "answer": f"a{i}", "text": f"passage {i}"} for i in range(4)]
     notes = " ".join(D.prepare(rows, tok, cfg(max_seq_len=64))[2].warnings)
     assert '--map "question=prompt,answer=completion"' in notes and "text=prompt" not in notes
+
+
+def test_a_boolean_answer_in_json_says_to_write_it_as_text():
+    with pytest.raises(FtUsageError, match=r"field 'completion' is a boolean \(true\), not text\. Write the answer "
+                                           r"as the text the model should produce"):
+        load([{"prompt": "is the sky blue?", "completion": True}])

@@ -808,6 +808,10 @@ def _string_field(row: dict, key: str, where: str, required: bool = True) -> str
         return ""
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return str(val)
+    if isinstance(val, bool):  # true/false or True/False: which spelling the model should learn is the user's call
+        raise FtUsageError(f"{where}: field {key!r} is a boolean ({json.dumps(val)}), not text. Write the answer "
+                           f"as the text the model should produce, e.g. \"{'yes' if val else 'no'}\" or "
+                           f"\"{json.dumps(val)}\".")
     if not isinstance(val, str):
         raise FtUsageError(f"{where}: field {key!r} must be a string, got {type(val).__name__}.")
     return val
