@@ -251,6 +251,21 @@ def _tokenised(train_path: str, eval_path: str, tokenizer):
     return [e.features() for e in tr], [e.features() for e in ev]
 
 
+def token_weighted_eval_loss(trainer) -> float:
+    """The eval set's loss over all its loss-bearing tokens / their number, each batch scored by the Trainer's
+    own evaluation step: the eval loss ft_magics reports (a run's and ``%lora_eval``'s). ``Trainer.evaluate``
+    averages the batches' means instead, which on the varying-length set weighs a batch of short answers as
+    much as one of long ones."""
+    trainer.model.eval()
+    total, count = 0.0, 0
+    for batch in trainer.get_eval_dataloader():
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss, _, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)
+        if n:
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
 def model_arg() -> str:
     return os.environ.get("BENCH_MODEL") or "demo"
 
@@ -291,7 +306,7 @@ def run_reference(train_path: str, eval_path: str, steps: int, stats: dict, devi
                           eval_dataset=Dataset.from_list(evals),
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = token_weighted_eval_loss(trainer)  # measured as ft_magics' side measures it
         model.save_pretrained(out + "/adapter")
     cell = time.perf_counter() - t_cell
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

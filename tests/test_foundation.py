@@ -1173,3 +1173,30 @@ def test_lora_eval_map_renames_the_columns_of_its_data(shell, tiny_model_dir, tm
     assert "held-out pairs, base: the chosen answer is the more likely one (per token) in" in capsys.readouterr().out
     with pytest.raises(UsageError, match="--map renames the columns of --data: give --data FILE too"):
         shell.run_line_magic("lora_eval", 'base --map "ask=prompt"')
+
+
+@pytest.mark.parametrize("levers", [{}, {"chunked_loss": False, "autocast": False, "lean_steps": False,
+                                         "causal_mask_only": False}], ids=["default", "plain-trainer"])
+def test_a_runs_eval_loss_is_token_weighted_like_lora_eval(tiny_session, levers):
+    """The run's eval loss (summary, record, eval curve, best-checkpoint choice) is the one %lora_eval reports on
+    the same rows: total loss over every loss-bearing token / their number. The Trainer's own was a mean over
+    batches of each batch's mean, so a batch of 2 short answers weighed as much as one of 2 long ones. With
+    every lever off (once the plain transformers.Trainer, full logits) too."""
+    s = tiny_session
+    words = "billing shipping technical support the quick brown fox jumps over the lazy dog hello world".split()
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(16)]
+    ev = ([{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(2)]  # short, learned
+          + [{"prompt": f"Other {i}: tell me more", "completion": " ".join(words[(i + j) % len(words)]
+                                                                        for j in range(60))} for i in range(2)])
+    run = s.train("weighted", rows, {"max_steps": 4, "batch_size": 2, "learning_rate": 0.3, "warmup": 0,
+                                     "eval_steps": 2, **levers}, eval_data=ev, listeners=[])
+
+    def scored(data):
+        report = s.evaluate("weighted", data, general=False)
+        return report.loss(report.sets[0], "weighted")
+
+    everything = scored(ev)
+    batch_mean = (scored(ev[:2]) + scored(ev[2:])) / 2  # the eval batches of 2 rows, weighted alike
+    assert abs(batch_mean - everything) > 0.02 * everything  # so the test tells the two definitions apart
+    assert run.eval_loss == run.record["eval_loss"] == run.record["eval_history"][-1][1]
+    assert abs(run.eval_loss - everything) < 1e-3 * everything

@@ -127,18 +127,17 @@ def general_examples(tokenizer, max_seq_len: int = 512) -> list:
 
 def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8, on_batch=None,
                         dtype=None) -> tuple[float, float, int]:
-    """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count.
+    """Token-weighted mean cross-entropy over the loss-bearing tokens, its perplexity, and the token count:
+    the eval loss a training run reports too (``speed.summed_loss``, batch by batch).
     ``on_batch()`` is called after each batch (progress); ``dtype``: the compute dtype to autocast to."""
-    import torch.nn.functional as F
-
     if not examples:
         raise FtUsageError("no examples to evaluate (every row was empty or cut away).")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    from .speed import _causal_lm, attention_for, causal_lm_chunked_loss, chunked_loss_blocker, without_padding_mask
+    from .speed import _causal_lm, attention_for, chunked_loss_blocker, summed_loss, without_padding_mask
 
-    chunked = chunked_loss_blocker(model) is None
+    chunked = chunked_loss_blocker(model) is None  # the summed loss over the answer rows only, no full logits
 
     examples = by_length(examples)
     with _scoring(model, dtype):
@@ -147,13 +146,8 @@ def loss_and_perplexity(model, tokenizer, examples: list, batch_size: int = 8, o
             # right padding: the causal mask alone, and on the CPU ft_magics' attention, as training evaluates
             inputs = without_padding_mask({"input_ids": ids, "attention_mask": mask, "labels": labels})
             with attention_for(inputs, _causal_lm(model)):
-                if chunked:  # the summed loss over the answer rows only, never batch x length x vocab logits
-                    total += float(causal_lm_chunked_loss(model, inputs, num_items=1))
-                else:
-                    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
-                    total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                   labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
-            count += int((labels[:, 1:] != -100).sum())
+                batch_total, batch_count = summed_loss(model, inputs, chunked)
+            total, count = total + float(batch_total), count + int(batch_count)
             if on_batch is not None:
                 on_batch()
     if count == 0:

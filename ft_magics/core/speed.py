@@ -273,6 +273,24 @@ def causal_lm_chunked_loss(model, inputs: dict, chunk_rows: int = 0, num_items: 
     return chunked_cross_entropy(rows, head.weight, targets, rows_per_chunk, num_items, workspace)
 
 
+def summed_loss(model, inputs: dict, chunked: bool, chunk_rows: int = 0, workspace: Optional[LossWorkspace] = None):
+    """``(the causal-LM loss of the batch ``inputs`` summed over its loss-bearing tokens, their count)``, both
+    tensors: one batch of the eval loss, total over all batches / count over all batches. ``%lora_eval``
+    (core.evaluation) and a training run's own evaluation (:func:`speed_trainer_class`) both report that
+    token-weighted mean, so they agree. ``chunked``: through the chunked loss (no full-vocabulary logits); else
+    the logits and a cross-entropy in fp32, as the model's own loss computes it."""
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    count = (labels[..., 1:] != IGNORE_INDEX).sum()
+    if chunked:
+        return causal_lm_chunked_loss(model, inputs, chunk_rows, num_items=1, workspace=workspace), count
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.float()
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, count
+
+
 def loss_rows(model, inputs: dict):
     """The decoder's final hidden states where the next token carries loss: ``(rows (N, hidden), their target
     tokens (N,), the (batch, length - 1) mask that picked them, the output head)``. No logits are made."""
@@ -780,7 +798,9 @@ def speed_trainer_class():
         forward runs under autocast in the compute dtype (``autocast_dtype``), whose evaluation returns
         the loss only (no logits gathered across the eval set: nothing here uses them), whose per-step
         bookkeeping uses lists of the model's modules and parameters made once (``lean_steps``), and whose
-        right-padded batches reach the model without their padding mask (``causal_mask_only``)."""
+        right-padded batches reach the model without their padding mask (``causal_mask_only``). Its eval loss
+        is token-weighted (:func:`summed_loss`), as ``%lora_eval``'s: the Trainer's own is a mean of the batches'
+        means, which weighs a batch of a few short answers as much as one of long ones."""
 
         chunk_rows: int = 0
         chunked: bool = True
@@ -793,6 +813,7 @@ def speed_trainer_class():
         _flop_params = None
         _loss_workspace = None
         _workspace_users = 0
+        _eval_sums = None  # while an evaluation runs: per batch, (its loss summed over its loss tokens, their count)
 
         def _save(self, output_dir=None, state_dict=None):
             """A checkpoint holds the adapter being trained: PEFT saves every adapter loaded beside it otherwise
@@ -910,6 +931,25 @@ def speed_trainer_class():
                 loss = causal_lm_chunked_loss(model, inputs, self.chunk_rows, items, self._loss_workspace)
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            # the loss it reports (logged, so the eval curve; on_evaluate, so keep_best and early stopping; the
+            # run's summary) is the loss summed over every loss-bearing token of the eval set / their count
+            self._eval_sums = []
+            try:
+                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                 metric_key_prefix)
+                sums = self._eval_sums
+            finally:
+                self._eval_sums = None
+            if sums:
+                # every process's batches (under several processes the last batch's repeated examples, which the
+                # Trainer's gather drops, count here: a few examples at most)
+                total, count = self.accelerator.reduce(torch.stack(sums).sum(0), reduction="sum").tolist()
+                if count > 0:
+                    output.metrics[f"{metric_key_prefix}_loss"] = total / count
+            return output
+
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)  # on the device first: the attention choice reads it
             with autocast_context(model, self.autocast_dtype, self._tuner_layers()), \
@@ -917,12 +957,15 @@ def speed_trainer_class():
                 if self.preference is not None:
                     with torch.no_grad():
                         return self._pair_step(model, inputs, "eval").detach(), None, None
-                if not self.chunked:
+                if not prediction_loss_only or "labels" not in inputs:  # logits wanted: the Trainer's own step
+                    self._eval_sums = None  # and its loss
                     return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
                 with torch.no_grad():
-                    loss = causal_lm_chunked_loss(model, self._model_inputs(inputs), self.chunk_rows,
-                                                  workspace=self._loss_workspace)
-            return loss.detach(), None, None
+                    total, count = summed_loss(model, self._model_inputs(inputs), self.chunked, self.chunk_rows,
+                                               self._loss_workspace)
+            if self._eval_sums is not None:  # read back once, when the evaluation ends (no host sync per batch)
+                self._eval_sums.append(torch.stack([total.detach().double(), count.double()]))
+            return (total / count.clamp(min=1)).detach(), None, None
 
     return SpeedTrainer
 
@@ -987,7 +1030,8 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
     autocast when ``autocast_dtype`` is bf16/fp16; the per-step bookkeeping over lists made once when
     ``lean_steps``; right-padded batches without their padding mask when ``causal_mask_only``; the loss of
     ``preference = (objective, beta, gamma)`` over batches of pairs (core.preference); the plain
-    ``transformers.Trainer`` when none applies."""
+    ``transformers.Trainer`` when none applies and there is no eval set (an evaluation's loss is token-weighted,
+    as ``%lora_eval``'s)."""
     import torch
     from transformers import Trainer
 
@@ -1001,7 +1045,8 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
                 notes.append(msg)
     if autocast_dtype not in (torch.bfloat16, torch.float16):
         autocast_dtype = None
-    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only and preference is None:
+    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only and preference is None \
+            and trainer_kw.get("eval_dataset") is None:  # an evaluation reports the token-weighted loss (SpeedTrainer)
         return Trainer(model=model, **trainer_kw)
     trainer = speed_trainer_class()(model=model, **trainer_kw)
     trainer.chunked = chunked_loss
