@@ -90,6 +90,9 @@ def strip_comment(line: str) -> str:
     return line or ""
 
 
+_NUMBER = re.compile(r"-\d[\d.e+-]*")  # a negative value, not a flag
+
+
 def parse_args(magic_func, line: str) -> argparse.Namespace:
     """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations; a trailing
     ``# comment`` is not part of the arguments."""
@@ -103,9 +106,16 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
     words = _spelled_out_switches(parser, words)
     _refuse_repeats(parser, words)
-    args, extra = parser.parse_known_args(words)
+    flags = [s for a in parser._actions for s in a.option_strings]
+    try:
+        args, extra = parser.parse_known_args(words)
+    except UsageError as exc:  # "arguments are required: name" for "-x": the unknown flag is the cause to name
+        extra = [w for w in words if w.startswith("-") and w.split("=", 1)[0] not in flags and not _NUMBER.fullmatch(w)]
+        if not str(exc).startswith("the following arguments are required"):
+            raise
+        if not extra:
+            raise UsageError(f"%{magic_func.__name__}: {exc}. See %{magic_func.__name__}? for usage.") from None
     if extra:
-        flags = [s for a in parser._actions for s in a.option_strings]
         bad = extra[0]
         if bad.startswith("-"):
             flag = bad.split("=", 1)[0]

@@ -172,6 +172,15 @@ def test_lora_train_unknown_flag_did_you_mean(shell):
         shell.run_line_magic("lora_train", "x --data demo:support --max-step 3")
 
 
+def test_an_unknown_flag_in_the_name_position_is_named_not_a_missing_name(shell):
+    """'%%lora_train -x' said 'the following arguments are required: name': the unknown flag is the cause."""
+    with pytest.raises(UsageError, match=r"unknown flag -x\. See %lora_train\? for every flag"):
+        shell.run_cell_magic("lora_train", "-x --data demo:support", "max_steps: 1\n")
+    with pytest.raises(UsageError, match=r"%lora_train: the following arguments are required: name\. See "
+                                         r"%lora_train\? for usage"):
+        shell.run_cell_magic("lora_train", "", "max_steps: 1\n")
+
+
 def test_lora_train_bad_value_names_the_key(shell, tiny_model_dir):
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     with pytest.raises(UsageError, match="r must be a whole number"):
