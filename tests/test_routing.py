@@ -326,6 +326,36 @@ def test_compare_times_no_one_time_cost_in_its_first_column(tiny_session, store,
     assert first and cmp.cells[(0, "base")].seconds < 0.5
 
 
+def test_the_generate_footer_measures_decoding_not_one_time_work_before_the_first_token(tiny_session):
+    """The first generate after a load, a switch or training pays one-time work in its first forward (on the
+    CPU bitsandbytes repacks 4-bit weights for its inference kernel): the footer's tok/s leaves it out, as the
+    time from the first new token to the last does; ``seconds`` keeps the whole call. The delay is sized from
+    the undelayed answer's own time, so the check holds on a slow or loaded machine."""
+    import time
+
+    s = tiny_session
+    lm = s.model.get_base_model() if hasattr(s.model, "get_base_model") else s.model
+    s.generate("hello world", max_new_tokens=4)  # the warm-up, for both answers below
+    plain = s.generate("hello world", max_new_tokens=12)
+    delay = max(1.0, 10 * plain.seconds)  # counted, it would bring the delayed answer's rate under 1/10 of plain's
+    forwards = []
+
+    def slow_first_forward(module, args):
+        forwards.append(1)
+        if len(forwards) == 1:  # the prompt's forward, before the first new token
+            time.sleep(delay)
+
+    hook = lm.register_forward_pre_hook(slow_first_forward)
+    try:
+        delayed = s.generate("hello world", max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert delayed.text == plain.text and delayed.new_tokens == plain.new_tokens >= 8  # greedy: the same answer
+    assert delayed.seconds >= delay  # the whole call still holds the delay
+    assert delayed.tokens_per_s > plain.tokens_per_s / 3  # a generous factor: the machine is shared
+    assert "decode tok/s" in delayed.describe()
+
+
 def test_adapters_in_the_adapters_folder_are_listed_and_load_when_used_by_name(tiny_session, store, capsys):
     """After a kernel restart the session knows no adapters, but the adapters folder still holds them:
     list names them, and use / evaluate / compare / generate load them by name (the active one stays)."""

@@ -14,20 +14,36 @@ class Generation:
     text: str
     adapter: str  # adapter name or "base"
     new_tokens: int
-    seconds: float
+    seconds: float  # the whole call: the prompt's forward, any one-time work in it, and the decoding
     stopped: bool = False  # ended early by an interrupt (the text so far is kept)
     note: str = ""  # what was adjusted to make the call fit (the answer's length cut to the model's context)
+    decode_seconds: Optional[float] = None  # from the first new token to the last (None: fewer than two)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether the answer has a decoding time to measure (two new tokens or more)."""
+        return self.new_tokens > 1 and bool(self.decode_seconds)
 
     @property
     def tokens_per_s(self) -> float:
+        """The decoding speed: the tokens after the first / the time from the first to the last. What comes
+        before the first token is left out: the prompt's forward, and with it the one-time work of the first
+        generate after a load, an adapter switch or training (on the CPU bitsandbytes repacks 4-bit weights for
+        its inference kernel in that forward; the first forward warms up), which made that answer read 0.7 tok/s
+        instead of 20. ``seconds`` keeps the whole call. An answer of one token has no decoding: its rate is
+        over the whole call."""
+        if self.decodes:
+            return (self.new_tokens - 1) / self.decode_seconds
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self, notes=()) -> str:
-        """``adapter · N tokens · tok/s · notes...``: what a view shows under the answer."""
+        """``adapter · N tokens · X decode tok/s · notes...``: what a view shows under the answer (the rate is
+        :attr:`tokens_per_s`, decoding only; a one-token answer shows the whole call's time instead)."""
         from .events import counted
 
+        speed = f"{self.tokens_per_s:.1f} decode tok/s" if self.decodes else f"{self.seconds:.1f} s"
         extra = list(notes) + ([self.note] if self.note else []) + (["stopped by interrupt"] if self.stopped else [])
-        return " · ".join([self.adapter, counted(self.new_tokens, "token"), f"{self.tokens_per_s:.1f} tok/s"] + extra)
+        return " · ".join([self.adapter, counted(self.new_tokens, "token"), speed] + extra)
 
 
 HOT_TEMPERATURE = 2.0  # above it sampling is close to uniform over the vocabulary: a note says so
@@ -195,7 +211,8 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     from .training import StopFlag, interrupt_stops
 
     flag = StopFlag()
-    kw["stopping_criteria"] = _stop_when(flag)
+    clock = _TokenClock()
+    kw["stopping_criteria"] = _stop_when(flag, clock)
     t = time.perf_counter()
     # not inference_mode: bnb repacks weights in here, and they must stay trainable. An interrupt (the
     # kernel's stop button, Ctrl-C) ends the answer at the next token and keeps it, as it stops training.
@@ -209,7 +226,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
         note = "; ".join(n for n in (note, LOOP_NOTE) if n)
     return Generation(
         text=_decoded(tokenizer, new), adapter=adapter_label,
-        new_tokens=len(new), seconds=seconds, stopped=flag.is_set(), note=note,
+        new_tokens=len(new), seconds=seconds, stopped=flag.is_set(), note=note, decode_seconds=clock.decode_seconds,
     )
 
 
@@ -238,13 +255,38 @@ def _decoded(tokenizer, ids: list) -> str:
     return text[:-1].rstrip() if text.endswith("\ufffd") else text
 
 
-def _stop_when(flag):
-    """A ``stopping_criteria`` for ``generate`` that ends every row once ``flag`` is set."""
+class _TokenClock:
+    """When ``generate`` chose its first new token and its last: ``generate`` asks its stopping criteria once per
+    new token, right after choosing it, so the first call comes after the prompt's forward (and whatever one-time
+    work ran in it) and the calls after it time the decoding alone."""
+
+    def __init__(self) -> None:
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+
+    def tick(self, input_ids) -> None:
+        if input_ids.device.type != "cpu":  # the token is chosen when the device has made it, not when queued
+            input_ids[0, -1].item()
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = self.last
+
+    @property
+    def decode_seconds(self) -> Optional[float]:
+        """From the first new token to the last; None before a second one."""
+        return self.last - self.first if self.first is not None and self.last > self.first else None
+
+
+def _stop_when(flag, clock: Optional[_TokenClock] = None):
+    """A ``stopping_criteria`` for ``generate`` that ends every row once ``flag`` is set (and ticks ``clock``
+    at each new token)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _Flag(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
+            if clock is not None:
+                clock.tick(input_ids)
             return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_Flag()])
@@ -324,9 +366,14 @@ class Comparison:
     swap_ms: dict  # column -> swap time
 
     def tokens_per_s(self, column: str) -> float:
+        """The column's decoding speed over its answers, as each answer's footer measures it
+        (:attr:`Generation.tokens_per_s`): the tokens after each first one / the time from first to last."""
         gens = [self.cells[(i, column)] for i in range(len(self.prompts))]
-        secs = sum(g.seconds for g in gens)
-        return sum(g.new_tokens for g in gens) / secs if secs > 0 else 0.0
+        decoded = [g for g in gens if g.decodes]
+        if not decoded:  # one-token answers: over the whole calls
+            secs = sum(g.seconds for g in gens)
+            return sum(g.new_tokens for g in gens) / secs if secs > 0 else 0.0
+        return sum(g.new_tokens - 1 for g in decoded) / sum(g.decode_seconds for g in decoded)
 
     def to_text(self, width: int = 40) -> str:
         import textwrap
@@ -340,13 +387,13 @@ class Comparison:
                 lines.append(f"  [{c}] {g.new_tokens} tokens")
                 lines.append(body)
             lines.append("")
-        lines.append("tokens/s: " + "   ".join(f"{c} {self.tokens_per_s(c):.1f}" for c in self.columns))
+        lines.append("decode tokens/s: " + "   ".join(f"{c} {self.tokens_per_s(c):.1f}" for c in self.columns))
         return "\n".join(lines)
 
     def to_html(self) -> str:
         import html
 
-        head = "".join(f"<th>{html.escape(c)}<br><small>{self.tokens_per_s(c):.1f} tok/s</small></th>"
+        head = "".join(f"<th>{html.escape(c)}<br><small>{self.tokens_per_s(c):.1f} decode tok/s</small></th>"
                        for c in self.columns)
         rows = []
         for i, p in enumerate(self.prompts):
