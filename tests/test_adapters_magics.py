@@ -68,8 +68,13 @@ def test_adapter_subcommand_mistakes_are_usage_errors(loaded):
         sh.run_line_magic("lora_adapters", "unmerge")
 
 
-def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys):
+def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys, monkeypatch):
+    from ft_magics.core import evaluation
+
     sh, a, _ = loaded
+    real = evaluation.EvalProgress.__init__  # "quick" made independent of how busy the machine is
+    monkeypatch.setattr(evaluation.EvalProgress, "__init__",
+                        lambda self, total, write: real(self, total, write, after_s=3600.0))
     sh.run_line_magic("lora_adapters", f"load {a}")
     sh.run_cell_magic("lora_compare", "--adapters alpha --max-new-tokens 4", "hello world\n---\nthanks!\n")
     out = capsys.readouterr().out
@@ -86,7 +91,7 @@ def test_compare_and_eval_magics_print_text_outside_a_notebook(loaded, capsys):
     out = capsys.readouterr().out
     assert "demo:support-eval" in out and "general text" in out and "forgetting check" in out
     assert out.count("ppl") >= 4
-    assert "evaluating:" not in out  # a quick evaluation prints no progress
+    assert "evaluating:" not in out  # an evaluation quicker than after_s prints no progress
     with pytest.raises(UsageError, match="did you mean"):
         sh.run_line_magic("lora_eval", "alpha --dta demo:support-eval")
 
