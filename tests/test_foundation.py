@@ -1209,3 +1209,18 @@ def test_a_runs_eval_loss_is_token_weighted_like_lora_eval(tiny_session, levers)
     assert abs(batch_mean - everything) > 0.02 * everything  # so the test tells the two definitions apart
     assert run.eval_loss == run.record["eval_loss"] == run.record["eval_history"][-1][1]
     assert abs(run.eval_loss - everything) < 1e-3 * everything
+
+
+@pytest.mark.parametrize("targets", ["qv", "mlp", ["q_proj", "v_proj"]])
+def test_a_second_adapter_on_a_full_precision_base_takes_any_targets(tiny_session, targets):
+    """On a 16/32-bit base the first adapter wraps every targeted nn.Linear in PEFT's lora.Linear, which is no
+    nn.Linear: a second run with targets other than all-linear found no linear layers ('Its linear layers are: .')
+    and the only way out was to reload the model (merge, which needs a 16-bit base, met it first)."""
+    tiny_session.train("first", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    run = tiny_session.train("second", ROWS, {"max_steps": 1, "batch_size": 4, "target_modules": targets},
+                             listeners=[])
+    assert run.status == "completed"
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in tiny_session.model.named_modules()
+               if "second" in getattr(m, "lora_A", {})}
+    presets = {"qv": {"q_proj", "v_proj"}, "mlp": {"gate_proj", "up_proj", "down_proj"}}
+    assert wrapped == (set(targets) if isinstance(targets, list) else presets[targets])

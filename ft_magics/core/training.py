@@ -41,8 +41,13 @@ def linear_module_names(model) -> list:
 
     names = set()
     for full, mod in model.named_modules():
-        leaf = full.rsplit(".", 1)[-1]
-        if leaf == "lm_head" or leaf == "base_layer" or "lora_" in full:
+        if "lora_" in full:
+            continue
+        path = full.split(".")
+        while path and path[-1] == "base_layer":  # inside an adapter's LoRA wrapper: the layer the wrapper is
+            path.pop()
+        leaf = path[-1] if path else ""
+        if leaf == "lm_head":
             continue
         if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(leaf)
