@@ -1224,3 +1224,20 @@ def test_a_second_adapter_on_a_full_precision_base_takes_any_targets(tiny_sessio
                if "second" in getattr(m, "lora_A", {})}
     presets = {"qv": {"q_proj", "v_proj"}, "mlp": {"gate_proj", "up_proj", "down_proj"}}
     assert wrapped == (set(targets) if isinstance(targets, list) else presets[targets])
+
+
+@pytest.mark.parametrize("bits", [4, 32])
+def test_the_adapter_size_check_counts_each_layer_once_beside_another_adapter(tiny_model_dir, tmp_path, bits):
+    """The memory check before a run sizes the new adapter; beside a first adapter on a 4-bit base it counted each
+    layer twice (PEFT's wrapper of a 4-bit layer is itself called Linear4bit, and the layer inside it)."""
+    from ft_magics import Session
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.training import adapter_size
+
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=bits)
+    cfg = TrainConfig.from_dict({"r": 4})
+    alone = adapter_size(s.model, cfg)
+    s.train("first", ROWS, {"max_steps": 1, "batch_size": 4, "r": 4}, listeners=[])
+    assert adapter_size(s.model, cfg) == alone
+    assert alone[0] == sum(p.numel() for n, p in s.model.named_parameters() if ".first." in n and "lora_" in n)

@@ -35,23 +35,26 @@ _MLP = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "
 _QV = ("q_proj", "v_proj", "query", "value", "query_key_value", "c_attn", "qkv_proj", "Wqkv")
 
 
-def linear_module_names(model) -> list:
-    """Leaf names of the linear layers LoRA can target (4/8-bit ones included), lm_head excluded."""
+def _linear_layers(model):
+    """``(leaf name, layer)`` of every linear layer LoRA can target (4/8-bit ones included), lm_head excluded.
+    Where an adapter already wraps a layer, the wrapped layer, under the wrapper's name: PEFT's ``lora.Linear``
+    is no ``nn.Linear``, and its wrapper of a 4-bit layer is itself called ``Linear4bit``."""
     import torch
 
-    names = set()
     for full, mod in model.named_modules():
-        if "lora_" in full:
-            continue
         path = full.split(".")
-        while path and path[-1] == "base_layer":  # inside an adapter's LoRA wrapper: the layer the wrapper is
+        if any(p.startswith("lora_") for p in path) or isinstance(getattr(mod, "base_layer", None), torch.nn.Module):
+            continue
+        while path and path[-1] == "base_layer":
             path.pop()
         leaf = path[-1] if path else ""
-        if leaf == "lm_head":
-            continue
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.add(leaf)
-    return sorted(names)
+        if leaf != "lm_head" and (isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt")):
+            yield leaf, mod
+
+
+def linear_module_names(model) -> list:
+    """Leaf names of the linear layers LoRA can target (4/8-bit ones included), lm_head excluded."""
+    return sorted({leaf for leaf, _ in _linear_layers(model)})
 
 
 def resolve_target_modules(model, spec) -> Any:
@@ -88,19 +91,10 @@ def adapter_size(model, cfg: TrainConfig) -> tuple[int, int]:
     """``(parameters the adapter will have, the highest rank one of its layers can hold)`` for ``cfg``'s
     r and target modules on ``model``: r * (in + out) per adapted layer, plus DoRA's magnitude per output.
     A rank above min(in, out) adds parameters and no capacity."""
-    import torch
-
     targets = resolve_target_modules(model, cfg.target_modules)
     params, top_rank = 0, 0
-    for full, mod in model.named_modules():
-        parts = full.split(".")
-        if parts[-1] == "base_layer":  # a layer an adapter already wraps: named as its wrapper
-            parts = parts[:-1]
-        leaf = parts[-1]
-        if leaf == "lm_head" or any(p.startswith("lora_") for p in parts):
-            continue
-        is_linear = isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt")
-        if not (is_linear and (leaf in targets if targets != "all-linear" else True)):
+    for leaf, mod in _linear_layers(model):
+        if targets != "all-linear" and leaf not in targets:
             continue
         n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
         if not n_in or not n_out:
