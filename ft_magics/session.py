@@ -376,6 +376,10 @@ class Session:
                                    f"for {path}.")
             self._check_not_merged("load another adapter")
             check_fits(model, path, config, self.handle.name)
+            if config.get("use_dora"):
+                from .core.training import check_dora_supported
+
+                check_dora_supported(self.handle.bits, self.handle.device, name)
             try:
                 self.handle.model = load_folder(model, path, name)
             except (KeyError, ValueError, RuntimeError) as exc:

@@ -1241,3 +1241,26 @@ def test_the_adapter_size_check_counts_each_layer_once_beside_another_adapter(ti
     s.train("first", ROWS, {"max_steps": 1, "batch_size": 4, "r": 4}, listeners=[])
     assert adapter_size(s.model, cfg) == alone
     assert alone[0] == sum(p.numel() for n, p in s.model.named_parameters() if ".first." in n and "lora_" in n)
+
+
+def test_dora_on_an_8bit_cpu_base_is_refused_before_the_model_is_touched(tiny_model_dir, tmp_path):
+    """PEFT's DoRA set-up on bitsandbytes' 8-bit CPU layers left them without their scales: the run failed inside
+    bitsandbytes and every later generate too, until the model was loaded again. Training DoRA or loading a DoRA
+    adapter there is refused with the ways out, and the base keeps answering as before."""
+    from ft_magics import Session
+    from ft_magics.errors import FtUsageError
+
+    from test_adapters_ops import peft_adapter
+
+    dora = peft_adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(tiny_model_dir), bits=8, device="cpu")
+    before = s.generate("hello there", max_new_tokens=4).text
+    with pytest.raises(FtUsageError, match=r"use_dora: true \(DoRA\) on an 8-bit base does not work on the CPU.*"
+                                           r"--bits 16.*use_dora: false"):
+        s.train("d", ROWS, {"max_steps": 1, "batch_size": 4, "use_dora": True}, listeners=[])
+    with pytest.raises(FtUsageError, match=r"adapter 'dora' is a DoRA adapter, and DoRA on an 8-bit base"):
+        s.load_adapter(dora, "dora")
+    assert "dora" not in s.adapters and s.generate("hello there", max_new_tokens=4).text == before
+    plain = s.train("p", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])  # plain LoRA trains on it
+    assert plain.status == "completed"

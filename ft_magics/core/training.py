@@ -104,6 +104,19 @@ def adapter_size(model, cfg: TrainConfig) -> tuple[int, int]:
     return params, top_rank
 
 
+def check_dora_supported(bits: int, device: str, adapter: Optional[str] = None) -> None:
+    """Refuse DoRA on an 8-bit base on the CPU before PEFT touches the model: PEFT builds DoRA's magnitudes by
+    dequantising each 8-bit layer, which on the CPU leaves bitsandbytes' layer without its scale statistics, so
+    the run failed inside bitsandbytes and the base model itself stayed broken (every later generate failed) until
+    it was loaded again."""
+    if bits == 8 and device == "cpu":
+        what = f"adapter {adapter!r} is a DoRA adapter, and DoRA" if adapter else "use_dora: true (DoRA)"
+        raise FtUsageError(
+            f"{what} on an 8-bit base does not work on the CPU (bitsandbytes' 8-bit layers lose their scales when "
+            "PEFT builds DoRA's magnitudes). Load the base in 4-bit (%qlora_load MODEL, the default) or 16-bit "
+            "(--bits 16) for DoRA" + ("." if adapter else ", or train plain LoRA on this one (use_dora: false)."))
+
+
 def check_adapter_fits(model, cfg: TrainConfig, device: str, free: Optional[int] = None) -> None:
     """Refuse, before the model is touched, an adapter whose rank no layer can hold or whose weights,
     gradients and optimizer states would not fit the memory free now (on the CPU that would be the
@@ -745,6 +758,8 @@ def versions() -> dict:
 def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     """The memory checks a run makes before it touches the model (the adapter, the batch, whether gradient
     checkpointing goes on): ``(cfg as the run will train, why checkpointing was switched on, or "")``."""
+    if cfg.use_dora:
+        check_dora_supported(handle.bits, handle.device)
     free = read_memory(handle.device).available_bytes  # one reading for the three decisions
     check_adapter_fits(handle.model, cfg, handle.device, free)
     ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples, free)
