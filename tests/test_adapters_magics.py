@@ -418,3 +418,22 @@ def test_a_long_eval_prints_its_progress_by_batches(loaded, capsys, monkeypatch)
     assert len(lines) == total, lines
     assert lines[0].startswith(f"evaluating: 1/{total} batches") and "base on demo:support-eval" in lines[0]
     assert lines[-1].startswith(f"evaluating: {total}/{total} batches (100%)") and "alpha on general text" in lines[-1]
+
+
+def test_a_truncated_adapter_in_the_adapters_folder_does_not_break_list(loaded, capsys, tmp_path):
+    """A folder whose config is fine but whose weights file was cut short: 'list' raised safetensors' own error
+    (the other commands already said 'corrupt or truncated'), so no adapter could be listed."""
+    import shutil
+
+    sh, a, _ = loaded
+    broken = tmp_path / "adapters" / "broken"
+    shutil.copytree(a, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "list")
+    out = capsys.readouterr().out
+    assert "alpha" in out and "broken" in out
+    assert "corrupt or truncated" in out
+    with pytest.raises(UsageError, match="corrupt or truncated"):
+        sh.run_line_magic("lora_adapters", "use broken")

@@ -5,6 +5,7 @@ Adapters stay in PEFT's own format (adapter_config.json + adapter_model.safetens
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -67,6 +68,21 @@ class AdapterInfo:
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
 
+@contextlib.contextmanager
+def open_weights(weights: Path):
+    """``safe_open`` on an adapter's weights file; a file that cannot be parsed (truncated, not safetensors) is
+    an FtUsageError that says so, wherever it is opened (a broken folder in the adapters folder must not take
+    ``%lora_adapters list`` down with it)."""
+    from safetensors import safe_open
+
+    try:
+        fh = safe_open(str(weights), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise FtUsageError(f"{weights} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
+    with fh:
+        yield fh
+
+
 def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
     """Check that ``path`` holds a complete PEFT LoRA adapter; return its config. Says what is wrong.
     ``parse_weights=False`` skips opening the safetensors file, for a caller about to read it anyway."""
@@ -93,14 +109,9 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
                 "Convert it to safetensors first."
             )
         raise FtUsageError(f"{path} has adapter_config.json but no adapter_model.safetensors.")
-    try:
-        from safetensors import safe_open
-
-        if parse_weights:
-            with safe_open(str(weights), framework="pt") as fh:
-                list(fh.keys())
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
-        raise FtUsageError(f"{weights} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
+    if parse_weights:
+        with open_weights(weights) as fh:
+            list(fh.keys())
     if config.get("peft_type", "LORA") != "LORA":
         raise FtUsageError(f"{path} is a {config.get('peft_type')} adapter; only LoRA adapters are supported.")
     return config
@@ -339,10 +350,9 @@ def adapter_fingerprint(path: Path) -> str:
     import hashlib
 
     import torch
-    from safetensors import safe_open
 
     h = hashlib.sha256()
-    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
+    with open_weights(Path(path) / "adapter_model.safetensors") as fh:
         for key in sorted(fh.keys()):
             t = fh.get_tensor(key)
             h.update(f"{key}{tuple(t.shape)}".encode())
@@ -423,8 +433,6 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
     Checked from the adapter files alone (shapes are read from the safetensors header), before PEFT
     touches the model, so a refused adapter leaves the session exactly as it was.
     """
-    from safetensors import safe_open
-
     check_not_merged_in(model, path, model_label)
     trained_for = config.get("base_model_name_or_path") or "an unnamed base model"
     modules = dict(_base_of(model).named_modules())
@@ -439,7 +447,7 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
                 f"adapter {path} targets module(s) {', '.join(missing)} that the loaded model ({model_label}) does "
                 f"not have (it was trained on {trained_for}). Load it on the base model it was trained for."
             )
-    with safe_open(str(Path(path) / "adapter_model.safetensors"), framework="pt") as fh:
+    with open_weights(Path(path) / "adapter_model.safetensors") as fh:
         for key in fh.keys():
             m = _KEY_RE.match(key)
             if not m:
