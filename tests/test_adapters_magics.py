@@ -437,3 +437,21 @@ def test_a_truncated_adapter_in_the_adapters_folder_does_not_break_list(loaded, 
     assert "corrupt or truncated" in out
     with pytest.raises(UsageError, match="corrupt or truncated"):
         sh.run_line_magic("lora_adapters", "use broken")
+
+
+def test_an_adapter_loaded_by_name_keeps_its_folder_after_a_cd(shell, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Adapters loaded by name were recorded with a relative path: after %cd, info found no folder and delete
+    removed the other project's adapters/NAME instead of this one's."""
+    a, b = tmp_path / "cdA", tmp_path / "cdB"
+    ours = peft_adapter(tiny_model_dir, a / "adapters" / "other", seed=5)
+    theirs = peft_adapter(tiny_model_dir, b / "adapters" / "other", seed=6)
+    monkeypatch.chdir(a)
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_line_magic("lora_adapters", "use other")
+    monkeypatch.chdir(b)
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "info other")
+    assert str(ours) in capsys.readouterr().out
+    shell.run_line_magic("lora_adapters", "delete other")
+    assert (theirs / "adapter_model.safetensors").exists()  # another project's adapter of the same name
+    assert "other" not in magics(shell).session.adapters

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ class AdapterInfo:
     steps: Optional[int] = None
     final_loss: Optional[float] = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # where the folder is, whatever the working folder becomes: a relative path read after a %cd named
+        # another project's folder of the same name (info failed; delete removed that one)
+        if self.path:
+            self.path = os.path.abspath(self.path)
 
     def size_on_disk(self) -> int:
         if not self.path or not Path(self.path).exists():
