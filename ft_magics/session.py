@@ -417,22 +417,27 @@ class Session:
         return path if path == (self.adapters_dir / name).resolve() and path.is_dir() else None
 
     def delete_adapter(self, name: str) -> Optional[str]:
-        """Unload adapter ``name`` and delete its folder (``deletable_folder``). Returns the path removed."""
-        import shutil
-
+        """Unload adapter ``name`` and delete its folder (``deletable_folder``) and what is left of its run's
+        checkpoints beside it (a stopped run keeps them for --resume). Returns the path removed."""
         folder = self.deletable_folder(name)
         if name not in self.adapters:
             self._check_not_training(name)
             if folder is None:  # "no adapter named ...", naming the loaded ones and those in the adapters folder
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
-                shutil.rmtree(folder)
-                return str(folder)
+                return self._remove_folder(folder, name)
         self.unload_adapter(name)
-        if folder is not None:
-            shutil.rmtree(folder)
-            return str(folder)
-        return None
+        return self._remove_folder(folder, name) if folder is not None else None
+
+    @staticmethod
+    def _remove_folder(folder: Path, name: str) -> str:
+        import shutil
+
+        from .core.checkpoints import checkpoint_root, discard
+
+        shutil.rmtree(folder)
+        discard(checkpoint_root(folder.parent, name))  # else 'list' offered to resume a run whose adapter is gone
+        return str(folder)
 
     # ------------------------------------------------------------------ inference
     def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,

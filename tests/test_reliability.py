@@ -523,3 +523,19 @@ def test_a_resumed_runs_card_says_where_it_resumed_and_what_data_the_earlier_ste
     fresh = s.train("fresh", DATA, CFG)
     assert fresh.record["resumed"] is None
     assert "resumed at" not in adapter_card("fresh", Path(fresh.adapter_path))
+
+
+def test_deleting_a_stopped_runs_adapter_removes_its_checkpoints_too(tiny_session):
+    """A stopped run keeps checkpoints beside its adapter for --resume. Deleting the adapter left them behind
+    (often larger than the adapter: optimizer state), and 'list' then said the run was cut short before it saved
+    an adapter, and offered --resume."""
+    from ft_magics import adapter_commands
+
+    s = tiny_session
+    part = s.train("k", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert part.status == "stopped" and _ckpts(s, "k")
+    s.delete_adapter("k")
+    assert not (Path(s.adapters_dir) / ".checkpoints" / "k").exists() and s.resumable_runs() == {}
+    lines = []
+    adapter_commands.run(s, ["list"], out=lines.append)
+    assert not any("cut short" in l for l in lines), lines

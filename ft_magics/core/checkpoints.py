@@ -216,10 +216,15 @@ def require_resumable(root: Path, name: str, settings: Optional[dict] = None) ->
 def finish(root: Path, status: str) -> None:
     """A completed run needs no checkpoints (they hold optimizer state: often larger than the adapter)."""
     if status == "completed":
-        shutil.rmtree(root, ignore_errors=True)
-        parent = Path(root).parent
-        if parent.name == CHECKPOINTS_DIRNAME and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        discard(root)
+
+
+def discard(root: Path) -> None:
+    """Remove a run's checkpoints (and the checkpoints folder once it is empty)."""
+    shutil.rmtree(root, ignore_errors=True)
+    parent = Path(root).parent
+    if parent.name == CHECKPOINTS_DIRNAME and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
 
 
 def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int) -> str:
