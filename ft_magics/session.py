@@ -645,8 +645,7 @@ class Session:
         from .core.adapters import activate, combine, info_from_folder, parse_weights, save_peft_adapter, validate_name
         from .core.training import versions
 
-        if isinstance(weights, str):
-            weights = parse_weights(weights)
+        weights = parse_weights(weights)
         name = validate_name(name)
         with self._model_busy("combine adapters"):
             self._check_not_merged("combine adapters")

@@ -435,3 +435,14 @@ def test_a_loaded_adapter_keeps_the_files_exact_weights_and_its_reexport_is_stil
         with pytest.raises(FtUsageError, match="already merged"):
             m.load_adapter(folder, "again")
     assert m.adapters.names() == []
+
+
+@pytest.mark.parametrize("weights", ["a:nan,b:1", "a:1e400,b:1", {"a": float("inf"), "b": 1.0}, "a:x,b:1"])
+def test_combine_refuses_weights_that_are_not_finite_numbers(tiny_session, made_by_peft, weights):
+    """'combine m1:nan,m2:1' saved an adapter of NaNs (its record held a bare NaN, not JSON) and made it active:
+    generation then gave garbage without a word."""
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    with pytest.raises(FtUsageError, match=r"for adapter 'a' is not a (finite )?number; write e\.g\. a:0\.7,b:0\.3"):
+        tiny_session.combine_adapters(weights, "mix")
+    assert "mix" not in tiny_session.adapters and not (tiny_session.adapters_dir / "mix").exists()

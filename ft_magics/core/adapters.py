@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -563,19 +564,25 @@ def unmerge(state: MergeState) -> float:
 COMBINE_METHODS = ("linear", "cat", "svd", "ties")
 
 
-def parse_weights(spec: str) -> dict:
-    """``"a:0.7,b:0.3"`` (or ``a=0.7,b=0.3``) -> ``{"a": 0.7, "b": 0.3}``."""
+def parse_weights(spec) -> dict:
+    """``"a:0.7,b:0.3"`` (or ``a=0.7,b=0.3``, or the dict ``{"a": 0.7, "b": 0.3}``) -> ``{"a": 0.7, "b": 0.3}``,
+    every weight a finite number."""
+    pairs = []
+    if isinstance(spec, dict):
+        pairs = [(str(k), v) for k, v in spec.items()]
+    else:
+        for part in (spec or "").split(","):
+            if part.strip():
+                name, sep, w = re.match(r"([^:=]*)([:=]?)(.*)", part.strip()).groups()
+                pairs.append((name.strip(), w.strip() if sep else 1.0))
     out: dict = {}
-    for part in (spec or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, w = re.match(r"([^:=]*)([:=]?)(.*)", part).groups()
-        name = name.strip()
+    for name, w in pairs:
         try:
-            weight = float(w) if sep else 1.0
-        except ValueError:
+            weight = float(w)
+        except (TypeError, ValueError):
             raise FtUsageError(f"weight {w!r} for adapter {name!r} is not a number; write e.g. a:0.7,b:0.3.") from None
+        if not math.isfinite(weight):  # nan, inf, 1e400: every combined weight would be nan or inf
+            raise FtUsageError(f"weight {w!r} for adapter {name!r} is not a finite number; write e.g. a:0.7,b:0.3.")
         if name in out:
             raise FtUsageError(f"adapter {name!r} is named twice in {spec!r}; give each adapter once, with its weight.")
         out[name] = weight
