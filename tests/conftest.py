@@ -45,14 +45,14 @@ def build_tiny_tokenizer(chat_template: bool = True):
     return fast
 
 
-def build_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+def build_tiny_model_dir(path: Path, chat_template: bool = True, seed: int = 0, hidden: int = 64) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tiny_tokenizer(chat_template)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

@@ -1264,3 +1264,25 @@ def test_dora_on_an_8bit_cpu_base_is_refused_before_the_model_is_touched(tiny_mo
     assert "dora" not in s.adapters and s.generate("hello there", max_new_tokens=4).text == before
     plain = s.train("p", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])  # plain LoRA trains on it
     assert plain.status == "completed"
+
+
+def test_a_4bit_model_whose_widths_bitsandbytes_cannot_repack_still_generates(tmp_path):
+    """bitsandbytes' CPU inference repacking needs widths that are multiples of 32 (outputs) and 64 (inputs): on
+    a model of hidden size 96 every generate, chat and compare failed inside it, while training worked. Such layers
+    keep the standard layout; the others are still repacked for speed."""
+    import bitsandbytes.functional as bf
+    from conftest import build_tiny_model_dir
+    from ft_magics import Session
+    from ft_magics.core.training import cpu_packed
+
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model_dir = build_tiny_model_dir(tmp_path / "tiny96", hidden=96)
+    s = Session(adapters_dir=tmp_path / "ad")
+    s.load(str(model_dir), bits=4, device="cpu")
+    assert s.generate("hello there", max_new_tokens=3).new_tokens == 3
+    layers = [m for m in s.model.modules() if type(m).__name__ == "Linear4bit"]
+    packed = [cpu_packed(m.weight.quant_state) for m in layers]
+    assert any(packed) and not all(packed)  # down_proj (192 -> 96) repacks; the layers with 96-wide inputs do not
+    run = s.train("x", ROWS, {"max_steps": 2, "batch_size": 4}, listeners=[])
+    assert run.status == "completed" and s.generate("hello there", max_new_tokens=3).new_tokens == 3

@@ -372,8 +372,9 @@ def load_model(
         lm.to(dev)
     elif bits == 4 and dev == "cpu":
         from .fused_lora import read_packed_weights_in_peft
-        from .training import remember_unpacked_4bit, save_packed_4bit_exactly
+        from .training import keep_unpackable_layers_standard, remember_unpacked_4bit, save_packed_4bit_exactly
 
+        keep_unpackable_layers_standard(lm)  # bitsandbytes' CPU repacking fails on some layer widths
         remember_unpacked_4bit(lm)  # so a generate (which repacks) never changes the base we train on
         save_packed_4bit_exactly()  # nor does a state_dict() of a repacked layer (PEFT's adapter loading)
         read_packed_weights_in_peft()  # and PEFT's own DoRA / merge paths read a repacked weight right

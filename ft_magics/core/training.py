@@ -152,6 +152,25 @@ def cpu_packed(quant_state) -> bool:
     return quant_state is not None and bool(getattr(quant_state, "packing_format_for_cpu", False))
 
 
+def keep_unpackable_layers_standard(model) -> int:
+    """Switch bitsandbytes' CPU inference repacking off for the 4-bit layers it cannot repack; return how many.
+
+    Its packing needs the output width a multiple of 32 and the input width a multiple of the quantisation
+    block (64): a model of hidden size 96 trained, but every generate failed inside bitsandbytes ("shape
+    '[96, 1]' is invalid for input of size 144"). Those layers keep the standard layout and its kernel."""
+    n = 0
+    for mod in _linear4bit_modules(model):
+        qs = getattr(mod.weight, "quant_state", None)
+        shape = getattr(qs, "shape", None)
+        if qs is None or shape is None or len(shape) != 2 or cpu_packed(qs):
+            continue
+        out_f, in_f = int(shape[0]), int(shape[1])
+        if out_f % 32 or in_f % int(getattr(qs, "blocksize", 64) or 64):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def remember_unpacked_4bit(model) -> None:
     """Keep a reference to every unpacked 4-bit weight and a copy of its quant state.
 
