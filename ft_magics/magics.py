@@ -659,9 +659,13 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_eval, line)
         name = args.name or self.session.adapters.active or "base"
-        report = self.session.evaluate(name, args.data, general=not args.no_general, batch_size=args.batch_size,
-                                       max_seq_len=args.max_seq_len, answers=args.answers, column_map=args.map,
-                                       progress=lambda line: print(line, flush=True))
+        try:
+            report = self.session.evaluate(name, args.data, general=not args.no_general, batch_size=args.batch_size,
+                                           max_seq_len=args.max_seq_len, answers=args.answers, column_map=args.map,
+                                           progress=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:  # the stop button: scoring changes nothing, so there is nothing to keep or undo
+            print(f"%lora_eval interrupted: no scores for {name!r}; the model and adapters are as they were.")
+            return
         self._show(report)
         if args.data is None and name not in self.session.heldout:
             print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "

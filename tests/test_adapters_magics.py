@@ -455,3 +455,30 @@ def test_an_adapter_loaded_by_name_keeps_its_folder_after_a_cd(shell, tiny_model
     shell.run_line_magic("lora_adapters", "delete other")
     assert (theirs / "adapter_model.safetensors").exists()  # another project's adapter of the same name
     assert "other" not in magics(shell).session.adapters
+
+
+def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, monkeypatch):
+    """The stop button during %lora_eval printed a 100-frame traceback through transformers and bitsandbytes."""
+    from ft_magics.core import evaluation
+
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    line = "alpha --data demo:support-eval --max-seq-len 96 --no-general"
+    capsys.readouterr()
+    sh.run_line_magic("lora_eval", line)
+    before = capsys.readouterr().out
+    real_tick, calls = evaluation.EvalProgress.tick, []
+
+    def tick(self):
+        calls.append(1)
+        if len(calls) == 2:  # the second batch: mid-evaluation, adapter switched on for scoring
+            raise KeyboardInterrupt
+        real_tick(self)
+
+    monkeypatch.setattr(evaluation.EvalProgress, "tick", tick)
+    sh.run_line_magic("lora_eval", line)
+    assert "%lora_eval interrupted: no scores for 'alpha'" in capsys.readouterr().out
+    monkeypatch.setattr(evaluation.EvalProgress, "tick", real_tick)
+    assert magics(sh).session.adapters.active == "alpha"
+    sh.run_line_magic("lora_eval", line)
+    assert capsys.readouterr().out == before
