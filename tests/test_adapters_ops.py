@@ -446,3 +446,24 @@ def test_combine_refuses_weights_that_are_not_finite_numbers(tiny_session, made_
     with pytest.raises(FtUsageError, match=r"for adapter 'a' is not a (finite )?number; write e\.g\. a:0\.7,b:0\.3"):
         tiny_session.combine_adapters(weights, "mix")
     assert "mix" not in tiny_session.adapters and not (tiny_session.adapters_dir / "mix").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_and_exported_adapters_have_the_modes_the_umask_gives(tiny_session, tmp_path, umask):
+    """Atomic saves write into mkdtemp/mkstemp files (0700 / 0600) and safetensors writes its weights 0600: an
+    adapter or export was unreadable to a server or another user although the umask allowed it. Every file and
+    folder gets what an ordinary open/mkdir would give under the umask."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        tiny_session.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 1}, listeners=[])
+        tiny_session.export_adapter("x", tmp_path / "exp")
+        tiny_session.export_adapter("x", tmp_path / "merged", merged=True)
+    finally:
+        os.umask(old)
+    for root in (tiny_session.adapters_dir / "x", tmp_path / "exp", tmp_path / "merged"):
+        for p in [root, *root.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~umask
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(stat.S_IMODE(p.stat().st_mode)))

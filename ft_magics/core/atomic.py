@@ -28,6 +28,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, directory: bool) -> None:
+    """Give a file or folder the mode an ordinary ``open``/``mkdir`` would have given it: ``mkstemp`` and
+    ``mkdtemp`` make them private (0600 / 0700), and safetensors writes its weights 0600, so every saved adapter
+    and export was unreadable to a server or another user where the umask would have allowed it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def writable_dir(path: os.PathLike | str, what: str) -> Path:
     """``path``, made with its parents and checked writable, or a usage error saying ``what`` was to be
     written there (a read-only or missing mount found before any work, not at the first save)."""
@@ -58,7 +79,9 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            _as_if_created(f, directory=f.is_dir())  # safetensors writes its files 0600 whatever the umask
         (tmp / COMPLETE_MARKER).write_text("ok\n")
+        _as_if_created(tmp, directory=True)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -83,6 +106,7 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _as_if_created(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
