@@ -52,5 +52,9 @@ def test_demo_swaps_and_routes(demo):
     served = s.serve([("t2", "What is LoRA?"), ("base", "Name a colour."), ("t0", "Say hi.")],
                      store=s.adapters_dir, capacity=1, max_new_tokens=3)
     assert [r.mode for r in served] == ["mixed"] * 3
-    assert served[1].text == s.generate("Name a colour.", adapter="base", max_new_tokens=3).text
-    assert served[2].text == s.generate("Say hi.", adapter="t0", max_new_tokens=3).text
+    # each row answered by its own adapter: the same first token as alone (a padded batch of three in bf16 rounds
+    # differently from one prompt, so a later near-tie may go the other way: 'Ale,' alone, 'Alej' batched, on one
+    # machine; the exact match of batch and one-at-a-time is test_routing's, in fp32)
+    first = lambda text: s.tokenizer(text, add_special_tokens=False).input_ids[:1]  # noqa: E731
+    assert first(served[1].text) == first(s.generate("Name a colour.", adapter="base", max_new_tokens=3).text)
+    assert first(served[2].text) == first(s.generate("Say hi.", adapter="t0", max_new_tokens=3).text)
