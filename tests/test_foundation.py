@@ -1286,3 +1286,26 @@ def test_a_4bit_model_whose_widths_bitsandbytes_cannot_repack_still_generates(tm
     assert any(packed) and not all(packed)  # down_proj (192 -> 96) repacks; the layers with 96-wide inputs do not
     run = s.train("x", ROWS, {"max_steps": 2, "batch_size": 4}, listeners=[])
     assert run.status == "completed" and s.generate("hello there", max_new_tokens=3).new_tokens == 3
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_runs_loss_tokens_are_those_its_steps_trained_on(tiny_session, grad_accum):
+    """The loss-tokens/s a run reports counted every batch collated: the one the data loader fetches ahead and
+    every evaluation batch too (a 2-step run of 8-row batches recorded 2,316 loss tokens for about 1,392).
+    Every row here has the same answer, so the steps trained on steps x batch x that many tokens."""
+    from ft_magics.core.events import Recorder, StepEnd
+
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(40)]
+    ev = [{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(8)]
+    seen = Recorder()
+    run = tiny_session.train("count", rows, {"max_steps": 3, "batch_size": 4, "grad_accum": grad_accum,
+                                             "eval_steps": 1}, eval_data=ev, listeners=[seen])
+    from ft_magics.core.data import prepare
+    from ft_magics.config import TrainConfig
+
+    prepared = prepare(rows[:1], tiny_session.tokenizer, TrainConfig.from_dict({}))
+    tokens = prepared[2].loss_tokens  # one row's loss-bearing tokens
+    assert run.status == "completed" and run.steps == 3
+    assert run.record["timings"]["loss_tokens"] == 3 * 4 * grad_accum * tokens
+    steps = seen.of(StepEnd)
+    assert steps and steps[-1].tokens_per_s == pytest.approx(3 * 4 * grad_accum * tokens / steps[-1].elapsed_s, rel=1e-6)

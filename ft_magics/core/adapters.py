@@ -175,7 +175,7 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     if record.get("steps") is not None:
         when = (datetime.datetime.fromtimestamp(timings["started"]).strftime("%Y-%m-%d %H:%M")
                 if timings.get("started") else "")
-        speed = f", {timings['loss_tokens_per_s']:g} loss-tok/s" if timings.get("loss_tokens_per_s") else ""
+        speed = f", {timings['loss_tokens_per_s']:,.0f} loss-tok/s" if timings.get("loss_tokens_per_s") else ""
         took = f" in {timings['seconds']:.1f} s" if timings.get("seconds") is not None else ""
         resumed = record.get("resumed") or {}
         if resumed.get("at") is not None:  # the timings are the resumed part's

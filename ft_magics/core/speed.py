@@ -936,12 +936,17 @@ def speed_trainer_class():
             # the loss it reports (logged, so the eval curve; on_evaluate, so keep_best and early stopping; the
             # run's summary) is the loss summed over every loss-bearing token of the eval set / their count
             self._eval_sums = []
+            counting = getattr(self.data_collator, "counting", None)
+            if counting is not None:  # eval batches are no training tokens (core.training.CountingCollator)
+                self.data_collator.counting = False
             try:
                 output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                                  metric_key_prefix)
                 sums = self._eval_sums
             finally:
                 self._eval_sums = None
+                if counting is not None:
+                    self.data_collator.counting = counting
             if sums:
                 # every process's batches (under several processes the last batch's repeated examples, which the
                 # Trainer's gather drops, count here: a few examples at most)

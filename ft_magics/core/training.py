@@ -349,7 +349,9 @@ def padding_share(lengths: list) -> float:
 
 
 class CountingCollator:
-    """``DataCollatorForSeq2Seq`` plus a running count of loss-bearing tokens (host side, no sync)."""
+    """``DataCollatorForSeq2Seq`` plus a count of the loss-bearing tokens of each training batch it collates
+    (host side, no sync). The run's loss-tokens/s counts the batches its optimizer steps trained on
+    (:meth:`trained`): the data loader collates one batch ahead, and a 2-step run counted 3 batches."""
 
     def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None):
         from transformers import DataCollatorForSeq2Seq
@@ -358,8 +360,9 @@ class CountingCollator:
             tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of,
             return_tensors="pt",
         )
-        self.loss_tokens = 0
-        self.tokens = 0
+        self.batch_loss_tokens: list = []  # per training batch, in the order collated
+        self.counting = True  # off while an evaluation collates its batches (SpeedTrainer.evaluation_loop)
+        self._trained = (0, 0)  # (batches summed, their loss tokens)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.flatten_packed = False  # set for flash attention (core.data.packing_flattens)
         self.padding_free = False  # set where the attention keeps a flattened batch's examples apart
@@ -368,8 +371,8 @@ class CountingCollator:
         from .preference import unpaired
 
         features = unpaired(features)  # preference pairs: the chosen rows, then the rejected rows
-        self.loss_tokens += sum(sum(1 for x in f["labels"] if x != -100) for f in features)
-        self.tokens += sum(len(f["input_ids"]) for f in features)
+        if self.counting:
+            self.batch_loss_tokens.append(sum(sum(1 for x in f["labels"] if x != -100) for f in features))
         if "position_ids" in features[0]:  # packed rows (core.data.pack): no attention mask, see collate_packed
             from .data import collate_packed
 
@@ -380,6 +383,20 @@ class CountingCollator:
             return collate_packed([as_one_document(f) for f in features], self.pad_token_id, flatten=True)
         return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"],
                             "attention_mask": [1] * len(f["input_ids"])} for f in features])
+
+
+    @property
+    def loss_tokens(self) -> int:
+        """The loss-bearing tokens of every training batch collated so far."""
+        return sum(self.batch_loss_tokens)
+
+    def trained(self, batches: int) -> int:
+        """The loss-bearing tokens of the first ``batches`` training batches: those the steps so far trained on."""
+        done, total = self._trained
+        stop = min(batches, len(self.batch_loss_tokens))
+        if stop > done:  # summed once each, as the steps go
+            self._trained = (stop, total + sum(self.batch_loss_tokens[done:stop]))
+        return self._trained[1]
 
 
 def _auto_chunk_rows(model, checkpointed: bool) -> int:
@@ -417,12 +434,17 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
             self.peak = 0
             self.last_mem_t = 0.0
             self.mem = None
-            self.tokens_at_start = 0
+            self.step_at_start = 0
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
-            self.tokens_at_start = collator.loss_tokens
+            self.step_at_start = state.global_step  # a resumed run collates from its resumed step on
             emit(listeners, TrainBegin(total_steps=state.max_steps, **begin_info))
+
+        def trained_tokens(self, args, state) -> int:
+            batches = (state.global_step - self.step_at_start) * args.gradient_accumulation_steps
+            history["loss_tokens"] = collator.trained(batches)
+            return history["loss_tokens"]
 
         def on_step_end(self, args, state, control, **kw):
             if flag.is_set():
@@ -433,6 +455,7 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 self.peak = max(self.peak, self.mem.peak_bytes)
                 self.last_mem_t = now
             history["last_step"] = state.global_step
+            self.trained_tokens(args, state)
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -443,7 +466,7 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 loss = float(logs["loss"])
                 history["loss"].append([step, loss])
                 rate = elapsed / max(step, 1)
-                lb = collator.loss_tokens - self.tokens_at_start
+                lb = self.trained_tokens(args, state)
                 emit(listeners, StepEnd(
                     step=step, total_steps=state.max_steps, epoch=float(logs.get("epoch", state.epoch or 0.0)),
                     loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
@@ -960,7 +983,8 @@ def run_training(
             if kept:
                 emit(listeners, Message(kept))
         mem = read_memory(handle.device, callback.peak)
-        lt_s = (collator.loss_tokens / seconds) if seconds > 0 else None
+        trained_tokens = history.get("loss_tokens", 0)
+        lt_s = (trained_tokens / seconds) if seconds > 0 else None
         record = {
             "name": name,
             "status": status,
@@ -979,7 +1003,7 @@ def run_training(
             "best": best,
             "timings": {"started": started, "seconds": round(seconds, 3),
                         "steps_per_s": round(steps / seconds, 4) if seconds else None,
-                        "loss_tokens": collator.loss_tokens,
+                        "loss_tokens": trained_tokens,
                         "loss_tokens_per_s": round(lt_s, 2) if lt_s else None},
             "peak_memory": {"kind": mem.kind, "bytes": mem.peak_bytes, "label": mem.label},
             "data": None if data_report is None else {
