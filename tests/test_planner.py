@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -353,3 +354,12 @@ def test_a_negative_memory_is_refused_as_not_positive_not_as_a_missing_value(she
     assert capsys.readouterr().out == ""
     with pytest.raises(UsageError, match="expected one argument"):  # a missing value is still one
         shell.run_line_magic("ft_plan", "7B --memory --seq-len 128")
+
+
+def test_counts_of_a_tiny_model_are_read_in_thousands(shell, tiny_model_dir, capsys):
+    """%ft_plan of a model under 100k parameters printed '9.96e-08T parameters' and '(0.0M adapter params)'."""
+    assert [planner.format_count(n) for n in (99_600, 1_500, 999_000)] == ["99.6K", "1.5K", "999K"]
+    shell.run_line_magic("ft_plan", str(tiny_model_dir))
+    out = capsys.readouterr().out
+    assert "e-0" not in out and "T parameters" not in out and "(0.0M adapter params)" not in out
+    assert re.search(r"\(\d+(\.\d+)?K parameters", out) and re.search(r"\(\d+(\.\d+)?K adapter params\)", out), out

@@ -390,7 +390,7 @@ class Plan:
         adam = optimizer_states(self.optimizer)[1]
         head = (f"Memory plan for {d.name} ({format_count(d.params)} parameters, {d.source}; "
                 f"{d.layers} layers, hidden {d.hidden}, vocab {d.vocab}), seq_len {self.seq_len}, batch {self.batch_size}, "
-                f"LoRA r={self.r} all-linear ({d.lora_params(self.r) / 1e6:.1f}M adapter params)"
+                f"LoRA r={self.r} all-linear ({_millions(d.lora_params(self.r))} adapter params)"
                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
                 f"{', optimizer ' + self.optimizer if saving else ''}"
                 f"{f', objective {self.objective} (each pair is two rows: activations of batch x 2)' if self.objective != 'sft' else ''}")
@@ -426,12 +426,20 @@ class Plan:
 
 
 def format_count(n: float) -> str:
-    """A parameter count in billions, past 999.5B in trillions: 0.135B, 46.7B, 7T (not 7e+03B)."""
+    """A parameter count in billions, past 999.5B in trillions, below 1M in thousands: 0.135B, 46.7B, 7T (not
+    7e+03B), 99.6K (not 9.96e-05B, which read as trillions)."""
+    if n < 1e6:
+        return f"{n / 1e3:.3g}K"
     billions = f"{n / 1e9:.3g}"
     if "e" not in billions:
         return billions + "B"
     trillions = n / 1e12
     return f"{trillions:.3g}T" if trillions < 999.5 else f"{trillions:,.0f}T"
+
+
+def _millions(n: float) -> str:
+    """4.9M; below 0.1M in thousands (a tiny model's adapter read '0.0M')."""
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.3g}K"
 
 
 def _gb(n: float) -> str:
