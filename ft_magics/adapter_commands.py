@@ -45,6 +45,15 @@ def _name(cmd: str, words: list) -> str:
     return words[0]
 
 
+def _note_other_base(s, name: str, out) -> None:
+    """A word where adapter ``name`` was trained on another base than the one loaded (same layer shapes, so it
+    loads, but its answers assume its own base)."""
+    other = s.trained_on_another_base(name)
+    if other:
+        out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({s.handle.name}): its answers "
+            f"assume that base (%qlora_load it to use {name!r} as trained).")
+
+
 def run(session, words: list, out: Callable[[str], None] = print) -> None:
     cmd = words[0] if words else "list"
     rest = words[1:]
@@ -103,15 +112,13 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         name = _name(cmd, rest)
         ms = s.use(name)
         out(f"active adapter: {name} (swapped in {ms:.2f} ms)")
-        other = s.trained_on_another_base(name)
-        if other:
-            out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({s.handle.name}): its answers "
-                f"assume that base (%qlora_load it to use {name!r} as trained).")
+        _note_other_base(s, name, out)
         return
     if cmd == "load":
         a = _parse(cmd, rest, (("path",), {}), (("--name",), {"default": None}))
         name = s.load_adapter(a.path, a.name)
         out(f"loaded adapter {name!r} from {a.path}; it is now active.")
+        _note_other_base(s, name, out)
         return
     if cmd == "unload":
         name = _name(cmd, rest)

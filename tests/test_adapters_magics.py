@@ -398,6 +398,9 @@ def test_using_an_adapter_trained_on_another_base_says_so(shell, tiny_model_dir,
     assert "Note: 'over' was trained on other-base, not on the model loaded now (tiny-llama)" in out
     shell.run_line_magic("lora_adapters", "use plain")
     assert "Note" not in capsys.readouterr().out
+    shell.run_line_magic("lora_adapters", "unload over")
+    shell.run_line_magic("lora_adapters", f"load {tmp_path / 'adapters' / 'over'} --name again")  # load says it too
+    assert "Note: 'again' was trained on other-base" in capsys.readouterr().out
 
 
 def test_a_long_eval_prints_its_progress_by_batches(loaded, capsys, monkeypatch):
