@@ -332,6 +332,7 @@ class Session:
         """Make ``name`` the active adapter ('base' or None: no adapter). Returns the swap time in ms."""
         from .core.adapters import BASE, activate
 
+        self._require_model()  # 'use base' with nothing loaded answered "active adapter: base"
         with self._model_busy("switch adapters"):
             if name not in (None, BASE):
                 self._require_adapter(name)

@@ -195,6 +195,8 @@ def test_lora_train_bad_value_names_the_key(shell, tiny_model_dir):
 def test_train_without_model_says_to_load(shell):
     with pytest.raises(UsageError, match="no model is loaded: run %qlora_load"):
         shell.run_line_magic("lora_train", "x --data demo:support")
+    with pytest.raises(UsageError, match="no model is loaded: run %qlora_load"):  # it said "active adapter: base"
+        shell.run_line_magic("lora_adapters", "use base")
 
 
 def test_bad_adapter_name_is_refused(shell, tiny_model_dir):
