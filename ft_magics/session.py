@@ -699,8 +699,11 @@ class Session:
                 "empty folder (an export replaces the whole folder)."
             )
         with self._model_busy("export an adapter"):
-            if not merged:
-                return save_peft_adapter(self.model, name, target, record={"name": name, "exported_from": info.path})
+            if not merged:  # the run record goes along (a loaded export showed steps=- loss=-), marked as exported
+                from .core.adapters import run_record
+
+                record = {**(run_record(info.path) if info.path else {}), "name": name, "exported_from": info.path}
+                return save_peft_adapter(self.model, name, target, record=record)
             source_dir = Path(info.path) if info.path else None
             try:
                 if source_dir is not None:

@@ -467,3 +467,16 @@ def test_saved_and_exported_adapters_have_the_modes_the_umask_gives(tiny_session
         for p in [root, *root.rglob("*")]:
             want = (0o777 if p.is_dir() else 0o666) & ~umask
             assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(stat.S_IMODE(p.stat().st_mode)))
+
+
+def test_a_plain_export_keeps_the_run_record(tiny_session, tmp_path):
+    """A plain export wrote only {name, exported_from} as its record: loaded again it listed steps=- loss=-."""
+    run = tiny_session.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 2}, listeners=[])
+    out = tiny_session.export_adapter("x", tmp_path / "exp")
+    record = json.loads((out / "ft_run.json").read_text())
+    assert record["steps"] == 2 and record["final_loss"] == run.record["final_loss"]
+    assert record["exported_from"] == str(tiny_session.adapters_dir.resolve() / "x")
+    tiny_session.load_adapter(out, "again")
+    info = tiny_session.adapters.require("again")
+    assert info.steps == 2 and info.final_loss == run.record["final_loss"]
+    assert tiny_session.export_adapter("x", tmp_path / "exp") == out  # an export may replace an export
