@@ -480,3 +480,11 @@ def test_a_plain_export_keeps_the_run_record(tiny_session, tmp_path):
     info = tiny_session.adapters.require("again")
     assert info.steps == 2 and info.final_loss == run.record["final_loss"]
     assert tiny_session.export_adapter("x", tmp_path / "exp") == out  # an export may replace an export
+
+
+def test_an_output_folder_that_is_a_file_is_named_as_such(tiny_session, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for where in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(FtUsageError, match=r"afile is a file, not a folder\. Give a folder's path"):
+            tiny_session.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 1},
+                               output_dir=where, listeners=[])

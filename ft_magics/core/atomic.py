@@ -55,6 +55,10 @@ def writable_dir(path: os.PathLike | str, what: str) -> Path:
     from ..errors import FtUsageError
 
     path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would say only "File exists"
+        raise FtUsageError(f"cannot write {what} to {path}: {blocking} is a file, not a folder. Give a folder's path "
+                           "(a new one is made).")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ft_magics-probe-"):
