@@ -628,6 +628,11 @@ class FtMagics(Magics):
         cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system,
                                    repetition_penalty=args.repetition_penalty)
         self._show(cmp)
+        on_disk = self.session.adapters_on_disk(fitting=True) if adapters is None and cmp.columns == ["base"] else []
+        if on_disk:  # a fresh kernel: nothing loaded, so the base alone answered
+            shown = ", ".join(on_disk[:5]) + (", ..." if len(on_disk) > 5 else "")
+            print(f"(only the base: no adapter is loaded. In {self.session.adapters_dir}: {shown}; compare them with "
+                  f"--adapters {','.join(on_disk[:2])})")
         if len(cmp.prompts) == 1 and "\n" in cmp.prompts[0]:  # one prompt per line is a natural first guess
             lines = cmp.prompts[0].count("\n") + 1
             print(f"(the cell held one prompt of {lines} lines; separate several prompts with a line of ---)")

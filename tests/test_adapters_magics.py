@@ -485,3 +485,15 @@ def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, mo
     assert magics(sh).session.adapters.active == "alpha"
     sh.run_line_magic("lora_eval", line)
     assert capsys.readouterr().out == before
+
+
+def test_compare_with_nothing_loaded_names_the_adapters_on_disk(loaded, capsys):
+    """In a fresh kernel %lora_compare (no --adapters) answered with the base alone, without a word of the
+    adapters in the adapters folder that --adapters would compare."""
+    sh, _, _ = loaded
+    capsys.readouterr()
+    sh.run_line_magic("lora_compare", "--max-new-tokens 2 hello")
+    out = capsys.readouterr().out
+    assert "(only the base: no adapter is loaded." in out and "compare them with --adapters alpha" in out
+    sh.run_line_magic("lora_compare", "--adapters alpha --max-new-tokens 2 hello")
+    assert "only the base" not in capsys.readouterr().out
