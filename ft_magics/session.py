@@ -180,7 +180,8 @@ class Session:
         if not eval_ex:
             evals = "no eval data"
         elif cfg.eval_steps:
-            evals = f"{counted(len(eval_ex), unit)}, every {cfg.eval_steps} steps and at the end"
+            every = "every step" if cfg.eval_steps == 1 else f"every {cfg.eval_steps} steps"
+            evals = f"{counted(len(eval_ex), unit)}, {every} and at the end"
         else:
             evals = f"{counted(len(eval_ex), unit)}, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"

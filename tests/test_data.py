@@ -695,7 +695,10 @@ def test_length_stats():
 def test_quality_warnings():
     recs, _ = D.normalise([{"prompt": "a", "completion": "b"}] * 2 + [{"prompt": "c", "completion": " "}])
     w = " ".join(D.quality_warnings(recs))
-    assert "only 3 examples" in w and "1 exact duplicate" in w
+    assert "only 3 examples" in w and "1 exact duplicate example: 1 example appears more than once (up to 2 times)" in w
+    four, _ = D.normalise([{"prompt": "a", "completion": "b"}] * 4)  # said "3 duplicates (they weigh double)"
+    assert "3 exact duplicate examples: 1 example appears more than once (up to 4 times)" in " ".join(
+        D.quality_warnings(four))
     many, _ = D.normalise([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(120)])
     assert D.quality_warnings(many) == []
 

@@ -1008,6 +1008,8 @@ def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model
     assert "Example" in out and "Dry run: 17 training examples -> 6 optimizer steps of 4 x grad_accum 2 (2 epochs); " \
                                   "4 eval examples, every 2 steps and at the end" in out
     assert not hasattr(s.model, "peft_config") and not (tmp_path / "adapters" / "dry").exists() and not s.runs
+    shell.run_cell_magic("lora_train", "dry --data d.jsonl --dry-run", body.replace("eval_steps: 2", "eval_steps: 1"))
+    assert "4 eval examples, every step and at the end" in capsys.readouterr().out  # not "every 1 steps"
     shell.run_cell_magic("lora_train", "dry --data d.jsonl --no-widgets", body)
     assert s.runs[-1].steps == 6  # what the dry run said
     packed = "batch_size: 2\nr: 4\npacking: true\ntrain_on: all\nmax_seq_len: 64\nmax_steps: 1\n"

@@ -1552,16 +1552,20 @@ def quality_warnings(records: list[Record]) -> list:
     if n < 100:
         warnings.append(f"only {counted(n, 'example')}; the usual guidance is 100-500 high-quality examples at the "
                         "least.")
-    seen, dups, empty = set(), 0, 0
+    copies: dict = {}
+    empty = 0
     for r in records:
         key = json.dumps(r.to_json(), sort_keys=True)
-        if key in seen:
-            dups += 1
-        seen.add(key)
+        copies[key] = copies.get(key, 0) + 1
         if r.messages is None and not (r.text or "").strip():
             empty += 1  # (an empty answer is dropped, and counted in the report, as it is tokenised)
-    if dups:
-        warnings.append(f"{dups} exact duplicate examples (they weigh double in training).")
+    repeated = [c for c in copies.values() if c > 1]
+    if repeated:  # "4 identical rows" read "3 exact duplicates (they weigh double)": they weigh 4x
+        extra = sum(repeated) - len(repeated)
+        most = max(repeated)
+        warnings.append(f"{extra} exact duplicate {'example' if extra == 1 else 'examples'}: "
+                        f"{counted(len(repeated), 'example')} appear{'s' if len(repeated) == 1 else ''} more than "
+                        f"once (up to {most} times), and each copy weighs once more in training.")
     if empty:
         warnings.append(f"{counted(empty, 'example')} with an empty text (nothing to learn from them).")
     return warnings
