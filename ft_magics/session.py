@@ -799,10 +799,10 @@ class Session:
         if name not in (None, BASE):
             with self._model_busy("evaluate"):
                 self._require_adapter(name)
-        sets = []
+        sets, notes = [], []
         if data is not None:
             sets.append((str(data) if isinstance(data, str) else "data",
-                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len, column_map)))
+                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len, column_map, notes)))
         elif own is not None:
             train_src, eval_src, cfg = own
             _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)
@@ -822,7 +822,7 @@ class Session:
             self._check_not_merged("evaluate")
             previous = self.adapters.active
             model = self.model
-            report = EvalReport(columns=columns)
+            report = EvalReport(columns=columns, notes=notes)
             try:
                 # the 4-bit layout training evaluates in: after a generate (which repacks the weights for its
                 # CPU kernel) the same adapter would otherwise score ~1% differently than its run reported

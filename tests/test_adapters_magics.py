@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from IPython.core.error import UsageError
@@ -497,3 +498,20 @@ def test_compare_with_nothing_loaded_names_the_adapters_on_disk(loaded, capsys):
     assert "(only the base: no adapter is loaded." in out and "compare them with --adapters alpha" in out
     sh.run_line_magic("lora_compare", "--adapters alpha --max-new-tokens 2 hello")
     assert "only the base" not in capsys.readouterr().out
+
+
+def test_lora_eval_says_when_rows_were_cut_to_max_seq_len(loaded, capsys, tmp_path):
+    """Training's data report says how many rows exceed max_seq_len; %lora_eval cut them without a word."""
+    import json
+
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    rows = [{"prompt": "short?", "completion": "yes."}] * 3 + [{"prompt": "long " * 80, "completion": "ok."}]
+    (tmp_path / "ev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --max-seq-len 48 --no-general")
+    out = capsys.readouterr().out
+    assert re.search(r"Note: 1 of 4 examples of \S+ev\.jsonl are longer than --max-seq-len 48 and were scored cut "
+                     r"to it \(1 cut before their answer were left out\); --max-seq-len \d+ scores them whole\.", out), out
+    sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --max-seq-len 512 --no-general")
+    assert "Note:" not in capsys.readouterr().out

@@ -26,14 +26,21 @@ def eval_config(max_seq_len: int, objective: str = "sft", column_map: Optional[s
 
 
 def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512,
-                     column_map: Optional[str] = None) -> list:
+                     column_map: Optional[str] = None, notes: Optional[list] = None) -> list:
     """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
     'train' and a 'validation' / 'test' split, that held-out split. Rows of preference pairs (prompt / chosen /
-    rejected) give :class:`core.preference.PairExample` s."""
+    rejected) give :class:`core.preference.PairExample` s. ``notes`` gets a line when rows longer than
+    ``max_seq_len`` were cut (training's data report says so; an evaluation said nothing)."""
     from .data import prepare
 
     cfg = eval_config(max_seq_len, data_objective(src, namespace, column_map), column_map)
-    examples, held_out, _ = prepare(src, tokenizer, cfg, namespace=namespace)
+    examples, held_out, report = prepare(src, tokenizer, cfg, namespace=namespace)
+    if notes is not None and report.over_max:
+        longest = report.stats()["max"]
+        notes.append(f"{report.over_max:,} of {len(report.lengths):,} examples of {src if isinstance(src, str) else 'the data'} "
+                     f"are longer than --max-seq-len {max_seq_len} and were scored cut to it"
+                     + (f" ({report.dropped_no_answer:,} cut before their answer were left out)"
+                        if report.dropped_no_answer else "") + f"; --max-seq-len {longest} scores them whole.")
     return held_out or examples
 
 
@@ -221,6 +228,7 @@ class EvalReport:
     sets: list = field(default_factory=list)
     answers: dict = field(default_factory=dict)  # column -> (exact, first line, n): greedy answers scored
     pairs: dict = field(default_factory=dict)  # column -> (pairs ranked as preferred, pairs): preference data
+    notes: list = field(default_factory=list)  # what was done to the data to score it (rows cut to max_seq_len)
 
     def pair_cell(self, column: str) -> str:
         right, n = self.pairs[column]
@@ -273,6 +281,7 @@ class EvalReport:
             verdict = ("general text got worse: some forgetting" if f > 0.05 else
                        "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
             lines.append(f"{self._forgetting_line(f)} ({verdict})")
+        lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_html(self) -> str:
@@ -292,6 +301,7 @@ class EvalReport:
                      + "</tr>")
         f = self.forgetting()
         foot = f"<p>{self._forgetting_line(f)}</p>" if f is not None else ""
+        foot += "".join(f"<p>Note: {html.escape(n)}</p>" for n in self.notes)
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
 
     def _repr_html_(self) -> str:
