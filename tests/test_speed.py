@@ -183,7 +183,17 @@ def test_autocast_knob_off_and_fp32_model_use_plain_trainer(tiny_model_dir):
     t = make_trainer(model, False, autocast_dtype=torch.float32, args=args)
     assert type(t) is Trainer
     t = make_trainer(model, False, autocast_dtype=torch.bfloat16, args=args)
-    assert type(t) is not Trainer and t.autocast_dtype == torch.bfloat16 and t.chunked is False
+    assert type(t) is not Trainer and t.autocast_dtype == torch.bfloat16 and t.chunked is False and t.own_attention
+    # every lever off but an eval set: SpeedTrainer for its token-weighted eval loss, and nothing else of it (the
+    # plain Trainer's attention, not ft_magics' own)
+    from datasets import Dataset
+
+    evals = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    t = make_trainer(model, False, autocast_dtype=torch.float32, args=args, eval_dataset=evals)
+    assert type(t) is not Trainer and not t.own_attention
+    assert type(t._attention({"input_ids": torch.tensor([[1, 2, 3]])}, model)).__name__ == "nullcontext"
+    t.own_attention = True
+    assert type(t._attention({"input_ids": torch.tensor([[1, 2, 3]])}, model)).__name__ != "nullcontext"
 
 
 def test_autocast_with_gradient_checkpointing_trains(tiny_model_dir, tmp_path):

@@ -807,6 +807,7 @@ def speed_trainer_class():
         autocast_dtype = None
         lean_steps: bool = False
         causal_mask_only: bool = False
+        own_attention: bool = True  # ft_magics' CPU attention (attention_for); off where every lever is off
         preference = None  # (objective, beta, gamma): a DPO / ORPO / IPO / SimPO run on pairs (core.preference)
         _pair_metrics = None  # {"train" | "eval": {metric: [batch values]}} until the next log
         _walks = None  # (model, ModelWalks)
@@ -868,9 +869,11 @@ def speed_trainer_class():
         def training_step(self, model, inputs, *args, **kwargs):
             # forward and backward (where checkpointed layers are recomputed) see the same LoRA input dtypes
             # and the same attention kernel
-            with no_input_casting(model, self.autocast_dtype, self._tuner_layers()), \
-                    attention_for(inputs, _causal_lm(model)):
+            with no_input_casting(model, self.autocast_dtype, self._tuner_layers()), self._attention(inputs, model):
                 return super().training_step(model, inputs, *args, **kwargs)
+
+        def _attention(self, inputs, model):
+            return attention_for(inputs, _causal_lm(model)) if self.own_attention else contextlib.nullcontext()
 
         def floating_point_ops(self, inputs) -> int:
             # Trainer's count, 6 x tokens x non-embedding parameters, with the parameters counted once: the
@@ -957,8 +960,7 @@ def speed_trainer_class():
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)  # on the device first: the attention choice reads it
-            with autocast_context(model, self.autocast_dtype, self._tuner_layers()), \
-                    attention_for(inputs, _causal_lm(model)):
+            with autocast_context(model, self.autocast_dtype, self._tuner_layers()), self._attention(inputs, model):
                 if self.preference is not None:
                     with torch.no_grad():
                         return self._pair_step(model, inputs, "eval").detach(), None, None
@@ -1050,10 +1052,11 @@ def make_trainer(model, chunked_loss: bool, chunk_rows: int = 0, notes: Optional
                 notes.append(msg)
     if autocast_dtype not in (torch.bfloat16, torch.float16):
         autocast_dtype = None
-    if not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only and preference is None \
-            and trainer_kw.get("eval_dataset") is None:  # an evaluation reports the token-weighted loss (SpeedTrainer)
+    plain = not chunked_loss and autocast_dtype is None and not lean_steps and not causal_mask_only and preference is None
+    if plain and trainer_kw.get("eval_dataset") is None:
         return Trainer(model=model, **trainer_kw)
     trainer = speed_trainer_class()(model=model, **trainer_kw)
+    trainer.own_attention = not plain  # every lever off: SpeedTrainer only for its token-weighted eval loss
     trainer.chunked = chunked_loss
     trainer.chunk_rows = int(chunk_rows or 0)
     trainer.autocast_dtype = autocast_dtype
