@@ -1442,3 +1442,25 @@ def test_a_boolean_answer_in_json_says_to_write_it_as_text():
     with pytest.raises(FtUsageError, match=r"field 'completion' is a boolean \(true\), not text\. Write the answer "
                                            r"as the text the model should produce"):
         load([{"prompt": "is the sky blue?", "completion": True}])
+
+
+def test_format_fields_are_found_in_any_letter_case():
+    """Instruction / Input / Output columns were missed as alpaca, and the input/output pair was read as prompt and
+    completion: every example trained with the instruction dropped (an empty prompt here)."""
+    rows = [{"Instruction": "do x", "Input": "", "Output": "ok"}, {"Instruction": "do y", "Input": "ctx", "Output": "ok2"}]
+    recs, fmt = load(rows)
+    assert fmt == "alpaca (columns Instruction -> instruction, Input -> input, Output -> output)"
+    assert recs[0].messages[0] == {"role": "user", "content": "do x"}
+    assert recs[1].messages[0] == {"role": "user", "content": "do y\n\nctx"}
+    recs, fmt = load([{"Messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    assert fmt.startswith("chat") and recs[0].messages[1]["content"] == "yo"
+
+
+def test_chat_tools_written_as_json_text_are_read():
+    """A 'tools' column of JSON text (a CSV, a parquet string column) was dropped without a word for chat rows:
+    the tool calls trained without the schemas the prompt shows at inference."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    recs, _ = load([dict(TOOL_ROWS[0], tools=json.dumps(tools))])
+    assert recs[0].tools == tools
+    with pytest.raises(FtUsageError, match=r"row 1: 'tools' is text but not valid JSON .*give a JSON list of function"):
+        load([dict(TOOL_ROWS[0], tools='[{"type": "function"')])

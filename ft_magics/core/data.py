@@ -656,6 +656,18 @@ def parse_map(spec: Optional[str]) -> dict:
     return out
 
 
+# every field a format reads (FORMAT_KEYS and the optional ones): matched in any letter case
+FORMAT_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "text",
+                 "system", "tools")
+
+
+def _field_case(keys: Iterable) -> dict:
+    """``{column: field}`` for columns that are a format's field names in another letter case ('Instruction'),
+    where the field itself is not a column too."""
+    keys = [k for k in keys if isinstance(k, str)]
+    return {k: k.lower() for k in keys if k != k.lower() and k.lower() in FORMAT_FIELDS and k.lower() not in keys}
+
+
 def detect_format(keys: Iterable[str]) -> Optional[str]:
     keys = set(keys)
     for fmt, need in FORMAT_KEYS.items():
@@ -866,6 +878,26 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
     return out
 
 
+def _tools(row: dict, where: str) -> Optional[list]:
+    """The row's ``tools`` (function schemas the chat template writes into the prompt): a list, or a JSON list
+    written as text (a CSV column, a string column of a parquet file). Text that is not one is refused: dropped,
+    the tool calls would train without the schemas the model sees at inference."""
+    tools = row.get("tools")
+    if hasattr(tools, "tolist") and not isinstance(tools, (str, bytes)):  # numpy arrays from parquet/pandas
+        tools = tools.tolist()
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise FtUsageError(f"{where}: 'tools' is text but not valid JSON ({_json_problem(exc)} at character "
+                               f"{exc.pos}); give a JSON list of function schemas, or drop the column.") from None
+        if not isinstance(tools, list):
+            raise FtUsageError(f"{where}: 'tools' holds JSON {type(tools).__name__}, not a list of function schemas.")
+    return tools if isinstance(tools, list) else None
+
+
 def _tool_call_names(messages: list) -> list:
     names = []
     for m in messages:
@@ -963,6 +995,12 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     found_auto = fmt == "auto"
     if fmt == "auto":
         found = detect_format(keys)
+        cased = _field_case(keys) if found is None else {}
+        if cased and detect_format(cased.get(k, k) for k in keys):  # Instruction / Input / Output: alpaca
+            rows = _renamed(rows, cased)
+            keys = [cased.get(k, k) for k in keys]
+            found = detect_format(keys)
+            shown_fmt = f"{found} (columns {', '.join(f'{a} -> {b}' for a, b in cased.items())})"
         pair = known_pair(keys) if found is None else None
         if pair is not None:  # e.g. question/answer: no --map needed, and the report says how it was read
             rows = _renamed(rows, {pair[0]: "prompt", pair[1]: "completion"})
@@ -1011,21 +1049,13 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
     if fmt == "text":
         return Record(text=_string_field(row, "text", where))
     if fmt == "chat":
-        msgs = _messages(row["messages"], where)
-        tools = row.get("tools")
-        return Record(messages=msgs, tools=tools if isinstance(tools, list) else None)
+        return Record(messages=_messages(row["messages"], where), tools=_tools(row, where))
     if fmt == "sharegpt":
         msgs = _messages(row["conversations"], where, role_key="from", content_key="value")
         system = row.get("system")
         if isinstance(system, str) and system and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system})
-        tools = row.get("tools")
-        if isinstance(tools, str):
-            try:
-                tools = json.loads(tools)
-            except json.JSONDecodeError:
-                tools = None
-        return Record(messages=msgs, tools=tools if isinstance(tools, list) else None)
+        return Record(messages=msgs, tools=_tools(row, where))
     if fmt == "prompt-completion":
         p, c = row["prompt"], row["completion"]
         if isinstance(p, list) or isinstance(c, list):
