@@ -224,9 +224,20 @@ def test_dataset_dict_without_train_split_says_which_splits_exist():
     import datasets
 
     dd = datasets.DatasetDict({"a": datasets.Dataset.from_list(CHAT), "b": datasets.Dataset.from_list(CHAT)})
-    with pytest.raises(FtUsageError, match="without one split to train on \\(splits: a, b\\); pass one split, "
-                                           "e.g. dd\\['a'\\]"):
+    with pytest.raises(FtUsageError, match="without one split to train on \\(splits: a, b\\); put one in a "
+                                           "variable first \\(part = dd\\['a'\\]\\) and pass --data part"):
         load("dd", namespace={"dd": dd})
+    with pytest.raises(FtUsageError, match="variable 'empty' is an empty DatasetDict: it has no splits"):
+        load("empty", namespace={"empty": datasets.DatasetDict({})})  # an IndexError escaped
+
+
+def test_a_dataframe_with_two_columns_of_one_name_is_refused():
+    """to_dict keeps the last column of a name: the answers trained were the other column's."""
+    import pandas as pd
+
+    df = pd.DataFrame([["q1", "a1", "z"], ["q2", "a2", "z"]], columns=["prompt", "completion", "completion"])
+    with pytest.raises(FtUsageError, match="has more than one column named 'completion'; give each column its own"):
+        load("df", namespace={"df": df})
 
 
 def test_demo_dataset():
@@ -1464,3 +1475,18 @@ def test_chat_tools_written_as_json_text_are_read():
     assert recs[0].tools == tools
     with pytest.raises(FtUsageError, match=r"row 1: 'tools' is text but not valid JSON .*give a JSON list of function"):
         load([dict(TOOL_ROWS[0], tools='[{"type": "function"')])
+
+
+@pytest.mark.parametrize("spec,msg", [("question=prompt,notes=prompt", r"'question' and 'notes' both map to 'prompt'"),
+                                      ("question=prompt,question=completion", r"column 'question' is mapped twice")])
+def test_a_map_that_sends_two_columns_to_one_field_or_one_column_twice_is_refused(spec, msg):
+    """The prompt became the notes (the question dropped), or the last entry for a column won, without a word."""
+    rows = [{"question": "q1", "answer": "a1", "notes": "n1"}]
+    with pytest.raises(FtUsageError, match=msg):
+        load(rows, column_map=spec)
+
+
+def test_a_variable_of_several_record_lists_says_how_to_pick_one():
+    with pytest.raises(FtUsageError, match=r"variable 'jd' holds several lists of records \(examples, meta\) and none "
+                                           r"is called 'train'; put one in a variable first \(part = jd\['examples'\]\)"):
+        load("jd", namespace={"jd": {"examples": CHAT, "meta": CHAT[:1]}})

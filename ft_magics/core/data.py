@@ -330,11 +330,23 @@ def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[
     return _with_held_out(rows, held, obj[held]) if held else rows
 
 
+def _pick_one(what: str, key: str) -> str:
+    """How to train on one part of a variable holding several (--data takes a name, not an expression)."""
+    m = re.match(r"variable '([^']+)'", what)
+    if m:
+        return f"put one in a variable first (part = {m.group(1)}[{key!r}]) and pass --data part"
+    return f"keep one (e.g. {key!r}) in the file, or name it 'train'"
+
+
 def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     mod = type(obj).__module__
     name = type(obj).__name__
     if mod.startswith("pandas"):
         if hasattr(obj, "columns") and hasattr(obj, "to_dict"):
+            if not obj.columns.is_unique:  # to_dict keeps the last of each name: the other column would be lost
+                dups = sorted({str(c) for c in obj.columns[obj.columns.duplicated()]})
+                raise FtUsageError(f"{what} has more than one column named {', '.join(map(repr, dups))}; give each "
+                                   "column its own name (df.columns = [...]) or drop the extra ones.")
             df = obj if limit is None else obj.head(limit)
             return df.to_dict(orient="records")
         if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
@@ -343,11 +355,13 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
     if mod.startswith("datasets"):
         if name in ("DatasetDict", "IterableDatasetDict"):
             splits = list(obj)
+            if not splits:
+                raise FtUsageError(f"{what} is an empty DatasetDict: it has no splits, so no examples.")
             train = _train_split(splits) or (splits[0] if len(splits) == 1 else None)
             if train is None:
                 raise FtUsageError(
                     f"{what} is a DatasetDict without one split to train on (splits: {', '.join(splits)}); "
-                    f"pass one split, e.g. {what.split()[-1].strip(chr(39))}['{splits[0]}'].")
+                    f"{_pick_one(what, splits[0])}.")
             obj = obj[train]
         if type(obj).__name__.startswith("Iterable"):
             if limit is None:
@@ -360,7 +374,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
         train = _train_split(obj) or (next(iter(obj)) if len(obj) == 1 else None)
         if train is None:
             raise FtUsageError(f"{what} holds several lists of records ({', '.join(obj)}) and none is called "
-                               f"'train'; pass one, e.g. {what.split()[-1]}['{next(iter(obj))}'].")
+                               f"'train'; {_pick_one(what, next(iter(obj)))}.")
         return _rows_from_object(obj[train], what, limit)
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
@@ -652,6 +666,12 @@ def parse_map(spec: Optional[str]) -> dict:
         a, b = (s.strip() for s in part.split("=", 1))
         if not a or not b:
             raise FtUsageError(f"--map {spec!r}: empty column name in {part!r}.")
+        if a in out:  # the last would win without a word
+            raise FtUsageError(f"--map {spec!r}: column {a!r} is mapped twice ({a}={out[a]} and {a}={b}); map it once.")
+        if b in out.values():  # one field from two columns: one of them would be dropped without a word
+            first = next(k for k, v in out.items() if v == b)
+            raise FtUsageError(f"--map {spec!r}: {first!r} and {a!r} both map to {b!r}; a field takes one column "
+                               "(to combine columns, join them into one first, e.g. in pandas).")
         out[a] = b
     return out
 
