@@ -1490,3 +1490,22 @@ def test_a_variable_of_several_record_lists_says_how_to_pick_one():
     with pytest.raises(FtUsageError, match=r"variable 'jd' holds several lists of records \(examples, meta\) and none "
                                            r"is called 'train'; put one in a variable first \(part = jd\['examples'\]\)"):
         load("jd", namespace={"jd": {"examples": CHAT, "meta": CHAT[:1]}})
+
+
+def test_prompt_side_columns_left_out_of_a_known_pair_are_named(tok):
+    """Dolly (instruction, context, response) trained on the instruction alone and OpenOrca (system_prompt,
+    question, response) on the question alone, without a word."""
+    def notes(rows, **kw):
+        return [w for w in D.prepare(rows, tok, cfg(max_seq_len=64, **kw))[2].warnings if "not used" in w]
+
+    dolly = [{"instruction": f"i{i}", "context": "c", "response": "r", "category": "x"} for i in range(3)]
+    assert notes(dolly) == ["column 'context' is not used: the prompt is 'instruction' alone. To include it, join the "
+                            "columns into one first (e.g. df['full'] = df['instruction'] + '\\n\\n' + df['context']) and "
+                            "--map it to prompt."]
+    orca = [{"id": i, "system_prompt": "Be brief.", "question": f"q{i}", "response": "r"} for i in range(3)]
+    assert notes(orca) == ['column \'system_prompt\' is not used: the rows are read as prompt and completion. It is a '
+                           'system prompt: --map "system_prompt=system" puts it before each prompt.']
+    recs, _ = load(orca, column_map="system_prompt=system")  # the fix it names works
+    assert recs[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert notes(orca, map="system_prompt=system") == []
+    assert notes([{"prompt": "p", "completion": "c", "id": 1}] * 3) == []

@@ -1628,6 +1628,35 @@ ANSWER_PART = {
 }
 
 
+# columns that hold part of what is asked: left out of a prompt/completion reading, the prompt misses them
+CONTEXT_NAMES = ("context", "input", "system_prompt", "instruction", "question", "prompt", "query", "passage",
+                 "document", "history")
+
+
+def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> Optional[str]:
+    """For prompt/completion rows, a note when columns named like part of the question (context, input,
+    system_prompt, ...) sit beside the prompt unused: Dolly's instruction + context, OpenOrca's system_prompt +
+    question were trained on the instruction or the question alone, without a word."""
+    if not fmt.startswith("prompt-completion") or not rows or not isinstance(rows[0], dict):
+        return None
+    used = set(parse_map(column_map)) | {"prompt", "completion", "system"}
+    m = re.search(r"\(columns (.*)\)$", fmt)  # how normalise read a known pair: "question -> prompt, ..."
+    if m:
+        used |= {part.split(" -> ")[0] for part in m.group(1).split(", ")}
+    left = [str(k) for k in rows[0] if str(k) not in used and str(k).lower() in CONTEXT_NAMES]
+    system = next((c for c in left if "system" in c.lower()), None)
+    if system is not None and "system" not in rows[0]:  # a system prompt has its own field
+        return (f"column {system!r} is not used: the rows are read as prompt and completion. It is a system prompt: "
+                f"--map \"{system}=system\" puts it before each prompt.")
+    if not left:
+        return None
+    prompt = next((k for k in rows[0] if str(k) in used and str(k) not in ("completion", "system")
+                   and str(k).lower() in CONTEXT_NAMES + PROMPT_NAMES), "prompt")
+    return (f"column{'s' if len(left) > 1 else ''} {', '.join(map(repr, left))} {'are' if len(left) > 1 else 'is'} not "
+            f"used: the prompt is {prompt!r} alone. To include {'them' if len(left) > 1 else 'it'}, join the columns "
+            f"into one first (e.g. df['full'] = df['{prompt}'] + '\\n\\n' + df['{left[0]}']) and --map it to prompt.")
+
+
 def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str]:
     """For the text format, a note when a column named like an answer (label, answer, output, ...) sits
     beside the text unused: a classification or question set trained as plain text by mistake."""
@@ -1664,7 +1693,7 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
     finally:
         _READING_PAIRS.reset(reading)
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
-    unused_note = _unused_answer_column(rows, fmt, cfg.text_field)
+    unused_note = _unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
     held = getattr(rows, "held_out", None) if eval_src is None else None
     held = (held[1], f"the '{held[0]}' split of {desc}") if held else None
     del rows
