@@ -1374,7 +1374,8 @@ def test_a_latin1_csv_and_a_null_answer_say_how_to_go_on(tmp_path):
     p = tmp_path / "latin1.csv"
     p.write_bytes("prompt,completion\ncaf\xe9,cr\xe8me\n".encode("latin-1"))
     with pytest.raises(FtUsageError, match=r"not UTF-8 text\. Save it as UTF-8, or read it in a cell with its "
-                                           r"encoding \(e\.g\. pandas\.read_csv\(path, encoding='latin-1'\)\)"):
+                                           r"encoding \(e\.g\. pandas\.read_csv\(path, encoding='latin-1', dtype=str, "
+                                           r"keep_default_na=False\): every field as the text written"):
         D.load_rows(str(p))
     with pytest.raises(FtUsageError, match=r"field 'completion' is missing or null\. Fill it, or drop such rows "
                                            r"\(for a DataFrame: df\.dropna\(subset=\['completion'\]\)\)"):
@@ -1509,3 +1510,21 @@ def test_prompt_side_columns_left_out_of_a_known_pair_are_named(tok):
     assert recs[0].messages[0] == {"role": "system", "content": "Be brief."}
     assert notes(orca, map="system_prompt=system") == []
     assert notes([{"prompt": "p", "completion": "c", "id": 1}] * 3) == []
+
+
+def test_tsv_quotes_are_text_unless_the_file_quotes_fields_as_csv_does(tmp_path):
+    """A hand-written TSV was read with CSV quoting: '"Hello" she said' lost its quotes and a stray quote merged the
+    next rows into one prompt (6 rows read as 4). A file that wraps fields in quotes (pandas' writer, for a field
+    holding a tab or a line break) is still read with them."""
+    import pandas as pd
+
+    (tmp_path / "h.tsv").write_text('prompt\tcompletion\n"Hello" she said\tgreeting\nq2\ta2\n"Quoted start\t5 ft 11\n'
+                                    'q4\ta4\nq5\tsays "bye"\nq6\ta6\n')
+    recs, _ = load(str(tmp_path / "h.tsv"))
+    assert [r.messages[0]["content"] for r in recs] == ['"Hello" she said', "q2", '"Quoted start', "q4", "q5", "q6"]
+    assert recs[4].messages[1]["content"] == 'says "bye"'
+    rows = [{"prompt": "two\nlines", "completion": 'a "quoted"\tanswer'}, {"prompt": "plain", "completion": "ok"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "p.tsv", sep="\t", index=False)
+    recs, _ = load(str(tmp_path / "p.tsv"))
+    assert [(r.messages[0]["content"], r.messages[1]["content"]) for r in recs] == [(x["prompt"], x["completion"])
+                                                                                    for x in rows]

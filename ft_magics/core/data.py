@@ -424,15 +424,18 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
     ('02134' into 2134, '0.50' into 0.5) and a column of True/False into booleans. A row with more fields
     than the header is refused with its line number: pandas would silently read the first column of such a
     first row as an index and shift every column by one."""
+    import csv
     import warnings
 
     import pandas as pd
 
     sep = _csv_separator(path, suffix)
+    quoting = _tsv_quoting(path) if sep == "\t" else csv.QUOTE_MINIMAL
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # "leads to a loss of data": a too-long row
             df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False, nrows=limit,
+                             quoting=quoting,
                              encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
     except (pd.errors.ParserWarning, pd.errors.ParserError) as exc:
         raise _csv_row_error(path, sep) or FtUsageError(
@@ -441,6 +444,24 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
     if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
         df.columns = stripped
     return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
+
+
+def _tsv_quoting(path: Path) -> int:
+    """How a tab-separated file quotes: literally (csv.QUOTE_NONE, the TSV convention: a quote is text), unless
+    it was written with CSV-style quoting (a field wrapped in quotes, as pandas writes one holding a tab or a
+    line break, or a row that only has its fields once quotes join lines). Read with CSV quoting, a hand-written
+    '"Hello" she said' lost its quotes and a stray quote merged the rows after it into one prompt."""
+    import csv
+
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, [])
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header) or any(len(f) >= 2 and f[0] == f[-1] == '"' for f in row):
+                return csv.QUOTE_MINIMAL
+    return csv.QUOTE_NONE
 
 
 def _csv_row_error(path: Path, sep: str) -> Optional[FtUsageError]:
@@ -636,8 +657,9 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
     except UnicodeDecodeError:
         raise FtUsageError(
             f"{path} is not UTF-8 text. Save it as UTF-8, "
-            "or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1')) and pass the "
-            "DataFrame's name to --data.") from None
+            "or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1', dtype=str, "
+            "keep_default_na=False): every field as the text written, '02134' not 2134) and pass the DataFrame's name "
+            "to --data.") from None
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow parser errors
