@@ -1528,3 +1528,15 @@ def test_tsv_quotes_are_text_unless_the_file_quotes_fields_as_csv_does(tmp_path)
     recs, _ = load(str(tmp_path / "p.tsv"))
     assert [(r.messages[0]["content"], r.messages[1]["content"]) for r in recs] == [(x["prompt"], x["completion"])
                                                                                     for x in rows]
+
+
+def test_eval_rows_all_dropped_for_length_are_refused_with_the_length_that_fits(tok):
+    """Every eval row cut to no answer: the run went on with 'no eval data', and keep_best / early_stopping did
+    nothing, without a word of why."""
+    train = [{"prompt": f"q{i}", "completion": "a"} for i in range(8)]
+    long_eval = [{"prompt": "word " * 200, "completion": "answer"}] * 3
+    with pytest.raises(FtUsageError, match=r"every one of the 3 eval examples was dropped: at max_seq_len=64 none "
+                                           r"keeps a token of its answer.*--max-seq-len \d+ keeps them whole"):
+        D.prepare(train, tok, cfg(max_seq_len=64), eval_src=long_eval)
+    _, evals, _ = D.prepare(train, tok, cfg(max_seq_len=512), eval_src=long_eval)
+    assert len(evals) == 3
