@@ -1540,3 +1540,22 @@ def test_eval_rows_all_dropped_for_length_are_refused_with_the_length_that_fits(
         D.prepare(train, tok, cfg(max_seq_len=64), eval_src=long_eval)
     _, evals, _ = D.prepare(train, tok, cfg(max_seq_len=512), eval_src=long_eval)
     assert len(evals) == 3
+
+
+def test_a_folder_skips_hidden_files_as_a_glob_does(tmp_path):
+    """A macOS '._a.jsonl' resource fork (binary) made the whole folder fail; a hidden file was read as data."""
+    folder = tmp_path / "fold"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", CHAT)
+    (folder / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\xff\xfe binary")
+    write_jsonl(folder / ".hidden.jsonl", CHAT)
+    assert len(load(str(folder))[0]) == 2
+
+
+def test_text_field_trains_on_that_column_beside_chat_or_prompt_columns():
+    """--text-field was ignored without a word where the rows also held messages or prompt/completion."""
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "notes": "some notes"}]
+    recs, fmt = load(rows, text_field="notes")
+    assert fmt == "text" and recs[0].text == "some notes"
+    recs, fmt = load([{"prompt": "q", "completion": "a", "notes": "n"}], text_field="notes")
+    assert fmt == "text" and recs[0].text == "n"

@@ -615,7 +615,9 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
             except Exception as exc:  # noqa: BLE001 - corrupt arrow files, version mismatches
                 raise FtUsageError(f"cannot read the saved dataset {path}: {type(exc).__name__}: {exc}") from None
             return _rows_from_object(ds, f"saved dataset {path}", limit)
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        # hidden files (.notes.jsonl, macOS' ._resource forks) are not data, as a glob skips them
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise FtUsageError(
                 f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset "
@@ -1011,6 +1013,8 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     mapping = parse_map(column_map)
     if text_field:
         mapping.setdefault(text_field, "text")
+        if fmt == "auto":  # the column named is the text to train on, whatever else the rows hold (chat, pairs)
+            fmt = "text"
     if rows and any(not isinstance(k, str) for k in rows[0]):  # a DataFrame's 0, 1 columns: named as typed
         rows = _remade(rows, lambda r: {str(k): v for k, v in r.items()})
     if mapping:
