@@ -186,7 +186,7 @@ class Session:
             evals = f"{counted(len(eval_ex), unit)}, at the end"
         ckpt = "on" + (f" ({ckpt_why})" if ckpt_why else "") if run_cfg.gradient_checkpointing else "off"
         if cfg.packing and report is not None:  # the rows are packs of examples: say both, as the run does
-            what = f"{counted(report.train_rows, 'training example')} packed into {counted(len(train_ex), 'row')}"
+            what = f"{counted(report.packed_examples, 'training example')} packed into {counted(len(train_ex), 'row')}"
         else:
             what = counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')
         return (f"Dry run: {what} -> "

@@ -1313,3 +1313,20 @@ def test_a_runs_loss_tokens_are_those_its_steps_trained_on(tiny_session, grad_ac
     assert run.record["timings"]["loss_tokens"] == 3 * 4 * grad_accum * tokens
     steps = seen.of(StepEnd)
     assert steps and steps[-1].tokens_per_s == pytest.approx(3 * 4 * grad_accum * tokens / steps[-1].elapsed_s, rel=1e-6)
+
+
+def test_packing_counts_the_examples_left_after_drops(shell, tiny_model_dir, tmp_path, capsys):
+    """With a row dropped (its answer cut away) the report said 'Packing 10 examples' and the run's line '11
+    training examples packed into N rows'."""
+    import json
+    import re
+
+    rows = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(10)]
+    rows.append({"prompt": "word " * 200, "completion": "cut away"})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    body = "batch_size: 2\nr: 4\npacking: true\nmax_seq_len: 64\nmax_steps: 1\n"
+    shell.run_cell_magic("lora_train", "pk --data d.jsonl --dry-run", body)
+    out = capsys.readouterr().out
+    made = int(re.search(r"Packing\s+10 examples -> (\d+) rows?", out).group(1))
+    assert f"Dry run: 10 training examples packed into {made} row" in out, out

@@ -1203,6 +1203,7 @@ class DataReport:
     overlong: str = "truncate"
     train_on: str = "answers"
     packing: str = ""  # how examples were packed, and what keeps them apart; empty: no packing
+    packed_examples: int = 0  # with packing: the training examples (after drops) behind the packed rows
     objective: str = "sft"  # dpo / orpo: the rows are preference pairs
     attention: str = ""  # the attention implementation packing relies on
 
@@ -1859,7 +1860,7 @@ def _pack_checked(train, evals, tokenizer, cfg, model, report):
             "to each other (checked with a forward pass). Set packing: false, or load the model with sdpa, "
             "eager or flash attention."
         )
-    n = len(train)
+    n = report.packed_examples = len(train)
     train = pack(train, cfg.max_seq_len)
     evals = pack(evals, cfg.max_seq_len) if evals else evals
     fill = sum(len(r.input_ids) for r in train) / (len(train) * cfg.max_seq_len)

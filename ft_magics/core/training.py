@@ -892,7 +892,7 @@ def run_training(
     begin_info = dict(
         run_name=name, num_examples=len(train_examples), trainable_params=trainable, total_params=total,
         device=handle.device, settings=settings, background=background,
-        packed_examples=data_report.train_rows if cfg.packing and data_report is not None else None,
+        packed_examples=data_report.packed_examples if cfg.packing and data_report is not None else None,
     )
     reset_peak(handle.device)
     callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info)
