@@ -1330,3 +1330,11 @@ def test_packing_counts_the_examples_left_after_drops(shell, tiny_model_dir, tmp
     out = capsys.readouterr().out
     made = int(re.search(r"Packing\s+10 examples -> (\d+) rows?", out).group(1))
     assert f"Dry run: 10 training examples packed into {made} row" in out, out
+
+
+def test_the_trainable_share_counts_the_adapter_in_the_whole(tiny_session):
+    """r=64 on a tiny model read '131,072 of 99,648 (131.54% of the model)': the adapter was left out of the whole."""
+    run = tiny_session.train("big", ROWS, {"max_steps": 1, "batch_size": 4, "r": 64}, listeners=[])
+    base = sum(p.numel() for n, p in tiny_session.model.named_parameters() if "lora_" not in n)
+    assert run.trainable_params > base  # the case: an adapter larger than the model
+    assert run.total_params == base + run.trainable_params and 50 < run.trainable_percent < 100
