@@ -508,3 +508,20 @@ def test_stop_button_ends_a_real_background_run_and_the_adapter_is_saved(tiny_se
     assert res.status == "stopped" and 0 < res.steps < 2000
     assert (tmp_path / "adapters" / "bg" / "loss_curve.svg").exists()
     assert "stopped after" in d.record.value
+
+
+def test_ft_memory_peak_is_the_processes_highest_not_now(shell, capsys):
+    """'%ft_memory --once' after a run (or after %ft_unload) printed a 'peak' equal to the RSS of the moment."""
+    import gc
+    import re
+
+    from ft_magics.core.memory import human_bytes, rss_bytes
+
+    block = bytearray(300_000_000)  # a peak well above what stays
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    del block
+    gc.collect()
+    shell.run_line_magic("ft_memory", "--once")
+    out = capsys.readouterr().out
+    rss, peak = re.search(r"process RSS (.+?) · peak (.+?) · ", out).groups()
+    assert rss != peak and peak != human_bytes(rss_bytes()), out

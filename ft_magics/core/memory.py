@@ -34,6 +34,16 @@ def rss_bytes() -> int:
     return _PROC.memory_info().rss
 
 
+def process_peak_bytes() -> int:
+    """The highest RSS this process has reached (the kernel's high-water mark), 0 where it cannot be read."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except (ImportError, OSError, ValueError):
+        return 0
+
+
 def read_memory(device: Optional[str] = None, peak_bytes: int = 0) -> MemoryReading:
     """A reading for ``device`` ("cuda..." or "cpu"; None means CUDA when it is in use).
 

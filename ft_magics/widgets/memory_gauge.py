@@ -11,7 +11,7 @@ import threading
 from typing import Callable, Optional
 
 from ..core.events import MemoryReading
-from ..core.memory import describe, human_bytes, read_memory
+from ..core.memory import describe, human_bytes, process_peak_bytes, read_memory
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -31,7 +31,7 @@ class MemoryGauge:
     """A progress bar, a label and a sparkline, refreshed by a daemon thread until stopped."""
 
     def __init__(self, interval: float = 1.0, window_s: float = 300.0,
-                 probe: Callable[[], MemoryReading] = lambda: read_memory(None)) -> None:
+                 probe: Callable[[], MemoryReading] = lambda: read_memory(None, process_peak_bytes())) -> None:
         import ipywidgets as widgets
 
         self.interval = max(0.05, float(interval))
@@ -149,7 +149,7 @@ def memory_magic(word: Optional[str] = None, interval: float = 1.0, once: bool =
     if not interval > 0:
         raise FtUsageError(f"--interval must be a positive number of seconds (got {interval}); try --interval 1.")
     if once or not (use_widgets and widget_frontend()):
-        print(describe(read_memory(None)))
+        print(describe(read_memory(None, process_peak_bytes())))  # "peak": the process's highest, not now
         if not once:
             print("(a live gauge needs a widget frontend such as Jupyter; this is one reading)")
         return None
