@@ -366,6 +366,8 @@ class Session:
                                     validate_name)
 
         path = user_path(path)
+        if not path.exists() and len(path.parts) == 1 and (self.adapters_dir / path).is_dir():
+            path = self.adapters_dir / path  # a name 'list' shows on disk: its folder in the adapters folder
         name = validate_name(name or name_from_folder(path))
         config = read_adapter_folder(path)
         with self._model_busy("load an adapter"):

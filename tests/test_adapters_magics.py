@@ -515,3 +515,13 @@ def test_lora_eval_says_when_rows_were_cut_to_max_seq_len(loaded, capsys, tmp_pa
                      r"to it \(1 cut before their answer were left out\); --max-seq-len \d+ scores them whole\.", out), out
     sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --max-seq-len 512 --no-general")
     assert "Note:" not in capsys.readouterr().out
+
+
+def test_load_takes_the_name_list_shows_on_disk(loaded, capsys):
+    """'list' names alpha as on disk; 'load alpha' said 'adapter folder alpha does not exist'."""
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", "load alpha")
+    assert "loaded adapter 'alpha' from alpha" in capsys.readouterr().out
+    assert "alpha" in magics(sh).session.adapters
+    with pytest.raises(UsageError, match="adapter folder nothere does not exist"):
+        sh.run_line_magic("lora_adapters", "load nothere")
