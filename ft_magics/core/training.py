@@ -455,6 +455,7 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 self.peak = max(self.peak, self.mem.peak_bytes)
                 self.last_mem_t = now
             history["last_step"] = state.global_step
+            history["train_seconds"] = now - self.t0  # the steps' time, as the progress lines' rate counts it
             self.trained_tokens(args, state)
             return control
 
@@ -986,7 +987,8 @@ def run_training(
                 emit(listeners, Message(kept))
         mem = read_memory(handle.device, callback.peak)
         trained_tokens = history.get("loss_tokens", 0)
-        lt_s = (trained_tokens / seconds) if seconds > 0 else None
+        train_seconds = history.get("train_seconds") or seconds  # not the set-up and the save around the steps
+        lt_s = (trained_tokens / train_seconds) if train_seconds > 0 else None
         record = {
             "name": name,
             "status": status,
