@@ -525,3 +525,17 @@ def test_ft_memory_peak_is_the_processes_highest_not_now(shell, capsys):
     out = capsys.readouterr().out
     rss, peak = re.search(r"process RSS (.+?) · peak (.+?) · ", out).groups()
     assert rss != peak and peak != human_bytes(rss_bytes()), out
+
+
+def test_a_preference_runs_summary_names_its_eval_loss():
+    """A DPO run's summary said 'eval loss 0.2288' (the DPO loss over pairs) beside %lora_eval's loss of the chosen
+    answers, both called loss."""
+    from ft_magics.core.events import TrainEnd
+    from ft_magics.widgets.text import summary_text
+
+    def summary(objective):
+        return summary_text(TrainEnd(run_name="p", status="completed", steps=3, elapsed_s=1.0, final_loss=0.5,
+                                     adapter_path=None, extra={"eval_loss": 0.2288, "objective": objective}))
+
+    assert "eval loss (DPO, over the held-out pairs) 0.2288" in summary("dpo")
+    assert "eval loss 0.2288" in summary("sft") and "DPO" not in summary("sft")

@@ -1039,7 +1039,8 @@ def run_training(
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                                  extra={"eval_loss": eval_loss, "first_loss": result.first_loss,  # the whole curve's
-                                        "resumed_at": record["resumed"]["at"] if resume_from else None}))
+                                        "resumed_at": record["resumed"]["at"] if resume_from else None,
+                                        "objective": cfg.objective}))
     finally:
         sigint.close()
     del trainer

@@ -6,6 +6,7 @@ import time
 from typing import Optional, TextIO
 
 from ..core.events import EvalEnd, Listener, Message, StepEnd, TrainBegin, TrainEnd, counted
+from ..config import objective_name
 from ..core.memory import human_bytes
 
 
@@ -95,7 +96,9 @@ def summary_text(e: TrainEnd, first_loss: Optional[float] = None) -> str:
             else f"in {fmt_duration(e.elapsed_s)}")
     lines = [f"Run {e.run_name!r} {e.status} after {counted(e.steps, 'step')} {span}; loss {loss}"]
     if e.extra.get("eval_loss") is not None:
-        lines.append(f"eval loss {e.extra['eval_loss']:.4f}")
+        objective = e.extra.get("objective") or "sft"  # a preference run's eval loss is its objective's, over pairs
+        what = "eval loss" if objective == "sft" else f"eval loss ({objective_name(objective)}, over the held-out pairs)"
+        lines.append(f"{what} {e.extra['eval_loss']:.4f}")
     if e.peak_memory is not None:
         lines.append(f"peak memory {human_bytes(e.peak_memory.peak_bytes)} ({e.peak_memory.label})")
     if e.adapter_path:
