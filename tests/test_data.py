@@ -1559,3 +1559,10 @@ def test_text_field_trains_on_that_column_beside_chat_or_prompt_columns():
     assert fmt == "text" and recs[0].text == "some notes"
     recs, fmt = load([{"prompt": "q", "completion": "a", "notes": "n"}], text_field="notes")
     assert fmt == "text" and recs[0].text == "n"
+
+
+def test_preference_eval_pairs_all_dropped_for_length_are_refused_too(tok):
+    train = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    long_eval = [{"prompt": "word " * 200, "chosen": "good", "rejected": "bad"}] * 3
+    with pytest.raises(FtUsageError, match=r"every one of the 3 eval examples was dropped: at max_seq_len=64"):
+        D.prepare(train, tok, cfg(max_seq_len=64, objective="dpo"), eval_src=long_eval)

@@ -1800,9 +1800,10 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     if eval_src is not None and cfg.eval_fraction > 0:
         report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
                                "data given (--eval), and every training row trains.")
+    eval_report = DataReport(source=desc, format=fmt, rows=0, train_rows=0, eval_rows=len(eval_records))
     if pairs:
         train = tokenize_pairs(train_records, tokenizer, cfg.max_seq_len, cfg.overlong, report)
-        evals = tokenize_pairs(eval_records, tokenizer, cfg.max_seq_len, cfg.overlong)
+        evals = tokenize_pairs(eval_records, tokenizer, cfg.max_seq_len, cfg.overlong, eval_report)
     else:
         if cfg.overlong == "split" and fmt.split(" (")[0] != "text" and cfg.train_on != "all":
             raise FtUsageError(
@@ -1810,14 +1811,13 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
                 f"format, or train_on: all); {desc} is in the {fmt.split(' (')[0]} format, whose later rows would "
                 "lose the prompt they answer. Use overlong: truncate or drop, or a larger max_seq_len.")
         train = tokenize(train_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, report)
-        eval_report = DataReport(source=desc, format=fmt, rows=0, train_rows=0, eval_rows=len(eval_records))
         evals = tokenize(eval_records, tokenizer, cfg.max_seq_len, cfg.train_on, cfg.overlong, eval_report)
-        if eval_records and not evals:  # the run would go on without evaluations: keep_best, early stopping idle
-            raise FtUsageError(
-                f"every one of the {counted(len(eval_records), 'eval example')} was dropped: at max_seq_len="
-                f"{cfg.max_seq_len} none keeps a token of its answer (or none has one), so the run would evaluate "
-                f"nothing. Raise max_seq_len (--max-seq-len {_round_up(max(eval_report.lengths, default=0))} keeps "
-                "them whole) or give eval rows with answers that fit.")
+    if eval_records and not evals:  # the run would go on without evaluations: keep_best, early stopping idle
+        raise FtUsageError(
+            f"every one of the {counted(len(eval_records), 'eval example')} was dropped: at max_seq_len="
+            f"{cfg.max_seq_len} none keeps a token of its answer (or none has one), so the run would evaluate "
+            f"nothing. Raise max_seq_len (--max-seq-len {_round_up(max(eval_report.lengths, default=0))} keeps "
+            "them whole) or give eval rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
     if not train:
         if report.dropped_empty == len(train_records) and cfg.train_on != "all":
