@@ -877,12 +877,9 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
     if hasattr(seq, "tolist") and not isinstance(seq, (str, bytes)):  # numpy arrays from parquet/pandas
         seq = seq.tolist()
     if isinstance(seq, str) and seq.lstrip().startswith("["):  # a list written as JSON text (a CSV column)
-        try:
-            seq = json.loads(seq)
-        except json.JSONDecodeError as exc:
-            raise FtUsageError(f"{where}: the messages are text that starts like a JSON list but is not valid JSON "
-                               f"({_json_problem(exc)} at character {exc.pos}). Fix the JSON, or store the "
-                               "data as JSON lines (.jsonl), where a list of messages needs no quoting.") from None
+        seq = _json_text(seq, f"{where}: the messages are text that starts like a JSON list but is not valid JSON",
+                         ". Fix the JSON, or store the data as JSON lines (.jsonl), where a list of messages needs no "
+                         "quoting.")
     if not isinstance(seq, (list, tuple)):
         raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
     if not seq:
@@ -922,6 +919,15 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
     return out
 
 
+def _json_text(text: str, problem: str, fix: str) -> Any:
+    """``text`` parsed as JSON (a list held as text: a CSV column, a parquet string column); invalid JSON is
+    refused as ``problem (what is wrong, where)`` followed by ``fix``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FtUsageError(f"{problem} ({_json_problem(exc)} at character {exc.pos}){fix}") from None
+
+
 def _tools(row: dict, where: str) -> Optional[list]:
     """The row's ``tools`` (function schemas the chat template writes into the prompt): a list, or a JSON list
     written as text (a CSV column, a string column of a parquet file). Text that is not one is refused: dropped,
@@ -932,11 +938,8 @@ def _tools(row: dict, where: str) -> Optional[list]:
     if isinstance(tools, str):
         if not tools.strip():
             return None
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise FtUsageError(f"{where}: 'tools' is text but not valid JSON ({_json_problem(exc)} at character "
-                               f"{exc.pos}); give a JSON list of function schemas, or drop the column.") from None
+        tools = _json_text(tools, f"{where}: 'tools' is text but not valid JSON",
+                           "; give a JSON list of function schemas, or drop the column.")
         if not isinstance(tools, list):
             raise FtUsageError(f"{where}: 'tools' holds JSON {type(tools).__name__}, not a list of function schemas.")
     return tools if isinstance(tools, list) else None
