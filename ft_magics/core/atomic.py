@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 COMPLETE_MARKER = ".ft_magics_complete"
 
@@ -42,11 +42,11 @@ def _umask() -> int:
     return mask
 
 
-def _as_if_created(path: Path, directory: bool) -> None:
+def _as_if_created(path: Path, directory: bool, umask: Optional[int] = None) -> None:
     """Give a file or folder the mode an ordinary ``open``/``mkdir`` would have given it: ``mkstemp`` and
     ``mkdtemp`` make them private (0600 / 0700), and safetensors writes its weights 0600, so every saved adapter
     and export was unreadable to a server or another user where the umask would have allowed it."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~(_umask() if umask is None else umask))
 
 
 def writable_dir(path: os.PathLike | str, what: str) -> Path:
@@ -79,13 +79,14 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        umask = _umask()  # read once for the folder's files
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            _as_if_created(f, directory=f.is_dir())  # safetensors writes its files 0600 whatever the umask
+            _as_if_created(f, f.is_dir(), umask)  # safetensors writes its files 0600 whatever the umask
         (tmp / COMPLETE_MARKER).write_text("ok\n")
-        _as_if_created(tmp, directory=True)
+        _as_if_created(tmp, True, umask)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
