@@ -1566,3 +1566,37 @@ def test_preference_eval_pairs_all_dropped_for_length_are_refused_too(tok):
     long_eval = [{"prompt": "word " * 200, "chosen": "good", "rejected": "bad"}] * 3
     with pytest.raises(FtUsageError, match=r"every one of the 3 eval examples was dropped: at max_seq_len=64"):
         D.prepare(train, tok, cfg(max_seq_len=64, objective="dpo"), eval_src=long_eval)
+
+
+def test_an_assistant_message_of_weight_0_is_context_not_loss(tok, plain_tok, tmp_path):
+    """OpenAI's chat fine-tuning format marks an assistant message ``weight: 0`` to keep it as context only. The
+    weight was ignored: the turn trained like any other. Now its tokens carry no loss, with a chat template and
+    without; a row whose every answer has weight 0 is dropped and counted; another weight is refused by row."""
+    convo = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "WRONG", "weight": 0},
+             {"role": "user", "content": "again"}, {"role": "assistant", "content": "right", "weight": 1}]
+    rec = D.normalise([{"messages": convo}])[0][0]
+    assert rec.weights == [0, 1] and all("weight" not in m for m in rec.messages)
+    for t in (tok, plain_tok):
+        ex = D.tokenize_record(t, rec)
+        shown = D.show_loss_tokens(t, ex)
+        assert shown.count("⟦") == 1 and "⟦right" in shown and "WRONG" in shown.replace("⟦right", "")
+        unweighted = D.tokenize_record(t, D.normalise([{"messages": [dict(m) for m in convo]}])[0][0])
+        assert unweighted.input_ids == ex.input_ids  # the same text; only the labels differ
+    plain = D.normalise([{"messages": [{k: v for k, v in m.items() if k != "weight"} for m in convo]}])[0][0]
+    assert D.show_loss_tokens(tok, D.tokenize_record(tok, plain)).count("⟦") == 2
+    assert D.fingerprint([rec]) != D.fingerprint([plain])  # a resumed run notices the weights changed
+    assert D.normalise([rec.to_json()])[0][0].weights == [0, 1]  # written out (an exported job) and read back
+
+    context_only = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    rows = [{"messages": [dict(m) for m in convo]} for _ in range(3)] + [context_only]
+    train, _, report = D.prepare(rows, tok, cfg())
+    assert len(train) == 3 and report.dropped_unweighted == 1 and report.dropped_empty == 0
+    assert "1 example whose every answer has weight 0" in report.text()
+    with pytest.raises(FtUsageError, match="every assistant message has weight 0"):
+        D.prepare([context_only] * 2, tok, cfg())
+    _, _, report = D.prepare(rows, tok, cfg(train_on="all"))
+    assert any("weights are not applied" in w for w in report.warnings)
+
+    bad = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}]
+    with pytest.raises(FtUsageError, match=r"line 1, message 1: weight 0.5 is not 0 or 1"):
+        load(str(write_jsonl(tmp_path / "w.jsonl", bad)))

@@ -52,11 +52,24 @@ class Record:
     tools: Optional[list] = None
     where: str = ""  # "file.jsonl, line 7": for errors found later (e.g. the chat template refusing it)
     answer_turns: Optional[int] = None  # only the last N assistant turns carry loss (None: every one)
+    # one 0/1 per assistant turn, in order (OpenAI's per-message ``weight``: 0 = context, no loss); None: all 1
+    weights: Optional[list] = None
+
+    def __post_init__(self):
+        if self.messages and self.weights is None and any("weight" in m for m in self.messages):
+            self.weights = [m.pop("weight", 1) for m in self.messages if m["role"] == "assistant"]
+            for m in self.messages:
+                m.pop("weight", None)
+            if all(self.weights):
+                self.weights = None
 
     def to_json(self) -> dict:
         if self.text is not None:
             return {"text": self.text}
         out = {"messages": self.messages}
+        if self.weights is not None:  # as the rows give them: the weight on each assistant message
+            turns = iter(self.weights)
+            out["messages"] = [dict(m, weight=next(turns)) if m["role"] == "assistant" else m for m in self.messages]
         if self.tools:
             out["tools"] = self.tools
         if self.answer_turns is not None:
@@ -912,11 +925,28 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
                 f"{where}, message {j}: no {content_key!r} field (fields: {', '.join(sorted(map(str, m)))})."
             )
         msg = {"role": role, "content": _content_text(content, f"{where}, message {j}")}
+        if role == "assistant" and m.get("weight") is not None:  # OpenAI's fine-tuning format: 0 = no loss
+            msg["weight"] = _turn_weight(m["weight"], f"{where}, message {j}")
         for extra in ("tool_calls", "name", "tool_call_id"):  # function calling: the template writes them
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
         out.append(msg)
     return out
+
+
+def _turn_weight(value: Any, where: str) -> int:
+    """An assistant message's ``weight`` (OpenAI's chat fine-tuning format): 1 trains on the turn, 0 keeps it as
+    context only. Anything else is refused: the loss is not scaled per turn, so 0.5 has no meaning here."""
+    if hasattr(value, "item"):  # numpy scalars from parquet/pandas
+        value = value.item()
+    text = str(value).strip().lower()
+    if text in ("0", "0.0", "false"):
+        return 0
+    if text in ("1", "1.0", "true"):
+        return 1
+    raise FtUsageError(f"{where}: weight {value!r} is not 0 or 1. An assistant message's weight says whether it is "
+                       "trained on (1, the default) or kept as context only (0), as in OpenAI's fine-tuning format; "
+                       "set it to 0 or 1, or drop it.")
 
 
 def _json_text(text: str, problem: str, fix: str) -> Any:
@@ -1195,6 +1225,7 @@ class DataReport:
     dropped_no_answer: int = 0  # the answer was cut away entirely by truncation
     answer_starts: list = field(default_factory=list)  # where those answers began (token index)
     dropped_empty: int = 0  # nothing carried loss even before truncation
+    dropped_unweighted: int = 0  # every answer had weight 0 (context only)
     eval_dropped: int = 0
     warnings: list = field(default_factory=list)
     example: str = ""
@@ -1264,6 +1295,9 @@ class DataReport:
         if self.dropped_empty:
             lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no answer to learn from (empty or "
                          "blank: it would teach the model to end its turn at once)")
+        if self.dropped_unweighted:
+            lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')} whose every answer has weight 0 "
+                         "(context only: nothing to learn from)")
         if self.eval_dropped:
             lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} (too long, or no answer token left)")
         if self.packing:
@@ -1328,14 +1362,23 @@ def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
     return full, spans
 
 
+def _trained_spans(spans: list, record: Record) -> list:
+    """The answer spans that carry loss: the last ``answer_turns`` of them, less those of weight 0. ``spans`` has
+    one span per assistant turn, or the last turn's only (a template that rewrites earlier turns)."""
+    weights = record.weights or [1] * len(spans)
+    marked = list(zip(spans, weights[-len(spans):] if spans else []))
+    marked = marked[-record.answer_turns:] if record.answer_turns else marked
+    return [span for span, w in marked if w]
+
+
 def render(tokenizer, record: Record) -> tuple[str, list, bool]:
     """(text, answer spans, add special tokens?) for one record."""
     if record.text is not None:
         return record.text, [(0, len(record.text))], True
     if has_chat_template(tokenizer):
         text, spans = _render_chat(tokenizer, record.messages, record.tools)
-        spans = spans[-record.answer_turns:] if record.answer_turns else spans
-        answers = "".join(text[a:b] for a, b in spans)  # not the tool list a template may print up front
+        shown = spans[-record.answer_turns:] if record.answer_turns else spans
+        answers = "".join(text[a:b] for a, b in shown)  # not the tool list a template may print up front
         missing = [n for n in _tool_call_names(record.messages) if n not in answers]
         if missing:  # the template dropped the calls: the turn would teach an empty answer
             raise FtUsageError(
@@ -1343,9 +1386,9 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
                 "model's chat template does not write tool calls, so the turn would train as an empty answer. "
                 "Load a model whose chat template supports tools, or write the call into the message content."
             )
-        return text, spans, False
+        return text, _trained_spans(spans, record), False
     text, spans = _render_plain(record.messages)
-    return text, spans[-record.answer_turns:] if record.answer_turns else spans, True
+    return text, _trained_spans(spans, record), True
 
 
 def _example(tokenizer, text: str, spans: list, special: bool, ids: list, offsets: list,
@@ -1441,7 +1484,9 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     for record, ex in zip(records, tokenize_records(tokenizer, records, train_on)):
         if report is not None:
             report.lengths.append(len(ex.input_ids))
-        if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
+        if train_on != "all" and record.weights is not None and not any(record.weights):
+            fitted, outcome = None, "dropped_unweighted"  # every answer is context (weight 0): nothing to learn
+        elif train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
             fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
         elif overlong == "split" and len(ex.input_ids) > max_seq_len:
             rows = [r for r in (TokenizedExample(ex.input_ids[i:i + max_seq_len], ex.labels[i:i + max_seq_len])
@@ -1464,6 +1509,8 @@ def _answerless(record: Record) -> bool:
     if record.messages is None:
         return False
     answers = [m for m in record.messages if m.get("role") == "assistant"]
+    if record.weights is not None:  # the answers trained on
+        answers = [m for m, w in zip(answers, record.weights) if w]
     return bool(answers) and all(not str(m.get("content") or "").strip() and not m.get("tool_calls") for m in answers)
 
 
@@ -1800,6 +1847,11 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         report.split += (f"; eval_steps: {cfg.eval_steps} has nothing to evaluate: give --eval FILE or "
                          "eval_fraction: 0.1")
     report.warnings = (pair_warnings if pairs else quality_warnings)(train_records) + ([unused_note] if unused_note else [])
+    unweighted = sum(1 for r in train_records if getattr(r, "weights", None))  # (preference pairs have none)
+    if unweighted and cfg.train_on == "all":
+        report.warnings.append(f"{counted(unweighted, 'example')} with assistant messages of weight 0: train_on: all "
+                               "trains on every token, so the weights are not applied; use train_on: answers to "
+                               "keep those messages as context only.")
     if eval_src is not None and cfg.eval_fraction > 0:
         report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
                                "data given (--eval), and every training row trains.")
@@ -1823,6 +1875,11 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             "them whole) or give eval rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
     if not train:
+        if report.dropped_unweighted and report.dropped_unweighted + report.dropped_empty == len(train_records):
+            raise FtUsageError(
+                f"{desc}: no example has an answer to learn from: every assistant message has weight 0 (context "
+                f"only) or is empty, in all {len(train_records)} examples. Set weight: 1 on the answers to train "
+                "on (or drop the weight fields).")
         if report.dropped_empty == len(train_records) and cfg.train_on != "all":
             raise FtUsageError(
                 f"{desc}: no example has an answer to learn from: in the {fmt.split(' (')[0]} format the loss is on "
