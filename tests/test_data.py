@@ -1600,3 +1600,28 @@ def test_an_assistant_message_of_weight_0_is_context_not_loss(tok, plain_tok, tm
     bad = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]}]
     with pytest.raises(FtUsageError, match=r"line 1, message 1: weight 0.5 is not 0 or 1"):
         load(str(write_jsonl(tmp_path / "w.jsonl", bad)))
+
+
+def test_split_names_training_and_eval_pair_up_and_a_lone_test_split_is_named(tok):
+    """'training' beside 'validation' looked for a 'validationing' split, so the validation rows went unused, and
+    an 'eval' split was not one of the names held out; a dataset whose only split is 'test' trained on it without
+    a word. Now the pairs are found and the lone split is named in the Data line."""
+    import datasets
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+
+    rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(12)]
+    cfg = TrainConfig.from_dict({})
+    ns = {"a": {"training": rows[:9], "validation": rows[9:]},
+          "b": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:10]),
+                                     "eval": datasets.Dataset.from_list(rows[10:])}),
+          "c": datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}),
+          "d": {"validation": rows[:6]}}
+    for name, n_train, n_eval, split in (("a", 9, 3, "validation"), ("b", 10, 2, "eval")):
+        train, ev, report = prepare(name, tok, cfg, namespace=ns)
+        assert (len(train), len(ev), report.split) == (n_train, n_eval, f"eval from the '{split}' split of variable {name}")
+        assert "only split" not in report.source
+    for name, n, split in (("c", 12, "test"), ("d", 6, "validation")):
+        train, ev, report = prepare(name, tok, cfg, namespace=ns)
+        assert len(train) == n and report.source == f"variable {name}, split '{split}' (its only split, so it trains)"

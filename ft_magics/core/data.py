@@ -91,6 +91,7 @@ class Rows(list):
     about row i can point at the line to fix."""
 
     held_out = None  # (split name, its source): see _with_held_out
+    only_split = None  # the name of the dataset's one split, when it is named for evaluation: see _only_split
 
     def __init__(self, rows=(), locs=None):
         super().__init__(rows)
@@ -172,7 +173,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     raise FtUsageError(f"data file {src!r} does not exist{hint} (looked relative to {Path.cwd()}).")
 
 
-EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")  # in order of preference
+EVAL_SPLITS = ("validation", "valid", "val", "dev", "eval", "evaluation", "test")  # in order of preference
 # Which of several training splits a run reads (UltraFeedback's train_prefs / train_sft / train_gen) depends on
 # what it trains: split_records sets this while it reads a preference objective's data.
 _READING_PAIRS = contextvars.ContextVar("ft_magics_reading_pairs", default=False)
@@ -198,7 +199,16 @@ def _eval_split(splits, train: Optional[str] = "train") -> Optional[str]:
     if train is None or train not in splits:
         return None
     suffix = train[len("train"):]
+    suffix = suffix if suffix[:1] in ("", "_", "-") else ""  # train_prefs -> test_prefs; training -> test
     return next((name + suffix for name in EVAL_SPLITS if name + suffix in splits), None)
+
+
+def _only_split(rows: list, split: str) -> "Rows":
+    """``rows``, read from the one split a dataset has, named for evaluation (``rows.only_split``): the Data line
+    names it, since the run trains on what the dataset's author meant for evaluation."""
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    rows.only_split = split
+    return rows
 
 
 def _with_held_out(rows: list, split: str, source: Any) -> "Rows":
@@ -375,6 +385,8 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
                 raise FtUsageError(
                     f"{what} is a DatasetDict without one split to train on (splits: {', '.join(splits)}); "
                     f"{_pick_one(what, splits[0])}.")
+            if str(train).lower() in EVAL_SPLITS and len(splits) == 1:
+                return _only_split(_rows_of_object(obj[train], what, limit), train)
             obj = obj[train]
         if type(obj).__name__.startswith("Iterable"):
             if limit is None:
@@ -388,7 +400,8 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
         if train is None:
             raise FtUsageError(f"{what} holds several lists of records ({', '.join(obj)}) and none is called "
                                f"'train'; {_pick_one(what, next(iter(obj)))}.")
-        return _rows_from_object(obj[train], what, limit)
+        rows = _rows_from_object(obj[train], what, limit)
+        return _only_split(rows, train) if str(train).lower() in EVAL_SPLITS and len(obj) == 1 else rows
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) == 1:  # a dict of columns
@@ -1769,6 +1782,8 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         rows, desc = load_rows(src, namespace, txt_mode, max_rows)
     finally:
         _READING_PAIRS.reset(reading)
+    if getattr(rows, "only_split", None):
+        desc += f", split '{rows.only_split}' (its only split, so it trains)"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = _unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
     held = getattr(rows, "held_out", None) if eval_src is None else None
