@@ -1625,3 +1625,22 @@ def test_split_names_training_and_eval_pair_up_and_a_lone_test_split_is_named(to
     for name, n, split in (("c", 12, "test"), ("d", 6, "validation")):
         train, ev, report = prepare(name, tok, cfg, namespace=ns)
         assert len(train) == n and report.source == f"variable {name}, split '{split}' (its only split, so it trains)"
+
+
+def test_column_names_with_spaces_around_them_are_read_as_their_fields(tok, tmp_path):
+    """A CSV header written "prompt, completion" (or a DataFrame read from one) has a column ' completion': it
+    was not found as a field, nor as the pair, nor by --map completion=...; now the spaces do not matter."""
+    import pandas as pd
+
+    csv = tmp_path / "spaced.csv"
+    csv.write_text("prompt, completion\nhello, world\nhow are you?, fine\n", encoding="utf-8")
+    records, fmt = load(str(csv))
+    assert fmt.startswith("prompt-completion") and records[0].messages[-1]["content"].strip() == "world"
+    df = pd.DataFrame({" Question ": ["q1?", "q2?"], "Answer ": ["a1", "a2"], "id": [1, 2]})
+    records, fmt = load(df)
+    assert fmt.startswith("prompt-completion") and [m["content"] for m in records[1].messages] == ["q2?", "a2"]
+    df = pd.DataFrame({" ask": ["q1?"], "reply ": ["a1"], " role": ["x"]})
+    records, _ = load(df, column_map="ask=prompt, reply=completion")
+    assert [m["content"] for m in records[0].messages] == ["q1?", "a1"]
+    chat = [{"messages": [{"role": " User", "content": "hi"}, {"role": "assistant ", "content": "yo"}]}]
+    assert [m["role"] for m in load(chat)[0][0].messages] == ["user", "assistant"]

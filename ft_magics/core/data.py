@@ -731,11 +731,27 @@ FORMAT_FIELDS = ("messages", "conversations", "prompt", "completion", "instructi
                  "system", "tools")
 
 
+def _plain(name: Any) -> str:
+    """A column's name as matched against field names: any letter case, no surrounding spaces (a CSV header
+    written "prompt, completion" has a column ' completion')."""
+    return str(name).strip().lower()
+
+
 def _field_case(keys: Iterable) -> dict:
-    """``{column: field}`` for columns that are a format's field names in another letter case ('Instruction'),
-    where the field itself is not a column too."""
+    """``{column: field}`` for columns that are a format's field names in another letter case ('Instruction') or
+    with spaces around them (' output'), where the field itself is not a column too."""
     keys = [k for k in keys if isinstance(k, str)]
-    return {k: k.lower() for k in keys if k != k.lower() and k.lower() in FORMAT_FIELDS and k.lower() not in keys}
+    return {k: _plain(k) for k in keys if k != _plain(k) and _plain(k) in FORMAT_FIELDS and _plain(k) not in keys}
+
+
+def _spaced_columns(mapping: dict, keys: set) -> dict:
+    """``mapping`` with each source column that is not a column but names exactly one column with spaces around
+    it (--map "completion=..." for a CSV's ' completion') replaced by that column."""
+    out = {}
+    for a, b in mapping.items():
+        spaced = [k for k in keys if isinstance(k, str) and k.strip() == a] if a not in keys else []
+        out[spaced[0] if len(spaced) == 1 else a] = b
+    return out
 
 
 def detect_format(keys: Iterable[str]) -> Optional[str]:
@@ -770,7 +786,7 @@ def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[
         if chats:
             return f"{chats[0]}=messages"
         keys = [k for k in keys if _is_texty(sample.get(k))]
-    by_lower = {str(k).lower(): str(k) for k in keys}
+    by_lower = {_plain(k): str(k) for k in keys}
     prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
     answer = next((by_lower[n] for n in ANSWER_NAMES if n in by_lower and by_lower[n] != prompt), None)
     if prompt and answer:
@@ -797,7 +813,7 @@ PROMPT_COMPLETION_PAIRS = (
 
 def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
     """The (prompt column, answer column) when exactly one well-known pair is present (any letter case)."""
-    by_lower = {str(k).lower(): str(k) for k in keys}
+    by_lower = {_plain(k): str(k) for k in keys}
     found = [(by_lower[p], by_lower[a]) for p, a in PROMPT_COMPLETION_PAIRS if p in by_lower and a in by_lower]
     return found[0] if len(found) == 1 else None
 
@@ -805,7 +821,7 @@ def known_pair(keys: Iterable[str]) -> Optional[tuple[str, str]]:
 def _preference_error(keys: list, where: str, sample: Optional[dict]) -> Optional[FtUsageError]:
     """Rows of preference pairs (prompt / chosen / rejected, as DPO trainers take them): what they are, and
     the --map that fine-tunes on the preferred answers instead of guessing at the columns."""
-    by_lower = {str(k).lower(): str(k) for k in keys}
+    by_lower = {_plain(k): str(k) for k in keys}
     if not {"chosen", "rejected"} <= set(by_lower):
         return None
     chosen = by_lower["chosen"]
@@ -833,7 +849,7 @@ def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None
     if preference is not None:
         return preference
     shown = ", ".join(sorted(map(str, keys))) or "(none)"
-    by_lower = {str(k).lower(): str(k) for k in keys}
+    by_lower = {_plain(k): str(k) for k in keys}
     prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
     if prompt is not None and not renamed and not any(n in by_lower for n in ANSWER_NAMES + TEXT_NAMES):
         return FtUsageError(  # a prompt column and nothing to answer it: the answers are what is missing
@@ -923,7 +939,7 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
             raise FtUsageError(
                 f"{where}, message {j}: no role (fields: {', '.join(sorted(map(str, m))) or 'none'}). Each message "
                 "needs 'role' and 'content' (or ShareGPT's 'from' and 'value').")
-        role = ROLE_ALIASES.get(str(raw_role).lower())
+        role = ROLE_ALIASES.get(_plain(raw_role))
         if role is None:
             raise FtUsageError(
                 f"{where}, message {j}: unknown role {raw_role!r}{did_you_mean(str(raw_role), ROLE_ALIASES)}. "
@@ -1071,6 +1087,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
                 _check_nested_path(rows[:1000], path, where)
             rows = _with_nested(rows, nested)
             keys0 |= set(nested)
+        mapping = _spaced_columns(mapping, keys0)
         missing = [a for a in mapping if a not in keys0]
         if missing:
             given = "--text-field" if missing == [text_field] and text_field not in parse_map(column_map) else "--map"
@@ -1733,7 +1750,7 @@ def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> O
     m = re.search(r"\(columns (.*)\)$", fmt)  # how normalise read a known pair: "question -> prompt, ..."
     if m:
         used |= {part.split(" -> ")[0] for part in m.group(1).split(", ")}
-    left = [str(k) for k in rows[0] if str(k) not in used and str(k).lower() in CONTEXT_NAMES]
+    left = [str(k) for k in rows[0] if str(k) not in used and _plain(k) in CONTEXT_NAMES]
     system = next((c for c in left if "system" in c.lower()), None)
     if system is not None and "system" not in rows[0]:  # a system prompt has its own field
         return (f"column {system!r} is not used: the rows are read as prompt and completion. It is a system prompt: "
@@ -1741,7 +1758,7 @@ def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> O
     if not left:
         return None
     prompt = next((k for k in rows[0] if str(k) in used and str(k) not in ("completion", "system")
-                   and str(k).lower() in CONTEXT_NAMES + PROMPT_NAMES), "prompt")
+                   and _plain(k) in CONTEXT_NAMES + PROMPT_NAMES), "prompt")
     return (f"column{'s' if len(left) > 1 else ''} {', '.join(map(repr, left))} {'are' if len(left) > 1 else 'is'} not "
             f"used: the prompt is {prompt!r} alone. To include {'them' if len(left) > 1 else 'it'}, join the columns "
             f"into one first (e.g. df['full'] = df['{prompt}'] + '\\n\\n' + df['{left[0]}']) and --map it to prompt.")
@@ -1753,10 +1770,10 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
     if fmt != "text" or not rows or not isinstance(rows[0], dict):
         return None
     text = text_field or "text"
-    cols = [str(k) for k in rows[0] if str(k) != text and str(k).lower() in ANSWER_NAMES]
+    cols = [str(k) for k in rows[0] if str(k) != text and _plain(k) in ANSWER_NAMES]
     if not cols:
         return None
-    prompts = [str(k) for k in rows[0] if str(k) not in (text, cols[0]) and str(k).lower() in PROMPT_NAMES]
+    prompts = [str(k) for k in rows[0] if str(k) not in (text, cols[0]) and _plain(k) in PROMPT_NAMES]
     if prompts:  # question + answer + text: the pair is the likelier intent, and the question must not be lost
         return (f"columns {prompts[0]!r} and {cols[0]!r} are not used: the text format trains on {text!r} alone. "
                 f"To train {cols[0]!r} as the answer to {prompts[0]!r}: --map \"{prompts[0]}=prompt,{cols[0]}=completion\" "
