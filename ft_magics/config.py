@@ -143,6 +143,8 @@ class TrainConfig:
     text_field: Optional[str] = _f(None, "Column holding the text for the text format.")
     map: Optional[str] = _f(None, "Column mapping, e.g. 'q=prompt,reply=completion' (well-known pairs such as "
                             "question/answer or input/output need none).")
+    eval_map: Optional[str] = _f(None, "Column mapping for the eval data (--eval) when its columns differ from "
+                                 "--data's (default: map where the eval data has map's columns, else none).")
     txt_mode: str = _f(
         "auto", "How a .txt file becomes examples: document (the whole file), lines (one per line), blocks "
         "(separated by blank lines), or auto (blocks if the file has blank lines, else lines).", choices=TXT_MODES)
@@ -370,7 +372,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     default = f.default
     choices = f.metadata.get("choices")
     try:
-        if key == "map" and isinstance(value, dict):  # YAML's own mapping form: {question: prompt, answer: completion}
+        if key in ("map", "eval_map") and isinstance(value, dict):  # YAML's own mapping form: {question: prompt, answer: completion}
             return ",".join(f"{k}={v}" for k, v in value.items())
         if key == "target_modules":
             if isinstance(value, str):

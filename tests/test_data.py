@@ -1644,3 +1644,26 @@ def test_column_names_with_spaces_around_them_are_read_as_their_fields(tok, tmp_
     assert [m["content"] for m in records[0].messages] == ["q1?", "a1"]
     chat = [{"messages": [{"role": " User", "content": "hi"}, {"role": "assistant ", "content": "yo"}]}]
     assert [m["role"] for m in load(chat)[0][0].messages] == ["user", "assistant"]
+
+
+def test_eval_data_with_columns_of_its_own_takes_eval_map_or_needs_none(tok, tmp_path):
+    """--map renamed --eval's columns too, so eval data whose columns differ (already prompt/completion, or named
+    otherwise) could not be given at all. Now eval data without map's columns is read as it is, eval_map
+    (--eval-map) maps it, and eval data that has some of them is refused with eval_map named."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"ask": f"q{i}?", "reply": f"a{i}"} for i in range(8)])
+    plain = write_jsonl(tmp_path / "e1.jsonl", [{"prompt": "p?", "completion": "c"}] * 2)
+    other = write_jsonl(tmp_path / "e2.jsonl", [{"ask": "p?", "said": "c"}] * 3)
+    cfg = TrainConfig.from_dict({"map": {"ask": "prompt", "reply": "completion"}})
+    _, ev, report = prepare(str(train), tok, cfg, eval_src=str(plain))
+    assert len(ev) == 2 and report.format.startswith("prompt-completion")
+    with pytest.raises(FtUsageError, match=r"'reply' that do not exist.*give the eval data's own with eval_map"):
+        prepare(str(train), tok, cfg, eval_src=str(other))
+    cfg = TrainConfig.from_dict({"map": "ask=prompt,reply=completion", "eval_map": "ask=prompt,said=completion"})
+    _, ev, _ = prepare(str(train), tok, cfg, eval_src=str(other))
+    assert len(ev) == 3 and "⟦c" in D.show_loss_tokens(tok, ev[0])
+    same = write_jsonl(tmp_path / "e3.jsonl", [{"ask": "p?", "reply": "c"}] * 4)  # map's columns: map applies
+    assert len(prepare(str(train), tok, TrainConfig.from_dict({"map": "ask=prompt,reply=completion"}),
+                       eval_src=str(same))[1]) == 4

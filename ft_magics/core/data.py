@@ -1094,10 +1094,12 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
             objects = sorted(k for k in keys0 if isinstance(rows[0].get(k), dict))
             inside = (f" Fields inside a column of objects are named with dots, e.g. --map "
                       f"\"{objects[0]}.{next(iter(rows[0][objects[0]]), 'field')}=prompt\"." if objects else "")
-            raise FtUsageError(
+            err = FtUsageError(
                 f"{where}: {given} names column(s) {', '.join(map(repr, missing))} that do not exist"
                 f"{did_you_mean(missing[0], keys0)}. Columns: {', '.join(sorted(map(str, keys0)))}.{inside}"
             )
+            err.missing_columns = missing if given == "--map" else None  # (split_records names eval_map)
+            raise err
         rows = _renamed(rows, mapping)
     keys = list(dict.fromkeys(k for r in rows[:1000] for k in r))  # the columns, in the data's order
     shown_fmt = None
@@ -1782,6 +1784,18 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
             f"the answer to the text: --map \"{text}=prompt,{cols[0]}=completion\".")
 
 
+def _eval_map(cfg, erows: list) -> Optional[str]:
+    """The column mapping the eval data is read with: ``eval_map`` if set, else ``map`` - unless the eval rows hold
+    none of the columns ``map`` renames (eval data already in a format of its own: mapping it would fail)."""
+    if getattr(cfg, "eval_map", None) is not None:
+        return cfg.eval_map
+    mapping = parse_map(cfg.map)
+    if not mapping or not erows:
+        return cfg.map
+    keys = {str(k).strip() for r in erows[:1000] if isinstance(r, dict) for k in r}
+    return cfg.map if any(a.split(".", 1)[0].strip() in keys or a in keys for a in mapping) else None
+
+
 def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any = None,
                   txt_mode: Optional[str] = None) -> tuple:
     """``(records, format, description, unused-column note, train records, eval records, split description)``:
@@ -1812,7 +1826,14 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
             raise FtUsageError(f"the eval data ({held[1] if held else '--eval'}): {exc}") from None
         edesc = held[1] if held else edesc
-        eval_records, eval_fmt = normalise_rows(erows, cfg.format, cfg.text_field, cfg.map, where=edesc)
+        eval_map = _eval_map(cfg, erows)
+        try:
+            eval_records, eval_fmt = normalise_rows(erows, cfg.format, cfg.text_field, eval_map, where=edesc)
+        except FtUsageError as exc:
+            if getattr(exc, "missing_columns", None) and getattr(cfg, "eval_map", None) is None:
+                raise FtUsageError(f"{exc} (--map is for --data's columns; give the eval data's own with "
+                                   "eval_map: or --eval-map, e.g. --eval-map \"q=prompt,a=completion\")") from None
+            raise
         train_records = records
         split_desc = f"eval from {edesc}" + (" (eval_fraction not used)" if held and cfg.eval_fraction else "")
         kind, eval_kind = fmt.split(" (")[0], eval_fmt.split(" (")[0]
