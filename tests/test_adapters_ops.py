@@ -488,3 +488,31 @@ def test_an_output_folder_that_is_a_file_is_named_as_such(tiny_session, tmp_path
         with pytest.raises(FtUsageError, match=r"afile is a file, not a folder\. Give a folder's path"):
             tiny_session.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 1},
                                output_dir=where, listeners=[])
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+def test_combining_rslora_adapters_gives_the_weighted_sum_of_their_updates(tiny_session, tiny_model_dir, tmp_path,
+                                                                           method):
+    """PEFT's combination copies the first adapter's config, use_rslora included, onto a result whose matrices
+    already hold each adapter's scaling: the result was scaled by sqrt(r) once more (a copy at weight 1 scored
+    another loss than its source). Now the combined update is exactly the weighted sum, and it saves as such."""
+    import torch
+    from peft import PeftModel
+
+    a = peft_adapter(tiny_model_dir, tmp_path / "rs-a", seed=4, r=8, use_rslora=True)
+    b = peft_adapter(tiny_model_dir, tmp_path / "rs-b", seed=5, r=8, use_rslora=True)
+    tiny_session.load_adapter(a, "rs-a")
+    tiny_session.load_adapter(b, "rs-b")
+    model = tiny_session.model
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    want = 0.7 * layer.get_delta_weight("rs-a") + 0.3 * layer.get_delta_weight("rs-b")
+    if method == "linear":  # linear mixes A and B separately: exact for one adapter only
+        want = layer.get_delta_weight("rs-a")
+        tiny_session.combine_adapters({"rs-a": 1.0}, "mix", method=method)
+    else:
+        tiny_session.combine_adapters({"rs-a": 0.7, "rs-b": 0.3}, "mix", method=method)
+    torch.testing.assert_close(layer.get_delta_weight("mix"), want, rtol=1e-5, atol=1e-6)
+    assert model.peft_config["rs-a"].use_rslora  # the source keeps its own setting
+    ours = logits(model)
+    theirs = logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(tiny_session.adapters_dir / "mix")).eval())
+    torch.testing.assert_close(ours, theirs)

@@ -609,12 +609,23 @@ def combine(model, weights: dict, new_name: str, method: str = "linear") -> None
             "mixes the LoRA matrices but not DoRA's learned magnitudes, so the result would be neither adapter. "
             "Switch between them per request instead, or train one adapter on both datasets.")
     kw = {"density": 0.5} if method == "ties" else {}
+    # PEFT folds each adapter's own scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) into the combined matrices and
+    # gives the result lora_alpha = r, meaning a scaling of 1; but it copies the first adapter's config, and with
+    # use_rslora from it the result is scaled by sqrt(r) again (measured: cat of an rsLoRA adapter at weight 1
+    # scored 5.3753 against its source's 5.3503). The first config is plain LoRA while PEFT copies it.
+    first = model.peft_config.get(next(iter(weights)))
+    rslora = bool(getattr(first, "use_rslora", False))
+    if rslora:
+        first.use_rslora = False
     try:
         model.add_weighted_adapter(list(weights), list(weights.values()), new_name, combination_type=method, **kw)
     except (ValueError, TypeError) as exc:
         hint = " Adapters of different rank combine with --method cat or svd." if "same r" in str(exc) else ""
         said = str(exc).rstrip(". ")  # PEFT's own message may end in a period
         raise FtUsageError(f"cannot combine {', '.join(weights)} with --method {method}: {said}.{hint}") from None
+    finally:
+        if rslora:
+            first.use_rslora = True
 
 
 # --------------------------------------------------------------------------- export
