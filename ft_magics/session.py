@@ -362,14 +362,15 @@ class Session:
 
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
-        from .core.adapters import (check_fits, info_from_folder, load_folder, name_from_folder, read_adapter_folder,
-                                    validate_name)
+        from .core.adapters import (check_finite, check_fits, info_from_folder, load_folder, name_from_folder,
+                                    read_adapter_folder, validate_name)
 
         path = user_path(path)
         if not path.exists() and len(path.parts) == 1 and (self.adapters_dir / path).is_dir():
             path = self.adapters_dir / path  # a name 'list' shows on disk: its folder in the adapters folder
         name = validate_name(name or name_from_folder(path))
         config = read_adapter_folder(path)
+        check_finite(path)
         with self._model_busy("load an adapter"):
             model = self.model
             if name in self.adapters:
@@ -646,7 +647,8 @@ class Session:
     def combine_adapters(self, weights: dict | str, name: str, method: str = "linear") -> str:
         """New adapter ``name`` = weighted combination (``{"a": 0.7, "b": 0.3}`` or ``"a:0.7,b:0.3"``) of
         loaded adapters, by PEFT's add_weighted_adapter; saved to the adapters folder and made active."""
-        from .core.adapters import activate, combine, info_from_folder, parse_weights, save_peft_adapter, validate_name
+        from .core.adapters import (activate, check_finite_adapter, combine, info_from_folder, parse_weights,
+                                    save_peft_adapter, validate_name)
         from .core.training import versions
 
         weights = parse_weights(weights)
@@ -663,6 +665,11 @@ class Session:
                 for a in weights:
                     self._require_adapter(a)
                 combine(self.model, dict(weights), name, method)
+                try:
+                    check_finite_adapter(self.model, name, self.adapters.active)
+                except FtUsageError:
+                    self.model.delete_adapter(name)
+                    raise
             except BaseException:  # a refused combination leaves memory as it found it
                 for a in loaded_here:
                     if a in self.adapters:

@@ -516,3 +516,49 @@ def test_combining_rslora_adapters_gives_the_weighted_sum_of_their_updates(tiny_
     ours = logits(model)
     theirs = logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(tiny_session.adapters_dir / "mix")).eval())
     torch.testing.assert_close(ours, theirs)
+
+
+def test_adapters_whose_weights_are_not_finite_are_refused_before_they_break_answers(tiny_session, tiny_model_dir,
+                                                                                     made_by_peft, tmp_path):
+    """An adapter holding a NaN loaded without a word: greedy answers were empty, sampling ended in torch's
+    'probability tensor contains either inf, nan', and %lora_eval called a loss of nan 'general text got
+    better'. A combination with a weight like 1e30 overflowed the same way. Both are now refused, leaving
+    nothing behind; a NaN model's sampling error names the cause, and the eval verdict says the loss is nan."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ft_magics.core.evaluation import EvalReport
+    from ft_magics.core.inference import Sampling, generate
+
+    bad = tmp_path / "nan-adapter"
+    import shutil
+
+    shutil.copytree(made_by_peft["a"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(FtUsageError, match=r"not finite numbers \(NaN or inf\) in 1 tensor"):
+        tiny_session.load_adapter(bad, "nan")
+    assert "nan" not in tiny_session.adapters and not hasattr(tiny_session.model, "peft_config")
+
+    tiny_session.load_adapter(made_by_peft["a"], "a")
+    tiny_session.load_adapter(made_by_peft["b"], "b")
+    with pytest.raises(FtUsageError, match="the combination 'big' overflows"):
+        tiny_session.combine_adapters("a:1e38,b:1e38", "big", method="cat")
+    assert "big" not in tiny_session.adapters and "big" not in tiny_session.model.peft_config
+    assert not (tiny_session.adapters_dir / "big").exists()
+
+    model = tiny_session.model
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if ".a." in key:
+                p.fill_(float("nan"))  # as a diverged run leaves it
+    tiny_session.use("a")
+    with pytest.raises(FtUsageError, match="next-token probabilities are not finite"):
+        generate(model, tiny_session.handle.tokenizer, "hi", sampling=Sampling(temperature=0.7, max_new_tokens=3),
+                 adapter_label="a")
+
+    report = EvalReport(columns=["base", "a"], sets=["general text"])
+    report.results = {("general text", "base"): (2.0, 7.4, 10), ("general text", "a"): (float("nan"), float("nan"), 10)}
+    assert "the loss is not a number" in report.to_text()

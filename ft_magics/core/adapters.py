@@ -125,6 +125,46 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
     return config
 
 
+def check_finite(path: Path) -> None:
+    """Refuse an adapter folder whose weights hold NaN or inf (a run that diverged, a broken conversion): loaded,
+    it would answer with empty text greedily, crash sampling, and score a loss of nan."""
+    import torch
+
+    bad = []
+    with open_weights(Path(path) / "adapter_model.safetensors") as fh:
+        for key in fh.keys():
+            t = fh.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(key)
+    if bad:
+        raise FtUsageError(
+            f"{path} holds weights that are not finite numbers (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}: "
+            "the run that wrote it diverged, or the file was written wrongly. Train it again (a lower learning_rate, "
+            "max_grad_norm: 1.0), or load one of its checkpoints.")
+
+
+def check_finite_adapter(model, name: str, active: Optional[str]) -> None:
+    """Refuse the in-memory adapter ``name`` (just combined) when its weights, or the logits of a few tokens
+    through it, overflow to NaN or inf; ``active`` (the adapter active before, or None) is active again after."""
+    import torch
+
+    where = next((key for key, p in model.named_parameters()
+                  if f".{name}." in key and p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if where is None:
+        activate(model, name)
+        try:
+            ids = torch.arange(1, 9, device=model.device)[None] % model.config.vocab_size
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            where = None if bool(torch.isfinite(logits).all()) else "the logits of a few tokens through it"
+        finally:
+            activate(model, active)
+    if where is not None:
+        raise FtUsageError(
+            f"the combination {name!r} overflows: its weights are not finite numbers (in {where}). Use weights of "
+            "an ordinary size (e.g. a:0.7,b:0.3); weights far from 1 scale the updates past what the dtype holds.")
+
+
 def run_record(path) -> dict:
     """The ft_run.json record in adapter folder ``path`` ({} when there is none, or it cannot be read)."""
     try:

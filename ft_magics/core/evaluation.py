@@ -278,7 +278,8 @@ class EvalReport:
                 lines.append(f"held-out pairs, {c}: the chosen answer is the more likely one (per token) in {self.pair_cell(c)}")
         f = self.forgetting()
         if f is not None:
-            verdict = ("general text got worse: some forgetting" if f > 0.05 else
+            verdict = ("the loss is not a number: the adapter's weights are not finite" if math.isnan(f) else
+                       "general text got worse: some forgetting" if f > 0.05 else
                        "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
             lines.append(f"{self._forgetting_line(f)} ({verdict})")
         lines += [f"Note: {n}" for n in self.notes]

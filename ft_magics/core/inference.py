@@ -216,11 +216,20 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     t = time.perf_counter()
     # not inference_mode: bnb repacks weights in here, and they must stay trainable. An interrupt (the
     # kernel's stop button, Ctrl-C) ends the answer at the next token and keeps it, as it stops training.
-    with torch.no_grad(), fused_lora(model), interrupt_stops(flag, []):
-        out = model.generate(**enc, **kw)
+    try:
+        with torch.no_grad(), fused_lora(model), interrupt_stops(flag, []):
+            out = model.generate(**enc, **kw)
+    except RuntimeError as exc:
+        if "probability tensor contains" not in str(exc):
+            raise
+        raise FtUsageError(f"{adapter_label}: the model's next-token probabilities are not finite numbers (NaN or "
+                           "inf), so nothing can be sampled: the adapter's weights overflowed (a run that diverged). "
+                           "Answer with the base (--adapter base), or train the adapter again with a lower "
+                           "learning_rate.") from None
+    finally:
+        if was_training:
+            model.train()
     seconds = time.perf_counter() - t
-    if was_training:
-        model.train()
     new = out[0][enc["input_ids"].shape[1]:].tolist()
     if sampling.greedy and sampling.repetition_penalty == 1.0 and repeats_itself(new):
         note = "; ".join(n for n in (note, LOOP_NOTE) if n)
