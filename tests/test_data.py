@@ -1667,3 +1667,14 @@ def test_eval_data_with_columns_of_its_own_takes_eval_map_or_needs_none(tok, tmp
     same = write_jsonl(tmp_path / "e3.jsonl", [{"ask": "p?", "reply": "c"}] * 4)  # map's columns: map applies
     assert len(prepare(str(train), tok, TrainConfig.from_dict({"map": "ask=prompt,reply=completion"}),
                        eval_src=str(same))[1]) == 4
+
+
+def test_an_answer_inside_a_conversational_prompt_is_context_only(tok):
+    """TRL's conversational prompt/completion: the prompt may hold earlier turns, answers included. Those answers
+    carried loss like the completion; the prompt is context, so only the completion does."""
+    row = {"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "EARLIER"},
+                      {"role": "user", "content": "Q2"}],
+           "completion": [{"role": "assistant", "content": "A2"}]}
+    rec = D.normalise([row])[0][0]
+    shown = D.show_loss_tokens(tok, D.tokenize_record(tok, rec))
+    assert shown.count("⟦") == 1 and "⟦A2" in shown and "EARLIER" in shown

@@ -1172,6 +1172,9 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
         if isinstance(p, list) or isinstance(c, list):
             pm = _messages(p, f"{where}, prompt") if isinstance(p, list) else [
                 {"role": "user", "content": _string_field(row, "prompt", where)}]
+            for m in pm:  # an earlier answer inside the prompt is context (TRL's conversational prompt/completion)
+                if m["role"] == "assistant":
+                    m["weight"] = 0
             cm = _messages(c, f"{where}, completion") if isinstance(c, list) else [
                 {"role": "assistant", "content": _string_field(row, "completion", where)}]
             msgs = pm + cm
