@@ -1154,6 +1154,13 @@ def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_tha
     assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")
 
 
+def ev_rows(examples, tok):
+    """The user turn of each tokenised example (prompt/completion rows), decoded: which rows these are."""
+    import re
+
+    return [{"content": re.search(r"user\n(.*?)<\|im_end\|>", tok.decode(e.input_ids)).group(1)} for e in examples]
+
+
 def test_a_dataset_dict_s_held_out_split_becomes_the_eval_data(tok, tmp_path):
     """A DatasetDict (a variable, a dict of record lists, or one saved to disk) with 'train' and 'validation' or
     'test': training reads 'train', and the other split was silently left unused. Now it is the eval data
@@ -1178,7 +1185,10 @@ def test_a_dataset_dict_s_held_out_split_becomes_the_eval_data(tok, tmp_path):
     train, ev, report = prepare("dd", tok, TrainConfig.from_dict({"eval_fraction": 0.2}), namespace=ns)
     assert report.split.endswith("(eval_fraction not used)") and len(ev) == 3
     train, ev, report = prepare("dd", tok, cfg, namespace=ns, eval_src="lists")  # --eval wins
-    assert len(ev) == 8 and "eval from variable lists" in report.split  # its train split, as --data would read it
+    # its eval split, as %lora_eval --data lists scores (it was its train split: the run's eval loss, keep_best and
+    # early stopping measured rows the user meant for training)
+    assert len(ev) == 3 and report.split == "eval from the 'validation' split of variable lists"
+    assert [m["content"] for m in ev_rows(ev, tok)] == ["q8?", "q9?", "q10?"]
     assert len(heldout_examples("dd", tok, namespace=ns)) == 3
     one_split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
     assert prepare("one", tok, cfg, namespace={"one": one_split})[2].split == "no eval data"
@@ -1617,8 +1627,8 @@ def test_split_names_training_and_eval_pair_up_and_a_lone_test_split_is_named(to
           "b": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:10]),
                                      "eval": datasets.Dataset.from_list(rows[10:])}),
           "c": datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}),
-          "d": {"validation": rows[:6]}}
-    for name, n_train, n_eval, split in (("a", 9, 3, "validation"), ("b", 10, 2, "eval")):
+          "d": {"validation": rows[:6]}, "e": {"TRAIN": rows[:7], "VALIDATION": rows[7:]}}
+    for name, n_train, n_eval, split in (("a", 9, 3, "validation"), ("b", 10, 2, "eval"), ("e", 7, 5, "VALIDATION")):
         train, ev, report = prepare(name, tok, cfg, namespace=ns)
         assert (len(train), len(ev), report.split) == (n_train, n_eval, f"eval from the '{split}' split of variable {name}")
         assert "only split" not in report.source

@@ -198,9 +198,10 @@ def _eval_split(splits, train: Optional[str] = "train") -> Optional[str]:
     split's suffix (test_prefs beside train_prefs)."""
     if train is None or train not in splits:
         return None
-    suffix = train[len("train"):]
+    suffix = str(train)[len("train"):].lower()
     suffix = suffix if suffix[:1] in ("", "_", "-") else ""  # train_prefs -> test_prefs; training -> test
-    return next((name + suffix for name in EVAL_SPLITS if name + suffix in splits), None)
+    by_lower = {str(s).lower(): s for s in splits}  # TRAIN beside VALIDATION
+    return next((by_lower[name + suffix] for name in EVAL_SPLITS if name + suffix in by_lower), None)
 
 
 def _only_split(rows: list, split: str) -> "Rows":
@@ -1826,6 +1827,9 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
     if eval_src is not None or held is not None:
         try:
             erows, edesc = load_rows(held[0] if held else eval_src, namespace, txt_mode, max_rows)
+            if getattr(erows, "held_out", None):  # --eval names a dataset with splits: its eval split, not 'train'
+                split_name, source = erows.held_out
+                erows, edesc = load_rows(source, namespace, txt_mode, max_rows)[0], f"the '{split_name}' split of {edesc}"
         except FtUsageError as exc:  # the same messages as for --data: say which of the two is wrong
             raise FtUsageError(f"the eval data ({held[1] if held else '--eval'}): {exc}") from None
         edesc = held[1] if held else edesc
