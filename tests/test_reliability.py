@@ -539,3 +539,15 @@ def test_deleting_a_stopped_runs_adapter_removes_its_checkpoints_too(tiny_sessio
     lines = []
     adapter_commands.run(s, ["list"], out=lines.append)
     assert not any("cut short" in l for l in lines), lines
+
+
+def test_the_last_steps_are_logged_when_log_every_does_not_divide_the_run(tiny_session):
+    """With log_every 4, a 7-step run logged steps 4 only: its final loss (the summary, the record, the list) was
+    the window of steps 1-4. The steps since the last log are read at the end, and at a stop."""
+    r = tiny_session.train("le", DATA, dict(CFG, max_steps=7, log_every=4), listeners=[])
+    history = r.record["loss_history"]
+    assert [s for s, _ in history] == [1, 4, 7] and r.final_loss == history[-1][1]  # (the first step is logged too)
+    record = json.loads((Path(r.adapter_path) / "ft_run.json").read_text())
+    assert record["final_loss"] == history[-1][1] and record["loss_history"] == history
+    r = tiny_session.train("le2", DATA, dict(CFG, max_steps=8, log_every=5), listeners=[StopAt(tiny_session, 5)])
+    assert r.status == "stopped" and r.record["loss_history"][-1][0] == r.steps > 5

@@ -449,6 +449,9 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
         def on_step_end(self, args, state, control, **kw):
             if flag.is_set():
                 control.should_training_stop = True
+            last = control.should_training_stop or state.global_step >= state.max_steps
+            if last and state.global_step % max(int(args.logging_steps), 1):  # log_every > 1: the steps since the
+                control.should_log = True  # last log are read too, or the run's final loss is an earlier window's
             now = time.perf_counter()
             if now - self.last_mem_t > 0.25:
                 self.mem = read_memory(device, self.peak)
