@@ -1040,7 +1040,11 @@ def test_lora_eval_answers_scores_greedy_answers_against_the_references(shell, t
                              {"role": "assistant", "content": "hello"}, {"role": "user", "content": "reset?"},
                              {"role": "assistant", "content": "Category: account"}])
     case, = answer_cases([convo, Record(text="plain text has no answer"),
-                          Record(messages=[{"role": "user", "content": "no answer yet"}])])
+                          Record(messages=[{"role": "user", "content": "no answer yet"}]),
+                          # no reference: a blank reply matched an empty answer (the loss leaves these out too)
+                          Record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]),
+                          Record(messages=[{"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "context", "weight": 0}])])
     assert (case.system, case.prompt, case.reference) == ("Be brief.", "reset?", "Category: account")
     assert [m["content"] for m in case.history] == ["hi", "hello"]
 

@@ -1866,11 +1866,14 @@ class AnswerCase:
 
 def answer_cases(records: list) -> list:
     """The examples whose conversation ends with an assistant answer, split into what the model is asked
-    (system prompt, earlier turns, the last user message) and the answer it should give."""
+    (system prompt, earlier turns, the last user message) and the answer it should give. An empty answer, or one
+    of weight 0, is no reference (the loss leaves those rows out too): a blank reply would match it."""
     cases = []
     for r in records:
         msgs = r.messages or []
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or msgs[-2].get("role") != "user":
+            continue
+        if not str(msgs[-1].get("content") or "").strip() or (r.weights and not r.weights[-1]):
             continue
         system = msgs[0]["content"] if msgs[0].get("role") == "system" else None
         history = [m for m in msgs[1 if system is not None else 0:-2]]
