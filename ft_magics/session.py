@@ -27,6 +27,7 @@ class Session:
         self.runs: list = []  # TrainResult of every run in this session
         self._lock = threading.RLock()
         self._training: Optional[threading.Thread] = None
+        self._exit_hook = False  # _stop_at_exit registered (once, at the first background run)
         self._stop = None  # StopFlag of the run in progress
         self.last_data_report = None
         self._merged = None  # core.adapters.MergeState while an adapter is folded into the base weights
@@ -163,6 +164,11 @@ class Session:
                 name=f"ft_magics-train-{name}", daemon=True, kwargs={"resume": resume, "heldout": heldout},
             )
             self._training = thread
+            if not self._exit_hook:  # the interpreter exiting mid-run aborted the process and saved nothing
+                import atexit
+
+                atexit.register(self._stop_at_exit)
+                self._exit_hook = True
             thread.start()
             return thread
         return self._train_guarded(name, train_ex, eval_ex, cfg, target, listeners, report, False, on_done,
@@ -266,6 +272,19 @@ class Session:
             return False
         self._stop.set("stopped")
         return True
+
+    def _stop_at_exit(self, timeout: float = 300.0) -> None:
+        """At interpreter exit (the end of a script, a kernel shut down): a background run stops at its next step
+        and saves, as %lora_stop does. Otherwise the exit tore the daemon thread down mid-step: the process
+        aborted ('terminate called without an active exception') and no adapter was written."""
+        if not self.training_in_progress:
+            return
+        import sys
+
+        print(f"ft_magics: the process is exiting; stopping the background run {self._training.name[len('ft_magics-train-'):]!r} "
+              "at its next step to save it ...", file=sys.stderr, flush=True)
+        self.stop()
+        self.wait(timeout)
 
     def wait(self, timeout: Optional[float] = None):
         if self._training is not None:

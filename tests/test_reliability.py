@@ -551,3 +551,28 @@ def test_the_last_steps_are_logged_when_log_every_does_not_divide_the_run(tiny_s
     assert record["final_loss"] == history[-1][1] and record["loss_history"] == history
     r = tiny_session.train("le2", DATA, dict(CFG, max_steps=8, log_every=5), listeners=[StopAt(tiny_session, 5)])
     assert r.status == "stopped" and r.record["loss_history"][-1][0] == r.steps > 5
+
+
+def test_the_process_exiting_during_a_background_run_stops_it_and_saves(tiny_model_dir, tmp_path):
+    """A script (or a kernel shut down) that ended while a background run trained tore the daemon thread down
+    mid-step: 'terminate called without an active exception', exit code 134, and no adapter. The exit now stops
+    the run at its next step, as %lora_stop does, and the adapter is saved."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        from ft_magics import Session
+        s = Session(adapters_dir={str(tmp_path / 'adapters')!r})
+        s.load({str(tiny_model_dir)!r}, bits=32)
+        rows = [{{"prompt": f"q{{i}}?", "completion": "answer " * 20}} for i in range(64)]
+        s.train("bg", rows, {{"max_steps": 100000, "batch_size": 2, "save_every": 0}}, listeners=[], background=True)
+        time.sleep(3)  # a few steps in; then the script ends
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopping the background run 'bg'" in proc.stderr
+    record = json.loads((tmp_path / "adapters" / "bg" / "ft_run.json").read_text())
+    assert record["status"] == "stopped" and 0 < record["steps"] < 100000
