@@ -1688,3 +1688,18 @@ def test_an_answer_inside_a_conversational_prompt_is_context_only(tok):
     rec = D.normalise([row])[0][0]
     shown = D.show_loss_tokens(tok, D.tokenize_record(tok, rec))
     assert shown.count("⟦") == 1 and "⟦A2" in shown and "EARLIER" in shown
+
+
+def test_the_unused_column_hint_under_text_field_says_to_drop_it_and_a_clash_names_text_field(tok, tmp_path):
+    """With text_field: prompt, the hint said --map "prompt=prompt,completion=completion"; following it failed
+    with 'the text format needs field(s) text ... drop the format setting', a setting never made. The hint now
+    says to drop text_field, and text_field beside a map of the same column names the clash."""
+    src = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
+    _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"text_field": "prompt"}))
+    note, = [w for w in report.warnings if "is not used" in w]
+    assert 'drop text_field and use --map "prompt=prompt,completion=completion"' in note
+    with pytest.raises(FtUsageError, match=r"text_field 'prompt' trains that column as plain text, but --map maps "
+                                           r"it to 'prompt': drop text_field"):
+        D.prepare(str(src), tok, TrainConfig.from_dict({"text_field": "prompt", "map": "prompt=prompt,completion=completion"}))
+    train, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"map": "prompt=prompt,completion=completion"}))
+    assert report.format.startswith("prompt-completion") and len(train) == 4

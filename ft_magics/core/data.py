@@ -1074,6 +1074,10 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         raise FtUsageError(f"{where} has no rows: it holds no examples.")
     locate = rows.where if isinstance(rows, Rows) else (lambda i, default: f"{default}, row {i + 1}")
     mapping = parse_map(column_map)
+    if text_field and mapping.get(text_field, "text") != "text":
+        raise FtUsageError(f"text_field {text_field!r} trains that column as plain text, but --map maps it to "
+                           f"{mapping[text_field]!r}: drop text_field (the format is then read from the mapped "
+                           f"columns), or drop {text_field}={mapping[text_field]} from the map.")
     if text_field:
         mapping.setdefault(text_field, "text")
         if fmt == "auto":  # the column named is the text to train on, whatever else the rows hold (chat, pairs)
@@ -1780,12 +1784,13 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
     if not cols:
         return None
     prompts = [str(k) for k in rows[0] if str(k) not in (text, cols[0]) and _plain(k) in PROMPT_NAMES]
+    instead = "drop text_field and use " if text_field else ""  # text_field makes it text, whatever the map says
     if prompts:  # question + answer + text: the pair is the likelier intent, and the question must not be lost
         return (f"columns {prompts[0]!r} and {cols[0]!r} are not used: the text format trains on {text!r} alone. "
-                f"To train {cols[0]!r} as the answer to {prompts[0]!r}: --map \"{prompts[0]}=prompt,{cols[0]}=completion\" "
-                f"(the {text!r} column is then left out).")
+                f"To train {cols[0]!r} as the answer to {prompts[0]!r}: {instead}--map "
+                f"\"{prompts[0]}=prompt,{cols[0]}=completion\" (the {text!r} column is then left out).")
     return (f"column {cols[0]!r} is not used: the text format trains on {text!r} alone. To train {cols[0]!r} as "
-            f"the answer to the text: --map \"{text}=prompt,{cols[0]}=completion\".")
+            f"the answer to the text: {instead}--map \"{text}=prompt,{cols[0]}=completion\".")
 
 
 def _eval_map(cfg, erows: list) -> Optional[str]:
