@@ -26,8 +26,12 @@ from .errors import FtUsageError, did_you_mean
 README_URL = "README.md"
 
 
+class HelpShown(Exception):
+    """``--help`` / ``-h`` on a magic's line: its help was printed, and the magic does nothing else."""
+
+
 def user_errors(func):
-    """Turn the core's FtUsageError into IPython's UsageError: a message, no traceback."""
+    """Turn the core's FtUsageError into IPython's UsageError: a message, no traceback; ``--help`` ends quietly."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -35,8 +39,31 @@ def user_errors(func):
             return func(*args, **kwargs)
         except FtUsageError as exc:
             raise UsageError(str(exc)) from None
+        except HelpShown:
+            return None
 
     return wrapper
+
+
+def no_arguments(magic_func, line: str) -> None:
+    """For a magic that takes no arguments: ``--help`` prints its help; anything else is refused before it acts
+    (``%ft_unload --help`` unloaded the model, ``%lora_stop --help`` stopped the run)."""
+    words = strip_comment(line).split()
+    help_asked(magic_func, words)
+    if words:
+        raise UsageError(f"%{magic_func.__name__} takes no arguments (got {' '.join(words)!r}); "
+                         f"see %{magic_func.__name__}? for what it does.")
+
+
+def help_asked(magic_func, words: list) -> None:
+    """Print the magic's help (what ``%magic?`` shows: its usage and every flag) and stop it, when its line is
+    ``--help`` or ``-h`` (the first word), or holds ``--help`` before any text it takes: argparse's own
+    ``--help`` is off in IPython's magic parsers, so it was refused as an unknown flag."""
+    if words[:1] in (["-h"], ["--help"]) or "--help" in words:
+        import inspect
+
+        print(inspect.cleandoc(magic_func.__doc__ or f"%{magic_func.__name__}"))
+        raise HelpShown()
 
 
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
@@ -104,6 +131,7 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
         words = arg_split(strip_comment(line), posix=True)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
+    help_asked(magic_func, words)
     words = _spelled_out_switches(parser, words)
     _refuse_repeats(parser, words)
     flags = [s for a in parser._actions for s in a.option_strings]
@@ -180,6 +208,7 @@ def split_leading_flags(magic_func, line: str, message_optional: bool = False) -
     message (``message_optional``: %lora_chat sets the system prompt alone) the flag takes the whole text;
     elsewhere where the sentence ends cannot be told, and the user is asked to quote it.
     """
+    help_asked(magic_func, line.split()[:1])  # "-h" would be the prompt
     leading, text, trailing = _split_flags(magic_func, line)
     prose = _open_prose_flag(leading)
     if prose is None or not text:
@@ -598,6 +627,7 @@ class FtMagics(Magics):
             words = shlex.split(line or "")
         except ValueError as exc:
             raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
+        help_asked(self.lora_adapters, words[:1])
         adapter_commands.run(self.session, words)
 
     # ------------------------------------------------------------------ %%lora_compare
@@ -718,6 +748,7 @@ class FtMagics(Magics):
             %%lora_train support-bot --data demo:support --background
             %lora_stop
         """
+        no_arguments(self.lora_stop, line)
         print("stopping at the next step..." if self.session.stop() else "no training run in progress.")
 
     @line_magic
@@ -729,6 +760,7 @@ class FtMagics(Magics):
 
             %ft_unload
         """
+        no_arguments(self.ft_unload, line)
         from .core.memory import human_bytes, read_memory, rss_bytes
 
         before, gpu = rss_bytes(), read_memory(None)  # a CUDA reading only where CUDA is in use
@@ -799,6 +831,7 @@ class FtMagics(Magics):
             %ft_help
             %ft_help lora_train
         """
+        help_asked(self.ft_help, strip_comment(line).split())
         print(help_text(strip_comment(line).strip() or None))
 
 

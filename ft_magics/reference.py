@@ -141,7 +141,7 @@ def readme_block() -> str:
 
     out = [BEGIN, "", "### Magics", "",
            "Generated from the magics' own parsers and docstrings (`%ft_help` shows the same in the notebook; "
-           "`%ft_help NAME` or `%%NAME?` one magic in full).", ""]
+           "`%ft_help NAME`, `%NAME --help` or `%%NAME?` one magic in full).", ""]
     for name, kinds in magic_kinds().items():
         out.append(f"#### `{title(name, kinds)}`")
         out.append("")

@@ -206,3 +206,29 @@ def test_colab_cell_installs_from_the_named_source_and_says_how_when_it_fails(mo
     calls, result = _run_install_cell(monkeypatch, tmp_path, False, {})
     assert calls[0] == "install -q ft-magics"
     assert isinstance(result.error_in_exec, RuntimeError) and "make wheel" in str(result.error_in_exec)
+
+
+def test_every_magic_answers_help_with_its_usage_and_does_nothing_else(shell, tiny_model_dir, capsys):
+    """``%lora_generate --help`` was refused as an unknown flag and ``%lora_adapters --help`` as an unknown
+    subcommand, while ``%ft_unload --help`` unloaded the model and ``%lora_stop --help`` would stop a run. Every
+    magic now prints its help for --help, and the ones without arguments refuse any other word."""
+    from IPython.core.error import UsageError
+
+    from ft_magics.magics import MAGIC_NAMES
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    session = shell.magics_manager.registry["FtMagics"].session
+    capsys.readouterr()
+    for name in MAGIC_NAMES["line"]:
+        for flag in ("--help", "-h"):
+            shell.run_line_magic(name, flag)
+            out = capsys.readouterr().out
+            assert f"%{name}" in out or "usage" in out.lower() or name in out, (name, flag, out[:200])
+    for name in MAGIC_NAMES["cell"]:
+        shell.run_cell_magic(name, "--help", "body\n")
+        assert capsys.readouterr().out.strip(), name
+    assert session.handle is not None  # %ft_unload --help unloaded nothing
+    for name in ("ft_unload", "lora_stop"):
+        with pytest.raises(UsageError, match=f"%{name} takes no arguments"):
+            shell.run_line_magic(name, "now")
+    assert session.handle is not None
