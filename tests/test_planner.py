@@ -363,3 +363,25 @@ def test_counts_of_a_tiny_model_are_read_in_thousands(shell, tiny_model_dir, cap
     out = capsys.readouterr().out
     assert "e-0" not in out and "T parameters" not in out and "(0.0M adapter params)" not in out
     assert re.search(r"\(\d+(\.\d+)?K parameters", out) and re.search(r"\(\d+(\.\d+)?K adapter params\)", out), out
+
+
+def test_a_plan_from_a_small_count_has_a_shape_that_adds_up_and_every_column_stays_apart():
+    """'%ft_plan 7M' showed 2 layers of width 512 beside a 32,000-token vocabulary: the embeddings alone (16.4M)
+    outweighed the model, and QLoRA's weights (0.05 GB) came out above 16-bit LoRA's (0.01). The shape now adds
+    up to the count, embeddings included. A very long sequence or a long optimizer name ran the table's columns
+    together, and the full row said AdamW for adamw_8bit."""
+    from ft_magics.core.planner import dims_from_count, plan
+
+    for n in (7e6, 30e6, 135e6, 1.5e9, 7e9, 70e9):
+        d = dims_from_count(n, "x")
+        body = d.layers * 12 * d.hidden ** 2
+        assert d.embed_params < n and abs(d.embed_params + body - n) / n < 0.35, (n, d.layers, d.hidden)
+        p = plan(d)
+        assert p.mode("QLoRA, NF4 + double quant").weights < p.mode("LoRA, 16-bit base").weights, n
+    assert dims_from_count(7e9, "x").hidden == 4096
+    table = plan("7B", seq_len=10 ** 9, optimizer="paged_adamw_8bit").table()
+    header, *rows = [line for line in table.splitlines() if line.startswith(("mode", "full", "LoRA,", "QLoRA,"))]
+    assert rows[0].startswith("full fine-tuning (bf16 + paged_adamw_8bit)  ")
+    for line in rows:  # five figures, each set off by at least two spaces
+        assert len([f for f in line.split() if f.replace(".", "").isdigit()]) == 5, line
+    assert "full fine-tuning (bf16 + AdamW)" in plan("7B").table()

@@ -30,6 +30,8 @@ Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); m
 """
 from __future__ import annotations
 
+import math
+
 import json
 import re
 from dataclasses import dataclass, field
@@ -293,12 +295,32 @@ _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT])?\s*$")
 
 
 def dims_from_count(params: float, name: str) -> ModelDims:
-    """A Llama-shaped model of ``params`` parameters: h ~ (P * 128 / 12) ** (1/3), layers = h / 128."""
-    h = max(256, int(round((params * 128 / 12) ** (1 / 3) / 256)) * 256)
-    layers = max(1, int(round(params / (12 * h * h))))
-    heads = max(1, h // 128)
-    return ModelDims(name, params, layers, h, int(h * 8 / 3 / 256 + 0.999) * 256, heads, heads, 32000, False,
-                     "estimated from a parameter count (Llama-like shape)")
+    """A Llama-shaped model of ``params`` parameters, embeddings included: a 32,000-token vocabulary (tied below
+    3B, as small models tie it), and the width whose layers (12 h^2 parameters each) fill the rest with about
+    the width-to-depth ratio of models that size (SmolLM2-135M 576/30, TinyLlama 2048/22, Llama-2-7B 4096/32).
+    It was h ~ (P * 128 / 12) ** (1/3) with the embeddings left out: at 7M the vocabulary alone (16M at width
+    512) outweighed the model, and 4-bit weights came out larger than 16-bit ones."""
+    tied = params < 3e9
+    ratio = 24 if params < 5e8 else 64 if params < 3e9 else 128
+    vocab = 32000
+    best = None
+    for h in [*range(64, 1024, 64), *range(1024, 32768 + 1, 128)]:
+        body = params - vocab * h * (1 if tied else 2)
+        if body < 12 * h * h:  # not one layer's worth left at this width
+            break
+        layers = body / (12 * h * h)
+        miss = abs(math.log((h / layers) / ratio))
+        if best is None or miss < best[0]:
+            best = (miss, h, layers)
+    if best is None:  # too small for this vocabulary at any width: a smaller vocabulary, one narrow layer
+        h = 64
+        vocab = max(256, int((params - 12 * h * h) / h))
+        layers = 1.0
+    else:
+        _, h, layers = best
+    heads = max(1, h // 64 if h < 1024 else h // 128)
+    return ModelDims(name, params, max(1, int(round(layers))), h, int(h * 8 / 3 / 64 + 0.999) * 64, heads, heads,
+                     vocab, tied, "estimated from a parameter count (Llama-like shape)")
 
 
 def dims_from_file(cfg_file, name: str) -> ModelDims:
@@ -378,7 +400,8 @@ class Plan:
     objective: str = "sft"  # dpo / orpo: each example is a pair, two rows of the batch
 
     def mode(self, name: str) -> ModePlan:
-        return next(m for m in self.modes if m.mode == name)
+        """The mode named ``name``; the full fine-tuning row answers to its AdamW name whatever the optimizer."""
+        return next(m for m in self.modes if m.mode == name or m.mode.split(" (")[0] == name.split(" (")[0])
 
     def fit_text(self, memory: float, where: str = "") -> str:
         """Which modes fit in ``memory`` bytes, at which batch (see :func:`fit_advice`)."""
@@ -394,10 +417,16 @@ class Plan:
                 f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
                 f"{', optimizer ' + self.optimizer if saving else ''}"
                 f"{f', objective {self.objective} (each pair is two rows: activations of batch x 2)' if self.objective != 'sft' else ''}")
-        rows = [head] + ([d.experts_text()] if d.moe_layers else []) + ["", f"{'mode':<34}{'weights':>10}{'adapter+opt':>13}{'activations':>13}{'overhead':>10}{'total':>10}"]
-        for m in self.modes:
-            rows.append(f"{m.mode:<34}{_gb(m.weights):>10}{_gb(m.adapter_optimizer):>13}{_gb(m.activations):>13}"
-                        f"{_gb(m.overhead):>10}{_gb(m.total):>10}")
+        names = ("weights", "adapter+opt", "activations", "overhead", "total")
+        cells = [[_gb(v) for v in (m.weights, m.adapter_optimizer, m.activations, m.overhead, m.total)]
+                 for m in self.modes]
+        # each column as wide as its widest entry (a long sequence's terabytes, a long optimizer name) and a gap
+        widths = [max([least] + [len(row[i]) + 2 for row in cells]) for i, least in enumerate((10, 13, 13, 10, 10))]
+        label = max([34] + [len(m.mode) + 2 for m in self.modes])
+        rows = [head] + ([d.experts_text()] if d.moe_layers else []) + [
+            "", f"{'mode':<{label}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        for m, row in zip(self.modes, cells):
+            rows.append(f"{m.mode:<{label}}" + "".join(f"{c:>{w}}" for c, w in zip(row, widths)))
         rows += ["", "All figures are ESTIMATES (GB = 1e9 bytes) from these formulas:",
                  f"  full:  {FULL_BYTES - saving} B/param (bf16 weights 2 + bf16 grads 2 + fp32 master 4 + {adam} "
                  f"{ADAM_STATE_BYTES - saving})",
@@ -503,7 +532,8 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     per_adapter = adapter_bytes(optimizer)
     # full fine-tuning's DPO (or IPO) keeps the starting model frozen beside it
     reference = 2 * p if objective in REFERENCE_OBJECTIVES else 0
-    full = ModePlan("full fine-tuning (bf16 + AdamW)", 2 * p + reference,
+    opt_name = "AdamW" if optimizer_states(optimizer) == OPTIMIZER_STATES["adamw"] else optimizer
+    full = ModePlan(f"full fine-tuning (bf16 + {opt_name})", 2 * p + reference,
                     (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p, act_full, overhead_bytes,
                     notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"]
                     + ([f"weights include {objective_name(objective)}'s reference: a second, frozen bf16 copy of the model"]
