@@ -1703,3 +1703,19 @@ def test_the_unused_column_hint_under_text_field_says_to_drop_it_and_a_clash_nam
         D.prepare(str(src), tok, TrainConfig.from_dict({"text_field": "prompt", "map": "prompt=prompt,completion=completion"}))
     train, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"map": "prompt=prompt,completion=completion"}))
     assert report.format.startswith("prompt-completion") and len(train) == 4
+
+
+def test_eval_examples_that_are_also_training_examples_are_named(tok, tmp_path):
+    """--eval the training file itself (or a validation split cut from train) gave an eval loss on rows the
+    model trained on without a word; the report now says how many eval examples are also in training."""
+    from ft_magics.config import TrainConfig
+
+    rows = [{"prompt": f"q{i}?", "completion": f"a{i}"} for i in range(10)]
+    src = write_jsonl(tmp_path / "t.jsonl", rows)
+    part = write_jsonl(tmp_path / "e.jsonl", rows[:3] + [{"prompt": "new?", "completion": "new"}])
+    for eval_src, said in ((src, "10 of the 10 eval examples also appear in the training data"),
+                           (part, "3 of the 4 eval examples also appear in the training data")):
+        _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({}), eval_src=str(eval_src))
+        assert any(w.startswith(said) for w in report.warnings), report.warnings
+    _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"eval_fraction": 0.2}))
+    assert not any("also appear in the training data" in w for w in report.warnings)

@@ -1738,6 +1738,20 @@ def quality_warnings(records: list[Record]) -> list:
     return warnings
 
 
+def overlap_warning(train_records: list, eval_records: list) -> Optional[str]:
+    """A warning when eval examples are also training examples (--eval the same file, a validation split cut
+    from train, duplicated rows split by eval_fraction): their loss measures memory, not what generalises."""
+    if not eval_records:
+        return None
+    seen = {json.dumps(r.to_json(), sort_keys=True) for r in train_records}
+    both = sum(1 for r in eval_records if json.dumps(r.to_json(), sort_keys=True) in seen)
+    if not both:
+        return None
+    return (f"{both:,} of the {counted(len(eval_records), 'eval example')} also appear in the training data, so the "
+            "eval loss on them is not held out (it measures what the model memorised). Evaluate on rows kept out of "
+            "training.")
+
+
 # where each format's loss-bearing answer lives (what an example without one lacks)
 ANSWER_PART = {
     "chat": "assistant messages", "sharegpt": "gpt/assistant turns", "prompt-completion": "completions",
@@ -1878,7 +1892,7 @@ def answer_cases(records: list) -> list:
         msgs = r.messages or []
         if len(msgs) < 2 or msgs[-1].get("role") != "assistant" or msgs[-2].get("role") != "user":
             continue
-        if not str(msgs[-1].get("content") or "").strip() or (r.weights and not r.weights[-1]):
+        if not str(msgs[-1].get("content") or "").strip() or (getattr(r, "weights", None) and not r.weights[-1]):
             continue
         system = msgs[0]["content"] if msgs[0].get("role") == "system" else None
         history = [m for m in msgs[1 if system is not None else 0:-2]]
@@ -1915,6 +1929,9 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         report.split += (f"; eval_steps: {cfg.eval_steps} has nothing to evaluate: give --eval FILE or "
                          "eval_fraction: 0.1")
     report.warnings = (pair_warnings if pairs else quality_warnings)(train_records) + ([unused_note] if unused_note else [])
+    overlap = overlap_warning(train_records, eval_records)
+    if overlap:
+        report.warnings.append(overlap)
     unweighted = sum(1 for r in train_records if getattr(r, "weights", None))  # (preference pairs have none)
     if unweighted and cfg.train_on == "all":
         report.warnings.append(f"{counted(unweighted, 'example')} with assistant messages of weight 0: train_on: all "
