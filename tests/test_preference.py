@@ -325,3 +325,17 @@ def test_dpo_through_the_magics_reports_pairs_and_evaluates_them(shell, tiny_mod
     with pytest.raises(UsageError, match="set objective: dpo"):
         shell.run_cell_magic("lora_train", f"sft --data {path}", "max_steps: 1\n")
     assert out is None or getattr(out, "status", "completed") == "completed"
+
+
+def test_pairs_that_are_all_the_same_answer_twice_are_refused_and_some_are_warned_of(tok):
+    """When every pair's chosen and rejected answers were equal, the run warned, then trained at grad 0 with a
+    flat loss of 0.6931 and saved an adapter that learned nothing. Now it is refused; some such pairs warn."""
+    from ft_magics.core.data import prepare
+
+    same = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"a{i}"} for i in range(4)]
+    with pytest.raises(FtUsageError, match=r"in every one of the 4 pairs the chosen and the rejected answer are the "
+                                           r"same, so DPO has nothing to learn"):
+        prepare(same, tok, _cfg())
+    mixed = same[:2] + [{"prompt": "q", "chosen": "good", "rejected": "bad"}]
+    _, _, report = prepare(mixed, tok, _cfg())
+    assert any("2 pairs whose chosen and rejected answers are the same" in w for w in report.warnings)

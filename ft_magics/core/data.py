@@ -1929,6 +1929,13 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         report.split += (f"; eval_steps: {cfg.eval_steps} has nothing to evaluate: give --eval FILE or "
                          "eval_fraction: 0.1")
     report.warnings = (pair_warnings if pairs else quality_warnings)(train_records) + ([unused_note] if unused_note else [])
+    if pairs and train_records and all(p.chosen == p.rejected for p in train_records):
+        from ..config import objective_name
+
+        raise FtUsageError(f"{desc}: in every one of the {counted(len(train_records), 'pair')} the chosen and the "
+                           f"rejected answer are the same, so {objective_name(cfg.objective)} has nothing to learn (its "
+                           "loss stays constant). Check the rejected column (--map ...=rejected), or train on the chosen "
+                           "answers with objective: sft.")
     overlap = overlap_warning(train_records, eval_records)
     if overlap:
         report.warnings.append(overlap)
