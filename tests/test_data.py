@@ -1719,3 +1719,21 @@ def test_eval_examples_that_are_also_training_examples_are_named(tok, tmp_path):
         assert any(w.startswith(said) for w in report.warnings), report.warnings
     _, _, report = D.prepare(str(src), tok, TrainConfig.from_dict({"eval_fraction": 0.2}))
     assert not any("also appear in the training data" in w for w in report.warnings)
+
+
+def test_a_column_of_true_false_verdicts_beside_the_answers_is_named(tok, tmp_path):
+    """KTO-style rows (prompt, completion, label: true/false) trained every answer as a good one without a word,
+    those labelled false too; the report now says the column is not used and how to keep the good rows."""
+    from ft_magics.config import TrainConfig
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(6)]
+    _, _, report = D.prepare(rows, tok, TrainConfig.from_dict({}))
+    note, = [w for w in report.warnings if "true/false verdicts" in w]
+    assert "column 'label'" in note and "the 3 marked false too" in note
+    csv = tmp_path / "kto.csv"
+    csv.write_text("prompt,completion,desirable\nq1,a1,True\nq2,a2,False\n", encoding="utf-8")
+    _, _, report = D.prepare(str(csv), tok, TrainConfig.from_dict({}))
+    assert any("column 'desirable' holds true/false verdicts" in w for w in report.warnings)
+    all_good = [dict(r, label=True) for r in rows]
+    _, _, report = D.prepare(all_good, tok, TrainConfig.from_dict({}))
+    assert not any("verdicts" in w for w in report.warnings)

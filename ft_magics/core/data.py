@@ -1788,6 +1788,24 @@ def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> O
             f"into one first (e.g. df['full'] = df['{prompt}'] + '\\n\\n' + df['{left[0]}']) and --map it to prompt.")
 
 
+def _unused_verdict_column(rows: list, fmt: str) -> Optional[str]:
+    """For conversations and prompt/completion rows, a note when a column holds true/false verdicts on the answers
+    (KTO's ``label``: desirable or not): it is not read, so the answers marked false train as good ones."""
+    if fmt.split(" (")[0] == "text" or not rows or not isinstance(rows[0], dict):
+        return None
+    sample = rows[:1000]
+    for k in rows[0]:
+        values = [r.get(k) for r in sample if isinstance(r, dict)]
+        if values and all(isinstance(v, bool) or str(v).strip().lower() in ("true", "false") for v in values):
+            bad = sum(1 for v in values if v is False or str(v).strip().lower() == "false")
+            if bad:
+                return (f"column {str(k)!r} holds true/false verdicts and is not used: every row trains as a good "
+                        f"answer, the {bad:,} marked false too (of the first {len(values):,}). Keep only the rows to "
+                        "learn from (e.g. df[df['" + str(k) + "']]), or give preferred/rejected answer pairs "
+                        "(chosen/rejected) with objective: dpo.")
+    return None
+
+
 def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str]:
     """For the text format, a note when a column named like an answer (label, answer, output, ...) sits
     beside the text unused: a classification or question set trained as plain text by mistake."""
@@ -1839,7 +1857,8 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
     if getattr(rows, "only_split", None):
         desc += f", split '{rows.only_split}' (its only split, so it trains)"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
-    unused_note = _unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
+    unused_note = (_unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
+                   or _unused_verdict_column(rows, fmt))
     held = getattr(rows, "held_out", None) if eval_src is None else None
     held = (held[1], f"the '{held[0]}' split of {desc}") if held else None
     del rows
