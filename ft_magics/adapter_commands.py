@@ -4,6 +4,7 @@ mistakes are FtUsageError, which the magic turns into a UsageError."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 from .errors import FtUsageError, did_you_mean
@@ -127,10 +128,15 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         return
     if cmd == "delete":
         name = _name(cmd, rest)
+        loaded_from = s.adapters.require(name).path if name in s.adapters else None
         removed = s.delete_adapter(name)
-        out(f"deleted adapter {name!r}" + (f" and its folder {removed}." if removed else
-                                           f" from memory; the folder it was loaded from was kept (delete removes "
-                                           f"only its own folder, {s.adapters_dir / name})."))
+        if removed:
+            out(f"deleted adapter {name!r} and its folder {removed}.")
+        elif loaded_from and not Path(loaded_from).exists():
+            out(f"deleted adapter {name!r} from memory; its folder {loaded_from} was already gone.")
+        else:
+            out(f"deleted adapter {name!r} from memory; the folder it was loaded from was kept (delete removes "
+                f"only its own folder, {s.adapters_dir / name}).")
         return
     if cmd == "merge":
         name = _name(cmd, rest)

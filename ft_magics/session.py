@@ -396,8 +396,8 @@ class Session:
                 raise FtUsageError(f"an adapter named {name!r} is already loaded; pass --name to pick another.")
             own = self._adapter_folder(name)
             if own is not None and own.resolve() != path.resolve():
-                raise FtUsageError(f"{own} holds another adapter named {name!r}; pass --name to pick another name "
-                                   f"for {path}.")
+                raise FtUsageError(f"{own} holds another adapter named {name!r}; load {path} under another name "
+                                   "(--name).")
             self._check_not_merged("load another adapter")
             check_fits(model, path, config, self.handle.name)
             if config.get("use_dora"):
@@ -450,6 +450,7 @@ class Session:
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
                 return self._remove_folder(folder, name)
+        self._check_not_merged("delete an adapter")  # (unload would say "cannot unload")
         self.unload_adapter(name)
         return self._remove_folder(folder, name) if folder is not None else None
 
@@ -527,6 +528,11 @@ class Session:
             info = self.adapters.require(name)
             if not info.path:
                 raise FtUsageError(f"adapter {name!r} has no folder to describe (it was made in memory).")
+            if not Path(info.path).is_dir():
+                raise FtUsageError(
+                    f"adapter {name!r} is loaded and answers, but its folder {info.path} is gone (deleted outside "
+                    f"ft_magics), so how it was trained cannot be read. %lora_adapters export {name} DIR writes its "
+                    "weights out again.")
             state = "loaded" + (", active" if self.adapters.active == name else "")
             return adapter_card(name, Path(info.path), state)
         folder = self._adapter_folder(name)

@@ -366,7 +366,7 @@ def test_delete_removes_only_the_adapters_own_folder_and_names_what_is_on_disk(s
     assert magics(sh).session.adapters_dir.resolve() == (tmp_path / "adapters").resolve()
     for name in ("po", "a2"):
         peft_adapter(tiny_model_dir, tmp_path / "adapters" / name, seed=len(name))
-    with pytest.raises(UsageError, match=r"adapters/a2 holds another adapter named 'a2'; pass --name"):
+    with pytest.raises(UsageError, match=r"adapters/a2 holds another adapter named 'a2'; load .* under another name \(--name\)"):
         sh.run_line_magic("lora_adapters", "load adapters/po --name a2")
     sh.run_line_magic("lora_adapters", "load adapters/po --name copy")
     capsys.readouterr()
@@ -525,3 +525,28 @@ def test_load_takes_the_name_list_shows_on_disk(loaded, capsys):
     assert "alpha" in magics(sh).session.adapters
     with pytest.raises(UsageError, match="adapter folder nothere does not exist"):
         sh.run_line_magic("lora_adapters", "load nothere")
+
+
+def test_refusals_about_a_merged_or_vanished_adapter_name_the_right_thing(shell, tiny_model_dir, tmp_path, capsys):
+    """delete while merged said 'cannot unload'; info on a loaded adapter whose folder was deleted outside the tool
+    said the folder does not exist as if nothing were loaded, and delete then said that folder 'was kept'."""
+    import shutil
+
+    from IPython.core.error import UsageError
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                              for i in range(8)))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    for name in ("m1", "m2"):
+        shell.run_cell_magic("lora_train", f"{name} --data d.jsonl --max-steps 1 --no-widgets", "r: 4\n")
+    shell.run_line_magic("lora_adapters", "merge m1")
+    with pytest.raises(UsageError, match="cannot delete an adapter while adapter 'm1' is merged"):
+        shell.run_line_magic("lora_adapters", "delete m1")
+    shell.run_line_magic("lora_adapters", "unmerge")
+    shutil.rmtree(tmp_path / "adapters" / "m2")
+    with pytest.raises(UsageError, match=r"adapter 'm2' is loaded and answers, but its folder .* is gone"):
+        shell.run_line_magic("lora_adapters", "info m2")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "delete m2")
+    said = capsys.readouterr().out
+    assert "deleted adapter 'm2' from memory; its folder" in said and "was already gone" in said

@@ -235,7 +235,7 @@ def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session
 
     m = Session(adapters_dir=s.adapters_dir)
     m.load(str(out), bits=32)
-    with pytest.raises(FtUsageError, match=r"adapter 'a' is already merged into the loaded model \(merged, exported .*--adapter base"):
+    with pytest.raises(FtUsageError, match=r"the adapter in .*a \('a', by its weights\) is already merged into the loaded model \(merged, exported .*--adapter base"):
         m.generate("hello", adapter="a", max_new_tokens=2)
     with pytest.raises(FtUsageError, match="already merged"):
         m.load_adapter(made_by_peft["a"], "renamed")  # the same weights under another name

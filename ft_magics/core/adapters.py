@@ -467,8 +467,9 @@ def check_not_merged_in(model, path: Path, model_label: str) -> None:
     for entry in merged:
         if isinstance(entry, dict) and entry.get("fingerprint") in marks:
             raise FtUsageError(
-                f"adapter {Path(path).name!r} is already merged into the loaded model ({model_label}, exported "
-                f"with %lora_adapters export {entry.get('name', Path(path).name)} DIR --merged): applying it again "
+                f"the adapter in {path} ({entry.get('name', Path(path).name)!r}, by its weights) is already merged "
+                f"into the loaded model ({model_label}, exported with %lora_adapters export "
+                f"{entry.get('name', Path(path).name)} DIR --merged): applying it again "
                 "would add its update twice. Use the model as it is (--adapter base), or load the base model it was "
                 f"trained on ({entry.get('base', 'its base')}) to use the adapter."
             )
