@@ -25,6 +25,11 @@ for _var in CPU_KERNEL_CACHE_VARS:
 import warnings as _warnings
 
 _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# An adapter named 'a' (or 'lo', 'ra', ...: any part of 'lora_') made PEFT warn that its weights "may be
+# reinitialised during loading": PEFT 0.21 inserts and strips adapter names by whole key parts, and every
+# adapter ft_magics loads is then filled from its file exactly (core.adapters.load_exact); such an adapter
+# reloads with the same outputs (tests/test_adapters_ops.py). The alarm is hidden.
+_warnings.filterwarnings("ignore", message=r"Adapter name '.*' should not be contained in the prefix", category=UserWarning)
 
 # bitsandbytes' CPU backend, wherever it is first imported (a 4-bit load, or PEFT attaching an adapter to a
 # 16-bit base), warns that it could not fetch an optional kernel from the Hugging Face Hub ("pip install

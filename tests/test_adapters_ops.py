@@ -562,3 +562,41 @@ def test_adapters_whose_weights_are_not_finite_are_refused_before_they_break_ans
     report = EvalReport(columns=["base", "a"], sets=["general text"])
     report.results = {("general text", "base"): (2.0, 7.4, 10), ("general text", "a"): (float("nan"), float("nan"), 10)}
     assert "the loss is not a number" in report.to_text()
+
+
+@pytest.mark.parametrize("name", ["a", "lo"])
+def test_an_adapter_named_like_part_of_lora_trains_saves_and_reloads_the_same_without_an_alarm(tiny_model_dir, tmp_path,
+                                                                                             name):
+    """PEFT warned that an adapter named 'a' (any part of 'lora_') "may be reinitialised during loading": it is
+    not, here. It reloads in a fresh session and in plain PEFT with the outputs it had, and nothing warns."""
+    import torch
+    from peft import PeftModel
+
+    from ft_magics import Session
+
+    import warnings
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=32)
+    with warnings.catch_warnings():
+        s.train(name, [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(8)],
+                {"max_steps": 3, "learning_rate": 1e-2}, listeners=[])
+        before = logits(s.model)
+        fresh = Session(adapters_dir=tmp_path / "adapters")
+        fresh.load(str(tiny_model_dir), bits=32)
+        fresh.load_adapter(tmp_path / "adapters" / name, name)
+    torch.testing.assert_close(logits(fresh.model), before)
+    theirs = PeftModel.from_pretrained(pristine(tiny_model_dir), str(tmp_path / "adapters" / name)).eval()
+    torch.testing.assert_close(logits(theirs), before)
+    assert not torch.equal(before, logits(pristine(tiny_model_dir)))
+    # (pytest resets warning filters per test: whether the alarm shows is checked as a notebook would run it)
+    import subprocess
+    import sys
+
+    script = (f"from ft_magics import Session\ns = Session(adapters_dir={str(tmp_path / 'again')!r})\n"
+              f"s.load({str(tiny_model_dir)!r}, bits=32)\n"
+              f"s.train({name!r}, [{{'prompt': 'q', 'completion': 'a'}}] * 4, {{'max_steps': 1}}, listeners=[])\n"
+              f"s.load_adapter({str(tmp_path / 'adapters' / name)!r}, 'x')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "should not be contained in the prefix" not in proc.stderr
