@@ -1737,3 +1737,17 @@ def test_a_column_of_true_false_verdicts_beside_the_answers_is_named(tok, tmp_pa
     all_good = [dict(r, label=True) for r in rows]
     _, _, report = D.prepare(all_good, tok, TrainConfig.from_dict({}))
     assert not any("verdicts" in w for w in report.warnings)
+
+
+def test_a_model_folder_a_folder_of_subfolders_and_a_mixed_list_say_what_they_are(tmp_path, tiny_model_dir):
+    """--data on a model folder read config.json and tokenizer.json as data and listed their keys; a folder whose
+    data sits in a subfolder said it held no data files; a list of dicts and strings said 'item 1 is a str; a
+    list must hold dicts or strings'."""
+    with pytest.raises(FtUsageError, match=r"holds a model \(config.json and weights\), not data.*%qlora_load"):
+        load(str(tiny_model_dir))
+    (tmp_path / "f" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "f" / "sub" / "x.jsonl", [{"text": "hi"}])
+    with pytest.raises(FtUsageError, match=r"its subfolders are not searched, and sub/ holds data: --data .*f/sub reads"):
+        load(str(tmp_path / "f"))
+    with pytest.raises(FtUsageError, match=r"item 1 is a str \(item 0 is a dict: the items may not be both\)"):
+        load([{"prompt": "q", "completion": "a"}, "a string"])

@@ -415,8 +415,11 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             return [{"text": r} for r in rows]
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
+                mixed = " (item 0 is a dict: the items may not be both)" if isinstance(r, str) and rows and \
+                    isinstance(rows[0], dict) else ""
                 raise FtUsageError(
-                    f"{what}: item {i} is a {type(r).__name__}; a list must hold dicts (one per example) or strings."
+                    f"{what}: item {i} is a {type(r).__name__}{mixed}; a list must hold dicts (one per example) or "
+                    "strings (one text each)."
                 )
         return rows
     raise FtUsageError(
@@ -642,13 +645,21 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
             except Exception as exc:  # noqa: BLE001 - corrupt arrow files, version mismatches
                 raise FtUsageError(f"cannot read the saved dataset {path}: {type(exc).__name__}: {exc}") from None
             return _rows_from_object(ds, f"saved dataset {path}", limit)
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
+            raise FtUsageError(f"folder {path} holds a model (config.json and weights), not data: --data takes a "
+                               "dataset (a file, a folder of data files, a variable). A model is loaded with "
+                               "%qlora_load.")
         # hidden files (.notes.jsonl, macOS' ._resource forks) are not data, as a glob skips them
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
+            deeper = sorted({p.parent for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                             and not any(part.startswith(".") for part in p.relative_to(path).parts)})
             raise FtUsageError(
                 f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset "
-                "(datasets' save_to_disk writes dataset_info.json)."
+                "(datasets' save_to_disk writes dataset_info.json)"
+                + (f"; its subfolders are not searched, and {deeper[0].relative_to(path)}/ holds data: --data "
+                   f"{deeper[0]} reads it" if deeper else "") + "."
             )
         return _rows_from_files(files, txt_mode, limit, lambda f: f.name, where=f" from {path}")
     suffix = path.suffix.lower()
