@@ -146,7 +146,9 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
         raise no_checkpoint_error(root, name)
     old = check_resumable(path, name, meta.get("settings") or {})
     step = checkpoint_step(path)
-    changed = [k for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
+    changed = [f"data ({old.get('data_source') or 'other rows'} before, {meta.get('data_source') or 'other rows'} now)"
+               if old.get("data_source") != meta.get("data_source") else "data (the rows changed)"
+               for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
     changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha",
                             "objective") if k in old_s and k in new_s and old_s[k] != new_s[k]]
