@@ -1751,3 +1751,15 @@ def test_a_model_folder_a_folder_of_subfolders_and_a_mixed_list_say_what_they_ar
         load(str(tmp_path / "f"))
     with pytest.raises(FtUsageError, match=r"item 1 is a str \(item 0 is a dict: the items may not be both\)"):
         load([{"prompt": "q", "completion": "a"}, "a string"])
+
+
+def test_eval_fraction_on_a_few_rows_says_how_much_it_holds_out(tok):
+    """eval_fraction 0.1 of 3 rows holds out one row, a third of the data, without a word."""
+    from ft_magics.config import TrainConfig
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    train, ev, report = D.prepare(rows, tok, TrainConfig.from_dict({"eval_fraction": 0.1}))
+    assert (len(train), len(ev)) == (2, 1)
+    assert "1 row of 3 held out, 33% of the data: too few rows for that fraction" in report.split
+    _, _, report = D.prepare(rows * 10, tok, TrainConfig.from_dict({"eval_fraction": 0.1}))
+    assert "too few rows" not in report.split

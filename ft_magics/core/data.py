@@ -1900,6 +1900,10 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
     else:
         train_records, eval_records = split(records, cfg.eval_fraction, cfg.seed)
         split_desc = (f"eval_fraction {cfg.eval_fraction:g}, seed {cfg.seed}" if eval_records else "no eval data")
+        share = len(eval_records) / max(len(records), 1)
+        if eval_records and share > 2 * cfg.eval_fraction:  # one row of few: far more than the fraction asked
+            split_desc += (f" - {counted(len(eval_records), 'row')} of {len(records)} held out, {share:.0%} of the "
+                           "data: too few rows for that fraction (eval_fraction: 0 trains on all of them)")
     return records, fmt, desc, unused_note, train_records, eval_records, split_desc
 
 
