@@ -307,6 +307,8 @@ def test_adapter_info_tells_how_it_was_trained_loaded_or_only_on_disk(shell, tin
     card = capsys.readouterr().out
     assert card.startswith("Adapter    told  (loaded, active)")
     assert "LoRA       r=4 alpha=32" in card and "Base       tiny-llama, 32-bit" in card
+    # all-linear, which PEFT writes as every layer's full path: the kinds of layer, once each
+    assert "on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\n" in card and "layers.0" not in card
     assert "Trained    2 steps in" in card and "completed" in card
     assert f"-> {run.final_loss:.4f}" in card and f"{run.first_loss:.4f} ->" in card
     assert f"Data       variable rows: prompt-completion, {len(ROWS)} rows ({len(ROWS)} train / 0 eval)" in card

@@ -199,7 +199,9 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     record = run_record(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     tm = config.get("target_modules")
-    modules = ", ".join(sorted(tm)) if isinstance(tm, list) else str(tm)
+    # PEFT writes all-linear as every layer's full path (model.layers.0.self_attn.q_proj, ...): the card names
+    # the kinds of layer, as target_modules is usually written
+    modules = ", ".join(sorted({str(t).rsplit(".", 1)[-1] for t in tm})) if isinstance(tm, list) else str(tm)
     rows = [("Adapter", f"{name}{f'  ({state})' if state else ''}  {path}  {human_bytes(size)}"),
             ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)}"
                      + (" DoRA" if config.get("use_dora") else "") + (" rsLoRA" if config.get("use_rslora") else "")
