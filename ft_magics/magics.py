@@ -550,14 +550,18 @@ class FtMagics(Magics):
                 if not (self.widgets and widget_frontend()):
                     print("started a new conversation" + (f" (system prompt: {args.system})" if args.system else "") + ".")
                     return
-            elif args.system is not None and not (self.widgets and widget_frontend()):
+            elif args.system is not None:  # the system prompt of the next turns, typed or sent from the panel
                 from .core.chat import Conversation
 
                 session.conversation = session.conversation or Conversation()
                 session.conversation.system = args.system or None
-                print(f"system prompt from the next turn on: {args.system}" if args.system else
-                      "no system prompt from the next turn on.")
-                return
+                if not (self.widgets and widget_frontend()):
+                    print(f"system prompt from the next turn on: {args.system}" if args.system else
+                          "no system prompt from the next turn on.")
+                    return
+            on_disk = session.adapters_on_disk() if args.adapter not in (None, "base") else []
+            if args.adapter not in (None, "base") and args.adapter not in session.adapters and args.adapter not in on_disk:
+                session.adapters.require(args.adapter, on_disk, session.adapters_dir)  # "no adapter named ..."
             if self.widgets and widget_frontend():  # the chat panel: a message box and an adapter per message
                 from IPython.display import display
 
@@ -567,6 +571,11 @@ class FtMagics(Magics):
                 display(ChatPanel(session, sampling=sampling_of(args), adapter=args.adapter,
                                   system=None if args.new else args.system))
                 return
+            given = [f"--{k.replace('_', '-')}" for k in ("adapter", *SAMPLING_FLAGS, "no_stream")
+                     if getattr(args, k, None) != self.lora_chat.parser.get_default(k)]
+            if given:  # they shape an answer; without a message there is none (only --system and --new persist)
+                print(f"{', '.join(given)} applies to a turn: give a message too (e.g. %lora_chat {given[0]} ... "
+                      "Hello); only --system and --new act on their own.")
             conv = session.conversation
             if conv is None or not conv.turns:
                 raise UsageError("no conversation yet: write a message, e.g. %lora_chat Hello! (or in the cell "

@@ -539,3 +539,28 @@ def test_a_preference_runs_summary_names_its_eval_loss():
 
     assert "eval loss (DPO, over the held-out pairs) 0.2288" in summary("dpo")
     assert "eval loss 0.2288" in summary("sft") and "DPO" not in summary("sft")
+
+
+def test_lora_chat_flags_alone_act_the_same_with_and_without_a_panel(shell, tiny_model_dir, monkeypatch, capsys):
+    """In a notebook '%lora_chat --system TEXT' only showed a panel (the next typed turn had no system prompt),
+    and '--adapter nope' opened a panel answering with the base; in a terminal '--adapter b' alone did nothing
+    without a word. --system now persists in both, an unknown adapter is refused in both, and flags that shape
+    one answer say they need a message."""
+    from IPython.core.error import UsageError
+
+    import ft_magics.widgets as w
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    session = shell.magics_manager.registry["FtMagics"].session
+    for panel in (True, False):
+        monkeypatch.setattr(w, "widget_frontend", lambda panel=panel: panel)
+        monkeypatch.setattr("IPython.display.display", lambda obj, *a, **k: None)
+        session.conversation = None
+        shell.run_line_magic("lora_chat", '--system "Be terse."')
+        assert session.conversation.system == "Be terse.", panel
+        with pytest.raises(UsageError, match="no adapter named 'nope'"):
+            shell.run_line_magic("lora_chat", "--adapter nope")
+    shell.run_line_magic("lora_chat", "--max-new-tokens 2 hello")
+    capsys.readouterr()
+    shell.run_line_magic("lora_chat", "--temperature 0.5")
+    assert "--temperature applies to a turn: give a message too" in capsys.readouterr().out
