@@ -406,6 +406,25 @@ def test_adapters_panel_unload_and_delete_with_confirmation(two_adapters):
     p.selector.value = "second"  # an adapter in the folder loads when selected (as after a kernel restart)
     assert "second" in s.adapters and s.adapters.active == "second"
     assert _choices(p) == ["base", "second"] and "not loaded" not in p.table.value
+    # the status says it was loaded, not "swapped in 0.05 ms" (the swap alone, after a load of tens of ms)
+    assert p.status.value.startswith("active: second (loaded from disk and switched in ")
+
+
+def test_adapters_panel_delete_of_an_adapter_gone_since_it_was_drawn_says_so(two_adapters):
+    """Unloaded in another cell (the panel still listing it), a folder-less adapter's Delete raised FtUsageError
+    out of the button's handler: in Jupyter a log line, and a button that seemed to do nothing."""
+    import shutil
+
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+
+    s = two_adapters
+    p = AdaptersPanel(s)
+    p.selector.value = "first"
+    s.unload_adapter("first")
+    shutil.rmtree(s.adapters_dir / "first")
+    p.delete_button.click()
+    assert p.status.value.startswith("cannot delete: no adapter named 'first'")
+    assert p.confirm_box.layout.display != "flex" and _choices(p) == ["base", "second"]
 
 
 def test_lora_adapters_without_arguments_shows_the_panel_in_a_widget_frontend(shell, monkeypatch, capsys):
