@@ -685,7 +685,9 @@ class FtMagics(Magics):
                    "NAME was trained in this session (--eval or eval_fraction), if any.")
     @argument("--map", default=None, help="Column mapping for --data, as for %%lora_train (q=prompt,reply=completion).")
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
-    @argument("--max-seq-len", type=int, default=512, help="Truncate examples to this many tokens. Default 512.")
+    @argument("--max-seq-len", type=int, default=None,
+              help="Truncate examples to this many tokens (at most the model's context). Default 512, or the "
+                   "context of a model that reads fewer.")
     @argument("--batch-size", type=int, default=8, help="Examples per forward pass. Default 8.")
     @argument("--answers", type=int, default=0,
               help="Also answer N held-out questions greedily with the base and the adapter and count the answers "

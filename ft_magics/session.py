@@ -791,7 +791,7 @@ class Session:
                     activate(self.model, previous)
 
     def evaluate(self, name: Optional[str], data: Any = None, *, general: bool = True, batch_size: int = 8,
-                 max_seq_len: int = 512, answers: int = 0, column_map: Optional[str] = None,
+                 max_seq_len: Optional[int] = None, answers: int = 0, column_map: Optional[str] = None,
                  progress: Optional[Callable[[str], None]] = None):
         """Loss and perplexity of the base and adapter ``name`` on ``data`` and (forgetting check) on the
         bundled general-text sample; a core.evaluation.EvalReport. ``answers`` > 0: also the greedy answers of
@@ -813,6 +813,15 @@ class Session:
             raise FtUsageError("--map renames the columns of --data: give --data FILE too.")
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
+        from .core.inference import context_limit
+
+        window = context_limit(self.model)
+        if max_seq_len is None:  # 512, or the context of a model that reads fewer
+            max_seq_len = min(512, window) if window else 512
+        if window and int(max_seq_len) > window:  # positions past the context were never learned: no measure
+            raise FtUsageError(f"--max-seq-len {max_seq_len} is beyond the model's context ({window:,} tokens, its "
+                               f"max_position_embeddings): a loss on positions it never learned means nothing. Use "
+                               f"--max-seq-len {window} or less; longer rows are scored cut to it.")
         if int(answers) < 0:
             raise FtUsageError(f"--answers must be >= 0 questions (got {answers}); 0 scores no answers.")
         cases = []

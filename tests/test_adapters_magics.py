@@ -552,3 +552,19 @@ def test_refusals_about_a_merged_or_vanished_adapter_name_the_right_thing(shell,
     shell.run_line_magic("lora_adapters", "delete m2")
     said = capsys.readouterr().out
     assert "deleted adapter 'm2' from memory; its folder" in said and "was already gone" in said
+
+
+def test_lora_eval_refuses_a_length_beyond_the_model_s_context(shell, tiny_model_dir, tmp_path):
+    """--max-seq-len 2048 on a model of 512 positions scored rows past its context and reported a loss (the
+    refusal for cut answers even suggested it); the default is 512 or the model's context if shorter."""
+    from IPython.core.error import UsageError
+
+    (tmp_path / "ev.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                              for i in range(3)))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match=r"--max-seq-len 2048 is beyond the model's context \(512 tokens"):
+        shell.run_line_magic("lora_eval", "base --data ev.jsonl --no-general --max-seq-len 2048")
+    session = shell.magics_manager.registry["FtMagics"].session
+    session.model.config.max_position_embeddings = 128  # a model that reads fewer than the default 512
+    report = session.evaluate(None, "ev.jsonl", general=False)
+    assert report.results and not report.notes
