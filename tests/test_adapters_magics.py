@@ -487,7 +487,11 @@ def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, mo
     monkeypatch.setattr(evaluation.EvalProgress, "tick", real_tick)
     assert magics(sh).session.adapters.active == "alpha"
     sh.run_line_magic("lora_eval", line)
-    assert capsys.readouterr().out == before
+
+    def scores(out):  # the progress lines come by the clock: how many depends on the machine's load
+        return [x for x in out.splitlines() if not x.startswith("evaluating: ")]
+
+    assert scores(capsys.readouterr().out) == scores(before)
 
 
 def test_compare_with_nothing_loaded_names_the_adapters_on_disk(loaded, capsys):
