@@ -216,6 +216,9 @@ def test_eval_report_keeps_its_columns_apart_when_a_perplexity_explodes():
     assert len(ends) == 1  # right-aligned under its header
     assert "167,051x the base's" in lines[3] and "%" not in lines[3]
     assert "167,051x the base's" in r.to_html()
+    # the table says what the text says: each set's tokens and the forgetting verdict (both were missing)
+    html = r.to_html()
+    assert "add_eval.jsonl (32 tok)" in html and "(general text got worse: some forgetting)" in html
     r.add("general text (forgetting check)", "add", 3.99, 54.0, 832)
     assert "+1.6% vs base" in r.to_text()
 

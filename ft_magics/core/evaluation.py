@@ -263,7 +263,7 @@ class EvalReport:
         return f"forgetting check: perplexity on general text {change}"
 
     def to_text(self) -> str:
-        labels = [f"{s} ({self.results[(s, self.columns[0])][2]} tok)" for s in self.sets]
+        labels = [self._set_label(s) for s in self.sets]
         width = max([33] + [len(label) for label in labels]) + 1  # each set's whole name, tokens included
         cells = [[self._cell(s, c) for c in self.columns] for s in self.sets]
         col = max([26] + [len(x) + 2 for row in cells for x in row])  # a wide perplexity keeps its gap
@@ -276,21 +276,28 @@ class EvalReport:
         for c in self.columns:
             if c in self.pairs:
                 lines.append(f"held-out pairs, {c}: the chosen answer is the more likely one (per token) in {self.pair_cell(c)}")
-        f = self.forgetting()
-        if f is not None:
-            verdict = ("the loss is not a number: the adapter's weights are not finite" if math.isnan(f) else
-                       "general text got worse: some forgetting" if f > 0.05 else
-                       "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
-            lines.append(f"{self._forgetting_line(f)} ({verdict})")
+        if self.forgetting() is not None:
+            lines.append(self._forgetting_verdict())
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _set_label(self, s: str) -> str:
+        """A scored set with its token count: what the losses are over (the same in the text and the table)."""
+        return f"{s} ({self.results[(s, self.columns[0])][2]} tok)"
+
+    def _forgetting_verdict(self) -> str:
+        f = self.forgetting()
+        verdict = ("the loss is not a number: the adapter's weights are not finite" if math.isnan(f) else
+                   "general text got worse: some forgetting" if f > 0.05 else
+                   "general text unchanged: no sign of forgetting" if f > -0.05 else "general text got better")
+        return f"{self._forgetting_line(f)} ({verdict})"
 
     def to_html(self) -> str:
         import html
 
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         rows = "".join(
-            f"<tr><td>{html.escape(s)}</td>" + "".join(f"<td>{self._cell(s, c, '<br>')}</td>" for c in self.columns)
+            f"<tr><td>{html.escape(self._set_label(s))}</td>" + "".join(f"<td>{self._cell(s, c, '<br>')}</td>" for c in self.columns)
             + "</tr>" for s in self.sets)
         if self.answers:
             rows += ("<tr><td>greedy answers matching the reference</td>"
@@ -300,8 +307,7 @@ class EvalReport:
             rows += ("<tr><td>held-out pairs whose chosen answer is the more likely one (per token)</td>"
                      + "".join(f"<td>{self.pair_cell(c) if c in self.pairs else ''}</td>" for c in self.columns)
                      + "</tr>")
-        f = self.forgetting()
-        foot = f"<p>{self._forgetting_line(f)}</p>" if f is not None else ""
+        foot = f"<p>{html.escape(self._forgetting_verdict(), quote=False)}</p>" if self.forgetting() is not None else ""
         foot += "".join(f"<p>Note: {html.escape(n)}</p>" for n in self.notes)
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
 
