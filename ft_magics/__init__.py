@@ -44,6 +44,19 @@ class _HubKernelNote(_logging.Filter):
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
 
+
+# transformers' checkpoint bookkeeping, printed amid a run's progress lines: "mtime may not be reliable on this
+# filesystem" (checkpoints a second apart: it orders them by step instead, as ft_magics does), and on a resume
+# "the following arguments do not match ... trainer_state.json" for logging/eval/save intervals, which change
+# no result (ft_magics' own resume check names the settings that do). Only those two messages are dropped.
+class _CheckpointChatter(_logging.Filter):
+    def filter(self, record) -> bool:
+        msg = str(record.msg)
+        return "mtime may not be reliable" not in msg and "do not match the ones in the `trainer_state.json`" not in msg
+
+
+_logging.getLogger("transformers.trainer_utils").addFilter(_CheckpointChatter())
+
 # bitsandbytes makes torch.compile wrappers as it is imported, which loads torch's compiler stack (~40 MB of
 # RSS), and transformers' Trainer imports datasets (~80 MB), for what a QLoRA run never uses: their first
 # imports are made lean (see _lean_imports).

@@ -576,3 +576,15 @@ def test_the_process_exiting_during_a_background_run_stops_it_and_saves(tiny_mod
     assert "stopping the background run 'bg'" in proc.stderr
     record = json.loads((tmp_path / "adapters" / "bg" / "ft_run.json").read_text())
     assert record["status"] == "stopped" and 0 < record["steps"] < 100000
+
+
+def test_checkpoints_and_a_resume_print_no_transformers_bookkeeping_amid_the_progress(tiny_session, caplog):
+    """'[transformers] mtime may not be reliable on this filesystem' appeared between progress lines whenever
+    checkpoints came within a second, and a resume with another log_every printed transformers' 'arguments do not
+    match ... trainer_state.json' warning; neither changes a result."""
+    s = tiny_session
+    s.train("chat", DATA, dict(CFG, max_steps=6, save_every=1), listeners=[StopAt(s, 3)])
+    r = s.train("chat", DATA, dict(CFG, max_steps=6, save_every=1, log_every=2), resume=True, listeners=[])
+    assert r.status == "completed"
+    said = " ".join(str(rec.msg) for rec in caplog.records if rec.name.startswith("transformers"))
+    assert "mtime may not be reliable" not in said and "trainer_state.json" not in said
