@@ -30,6 +30,9 @@ _warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depr
 # adapter ft_magics loads is then filled from its file exactly (core.adapters.load_exact); such an adapter
 # reloads with the same outputs (tests/test_adapters_ops.py). The alarm is hidden.
 _warnings.filterwarnings("ignore", message=r"Adapter name '.*' should not be contained in the prefix", category=UserWarning)
+# bitsandbytes' "Paged optimizers are not supported on CPU" (a paged optimizer off CUDA): the run says so in its
+# own words (core.training.run_notes), with what runs instead.
+_warnings.filterwarnings("ignore", message=r"Paged optimizers are not supported on CPU", category=UserWarning)
 
 # bitsandbytes' CPU backend, wherever it is first imported (a 4-bit load, or PEFT attaching an adapter to a
 # 16-bit base), warns that it could not fetch an optional kernel from the Hugging Face Hub ("pip install

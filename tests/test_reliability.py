@@ -588,3 +588,17 @@ def test_checkpoints_and_a_resume_print_no_transformers_bookkeeping_amid_the_pro
     assert r.status == "completed"
     said = " ".join(str(rec.msg) for rec in caplog.records if rec.name.startswith("transformers"))
     assert "mtime may not be reliable" not in said and "trainer_state.json" not in said
+
+
+def test_a_warmup_as_long_as_the_run_and_a_paged_optimizer_on_the_cpu_are_named(tiny_session):
+    """warmup: 5 on a 2-step run trained at 4e-05 and 8e-05 of the 2e-4 asked, without a word; a paged optimizer
+    on the CPU only showed bitsandbytes' raw warning."""
+    rec = Recorder()
+    tiny_session.train("warm", DATA, dict(CFG, max_steps=2, warmup=5), listeners=[rec])
+    assert any("warmup: 5 steps is as long as the run (2 steps)" in m for m in _messages(rec))
+    rec = Recorder()
+    tiny_session.train("paged", DATA, dict(CFG, max_steps=1, optimizer="paged_adamw_8bit"), listeners=[rec])
+    assert any("optimizer: paged_adamw_8bit pages its states" in m and "runs as adamw_8bit" in m for m in _messages(rec))
+    rec = Recorder()
+    tiny_session.train("plain", DATA, dict(CFG, max_steps=4, warmup=0.5), listeners=[rec])
+    assert not any("warmup" in m or "paged" in m for m in _messages(rec))

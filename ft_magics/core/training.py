@@ -829,6 +829,22 @@ def context_note(model_config, examples: list) -> Optional[str]:
             f"it never learned positions past that. Set max_seq_len: {window} (overlong: truncate, drop or split).")
 
 
+def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
+    """Settings that this run cannot do as written: a warm-up as long as the run (the learning rate never
+    reaches the one asked for), a paged optimizer off CUDA (bitsandbytes runs it unpaged, with a library warning)."""
+    notes = []
+    steps = planned_steps(cfg, examples)
+    warm = int(cfg.warmup) if cfg.warmup >= 1 else 0  # a fraction is of the steps: always shorter than the run
+    if warm >= steps and cfg.lr_scheduler != "constant":
+        notes.append(f"warmup: {warm} steps is as long as the run ({counted(steps, 'step')}): the learning rate only "
+                     f"climbs, and never reaches {cfg.learning_rate:g}. Use a shorter warmup (e.g. warmup: 0.03, a "
+                     "fraction of the steps) or more steps.")
+    if str(cfg.optimizer).startswith("paged_") and not str(device).startswith("cuda"):
+        notes.append(f"optimizer: {cfg.optimizer} pages its states to the CPU on CUDA; on {device} it runs as "
+                     f"{cfg.optimizer[len('paged_'):]} (the same arithmetic, nothing to page).")
+    return notes
+
+
 def planned_steps(cfg: TrainConfig, examples: int) -> int:
     """Optimizer steps the Trainer will take (one process): max_steps, else epochs over batches of
     batch_size x grad_accum, as transformers counts them."""
@@ -874,6 +890,8 @@ def run_training(
     beyond = context_note(model_config, train_examples)
     if beyond:
         emit(listeners, Message(beyond, "warning"))
+    for note in run_notes(cfg, len(train_examples), handle.device):
+        emit(listeners, Message(note, "warning"))
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
     # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
     # one a generate repacked for bitsandbytes' CPU kernel (PEFT dequantises that as garbage)
