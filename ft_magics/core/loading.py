@@ -306,8 +306,11 @@ def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device
         compute_dtype = torch.float32
     elif dev == "cpu" and dtype == "auto":
         x, isa = hardware.cpu_bf16_speedup(), hardware.cpu_bf16_instructions()
-        notes.append(f"bf16 chosen: this CPU {'has ' + isa + ' and ' if isa else ''}multiplies bf16 matrices "
-                     f"{x:.1f}x as fast as fp32 (measured)"
+        # with the instructions listed the choice is theirs; the timing, taken with whatever else runs on the
+        # cores, only illustrates (36-58x and 6-20x were read on one busy machine)
+        notes.append((f"bf16 chosen: this CPU has {isa}, bf16 matrix instructions (a quick timing at load: bf16 "
+                      f"products {x:.1f}x as fast as fp32's; it varies with other work on the cores)" if isa else
+                      f"bf16 chosen: this CPU multiplies bf16 matrices {x:.1f}x as fast as fp32 (measured at load)")
                      if hardware.fast_bf16_on_cpu() else
                      f"fp32 chosen: bf16 matrix multiplies are no faster on this CPU ({x:.1f}x fp32, measured); "
                      "--dtype bf16 uses bf16 anyway")
