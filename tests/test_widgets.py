@@ -583,3 +583,17 @@ def test_lora_chat_flags_alone_act_the_same_with_and_without_a_panel(shell, tiny
     capsys.readouterr()
     shell.run_line_magic("lora_chat", "--temperature 0.5")
     assert "--temperature applies to a turn: give a message too" in capsys.readouterr().out
+
+
+def test_a_run_that_ended_early_shows_no_time_left(dash):
+    """An interrupted or stopped run kept '4/3000 · epoch 1.33 · 0:03 elapsed, 41:57 left' under its title."""
+    from ft_magics.core.events import TrainEnd
+
+    emit([dash], begin())
+    for i in range(1, 5):
+        emit([dash], step(i))
+    assert "left" in dash.progress_text.value
+    emit([dash], TrainEnd(run_name="bot", status="interrupted", steps=4, final_loss=0.5, elapsed_s=4.0,
+                          adapter_path=None))
+    assert "left" not in dash.progress_text.value and "interrupted at step 4" in dash.progress_text.value
+    assert dash.progress_text.value.startswith("4/10 · ")

@@ -156,6 +156,10 @@ class TrainingDashboard(Listener):
                     lines.append(f"loss curve saved to {self.curve_path}")
                 self.record.value = "<br>".join(_esc(l) for l in lines)
                 self.title.value = self.title.value.replace("<b>Training", f"<b>Run ({e.status})", 1)
+                # the run is over: no time is left, whatever the last step's estimate said ("41:57 left")
+                total = max(self.progress.max, 1)
+                ended = "done" if e.status == "completed" else f"{e.status} at step {e.steps}"
+                self.progress_text.value = f"{e.steps}/{total} · {fmt_duration(e.elapsed_s)} · {ended}"
 
     # ------------------------------------------------------------------ drawing
     def _flush(self, now: float, force_curve: bool = False) -> None:
