@@ -663,7 +663,10 @@ class FtMagics(Magics):
         if cell is None:  # line form: the flags first, then one prompt as typed
             line, cell = split_leading_flags(self.lora_compare, line)
         args = parse_args(self.lora_compare, line)
-        adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
+        adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters is not None else None
+        if adapters == []:  # "--adapters ," compared the base alone without a word
+            raise UsageError(f"--adapters {args.adapters!r} names no adapter: give names separated by commas, e.g. "
+                             "--adapters a,b (or leave --adapters out to compare every loaded one).")
         cmp = self.session.compare(cell or "", adapters, max_new_tokens=args.max_new_tokens, system=args.system,
                                    repetition_penalty=args.repetition_penalty)
         self._show(cmp)

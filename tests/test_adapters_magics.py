@@ -506,6 +506,19 @@ def test_compare_with_nothing_loaded_names_the_adapters_on_disk(loaded, capsys):
     assert "only the base" not in capsys.readouterr().out
 
 
+def test_compare_says_when_it_lowered_the_answer_limit_and_refuses_an_empty_adapter_list(loaded, capsys):
+    """--max-new-tokens 100000 answered with 502 tokens and no word (generate says 'answer limit lowered'), and
+    '--adapters ,' compared the base alone."""
+    from IPython.core.error import UsageError
+
+    sh, _, _ = loaded
+    capsys.readouterr()
+    sh.run_line_magic("lora_compare", "--max-new-tokens 100000 hello")
+    assert "Note: answer limit lowered to " in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--adapters ',' names no adapter"):
+        sh.run_line_magic("lora_compare", "--adapters , hello")
+
+
 def test_lora_eval_says_when_rows_were_cut_to_max_seq_len(loaded, capsys, tmp_path):
     """Training's data report says how many rows exceed max_seq_len; %lora_eval cut them without a word."""
     import json

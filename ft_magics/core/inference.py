@@ -397,7 +397,18 @@ class Comparison:
                 lines.append(body)
             lines.append("")
         lines.append("decode tokens/s: " + "   ".join(f"{c} {self.tokens_per_s(c):.1f}" for c in self.columns))
+        lines += [f"Note: {n}" for n in self.notes()]
         return "\n".join(lines)
+
+    def notes(self) -> list:
+        """What the answers' footers would say (a limit lowered to fit the context, a loop), once each: the
+        comparison shows no footers."""
+        seen = []
+        for (i, c), g in self.cells.items():
+            for n in filter(None, (g.note or "").split("; ")):
+                if n not in seen:
+                    seen.append(n)
+        return seen
 
     def to_html(self) -> str:
         import html
@@ -410,8 +421,9 @@ class Comparison:
                 f"<td style='vertical-align:top;white-space:pre-wrap;text-align:left'>"
                 f"{html.escape(self.cells[(i, c)].text)}</td>" for c in self.columns)
             rows.append(f"<tr><td style='vertical-align:top;text-align:left'><b>{html.escape(p)}</b></td>{cells}</tr>")
+        notes = "".join(f"<p>Note: {html.escape(n, quote=False)}</p>" for n in self.notes())
         return (f"<table class='ft-compare'><thead><tr><th>prompt</th>{head}</tr></thead>"
-                f"<tbody>{''.join(rows)}</tbody></table>")
+                f"<tbody>{''.join(rows)}</tbody></table>{notes}")
 
     def _repr_html_(self) -> str:
         return self.to_html()
