@@ -787,8 +787,9 @@ class FtMagics(Magics):
         print(msg)
 
     @magic_arguments()
-    @argument("model", nargs="?", default="demo",
-              help="A local model folder, a known hub id (e.g. meta-llama/Llama-2-70b-hf), 'demo', or a size like 7B.")
+    @argument("model", nargs="?", default=None,
+              help="A local model folder, a known hub id (e.g. meta-llama/Llama-2-70b-hf), 'demo', or a size like 7B. "
+                   "Default: the loaded model, else the demo model.")
     @argument("--seq-len", type=int, default=512, help="Tokens per example. Default 512.")
     @argument("--batch-size", type=int, default=8, help="Examples per step. Default 8.")
     @argument("--r", type=int, default=16, help="LoRA rank for the adapter size. Default 16.")

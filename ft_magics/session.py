@@ -916,13 +916,16 @@ class Session:
             return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system, sampling=sampling)
 
     # ------------------------------------------------------------------ planning
-    def plan(self, model: str = "demo", seq_len: int = 512, batch_size: int = 8, r: int = 16,
+    def plan(self, model: Optional[str] = None, seq_len: int = 512, batch_size: int = 8, r: int = 16,
              gradient_checkpointing: bool = False, optimizer: str = "adamw", objective: str = "sft"):
         """Estimated memory for full fine-tuning, LoRA and QLoRA of ``model`` (folder, known hub id or a size
-        such as ``7B``); returns a core.planner.Plan (``.table()`` for the text). Loads nothing."""
-        from .core.planner import plan
+        such as ``7B``; None: the loaded model, else the demo model); returns a core.planner.Plan (``.table()``
+        for the text). Loads nothing."""
+        from .core.planner import dims_from_config, plan
 
-        return plan(model, seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
+        if model is None and self.handle is not None:  # the model in this session, by its own config
+            model = dims_from_config(self.handle.model.config.to_dict(), name=f"{self.handle.name} (loaded)")
+        return plan(model or "demo", seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
                     optimizer=optimizer, objective=objective)
 
 

@@ -385,3 +385,15 @@ def test_a_plan_from_a_small_count_has_a_shape_that_adds_up_and_every_column_sta
     for line in rows:  # five figures, each set off by at least two spaces
         assert len([f for f in line.split() if f.replace(".", "").isdigit()]) == 5, line
     assert "full fine-tuning (bf16 + AdamW)" in plan("7B").table()
+
+
+def test_ft_plan_without_a_model_plans_the_loaded_one(shell, tiny_model_dir, capsys):
+    """%ft_plan alone planned the demo's table entry (HuggingFaceTB/SmolLM2-135M) whatever was loaded; it plans
+    the loaded model from its own config, and the demo model when none is loaded."""
+    shell.run_line_magic("ft_plan", "")
+    assert "Memory plan for HuggingFaceTB/SmolLM2-135M" in capsys.readouterr().out
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("ft_plan", "")
+    out = capsys.readouterr().out
+    assert "(loaded)" in out and "2 layers, hidden 64" in out and "SmolLM2" not in out
