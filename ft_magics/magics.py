@@ -56,9 +56,9 @@ def no_arguments(magic_func, line: str) -> None:
 
 
 def help_asked(magic_func, words: list) -> None:
-    """Print the magic's help (what ``%magic?`` shows: its usage and every flag) and stop it, when its line is
-    ``--help`` or ``-h`` (the first word), or holds ``--help`` before any text it takes: argparse's own
-    ``--help`` is off in IPython's magic parsers, so it was refused as an unknown flag."""
+    """Print the magic's help (what ``%magic?`` shows: its usage and every flag) and stop it, when ``words`` (the
+    line's) start with ``-h`` or hold ``--help`` anywhere: argparse's own ``--help`` is off in IPython's magic
+    parsers, so it was refused as an unknown flag."""
     if words[:1] in (["-h"], ["--help"]) or "--help" in words:
         import inspect
 

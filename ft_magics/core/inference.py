@@ -404,7 +404,7 @@ class Comparison:
         """What the answers' footers would say (a limit lowered to fit the context, a loop), once each: the
         comparison shows no footers."""
         seen = []
-        for (i, c), g in self.cells.items():
+        for g in self.cells.values():
             for n in filter(None, (g.note or "").split("; ")):
                 if n not in seen:
                     seen.append(n)

@@ -30,9 +30,8 @@ Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); m
 """
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
