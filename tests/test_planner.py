@@ -55,10 +55,11 @@ def test_hub_ids_of_current_models_and_cached_configs_resolve(tmp_path, monkeypa
     import huggingface_hub
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    for name, layers in (("meta-llama/Llama-3.1-8B-Instruct", 32), ("Qwen/Qwen2.5-14B-Instruct", 48),
-                         ("gemma-2-9b-it", 42), ("Llama-3.2-1B", 16)):
-        d = planner.resolve_model(name)
-        assert d.layers == layers and d.source == "built-in table", name
+    for name, layers, entry in (("meta-llama/Llama-3.1-8B-Instruct", 32, "meta-llama/Llama-3.1-8B"),
+                                ("Qwen/Qwen2.5-14B-Instruct", 48, "Qwen/Qwen2.5-14B"),
+                                ("gemma-2-9b-it", 42, "google/gemma-2-9b"), ("Llama-3.2-1B", 16, None)):
+        d = planner.resolve_model(name)  # a variant keeps its name and says whose shape it is planned with
+        assert d.layers == layers and d.source == "built-in table" + (f", the shape of {entry}" if entry else ""), name
     cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
@@ -397,3 +398,14 @@ def test_ft_plan_without_a_model_plans_the_loaded_one(shell, tiny_model_dir, cap
     shell.run_line_magic("ft_plan", "")
     out = capsys.readouterr().out
     assert "(loaded)" in out and "2 layers, hidden 64" in out and "SmolLM2" not in out
+
+
+def test_a_hub_id_planned_from_another_table_entry_keeps_its_name_and_says_whose_shape():
+    """%ft_plan HuggingFaceTB/SmolLM2-135M-Instruct printed 'Memory plan for HuggingFaceTB/SmolLM2-135M' (the
+    table entry it matched), as if the id had been misread."""
+    from ft_magics.core.planner import resolve_model
+
+    d = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert d.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.source.endswith("the shape of HuggingFaceTB/SmolLM2-135M")
+    assert (resolve_model("meta-llama/Llama-2-7b-hf").source, resolve_model("demo").name) == (
+        "built-in table", "HuggingFaceTB/SmolLM2-135M")

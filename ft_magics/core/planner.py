@@ -361,8 +361,10 @@ def resolve_model(model: str) -> ModelDims:
         d.source = "its config in the local Hugging Face cache"
         return d
     key = _known(m)
-    if key is not None:
-        return ModelDims(key, *KNOWN_MODELS[key][:8], "built-in table", *KNOWN_MODELS[key][8:])
+    if key is not None:  # named as asked, and which entry's figures these are when it is another spelling
+        same = m.lower() in (key.lower(), key.split("/")[-1].lower()) or m.lower() in _ALIASES  # 'demo', ...
+        return ModelDims(key if same else m, *KNOWN_MODELS[key][:8],
+                         "built-in table" if same else f"built-in table, the shape of {key}", *KNOWN_MODELS[key][8:])
     hint = did_you_mean(m, list(KNOWN_MODELS)) or did_you_mean(m, [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"])
     raise FtUsageError(
         f"unknown model {m!r}{hint}: not a local folder with config.json and not in the built-in "
