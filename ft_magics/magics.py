@@ -827,6 +827,11 @@ class FtMagics(Magics):
                               gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                               objective=args.objective)
         print(p.table())
+        report = self.session.last_data_report
+        stats = report.stats() if report is not None and args.model is None and "--seq-len" not in line else {}
+        if stats and stats["max"] < args.seq_len:  # the default length, far from the data just trained on
+            print(f"\nseq_len {args.seq_len} is the default; the last run's examples were {stats['max']:,} tokens at "
+                  f"most (p95 {stats['p95']:,}): --seq-len {stats['max']} plans for them.")
         if memory is not None:
             print()
             print(p.fit_text(*memory))

@@ -409,3 +409,21 @@ def test_a_hub_id_planned_from_another_table_entry_keeps_its_name_and_says_whose
     assert d.name == "HuggingFaceTB/SmolLM2-135M-Instruct" and d.source.endswith("the shape of HuggingFaceTB/SmolLM2-135M")
     assert (resolve_model("meta-llama/Llama-2-7b-hf").source, resolve_model("demo").name) == (
         "built-in table", "HuggingFaceTB/SmolLM2-135M")
+
+
+def test_ft_plan_after_a_run_says_its_default_length_is_not_the_data_s(shell, tiny_model_dir, capsys, tmp_path):
+    """After a run on 20-token examples, %ft_plan planned 512-token rows without a word: a user read its
+    activations as what the run needs."""
+    import json
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n"
+                                              for i in range(8)))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_cell_magic("lora_train", "p --data d.jsonl --max-steps 1 --no-widgets", "r: 4\n")
+    report = shell.magics_manager.registry["FtMagics"].session.last_data_report
+    capsys.readouterr()
+    shell.run_line_magic("ft_plan", "")
+    out = capsys.readouterr().out
+    assert f"seq_len 512 is the default; the last run's examples were {report.stats()['max']} tokens at most" in out
+    shell.run_line_magic("ft_plan", "--seq-len 64")
+    assert "is the default" not in capsys.readouterr().out
