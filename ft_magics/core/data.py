@@ -1724,6 +1724,12 @@ def check_packing_isolation(model, tokenizer) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------- quality + prepare
+def _identity(record) -> str:
+    """A record as sorted JSON text: two records are the same example when these are equal (duplicates within
+    the training data, eval rows that are also training rows)."""
+    return json.dumps(record.to_json(), sort_keys=True)
+
+
 def quality_warnings(records: list[Record]) -> list:
     warnings = []
     n = len(records)
@@ -1733,7 +1739,7 @@ def quality_warnings(records: list[Record]) -> list:
     copies: dict = {}
     empty = 0
     for r in records:
-        key = json.dumps(r.to_json(), sort_keys=True)
+        key = _identity(r)
         copies[key] = copies.get(key, 0) + 1
         if r.messages is None and not (r.text or "").strip():
             empty += 1  # (an empty answer is dropped, and counted in the report, as it is tokenised)
@@ -1754,8 +1760,8 @@ def overlap_warning(train_records: list, eval_records: list) -> Optional[str]:
     from train, duplicated rows split by eval_fraction): their loss measures memory, not what generalises."""
     if not eval_records:
         return None
-    seen = {json.dumps(r.to_json(), sort_keys=True) for r in train_records}
-    both = sum(1 for r in eval_records if json.dumps(r.to_json(), sort_keys=True) in seen)
+    seen = {_identity(r) for r in train_records}
+    both = sum(1 for r in eval_records if _identity(r) in seen)
     if not both:
         return None
     return (f"{both:,} of the {counted(len(eval_records), 'eval example')} also appear in the training data, so the "
