@@ -845,7 +845,8 @@ class Session:
         sets, notes = [], []
         if data is not None:
             sets.append((str(data) if isinstance(data, str) else "data",
-                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len, column_map, notes)))
+                         heldout_examples(data, self.tokenizer, self.namespace, max_seq_len, column_map, notes,
+                                          self.model)))
         elif own is not None:
             train_src, eval_src, cfg = own
             _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)

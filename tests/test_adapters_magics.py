@@ -531,9 +531,14 @@ def test_lora_eval_says_when_rows_were_cut_to_max_seq_len(loaded, capsys, tmp_pa
     sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --max-seq-len 48 --no-general")
     out = capsys.readouterr().out
     assert re.search(r"Note: 1 of 4 examples of \S+ev\.jsonl are longer than --max-seq-len 48 and were scored cut "
-                     r"to it \(1 cut before their answer were left out\); --max-seq-len \d+ scores them whole\.", out), out
+                     r"to it \(1 cut before their answer were left out\); --max-seq-len \d+ keeps every example whole\.", out), out
     sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --max-seq-len 512 --no-general")
     assert "Note:" not in capsys.readouterr().out
+    # a row longer than the model's context (512 here): no --max-seq-len scores it whole, and none is advised
+    (tmp_path / "ev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"prompt": "q", "completion": "word " * 700}]))
+    sh.run_line_magic("lora_eval", f"alpha --data {tmp_path / 'ev.jsonl'} --no-general")
+    out = capsys.readouterr().out
+    assert "is beyond the model's context window (512), so no max_seq_len keeps it whole" in out, out
 
 
 def test_load_takes_the_name_list_shows_on_disk(loaded, capsys):

@@ -1358,17 +1358,42 @@ def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tm
         TrainConfig.from_dict({"objective": "dpo", "overlong": "split"})
 
 
+def _with_context(n):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=n))
+
+
 def test_rows_past_the_model_context_window_are_named():
     from types import SimpleNamespace
 
     from ft_magics.core.training import context_note
 
     rows = [D.TokenizedExample(list(range(n)), list(range(n))) for n in (10, 300, 500)]
-    note = context_note(SimpleNamespace(max_position_embeddings=256), rows)
+    note = context_note(_with_context(256), rows)
     assert note.startswith("2 training rows longer than the model's context window (256 tokens)")
     assert "max_seq_len: 256" in note
-    assert context_note(SimpleNamespace(max_position_embeddings=512), rows) is None
-    assert context_note(SimpleNamespace(), rows) is None
+    assert context_note(_with_context(512), rows) is None
+    assert context_note(SimpleNamespace(config=SimpleNamespace()), rows) is None
+
+
+def test_length_advice_never_points_past_the_model_context(tok):
+    """The data report and the cut-answer refusals advised a --max-seq-len the model cannot read (beyond its
+    max_position_embeddings), which training then warned about and %lora_eval refused."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    rows = [{"prompt": long_prompt, "completion": "billing"}, {"prompt": "hi", "completion": "hello world"}]
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=32))  # no model: the advice as before
+    longest = max(report.lengths)
+    assert f"--max-seq-len {-(-longest // 64) * 64} keeps every example whole" in report.text()
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=32), model=_with_context(longest + 4))
+    assert f"--max-seq-len {longest + 4} keeps every example whole" in report.text()  # capped at the window
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=32), model=_with_context(40))
+    assert "--max-seq-len" not in report.text()
+    assert f"the longest ({longest} tokens) is beyond the model's context window (40)" in report.text()
+    # every answer begins past the window: raising max_seq_len cannot help, so the refusal says to shorten
+    with pytest.raises(FtUsageError, match=r"cut away every answer.*The model reads at most 20 tokens \(its context "
+                                           r"window\), so shorten the prompts\.$"):
+        D.prepare(rows[:1], tok, cfg(max_seq_len=16), model=_with_context(20))
 
 
 def test_rows_with_a_prompt_and_no_answer_say_the_answers_are_missing():
@@ -1546,7 +1571,7 @@ def test_eval_rows_all_dropped_for_length_are_refused_with_the_length_that_fits(
     train = [{"prompt": f"q{i}", "completion": "a"} for i in range(8)]
     long_eval = [{"prompt": "word " * 200, "completion": "answer"}] * 3
     with pytest.raises(FtUsageError, match=r"every one of the 3 eval examples was dropped: at max_seq_len=64 none "
-                                           r"keeps a token of its answer.*--max-seq-len \d+ keeps them whole"):
+                                           r"keeps a token of its answer.*--max-seq-len \d+ keeps every example whole"):
         D.prepare(train, tok, cfg(max_seq_len=64), eval_src=long_eval)
     _, evals, _ = D.prepare(train, tok, cfg(max_seq_len=512), eval_src=long_eval)
     assert len(evals) == 3

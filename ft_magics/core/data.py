@@ -1291,6 +1291,7 @@ class DataReport:
     packed_examples: int = 0  # with packing: the training examples (after drops) behind the packed rows
     objective: str = "sft"  # dpo / orpo: the rows are preference pairs
     attention: str = ""  # the attention implementation packing relies on
+    context: int = 0  # the model's context window (max_position_embeddings) where known: no advice goes past it
 
     def count(self, outcome: str, ex: "TokenizedExample") -> None:
         """Count what :func:`fit_length` did to ``ex`` (as tokenised, before any cut)."""
@@ -1307,6 +1308,15 @@ class DataReport:
         s = sorted(self.lengths)
         pick = lambda q: s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)] if q > 0 else s[0]  # noqa: E731
         return {"min": s[0], "median": pick(0.5), "p95": pick(0.95), "max": s[-1]}
+
+    def keep_whole(self, longest: int) -> str:
+        """The advice for examples cut by max_seq_len: the --max-seq-len that keeps them whole, or, where they are
+        longer than the model's context window, that none does (past it the model never learned positions)."""
+        if self.context and longest > self.context:
+            return (f"the longest ({longest:,} tokens) is beyond the model's context window ({self.context:,}), so no "
+                    f"max_seq_len keeps it whole: {self.context} is the most the model reads")
+        want = _round_up(longest)
+        return f"--max-seq-len {min(want, self.context) if self.context else want} keeps every example whole"
 
     @property
     def over_max(self) -> int:
@@ -1335,7 +1345,7 @@ class DataReport:
                 line += f": split into {counted(self.split_rows, 'row')} of at most {self.max_seq_len} tokens (overlong: split)"
             elif self.over_max:
                 line += (f": {self.truncated:,} truncated, {self.dropped_overlong:,} dropped (overlong: {self.overlong}); "
-                         f"max_seq_len: {st['max']} would fit them all"
+                         + self.keep_whole(st['max'])
                          + ("; overlong: split trains on all of it" if self.format == "text" else ""))
             lines.append(line)
         if self.dropped_no_answer:
@@ -1947,6 +1957,8 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
 
     Only reads ``model`` (for ``packing``: a forward-pass check that packed examples stay apart), and
     only once every row has been validated and tokenised."""
+    from .inference import context_limit
+
     pairs = getattr(cfg, "pairs", False)
     if pairs:
         from .preference import pair_warnings, show_pair, tokenize_pairs
@@ -1963,6 +1975,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         source=desc, format=fmt, rows=len(records), train_rows=len(train_records), eval_rows=len(eval_records),
         rendering=rendering, fingerprint=fingerprint(records + (eval_records if eval_src is not None else [])),
         split=split_desc, max_seq_len=cfg.max_seq_len, overlong=cfg.overlong, train_on=cfg.train_on,
+        context=context_limit(model) or 0,
     )
     report.objective = getattr(cfg, "objective", "sft")
     if getattr(cfg, "eval_steps", 0) and not eval_records:
@@ -1987,7 +2000,8 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     if eval_src is not None and cfg.eval_fraction > 0:
         report.warnings.append(f"eval_fraction {cfg.eval_fraction:g} is not used: the held-out data is the eval "
                                "data given (--eval), and every training row trains.")
-    eval_report = DataReport(source=desc, format=fmt, rows=0, train_rows=0, eval_rows=len(eval_records))
+    eval_report = DataReport(source=desc, format=fmt, rows=0, train_rows=0, eval_rows=len(eval_records),
+                             context=report.context)
     if pairs:
         train = tokenize_pairs(train_records, tokenizer, cfg.max_seq_len, cfg.overlong, report)
         evals = tokenize_pairs(eval_records, tokenizer, cfg.max_seq_len, cfg.overlong, eval_report)
@@ -2003,8 +2017,8 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         raise FtUsageError(
             f"every one of the {counted(len(eval_records), 'eval example')} was dropped: at max_seq_len="
             f"{cfg.max_seq_len} none keeps a token of its answer (or none has one), so the run would evaluate "
-            f"nothing. Raise max_seq_len (--max-seq-len {_round_up(max(eval_report.lengths, default=0))} keeps "
-            "them whole) or give eval rows with answers that fit.")
+            f"nothing. Raise max_seq_len ({eval_report.keep_whole(max(eval_report.lengths, default=0))}) or give eval "
+            "rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
     if not train:
         if report.dropped_unweighted and report.dropped_unweighted + report.dropped_empty == len(train_records):
@@ -2021,11 +2035,15 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             )
         if report.answer_starts:
             first = min(report.answer_starts)
+            if report.context and first >= report.context:
+                advice = (f"The model reads at most {report.context:,} tokens (its context window), so shorten the "
+                          "prompts.")
+            else:
+                advice = (f"Raise max_seq_len above {first:,} ({report.keep_whole(max(report.lengths))}), or shorten "
+                          "the prompts.")
             raise FtUsageError(
                 f"{desc}: max_seq_len={cfg.max_seq_len} cut away every answer: the answers begin after "
-                f"{first:,} to {max(report.answer_starts):,} tokens of prompt. Raise max_seq_len above "
-                f"{first:,} (--max-seq-len {_round_up(max(report.lengths))} keeps every example whole), or shorten "
-                "the prompts."
+                f"{first:,} to {max(report.answer_starts):,} tokens of prompt. " + advice
             )
         raise FtUsageError(
             f"{desc}: no training example has a loss-bearing token left (all answers empty or cut away by "

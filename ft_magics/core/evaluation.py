@@ -26,21 +26,22 @@ def eval_config(max_seq_len: int, objective: str = "sft", column_map: Optional[s
 
 
 def heldout_examples(src: Any, tokenizer, namespace: Optional[dict] = None, max_seq_len: int = 512,
-                     column_map: Optional[str] = None, notes: Optional[list] = None) -> list:
+                     column_map: Optional[str] = None, notes: Optional[list] = None, model: Any = None) -> list:
     """Every row of ``src`` (file, demo:NAME, variable), tokenised with loss masks; of a DatasetDict with a
     'train' and a 'validation' / 'test' split, that held-out split. Rows of preference pairs (prompt / chosen /
     rejected) give :class:`core.preference.PairExample` s. ``notes`` gets a line when rows longer than
-    ``max_seq_len`` were cut (training's data report says so; an evaluation said nothing)."""
+    ``max_seq_len`` were cut (training's data report says so; an evaluation said nothing); ``model``, where given,
+    keeps its advice within the model's context window."""
     from .data import prepare
 
     cfg = eval_config(max_seq_len, data_objective(src, namespace, column_map), column_map)
-    examples, held_out, report = prepare(src, tokenizer, cfg, namespace=namespace)
+    examples, held_out, report = prepare(src, tokenizer, cfg, namespace=namespace, model=model)
     if notes is not None and report.over_max:
         longest = report.stats()["max"]
         notes.append(f"{report.over_max:,} of {len(report.lengths):,} examples of {src if isinstance(src, str) else 'the data'} "
                      f"are longer than --max-seq-len {max_seq_len} and were scored cut to it"
                      + (f" ({report.dropped_no_answer:,} cut before their answer were left out)"
-                        if report.dropped_no_answer else "") + f"; --max-seq-len {longest} scores them whole.")
+                        if report.dropped_no_answer else "") + f"; {report.keep_whole(longest)}.")
     return held_out or examples
 
 

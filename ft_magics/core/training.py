@@ -816,11 +816,13 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     return cfg, ckpt_why
 
 
-def context_note(model_config, examples: list) -> Optional[str]:
+def context_note(model, examples: list) -> Optional[str]:
     """What to say when training rows are longer than the model's context window (positions it never
     learned: a max_seq_len of 100000 on an 8k model is accepted, and those rows train on garbage positions)."""
-    window = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(window, int) or window <= 0:
+    from .inference import context_limit
+
+    window = context_limit(model)
+    if window is None:
         return None
     longer = sum(1 for e in examples if len(e.input_ids) > window)
     if not longer:
@@ -887,7 +889,7 @@ def run_training(
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
-    beyond = context_note(model_config, train_examples)
+    beyond = context_note(handle.model, train_examples)
     if beyond:
         emit(listeners, Message(beyond, "warning"))
     for note in run_notes(cfg, len(train_examples), handle.device):
