@@ -339,3 +339,18 @@ def test_pairs_that_are_all_the_same_answer_twice_are_refused_and_some_are_warne
     mixed = same[:2] + [{"prompt": "q", "chosen": "good", "rejected": "bad"}]
     _, _, report = prepare(mixed, tok, _cfg())
     assert any("2 pairs whose chosen and rejected answers are the same" in w for w in report.warnings)
+
+
+def test_pairs_with_an_empty_answer_are_warned_of(tok):
+    """An empty rejected (or chosen) answer - a missing value in a column, mostly - trained without a word."""
+    from ft_magics.core.data import prepare
+
+    rows = [{"prompt": f"q{i}", "chosen": "a good answer", "rejected": "" if i % 2 else "bad"} for i in range(6)]
+    rows.append({"prompt": "q", "chosen": " ", "rejected": "bad"})
+    _, _, report = prepare(rows, tok, _cfg())
+    assert ("3 pairs with an empty rejected answer: they teach only that answering beats saying nothing. Check the "
+            "rejected column (--map ...=rejected) if that is not meant.") in report.warnings
+    assert any(w.startswith("1 pair with an empty chosen answer: they teach the model to end its turn at once")
+               for w in report.warnings)
+    _, _, report = prepare(rows[:1], tok, _cfg())
+    assert not any("empty" in w for w in report.warnings)

@@ -242,6 +242,13 @@ def pair_warnings(pairs: list) -> list:
     if same:
         warnings.append(f"{counted(same, 'pair')} whose chosen and rejected answers are the same (nothing to learn "
                         "from them).")
+    blank = lambda answer: not "".join(str(m.get("content") or "") for m in answer).strip()  # noqa: E731
+    for side, lesson in (("chosen", "they teach the model to end its turn at once"),
+                         ("rejected", "they teach only that answering beats saying nothing")):
+        empty = sum(1 for p in pairs if blank(getattr(p, side)) and p.chosen != p.rejected)
+        if empty:
+            warnings.append(f"{counted(empty, 'pair')} with an empty {side} answer: {lesson}. Check the {side} "
+                            f"column (--map ...={side}) if that is not meant.")
     return warnings
 
 
