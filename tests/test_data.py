@@ -240,6 +240,18 @@ def test_a_dataframe_with_two_columns_of_one_name_is_refused():
         load("df", namespace={"df": df})
 
 
+def test_a_dataframe_with_multiindex_columns_maps_by_the_dotted_names_it_is_told():
+    """A pivot's ('x', 'prompt') columns were named as tuples, and the --map the refusal suggested could not be typed."""
+    import pandas as pd
+
+    df = pd.DataFrame([["q1", "a1"], ["q2", "a2"]],
+                      columns=pd.MultiIndex.from_tuples([("x", "prompt"), ("x", "completion")]))
+    with pytest.raises(FtUsageError, match=r'For these columns: --map "x\.prompt=prompt,x\.completion=completion"'):
+        load("df", namespace={"df": df})
+    recs, fmt = load("df", namespace={"df": df}, column_map="x.prompt=prompt,x.completion=completion")
+    assert [[m["content"] for m in r.messages] for r in recs] == [["q1", "a1"], ["q2", "a2"]]
+
+
 def test_demo_dataset():
     recs, fmt = load("demo:support")
     assert fmt == "chat" and len(recs) >= 100

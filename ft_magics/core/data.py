@@ -372,6 +372,8 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
                 raise FtUsageError(f"{what} has more than one column named {', '.join(map(repr, dups))}; give each "
                                    "column its own name (df.columns = [...]) or drop the extra ones.")
             df = obj if limit is None else obj.head(limit)
+            if getattr(obj.columns, "nlevels", 1) > 1:  # a MultiIndex (pivot, groupby): ('x', 'prompt') -> x.prompt
+                df = df.set_axis([".".join(str(p) for p in c if str(p)) for c in df.columns], axis=1)
             return df.to_dict(orient="records")
         if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
             return [{"text": v} for v in (obj if limit is None else obj.head(limit))]
