@@ -3,6 +3,7 @@ the answers (checked token by token on the tiny tokenizer), packing that keeps e
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -1597,6 +1598,50 @@ def test_a_folder_skips_hidden_files_as_a_glob_does(tmp_path):
     (folder / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07\xff\xfe binary")
     write_jsonl(folder / ".hidden.jsonl", CHAT)
     assert len(load(str(folder))[0]) == 2
+
+
+def _pc(tag, n):
+    return [{"prompt": f"{tag}q{i}", "completion": f"{tag}a{i}"} for i in range(n)]
+
+
+def _prompts(examples, tok):
+    return sorted(re.search(r"(\w)q\d", tok.decode(e.input_ids)).group(1) for e in examples)
+
+
+@pytest.mark.parametrize("layout", ["files", "subfolders", "hub shards", "glob"])
+def test_a_folder_or_glob_of_split_files_trains_on_train_and_evaluates_on_its_eval_split(tmp_path, tok, layout,
+                                                                                        monkeypatch):
+    """A folder holding train.jsonl and test.jsonl trained on both (the test rows too) and held nothing out;
+    %lora_eval --data FOLDER scored the training rows. File names (or subfolders) that name splits are read
+    as a DatasetDict's splits are."""
+    from ft_magics.core.evaluation import heldout_examples
+
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "sp"
+    name = {"files": "{}.jsonl", "subfolders": "{}/part0.jsonl", "hub shards": "data-{}-00000-of-00001.jsonl",
+            "glob": "{}.jsonl"}[layout]
+    for split, tag, n in (("train", "t", 5), ("test", "e", 3), ("validation", "v", 2)):
+        (d / name.format(split)).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(d / name.format(split), _pc(tag, n))
+    write_jsonl(d / "notes.jsonl", _pc("n", 1))
+    src = "sp/*.jsonl" if layout == "glob" else "sp"
+    train, evals, report = D.prepare(src, tok, cfg())
+    assert _prompts(train, tok) == ["t"] * 5 and _prompts(evals, tok) == ["v"] * 2  # validation before test
+    line = report.text().splitlines()[0]
+    assert "(split by file name: " in line and "trains, " in line and "validation" in line and "not read: " in line
+    assert "notes.jsonl" in line and "-> 5 train / 2 eval (eval from " in line
+    assert _prompts(heldout_examples(src, tok), tok) == ["v"] * 2  # %lora_eval --data sp scores the held-out split
+    train, evals, _ = D.prepare(src, tok, cfg(), eval_src=[{"prompt": "xq0", "completion": "x"}])
+    assert _prompts(train, tok) == ["t"] * 5 and _prompts(evals, tok) == ["x"]  # --eval wins
+
+
+def test_a_folder_of_files_without_split_names_trains_on_all_of_them(tmp_path, tok):
+    for i, tag in enumerate("ab"):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", _pc(tag, 2))
+    write_jsonl(tmp_path / "contest.jsonl", _pc("c", 1))  # 'test' inside a word names no split
+    train, evals, report = D.prepare(str(tmp_path), tok, cfg())
+    assert _prompts(train, tok) == ["a", "a", "b", "b", "c"] and not evals
+    assert "split by file name" not in report.text()
 
 
 def test_text_field_trains_on_that_column_beside_chat_or_prompt_columns():

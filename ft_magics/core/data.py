@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -92,6 +93,7 @@ class Rows(list):
 
     held_out = None  # (split name, its source): see _with_held_out
     only_split = None  # the name of the dataset's one split, when it is named for evaluation: see _only_split
+    file_splits = None  # which files train, evaluate or are left out, where file names name splits: see _split_files
 
     def __init__(self, rows=(), locs=None):
         super().__init__(rows)
@@ -125,6 +127,8 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     if txt_mode not in TXT_MODES:
         raise FtUsageError(f"txt_mode {txt_mode!r} is not one of {', '.join(TXT_MODES)}{did_you_mean(txt_mode, TXT_MODES)}.")
     limit = max_rows if max_rows and max_rows > 0 else None
+    if isinstance(src, _Files):  # the eval split of a folder or glob whose file names name splits
+        return _rows_from_files(list(src), txt_mode, limit, src.label), src.desc
     if not isinstance(src, str):
         return _rows_from_object(src, "the given object", limit), f"<{type(src).__name__}>"
     if not src.strip():
@@ -174,6 +178,8 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
 
 
 EVAL_SPLITS = ("validation", "valid", "val", "dev", "eval", "evaluation", "test")  # in order of preference
+# the words of a data file's name that name its split, and the split each names
+_SPLIT_WORDS = {"train": "train", "training": "train", "testing": "test", **{w: w for w in EVAL_SPLITS}}
 # Which of several training splits a run reads (UltraFeedback's train_prefs / train_sft / train_gen) depends on
 # what it trains: split_records sets this while it reads a preference objective's data.
 _READING_PAIRS = contextvars.ContextVar("ft_magics_reading_pairs", default=False)
@@ -304,7 +310,66 @@ def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[d
     if limit is None:
         _check_size(sum(f.stat().st_size for f in files), f"what {pattern!r} matches ({len(files)} files)")
     cwd = Path.cwd()
-    return _rows_from_files(files, txt_mode, limit, lambda f: str(f.relative_to(cwd)) if f.is_relative_to(cwd) else str(f))
+    label = lambda f: str(f.relative_to(cwd)) if f.is_relative_to(cwd) else str(f)  # noqa: E731
+    fixed = list(itertools.takewhile(lambda part: not any(c in part for c in "*?["), Path(pattern).parts))
+    return _rows_of_split_files(files, user_path(str(Path(*fixed))) if fixed else cwd, txt_mode, limit, label, "")
+
+
+class _Files(tuple):
+    """Data files read as one split (the eval split of a folder or glob), with how to label and describe them."""
+
+    def __new__(cls, files, label, desc):
+        obj = super().__new__(cls, files)
+        obj.label, obj.desc = label, desc
+        return obj
+
+
+def _split_key(f: Path, base: Path) -> Optional[str]:
+    """The split a data file's name (or the folder it is in below ``base``) names, from the split word on:
+    train.jsonl -> train, data-test-00000-of-00001.parquet -> test, train_prefs.jsonl -> train_prefs,
+    test/part0.jsonl -> test; None where no word of the name is a split's (part-0.jsonl, contest.jsonl)."""
+    try:
+        parts = f.relative_to(base).parts
+    except ValueError:
+        parts = (f.name,)
+    for part in [p for p in parts[:-1]] + [Path(parts[-1]).stem.split(".")[0]]:
+        words = re.findall(r"[a-z]+", part.lower())
+        for i, w in enumerate(words):
+            if w in _SPLIT_WORDS:
+                rest = [x for x in words[i + 1:] if x != "of"]  # train-00000-of-00002: shard numbers, not a name
+                return "_".join([_SPLIT_WORDS[w]] + rest)
+    return None
+
+
+def _split_files(files: list, base: Path) -> Optional[tuple]:
+    """Where the files' names name splits (train.jsonl beside test.jsonl, train/ beside validation/, the Hub's
+    train-00000-of-00001.parquet): ``(train files, eval split name, eval files, unused files)``, chosen as for a
+    DatasetDict's splits; None where no file names the split to train on (every file trains, as before)."""
+    keys = {f: _split_key(f, base) for f in files}
+    named = sorted({k for k in keys.values() if k})
+    train = _train_split(named)
+    if train is None:
+        return None
+    held = _eval_split(named, train)
+    pick = lambda k: [f for f in files if keys[f] == k]  # noqa: E731
+    return pick(train), held, pick(held) if held else [], [f for f in files if keys[f] not in (train, held)]
+
+
+def _rows_of_split_files(files: list, base: Path, txt_mode: str, limit: Optional[int], label, where: str) -> list:
+    """The rows of a folder's or a glob's files: where their names name splits (:func:`_split_files`), the
+    training split's, remembering the eval split as a DatasetDict's is remembered; else all of them."""
+    split = _split_files(files, base)
+    if split is None:
+        return _rows_from_files(files, txt_mode, limit, label, where)
+    train, held, held_files, unused = split
+    rows = _rows_from_files(train, txt_mode, limit, label, where)
+    if not held and not unused:
+        return rows
+    names = lambda fs: ", ".join(label(f) for f in fs[:3]) + (f" and {len(fs) - 3} more" if len(fs) > 3 else "")  # noqa: E731
+    rows.file_splits = (f"split by file name: {names(train)} {'trains' if len(train) == 1 else 'train'}"
+                        + (f", {names(held_files)} {'evaluates' if len(held_files) == 1 else 'evaluate'}" if held else "")
+                        + (f"; not read: {names(unused)}" if unused else ""))
+    return _with_held_out(rows, held, _Files(held_files, label, names(held_files))) if held else rows
 
 
 def _available_memory() -> int:
@@ -654,6 +719,12 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
         # hidden files (.notes.jsonl, macOS' ._resource forks) are not data, as a glob skips them
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_SUFFIXES)
+        # train/ beside test/: with the files of the subfolders whose names name splits, if they name the training one
+        in_splits = sorted(p for d in path.iterdir() if d.is_dir() and _split_key(d / "x", path)
+                           for p in d.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if in_splits and _split_files(files + in_splits, path) is not None:
+            files = sorted(files + in_splits)
         if not files:
             deeper = sorted({p.parent for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
                              and not any(part.startswith(".") for part in p.relative_to(path).parts)})
@@ -663,7 +734,8 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                 + (f"; its subfolders are not searched, and {deeper[0].relative_to(path)}/ holds data: --data "
                    f"{deeper[0]} reads it" if deeper else "") + "."
             )
-        return _rows_from_files(files, txt_mode, limit, lambda f: f.name, where=f" from {path}")
+        return _rows_of_split_files(files, path, txt_mode, limit, lambda f: str(f.relative_to(path)),
+                                    where=f" from {path}")
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise FtUsageError(
@@ -1883,13 +1955,16 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         rows, desc = load_rows(src, namespace, txt_mode, max_rows)
     finally:
         _READING_PAIRS.reset(reading)
+    held = getattr(rows, "held_out", None) if eval_src is None else None
+    if held:  # what the Data line calls the eval data: the eval split's files, or the split by name
+        held = (held[1], held[1].desc if isinstance(held[1], _Files) else f"the '{held[0]}' split of {desc}")
     if getattr(rows, "only_split", None):
         desc += f", split '{rows.only_split}' (its only split, so it trains)"
+    if getattr(rows, "file_splits", None):
+        desc += f" ({rows.file_splits})"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = (_unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
                    or _unused_verdict_column(rows, fmt))
-    held = getattr(rows, "held_out", None) if eval_src is None else None
-    held = (held[1], f"the '{held[0]}' split of {desc}") if held else None
     del rows
     if eval_src is not None or held is not None:
         try:
