@@ -1167,6 +1167,40 @@ def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_tha
     assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")
 
 
+def test_openai_legacy_function_call_is_a_tool_call_and_developer_is_the_system_role(tok, tmp_path):
+    """A 'function_call' turn (OpenAI's older format) was read as an empty assistant answer: it trained the model
+    to end its turn at once. The 'developer' role (OpenAI's newer system message) refused the whole dataset."""
+    legacy = [{"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."}]}] * 2
+    recs, _ = D.normalise(legacy)
+    assert [m["role"] for m in recs[0].messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert recs[0].messages[2]["tool_calls"] == [{"type": "function", "function": legacy[0]["messages"][2]["function_call"]}]
+    path = write_jsonl(tmp_path / "legacy.jsonl", legacy)
+    with pytest.raises(FtUsageError, match="does not write tool calls"):  # as a tool_calls turn is refused
+        D.prepare(str(path), tok, cfg())
+    with_tools = _tool_template(tok, lists_tools=False, writes_calls=True)
+    train, _, _ = D.prepare(str(path), with_tools, cfg())
+    assert "<call>get_weather</call>" in with_tools.decode([t for t in train[0].labels if t != -100])
+    bad = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "function_call": "x"}]}]
+    with pytest.raises(FtUsageError, match="message 1: function_call must be an object with 'name' and 'arguments'"):
+        D.normalise(bad)
+
+
+def test_a_system_field_beside_messages_joins_the_conversation():
+    """A top-level 'system' field was used for ShareGPT, prompt/completion and alpaca rows, and silently dropped
+    for chat 'messages' rows."""
+    rows = [{"system": "Be terse.", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"system": "Ignored.", "messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "yo"}]}]
+    recs, fmt = D.normalise(rows)
+    assert fmt == "chat" and recs[0].messages[0] == {"role": "system", "content": "Be terse."}
+    assert [m["content"] for m in recs[1].messages] == ["Own.", "hi", "yo"]  # the conversation's own system wins
+
+
 def ev_rows(examples, tok):
     """The user turn of each tokenised example (prompt/completion rows), decoded: which rows these are."""
     import re

@@ -35,6 +35,7 @@ ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for the system message
     "tool": "tool",
     "function_call": "assistant",
     "observation": "tool",
@@ -1045,6 +1046,12 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         for extra in ("tool_calls", "name", "tool_call_id"):  # function calling: the template writes them
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
+        call = m.get("function_call")  # OpenAI's older single call: the same as one tool call
+        if role == "assistant" and isinstance(call, dict) and "tool_calls" not in msg:
+            msg["tool_calls"] = [{"type": "function", "function": call}]
+        elif role == "assistant" and call is not None and "tool_calls" not in msg:
+            raise FtUsageError(f"{where}, message {j}: function_call must be an object with 'name' and 'arguments' "
+                               f"(got {type(call).__name__}).")
         out.append(msg)
     return out
 
@@ -1249,12 +1256,11 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
         )
     if fmt == "text":
         return Record(text=_string_field(row, "text", where))
-    if fmt == "chat":
-        return Record(messages=_messages(row["messages"], where), tools=_tools(row, where))
-    if fmt == "sharegpt":
-        msgs = _messages(row["conversations"], where, role_key="from", content_key="value")
-        system = row.get("system")
-        if isinstance(system, str) and system and msgs[0]["role"] != "system":
+    if fmt in ("chat", "sharegpt"):
+        msgs = (_messages(row["messages"], where) if fmt == "chat"
+                else _messages(row["conversations"], where, role_key="from", content_key="value"))
+        system = row.get("system")  # a system prompt in a field of its own, beside the conversation
+        if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system})
         return Record(messages=msgs, tools=_tools(row, where))
     if fmt == "prompt-completion":
