@@ -354,3 +354,28 @@ def test_pairs_with_an_empty_answer_are_warned_of(tok):
                for w in report.warnings)
     _, _, report = prepare(rows[:1], tok, _cfg())
     assert not any("empty" in w for w in report.warnings)
+
+
+def test_llama_factory_sharegpt_pairs_are_read_and_under_sft_are_named(tok):
+    """LLaMA-Factory's preference rows (a ShareGPT 'conversations' prompt, chosen / rejected as one from/value
+    message each) were refused ("field 'chosen' must be a string, got dict"); under objective: sft the error
+    said only that no answer was found."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import prepare
+    from ft_magics.core.preference import normalise_pairs
+
+    rows = [{"conversations": [{"from": "human", "value": f"Q{i}"}], "chosen": {"from": "gpt", "value": "good"},
+             "rejected": {"from": "gpt", "value": "bad"}} for i in range(3)]
+    pairs, desc = normalise_pairs(rows)
+    assert desc == "preference pairs (columns conversations -> prompt)"
+    assert pairs[1].prompt == [{"role": "user", "content": "Q1"}]
+    assert pairs[1].chosen == [{"role": "assistant", "content": "good"}]
+    assert pairs[1].rejected == [{"role": "assistant", "content": "bad"}]
+    train, _, _ = prepare(rows, tok, _cfg())
+    assert len(train) == 3
+    with pytest.raises(FtUsageError, match=r"has none .*Also: columns 'chosen' and 'rejected' are not used: "
+                                           r"objective: sft trains on the conversation alone\. To train on the "
+                                           r"preference pairs, set objective: dpo"):
+        prepare(rows, tok, TrainConfig.from_dict({}))
+    messages = [{"messages": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}]
+    assert normalise_pairs(messages)[0][0].prompt == [{"role": "user", "content": "Q"}]

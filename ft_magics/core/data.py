@@ -1932,6 +1932,18 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
             f"the answer to the text: {instead}--map \"{text}=prompt,{cols[0]}=completion\".")
 
 
+def _unused_pair_columns(rows: list, fmt: str) -> Optional[str]:
+    """Under objective: sft, a note when chosen / rejected columns sit beside the conversation trained on (as in
+    LLaMA-Factory's ShareGPT preference rows): preference pairs trained as one conversation by mistake."""
+    if fmt.split(" (")[0] not in ("chat", "sharegpt") or not rows or not isinstance(rows[0], dict):
+        return None
+    by_lower = {_plain(k): str(k) for k in rows[0]}
+    if not {"chosen", "rejected"} <= set(by_lower):
+        return None
+    return (f"columns {by_lower['chosen']!r} and {by_lower['rejected']!r} are not used: objective: sft trains on the "
+            f"conversation alone. To train on the preference pairs, set objective: dpo (or orpo, ipo, simpo).")
+
+
 def _eval_map(cfg, erows: list) -> Optional[str]:
     """The column mapping the eval data is read with: ``eval_map`` if set, else ``map`` - unless the eval rows hold
     none of the columns ``map`` renames (eval data already in a format of its own: mapping it would fail)."""
@@ -1970,7 +1982,7 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         desc += f" ({rows.file_splits})"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = (_unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
-                   or _unused_verdict_column(rows, fmt))
+                   or _unused_verdict_column(rows, fmt) or _unused_pair_columns(rows, fmt))
     del rows
     if eval_src is not None or held is not None:
         try:
@@ -2115,6 +2127,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
                 f"the {ANSWER_PART.get(fmt.split(' (')[0], 'answers')}, and every one of the "
                 f"{len(train_records)} examples has none "
                 "(empty, or missing). Add the answers, or train on every token with train_on: all."
+                + (f" Also: {unused_note}" if unused_note else "")
             )
         if report.answer_starts:
             first = min(report.answer_starts)

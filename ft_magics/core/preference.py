@@ -68,7 +68,9 @@ def pair_columns(keys) -> Optional[dict]:
     if chosen is None or rejected is None:
         return None
     out = {chosen: "chosen", rejected: "rejected"}
-    prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower and by_lower[n] not in out), None)
+    # the prompt: a prompt-like column, or the conversation so far (LLaMA-Factory's ShareGPT pairs: conversations)
+    prompt = next((by_lower[n] for n in PROMPT_NAMES + ("conversations", "messages")
+                   if n in by_lower and by_lower[n] not in out), None)
     if prompt is not None:
         out[prompt] = "prompt"
     if "system" in by_lower:
@@ -113,7 +115,7 @@ def _side(value: Any, row: dict, key: str, where: str) -> list:
         value = value.tolist()
     if isinstance(value, list):
         return _messages(value, f"{where}, {key}")
-    if isinstance(value, dict) and "content" in value:  # one message
+    if isinstance(value, dict) and ("content" in value or "value" in value):  # one message (role/content, from/value)
         return _messages([value], f"{where}, {key}")
     return [{"role": "assistant", "content": _string_field(row, key, where)}]
 
