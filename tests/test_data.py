@@ -1411,17 +1411,17 @@ def _with_context(n):
     return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=n))
 
 
-def test_rows_past_the_model_context_window_are_named():
-    from types import SimpleNamespace
-
-    from ft_magics.core.training import context_note
-
-    rows = [D.TokenizedExample(list(range(n)), list(range(n))) for n in (10, 300, 500)]
-    note = context_note(_with_context(256), rows)
+def test_rows_past_the_model_context_window_are_named_in_the_data_report(tok):
+    """The warning came from training alone: a --dry-run (the data report) said nothing of it."""
+    rows = [{"prompt": "hi", "completion": "word " * n} for n in (5, 300, 500)]
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=2048), model=_with_context(256))
+    note = next(w for w in report.warnings if "context window" in w)
     assert note.startswith("2 training rows longer than the model's context window (256 tokens)")
-    assert "max_seq_len: 256" in note
-    assert context_note(_with_context(512), rows) is None
-    assert context_note(SimpleNamespace(config=SimpleNamespace()), rows) is None
+    assert "max_seq_len: 256" in note and note in report.text()
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=2048), model=_with_context(4096))
+    assert not any("context window" in w for w in report.warnings)
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=2048))  # no model, no window known
+    assert not any("context window" in w for w in report.warnings)
 
 
 def test_length_advice_never_points_past_the_model_context(tok):

@@ -2149,7 +2149,20 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     report.example = show_pair(tokenizer, train[0]) if pairs else show_loss_tokens(tokenizer, train[0])
     if getattr(cfg, "packing", False):
         train, evals = _pack_checked(train, evals, tokenizer, cfg, model, report)
+    beyond = context_note(report.context, train)
+    if beyond:
+        report.warnings.append(beyond)
     return train, evals, report
+
+
+def context_note(window: int, examples: list) -> Optional[str]:
+    """What to say when training rows are longer than the model's context ``window`` (positions it never
+    learned: a max_seq_len of 100000 on an 8k model is accepted, and those rows train on garbage positions)."""
+    longer = sum(1 for e in examples if len(e.input_ids) > window) if window else 0
+    if not longer:
+        return None
+    return (f"{counted(longer, 'training row')} longer than the model's context window ({window:,} tokens): "
+            f"it never learned positions past that. Set max_seq_len: {window} (overlong: truncate, drop or split).")
 
 
 def _round_up(n: int, step: int = 64) -> int:

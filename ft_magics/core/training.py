@@ -816,21 +816,6 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     return cfg, ckpt_why
 
 
-def context_note(model, examples: list) -> Optional[str]:
-    """What to say when training rows are longer than the model's context window (positions it never
-    learned: a max_seq_len of 100000 on an 8k model is accepted, and those rows train on garbage positions)."""
-    from .inference import context_limit
-
-    window = context_limit(model)
-    if window is None:
-        return None
-    longer = sum(1 for e in examples if len(e.input_ids) > window)
-    if not longer:
-        return None
-    return (f"{counted(longer, 'training row')} longer than the model's context window ({window:,} tokens): "
-            f"it never learned positions past that. Set max_seq_len: {window} (overlong: truncate, drop or split).")
-
-
 def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
     """Settings that this run cannot do as written: a warm-up as long as the run (the learning rate never
     reaches the one asked for), a paged optimizer off CUDA (bitsandbytes runs it unpaged, with a library warning)."""
@@ -889,9 +874,6 @@ def run_training(
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
-    beyond = context_note(handle.model, train_examples)
-    if beyond:
-        emit(listeners, Message(beyond, "warning"))
     for note in run_notes(cfg, len(train_examples), handle.device):
         emit(listeners, Message(note, "warning"))
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
