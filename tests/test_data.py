@@ -1485,6 +1485,20 @@ def test_a_csv_row_with_an_extra_field_is_refused_by_its_line(tmp_path, body, li
         load(str(tmp_path / "d.csv"))
 
 
+def test_a_csv_row_with_a_missing_field_or_a_header_naming_a_column_twice_is_refused(tmp_path):
+    """A short row's missing answer was read as empty (the row then dropped as 'no answer'), and a second
+    'prompt' in the header became an unused 'prompt.1': both without a word."""
+    (tmp_path / "d.csv").write_text("prompt,completion\na,b\n\nc\n\"e\",\n")
+    with pytest.raises(FtUsageError, match=r"d\.csv, line 4: 1 field where the header has 2: completion is missing, "
+                                           r"and would be read as empty\. Add the missing field"):
+        load(str(tmp_path / "d.csv"))
+    (tmp_path / "ok.csv").write_text("prompt,input,completion\na,,b\nc,d,e\n")  # empty fields written: fine
+    assert len(load(str(tmp_path / "ok.csv"))[0]) == 2
+    (tmp_path / "h.tsv").write_text("prompt\tprompt \tcompletion\na\tb\tc\n")
+    with pytest.raises(FtUsageError, match=r"h\.tsv: the header names more than one column 'prompt'; give each"):
+        load(str(tmp_path / "h.tsv"))
+
+
 def test_a_json_object_of_columns_of_different_lengths_says_so(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"prompt": ["a", "b", "c"], "completion": ["x", "y"]}))
     with pytest.raises(FtUsageError, match=r"columns of different lengths \(prompt: 3 entries, completion: 2 "

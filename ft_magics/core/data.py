@@ -536,8 +536,19 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
                              quoting=quoting,
                              encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
     except (pd.errors.ParserWarning, pd.errors.ParserError) as exc:
-        raise _csv_row_error(path, sep) or FtUsageError(
+        raise _csv_row_error(path, sep, quoting) or FtUsageError(
             f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+    # pandas fills a short row's missing fields with "" (the answer read as empty), and renames a header's second
+    # 'prompt' 'prompt.1' (a column then unused): both without a word
+    if len(df.columns) > 1 and (df == "").to_numpy().any():
+        short = _csv_row_error(path, sep, quoting, short=True)
+        if short is not None:
+            raise short
+    header = _csv_header(path, sep, quoting)
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise FtUsageError(f"{path}: the header names more than one column {', '.join(map(repr, twice))}; give each "
+                           "column its own name (only one of them would be read).")
     stripped = [str(c).strip() for c in df.columns]
     if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
         df.columns = stripped
@@ -562,12 +573,21 @@ def _tsv_quoting(path: Path) -> int:
     return csv.QUOTE_NONE
 
 
-def _csv_row_error(path: Path, sep: str) -> Optional[FtUsageError]:
-    """The first row with more fields than the header, named by its line, or None."""
+def _csv_header(path: Path, sep: str, quoting: int) -> list:
+    """The header row's column names, stripped of spaces (and of a byte-order mark)."""
     import csv
 
     with _open_text(path) as fh:
-        reader = csv.reader(fh, delimiter=sep)
+        return [h.strip().lstrip("\ufeff").strip() for h in next(csv.reader(fh, delimiter=sep, quoting=quoting), [])]
+
+
+def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False) -> Optional[FtUsageError]:
+    """The first row with more fields than the header (with ``short``: fewer, blank lines aside), named by its
+    line, or None."""
+    import csv
+
+    with _open_text(path) as fh:
+        reader = csv.reader(fh, delimiter=sep, quoting=quoting)
         header = next(reader, [])
         for row in reader:
             if len(row) > len(header):
@@ -575,6 +595,13 @@ def _csv_row_error(path: Path, sep: str) -> Optional[FtUsageError]:
                     f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
                     f"({', '.join(h.strip() for h in header)}). Put quotes around a field that contains "
                     f"{'a tab' if sep == chr(9) else repr(sep)} (\"like, this\"), or remove the extra field.")
+            if short and 0 < len(row) < len(header) and any(f.strip() for f in row):
+                missing = ", ".join(h.strip() for h in header[len(row):])
+                return FtUsageError(
+                    f"{path}, line {reader.line_num}: {len(row)} field{'s' if len(row) != 1 else ''} where the header "
+                    f"has {len(header)}: {missing} {'is' if len(header) - len(row) == 1 else 'are'} missing, and would "
+                    f"be read as empty. Add the missing field(s) (an empty one is written as nothing after the "
+                    f"{'tab' if sep == chr(9) else repr(sep)}), or remove the row.")
     return None
 
 
