@@ -1893,3 +1893,22 @@ def test_eval_fraction_on_a_few_rows_says_how_much_it_holds_out(tok):
     assert "1 row of 3 held out, 33% of the data: too few rows for that fraction" in report.split
     _, _, report = D.prepare(rows * 10, tok, TrainConfig.from_dict({"eval_fraction": 0.1}))
     assert "too few rows" not in report.split
+
+
+@pytest.mark.parametrize("name", ["d.txt", "d.json", "d.jsonl", "d.csv"])
+def test_a_file_not_in_utf8_is_refused_with_the_conversion_that_fits_it(tmp_path, name):
+    """Every such file was told to be read with pandas.read_csv(encoding='latin-1'): wrong for text and JSON, and
+    for UTF-16 (Windows' 'Unicode' text) it gives text full of NUL characters."""
+    body = {"d.txt": "café au lait\n", "d.json": '[{"prompt": "café", "completion": "b"}]',
+            "d.jsonl": '{"prompt": "café", "completion": "b"}\n', "d.csv": "prompt,completion\ncafé,b\n"}[name]
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-16")
+    with pytest.raises(FtUsageError, match=r"is UTF-16 text, not UTF-8: save it as UTF-8 \(in Python: .*"
+                                           r"encoding='utf-16'\), encoding='utf-8'\)\)"):
+        load(str(path))
+    path.write_text(body, encoding="latin-1")
+    with pytest.raises(FtUsageError) as err:
+        load(str(path))
+    message = str(err.value)
+    assert "not UTF-8" in message and "UTF-16" not in message
+    assert ("read_csv" in message) == (name == "d.csv")  # pandas advice only for a CSV

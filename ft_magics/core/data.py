@@ -573,6 +573,24 @@ def _tsv_quoting(path: Path) -> int:
     return csv.QUOTE_NONE
 
 
+def _not_utf8(path: Path, suffix: str) -> FtUsageError:
+    """The refusal of a file that is not UTF-8, with the way to convert it that fits its encoding and type."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Windows' "Unicode" text)
+        return FtUsageError(
+            f"{path} is UTF-16 text, not UTF-8: save it as UTF-8 (in Python: p = pathlib.Path({str(path)!r}); "
+            "p.write_text(p.read_text(encoding='utf-16'), encoding='utf-8')), then train on it again.")
+    if suffix in (".csv", ".tsv"):
+        how = ("or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1', dtype=str, "
+               "keep_default_na=False): every field as the text written, '02134' not 2134) and pass the DataFrame's "
+               "name to --data")
+    else:
+        how = (f"e.g. from Latin-1 (Western European) in Python: p = pathlib.Path({str(path)!r}); "
+               "p.write_text(p.read_text(encoding='latin-1'), encoding='utf-8')")
+    return FtUsageError(f"{path} is not UTF-8 text. Save it as UTF-8, {how}.")
+
+
 def _csv_header(path: Path, sep: str, quoting: int) -> list:
     """The header row's column names, stripped of spaces (and of a byte-order mark)."""
     import csv
@@ -622,6 +640,8 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
+                if n == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the whole file is UTF-16
+                    raise _not_utf8(path, ".jsonl") from None
                 raise FtUsageError(
                     f"{path}, line {n}: not UTF-8 text (byte {exc.start + 1}). Save the file as UTF-8."
                 ) from None
@@ -797,11 +817,7 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
     except FtUsageError:
         raise
     except UnicodeDecodeError:
-        raise FtUsageError(
-            f"{path} is not UTF-8 text. Save it as UTF-8, "
-            "or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1', dtype=str, "
-            "keep_default_na=False): every field as the text written, '02134' not 2134) and pass the DataFrame's name "
-            "to --data.") from None
+        raise _not_utf8(path, suffix) from None
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow parser errors
