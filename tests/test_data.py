@@ -1912,3 +1912,11 @@ def test_a_file_not_in_utf8_is_refused_with_the_conversion_that_fits_it(tmp_path
     message = str(err.value)
     assert "not UTF-8" in message and "UTF-16" not in message
     assert ("read_csv" in message) == (name == "d.csv")  # pandas advice only for a CSV
+
+
+def test_overlong_drop_of_every_example_says_so_not_that_answers_are_missing(tok):
+    """Text dropped whole by overlong: drop was blamed on 'all answers empty ... check the answer fields'."""
+    rows = [{"text": "The quick brown fox jumps over the lazy dog. " * 20}] * 2
+    with pytest.raises(FtUsageError, match=r"no training example is left: 2 examples longer than max_seq_len=64 were "
+                                           r"dropped \(overlong: drop\)\. Use overlong: truncate or split"):
+        D.prepare(rows, tok, cfg(max_seq_len=64, overlong="drop"))

@@ -2172,6 +2172,14 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
                 "(empty, or missing). Add the answers, or train on every token with train_on: all."
                 + (f" Also: {unused_note}" if unused_note else "")
             )
+        if report.dropped_overlong:
+            text = fmt.split(" (")[0] == "text"
+            raise FtUsageError(
+                f"{desc}: no training example is left: {counted(report.dropped_overlong, 'example')} longer than "
+                f"max_seq_len={cfg.max_seq_len} {'was' if report.dropped_overlong == 1 else 'were'} dropped (overlong: "
+                f"drop){' and the rest had no answer' if report.dropped_overlong < len(train_records) else ''}. Use "
+                f"overlong: truncate{' or split (consecutive rows of the text)' if text else ''}, or a larger "
+                f"max_seq_len ({report.keep_whole(max(report.lengths))}).")
         if report.answer_starts:
             first = min(report.answer_starts)
             if report.context and first >= report.context:
