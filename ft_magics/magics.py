@@ -150,8 +150,24 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
-        raise UsageError(f"unexpected argument {bad!r}. See %{magic_func.__name__}? for usage.")
+        raise UsageError(f"unexpected argument {bad!r}{_unquoted_path(words, bad)}. See %{magic_func.__name__}? "
+                         "for usage.")
     return args
+
+
+def _unquoted_path(words: list, bad: str) -> str:
+    """A hint when ``bad`` is the rest of a path with a space that was not quoted (--data my data/x.jsonl)."""
+    import os
+
+    i = words.index(bad) if bad in words else 0
+    for start in range(i - 1, max(i - 4, 0) - 1, -1):  # "my data/x.jsonl", "my big data/x.jsonl"
+        joined = " ".join(words[start:i + 1])
+        if words[start].startswith("-"):
+            break
+        if os.path.exists(os.path.expanduser(joined)):
+            flag = f"{words[start - 1]} " if start and words[start - 1].startswith("-") else ""
+            return f": a path with spaces needs quotes ({flag}\"{joined}\")"
+    return ""
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}

@@ -1346,3 +1346,14 @@ def test_the_trainable_share_counts_the_adapter_in_the_whole(tiny_session):
     base = sum(p.numel() for n, p in tiny_session.model.named_parameters() if "lora_" not in n)
     assert run.trainable_params > base  # the case: an adapter larger than the model
     assert run.total_params == base + run.trainable_params and 50 < run.trainable_percent < 100
+
+
+def test_an_unquoted_path_with_a_space_is_named_with_the_quotes_it_needs(shell, tmp_path):
+    """--data my data/x.jsonl failed with "unexpected argument 'data/x.jsonl'" and no word of the quotes."""
+    (tmp_path / "my data").mkdir()
+    (tmp_path / "my data" / "x.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(UsageError, match=r"unexpected argument 'data/x\.jsonl': a path with spaces needs quotes "
+                                         r"\(--data \"my data/x\.jsonl\"\)"):
+        shell.run_line_magic("lora_train", "a --data my data/x.jsonl")
+    with pytest.raises(UsageError, match=r"unexpected argument 'other'\. See"):  # not a path: no hint
+        shell.run_line_magic("lora_train", "a --data rows other")
