@@ -837,8 +837,16 @@ class Session:
             held = eval_records if (eval_records or data is None) else train_records  # --data: all of it
             cases = answer_cases(held)[:int(answers)]
             if not cases:
+                from .core.events import counted
+
+                after_tool = sum(1 for r in held if len(r.messages or []) > 1 and r.messages[-1].get("role") == "assistant"
+                                 and r.messages[-2].get("role") == "tool")
                 raise FtUsageError("--answers scores answers to questions, and none of the held-out examples is a "
-                                   "question with an answer (prompt/completion or a chat ending with the assistant).")
+                                   "question with an answer (prompt/completion or a chat ending with the assistant"
+                                   " answering a user message)" + (
+                                       f"; {counted(after_tool, 'example')} {'ends' if after_tool == 1 else 'end'} with an answer to a tool result, which "
+                                       "--answers does not score (their eval loss, without --answers, does)"
+                                       if after_tool else "") + ".")
         if name not in (None, BASE):
             with self._model_busy("evaluate"):
                 self._require_adapter(name)

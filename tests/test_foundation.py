@@ -1079,7 +1079,13 @@ def test_lora_eval_answers_scores_greedy_answers_against_the_references(shell, t
     rep = s.evaluate("a", str(tmp_path / "d.jsonl"), general=False, answers=1)
     assert set(rep.answers) == {"base", "a"} and "greedy answers matching the reference" in rep.to_html()
     (tmp_path / "t.txt").write_text("just text\n\nmore text\n")
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    (tmp_path / "tc.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}) + "\n")
     for line, message in (("a --data t.txt --answers 2", "none of the held-out examples is a question"),
+                          ("a --data tc.jsonl --answers 1", r"; 1 example ends? with an answer to a tool result, "
+                                                            r"which --answers does not score"),
                           ("a --answers 2", "--answers needs held-out questions"),
                           ("a --data d.jsonl --answers -1", "--answers must be >= 0")):
         with pytest.raises(UsageError, match=message):
