@@ -1550,6 +1550,15 @@ def test_a_boolean_answer_in_json_says_to_write_it_as_text():
     with pytest.raises(FtUsageError, match=r"field 'completion' is a boolean \(true\), not text\. Write the answer "
                                            r"as the text the model should produce"):
         load([{"prompt": "is the sky blue?", "completion": True}])
+    with pytest.raises(FtUsageError, match=r"field 'prompt' is a boolean \(true\), not text\. Write it as the text the "
+                                           r"model should read"):  # a prompt is no answer
+        load([{"prompt": True, "completion": "x"}])
+
+
+def test_a_sentence_and_label_dataset_is_told_the_map_that_keeps_the_label():
+    """--map "sentence=text" was suggested: trained as text, the label column is silently dropped."""
+    with pytest.raises(FtUsageError, match=r'--map "sentence=prompt,label=completion"'):
+        load([{"sentence": "good movie", "label": "positive"}])
 
 
 def test_format_fields_are_found_in_any_letter_case():

@@ -922,6 +922,8 @@ def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[
     if prompt and answer:
         return f"{prompt}=prompt,{answer}=completion"
     text = next((by_lower[n] for n in TEXT_NAMES if n in by_lower), None)
+    if text and answer:  # sentence + label: the label answers the text (as text alone, it would be dropped)
+        return f"{text}=prompt,{answer}=completion"
     if text:
         return f"{text}=text"
     names = list(by_lower.values())  # in the data's column order: the question usually comes first
@@ -1037,9 +1039,10 @@ def _string_field(row: dict, key: str, where: str, required: bool = True) -> str
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return str(val)
     if isinstance(val, bool):  # true/false or True/False: which spelling the model should learn is the user's call
-        raise FtUsageError(f"{where}: field {key!r} is a boolean ({json.dumps(val)}), not text. Write the answer "
-                           f"as the text the model should produce, e.g. \"{'yes' if val else 'no'}\" or "
-                           f"\"{json.dumps(val)}\".")
+        what = ("the answer as the text the model should produce" if key in ("completion", "chosen", "rejected", "output")
+                else "it as the text the model should read")
+        raise FtUsageError(f"{where}: field {key!r} is a boolean ({json.dumps(val)}), not text. Write {what}, e.g. "
+                           f"\"{'yes' if val else 'no'}\" or \"{json.dumps(val)}\".")
     if not isinstance(val, str):
         raise FtUsageError(f"{where}: field {key!r} must be a string, got {type(val).__name__}.")
     return val
