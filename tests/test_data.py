@@ -637,7 +637,7 @@ def test_pack_property():
 def test_train_on_all(tok):
     rec = D.normalise(CHAT)[0][1]
     ex = D.tokenize_record(tok, rec, train_on="all")
-    assert ex.labels == ex.input_ids and ex.n_loss_tokens == len(ex.input_ids)
+    assert ex.labels == ex.input_ids and ex.n_loss_tokens == len(ex.input_ids) - 1  # the first is never predicted
 
 
 def test_plain_rendering_without_chat_template(plain_tok):

@@ -1379,7 +1379,8 @@ class TokenizedExample:
 
     @property
     def n_loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != -100)
+        """The tokens the loss predicts: the first of a row has no token before it to be predicted from."""
+        return sum(1 for x in self.labels[1:] if x != -100)
 
     def features(self) -> dict:
         out = {"input_ids": self.input_ids, "labels": self.labels}
