@@ -139,6 +139,29 @@ def test_resume_with_other_data_or_settings_warns(tiny_session):
     assert warn and "different data (the rows changed), learning_rate" in warn[0] and "fingerprint" not in warn[0], _messages(rec)
 
 
+def _lrs(rec):
+    return {e.step: e.learning_rate for e in rec.events if type(e).__name__ == "StepEnd"}
+
+
+def test_resume_follows_a_changed_learning_rate_and_max_steps_from_its_first_step(tiny_session):
+    """The checkpoint's scheduler carried the old base learning rate: a learning_rate changed on --resume was
+    ignored (the record said the new one), and a changed max_steps took effect one step late."""
+    s = tiny_session
+    runs = {}
+    for name, cfg in (("lr1", CFG), ("lr2", dict(CFG, learning_rate=2e-2)), ("six", dict(CFG, max_steps=6))):
+        runs[name] = Recorder()
+        s.train(name, DATA, cfg, listeners=[runs[name]])
+    for target, cfg in (("lr2", dict(CFG, learning_rate=2e-2)), ("six", dict(CFG, max_steps=6))):
+        part = s.train("part-" + target, DATA, CFG, listeners=[StopAt(s, 3)])
+        rec = Recorder()
+        resumed = s.train("part-" + target, DATA, cfg, resume=True, listeners=[rec])
+        got, want = _lrs(rec), _lrs(runs[target])
+        assert got and min(got) == part.steps + 1
+        for step, lr in got.items():  # the uninterrupted run's schedule from the resumed step on
+            assert lr == pytest.approx(want[step], rel=1e-6), (target, step, got, want)
+        assert resumed.record["settings"]["learning_rate"] == cfg["learning_rate"]
+
+
 def test_resume_with_no_steps_left_is_refused_and_keeps_the_checkpoint(tiny_session):
     s = tiny_session
     s.train("bot", DATA, dict(CFG, max_steps=6), listeners=[StopAt(s, 3)])

@@ -996,30 +996,43 @@ def holding_loss_blocks(trainer):
     return hold() if hold is not None else contextlib.nullcontext()
 
 
-def warmup_from_first_step():
-    """A callback that makes the warm-up's first optimizer step count.
+def schedule_as_set():
+    """A callback that makes the learning-rate schedule the one the settings give, from the first step.
 
-    transformers' warm-up multiplies the learning rate by step / warmup_steps, so step 0 runs at a learning
-    rate of 0: one wasted step in every run, and the whole run when it is a one-step smoke test (any run
-    under 34 steps gets exactly one warm-up step at the default 3%). Shifted by one, the warm-up rises
-    1/w, 2/w, ..., 1 and every step trains; the schedule after the warm-up is unchanged.
+    - transformers' warm-up multiplies the learning rate by step / warmup_steps, so step 0 runs at a learning
+      rate of 0: one wasted step in every run, and the whole run when it is a one-step smoke test (any run
+      under 34 steps gets exactly one warm-up step at the default 3%). Shifted by one, the warm-up rises
+      1/w, 2/w, ..., 1 and every step trains; the schedule after the warm-up is unchanged.
+    - A resumed run loads the checkpoint's scheduler, whose base learning rate is the interrupted run's, and the
+      optimizer's, whose current rate is the old schedule's: a learning_rate changed on --resume was ignored
+      while the record showed the new one, and a changed max_steps took effect one step late. The base rate
+      is set to ``args.learning_rate`` and the current rate recomputed from the schedule at the resumed step.
     """
     from transformers import TrainerCallback
 
-    class WarmupFromFirstStep(TrainerCallback):
+    class ScheduleAsSet(TrainerCallback):
+        def __init__(self):
+            # which schedulers were set (not a mark on the scheduler: its state_dict saves every attribute, so a
+            # resumed run's scheduler came back marked, and neither the warm-up shift nor the new rate applied)
+            self.done = set()
+
         def on_train_begin(self, args, state, control, lr_scheduler=None, optimizer=None, **kwargs):
             sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate may wrap it
             lambdas = getattr(sched, "lr_lambdas", None)
-            w = args.get_warmup_steps(state.max_steps)
-            if not lambdas or w < 1 or optimizer is None or getattr(sched, "_ft_shifted", False):
+            if not lambdas or optimizer is None or id(sched) in self.done:
                 return
-            sched.lr_lambdas = [(lambda step, f=f: f(step + 1) if step < w else f(step)) for f in lambdas]
-            sched._ft_shifted = True
+            self.done.add(id(sched))
+            sched.base_lrs = [args.learning_rate] * len(sched.base_lrs)
+            for group in optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
+            w = args.get_warmup_steps(state.max_steps)
+            if w >= 1:
+                sched.lr_lambdas = [(lambda step, f=f: f(step + 1) if step < w else f(step)) for f in lambdas]
             for group, base, f in zip(optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base * f(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
-    return WarmupFromFirstStep()
+    return ScheduleAsSet()
 
 
 def _sagemaker_mp() -> bool:

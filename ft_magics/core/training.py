@@ -914,7 +914,7 @@ def run_training(
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None, model_config)
     # make_trainer: the chunked loss (no full-vocabulary logits for the batch) and the other speed levers
-    from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, warmup_from_first_step
+    from .speed import drop_optimizer_state, holding_loss_blocks, make_trainer, schedule_as_set
 
     keeper = BestKeeper(peft_model, cfg) if (cfg.keep_best or cfg.early_stopping) else None
     if keeper is not None and resume_from is not None:
@@ -926,7 +926,7 @@ def run_training(
         preference=(cfg.objective, cfg.pair_beta, cfg.simpo_gamma) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         # the best weights go into a checkpoint before its callback marks it complete
-        callbacks=[warmup_from_first_step(), callback] + ([keeper.callback()] if keeper is not None else [])
+        callbacks=[schedule_as_set(), callback] + ([keeper.callback()] if keeper is not None else [])
         + [ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
