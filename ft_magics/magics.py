@@ -469,15 +469,14 @@ class FtMagics(Magics):
         body = _training_body(args, cell)
         cfg = TrainConfig.from_dict(body)
         cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
-        from .core.jobs import load_job
+        from .core.jobs import load_job, run_commands
         from .widgets.text import TextReporter
 
         path = self.session.export_job(args.name, args.dir, args.data, cfg, eval_data=args.eval,
                                        processes=args.processes, output_dir=args.output_dir, listeners=[TextReporter()])
         spec = load_job(path)
         print(f"job written to {path}\n  adapter will be saved to {spec.adapter_dir}\n  run it with:\n"
-              f"    ft-magics train {path}\n"
-              f"    accelerate launch --config_file {path.parent / 'accelerate.yaml'} -m ft_magics.train {path}")
+              + "\n".join(f"    {command}" for command in run_commands(path)))
 
     # ------------------------------------------------------------------ %%lora_generate
     @magic_arguments()

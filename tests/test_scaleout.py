@@ -414,3 +414,20 @@ def test_ddp_searches_for_unused_weights_only_in_mixture_of_experts_models(tmp_p
     assert find_unused(SimpleNamespace(num_hidden_layers=2)) is False
     assert find_unused(SimpleNamespace(num_local_experts=8)) is True  # Mixtral
     assert find_unused(SimpleNamespace(num_experts=0)) is False
+
+
+def test_the_printed_run_commands_quote_a_job_folder_with_a_space(shell, tiny_model_dir, tmp_path, capsys):
+    """`ft-magics train .../with space/job.yaml` was printed unquoted (and so in job.yaml's header): pasted into a
+    shell it failed with 'unrecognized arguments: space/job.yaml'."""
+    import shlex
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_cell_magic("lora_export_job", 'j "jobs/with space" --data demo:support', "max_steps: 2\n")
+    out = capsys.readouterr().out
+    job = tmp_path / "jobs" / "with space" / "job.yaml"
+    header = [l[len("#   "):] for l in job.read_text().splitlines() if l.startswith("#   ")]
+    printed = [l.strip() for l in out.splitlines() if l.strip().startswith(("ft-magics train", "accelerate launch"))]
+    assert len(printed) == len(header) == 2 and printed == header
+    assert shlex.split(printed[0]) == ["ft-magics", "train", str(job)]
+    assert shlex.split(printed[1])[-1] == str(job) and str(job.parent / "accelerate.yaml") in shlex.split(printed[1])

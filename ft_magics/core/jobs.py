@@ -232,14 +232,22 @@ def _yaml(data: dict, header: str = "") -> str:
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+def run_commands(job_path: Path) -> list:
+    """The shell commands that run the job at ``job_path``, its paths quoted where they need it (a space)."""
+    import shlex
+
+    return [f"ft-magics train {shlex.quote(str(job_path))}",
+            f"accelerate launch --config_file {shlex.quote(str(job_path.parent / ACCELERATE_FILE))} -m ft_magics.train "
+            f"{shlex.quote(str(job_path))}"]
+
+
 def write_job(job_dir: os.PathLike | str, spec: JobSpec, gpus: int = 0) -> Path:
     """Write ``job.yaml`` and the accelerate configs into ``job_dir``; returns the job.yaml path."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     header = (f"# ft_magics training job {spec.name!r}. Run it with:\n"
-              f"#   ft-magics train {job_dir / JOB_FILE}\n"
-              f"#   accelerate launch --config_file {job_dir / ACCELERATE_FILE} -m ft_magics.train {job_dir / JOB_FILE}\n"
-              f"# batch_size is per process: the global batch is batch_size x grad_accum x processes.\n")
+              + "".join(f"#   {command}\n" for command in run_commands(job_dir / JOB_FILE))
+              + "# batch_size is per process: the global batch is batch_size x grad_accum x processes.\n")
     for fname, cfg in accelerate_configs(spec.processes, gpus).items():
         what = ACCELERATE_LAYOUTS.get(fname, "the layout matching the machine this job was written on")
         atomic_write_text(job_dir / fname, _yaml(cfg, f"# accelerate config: {what}\n"))
