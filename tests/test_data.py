@@ -1929,3 +1929,18 @@ def test_overlong_drop_of_every_example_says_so_not_that_answers_are_missing(tok
     with pytest.raises(FtUsageError, match=r"no training example is left: 2 examples longer than max_seq_len=64 were "
                                            r"dropped \(overlong: drop\)\. Use overlong: truncate or split"):
         D.prepare(rows, tok, cfg(max_seq_len=64, overlong="drop"))
+
+
+def test_a_plain_model_is_asked_in_the_layout_it_was_trained_on(plain_tok):
+    """Without a chat template, training writes each answer followed by a blank line, and the prompt of a later
+    turn (chat, --answers on multi-turn rows) joined earlier messages with single line breaks: a layout the
+    adapter never saw. The prompt is now the training text up to where the answer starts."""
+    from ft_magics.core.inference import build_prompt
+
+    msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"}]
+    text, spans = D._render_plain(msgs)
+    assert build_prompt(plain_tok, "Q2", "SYS", msgs[1:3]) == text[:spans[-1][0]] == "SYS\n\nQ1\nA1\n\nQ2\n"
+    text, spans = D._render_plain(msgs[1:2] + [{"role": "assistant", "content": "A"}])
+    assert build_prompt(plain_tok, "Q1") == text[:spans[-1][0]]

@@ -1502,19 +1502,19 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def plain_turn(m: dict) -> str:
+    """A message as plain text, with the line break(s) after it: how a tokenizer without a chat template sees a
+    conversation, in training (:func:`_render_plain`) and in the prompts it is asked (``inference.build_prompt``)."""
+    return m["content"] + ("\n\n" if m["role"] in ("assistant", "system") else "\n")
+
+
 def _render_plain(messages: list) -> tuple[str, list]:
     """Plain prompt+answer text for tokenizers without a chat template; spans of answer text."""
     text, spans = "", []
     for m in messages:
         if m["role"] == "assistant":
-            start = len(text)
-            text += m["content"]
-            spans.append((start, len(text)))
-            text += "\n\n"
-        elif m["role"] == "system":
-            text += m["content"] + "\n\n"
-        else:
-            text += m["content"] + "\n"
+            spans.append((len(text), len(text) + len(m["content"])))
+        text += plain_turn(m)
     return text.rstrip("\n"), spans
 
 

@@ -140,12 +140,14 @@ class Sampling:
 def build_prompt(tokenizer, prompt: str, system: Optional[str] = None, history: Sequence[dict] = ()) -> str:
     """The text the model sees: the chat template where the tokenizer has one, else the plain prompt.
     ``history``: earlier messages of a conversation (``{"role": "user"|"assistant", "content": ...}``)."""
+    messages = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": m["role"], "content": m["content"]} for m in history]
+                + [{"role": "user", "content": prompt}])
     if getattr(tokenizer, "chat_template", None):
-        messages = (([{"role": "system", "content": system}] if system else [])
-                    + [{"role": m["role"], "content": m["content"]} for m in history]
-                    + [{"role": "user", "content": prompt}])
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (system + "\n\n" if system else "") + "".join(m["content"] + "\n" for m in history) + prompt + "\n"
+    from .data import plain_turn  # the layout training used: the text before the answer, as it was trained
+
+    return "".join(plain_turn(m) for m in messages)
 
 
 def adds_special_tokens(tokenizer) -> bool:
