@@ -237,6 +237,22 @@ def split_leading_flags(magic_func, line: str, message_optional: bool = False) -
         f"begins cannot be told. Quote it: %{magic_func.__name__} {flag} \"{word} ...\" then the message.")
 
 
+def cell_flags(magic_func, line: str) -> str:
+    """The first line of a cell magic whose body is the message: flags only, where an unquoted ``--system`` takes
+    the rest of the line (``%%lora_chat --system Be terse.``: no message follows it on that line to be told apart)."""
+    flags, text = split_leading_flags(magic_func, line, message_optional=True)
+    if not text:
+        return flags
+    try:  # an unknown flag is named as such; only words that are no flag's get the message below
+        parse_args(magic_func, line)
+        return line
+    except UsageError as exc:
+        if not str(exc).startswith("unexpected argument"):
+            raise
+    raise UsageError(f"{text!r} on the first line of %%{magic_func.__name__}: that line holds flags only; the "
+                     "message goes in the cell body below it.")
+
+
 def _open_prose_flag(flags: str) -> Optional[tuple]:
     """``(offset, flag, value)`` when the last of ``flags`` is a sentence-valued flag with an unquoted value."""
     tokens = [(m.start(1), m.group(1)) for m in _TOKEN.finditer(flags)]
@@ -505,7 +521,7 @@ class FtMagics(Magics):
         if cell is None:  # line form: the flags first, then the message as typed
             line, prompt = split_leading_flags(self.lora_generate, line)
         else:
-            prompt = cell
+            line, prompt = cell_flags(self.lora_generate, line), cell
         args = parse_args(self.lora_generate, line)
         if not prompt.strip():
             raise UsageError("give the user message after the flags (%lora_generate --adapter NAME How do I ...?) "
@@ -552,7 +568,7 @@ class FtMagics(Magics):
         if cell is None:
             line, message = split_leading_flags(self.lora_chat, line, message_optional=True)
         else:
-            message = cell
+            line, message = cell_flags(self.lora_chat, line), cell
         args = parse_args(self.lora_chat, line)
         session = self.session
         if not message.strip():
@@ -677,6 +693,8 @@ class FtMagics(Magics):
         """
         if cell is None:  # line form: the flags first, then one prompt as typed
             line, cell = split_leading_flags(self.lora_compare, line)
+        else:
+            line = cell_flags(self.lora_compare, line)
         args = parse_args(self.lora_compare, line)
         adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters is not None else None
         if adapters == []:  # "--adapters ," compared the base alone without a word

@@ -118,6 +118,25 @@ def test_an_unquoted_system_prompt_is_not_cut_after_its_first_word(shell, tiny_m
             shell.run_line_magic(magic, "--system You are a pirate. Say hello")
 
 
+def test_a_cell_magic_s_first_line_takes_an_unquoted_system_prompt_whole(shell, tiny_model_dir, monkeypatch):
+    """%%lora_chat --system Be terse. (the message in the body) failed with "unexpected argument 'terse.'"; so did
+    %%lora_generate and %%lora_compare. On a cell's first line no message follows, so the sentence is the value."""
+    from ft_magics.core import inference
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    seen = []
+    real = inference.build_prompt
+    monkeypatch.setattr(inference, "build_prompt", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for magic in ("lora_generate", "lora_compare", "lora_chat"):
+        seen.clear()
+        shell.run_cell_magic(magic, "--system Be terse, please. --max-new-tokens 2", "Hi")
+        assert seen and all("Be terse, please." in p for p in seen), (magic, seen)
+    assert shell.magics_manager.registry["FtMagics"].session.conversation.system == "Be terse, please."
+    with pytest.raises(UsageError, match=r"'hello there' on the first line of %%lora_generate: that line holds flags "
+                                         r"only; the message goes in the cell body"):
+        shell.run_cell_magic("lora_generate", "--max-new-tokens 2 hello there", "Hi")
+
+
 # --------------------------------------------------------------------------- argument errors
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
     with pytest.raises(UsageError, match=r"unknown flag --bitz \(did you mean '--bits'\?\)"):
