@@ -126,7 +126,7 @@ class Session:
         from .core.events import Message, emit
 
         listeners = _default_listeners(listeners)
-        name = validate_name(name)
+        name = validate_name(name, self.handle.model if self.handle is not None else None)
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
         if overrides:
             cfg = TrainConfig.from_dict(overrides, base=cfg)
@@ -387,7 +387,7 @@ class Session:
         path = user_path(path)
         if not path.exists() and len(path.parts) == 1 and (self.adapters_dir / path).is_dir():
             path = self.adapters_dir / path  # a name 'list' shows on disk: its folder in the adapters folder
-        name = validate_name(name or name_from_folder(path))
+        name = validate_name(name or name_from_folder(path), self.handle.model if self.handle is not None else None)
         config = read_adapter_folder(path)
         check_finite(path)
         with self._model_busy("load an adapter"):
@@ -677,7 +677,7 @@ class Session:
         from .core.training import versions
 
         weights = parse_weights(weights)
-        name = validate_name(name)
+        name = validate_name(name, self.handle.model if self.handle is not None else None)
         with self._model_busy("combine adapters"):
             self._check_not_merged("combine adapters")
             if name in self.adapters:

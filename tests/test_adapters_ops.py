@@ -49,7 +49,7 @@ def made_by_peft(tiny_model_dir, tmp_path_factory):
     return {
         "a": peft_adapter(tiny_model_dir, root / "a", seed=1),
         "b": peft_adapter(tiny_model_dir, root / "b", seed=2),
-        "mlp": peft_adapter(tiny_model_dir, root / "mlp", seed=3, r=8, targets=("gate_proj", "up_proj", "down_proj")),
+        "mlp-only": peft_adapter(tiny_model_dir, root / "mlp-only", seed=3, r=8, targets=("gate_proj", "up_proj", "down_proj")),
     }
 
 
@@ -99,19 +99,19 @@ def test_combine_methods_and_refusals(tiny_session, made_by_peft):
     import torch
 
     tiny_session.load_adapter(made_by_peft["a"], "a")
-    tiny_session.load_adapter(made_by_peft["mlp"], "mlp")
+    tiny_session.load_adapter(made_by_peft["mlp-only"], "mlp-only")
     with pytest.raises(FtUsageError, match="same r") as err:
-        tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "bad", method="linear")
+        tiny_session.combine_adapters({"a": 0.5, "mlp-only": 0.5}, "bad", method="linear")
     assert ".." not in str(err.value)  # PEFT's sentence keeps one full stop
     import shutil
 
-    for src, dst in (("a", "disk-a"), ("mlp", "disk-mlp")):  # only in the adapters folder: loaded for the combine
+    for src, dst in (("a", "disk-a"), ("mlp-only", "disk-mlp")):  # only in the adapters folder: loaded for the combine
         shutil.copytree(made_by_peft[src], tiny_session.adapters_dir / dst)
     with pytest.raises(FtUsageError, match="same r"):
         tiny_session.combine_adapters({"disk-a": 0.5, "disk-mlp": 0.5}, "bad", method="linear")
     assert "disk-a" not in tiny_session.adapters and "disk-mlp" not in tiny_session.adapters  # as it found them
     assert "disk-a" in tiny_session.adapters_on_disk()
-    assert tiny_session.combine_adapters({"a": 0.5, "mlp": 0.5}, "cat-mix", method="cat") == "cat-mix"
+    assert tiny_session.combine_adapters({"a": 0.5, "mlp-only": 0.5}, "cat-mix", method="cat") == "cat-mix"
     assert tiny_session.adapters.active == "cat-mix"
     tiny_session.load_adapter(made_by_peft["b"], "b")
     before = logits(tiny_session.model)
@@ -320,12 +320,12 @@ def test_fast_swaps_match_plain_peft_for_every_adapter(tiny_session, tiny_model_
     import torch
     from peft import PeftModel
 
-    for name in ("a", "b", "mlp"):
+    for name in ("a", "b", "mlp-only"):
         tiny_session.load_adapter(made_by_peft[name], name)
     want = {n: logits(PeftModel.from_pretrained(pristine(tiny_model_dir), str(made_by_peft[n])).eval())
-            for n in ("a", "b", "mlp")}
+            for n in ("a", "b", "mlp-only")}
     base = logits(pristine(tiny_model_dir))
-    for name in ("b", "a", "base", "mlp", "a", "base", "b"):
+    for name in ("b", "a", "base", "mlp-only", "a", "base", "b"):
         ms = tiny_session.use(name)
         assert ms < 50
         assert torch.equal(logits(tiny_session.model), base if name == "base" else want[name]), name
@@ -600,3 +600,27 @@ def test_an_adapter_named_like_part_of_lora_trains_saves_and_reloads_the_same_wi
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "should not be contained in the prefix" not in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["1", "mlp", "layers", "q_proj"])
+def test_a_name_that_is_part_of_the_layer_paths_is_refused_before_it_can_spoil_other_adapters(tiny_model_dir, tmp_path,
+                                                                                              bad):
+    """PEFT drops every saved key holding '.NAME.' of another loaded adapter: with an adapter named '1' (or 'mlp')
+    in the session, every adapter saved afterwards lacked layer 1's (the MLP's) weights, and loaded without a word."""
+    from safetensors import safe_open
+
+    from ft_magics.session import Session
+
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=32)
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    cfg = dict(max_steps=1, batch_size=2, r=4, max_seq_len=32)
+    with pytest.raises(FtUsageError, match=rf"adapter name '{bad}' is also part of the model's layer names \("):
+        s.train(bad, rows, cfg)
+    ok = s.train("bot", rows, cfg)
+    with safe_open(str(tmp_path / "adapters" / "bot" / "adapter_model.safetensors"), "pt") as f:
+        layers = {k.split("layers.")[1].split(".")[0] for k in f.keys()}
+    assert ok.status == "completed" and layers == {"0", "1"}  # the tiny model's two layers, both saved
+    with pytest.raises(FtUsageError, match="is also part of the model's layer names"):
+        s.load_adapter(str(tmp_path / "adapters" / "bot"), name=bad)
+    s.train("bot", rows, cfg)  # an adapter's own name is no layer name: retraining it is fine

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import FtUsageError, did_you_mean
 from .atomic import COMPLETE_MARKER
@@ -27,8 +27,9 @@ BASE = "base"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's layer dictionaries refuse it
 
 
-def validate_name(name: str) -> str:
-    """An adapter name is also a folder name: no separators, no '..', no hidden names, not 'base'."""
+def validate_name(name: str, model: Any = None) -> str:
+    """An adapter name is also a folder name: no separators, no '..', no hidden names, not 'base'. With ``model``,
+    not a part of its layers' paths either (see :func:`_layer_path_parts`)."""
     name = (name or "").strip()
     if not name:
         raise FtUsageError("an adapter name is required, e.g. %%lora_train support-bot --data ...")
@@ -42,7 +43,26 @@ def validate_name(name: str) -> str:
             f"adapter name {name!r} is not allowed{hint}: use letters, digits, '-' or '_', start with a letter "
             "or digit, at most 64 characters."
         )
+    if model is not None:
+        where = _layer_path_parts(model).get(name)
+        if where is not None:
+            raise FtUsageError(
+                f"adapter name {name!r} is also part of the model's layer names ({where}): PEFT tells an adapter's "
+                "weights apart by its name between the dots, so saving any other adapter would leave out those "
+                f"layers' weights. Choose another name, e.g. {name + '-lora' if not name.isdigit() else 'run-' + name!r}.")
     return name
+
+
+def _layer_path_parts(model: Any) -> dict:
+    """``{part: a module path holding it}`` of every dot-separated part of the model's module paths
+    (``model``, ``layers``, ``0``, ``mlp``, ``lora_A``...), the names of the adapters it holds left out."""
+    held = set(getattr(model, "peft_config", None) or {})
+    parts: dict = {}
+    for path, _ in model.named_modules():
+        for part in path.split("."):
+            if part and part not in held:
+                parts.setdefault(part, path)
+    return parts
 
 
 def name_from_folder(path) -> str:

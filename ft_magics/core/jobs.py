@@ -263,7 +263,7 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
     variable), ``cfg``. ``output_dir`` defaults to ``adapters`` inside the job folder."""
     from .adapters import validate_name
 
-    name = validate_name(name)
+    name = validate_name(name, getattr(handle, "model", None))
     if data is None:
         raise FtUsageError("--data is required: a file, demo:NAME, or a notebook variable. Try --data demo:support.")
     try:

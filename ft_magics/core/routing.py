@@ -185,7 +185,7 @@ class AdapterRouter:
         """None when the session holds ``name`` itself; else its folder in the store (checked)."""
         if name in self.host.adapters:
             return None
-        validate_name(name)
+        validate_name(name, self.host.model)
         path = self.store / name
         if not (path / "adapter_config.json").exists():
             known = sorted(p.name for p in self.store.iterdir() if (p / "adapter_config.json").exists()) \
