@@ -175,11 +175,15 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: Optional[dict], base: Optional["TrainConfig"] = None) -> "TrainConfig":
-        """Merge ``data`` over ``base`` (or the defaults), validating every key and value."""
+    def from_dict(cls, data: Optional[dict], base: Optional["TrainConfig"] = None,
+                  check: bool = True) -> "TrainConfig":
+        """Merge ``data`` over ``base`` (or the defaults), validating every key and value; ``check=False`` leaves
+        the checks across settings (keep_best needs eval_steps) to the merge of what overrides these (flags
+        over a cell body: the body alone may lack what a flag gives)."""
         cfg = dataclasses.replace(base) if base is not None else cls()
         if not data:
-            cfg.validate()
+            if check:
+                cfg.validate()
             return cfg
         if not isinstance(data, dict):
             raise not_settings(data)
@@ -203,7 +207,8 @@ class TrainConfig:
                 )
             seen[key] = raw_key
             setattr(cfg, key, _coerce(key, fields[key], value))
-        cfg.validate()
+        if check:
+            cfg.validate()
         return cfg
 
     def to_dict(self) -> dict:

@@ -424,7 +424,7 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_train, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body)
+        cfg = TrainConfig.from_dict(body, check=False)  # checked with the flags over it
         overrides = _config_overrides(args)
         cfg = TrainConfig.from_dict(overrides, base=cfg)
         for note in overridden_notes({canonical_key(k) for k in body} | set(overrides), cfg):
@@ -483,7 +483,7 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_export_job, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body)
+        cfg = TrainConfig.from_dict(body, check=False)  # checked with the flags over it
         cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
         from .core.jobs import load_job, run_commands
         from .widgets.text import TextReporter

@@ -127,7 +127,7 @@ class Session:
 
         listeners = _default_listeners(listeners)
         name = validate_name(name, self.handle.model if self.handle is not None else None)
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
         if overrides:
             cfg = TrainConfig.from_dict(overrides, base=cfg)
         self._require_model()
@@ -319,7 +319,7 @@ class Session:
         for ``ft-magics train`` / ``accelerate launch``; returns the job.yaml path."""
         from .core.jobs import export_job
 
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
         cfg = TrainConfig.from_dict(overrides, base=cfg) if overrides else cfg
         self._require_model()
         self.prepare_data(data, cfg, eval_data)  # a data mistake is found here, not in N processes later

@@ -1382,3 +1382,17 @@ def test_an_unquoted_path_with_a_space_is_named_with_the_quotes_it_needs(shell, 
         shell.run_line_magic("lora_train", "a --data my data/x.jsonl")
     with pytest.raises(UsageError, match=r"unexpected argument 'other'\. See"):  # not a path: no hint
         shell.run_line_magic("lora_train", "a --data rows other")
+
+
+def test_flags_complete_the_body_before_settings_are_checked_against_each_other(shell, tiny_model_dir, capsys):
+    """keep_best in the body with --eval-steps on the line was refused ("set eval_steps: N too"): the body was
+    checked alone before the flags that win over it were applied. The same for the Python API's keywords."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    shell.run_cell_magic("lora_train", "x --data rows --eval-steps 2 --eval-fraction 0.2 --dry-run", "keep_best: true\n")
+    assert "keep_best" not in capsys.readouterr().err
+    shell.run_cell_magic("lora_train", "x --data rows --objective sft --dry-run", "objective: dpo\ntrain_on: all\n")
+    with pytest.raises(UsageError, match="keep_best compares evaluations made during training"):  # still checked
+        shell.run_cell_magic("lora_train", "x --data rows --eval-fraction 0.2 --dry-run", "keep_best: true\n")
+    s = shell.magics_manager.registry["FtMagics"].session
+    s.train("x", ROWS, {"keep_best": True}, eval_steps=2, eval_fraction=0.2, dry_run=True)
