@@ -1396,3 +1396,22 @@ def test_flags_complete_the_body_before_settings_are_checked_against_each_other(
         shell.run_cell_magic("lora_train", "x --data rows --eval-fraction 0.2 --dry-run", "keep_best: true\n")
     s = shell.magics_manager.registry["FtMagics"].session
     s.train("x", ROWS, {"keep_best": True}, eval_steps=2, eval_fraction=0.2, dry_run=True)
+
+
+def test_a_16_bit_base_trains_and_evaluates_without_bitsandbytes(tiny_model_dir, tmp_path, monkeypatch):
+    """Troubleshooting says --bits 16 needs no bitsandbytes, but training and %lora_eval imported it (to undo a
+    4-bit packing there was none of) and failed with ModuleNotFoundError."""
+    import sys
+
+    from ft_magics.session import Session
+
+    for mod in [m for m in list(sys.modules) if m == "bitsandbytes" or m.startswith("bitsandbytes.")] + ["bitsandbytes"]:
+        monkeypatch.setitem(sys.modules, mod, None)  # as if it were not installed
+    with pytest.raises(ImportError):
+        import bitsandbytes  # noqa: F401
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(tiny_model_dir), bits=16)
+    run = s.train("nb", ROWS, {"max_steps": 2, "batch_size": 2, "r": 4, "max_seq_len": 64, "eval_fraction": 0.25})
+    assert run.status == "completed"
+    report = s.evaluate("nb", ROWS, general=False)
+    assert report is not None

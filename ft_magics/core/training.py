@@ -197,16 +197,16 @@ def unpack_cpu_4bit(model) -> int:
     """
     import copy
 
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     n = 0
-    for mod in _linear4bit_modules(model):
+    for mod in _linear4bit_modules(model):  # (none without bitsandbytes: a 16-bit base trains without it)
         qs = getattr(mod.weight, "quant_state", None)
         if cpu_packed(qs):
             kept = getattr(mod, "_ft_unpacked", None)
             if kept is not None:
                 mod.weight.data, mod.weight.quant_state = kept[0], copy.copy(kept[1])
             else:
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
                 mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data, qs)
             mod.quant_state = mod.weight.quant_state
             n += 1
