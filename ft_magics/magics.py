@@ -150,9 +150,21 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
-        raise UsageError(f"unexpected argument {bad!r}{_unquoted_path(words, bad)}. See %{magic_func.__name__}? "
-                         "for usage.")
+        hint = _unquoted_path(words, bad) or _list_hint(parser, words, bad)
+        raise UsageError(f"unexpected argument {bad!r}{hint}. See %{magic_func.__name__}? for usage.")
     return args
+
+
+LIST_SETTINGS = ("cfg_target_modules",)  # settings whose flag takes a comma-separated list
+
+
+def _list_hint(parser, words: list, bad: str) -> str:
+    """A hint when ``bad`` is a second item of a list setting written with a space (--target-modules q_proj v_proj)."""
+    i = words.index(bad) if bad in words else 0
+    action = parser._option_string_actions.get(words[i - 2]) if i >= 2 else None
+    if action is not None and action.dest in LIST_SETTINGS:
+        return f": a list is written with commas ({words[i - 2]} {words[i - 1]},{bad})"
+    return ""
 
 
 def _unquoted_path(words: list, bad: str) -> str:
@@ -303,7 +315,12 @@ def _config_flags(func):
         # the names users bring from transformers / peft (--lr, --lora-alpha, ...) as second spellings
         flags = [flag] + ["--" + a.replace("_", "-") for a, target in ALIASES.items() if target == f.name]
         help_text = f"{f.metadata['help']} Default: {f.default!r}.".replace("%", "%%")
-        if isinstance(f.default, bool) or f.metadata.get("tristate"):  # tristate: auto unless a flag says
+        if f.metadata.get("tristate"):  # true / false / auto: --flag [VALUE], and --no-flag for false
+            func = argument(*["--no-" + s[2:] for s in flags], dest=f"cfg_{f.name}", action="store_const",
+                            const=False, default=None, help=argparse.SUPPRESS)(func)
+            func = argument(*flags, dest=f"cfg_{f.name}", nargs="?", const=True, default=None, metavar="true|false|auto",
+                            help=f"{help_text} --no-{f.name.replace('_', '-')} turns it off.")(func)
+        elif isinstance(f.default, bool):
             func = argument(*flags, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                             help=help_text)(func)
         else:

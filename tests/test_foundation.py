@@ -1415,3 +1415,22 @@ def test_a_16_bit_base_trains_and_evaluates_without_bitsandbytes(tiny_model_dir,
     assert run.status == "completed"
     report = s.evaluate("nb", ROWS, general=False)
     assert report is not None
+
+
+def test_gradient_checkpointing_takes_auto_on_the_line_and_a_list_flag_says_to_use_commas(shell, tiny_model_dir):
+    """--gradient-checkpointing auto (its default, documented) was 'unexpected argument', so a body's true could not
+    be set back to auto from the line; --target-modules q_proj v_proj gave no hint of the commas."""
+    from ft_magics.magics import parse_args
+
+    train = shell.magics_manager.registry["FtMagics"].lora_train
+    for line, want in (("x --gradient-checkpointing auto", "auto"), ("x --gradient-checkpointing", True),
+                       ("x --no-gradient-checkpointing", False), ("x --gradient-checkpointing=false", "false")):
+        assert parse_args(train, line).cfg_gradient_checkpointing == want, line
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    shell.run_cell_magic("lora_train", "x --data rows --gradient-checkpointing auto --dry-run", "gradient_checkpointing: true\n")
+    with pytest.raises(UsageError, match=r"gradient_checkpointing"):
+        shell.run_line_magic("lora_train", "x --data rows --gradient-checkpointing maybe --dry-run")
+    with pytest.raises(UsageError, match=r"unexpected argument 'v_proj': a list is written with commas "
+                                         r"\(--target-modules q_proj,v_proj\)"):
+        shell.run_line_magic("lora_train", "x --data rows --target-modules q_proj v_proj")
