@@ -188,6 +188,7 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise not_settings(data)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        data = _llama_factory_stage(data)
         seen: dict = {}
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
@@ -207,6 +208,8 @@ class TrainConfig:
                 )
             seen[key] = raw_key
             setattr(cfg, key, _coerce(key, fields[key], value))
+            if key == "warmup":  # one setting for both: each other tool's name keeps its own meaning
+                _check_warmup_alias(str(raw_key).strip().lower().replace("-", "_"), cfg.warmup)
         if check:
             cfg.validate()
         return cfg
@@ -255,7 +258,10 @@ class TrainConfig:
         need(self.save_every >= 0, f"save_every must be >= 0 steps (got {self.save_every}); 0 turns it off.")
         need(self.save_every_minutes >= 0,
              f"save_every_minutes must be >= 0 (got {self.save_every_minutes}); 0 turns it off.")
-        need(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
+        need(0 <= self.seed <= 2**32 - 1, f"seed must be between 0 and {2**32 - 1} (got {self.seed}).")
+        need(self.warmup < 1 or float(self.warmup).is_integer(),
+             f"warmup {self.warmup:g} is neither a fraction of the steps (below 1) nor a whole number of steps; "
+             f"use e.g. {int(self.warmup)} or 0.1.")
         tm = self.target_modules
         if isinstance(tm, str):
             need(
@@ -323,8 +329,41 @@ OTHER_TOOLS = {
     "save_strategy": "save_every: N (steps) or save_every_minutes: M",
     "bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
     "lora_bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
+    "lora_target": "target_modules: all-linear (LLaMA-Factory's 'all') or a list such as [q_proj, v_proj]",
+    "pref_loss": "objective: dpo, ipo, orpo or simpo (LLaMA-Factory's sigmoid is dpo)",
 }
+# LLaMA-Factory: stage picks the kind of training, pref_loss the preference loss within stage: dpo
+_PREF_LOSS = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
+_STAGES = {"sft": "sft", "pt": "sft", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "ipo": "ipo"}  # pt: plain text
+# is trained on every token under sft
 _ANSWERS_ONLY = ("completion_only_loss", "assistant_only_loss")
+
+
+def _llama_factory_stage(data: dict) -> dict:
+    """LLaMA-Factory's ``stage``: ``dpo`` beside a ``pref_loss`` is that loss's objective (the pair is one setting
+    here); a stage with no counterpart (pt, rm, ppo, kto) is named as such, not as an unknown objective."""
+    stage = next((k for k in data if str(k).strip().lower() == "stage"), None)
+    if stage is None:
+        return data
+    value = str(data[stage]).strip().lower()
+    if value == "dpo" and any(str(k).strip().lower() == "pref_loss" for k in data):
+        return {k: v for k, v in data.items() if k != stage}
+    if value not in _STAGES:
+        what = {"rm": "reward modelling", "ppo": "PPO", "kto": "KTO"}.get(value, "that stage")
+        raise FtUsageError(f"stage: {data[stage]} (LLaMA-Factory's) has no counterpart here: {what} is not trained "
+                           f"here. The objectives here: {', '.join(sorted(set(_STAGES.values())))}.")
+    return {k: (_STAGES[value] if k == stage else v) for k, v in data.items()}
+
+
+def _check_warmup_alias(name: str, value: float) -> None:
+    """``warmup`` is a fraction of the steps below 1 and a number of steps from 1; transformers' names say which
+    they mean, and a value outside it would be read as the other (warmup_ratio: 1.0 as one step)."""
+    if name == "warmup_ratio" and not 0 <= value < 1:
+        raise FtUsageError(f"warmup_ratio is a fraction of the steps below 1 (got {value:g}): a warm-up over the whole "
+                           "run never reaches the learning rate. Use e.g. warmup_ratio: 0.1, or warmup_steps: N.")
+    if name == "warmup_steps" and not float(value).is_integer():
+        raise FtUsageError(f"warmup_steps is a number of steps (got {value:g}); for a fraction of the steps write "
+                           f"warmup_ratio: {value:g}.")
 
 
 def _other_tools_setting(key: str, raw_key: str, value):
@@ -334,6 +373,10 @@ def _other_tools_setting(key: str, raw_key: str, value):
         return "train_on", "answers" if value else "all"
     if key in ("bias", "lora_bias") and value in ("none", False, None):
         return None
+    if key == "lora_target" and isinstance(value, str) and value.strip():
+        return "target_modules", "all-linear" if value.strip() == "all" else value
+    if key == "pref_loss" and str(value).strip().lower() in _PREF_LOSS:
+        return "objective", _PREF_LOSS[str(value).strip().lower()]
     raise FtUsageError(f"{raw_key!r}: {value!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
 
 

@@ -153,7 +153,11 @@ class Session:
             note = replacing_note(target, name)
             if note:
                 emit(listeners, Message(note, "warning"))
-        if dry_run:
+        if dry_run:  # the refusals and notes the run would make, then what it would do
+            from .core.training import run_checks
+
+            for note in run_checks(cfg, train_ex, eval_ex, self.handle.device):
+                emit(listeners, Message(note, "warning"))
             emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex, report)))
             return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)

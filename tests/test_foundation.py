@@ -705,6 +705,31 @@ def test_settings_of_other_tools_are_understood_or_translated():
         TrainConfig.from_dict({"eval_strategy": "steps"})
     with pytest.raises(FtUsageError, match="train_on is given twice"):
         TrainConfig.from_dict({"completion_only_loss": True, "train_on": "all"})
+    # LLaMA-Factory: lora_target, stage (pt is sft on text), pref_loss beside stage: dpo
+    assert TrainConfig.from_dict({"lora_target": "all"}).target_modules == "all-linear"
+    assert TrainConfig.from_dict({"lora_target": "q_proj,v_proj"}).target_modules == ["q_proj", "v_proj"]
+    assert TrainConfig.from_dict({"stage": "dpo", "pref_loss": "orpo"}).objective == "orpo"
+    assert TrainConfig.from_dict({"pref_loss": "sigmoid"}).objective == "dpo"
+    assert TrainConfig.from_dict({"stage": "pt"}).objective == "sft"
+    with pytest.raises(FtUsageError, match=r"stage: kto \(LLaMA-Factory's\) has no counterpart here: KTO is not"):
+        TrainConfig.from_dict({"stage": "kto"})
+
+
+def test_settings_out_of_range_or_of_another_meaning_are_refused_when_read():
+    """seed 99999999999 passed every check and crashed the run with a traceback; warmup_ratio: 1.0 was read as a
+    warm-up of one step, warmup: 1.5 as one step, warmup_steps: 0.5 as half of the run."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    for data, message in (({"seed": 99999999999}, r"seed must be between 0 and 4294967295"),
+                          ({"seed": "1e20"}, r"seed must be between 0 and 4294967295"),
+                          ({"warmup_ratio": 1.0}, r"warmup_ratio is a fraction of the steps below 1 \(got 1\)"),
+                          ({"warmup_steps": 0.5}, r"warmup_steps is a number of steps \(got 0\.5\); for a fraction"),
+                          ({"warmup": 1.5}, r"warmup 1\.5 is neither a fraction of the steps")):
+        with pytest.raises(FtUsageError, match=message):
+            TrainConfig.from_dict(data)
+    assert TrainConfig.from_dict({"warmup_ratio": 0.1, "seed": 2**32 - 1}).warmup == 0.1
+    assert TrainConfig.from_dict({"warmup_steps": 3}).warmup == 3
 
 
 def test_on_off_flags_take_true_or_false_as_a_body_would_say_it(shell, tiny_model_dir, tmp_path):

@@ -621,7 +621,24 @@ def test_a_warmup_as_long_as_the_run_and_a_paged_optimizer_on_the_cpu_are_named(
     assert any("warmup: 5 steps is as long as the run (2 steps)" in m for m in _messages(rec))
     rec = Recorder()
     tiny_session.train("paged", DATA, dict(CFG, max_steps=1, optimizer="paged_adamw_8bit"), listeners=[rec])
-    assert any("optimizer: paged_adamw_8bit pages its states" in m and "runs as adamw_8bit" in m for m in _messages(rec))
+    assert any("optimizer: paged_adamw_8bit pages its states" in m and "runs it without paging" in m
+               for m in _messages(rec))
     rec = Recorder()
     tiny_session.train("plain", DATA, dict(CFG, max_steps=4, warmup=0.5), listeners=[rec])
     assert not any("warmup" in m or "paged" in m for m in _messages(rec))
+
+
+def test_a_dry_run_makes_the_run_s_refusals_and_notes(tiny_session):
+    """--dry-run approved keep_best without eval data (the run refused it) and left out the run's notes; a
+    constant schedule dropped the warm-up asked for, and an SFT run the DPO beta, without a word."""
+    with pytest.raises(FtUsageError, match="keep_best compares eval losses, and this run has no eval data"):
+        tiny_session.train("k", DATA, dict(CFG, keep_best=True, eval_steps=1), dry_run=True)
+    rec = Recorder()
+    tiny_session.train("d", DATA, dict(CFG, max_steps=2, warmup=5, lr_scheduler="constant", beta=0.5),
+                       dry_run=True, listeners=[rec])
+    said = _messages(rec)
+    assert any("lr_scheduler: constant has no warm-up, so warmup: 5 is not used; lr_scheduler: constant_with_warmup"
+               in m for m in said), said
+    assert any("beta applies to preference objectives (dpo, orpo, ipo, simpo); objective: sft does not use it" in m
+               for m in said), said
+    assert any(m.startswith("Dry run:") for m in said)

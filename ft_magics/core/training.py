@@ -827,9 +827,26 @@ def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
                      f"climbs, and never reaches {cfg.learning_rate:g}. Use a shorter warmup (e.g. warmup: 0.03, a "
                      "fraction of the steps) or more steps.")
     if str(cfg.optimizer).startswith("paged_") and not str(device).startswith("cuda"):
-        notes.append(f"optimizer: {cfg.optimizer} pages its states to the CPU on CUDA; on {device} it runs as "
-                     f"{cfg.optimizer[len('paged_'):]} (the same arithmetic, nothing to page).")
+        notes.append(f"optimizer: {cfg.optimizer} pages its states to the CPU on CUDA; on {device} bitsandbytes runs "
+                     "it without paging (the same arithmetic, nothing to page).")
+    if cfg.lr_scheduler == "constant" and cfg.warmup != TrainConfig().warmup:
+        notes.append(f"lr_scheduler: constant has no warm-up, so warmup: {cfg.warmup:g} is not used; "
+                     "lr_scheduler: constant_with_warmup warms up, then holds the rate.")
+    if not cfg.pairs:
+        unused = [k for k in ("beta", "simpo_gamma") if getattr(cfg, k) != getattr(TrainConfig(), k)]
+        if unused:
+            notes.append(f"{' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to preference objectives "
+                         f"(dpo, orpo, ipo, simpo); objective: {cfg.objective} does not use "
+                         f"{'them' if len(unused) > 1 else 'it'}.")
     return notes
+
+
+def run_checks(cfg: TrainConfig, train_examples: list, eval_examples: list, device: str) -> list:
+    """What a run refuses before it starts (raised) and the notes it prints (returned): the same for --dry-run."""
+    if (cfg.keep_best or cfg.early_stopping) and not eval_examples:
+        raise FtUsageError(f"{'early_stopping' if cfg.early_stopping else 'keep_best'} compares eval losses, and this "
+                           "run has no eval data: give --eval FILE (or eval_fraction: 0.1 in the body).")
+    return run_notes(cfg, len(train_examples), device)
 
 
 def planned_steps(cfg: TrainConfig, examples: int) -> int:
@@ -863,9 +880,7 @@ def run_training(
     training fails halfway.
     """
     flag = flag or StopFlag()
-    if (cfg.keep_best or cfg.early_stopping) and not eval_examples:
-        raise FtUsageError(f"{'early_stopping' if cfg.early_stopping else 'keep_best'} compares eval losses, and this "
-                           "run has no eval data: give --eval FILE (or eval_fraction: 0.1 in the body).")
+    notes = run_checks(cfg, train_examples, eval_examples, handle.device)
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
@@ -874,7 +889,7 @@ def run_training(
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
     model_config = getattr(handle.model, "config", None)
-    for note in run_notes(cfg, len(train_examples), handle.device):
+    for note in notes:
         emit(listeners, Message(note, "warning"))
     use_cache = getattr(model_config, "use_cache", None)  # the Trainer turns the KV cache off; put it back after
     # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
