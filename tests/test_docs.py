@@ -232,3 +232,17 @@ def test_every_magic_answers_help_with_its_usage_and_does_nothing_else(shell, ti
         with pytest.raises(UsageError, match=f"%{name} takes no arguments"):
             shell.run_line_magic(name, "now")
     assert session.handle is not None
+
+
+def test_the_readme_s_plan_example_states_what_ft_plan_prints(shell, capsys):
+    """The README said QLoRA fits at batch 4 in 20.1 GB; %ft_plan 8B --memory 24GB prints 19.5 GB (an estimate,
+    no timing: the text can say exactly what the tool says)."""
+    import re
+
+    shell.run_line_magic("ft_plan", "8B --memory 24GB")
+    out = capsys.readouterr().out
+    lora = re.search(r"LoRA, 16-bit base: fits at batch 8 with gradient checkpointing, ([\d.]+) GB", out).group(1)
+    qlora = re.search(r"QLoRA, NF4 \+ double quant: fits at batch 4, ([\d.]+) GB", out).group(1)
+    text = " ".join(README.read_text().split())
+    assert (f"`%ft_plan 8B --memory 24GB`: LoRA on a 16-bit base fits at batch 8 with checkpointing ({lora} GB), "
+            f"QLoRA at batch 4 with `grad_accum: 2` ({qlora} GB)") in text
