@@ -182,9 +182,9 @@ class Session:
         from .core.events import counted
         from .core.training import planned_steps, preflight
 
-        run_cfg, ckpt_why = preflight(self.handle, cfg, train_ex)  # a batch that cannot fit is refused here too
-        steps = planned_steps(cfg, len(train_ex))
-        per_step = f"{cfg.batch_size}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
+        run_cfg, ckpt_why, notes = preflight(self.handle, cfg, train_ex)  # a batch that cannot fit is refused here too
+        steps = planned_steps(run_cfg, len(train_ex))
+        per_step = f"{run_cfg.batch_size}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
         span = (f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
         unit = "eval pair" if cfg.pairs else "eval example"
         if not eval_ex:
@@ -199,7 +199,7 @@ class Session:
             what = f"{counted(report.packed_examples, 'training example')} packed into {counted(len(train_ex), 'row')}"
         else:
             what = counted(len(train_ex), 'training pair' if cfg.pairs else 'training example')
-        return (f"Dry run: {what} -> "
+        return ("".join(note + " " for note in notes) + f"Dry run: {what} -> "
                 f"{counted(steps, 'optimizer step')} of {per_step} ({span}); "
                 f"{evals}; gradient checkpointing {ckpt}. The memory checks passed. Nothing was trained: run the "
                 "cell without --dry-run to train.")

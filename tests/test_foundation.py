@@ -778,7 +778,7 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_on_the_cpu(shell, tiny_
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     model = _loaded[id(shell)].session.model
-    rows = [TokenizedExample([1] * 300, [1] * 300)]
+    rows = [TokenizedExample([1] * 300, [1] * 300)] * 64
     cfg = TrainConfig(batch_size=64, max_seq_len=512, gradient_checkpointing=False)
     _, need = _activations(cfg, model, rows, checkpointing=False)
     with pytest.raises(FtUsageError, match=r"the longest batch \(64 x 300 tokens\) needs about .* of activations, "
@@ -799,6 +799,43 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_on_the_cpu(shell, tiny_
     with pytest.raises(UsageError, match="of activations even with gradient checkpointing"):
         shell.run_line_magic("lora_train", "big --data rows --max-steps 1 --r 1 --batch-size 16 --no-widgets")
     assert not hasattr(_loaded[id(shell)].session.model, "peft_config")
+
+
+def test_the_batch_checks_count_the_examples_there_are_and_auto_batch_size_lowers_the_batch(shell, tiny_model_dir,
+                                                                                             capsys):
+    """batch_size 200000 on 40 examples was estimated (and refused) as 200000 rows; auto_batch_size, documented to
+    retry smaller batches, was refused like any batch on the CPU, where an out-of-memory ends the kernel."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.data import TokenizedExample
+    from ft_magics.core.training import _activations, check_batch_fits
+    from ft_magics.errors import FtUsageError
+    from ft_magics.magics import _loaded
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    model = _loaded[id(shell)].session.model
+    few = [TokenizedExample([1] * 300, [1] * 300)] * 4
+    cfg = TrainConfig(batch_size=200_000, max_seq_len=512, gradient_checkpointing=False)
+    assert _activations(cfg, model, few, False)[1] == _activations(TrainConfig(batch_size=4, max_seq_len=512,
+                                                                                gradient_checkpointing=False),
+                                                                    model, few, False)[1]
+    need = _activations(cfg, model, few, False)[1]
+    with pytest.raises(FtUsageError, match=r"the longest batch \(4 x 300 tokens\).*\(auto_batch_size: true lowers"):
+        check_batch_fits(cfg, model, "cpu", few, free=need // 2)
+    from ft_magics.core.training import preflight
+
+    handle = _loaded[id(shell)].session.handle
+    import ft_magics.core.training as training
+
+    real = training.read_memory
+    training.read_memory = lambda device=None, peak_bytes=0: __import__("dataclasses").replace(
+        real(device, peak_bytes), available_bytes=int(need * 0.6))
+    try:
+        run_cfg, _, notes = preflight(handle, TrainConfig(batch_size=4, max_seq_len=512, gradient_checkpointing=False,
+                                                          auto_batch_size=True), few)
+    finally:
+        training.read_memory = real
+    assert run_cfg.batch_size == 2 and notes == ["auto_batch_size: batch_size 4 would not fit in the free memory; "
+                                                 "training with batch_size 2."]
 
 
 def test_a_run_that_fails_leaves_the_model_and_adapters_as_they_were(tiny_session, monkeypatch):
@@ -1036,7 +1073,7 @@ def test_an_answer_that_loops_says_how_to_curb_it(tiny_session, capsys):
     assert LOOP_NOTE not in s.generate("hello there", max_new_tokens=3).note  # too short to tell
 
 
-def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model_dir, tmp_path, capsys):
+def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """%%lora_train --dry-run: the data report, the example, the steps the run would take (the same count a
     real run then takes) and the memory checks; no adapter attached, nothing written."""
     import json
@@ -1065,8 +1102,15 @@ def test_dry_run_reports_and_checks_without_touching_the_model(shell, tiny_model
     assert rows_made < 21 and f"Dry run: 21 training examples packed into {rows_made} rows -> " in out
     with pytest.raises(UsageError, match="--dry-run checks a run without starting one"):
         shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run --background", body)
+    import dataclasses
+
+    import ft_magics.core.training as training
+
+    real = training.read_memory
+    monkeypatch.setattr(training, "read_memory", lambda device=None, peak_bytes=0: dataclasses.replace(
+        real(device, peak_bytes), available_bytes=20_000))
     with pytest.raises(UsageError, match="free"):  # the memory check a real run makes, made by the dry run too
-        shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run", "batch_size: 100000000\nr: 4\n"
+        shell.run_cell_magic("lora_train", "dry2 --data d.jsonl --dry-run", "batch_size: 16\nr: 4\n"
                                                                            "gradient_checkpointing: false\n")
 
 

@@ -682,7 +682,7 @@ def checkpointing_for(cfg: TrainConfig, model, device: str, examples: list, free
         return False, "auto: off (the model's size could not be read to estimate its activations)"
     free = read_memory(device).available_bytes if free is None else free  # the figure the dashboard shows
     on = need > AUTO_CHECKPOINTING_SHARE * free
-    return on, (f"auto: {'on' if on else 'off'} - the longest batch ({batch_rows(cfg)} x {longest} tokens) needs "
+    return on, (f"auto: {'on' if on else 'off'} - the longest batch ({batch_rows(cfg, examples)} x {longest} tokens) needs "
                 f"about {human_bytes(need)} of activations without it, {human_bytes(free)} is free")
 
 
@@ -696,15 +696,17 @@ def _activations(cfg: TrainConfig, model, examples: list, checkpointing: bool):
         dims = dims_from_config(getattr(model, "config", None).to_dict())
     except (AttributeError, KeyError, TypeError, ValueError):
         return longest, None
-    return longest, activation_bytes(dims, longest, batch_rows(cfg), checkpointing, cfg.chunked_loss,
+    return longest, activation_bytes(dims, longest, batch_rows(cfg, examples), checkpointing, cfg.chunked_loss,
                                      lora_dropout=cfg.dropout > 0)
 
 
-def batch_rows(cfg: TrainConfig) -> int:
-    """Rows of a training batch: batch_size examples, each pair of a preference run being two rows."""
+def batch_rows(cfg: TrainConfig, examples: Optional[list] = None) -> int:
+    """Rows of a training batch: batch_size examples (or all of ``examples``, where fewer), each pair of a
+    preference run being two rows."""
     from ..config import rows_per_example
 
-    return cfg.batch_size * rows_per_example(cfg.objective)
+    rows = cfg.batch_size if examples is None else min(cfg.batch_size, max(len(examples), 1))
+    return rows * rows_per_example(cfg.objective)
 
 
 def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free: Optional[int] = None) -> None:
@@ -719,9 +721,10 @@ def check_batch_fits(cfg: TrainConfig, model, device: str, examples: list, free:
     if need is None or not free or need <= free:
         return
     advice = ("a smaller batch_size with a larger grad_accum (the same effective batch), or a shorter max_seq_len"
-              + ("" if cfg.gradient_checkpointing else ", or gradient_checkpointing: true"))
+              + ("" if cfg.gradient_checkpointing else ", or gradient_checkpointing: true")
+              + ("" if cfg.auto_batch_size else " (auto_batch_size: true lowers the batch until it fits)"))
     raise FtUsageError(
-        f"the longest batch ({batch_rows(cfg)} x {longest} tokens) needs about {human_bytes(need)} of activations"
+        f"the longest batch ({batch_rows(cfg, examples)} x {longest} tokens) needs about {human_bytes(need)} of activations"
         f"{' even with gradient checkpointing' if cfg.gradient_checkpointing else ''}, and {human_bytes(free)} is "
         f"free: on the CPU running out of memory ends the kernel. Use {advice}.")
 
@@ -812,8 +815,19 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     check_adapter_fits(handle.model, cfg, handle.device, free)
     ckpt_on, ckpt_why = checkpointing_for(cfg, handle.model, handle.device, train_examples, free)
     cfg = dataclasses.replace(cfg, gradient_checkpointing=ckpt_on)  # what this run does, recorded as such
+    notes = []
+    asked = cfg.batch_size
+    while cfg.auto_batch_size and cfg.batch_size > 1 and not str(handle.device).startswith("cuda"):
+        try:  # on the CPU an out-of-memory ends the kernel: auto_batch_size lowers the batch before, not after
+            check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
+            break
+        except FtUsageError:
+            cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size // 2)
+    if cfg.batch_size != asked:
+        notes.append(f"auto_batch_size: batch_size {asked} would not fit in the free memory; training with batch_size "
+                     f"{cfg.batch_size}.")
     check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
-    return cfg, ckpt_why
+    return cfg, ckpt_why, notes
 
 
 def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
@@ -884,7 +898,8 @@ def run_training(
     started = time.time()
     t0 = time.perf_counter()
     handle.tokenizer.padding_side = "right"
-    cfg, ckpt_why = preflight(handle, cfg, train_examples)
+    cfg, ckpt_why, batch_notes = preflight(handle, cfg, train_examples)
+    notes += batch_notes
     ckpt_on = cfg.gradient_checkpointing
     if ckpt_on and ckpt_why:
         emit(listeners, Message(f"gradient checkpointing {ckpt_why} (set gradient_checkpointing: false to keep it off)"))
