@@ -642,3 +642,20 @@ def test_a_dry_run_makes_the_run_s_refusals_and_notes(tiny_session):
     assert any("beta applies to preference objectives (dpo, orpo, ipo, simpo); objective: sft does not use it" in m
                for m in said), said
     assert any(m.startswith("Dry run:") for m in said)
+
+
+def test_a_stopped_run_s_summary_says_which_step_its_eval_loss_was_measured_at(tiny_session):
+    """A run stopped after its last evaluation showed that evaluation's loss as the run's 'eval loss', beside an
+    adapter saved steps later (%lora_eval on it gave another figure)."""
+    from ft_magics.widgets.text import summary_text
+
+    s = tiny_session
+    rec = Recorder()
+    r = s.train("ev", DATA, dict(CFG, eval_fraction=0.25, eval_steps=3), listeners=[rec, StopAt(s, 4)])
+    end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
+    assert r.status == "stopped" and end.steps in (4, 5) and end.extra["eval_step"] == 3
+    assert f"eval loss {end.extra['eval_loss']:.4f} (at step 3)" in summary_text(end)
+    rec = Recorder()
+    s.train("ev2", DATA, dict(CFG, eval_fraction=0.25, eval_steps=2), listeners=[rec])
+    end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
+    assert end.extra["eval_step"] == end.steps and "(at step" not in summary_text(end)

@@ -969,6 +969,7 @@ def run_training(
     sigint.enter_context(interrupt_stops(flag, listeners))
     try:
         status, error, eval_loss, caught = "completed", None, None, None
+        eval_step = None  # the step the eval loss reported was measured at
         try:
             from .fused_lora import fused_lora
             from .lean import lean_activations
@@ -985,12 +986,12 @@ def run_training(
                 if eval_ds is not None and status == "completed" and not _last_step_evaluated(history):
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
-                    eval_loss = _f(metrics.get("eval_loss"))
+                    eval_loss, eval_step = _f(metrics.get("eval_loss")), history["last_step"]
                     if eval_loss is not None and not _last_step_evaluated(history):  # the callback usually has
                         history["eval"].append([history["last_step"], eval_loss])
                         emit(listeners, EvalEnd(step=history["last_step"], eval_loss=eval_loss, metrics=metrics))
                 elif history["eval"]:
-                    eval_loss = history["eval"][-1][1]
+                    eval_step, eval_loss = history["eval"][-1]
         except KeyboardInterrupt:
             status = "interrupted"
         except Exception as exc:  # noqa: BLE001 - the run ends cleanly and says why; the caller re-raises
@@ -1017,7 +1018,7 @@ def run_training(
             if keeper.best is not None:
                 best = {"step": keeper.best[1], "eval_loss": keeper.best[0], "restored": kept is not None,
                         "early_stopped_at": keeper.stopped_at}
-                eval_loss = keeper.best[0]  # the saved adapter's
+                eval_loss, eval_step = keeper.best  # the saved adapter's
             if kept:
                 emit(listeners, Message(kept))
         mem = read_memory(handle.device, callback.peak)
@@ -1073,7 +1074,8 @@ def run_training(
             emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps)))
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
-                                 extra={"eval_loss": eval_loss, "first_loss": result.first_loss,  # the whole curve's
+                                 extra={"eval_loss": eval_loss, "eval_step": eval_step,
+                                        "first_loss": result.first_loss,  # the whole curve's
                                         "resumed_at": record["resumed"]["at"] if resume_from else None,
                                         "objective": cfg.objective}))
     finally:

@@ -98,7 +98,8 @@ def summary_text(e: TrainEnd, first_loss: Optional[float] = None) -> str:
     if e.extra.get("eval_loss") is not None:
         objective = e.extra.get("objective") or "sft"  # a preference run's eval loss is its objective's, over pairs
         what = "eval loss" if objective == "sft" else f"eval loss ({objective_name(objective)}, over the held-out pairs)"
-        lines.append(f"{what} {e.extra['eval_loss']:.4f}")
+        at = e.extra.get("eval_step")  # a stopped run (or keep_best) reports an evaluation of an earlier step
+        lines.append(f"{what} {e.extra['eval_loss']:.4f}" + (f" (at step {at})" if at is not None and at != e.steps else ""))
     if e.peak_memory is not None:
         lines.append(f"peak memory {human_bytes(e.peak_memory.peak_bytes)} ({e.peak_memory.label})")
     if e.adapter_path:
