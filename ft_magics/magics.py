@@ -333,8 +333,11 @@ def _training_body(args: argparse.Namespace, cell: Optional[str]) -> dict:
     ``args.data`` / ``args.eval`` where the line gave none (the line wins, as for every setting)."""
     body = parse_yaml_body(cell or "")
     for which, src in pop_data_keys(body).items():
-        if getattr(args, which) is None:
+        given = getattr(args, which)
+        if given is None:
             setattr(args, which, src)
+        elif given != src:  # the line wins, as for every setting: said, since the body names other data
+            print(f"Note: the body's {which}: {src} is not used: --{which} {given} on the line wins.")
     return body
 
 

@@ -1503,3 +1503,14 @@ def test_gradient_checkpointing_takes_auto_on_the_line_and_a_list_flag_says_to_u
     with pytest.raises(UsageError, match=r"unexpected argument 'v_proj': a list is written with commas "
                                          r"\(--target-modules q_proj,v_proj\)"):
         shell.run_line_magic("lora_train", "x --data rows --target-modules q_proj v_proj")
+
+
+def test_data_named_in_the_body_and_on_the_line_says_which_is_used(shell, tiny_model_dir, capsys):
+    """`data: other.jsonl` in the body beside --data on the line trained on the line's data without a word."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = ROWS
+    capsys.readouterr()
+    shell.run_cell_magic("lora_train", "x --data rows --dry-run", "data: nonexistent.jsonl\nr: 4\n")
+    assert "Note: the body's data: nonexistent.jsonl is not used: --data rows on the line wins." in capsys.readouterr().out
+    shell.run_cell_magic("lora_train", "x --data rows --dry-run", "data: rows\nr: 4\n")
+    assert "Note: the body's" not in capsys.readouterr().out
