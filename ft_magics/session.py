@@ -731,7 +731,10 @@ class Session:
             info = self._require_adapter(name)  # also one only in the adapters folder (after a restart)
         target = user_path(directory)
         writable_dir(target.parent, "the export")
-        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _written_by_export(target))):
+        if target.exists() and not target.is_dir():
+            raise FtUsageError(f"{target} is a file, not a folder: an export writes a folder; choose a new or empty "
+                               "folder's path.")
+        if target.exists() and any(target.iterdir()) and not _written_by_export(target):
             kept = "a trained adapter" if (target / "ft_run.json").exists() else "other files"
             raise FtUsageError(
                 f"{target} already exists and was not written by an export (it holds {kept}); choose a new or "

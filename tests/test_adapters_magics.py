@@ -345,6 +345,10 @@ def test_export_finds_an_adapter_only_on_disk_and_unwritable_folders_are_usage_e
     assert "x" not in magics(sh).session.adapters
     with pytest.raises(UsageError, match=r"cannot write the job to /proc/ft-magics-job"):
         sh.run_line_magic("lora_export_job", "x /proc/ft-magics-job --data rows")
+    (tmp_path / "notes.jsonl").write_text("{}\n")  # a file is named as a file (it said "it holds other files")
+    with pytest.raises(UsageError, match=r"notes\.jsonl is a file, not a folder: an export writes a folder"):
+        sh.run_line_magic("lora_adapters", "export alpha notes.jsonl")
+    assert (tmp_path / "notes.jsonl").read_text() == "{}\n"
 
 
 def test_a_misspelled_adapter_after_a_restart_points_at_the_one_on_disk(loaded):
