@@ -204,6 +204,8 @@ def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
     shell.run_line_magic("ft_plan", "8B --memory 24GB")
     out = capsys.readouterr().out
     assert "In 24.0 GB:" in out and "grad_accum: 2" in out
+    shell.run_line_magic("ft_plan", "8B --memory 10MB")
+    assert "In 10.0 MB:" in capsys.readouterr().out  # it said "In 0.0 GB"
     with pytest.raises(UsageError, match="--memory 'lots' is not a size"):
         shell.run_line_magic("ft_plan", "8B --memory lots")
     assert capsys.readouterr().out == ""  # refused before the table was printed

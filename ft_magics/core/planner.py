@@ -600,7 +600,9 @@ def memory_here() -> tuple:
 def fit_advice(p: "Plan", memory: float, where: str = "") -> str:
     """Per mode: whether the plan's batch fits ``memory``, and if not, the largest batch that does (with
     gradient checkpointing where it needs it, and the grad_accum that keeps the batch the same)."""
-    lines = [f"In {memory / GB:.1f} GB{' (' + where + ')' if where else ''}:"]
+    from .memory import human_bytes
+
+    lines = [f"In {human_bytes(memory)}{' (' + where + ')' if where else ''}:"]  # 10 MB was "In 0.0 GB"
     want = p.batch_size
 
     def total(mode, batch, ckpt):
