@@ -151,7 +151,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         out(f"unmerged {name!r}: base weights restored exactly; {name!r} stays loaded and active.")
         return
     if cmd == "combine":
-        from .core.adapters import COMBINE_METHODS
+        from .core.adapters import COMBINE_METHODS, parse_weights
 
         a = _parse(cmd, rest, (("weights",), {}), (("--name",), {"required": True}),
                    (("--method",), {"default": "linear"}))
@@ -159,7 +159,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             raise FtUsageError(f"unknown --method {a.method!r}{did_you_mean(a.method, COMBINE_METHODS)}; "
                                f"use one of {', '.join(COMBINE_METHODS)}.")
         name = s.combine_adapters(a.weights, a.name, a.method)
-        out(f"combined {a.weights} ({a.method}) into adapter {name!r}, saved to {s.adapters_dir / name}; it is now active.")
+        used = ", ".join(f"{k} x {w:g}" for k, w in parse_weights(a.weights).items())  # 'a,b' means 1 each: say so
+        out(f"combined {used} ({a.method}) into adapter {name!r}, saved to {s.adapters_dir / name}; it is now active.")
         return
     if cmd == "export":
         a = _parse(cmd, rest, (("name",), {}), (("dir",), {}), (("--merged",), {"action": "store_true"}),

@@ -39,7 +39,9 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     with pytest.raises(UsageError, match="unmerge first"):
         sh.run_line_magic("lora_adapters", "use beta")
     sh.run_line_magic("lora_adapters", "unmerge")
-    sh.run_line_magic("lora_adapters", "combine alpha:0.6,beta:0.4 --name mix --method svd")
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "combine alpha:0.6,beta --name mix --method svd")
+    assert "combined alpha x 0.6, beta x 1 (svd) into adapter 'mix'" in capsys.readouterr().out  # the weights used
     assert sess.adapters.active == "mix" and (tmp_path / "adapters" / "mix" / "adapter_config.json").exists()
     sh.run_line_magic("lora_adapters", "export mix exported --merged")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported") is not None
@@ -61,6 +63,9 @@ def test_adapter_subcommand_mistakes_are_usage_errors(loaded):
         sh.run_line_magic("lora_adapters", "combine alpha:1")
     with pytest.raises(UsageError, match="did you mean 'ties'"):
         sh.run_line_magic("lora_adapters", "combine alpha:1 --name x --method tie")
+    with pytest.raises(UsageError, match=r"every weight in 'alpha:0,beta:0' is 0, so the combined adapter would do "
+                                         r"nothing"):  # it made an adapter that changed nothing, without a word
+        sh.run_line_magic("lora_adapters", "combine alpha:0,beta:0 --name x")
     with pytest.raises(UsageError, match="usage: %lora_adapters export"):
         sh.run_line_magic("lora_adapters", "export alpha")
     with pytest.raises(UsageError, match="no adapter named 'alpah'"):

@@ -651,6 +651,9 @@ def parse_weights(spec) -> dict:
         out[name] = weight
     if not out:
         raise FtUsageError("combine needs adapters and weights, e.g. %lora_adapters combine a:0.7,b:0.3 --name mix")
+    if not any(out.values()):  # the combination would change nothing: an adapter identical to the base
+        raise FtUsageError(f"every weight in {spec!r} is 0, so the combined adapter would do nothing; give at least "
+                           "one adapter a weight, e.g. a:0.7,b:0.3.")
     return out
 
 
