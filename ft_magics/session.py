@@ -448,6 +448,13 @@ class Session:
         """Unload adapter ``name`` and delete its folder (``deletable_folder``) and what is left of its run's
         checkpoints beside it (a stopped run keeps them for --resume). Returns the path removed."""
         folder = self.deletable_folder(name)
+        if folder is not None:  # another loaded adapter read from this folder would lose its files under it
+            others = [a.name for a in self.adapters if a.name != name and a.path
+                      and Path(a.path).resolve() == folder.resolve()]
+            if others:
+                raise FtUsageError(f"the folder of {name!r} ({folder}) is also where the loaded adapter "
+                                   f"{others[0]!r} was read from; unload {others[0]!r} first "
+                                   f"(%lora_adapters unload {others[0]}), or export it to a folder of its own.")
         if name not in self.adapters:
             self._check_not_training(name)
             if folder is None:  # "no adapter named ...", naming the loaded ones and those in the adapters folder

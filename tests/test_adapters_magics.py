@@ -599,3 +599,17 @@ def test_lora_eval_refuses_a_length_beyond_the_model_s_context(shell, tiny_model
     session.model.config.max_position_embeddings = 128  # a model that reads fewer than the default 512
     report = session.evaluate(None, "ev.jsonl", general=False)
     assert report.results and not report.notes
+
+
+def test_deleting_a_folder_another_loaded_adapter_was_read_from_is_refused(loaded):
+    """`load adapters/alpha --name copy` then `delete alpha` removed the folder copy was read from; 'info copy'
+    then blamed a deletion "outside ft_magics"."""
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a} --name copy")
+    with pytest.raises(UsageError, match=r"the folder of 'alpha' .* is also where the loaded adapter 'copy' was read "
+                                         r"from; unload 'copy' first"):
+        sh.run_line_magic("lora_adapters", "delete alpha")
+    assert a.exists()
+    sh.run_line_magic("lora_adapters", "unload copy")
+    sh.run_line_magic("lora_adapters", "delete alpha")
+    assert not a.exists()
