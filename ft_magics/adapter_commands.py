@@ -65,8 +65,11 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         on_disk = s.adapters_on_disk()
         running = s.training_in_background
         if running:
-            out(f"training {running!r} in the background: it joins this list when it is saved (%lora_stop stops it "
-                "at the next step and saves it).")
+            saved = running in on_disk or running in s.adapters  # a resumed or retrained name: its last save is listed
+            out(f"training {running!r} in the background: "
+                + (f"the {running!r} below is its last save, replaced when the run saves"
+                   if saved else "it joins this list when it is saved")
+                + " (%lora_stop stops it at the next step and saves it).")
         cut_short = s.resumable_runs()
         for name, step in cut_short.items():
             if name != running:

@@ -816,6 +816,9 @@ class FtMagics(Magics):
             %lora_stop
         """
         no_arguments(self.lora_stop, line)
+        if self.session.stop_pending:  # a second %lora_stop: the first one is on its way
+            print("a stop is already on its way: the run stops at its next step and saves the adapter.")
+            return
         print("stopping at the next step..." if self.session.stop() else "no training run in progress.")
 
     @line_magic

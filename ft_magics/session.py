@@ -270,6 +270,11 @@ class Session:
             activate(self.handle.model, self.adapters.active)
         self.heldout.pop(name, None)
 
+    @property
+    def stop_pending(self) -> bool:
+        """Whether the run in progress was already asked to stop (it stops at its next step)."""
+        return self.training_in_progress and self._stop is not None and self._stop.is_set()
+
     def stop(self) -> bool:
         """Ask the run in progress to stop at the next step boundary (it saves the adapter)."""
         if self._stop is None:
