@@ -118,6 +118,12 @@ def strip_comment(line: str) -> str:
 
 
 _NUMBER = re.compile(r"-\d[\d.e+-]*")  # a negative value, not a flag
+# generation options of other tools that have no counterpart here (a did-you-mean would point at an unrelated flag)
+ABSENT_FLAGS = {
+    "--stop": "there are no stop strings here; an answer ends at the model's end of turn or at --max-new-tokens",
+    "--stop-sequence": "there are no stop strings here; an answer ends at the model's end of turn or at "
+                       "--max-new-tokens",
+}
 
 
 def parse_args(magic_func, line: str) -> argparse.Namespace:
@@ -147,6 +153,8 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
         bad = extra[0]
         if bad.startswith("-"):
             flag = bad.split("=", 1)[0]
+            if flag in ABSENT_FLAGS and "--max-new-tokens" in flags:  # another tool's option: say what is here
+                raise UsageError(f"unknown flag {flag}: {ABSENT_FLAGS[flag]}. See %{magic_func.__name__}? for every flag.")
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )

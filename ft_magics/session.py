@@ -832,6 +832,8 @@ class Session:
             raise FtUsageError("--map renames the columns of --data: give --data FILE too.")
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
+        if max_seq_len is not None and int(max_seq_len) < 16:  # (training's max_seq_len says the same by its name)
+            raise FtUsageError(f"--max-seq-len must be at least 16 tokens (got {max_seq_len}).")
         from .core.inference import context_limit
 
         window = context_limit(self.model)

@@ -613,3 +613,15 @@ def test_deleting_a_folder_another_loaded_adapter_was_read_from_is_refused(loade
     sh.run_line_magic("lora_adapters", "unload copy")
     sh.run_line_magic("lora_adapters", "delete alpha")
     assert not a.exists()
+
+
+def test_eval_and_generate_flag_mistakes_name_the_flag_typed(loaded):
+    """--max-seq-len 10 was refused as 'max_seq_len must be between 16 and 1048576' (the training key), and --stop
+    as 'did you mean --top-p?' (an unrelated flag; there are no stop strings)."""
+    sh, a, _ = loaded
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    with pytest.raises(UsageError, match=r"--max-seq-len must be at least 16 tokens \(got 10\)"):
+        sh.run_line_magic("lora_eval", "alpha --data demo:support-eval --max-seq-len 10 --no-general")
+    with pytest.raises(UsageError, match=r"unknown flag --stop: there are no stop strings here; an answer ends at the "
+                                         r"model's end of turn or at --max-new-tokens"):
+        sh.run_line_magic("lora_generate", '--stop "x" hello')
