@@ -625,3 +625,20 @@ def test_eval_and_generate_flag_mistakes_name_the_flag_typed(loaded):
     with pytest.raises(UsageError, match=r"unknown flag --stop: there are no stop strings here; an answer ends at the "
                                          r"model's end of turn or at --max-new-tokens"):
         sh.run_line_magic("lora_generate", '--stop "x" hello')
+
+
+def test_a_comparison_s_notes_say_which_answers_they_are_about():
+    """'Note: the answer repeats itself' followed a comparison in which only the base column looped; a blank answer
+    of whitespace tokens read '(empty)'."""
+    from ft_magics.core.inference import LOOP_NOTE, Comparison, Generation
+
+    def gen(text, note=""):
+        return Generation(text=text, adapter="x", new_tokens=3, seconds=1.0, note=note, decode_seconds=0.5)
+
+    cmp = Comparison(prompts=["p1", "p2"], columns=["base", "a"],
+                     cells={(0, "base"): gen("la la la", LOOP_NOTE), (0, "a"): gen("fine"),
+                            (1, "base"): gen("   ", "cut"), (1, "a"): gen("ok", "cut")}, swap_ms={})
+    assert cmp.notes() == [f"{LOOP_NOTE} (base, prompt 1)", "cut (base, prompt 2; a, prompt 2)"]
+    assert "(blank: whitespace only)" in cmp.to_text()
+    every = Comparison(prompts=["p"], columns=["base"], cells={(0, "base"): gen("x", "cut")}, swap_ms={})
+    assert every.notes() == ["cut"]  # about every answer: no label

@@ -394,7 +394,8 @@ class Comparison:
             lines.append(f"Prompt {i + 1}: {p}")
             for c in self.columns:
                 g = self.cells[(i, c)]
-                body = textwrap.fill(g.text or "(empty)", width=100, initial_indent="    ", subsequent_indent="    ")
+                shown = g.text if g.text.strip() else ("(blank: whitespace only)" if g.text else "(empty)")
+                body = textwrap.fill(shown, width=100, initial_indent="    ", subsequent_indent="    ")
                 lines.append(f"  [{c}] {g.new_tokens} tokens")
                 lines.append(body)
             lines.append("")
@@ -403,14 +404,13 @@ class Comparison:
         return "\n".join(lines)
 
     def notes(self) -> list:
-        """What the answers' footers would say (a limit lowered to fit the context, a loop), once each: the
-        comparison shows no footers."""
-        seen = []
-        for g in self.cells.values():
+        """What the answers' footers would say (a limit lowered to fit the context, a loop), once each, with the
+        answers it is about where it is not all of them: the comparison shows no footers."""
+        where: dict = {}
+        for (i, c), g in self.cells.items():
             for n in filter(None, (g.note or "").split("; ")):
-                if n not in seen:
-                    seen.append(n)
-        return seen
+                where.setdefault(n, []).append(c + (f", prompt {i + 1}" if len(self.prompts) > 1 else ""))
+        return [n if len(labels) == len(self.cells) else f"{n} ({'; '.join(labels)})" for n, labels in where.items()]
 
     def to_html(self) -> str:
         import html
