@@ -465,6 +465,22 @@ def test_chat_panel_answers_each_message_with_the_chosen_adapter(two_adapters):
     assert s.conversation.exchanges == 0 and "No messages yet" in p.log.value
 
 
+def test_new_conversation_keeps_the_system_prompt_whether_or_not_a_message_was_sent(two_adapters):
+    """The New conversation button kept the --system prompt before the first message and dropped it after."""
+    from ft_magics.widgets.chat_panel import ChatPanel
+
+    s = two_adapters
+    for send_first in (False, True):
+        s.conversation = None
+        p = ChatPanel(s, max_new_tokens=2, system="Be terse.")
+        if send_first:
+            assert p.send("hi")
+        p.new_button.click()
+        assert s.conversation.system == "Be terse." and s.conversation.exchanges == 0, send_first
+        assert p.status.value == "new conversation (system prompt kept: Be terse.)"
+        assert p.send("hello") and s.conversation.system == "Be terse."
+
+
 def test_chat_panel_keeps_the_message_when_it_cannot_answer(two_adapters):
     from ft_magics.widgets.chat_panel import ChatPanel
 

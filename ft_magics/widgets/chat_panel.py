@@ -130,7 +130,10 @@ class ChatPanel:
     def new_conversation(self) -> None:
         from ..core.chat import Conversation
 
-        self.session.conversation = Conversation(system=self.system)
+        # one rule, whether or not a message was sent: the system prompt shown stays for the new conversation
+        old = self.session.conversation
+        system = self.system if self.system is not None else (old.system if old is not None else None)
+        self.session.conversation = Conversation(system=system)
         self.system = None
-        self.status.value = "new conversation"
+        self.status.value = "new conversation" + (f" (system prompt kept: {system})" if system else "")
         self.render()
