@@ -642,3 +642,14 @@ def test_a_comparison_s_notes_say_which_answers_they_are_about():
     assert "(blank: whitespace only)" in cmp.to_text()
     every = Comparison(prompts=["p"], columns=["base"], cells={(0, "base"): gen("x", "cut")}, swap_ms={})
     assert every.notes() == ["cut"]  # about every answer: no label
+
+
+def test_use_of_an_adapter_on_disk_says_it_was_loaded(loaded, capsys):
+    """`use alpha` (only on disk) printed 'swapped in 0.04 ms': the load from disk went unmentioned."""
+    sh, a, _ = loaded
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "use alpha")
+    assert re.search(r"active adapter: alpha \(loaded from disk and switched in \d+ ms\)", capsys.readouterr().out)
+    sh.run_line_magic("lora_adapters", "use base")
+    sh.run_line_magic("lora_adapters", "use alpha")
+    assert re.search(r"active adapter: alpha \(swapped in [\d.]+ ms\)", capsys.readouterr().out)

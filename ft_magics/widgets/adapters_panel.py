@@ -142,20 +142,15 @@ class AdaptersPanel:
 
     def select(self, name: str) -> Optional[float]:
         """Make ``name`` active (``base``: no adapter) through ``Session.use``; shows the swap time."""
-        import time
+        from ..adapter_commands import switch
 
-        was_loaded = name == BASE_LABEL or name in self.session.adapters
-        t = time.perf_counter()
         try:
-            ms = self.session.use(name)
+            said, ms = switch(self.session, name)
         except FtUsageError as exc:
             self.status.value = f"cannot switch: {exc}"
             self.refresh()
             return None
-        if was_loaded:
-            self.status.value = f"active: {name} (swapped in {ms:.2f} ms)"
-        else:  # read from its folder first: the swap alone would understate what the click cost
-            self.status.value = f"active: {name} (loaded from disk and switched in {(time.perf_counter() - t) * 1e3:.0f} ms)"
+        self.status.value = f"active: {said}"
         self.refresh()
         return ms
 
