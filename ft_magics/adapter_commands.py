@@ -66,7 +66,8 @@ def _note_other_base(s, name: str, out) -> None:
     loads, but its answers assume its own base)."""
     other = s.trained_on_another_base(name)
     if other:
-        out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({s.handle.name}): its answers "
+        other, now = other
+        out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({now}): its answers "
             f"assume that base (%qlora_load it to use {name!r} as trained).")
 
 

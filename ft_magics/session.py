@@ -373,9 +373,10 @@ class Session:
             self.adapters.active = None if name in (None, BASE) else name
             return ms
 
-    def trained_on_another_base(self, name: str) -> Optional[str]:
-        """The base model adapter ``name`` was trained on, when its run record names one other than the model
-        loaded now (e.g. a DPO adapter trained over an exported SFT model, used on the plain base), else None."""
+    def trained_on_another_base(self, name: str) -> Optional[tuple]:
+        """``(the base adapter name was trained on, the model loaded now)``, named so they can be told apart, when its
+        run record names another base than the one loaded (e.g. a DPO adapter trained over an exported SFT model,
+        used on the plain base), else None."""
         from .core.adapters import run_record
 
         info = self.adapters.require(name) if name in self.adapters else None
@@ -386,7 +387,10 @@ class Session:
         if not source or not self.handle.source:
             return None
         same = Path(str(source)).expanduser().resolve() == Path(str(self.handle.source)).expanduser().resolve()
-        return None if same else str(base.get("name") or source)
+        if same:
+            return None
+        named = str(base.get("name") or source)  # the names, or where two different folders share one, the paths
+        return (str(source), str(self.handle.source)) if named == self.handle.name else (named, self.handle.name)
 
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""

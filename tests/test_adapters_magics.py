@@ -413,6 +413,16 @@ def test_using_an_adapter_trained_on_another_base_says_so(shell, tiny_model_dir,
     shell.run_line_magic("lora_adapters", "unload over")
     shell.run_line_magic("lora_adapters", f"load {tmp_path / 'adapters' / 'over'} --name again")  # load says it too
     assert "Note: 'again' was trained on other-base" in capsys.readouterr().out
+    # two folders of one name: "trained on tiny-llama, not on ... (tiny-llama)" told nothing; the paths tell them apart
+    twin = tmp_path / "elsewhere" / tiny_model_dir.name
+    shutil.copytree(tiny_model_dir, twin)
+    shell.run_line_magic("qlora_load", f"{twin} --bits 32")
+    shell.run_cell_magic("lora_train", "twin --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\nr: 4\n")
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "use twin")
+    out = capsys.readouterr().out
+    assert f"Note: 'twin' was trained on {twin}, not on the model loaded now ({tiny_model_dir})" in out, out
 
 
 def test_a_long_eval_prints_its_progress_by_batches(loaded, capsys, monkeypatch):
