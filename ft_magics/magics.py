@@ -158,7 +158,7 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
-        hint = _unquoted_path(words, bad) or _list_hint(parser, words, bad)
+        hint = _unquoted_path(words, bad) or _list_hint(parser, words, bad) or _switch_hint(parser, words, bad)
         raise UsageError(f"unexpected argument {bad!r}{hint}. See %{magic_func.__name__}? for usage.")
     return args
 
@@ -172,6 +172,16 @@ def _list_hint(parser, words: list, bad: str) -> str:
     action = parser._option_string_actions.get(words[i - 2]) if i >= 2 else None
     if action is not None and action.dest in LIST_SETTINGS:
         return f": a list is written with commas ({words[i - 2]} {words[i - 1]},{bad})"
+    return ""
+
+
+def _switch_hint(parser, words: list, bad: str) -> str:
+    """A hint when ``bad`` follows an on/off flag as a value it does not take (--use-dora maybe)."""
+    i = words.index(bad) if bad in words else 0
+    action = parser._option_string_actions.get(words[i - 1]) if i >= 1 else None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        flag = words[i - 1]
+        return f": {flag} is on or off ({flag} true, {flag} false, or {flag} alone for on)"
     return ""
 
 

@@ -742,7 +742,8 @@ def test_on_off_flags_take_true_or_false_as_a_body_would_say_it(shell, tiny_mode
     settings = yaml.safe_load((tmp_path / "jobdir" / "job.yaml").read_text())["settings"]
     assert (settings["use_rslora"], settings["use_dora"], settings["gradient_checkpointing"], settings["packing"],
             settings["r"]) == (True, True, False, False, 8)
-    with pytest.raises(UsageError, match="unexpected argument 'maybe'"):
+    with pytest.raises(UsageError, match=r"unexpected argument 'maybe': --use-dora is on or off \(--use-dora true, "
+                                         r"--use-dora false, or --use-dora alone for on\)"):
         shell.run_line_magic("lora_export_job", "j jobdir2 --data rows --use-dora maybe")
 
 
