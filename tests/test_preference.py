@@ -379,3 +379,12 @@ def test_llama_factory_sharegpt_pairs_are_read_and_under_sft_are_named(tok):
         prepare(rows, tok, TrainConfig.from_dict({}))
     messages = [{"messages": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}]
     assert normalise_pairs(messages)[0][0].prompt == [{"role": "user", "content": "Q"}]
+
+
+def test_pairs_dropped_by_truncation_are_counted_as_pairs(tok):
+    from ft_magics.core.data import prepare
+
+    rows = [{"prompt": "word " * 200, "chosen": "good", "rejected": "bad"}] + [
+        {"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+    _, _, report = prepare(rows, tok, _cfg(max_seq_len=64))
+    assert "Dropped    1 pair whose answer was cut away entirely by truncation" in report.text(), report.text()

@@ -659,3 +659,13 @@ def test_a_stopped_run_s_summary_says_which_step_its_eval_loss_was_measured_at(t
     s.train("ev2", DATA, dict(CFG, eval_fraction=0.25, eval_steps=2), listeners=[rec])
     end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
     assert end.extra["eval_step"] == end.steps and "(at step" not in summary_text(end)
+
+
+def test_the_run_record_and_info_keep_what_the_data_report_dropped(tiny_session):
+    """ft_run.json and %lora_adapters info said '6 train' where 3 rows had no answer and 3 trained."""
+    s = tiny_session
+    rows = DATA[:6] + [{"prompt": f"q{i}", "completion": ""} for i in range(3)]
+    r = s.train("dr", rows, dict(CFG, max_steps=1))
+    data = json.loads((Path(r.adapter_path) / "ft_run.json").read_text())["data"]
+    assert data["train_rows"] == 9 and data["trained_examples"] == 6 and data["dropped"] == {"dropped_empty": 3}
+    assert "6 trained on, 3 dropped" in s.adapter_card("dr")

@@ -259,8 +259,11 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     data = record.get("data") or {}
     if data:
         earlier = (record.get("resumed") or {}).get("earlier_data")
+        trained, dropped = data.get("trained_examples"), sum((data.get("dropped") or {}).values())
         rows.append(("Data", f"{data.get('source')}: {data.get('format')}, {counted(data.get('rows') or 0, 'row')} "
                               f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"
+                              + (f"; {trained:,} trained on, {dropped:,} dropped (no answer left, too long, ...)"
+                                 if trained is not None and dropped else "")
                               + (f"; steps 1-{record['resumed']['at']} ran on {earlier}" if earlier else "")))
     settings = record.get("settings") or {}
     if settings:

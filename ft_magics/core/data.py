@@ -1475,13 +1475,14 @@ class DataReport:
                          + self.keep_whole(st['max'])
                          + ("; overlong: split trains on all of it" if self.format == "text" else ""))
             lines.append(line)
+        unit = "example" if self.objective == "sft" else "pair"
         if self.dropped_no_answer:
             lines.append(
-                f"Dropped    {counted(self.dropped_no_answer, 'example')} whose answer was cut away entirely by truncation "
+                f"Dropped    {counted(self.dropped_no_answer, unit)} whose answer was cut away entirely by truncation "
                 "(no loss-bearing token left); raise max_seq_len to keep them"
             )
         if self.dropped_empty:
-            lines.append(f"Dropped    {counted(self.dropped_empty, 'example')} with no answer to learn from (empty or "
+            lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no answer to learn from (empty or "
                          "blank: it would teach the model to end its turn at once)")
         if self.dropped_unweighted:
             lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')} whose every answer has weight 0 "

@@ -1049,6 +1049,11 @@ def run_training(
             "data": None if data_report is None else {
                 "source": data_report.source, "format": data_report.format, "rows": data_report.rows,
                 "train_rows": data_report.train_rows, "eval_rows": data_report.eval_rows,
+                "trained_examples": data_report.packed_examples or len(train_examples),  # after the drops
+                "dropped": {k: getattr(data_report, k) for k in ("dropped_empty", "dropped_no_answer",
+                                                                 "dropped_overlong", "dropped_unweighted",
+                                                                 "eval_dropped") if getattr(data_report, k, 0)},
+                "truncated": data_report.truncated,
                 "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
             },
             "versions": versions(),
