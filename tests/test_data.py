@@ -1944,3 +1944,17 @@ def test_a_plain_model_is_asked_in_the_layout_it_was_trained_on(plain_tok):
     assert build_prompt(plain_tok, "Q2", "SYS", msgs[1:3]) == text[:spans[-1][0]] == "SYS\n\nQ1\nA1\n\nQ2\n"
     text, spans = D._render_plain(msgs[1:2] + [{"role": "assistant", "content": "A"}])
     assert build_prompt(plain_tok, "Q1") == text[:spans[-1][0]]
+
+
+def test_a_split_of_a_dataset_dict_variable_is_named_with_a_colon():
+    """--data dd:test was "data file 'dd:test' does not exist": the Hub's owner/name:split spelling, for a
+    variable, now reads that split."""
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(_pc("t", 3)),
+                               "test": datasets.Dataset.from_list(_pc("e", 2))})
+    recs, _ = load("dd:test", namespace={"dd": dd})
+    assert [r.messages[0]["content"] for r in recs] == ["eq0", "eq1"]
+    with pytest.raises(FtUsageError, match=r"variable 'dd' has no split 'tset' \(did you mean 'test'\?\); its splits: "
+                                           r"train, test"):
+        load("dd:tset", namespace={"dd": dd})

@@ -153,6 +153,16 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
         if limit is None:
             _check_memory(path)
         return _rows_from_path(path, txt_mode, limit), str(path)
+    named_split = re.fullmatch(r"([A-Za-z_]\w*):([\w.-]+)", src)  # dd:test - a split of a DatasetDict variable
+    if named_split and namespace is not None and hasattr(namespace.get(named_split.group(1)), "keys") \
+            and _looks_like_data(namespace[named_split.group(1)]):
+        name, split = named_split.groups()
+        splits = list(namespace[name].keys())
+        if split not in splits:
+            raise FtUsageError(f"variable {name!r} has no split {split!r}{did_you_mean(split, [str(k) for k in splits])}; "
+                               f"its splits: {', '.join(map(str, splits))}.")
+        return _rows_from_object(namespace[name][split], f"variable {name!r}, split {split!r}", limit), \
+            f"variable {name}, split '{split}'"
     expression = re.match(r"([A-Za-z_]\w*)\s*[\[(.]", src)
     if (expression and namespace is not None and _looks_like_data(namespace.get(expression.group(1)))
             and Path(src).suffix.lower() not in FILE_SUFFIXES):
