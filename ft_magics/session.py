@@ -261,7 +261,12 @@ class Session:
 
         model = self.handle.model
         if name in getattr(model, "peft_config", {}):
-            self.handle.model = drop_adapter(model, name)
+            from peft import PeftModel
+
+            from .core.adapters import strip_lora
+
+            # a plain base holding PEFT's record: a wrap cut short before its PeftModel reached us
+            self.handle.model = drop_adapter(model, name) if isinstance(model, PeftModel) else strip_lora(model)
         if name in self.adapters:
             self.adapters.remove(name)
         if self.adapters.active == name:

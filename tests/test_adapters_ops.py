@@ -624,3 +624,82 @@ def test_a_name_that_is_part_of_the_layer_paths_is_refused_before_it_can_spoil_o
     with pytest.raises(FtUsageError, match="is also part of the model's layer names"):
         s.load_adapter(str(tmp_path / "adapters" / "bot"), name=bad)
     s.train("bot", rows, cfg)  # an adapter's own name is no layer name: retraining it is fine
+
+
+def _raise_on_call(monkeypatch, owner, attr, nth):
+    """``owner.attr`` raises KeyboardInterrupt (an interrupt landing there) on its ``nth`` call."""
+    real, calls = getattr(owner, attr), {"n": 0}
+
+    def wrapper(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+    return lambda: monkeypatch.setattr(owner, attr, real)
+
+
+def _lora_layer_count(model):
+    return sum(1 for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+
+
+def test_an_interrupted_first_load_or_attach_leaves_the_bare_base(tiny_session, made_by_peft, monkeypatch):
+    """An interrupt inside PEFT's wrap of the base (the first adapter loaded, or the first trained) left its LoRA
+    layers in the base's own modules: the 'base' answered as the adapter, and the name was blocked for good."""
+    import torch
+    from peft.tuners.lora.model import LoraModel
+
+    import ft_magics.core.adapters as adapters
+
+    s = tiny_session
+    base = logits(s.model)
+    undo = _raise_on_call(monkeypatch, adapters, "load_exact", 1)
+    with pytest.raises(KeyboardInterrupt):
+        s.load_adapter(made_by_peft["a"], "a")
+    undo()
+    assert _lora_layer_count(s.model) == 0 and not hasattr(s.model, "peft_config") and "a" not in s.adapters
+    assert torch.equal(logits(s.model), base)
+    rows = [{"prompt": f"q{i}?", "completion": f"answer {i}."} for i in range(8)]
+    cfg = {"max_steps": 1, "batch_size": 4, "r": 4, "max_seq_len": 32}
+    undo = _raise_on_call(monkeypatch, LoraModel, "_create_and_replace", 3)
+    with pytest.raises(KeyboardInterrupt):
+        s.train("f1", rows, cfg, listeners=[])
+    undo()
+    assert _lora_layer_count(s.model) == 0 and not hasattr(s.model, "peft_config") and torch.equal(logits(s.model), base)
+    assert s.train("f1", rows, cfg, listeners=[]).status == "completed"  # the name is free, the base clean
+    trained = logits(s.model)
+    # retrained under its name (the only adapter), interrupted while the new one attaches: the old one was
+    # dropped first; it left the registry too (it listed 'f1' answering as the bare base) and loads from its folder
+    undo = _raise_on_call(monkeypatch, LoraModel, "_create_and_replace", 3)
+    with pytest.raises(KeyboardInterrupt):
+        s.train("f1", rows, dict(cfg, seed=7), listeners=[])
+    undo()
+    assert "f1" not in s.adapters and _lora_layer_count(s.model) == 0 and torch.equal(logits(s.model), base)
+    s.use("f1")  # from its folder, as saved
+    assert torch.equal(logits(s.model), trained)
+
+
+def test_an_interrupted_merge_puts_every_layer_back(tiny_session, made_by_peft, monkeypatch):
+    """An interrupt after some layers merged left them merged while the session said nothing was: the adapter's
+    answers were garbage and unmerge refused ('no adapter is merged')."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    s = tiny_session
+    s.load_adapter(made_by_peft["a"], "a")
+    s.load_adapter(made_by_peft["b"], "b")
+    s.use("a")
+    before = logits(s.model)
+    weights = {n: p.detach().clone() for n, p in s.model.named_parameters() if "lora_" not in n}
+    undo = _raise_on_call(monkeypatch, Linear, "merge", 4)
+    with pytest.raises(KeyboardInterrupt):
+        s.merge_adapter("b")
+    undo()
+    assert s.merged_adapter is None and not any(getattr(m, "merged_adapters", []) for m in s.model.modules())
+    after = {n: p.detach() for n, p in s.model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(weights[n], after[n]) for n in weights)  # bit for bit
+    s.use("a")
+    assert torch.equal(logits(s.model), before)
+    s.merge_adapter("b")  # and a merge runs through afterwards
+    assert s.merged_adapter == "b"

@@ -449,17 +449,42 @@ def file_fingerprint(path: Path) -> str:
 
 def load_folder(model, path: Path, name: str):
     """``model`` with the adapter in folder ``path`` loaded as ``name`` (a PeftModel: the same one if it was
-    already), its weights exactly the file's."""
+    already), its weights exactly the file's. A load that fails or is interrupted part-way leaves ``model`` as
+    it was (PEFT's layers are in the base's own modules: left there, the 'base' answered as the adapter)."""
     from peft import PeftModel
 
     # low_cpu_mem_usage: LoRA layers are created empty and filled from the file (a cold load several times
     # faster than initialising them first)
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
-    else:
-        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, low_cpu_mem_usage=True)
-    load_exact(model, path, name)
-    return model
+    wrapped = isinstance(model, PeftModel)
+    try:
+        if wrapped:
+            model.load_adapter(str(path), adapter_name=name, low_cpu_mem_usage=True)
+            load_exact(model, path, name)
+            return model
+        loaded = PeftModel.from_pretrained(model, str(path), adapter_name=name, low_cpu_mem_usage=True)
+        load_exact(loaded, path, name)
+        return loaded
+    except BaseException:
+        if not wrapped:
+            strip_lora(model)
+        elif name in model.peft_config:
+            drop_adapter(model, name)
+        raise
+
+
+def strip_lora(model):
+    """The plain base of ``model`` (a PeftModel, or a base PEFT began to wrap when it was interrupted), every LoRA
+    layer replaced by the layer it wraps and PEFT's record of adapters taken off: what is left of a wrap that
+    failed part-way, made the bare base again."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    where = {id(m): (parent, attr) for parent in base.modules() for attr, m in parent.named_children()}
+    for mod in [m for m in base.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]:
+        if id(mod) in where:
+            parent, attr = where[id(mod)]
+            setattr(parent, attr, mod.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        base.__dict__.pop(attr, None)
+    return base
 
 
 def load_exact(model, path: Path, name: str) -> None:
@@ -588,27 +613,30 @@ def merge(model, name: str) -> MergeState:
             "%lora_adapters export NAME DIR --merged (it rebuilds the base from its source)."
         )
     t = time.perf_counter()
-    saved = []
-    for mod in _lora_layers(model, name):
-        # The merge writes into a fresh copy; the original tensors are kept as they are, untouched. Merging
-        # in place instead would turn a weight that is still a view into the mmapped weights file into
-        # copy-on-write pages, scattered: generation ran 4% slower than the bare base (interleaved runs).
-        base = mod.get_base_layer()
-        bias = getattr(base, "bias", None)
-        saved.append((mod, base.weight.data, None if bias is None else bias.data))
-        base.weight.data = base.weight.data.clone()
-        if bias is not None:
-            base.bias.data = bias.data.clone()
-    model.base_model.enable_adapter_layers()
-    model.base_model.merge_adapter([name])
-    # A merged LoRA layer still sits between its parent and the base layer and costs a Python call per
-    # layer per token (about 10% of generation speed on the demo model): take it out while merged.
-    where = {id(mod): (parent, attr) for parent in model.modules() for attr, mod in parent.named_children()}
-    unwrapped = []
-    for mod, _, _ in saved:
-        parent, attr = where[id(mod)]
-        setattr(parent, attr, mod.get_base_layer())
-        unwrapped.append((parent, attr, mod))
+    saved, unwrapped = [], []
+    try:  # all or nothing: a merge stopped part-way (an interrupt) puts every layer back as it was
+        for mod in _lora_layers(model, name):
+            # The merge writes into a fresh copy; the original tensors are kept as they are, untouched. Merging
+            # in place instead would turn a weight that is still a view into the mmapped weights file into
+            # copy-on-write pages, scattered: generation ran 4% slower than the bare base (interleaved runs).
+            base = mod.get_base_layer()
+            bias = getattr(base, "bias", None)
+            saved.append((mod, base.weight.data, None if bias is None else bias.data))
+            base.weight.data = base.weight.data.clone()
+            if bias is not None:
+                base.bias.data = bias.data.clone()
+        model.base_model.enable_adapter_layers()
+        model.base_model.merge_adapter([name])
+        # A merged LoRA layer still sits between its parent and the base layer and costs a Python call per
+        # layer per token (about 10% of generation speed on the demo model): take it out while merged.
+        where = {id(mod): (parent, attr) for parent in model.modules() for attr, mod in parent.named_children()}
+        for mod, _, _ in saved:
+            parent, attr = where[id(mod)]
+            setattr(parent, attr, mod.get_base_layer())
+            unwrapped.append((parent, attr, mod))
+    except BaseException:
+        unmerge(MergeState(name=name, saved=saved, ms=0.0, unwrapped=unwrapped))
+        raise
     return MergeState(name=name, saved=saved, ms=(time.perf_counter() - t) * 1000.0, unwrapped=unwrapped)
 
 

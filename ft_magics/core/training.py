@@ -631,28 +631,40 @@ def lora_config(model, cfg: TrainConfig):
     )
 
 
-def attach_adapter(model, name: str, cfg: TrainConfig):
-    """Add a fresh LoRA adapter ``name`` (replacing one of that name) and make it the trainable one."""
+def attach_adapter(model, name: str, cfg: TrainConfig, on_model: Optional[Callable] = None):
+    """Add a fresh LoRA adapter ``name`` (replacing one of that name) and make it the trainable one.
+    ``on_model`` gets the model left once a replaced adapter is dropped (the plain base, when it was the only
+    one), so its holder never keeps a wrapper whose layers are gone; an attach that fails or is interrupted
+    part-way takes the new adapter's layers out again."""
     import torch
     from peft import PeftModel, get_peft_model
 
-    from .adapters import drop_adapter
+    from .adapters import drop_adapter, strip_lora
 
     torch.manual_seed(cfg.seed)  # reproducible adapter initialisation
     if isinstance(model, PeftModel) and name in model.peft_config:
         model = drop_adapter(model, name)  # replaced: the plain base model when it was the only one
-    if isinstance(model, PeftModel):
-        base = model.get_base_model()
-        lcfg = lora_config(base, cfg)
-        model.add_adapter(name, lcfg)
-        # 'base' selected (every LoRA layer switched off) must not leave the new adapter off: its LoRA path
-        # would never run, and the first backward would find nothing that requires grad
-        model.base_model.enable_adapter_layers()
-        model.set_adapter(name)
-        peft_model = model
-    else:
-        lcfg = lora_config(model, cfg)
-        peft_model = get_peft_model(model, lcfg, adapter_name=name)
+        if on_model is not None:
+            on_model(model)
+    try:
+        if isinstance(model, PeftModel):
+            base = model.get_base_model()
+            lcfg = lora_config(base, cfg)
+            model.add_adapter(name, lcfg)
+            # 'base' selected (every LoRA layer switched off) must not leave the new adapter off: its LoRA path
+            # would never run, and the first backward would find nothing that requires grad
+            model.base_model.enable_adapter_layers()
+            model.set_adapter(name)
+            peft_model = model
+        else:
+            lcfg = lora_config(model, cfg)
+            peft_model = get_peft_model(model, lcfg, adapter_name=name)
+    except BaseException:
+        if not isinstance(model, PeftModel):
+            strip_lora(model)
+        elif name in model.peft_config:
+            drop_adapter(model, name)
+        raise
     # Only the new adapter trains; the others (and the base) stay frozen.
     for n, p in peft_model.named_parameters():
         p.requires_grad = (".lora_" in n and f".{name}." in n)
@@ -910,7 +922,7 @@ def run_training(
     # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
     # one a generate repacked for bitsandbytes' CPU kernel (PEFT dequantises that as garbage)
     unpack_cpu_4bit(handle.model)
-    peft_model = attach_adapter(handle.model, name, cfg)
+    peft_model = attach_adapter(handle.model, name, cfg, on_model)
     if on_model is not None:
         on_model(peft_model)
     trainable, total = trainable_counts(peft_model, handle.param_count)
