@@ -6,13 +6,14 @@ it, and it imports no IPython and no widget.
 from __future__ import annotations
 
 import contextlib
+import os
 import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
-from .errors import FtUsageError
+from .errors import FtUsageError, did_you_mean
 from .paths import user_path
 
 
@@ -68,6 +69,7 @@ class Session:
         """Load a base model (replacing the current one and its adapters); returns the ModelHandle."""
         from .core.loading import load_model, plan_load
 
+        model = os.fspath(model) if isinstance(model, os.PathLike) else model  # a pathlib.Path is a folder too
         with self._model_busy("load a model"):
             # a wrong argument (a typo in the path, an unknown device) keeps the model and adapters loaded now
             plan = plan_load(model, bits, dtype, device, allow_pickle)
@@ -501,6 +503,9 @@ class Session:
         from .core.inference import Sampling, generate
 
         sampling = Sampling.of(sampling, **settings)  # a bad setting is refused before the model is touched
+        if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
+            raise FtUsageError(f"the prompt and the system prompt are text (got {type(prompt).__name__}"
+                               + (f" and {type(system).__name__}" if system is not None else "") + ").")
         with self._model_busy("generate"):
             previous = self.adapters.active
             chosen = previous if adapter is None else adapter
@@ -529,6 +534,8 @@ class Session:
         from .core.inference import Sampling
 
         sampling = Sampling.of(sampling or Sampling(max_new_tokens=256), **settings)
+        if message is not None and not isinstance(message, str):
+            raise FtUsageError(f"the message is text (got {type(message).__name__}).")
         if not message or not message.strip():
             raise FtUsageError("the message is empty: write it after the flags or in the cell body.")
         # the turn is tried on a copy: a refused turn (unknown adapter, too long) leaves the conversation,
@@ -587,6 +594,8 @@ class Session:
         (trained before a kernel restart, or by another notebook). The active adapter stays as it was."""
         from .core.adapters import activate
 
+        if not isinstance(name, str):
+            raise FtUsageError(f"an adapter is named by text (got {name!r}).")
         if name not in self.adapters:
             self._check_not_training(name)
             if self._adapter_folder(name) is not None:  # on disk: loading it needs the base as it was
@@ -839,6 +848,10 @@ class Session:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
         if column_map and data is None:
             raise FtUsageError("--map renames the columns of --data: give --data FILE too.")
+        from .core.inference import as_number
+
+        batch_size, answers = as_number("batch_size", batch_size, True, False), as_number("answers", answers, True, False)
+        max_seq_len = as_number("max_seq_len", max_seq_len, True, True)
         if int(batch_size) < 1:
             raise FtUsageError(f"--batch-size must be at least 1 (got {batch_size}).")
         if max_seq_len is not None and int(max_seq_len) < 16:  # (training's max_seq_len says the same by its name)
@@ -960,8 +973,17 @@ class Session:
         """Estimated memory for full fine-tuning, LoRA and QLoRA of ``model`` (folder, known hub id or a size
         such as ``7B``; None: the loaded model, else the demo model); returns a core.planner.Plan (``.table()``
         for the text). Loads nothing."""
+        from .config import OPTIMIZERS
+        from .core.inference import as_number
         from .core.planner import dims_from_config, plan
 
+        seq_len, batch_size, r = (as_number(k, v, True, False) for k, v in
+                                  (("seq_len", seq_len), ("batch_size", batch_size), ("r", r)))
+        if optimizer not in OPTIMIZERS:  # (the magic's --optimizer has these as its choices)
+            raise FtUsageError(f"unknown optimizer {optimizer!r}{did_you_mean(str(optimizer), OPTIMIZERS)}; "
+                               f"one of {', '.join(OPTIMIZERS)}.")
+        if model is not None and not isinstance(model, str):
+            raise FtUsageError(f"model must be a folder, a hub id or a size such as '7B' (got {model!r}).")
         if model is None and self.handle is not None:  # the model in this session, by its own config
             model = dims_from_config(self.handle.model.config.to_dict(), name=f"{self.handle.name} (loaded)")
         return plan(model or "demo", seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,

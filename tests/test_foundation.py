@@ -1553,3 +1553,31 @@ def test_a_second_lora_stop_says_the_first_is_on_its_way(shell, tiny_model_dir, 
     assert s.runs[-1].status == "stopped" and s.runs[-1].steps < 50
     shell.run_line_magic("lora_stop", "")
     assert "no training run in progress." in capsys.readouterr().out
+
+
+def test_the_python_api_refuses_wrong_argument_types_by_name(tiny_session, tiny_model_dir, tmp_path):
+    """Wrong types reached deep library errors ('PosixPath' has no attribute 'strip', TypeError in torch), and
+    "20" for max_new_tokens was refused as a range ('must be at least 1 (got 20)')."""
+    from pathlib import Path
+
+    from ft_magics.errors import FtUsageError
+
+    s = tiny_session
+    s.load(Path(tiny_model_dir), bits=32)  # a pathlib.Path names the folder
+    assert s.generate("hi", max_new_tokens="3", temperature="0.7", seed=1.0).new_tokens <= 3  # numbers as text
+    assert s.generate("hi", sampling={"max_new_tokens": 2}).new_tokens <= 2
+    for call, message in ((lambda: s.generate("hi", temperature=None), "temperature must be a number"),
+                          (lambda: s.generate("hi", max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+                          (lambda: s.generate(5), "the prompt and the system prompt are text"),
+                          (lambda: s.generate("hi", system=5), "the prompt and the system prompt are text"),
+                          (lambda: s.chat(5), "the message is text"),
+                          (lambda: s.use(5), "an adapter is named by text"),
+                          (lambda: s.train(5, ROWS), "an adapter name is text"),
+                          (lambda: s.evaluate(None, ROWS, batch_size="x"), "batch_size must be a number"),
+                          (lambda: s.plan("7B", optimizer="adamz"), "unknown optimizer 'adamz'"),
+                          (lambda: s.plan(7), "model must be a folder, a hub id or a size")):
+        with pytest.raises(FtUsageError, match=message):
+            call()
+    assert s.plan("7B", seq_len="256").seq_len == 256
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert s.train("p", tmp_path / "rows.jsonl", {"max_steps": 1, "batch_size": 4, "r": 4}, dry_run=True) is not None

@@ -30,6 +30,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's lay
 def validate_name(name: str, model: Any = None) -> str:
     """An adapter name is also a folder name: no separators, no '..', no hidden names, not 'base'. With ``model``,
     not a part of its layers' paths either (see :func:`_layer_path_parts`)."""
+    if name is not None and not isinstance(name, str):
+        raise FtUsageError(f"an adapter name is text, e.g. 'support-bot' (got {name!r}).")
     name = (name or "").strip()
     if not name:
         raise FtUsageError("an adapter name is required, e.g. %%lora_train support-bot --data ...")

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     if txt_mode not in TXT_MODES:
         raise FtUsageError(f"txt_mode {txt_mode!r} is not one of {', '.join(TXT_MODES)}{did_you_mean(txt_mode, TXT_MODES)}.")
     limit = max_rows if max_rows and max_rows > 0 else None
+    if isinstance(src, os.PathLike) and not isinstance(src, _Files):  # a pathlib.Path: the file or folder it names
+        src = os.fspath(src)
     if isinstance(src, _Files):  # the eval split of a folder or glob whose file names name splits
         return _rows_from_files(list(src), txt_mode, limit, src.label), src.desc
     if not isinstance(src, str):

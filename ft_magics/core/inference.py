@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from ..errors import FtUsageError
 
@@ -49,6 +49,28 @@ class Generation:
 HOT_TEMPERATURE = 2.0  # above it sampling is close to uniform over the vocabulary: a note says so
 
 
+_INT_SETTINGS = ("max_new_tokens", "top_k", "seed")
+_OPTIONAL_SETTINGS = ("top_k", "seed")  # None: the model's own (top_k), unseeded (seed)
+
+
+def as_number(name: str, value: Any, integer: bool, optional: bool):
+    """A generation setting given through the Python API as a number: "0.7" and 20.0 read as 0.7 and 20; what
+    is not a number (or, for a count, not a whole one) is refused by name, not by a TypeError deep in torch."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or value is None:
+        raise FtUsageError(f"{name} must be a number (got {value!r}).")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FtUsageError(f"{name} must be a number (got {value!r}).") from None
+    if not integer:
+        return number
+    if not number.is_integer():
+        raise FtUsageError(f"{name} must be a whole number (got {value!r}).")
+    return int(number)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How an answer is decoded, one object from the magics' flags down to ``model.generate``: greedy
@@ -68,11 +90,17 @@ class Sampling:
         field is a usage error naming the fields (the Python API's counterpart of an unknown flag)."""
         import dataclasses
 
+        if isinstance(sampling, dict):  # the settings as a dict (the Python API's natural guess)
+            settings, sampling = {**sampling, **settings}, None
+        elif sampling is not None and not isinstance(sampling, cls):
+            raise FtUsageError(f"sampling must be a core.inference.Sampling or a dict of its settings (got "
+                               f"{type(sampling).__name__}).")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(settings) - set(names))
         if unknown:
             raise FtUsageError(f"unknown generation setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
                                f"the settings are {', '.join(names)}.")
+        settings = {k: as_number(k, v, k in _INT_SETTINGS, k in _OPTIONAL_SETTINGS) for k, v in settings.items()}
         return dataclasses.replace(sampling or cls(), **settings).checked()
 
     def checked(self) -> "Sampling":
