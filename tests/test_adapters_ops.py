@@ -703,3 +703,9 @@ def test_an_interrupted_merge_puts_every_layer_back(tiny_session, made_by_peft, 
     assert torch.equal(logits(s.model), before)
     s.merge_adapter("b")  # and a merge runs through afterwards
     assert s.merged_adapter == "b"
+
+
+def test_loading_a_file_as_an_adapter_says_it_is_a_file(tiny_session, tmp_path):
+    (tmp_path / "mydata.jsonl").write_text("{}\n")
+    with pytest.raises(FtUsageError, match=r"mydata\.jsonl is a file, not an adapter folder"):
+        tiny_session.load_adapter(tmp_path / "mydata.jsonl")

@@ -117,6 +117,9 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
     """Check that ``path`` holds a complete PEFT LoRA adapter; return its config. Says what is wrong.
     ``parse_weights=False`` skips opening the safetensors file, for a caller about to read it anyway."""
     path = Path(path)
+    if path.is_file():
+        raise FtUsageError(f"{path} is a file, not an adapter folder: an adapter is a folder holding "
+                           "adapter_config.json and adapter_model.safetensors.")
     if not path.is_dir():
         raise FtUsageError(f"adapter folder {path} does not exist.")
     cfg_file = path / "adapter_config.json"
