@@ -1014,6 +1014,9 @@ def _default_listeners(listeners: Optional[list]) -> list:
     """``listeners`` as given, or (None) the text view: the Python API prints progress like the magics do
     in a terminal; ``[]`` runs silently."""
     if listeners is not None:
+        if not isinstance(listeners, (list, tuple)):
+            raise FtUsageError(f"listeners is a list of views or functions (got {type(listeners).__name__}): e.g. "
+                               "listeners=[print], or [] to run silently.")
         return list(listeners)
     from .widgets.text import TextReporter
 

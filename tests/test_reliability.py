@@ -669,3 +669,14 @@ def test_the_run_record_and_info_keep_what_the_data_report_dropped(tiny_session)
     data = json.loads((Path(r.adapter_path) / "ft_run.json").read_text())["data"]
     assert data["train_rows"] == 9 and data["trained_examples"] == 6 and data["dropped"] == {"dropped_empty": 3}
     assert "6 trained on, 3 dropped" in s.adapter_card("dr")
+
+
+def test_a_plain_function_is_a_listener_and_a_non_list_is_refused(tiny_session):
+    """listeners=[print] (a natural guess) trained but logged a traceback for every event; listeners=5 was a
+    TypeError deep in the run."""
+    seen = []
+    tiny_session.train("fn", DATA, dict(CFG, max_steps=2), listeners=[seen.append])
+    kinds = {type(e).__name__ for e in seen}
+    assert {"TrainBegin", "StepEnd", "TrainEnd", "Message"} <= kinds
+    with pytest.raises(FtUsageError, match=r"listeners is a list of views or functions \(got int\)"):
+        tiny_session.train("fn", DATA, dict(CFG, max_steps=1), listeners=5)

@@ -149,7 +149,10 @@ def emit(listeners: Iterable[Listener], event) -> None:
     name = _HANDLERS[type(event)]
     for listener in listeners:
         try:
-            getattr(listener, name)(event)
+            handler = getattr(listener, name, None)
+            if handler is None and callable(listener) and not isinstance(listener, Listener):
+                handler = listener  # a plain function (print, a list's append) gets every event
+            handler(event)
         except Exception:  # noqa: BLE001 - a view's bug is logged, the run goes on
             log.exception("listener %r failed on %s", listener, type(event).__name__)
 
