@@ -132,7 +132,8 @@ def run_job(job_path: str, events: Optional[str] = None) -> int:
             writer, TextReporter(sys.stdout, stop_hint=TextReporter.TERMINAL_STOP_HINT)]
     try:
         handle = load_model(spec.model_source, bits=int(spec.model.get("bits", 4)), dtype=spec.model.get("dtype", "auto"),
-                            device=device, trust_remote_code=bool(spec.model.get("trust_remote_code", False)))
+                            device=device, trust_remote_code=bool(spec.model.get("trust_remote_code", False)),
+                            allow_pickle=bool(spec.model.get("allow_pickle", False)))
         cfg = TrainConfig.from_dict(spec.settings)
         if world > 1 and getattr(cfg, "chunked_loss", False):
             # The chunked loss calls the decoder inside the model directly; under DDP the forward must go

@@ -431,3 +431,24 @@ def test_the_printed_run_commands_quote_a_job_folder_with_a_space(shell, tiny_mo
     assert len(printed) == len(header) == 2 and printed == header
     assert shlex.split(printed[0]) == ["ft-magics", "train", str(job)]
     assert shlex.split(printed[1])[-1] == str(job) and str(job.parent / "accelerate.yaml") in shlex.split(printed[1])
+
+
+def test_an_exported_job_reads_what_the_notebook_run_reads(shell, tiny_model_dir, tmp_path):
+    """--processes and %%lora_export_job trained on a folder named like the notebook variable (the notebook run
+    reads the variable), dropped a dict of splits' eval split, and did not pass --allow-pickle to the workers."""
+    import yaml
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "f.jsonl").write_text(json.dumps({"prompt": "FILE", "completion": "folder"}) + "\n")
+    shell.user_ns["mydata"] = [{"prompt": f"VARIABLE {i}", "completion": "v"} for i in range(6)]
+    shell.run_cell_magic("lora_export_job", "v jobs/v --data mydata", "max_steps: 1\n")
+    job = tmp_path / "jobs" / "v"
+    spec = yaml.safe_load((job / "job.yaml").read_text())
+    assert spec["data"] == "data.jsonl" and "VARIABLE 5" in (job / "data.jsonl").read_text()
+    assert spec["model"]["allow_pickle"] is False and spec["model"]["device"] == "cpu"
+    shell.user_ns["dd"] = {"train": shell.user_ns["mydata"], "validation": [{"prompt": "HELD", "completion": "o"}]}
+    shell.run_cell_magic("lora_export_job", "d jobs/d --data dd", "max_steps: 1\n")
+    spec = yaml.safe_load((tmp_path / "jobs" / "d" / "job.yaml").read_text())
+    assert spec["eval_data"] == "eval.jsonl" and "HELD" in (tmp_path / "jobs" / "d" / "eval.jsonl").read_text()
+    assert "HELD" not in (tmp_path / "jobs" / "d" / "data.jsonl").read_text()

@@ -159,6 +159,11 @@ def model_reference(handle) -> dict:
         "dtype": str(handle.dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
         .replace("float32", "fp32"),
         "name": handle.name,
+        # loaded as the notebook loaded it: a pickle-only folder, remote code, and the device it is on (a notebook
+        # on the CPU of a GPU machine kept its workers off the GPU)
+        "allow_pickle": bool(getattr(handle, "allow_pickle", False)),
+        "trust_remote_code": bool(getattr(handle, "trust_remote_code", False)),
+        "device": "cpu" if str(handle.device).startswith("cpu") else "auto",
     }
 
 
@@ -177,21 +182,27 @@ def export_rows(rows: list, dest: Path) -> Path:
     return dest
 
 
-def data_reference(src: Any, namespace: Optional[dict], job_dir: Path, filename: str) -> tuple[str, str]:
-    """``(reference for job.yaml, note)``. Files and demo sets are referenced; notebook variables and
-    Python objects are exported into the job folder, since a subprocess cannot see them."""
+def data_reference(src: Any, namespace: Optional[dict], job_dir: Path, filename: str) -> tuple:
+    """``(reference for job.yaml, note, the eval split the exported rows bring or None)``. Files and demo sets
+    are referenced; notebook variables and Python objects are exported into the job folder, since a subprocess
+    cannot see them."""
     from .data import load_rows
 
-    if isinstance(src, str):
+    from .data import _looks_like_data
+
+    variable = isinstance(src, str) and namespace is not None and src.isidentifier() and src in namespace \
+        and _looks_like_data(namespace[src])  # a variable wins over a file or folder of its name, as in the notebook
+    if isinstance(src, str) and not variable:
         if src.startswith("demo:"):
             load_rows(src)  # checks the name
-            return src, src
+            return src, src, None
         p = user_path(src)
         if p.exists():
-            return str(p.resolve()), f"file {p}"
+            return str(p.resolve()), f"file {p}", None
     rows, desc = load_rows(src, namespace)
     export_rows(rows, job_dir / filename)
-    return filename, f"{desc} exported to {job_dir / filename} ({len(rows)} rows)"
+    held = getattr(rows, "held_out", None)  # a DatasetDict's (or a dict of splits') eval split: exported too
+    return filename, f"{desc} exported to {job_dir / filename} ({len(rows)} rows)", held
 
 
 def accelerate_configs(processes: int, gpus: int = 0) -> dict:
@@ -276,10 +287,21 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
     if job_dir.is_dir() and any(job_dir.iterdir()) and not (job_dir / JOB_FILE).exists():
         raise FtUsageError(f"{job_dir} already holds other files and is not a job folder (no {JOB_FILE}); choose a "
                            "new or empty folder for the job (an earlier job's folder is rewritten).")
-    data_ref, note = data_reference(data, namespace, job_dir, DATA_FILE)
+    data_ref, note, held = data_reference(data, namespace, job_dir, DATA_FILE)
     eval_ref = None
-    if eval_data is not None:
-        eval_ref, enote = data_reference(eval_data, namespace, job_dir, EVAL_FILE)
+    if eval_data is None and held is not None:  # the variable's own eval split, as the notebook run uses it
+        from .data import load_rows
+
+        split, source = held
+        erows = load_rows(source, namespace)[0]
+        export_rows(erows, job_dir / EVAL_FILE)
+        eval_ref = EVAL_FILE
+        note += f"; eval: its '{split}' split exported to {job_dir / EVAL_FILE} ({len(erows)} rows)"
+    elif eval_data is not None:
+        eval_ref, enote, eheld = data_reference(eval_data, namespace, job_dir, EVAL_FILE)
+        if eheld is not None:  # --eval names a dataset with splits: its eval split, not 'train'
+            export_rows(load_rows(eheld[1], namespace)[0], job_dir / EVAL_FILE)
+            enote += f" (its '{eheld[0]}' split)"
         note += f"; eval: {enote}"
     if "exported" in note:
         emit(listeners or [], Message("the data is written into the job folder, so the job trains on exactly these "

@@ -51,6 +51,8 @@ class ModelHandle:
     footprint_bytes: int
     load_seconds: float
     notes: list = field(default_factory=list)
+    trust_remote_code: bool = False  # how it was loaded, so another process loads it the same way
+    allow_pickle: bool = False
 
     @property
     def quantization(self) -> str:
@@ -403,4 +405,6 @@ def load_model(
         footprint_bytes=int(lm.get_memory_footprint()),
         load_seconds=time.perf_counter() - t0,
         notes=notes,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
     )
