@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     from .core.jobs import LAUNCHERS, launch_command, load_job
 
     spec = load_job(args.job)
-    processes = args.processes or spec.processes
+    processes = spec.processes if args.processes is None else args.processes  # (0 is no count: refused below)
     if processes < 1:
         raise FtUsageError(f"--processes must be at least 1 (got {processes}).")
     if processes == 1 and args.launcher is None:
@@ -36,7 +36,30 @@ def _train(args: argparse.Namespace) -> int:
     print("running: " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    return subprocess.call(cmd, env=env)
+    return _run_forwarding_signals(cmd, env)
+
+
+def _run_forwarding_signals(cmd: list, env: dict) -> int:
+    """Run the launcher in a process group of its own and pass SIGINT / SIGTERM sent to this process on to that
+    group (what a terminal's Ctrl-C does to a foreground group), then wait for it: the workers stop at their next
+    step and save. ``subprocess.call`` killed the launcher on an interrupt and left its workers training, orphaned,
+    and a SIGTERM left both running."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: Optional[list] = None) -> int:

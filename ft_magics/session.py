@@ -350,9 +350,16 @@ class Session:
         Returns a TrainResult."""
         from .core.jobs import result_from_record, run_job
 
+        from .core.adapters import replacing_note, validate_name
+        from .core.events import Message, emit
+
         listeners = _default_listeners(listeners)
         self._check_no_training()
+        self._check_not_merged("train")  # as one process refuses: the run would end unable to load its adapter
         out_root = Path(output_dir) if output_dir else self.adapters_dir
+        note = replacing_note(out_root / validate_name(name), name)  # what one process says of a name in use
+        if note:
+            emit(listeners, Message(note, "warning"))
         job = self.export_job(name, out_root / ".jobs" / name, data, config, eval_data=eval_data, processes=processes,
                               output_dir=out_root.resolve(), listeners=listeners, **overrides)
         result = result_from_record(run_job(job, processes, launcher, listeners))

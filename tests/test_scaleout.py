@@ -164,6 +164,12 @@ def test_magic_flags_are_checked(shell, tiny_model_dir, tmp_path):
     for n in (0, -2):  # 0 read as 'not given' started a one-process job
         with pytest.raises(UsageError, match=rf"--processes must be at least 1 \(got {n}\)"):
             shell.run_cell_magic("lora_train", f"x --data demo:support --processes {n}", "r: 8\n")
+    # a merged adapter: refused before the processes start (the run trained to the end, then could not load)
+    shell.run_cell_magic("lora_train", "m --data rows --no-widgets", "max_steps: 1\nr: 4\n")
+    shell.run_line_magic("lora_adapters", "merge m")
+    with pytest.raises(UsageError, match="merged"):
+        shell.run_cell_magic("lora_train", "after --data rows --processes 2 --no-widgets", "max_steps: 1\nr: 4\n")
+    assert not (tmp_path / "adapters" / ".jobs" / "after").exists()
 
 
 # --------------------------------------------------------------------------- real runs on 2 CPU processes
@@ -452,3 +458,34 @@ def test_an_exported_job_reads_what_the_notebook_run_reads(shell, tiny_model_dir
     spec = yaml.safe_load((tmp_path / "jobs" / "d" / "job.yaml").read_text())
     assert spec["eval_data"] == "eval.jsonl" and "HELD" in (tmp_path / "jobs" / "d" / "eval.jsonl").read_text()
     assert "HELD" not in (tmp_path / "jobs" / "d" / "data.jsonl").read_text()
+
+
+def test_ft_magics_train_passes_an_interrupt_on_to_its_workers(shell, tiny_model_dir, tmp_path):
+    """SIGINT to `ft-magics train` (2 processes) killed the launcher and left both workers training, orphaned,
+    with a KeyboardInterrupt traceback; SIGTERM left launcher and workers running. Now the signal reaches the
+    workers, which stop at their next step and save, and ft-magics waits for them."""
+    import signal
+    import time
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(32)]
+    shell.run_cell_magic("lora_export_job", "long job --data rows --processes 2",
+                         "max_steps: 1000000\nbatch_size: 2\nmax_seq_len: 32\nr: 4\n")
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FT_MAGICS_HOME": os.environ["FT_MAGICS_HOME"]}
+    events = tmp_path / "events.jsonl"
+    proc = subprocess.Popen(["ft-magics", "train", str(tmp_path / "job" / "job.yaml"), "--events", str(events)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (events.exists() and events.read_text().count('"StepEnd"') >= 3):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    pids = [int(p.read_text()) for p in (tmp_path / "job").glob("rank*.pid")]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert "KeyboardInterrupt" not in out.split("SignalException")[0], out[-3000:]
+    for pid in pids:  # no worker left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    record = json.loads((tmp_path / "job" / "adapters" / "long" / "ft_run.json").read_text())
+    assert record["status"] == "interrupted" and 3 <= record["steps"] < 1000000
