@@ -111,6 +111,13 @@ def test_failure_summary_names_the_rank_and_signal():
            "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 4242)\n")
     assert _failure_summary(log) == "worker process rank 1 (pid 4242) was killed by signal SIGKILL"
     assert _failure_summary("nothing useful") == ""
+    from ft_magics.core.jobs import _failure_reason
+
+    worker = "ft_magics: keep_best compares eval losses, and this run has no eval data: give --eval FILE.\n"
+    assert _failure_reason(worker + log, None, 1) == ("worker process rank 1 (pid 4242) was killed by signal SIGKILL: "
+                                                      "keep_best compares eval losses, and this run has no eval data: "
+                                                      "give --eval FILE.")
+    assert _failure_reason("noise", None, 3) == "the launcher exited with code 3"
 
 
 def test_notebook_launcher_falls_back_when_it_cannot_fork(tmp_path, monkeypatch):

@@ -422,6 +422,19 @@ def _failure_summary(log_text: str) -> str:
     return f"worker process rank {rank} (pid {pid}) {how}"
 
 
+def _failure_reason(log_text: str, end, returncode: int) -> str:
+    """Why a job failed: which process and how (torchrun's summary), with a worker's own refusal in its words
+    (its 'ft_magics: ...' line; the notebook showed only 'exited with code 2' and torchrun's boilerplate)."""
+    why = _failure_summary(log_text)
+    said = next((line.strip()[len("ft_magics: "):] for line in log_text.splitlines()
+                 if line.strip().startswith("ft_magics: ")), None)
+    if said:
+        why = f"{why}: {said}" if why else said
+    if not why and end is not None and end.error:
+        why = end.error
+    return why or f"the launcher exited with code {returncode}"
+
+
 @dataclass
 class JobOutcome:
     status: str
@@ -499,11 +512,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
         return JobOutcome(end.status, adapter, record, run_dir, proc.returncode)
     if proc.returncode == 0 and end is not None and end.status != "failed":
         return JobOutcome(end.status, None, record, run_dir, 0)
-    why = _failure_summary(log_text)
-    if not why and end is not None and end.error:
-        why = end.error
-    if not why:
-        why = f"the launcher exited with code {proc.returncode}"
+    why = _failure_reason(log_text, end, proc.returncode)
     kept = "the previous adapter there is unchanged" if spec.adapter_dir.exists() else "no adapter was written"
     tail_lines = "\n".join("  " + l for l in log_text.strip().splitlines()[-12:])
     msg = (f"training job {spec.name!r} on {processes} processes failed: {why}. All its processes were stopped; "
