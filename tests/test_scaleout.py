@@ -496,3 +496,27 @@ def test_ft_magics_train_passes_an_interrupt_on_to_its_workers(shell, tiny_model
             os.kill(pid, 0)
     record = json.loads((tmp_path / "job" / "adapters" / "long" / "ft_run.json").read_text())
     assert record["status"] == "interrupted" and 3 <= record["steps"] < 1000000
+
+
+def test_a_launcher_that_exits_with_an_error_after_rank_0_saved_an_interrupted_run_is_not_a_failure(tmp_path,
+                                                                                                        monkeypatch):
+    """Ctrl-C twice after rank 0 had saved: the launcher exited 1 and the cell said 'the previous adapter there is
+    unchanged' (it was replaced) and did not load it. A launcher that ends with an error after an interrupted run's
+    adapter is whole is read by that adapter."""
+    import ft_magics.core.jobs as jobs
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.events import TrainEnd, to_json
+
+    job = jobs.write_job(tmp_path / "job", jobs.JobSpec(name="cut", model={"source": "x", "bits": 32}, data="d.jsonl",
+                                                        settings=TrainConfig().to_dict()))
+    adapter = tmp_path / "job" / "adapters" / "cut"
+    adapter.mkdir(parents=True)
+    (adapter / "ft_run.json").write_text(json.dumps({"status": "interrupted", "steps": 5}))
+    end = to_json(TrainEnd(run_name="cut", status="interrupted", steps=5, final_loss=1.0, elapsed_s=1.0,
+                           adapter_path=str(adapter)))
+    script = ("import json, os, sys; from pathlib import Path; "
+              f"Path(sys.argv[1]).write_text(json.dumps({end!r}) + chr(10)); sys.exit(1)")
+    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events: [
+        sys.executable, "-c", script, str(events)])
+    outcome = jobs.run_job(job, 2, "accelerate", [], poll_s=0.05)
+    assert outcome.status == "interrupted" and outcome.adapter_path == str(adapter) and outcome.returncode == 1

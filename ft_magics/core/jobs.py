@@ -506,7 +506,9 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
     log_text = (run_dir / LOG_FILE).read_text(errors="replace")
     record: dict = {}
     adapter = end.adapter_path if end is not None else None
-    if adapter and proc.returncode == 0:
+    # an interrupt (a second Ctrl-C) can end the launcher with an error after rank 0 saved: the adapter is whole
+    saved = adapter is not None and end.status in ("interrupted", "stopped") and (Path(adapter) / "ft_run.json").exists()
+    if adapter and (proc.returncode == 0 or saved):
         rec = Path(adapter) / "ft_run.json"
         record = json.loads(rec.read_text()) if rec.exists() else {}
         return JobOutcome(end.status, adapter, record, run_dir, proc.returncode)
