@@ -520,3 +520,24 @@ def test_a_launcher_that_exits_with_an_error_after_rank_0_saved_an_interrupted_r
         sys.executable, "-c", script, str(events)])
     outcome = jobs.run_job(job, 2, "accelerate", [], poll_s=0.05)
     assert outcome.status == "interrupted" and outcome.adapter_path == str(adapter) and outcome.returncode == 1
+
+
+def test_a_run_whose_rank_0_died_reports_the_steps_it_made(tmp_path, monkeypatch):
+    """Rank 0 killed after 30 steps: no end event came, and the run read 'failed after 0 steps'."""
+    import ft_magics.core.jobs as jobs
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.events import Recorder, StepEnd, to_json
+
+    job = jobs.write_job(tmp_path / "job", jobs.JobSpec(name="doomed", model={"source": "x", "bits": 32},
+                                                        data="d.jsonl", settings=TrainConfig().to_dict()))
+    step = to_json(StepEnd(step=7, total_steps=100, epoch=0.1, loss=1.0, learning_rate=1e-4, grad_norm=1.0,
+                           elapsed_s=1.0, eta_s=None, tokens_per_s=1.0))
+    script = ("import json, sys; from pathlib import Path; "
+              f"Path(sys.argv[1]).write_text(json.dumps({step!r}) + chr(10)); sys.exit(1)")
+    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events: [
+        sys.executable, "-c", script, str(events)])
+    rec = Recorder()
+    with pytest.raises(jobs.JobFailed):
+        jobs.run_job(job, 2, "accelerate", [rec], poll_s=0.05)
+    end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
+    assert end.status == "failed" and end.steps == 7

@@ -477,11 +477,14 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
     end: Optional[TrainEnd] = None
     interrupts = 0
 
+    last_step = 0  # the steps seen: a run whose rank 0 died sends no end, and read 'failed after 0 steps'
+
     def pump() -> None:
-        nonlocal end
+        nonlocal end, last_step
         for ev in tail.read():
             if isinstance(ev, TrainEnd):
                 end = ev
+            last_step = getattr(ev, "step", last_step) or last_step
             emit(listeners, ev)
 
     try:
@@ -520,7 +523,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
     msg = (f"training job {spec.name!r} on {processes} processes failed: {why}. All its processes were stopped; "
            f"{kept} ({spec.adapter_dir}). Full log: {run_dir / LOG_FILE}\nLast lines of the log:\n{tail_lines}")
     if end is None or end.status != "failed":
-        emit(listeners, TrainEnd(run_name=spec.name, status="failed", steps=0 if end is None else end.steps,
+        emit(listeners, TrainEnd(run_name=spec.name, status="failed", steps=last_step if end is None else end.steps,
                                  final_loss=None, elapsed_s=0.0, adapter_path=None, error=why))
     raise JobFailed(msg)
 
