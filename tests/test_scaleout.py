@@ -541,3 +541,16 @@ def test_a_run_whose_rank_0_died_reports_the_steps_it_made(tmp_path, monkeypatch
         jobs.run_job(job, 2, "accelerate", [rec], poll_s=0.05)
     end = [e for e in rec.events if type(e).__name__ == "TrainEnd"][-1]
     assert end.status == "failed" and end.steps == 7
+
+
+def test_two_processes_report_the_eval_loss_one_process_and_lora_eval_give(tiny_session, tmp_path):
+    """3 eval rows on 2 processes: the dataloader repeats rows to even out the processes, and the run's eval loss
+    counted them twice (5.9351 where %lora_eval gave 5.9405); keep_best and early stopping decide on it."""
+    s = tiny_session
+    rows = [json.loads(l) for l in (ROOT / "ft_magics" / "data" / "support.jsonl").read_text().splitlines()]
+    evals = rows[-3:]
+    two = s.train_processes("ev2", rows[:-3], dict(FAST, batch_size=4, group_by_length=False), processes=2,
+                            eval_data=evals, listeners=[])
+    report = s.evaluate("ev2", evals, general=False, max_seq_len=FAST["max_seq_len"])
+    scored = report.results[(report.sets[0], "ev2")][0]
+    assert two.record["eval_loss"] == pytest.approx(scored, rel=1e-4), (two.record["eval_loss"], report.results)
