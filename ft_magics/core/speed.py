@@ -951,8 +951,8 @@ def speed_trainer_class():
                 if counting is not None:
                     self.data_collator.counting = counting
             if sums:
-                # every process's batches (under several processes the last batch's repeated examples, which the
-                # Trainer's gather drops, count here: a few examples at most)
+                # every process's batches (under several processes the eval set is padded with rows that carry no
+                # loss, train.padded_for_processes, so the rows the dataloader repeats to even them out add nothing)
                 total, count = self.accelerator.reduce(torch.stack(sums).sum(0), reduction="sum").tolist()
                 if count > 0:
                     output.metrics[f"{metric_key_prefix}_loss"] = total / count
