@@ -680,3 +680,22 @@ def test_a_plain_function_is_a_listener_and_a_non_list_is_refused(tiny_session):
     assert {"TrainBegin", "StepEnd", "TrainEnd", "Message"} <= kinds
     with pytest.raises(FtUsageError, match=r"listeners is a list of views or functions \(got int\)"):
         tiny_session.train("fn", DATA, dict(CFG, max_steps=1), listeners=5)
+
+
+def test_a_multi_process_run_s_resume_hint_names_the_batch_and_the_job_s_folder(tmp_path):
+    """The hint sent a job's user to %%lora_train NAME --resume, which looked in ./adapters (the checkpoints were
+    in the job's folder) and, on one process, halved the global batch without a word."""
+    from ft_magics.core import checkpoints as ckpts
+
+    root = tmp_path / "jobs" / "j" / "adapters" / ".checkpoints" / "intr"
+    (root / "checkpoint-6").mkdir(parents=True)
+    real = ckpts.latest_valid
+    try:
+        ckpts.latest_valid = lambda r: root / "checkpoint-6"
+        hint = ckpts.resume_hint("intr", None, root, 6, world=2, global_batch=8)
+        one = ckpts.resume_hint("intr", None, root, 6)
+    finally:
+        ckpts.latest_valid = real
+    assert f"%%lora_train intr --resume --output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in hint
+    assert "a resume runs on one process: batch_size: 8 (with the same grad_accum) keeps this run's global batch" in hint
+    assert "--output-dir" not in one and "one process" not in one

@@ -229,13 +229,24 @@ def discard(root: Path) -> None:
         parent.rmdir()
 
 
-def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int) -> str:
+def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1,
+                global_batch: int = 0) -> str:
+    """What a stopped run says of resuming it. Under several processes a resume runs on one process (the
+    notebook's --resume), so it names the batch_size that keeps the global batch, and the output folder when
+    the checkpoints are not in the notebook's adapters folder (an exported job's)."""
     ckpt = latest_valid(root)
     where = f"adapter (step {step}) saved to {adapter_path}" if adapter_path else "no adapter was saved"
     if ckpt is None:
         return f"training of {name!r} stopped: {where}."
-    return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with "
-            f"%%lora_train {name} --resume (same --data and settings), or Session.train({name!r}, ..., resume=True).")
+    flags = "" if world <= 1 or root.parent.parent.resolve() == Path("adapters").resolve() else \
+        f" --output-dir {root.parent.parent}"  # an exported job's checkpoints sit in its own adapters folder
+    hint = (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with "
+            f"%%lora_train {name} --resume{flags} (same --data and settings), or Session.train({name!r}, ..., "
+            "resume=True)")
+    if world > 1:
+        hint += (f"; a resume runs on one process: batch_size: {global_batch} (with the same grad_accum) keeps this "
+                 f"run's global batch of {global_batch} examples per step")
+    return hint + "."
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import signal
 import threading
@@ -1088,7 +1089,9 @@ def run_training(
         )
         ckpts.finish(ckpt_dir, status)
         if status in ("interrupted", "stopped"):
-            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps)))
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world,
+                                                      cfg.batch_size * world)))
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                                  extra={"eval_loss": eval_loss, "eval_step": eval_step,
