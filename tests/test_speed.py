@@ -803,7 +803,7 @@ def test_auto_checkpointing_follows_the_estimate_against_free_memory(tiny_model_
     from ft_magics.core.training import checkpointing_for
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    rows = [TokenizedExample(input_ids=[1] * n, labels=[1] * n) for n in (10, 300, 40)]
+    rows = [TokenizedExample(input_ids=[1] * n, labels=[1] * n) for n in (10, 300, 40, 20)]
     cfg = TrainConfig.from_dict({"batch_size": 4, "max_seq_len": 256})
     need = activation_bytes(dims_from_config(model.config.to_dict()), 256, 4, False, True)  # longest row, capped
     on, why = checkpointing_for(cfg, model, "cpu", rows, free=int(need * 1.9))
