@@ -118,3 +118,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+def pause_at_first_step():
+    """A listener that holds a (background) run at its first step boundary until ``listener.release`` is set;
+    ``listener.in_step`` is set once it is held there."""
+    import threading
+
+    from ft_magics.core.events import Listener
+
+    class PauseAtFirstStep(Listener):
+        def __init__(self):
+            self.in_step, self.release = threading.Event(), threading.Event()
+
+        def on_step(self, event):
+            if not self.in_step.is_set():
+                self.in_step.set()
+                self.release.wait(30)
+
+    return PauseAtFirstStep()

@@ -335,20 +335,15 @@ def test_fast_swaps_match_plain_peft_for_every_adapter(tiny_session, tiny_model_
 def test_real_background_run_blocks_swap_merge_generate_until_it_ends(tiny_session, made_by_peft):
     """A real background %%lora_train run (tiny model), paused inside its first step boundary by a
     listener, holds the model: swap, merge and generate fail with the message; afterwards they work."""
-    from ft_magics.core.events import Listener
+    from conftest import pause_at_first_step
 
     tiny_session.load_adapter(made_by_peft["a"], "a")
-    in_step, release = threading.Event(), threading.Event()
-
-    class Pause(Listener):
-        def on_step(self, event):
-            if not in_step.is_set():
-                in_step.set()
-                release.wait(30)
+    pause = pause_at_first_step()
+    in_step, release = pause.in_step, pause.release
 
     rows = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(16)]
     thread = tiny_session.train("bg", rows, {"max_steps": 3, "batch_size": 4, "max_seq_len": 32, "r": 4},
-                                listeners=[Pause()], background=True)
+                                listeners=[pause], background=True)
     try:
         assert in_step.wait(120), "the background run never reached its first step"
         assert tiny_session.training_in_progress and tiny_session.training_in_background == "bg"

@@ -1519,25 +1519,16 @@ def test_data_named_in_the_body_and_on_the_line_says_which_is_used(shell, tiny_m
 
 def test_a_second_lora_stop_says_the_first_is_on_its_way(shell, tiny_model_dir, capsys):
     """%lora_stop twice printed "stopping at the next step..." twice, as if the first had not been heard."""
-    import threading
-
-    from ft_magics.core.events import Listener
+    from conftest import pause_at_first_step
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     s = shell.magics_manager.registry["FtMagics"].session
-    in_step, release = threading.Event(), threading.Event()
-
-    class Pause(Listener):
-        def on_step(self, event):
-            if not in_step.is_set():
-                in_step.set()
-                release.wait(30)
-
+    pause = pause_at_first_step()
     s.train("bg", ROWS, {"max_steps": 1, "batch_size": 2, "max_seq_len": 64, "r": 4}, listeners=[])  # a saved 'bg'
-    thread = s.train("bg", ROWS, {"max_steps": 50, "batch_size": 2, "max_seq_len": 64, "r": 4}, listeners=[Pause()],
+    thread = s.train("bg", ROWS, {"max_steps": 50, "batch_size": 2, "max_seq_len": 64, "r": 4}, listeners=[pause],
                      background=True)
     try:
-        assert in_step.wait(120)
+        assert pause.in_step.wait(120)
         capsys.readouterr()
         shell.run_line_magic("lora_adapters", "list")  # it said the run 'joins this list' while listing its last save
         assert "training 'bg' in the background: the 'bg' below is its last save, replaced when the run saves" in \
@@ -1548,7 +1539,7 @@ def test_a_second_lora_stop_says_the_first_is_on_its_way(shell, tiny_model_dir, 
         assert out.count("stopping at the next step...") == 1
         assert "a stop is already on its way: the run stops at its next step and saves the adapter." in out
     finally:
-        release.set()
+        pause.release.set()
         thread.join(120)
     assert s.runs[-1].status == "stopped" and s.runs[-1].steps < 50
     shell.run_line_magic("lora_stop", "")
