@@ -119,11 +119,8 @@ def strip_comment(line: str) -> str:
 
 _NUMBER = re.compile(r"-\d[\d.e+-]*")  # a negative value, not a flag
 # generation options of other tools that have no counterpart here (a did-you-mean would point at an unrelated flag)
-ABSENT_FLAGS = {
-    "--stop": "there are no stop strings here; an answer ends at the model's end of turn or at --max-new-tokens",
-    "--stop-sequence": "there are no stop strings here; an answer ends at the model's end of turn or at "
-                       "--max-new-tokens",
-}
+_NO_STOP_STRINGS = "there are no stop strings here; an answer ends at the model's end of turn or at --max-new-tokens"
+ABSENT_FLAGS = {"--stop": _NO_STOP_STRINGS, "--stop-sequence": _NO_STOP_STRINGS}
 
 
 def parse_args(magic_func, line: str) -> argparse.Namespace:
@@ -158,7 +155,8 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
-        hint = _unquoted_path(words, bad) or _list_hint(parser, words, bad) or _switch_hint(parser, words, bad)
+        i = words.index(bad) if bad in words else 0
+        hint = _unquoted_path(words, i) or _list_hint(parser, words, i) or _switch_hint(parser, words, i)
         raise UsageError(f"unexpected argument {bad!r}{hint}. See %{magic_func.__name__}? for usage.")
     return args
 
@@ -166,18 +164,17 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
 LIST_SETTINGS = ("cfg_target_modules",)  # settings whose flag takes a comma-separated list
 
 
-def _list_hint(parser, words: list, bad: str) -> str:
-    """A hint when ``bad`` is a second item of a list setting written with a space (--target-modules q_proj v_proj)."""
-    i = words.index(bad) if bad in words else 0
+def _list_hint(parser, words: list, i: int) -> str:
+    """A hint when ``words[i]`` is a second item of a list setting written with a space (--target-modules q_proj
+    v_proj)."""
     action = parser._option_string_actions.get(words[i - 2]) if i >= 2 else None
     if action is not None and action.dest in LIST_SETTINGS:
-        return f": a list is written with commas ({words[i - 2]} {words[i - 1]},{bad})"
+        return f": a list is written with commas ({words[i - 2]} {words[i - 1]},{words[i]})"
     return ""
 
 
-def _switch_hint(parser, words: list, bad: str) -> str:
-    """A hint when ``bad`` follows an on/off flag as a value it does not take (--use-dora maybe)."""
-    i = words.index(bad) if bad in words else 0
+def _switch_hint(parser, words: list, i: int) -> str:
+    """A hint when ``words[i]`` follows an on/off flag as a value it does not take (--use-dora maybe)."""
     action = parser._option_string_actions.get(words[i - 1]) if i >= 1 else None
     if isinstance(action, argparse.BooleanOptionalAction):
         flag = words[i - 1]
@@ -185,11 +182,10 @@ def _switch_hint(parser, words: list, bad: str) -> str:
     return ""
 
 
-def _unquoted_path(words: list, bad: str) -> str:
-    """A hint when ``bad`` is the rest of a path with a space that was not quoted (--data my data/x.jsonl)."""
+def _unquoted_path(words: list, i: int) -> str:
+    """A hint when ``words[i]`` is the rest of a path with a space that was not quoted (--data my data/x.jsonl)."""
     import os
 
-    i = words.index(bad) if bad in words else 0
     for start in range(i - 1, max(i - 4, 0) - 1, -1):  # "my data/x.jsonl", "my big data/x.jsonl"
         joined = " ".join(words[start:i + 1])
         if words[start].startswith("-"):

@@ -6,8 +6,8 @@ it, and it imports no IPython and no widget.
 from __future__ import annotations
 
 import contextlib
-import os
 import dataclasses
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
