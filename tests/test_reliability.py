@@ -699,3 +699,19 @@ def test_a_multi_process_run_s_resume_hint_names_the_batch_and_the_job_s_folder(
     assert f"%%lora_train intr --resume --output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in hint
     assert "a resume runs on one process: batch_size: 8 (with the same grad_accum) keeps this run's global batch" in hint
     assert "--output-dir" not in one and "one process" not in one
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_empty_checkpoint_folder(tiny_session):
+    """An interrupt before step 1 saved nothing, as it should, but left an empty adapters/.checkpoints/NAME/."""
+    from ft_magics.core.events import Listener
+
+    class InterruptAtBegin(Listener):
+        def on_train_begin(self, event):
+            raise KeyboardInterrupt
+
+    s = tiny_session
+    try:
+        s.train("early", DATA, dict(CFG, max_steps=4), listeners=[InterruptAtBegin()])
+    except KeyboardInterrupt:
+        pass
+    assert _ckpts(s, "early") == [] and not (s.adapters_dir / ".checkpoints" / "early").exists()

@@ -216,8 +216,9 @@ def require_resumable(root: Path, name: str, settings: Optional[dict] = None) ->
 
 
 def finish(root: Path, status: str) -> None:
-    """A completed run needs no checkpoints (they hold optimizer state: often larger than the adapter)."""
-    if status == "completed":
+    """A completed run needs no checkpoints (they hold optimizer state: often larger than the adapter); a run
+    that ended before its first checkpoint leaves no empty folder behind either."""
+    if status == "completed" or not any(Path(root).glob("checkpoint-*")):
         discard(root)
 
 
