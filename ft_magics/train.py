@@ -189,6 +189,8 @@ def run_job(job_path: str, events: Optional[str] = None) -> int:
     finally:
         if writer is not None:
             writer.close()
+        if world > 1:  # the pid file is for watching the run while it lasts (it was left in the job folder)
+            (run_dir / f"rank{rank}.pid").unlink(missing_ok=True)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

@@ -496,6 +496,7 @@ def test_ft_magics_train_passes_an_interrupt_on_to_its_workers(shell, tiny_model
             os.kill(pid, 0)
     record = json.loads((tmp_path / "job" / "adapters" / "long" / "ft_run.json").read_text())
     assert record["status"] == "interrupted" and 3 <= record["steps"] < 1000000
+    assert not list((tmp_path / "job").glob("rank*.pid"))  # the workers' pid files go with them
 
 
 def test_a_launcher_that_exits_with_an_error_after_rank_0_saved_an_interrupted_run_is_not_a_failure(tmp_path,
