@@ -477,12 +477,18 @@ def load_folder(model, path: Path, name: str):
         raise
 
 
+def _parents(model) -> dict:
+    """``{id(module): (its parent, the attribute it is under)}`` for every submodule of ``model``: where to put a
+    layer back in place of the LoRA layer that wraps it."""
+    return {id(m): (parent, attr) for parent in model.modules() for attr, m in parent.named_children()}
+
+
 def strip_lora(model):
     """The plain base of ``model`` (a PeftModel, or a base PEFT began to wrap when it was interrupted), every LoRA
     layer replaced by the layer it wraps and PEFT's record of adapters taken off: what is left of a wrap that
     failed part-way, made the bare base again."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    where = {id(m): (parent, attr) for parent in base.modules() for attr, m in parent.named_children()}
+    where = _parents(base)
     for mod in [m for m in base.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]:
         if id(mod) in where:
             parent, attr = where[id(mod)]
@@ -634,7 +640,7 @@ def merge(model, name: str) -> MergeState:
         model.base_model.merge_adapter([name])
         # A merged LoRA layer still sits between its parent and the base layer and costs a Python call per
         # layer per token (about 10% of generation speed on the demo model): take it out while merged.
-        where = {id(mod): (parent, attr) for parent in model.modules() for attr, mod in parent.named_children()}
+        where = _parents(model)
         for mod, _, _ in saved:
             parent, attr = where[id(mod)]
             setattr(parent, attr, mod.get_base_layer())
