@@ -1958,3 +1958,49 @@ def test_a_split_of_a_dataset_dict_variable_is_named_with_a_colon():
     with pytest.raises(FtUsageError, match=r"variable 'dd' has no split 'tset' \(did you mean 'test'\?\); its splits: "
                                            r"train, test"):
         load("dd:tset", namespace={"dd": dd})
+
+
+def test_compressed_data_files_are_read_through_their_decompressor(tmp_path, monkeypatch, tok):
+    """train.jsonl.gz, data.csv.bz2, notes.txt.xz read as their uncompressed twins, alone, in a folder, by a glob and
+    as split files; a file cut short is refused with its cause (it was refused as an unknown type before)."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"q{i} é", "completion": f"a{i}"} for i in range(5)]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(body))
+    assert D.load_rows("train.jsonl.gz")[0] == rows
+    assert D.load_rows("train.jsonl.gz", max_rows=2)[0] == rows[:2]  # streamed
+    assert D.load_rows(str(tmp_path / "train.jsonl.gz"))[0].locs[1].endswith("train.jsonl.gz, line 2")
+    csv_text = pd.DataFrame(rows).to_csv(index=False)
+    (tmp_path / "data.csv.bz2").write_bytes(bz2.compress(csv_text.encode()))
+    assert D.load_rows("data.csv.bz2")[0] == rows
+    (tmp_path / "notes.txt.xz").write_bytes(lzma.compress("first line\nsecond line\n".encode()))
+    assert D.load_rows("notes.txt.xz", txt_mode="lines")[0] == [{"text": "first line"}, {"text": "second line"}]
+    (tmp_path / "recs.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    assert D.load_rows("recs.json.gz")[0] == rows
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    (tmp_path / "t.parquet.gz").write_bytes(gzip.compress((tmp_path / "t.parquet").read_bytes()))
+    assert D.load_rows("t.parquet.gz")[0] == rows
+
+    split = tmp_path / "split"
+    split.mkdir()
+    for name, tag, n in (("train", "t", 5), ("test", "e", 2)):
+        (split / f"{name}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in _pc(tag, n)).encode()))
+    for src in ("split", "split/*.gz"):  # the folder's test file evaluates, as an uncompressed one does
+        train, evals, report = D.prepare(src, tok, cfg())
+        assert _prompts(train, tok) == ["t"] * 5 and _prompts(evals, tok) == ["e"] * 2, src
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(body)[:-12])
+    with pytest.raises(FtUsageError, match=r"cut\.jsonl\.gz ends early: the compressed file is cut short"):
+        D.load_rows("cut.jsonl.gz")
+    (tmp_path / "plain.gz").write_bytes(gzip.compress(body))
+    with pytest.raises(FtUsageError, match=r"unsupported file type '\.gz'.*each also compressed: \.gz, \.bz2, \.xz"):
+        D.load_rows("plain.gz")
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "x"}\n{oops}\n'))
+    with pytest.raises(FtUsageError, match=r"bad\.jsonl\.gz, line 2: not valid JSON"):
+        D.load_rows("bad.jsonl.gz")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -28,6 +29,9 @@ from .events import counted
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
+# a data file may be compressed as a whole (train.jsonl.gz, as the Hub and many exports ship them): it is read
+# through the decompressor, its format named by the suffix before the compression's
+COMPRESSIONS = (".gz", ".bz2", ".xz")
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -168,7 +172,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
             f"variable {name}, split '{split}'"
     expression = re.match(r"([A-Za-z_]\w*)\s*[\[(.]", src)
     if (expression and namespace is not None and _looks_like_data(namespace.get(expression.group(1)))
-            and Path(src).suffix.lower() not in FILE_SUFFIXES):
+            and data_suffix(src) not in FILE_SUFFIXES):
         name = expression.group(1)
         raise FtUsageError(f"--data takes a variable's name, not an expression ({src!r}): assign it first, e.g. "
                            f"train_rows = {name}[...] in a cell, then --data train_rows.")
@@ -183,7 +187,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
             "Give a path to a .jsonl/.json/.csv/.tsv/.parquet/.txt file, a folder, demo:NAME, or define the "
             "variable first (a pandas DataFrame, a list of dicts or strings, a datasets.Dataset or DatasetDict)."
         )
-    if HUB_ID.fullmatch(src) and Path(src.split(":")[0]).suffix.lower() not in FILE_SUFFIXES:
+    if HUB_ID.fullmatch(src) and data_suffix(src.split(":")[0]) not in FILE_SUFFIXES:
         return _rows_from_hub(src, limit), f"hub:{src}"
     hint = ""
     if path.parent.exists():
@@ -317,12 +321,12 @@ def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[d
 
     base = user_path(pattern)
     matches = sorted(Path(m) for m in glob.glob(str(base), recursive=True))
-    files = [m for m in matches if m.is_file() and m.suffix.lower() in FILE_SUFFIXES]
+    files = [m for m in matches if is_data_file(m)]
     if not files:
         others = f" ({len(matches)} other paths match, none a {'/'.join(FILE_SUFFIXES)} file)" if matches else ""
         raise FtUsageError(f"the pattern {pattern!r} matches no data file{others} (looked relative to {Path.cwd()}).")
     if limit is None:
-        _check_size(sum(f.stat().st_size for f in files), f"what {pattern!r} matches ({len(files)} files)")
+        _check_size(sum(_data_bytes(f) for f in files), f"what {pattern!r} matches ({len(files)} files)")
     cwd = Path.cwd()
     label = lambda f: str(f.relative_to(cwd)) if f.is_relative_to(cwd) else str(f)  # noqa: E731
     fixed = list(itertools.takewhile(lambda part: not any(c in part for c in "*?["), Path(pattern).parts))
@@ -397,9 +401,9 @@ def _check_memory(path: Path) -> None:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return  # arrow files are memory-mapped; rows are read as needed
-        size = sum(p.stat().st_size for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+        size = sum(_data_bytes(p) for p in path.iterdir() if is_data_file(p))
     else:
-        size = path.stat().st_size
+        size = _data_bytes(path)
     _check_size(size, str(path))
 
 
@@ -509,11 +513,53 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
     )
 
 
-def _open_text(path: Path):
+def data_suffix(path) -> str:
+    """The format suffix of a data file's name, compression aside: ``.jsonl`` for ``train.jsonl`` and for
+    ``train.jsonl.gz``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2]
+    return Path(path).suffix.lower()
+
+
+def is_data_file(path: Path) -> bool:
+    """A file whose name says it holds data ftmagics reads (compressed or not)."""
+    return path.is_file() and data_suffix(path) in FILE_SUFFIXES
+
+
+def _open_data(path: Path, mode: str = "rb"):
+    """``path`` opened for reading, through its decompressor where its name says it is compressed; text modes read
+    UTF-8, a leading byte-order mark dropped (not read as text)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(Path(path).suffix.lower(), open)
+    text = dict(encoding="utf-8-sig") if "b" not in mode else {}
+    if opener is not open and "b" not in mode:
+        mode = mode + "t" if "t" not in mode else mode
     try:
-        return open(path, encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped, not read as text
+        return opener(path, mode, **text)
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
+
+
+def _open_text(path: Path):
+    return _open_data(path, "r")
+
+
+def _data_bytes(path: Path) -> int:
+    """About how many bytes ``path`` holds once read: its size, or for a compressed file what gzip's trailer says
+    (below 4 GiB) or else ten times its size (bz2, xz: text compresses about that much)."""
+    size = path.stat().st_size
+    suffix = path.suffix.lower()
+    if suffix == ".gz" and size >= 18:
+        with open(path, "rb") as fh:
+            fh.seek(-4, 2)
+            whole = int.from_bytes(fh.read(4), "little")  # ISIZE: the uncompressed length modulo 2**32
+        if size <= whole <= size * 1032:  # deflate's largest ratio: beyond it the trailer is not one (a cut file)
+            return whole
+    return size * 10 if suffix in COMPRESSIONS else size
 
 
 def _csv_separator(path: Path, suffix: str) -> str:
@@ -588,7 +634,7 @@ def _tsv_quoting(path: Path) -> int:
 
 def _not_utf8(path: Path, suffix: str) -> FtUsageError:
     """The refusal of a file that is not UTF-8, with the way to convert it that fits its encoding and type."""
-    with open(path, "rb") as fh:
+    with _open_data(path) as fh:
         head = fh.read(4)
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Windows' "Unicode" text)
         return FtUsageError(
@@ -638,11 +684,7 @@ def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False) 
 
 def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) -> Rows:
     rows = Rows(locs=[])
-    try:
-        fh = open(path, "rb")  # bytes, decoded line by line: a bad byte is reported on its own line
-    except OSError as exc:
-        raise FtUsageError(f"cannot read {path}: {exc.strerror or exc}. Check the path and its permissions.") from None
-    with fh:
+    with _open_data(path) as fh:  # bytes, decoded line by line: a bad byte is reported on its own line
         for n, raw in enumerate(fh, 1):
             if limit is not None and len(rows) >= limit:
                 break
@@ -779,15 +821,15 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                                "%qlora_load.")
         # hidden files (.notes.jsonl, macOS' ._resource forks) are not data, as a glob skips them
         files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FILE_SUFFIXES)
+                       if is_data_file(p) and not p.name.startswith("."))
         # train/ beside test/: with the files of the subfolders whose names name splits, if they name the training one
         in_splits = sorted(p for d in path.iterdir() if d.is_dir() and _split_key(d / "x", path)
-                           for p in d.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                           for p in d.rglob("*") if is_data_file(p)
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if in_splits and _split_files(files + in_splits, path) is not None:
             files = sorted(files + in_splits)
         if not files:
-            deeper = sorted({p.parent for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+            deeper = sorted({p.parent for p in path.rglob("*") if is_data_file(p)
                              and not any(part.startswith(".") for part in p.relative_to(path).parts)})
             raise FtUsageError(
                 f"folder {path} holds no {', '.join(FILE_SUFFIXES)} files and is not a saved dataset "
@@ -797,11 +839,12 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
             )
         return _rows_of_split_files(files, path, txt_mode, limit, lambda f: str(f.relative_to(path)),
                                     where=f" from {path}")
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if suffix not in FILE_SUFFIXES:
         raise FtUsageError(
             f"{path.name}: unsupported file type {suffix or '(no extension)'!r}"
-            f"{did_you_mean(suffix, FILE_SUFFIXES)}; use one of {', '.join(FILE_SUFFIXES)}."
+            f"{did_you_mean(suffix, FILE_SUFFIXES)}; use one of {', '.join(FILE_SUFFIXES)}"
+            f" (each also compressed: {', '.join(COMPRESSIONS)}, e.g. train.jsonl.gz)."
         )
     if path.stat().st_size == 0:
         raise FtUsageError(f"{path} is empty (0 bytes): it holds no examples.")
@@ -817,7 +860,8 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(path)
+            # a compressed parquet file (rare: parquet compresses inside) is read whole: parquet needs to seek
+            pf = pq.ParquetFile(io.BytesIO(_open_data(path).read()) if path.suffix.lower() in COMPRESSIONS else path)
             if limit is None:
                 return pf.read().to_pylist()
             rows = []
@@ -831,6 +875,9 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
         raise
     except UnicodeDecodeError:
         raise _not_utf8(path, suffix) from None
+    except EOFError:
+        raise FtUsageError(f"{path} ends early: the compressed file is cut short (an interrupted download or copy?). "
+                           "Fetch or compress it again.") from None
     except OSError as exc:
         raise FtUsageError(f"cannot read {path}: {exc}.") from None
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow parser errors
