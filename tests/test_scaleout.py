@@ -337,6 +337,37 @@ def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
     assert out["adapter"] == str((tmp_path / "job" / "adapters" / "forked").resolve())
 
 
+def test_an_interrupted_notebook_launcher_job_keeps_its_saved_adapter(tiny_model_dir, tmp_path):
+    """An interrupt of a job on accelerate's notebook launcher reached the processes, and rank 0 saved the adapter
+    (interrupted), but the cell reported a failure: torch's elastic launcher turns the kernel's SIGINT into a
+    SignalException, which was read as the job's error."""
+    from ft_magics.core.jobs import JobSpec, write_job
+    from ft_magics.config import TrainConfig
+
+    job = write_job(tmp_path / "job", JobSpec(
+        name="cut", model={"source": str(tiny_model_dir), "bits": 32, "dtype": "fp32"}, data="demo:support",
+        settings=TrainConfig.from_dict(dict(FAST, max_steps=400, batch_size=4)).to_dict(), processes=2))
+    code = (
+        "import json, os, signal\n"
+        "from ft_magics.core.jobs import run_job\n"
+        "from ft_magics.core.events import StepEnd\n"
+        "sent = []\n"
+        "def interrupt(ev):\n"
+        "    if isinstance(ev, StepEnd) and ev.step >= 2 and not sent:\n"
+        "        sent.append(ev.step); os.kill(os.getpid(), signal.SIGINT)  # the kernel's interrupt\n"
+        f"out = run_job({str(job)!r}, 2, 'notebook', [interrupt])\n"
+        "print('RESULT', json.dumps({'status': out.status, 'adapter': out.adapter_path, 'steps': out.record['steps']}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads([l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    assert out["status"] == "interrupted" and 2 <= out["steps"] < 400, out
+    adapter = Path(out["adapter"])
+    assert json.loads((adapter / "ft_run.json").read_text())["status"] == "interrupted"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_demo_model_qlora_on_two_processes(tmp_path):
     """The demo job as QLoRA (4-bit NF4) on two CPU processes: completes, one adapter, loads back."""

@@ -509,9 +509,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
     log_text = (run_dir / LOG_FILE).read_text(errors="replace")
     record: dict = {}
     adapter = end.adapter_path if end is not None else None
-    # an interrupt (a second Ctrl-C) can end the launcher with an error after rank 0 saved: the adapter is whole
-    saved = adapter is not None and end.status in ("interrupted", "stopped") and (Path(adapter) / "ft_run.json").exists()
-    if adapter and (proc.returncode == 0 or saved):
+    if adapter and (proc.returncode == 0 or _saved_after_interrupt(end)):
         rec = Path(adapter) / "ft_run.json"
         record = json.loads(rec.read_text()) if rec.exists() else {}
         return JobOutcome(end.status, adapter, record, run_dir, proc.returncode)
@@ -598,13 +596,17 @@ def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Opt
         ask_ranks_to_stop(run_dir)
         error = "interrupted before the processes finished"
     except Exception as exc:  # noqa: BLE001 - reported as a failed job below
-        error = f"{type(exc).__name__}: {exc}"
+        if type(exc).__name__ == "SignalException":  # torch's elastic launcher turns the kernel's SIGINT into this
+            ask_ranks_to_stop(run_dir)
+            error = "interrupted before the processes finished"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
     finally:
         done.set()
         thread.join()
     pump()
     end = ends[-1] if ends else None
-    if error is None and end is not None and end.adapter_path:
+    if (error is None or _saved_after_interrupt(end)) and end is not None and end.adapter_path:
         rec = Path(end.adapter_path) / "ft_run.json"
         return JobOutcome(end.status, end.adapter_path, json.loads(rec.read_text()) if rec.exists() else {}, run_dir, 0)
     if error is None and end is not None and end.status != "failed":
@@ -615,6 +617,14 @@ def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Opt
                                  final_loss=None, elapsed_s=0.0, adapter_path=None, error=why))
     raise JobFailed(f"training job {spec.name!r} on {processes} processes (notebook launcher) failed: {why}. "
                     f"No adapter was written to {spec.adapter_dir} by this run.")
+
+
+def _saved_after_interrupt(end: Optional[TrainEnd]) -> bool:
+    """Whether rank 0 saved the adapter of an interrupted or stopped run (its record written last). An interrupt can
+    end the launcher with an error after that (a second Ctrl-C; the notebook launcher's SignalException): the
+    adapter is whole all the same."""
+    return (end is not None and bool(end.adapter_path) and end.status in ("interrupted", "stopped")
+            and (Path(end.adapter_path) / "ft_run.json").exists())
 
 
 def _new_run_dir(job_dir: Path) -> Path:
