@@ -424,7 +424,7 @@ def _resumed(checkpoint, meta: dict) -> Optional[dict]:
 
 
 def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollator, history: dict, device: str,
-                   begin_info: dict):
+                   begin_info: dict, peak_mark: Optional[int] = None):
     from transformers import TrainerCallback
 
     class EventCallback(TrainerCallback):
@@ -455,7 +455,7 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 control.should_log = True  # last log are read too, or the run's final loss is an earlier window's
             now = time.perf_counter()
             if now - self.last_mem_t > 0.25:
-                self.mem = read_memory(device, self.peak)
+                self.mem = read_memory(device, self.peak, since=peak_mark)
                 self.peak = max(self.peak, self.mem.peak_bytes)
                 self.last_mem_t = now
             history["last_step"] = state.global_step
@@ -945,8 +945,8 @@ def run_training(
         device=handle.device, settings=settings, background=background,
         packed_examples=data_report.packed_examples if cfg.packing and data_report is not None else None,
     )
-    reset_peak(handle.device)
-    callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info)
+    peak_mark = reset_peak(handle.device)
+    callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info, peak_mark)
     ckpt_dir = target.parent / ".checkpoints" / name
     from . import checkpoints as ckpts
 
@@ -1034,7 +1034,7 @@ def run_training(
                 eval_loss, eval_step = keeper.best  # the saved adapter's
             if kept:
                 emit(listeners, Message(kept))
-        mem = read_memory(handle.device, callback.peak)
+        mem = read_memory(handle.device, callback.peak, since=peak_mark)
         trained_tokens = history.get("loss_tokens", 0)
         train_seconds = history.get("train_seconds") or seconds  # not the set-up and the save around the steps
         lt_s = (trained_tokens / train_seconds) if train_seconds > 0 else None
