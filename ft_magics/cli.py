@@ -28,11 +28,11 @@ def _train(args: argparse.Namespace) -> int:
     if processes == 1 and args.launcher is None:
         from .train import run_job
 
-        return run_job(str(spec.path), args.events)
+        return run_job(str(spec.path), args.events, args.resume)
     launcher = args.launcher or "accelerate"
     if launcher not in LAUNCHERS[:2]:
         raise FtUsageError(f"--launcher must be accelerate or torchrun here (got {launcher!r}).")
-    cmd = launch_command(spec.path, processes, launcher, args.events)
+    cmd = launch_command(spec.path, processes, launcher, args.events, resume=args.resume)
     print("running: " + " ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
@@ -72,6 +72,8 @@ def main(argv: Optional[list] = None) -> int:
     train.add_argument("--launcher", choices=("accelerate", "torchrun"), default=None,
                        help="what starts several processes (default accelerate)")
     train.add_argument("--events", default=None, help="JSON-lines event file (default: next to the job)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the adapter from its latest complete checkpoint (same data and settings)")
     args = parser.parse_args(argv)
     try:
         return _train(args)

@@ -476,12 +476,12 @@ class FtMagics(Magics):
             return None
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
         if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
-            if args.background or args.resume:
-                raise UsageError("--processes/--launcher cannot be combined with --background or --resume yet.")
+            if args.background:
+                raise UsageError("--processes/--launcher cannot be combined with --background yet.")
             self.session.train_processes(args.name, args.data, cfg,
                                          processes=args.processes if args.processes is not None else 1,
                                          launcher=args.launcher or "accelerate", eval_data=args.eval,
-                                         output_dir=args.output_dir, listeners=[view])
+                                         output_dir=args.output_dir, listeners=[view], resume=args.resume)
             return None
         self.session.train(
             args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],

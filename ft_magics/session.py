@@ -344,9 +344,11 @@ class Session:
 
     def train_processes(self, name: str, data: Any = None, config: Optional[dict | TrainConfig] = None, *,
                         processes: int = 2, launcher: str = "accelerate", eval_data: Any = None,
-                        output_dir: Optional[str | Path] = None, listeners: Optional[list] = None, **overrides):
+                        output_dir: Optional[str | Path] = None, listeners: Optional[list] = None,
+                        resume: bool = False, **overrides):
         """Train ``name`` on ``processes`` processes (accelerate launch, torchrun or accelerate's notebook
         launcher), streaming progress to ``listeners`` (None: printed as text); the adapter is then loaded here.
+        ``resume=True`` continues from NAME's latest complete checkpoint, whether one process or several made it.
         Returns a TrainResult."""
         from .core.jobs import result_from_record, run_job
 
@@ -357,12 +359,20 @@ class Session:
         self._check_no_training()
         self._check_not_merged("train")  # as one process refuses: the run would end unable to load its adapter
         out_root = Path(output_dir) if output_dir else self.adapters_dir
-        note = replacing_note(out_root / validate_name(name), name)  # what one process says of a name in use
-        if note:
-            emit(listeners, Message(note, "warning"))
+        name = validate_name(name)
+        if resume:  # nothing to resume is found here, not after the processes have loaded the model
+            from .core.checkpoints import checkpoint_root, require_resumable
+
+            cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
+            cfg = TrainConfig.from_dict(overrides, base=cfg) if overrides else cfg
+            require_resumable(checkpoint_root(out_root, name), name, cfg.to_dict())
+        else:
+            note = replacing_note(out_root / name, name)  # what one process says of a name in use
+            if note:
+                emit(listeners, Message(note, "warning"))
         job = self.export_job(name, out_root / ".jobs" / name, data, config, eval_data=eval_data, processes=processes,
                               output_dir=out_root.resolve(), listeners=listeners, **overrides)
-        result = result_from_record(run_job(job, processes, launcher, listeners))
+        result = result_from_record(run_job(job, processes, launcher, listeners, resume=resume))
         self.runs.append(result)
         if result.adapter_path:
             if name in self.adapters:

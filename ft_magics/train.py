@@ -114,8 +114,9 @@ def padded_for_processes(examples: list, world: int, batch_size: int) -> list:
     return list(examples) + [blank] * short
 
 
-def run_job(job_path: str, events: Optional[str] = None) -> int:
-    """Train the job in this process (one rank of several, or alone). Returns the exit code."""
+def run_job(job_path: str, events: Optional[str] = None, resume: bool = False) -> int:
+    """Train the job in this process (one rank of several, or alone); with ``resume``, continue from the
+    adapter's latest complete checkpoint. Returns the exit code."""
     from .config import TrainConfig
     from .core.atomic import atomic_write_json
     from .core.data import prepare
@@ -171,7 +172,7 @@ def run_job(job_path: str, events: Optional[str] = None) -> int:
                 f"{world} processes ({backend}); global batch {cfg.batch_size} x {cfg.grad_accum} x {world} = "
                 f"{cfg.batch_size * cfg.grad_accum * world} examples per step"))
         result = run_training(handle, spec.name, train_ex, eval_ex, cfg, spec.adapter_dir, listeners,
-                              flag=SharedStopFlag(stop_file), data_report=report)
+                              flag=SharedStopFlag(stop_file), data_report=report, resume=resume)
         if rank == 0 and result.adapter_path:
             record = dict(result.record, launch={
                 "processes": world, "backend": backend if world > 1 else None, "job": str(spec.path),
@@ -202,9 +203,10 @@ def main(argv: Optional[list] = None) -> int:
                                      description="Run an ft_magics training job (one rank of it under a launcher).")
     parser.add_argument("job", help="the job.yaml written by %%lora_export_job (or its folder)")
     parser.add_argument("--events", default=None, help="JSON-lines event file rank 0 appends to (default: next to the job)")
+    parser.add_argument("--resume", action="store_true", help="continue from the adapter's latest complete checkpoint")
     args = parser.parse_args(argv)
     try:
-        return run_job(args.job, args.events)
+        return run_job(args.job, args.events, args.resume)
     except FtUsageError as exc:
         print(f"ft_magics: {exc}", file=sys.stderr)
         return 2

@@ -682,9 +682,10 @@ def test_a_plain_function_is_a_listener_and_a_non_list_is_refused(tiny_session):
         tiny_session.train("fn", DATA, dict(CFG, max_steps=1), listeners=5)
 
 
-def test_a_multi_process_run_s_resume_hint_names_the_batch_and_the_job_s_folder(tmp_path):
+def test_a_multi_process_run_s_resume_hint_names_the_processes_and_the_job_s_folder(tmp_path):
     """The hint sent a job's user to %%lora_train NAME --resume, which looked in ./adapters (the checkpoints were
-    in the job's folder) and, on one process, halved the global batch without a word."""
+    in the job's folder) and, on one process, halved the global batch without a word. A resume now runs on as
+    many processes as the run had, which keeps the global batch."""
     from ft_magics.core import checkpoints as ckpts
 
     root = tmp_path / "jobs" / "j" / "adapters" / ".checkpoints" / "intr"
@@ -692,13 +693,44 @@ def test_a_multi_process_run_s_resume_hint_names_the_batch_and_the_job_s_folder(
     real = ckpts.latest_valid
     try:
         ckpts.latest_valid = lambda r: root / "checkpoint-6"
-        hint = ckpts.resume_hint("intr", None, root, 6, world=2, global_batch=8)
+        hint = ckpts.resume_hint("intr", None, root, 6, world=2)
         one = ckpts.resume_hint("intr", None, root, 6)
     finally:
         ckpts.latest_valid = real
-    assert f"%%lora_train intr --resume --output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in hint
-    assert "a resume runs on one process: batch_size: 8 (with the same grad_accum) keeps this run's global batch" in hint
-    assert "--output-dir" not in one and "one process" not in one
+    assert f"%%lora_train intr --resume --processes 2 --output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in hint
+    assert "ft-magics train JOB --resume" in hint and "processes=2, resume=True" in hint
+    assert "--output-dir" not in one and "--processes" not in one
+
+
+def test_a_resume_on_another_number_of_processes_says_the_global_batch_changed(tmp_path):
+    """A checkpoint made on 2 processes at batch_size 4 (global 8) resumed on one: the steps are no longer the
+    uninterrupted run's, which the resume says, with the batch_size that keeps the global batch."""
+    from ft_magics.core import checkpoints as ckpts
+    from ft_magics.core.atomic import COMPLETE_MARKER
+    from ft_magics.core.events import Message
+
+    root = tmp_path / ".checkpoints" / "x"
+    ck = root / "checkpoint-4"
+    ck.mkdir(parents=True)
+    for f in ("optimizer.pt", "scheduler.pt"):
+        (ck / f).write_text("{}")
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(ck / "adapter_model.safetensors"))
+    settings = {"batch_size": 4, "grad_accum": 1}
+    (ck / ckpts.META).write_text(json.dumps({"settings": settings, "processes": 2, "global_batch": 8}))
+    (ck / COMPLETE_MARKER).write_text("ok\n")
+    said = []
+    meta = {"settings": settings, "processes": 1, "global_batch": 4}
+    assert ckpts.begin(root, "x", True, [said.append], meta) == ck
+    texts = [m.text for m in said if isinstance(m, Message)]
+    assert any("was made on 2 processes with a global batch of 8 examples per step; this run has 1 process and 4"
+               in t and "(batch_size: 8 keeps the global batch)" in t for t in texts), texts
+    said.clear()
+    assert ckpts.begin(root, "x", True, [said.append], dict(meta, processes=2, global_batch=8)) == ck
+    assert not any("global batch" in m.text for m in said if isinstance(m, Message))
 
 
 def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_empty_checkpoint_folder(tiny_session):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ft_magics.core.events import Listener, Message, Recorder, StepEnd, TrainBegin, TrainEnd, to_json
+from ft_magics.errors import FtUsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -155,6 +156,8 @@ def test_magic_flags_are_checked(shell, tiny_model_dir, tmp_path):
     assert "lora_export_job" in shell.magics_manager.magics["line"]
     assert "lora_export_job" in shell.magics_manager.magics["cell"]
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match="no complete checkpoint of 'x' to resume from"):  # --resume goes through
+        shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --resume", "r: 8\n")
     # a folder that is not a job's (here: the model's own) is not written into
     before = sorted(p.name for p in Path(tiny_model_dir).iterdir())
     with pytest.raises(UsageError, match="already holds other files and is not a job folder"):
@@ -274,6 +277,34 @@ def test_interrupt_stops_every_process_and_keeps_the_adapter(tiny_session, tmp_p
     assert (tmp_path / "adapters" / "halt" / "adapter_model.safetensors").exists()
     assert any("every process stops" in m.text for m in rec.of(Message))
     assert "halt" in s.adapters
+
+
+def test_an_interrupted_run_on_two_processes_resumes_on_two_processes(tiny_session, tmp_path):
+    """--resume with --processes was refused ("not yet"): a two-process run that was interrupted could only be
+    continued on one process, at another global batch. Now the processes resume from the latest checkpoint
+    (each rank its own RNG state), the record keeps the whole curve, and nothing to resume is said before any
+    process starts."""
+    s = tiny_session
+    cfg = dict(FAST, max_steps=10, batch_size=2, save_every=3)
+    first = s.train_processes("res", "demo:support", cfg, processes=2, launcher="torchrun",
+                              listeners=[Recorder(), _InterruptAt(2)])
+    assert first.status == "interrupted" and 2 <= first.steps < 10
+    ckpt = tmp_path / "adapters" / ".checkpoints" / "res" / f"checkpoint-{first.steps}"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    rec = Recorder()
+    done = s.train_processes("res", "demo:support", cfg, processes=2, launcher="torchrun", resume=True,
+                             listeners=[rec])
+    assert done.status == "completed" and done.steps == 10
+    assert done.record["resumed"]["at"] == first.steps
+    assert [st for st, _ in done.record["loss_history"]] == list(range(1, 11))  # the whole curve, once each
+    assert [e.step for e in rec.of(StepEnd)] == list(range(first.steps + 1, 11))
+    texts = [m.text for m in rec.of(Message)]
+    assert any(f"resuming 'res' from checkpoint-{first.steps}" in t for t in texts), texts
+    assert not any("global batch of" in t for t in texts)  # the same processes: the same global batch
+    assert not (tmp_path / "adapters" / ".checkpoints" / "res").exists()  # a completed run keeps none
+    with pytest.raises(FtUsageError, match="no complete checkpoint of 'other' to resume from"):
+        s.train_processes("other", "demo:support", cfg, processes=2, resume=True, listeners=[])
+    assert not (tmp_path / "adapters" / ".jobs" / "other").exists()  # refused before a job was written
 
 
 def test_exported_job_runs_from_a_clean_shell_and_loads_in_the_notebook(shell, tiny_model_dir, tmp_path):
@@ -548,7 +579,7 @@ def test_a_launcher_that_exits_with_an_error_after_rank_0_saved_an_interrupted_r
                            adapter_path=str(adapter)))
     script = ("import json, os, sys; from pathlib import Path; "
               f"Path(sys.argv[1]).write_text(json.dumps({end!r}) + chr(10)); sys.exit(1)")
-    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events: [
+    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events, resume=False: [
         sys.executable, "-c", script, str(events)])
     outcome = jobs.run_job(job, 2, "accelerate", [], poll_s=0.05)
     assert outcome.status == "interrupted" and outcome.adapter_path == str(adapter) and outcome.returncode == 1
@@ -566,7 +597,7 @@ def test_a_run_whose_rank_0_died_reports_the_steps_it_made(tmp_path, monkeypatch
                            elapsed_s=1.0, eta_s=None, tokens_per_s=1.0))
     script = ("import json, sys; from pathlib import Path; "
               f"Path(sys.argv[1]).write_text(json.dumps({step!r}) + chr(10)); sys.exit(1)")
-    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events: [
+    monkeypatch.setattr(jobs, "launch_command", lambda job_path, processes, launcher, events, resume=False: [
         sys.executable, "-c", script, str(events)])
     rec = Recorder()
     with pytest.raises(jobs.JobFailed):

@@ -23,7 +23,7 @@ from typing import Optional
 
 from ..errors import FtUsageError
 from .atomic import COMPLETE_MARKER, _fsync_dir, atomic_write_json
-from .events import Message, emit
+from .events import Message, counted, emit
 
 CHECKPOINTS_DIRNAME = ".checkpoints"
 META = "ft_checkpoint.json"
@@ -156,6 +156,15 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
         emit(listeners, Message(
             f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
             "the result will not match an uninterrupted run.", "warning"))
+    was, now = old.get("processes", 1), meta.get("processes", 1)
+    if was != now and old.get("global_batch") and old.get("global_batch") != meta.get("global_batch"):
+        per = old["global_batch"] // max(now * int(new_s.get("grad_accum", 1) or 1), 1)
+        emit(listeners, Message(
+            f"{path.name} of {name!r} was made on {counted(was, 'process')} with a global batch of "
+            f"{old['global_batch']} examples per step; this run has {counted(now, 'process')} and "
+            f"{meta.get('global_batch')}, so its steps differ from an uninterrupted run's"
+            + (f" (batch_size: {per} keeps the global batch)" if per * now * int(new_s.get('grad_accum', 1) or 1)
+               == old["global_batch"] else "") + ".", "warning"))
     emit(listeners, Message(f"resuming {name!r} from {path.name} (step {step})"))
     return path
 
@@ -230,24 +239,23 @@ def discard(root: Path) -> None:
         parent.rmdir()
 
 
-def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1,
-                global_batch: int = 0) -> str:
-    """What a stopped run says of resuming it. Under several processes a resume runs on one process (the
-    notebook's --resume), so it names the batch_size that keeps the global batch, and the output folder when
-    the checkpoints are not in the notebook's adapters folder (an exported job's)."""
+def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1) -> str:
+    """What a stopped run says of resuming it. Under several processes it names ``--processes`` (the same number
+    keeps the global batch) and the output folder when the checkpoints are not in the notebook's adapters folder
+    (an exported job's)."""
     ckpt = latest_valid(root)
     where = f"adapter (step {step}) saved to {adapter_path}" if adapter_path else "no adapter was saved"
     if ckpt is None:
         return f"training of {name!r} stopped: {where}."
     flags = "" if world <= 1 or root.parent.parent.resolve() == Path("adapters").resolve() else \
         f" --output-dir {root.parent.parent}"  # an exported job's checkpoints sit in its own adapters folder
-    hint = (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with "
-            f"%%lora_train {name} --resume{flags} (same --data and settings), or Session.train({name!r}, ..., "
-            "resume=True)")
     if world > 1:
-        hint += (f"; a resume runs on one process: batch_size: {global_batch} (with the same grad_accum) keeps this "
-                 f"run's global batch of {global_batch} examples per step")
-    return hint + "."
+        return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with %%lora_train {name} "
+                f"--resume --processes {world}{flags} (same --data and settings), or Session.train_processes("
+                f"{name!r}, ..., processes={world}, resume=True), or ft-magics train JOB --resume for an exported job.")
+    return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with "
+            f"%%lora_train {name} --resume{flags} (same --data and settings), or Session.train({name!r}, ..., "
+            "resume=True).")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def counted(n: int, noun: str) -> str:
-    """"1 step", "2 steps": a count with its noun (regular plurals only)."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+    """"1 step", "2 steps", "2 processes": a count with its noun (regular plurals)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}{'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
 @dataclass

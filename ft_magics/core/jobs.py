@@ -340,11 +340,13 @@ def free_port() -> int:
 
 
 def launch_command(job_path: Path, processes: int, launcher: str = "accelerate", events: Optional[Path] = None,
-                   port: Optional[int] = None) -> list:
-    """The command line that runs ``job_path`` on ``processes`` local processes."""
+                   port: Optional[int] = None, resume: bool = False) -> list:
+    """The command line that runs ``job_path`` on ``processes`` local processes (``resume``: from its latest
+    complete checkpoint)."""
     if launcher not in LAUNCHERS:
         raise FtUsageError(f"unknown launcher {launcher!r}{did_you_mean(launcher, LAUNCHERS)}. Use one of: {', '.join(LAUNCHERS)}.")
-    worker = ["-m", "ft_magics.train", str(job_path)] + (["--events", str(events)] if events else [])
+    worker = (["-m", "ft_magics.train", str(job_path)] + (["--events", str(events)] if events else [])
+              + (["--resume"] if resume else []))
     if processes == 1 and launcher != "accelerate":
         return [sys.executable] + worker
     port = port or free_port()
@@ -445,24 +447,26 @@ class JobOutcome:
 
 
 def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accelerate", listeners: Optional[list] = None,
-            poll_s: float = 0.2, on_start: Optional[Callable[[subprocess.Popen, Path], None]] = None) -> JobOutcome:
+            poll_s: float = 0.2, on_start: Optional[Callable[[subprocess.Popen, Path], None]] = None,
+            resume: bool = False) -> JobOutcome:
     """Run a job on ``processes`` local processes through ``launcher`` and stream its events to
-    ``listeners``. A kernel interrupt asks every process to stop at the next step (the adapter is
-    saved); a second one ends them. Raises :class:`JobFailed` when the job ends without a result."""
+    ``listeners`` (``resume``: from the adapter's latest complete checkpoint). A kernel interrupt asks every
+    process to stop at the next step (the adapter is saved); a second one ends them. Raises
+    :class:`JobFailed` when the job ends without a result."""
     listeners = list(listeners or [])
     spec = load_job(job_path)
     job_path = spec.path
     if launcher == "notebook":
         blocker = notebook_launcher_blocker()
         if blocker is None and processes > 1:
-            return run_notebook_job(job_path, processes, listeners, poll_s)
+            return run_notebook_job(job_path, processes, listeners, poll_s, resume=resume)
         if blocker is not None:
             emit(listeners, Message(f"accelerate's notebook launcher cannot start here: {blocker}. "
                                     "Running the job through accelerate launch in a subprocess instead.", "warning"))
         launcher = "accelerate"
     run_dir = _new_run_dir(job_path.parent)
     events = run_dir / EVENTS_FILE
-    cmd = launch_command(job_path, processes, launcher, events)
+    cmd = launch_command(job_path, processes, launcher, events, resume=resume)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FT_MAGICS_STOP_FILE=str(run_dir / STOP_FILE),
                FT_MAGICS_RUN_DIR=str(run_dir))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
@@ -547,19 +551,19 @@ def notebook_launcher_blocker() -> Optional[str]:
     return None
 
 
-def _notebook_worker(job_path: str, events: str, run_dir: str) -> None:
+def _notebook_worker(job_path: str, events: str, run_dir: str, resume: bool = False) -> None:
     os.environ["FT_MAGICS_RUN_DIR"] = run_dir
     os.environ["FT_MAGICS_QUIET"] = "1"  # the notebook's own view shows progress; no duplicate text from rank 0
     os.environ["FT_MAGICS_STOP_FILE"] = str(Path(run_dir) / STOP_FILE)
     from ..train import run_job as worker
 
-    code = worker(job_path, events)
+    code = worker(job_path, events, resume)
     if code != 0:
         raise RuntimeError(f"the training worker ended with exit code {code}")
 
 
 def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Optional[list] = None,
-                     poll_s: float = 0.2) -> JobOutcome:
+                     poll_s: float = 0.2, resume: bool = False) -> JobOutcome:
     """Run a job on ``processes`` processes forked from this kernel by accelerate's notebook launcher,
     streaming rank 0's events to ``listeners`` from a reader thread."""
     import threading
@@ -590,7 +594,7 @@ def run_notebook_job(job_path: os.PathLike | str, processes: int, listeners: Opt
     thread.start()
     error = None
     try:
-        notebook_launcher(_notebook_worker, (str(spec.path), str(events), str(run_dir)), num_processes=processes,
+        notebook_launcher(_notebook_worker, (str(spec.path), str(events), str(run_dir), resume), num_processes=processes,
                           use_port=str(free_port()))
     except KeyboardInterrupt:
         ask_ranks_to_stop(run_dir)

@@ -950,8 +950,10 @@ def run_training(
     ckpt_dir = target.parent / ".checkpoints" / name
     from . import checkpoints as ckpts
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # processes of this run (a job's ranks), for resuming
     ckpt_meta = {"name": name, "settings": settings, "data_fingerprint": getattr(data_report, "fingerprint", None),
-                 "data_source": getattr(data_report, "source", None)}
+                 "data_source": getattr(data_report, "source", None), "processes": world,
+                 "global_batch": cfg.batch_size * cfg.grad_accum * world}
     resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
@@ -1089,9 +1091,7 @@ def run_training(
         )
         ckpts.finish(ckpt_dir, status)
         if status in ("interrupted", "stopped"):
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world,
-                                                      cfg.batch_size * world)))
+            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world)))
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                                  extra={"eval_loss": eval_loss, "eval_step": eval_step,
