@@ -999,8 +999,16 @@ class Session:
         if optimizer not in OPTIMIZERS:  # (the magic's --optimizer has these as its choices)
             raise FtUsageError(f"unknown optimizer {optimizer!r}{did_you_mean(str(optimizer), OPTIMIZERS)}; "
                                f"one of {', '.join(OPTIMIZERS)}.")
-        if model is not None and not isinstance(model, str):
+        if model is not None and not isinstance(model, (str, os.PathLike)):
             raise FtUsageError(f"model must be a folder, a hub id or a size such as '7B' (got {model!r}).")
+        # read as the training setting reads it (True, False, 'true', 'no', ...): the string 'no' is truthy
+        from .config import _coerce
+
+        gradient_checkpointing = _coerce("gradient_checkpointing", TrainConfig.__dataclass_fields__[
+            "gradient_checkpointing"], gradient_checkpointing)
+        if gradient_checkpointing == "auto":
+            raise FtUsageError("gradient_checkpointing='auto' is decided at run time from the free memory; plan with "
+                               "True or False, and p.fit_text(memory) (%ft_plan --memory) says where it is needed.")
         if model is None and self.handle is not None:  # the model in this session, by its own config
             model = dims_from_config(self.handle.model.config.to_dict(), name=f"{self.handle.name} (loaded)")
         return plan(model or "demo", seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,

@@ -215,7 +215,8 @@ def test_what_fits_in_a_given_memory_and_at_which_batch(shell, capsys):
 
 
 def test_a_partial_model_name_is_answered_with_the_models_that_hold_it():
-    with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'mistralai/Mistral-7B-v0.1' or 'mistralai/Mistral-7B-v0.3'\?\)"):
+    with pytest.raises(FtUsageError, match=r"unknown model 'mistral' \(did you mean 'mistralai/Mistral-7B-v0.1' or "
+                       r"'mistralai/Mistral-7B-Instruct-v0.2' or 'mistralai/Mistral-7B-v0.3'\?\)"):
         planner.resolve_model("mistral")
 
 
@@ -429,3 +430,220 @@ def test_ft_plan_after_a_run_says_its_default_length_is_not_the_data_s(shell, ti
     assert f"seq_len 512 is the default; the last run's examples were {report.stats()['max']} tokens at most" in out
     shell.run_line_magic("ft_plan", "--seq-len 64")
     assert "is the default" not in capsys.readouterr().out
+
+
+def _tiny(cfg_cls, **kw):
+    """A transformers config of a tiny model (vocabulary 320, width 64, 2 layers) with ``kw`` on top."""
+    return cfg_cls(**{**dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4), **kw})
+
+
+def test_a_softcapped_model_is_planned_with_the_standard_loss_and_its_eager_attention_scores(tmp_path, shell, capsys):
+    """%ft_plan google/gemma-2-2b counted one loss chunk and no attention scores for LoRA and QLoRA, but training
+    refuses the chunked loss where final_logit_softcapping is set (core.speed.chunked_loss_blocker) and
+    transformers runs Gemma-2's attention eagerly (SDPA cannot soft-cap: seq x seq scores per head). The plan
+    counts both and says why; gradient_checkpointing: auto's estimate (core.training._activations) too."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core.training import _activations
+
+    cfg = _tiny(Gemma2Config, intermediate_size=96, num_key_value_heads=2, head_dim=16).to_dict()
+    plain = planner.dims_from_config(cfg | {"final_logit_softcapping": None, "attn_logit_softcapping": None})
+    capped = planner.dims_from_config(cfg)  # Gemma2Config's defaults: 30 and 50
+    assert (plain.standard_loss_only, plain.eager_attention) == ("", "")
+    assert capped.standard_loss_only and capped.eager_attention
+    seq, batch = 96, 2
+    tokens, lora = seq * batch, "LoRA, 16-bit base"
+    a, b = (planner.plan(d, seq_len=seq, batch_size=batch).mode(lora).activations for d in (plain, capped))
+    chunk = planner.chunk_bytes(min(planner.auto_chunk_rows(320), tokens), 320)
+    scores = tokens * 2 * 4 * seq * 8  # layers * heads * seq keys * 8 B per token
+    assert b - a == tokens * 320 * 10 - chunk + scores
+    # a config that leaves the keys out has Gemma2Config's soft-capping too
+    bare = {k: v for k, v in cfg.items() if "softcapping" not in k}
+    assert planner.dims_from_config(bare).standard_loss_only == "its config sets final_logit_softcapping=30.0"
+    # the built-in table's Gemma-2 entries: the full logits at batch 8 (10.5 GB for gemma-2-2b) and the scores
+    g = planner.plan("google/gemma-2-2b", seq_len=512, batch_size=8)
+    assert g.mode("QLoRA, NF4 + double quant").activations > 512 * 8 * (256000 * 10 + 26 * 8 * 512 * 8)
+    text = g.table()
+    assert "training cannot use the chunked loss" in text and "runs its attention eagerly" in text
+    assert "standard loss, as its config sets final_logit_softcapping=30.0" in text and "one chunk" not in text
+    # gradient_checkpointing: auto estimates with the same correction
+    model = SimpleNamespace(config=Gemma2Config(**cfg))
+    examples = [SimpleNamespace(input_ids=[0] * seq)] * batch
+    _, need = _activations(TrainConfig(batch_size=batch), model, examples, checkpointing=False)
+    assert need == planner.activation_bytes(capped, seq, batch, False, True) > planner.activation_bytes(
+        plain, seq, batch, False, True)
+
+
+def test_the_moe_adapter_counts_routed_experts_only_where_peft_adapts_them():
+    """A tiny Qwen2-MoE's all-linear adapter is 7,560 parameters (attention, shared expert and its gate): PEFT does
+    not adapt its routed experts or router, which the planner counted (23,016). The planner's tables of which
+    types PEFT adapts agree with PEFT's own list of types whose fused experts it converts."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    cfg = _tiny(Qwen2MoeConfig, num_key_value_heads=2, num_experts_per_tok=2, intermediate_size=96,
+                moe_intermediate_size=48, shared_expert_intermediate_size=80, num_experts=4)
+    model = AutoModelForCausalLM.from_config(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    d = planner.dims_from_config(cfg.to_dict())
+    assert abs(d.params - real) / real < 0.005 and not d.experts_adapted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert d.lora_params(4) == sum(p.numel() for p in adapter.parameters() if p.requires_grad) == 7560
+    assert "counts none of the routed experts nor the router (PEFT adapts only the attention and the shared " \
+           "expert here)" in d.experts_text()
+    for t in planner.EXPERTS_ADAPTED:
+        assert _MODEL_TO_CONVERSION_PATTERN.get(t) in ("mixtral", "qwen2_moe"), t
+    for t in planner.EXPERTS_NOT_ADAPTED:
+        assert t not in _MODEL_TO_CONVERSION_PATTERN, t
+    unknown = planner.dims_from_config(MIXTRAL_8X7B | {"model_type": "somebody_moe"})
+    assert "assumed: PEFT's handling of model_type somebody_moe" in unknown.experts_text()
+
+
+def test_a_config_without_tie_word_embeddings_takes_its_architecture_s_default():
+    """gemma-2-2b's config.json leaves tie_word_embeddings out (Gemma2Config ties by default): it was planned
+    untied, 3.2B parameters instead of 2.61B. The table of tied-by-default types agrees with transformers."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    gemma_2_2b = dict(model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000)
+    d = planner.dims_from_config(gemma_2_2b)
+    assert d.tied and abs(d.params - 2.61e9) / 2.61e9 < 0.01
+    assert not planner.dims_from_config(gemma_2_2b | {"tie_word_embeddings": False}).tied  # given: as given
+    assert not planner.dims_from_config(gemma_2_2b | {"model_type": "llama"}).tied
+    for t in planner.TIED_BY_DEFAULT | {"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "mixtral"}:
+        cls = CONFIG_MAPPING[t]
+        default = getattr(cls, "tie_word_embeddings", None)
+        assert (default if default is not None else cls().tie_word_embeddings) == (t in planner.TIED_BY_DEFAULT), t
+
+
+def test_planned_shapes_and_totals_never_fall_as_the_parameter_count_rises():
+    """A size's shape switched its width-to-depth ratio at 5e8 and 3e9: 499M had 42 layers of 960 (QLoRA 8.51 GB
+    at seq 512, batch 8), 500M 19 of 1408 (5.96 GB); 2.99B 21.24 GB, 3B 17.00 GB; 30M 16 layers, 50M 15."""
+    sizes = sorted({round(10 ** (6 + k / 40)) for k in range(241)} | {499e6, 500e6, 2.99e9, 3e9, 30e6, 50e6})
+    last = None
+    for n in sizes:
+        d = planner.dims_from_count(n, "x")
+        p = planner.plan(d, seq_len=512, batch_size=8)
+        now = ((d.layers, d.hidden, d.intermediate, d.heads, d.vocab),
+               [m.total for m in p.modes] + [m.activations for m in p.modes] + [d.lora_params(16)])
+        if last is not None:
+            assert all(a <= b for a, b in zip(last[0], now[0])), (n, last[0], now[0])
+            assert all(a <= b for a, b in zip(last[1], now[1])), n
+        last = now
+    assert (planner.dims_from_count(7e9, "x").hidden, planner.dims_from_count(7e9, "x").layers) == (4096, 33)
+
+
+def test_gpt2_and_gpt_neox_are_planned_with_their_own_layers_and_encoders_are_refused(tmp_path, shell, capsys):
+    """GPT-2 (fused c_attn, two-matrix MLP, biases, learned positions) was planned as Llama: 0.190B parameters
+    instead of 0.124B, and a tiny one's adapter at 47,104 instead of 32,768. BERT and T5 were planned as causal
+    LMs; a decoder the planner does not model says its figures assume a Llama-style one."""
+    import warnings
+
+    from IPython.core.error import UsageError
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig
+
+    for cfg in (GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+                _tiny(GPTNeoXConfig, intermediate_size=96)):
+        model = AutoModelForCausalLM.from_config(cfg)
+        d = planner.dims_from_config(cfg.to_dict() | {"tie_word_embeddings": None})  # as config.json leaves it
+        assert d.params == sum(p.numel() for p in model.parameters()), cfg.model_type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapter = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+        assert d.lora_params(16) == sum(p.numel() for p in adapter.parameters() if p.requires_grad), cfg.model_type
+        assert not d.notes
+    gpt2 = planner.dims_from_config(dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                                         n_positions=1024))
+    assert gpt2.params == 124_439_808  # gpt2's published count
+    bert = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 768, "num_hidden_layers": 12,
+            "vocab_size": 30522}
+    t5 = {"model_type": "t5", "is_encoder_decoder": True, "d_model": 512, "num_layers": 6, "vocab_size": 32128}
+    for name, cfg, kind in (("bert", bert, "an encoder-only model"), ("t5", t5, "an encoder-decoder model")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UsageError, match=f"config.json is {kind}.* ft_magics fine-tunes causal .* Plan a decoder"):
+            shell.run_line_magic("ft_plan", str(tmp_path / name))
+    falcon = planner.dims_from_config(dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, vocab_size=320))
+    text = planner.plan(falcon).table()
+    assert "Note: not a Llama-style decoder (model_type falcon): the figures assume one" in text
+
+
+def test_what_does_not_fit_names_an_8bit_optimizer_where_it_would_and_seq_len_only_where_it_helps():
+    """%ft_plan 7B --memory 80GiB: full fine-tuning "does not fit ... choose a smaller model or a shorter
+    --seq-len, or QLoRA", though adamw_8bit fits at batch 4 (83.7 GB) and no sequence length brings weights,
+    gradients and Adam states (112 GB) under 86 GB."""
+    full = planner.plan("7B").fit_text(80 * 2**30).splitlines()[1]
+    assert "does not fit, even at batch 1 with gradient checkpointing (112.9 GB); with --optimizer adamw_8bit it " \
+           "fits at batch 4 (83.7 GB); otherwise choose a smaller model or QLoRA." in full
+    assert planner.plan("7B", batch_size=4, optimizer="adamw_8bit").mode(
+        "full fine-tuning (bf16 + AdamW)").total <= 80 * 2**30
+    assert "with --optimizer" not in planner.plan("7B", optimizer="adamw_8bit").fit_text(50e9)  # already 8-bit
+    # where the activations are what does not fit, a shorter sequence is named
+    long = planner.plan("7B", seq_len=131072, batch_size=1).fit_text(30e9).splitlines()[3]
+    assert long.startswith("  QLoRA") and long.endswith("choose a smaller model or a shorter --seq-len.")
+
+
+def test_session_plan_reads_its_arguments_as_training_does():
+    """Session.plan(gradient_checkpointing='no') planned with checkpointing (a truthy string)."""
+    from ft_magics import Session
+
+    s, ckpt = Session(), planner.plan("7B", gradient_checkpointing=True)
+    assert not s.plan("7B", gradient_checkpointing="no").gradient_checkpointing
+    assert s.plan("7B", gradient_checkpointing="true").modes[2].total == ckpt.modes[2].total
+    with pytest.raises(FtUsageError, match="gradient_checkpointing must be true, false or auto, got 'maybe'"):
+        s.plan("7B", gradient_checkpointing="maybe")
+    with pytest.raises(FtUsageError, match="'auto' is decided at run time"):
+        s.plan("7B", gradient_checkpointing="auto")
+
+
+def test_a_path_a_config_json_and_size_spellings_are_planned(tmp_path, shell, capsys):
+    """%ft_plan 7e9 / 7bn / 7G / 7,000M were unknown models; ./my-model (absent) listed the built-in table
+    instead of saying there is no such folder; Mistral-7B-Instruct-v0.2 was unknown. Session.plan refused a
+    pathlib.Path ("got PosixPath") and called a config.json file an unknown model."""
+    from IPython.core.error import UsageError
+
+    from ft_magics import Session
+
+    for spelling in ("7e9", "7bn", "7G", "7,000M", "7000m", "0.007T"):
+        assert planner.resolve_model(spelling).params == 7e9, spelling
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
+    for model in (folder, folder / "config.json", str(folder / "config.json")):
+        assert Session().plan(model).dims.experts == 8, model
+    for missing in ("./my-model", "~/no-such-model-here", "models/a/b"):
+        with pytest.raises(UsageError, match=f"no such folder: '{re.escape(missing)}'"):
+            shell.run_line_magic("ft_plan", missing)
+    d = planner.resolve_model("mistralai/Mistral-7B-Instruct-v0.2")
+    assert (d.vocab, d.source) == (32000, "built-in table")
+    assert planner.resolve_model("mistralai/Mistral-7B-Instruct-v0.3").source.endswith("shape of mistralai/Mistral-7B-v0.3")
+
+
+def test_the_printed_loss_chunk_is_what_the_plan_counts():
+    """The table said 'one chunk of 128 rows * vocab * 4 B, at most 64 MB', but counted fp32 and 16-bit copies
+    (6 B), 64 rows with checkpointing: a chunk of a 256,000 vocabulary is ~100 MB."""
+    for ckpt, rows in ((False, 128), (True, 64)):
+        p = planner.plan("7B", gradient_checkpointing=ckpt)
+        assert f"one chunk of {rows} rows * vocab * 6 B (fp32 logits and their 16-bit copy" in p.table()
+        assert planner.chunk_bytes(rows, 32000) == rows * 32000 * 6
+
+
+def test_the_readme_s_ft_plan_totals_are_what_the_planner_prints():
+    """The README's demo-notebook row of %ft_plan totals (7B, 13B, 70B at seq 512, batch 1) had drifted."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `%ft_plan` totals, full / LoRA / QLoRA"))
+    written = re.findall(r"([\d.]+) / ([\d.]+) / ([\d.]+) GB", row)
+    planned = [tuple(planner._gb(m.total) for m in planner.plan(n, seq_len=512, batch_size=1).modes)
+               for n in ("7B", "13B", "70B")]
+    assert written == planned

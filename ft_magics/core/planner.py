@@ -19,19 +19,28 @@ Activations kept for the backward pass, per token and layer of a Llama-style blo
 attention (no L x L scores): 2 * (6h + 2kv + 4i) bytes of 16-bit tensors + 8h bytes of fp32 RMSNorm copies,
 plus, for LoRA with dropout, 3 * (6h + i) bytes (dropout masks and dropped inputs of the adapted layers);
 h = hidden size, kv = key/value width, i = MLP width (see layer_activation_bytes). With gradient
-checkpointing: 2h bytes per layer plus one layer's full set.
+checkpointing: 2h bytes per layer plus one layer's full set. A model whose attention soft-caps its scores
+(Gemma-2's attn_logit_softcapping) runs transformers' eager attention, which SDPA cannot replace: it keeps
+each head's L x L scores, 8 bytes per query-key pair (soft-capped scores, fp32 softmax, its 16-bit copy).
 Logits: the standard loss keeps s * b * V * (2 + 4 + 4) bytes (16-bit logits, fp32 copy, fp32 gradient);
-ft_magics' chunked loss keeps one chunk (128 rows of fp32 logits, at most 64 MB, with their 16-bit copy:
-core.speed.auto_chunk_rows).
-Mixture of experts (Mixtral, Qwen-MoE, OLMoE, DeepSeek): every expert is held in memory, so the parameter count,
-the weights and the all-linear adapter (PEFT adapts each expert) count all of them; activations count the experts
-a token is routed to (num_experts_per_tok) and any shared experts (ModelDims.experts_text says what was assumed).
+ft_magics' chunked loss keeps one chunk (128 rows, 64 with gradient checkpointing, fewer where the fp32 block
+would pass 64 MB: core.speed.auto_chunk_rows) of fp32 logits and their 16-bit copy, rows * V * (4 + 2) bytes.
+A config with final_logit_softcapping cannot take the chunked loss (core.speed.chunked_loss_blocker): its
+plan keeps the standard loss's logits.
+Mixture of experts (Mixtral, Qwen-MoE, OLMoE, DeepSeek): every expert is held in memory, so the parameter count
+and the weights count all of them; the all-linear adapter counts them where PEFT adapts them (EXPERTS_ADAPTED);
+activations count the experts a token is routed to (num_experts_per_tok) and any shared experts
+(ModelDims.experts_text says what was assumed).
+Architectures: Llama-style decoders (LLAMA_STYLE_TYPES) and GPT-2 / GPT-NeoX (a fused q/k/v projection and a
+two-matrix MLP) are modelled; another decoder is planned as a Llama-style one, with a note that says so; an
+encoder-only or encoder-decoder model is refused, as ft_magics trains causal language models.
 Runtime overhead: about 0.5 GB (CUDA context, or the CPU process's libraries); measured, not derived.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -104,6 +113,18 @@ class ModelDims:
     moe_layers: int = 0
     shared_expert_gate: bool = False  # Qwen-MoE's Linear(h, 1) that scales the shared expert
     experts_per_token_source: str = ""  # the config key it came from, or what was assumed and why
+    experts_adapted: bool = True  # whether all-linear LoRA adapts the routed experts and the router (EXPERTS_ADAPTED)
+    experts_adapted_source: str = ""  # empty where the model type says; else what was assumed
+    # the block's linear layers: Llama's q, k, v, o and gate, up, down; GPT-2 / GPT-NeoX fuse q, k and v into one
+    # projection and have a two-matrix MLP (no gate); Phi-3 fuses q/k/v and gate/up
+    fused_qkv: bool = False
+    gated_mlp: bool = True
+    fused_gate_up: bool = False
+    biases: bool = False  # LayerNorms with a bias and a bias on every linear layer (GPT-2, GPT-NeoX)
+    position_embeddings: int = 0  # learned absolute positions (GPT-2's n_positions)
+    standard_loss_only: str = ""  # why the chunked loss cannot run (final_logit_softcapping): plan full logits
+    eager_attention: str = ""  # why attention keeps its L x L scores (attn_logit_softcapping: eager, not SDPA)
+    notes: list = field(default_factory=list)  # what the plan assumed of this architecture, printed with it
 
     @property
     def head_dim(self) -> int:
@@ -122,10 +143,24 @@ class ModelDims:
     def dense_layers(self) -> int:
         return self.layers - self.moe_layers
 
+    def attention_linears(self) -> list:
+        """``(in, out)`` of each linear layer of one layer's attention: q, k, v, o, or qkv and o where fused."""
+        h, q, kv = self.hidden, self.q_width, self.kv_heads * self.head_dim
+        qkv = [(h, q + 2 * kv)] if self.fused_qkv else [(h, q), (h, kv), (h, kv)]
+        return qkv + [(q, h)]
+
+    def mlp_linears(self, width: int) -> list:
+        """``(in, out)`` of each linear layer of an MLP of ``width``: gate, up, down (gate_up and down where
+        fused); fc and proj where it has no gate."""
+        h = self.hidden
+        if not self.gated_mlp:
+            return [(h, width), (width, h)]
+        return ([(h, 2 * width)] if self.fused_gate_up else [(h, width), (h, width)]) + [(width, h)]
+
     @property
     def attention_linear_params(self) -> int:
         """q, k, v and o of one layer."""
-        return 2 * self.hidden * self.q_width + 2 * self.hidden * self.kv_heads * self.head_dim
+        return sum(i * o for i, o in self.attention_linears())
 
     @property
     def moe_mlp_params(self) -> int:
@@ -135,8 +170,19 @@ class ModelDims:
                 + (h if self.shared_expert_gate else 0))
 
     @property
+    def vector_params(self) -> int:
+        """Norm weights and biases: Llama's two RMSNorms per layer and a final one; GPT-2's two LayerNorms (weight
+        and bias) and the linear layers' biases per layer, and a final LayerNorm."""
+        h = self.hidden
+        if not self.biases:
+            return self.layers * 2 * h + h
+        outs = sum(o for _, o in self.attention_linears() + self.mlp_linears(self.intermediate))
+        return self.layers * (4 * h + outs) + 2 * h
+
+    @property
     def body_linear_params(self) -> int:
-        return (self.layers * self.attention_linear_params + self.dense_layers * 3 * self.hidden * self.intermediate
+        return (self.layers * self.attention_linear_params
+                + self.dense_layers * sum(i * o for i, o in self.mlp_linears(self.intermediate))
                 + self.moe_layers * self.moe_mlp_params)
 
     def mlp_active(self, moe: bool) -> tuple:
@@ -148,13 +194,15 @@ class ModelDims:
                 self.experts_per_token * self.expert_intermediate + self.shared_intermediate)
 
     def lora_params(self, r: int = 16) -> int:
-        """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down). In a mixture-of-experts
-        layer all-linear adapts every expert, as PEFT does with transformers' fused expert weights (gate_up_proj
-        at rank 2r, down_proj at r: r * (3h + 5 * width) per expert), the router and the shared experts."""
-        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
-        attention = r * ((h + self.q_width) * 2 + (h + kv) * 2)
-        dense = r * (h + i) * 3
-        moe = (self.experts * r * (3 * h + 5 * self.expert_intermediate) + r * (h + self.experts)
+        """Adapter parameters for r on all linear layers (q, k, v, o, gate, up, down: r * (in + out) each). In a
+        mixture-of-experts layer all-linear adapts the shared experts, and, where PEFT adapts them
+        (``experts_adapted``), every routed expert, with transformers' fused expert weights (gate_up_proj at rank
+        2r, down_proj at r: r * (3h + 5 * width) per expert), and the router."""
+        h = self.hidden
+        attention = r * sum(i + o for i, o in self.attention_linears())
+        dense = r * sum(i + o for i, o in self.mlp_linears(self.intermediate))
+        moe = ((self.experts * r * (3 * h + 5 * self.expert_intermediate) + r * (h + self.experts)
+                if self.experts_adapted else 0)
                + (r * (h + self.shared_intermediate) * 3 if self.shared_intermediate else 0)
                + (r * (h + 1) if self.shared_expert_gate else 0))
         return self.layers * attention + self.dense_layers * dense + self.moe_layers * moe
@@ -166,9 +214,14 @@ class ModelDims:
         shared = (f", plus shared experts of width {self.shared_intermediate} that every token runs"
                   if self.shared_intermediate else "")
         dense = f"; {self.dense_layers} dense layers (MLP width {self.intermediate})" if self.dense_layers else ""
+        adapted = (f"the all-linear adapter counts all {self.experts} and the router (PEFT adapts them)"
+                   if self.experts_adapted else
+                   "the all-linear adapter counts none of the routed experts nor the router (PEFT adapts only "
+                   "the attention" + (" and the shared expert" if self.shared_intermediate else "") + " here)")
+        why = f" ({self.experts_adapted_source})" if self.experts_adapted_source else ""
         return (f"Mixture of experts: {self.experts} experts of width {self.expert_intermediate} in each of "
-                f"{self.moe_layers} layers{dense}. Weights, and the all-linear adapter, count all {self.experts} "
-                f"(every expert is held in memory and adapted); activations count the {self.experts_per_token} "
+                f"{self.moe_layers} layers{dense}. Weights count all {self.experts} (every expert is held in "
+                f"memory); {adapted}{why}; activations count the {self.experts_per_token} "
                 f"routed to each token{' (' + self.experts_per_token_source + ')' if self.experts_per_token_source else ''}"
                 f"{shared}.")
 
@@ -192,6 +245,7 @@ KNOWN_MODELS = {
     "meta-llama/Meta-Llama-3-8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),
     "meta-llama/Meta-Llama-3-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
     "mistralai/Mistral-7B-v0.1": (7.24e9, 32, 4096, 14336, 32, 8, 32000, False),
+    "mistralai/Mistral-7B-Instruct-v0.2": (7.24e9, 32, 4096, 14336, 32, 8, 32000, False),
     "mistralai/Mistral-7B-v0.3": (7.25e9, 32, 4096, 14336, 32, 8, 32768, False),
     "meta-llama/Llama-3.1-8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),
     "meta-llama/Llama-3.1-70B": (70.6e9, 80, 8192, 28672, 64, 8, 128256, False),
@@ -211,6 +265,9 @@ KNOWN_MODELS = {
     "microsoft/Phi-3-mini-4k-instruct": (3.82e9, 32, 3072, 8192, 32, 32, 32064, False),
 }
 _ALIASES = {"demo": "HuggingFaceTB/SmolLM2-135M"}
+# the table's entries whose architecture is not plain Llama: their model_type (see _architecture)
+_TABLE_TYPES = {"google/gemma-2-2b": "gemma2", "google/gemma-2-9b": "gemma2",
+                "microsoft/Phi-3-mini-4k-instruct": "phi3"}
 
 
 def _known(name: str) -> Optional[str]:
@@ -218,6 +275,7 @@ def _known(name: str) -> Optional[str]:
     low = {k.lower(): k for k in KNOWN_MODELS}
     short = {k.split("/")[-1].lower(): k for k in KNOWN_MODELS}
     k = key.lower().removesuffix("-instruct").removesuffix("-chat-hf").removesuffix("-hf").removesuffix("-it")
+    k = k.replace("-instruct-v", "-v")  # Mistral-7B-Instruct-v0.3: the shape of Mistral-7B-v0.3
     for cand in (key.lower(), k, k + "-hf", k + "-instruct"):
         if cand in low:
             return low[cand]
@@ -226,6 +284,81 @@ def _known(name: str) -> Optional[str]:
         if cand.split("/")[-1] in short:
             return short[cand.split("/")[-1]]
     return None
+
+
+# Decoders whose layers are Llama's (q, k, v, o; a gated gate/up/down MLP; norms), as the planner models them
+LLAMA_STYLE_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "olmo", "olmo2", "olmoe", "granite", "smollm3"})
+# Decoders modelled with their own linear layers: (fused q/k/v, gated MLP, fused gate/up, biases)
+OTHER_MODELLED_TYPES = {"gpt2": (True, False, False, True), "gpt_neox": (True, False, False, True),
+                        "phi3": (True, True, True, False)}
+# Not causal language models (ft_magics trains decoders): encoder-only types; encoder-decoder ones say
+# is_encoder_decoder in their config, and these types are always one
+ENCODER_TYPES = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+    "camembert", "mpnet", "modernbert", "ernie", "megatron-bert", "roformer", "roc_bert", "data2vec-text", "xmod",
+    "nomic_bert", "esm", "convbert", "funnel", "longformer", "squeezebert", "rembert", "big_bird", "canine"})
+ENCODER_DECODER_TYPES = frozenset({
+    "t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus", "pegasus_x", "marian", "led", "blenderbot",
+    "blenderbot-small", "plbart", "prophetnet", "bigbird_pegasus", "mvp", "whisper", "encoder-decoder"})
+# Decoder types whose transformers config class ties the output head to the embeddings when config.json leaves
+# tie_word_embeddings out (as Gemma's and GPT-2's published configs do); tests/test_planner.py checks each
+# against transformers' config classes. Any other type defaults to untied, as Llama's does.
+TIED_BY_DEFAULT = frozenset({
+    "biogpt", "bloom", "cohere", "cohere2", "cohere2_moe", "ctrl", "ernie4_5", "ernie4_5_moe", "falcon", "gemma",
+    "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo",
+    "jetmoe", "lfm2", "lfm2_moe", "minicpm3", "mpt", "openai-gpt", "opt", "recurrent_gemma", "smollm3",
+    "starcoder2", "vaultgemma", "xglm", "zamba", "zamba2"})
+# Config defaults of the soft-capping keys where config.json leaves them out (Gemma2Config's)
+SOFTCAP_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
+# Mixture-of-experts types whose routed experts and router PEFT's all-linear adapts (with transformers 5's fused
+# expert weights, PEFT converts the targets of these types only); for the others it adapts the nn.Linear layers
+# left, such as Qwen2-MoE's shared expert and its gate. tests/test_planner.py checks both against PEFT.
+EXPERTS_ADAPTED = frozenset({"mixtral", "minimax", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                             "qwen3_next", "glm4_moe", "ernie4_5_moe", "dots1", "flex_olmo", "hunyuan_v1_moe"})
+EXPERTS_NOT_ADAPTED = frozenset({"qwen2_moe", "phimoe", "granitemoe", "gpt_oss", "llama4_text"})
+
+
+def _refuse_non_causal(cfg: dict, model_type: str, where: str) -> None:
+    """A user's error for an encoder-only or encoder-decoder config: ft_magics trains causal LMs only."""
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    arch = f" ({', '.join(archs)})" if archs else ""
+    causal = any(a.endswith(("CausalLM", "LMHeadModel")) for a in archs)
+    if cfg.get("is_encoder_decoder") or model_type in ENCODER_DECODER_TYPES:
+        kind = "an encoder-decoder model"
+    elif not causal and (model_type in ENCODER_TYPES or any(a.endswith("ForMaskedLM") for a in archs)):
+        kind = "an encoder-only model"
+    else:
+        return
+    raise FtUsageError(f"{where} is {kind}{arch}, model_type {model_type or '?'}: ft_magics fine-tunes causal "
+                       "(decoder-only) language models, so %ft_plan plans only those. Plan a decoder instead: a "
+                       "folder or hub id of a causal LM (Llama, Qwen, Mistral, Gemma...), or a size such as 7B.")
+
+
+def _architecture(cfg: dict, model_type: str) -> dict:
+    """ModelDims' fields for what the planner knows of ``model_type``'s layers, loss and attention, with notes."""
+    fields, notes = {}, []
+    if model_type in OTHER_MODELLED_TYPES:
+        fused_qkv, gated, fused_gate_up, biases = OTHER_MODELLED_TYPES[model_type]
+        fields.update(fused_qkv=fused_qkv, gated_mlp=gated, fused_gate_up=fused_gate_up, biases=biases,
+                      position_embeddings=int(cfg.get("n_positions") or 0) if model_type == "gpt2" else 0)
+    elif model_type and model_type not in LLAMA_STYLE_TYPES:
+        notes.append(f"not a Llama-style decoder (model_type {model_type}): the figures assume one (q, k, v, o "
+                     "and a gate/up/down MLP per layer), so its parameter count, adapter and activations may be off.")
+    caps = SOFTCAP_DEFAULTS.get(model_type, {})
+    final = cfg.get("final_logit_softcapping", caps.get("final_logit_softcapping"))
+    if final not in (None, 0, 1, 1.0):
+        fields["standard_loss_only"] = f"its config sets final_logit_softcapping={final}"
+        notes.append(f"{fields['standard_loss_only']}: training cannot use the chunked loss and keeps the standard "
+                     "loss's full logits (seq * batch * vocab * 10 B), planned here for LoRA and QLoRA too.")
+    attn = cfg.get("attn_logit_softcapping", caps.get("attn_logit_softcapping"))
+    if attn not in (None, 0):
+        fields["eager_attention"] = f"its config sets attn_logit_softcapping={attn}"
+        notes.append(f"{fields['eager_attention']}: transformers runs its attention eagerly (SDPA cannot soft-cap), "
+                     "keeping each head's seq x seq scores: seq * batch * layers * heads * seq * 8 B, planned here.")
+    fields["notes"] = notes
+    return fields
 
 
 # config keys, first found wins: routed experts per MoE layer (Mixtral, Qwen-MoE / OLMoE, DeepSeek, others),
@@ -249,6 +382,8 @@ def dims_from_config(cfg: dict, name: str = "model", where: str = "") -> ModelDi
                if all(cfg.get(k) is None for k in keys)]
     if missing:
         raise FtUsageError(f"{where} has no {', '.join(missing)}: the planner needs them to size the model. {fix}")
+    model_type = str(cfg.get("model_type") or "")
+    _refuse_non_causal(cfg, model_type, where)
     g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
     try:
         hidden = int(g("hidden_size", "n_embd", "d_model"))
@@ -260,16 +395,18 @@ def dims_from_config(cfg: dict, name: str = "model", where: str = "") -> ModelDi
         head_dim = g("head_dim")
         head_dim = int(head_dim) if head_dim and int(head_dim) != hidden // max(heads, 1) else None
         experts = int(g(*EXPERT_KEYS, default=0))
-        moe = _moe_from_config(cfg, g, layers, inter) if experts > 1 else {}
+        moe = _moe_from_config(cfg, g, layers, inter, model_type) if experts > 1 else {}
     except (TypeError, ValueError) as exc:
         raise FtUsageError(f"{where} has a size that is not a whole number ({exc}). {fix}") from None
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config", head_dim, **moe)
-    d.params = d.body_linear_params + d.embed_params + layers * 2 * hidden + hidden
+    tied = cfg.get("tie_word_embeddings")  # left out: the default of the type's config class
+    tied = bool(tied) if tied is not None else model_type in TIED_BY_DEFAULT
+    d = ModelDims(name, 0, layers, hidden, inter, heads, kv, vocab, tied, "config", head_dim, **moe,
+                  **_architecture(cfg, model_type))
+    d.params = d.body_linear_params + d.embed_params + d.vector_params + d.position_embeddings * hidden
     return d
 
 
-def _moe_from_config(cfg: dict, g, layers: int, inter: int) -> dict:
+def _moe_from_config(cfg: dict, g, layers: int, inter: int, model_type: str = "") -> dict:
     """ModelDims' mixture-of-experts fields from a config that names more than one expert."""
     experts = int(g(*EXPERT_KEYS))
     key = next((k for k in EXPERTS_PER_TOKEN_KEYS if cfg.get(k) is not None), None)
@@ -287,38 +424,55 @@ def _moe_from_config(cfg: dict, g, layers: int, inter: int) -> dict:
     return dict(experts=experts, experts_per_token=min(per_token, experts),
                 expert_intermediate=width, shared_intermediate=shared, moe_layers=moe_layers,
                 shared_expert_gate="shared_expert_intermediate_size" in cfg and shared > 0,
-                experts_per_token_source=source)
+                experts_per_token_source=source, experts_adapted=model_type not in EXPERTS_NOT_ADAPTED,
+                experts_adapted_source="" if model_type in EXPERTS_ADAPTED | EXPERTS_NOT_ADAPTED else
+                f"assumed: PEFT's handling of model_type {model_type or '(none given)'} is not known to the planner")
 
 
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT])?\s*$")
+# a parameter count: 7B, 135M, 7e9, 7bn, 7G, 7,000M, 1.5 B (k / m / b = bn = g / t, any case)
+_COUNT = re.compile(r"^\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e\d+)?)\s*(k|m|b|bn|g|t)?\s*$", re.I)
+_COUNT_SCALE = {"k": 1e3, "m": 1e6, "b": 1e9, "bn": 1e9, "g": 1e9, "t": 1e12, "": 1}
+
+
+# width-to-depth ratio h / layers of models of a size (SmolLM2-135M 576/30, TinyLlama-1.1B 2048/22,
+# Llama-2-7B 4096/32): (parameters, ratio) anchors, log-linear between them and flat beyond. The ratio grows
+# slower than the square root of the count, so width and depth both grow with it (see dims_from_count).
+_SHAPE_RATIOS = ((1e8, 24.0), (1e9, 64.0), (7e9, 128.0))
+
+
+def _shape_ratio(params: float) -> float:
+    (p0, r0), *_ = _SHAPE_RATIOS
+    if params <= p0:
+        return r0
+    for (p0, r0), (p1, r1) in zip(_SHAPE_RATIOS, _SHAPE_RATIOS[1:]):
+        if params <= p1:
+            return r0 * (r1 / r0) ** (math.log(params / p0) / math.log(p1 / p0))
+    return _SHAPE_RATIOS[-1][1]
 
 
 def dims_from_count(params: float, name: str) -> ModelDims:
     """A Llama-shaped model of ``params`` parameters, embeddings included: a 32,000-token vocabulary (tied below
-    3B, as small models tie it), and the width whose layers (12 h^2 parameters each) fill the rest with about
-    the width-to-depth ratio of models that size (SmolLM2-135M 576/30, TinyLlama 2048/22, Llama-2-7B 4096/32).
-    It was h ~ (P * 128 / 12) ** (1/3) with the embeddings left out: at 7M the vocabulary alone (16M at width
-    512) outweighed the model, and 4-bit weights came out larger than 16-bit ones."""
+    3B, as small models tie it), and the depth L and width h = ratio * L whose layers (12 h^2 parameters each)
+    and one vocabulary's embeddings add up to the count, the ratio that of models that size (_SHAPE_RATIOS).
+    Every shape figure (width, depth, MLP width, heads) rises with the count and never falls, so neither does any
+    planned total: the width is rounded down to a multiple of 64 (128 from 1024), the depth to the nearest layer,
+    and the shape is solved with the embeddings counted once whether or not they are tied. (A step ratio, 24 /
+    64 / 128 at 5e8 and 3e9, gave 499M 42 layers of 960 but 500M 19 of 1408: 8.51 GB of QLoRA, then 5.96.)"""
     tied = params < 3e9
-    ratio = 24 if params < 5e8 else 64 if params < 3e9 else 128
     vocab = 32000
-    best = None
-    for h in [*range(64, 1024, 64), *range(1024, 32768 + 1, 128)]:
-        body = params - vocab * h * (1 if tied else 2)
-        if body < 12 * h * h:  # not one layer's worth left at this width
-            break
-        layers = body / (12 * h * h)
-        miss = abs(math.log((h / layers) / ratio))
-        if best is None or miss < best[0]:
-            best = (miss, h, layers)
-    if best is None:  # too small for this vocabulary at any width: a smaller vocabulary, one narrow layer
-        h = 64
-        vocab = max(256, int((params - 12 * h * h) / h))
-        layers = 1.0
-    else:
-        _, h, layers = best
-    heads = max(1, h // 64 if h < 1024 else h // 128)
-    return ModelDims(name, params, max(1, int(round(layers))), h, int(h * 8 / 3 / 64 + 0.999) * 64, heads, heads,
+    ratio = _shape_ratio(params)
+    # 12 ratio^2 L^3 + vocab * ratio * L = params, increasing in L: solve by bisection
+    lo, hi = 0.0, max(1.0, (params / (12 * ratio ** 2)) ** (1 / 3) + 1)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 12 * ratio ** 2 * mid ** 3 + vocab * ratio * mid < params else (lo, mid)
+    width = ratio * lo
+    h = max(64, int(width // 128) * 128 if width >= 1024 else int(width // 64) * 64)
+    if vocab * h * (1 if tied else 2) >= params:  # a vocabulary this size outweighs the model: a smaller one
+        vocab = max(256, int(params / (2 * h)))
+    layers = max(1, int(round(lo)))
+    heads = max(1, min(h // 64, max(16, h // 128)))  # 64-wide heads up to 16 of them, 128-wide from h 2048
+    return ModelDims(name, params, layers, h, int(h * 8 / 3 / 64 + 0.999) * 64, heads, heads,
                      vocab, tied, "estimated from a parameter count (Llama-like shape)")
 
 
@@ -333,9 +487,15 @@ def dims_from_file(cfg_file, name: str) -> ModelDims:
     return dims_from_config(cfg, name, where=str(cfg_file))
 
 
-def resolve_model(model: str) -> ModelDims:
-    """A local model folder, a known hub id (or 'demo'), or a parameter count such as 7B / 135M."""
-    m = (model or "").strip()
+def _looks_like_path(m: str) -> bool:
+    """Whether ``m`` is written as a file-system path (./x, ~/x, /x, a\\b, a/b/c), not as a hub id (owner/name)."""
+    return m.startswith((".", "/", "~")) or "\\" in m or m.count("/") > 1 or m.endswith("/")
+
+
+def resolve_model(model) -> ModelDims:
+    """A local model folder (or its config.json), a known hub id (or 'demo'), or a parameter count such as 7B /
+    135M / 7e9 / 7bn. ``model``: a str or an os.PathLike."""
+    m = os.fspath(model).strip() if isinstance(model, os.PathLike) else (model or "").strip()
     if not m:
         raise FtUsageError("give a model: a local folder, a hub id such as meta-llama/Llama-2-7b-hf, or a size like 7B.")
     path = user_path(m)
@@ -344,15 +504,19 @@ def resolve_model(model: str) -> ModelDims:
         if not cfg_file.is_file():
             raise FtUsageError(f"{m!r} has no config.json; %ft_plan needs a model folder or a size such as 7B.")
         return dims_from_file(cfg_file, path.name)
+    if path.is_file() and path.suffix.lower() == ".json":  # a model's config.json itself
+        return dims_from_file(path, path.parent.name or path.stem)
     match = _COUNT.match(m)
     if match:
-        scale = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12, None: 1}[(match.group(2) or "").lower() or None]
-        params = float(match.group(1)) * scale
+        params = float(match.group(1).replace(",", "")) * _COUNT_SCALE[(match.group(2) or "").lower()]
         if params <= 0:
             raise FtUsageError(f"{m!r}: a model size must be positive, e.g. 135M or 7B.")
         if params < 1e6:
             raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
         return dims_from_count(params, m.upper())
+    if _looks_like_path(m):  # not a hub id, not a size: a folder that is not there
+        raise FtUsageError(f"no such folder: {m!r} (looked for {path.absolute()}). Give the folder of a model with its "
+                           "config.json, a hub id such as meta-llama/Llama-2-7b-hf, or a size such as 7B.")
     from .loading import cached_hub_config
 
     cached = cached_hub_config(m) if m.count("/") == 1 else None  # a hub id the local cache holds
@@ -363,8 +527,11 @@ def resolve_model(model: str) -> ModelDims:
     key = _known(m)
     if key is not None:  # named as asked, and which entry's figures these are when it is another spelling
         same = m.lower() in (key.lower(), key.split("/")[-1].lower()) or m.lower() in _ALIASES  # 'demo', ...
-        return ModelDims(key if same else m, *KNOWN_MODELS[key][:8],
-                         "built-in table" if same else f"built-in table, the shape of {key}", *KNOWN_MODELS[key][8:])
+        d = ModelDims(key if same else m, *KNOWN_MODELS[key][:8],
+                      "built-in table" if same else f"built-in table, the shape of {key}", *KNOWN_MODELS[key][8:])
+        for attr, value in (_architecture({}, _TABLE_TYPES[key]) if key in _TABLE_TYPES else {}).items():
+            setattr(d, attr, value)
+        return d
     hint = did_you_mean(m, list(KNOWN_MODELS)) or did_you_mean(m, [k.split("/")[-1] for k in KNOWN_MODELS] + ["demo"])
     raise FtUsageError(
         f"unknown model {m!r}{hint}: not a local folder with config.json and not in the built-in "
@@ -424,7 +591,7 @@ class Plan:
         # each column as wide as its widest entry (a long sequence's terabytes, a long optimizer name) and a gap
         widths = [max([least] + [len(row[i]) + 2 for row in cells]) for i, least in enumerate((10, 13, 13, 10, 10))]
         label = max([34] + [len(m.mode) + 2 for m in self.modes])
-        rows = [head] + ([d.experts_text()] if d.moe_layers else []) + [
+        rows = [head] + ([d.experts_text()] if d.moe_layers else []) + [f"Note: {n}" for n in d.notes] + [
             "", f"{'mode':<{label}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
         for m, row in zip(self.modes, cells):
             rows.append(f"{m.mode:<{label}}" + "".join(f"{c:>{w}}" for c, w in zip(row, widths)))
@@ -439,13 +606,23 @@ class Plan:
                  "               (gradient checkpointing: seq * batch * (layers * 2h + one layer's set))",
                  *(["               mixture-of-experts layers: i = the width of the experts a token runs, "
                     "+ (n - 1)h for n of them + E router logits"] if d.moe_layers else []),
-                 "               + logits: seq * batch * vocab * 10 B (standard loss) or one chunk of 128 rows * vocab * 4 B, "
-                 "at most 64 MB (chunked loss)",
+                 *([f"               + eager attention scores: seq * batch * layers * heads * seq * {score_bytes()} B "
+                    "(soft-capped scores, fp32 softmax, 16-bit copy)"] if d.eager_attention else []),
+                 "               + logits: seq * batch * vocab * 10 B (standard loss"
+                 + (f", as {d.standard_loss_only})" if d.standard_loss_only else
+                    f") or one chunk of {self._chunk_rows()} rows * vocab * 6 B (fp32 logits and their 16-bit "
+                    "copy; fewer rows where the fp32 block would pass 64 MB) (chunked loss)"),
                  "  overhead: ~0.5 GB runtime (CUDA context / CPU libraries)",
                  "Measured peaks on the demo model: see benchmarks/bench_planner.py (results/bench_planner.md)."]
         for m in self.modes:
             rows += [f"Note ({m.mode}): {n}" for n in m.notes]
         return "\n".join(rows)
+
+    def _chunk_rows(self) -> int:
+        """Rows of the chunked loss's chunk for this plan (128, 64 with gradient checkpointing, fewer for a large
+        vocabulary), as core.speed.auto_chunk_rows picks them."""
+        return min(auto_chunk_rows(self.dims.vocab, checkpointed=self.gradient_checkpointing), self.seq_len *
+                   self.batch_size)
 
     def as_dict(self) -> dict:
         return {"model": self.dims.name, "params": self.dims.params, "source": self.dims.source,
@@ -476,29 +653,45 @@ def _gb(n: float) -> str:
     return f"{n / GB:.2f}" if n < 10 * GB else f"{n / GB:.1f}"
 
 
-def layer_activation_bytes(d: ModelDims, act_bytes: int = 2, lora_dropout: bool = False, moe: bool = False) -> float:
+def score_bytes(act_bytes: int = 2) -> int:
+    """Bytes eager attention keeps per head and query-key pair: the soft-capped scores (tanh's output), the fp32
+    softmax and its copy in the compute dtype that multiplies v (none in fp32): 8 either way (measured with
+    saved-tensor hooks on a tiny Gemma-2, bf16 and fp32)."""
+    return act_bytes + 4 + (act_bytes if act_bytes < 4 else 0)
+
+
+def layer_activation_bytes(d: ModelDims, act_bytes: int = 2, lora_dropout: bool = False, moe: bool = False,
+                           seq_len: int = 0) -> float:
     """Bytes one decoder layer keeps per token for the backward pass (Llama-style block, fused attention).
 
     Saved 16-bit tensors: the inputs of q/k/v, o, gate/up and down, q/k/v themselves, the attention output,
-    the gate, up, activation and product tensors: 6h + 2kv + 4i elements; plus the fp32 copies the two
-    RMSNorms keep (8h bytes). With LoRA dropout each adapted layer also keeps its dropout mask (1 byte) and
-    dropped input (16-bit) for the 6h + i input elements of q, k, v, o, gate, up, down.
+    the gate, up, activation and product tensors: 6h + 2kv + 4i elements (2i for an MLP without a gate: fc's
+    output and the activation's); plus the fp32 copies the two RMSNorms keep (8h bytes). With LoRA dropout each
+    adapted layer also keeps its dropout mask (1 byte) and dropped input (16-bit) for the 6h + i input elements
+    of q, k, v, o, gate, up, down (one input for a fused q/k/v or gate/up, none for an absent gate).
     A mixture-of-experts layer (``moe``) runs, per token, n MLPs (the routed experts and any shared one) of
     total width i (d.mlp_active): each keeps its own copy of the token's input (n - 1 more h) and the router
     keeps its E logits; with LoRA dropout each of the n MLPs' gate and up, and the router, keeps its input.
+    Eager attention (``d.eager_attention``) also keeps heads * ``seq_len`` scores per token (score_bytes each).
     """
     kv = d.kv_heads * d.head_dim
     n, i = d.mlp_active(moe)
     router = d.experts if moe else 0
-    base = act_bytes * (6 * d.hidden + 2 * kv + 4 * i + (n - 1) * d.hidden + router) + 8 * d.hidden
-    lora = (1 + act_bytes) * ((4 + 2 * n + (1 if moe else 0)) * d.hidden + i) if lora_dropout else 0
-    return base + lora
+    mlp = 4 if d.gated_mlp else 2
+    base = act_bytes * (6 * d.hidden + 2 * kv + mlp * i + (n - 1) * d.hidden + router) + 8 * d.hidden
+    scores = d.heads * seq_len * score_bytes(act_bytes) if d.eager_attention else 0
+    inputs = (1 if d.fused_qkv else 3) + 1 + n * (2 if d.gated_mlp and not d.fused_gate_up else 1) + (1 if moe else 0)
+    lora = (1 + act_bytes) * (inputs * d.hidden + i) if lora_dropout else 0
+    return base + scores + lora
 
 
 def activation_bytes(d: ModelDims, seq_len: int, batch: int, ckpt: bool, chunked: bool, act_bytes: int = 2,
                      lora_dropout: bool = False) -> float:
+    """Activations of a batch of ``batch`` rows of ``seq_len`` tokens; ``chunked``: ft_magics' chunked loss,
+    where the model can take it (not with final_logit_softcapping: ``d.standard_loss_only``)."""
     tokens = seq_len * batch
-    kinds = [(count, layer_activation_bytes(d, act_bytes, lora_dropout, moe))
+    chunked = chunked and not d.standard_loss_only
+    kinds = [(count, layer_activation_bytes(d, act_bytes, lora_dropout, moe, seq_len))
              for count, moe in ((d.dense_layers, False), (d.moe_layers, True)) if count]
     # with checkpointing: each layer's 16-bit input, plus one layer's full set (the largest) during its recompute
     body = tokens * ((d.layers * act_bytes * d.hidden + max(b for _, b in kinds)) if ckpt
@@ -605,21 +798,35 @@ def fit_advice(p: "Plan", memory: float, where: str = "") -> str:
     lines = [f"In {human_bytes(memory)}{' (' + where + ')' if where else ''}:"]  # 10 MB was "In 0.0 GB"
     want = p.batch_size
 
-    def total(mode, batch, ckpt):
+    def mode_plan(mode, batch, ckpt, optimizer=p.optimizer):
         return plan(p.dims, p.seq_len, batch, p.r, gradient_checkpointing=ckpt, chunked_loss=p.chunked_loss,
-                    optimizer=p.optimizer, objective=p.objective).mode(mode).total
+                    optimizer=optimizer, objective=p.objective).mode(mode)
 
+    def total(mode, batch, ckpt, optimizer=p.optimizer):
+        return mode_plan(mode, batch, ckpt, optimizer).total
+
+    # a smaller batch (with grad_accum) first, down to 2; then gradient checkpointing, which costs a
+    # recomputed forward (about a third more compute) but keeps the batch
+    options = ([(b, p.gradient_checkpointing) for b in _halvings(want) if b >= min(2, want)]
+               + [(b, True) for b in _halvings(want)])
     for m in p.modes:
-        # a smaller batch (with grad_accum) first, down to 2; then gradient checkpointing, which costs a
-        # recomputed forward (about a third more compute) but keeps the batch
-        options = ([(b, p.gradient_checkpointing) for b in _halvings(want) if b >= min(2, want)]
-                   + [(b, True) for b in _halvings(want)])
         fit = next(((b, c) for b, c in options if total(m.mode, b, c) <= memory), None)
         if fit is None:
-            least = total(m.mode, 1, True)
-            ways = "a smaller model or a shorter --seq-len" + ("" if m.mode.startswith("QLoRA") else ", or QLoRA")
+            least = mode_plan(m.mode, 1, True)
+            # 8-bit Adam states where the optimizer keeps more (10 instead of 16 B per trained parameter)
+            q8 = next(((b, c) for b, c in options if total(m.mode, b, c, "adamw_8bit") <= memory), None) \
+                if optimizer_saving(p.optimizer) < optimizer_saving("adamw_8bit") else None
+            ways = ["a smaller model"]
+            if least.total - least.activations < memory:  # a shorter sequence helps only where the rest fits
+                ways.append("a shorter --seq-len")
+            if not m.mode.startswith("QLoRA"):
+                ways.append("QLoRA")
+            eight = (f"; with --optimizer adamw_8bit it fits at batch {q8[0]}"
+                     f"{' with gradient checkpointing' if q8[1] and not p.gradient_checkpointing else ''} "
+                     f"({total(m.mode, *q8, 'adamw_8bit') / GB:.1f} GB)" if q8 else "")
             lines.append(f"  {m.mode}: does not fit, even at batch 1 with gradient checkpointing "
-                         f"({least / GB:.1f} GB); choose {ways}.")
+                         f"({least.total / GB:.1f} GB){eight}; "
+                         f"{'otherwise ' if q8 else ''}choose {_either(ways)}.")
             continue
         b, ckpt = fit
         settings = ([f"batch_size: {b}"] if b < want else []) + ([f"grad_accum: {want // b}"] if b < want else []) \
@@ -629,6 +836,11 @@ def fit_advice(p: "Plan", memory: float, where: str = "") -> str:
                      + (f" ({', '.join(settings)}{f': {want} examples per step' if b < want else ''})" if settings else "")
                      + ".")
     return "\n".join(lines)
+
+
+def _either(options: list) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return " or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
 
 
 def _halvings(n: int) -> list:
