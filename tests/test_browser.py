@@ -133,7 +133,8 @@ def lab(tmp_path_factory, tiny_model_dir):
 
 
 STATE_JS = """() => Array.from(document.querySelectorAll('.ft-dashboard')).map(d => {
-  const chart = d.querySelector('svg.ft-loss-chart');
+  // the chart the scale toggle shows (a linear and a log one are both drawn)
+  const chart = Array.from(d.querySelectorAll('svg.ft-loss-chart')).find(s => s.getBoundingClientRect().width > 0);
   const ema = chart ? chart.querySelector('.ft-loss-ema') : null;
   const bar = d.querySelector('.ft-progress .progress-bar, .ft-progress .widget-progress .progress-bar');
   const text = sel => { const e = d.querySelector(sel); return e ? e.textContent : null; };
@@ -143,6 +144,7 @@ STATE_JS = """() => Array.from(document.querySelectorAll('.ft-dashboard')).map(d
     progress: text('.ft-progress-text'),
     memory: text('.ft-memory'),
     record: text('.ft-record'),
+    logAxis: chart ? chart.textContent.includes('loss (log)') : false,
   };
 })"""
 
@@ -181,6 +183,7 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             seen: dict = {}
             mid_shot = False
+            log_clicked = log_live = False
             deadline = time.time() + 300
             while time.time() < deadline:
                 for i, st in enumerate(page.evaluate(STATE_JS)):
@@ -195,6 +198,13 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
                     if not mid_shot and i == 1 and len(s["progress"]) >= 2 and not s["record"]:
                         page.screenshot(path=str(ARTIFACTS / "browser-1-training.png"))
                         mid_shot = True
+                    # the log toggle while the run blocks the kernel: it waited for the run's end before
+                    if i == 0 and not st["record"]:
+                        if not log_clicked and len(s["progress"]) >= 2:
+                            page.locator(".ft-dashboard").nth(0).locator("button", has_text="log").click()
+                            log_clicked = True
+                        elif log_clicked and st["logAxis"]:
+                            log_live = True
                 if page.locator(".ft-adapter-selector select").count() and "[beta" in _output_text(page, 4):
                     break
                 errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
@@ -206,6 +216,7 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
             page.screenshot(path=str(ARTIFACTS / "browser-2-trained.png"), full_page=True)
 
             assert len(seen) == 2, f"expected two dashboards, saw {len(seen)}"
+            assert log_clicked and log_live, "the log toggle did not switch the chart while the run trained"
             for i, s in seen.items():
                 steps = [p.split("/")[0] for p in s["progress"] if "/" in p]
                 # progress observed at several steps while training ran, ending at the last step
@@ -220,6 +231,7 @@ def test_dashboard_and_adapter_switcher_in_jupyterlab(lab):
                 assert "adapter saved to" in s["record"] and "loss_curve.svg" in s["record"]
             assert page.evaluate(
                 "() => Array.from(document.querySelectorAll('svg.ft-loss-chart .ft-loss-ema'))"
+                ".filter(l => l.getBoundingClientRect().width > 0)"
                 ".map(l => l.getBBox().width > 100).filter(Boolean).length === 2")  # both curves drawn, wide
 
             # The adapter selector: switching by clicking it changes the model's answer.

@@ -8,6 +8,7 @@ milliseconds per redraw.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 CURVE_FILE = "loss_curve.svg"
 EMA_BETA = 0.9
@@ -44,14 +45,19 @@ class LossCurve:
     @property
     def log_drawn(self) -> bool:
         """Whether the y axis is drawn logarithmic: asked for, and every loss is positive."""
-        return self.log_scale and all(v > 0 for v in self.losses + self.eval_losses)
+        return self._log_possible(self.log_scale)
 
-    def svg(self) -> str:
+    def _log_possible(self, want: bool) -> bool:
+        return want and all(v > 0 for v in self.losses + self.eval_losses)
+
+    def svg(self, log: Optional[bool] = None) -> str:
+        """The chart as an SVG document; ``log``: a logarithmic loss axis (None: ``log_scale``), where every loss
+        is positive."""
         w, h = self.width, self.height
         x0, x1, y0, y1 = self.left, w - self.right, self.top, h - self.bottom  # plot area; y0 is the top
         values = [v for v in self.losses + self.eval_losses if math.isfinite(v)]
         steps = self.steps + self.eval_steps
-        log = self.log_drawn and bool(values)
+        log = self._log_possible(self.log_scale if log is None else log) and bool(values)
         fy = math.log10 if log else float
         lo, hi = (fy(min(values)), fy(max(values))) if values else (0.0, 1.0)
         pad = (hi - lo) * 0.06 or max(abs(hi) * 0.06, 0.05)

@@ -55,10 +55,16 @@ class TrainingDashboard(Listener):
         self.curve_path: Optional[str] = None
 
         self.title = widgets.HTML("<b>Training</b>")
-        self.chart = widgets.HTML(self.curve.svg())  # its value: the document last drawn
+        # Both axes are drawn at every draw and the toggle picks one in the browser (jslink): a blocking run
+        # keeps the kernel busy, so a toggle that asked the kernel to redraw waited for the run's end.
+        self.chart = widgets.HTML(self.curve.svg(log=False))  # its value: the document last drawn
         self.chart.add_class("ft-loss-chart")
+        self.chart_log = widgets.HTML(self.curve.svg(log=True))
+        self.chart_log.add_class("ft-loss-chart")
+        self.charts = widgets.Stack([self.chart, self.chart_log], selected_index=0)
         self.scale = widgets.ToggleButtons(options=["linear", "log"], value="linear", description="scale",
                                            style={"button_width": "60px"})
+        self._scale_link = widgets.jslink((self.scale, "index"), (self.charts, "selected_index"))
         self.scale.observe(self._on_scale, names="value")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="step",
                                             layout=widgets.Layout(width="420px"))
@@ -84,7 +90,7 @@ class TrainingDashboard(Listener):
         self.record = widgets.HTML("")
         self.record.add_class("ft-record")
         self.box = widgets.VBox([
-            self.title, self.messages, self.chart, self.scale,
+            self.title, self.messages, self.charts, self.scale,
             widgets.HBox([self.progress, self.progress_text]), self.stats,
             self.memory_bar, self.memory,
             widgets.HBox([self.stop_button, self.stop_hint]), self.record,
@@ -197,7 +203,8 @@ class TrainingDashboard(Listener):
 
     def _draw(self) -> None:
         t = time.perf_counter()
-        self.chart.value = self.curve.svg()
+        self.chart.value = self.curve.svg(log=False)
+        self.chart_log.value = self.curve.svg(log=True)
         done = time.perf_counter()
         self._draw_cost = done - t
         self._last_draw = done
@@ -205,9 +212,16 @@ class TrainingDashboard(Listener):
         self.draws += 1
 
     def _on_scale(self, change) -> None:
+        """The kernel's record of the axis shown (the browser switched it already); the Stack follows it where
+        the change came from Python."""
         with self._lock:
             self.curve.log_scale = change["new"] == "log"
-            self._draw()
+            self.charts.selected_index = self.scale.index
+
+    @property
+    def shown_chart(self) -> "widgets.HTML":
+        """The chart the toggle shows."""
+        return self.chart_log if self.scale.value == "log" else self.chart
 
     def _on_stop(self, _button=None) -> None:
         if self.session is not None and self.session.stop():
