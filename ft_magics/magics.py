@@ -478,17 +478,20 @@ class FtMagics(Magics):
         if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
             if args.background:
                 raise UsageError("--processes/--launcher cannot be combined with --background yet.")
-            self.session.train_processes(args.name, args.data, cfg,
-                                         processes=args.processes if args.processes is not None else 1,
-                                         launcher=args.launcher or "accelerate", eval_data=args.eval,
-                                         output_dir=args.output_dir, listeners=[view], resume=args.resume)
-            return None
-        self.session.train(
-            args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
-            background=args.background, resume=args.resume,
-        )
+            result = self.session.train_processes(args.name, args.data, cfg,
+                                                  processes=args.processes if args.processes is not None else 1,
+                                                  launcher=args.launcher or "accelerate", eval_data=args.eval,
+                                                  output_dir=args.output_dir, listeners=[view], resume=args.resume)
+        else:
+            result = self.session.train(
+                args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
+                background=args.background, resume=args.resume,
+            )
         if args.background:
             print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
+        elif getattr(result, "status", None) == "interrupted":
+            saved = (f"its adapter is saved to {result.adapter_path}" if result.adapter_path else "no adapter was saved")
+            end_as_interrupted(f"training {args.name!r} was interrupted at step {result.steps}; {saved}")
         return None
 
     # ------------------------------------------------------------------ %lora_export_job
@@ -550,7 +553,8 @@ class FtMagics(Magics):
         request); %lora_generate? alone still shows this help. Flags may also follow the message
         (``%lora_generate How do I reset my password? --max-new-tokens 40``); a line ending in ? is all message
         ("What does --seed do?"). Interrupting the kernel (the
-        stop button) ends the answer at the next token and keeps what was generated.
+        stop button) ends the answer at the next token and keeps what was generated; the cell then ends as an
+        error, so the cells queued after it are skipped.
         """
         if cell is None:  # line form: the flags first, then the message as typed
             line, prompt = split_leading_flags(self.lora_generate, line)
@@ -597,7 +601,8 @@ class FtMagics(Magics):
         adapter (or base model) that answers each message; it shows the same conversation as the magic.
 
         The oldest turns are left out (and you are told) when the conversation outgrows the model's
-        context. Interrupting the kernel ends the answer at the next token and keeps it in the history.
+        context. Interrupting the kernel ends the answer at the next token and keeps it in the history (the
+        cell then ends as an error, so the cells queued after it are skipped).
         """
         if cell is None:
             line, message = split_leading_flags(self.lora_chat, line, message_optional=True)
@@ -780,8 +785,8 @@ class FtMagics(Magics):
                                            max_seq_len=args.max_seq_len, answers=args.answers, column_map=args.map,
                                            progress=lambda line: print(line, flush=True))
         except KeyboardInterrupt:  # the stop button: scoring changes nothing, so there is nothing to keep or undo
-            print(f"%lora_eval interrupted: no scores for {name!r}; the model and adapters are as they were.")
-            return
+            end_as_interrupted(f"%lora_eval interrupted: no scores for {name!r}; the model and adapters are as they "
+                               "were")
         self._show(report)
         if args.data is None and name not in self.session.heldout:
             print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "
@@ -954,8 +959,19 @@ _PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat|lora_compare)[ \t
 
 
 def _answer_footer(gen, notes=()) -> None:
-    """``[adapter · N tokens · tok/s · ...]`` under a generated answer."""
+    """``[adapter · N tokens · tok/s · ...]`` under a generated answer; an answer an interrupt stopped then ends
+    the cell as one (:func:`end_as_interrupted`)."""
     print(f"[{gen.describe(notes)}]")
+    if gen.stopped:
+        end_as_interrupted(f"the answer was stopped by the interrupt after {counted(gen.new_tokens, 'token')} "
+                           "(kept above)")
+
+
+def end_as_interrupted(what: str) -> None:
+    """After a magic kept what an interrupt left it (a saved adapter, the answer so far), end the cell as an
+    error: Jupyter then skips the cells queued after it, as an interrupt does anywhere else. Returning normally
+    let the next queued training cell start, so one press of the stop button did not stop the notebook."""
+    raise UsageError(f"{what}. The interrupt also skips the cells queued after this one.")
 
 
 def prompts_keep_question_marks(lines: list) -> list:

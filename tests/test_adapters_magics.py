@@ -501,8 +501,8 @@ def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, mo
         real_tick(self)
 
     monkeypatch.setattr(evaluation.EvalProgress, "tick", tick)
-    sh.run_line_magic("lora_eval", line)
-    assert "%lora_eval interrupted: no scores for 'alpha'" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=r"%lora_eval interrupted: no scores for 'alpha'.*The interrupt also skips"):
+        sh.run_line_magic("lora_eval", line)
     monkeypatch.setattr(evaluation.EvalProgress, "tick", real_tick)
     assert magics(sh).session.adapters.active == "alpha"
     sh.run_line_magic("lora_eval", line)

@@ -138,6 +138,41 @@ def test_a_cell_magic_s_first_line_takes_an_unquoted_system_prompt_whole(shell, 
 
 
 # --------------------------------------------------------------------------- argument errors
+def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_skipped(shell, tiny_model_dir, capsys):
+    """%lora_generate and %lora_chat kept the answer an interrupt stopped and returned normally, so Jupyter ran
+    the cells queued after them. The answer (and the chat turn) is still kept; the cell then ends as a UsageError,
+    which makes Jupyter skip the queue, as an interrupt does anywhere else."""
+    import os
+    import signal
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    session = shell.magics_manager.registry["FtMagics"].session
+    calls = []
+
+    def interrupt_at_the_third_token(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook = session.model.register_forward_pre_hook(interrupt_at_the_third_token)
+    try:
+        capsys.readouterr()
+        with pytest.raises(UsageError, match=r"the answer was stopped by the interrupt after 3 tokens \(kept above\)\. "
+                                             r"The interrupt also skips the cells queued after this one"):
+            shell.run_cell_magic("lora_generate", "--max-new-tokens 50 --no-stream", "hello")
+        out = capsys.readouterr().out
+        assert "3 tokens" in out and "stopped by interrupt" in out  # the answer and its footer came first
+        calls.clear()
+        with pytest.raises(UsageError, match="stopped by the interrupt after 3 tokens"):
+            shell.run_cell_magic("lora_chat", "--max-new-tokens 50", "hello there")
+        assert session.conversation.exchanges == 1  # the stopped turn is kept in the conversation
+    finally:
+        hook.remove()
+    capsys.readouterr()
+    shell.run_cell_magic("lora_generate", "--max-new-tokens 2 --no-stream", "hello")  # no interrupt: no error
+    assert "2 tokens" in capsys.readouterr().out
+
+
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
     with pytest.raises(UsageError, match=r"unknown flag --bitz \(did you mean '--bits'\?\)"):
         shell.run_line_magic("qlora_load", "demo --bitz 4")

@@ -63,9 +63,11 @@ def _start_kernel(cwd: Path):
     return km, kc
 
 
-def _execute(kc, code, timeout=300, on_output=None):
-    """Run ``code``; return (status, text output). ``on_output(text_so_far)`` may act mid-cell."""
+def _execute(kc, code, timeout=300, on_output=None, then=None):
+    """Run ``code``; return (status, text output). ``on_output(text_so_far)`` may act mid-cell. With ``then``, a
+    second cell is queued right behind it, and its reply's status is returned third."""
     msg_id = kc.execute(code)
+    then_id = kc.execute(then) if then is not None else None
     out = []
     deadline = time.monotonic() + timeout
     while True:
@@ -89,7 +91,14 @@ def _execute(kc, code, timeout=300, on_output=None):
         elif kind == "status" and content["execution_state"] == "idle":
             break
     reply = kc.get_shell_msg(timeout=60)
-    return reply["content"]["status"], "".join(out)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=60)
+    if then_id is None:
+        return reply["content"]["status"], "".join(out)
+    queued = kc.get_shell_msg(timeout=120)
+    while queued["parent_header"].get("msg_id") != then_id:
+        queued = kc.get_shell_msg(timeout=120)
+    return reply["content"]["status"], "".join(out), queued["content"]["status"]
 
 
 def test_kernel_interrupt_during_lora_train_saves_adapter_and_resumes(tiny_model_dir, tmp_path):
@@ -110,9 +119,17 @@ def test_kernel_interrupt_during_lora_train_saves_adapter_and_resumes(tiny_model
                         time.sleep(0.05)
 
             code = cell if round_ == 1 else cell.replace("--log-every 1", "--log-every 1 --resume")
-            st, out = _execute(kc, code, timeout=300, on_output=interrupt)
+            # round 1 queues a cell behind the training one, as Run All or Shift+Enter twice does
+            then = "print('the queued cell ran')" if round_ == 1 else None
+            res = _execute(kc, code, timeout=300, on_output=interrupt, then=then)
+            (st, out), queued = res[:2], (res[2] if then else None)
             assert sent["done"], out
-            assert st == "ok", out  # the interrupt did not turn into a KeyboardInterrupt traceback
+            # the cell ends as an error (no KeyboardInterrupt traceback), so Jupyter skips the cells queued after
+            # it, as an interrupt does anywhere else: the next queued training cell used to start
+            assert st == "error" and "UsageError: training 'bot' was interrupted at step" in out, out
+            assert "The interrupt also skips the cells queued after this one" in out and "Traceback" not in out, out
+            if round_ == 1:
+                assert queued == "aborted", queued
             assert "interrupt received" in out, out
             assert "interrupted after" in out, out
             assert "adapter saved to" in out and "--resume" in out, out
