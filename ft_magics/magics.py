@@ -371,6 +371,7 @@ class FtMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._session = None
+        self._background_view = None  # the dashboard of the last --background run, shown again where it was lost
 
     @property
     def session(self):
@@ -474,6 +475,14 @@ class FtMagics(Magics):
             self.session.train(args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir,
                                listeners=[TextReporter()], resume=args.resume, dry_run=True)
             return None
+        live = self._background_view if self.session.training_in_progress else None
+        if live is not None and hasattr(live, "box"):  # a dashboard (a text view has nothing to show again)
+            from IPython.display import display
+
+            display(live.box)  # re-running its cell replaced the output that held the live dashboard
+            raise UsageError(f"training {self.session.training_in_background!r} is in progress in the background "
+                             "(its live dashboard is shown again above); stop it first (its Stop button or "
+                             "%lora_stop) or wait for it to finish.")
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
         if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
             if args.background:
@@ -488,6 +497,7 @@ class FtMagics(Magics):
                 background=args.background, resume=args.resume,
             )
         if args.background:
+            self._background_view = view
             print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
         elif getattr(result, "status", None) == "interrupted":
             saved = (f"its adapter is saved to {result.adapter_path}" if result.adapter_path else "no adapter was saved")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from IPython.core.error import UsageError
 
 from ft_magics.core.events import EvalEnd, MemoryReading, Message, StepEnd, TrainBegin, TrainEnd, emit
 
@@ -551,6 +552,33 @@ def test_stop_button_ends_a_real_background_run_and_the_adapter_is_saved(tiny_se
     assert res.status == "stopped" and 0 < res.steps < 2000
     assert (tmp_path / "adapters" / "bg" / "loss_curve.svg").exists()
     assert "stopped after" in d.record.value
+
+
+def test_re_running_a_background_run_s_cell_shows_its_live_dashboard_again(shell, tiny_model_dir, tmp_path, monkeypatch):
+    """Re-running the cell of a live --background run replaced its output (the dashboard, its Stop button) with
+    the refusal, and nothing could show the dashboard again while the run went on."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    monkeypatch.setattr(shell, "kernel", object(), raising=False)  # a widget frontend, as in Jupyter
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.user_ns["rows"] = [{"prompt": f"hello {i}", "completion": "billing"} for i in range(8)]
+    cell = ("bgx --data rows --background", "max_steps: 3000\nbatch_size: 4\nr: 4\n")
+    magics = shell.magics_manager.registry["FtMagics"]
+    shell.run_cell_magic("lora_train", *cell)
+    try:
+        dash = magics._background_view
+        assert dash is not None and magics.session.training_in_progress
+        shown.clear()
+        with pytest.raises(UsageError, match=r"training 'bgx' is in progress in the background \(its live dashboard "
+                                             r"is shown again above\)"):
+            shell.run_cell_magic("lora_train", *cell)
+        assert shown == [dash.box]  # the same widget: it keeps updating where it is shown now
+    finally:
+        shell.run_line_magic("lora_stop", "")
+        magics.session.wait(120)
+    assert not magics.session.training_in_progress
 
 
 def test_ft_memory_peak_is_the_processes_highest_not_now(shell, capsys):
