@@ -19,7 +19,7 @@ USAGE = {
     "merge": "merge NAME",
     "unmerge": "unmerge",
     "combine": "combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]",
-    "export": "export NAME DIR [--merged [--dtype auto|fp32|bf16|fp16]]",
+    "export": "export NAME DIR [--merged [--dtype auto|fp32|bf16|fp16]] [--overwrite]",
 }
 COMMANDS = list(USAGE)
 
@@ -159,8 +159,12 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
     if cmd == "merge":
         name = _name(cmd, rest)
         ms = s.merge_adapter(name)
+        dtype = str(s.handle.dtype).replace("torch.", "")
+        rounded = (f" The merged weights are {dtype}: the sum is rounded, so greedy answers can part from the unmerged "
+                   "adapter's after some tokens (its update is computed at full precision beside the base)."
+                   if dtype in ("bfloat16", "float16") else "")
         out(f"merged {name!r} into the base weights in {ms:.0f} ms (full-speed inference). "
-            "%lora_adapters unmerge restores the base exactly.")
+            f"%lora_adapters unmerge restores the base exactly.{rounded}")
         return
     if cmd == "unmerge":
         if rest:
@@ -182,10 +186,10 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         return
     if cmd == "export":
         a = _parse(cmd, rest, (("name",), {}), (("dir",), {}), (("--merged",), {"action": "store_true"}),
-                   (("--dtype",), {"default": "auto"}))
+                   (("--dtype",), {"default": "auto"}), (("--overwrite",), {"action": "store_true"}))
         if a.dtype != "auto" and not a.merged:
             raise FtUsageError("--dtype applies to --merged exports; an adapter keeps its own precision.")
-        path = s.export_adapter(a.name, a.dir, merged=a.merged, dtype=a.dtype)
+        path = s.export_adapter(a.name, a.dir, merged=a.merged, dtype=a.dtype, overwrite=a.overwrite)
         what = ("a standalone model (adapter merged; safetensors + tokenizer) that "
                 "AutoModelForCausalLM.from_pretrained loads" if a.merged else "the adapter in PEFT format")
         out(f"exported {a.name!r} to {path}: {what}.")

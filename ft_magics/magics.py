@@ -691,7 +691,9 @@ class FtMagics(Magics):
             merge NAME                            fold into the base weights (16/32-bit base)
             unmerge                               restore the base weights exactly
             combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]
-            export NAME DIR [--merged [--dtype D]]  PEFT folder, or a standalone merged model
+            export NAME DIR [--merged [--dtype D]] [--overwrite]
+                                                  PEFT folder, or a standalone merged model (another
+                                                  adapter's export there: only with --overwrite)
 
         Examples::
 

@@ -764,11 +764,14 @@ class Session:
             self.adapters.active = name
             return name
 
-    def export_adapter(self, name: str, directory: str | Path, merged: bool = False, dtype: str = "auto") -> Path:
+    def export_adapter(self, name: str, directory: str | Path, merged: bool = False, dtype: str = "auto",
+                       overwrite: bool = False) -> Path:
         """Write adapter ``name`` to ``directory``: PEFT format, or with ``merged`` a standalone model
         (base + adapter folded in, safetensors + tokenizer) that plain transformers loads, in ``dtype``
         (auto = the session's compute dtype; fp32, bf16 or fp16). On a 4/8-bit base the merged model is
-        built from the base's source in full precision, never from the quantised weights."""
+        built from the base's source in full precision, never from the quantised weights. An earlier export of
+        ``name`` there is replaced; another adapter's export only with ``overwrite``, and never a folder another
+        loaded adapter was read from."""
         import tempfile
 
         from .core.adapters import export_merged, read_adapter_folder, save_peft_adapter
@@ -787,6 +790,18 @@ class Session:
                 f"{target} already exists and was not written by an export (it holds {kept}); choose a new or "
                 "empty folder (an export replaces the whole folder)."
             )
+        readers = [a.name for a in self.adapters if a.name != name and a.path and target.exists()
+                   and Path(a.path).resolve() == target.resolve()]
+        if readers:  # its weights stay in memory, but its card and any reload would read the other adapter's
+            raise FtUsageError(
+                f"{target} is where adapter {readers[0]!r} was loaded from in this session: exporting {name!r} there "
+                f"would put another adapter under {readers[0]!r}'s folder. Choose another folder, or unload it first "
+                f"(%lora_adapters unload {readers[0]}).")
+        held = _exported_name(target) if target.exists() else None
+        if held is not None and held != name and not overwrite:
+            raise FtUsageError(
+                f"{target} holds the export of another adapter ({held!r}); exporting {name!r} there replaces it. "
+                "Choose another folder, or add --overwrite (overwrite=True) to replace it.")
         with self._model_busy("export an adapter"):
             if not merged:  # the run record goes along (a loaded export showed steps=- loss=-), marked as exported
                 from .core.adapters import run_record
@@ -1013,6 +1028,23 @@ class Session:
             model = dims_from_config(self.handle.model.config.to_dict(), name=f"{self.handle.name} (loaded)")
         return plan(model or "demo", seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
                     optimizer=optimizer, objective=objective)
+
+
+def _exported_name(folder: Path) -> Optional[str]:
+    """The adapter an export folder holds: its record's name, or the last adapter merged into a merged model."""
+    import json
+
+    from .core.adapters import MERGED_KEY
+
+    try:
+        return json.loads((folder / "ft_run.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        merged = json.loads((folder / "config.json").read_text()).get(MERGED_KEY) or []
+        return merged[-1].get("name") if merged else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def _written_by_export(folder: Path) -> bool:

@@ -55,6 +55,53 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     assert "unloaded adapter 'beta'" in out and "deleted adapter 'alpha' and its folder" in out
 
 
+def test_an_export_does_not_silently_replace_another_adapter_s_export(loaded, capsys, tmp_path):
+    """Exporting into a folder that held another adapter's export replaced it without a word, and exporting into
+    the folder a loaded adapter came from left that adapter's name on another adapter's files ('info ps' showed
+    the other card; a reload would load the other weights). A merged export loaded as an adapter was told only
+    'no adapter_config.json', and its model card did not say what was merged into it."""
+    sh, a, b = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    sh.run_line_magic("lora_adapters", f"load {b} --name beta")
+    sh.run_line_magic("lora_adapters", "export alpha out/shared")
+    sh.run_line_magic("lora_adapters", "export alpha out/shared")  # its own earlier export: replaced, as before
+    with pytest.raises(UsageError, match=r"out/shared holds the export of another adapter \('alpha'\); exporting "
+                                         r"'beta' there replaces it\. Choose another folder, or add --overwrite"):
+        sh.run_line_magic("lora_adapters", "export beta out/shared")
+    assert json.loads((tmp_path / "out" / "shared" / "ft_run.json").read_text())["name"] == "alpha"
+    sh.run_line_magic("lora_adapters", "export beta out/shared --overwrite")
+    assert json.loads((tmp_path / "out" / "shared" / "ft_run.json").read_text())["name"] == "beta"
+    sh.run_line_magic("lora_adapters", "load out/shared --name ps")
+    with pytest.raises(UsageError, match=r"is where adapter 'ps' was loaded from in this session.*%lora_adapters "
+                                         r"unload ps"):
+        sh.run_line_magic("lora_adapters", "export alpha out/shared --overwrite")
+    assert json.loads((tmp_path / "out" / "shared" / "ft_run.json").read_text())["name"] == "beta"
+
+    sh.run_line_magic("lora_adapters", "export alpha merged-alpha --merged")
+    with pytest.raises(UsageError, match=r"it is a standalone model with adapter 'alpha' merged in \(export "
+                                         r"--merged\), which loads as the base model: %qlora_load .*merged-alpha"):
+        sh.run_line_magic("lora_adapters", "load merged-alpha --name m")
+    capsys.readouterr()
+    sh.run_line_magic("qlora_load", f"{tmp_path / 'merged-alpha'} --bits 32")
+    assert "Merged     adapter 'alpha'" in capsys.readouterr().out
+    assert sess.handle is not None
+
+
+def test_a_merge_into_16_bit_weights_says_greedy_answers_can_part(shell, tiny_model_dir, tmp_path, capsys):
+    """A tester saw a merged adapter answer differently from the unmerged one on a 16-bit base (the sum W + BA is
+    rounded to 16 bits; the unmerged update is added at full precision) with nothing saying it could."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 16")
+    a = peft_adapter(tiny_model_dir, tmp_path / "adapters" / "alpha", seed=5)
+    shell.run_line_magic("lora_adapters", f"load {a}")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "merge alpha")
+    dtype = str(magics(shell).session.handle.dtype).replace("torch.", "")
+    assert dtype in ("bfloat16", "float16")
+    assert (f"The merged weights are {dtype}: the sum is rounded, so greedy answers can part from the unmerged "
+            "adapter's") in capsys.readouterr().out
+
+
 def test_adapter_subcommand_mistakes_are_usage_errors(loaded):
     sh, a, _ = loaded
     with pytest.raises(UsageError, match="did you mean 'merge'"):

@@ -214,7 +214,7 @@ def test_export_merged_loads_in_plain_transformers(tiny_session, made_by_peft, t
     # an earlier export is replaced, PEFT format or merged
     assert tiny_session.export_adapter("a", tmp_path / "merged", merged=True) == out
     peft_out = tiny_session.export_adapter("a", tmp_path / "peft")
-    assert tiny_session.export_adapter("two", peft_out) == peft_out
+    assert tiny_session.export_adapter("two", peft_out, overwrite=True) == peft_out  # another's: asked for
 
 
 def test_an_adapter_already_merged_into_the_loaded_model_is_refused(tiny_session, made_by_peft, tmp_path):
@@ -474,7 +474,11 @@ def test_a_plain_export_keeps_the_run_record(tiny_session, tmp_path):
     tiny_session.load_adapter(out, "again")
     info = tiny_session.adapters.require("again")
     assert info.steps == 2 and info.final_loss == run.record["final_loss"]
-    assert tiny_session.export_adapter("x", tmp_path / "exp") == out  # an export may replace an export
+    # an export may replace its own earlier export, but not under an adapter loaded from that folder
+    with pytest.raises(FtUsageError, match="is where adapter 'again' was loaded from"):
+        tiny_session.export_adapter("x", tmp_path / "exp")
+    tiny_session.unload_adapter("again")
+    assert tiny_session.export_adapter("x", tmp_path / "exp") == out
 
 
 def test_an_output_folder_that_is_a_file_is_named_as_such(tiny_session, tmp_path):

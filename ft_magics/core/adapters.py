@@ -125,9 +125,18 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
     cfg_file = path / "adapter_config.json"
     if not cfg_file.exists():
         partial = any(path.parent.glob(f".{path.name}.tmp-*"))
+        model = ""
+        if (path / "config.json").is_file():  # a model, such as export --merged writes: it loads as a base
+            try:
+                merged = json.loads((path / "config.json").read_text()).get(MERGED_KEY) or []
+            except (OSError, ValueError, AttributeError):
+                merged = []
+            names = ", ".join(repr(m.get("name")) for m in merged if isinstance(m, dict))
+            model = (f": it is a standalone model{f' with adapter {names} merged in (export --merged)' if names else ''}"
+                     f", which loads as the base model: %qlora_load {path}")
         raise FtUsageError(
             f"{path} holds no adapter_config.json, so it is not a PEFT adapter folder"
-            + (" (an interrupted save left only a temporary folder beside it)" if partial else "") + "."
+            + (" (an interrupted save left only a temporary folder beside it)" if partial else "") + model + "."
         )
     try:
         config = json.loads(cfg_file.read_text())

@@ -73,6 +73,12 @@ class ModelHandle:
             f"Device     {self.device}   compute dtype {dtype}",
             f"Loaded in  {self.load_seconds:.1f} s",
         ]
+        from .adapters import MERGED_KEY
+
+        merged = getattr(getattr(self.model, "config", None), MERGED_KEY, None) or []
+        for m in merged if isinstance(merged, list) else []:  # an export --merged: say what is folded into it
+            if isinstance(m, dict) and m.get("name"):
+                lines.append(f"Merged     adapter {m['name']!r}" + (f" (trained on {m['base']})" if m.get("base") else ""))
         lines += [f"Note       {n}" for n in self.notes]
         return "\n".join(lines)
 
