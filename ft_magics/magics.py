@@ -498,7 +498,8 @@ class FtMagics(Magics):
             )
         if args.background:
             self._background_view = view
-            print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
+            if not hasattr(view, "stop_hint"):  # a dashboard says it beside its Stop button, for as long as it holds
+                print(f"Training {args.name!r} in the background; the kernel is free. Stop it with %lora_stop.")
         elif getattr(result, "status", None) == "interrupted":
             saved = (f"its adapter is saved to {result.adapter_path}" if result.adapter_path else "no adapter was saved")
             end_as_interrupted(f"training {args.name!r} was interrupted at step {result.steps}; {saved}")

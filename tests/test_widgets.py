@@ -135,6 +135,9 @@ def test_eval_points_and_log_toggle_redraw(dash):
 def test_stop_button_sets_the_session_flag_in_background_mode(dash):
     emit([dash], begin(background=True))
     assert dash.stop_button.layout.display is None  # visible
+    # what the cell used to print under the dashboard (a line that outlived the run) is said beside the button,
+    # and goes with it when the run ends
+    assert dash.stop_hint.value.startswith("Training in the background; the kernel is free.")
     dash.stop_button.click()
     assert dash.session.stopped == 1
     assert dash.stop_button.disabled and "stopping" in dash.stop_hint.value
@@ -554,7 +557,8 @@ def test_stop_button_ends_a_real_background_run_and_the_adapter_is_saved(tiny_se
     assert "stopped after" in d.record.value
 
 
-def test_re_running_a_background_run_s_cell_shows_its_live_dashboard_again(shell, tiny_model_dir, tmp_path, monkeypatch):
+def test_re_running_a_background_run_s_cell_shows_its_live_dashboard_again(shell, tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
     """Re-running the cell of a live --background run replaced its output (the dashboard, its Stop button) with
     the refusal, and nothing could show the dashboard again while the run went on."""
     import IPython.display
@@ -566,7 +570,9 @@ def test_re_running_a_background_run_s_cell_shows_its_live_dashboard_again(shell
     shell.user_ns["rows"] = [{"prompt": f"hello {i}", "completion": "billing"} for i in range(8)]
     cell = ("bgx --data rows --background", "max_steps: 3000\nbatch_size: 4\nr: 4\n")
     magics = shell.magics_manager.registry["FtMagics"]
+    capsys.readouterr()
     shell.run_cell_magic("lora_train", *cell)
+    assert "the kernel is free" not in capsys.readouterr().out  # the dashboard says it, while the run lasts
     try:
         dash = magics._background_view
         assert dash is not None and magics.session.training_in_progress
@@ -575,10 +581,15 @@ def test_re_running_a_background_run_s_cell_shows_its_live_dashboard_again(shell
                                              r"is shown again above\)"):
             shell.run_cell_magic("lora_train", *cell)
         assert shown == [dash.box]  # the same widget: it keeps updating where it is shown now
+        assert "in the background" in dash.stop_hint.value
     finally:
         shell.run_line_magic("lora_stop", "")
         magics.session.wait(120)
     assert not magics.session.training_in_progress
+    deadline = time.time() + 30
+    while dash.stop_hint.value and time.time() < deadline:  # the run's end event reaches the view
+        time.sleep(0.05)
+    assert dash.stop_hint.value == "" and not any("in the background" in str(o) for o in shown)
 
 
 def test_ft_memory_peak_is_the_processes_highest_not_now(shell, capsys):

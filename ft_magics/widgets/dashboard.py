@@ -25,6 +25,10 @@ from .text import fmt_duration, summary_text
 from ..core.chart import CURVE_FILE, LossCurve
 
 
+# beside the Stop button while a background run lasts (the cell printed it, and the line outlived the run)
+BACKGROUND_HINT = "Training in the background; the kernel is free. Stop ends it at the next step (or %lora_stop)."
+
+
 def memory_fraction(m: Optional[MemoryReading]) -> float:
     if m is None or not m.total_bytes:
         return 0.0
@@ -82,8 +86,8 @@ class TrainingDashboard(Listener):
         self.stop_button.add_class("ft-stop")
         self.stop_button.on_click(self._on_stop)
         self.stop_hint = widgets.Label(
-            "" if background else "Training blocks this cell: interrupt the kernel (■) to stop at the next step;"
-                                  " the adapter is still saved."
+            BACKGROUND_HINT if background else "Training blocks this cell: interrupt the kernel (■) to stop at the "
+                                               "next step; the adapter is still saved."
         )
         self.stop_button.layout.display = None if background else "none"
         self.messages = widgets.HTML("")
