@@ -164,6 +164,9 @@ class Session:
             return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)
         heldout = (data, eval_data, cfg) if eval_ex else None
+        from .core.training import StopFlag
+
+        self._stop = StopFlag()  # before the thread starts: a %lora_stop right after the cell must reach the run
         if background:
             thread = threading.Thread(
                 target=self._train_guarded, args=(name, train_ex, eval_ex, cfg, target, listeners, report, True, on_done),
@@ -210,7 +213,8 @@ class Session:
                        resume=False, heldout=None):
         from .core.training import StopFlag, run_training
 
-        self._stop = StopFlag()
+        if self._stop is None:
+            self._stop = StopFlag()
         before = getattr(self.handle.model, "peft_config", {}).get(name)  # to tell whether the run attached its own
         with self._lock:
             try:

@@ -1612,6 +1612,29 @@ def test_a_second_lora_stop_says_the_first_is_on_its_way(shell, tiny_model_dir, 
     assert "no training run in progress." in capsys.readouterr().out
 
 
+def test_lora_stop_right_after_a_background_run_starts_reaches_it(shell, tiny_model_dir, capsys, monkeypatch):
+    """The run's stop flag was made on the training thread, so a %lora_stop typed at once (before the thread got
+    that far) said 'no training run in progress.' and the run went on to its last step."""
+    from ft_magics.session import Session
+
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    s = shell.magics_manager.registry["FtMagics"].session
+    real = Session._train_guarded
+
+    def slow_thread_start(self, *a, **kw):  # the thread is late to reach the run, as on a busy machine
+        time.sleep(0.5)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Session, "_train_guarded", slow_thread_start)
+    thread = s.train("quick", ROWS, {"max_steps": 3000, "batch_size": 2, "max_seq_len": 64, "r": 4}, listeners=[],
+                     background=True)
+    capsys.readouterr()
+    shell.run_line_magic("lora_stop", "")  # at once: the thread may not have reached the run yet
+    assert "no training run in progress" not in capsys.readouterr().out
+    thread.join(120)
+    assert not thread.is_alive() and s.runs[-1].status == "stopped" and s.runs[-1].steps < 3000
+
+
 def test_the_python_api_refuses_wrong_argument_types_by_name(tiny_session, tiny_model_dir, tmp_path):
     """Wrong types reached deep library errors ('PosixPath' has no attribute 'strip', TypeError in torch), and
     "20" for max_new_tokens was refused as a range ('must be at least 1 (got 20)')."""
