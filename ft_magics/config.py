@@ -331,9 +331,13 @@ OTHER_TOOLS = {
     "lora_bias": "nothing: adapters are trained without bias terms (PEFT's bias='none')",
     "lora_target": "target_modules: all-linear (LLaMA-Factory's 'all') or a list such as [q_proj, v_proj]",
     "pref_loss": "objective: dpo, ipo, orpo or simpo (LLaMA-Factory's sigmoid is dpo)",
+    "loss_type": "objective: dpo, ipo, orpo or simpo (TRL's loss_type sigmoid is dpo; nll is sft); TRL's other "
+                 "losses (hinge, robust, ...) have no counterpart here",
 }
 # LLaMA-Factory: stage picks the kind of training, pref_loss the preference loss within stage: dpo
 _PREF_LOSS = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
+# TRL: DPOConfig's loss_type (sigmoid, ipo, ...), CPOConfig's (simpo), SFTConfig's (nll: the plain SFT loss)
+_LOSS_TYPE = {**_PREF_LOSS, "nll": "sft"}
 _STAGES = {"sft": "sft", "pt": "sft", "dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "ipo": "ipo"}  # pt: plain text
 # is trained on every token under sft
 _ANSWERS_ONLY = ("completion_only_loss", "assistant_only_loss")
@@ -377,6 +381,8 @@ def _other_tools_setting(key: str, raw_key: str, value):
         return "target_modules", "all-linear" if value.strip() == "all" else value
     if key == "pref_loss" and str(value).strip().lower() in _PREF_LOSS:
         return "objective", _PREF_LOSS[str(value).strip().lower()]
+    if key == "loss_type" and str(value).strip().lower() in _LOSS_TYPE:
+        return "objective", _LOSS_TYPE[str(value).strip().lower()]
     raise FtUsageError(f"{raw_key!r}: {value!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
 
 
@@ -408,6 +414,9 @@ def overridden_notes(given: set, cfg: "TrainConfig") -> list:
     if {"max_steps", "epochs"} <= given and cfg.max_steps > 0:
         notes.append(f"max_steps {cfg.max_steps} and epochs {cfg.epochs:g} are both set: training stops after "
                      f"max_steps; epochs is ignored (max_steps: -1 goes by epochs).")
+    if "simpo_gamma" in given and cfg.pairs and cfg.objective != "simpo":  # (under sft: core.training.run_notes)
+        notes.append(f"simpo_gamma is SimPO's target margin: objective: {cfg.objective} does not use it "
+                     "(objective: simpo does).")
     return notes
 
 

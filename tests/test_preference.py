@@ -43,6 +43,10 @@ def _cfg(**kw):
     {"chosen": "\n\nHuman: Name a colour\n\nAssistant: Blue", "rejected": "\n\nHuman: Name a colour\n\nAssistant: Dog"},
     {"question": "Name a colour", "response_j": "Blue", "response_k": "Dog"},  # StackExchange-paired columns
     {"Prompt": "Name a colour", "Chosen": "Blue", "Rejected": "Dog"},
+    # Dahoas/full-hh-rlhf, rm-static: the prompt is the HH transcript so far, the answers follow "Assistant:"
+    {"prompt": "\n\nHuman: Name a colour\n\nAssistant:", "response": " Blue", "chosen": " Blue", "rejected": " Dog"},
+    {"prompt": "\n\nHuman: Name a colour\n\nAssistant:", "chosen": "\n\nHuman: Name a colour\n\nAssistant: Blue",
+     "rejected": "\n\nHuman: Name a colour\n\nAssistant: Dog"},
 ])
 def test_pair_rows_in_their_common_shapes_become_the_same_pair(row):
     from ft_magics.core.preference import normalise_pairs
@@ -83,6 +87,16 @@ def test_whole_conversations_beside_a_prompt_column_keep_their_system_turn():
      r"part at message 2, a user / user turn"),
     ([{"prompt": "p", "chosen": [BOT("a"), USER("y")], "rejected": [BOT("b")]}],
      r"the chosen side does not end with an assistant"),
+    # one side's answer goes on with a user turn the other lacks: trained silently, the unshared turn in the answer
+    ([{"chosen": "\n\nHuman: hi\n\nAssistant: yes\n\nHuman: ok\n\nAssistant: good",
+       "rejected": "\n\nHuman: hi\n\nAssistant: no"}],
+     r"row 1: the chosen side goes on past its answer: a further user turn \('ok'\) follows it that the rejected "
+     r"side lacks.*Cut the chosen side after its first answer"),
+    ([{"prompt": "p", "chosen": [BOT("a")], "rejected": [BOT("b"), USER("more?"), BOT("c")]}],
+     r"row 1: the rejected side goes on past its answer: a further user turn \('more\?'\)"),
+    ([{"prompt": "\n\nHuman: hi\n\nAssistant: Sure,", "chosen": " yes", "rejected": " no"}],
+     r"row 1: the prompt is a Human:/Assistant: transcript whose last Assistant: turn already holds text \('Sure,'\)"
+     r".*End each prompt at its final \"Assistant:\" marker.*--map"),
 ])
 def test_bad_pair_rows_are_refused_with_the_cause_and_the_fix(tok, rows, match):
     from ft_magics.core.data import prepare
@@ -342,18 +356,24 @@ def test_pairs_that_are_all_the_same_answer_twice_are_refused_and_some_are_warne
 
 
 def test_pairs_with_an_empty_answer_are_warned_of(tok):
-    """An empty rejected (or chosen) answer - a missing value in a column, mostly - trained without a word."""
+    """An empty rejected answer - a missing value in a column, mostly - trained without a word: it is warned of.
+    An empty chosen answer was kept with a warning while the README says examples whose answer is empty are
+    dropped and counted: such a pair is dropped now, as SFT drops such an example, and counted."""
     from ft_magics.core.data import prepare
 
     rows = [{"prompt": f"q{i}", "chosen": "a good answer", "rejected": "" if i % 2 else "bad"} for i in range(6)]
     rows.append({"prompt": "q", "chosen": " ", "rejected": "bad"})
-    _, _, report = prepare(rows, tok, _cfg())
+    train, _, report = prepare(rows, tok, _cfg())
     assert ("3 pairs with an empty rejected answer: they teach only that answering beats saying nothing. Check the "
             "rejected column (--map ...=rejected) if that is not meant.") in report.warnings
-    assert any(w.startswith("1 pair with an empty chosen answer: they teach the model to end its turn at once")
-               for w in report.warnings)
+    assert len(train) == 6 and report.dropped_empty == 1
+    assert ("Dropped    1 pair with no answer to learn from (empty or blank: it would teach the model to end its "
+            "turn at once)") in report.text()
+    assert not any("empty chosen" in w for w in report.warnings)
     _, _, report = prepare(rows[:1], tok, _cfg())
-    assert not any("empty" in w for w in report.warnings)
+    assert not any("empty" in w for w in report.warnings) and report.dropped_empty == 0
+    with pytest.raises(FtUsageError, match=r"every one of the 2 pairs has an empty chosen answer.*--map \.\.\.=chosen"):
+        prepare([{"prompt": f"q{i}", "chosen": "", "rejected": "bad"} for i in range(2)], tok, _cfg())
 
 
 def test_llama_factory_sharegpt_pairs_are_read_and_under_sft_are_named(tok):
@@ -388,3 +408,103 @@ def test_pairs_dropped_by_truncation_are_counted_as_pairs(tok):
         {"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
     _, _, report = prepare(rows, tok, _cfg(max_seq_len=64))
     assert "Dropped    1 pair whose answer was cut away entirely by truncation" in report.text(), report.text()
+
+
+def test_an_hh_transcript_prompt_becomes_the_earlier_turns_and_the_answers_lose_the_marker_s_space(tok):
+    """Dahoas/full-hh-rlhf rows (the prompt itself an HH transcript) rendered the "Human:" / "Assistant:" markers
+    and blank lines inside one user turn, and kept each answer's leading space."""
+    from ft_magics.core.data import prepare
+    from ft_magics.core.preference import normalise_pairs
+
+    row = {"prompt": "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: How do I reset my password?\n\nAssistant:",
+           "chosen": " Use the reset link.", "rejected": " no"}
+    (pair,), _ = normalise_pairs([row])
+    assert pair.prompt == [USER("hi"), BOT("hello there"), USER("How do I reset my password?")]
+    assert (pair.chosen, pair.rejected) == ([BOT("Use the reset link.")], [BOT("no")])
+    train, _, report = prepare([row] * 2, tok, _cfg())
+    shown = tok.decode(train[0].chosen.input_ids)
+    assert "Human:" not in shown and "Assistant:" not in shown and "\n\n" not in shown
+    # a plain prompt is read as before: the answers as written
+    (plain,), _ = normalise_pairs([{"prompt": "Human rights: name one", "chosen": " life", "rejected": " no"}])
+    assert plain.prompt == [USER("Human rights: name one")] and plain.chosen == [BOT(" life")]
+
+
+def test_neftune_noise_stays_out_of_the_reference_pass(tiny_model_dir, tok, monkeypatch):
+    """With neftune_noise_alpha, the reference pass (adapter off) went through the same noise hook, so policy and
+    reference saw differently noised inputs. The reference is the clean base now; the policy keeps its noise."""
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    from ft_magics.core import preference
+
+    model, batch = _peft_pair_batch(tiny_model_dir, tok)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.zero_()  # the adapter is the base: any gap between policy and reference is the noise
+    model.train()
+    with torch.no_grad(), model.disable_adapter():
+        clean = preference.sequence_logprobs(model, batch)[0]
+    seen = {}
+
+    def spy(objective, beta, policy, reference=None, gamma=0.5):
+        seen["policy"], seen["reference"] = policy[0].detach(), reference
+        return torch.zeros(()), {}
+
+    monkeypatch.setattr(preference, "pair_loss", spy)
+    handle = activate_neftune(model, 50.0)  # as the Trainer does for neftune_noise_alpha
+    try:
+        preference.pair_step(model, batch, "dpo", 0.1)
+        assert model.base_model.model.get_input_embeddings().training  # the flag is put back
+    finally:
+        deactivate_neftune(model, handle)
+    assert torch.allclose(seen["reference"], clean, atol=1e-5)  # the clean base
+    assert not torch.allclose(seen["policy"], clean, atol=1e-3)  # the policy pass is noised
+
+
+def _stop_at(session, k):
+    from ft_magics.core.events import Listener
+
+    class StopAt(Listener):
+        def on_step(self, e):
+            if e.step == k:
+                session.stop()
+
+    return StopAt()
+
+
+def test_resume_under_another_objective_is_refused_and_another_beta_is_named(tiny_session):
+    """A dpo checkpoint resumed as orpo (or with another beta) carried on silently, --dry-run included."""
+    from ft_magics.core.events import Recorder
+
+    s = tiny_session
+    cfg = {"objective": "dpo", "max_steps": 4, "batch_size": 4, "save_every": 1, "save_every_minutes": 0,
+           "max_seq_len": 64, "r": 4}
+    part = s.train("pref", PAIRS[:8], cfg, listeners=[_stop_at(s, 1)])
+    assert part.status != "completed"
+    ckpts = s.adapters_dir / ".checkpoints" / "pref"
+    before = sorted(p.name for p in ckpts.iterdir())
+    for dry in (False, True):
+        for objective in ("orpo", "sft"):
+            with pytest.raises(FtUsageError, match=r"checkpoint-\d+ of 'pref' was made with objective: dpo; this run "
+                                                   rf"asks for objective: {objective}, another loss.*Resume with "
+                                                   r"objective: dpo, or train afresh without --resume"):
+                s.train("pref", PAIRS[:8], dict(cfg, objective=objective), resume=True, dry_run=dry, listeners=[])
+    assert sorted(p.name for p in ckpts.iterdir()) == before  # refused before any work
+    rec = Recorder()
+    done = s.train("pref", PAIRS[:8], dict(cfg, beta=0.3), resume=True, listeners=[rec])
+    warn = [e.text for e in rec.events if type(e).__name__ == "Message" and "different" in e.text]
+    assert done.status == "completed"
+    assert warn and "resuming 'pref' with different beta (0.1 before, 0.3 now)" in warn[0], warn
+
+
+def test_trl_loss_type_reads_as_the_objective_and_simpo_gamma_elsewhere_is_noted():
+    from ft_magics.config import TrainConfig, overridden_notes
+
+    for loss_type, objective in (("ipo", "ipo"), ("sigmoid", "dpo"), ("simpo", "simpo"), ("nll", "sft")):
+        assert TrainConfig.from_dict({"loss_type": loss_type}).objective == objective
+    with pytest.raises(FtUsageError, match=r"'loss_type': 'hinge' is another tool's setting; here write objective: "
+                                           r"dpo, ipo, orpo or simpo"):
+        TrainConfig.from_dict({"loss_type": "hinge"})
+    cfg = TrainConfig.from_dict({"objective": "dpo", "simpo_gamma": 1.0})
+    assert overridden_notes({"objective", "simpo_gamma"}, cfg) == [
+        "simpo_gamma is SimPO's target margin: objective: dpo does not use it (objective: simpo does)."]
+    assert overridden_notes({"objective", "simpo_gamma"}, TrainConfig.from_dict({"objective": "simpo"})) == []

@@ -150,8 +150,16 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
                if old.get("data_source") != meta.get("data_source") else "data (the rows changed)"
                for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
-    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha",
-                            "objective") if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
+                if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    objective = new_s.get("objective", "sft")
+    if objective != "sft":  # what the preference loss is made of (a run records the beta it used; 0: the usual)
+        from ..config import PAIR_BETA
+
+        used = {"beta": lambda v: v or PAIR_BETA.get(objective, 0.1), "simpo_gamma": lambda v: v}
+        changed += [f"{k} ({used[k](old_s[k]):g} before, {used[k](new_s[k]):g} now)" for k in used
+                    if k in old_s and k in new_s and used[k](old_s[k]) != used[k](new_s[k])
+                    and (k == "beta" or objective == "simpo")]
     if changed:
         emit(listeners, Message(
             f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
@@ -175,7 +183,8 @@ SHAPE_SETTINGS = ("r", "target_modules", "use_dora")
 
 def check_resumable(path: Path, name: str, settings: dict) -> dict:
     """Refuse to resume from checkpoint ``path`` what cannot continue it: a run whose max_steps is already
-    reached, or whose adapter has another shape (``SHAPE_SETTINGS``). Returns the checkpoint's metadata."""
+    reached, whose adapter has another shape (``SHAPE_SETTINGS``), or whose objective is another (another loss,
+    and for sft against the others, other rows). Returns the checkpoint's metadata."""
     old = read_meta(path)
     step = checkpoint_step(path)
     limit = settings.get("max_steps", -1)
@@ -194,6 +203,13 @@ def check_resumable(path: Path, name: str, settings: dict) -> dict:
             f"{', '.join(f'{k}: {settings[k]}' for k in shape)}, which changes the adapter's tensors, so the "
             f"checkpoint cannot continue it. Resume with {was}, or train afresh without --resume (that replaces "
             "the adapter).")
+    was, now = old_s.get("objective", "sft"), settings.get("objective")  # (checkpoints from before objective: sft)
+    if old_s and now is not None and was != now:
+        raise FtUsageError(
+            f"{Path(path).name} of {name!r} was made with objective: {was}; this run asks for objective: {now}, "
+            f"another loss{' on other rows (preference pairs against single examples)' if 'sft' in (was, now) else ''}"
+            f", so the checkpoint (its optimizer state and steps) cannot continue it. Resume with objective: {was}, "
+            "or train afresh without --resume (that replaces the adapter), or under a new name to keep this one.")
     return old
 
 

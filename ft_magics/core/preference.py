@@ -15,6 +15,7 @@ Sequence log-probabilities come from the decoder's hidden states through the chu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -111,6 +112,8 @@ def normalise_pairs(rows: list, fmt: str = "auto", text_field: Optional[str] = N
 
 
 def _side(value: Any, row: dict, key: str, where: str) -> list:
+    if isinstance(value, str):  # (as read, or as _pair has cut it)
+        return [{"role": "assistant", "content": value}]
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         value = value.tolist()
     if isinstance(value, list):
@@ -120,15 +123,44 @@ def _side(value: Any, row: dict, key: str, where: str) -> list:
     return [{"role": "assistant", "content": _string_field(row, key, where)}]
 
 
-def _prompt(row: dict, where: str) -> Optional[list]:
+def _prompt(row: dict, where: str) -> tuple:
+    """``(the prompt's messages or None, whether it was a Human:/Assistant: transcript)``. A transcript prompt
+    (Anthropic HH's layout in Dahoas/full-hh-rlhf and rm-static: the conversation so far, ending at the
+    "Assistant:" marker the answers follow) becomes its turns, without that last, empty, marker."""
     if row.get("prompt") is None:
-        return None
+        return None, False
     p = row["prompt"]
     if hasattr(p, "tolist") and not isinstance(p, (str, bytes)):
         p = p.tolist()
     if isinstance(p, list):
-        return _messages(p, f"{where}, prompt")
-    return [{"role": "user", "content": _string_field(row, "prompt", where)}]
+        return _messages(p, f"{where}, prompt"), False
+    text = _string_field(row, "prompt", where)
+    talk = _conversation_transcript(text)
+    if talk is None:
+        return [{"role": "user", "content": text}], False
+    if talk[-1]["role"] == "assistant":
+        if talk[-1]["content"]:
+            raise FtUsageError(
+                f"{where}: the prompt is a Human:/Assistant: transcript whose last Assistant: turn already holds text "
+                f"({_short(talk[-1]['content'])!r}), so where the answers begin cannot be told. End each prompt at its "
+                "final \"Assistant:\" marker (the chosen and rejected answers follow it), or give the prompt as a "
+                "list of role/content messages and name the answer columns with --map \"...=chosen,...=rejected\".")
+        talk = talk[:-1]
+    return talk, True
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _conversation_transcript(text: str) -> Optional[list]:
+    """A transcript that opens with the human's turn and holds an "Assistant:" marker: surely a conversation
+    written out (not a text that merely begins with a word and a colon), else None."""
+    talk = _transcript(text)
+    if not talk or talk[0]["role"] != "user" or not any(m["role"] == "assistant" for m in talk):
+        return None
+    return talk
 
 
 def _transcript(text: str) -> Optional[list]:
@@ -148,8 +180,13 @@ def _pair(row: Any, where: str) -> Pair:
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
             raise FtUsageError(f"{where}: field {key!r} is missing or null; every pair needs both answers.")
-    prompt = _prompt(row, where)
+    prompt, transcript = _prompt(row, where)
     c_raw, r_raw = row["chosen"], row["rejected"]
+    if transcript and isinstance(c_raw, str) and isinstance(r_raw, str):
+        # answers to an HH transcript prompt: " yes" after "Assistant:" is read as the transcript path reads
+        # its turns (stripped); whole transcripts on both sides are read as whole conversations
+        talks = _conversation_transcript(c_raw), _conversation_transcript(r_raw)
+        c_raw, r_raw = talks if None not in talks else (c_raw.strip(), r_raw.strip())
     if prompt is None and isinstance(c_raw, str) and isinstance(r_raw, str):
         c_raw, r_raw = _transcript(c_raw), _transcript(r_raw)
         if c_raw is None or r_raw is None:
@@ -177,6 +214,15 @@ def _pair(row: Any, where: str) -> Pair:
         if msgs[-1]["role"] != "assistant":
             raise FtUsageError(f"{where}: the {side} side does not end with an assistant answer "
                                f"(roles: {', '.join(m['role'] for m in prompt + msgs)}).")
+    users = [[m for m in msgs if m["role"] == "user"] for msgs in (chosen, rejected)]
+    if len(users[0]) != len(users[1]):  # chosen "...Assistant: yes\n\nHuman: ok\n\nAssistant: good", rejected "...no"
+        longer, other = ("chosen", "rejected") if len(users[0]) > len(users[1]) else ("rejected", "chosen")
+        extra = users[0 if longer == "chosen" else 1][len(users[1 if longer == "chosen" else 0])]
+        raise FtUsageError(
+            f"{where}: the {longer} side goes on past its answer: a further user turn ({_short(extra['content'])!r}) "
+            f"follows it that the {other} side lacks, so the two are not answers to one conversation (and the loss "
+            f"would be on the {longer} side's later turns too). Cut the {longer} side after its first answer, or "
+            "give both sides the same turns up to where their answers differ.")
     system = row.get("system")
     if isinstance(system, str) and system and not (prompt and prompt[0]["role"] == "system"):
         prompt = [{"role": "system", "content": system}] + prompt
@@ -211,17 +257,34 @@ def unpaired(features: list) -> list:
             + [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]} for f in features])
 
 
+def empty_answer(answer: list) -> bool:
+    """An answer with nothing in it: no text and no tool call in any of its assistant turns."""
+    return not any(str(m.get("content") or "").strip() or m.get("tool_calls")
+                   for m in answer if m["role"] == "assistant")
+
+
 def tokenize_pairs(pairs: list, tokenizer, max_seq_len: int, overlong: str = "truncate", report=None) -> list:
-    """Both sides of every pair tokenised; a pair is kept only when both sides keep an answer token."""
+    """Both sides of every pair tokenised; a pair is kept only when both sides keep an answer token, and its
+    chosen answer is not empty (as a supervised example with an empty answer is dropped: it would teach the
+    model to end its turn at once; counted in ``report`` as ``dropped_empty``)."""
     from .data import fit_length, tokenize_records
 
+    if pairs and all(empty_answer(p.chosen) for p in pairs):
+        raise FtUsageError(
+            f"every one of the {counted(len(pairs), 'pair')} has an empty chosen answer, so there is no answer to "
+            "prefer (a pair with an empty chosen answer would teach the model to end its turn at once, and is "
+            "dropped). Check the chosen column (--map ...=chosen).")
     sides = [p.records() for p in pairs]
     chosen = tokenize_records(tokenizer, [c for c, _ in sides])
     rejected = tokenize_records(tokenizer, [r for _, r in sides])
     out = []
-    for c, r in zip(chosen, rejected):
+    for pair, c, r in zip(pairs, chosen, rejected):
         if report is not None:
             report.lengths.append(max(len(c.input_ids), len(r.input_ids)))
+        if empty_answer(pair.chosen):
+            if report is not None:
+                report.count("dropped_empty", c)
+            continue
         fitted = [fit_length(ex, max_seq_len, overlong) for ex in (c, r)]
         if report is not None:  # a pair counts once, under the worse of what befell its two sides
             outcome, ex = min(((why, ex) for (_, why), ex in zip(fitted, (c, r))), key=lambda o: _SEVERITY[o[0]])
@@ -235,8 +298,8 @@ _SEVERITY = {"dropped_empty": 0, "dropped_overlong": 1, "dropped_no_answer": 2, 
 
 
 def pair_warnings(pairs: list) -> list:
-    """``core.data.quality_warnings`` of the pairs (read as their chosen sides), and pairs whose two answers
-    are the same (they teach nothing: their loss is a constant)."""
+    """``core.data.quality_warnings`` of the pairs (read as their chosen sides), pairs whose two answers are
+    the same (they teach nothing: their loss is a constant), and pairs whose rejected answer is empty."""
     from .data import quality_warnings
 
     warnings = quality_warnings(pairs)
@@ -244,13 +307,11 @@ def pair_warnings(pairs: list) -> list:
     if same:
         warnings.append(f"{counted(same, 'pair')} whose chosen and rejected answers are the same (nothing to learn "
                         "from them).")
-    blank = lambda answer: not "".join(str(m.get("content") or "") for m in answer).strip()  # noqa: E731
-    for side, lesson in (("chosen", "they teach the model to end its turn at once"),
-                         ("rejected", "they teach only that answering beats saying nothing")):
-        empty = sum(1 for p in pairs if blank(getattr(p, side)) and p.chosen != p.rejected)
-        if empty:
-            warnings.append(f"{counted(empty, 'pair')} with an empty {side} answer: {lesson}. Check the {side} "
-                            f"column (--map ...={side}) if that is not meant.")
+    # (an empty chosen answer drops its pair, counted in the report: see tokenize_pairs)
+    empty = sum(1 for p in pairs if empty_answer(p.rejected) and not empty_answer(p.chosen))
+    if empty:
+        warnings.append(f"{counted(empty, 'pair')} with an empty rejected answer: they teach only that answering "
+                        "beats saying nothing. Check the rejected column (--map ...=rejected) if that is not meant.")
     return warnings
 
 
@@ -343,6 +404,25 @@ def pair_step(model, inputs: dict, objective: str, beta: float, gamma: float = 0
     reference = None
     if objective in REFERENCE_OBJECTIVES:  # no-grad: past a DistributedDataParallel wrapper, which only syncs gradients
         peft_model = unwrapped(model)
-        with torch.no_grad(), peft_model.disable_adapter():
+        with torch.no_grad(), peft_model.disable_adapter(), noiseless_embeddings(peft_model):
             reference, _ = sequence_logprobs(peft_model, inputs, chunk_rows, workspace, chunked)
     return pair_loss(objective, beta, policy, reference, gamma)
+
+
+@contextmanager
+def noiseless_embeddings(model):
+    """The reference pass without NEFTune's noise. transformers' NEFTune (``neftune_noise_alpha``) is a forward
+    hook on the input embeddings that adds noise while the module is in training mode; the reference is the base
+    model as it is (the policy pass keeps its noise), so the embedding module is in eval mode for that pass. Only
+    that module's flag changes: dropout elsewhere is as in the policy pass."""
+    base = getattr(getattr(model, "base_model", None), "model", model)
+    getter = getattr(base, "get_input_embeddings", None)
+    embeddings = getter() if getter is not None else None
+    if embeddings is None or not hasattr(embeddings, "neftune_noise_alpha") or not embeddings.training:
+        yield
+        return
+    embeddings.training = False
+    try:
+        yield
+    finally:
+        embeddings.training = True
