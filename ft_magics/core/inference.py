@@ -269,15 +269,24 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     )
 
 
-def repeats_itself(ids: Sequence[int], min_repeats: int = 4, max_period: int = 32, min_span: int = 12) -> bool:
-    """Whether the answer ends in one stretch of 1-``max_period`` tokens said ``min_repeats`` times or more in
-    a row, over ``min_span`` tokens at least ("I'm a wizard. I'm a wizard. ..."): the loop a small model falls
-    into when decoded greedily. (The span keeps a run of dots or a table rule from counting.)"""
+def repeats_itself(ids: Sequence[int], min_repeats: int = 4, max_period: int = 128, min_span: int = 12,
+                   short_period: int = 32) -> bool:
+    """Whether the answer ends in one stretch of tokens said again and again, to its last token ("I'm a wizard.
+    I'm a wizard. ..."): the loop a small model falls into when decoded greedily. A stretch of up to
+    ``short_period`` tokens counts when said ``min_repeats`` times in a row over ``min_span`` tokens at least
+    (the span keeps a run of dots or a table rule from counting). A longer one, a sentence or two of up to
+    ``max_period`` tokens (a 40-token sentence looped through a 300-token answer and got no note), counts when
+    said twice or more and the loop is as long as the longest short one (``min_repeats`` x ``short_period``
+    tokens): text that quotes a line once more, or a list whose items start alike, is not repeated whole."""
     ids = list(ids)
+    long_span = min_repeats * short_period
     for period in range(1, max_period + 1):
-        span = period * max(min_repeats, -(-min_span // period))
-        if len(ids) < span:
-            break
+        if period <= short_period:
+            span = period * max(min_repeats, -(-min_span // period))
+        else:
+            span = period * max(2, -(-long_span // period))
+        if len(ids) < span:  # (the long spans do not grow with the period: 132 tokens at 33, 128 at 64)
+            continue
         tail = ids[-span:]
         if all(tail[i] == tail[i % period] for i in range(span)):
             return True
@@ -397,6 +406,9 @@ def split_prompts(body: str) -> list:
     return prompts
 
 
+EMPTY_ANSWER = "(empty answer)"  # a comparison's answer of no text (the model ended its turn at once)
+
+
 @dataclass
 class Comparison:
     prompts: list
@@ -422,7 +434,7 @@ class Comparison:
             lines.append(f"Prompt {i + 1}: {p}")
             for c in self.columns:
                 g = self.cells[(i, c)]
-                shown = g.text if g.text.strip() else ("(blank: whitespace only)" if g.text else "(empty)")
+                shown = g.text if g.text.strip() else ("(blank: whitespace only)" if g.text else EMPTY_ANSWER)
                 body = textwrap.fill(shown, width=100, initial_indent="    ", subsequent_indent="    ")
                 lines.append(f"  [{c}] {g.new_tokens} tokens")
                 lines.append(body)
@@ -443,16 +455,23 @@ class Comparison:
     def to_html(self) -> str:
         import html
 
-        head = "".join(f"<th>{html.escape(c)}<br><small>{self.tokens_per_s(c):.1f} decode tok/s</small></th>"
+        left = "style='text-align:left'"  # Jupyter right-aligns headers: they stood apart from their answers
+        head = "".join(f"<th {left}>{html.escape(c)}<br><small>{self.tokens_per_s(c):.1f} decode tok/s</small></th>"
                        for c in self.columns)
+
+        def cell(text: str) -> str:  # an empty answer read as a blank cell, as if it were missing
+            if text.strip():
+                return html.escape(text)
+            return f"<i style='color:#888'>{'(blank: whitespace only)' if text else EMPTY_ANSWER}</i>"
+
         rows = []
         for i, p in enumerate(self.prompts):
             cells = "".join(
                 f"<td style='vertical-align:top;white-space:pre-wrap;text-align:left'>"
-                f"{html.escape(self.cells[(i, c)].text)}</td>" for c in self.columns)
+                f"{cell(self.cells[(i, c)].text)}</td>" for c in self.columns)
             rows.append(f"<tr><td style='vertical-align:top;text-align:left'><b>{html.escape(p)}</b></td>{cells}</tr>")
         notes = "".join(f"<p>Note: {html.escape(n, quote=False)}</p>" for n in self.notes())
-        return (f"<table class='ft-compare'><thead><tr><th>prompt</th>{head}</tr></thead>"
+        return (f"<table class='ft-compare'><thead><tr><th {left}>prompt</th>{head}</tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table>{notes}")
 
     def _repr_html_(self) -> str:

@@ -39,6 +39,26 @@ def short_modules(modules) -> str:
     return ", ".join(kinds) + (f" (x{per} layers)" if per > 1 else "")
 
 
+class TextLine(widgets.HTML):
+    """A status or error line of plain text that wraps at the panel's edge: a Label cuts a long line off
+    ("cannot answer: ... or %lora_stop." lost its end). Set :attr:`text`; it is escaped into ``value``."""
+
+    def __init__(self, text: str = "", css_class: Optional[str] = None) -> None:
+        # in an HBox beside other widgets the line takes the room left and wraps there, not past the edge
+        super().__init__(layout=widgets.Layout(flex="1 1 auto", min_width="0"))
+        if css_class:
+            self.add_class(css_class)
+        self.text = text
+
+    @property
+    def text(self) -> str:
+        return html.unescape(self.value)
+
+    @text.setter
+    def text(self, text: str) -> None:
+        self.value = html.escape(text, quote=False)
+
+
 def adapter_choices(loaded: list, on_disk: list) -> list:
     """A selector's (label, value) options: the base model, the loaded adapters, then those only in the
     adapters folder (labelled so; choosing one loads it)."""
@@ -54,16 +74,19 @@ class AdaptersPanel:
         self.table.add_class("ft-adapters-table")
         self.selector = widgets.Dropdown(description="active", options=[BASE_LABEL], value=BASE_LABEL)
         self.selector.add_class("ft-adapter-selector")
-        self.status = widgets.Label("")
-        self.status.add_class("ft-adapter-status")
+        self.status = TextLine(css_class="ft-adapter-status")
+        self.refresh_button = widgets.Button(description="⟳ refresh", tooltip="Show the session's adapters as they "
+                                             "are now (trained, switched or deleted in other cells)")
+        self.refresh_button.add_class("ft-adapters-refresh")
         self.unload_button = widgets.Button(description="Unload", tooltip="Drop the selected adapter from memory")
         self.delete_button = widgets.Button(description="Delete…", button_style="warning",
                                             tooltip="Unload the selected adapter and delete its folder")
-        self.confirm_label = widgets.Label("")
+        self.confirm_label = TextLine()
         self.confirm_button = widgets.Button(description="Yes, delete", button_style="danger")
         self.cancel_button = widgets.Button(description="Cancel")
         self.confirm_box = widgets.HBox([self.confirm_label, self.confirm_button, self.cancel_button],
                                         layout=widgets.Layout(display="none"))
+        self.refresh_button.on_click(lambda _b: self.sync())
         self.unload_button.on_click(lambda _b: self.unload())
         self.delete_button.on_click(lambda _b: self.ask_delete())
         self.confirm_button.on_click(lambda _b: self.confirm_delete())
@@ -75,7 +98,7 @@ class AdaptersPanel:
         self.box = widgets.VBox([
             self.table,
             widgets.HBox([self.selector, self.status]),
-            widgets.HBox([self.unload_button, self.delete_button]),
+            widgets.HBox([self.unload_button, self.delete_button, self.refresh_button]),
             self.confirm_box,
         ])
         self.box.add_class("ft-adapters-panel")
@@ -147,33 +170,51 @@ class AdaptersPanel:
         try:
             said, ms = switch(self.session, name)
         except FtUsageError as exc:
-            self.status.value = f"cannot switch: {exc}"
+            self.status.text = f"cannot switch: {exc}"
             self.refresh()
             return None
-        self.status.value = f"active: {said}"
+        self.status.text = f"active: {said}"
         self.refresh()
         return ms
 
-    def _target(self) -> Optional[str]:
+    def sync(self) -> None:
+        """Redraw from the session (the ⟳ button): adapters trained, switched or deleted in other cells show up."""
+        shown = self.selector.value
+        self.refresh()
+        active = self.selector.value
+        self.status.text = f"active: {active}" + (" (switched in another cell)" if active != shown else "")
+
+    def _target(self, done: str) -> Optional[str]:
+        """The adapter Unload / Delete act on: the selected one, if it is still the session's active adapter. A
+        selection left over from before a switch in another cell (``use`` in a cell, or a run that activated its
+        adapter) is refused, the panel redrawn: the button then acts on what it shows."""
+        s = self.session
         name = self.selector.value
+        active = s.adapters.active or BASE_LABEL
+        still_there = name in (None, BASE_LABEL) or name in s.adapters or name in s.adapters_on_disk()
+        if name != active and still_there:  # (one that is gone says so in the action's own error)
+            self.refresh()
+            self.status.text = (f"nothing {done}: the panel was out of date ({active} is active now, switched in "
+                                f"another cell, not {name or BASE_LABEL}); it shows the session as it is now.")
+            return None
         if name in (None, BASE_LABEL):
-            self.status.value = "select an adapter first (the base model cannot be unloaded here)."
+            self.status.text = "select an adapter first (the base model cannot be unloaded here)."
             return None
         return name
 
     def unload(self) -> None:
-        name = self._target()
+        name = self._target("unloaded")
         if name is None:
             return
         try:
             self.session.unload_adapter(name)
-            self.status.value = f"unloaded {name} (its folder stays on disk)"
+            self.status.text = f"unloaded {name} (its folder stays on disk)"
         except FtUsageError as exc:
-            self.status.value = f"cannot unload: {exc}"
+            self.status.text = f"cannot unload: {exc}"
         self.refresh()
 
     def ask_delete(self) -> None:
-        name = self._target()
+        name = self._target("deleted")
         if name is None:
             return
         folder = self.session.deletable_folder(name)
@@ -181,18 +222,18 @@ class AdaptersPanel:
             try:
                 self.session.adapters.require(name, self.session.adapters_on_disk(), self.session.adapters_dir)
             except FtUsageError as exc:
-                self.status.value = f"cannot delete: {exc}"
+                self.status.text = f"cannot delete: {exc}"
             self.refresh()
             return
         self._pending_delete = name
-        self.confirm_label.value = (f"Delete {name} and its folder {folder}?" if folder is not None else
-                                    f"Unload {name}? (the folder it was loaded from is kept)")
+        self.confirm_label.text = (f"Delete {name} and its folder {folder}?" if folder is not None else
+                                   f"Unload {name}? (the folder it was loaded from is kept)")
         self.confirm_box.layout.display = "flex"
 
     def cancel_delete(self) -> None:
         self._pending_delete = None
         self.confirm_box.layout.display = "none"
-        self.status.value = "delete cancelled"
+        self.status.text = "delete cancelled"
 
     def confirm_delete(self) -> None:
         name, self._pending_delete = self._pending_delete, None
@@ -201,7 +242,7 @@ class AdaptersPanel:
             return
         try:
             removed = self.session.delete_adapter(name)
-            self.status.value = f"deleted {name}" + (f" and {removed}" if removed else " (the folder it was loaded from is kept)")
+            self.status.text = f"deleted {name}" + (f" and {removed}" if removed else " (the folder it was loaded from is kept)")
         except FtUsageError as exc:
-            self.status.value = f"cannot delete: {exc}"
+            self.status.text = f"cannot delete: {exc}"
         self.refresh()

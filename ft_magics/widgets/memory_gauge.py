@@ -1,8 +1,10 @@
 """``%ft_memory``: a live memory gauge (VRAM on CUDA, RAM on the CPU) fed by a background thread.
 
 The thread samples :func:`ft_magics.core.memory.read_memory` every ``interval`` seconds and keeps the
-last ``window_s`` seconds for a sparkline. ``%ft_memory off``, the gauge's close button or closing
-the widget ends the thread. Outside a widget frontend the same reading is printed as text.
+last ``window_s`` seconds for a sparkline of at most 60 bars, each the highest reading of its share of
+that window (so the bars and the caption's "last N min" and range describe the same readings).
+``%ft_memory off``, the gauge's close button or closing the widget ends the thread. Outside a widget
+frontend the same reading is printed as text.
 """
 from __future__ import annotations
 
@@ -14,11 +16,23 @@ from ..core.events import MemoryReading
 from ..core.memory import describe, human_bytes, process_peak_bytes, read_memory
 
 SPARK = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 60  # bars in the gauge's sparkline, whatever the window and interval
+
+
+def buckets(values, width: int = 60) -> list:
+    """``values`` squeezed into at most ``width`` consecutive groups, each shown by its highest value (a spike
+    stays visible); fewer values are kept as they are."""
+    vals = list(values)
+    n = len(vals)
+    if n <= width:
+        return vals
+    return [max(vals[i * n // width:(i + 1) * n // width]) for i in range(width)]
 
 
 def sparkline(values, width: int = 60) -> str:
-    """Unicode bars for the last ``width`` values, scaled between their min and max."""
-    vals = list(values)[-width:]
+    """Unicode bars for all ``values``, at most ``width`` of them (:func:`buckets`), scaled between the
+    values' min and max."""
+    vals = buckets(values, width)
     if not vals:
         return ""
     lo, hi = min(vals), max(vals)
@@ -42,8 +56,9 @@ class MemoryGauge:
         self._thread: Optional[threading.Thread] = None
         self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, description="memory",
                                          layout=widgets.Layout(width="360px"))
-        self.label = widgets.Label("reading...")
-        self.label.add_class("ft-memory-gauge-label")
+        from .adapters_panel import TextLine
+
+        self.label = TextLine("reading...", css_class="ft-memory-gauge-label")  # wraps where a Label cut it
         self.spark = widgets.HTML("")
         self.close_button = widgets.Button(description="×", tooltip="Stop the gauge",
                                            layout=widgets.Layout(width="32px"))
@@ -66,12 +81,14 @@ class MemoryGauge:
         self.history.append(m.used_bytes)
         self.samples += 1
         minutes = len(self.history) * self.interval / 60
+        per_bar = len(self.history) / SPARK_WIDTH * self.interval
+        each = f", each bar the highest of {per_bar:.2g} s" if per_bar >= 1.5 * self.interval else ""
         with self.box.hold_sync():
             self.bar.description = "VRAM" if m.kind == "cuda" else "RAM"
             self.bar.value = min(1.0, m.used_bytes / m.total_bytes) if m.total_bytes else 0.0
-            self.label.value = describe(m)
-            self.spark.value = (f"<span style='font-family:monospace'>{sparkline(self.history)}</span> "
-                                f"<small>last {minutes:.1f} min, {human_bytes(min(self.history))}–"
+            self.label.text = describe(m)
+            self.spark.value = (f"<span style='font-family:monospace'>{sparkline(self.history, SPARK_WIDTH)}</span> "
+                                f"<small>last {minutes:.1f} min{each}, {human_bytes(min(self.history))}–"
                                 f"{human_bytes(max(self.history))}</small>")
         return m
 
@@ -99,7 +116,7 @@ class MemoryGauge:
     def close(self) -> None:
         """Stop the thread and close the widget."""
         self.stop()
-        self.label.value = "memory gauge stopped"
+        self.label.text = "memory gauge stopped"
         self.box.close()
 
 
@@ -132,7 +149,7 @@ def current_gauge() -> Optional[MemoryGauge]:
     return _current.get("gauge")
 
 
-__all__ = ["MemoryGauge", "sparkline", "start_gauge", "stop_gauge", "current_gauge"]
+__all__ = ["MemoryGauge", "buckets", "sparkline", "start_gauge", "stop_gauge", "current_gauge"]
 
 
 def memory_magic(word: Optional[str] = None, interval: float = 1.0, once: bool = False,
