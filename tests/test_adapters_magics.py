@@ -159,7 +159,7 @@ def test_compare_shows_an_html_table_in_a_notebook(loaded, monkeypatch):
     monkeypatch.setattr(sh, "kernel", object(), raising=False)  # what a Jupyter kernel's shell has
     sh.run_cell_magic("lora_compare", "--max-new-tokens 3", "hello world\n---\nthanks!")
     html = shown[0].data
-    assert html.startswith("<table") and "<th>alpha<br>" in html and html.count("<tr>") == 3
+    assert html.startswith("<table") and "<th style='text-align:left'>alpha<br>" in html and html.count("<tr>") == 3
 
 
 def test_tilde_of_an_unknown_user_is_a_usage_error_not_a_crash(shell):
