@@ -2004,3 +2004,23 @@ def test_compressed_data_files_are_read_through_their_decompressor(tmp_path, mon
     (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "x"}\n{oops}\n'))
     with pytest.raises(FtUsageError, match=r"bad\.jsonl\.gz, line 2: not valid JSON"):
         D.load_rows("bad.jsonl.gz")
+
+
+def test_a_spreadsheet_s_empty_trailing_columns_are_not_columns(tmp_path):
+    """An Excel or Sheets export ends its rows in empty columns ('Question ,  Answer,,'): with two of them the file
+    was refused ("the header names more than one column ''"), with one it trained. Columns with no name and no
+    data are dropped; two unnamed columns that hold data are still refused."""
+    (tmp_path / "x.csv").write_text("Question ,  Answer,,\nHow do I reset it?,Use the link.,,\nWhere is it?,Here.,,\n")
+    rows = D.load_rows(str(tmp_path / "x.csv"))[0]
+    assert rows == [{"Question": "How do I reset it?", "Answer": "Use the link."},
+                    {"Question": "Where is it?", "Answer": "Here."}]
+    (tmp_path / "y.csv").write_text("q,a,,\nhi,there,note,more\nho,hum,,\n")  # two unnamed columns with data
+    with pytest.raises(FtUsageError, match=r"y\.csv: the header names more than one column ''"):
+        D.load_rows(str(tmp_path / "y.csv"))
+
+
+def test_a_spreadsheet_file_is_told_how_to_read_it(tmp_path):
+    (tmp_path / "faq.xlsx").write_bytes(b"PK\x03\x04 not really a workbook")
+    with pytest.raises(FtUsageError, match=r"unsupported file type '\.xlsx'.*A spreadsheet: read it in a cell, "
+                                           r"df = pandas\.read_excel\(.*faq\.xlsx', dtype=str\).*then --data df"):
+        D.load_rows(str(tmp_path / "faq.xlsx"))

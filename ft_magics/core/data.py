@@ -604,6 +604,11 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
         if short is not None:
             raise short
     header = _csv_header(path, sep, quoting)
+    # a spreadsheet's export often ends its rows in empty columns ('Question,Answer,,'): no name and no data
+    blank = [i for i, h in enumerate(header) if not h and i < len(df.columns) and (df.iloc[:, i] == "").all()]
+    if blank:
+        df = df.drop(columns=[df.columns[i] for i in blank])
+        header = [h for i, h in enumerate(header) if i not in blank]
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:
         raise FtUsageError(f"{path}: the header names more than one column {', '.join(map(repr, twice))}; give each "
@@ -844,7 +849,10 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
         raise FtUsageError(
             f"{path.name}: unsupported file type {suffix or '(no extension)'!r}"
             f"{did_you_mean(suffix, FILE_SUFFIXES)}; use one of {', '.join(FILE_SUFFIXES)}"
-            f" (each also compressed: {', '.join(COMPRESSIONS)}, e.g. train.jsonl.gz)."
+            f" (each also compressed: {', '.join(COMPRESSIONS)}, e.g. train.jsonl.gz)"
+            + (f". A spreadsheet: read it in a cell, df = pandas.read_excel({str(path)!r}, dtype=str) (every cell as "
+               "the text shown), then --data df; or save it as CSV" if suffix in (".xlsx", ".xls", ".xlsm", ".ods")
+               else "") + "."
         )
     if path.stat().st_size == 0:
         raise FtUsageError(f"{path} is empty (0 bytes): it holds no examples.")
