@@ -521,6 +521,11 @@ def parse_yaml_body(text: str) -> dict:
     text = text or ""
     if not text.strip():
         return {}
+    for n, line in enumerate(text.splitlines(), 1):  # 'r:8' is one word to YAML; the error fell on another line
+        m = _KEY_COLON_NO_SPACE.match(line)
+        if m:
+            raise FtUsageError(f"line {n} of the cell body, {line.strip()!r}, has no space after its colon, so YAML "
+                               f"reads it as one word: write '{m.group(1)}: {m.group(2)}'.")
     try:
         data = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
@@ -541,6 +546,9 @@ def parse_yaml_body(text: str) -> dict:
 
 
 _KEY_EQUALS = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*=\s*(.*?)\s*$")
+# a setting written 'r:8': a known key's name, a colon and a value with no space between (a URL or a time such as
+# 'data: http://x' or '12:30' has its space after the key's colon, or no key name before it)
+_KEY_COLON_NO_SPACE = re.compile(r"^([A-Za-z_][\w-]*):([^\s:/#][^#]*?)\s*(#.*)?$")  # (top level: unindented)
 
 
 def not_settings(data, text: str = "") -> FtUsageError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import re
 import shlex
 import sys
@@ -123,6 +124,23 @@ _NO_STOP_STRINGS = "there are no stop strings here; an answer ends at the model'
 ABSENT_FLAGS = {"--stop": _NO_STOP_STRINGS, "--stop-sequence": _NO_STOP_STRINGS}
 
 
+# A magic's line is split as the platform's shell splits words (as IPython's own magics do): on Windows a
+# backslash is a path separator, elsewhere an escape character.
+POSIX_LINES = os.name != "nt"
+
+
+def _refuse_unquoted_backslashes(line: str) -> None:
+    """An unquoted word with a backslash (``data\\faq.csv``, ``C:\\Users\\me``) lost it to the shell-style split,
+    and the error named a path the user never typed ('datafaq.csv')."""
+    from IPython.utils.process import arg_split
+
+    for word in arg_split(line, posix=False):
+        if "\\" in word and not any(quote in word for quote in "\"'"):  # (inside quotes it is kept)
+            raise UsageError(f"{word}: a backslash on a magic's line is an escape character here, so it would be "
+                             f"read as {''.join(arg_split(word, posix=True))!r}. Write the path with / "
+                             f"({word.replace(chr(92), '/')}) or put it in quotes ('{word}').")
+
+
 def parse_args(magic_func, line: str) -> argparse.Namespace:
     """``parse_argstring`` with a "did you mean" for unknown flags and no silent abbreviations; a trailing
     ``# comment`` is not part of the arguments."""
@@ -130,8 +148,11 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
 
     parser = magic_func.parser
     parser.allow_abbrev = False
+    line = strip_comment(line)
     try:
-        words = arg_split(strip_comment(line), posix=True)
+        words = arg_split(line, posix=POSIX_LINES)
+        if POSIX_LINES:
+            _refuse_unquoted_backslashes(line)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
     help_asked(magic_func, words)
@@ -984,7 +1005,10 @@ def end_as_interrupted(what: str) -> None:
     """After a magic kept what an interrupt left it (a saved adapter, the answer so far), end the cell as an
     error: Jupyter then skips the cells queued after it, as an interrupt does anywhere else. Returning normally
     let the next queued training cell start, so one press of the stop button did not stop the notebook."""
-    raise UsageError(f"{what}. The interrupt also skips the cells queued after this one.")
+    from IPython import get_ipython
+
+    in_jupyter = getattr(get_ipython(), "kernel", None) is not None  # a terminal has no queue of cells to skip
+    raise UsageError(f"{what}." + (" The interrupt also skips the cells queued after this one." if in_jupyter else ""))
 
 
 def prompts_keep_question_marks(lines: list) -> list:

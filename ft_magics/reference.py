@@ -106,7 +106,7 @@ def help_text(name: str | None = None) -> str:
             raise FtUsageError(f"no magic %{key}{did_you_mean(key, list(kinds))}. %ft_help lists them all.")
         return _one(key, kinds[key], full=True)
     out = ["ft_magics — LoRA / QLoRA fine-tuning in the notebook. Full reference: README.md (section Reference).",
-           "%ft_help NAME shows one magic with every flag; %%lora_train? shows IPython's own help.", "",
+           "%ft_help NAME shows one magic with every flag; %lora_train? shows IPython's own help.", "",
            "Quick start:", "  %load_ext ft_magics", "  %qlora_load",
            "  %%lora_train support-bot --data demo:support --max-steps 60", "  r: 16",
            "  %%lora_generate --adapter support-bot", "  How do I reset my password?", ""]

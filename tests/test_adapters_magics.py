@@ -548,7 +548,8 @@ def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, mo
         real_tick(self)
 
     monkeypatch.setattr(evaluation.EvalProgress, "tick", tick)
-    with pytest.raises(UsageError, match=r"%lora_eval interrupted: no scores for 'alpha'.*The interrupt also skips"):
+    with pytest.raises(UsageError, match=r"%lora_eval interrupted: no scores for 'alpha'; the model and adapters are as "
+                                         r"they were\.$"):
         sh.run_line_magic("lora_eval", line)
     monkeypatch.setattr(evaluation.EvalProgress, "tick", real_tick)
     assert magics(sh).session.adapters.active == "alpha"

@@ -138,7 +138,8 @@ def test_a_cell_magic_s_first_line_takes_an_unquoted_system_prompt_whole(shell, 
 
 
 # --------------------------------------------------------------------------- argument errors
-def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_skipped(shell, tiny_model_dir, capsys):
+def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_skipped(shell, tiny_model_dir, capsys,
+                                                                                     monkeypatch):
     """%lora_generate and %lora_chat kept the answer an interrupt stopped and returned normally, so Jupyter ran
     the cells queued after them. The answer (and the chat turn) is still kept; the cell then ends as a UsageError,
     which makes Jupyter skip the queue, as an interrupt does anywhere else."""
@@ -157,8 +158,9 @@ def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_ski
     hook = session.model.register_forward_pre_hook(interrupt_at_the_third_token)
     try:
         capsys.readouterr()
-        with pytest.raises(UsageError, match=r"the answer was stopped by the interrupt after 3 tokens \(kept above\)\. "
-                                             r"The interrupt also skips the cells queued after this one"):
+        # a terminal (no kernel) has no queue: the sentence about queued cells is for Jupyter
+        with pytest.raises(UsageError, match=r"^the answer was stopped by the interrupt after 3 tokens \(kept "
+                                             r"above\)\.$"):
             shell.run_cell_magic("lora_generate", "--max-new-tokens 50 --no-stream", "hello")
         out = capsys.readouterr().out
         assert "3 tokens" in out and "stopped by interrupt" in out  # the answer and its footer came first
@@ -166,11 +168,29 @@ def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_ski
         with pytest.raises(UsageError, match="stopped by the interrupt after 3 tokens"):
             shell.run_cell_magic("lora_chat", "--max-new-tokens 50", "hello there")
         assert session.conversation.exchanges == 1  # the stopped turn is kept in the conversation
+        calls.clear()
+        monkeypatch.setattr(shell, "kernel", object(), raising=False)  # in Jupyter
+        with pytest.raises(UsageError, match=r"after 3 tokens \(kept above\)\. The interrupt also skips the cells "
+                                             r"queued after this one\.$"):
+            shell.run_cell_magic("lora_generate", "--max-new-tokens 50 --no-stream", "hello")
+        monkeypatch.delattr(shell, "kernel", raising=False)
     finally:
         hook.remove()
     capsys.readouterr()
     shell.run_cell_magic("lora_generate", "--max-new-tokens 2 --no-stream", "hello")  # no interrupt: no error
     assert "2 tokens" in capsys.readouterr().out
+
+
+def test_an_unquoted_backslash_path_is_named_as_typed_not_as_the_split_read_it(shell, tiny_model_dir):
+    """`--data data\\faq.csv` (a Windows habit) was split shell-style: the error said 'datafaq.csv' does not
+    exist, a path the user never typed."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match=r"data\\faq\.csv: a backslash on a magic's line is an escape character "
+                                         r"here, so it would be read as 'datafaq\.csv'\. Write the path with / "
+                                         r"\(data/faq\.csv\) or put it in quotes"):
+        shell.run_line_magic("lora_train", r"win --data data\faq.csv --max-steps 2")
+    with pytest.raises(UsageError, match=r"data file 'data\\+faq\.csv' does not exist"):  # quoted: kept as typed
+        shell.run_line_magic("lora_train", r'win --data "data\faq.csv" --max-steps 2')
 
 
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):
@@ -244,6 +264,11 @@ def test_lora_train_bad_value_names_the_key(shell, tiny_model_dir):
     # Python-style assignments are plain text to YAML: the error shows the spelling that works
     with pytest.raises(UsageError, match="not plain text. 'r=16' is written with '='; write 'r: 16'"):
         shell.run_cell_magic("lora_train", "x --data demo:support", "r=16\nmax_steps=1\n")
+    # 'r:8' is one word to YAML: the error blamed line 2 ("mapping values are not allowed here"), a correct line
+    with pytest.raises(UsageError, match=r"line 1 of the cell body, 'r:8', has no space after its colon.*write 'r: 8'"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "r:8\nmax_steps: 1\n")
+    with pytest.raises(UsageError, match=r"'max_steps:1', has no space after its colon.*write 'max_steps: 1'"):
+        shell.run_cell_magic("lora_train", "x --data demo:support", "max_steps:1\n")
 
 
 def test_train_without_model_says_to_load(shell):

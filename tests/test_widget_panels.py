@@ -211,3 +211,21 @@ def test_comparison_shows_an_empty_answer_and_left_aligned_headers():
     page = cmp.to_html()
     assert "(empty answer)" in page and "(empty answer)" in cmp.to_text()
     assert page.count("<th style='text-align:left'>") == 3 and "<th>" not in page
+
+
+def test_comparison_text_wraps_to_the_terminal_width(monkeypatch):
+    """The text comparison was wrapped at 100 columns whatever the terminal: in 80 columns each line broke again."""
+    import os
+    import shutil
+
+    from ft_magics.core.inference import Comparison, Generation
+
+    answer = " ".join(["I can provide a gift for you."] * 12)
+    cmp = Comparison(prompts=["p"], columns=["a"], cells={(0, "a"): Generation(text=answer, adapter="a",
+                                                                               new_tokens=80, seconds=1.0)},
+                     swap_ms={})
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(100, 24): os.terminal_size((80, 24)))
+    assert max(len(line) for line in cmp.to_text().splitlines()) <= 79
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback=(100, 24): os.terminal_size((200, 24)))
+    widest = max(len(line) for line in cmp.to_text().splitlines() if line.startswith("    "))
+    assert 90 <= widest <= 100  # wide terminals keep the readable 100

@@ -426,16 +426,20 @@ class Comparison:
             return sum(g.new_tokens for g in gens) / secs if secs > 0 else 0.0
         return sum(g.new_tokens - 1 for g in decoded) / sum(g.decode_seconds for g in decoded)
 
-    def to_text(self, width: int = 40) -> str:
+    def to_text(self, width: Optional[int] = None) -> str:
+        """The comparison as text, the answers wrapped to ``width`` columns (None: the terminal's, at most 100;
+        a fixed 100 broke up again in an 80-column terminal)."""
+        import shutil
         import textwrap
 
+        width = width or min(100, max(40, shutil.get_terminal_size((100, 24)).columns - 1))
         lines = []
         for i, p in enumerate(self.prompts):
             lines.append(f"Prompt {i + 1}: {p}")
             for c in self.columns:
                 g = self.cells[(i, c)]
                 shown = g.text if g.text.strip() else ("(blank: whitespace only)" if g.text else EMPTY_ANSWER)
-                body = textwrap.fill(shown, width=100, initial_indent="    ", subsequent_indent="    ")
+                body = textwrap.fill(shown, width=width, initial_indent="    ", subsequent_indent="    ")
                 lines.append(f"  [{c}] {g.new_tokens} tokens")
                 lines.append(body)
             lines.append("")
