@@ -66,6 +66,10 @@ class TrainConfig:
         "all-linear",
         "Which linear layers get adapters: a preset (qv, attention, mlp, all-linear) or a list of module names.",
     )
+    init_from: str = _f(
+        "", "Start from a saved adapter's weights instead of a fresh adapter: its name in the adapters folder, or "
+        "its folder (e.g. DPO after SFT: init_from: my-sft). Same r and layers; that adapter's folder is left as it "
+        "is, and a DPO/IPO reference stays the base model.")
     # optimisation
     learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
     batch_size: int = _f(8, "Examples per device per step.")

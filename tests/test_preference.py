@@ -508,3 +508,47 @@ def test_trl_loss_type_reads_as_the_objective_and_simpo_gamma_elsewhere_is_noted
     assert overridden_notes({"objective", "simpo_gamma"}, cfg) == [
         "simpo_gamma is SimPO's target margin: objective: dpo does not use it (objective: simpo does)."]
     assert overridden_notes({"objective", "simpo_gamma"}, TrainConfig.from_dict({"objective": "simpo"})) == []
+
+
+def test_dpo_starts_from_an_sft_adapter_with_init_from(tiny_session, tmp_path):
+    """DPO after SFT (TRL's usual flow) started from a fresh adapter: re-using the SFT adapter's name replaced it,
+    and nothing could start from its weights. init_from copies a saved adapter's weights into the new one (the SFT
+    folder is left as it is; the DPO reference stays the base), and refuses what cannot fit."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ft_magics.core.events import Message, Recorder
+
+    s = tiny_session
+    rows = [{"prompt": f"question {i}", "chosen": "yes", "rejected": "no"} for i in range(16)]
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    base_cfg = {"max_steps": 4, "batch_size": 4, "r": 4, "learning_rate": 5e-3, "seed": 1}
+    sft = s.train("sft", sft_rows, base_cfg, listeners=[])
+    sft_weights = load_file(str(Path(sft.adapter_path) / "adapter_model.safetensors"))
+    rec = Recorder()
+    dpo = s.train("dpo", rows, dict(base_cfg, objective="dpo", max_steps=1, learning_rate=1e-12, init_from="sft"),
+                  listeners=[rec])
+    assert any("starts from the weights of the adapter in" in m.text and "init_from" in m.text
+               for m in rec.of(Message))
+    # a step at a learning rate of 1e-12 leaves the weights where they started: the SFT adapter's, not fresh ones
+    dpo_weights = load_file(str(Path(dpo.adapter_path) / "adapter_model.safetensors"))
+    assert dpo_weights.keys() == sft_weights.keys()
+    assert all(torch.allclose(dpo_weights[k].float(), sft_weights[k].float(), atol=1e-6) for k in sft_weights)
+    assert dpo.record["loss_history"][0][1] != pytest.approx(0.6931, abs=1e-4)  # not the base: it starts as SFT
+    assert dpo.record["settings"]["init_from"] == "sft"
+    fresh = s.train("fresh", rows, dict(base_cfg, objective="dpo", max_steps=1), listeners=[])
+    assert fresh.record["loss_history"][0][1] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter starts at log 2
+    # the SFT folder is untouched; training under its own name from itself works too
+    assert load_file(str(Path(sft.adapter_path) / "adapter_model.safetensors")).keys() == sft_weights.keys()
+    again = s.train("sft", rows, dict(base_cfg, objective="dpo", max_steps=1, init_from="sft"), listeners=[])
+    assert again.status == "completed"
+
+    with pytest.raises(FtUsageError, match=r"init_from: 'sfft' is neither an adapter in .* \(did you mean 'sft'\?\)"):
+        s.train("x", rows, dict(base_cfg, objective="dpo", init_from="sfft"), listeners=[])
+    with pytest.raises(FtUsageError, match=r"another shape \(r 4 there, 8 here\).*Set r: 4"):
+        s.train("x", rows, dict(base_cfg, objective="dpo", r=8, init_from="fresh"), listeners=[])
+    with pytest.raises(FtUsageError, match=r"adapts other layers than this run"):
+        s.train("x", rows, dict(base_cfg, objective="dpo", target_modules="qv", init_from="fresh"), listeners=[])
+    assert "x" not in s.adapters  # a refused start leaves no adapter behind

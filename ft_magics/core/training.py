@@ -672,6 +672,62 @@ def attach_adapter(model, name: str, cfg: TrainConfig, on_model: Optional[Callab
     return peft_model
 
 
+def initial_adapter(cfg: TrainConfig, adapters_dir: Path) -> Optional[Path]:
+    """The adapter folder ``init_from`` names (None when it is unset): an adapter's name in ``adapters_dir`` or a
+    folder's path. Its rank and kind are checked against ``cfg`` here, before the model is touched."""
+    if not cfg.init_from:
+        return None
+    from ..paths import user_path
+
+    ref = str(cfg.init_from)
+    path = user_path(ref)
+    looks_like_path = path.is_absolute() or any(sep in ref for sep in ("/", "\\")) or ref.startswith(".")
+    found = next((p for p in ([path] if looks_like_path else [Path(adapters_dir) / ref, path])
+                  if (p / "adapter_config.json").is_file()), None)
+    if found is None:
+        names = sorted(p.name for p in Path(adapters_dir).glob("*") if (p / "adapter_config.json").is_file())
+        raise FtUsageError(
+            f"init_from: {ref!r} is neither an adapter in {adapters_dir}{did_you_mean(ref, names)} nor a folder "
+            "holding adapter_config.json. Give a trained adapter's name"
+            + (f" ({', '.join(names[:10])})" if names else "") + " or its folder.")
+    saved = json.loads((found / "adapter_config.json").read_text())
+    mismatch = [f"{k} {saved.get(k)} there, {v} here" for k, v in (("r", cfg.r), ("use_dora", cfg.use_dora))
+                if saved.get(k, False if k == "use_dora" else None) != v]
+    if mismatch:
+        raise FtUsageError(
+            f"init_from: the adapter in {found} has another shape ({'; '.join(mismatch)}): starting from it needs the "
+            f"same r and kind. Set r: {saved.get('r')}" + (f" and use_dora: {saved.get('use_dora')}" if
+                                                          saved.get("use_dora") != cfg.use_dora else "")
+            + ", or train from a fresh adapter (no init_from).")
+    return found
+
+
+def load_initial_weights(peft_model, name: str, folder: Path, cfg: TrainConfig) -> None:
+    """Copy the weights of the adapter in ``folder`` into the freshly attached adapter ``name``: every one of the
+    new adapter's LoRA tensors must be found there, and every tensor there must have a place (the same layers)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .adapters import read_adapter_folder
+
+    read_adapter_folder(folder)  # a complete, readable adapter (its weights file, no pickles)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    try:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    except RuntimeError as exc:  # a size mismatch: other layer widths (another base model)
+        raise FtUsageError(f"init_from: the adapter in {folder} does not fit this model's layers "
+                           f"({str(exc).splitlines()[0][:200]}): was it trained on another base model?") from None
+    wanted = [n for n, _ in peft_model.named_parameters() if ".lora_" in n and f".{name}." in n]
+    missing = [n for n in getattr(result, "missing_keys", []) if n in set(wanted)]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        layer = (missing or unexpected)[0]
+        raise FtUsageError(
+            f"init_from: the adapter in {folder} adapts other layers than this run (target_modules: "
+            f"{cfg.target_modules}): {'no weights there for' if missing else 'weights there for no layer here:'} "
+            f"{layer}. Set target_modules as it was trained, or train from a fresh adapter.")
+
+
 def trainable_counts(peft_model, base_params: int) -> tuple[int, int]:
     """``(trainable parameters, the model's with them)``: the adapter counts in the whole, as PEFT counts it, so
     the share never passes 100% (r=64 on a tiny model read '131,072 of 99,648 (131.54%)')."""
@@ -923,9 +979,14 @@ def run_training(
     # DoRA sets its magnitudes from the base weights as it attaches: read in the standard 4-bit layout, not
     # one a generate repacked for bitsandbytes' CPU kernel (PEFT dequantises that as garbage)
     unpack_cpu_4bit(handle.model)
+    start = initial_adapter(cfg, target.parent) if not resume else None  # found before the model is touched
     peft_model = attach_adapter(handle.model, name, cfg, on_model)
     if on_model is not None:
         on_model(peft_model)
+    if start is not None:
+        load_initial_weights(peft_model, name, start, cfg)
+        emit(listeners, Message(f"{name!r} starts from the weights of the adapter in {start} (init_from), not from "
+                                "a fresh adapter; that folder is left as it is."))
     trainable, total = trainable_counts(peft_model, handle.param_count)
     history: dict = {"loss": [], "eval": [], "last_step": 0}
     collator = CountingCollator(handle.tokenizer)
