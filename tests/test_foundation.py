@@ -384,10 +384,11 @@ def test_the_run_s_peak_memory_counts_what_a_step_frees_before_it_ends(tiny_mode
     """On the CPU the run's peak was the highest RSS read between steps: a buffer a step allocates and frees (a
     batch's full-vocabulary logits, attention scores) never showed. A tester's Gemma-2 run read 0.59 GB where the
     process had reached 3 GB. Here one step holds 600 MB for a moment, in a fresh process (whose high-water mark
-    the test's own work has not raised)."""
+    the test's own work has not raised; started by pytest, whose high-water mark ru_maxrss carries over exec)."""
     code = f"""
-import json, resource, torch
+import json, torch
 from ft_magics import Session
+from ft_magics.core.memory import process_peak_bytes
 s = Session(adapters_dir={str(tmp_path / 'ad')!r})
 s.load({str(tiny_model_dir)!r}, bits=32)
 calls = []
@@ -399,7 +400,7 @@ def transient(module, args):
             buf.sum()
             del buf
 s.handle.model.get_input_embeddings().register_forward_pre_hook(transient)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = process_peak_bytes()
 r = s.train("peak", [{{"text": "hello world number %d" % i}} for i in range(30)],
             {{"max_steps": 4, "batch_size": 2}}, listeners=[])
 print(json.dumps({{"before": before, "peak": r.peak_memory_bytes,
