@@ -339,14 +339,27 @@ def test_exported_job_runs_from_a_clean_shell_and_loads_in_the_notebook(shell, t
     assert magics.session.adapters.require("exported").steps == 3
 
 
-def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
-    """accelerate's notebook_launcher in a fresh interpreter (nothing imported that blocks a fork)."""
+def _two_process_job(tmp_path: Path, model_dir: Path, name: str, **settings) -> Path:
+    """A job of the tiny model in fp32 on two processes, demo:support, FAST settings with ``settings`` over them."""
     from ft_magics.core.jobs import JobSpec, write_job
     from ft_magics.config import TrainConfig
 
-    job = write_job(tmp_path / "job", JobSpec(
-        name="forked", model={"source": str(tiny_model_dir), "bits": 32, "dtype": "fp32"}, data="demo:support",
-        settings=TrainConfig.from_dict(dict(FAST, max_steps=3, batch_size=4)).to_dict(), processes=2))
+    return write_job(tmp_path / "job", JobSpec(
+        name=name, model={"source": str(model_dir), "bits": 32, "dtype": "fp32"}, data="demo:support",
+        settings=TrainConfig.from_dict(dict(FAST, **settings)).to_dict(), processes=2))
+
+
+def _result_in_fresh_interpreter(code: str, cwd: Path) -> dict:
+    """Run ``code`` in a fresh interpreter (nothing imported that blocks a fork); its printed 'RESULT {json}'."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads([l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
+    """accelerate's notebook_launcher in a fresh interpreter (nothing imported that blocks a fork)."""
+    job = _two_process_job(tmp_path, tiny_model_dir, "forked", max_steps=3, batch_size=4)
     code = (
         "import sys, json\n"
         "from ft_magics.core.jobs import run_job, notebook_launcher_blocker\n"
@@ -358,11 +371,7 @@ def test_notebook_launcher_forks_where_it_can(tiny_model_dir, tmp_path):
         "      'steps': [e.step for e in rec.of(StepEnd)], 'procs': out.record['launch']['processes'],\n"
         "      'texts': [m.text for m in rec.events if type(m).__name__ == 'Message']}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = _result_in_fresh_interpreter(code, tmp_path)
     assert out["status"] == "completed" and out["steps"] == [1, 2, 3] and out["procs"] == 2
     assert any("notebook launcher" in t for t in out["texts"])
     assert out["adapter"] == str((tmp_path / "job" / "adapters" / "forked").resolve())
@@ -372,12 +381,7 @@ def test_an_interrupted_notebook_launcher_job_keeps_its_saved_adapter(tiny_model
     """An interrupt of a job on accelerate's notebook launcher reached the processes, and rank 0 saved the adapter
     (interrupted), but the cell reported a failure: torch's elastic launcher turns the kernel's SIGINT into a
     SignalException, which was read as the job's error."""
-    from ft_magics.core.jobs import JobSpec, write_job
-    from ft_magics.config import TrainConfig
-
-    job = write_job(tmp_path / "job", JobSpec(
-        name="cut", model={"source": str(tiny_model_dir), "bits": 32, "dtype": "fp32"}, data="demo:support",
-        settings=TrainConfig.from_dict(dict(FAST, max_steps=400, batch_size=4)).to_dict(), processes=2))
+    job = _two_process_job(tmp_path, tiny_model_dir, "cut", max_steps=400, batch_size=4)
     code = (
         "import json, os, signal\n"
         "from ft_magics.core.jobs import run_job\n"
@@ -389,10 +393,7 @@ def test_an_interrupted_notebook_launcher_job_keeps_its_saved_adapter(tiny_model
         f"out = run_job({str(job)!r}, 2, 'notebook', [interrupt])\n"
         "print('RESULT', json.dumps({'status': out.status, 'adapter': out.adapter_path, 'steps': out.record['steps']}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = json.loads([l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    out = _result_in_fresh_interpreter(code, tmp_path)
     assert out["status"] == "interrupted" and 2 <= out["steps"] < 400, out
     adapter = Path(out["adapter"])
     assert json.loads((adapter / "ft_run.json").read_text())["status"] == "interrupted"
