@@ -151,11 +151,11 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
     line = strip_comment(line)
     try:
         words = arg_split(line, posix=POSIX_LINES)
+        help_asked(magic_func, words)  # (--help wins over what else the line holds)
         if POSIX_LINES:
             _refuse_unquoted_backslashes(line)
     except ValueError as exc:  # unbalanced quotes
         raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
-    help_asked(magic_func, words)
     words = _spelled_out_switches(parser, words)
     _refuse_repeats(parser, words)
     flags = [s for a in parser._actions for s in a.option_strings]

@@ -717,8 +717,8 @@ def load_initial_weights(peft_model, name: str, folder: Path, cfg: TrainConfig) 
     except RuntimeError as exc:  # a size mismatch: other layer widths (another base model)
         raise FtUsageError(f"init_from: the adapter in {folder} does not fit this model's layers "
                            f"({str(exc).splitlines()[0][:200]}): was it trained on another base model?") from None
-    wanted = [n for n, _ in peft_model.named_parameters() if ".lora_" in n and f".{name}." in n]
-    missing = [n for n in getattr(result, "missing_keys", []) if n in set(wanted)]
+    wanted = {n for n, _ in peft_model.named_parameters() if ".lora_" in n and f".{name}." in n}
+    missing = [n for n in getattr(result, "missing_keys", []) if n in wanted]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
         layer = (missing or unexpected)[0]
