@@ -1038,17 +1038,14 @@ def _exported_name(folder: Path) -> Optional[str]:
     """The adapter an export folder holds: its record's name, or the last adapter merged into a merged model."""
     import json
 
-    from .core.adapters import MERGED_KEY
+    from .core.adapters import merged_into
 
     try:
         return json.loads((folder / "ft_run.json").read_text()).get("name")
     except (OSError, ValueError, AttributeError):
         pass
-    try:
-        merged = json.loads((folder / "config.json").read_text()).get(MERGED_KEY) or []
-        return merged[-1].get("name") if merged else None
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+    merged = merged_into(folder)
+    return merged[-1].get("name") if merged and isinstance(merged[-1], dict) else None
 
 
 def _written_by_export(folder: Path) -> bool:
@@ -1057,18 +1054,17 @@ def _written_by_export(folder: Path) -> bool:
     folder is neither, and is never overwritten by an export."""
     import json
 
-    from .core.adapters import MERGED_KEY
+    from .core.adapters import merged_into
     from .core.atomic import COMPLETE_MARKER
 
     if not (folder / COMPLETE_MARKER).exists():
         return False
-    for name, key in (("ft_run.json", "exported_from"), ("config.json", MERGED_KEY)):
-        try:
-            if key in json.loads((folder / name).read_text()):
-                return True
-        except (OSError, ValueError, TypeError):
-            continue
-    return False
+    try:
+        if "exported_from" in json.loads((folder / "ft_run.json").read_text()):
+            return True
+    except (OSError, ValueError, TypeError):
+        pass
+    return merged_into(folder) is not None
 
 
 def _default_listeners(listeners: Optional[list]) -> list:

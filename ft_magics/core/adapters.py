@@ -127,11 +127,7 @@ def read_adapter_folder(path: Path, parse_weights: bool = True) -> dict:
         partial = any(path.parent.glob(f".{path.name}.tmp-*"))
         model = ""
         if (path / "config.json").is_file():  # a model, such as export --merged writes: it loads as a base
-            try:
-                merged = json.loads((path / "config.json").read_text()).get(MERGED_KEY) or []
-            except (OSError, ValueError, AttributeError):
-                merged = []
-            names = ", ".join(repr(m.get("name")) for m in merged if isinstance(m, dict))
+            names = ", ".join(repr(m.get("name")) for m in merged_into(path) or [] if isinstance(m, dict))
             model = (f": it is a standalone model{f' with adapter {names} merged in (export --merged)' if names else ''}"
                      f", which loads as the base model: %qlora_load {path}")
         raise FtUsageError(
@@ -525,6 +521,16 @@ def load_exact(model, path: Path, name: str) -> None:
 
 
 MERGED_KEY = "ft_magics_merged"  # in an exported merged model's config.json: the adapters merged into it
+
+
+def merged_into(folder: Path) -> Optional[list]:
+    """The adapters an exported merged model in ``folder`` lists (``MERGED_KEY`` of its config.json); None where
+    the folder holds no such model (no config.json, an unreadable one, or one without the key)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get(MERGED_KEY) if isinstance(config, dict) and MERGED_KEY in config else None
 
 
 def check_not_merged_in(model, path: Path, model_label: str) -> None:

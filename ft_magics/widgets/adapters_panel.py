@@ -39,6 +39,19 @@ def short_modules(modules) -> str:
     return ", ".join(kinds) + (f" (x{per} layers)" if per > 1 else "")
 
 
+
+def set_choices(panel, dropdown, options: list, value) -> None:
+    """Give ``dropdown`` these ``options`` (only where they changed) and ``value``, with ``panel._refreshing``
+    set meanwhile: new options reset a dropdown's value, and its observer must not read that as the user
+    choosing."""
+    panel._refreshing = True
+    try:
+        if tuple(dropdown.options) != tuple(options):
+            dropdown.options = options
+        dropdown.value = value
+    finally:
+        panel._refreshing = False
+
 class TextLine(widgets.HTML):
     """A status or error line of plain text that wraps at the panel's edge: a Label cuts a long line off
     ("cannot answer: ... or %lora_stop." lost its end). Set :attr:`text`; it is escaped into ``value``."""
@@ -147,13 +160,7 @@ class AdaptersPanel:
         loaded = [BASE_LABEL] + [r["name"] for r in rows]
         names = adapter_choices(loaded[1:], on_disk)
         active = self.session.adapters.active or BASE_LABEL
-        self._refreshing = True
-        try:
-            if tuple(self.selector.options) != tuple(names):
-                self.selector.options = names
-            self.selector.value = active if active in loaded else BASE_LABEL
-        finally:
-            self._refreshing = False
+        set_choices(self, self.selector, names, active if active in loaded else BASE_LABEL)
         has = bool(rows)
         self.unload_button.disabled = self.delete_button.disabled = not has
 

@@ -15,7 +15,7 @@ import ipywidgets as widgets
 
 from ..core.chat import left_out_notes
 from ..errors import FtUsageError
-from .adapters_panel import BASE_LABEL, TextLine, adapter_choices
+from .adapters_panel import BASE_LABEL, TextLine, adapter_choices, set_choices
 
 REDRAW_S = 0.1  # at most ten redraws a second while an answer streams in
 SYNC_S = 1.0  # typing redraws the panel from the session at most once a second (it reads the adapters folder)
@@ -83,13 +83,7 @@ class ChatPanel:
         names = adapter_choices([a.name for a in s.adapters], s.adapters_on_disk(fitting=True))
         current = prefer if prefer is not None else self.adapter.value
         values = [v for _label, v in names]
-        self._refreshing = True  # new options reset the value: that is not the user choosing
-        try:
-            if tuple(self.adapter.options) != tuple(names):
-                self.adapter.options = names
-            self.adapter.value = current if current in values else None
-        finally:
-            self._refreshing = False
+        set_choices(self, self.adapter, names, current if current in values else None)
         if current is None or current in values:
             return ""
         return f"{current} is gone (deleted or unloaded in another cell): choose who answers in 'answer with'."
