@@ -1,4 +1,4 @@
-"""The text subcommands of ``%lora_adapters`` (list, info, use, load, unload, delete, merge, unmerge,
+"""The text subcommands of ``%lora_adapters`` (list, info, use, load, unload, delete, rename, merge, unmerge,
 combine, export): parse the words, call the Session, print the outcome. No IPython import: user
 mistakes are FtUsageError, which the magic turns into a UsageError."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ USAGE = {
     "load": "load PATH [--name NAME]",
     "unload": "unload NAME",
     "delete": "delete NAME",
+    "rename": "rename NAME NEW",
     "merge": "merge NAME",
     "unmerge": "unmerge",
     "combine": "combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]",
@@ -155,6 +156,14 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         else:
             out(f"deleted adapter {name!r} from memory; the folder it was loaded from was kept (delete removes "
                 f"only its own folder, {s.adapters_dir / name}).")
+        return
+    if cmd == "rename":
+        if len(rest) != 2:
+            said = f"unexpected {' '.join(rest[2:])}; " if len(rest) > 2 else "rename needs the name and the new name; "
+            raise FtUsageError(f"{said}usage: %lora_adapters {USAGE[cmd]}")
+        folder = s.rename_adapter(*rest)
+        out(f"renamed adapter {rest[0]!r} to {rest[1]!r}" + (f"; its folder is now {folder}." if folder else
+                                                           " in memory (its folder, outside the adapters folder, keeps its name)."))
         return
     if cmd == "merge":
         name = _name(cmd, rest)

@@ -710,6 +710,7 @@ class FtMagics(Magics):
             load PATH [--name N]                  any PEFT LoRA adapter folder
             unload NAME                           drop from memory, keep the folder
             delete NAME                           drop and delete its folder (only inside adapters/)
+            rename NAME NEW                       its folder, record and checkpoints too; stays active
             merge NAME                            fold into the base weights (16/32-bit base)
             unmerge                               restore the base weights exactly
             combine a:0.7,b:0.3 --name NEW [--method linear|cat|svd|ties]

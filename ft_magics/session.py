@@ -502,6 +502,79 @@ class Session:
         self.unload_adapter(name)
         return self._remove_folder(folder, name) if folder is not None else None
 
+    def rename_adapter(self, name: str, new: str) -> Optional[str]:
+        """Give adapter ``name`` the name ``new``: its own folder ``adapters/NAME`` (renamed in one step, its
+        record rewritten atomically), its stopped run's checkpoints, and in memory the loaded adapter (read again
+        from the renamed folder, active if it was). An adapter loaded from elsewhere is renamed in memory only.
+        Returns the new folder, or None. Anything that fails midway is put back as it was."""
+        import os
+
+        from .core.adapters import run_record, validate_name
+        from .core.atomic import atomic_write_json
+        from .core.checkpoints import checkpoint_root
+
+        new = validate_name(new, self.handle.model if self.handle is not None else None)
+        for n in (name, new):
+            self._check_not_training(n)
+        if new == name:
+            raise FtUsageError(f"adapter {name!r} already has that name.")
+        with self._model_busy("rename an adapter"):
+            loaded = name in self.adapters
+            folder = self.deletable_folder(name)
+            if not loaded and folder is None:  # "no adapter named ...", naming the loaded ones and those on disk
+                self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
+            target = self.adapters_dir / new
+            if new in self.adapters or os.path.lexists(target):
+                taken = "an adapter loaded under that name" if new in self.adapters else f"{target} exists"
+                raise FtUsageError(f"cannot rename {name!r} to {new!r}: {taken}. Pick another name, or delete "
+                                   f"that one first (%lora_adapters delete {new}).")
+            self._check_not_merged("rename an adapter")
+            info = self.adapters.require(name) if loaded else None
+            was_active = self.adapters.active == name
+            ckpts, new_ckpts = checkpoint_root(self.adapters_dir, name), checkpoint_root(self.adapters_dir, new)
+            done: list = []  # the steps taken, undone in reverse if a later one fails
+            try:
+                if folder is not None:
+                    os.rename(folder, target)
+                    done.append(lambda: os.rename(target, folder))
+                    record = run_record(target)
+                    if record:
+                        atomic_write_json(target / "ft_run.json", {**record, "name": new})
+                        done.append(lambda: atomic_write_json(target / "ft_run.json", record))  # before it moves back
+                    if ckpts.is_dir() and not os.path.lexists(new_ckpts):
+                        os.rename(ckpts, new_ckpts)
+                        done.append(lambda: os.rename(new_ckpts, ckpts))
+                if loaded:
+                    self._drop_from_memory(name)
+                    done.insert(0, lambda: self._reload(info, name, was_active))  # last: once its folder is back
+                    self._reload(info, new, was_active, path=target if folder is not None else None)
+            except BaseException:
+                for undo in reversed(done):
+                    try:
+                        undo()
+                    except Exception:  # keep undoing the rest; the first error is the one to report
+                        pass
+                raise
+            if name in self.heldout:
+                self.heldout[new] = self.heldout.pop(name)
+            if self._router is not None and self._router.store.resolve() == self.adapters_dir.resolve():
+                self._router.rename(name, new)
+            return str(target.resolve()) if folder is not None else None
+
+    def _reload(self, info, name: str, active: bool, path: Optional[Path] = None) -> None:
+        """Load adapter ``info`` (from ``path``, or where it was read from) under ``name``, keeping what the registry
+        knew of it (trained here or loaded), and make it active again if it was."""
+        from .core.adapters import activate, info_from_folder, load_folder
+
+        path = Path(path or info.path)
+        self.handle.model = load_folder(self.model, path, name)
+        again = info_from_folder(name, path, info.origin)
+        again.extra = {**info.extra, **again.extra}
+        self.adapters.add(again)
+        if active:
+            self.adapters.active = name
+        activate(self.handle.model, self.adapters.active)
+
     @staticmethod
     def _remove_folder(folder: Path, name: str) -> str:
         import shutil

@@ -38,6 +38,8 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     assert "merged 'alpha' into the base weights" in out and "alpha" in out and "[merged]" in out
     with pytest.raises(UsageError, match="unmerge first"):
         sh.run_line_magic("lora_adapters", "use beta")
+    with pytest.raises(UsageError, match="cannot rename an adapter while adapter 'alpha' is merged"):
+        sh.run_line_magic("lora_adapters", "rename alpha first")
     sh.run_line_magic("lora_adapters", "unmerge")
     capsys.readouterr()
     sh.run_line_magic("lora_adapters", "combine alpha:0.6,beta --name mix --method svd")
@@ -47,6 +49,9 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported") is not None
     sh.run_line_magic("lora_adapters", "export beta beta-peft")
     assert (tmp_path / "beta-peft" / "adapter_model.safetensors").exists()
+    sh.run_line_magic("lora_adapters", "rename mix blend")
+    assert f"renamed adapter 'mix' to 'blend'; its folder is now {(tmp_path / 'adapters' / 'blend').resolve()}" in capsys.readouterr().out
+    assert sess.adapters.active == "blend" and not (tmp_path / "adapters" / "mix").exists()
     sh.run_line_magic("lora_adapters", "unload beta")
     assert "beta" not in sess.adapters and b.exists()
     sh.run_line_magic("lora_adapters", "delete alpha")  # no confirmation in text mode
@@ -115,6 +120,10 @@ def test_adapter_subcommand_mistakes_are_usage_errors(loaded):
         sh.run_line_magic("lora_adapters", "combine alpha:0,beta:0 --name x")
     with pytest.raises(UsageError, match="usage: %lora_adapters export"):
         sh.run_line_magic("lora_adapters", "export alpha")
+    with pytest.raises(UsageError, match="rename needs the name and the new name; usage: %lora_adapters rename NAME NEW"):
+        sh.run_line_magic("lora_adapters", "rename alpha")
+    with pytest.raises(UsageError, match="did you mean 'rename'"):
+        sh.run_line_magic("lora_adapters", "renam alpha x")
     with pytest.raises(UsageError, match="no adapter named 'alpah'"):
         sh.run_line_magic("lora_adapters", "unload alpah")
     with pytest.raises(UsageError, match="no adapter is merged"):

@@ -708,3 +708,65 @@ def test_loading_a_file_as_an_adapter_says_it_is_a_file(tiny_session, tmp_path):
     (tmp_path / "mydata.jsonl").write_text("{}\n")
     with pytest.raises(FtUsageError, match=r"mydata\.jsonl is a file, not an adapter folder"):
         tiny_session.load_adapter(tmp_path / "mydata.jsonl")
+
+
+def test_rename_moves_folder_record_checkpoints_and_keeps_the_adapter_active_with_its_weights(tiny_session, made_by_peft,
+                                                                                          tmp_path):
+    import shutil
+
+    from ft_magics.core.checkpoints import checkpoint_root
+
+    s = tiny_session
+    run = s.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 2}, listeners=[])
+    s.load_adapter(made_by_peft["b"], "b")  # outside the adapters folder
+    s.use("x")
+    before = logits(s.model)
+    stale = checkpoint_root(s.adapters_dir, "x")
+    (stale / "checkpoint-1").mkdir(parents=True)  # what a stopped run leaves for --resume
+    assert s.rename_adapter("x", "y") == str((s.adapters_dir / "y").resolve())
+    assert not (s.adapters_dir / "x").exists() and (s.adapters_dir / "y" / "adapter_config.json").exists()
+    assert json.loads((s.adapters_dir / "y" / "ft_run.json").read_text())["name"] == "y"
+    assert (checkpoint_root(s.adapters_dir, "y") / "checkpoint-1").is_dir() and not stale.exists()
+    info = s.adapters.require("y")
+    assert "x" not in s.adapters and s.adapters.active == "y" and info.origin == "trained"
+    assert info.steps == 2 and info.final_loss == run.record["final_loss"]
+    assert torch_equal(logits(s.model), before)  # the same weights answer, under the new name
+    assert "x" not in s.model.peft_config and "y" in s.model.peft_config
+    # an adapter loaded from elsewhere is renamed in memory; its folder keeps its name
+    assert s.rename_adapter("b", "c") is None and made_by_peft["b"].is_dir() and "c" in s.adapters
+    assert s.adapters.active == "y"
+    # refusals name the cause; nothing moves
+    with pytest.raises(FtUsageError, match="'c' exists|loaded under that name"):
+        s.rename_adapter("y", "c")
+    with pytest.raises(FtUsageError, match="no adapter named 'nope'"):
+        s.rename_adapter("nope", "z")
+    with pytest.raises(FtUsageError, match="not allowed"):
+        s.rename_adapter("y", "a.b")
+    shutil.copytree(made_by_peft["a"], s.adapters_dir / "taken")  # on disk, not loaded
+    with pytest.raises(FtUsageError, match="exists"):
+        s.rename_adapter("y", "taken")
+    assert (s.adapters_dir / "y").is_dir() and s.adapters.active == "y"
+    # on disk only (after a restart): the folder is renamed, nothing is loaded
+    assert s.rename_adapter("taken", "free") == str((s.adapters_dir / "free").resolve()) and "free" not in s.adapters
+
+
+def test_a_rename_that_fails_midway_puts_everything_back(tiny_session, monkeypatch):
+    from ft_magics.core import adapters
+
+    s = tiny_session
+    s.train("x", [{"prompt": "hi", "completion": "there"}] * 4, {"max_steps": 2}, listeners=[])
+    before = logits(s.model)
+    record = (s.adapters_dir / "x" / "ft_run.json").read_text()
+    undo = _raise_on_call(monkeypatch, adapters, "load_folder", 1)  # the reload under the new name
+    with pytest.raises(KeyboardInterrupt):
+        s.rename_adapter("x", "y")
+    undo()
+    assert (s.adapters_dir / "x" / "ft_run.json").read_text() == record and not (s.adapters_dir / "y").exists()
+    assert s.adapters.active == "x" and "y" not in s.adapters and "y" not in s.model.peft_config
+    assert torch_equal(logits(s.model), before)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -181,6 +181,12 @@ class AdapterRouter:
         for slot in [s for s in self._slots if s not in configs]:  # e.g. the model was unloaded meanwhile
             del self._slots[slot]
 
+    def rename(self, name: str, new: str) -> None:
+        """A store adapter resident in a slot was renamed (its folder too): requests for ``new`` use that slot."""
+        for slot, task in self._slots.items():
+            if task == name:
+                self._slots[slot] = new
+
     def _resolve(self, name: str) -> Optional[Path]:
         """None when the session holds ``name`` itself; else its folder in the store (checked)."""
         if name in self.host.adapters:
