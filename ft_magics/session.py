@@ -1027,6 +1027,8 @@ class Session:
             previous = self.adapters.active
             model = self.model
             report = EvalReport(columns=columns, notes=notes)
+            if pairs and len(columns) > 1:
+                report.reward_beta, report.reward_beta_why = self._reward_beta(columns[1])
             try:
                 # the 4-bit layout training evaluates in: after a generate (which repacks the weights for its
                 # CPU kernel) the same adapter would otherwise score ~1% differently than its run reported
@@ -1051,6 +1053,19 @@ class Session:
                 if self.adapters:
                     activate(self.model, previous)
             return report
+
+    def _reward_beta(self, name: str) -> tuple:
+        """``(beta, why)`` of the DPO rewards %lora_eval reports for adapter ``name``: the beta its DPO / IPO run
+        used, else DPO's usual 0.1."""
+        from .config import PAIR_BETA
+        from .core.adapters import run_record
+
+        info = self.adapters.require(name) if name in self.adapters else None
+        settings = run_record(info.path).get("settings") or {} if info is not None and info.path else {}
+        beta = settings.get("beta")
+        if settings.get("objective") in ("dpo", "ipo") and isinstance(beta, (int, float)) and beta > 0:
+            return float(beta), f"as its {settings['objective'].upper()} run"
+        return PAIR_BETA["dpo"], "DPO's usual"
 
     def serve(self, requests: list, store: Optional[str | Path] = None, capacity: Optional[int] = None,
               max_new_tokens: int = 64, system: Optional[str] = None, sampling=None, **settings) -> list:

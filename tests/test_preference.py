@@ -309,10 +309,18 @@ def test_a_preference_run_moves_the_4bit_adapter_toward_the_chosen_answers(tiny_
     assert saved["settings"]["objective"] == objective  # and the beta it used, the objective's usual one:
     assert saved["settings"]["beta"] == (2.0 if objective == "simpo" else 0.1)
     _, held_ex, _ = prepare("pairs", s.tokenizer, _cfg(objective=objective), namespace=s.namespace, eval_src="held")
-    assert _margin(s, "pref", held_ex) > 0.5
+    margin = _margin(s, "pref", held_ex)
+    assert margin > 0.5
     report = s.evaluate("pref", general=True)
     assert set(report.pairs) == {"base", "pref"} and report.pairs["pref"][1] == 6
     assert "held-out pairs, pref: the chosen answer is the more likely one (per token)" in report.to_text()
+    # DPO's implicit rewards against the base, as TRL reports them: beta x the log-ratio margin measured above
+    rewards = report.rewards()
+    beta, why = (0.1, "as its " + objective.upper() + " run") if objective in ("dpo", "ipo") else (0.1, "DPO's usual")
+    assert rewards.n == 6 and rewards.right == 6 and rewards.margin == pytest.approx(beta * margin, rel=0.05)
+    assert rewards.chosen - rewards.rejected == pytest.approx(rewards.margin)
+    assert f"DPO rewards of pref vs the base on the held-out pairs (beta {beta:g}, {why}): reward accuracy 6/6" in report.to_text()
+    assert "reward accuracy 6/6" in report.to_html()
     assert report.loss(report.sets[0], "pref") < report.loss(report.sets[0], "base")  # chosen answers, as text
 
 
@@ -552,3 +560,17 @@ def test_dpo_starts_from_an_sft_adapter_with_init_from(tiny_session, tmp_path):
     with pytest.raises(FtUsageError, match=r"adapts other layers than this run"):
         s.train("x", rows, dict(base_cfg, objective="dpo", target_modules="qv", init_from="fresh"), listeners=[])
     assert "x" not in s.adapters  # a refused start leaves no adapter behind
+
+
+def test_dpo_rewards_are_beta_times_the_log_ratios_against_the_base_pair_by_pair():
+    from ft_magics.core.evaluation import EvalReport, PairScores, Rewards
+
+    base = PairScores(1, 3, chosen=(-10.0, -20.0, -5.0), rejected=(-12.0, -18.0, -5.0))
+    adapter = PairScores(2, 3, chosen=(-8.0, -19.0, -5.0), rejected=(-13.0, -18.5, -5.0))
+    r = Rewards.of(adapter, base, beta=0.5)
+    # chosen rewards 0.5 x (2, 1, 0); rejected 0.5 x (-1, -0.5, 0): margins 1.5, 0.75, 0 (a tie is not right)
+    assert (r.right, r.n) == (2, 3)
+    assert r.chosen == pytest.approx(0.5) and r.rejected == pytest.approx(-0.25) and r.margin == pytest.approx(0.75)
+    report = EvalReport(columns=["base", "a"], pairs={"base": base, "a": adapter})
+    assert report.rewards() is not None and "reward accuracy 2/3 (67%), margin +0.150 (chosen +0.100, rejected -0.050)" in report.to_text()
+    assert EvalReport(columns=["base"], pairs={"base": base}).rewards() is None  # the base alone: no rewards

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from ..errors import FtUsageError
 
@@ -100,9 +100,19 @@ def _padded(batch: list, pad: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None, dtype=None) -> tuple:
-    """``(pairs whose chosen answer the model finds more likely than the rejected one, pairs)``, by each answer's
-    mean token log-probability after the shared prompt (the sum would favour the shorter answer)."""
+class PairScores(NamedTuple):
+    """How one model scores held-out preference pairs: ``right`` of ``n`` pairs whose chosen answer it finds more
+    likely than the rejected one, by each answer's mean token log-probability after the shared prompt (the sum
+    would favour the shorter answer); ``chosen`` / ``rejected``: each answer's summed log-probability, in the
+    pairs' order (what DPO's implicit rewards are made of)."""
+    right: int
+    n: int
+    chosen: tuple = ()
+    rejected: tuple = ()
+
+
+def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None, dtype=None) -> PairScores:
+    """:class:`PairScores` of ``model`` on ``pairs``."""
     from .preference import sequence_logprobs
     from .speed import _causal_lm, attention_for, chunked_loss_blocker, without_padding_mask
 
@@ -110,19 +120,50 @@ def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=Non
     device = next(model.parameters()).device
     chunked = chunked_loss_blocker(model) is None
     right = 0
-    pairs = by_length(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
+    sums_of = {}  # id(pair) -> (chosen sum, rejected sum)
+    ordered = by_length(pairs, key=lambda p: max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
     with _scoring(model, dtype):
-        for i in range(0, len(pairs), batch_size):
-            batch = pairs[i:i + batch_size]
+        for i in range(0, len(ordered), batch_size):
+            batch = ordered[i:i + batch_size]
             ids, mask, labels = _padded([p.chosen for p in batch] + [p.rejected for p in batch], pad, device)
             inputs = without_padding_mask({"input_ids": ids, "attention_mask": mask, "labels": labels})
             with attention_for(inputs, _causal_lm(model)):  # as the training run's own evaluation of pairs
                 sums, counts = sequence_logprobs(model, inputs, chunked=chunked)
             per_token = sums / counts.clamp(min=1)
             right += int((per_token[:len(batch)] > per_token[len(batch):]).sum())
+            for k, p in enumerate(batch):
+                sums_of[id(p)] = (float(sums[k]), float(sums[len(batch) + k]))
             if on_batch is not None:
                 on_batch()
-    return right, len(pairs)
+    chosen, rejected = zip(*(sums_of[id(p)] for p in pairs)) if pairs else ((), ())
+    return PairScores(right, len(pairs), tuple(chosen), tuple(rejected))
+
+
+@dataclass
+class Rewards:
+    """DPO's implicit rewards of an adapter against the base on held-out pairs, as TRL reports them: a reward is
+    ``beta * (log p_adapter(answer) - log p_base(answer))`` over the answer's tokens; the margin is the chosen
+    answer's reward less the rejected one's, and the accuracy the share of pairs whose margin is above 0."""
+    beta: float
+    chosen: float  # mean reward of the chosen answers
+    rejected: float
+    margin: float
+    right: int
+    n: int
+
+    @classmethod
+    def of(cls, adapter: PairScores, base: PairScores, beta: float) -> Optional["Rewards"]:
+        if not adapter.n or len(adapter.chosen) != len(base.chosen):
+            return None
+        rc = [beta * (a - b) for a, b in zip(adapter.chosen, base.chosen)]
+        rr = [beta * (a - b) for a, b in zip(adapter.rejected, base.rejected)]
+        margins = [c - r for c, r in zip(rc, rr)]
+        n = len(margins)
+        return cls(beta, sum(rc) / n, sum(rr) / n, sum(margins) / n, sum(m > 0 for m in margins), n)
+
+    def text(self) -> str:
+        return (f"reward accuracy {self.right}/{self.n} ({100 * self.right / self.n:.0f}%), margin {self.margin:+.3f} "
+                f"(chosen {self.chosen:+.3f}, rejected {self.rejected:+.3f})")
 
 
 def general_examples(tokenizer, max_seq_len: int = 512) -> list:
@@ -228,12 +269,25 @@ class EvalReport:
     results: dict = field(default_factory=dict)  # (set label, column) -> (loss, ppl, tokens)
     sets: list = field(default_factory=list)
     answers: dict = field(default_factory=dict)  # column -> (exact, first line, n): greedy answers scored
-    pairs: dict = field(default_factory=dict)  # column -> (pairs ranked as preferred, pairs): preference data
+    pairs: dict = field(default_factory=dict)  # column -> PairScores: preference data
     notes: list = field(default_factory=list)  # what was done to the data to score it (rows cut to max_seq_len)
+    reward_beta: float = 0.1  # DPO's beta for the implicit rewards (the adapter's own where its run had one)
+    reward_beta_why: str = "DPO's usual"
 
     def pair_cell(self, column: str) -> str:
-        right, n = self.pairs[column]
+        right, n = self.pairs[column][:2]
         return f"{right}/{n} ({100 * right / n:.0f}%)"
+
+    def rewards(self) -> Optional[Rewards]:
+        """The adapter's implicit DPO rewards against the base on the held-out pairs (None without both)."""
+        if len(self.columns) < 2 or not all(c in self.pairs for c in self.columns[:2]):
+            return None
+        return Rewards.of(self.pairs[self.columns[1]], self.pairs[self.columns[0]], self.reward_beta)
+
+    def _rewards_line(self) -> str:
+        r = self.rewards()
+        return (f"DPO rewards of {self.columns[1]} vs the base on the held-out pairs (beta {r.beta:g}, "
+                f"{self.reward_beta_why}): {r.text()}") if r is not None else ""
 
     def answer_cell(self, column: str) -> str:
         exact, first, n = self.answers[column][:3]
@@ -277,6 +331,8 @@ class EvalReport:
         for c in self.columns:
             if c in self.pairs:
                 lines.append(f"held-out pairs, {c}: the chosen answer is the more likely one (per token) in {self.pair_cell(c)}")
+        if self.rewards() is not None:
+            lines.append(self._rewards_line())
         if self.forgetting() is not None:
             lines.append(self._forgetting_verdict())
         lines += [f"Note: {n}" for n in self.notes]
@@ -308,7 +364,8 @@ class EvalReport:
             rows += ("<tr><td>held-out pairs whose chosen answer is the more likely one (per token)</td>"
                      + "".join(f"<td>{self.pair_cell(c) if c in self.pairs else ''}</td>" for c in self.columns)
                      + "</tr>")
-        foot = f"<p>{html.escape(self._forgetting_verdict(), quote=False)}</p>" if self.forgetting() is not None else ""
+        foot = f"<p>{html.escape(self._rewards_line(), quote=False)}</p>" if self.rewards() is not None else ""
+        foot += f"<p>{html.escape(self._forgetting_verdict(), quote=False)}</p>" if self.forgetting() is not None else ""
         foot += "".join(f"<p>Note: {html.escape(n)}</p>" for n in self.notes)
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
 
