@@ -2024,3 +2024,36 @@ def test_a_spreadsheet_file_is_told_how_to_read_it(tmp_path):
     with pytest.raises(FtUsageError, match=r"unsupported file type '\.xlsx'.*A spreadsheet: read it in a cell, "
                                            r"df = pandas\.read_excel\(.*faq\.xlsx', dtype=str\).*then --data df"):
         D.load_rows(str(tmp_path / "faq.xlsx"))
+
+
+def test_openai_tool_call_turns_without_a_content_field_are_read_as_calls(tok, tmp_path):
+    """OpenAI's fine-tuning docs write an assistant tool call with no 'content' key: it was refused ("no 'content'
+    field"), while the same row with "content": null trained."""
+    row = {"messages": [{"role": "user", "content": "weather in SF?"},
+                        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                            "name": "get_weather", "arguments": '{"city": "SF"}'}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "21.0"},
+                        {"role": "assistant", "content": "It is 21 C."}]}
+    recs, _ = D.normalise([row])
+    assert recs[0].messages[1]["content"] == "" and recs[0].messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    with pytest.raises(FtUsageError, match=r"message 0: no 'content' field \(fields: role, tool_calls\)"):
+        D.normalise([{"messages": [{"role": "user", "tool_calls": []}]}])  # only an assistant turn may be a bare call
+
+
+def test_a_dataframe_s_empty_cells_read_as_a_csv_file_s_and_a_null_names_the_user_s_column(tok):
+    """pandas reads an empty cell as NaN: a DataFrame with one was refused, while the same CSV file given by path
+    dropped the row and counted it; and the refusal's fix named 'completion', a column the DataFrame lacks."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"Question": ["a?", "b?", "c?"], "Answer": ["x", float("nan"), "z"]})
+    train, _, report = D.prepare(df, tok, cfg())
+    assert len(train) == 2 and report.dropped_empty == 1
+    with pytest.raises(FtUsageError, match=r"field 'Answer' is missing or null\. Fill it, or drop such rows \(for a "
+                                           r"DataFrame: df\.dropna\(subset=\['Answer'\]\)\)"):
+        D.normalise([{"Question": "a?", "Answer": "x"}, {"Question": "b?", "Answer": None}])
+    with pytest.raises(FtUsageError, match=r"field 'reply' is missing or null"):
+        D.normalise([{"q": "a?", "reply": None}], column_map="q=prompt,reply=completion")
+
+
+def test_a_variable_holding_a_path_says_how_to_read_the_file(tmp_path):
+    with pytest.raises(FtUsageError, match=r"variable 'path' is a str; .* write --data \$path \(IPython puts"):
+        D.load_rows("path", namespace={"path": str(tmp_path / "qa.csv")})

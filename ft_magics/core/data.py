@@ -507,9 +507,12 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
                     "strings (one text each)."
                 )
         return rows
+    var = re.fullmatch(r"variable '([A-Za-z_][A-Za-z0-9_]*)'", what)
+    named = (f" To read the file or folder it names, write --data ${var.group(1)} (IPython puts the variable's value "
+             f"in the line) or the path itself." if var and isinstance(obj, (str, os.PathLike)) else "")
     raise FtUsageError(
         f"{what} is a {name}; --data takes a pandas DataFrame, a list of dicts or strings, "
-        "a datasets.Dataset or DatasetDict."
+        f"a datasets.Dataset or DatasetDict.{named}"
     )
 
 
@@ -1099,10 +1102,14 @@ def _content_text(content: Any, where: str) -> str:
 
 def _string_field(row: dict, key: str, where: str, required: bool = True) -> str:
     val = row.get(key)
-    if val is None or (isinstance(val, float) and math.isnan(val)):
+    if isinstance(val, float) and math.isnan(val):  # pandas' empty cell: as a CSV file's empty cell reads, ""
+        return ""
+    if val is None:
         if required:
-            raise FtUsageError(f"{where}: field {key!r} is missing or null. Fill it, or drop such rows (for a "
+            err = FtUsageError(f"{where}: field {key!r} is missing or null. Fill it, or drop such rows (for a "
                                f"DataFrame: df.dropna(subset=[{key!r}])).")
+            err.field = key  # (normalise names the user's own column where it was renamed)
+            raise err
         return ""
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         return str(val)
@@ -1150,6 +1157,8 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
             content = m[content_key]
         elif "content" in m or "value" in m:
             content = m.get("content", m.get("value"))
+        elif role == "assistant" and (m.get("tool_calls") is not None or m.get("function_call") is not None):
+            content = None  # OpenAI's fine-tuning format writes a call without a content field
         else:
             raise FtUsageError(
                 f"{where}, message {j}: no {content_key!r} field (fields: {', '.join(sorted(map(str, m)))})."
@@ -1288,6 +1297,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         mapping.setdefault(text_field, "text")
         if fmt == "auto":  # the column named is the text to train on, whatever else the rows hold (chat, pairs)
             fmt = "text"
+    origin: dict = {}  # a field as read -> the user's column it came from (--map, Instruction, question/answer)
     if rows and any(not isinstance(k, str) for k in rows[0]):  # a DataFrame's 0, 1 columns: named as typed
         rows = _remade(rows, lambda r: {str(k): v for k, v in r.items()})
     if mapping:
@@ -1312,6 +1322,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
             err.missing_columns = missing if given == "--map" else None  # (split_records names eval_map)
             raise err
         rows = _renamed(rows, mapping)
+        origin.update({b: a for a, b in mapping.items()})
     keys = list(dict.fromkeys(k for r in rows[:1000] for k in r))  # the columns, in the data's order
     shown_fmt = None
     found_auto = fmt == "auto"
@@ -1320,12 +1331,14 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         cased = _field_case(keys) if found is None else {}
         if cased and detect_format(cased.get(k, k) for k in keys):  # Instruction / Input / Output: alpaca
             rows = _renamed(rows, cased)
+            origin.update({b: a for a, b in cased.items()})
             keys = [cased.get(k, k) for k in keys]
             found = detect_format(keys)
             shown_fmt = f"{found} (columns {', '.join(f'{a} -> {b}' for a, b in cased.items())})"
         pair = known_pair(keys) if found is None else None
         if pair is not None:  # e.g. question/answer: no --map needed, and the report says how it was read
             rows = _renamed(rows, {pair[0]: "prompt", pair[1]: "completion"})
+            origin.update({"prompt": pair[0], "completion": pair[1]})
             found, shown_fmt = "prompt-completion", f"prompt-completion (columns {pair[0]} -> prompt, {pair[1]} -> completion)"
         if found is None:
             raise _missing_fields_error(keys, where, mapping, rows[0] if isinstance(rows[0], dict) else None)
@@ -1340,7 +1353,13 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         detected = locate(first, where)
     for i, r in enumerate(rows):
         loc = locate(i, where)
-        rec = _normalise_row(r, fmt, loc, detected)
+        try:
+            rec = _normalise_row(r, fmt, loc, detected)
+        except FtUsageError as exc:
+            field = getattr(exc, "field", None)
+            if field in origin:  # say the column as the user has it ('Answer'), not as it was read ('completion')
+                raise FtUsageError(str(exc).replace(repr(field), repr(origin[field]))) from None
+            raise
         rec.where = loc
         records.append(rec)
     return records, shown_fmt or fmt
