@@ -392,6 +392,7 @@ class FtMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._session = None
+        self._adapters_dir_seen = None  # the adapters_dir setting the session was last given
         self._background_view = None  # the dashboard of the last --background run, shown again where it was lost
 
     @property
@@ -401,7 +402,11 @@ class FtMagics(Magics):
 
             self._session = Session(adapters_dir=self.adapters_dir,
                                     namespace=self.shell.user_ns if self.shell is not None else {})
-        self._session.adapters_dir = __import__("pathlib").Path(self.adapters_dir)
+        if self.adapters_dir != self._adapters_dir_seen:  # set, or changed with %config FtMagics.adapters_dir
+            self._adapters_dir_seen = self.adapters_dir
+            self._session.adapters_dir = __import__("pathlib").Path(self.adapters_dir)
+            if self._session.handle is not None:
+                self._session._pin_adapters_dir()  # (else at the load: a later %cd moves it no more)
         return self._session
 
     # ------------------------------------------------------------------ %qlora_load

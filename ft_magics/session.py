@@ -84,7 +84,14 @@ class Session:
                                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, plan=plan)
             if replaced:
                 self.handle.notes.append(replaced)
+            self._pin_adapters_dir()
             return self.handle
+
+    def _pin_adapters_dir(self) -> None:
+        """The adapters folder, relative to the working folder when the model was loaded, from then on: after a
+        %cd, new runs saved into another folder than the earlier ones, and delete left this session's own folders."""
+        if not self.adapters_dir.is_absolute():
+            self.adapters_dir = user_path(self.adapters_dir).absolute()
 
     def _drop_model(self) -> None:
         from .core.adapters import AdapterRegistry
@@ -133,7 +140,7 @@ class Session:
         if overrides:
             cfg = TrainConfig.from_dict(overrides, base=cfg)
         self._require_model()
-        out_root = Path(output_dir) if output_dir else self.adapters_dir
+        out_root = user_path(output_dir) if output_dir else self.adapters_dir
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
@@ -362,7 +369,7 @@ class Session:
         listeners = _default_listeners(listeners)
         self._check_no_training()
         self._check_not_merged("train")  # as one process refuses: the run would end unable to load its adapter
-        out_root = Path(output_dir) if output_dir else self.adapters_dir
+        out_root = user_path(output_dir) if output_dir else self.adapters_dir
         name = validate_name(name)
         if resume:  # nothing to resume is found here, not after the processes have loaded the model
             from .core.checkpoints import checkpoint_root, require_resumable

@@ -538,6 +538,28 @@ def test_an_adapter_loaded_by_name_keeps_its_folder_after_a_cd(shell, tiny_model
     assert "other" not in magics(shell).session.adapters
 
 
+def test_the_adapters_folder_stays_where_the_model_was_loaded_and_output_dir_expands_the_home(
+        shell, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """After a %cd, new runs saved into another adapters folder than the earlier ones, and delete kept this
+    session's own folder ("the folder it was loaded from was kept"); --output-dir ~/x made a folder named '~'."""
+    a, b, home = tmp_path / "cdA", tmp_path / "cdA" / "sub", tmp_path / "home"
+    b.mkdir(parents=True)
+    shell.user_ns["rows"] = [{"prompt": "hi", "completion": "there"}] * 4
+    monkeypatch.chdir(a)
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_line_magic("lora_train", "h1 --data rows --max-steps 1 --no-widgets")
+    monkeypatch.chdir(b)
+    shell.run_line_magic("lora_train", "h2 --data rows --max-steps 1 --no-widgets")
+    assert (a / "adapters" / "h2" / "adapter_config.json").exists() and not (b / "adapters").exists()
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "delete h1")
+    assert f"deleted adapter 'h1' and its folder {(a / 'adapters' / 'h1').resolve()}" in capsys.readouterr().out
+    assert not (a / "adapters" / "h1").exists()
+    monkeypatch.setenv("HOME", str(home))
+    shell.run_line_magic("lora_train", "h3 --data rows --max-steps 1 --no-widgets --output-dir ~/out")
+    assert (home / "out" / "h3" / "adapter_config.json").exists() and not (b / "~").exists()
+
+
 def test_an_interrupted_lora_eval_says_so_and_changes_nothing(loaded, capsys, monkeypatch):
     """The stop button during %lora_eval printed a 100-frame traceback through transformers and bitsandbytes."""
     from ft_magics.core import evaluation
