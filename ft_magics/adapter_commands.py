@@ -23,6 +23,10 @@ USAGE = {
     "export": "export NAME DIR [--merged [--dtype auto|fp32|bf16|fp16]] [--overwrite]",
 }
 COMMANDS = list(USAGE)
+# words other tools use for a subcommand, where the closest spelling would point elsewhere ('remove' -> 'rename')
+SYNONYMS = {"remove": "delete", "rm": "delete", "del": "delete", "ls": "list", "show": "info", "mv": "rename",
+            "move": "rename", "switch": "use", "activate": "use", "select": "use", "add": "load", "fuse": "merge",
+            "save": "export", "mix": "combine", "blend": "combine"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,5 +207,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
                 "AutoModelForCausalLM.from_pretrained loads" if a.merged else "the adapter in PEFT format")
         out(f"exported {a.name!r} to {path}: {what}.")
         return
-    raise FtUsageError(f"unknown subcommand {cmd!r}{did_you_mean(cmd, COMMANDS)}. Use: "
+    meant = SYNONYMS.get(cmd.lower())
+    hint = f" (did you mean {meant!r}?)" if meant else did_you_mean(cmd, COMMANDS)
+    raise FtUsageError(f"unknown subcommand {cmd!r}{hint}. Use: "
                        + "; ".join(USAGE.values()) + ".")

@@ -124,6 +124,8 @@ def test_adapter_subcommand_mistakes_are_usage_errors(loaded):
         sh.run_line_magic("lora_adapters", "rename alpha")
     with pytest.raises(UsageError, match="did you mean 'rename'"):
         sh.run_line_magic("lora_adapters", "renam alpha x")
+    with pytest.raises(UsageError, match="unknown subcommand 'remove' \\(did you mean 'delete'\\?\\)"):
+        sh.run_line_magic("lora_adapters", "remove alpha")  # the closest spelling is 'rename'
     with pytest.raises(UsageError, match="no adapter named 'alpah'"):
         sh.run_line_magic("lora_adapters", "unload alpah")
     with pytest.raises(UsageError, match="no adapter is merged"):
