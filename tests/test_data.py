@@ -2057,3 +2057,15 @@ def test_a_dataframe_s_empty_cells_read_as_a_csv_file_s_and_a_null_names_the_use
 def test_a_variable_holding_a_path_says_how_to_read_the_file(tmp_path):
     with pytest.raises(FtUsageError, match=r"variable 'path' is a str; .* write --data \$path \(IPython puts"):
         D.load_rows("path", namespace={"path": str(tmp_path / "qa.csv")})
+
+
+def test_a_special_token_spelled_in_the_data_is_warned_about(tok):
+    """'<|im_end|>' written inside an answer is read as the end-of-turn token: the model learned to stop there,
+    and the printed example could not show it (it decodes to the same text)."""
+    end = next(t for t in tok.all_special_tokens if "end" in t)
+    rows = [{"prompt": f"q{i}", "completion": f"It is {end} literally." if i < 2 else f"a{i}"} for i in range(6)]
+    _, _, report = D.prepare(rows, tok, cfg())
+    warned = [w for w in report.warnings if "spells special tokens" in w]
+    assert len(warned) == 1 and f"{end!r} (2 examples)" in warned[0] and "first at <list>, row 1" in warned[0]
+    _, _, clean = D.prepare([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)], tok, cfg())
+    assert not [w for w in clean.warnings if "spells special tokens" in w]

@@ -1980,6 +1980,33 @@ def quality_warnings(records: list[Record]) -> list:
     return warnings
 
 
+def special_token_warning(records: list, tokenizer) -> Optional[str]:
+    """A warning when the data's own text holds a special token's spelling (``<|im_end|>`` in an answer, pasted
+    from a log or a chat export): the tokenizer reads it as that token, so the model learns to end its turn, or
+    start a role, there; the printed example cannot show it, since it decodes to the same text."""
+    specials = {t for t in getattr(tokenizer, "all_special_tokens", []) or [] if isinstance(t, str) and len(t) >= 3}
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False) and len(str(tok.content)) >= 3:
+            specials.add(str(tok.content))
+    if not specials:
+        return None
+    found: dict = {}  # token -> examples holding it
+    first = None
+    for r in records:
+        text = json.dumps(r.to_json(), ensure_ascii=False)
+        held = [t for t in specials if t in text]
+        for t in held:
+            found[t] = found.get(t, 0) + 1
+        if held and first is None:
+            first = getattr(r, "where", "") or None
+    if not found:
+        return None
+    tokens = ", ".join(f"{t!r} ({counted(n, 'example')})" for t, n in sorted(found.items(), key=lambda kv: -kv[1]))
+    return (f"the data's text spells special tokens of the tokenizer: {tokens}{f', first at {first}' if first else ''}. "
+            "Each is read as that token, not as text: in an answer the model learns to end its turn (or start a role) "
+            "there. Remove or rewrite them where they are not meant as markup.")
+
+
 def overlap_warning(train_records: list, eval_records: list) -> Optional[str]:
     """A warning when eval examples are also training examples (--eval the same file, a validation split cut
     from train, duplicated rows split by eval_fraction): their loss measures memory, not what generalises."""
@@ -2219,6 +2246,9 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
                            f"rejected answer are the same, so {objective_name(cfg.objective)} has nothing to learn (its "
                            "loss stays constant). Check the rejected column (--map ...=rejected), or train on the chosen "
                            "answers with objective: sft.")
+    literal = special_token_warning(train_records, tokenizer)
+    if literal:
+        report.warnings.append(literal)
     overlap = overlap_warning(train_records, eval_records)
     if overlap:
         report.warnings.append(overlap)
