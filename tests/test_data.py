@@ -2069,3 +2069,14 @@ def test_a_special_token_spelled_in_the_data_is_warned_about(tok):
     assert len(warned) == 1 and f"{end!r} (2 examples)" in warned[0] and "first at <list>, row 1" in warned[0]
     _, _, clean = D.prepare([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)], tok, cfg())
     assert not [w for w in clean.warnings if "spells special tokens" in w]
+
+
+def test_answers_cut_away_at_the_model_s_context_are_not_told_to_raise_max_seq_len():
+    """A prompt longer than the model reads: the Dropped line said 'raise max_seq_len to keep them' just under the
+    line saying no max_seq_len keeps it whole."""
+    def text(max_len, context):
+        return D.DataReport(source="s", format="prompt-completion", rows=3, train_rows=3, eval_rows=0, lengths=[9000, 9, 9],
+                            dropped_no_answer=1, max_seq_len=max_len, context=context).text()
+    assert "prompts alone fill the 512 tokens the model reads: shorten those prompts" in text(512, 512)
+    assert "raise max_seq_len to keep them" not in text(512, 512)
+    assert "raise max_seq_len to keep them" in text(256, 2048)

@@ -1564,9 +1564,12 @@ class DataReport:
             lines.append(line)
         unit = "example" if self.objective == "sft" else "pair"
         if self.dropped_no_answer:
+            at_context = bool(self.context) and self.max_seq_len >= self.context
             lines.append(
                 f"Dropped    {counted(self.dropped_no_answer, unit)} whose answer was cut away entirely by truncation "
-                "(no loss-bearing token left); raise max_seq_len to keep them"
+                "(no loss-bearing token left); " + (
+                    f"their prompts alone fill the {self.context:,} tokens the model reads: shorten those prompts to "
+                    "keep them" if at_context else "raise max_seq_len to keep them")
             )
         if self.dropped_empty:
             lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no answer to learn from (empty or "
