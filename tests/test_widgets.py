@@ -660,3 +660,36 @@ def test_a_run_that_ended_early_shows_no_time_left(dash):
                           adapter_path=None))
     assert "left" not in dash.progress_text.value and "interrupted at step 4" in dash.progress_text.value
     assert dash.progress_text.value.startswith("4/10 · ")
+
+
+def test_a_background_run_in_terminal_ipython_prints_above_the_line_being_typed(tiny_model_dir, tmp_path):
+    """In a real terminal IPython (prompt_toolkit on a pty), a background run's progress lines go above the prompt,
+    which is drawn again with what the user is typing: IPython swaps sys.stdout for prompt_toolkit's proxy while
+    it prompts, so the text view must look sys.stdout up at each write (one that kept the stream it was made with
+    wrote into the middle of the line being typed)."""
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    child = pexpect.spawn(sys.executable, ["-m", "IPython", "--no-banner", "--colors=NoColor", "--no-confirm-exit"],
+                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120, dimensions=(40, 220))
+    try:
+        child.expect(r"In \[1\]")
+        for n, line in enumerate(["%load_ext ft_magics", f"%qlora_load {tiny_model_dir} --bits 32",
+                                  'rows = [{"prompt": "hi", "completion": "there"}] * 8'], start=2):
+            child.sendline(line)
+            child.expect(rf"In \[{n}\]")
+        child.sendline("get_ipython().run_cell_magic('lora_train', 'bg --data rows --background --max-steps 40 "
+                       "--batch-size 1', 'r: 4')")
+        child.expect(r"In \[5\]")
+        child.send("abc")  # typed, not yet entered, while the run prints
+        child.expect(r"step \d+/40")
+        child.expect(r"In \[5\]: abc", timeout=30)  # the prompt, with the typing, drawn again under the line
+        child.expect("adapter saved to")
+        child.expect(r"In \[5\]: abc", timeout=30)
+    finally:
+        child.sendcontrol("u")
+        child.sendline("exit")
+        child.expect(pexpect.EOF, timeout=60)
