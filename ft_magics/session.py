@@ -150,10 +150,11 @@ class Session:
             writable_dir(out_root, "the adapter")
         self._check_no_training()
         self._check_not_merged("train")  # it would learn on top of the merged weights
+        resume_from = None
         if resume:  # nothing to resume is a user error, found before any work
             from .core.checkpoints import checkpoint_root, require_resumable
 
-            require_resumable(checkpoint_root(target.parent, name), name, cfg.to_dict())
+            resume_from = require_resumable(checkpoint_root(target.parent, name), name, cfg.to_dict())
         # Everything that can be wrong with the data is found before the model is touched.
         train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
         self.last_data_report = report
@@ -167,6 +168,16 @@ class Session:
 
             for note in run_checks(cfg, train_ex, eval_ex, self.handle.device):
                 emit(listeners, Message(note, "warning"))
+            if resume_from is not None:  # what the run's resume would warn about, and where it would continue
+                from .core.checkpoints import checkpoint_step, read_meta, resume_differences, resume_warning
+
+                settings = dict(cfg.to_dict(), **({"beta": cfg.pair_beta} if cfg.pairs else {}))  # as the run records
+                changed = resume_differences(read_meta(resume_from), {
+                    "settings": settings, "data_fingerprint": report.fingerprint, "data_source": report.source})
+                if changed:
+                    emit(listeners, Message(resume_warning(name, changed), "warning"))
+                emit(listeners, Message(f"the run would resume {name!r} from {resume_from.name} (step "
+                                        f"{checkpoint_step(resume_from)})."))
             emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex, report)))
             return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)

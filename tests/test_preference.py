@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -497,6 +498,12 @@ def test_resume_under_another_objective_is_refused_and_another_beta_is_named(tin
                                                    r"objective: dpo, or train afresh without --resume"):
                 s.train("pref", PAIRS[:8], dict(cfg, objective=objective), resume=True, dry_run=dry, listeners=[])
     assert sorted(p.name for p in ckpts.iterdir()) == before  # refused before any work
+    dry = Recorder()  # --dry-run --resume names the change too (the warning lived in the run's own start)
+    s.train("pref", PAIRS[:8], dict(cfg, beta=0.3), resume=True, dry_run=True, listeners=[dry])
+    said = [e.text for e in dry.events if type(e).__name__ == "Message"]
+    assert any("resuming 'pref' with different beta (0.1 before, 0.3 now)" in t for t in said), said
+    assert any(re.search(r"the run would resume 'pref' from checkpoint-\d+ \(step \d+\)", t) for t in said), said
+    assert sorted(p.name for p in ckpts.iterdir()) == before
     rec = Recorder()
     done = s.train("pref", PAIRS[:8], dict(cfg, beta=0.3), resume=True, listeners=[rec])
     warn = [e.text for e in rec.events if type(e).__name__ == "Message" and "different" in e.text]

@@ -127,6 +127,31 @@ def read_meta(path: Path) -> dict:
         return {}
 
 
+def resume_differences(old: dict, meta: dict) -> list:
+    """What a resumed run changes against the checkpoint it continues (``old``: the checkpoint's metadata,
+    ``meta``: this run's): the data, the step-shaping settings, a preference run's beta; each in words."""
+    changed = [f"data ({old.get('data_source') or 'other rows'} before, {meta.get('data_source') or 'other rows'} now)"
+               if old.get("data_source") != meta.get("data_source") else "data (the rows changed)"
+               for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
+    old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
+    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
+                if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    objective = new_s.get("objective", "sft")
+    if objective != "sft":  # what the preference loss is made of (a run records the beta it used; 0: the usual)
+        from ..config import PAIR_BETA
+
+        used = {"beta": lambda v: v or PAIR_BETA.get(objective, 0.1), "simpo_gamma": lambda v: v}
+        changed += [f"{k} ({used[k](old_s[k]):g} before, {used[k](new_s[k]):g} now)" for k in used
+                    if k in old_s and k in new_s and used[k](old_s[k]) != used[k](new_s[k])
+                    and (k == "beta" or objective == "simpo")]
+    return changed
+
+
+def resume_warning(name: str, changed: list) -> str:
+    return (f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; the result "
+            "will not match an uninterrupted run.")
+
+
 def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> Optional[Path]:
     """Prepare ``root`` for a run; return the checkpoint to resume from (None for a fresh run).
 
@@ -146,25 +171,10 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
         raise no_checkpoint_error(root, name)
     old = check_resumable(path, name, meta.get("settings") or {})
     step = checkpoint_step(path)
-    changed = [f"data ({old.get('data_source') or 'other rows'} before, {meta.get('data_source') or 'other rows'} now)"
-               if old.get("data_source") != meta.get("data_source") else "data (the rows changed)"
-               for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
-    old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
-    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
-                if k in old_s and k in new_s and old_s[k] != new_s[k]]
-    objective = new_s.get("objective", "sft")
-    if objective != "sft":  # what the preference loss is made of (a run records the beta it used; 0: the usual)
-        from ..config import PAIR_BETA
-
-        used = {"beta": lambda v: v or PAIR_BETA.get(objective, 0.1), "simpo_gamma": lambda v: v}
-        changed += [f"{k} ({used[k](old_s[k]):g} before, {used[k](new_s[k]):g} now)" for k in used
-                    if k in old_s and k in new_s and used[k](old_s[k]) != used[k](new_s[k])
-                    and (k == "beta" or objective == "simpo")]
+    changed = resume_differences(old, meta)
     if changed:
-        emit(listeners, Message(
-            f"resuming {name!r} with different {', '.join(changed)} than the checkpoint was made with; "
-            "the result will not match an uninterrupted run.", "warning"))
-    was, now = old.get("processes", 1), meta.get("processes", 1)
+        emit(listeners, Message(resume_warning(name, changed), "warning"))
+    was, now, new_s = old.get("processes", 1), meta.get("processes", 1), meta.get("settings") or {}
     if was != now and old.get("global_batch") and old.get("global_batch") != meta.get("global_batch"):
         per = old["global_batch"] // max(now * int(new_s.get("grad_accum", 1) or 1), 1)
         emit(listeners, Message(
