@@ -54,3 +54,36 @@ def test_a_family_loads_in_4bit_trains_generates_and_serves(family, tmp_path):
     assert s.generate("hello", adapter="a", max_new_tokens=3).new_tokens >= 1
     served = s.serve([{"prompt": "hi", "adapter": "a"}, {"prompt": "yo", "adapter": "b"}], max_new_tokens=2)
     assert [x.adapter for x in served] == ["a", "b"]
+
+
+def test_a_moe_whose_loss_includes_the_router_balancing_term_trains_on_the_model_s_own_loss(tmp_path):
+    """With output_router_logits (the usual advice for fine-tuning Mixtral or Qwen-MoE), the model's loss adds
+    router_aux_loss_coef x the experts' load-balancing loss; the chunked loss ran the decoder alone and left it
+    out: the same curve as without it, and no gradient balancing the experts."""
+    import torch
+    import transformers
+
+    from ft_magics import Session
+    from ft_magics.core.speed import chunked_loss_blocker
+
+    tok = build_tiny_tokenizer()
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, output_router_logits=True,
+        router_aux_loss_coef=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "moe"
+    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    s = Session(adapters_dir=tmp_path / "adapters")
+    s.load(str(folder), bits=32)
+    assert "router_aux_loss_coef=0.5" in chunked_loss_blocker(s.model)
+    runs = [s.train(name, ROWS, {"max_steps": 2, "batch_size": 4, "seed": 1, "chunked_loss": chunked}, listeners=[])
+            for name, chunked in (("default", True), ("full", False))]
+    curves = [[loss for _, loss in r.record["loss_history"]] for r in runs]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+    s.model.config.output_router_logits = False  # the same model without the term: another, lower loss
+    plain = s.train("plain", ROWS, {"max_steps": 1, "batch_size": 4, "seed": 1}, listeners=[])
+    assert plain.record["loss_history"][0][1] < runs[0].record["loss_history"][0][1] - 0.1

@@ -262,6 +262,11 @@ def chunked_loss_blocker(model) -> Optional[str]:
         v = getattr(cfg, attr, None)
         if v not in (None, 1, 1.0):
             return f"its config sets {attr}={v} (the head is not a plain projection)"
+    if getattr(cfg, "output_router_logits", False) and getattr(cfg, "router_aux_loss_coef", 0):
+        # the model's own loss adds router_aux_loss_coef x the experts' load-balancing loss: the chunked loss,
+        # which runs the decoder alone, would leave that term out (and its gradient, which balances the experts)
+        return (f"its config sets output_router_logits with router_aux_loss_coef={cfg.router_aux_loss_coef} (the "
+                "loss includes the experts' load-balancing term)")
     return None
 
 
