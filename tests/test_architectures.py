@@ -87,3 +87,28 @@ def test_a_moe_whose_loss_includes_the_router_balancing_term_trains_on_the_model
     s.model.config.output_router_logits = False  # the same model without the term: another, lower loss
     plain = s.train("plain", ROWS, {"max_steps": 1, "batch_size": 4, "seed": 1}, listeners=[])
     assert plain.record["loss_history"][0][1] < runs[0].record["loss_history"][0][1] - 0.1
+
+
+def test_a_4bit_load_that_quantises_nothing_says_so_instead_of_claiming_nf4(tmp_path):
+    """transformers' bitsandbytes replacement skips Falcon's FalconLinear layers: '%qlora_load --bits 4' kept every
+    weight in full precision while the card said '4-bit NF4 + double quantisation'."""
+    import torch
+    import transformers
+
+    from ft_magics import Session
+
+    tok = build_tiny_tokenizer()
+    cfg = transformers.FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "falcon"
+    transformers.FalconForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    s = Session(adapters_dir=tmp_path / "adapters")
+    handle = s.load(str(folder), bits=4)
+    assert not any(type(m).__name__ == "Linear4bit" for m in s.model.modules())
+    assert handle.bits == 16 and "4-bit" not in handle.quantization
+    assert any("quantised none of this model's layers" in n and "FalconLinear" in n for n in handle.notes)
+    run = s.train("f", ROWS, {"max_steps": 2, "batch_size": 4}, listeners=[])
+    assert run.status == "completed"

@@ -326,6 +326,24 @@ def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device
     return LoadPlan(name, source, dev, compute_dtype, notes)
 
 
+def _quantised_bits(lm, bits: int, compute_dtype, notes: list) -> int:
+    """``bits`` when bitsandbytes quantised the model's linear layers, else the bits its weights stay in, with a
+    note: transformers' replacement skips linear layers of their own class (Falcon's FalconLinear), so a
+    "4-bit" load of such a model held full-precision weights while the card said NF4."""
+    import torch
+
+    linear = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    done = sum(1 for m in linear if type(m).__module__.startswith("bitsandbytes"))
+    if done or not linear:
+        return bits
+    kept = 16 if compute_dtype in (torch.bfloat16, torch.float16) else 32
+    kinds = ", ".join(sorted({type(m).__name__ for m in linear}))
+    notes.append(f"bitsandbytes quantised none of this model's layers: transformers' {bits}-bit replacement does not "
+                 f"take its linear layers ({kinds}), so the weights stay {kept}-bit and take the memory of a 16-bit "
+                 "load; training and answers are as with --bits 16.")
+    return kept
+
+
 def load_model(
     model: str = DEMO_NAME,
     bits: int = 4,
@@ -379,6 +397,8 @@ def load_model(
                 "Pass --trust-remote-code if you trust the source."
             ) from None
         raise
+    if qcfg is not None:
+        bits = _quantised_bits(lm, bits, compute_dtype, notes)
     if qcfg is None:
         lm.to(dev)
     elif bits == 4 and dev == "cpu":
