@@ -112,3 +112,31 @@ def test_a_4bit_load_that_quantises_nothing_says_so_instead_of_claiming_nf4(tmp_
     assert any("quantised none of this model's layers" in n and "FalconLinear" in n for n in handle.notes)
     run = s.train("f", ROWS, {"max_steps": 2, "batch_size": 4}, listeners=[])
     assert run.status == "completed"
+
+
+def test_the_padding_free_probe_does_not_warn_about_the_user_s_padding(tmp_path, capsys):
+    """Every GPT-2 run printed transformers' "We strongly recommend passing in an attention_mask since your
+    input_ids may be padded": the probe that checks packed rows stay apart (pad = bos on GPT-2), not the data."""
+    import logging
+
+    import torch
+    import transformers
+
+    from ft_magics.core.data import check_packing_isolation
+
+    tok = build_tiny_tokenizer()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers shows that warning once per process
+    try:
+        with torch.no_grad():
+            check_packing_isolation(model, tok)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in seen if "attention_mask" in m], seen
+    assert logging.getLogger("transformers.modeling_utils").level != logging.ERROR  # put back

@@ -1937,6 +1937,11 @@ def check_packing_isolation(model, tokenizer) -> tuple[bool, str]:
     model.eval()
     from .training import training_layout
 
+    import logging
+
+    quiet = logging.getLogger("transformers.modeling_utils")  # its "pass an attention_mask, input_ids may be padded"
+    level = quiet.level  # is about these probe rows (GPT-2, pad = bos), not the user's data
+    quiet.setLevel(logging.ERROR)
     try:  # in the layout training runs in (PEFT's DoRA reads a 4-bit weight repacked for inference as garbage)
         with torch.no_grad(), training_layout(model):
             alone = model(input_ids=torch.tensor([b], device=device), use_cache=False).logits[0].float()
@@ -1946,6 +1951,7 @@ def check_packing_isolation(model, tokenizer) -> tuple[bool, str]:
             leaked = model(input_ids=torch.tensor([a + b], device=device), use_cache=False).logits[0, len(a):].float()
     finally:
         model.train(was_training)
+        quiet.setLevel(level)
     d_packed = (packed - alone).abs().max().item()
     d_leak = (leaked - alone).abs().max().item()
     return bool(d_leak > 0 and d_packed <= 0.1 * d_leak), impl
