@@ -2080,3 +2080,13 @@ def test_answers_cut_away_at_the_model_s_context_are_not_told_to_raise_max_seq_l
     assert "prompts alone fill the 512 tokens the model reads: shorten those prompts" in text(512, 512)
     assert "raise max_seq_len to keep them" not in text(512, 512)
     assert "raise max_seq_len to keep them" in text(256, 2048)
+
+
+def test_blank_plain_texts_are_dropped_and_counted_as_texts(tok):
+    """A text of spaces trained as whitespace + end of text while an empty one was dropped, the Dropped line spoke
+    of answers and turns, and a warning counted the empty ones a second time."""
+    train, _, report = D.prepare(["hello world", "", "   ", "\n\t", "more text here"], tok, cfg())
+    assert len(train) == 2 and report.dropped_empty == 3
+    text = report.text()
+    assert "Dropped    3 examples with no text to learn from (empty or blank)" in text and "answer" not in text
+    assert not [w for w in report.warnings if "empty" in w]

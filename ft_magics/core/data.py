@@ -1571,7 +1571,9 @@ class DataReport:
                     f"their prompts alone fill the {self.context:,} tokens the model reads: shorten those prompts to "
                     "keep them" if at_context else "raise max_seq_len to keep them")
             )
-        if self.dropped_empty:
+        if self.dropped_empty and self.format == "text":
+            lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no text to learn from (empty or blank)")
+        elif self.dropped_empty:
             lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no answer to learn from (empty or "
                          "blank: it would teach the model to end its turn at once)")
         if self.dropped_unweighted:
@@ -1767,6 +1769,8 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
             fitted, outcome = None, "dropped_unweighted"  # every answer is context (weight 0): nothing to learn
         elif train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
             fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
+        elif record.messages is None and not (record.text or "").strip():  # plain text of spaces: nothing to learn
+            fitted, outcome = None, "dropped_empty"
         elif overlong == "split" and len(ex.input_ids) > max_seq_len:
             rows = [r for r in (TokenizedExample(ex.input_ids[i:i + max_seq_len], ex.labels[i:i + max_seq_len])
                                 for i in range(0, len(ex.input_ids), max_seq_len)) if r.n_loss_tokens]
@@ -1971,12 +1975,9 @@ def quality_warnings(records: list[Record]) -> list:
         warnings.append(f"only {counted(n, 'example')}; the usual guidance is 100-500 high-quality examples at the "
                         "least.")
     copies: dict = {}
-    empty = 0
     for r in records:
         key = _identity(r)
         copies[key] = copies.get(key, 0) + 1
-        if r.messages is None and not (r.text or "").strip():
-            empty += 1  # (an empty answer is dropped, and counted in the report, as it is tokenised)
     repeated = [c for c in copies.values() if c > 1]
     if repeated:  # "4 identical rows" read "3 exact duplicates (they weigh double)": they weigh 4x
         extra = sum(repeated) - len(repeated)
@@ -1984,9 +1985,7 @@ def quality_warnings(records: list[Record]) -> list:
         warnings.append(f"{extra} exact duplicate {'example' if extra == 1 else 'examples'}: "
                         f"{counted(len(repeated), 'example')} appear{'s' if len(repeated) == 1 else ''} more than "
                         f"once (up to {most} times), and each copy weighs once more in training.")
-    if empty:
-        warnings.append(f"{counted(empty, 'example')} with an empty text (nothing to learn from them).")
-    return warnings
+    return warnings  # (an empty or blank example is dropped, and counted in the report, as it is tokenised)
 
 
 def special_token_warning(records: list, tokenizer) -> Optional[str]:
