@@ -2090,3 +2090,12 @@ def test_blank_plain_texts_are_dropped_and_counted_as_texts(tok):
     text = report.text()
     assert "Dropped    3 examples with no text to learn from (empty or blank)" in text and "answer" not in text
     assert not [w for w in report.warnings if "empty" in w]
+
+
+def test_a_conversation_without_an_assistant_turn_is_dropped_with_that_reason_named(tok):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(4)] + [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}]
+    train, _, report = D.prepare(rows, tok, cfg())
+    assert len(train) == 4 and report.dropped_empty == 1
+    assert "with no answer to learn from (empty or blank: it would teach the model to end its turn at once; or no " \
+           "assistant turn at all)" in report.text()

@@ -1575,7 +1575,8 @@ class DataReport:
             lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no text to learn from (empty or blank)")
         elif self.dropped_empty:
             lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no answer to learn from (empty or "
-                         "blank: it would teach the model to end its turn at once)")
+                         "blank: it would teach the model to end its turn at once"
+                         + ("; or no assistant turn at all)" if unit == "example" else ")"))
         if self.dropped_unweighted:
             lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')} whose every answer has weight 0 "
                          "(context only: nothing to learn from)")
