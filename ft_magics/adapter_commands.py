@@ -193,7 +193,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         if a.method not in COMBINE_METHODS:
             raise FtUsageError(f"unknown --method {a.method!r}{did_you_mean(a.method, COMBINE_METHODS)}; "
                                f"use one of {', '.join(COMBINE_METHODS)}.")
-        name = s.combine_adapters(a.weights, a.name, a.method)
+        name = s.combine_adapters(a.weights, a.name, a.method, progress=out)
         used = ", ".join(f"{k} x {w:g}" for k, w in parse_weights(a.weights).items())  # 'a,b' means 1 each: say so
         out(f"combined {used} ({a.method}) into adapter {name!r}, saved to {s.adapters_dir / name}; it is now active.")
         return

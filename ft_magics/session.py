@@ -815,9 +815,11 @@ class Session:
     def merged_adapter(self) -> Optional[str]:
         return self._merged.name if self._merged is not None else None
 
-    def combine_adapters(self, weights: dict | str, name: str, method: str = "linear") -> str:
+    def combine_adapters(self, weights: dict | str, name: str, method: str = "linear",
+                         progress: Optional[Callable[[str], None]] = None) -> str:
         """New adapter ``name`` = weighted combination (``{"a": 0.7, "b": 0.3}`` or ``"a:0.7,b:0.3"``) of
-        loaded adapters, by PEFT's add_weighted_adapter; saved to the adapters folder and made active."""
+        loaded adapters, by PEFT's add_weighted_adapter; saved to the adapters folder and made active.
+        ``progress``: told before a combination that takes a while (svd: one decomposition per layer)."""
         from .core.adapters import (activate, check_finite_adapter, combine, info_from_folder, parse_weights,
                                     save_peft_adapter, validate_name)
         from .core.training import versions
@@ -835,6 +837,11 @@ class Session:
             try:
                 for a in weights:
                     self._require_adapter(a)
+                if progress is not None and "svd" in method:
+                    first = next(iter(weights))
+                    layers = sum(1 for m in self.model.modules() if first in (getattr(m, "lora_A", None) or {}))
+                    progress(f"combining by SVD: one decomposition of each adapted layer's update ({layers} layers); "
+                             "on a CPU this takes seconds to minutes ...")
                 combine(self.model, dict(weights), name, method)
                 try:
                     check_finite_adapter(self.model, name, self.adapters.active)

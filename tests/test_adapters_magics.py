@@ -43,7 +43,10 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     sh.run_line_magic("lora_adapters", "unmerge")
     capsys.readouterr()
     sh.run_line_magic("lora_adapters", "combine alpha:0.6,beta --name mix --method svd")
-    assert "combined alpha x 0.6, beta x 1 (svd) into adapter 'mix'" in capsys.readouterr().out  # the weights used
+    said = capsys.readouterr().out
+    assert "combined alpha x 0.6, beta x 1 (svd) into adapter 'mix'" in said  # the weights used
+    told = re.search(r"combining by SVD: one decomposition of each adapted layer's update \((\d+) layers\)", said)
+    assert told and int(told.group(1)) > 0 and said.index(told.group(0)) < said.index("combined alpha")
     assert sess.adapters.active == "mix" and (tmp_path / "adapters" / "mix" / "adapter_config.json").exists()
     sh.run_line_magic("lora_adapters", "export mix exported --merged")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "exported") is not None
