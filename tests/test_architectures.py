@@ -21,9 +21,20 @@ SHAPES = {  # config class, model class, the family's own names for the sizes
 }
 
 
+def saved_model(tmp_path, name: str, model_cls: str, config, tok):
+    """A random ``transformers.<model_cls>`` of ``config`` (seed 0) saved with ``tok`` in ``tmp_path / name``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    folder = tmp_path / name
+    getattr(transformers, model_cls)(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("family", sorted(SHAPES))
 def test_a_family_loads_in_4bit_trains_generates_and_serves(family, tmp_path):
-    import torch
     import transformers
 
     from ft_magics import Session
@@ -34,11 +45,7 @@ def test_a_family_loads_in_4bit_trains_generates_and_serves(family, tmp_path):
               pad_token_id=tok.pad_token_id, **shape)
     if "n_positions" not in shape:
         kw["max_position_embeddings"] = 512
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
-    folder = tmp_path / family
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = saved_model(tmp_path, family, model_cls, getattr(transformers, config_cls)(**kw), tok)
 
     s = Session(adapters_dir=tmp_path / "adapters")
     s.load(str(folder), bits=4)
@@ -60,7 +67,6 @@ def test_a_moe_whose_loss_includes_the_router_balancing_term_trains_on_the_model
     """With output_router_logits (the usual advice for fine-tuning Mixtral or Qwen-MoE), the model's loss adds
     router_aux_loss_coef x the experts' load-balancing loss; the chunked loss ran the decoder alone and left it
     out: the same curve as without it, and no gradient balancing the experts."""
-    import torch
     import transformers
 
     from ft_magics import Session
@@ -73,10 +79,7 @@ def test_a_moe_whose_loss_includes_the_router_balancing_term_trains_on_the_model
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, output_router_logits=True,
         router_aux_loss_coef=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path / "moe"
-    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = saved_model(tmp_path, "moe", "Qwen2MoeForCausalLM", cfg, tok)
     s = Session(adapters_dir=tmp_path / "adapters")
     s.load(str(folder), bits=32)
     assert "router_aux_loss_coef=0.5" in chunked_loss_blocker(s.model)
@@ -92,7 +95,6 @@ def test_a_moe_whose_loss_includes_the_router_balancing_term_trains_on_the_model
 def test_a_4bit_load_that_quantises_nothing_says_so_instead_of_claiming_nf4(tmp_path):
     """transformers' bitsandbytes replacement skips Falcon's FalconLinear layers: '%qlora_load --bits 4' kept every
     weight in full precision while the card said '4-bit NF4 + double quantisation'."""
-    import torch
     import transformers
 
     from ft_magics import Session
@@ -101,10 +103,7 @@ def test_a_4bit_load_that_quantises_nothing_says_so_instead_of_claiming_nf4(tmp_
     cfg = transformers.FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                     pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path / "falcon"
-    transformers.FalconForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = saved_model(tmp_path, "falcon", "FalconForCausalLM", cfg, tok)
     s = Session(adapters_dir=tmp_path / "adapters")
     handle = s.load(str(folder), bits=4)
     assert not any(type(m).__name__ == "Linear4bit" for m in s.model.modules())
@@ -114,7 +113,7 @@ def test_a_4bit_load_that_quantises_nothing_says_so_instead_of_claiming_nf4(tmp_
     assert run.status == "completed"
 
 
-def test_the_padding_free_probe_does_not_warn_about_the_user_s_padding(tmp_path, capsys):
+def test_the_padding_free_probe_does_not_warn_about_the_user_s_padding():
     """Every GPT-2 run printed transformers' "We strongly recommend passing in an attention_mask since your
     input_ids may be padded": the probe that checks packed rows stay apart (pad = bos on GPT-2), not the data."""
     import logging
