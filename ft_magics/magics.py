@@ -446,7 +446,8 @@ class FtMagics(Magics):
     @argument("--data", default=None, help="Training data: a file, a folder, a glob pattern (data/*.jsonl), "
               "demo:NAME, a notebook variable, or a Hugging Face Hub dataset id (owner/name[:split]).")
     @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
-    @argument("--output-dir", default=None, help="Folder to save the adapter in (default: adapters/).")
+    @argument("--output-dir", default=None, help="Folder to save the adapter in (default: adapters/ in the working "
+                                                 "folder of the %%qlora_load; a later %%cd does not move it).")
     @argument("--no-widgets", action="store_true", help="Text progress instead of the live dashboard.")
     @argument("--dry-run", action="store_true",
               help="Read and check the data, show the report and an example, make the memory checks and say how "
