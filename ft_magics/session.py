@@ -170,14 +170,16 @@ class Session:
                 emit(listeners, Message(note, "warning"))
             if resume_from is not None:  # what the run's resume would warn about, and where it would continue
                 from .core.checkpoints import checkpoint_step, read_meta, resume_differences, resume_warning
+                from .core.events import counted
 
                 settings = dict(cfg.to_dict(), **({"beta": cfg.pair_beta} if cfg.pairs else {}))  # as the run records
                 changed = resume_differences(read_meta(resume_from), {
                     "settings": settings, "data_fingerprint": report.fingerprint, "data_source": report.source})
                 if changed:
                     emit(listeners, Message(resume_warning(name, changed), "warning"))
-                emit(listeners, Message(f"the run would resume {name!r} from {resume_from.name} (step "
-                                        f"{checkpoint_step(resume_from)})."))
+                step = checkpoint_step(resume_from)
+                left = f" of {cfg.max_steps}: {counted(cfg.max_steps - step, 'step')} left" if cfg.max_steps > 0 else ""
+                emit(listeners, Message(f"the run would resume {name!r} from {resume_from.name} (step {step}{left})."))
             emit(listeners, Message(self._dry_run_text(cfg, train_ex, eval_ex, report)))
             return report
         # what %lora_eval NAME re-reads as the run's held-out examples (the spec, not the tokenised rows)
@@ -550,6 +552,10 @@ class Session:
             info = self.adapters.require(name) if loaded else None
             was_active = self.adapters.active == name
             ckpts, new_ckpts = checkpoint_root(self.adapters_dir, name), checkpoint_root(self.adapters_dir, new)
+            if os.path.lexists(new_ckpts):  # a cut-short run of that name: --resume would continue it, not this one
+                raise FtUsageError(f"cannot rename {name!r} to {new!r}: a cut-short run of {new!r} left checkpoints in "
+                                   f"{new_ckpts} (%%lora_train {new} --resume continues it). Pick another name, or "
+                                   "remove that folder if the run is not wanted.")
             done: list = []  # the steps taken, undone in reverse if a later one fails
             try:
                 if folder is not None:
@@ -559,7 +565,7 @@ class Session:
                     if record:
                         atomic_write_json(target / "ft_run.json", {**record, "name": new})
                         done.append(lambda: atomic_write_json(target / "ft_run.json", record))  # before it moves back
-                    if ckpts.is_dir() and not os.path.lexists(new_ckpts):
+                    if ckpts.is_dir():
                         os.rename(ckpts, new_ckpts)
                         done.append(lambda: os.rename(new_ckpts, ckpts))
                 if loaded:

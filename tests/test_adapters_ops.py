@@ -742,6 +742,10 @@ def test_rename_moves_folder_record_checkpoints_and_keeps_the_adapter_active_wit
         s.rename_adapter("nope", "z")
     with pytest.raises(FtUsageError, match="not allowed"):
         s.rename_adapter("y", "a.b")
+    (checkpoint_root(s.adapters_dir, "cut") / "checkpoint-3").mkdir(parents=True)  # a killed run of 'cut'
+    with pytest.raises(FtUsageError, match=r"a cut-short run of 'cut' left checkpoints in .*--resume continues it"):
+        s.rename_adapter("y", "cut")
+    assert (checkpoint_root(s.adapters_dir, "y") / "checkpoint-1").is_dir() and (s.adapters_dir / "y").is_dir()
     shutil.copytree(made_by_peft["a"], s.adapters_dir / "taken")  # on disk, not loaded
     with pytest.raises(FtUsageError, match="exists"):
         s.rename_adapter("y", "taken")

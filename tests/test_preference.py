@@ -502,7 +502,8 @@ def test_resume_under_another_objective_is_refused_and_another_beta_is_named(tin
     s.train("pref", PAIRS[:8], dict(cfg, beta=0.3), resume=True, dry_run=True, listeners=[dry])
     said = [e.text for e in dry.events if type(e).__name__ == "Message"]
     assert any("resuming 'pref' with different beta (0.1 before, 0.3 now)" in t for t in said), said
-    assert any(re.search(r"the run would resume 'pref' from checkpoint-\d+ \(step \d+\)", t) for t in said), said
+    assert any(re.search(r"the run would resume 'pref' from checkpoint-(\d+) \(step \1 of 4: \d+ steps? left\)", t)
+               for t in said), said
     assert sorted(p.name for p in ckpts.iterdir()) == before
     rec = Recorder()
     done = s.train("pref", PAIRS[:8], dict(cfg, beta=0.3), resume=True, listeners=[rec])
