@@ -1333,8 +1333,8 @@ import sys, os
 from IPython.core.interactiveshell import InteractiveShell
 sh = InteractiveShell.instance()
 sh.run_line_magic("load_ext", "ft_magics")
-sh.run_line_magic("qlora_load", "{tiny_model_dir} --bits 4")
 os.chdir({str(tmp_path)!r})
+sh.run_line_magic("qlora_load", "{tiny_model_dir} --bits 4")
 sh.run_cell_magic("lora_train", "t --data demo:support --eval demo:support-eval --max-steps 2 --no-widgets",
                   "batch_size: 2\\nr: 4\\ngroup_by_length: true\\neval_steps: 1\\n")
 import json; rec = json.load(open("adapters/t/ft_run.json"))
