@@ -273,6 +273,7 @@ def split_leading_flags(magic_func, line: str, message_optional: bool = False) -
     """
     help_asked(magic_func, line.split()[:1])  # "-h" would be the prompt
     leading, text, trailing = _split_flags(magic_func, line)
+    _note_flags_in_text(magic_func, text)
     prose = _open_prose_flag(leading)
     if prose is None or not text:
         return (leading + " " + trailing).strip(), text
@@ -282,6 +283,23 @@ def split_leading_flags(magic_func, line: str, message_optional: bool = False) -
     raise UsageError(
         f"{flag} {word} {text}: an unquoted {flag} value is one word, so where the {flag} text ends and the message "
         f"begins cannot be told. Quote it: %{magic_func.__name__} {flag} \"{word} ...\" then the message.")
+
+
+def _note_flags_in_text(magic_func, text: str) -> None:
+    """Say so where the free text (a prompt, a message) holds what looks like a flag: ``%lora_compare bot --data x``
+    sent 'bot --data x' to the models without a word (flags go first, or all at the end: see _split_flags)."""
+    if text.rstrip().endswith("?"):  # "What does --seed do?" asks about a flag
+        return
+    found = [m.group(1) for m in re.finditer(r"(?:^|\s)(--[A-Za-z][\w-]*)", text)]
+    if not found:
+        return
+    own = {o for a in magic_func.parser._actions for o in a.option_strings}
+    name = magic_func.__name__
+    first = found[0].split("=", 1)[0]
+    why = (f"{first} is a flag of %{name}, but a flag after the text counts only where everything after it is "
+           "this magic's flags and their values" if first in own else f"%{name} has no {first} flag")
+    print(f"(the text sent holds {first!r}: {why}; flags go before the text, e.g. %{name} {first} ... then "
+          "the text)")
 
 
 def cell_flags(magic_func, line: str) -> str:

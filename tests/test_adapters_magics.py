@@ -318,7 +318,14 @@ def test_compare_has_a_line_form_that_keeps_the_question_mark(loaded, capsys):
     sh.run_cell("%lora_compare --adapters alpha --max-new-tokens 2 How do I reset my password?")
     out = capsys.readouterr().out
     assert "Prompt 1: How do I reset my password?" in out and "[base]" in out and "[alpha]" in out
-    assert "Prompt 2" not in out
+    assert "Prompt 2" not in out and "the text sent holds" not in out
+    # options typed after the first word were sent as the prompt without a word
+    sh.run_cell("%lora_compare alpha --data pairs.jsonl")
+    out = capsys.readouterr().out
+    assert "(the text sent holds '--data': %lora_compare has no --data flag; flags go before the text" in out
+    sh.run_cell("%lora_compare alpha --max-new-tokens 2 --prompt hi")
+    assert ("(the text sent holds '--max-new-tokens': --max-new-tokens is a flag of %lora_compare, but a flag after "
+            "the text counts only where everything after it is this magic's flags") in capsys.readouterr().out
 
 
 def test_combine_takes_name_equals_weight_and_refuses_a_name_given_twice(loaded, tmp_path):
