@@ -316,6 +316,8 @@ def test_a_preference_run_moves_the_4bit_adapter_toward_the_chosen_answers(tiny_
     assert set(report.pairs) == {"base", "pref"} and report.pairs["pref"][1] == 6
     assert "held-out pairs, pref: the chosen answer is the more likely one (per token)" in report.to_text()
     # DPO's implicit rewards against the base, as TRL reports them: beta x the log-ratio margin measured above
+    right, n = report.pairs["pref"]  # unpacks as (right, n), as before the rewards (06_preferences reads it so)
+    assert (right, n) == (report.pairs["pref"].right, 6)
     rewards = report.rewards()
     beta, why = (0.1, "as its " + objective.upper() + " run") if objective in ("dpo", "ipo") else (0.1, "DPO's usual")
     assert rewards.n == 6 and rewards.right == 6 and rewards.margin == pytest.approx(beta * margin, rel=0.05)

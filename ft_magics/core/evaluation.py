@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from ..errors import FtUsageError
 
@@ -100,15 +100,25 @@ def _padded(batch: list, pad: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-class PairScores(NamedTuple):
-    """How one model scores held-out preference pairs: ``right`` of ``n`` pairs whose chosen answer it finds more
-    likely than the rejected one, by each answer's mean token log-probability after the shared prompt (the sum
-    would favour the shorter answer); ``chosen`` / ``rejected``: each answer's summed log-probability, in the
-    pairs' order (what DPO's implicit rewards are made of)."""
-    right: int
-    n: int
-    chosen: tuple = ()
-    rejected: tuple = ()
+class PairScores(tuple):
+    """How one model scores held-out preference pairs: ``(right, n)``, the ``right`` of ``n`` pairs whose chosen
+    answer it finds more likely than the rejected one, by each answer's mean token log-probability after the shared
+    prompt (the sum would favour the shorter answer). It unpacks as that pair (``right, n = report.pairs[col]``);
+    ``chosen`` / ``rejected`` hold each answer's summed log-probability, in the pairs' order (what DPO's implicit
+    rewards are made of)."""
+
+    def __new__(cls, right: int, n: int, chosen: tuple = (), rejected: tuple = ()):
+        scores = super().__new__(cls, (right, n))
+        scores.chosen, scores.rejected = tuple(chosen), tuple(rejected)
+        return scores
+
+    @property
+    def right(self) -> int:
+        return self[0]
+
+    @property
+    def n(self) -> int:
+        return self[1]
 
 
 def pair_scores(model, tokenizer, pairs: list, batch_size: int = 8, on_batch=None, dtype=None) -> PairScores:
