@@ -816,7 +816,8 @@ class FtMagics(Magics):
               help="Adapter to evaluate against the base, or 'base' alone. Default: the active adapter.")
     @argument("--data", default=None,
               help="Held-out data, the same kinds as %%lora_train --data. Default: the examples held out when "
-                   "NAME was trained in this session (--eval or eval_fraction), if any.")
+                   "NAME was trained (--eval or eval_fraction), if any: read again from the run's files after a "
+                   "restart (not from a variable).")
     @argument("--map", default=None, help="Column mapping for --data, as for %%lora_train (q=prompt,reply=completion).")
     @argument("--no-general", action="store_true", help="Skip the forgetting check on general text.")
     @argument("--max-seq-len", type=int, default=None,
@@ -847,9 +848,9 @@ class FtMagics(Magics):
             end_as_interrupted(f"%lora_eval interrupted: no scores for {name!r}; the model and adapters are as they "
                                "were")
         self._show(report)
-        if args.data is None and name not in self.session.heldout:
-            print(f"(only the forgetting check: no held-out examples are known for {name!r} in this session; "
-                  "--data FILE scores it on yours)")
+        if args.data is None and not any(str(label).startswith("held out in training") for label in report.sets):
+            print(f"(only the forgetting check: no held-out examples are known for {name!r}; --data FILE scores "
+                  "it on yours)")
 
     def _show(self, result) -> None:
         """An HTML table in a notebook (a kernel with a rich frontend), text elsewhere."""

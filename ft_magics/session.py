@@ -701,6 +701,33 @@ class Session:
             return None  # not a valid name: the registry's "no adapter named" error says more
         return folder if (folder / "adapter_config.json").is_file() else None
 
+    def _recorded_heldout(self, name: str) -> Optional[tuple]:
+        """``(data, eval_data, TrainConfig, fingerprint, description)`` of adapter ``name``'s run as its ft_run.json
+        records them, for ``%lora_eval NAME`` in a later kernel (this session's own runs are in ``self.heldout``);
+        None where the record has no held-out examples or no data a later kernel can read again (a variable)."""
+        from .core.adapters import run_record
+
+        info = next((i for i in self.adapters if i.name == name), None)
+        folder = Path(info.path) if info is not None and info.path else self._adapter_folder(name)
+        record = run_record(folder) if folder is not None else {}
+        data = record.get("data") if isinstance(record.get("data"), dict) else {}
+        spec, settings = data.get("spec"), record.get("settings")
+        if not (isinstance(spec, dict) and spec.get("data") and isinstance(settings, dict) and data.get("eval_rows")):
+            return None
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        try:  # the settings as recorded, less what the run noted beside them (why checkpointing was on or off)
+            cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if k in fields})
+        except FtUsageError:  # a record of another version's settings: ask for --data
+            return None
+        for key in ("data", "eval"):
+            where = spec.get(key)
+            if where and not str(where).startswith("demo:") and not any(c in where for c in "*?[") \
+                    and not Path(where).exists():
+                raise FtUsageError(f"{name!r}'s run read its {'eval ' if key == 'eval' else ''}data from {where}, "
+                                   "which is gone, so its held-out examples cannot be rebuilt. Give held-out "
+                                   "examples with --data FILE.")
+        return spec["data"], spec.get("eval"), cfg, data.get("fingerprint"), spec["data"]
+
     def _load_on_demand(self, name: str) -> None:
         """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""
         folder = self._adapter_folder(name)
@@ -984,6 +1011,11 @@ class Session:
 
         self._require_model()
         own = self.heldout.get(name) if data is None else None  # the run's own held-out examples
+        recorded = None  # (the run's data fingerprint, its data) where they come from its record
+        if own is None and data is None and isinstance(name, str) and name != BASE:
+            recorded = self._recorded_heldout(name)
+            if recorded is not None:
+                own, recorded = recorded[:3], recorded[3:]
         if data is None and own is None and not general:
             raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
         if column_map and data is None:
@@ -1041,6 +1073,11 @@ class Session:
         elif own is not None:
             train_src, eval_src, cfg = own
             _, examples, report = self.prepare_data(train_src, dataclasses.replace(cfg, packing=False), eval_src)
+            if recorded is not None and recorded[0] and report.fingerprint != recorded[0]:
+                raise FtUsageError(
+                    f"{name!r}'s held-out examples cannot be rebuilt: {recorded[1]} changed since its run (the rows "
+                    "differ), so the split could now hold rows the adapter trained on. Give held-out examples with "
+                    "--data FILE.")
             sets.append((f"held out in training ({report.split})", examples))
         pairs = []  # preference pairs: scored as pairs, and their chosen answers as text
         for i, (label, examples) in enumerate(sets):

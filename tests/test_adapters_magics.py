@@ -368,6 +368,42 @@ def test_eval_alone_uses_the_active_adapter_and_the_rows_its_run_held_out(shell,
         shell.run_line_magic("lora_eval", "--no-general")
 
 
+def test_eval_after_a_restart_rebuilds_the_held_out_split_from_the_run_s_record(shell, tiny_model_dir, tmp_path,
+                                                                                capsys):
+    from test_foundation import ROWS
+
+    data = tmp_path / "mine" / "rows.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_cell_magic("lora_train", "held --data mine/rows.jsonl --no-widgets",
+                         "max_steps: 2\nbatch_size: 4\neval_fraction: 0.25\nmax_seq_len: 64\nseed: 7\n")
+    run_eval = magics(shell).session.runs[-1].eval_loss
+    record = json.loads((tmp_path / "adapters" / "held" / "ft_run.json").read_text())
+    assert record["data"]["spec"] == {"data": str(data), "eval": None}  # absolute: a %cd does not lose it
+    shell.user_ns["rows"] = ROWS
+    shell.run_cell_magic("lora_train", "fromvar --data rows --no-widgets", "max_steps: 1\nbatch_size: 4\neval_fraction: 0.25\n")
+    assert "spec" not in json.loads((tmp_path / "adapters" / "fromvar" / "ft_run.json").read_text())["data"]
+    # a new kernel: nothing of the runs is in memory, only their records on disk
+    shell.run_line_magic("ft_unload", "")
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", "held --no-general --max-seq-len 64")
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("held out in training"))
+    assert "eval_fraction 0.25, seed 7" in row and run_eval is not None and f"loss {run_eval:.4f}" in row
+    # a variable is gone with its kernel: --data is asked for, as before
+    with pytest.raises(UsageError, match="--data is required"):
+        shell.run_line_magic("lora_eval", "fromvar --no-general")
+    # other rows in the file now: the split could hold trained rows, so it is refused, not silently rebuilt
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversed(ROWS)))
+    with pytest.raises(UsageError, match=r"'held''s held-out examples cannot be rebuilt: .*rows.jsonl changed since"):
+        shell.run_line_magic("lora_eval", "held --no-general")
+    data.unlink()
+    with pytest.raises(UsageError, match=r"read its data from .*rows.jsonl, which is gone.*--data FILE"):
+        shell.run_line_magic("lora_eval", "held --no-general")
+
+
 def test_adapter_info_tells_how_it_was_trained_loaded_or_only_on_disk(shell, tiny_model_dir, tmp_path, capsys):
     from test_foundation import ROWS
 

@@ -11,6 +11,7 @@ Everything a user can get wrong is an :class:`FtUsageError` raised *before* the 
 from __future__ import annotations
 
 import contextvars
+import glob
 import hashlib
 import io
 import itertools
@@ -122,6 +123,30 @@ class Rows(list):
 
 def demo_datasets() -> list[str]:
     return sorted(p.stem for p in DEMO_DIR.glob("*.jsonl"))
+
+
+def data_spec(src: Any, namespace: Optional[dict] = None) -> Optional[str]:
+    """What names ``src`` (a --data / --eval argument) after a kernel restart: ``demo:NAME``, or the absolute path
+    of an existing file or folder (a glob made absolute where it matches); None for what only this kernel holds (a
+    variable, an object) or what does not exist. A run's record keeps it, so ``%lora_eval NAME`` can rebuild the
+    run's held-out split in a later session (:meth:`ft_magics.session.Session.evaluate`)."""
+    if isinstance(src, os.PathLike) and not isinstance(src, _Files):
+        src = os.fspath(src)
+    if not isinstance(src, str) or not src.strip():
+        return None
+    if src.startswith("demo:"):
+        return src
+    if namespace is not None and src.isidentifier() and _looks_like_data(namespace.get(src)):
+        return None  # the variable is what was read, even where a file of that name exists
+    try:
+        path = user_path(src)
+    except FtUsageError:
+        return None
+    if path.exists():
+        return str(path.resolve())
+    if any(c in src for c in "*?[") and not HUB_ID.fullmatch(src) and glob.glob(str(path), recursive=True):
+        return os.path.abspath(str(path))
+    return None
 
 
 def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto",
@@ -317,8 +342,6 @@ def _json_problem(exc) -> str:
 
 def _rows_from_glob(pattern: str, txt_mode: str, limit: Optional[int]) -> list[dict]:
     """Rows of every data file a glob pattern (``data/*.jsonl``, ``parts/**/*.csv``) matches, in name order."""
-    import glob
-
     base = user_path(pattern)
     matches = sorted(Path(m) for m in glob.glob(str(base), recursive=True))
     files = [m for m in matches if is_data_file(m)]
@@ -1506,6 +1529,7 @@ class DataReport:
     objective: str = "sft"  # dpo / orpo: the rows are preference pairs
     attention: str = ""  # the attention implementation packing relies on
     context: int = 0  # the model's context window (max_position_embeddings) where known: no advice goes past it
+    spec: Optional[dict] = None  # {"data": ..., "eval": ...} as data_spec gives them, where both survive a restart
 
     def count(self, outcome: str, ex: "TokenizedExample") -> None:
         """Count what :func:`fit_length` did to ``ex`` (as tokenised, before any cut)."""
@@ -2244,6 +2268,8 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
         context=context_limit(model) or 0,
     )
     report.objective = getattr(cfg, "objective", "sft")
+    spec = {"data": data_spec(src, namespace), "eval": None if eval_src is None else data_spec(eval_src, namespace)}
+    report.spec = spec if spec["data"] and (eval_src is None or spec["eval"]) else None
     if getattr(cfg, "eval_steps", 0) and not eval_records:
         report.split += (f"; eval_steps: {cfg.eval_steps} has nothing to evaluate: give --eval FILE or "
                          "eval_fraction: 0.1")

@@ -1131,6 +1131,7 @@ def run_training(
                                                                  "eval_dropped") if getattr(data_report, k, 0)},
                 "truncated": data_report.truncated,
                 "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
+                **({"spec": data_report.spec} if getattr(data_report, "spec", None) else {}),
             },
             "versions": versions(),
             "resumed": _resumed(resume_from, ckpt_meta),
