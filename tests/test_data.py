@@ -1117,6 +1117,65 @@ def test_preference_pairs_are_named_and_the_map_trains_on_the_chosen_answers(tok
     assert report.format == "chat" and "hello" in tok.decode([t for t in train[0].labels if t != -100])
 
 
+def test_trl_conversational_pairs_with_a_prompt_column_are_pointed_at_prompt_and_completion(tok, tmp_path):
+    user = [{"role": "user", "content": "How do I reset my password?"}]
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": f"Use the link {i}."}],
+             "rejected": [{"role": "assistant", "content": "No idea."}]} for i in range(4)]
+    data = write_jsonl(tmp_path / "pref_conv.jsonl", rows)
+    # before: --map "chosen=messages", which trained the answers with no question before them
+    with pytest.raises(FtUsageError, match=r'--map "prompt=prompt,chosen=completion"'):
+        D.prepare(str(data), tok, cfg())
+    train, _, report = D.prepare(str(data), tok, cfg(map="prompt=prompt,chosen=completion"))
+    assert "How do I reset my password?" in tok.decode(train[0].input_ids)
+    assert not [w for w in report.warnings if "are not used" in w]
+    # whole conversations, no prompt column: chosen=messages, and no note that 'chosen' is unused
+    conv = [{"chosen": user + [{"role": "assistant", "content": "Use the link."}],
+             "rejected": user + [{"role": "assistant", "content": "No."}]}] * 2
+    implicit = write_jsonl(tmp_path / "implicit.jsonl", conv)
+    with pytest.raises(FtUsageError, match=r'--map "chosen=messages"'):
+        D.prepare(str(implicit), tok, cfg())
+    _, _, report = D.prepare(str(implicit), tok, cfg(map="chosen=messages"))
+    assert not [w for w in report.warnings if "not used" in w]
+
+
+def test_conversations_written_as_json_text_in_a_csv_are_read_as_conversations(tok, tmp_path):
+    import csv
+
+    user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I reset my password?"}]
+    with open(tmp_path / "pc.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion"])
+        for i in range(3):
+            w.writerow([json.dumps(user), json.dumps([{"role": "assistant", "content": f"Use the link {i}."}])])
+    train, _, report = D.prepare(str(tmp_path / "pc.csv"), tok, cfg())
+    text = tok.decode(train[0].input_ids)
+    assert '"role"' not in text and "Be brief." in text and "How do I reset my password?" in text
+    assert tok.decode([t for t in train[0].labels if t != -100]).startswith("Use the link 0.")
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:  # TRL's implicit-prompt pairs, saved to a table
+        w = csv.writer(f)
+        w.writerow(["chosen", "rejected"])
+        for i in range(3):
+            w.writerow([json.dumps(user + [{"role": "assistant", "content": f"Use the link {i}."}]),
+                        json.dumps(user + [{"role": "assistant", "content": "No."}])])
+    pairs, _, report = D.prepare(str(tmp_path / "pairs.csv"), tok, cfg(objective="dpo"))
+    assert len(pairs) == 3 and "How do I reset my password?" in tok.decode(pairs[0].chosen.input_ids)
+    assert '"role"' not in tok.decode(pairs[0].chosen.input_ids)
+    # a cell that only looks like a list stays text
+    assert D.conversation_cell('[1, 2] and "role"') == '[1, 2] and "role"'
+    assert D.conversation_cell('[{"role": "user"') == '[{"role": "user"'
+
+
+def test_a_text_column_beside_alpaca_rows_is_named_as_unused(tok, tmp_path):
+    rows = [{"instruction": f"Say {i}", "input": "", "output": f"{i}", "text": f"### Instruction: Say {i} ### {i}"}
+            for i in range(3)]
+    _, _, report = D.prepare(str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), tok, cfg())
+    note = [w for w in report.warnings if "column 'text' is not used" in w]
+    assert report.format == "alpaca" and note and "format: text" in note[0]
+    _, _, report = D.prepare(str(write_jsonl(tmp_path / "plain.jsonl", [{k: v for k, v in r.items() if k != "text"}
+                                                                         for r in rows])), tok, cfg())
+    assert not [w for w in report.warnings if "not used" in w]
+
+
 def test_a_column_of_nested_objects_is_not_suggested_as_text(tok, tmp_path):
     nested = write_jsonl(tmp_path / "nested.jsonl", [{"data": {"prompt": "a", "completion": "b"}}] * 2)
     with pytest.raises(FtUsageError, match="cannot tell the dataset format") as err:

@@ -992,6 +992,23 @@ ANSWER_NAMES = ("completion", "answer", "response", "output", "target", "a", "re
 TEXT_NAMES = ("text", "content", "body", "document", "passage", "sentence", "article", "story")
 
 
+def conversation_cell(value: Any) -> Any:
+    """``value`` as a list of messages where it is one written as JSON text (a CSV cell, a string column: TRL's
+    conversational prompt / completion / chosen / rejected saved to a table), else unchanged. Text that only looks
+    like one stays text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]") and ('"role"' in text or '"from"' in text):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                return value
+            if isinstance(parsed, list) and parsed and all(isinstance(m, dict) and ("role" in m or "from" in m)
+                                                           for m in parsed):
+                return parsed
+    return value
+
+
 def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
@@ -1006,7 +1023,7 @@ def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[
     nested object is nothing to train on)."""
     keys = list(keys)
     if sample is not None:
-        chats = [str(k) for k in keys if _is_conversation(sample.get(k))]
+        chats = [str(k) for k in keys if _is_conversation(conversation_cell(sample.get(k)))]
         if chats:
             return f"{chats[0]}=messages"
         keys = [k for k in keys if _is_texty(sample.get(k))]
@@ -1052,10 +1069,10 @@ def _preference_error(keys: list, where: str, sample: Optional[dict]) -> Optiona
         return None
     chosen = by_lower["chosen"]
     prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
-    if sample is not None and _is_conversation(sample.get(chosen)):
-        fix = f"{chosen}=messages"
-    elif prompt is not None:
+    if prompt is not None:  # (a conversational prompt and answer too: the prompt's turns stay the context)
         fix = f"{prompt}=prompt,{chosen}=completion"
+    elif sample is not None and _is_conversation(conversation_cell(sample.get(chosen))):  # whole conversations: the implicit prompt
+        fix = f"{chosen}=messages"
     else:
         fix = None
     how = (f' To fine-tune on the preferred answers alone: --map "{fix}".' if fix
@@ -1420,7 +1437,7 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
             msgs.insert(0, {"role": "system", "content": system})
         return Record(messages=msgs, tools=_tools(row, where))
     if fmt == "prompt-completion":
-        p, c = row["prompt"], row["completion"]
+        p, c = conversation_cell(row["prompt"]), conversation_cell(row["completion"])
         if isinstance(p, list) or isinstance(c, list):
             pm = _messages(p, f"{where}, prompt") if isinstance(p, list) else [
                 {"role": "user", "content": _string_field(row, "prompt", where)}]
@@ -2090,6 +2107,21 @@ def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> O
             f"into one first (e.g. df['full'] = df['{prompt}'] + '\\n\\n' + df['{left[0]}']) and --map it to prompt.")
 
 
+def _unused_text_column(rows: list, fmt: str, column_map: Optional[str]) -> Optional[str]:
+    """For rows read in a structured format (alpaca, prompt/completion, chat), a note when a ``text`` column sits
+    beside them unused: tatsu-lab/alpaca carries the whole prompt and answer again as ``text``, and TRL's
+    SFTTrainer would train on that column. Here the structured columns win; the note says so, and how to switch."""
+    base = fmt.split(" (")[0]
+    if base in ("text", "preference pairs") or not rows or not isinstance(rows[0], dict):
+        return None
+    col = next((str(k) for k in rows[0] if _plain(k) == "text" and str(k) not in parse_map(column_map)), None)
+    if col is None:
+        return None
+    return (f"column {col!r} is not used: the rows are read in the {base} format, so the model learns the answers "
+            f"(the loss is on them alone). To train on {col!r} as plain text instead (every token): format: text"
+            + (f" with text_field: {col}" if col != "text" else "") + ".")
+
+
 def _unused_verdict_column(rows: list, fmt: str) -> Optional[str]:
     """For conversations and prompt/completion rows, a note when a column holds true/false verdicts on the answers
     (KTO's ``label``: desirable or not): it is not read, so the answers marked false train as good ones."""
@@ -2127,13 +2159,14 @@ def _unused_answer_column(rows: list, fmt: str, text_field: str) -> Optional[str
             f"the answer to the text: {instead}--map \"{text}=prompt,{cols[0]}=completion\".")
 
 
-def _unused_pair_columns(rows: list, fmt: str) -> Optional[str]:
+def _unused_pair_columns(rows: list, fmt: str, mapping: Optional[str] = None) -> Optional[str]:
     """Under objective: sft, a note when chosen / rejected columns sit beside the conversation trained on (as in
-    LLaMA-Factory's ShareGPT preference rows): preference pairs trained as one conversation by mistake."""
+    LLaMA-Factory's ShareGPT preference rows): preference pairs trained as one conversation by mistake. Not where
+    ``mapping`` (--map) makes the chosen column the conversation: the preferred answers alone, on purpose."""
     if fmt.split(" (")[0] not in ("chat", "sharegpt") or not rows or not isinstance(rows[0], dict):
         return None
     by_lower = {_plain(k): str(k) for k in rows[0]}
-    if not {"chosen", "rejected"} <= set(by_lower):
+    if not {"chosen", "rejected"} <= set(by_lower) or by_lower["chosen"] in parse_map(mapping):
         return None
     return (f"columns {by_lower['chosen']!r} and {by_lower['rejected']!r} are not used: objective: sft trains on the "
             f"conversation alone. To train on the preference pairs, set objective: dpo (or orpo, ipo, simpo).")
@@ -2177,7 +2210,8 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
         desc += f" ({rows.file_splits})"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
     unused_note = (_unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
-                   or _unused_verdict_column(rows, fmt) or _unused_pair_columns(rows, fmt))
+                   or _unused_verdict_column(rows, fmt) or _unused_pair_columns(rows, fmt, cfg.map)
+                   or _unused_text_column(rows, fmt, cfg.map))
     del rows
     if eval_src is not None or held is not None:
         try:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from ..errors import FtUsageError
 from .events import counted
 from .data import (PROMPT_NAMES, Record, TokenizedExample, _is_conversation, _messages, _renamed, _string_field,
-                   parse_map)
+                   conversation_cell, parse_map)
 
 PAIR_FORMAT = "preference pairs"
 # column names other datasets give the two answers (StackExchange-paired: response_j / response_k)
@@ -129,7 +129,7 @@ def _prompt(row: dict, where: str) -> tuple:
     "Assistant:" marker the answers follow) becomes its turns, without that last, empty, marker."""
     if row.get("prompt") is None:
         return None, False
-    p = row["prompt"]
+    p = conversation_cell(row["prompt"])
     if hasattr(p, "tolist") and not isinstance(p, (str, bytes)):
         p = p.tolist()
     if isinstance(p, list):
@@ -181,7 +181,7 @@ def _pair(row: Any, where: str) -> Pair:
         if row.get(key) is None:
             raise FtUsageError(f"{where}: field {key!r} is missing or null; every pair needs both answers.")
     prompt, transcript = _prompt(row, where)
-    c_raw, r_raw = row["chosen"], row["rejected"]
+    c_raw, r_raw = conversation_cell(row["chosen"]), conversation_cell(row["rejected"])
     if transcript and isinstance(c_raw, str) and isinstance(r_raw, str):
         # answers to an HH transcript prompt: " yes" after "Assistant:" is read as the transcript path reads
         # its turns (stripped); whole transcripts on both sides are read as whole conversations
