@@ -194,18 +194,23 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         data = _llama_factory_stage(data)
         seen: dict = {}
+        foreign: list = []  # other tools' settings and unknown keys: all named at once, not one per try
+        unknown = False
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
             if key in OTHER_TOOLS:
-                translated = _other_tools_setting(key, raw_key, value)
+                try:
+                    translated = _other_tools_setting(key, raw_key, value)
+                except FtUsageError as exc:
+                    foreign.append(str(exc))
+                    continue
                 if translated is None:  # what this tool does anyway (e.g. bias: none)
                     continue
                 key, value = translated
             if key not in fields:
-                raise FtUsageError(
-                    f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}. "
-                    f"Valid settings: {', '.join(fields)}. See %ft_help lora_train."
-                )
+                foreign.append(f"unknown setting {raw_key!r}{did_you_mean(key, list(fields) + list(ALIASES))}.")
+                unknown = True
+                continue
             if key in seen:
                 raise FtUsageError(
                     f"{key} is given twice, as {seen[key]!r} and as {raw_key!r} (another name for it); keep one."
@@ -214,6 +219,12 @@ class TrainConfig:
             setattr(cfg, key, _coerce(key, fields[key], value))
             if key == "warmup":  # one setting for both: each other tool's name keeps its own meaning
                 _check_warmup_alias(str(raw_key).strip().lower().replace("-", "_"), cfg.warmup)
+        if foreign:
+            valid = f" Valid settings: {', '.join(fields)}. See %ft_help lora_train." if unknown else ""
+            if len(foreign) == 1:
+                raise FtUsageError(foreign[0] + valid)
+            raise FtUsageError(f"{len(foreign)} settings are not this tool's:\n" + "\n".join(f"  - {m}" for m in foreign)
+                               + ("\n" + valid.strip() if valid else ""))
         if check:
             cfg.validate()
         return cfg
@@ -323,8 +334,12 @@ ALIASES = {
     "orpo_lambda": "beta",
     "training_objective": "objective",
     "stage": "objective",
+    "random_state": "seed",
 }
 
+_DTYPE = ("%qlora_load --dtype bf16 (or fp16, fp32): the compute dtype is chosen when the model is loaded (auto: "
+          "bf16 where the hardware is fast at it), and training follows it (autocast)")
+_BITS = "%qlora_load --bits 4 (NF4 with double quantisation; 8, 16, 32 otherwise): the base's bits are chosen at the load"
 # settings of other tools (TRL, transformers, PEFT) that say the same thing another way: what to write here
 OTHER_TOOLS = {
     "completion_only_loss": "train_on: answers (the default: loss on the answers only) or train_on: all",
@@ -337,6 +352,26 @@ OTHER_TOOLS = {
     "pref_loss": "objective: dpo, ipo, orpo or simpo (LLaMA-Factory's sigmoid is dpo)",
     "loss_type": "objective: dpo, ipo, orpo or simpo (TRL's loss_type sigmoid is dpo; nll is sft); TRL's other "
                  "losses (hinge, robust, ...) have no counterpart here",
+    "evaluation_strategy": "eval_steps: N (evaluate every N steps; 0, the default, evaluates at the end)",
+    "bf16": _DTYPE, "fp16": _DTYPE, "tf32": _DTYPE, "bf16_full_eval": _DTYPE, "fp16_full_eval": _DTYPE,
+    "load_in_4bit": _BITS, "load_in_8bit": _BITS, "bnb_4bit_quant_type": _BITS, "bnb_4bit_compute_dtype": _BITS,
+    "bnb_4bit_use_double_quant": _BITS,
+    "output_dir": "the --output-dir DIR flag of %%lora_train (the adapter is saved in DIR/NAME; by default in "
+                  "adapters/NAME)",
+    "report_to": "nothing: the run is logged to the live dashboard and to the adapter's ft_run.json (no trackers)",
+    "task_type": "nothing: adapters are trained for causal language modelling (PEFT's CAUSAL_LM)",
+    "save_total_limit": "nothing: a run keeps its newest checkpoints only while it runs, and removes them when it "
+                        "completes",
+    "dataset_num_proc": "nothing: the data is tokenised once in this process and cached",
+    "use_gradient_checkpointing": "gradient_checkpointing: true, false or auto",
+    "max_prompt_length": "nothing: max_seq_len bounds prompt and answer together (overlong: decides what happens "
+                         "to longer rows; a prompt that leaves no room for its answer is dropped and counted)",
+    "max_completion_length": "nothing: max_seq_len bounds prompt and answer together (overlong: decides what "
+                             "happens to longer rows)",
+    "ref_model": "nothing: a preference objective's reference is the base model itself (the adapter switched off, "
+                 "no second copy)",
+    "rpo_alpha": "objective: orpo, which learns the chosen answers beside the preference (TRL's RPO, DPO plus the "
+                 "chosen answers' NLL, has no exact counterpart)",
 }
 # LLaMA-Factory: stage picks the kind of training, pref_loss the preference loss within stage: dpo
 _PREF_LOSS = {"sigmoid": "dpo", "dpo": "dpo", "ipo": "ipo", "orpo": "orpo", "simpo": "simpo"}
@@ -387,6 +422,15 @@ def _other_tools_setting(key: str, raw_key: str, value):
         return "objective", _PREF_LOSS[str(value).strip().lower()]
     if key == "loss_type" and str(value).strip().lower() in _LOSS_TYPE:
         return "objective", _LOSS_TYPE[str(value).strip().lower()]
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if key == "report_to" and text in ("none", None, [], False):
+        return None
+    if key == "task_type" and text == "causal_lm":
+        return None
+    if key == "use_gradient_checkpointing" and (isinstance(value, bool) or text in ("unsloth", "true", "false")):
+        return "gradient_checkpointing", text not in (False, "false")  # Unsloth's "unsloth": on (its own offload)
+    if key == "save_strategy" and text == "no":
+        return "save_every_minutes", 0
     raise FtUsageError(f"{raw_key!r}: {value!r} is another tool's setting; here write {OTHER_TOOLS[key]}.")
 
 
@@ -404,6 +448,11 @@ def pop_data_keys(body: dict) -> dict:
             raise FtUsageError(f"the {which} source is given twice in the cell body ({raw!r} and another name); keep one.")
         found[which] = str(body.pop(raw))
     return found
+
+
+def other_tool_pointer(name) -> Optional[str]:
+    """What to write here for another tool's setting ``name`` (``bf16``, ``--load-in-4bit``), or None."""
+    return OTHER_TOOLS.get(canonical_key(str(name).strip().lower()))
 
 
 def canonical_key(raw_key) -> str:

@@ -20,7 +20,8 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Int, Unicode
 
-from .config import ALIASES, OBJECTIVES, OPTIMIZERS, TrainConfig, canonical_key, overridden_notes, parse_yaml_body, pop_data_keys
+from .config import (ALIASES, OBJECTIVES, OPTIMIZERS, TrainConfig, canonical_key, other_tool_pointer, overridden_notes,
+                     parse_yaml_body, pop_data_keys)
 from .core.events import counted
 from .errors import FtUsageError, did_you_mean
 
@@ -122,6 +123,10 @@ _NUMBER = re.compile(r"-\d[\d.e+-]*")  # a negative value, not a flag
 # generation options of other tools that have no counterpart here (a did-you-mean would point at an unrelated flag)
 _NO_STOP_STRINGS = "there are no stop strings here; an answer ends at the model's end of turn or at --max-new-tokens"
 ABSENT_FLAGS = {"--stop": _NO_STOP_STRINGS, "--stop-sequence": _NO_STOP_STRINGS}
+# %lora_compare answers greedily: sampling flags of %lora_generate / %lora_chat are refused with why
+_GREEDY = ("%lora_compare answers greedily, so the columns differ by the model alone (only --max-new-tokens and "
+           "--repetition-penalty apply); sampling is for %lora_generate and %lora_chat")
+GREEDY_FLAGS = {f: _GREEDY for f in ("--temperature", "--top-p", "--top-k", "--seed", "--do-sample")}
 
 
 # A magic's line is split as the platform's shell splits words (as IPython's own magics do): on Windows a
@@ -173,6 +178,11 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
             flag = bad.split("=", 1)[0]
             if flag in ABSENT_FLAGS and "--max-new-tokens" in flags:  # another tool's option: say what is here
                 raise UsageError(f"unknown flag {flag}: {ABSENT_FLAGS[flag]}. See %{magic_func.__name__}? for every flag.")
+            if flag in GREEDY_FLAGS and magic_func.__name__ == "lora_compare":
+                raise UsageError(f"unknown flag {flag}: {GREEDY_FLAGS[flag]}.")
+            pointer = other_tool_pointer(flag[2:]) if "--max-steps" in flags else None  # a training magic
+            if pointer:  # --bf16: a setting of another tool, and where it lives here
+                raise UsageError(f"unknown flag {flag}: another tool's setting; here write {pointer}.")
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
@@ -273,6 +283,9 @@ def split_leading_flags(magic_func, line: str, message_optional: bool = False) -
     """
     help_asked(magic_func, line.split()[:1])  # "-h" would be the prompt
     leading, text, trailing = _split_flags(magic_func, line)
+    own = {o for a in magic_func.parser._actions for o in a.option_strings}
+    if any(m.group(1).split("=", 1)[0] not in own for m in re.finditer(r"(?:^|\s)(--[\w-]+)", leading)):
+        parse_args(magic_func, leading)  # an unknown flag before the text is the error to name, before any note
     _note_flags_in_text(magic_func, text)
     prose = _open_prose_flag(leading)
     if prose is None or not text:

@@ -137,7 +137,7 @@ def _md_escape(s: str) -> str:
 
 def readme_block() -> str:
     """The README's reference section body (between BEGIN and END), as markdown."""
-    from .config import ALIASES, reference_table
+    from .config import ALIASES, OTHER_TOOLS, reference_table
 
     out = [BEGIN, "", "### Magics", "",
            "Generated from the magics' own parsers and docstrings (`%ft_help` shows the same in the notebook; "
@@ -160,7 +160,11 @@ def readme_block() -> str:
     out += ["### Training settings (YAML keys of `%%lora_train` / `%%lora_export_job`)", "",
             "Generated from `ft_magics.config.TrainConfig`. The names transformers and peft use are accepted "
             "too, as keys and as flags: " + ", ".join(f"`{a}`" for a in ALIASES) + ". A key given twice "
-            "(also under two names) is refused.", "", reference_table(), "", END]
+            "(also under two names) is refused. Settings of other tools that live elsewhere here or need nothing ("
+            + ", ".join(f"`{k}`" for k in OTHER_TOOLS) + ") are translated where the meaning is the same "
+            "(`completion_only_loss: false`, `report_to: none`), else refused with what to write instead; "
+            "a body with several such keys is answered in one message that names them all.",
+            "", reference_table(), "", END]
     return "\n".join(out)
 
 

@@ -807,6 +807,48 @@ def test_settings_of_other_tools_are_understood_or_translated():
         TrainConfig.from_dict({"stage": "kto"})
 
 
+def test_an_unsloth_or_trl_settings_block_is_answered_in_one_message_that_says_where_each_setting_lives():
+    """bf16, load_in_4bit, output_dir... each met "unknown setting" with the list of settings, one per try."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    body = {"lora_r": 8, "bf16": True, "load_in_4bit": True, "output_dir": "outputs", "report_to": "none",
+            "task_type": "CAUSAL_LM", "random_state": 3407, "frobnicate": 1, "evaluation_strategy": "steps"}
+    with pytest.raises(FtUsageError) as err:
+        TrainConfig.from_dict(body)
+    msg = str(err.value)
+    assert msg.startswith("5 settings are not this tool's:")
+    for part in ("'bf16': True is another tool's setting; here write %qlora_load --dtype bf16",
+                 "'load_in_4bit': True is another tool's setting; here write %qlora_load --bits 4",
+                 "'output_dir': 'outputs' is another tool's setting; here write the --output-dir DIR flag",
+                 "unknown setting 'frobnicate'", "'evaluation_strategy': 'steps' is another tool's setting; here write "
+                 "eval_steps: N", "Valid settings: r, alpha"):
+        assert part in msg
+    assert msg.count("Valid settings") == 1 and "report_to" not in msg and "random_state" not in msg
+    # what happens anyway is accepted; Unsloth's names translate
+    cfg = TrainConfig.from_dict({"report_to": "none", "task_type": "CAUSAL_LM", "random_state": 3407,
+                                 "use_gradient_checkpointing": "unsloth", "save_strategy": "no"})
+    assert (cfg.seed, cfg.gradient_checkpointing, cfg.save_every_minutes) == (3407, True, 0)
+    with pytest.raises(FtUsageError, match="'report_to': 'wandb' is another tool's setting; here write nothing: the "
+                                           "run is logged to the live dashboard"):
+        TrainConfig.from_dict({"report_to": "wandb"})
+    with pytest.raises(FtUsageError, match=r"'ref_model'.*the base model itself"):  # was: did you mean target_modules
+        TrainConfig.from_dict({"ref_model": "x"})
+    # one problem keeps the one-line message it always had
+    with pytest.raises(FtUsageError, match=r"^unknown setting 'frobnicate'\. Valid settings: r, "):
+        TrainConfig.from_dict({"frobnicate": 1})
+
+
+def test_another_tool_s_flag_on_a_training_line_and_sampling_flags_on_compare_say_where_they_belong(shell):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unknown flag --bf16: another tool's setting; here write %qlora_load --dtype"):
+        shell.run_line_magic("lora_train", "x --data demo:support --bf16")
+    with pytest.raises(UsageError, match=r"unknown flag --temperature: %lora_compare answers greedily") as err:
+        shell.run_line_magic("lora_compare", "--adapters a --temperature 0.7 --max-new-tokens 8 Hi")
+    assert "sampling is for %lora_generate and %lora_chat" in str(err.value)
+
+
 def test_settings_out_of_range_or_of_another_meaning_are_refused_when_read():
     """seed 99999999999 passed every check and crashed the run with a traceback; warmup_ratio: 1.0 was read as a
     warm-up of one step, warmup: 1.5 as one step, warmup_steps: 0.5 as half of the run."""
