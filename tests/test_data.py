@@ -1176,6 +1176,18 @@ def test_a_text_column_beside_alpaca_rows_is_named_as_unused(tok, tmp_path):
     assert not [w for w in report.warnings if "not used" in w]
 
 
+def test_the_small_set_warning_counts_the_examples_that_train_after_the_drops(tok, tmp_path):
+    rows = [{"prompt": f"Q{i}", "completion": f"A{i}" if i % 4 else ""} for i in range(120)]  # 30 without an answer
+    _, _, report = D.prepare(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, cfg())
+    few = [w for w in report.warnings if "usual guidance" in w]
+    assert few == ["only 90 examples train (of 120 rows read; the others were dropped, see above); the usual guidance "
+                   "is 100-500 high-quality examples at the least."]
+    _, _, report = D.prepare(str(write_jsonl(tmp_path / "e.jsonl", [r for r in rows if r["completion"]][:20])), tok,
+                             cfg())
+    assert [w for w in report.warnings if "usual guidance" in w] == [
+        "only 20 examples train; the usual guidance is 100-500 high-quality examples at the least."]
+
+
 def test_a_column_of_nested_objects_is_not_suggested_as_text(tok, tmp_path):
     nested = write_jsonl(tmp_path / "nested.jsonl", [{"data": {"prompt": "a", "completion": "b"}}] * 2)
     with pytest.raises(FtUsageError, match="cannot tell the dataset format") as err:

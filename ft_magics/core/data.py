@@ -2010,12 +2010,22 @@ def _identity(record) -> str:
     return json.dumps(record.to_json(), sort_keys=True)
 
 
+_FEW = "the usual guidance is 100-500 high-quality examples at the least."
+
+
+def few_examples_warning(n: int, rows: Optional[int] = None) -> Optional[str]:
+    """The warning for a small training set: ``n`` examples that train (of ``rows`` read, where drops left fewer)."""
+    if n >= 100:
+        return None
+    of = f" (of {counted(rows, 'row')} read; the others were dropped, see above)" if rows is not None and rows > n else ""
+    return f"only {counted(n, 'example')} train{of}; {_FEW}"
+
+
 def quality_warnings(records: list[Record]) -> list:
     warnings = []
-    n = len(records)
-    if n < 100:
-        warnings.append(f"only {counted(n, 'example')}; the usual guidance is 100-500 high-quality examples at the "
-                        "least.")
+    few = few_examples_warning(len(records))
+    if few:
+        warnings.append(few)
     copies: dict = {}
     for r in records:
         key = _identity(r)
@@ -2349,6 +2359,11 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             f"nothing. Raise max_seq_len ({eval_report.keep_whole(max(eval_report.lengths, default=0))}) or give eval "
             "rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
+    if train and len(train) < len(train_records):  # the small-set warning counts what trains, after the drops
+        few = few_examples_warning(len(train), len(train_records))
+        report.warnings = [w for w in report.warnings if not w.endswith(_FEW)]
+        if few:
+            report.warnings.insert(0, few)
     if not train:
         if report.dropped_unweighted and report.dropped_unweighted + report.dropped_empty == len(train_records):
             raise FtUsageError(
