@@ -1052,8 +1052,6 @@ class Session:
             held = eval_records if (eval_records or data is None) else train_records  # --data: all of it
             cases = answer_cases(held)[:int(answers)]
             if not cases:
-                from .core.events import counted
-
                 after_tool = sum(1 for r in held if len(r.messages or []) > 1 and r.messages[-1].get("role") == "assistant"
                                  and r.messages[-2].get("role") == "tool")
                 raise FtUsageError("--answers scores answers to questions, and none of the held-out examples is a "

@@ -359,7 +359,6 @@ def load_model(
     plan = plan or plan_load(model, bits, dtype, device, allow_pickle)
     name, source, dev, compute_dtype, notes = plan.name, plan.source, plan.device, plan.dtype, list(plan.notes)
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict = dict(

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from ..errors import FtUsageError
 from .events import counted
-from .data import (PROMPT_NAMES, Record, TokenizedExample, _is_conversation, _messages, _renamed, _string_field,
+from .data import (PROMPT_NAMES, Record, TokenizedExample, _messages, _renamed, _string_field,
                    conversation_cell, parse_map)
 
 PAIR_FORMAT = "preference pairs"
