@@ -1761,6 +1761,14 @@ def test_a_folder_or_glob_of_split_files_trains_on_train_and_evaluates_on_its_ev
     assert _prompts(heldout_examples(src, tok), tok) == ["v"] * 2  # %lora_eval --data sp scores the held-out split
     train, evals, _ = D.prepare(src, tok, cfg(), eval_src=[{"prompt": "xq0", "completion": "x"}])
     assert _prompts(train, tok) == ["t"] * 5 and _prompts(evals, tok) == ["x"]  # --eval wins
+    # a train split and no eval split: the files that name no split were left out without a word
+    only = tmp_path / "only"
+    (only / name.format("train")).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(only / name.format("train"), _pc("t", 5))
+    write_jsonl(only / "notes.jsonl", _pc("n", 1))
+    train, _, report = D.prepare("only/*.jsonl" if layout == "glob" else "only", tok, cfg())
+    line = report.text().splitlines()[0]
+    assert _prompts(train, tok) == ["t"] * 5 and "; not read: " in line and "notes.jsonl" in line
 
 
 def test_a_folder_of_files_without_split_names_trains_on_all_of_them(tmp_path, tok):

@@ -393,7 +393,10 @@ def _split_files(files: list, base: Path) -> Optional[tuple]:
         return None
     held = _eval_split(named, train)
     pick = lambda k: [f for f in files if keys[f] == k]  # noqa: E731
-    return pick(train), held, pick(held) if held else [], [f for f in files if keys[f] not in (train, held)]
+    # (not `not in (train, held)`: with no eval split held is None, the key of every file that names no split,
+    # and those files were left out of both lists: not read, and not named as not read)
+    unused = [f for f in files if keys[f] != train and (held is None or keys[f] != held)]
+    return pick(train), held, pick(held) if held else [], unused
 
 
 def _rows_of_split_files(files: list, base: Path, txt_mode: str, limit: Optional[int], label, where: str) -> list:
