@@ -1188,6 +1188,54 @@ def test_the_small_set_warning_counts_the_examples_that_train_after_the_drops(to
         "only 20 examples train; the usual guidance is 100-500 high-quality examples at the least."]
 
 
+def test_files_from_windows_and_spreadsheets_load_or_say_the_fix_that_keeps_their_characters(tmp_path):
+    """A tester's files: the Latin-1 advice garbled a Windows file's quotes and euro signs into control characters,
+    one bad byte got advice that garbled every other accent, a UTF-16 .txt table trained as plain text, Excel's
+    sep=; line became a column, a 140k-character TSV cell was refused, and Windows line ends stayed in cells."""
+    rows = [(f"Question {i}: café?", f"Answer {i}: “quoted” €5 — ok") for i in range(6)]
+    (tmp_path / "win.csv").write_bytes(("prompt,completion\n" + "".join(f'"{p}","{c}"\n' for p, c in rows))
+                                       .encode("cp1252"))
+    with pytest.raises(FtUsageError, match=r"Windows-1252 .*encoding='cp1252'"):
+        D.load_rows(str(tmp_path / "win.csv"))
+    good = ("prompt,completion\n" + "".join(f'"{p}","{c}"\n' for p, c in rows)).encode()
+    (tmp_path / "onebad.csv").write_bytes(good.replace("Question 3: café".encode(), "Question 3: café".encode("latin-1")))
+    with pytest.raises(FtUsageError, match=r"onebad.csv, line 5: not UTF-8 text .*while the rest of the file is UTF-8"
+                                           r".*do not convert the whole file"):
+        D.load_rows(str(tmp_path / "onebad.csv"))
+    (tmp_path / "excel.txt").write_text("prompt\tcompletion\nhi\tthere\n", encoding="utf-16")
+    with pytest.raises(FtUsageError, match=r"UTF-16 text.*with_suffix\('\.tsv'\).*named \.tsv"):
+        D.load_rows(str(tmp_path / "excel.txt"))
+    (tmp_path / "nobom.txt").write_bytes("hello there\nmore text\n".encode("utf-16-le"))  # valid UTF-8, NULs and all
+    with pytest.raises(FtUsageError, match=r"UTF-16 text.*encoding='utf-16-le'"):
+        D.load_rows(str(tmp_path / "nobom.txt"))
+    (tmp_path / "sep.csv").write_text("sep=;\nprompt;completion\nQ0;A0, ok\nQ1;A1, ok\n")
+    (tmp_path / "semi.csv").write_text("question;answer, short\nQ0;A0, ok\nQ1;A1, ok\n")
+    assert D.load_rows(str(tmp_path / "sep.csv"))[0] == [{"prompt": "Q0", "completion": "A0, ok"},
+                                                         {"prompt": "Q1", "completion": "A1, ok"}]
+    assert D.load_rows(str(tmp_path / "semi.csv"))[0][0] == {"question": "Q0", "answer, short": "A0, ok"}
+    (tmp_path / "long.tsv").write_text("prompt\tcompletion\n" + "x" * 140_000 + "\tA\n")
+    assert len(D.load_rows(str(tmp_path / "long.tsv"))[0][0]["prompt"]) == 140_000
+    (tmp_path / "crlf.csv").write_bytes(b'prompt,completion\r\n"Line one\r\nLine two","A"\r\n,\r\n,\r\n"Q","B"\r\n')
+    assert D.load_rows(str(tmp_path / "crlf.csv"))[0] == [{"prompt": "Line one\nLine two", "completion": "A"},
+                                                          {"prompt": "Q", "completion": "B"}]  # blank rows: none
+
+
+def test_json_spread_over_lines_or_lines_in_a_json_file_are_read_or_named_by_the_right_line(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    (tmp_path / "pretty.jsonl").write_text("\n".join(json.dumps(r, indent=2) for r in rows) + "\n")  # jq's output
+    assert D.load_rows(str(tmp_path / "pretty.jsonl"))[0] == rows
+    (tmp_path / "obj.jsonl").write_text(json.dumps({"train": rows}, indent=2))
+    assert D.load_rows(str(tmp_path / "obj.jsonl"))[0] == rows
+    lines = [json.dumps(r) for r in rows * 3]
+    lines[6] = lines[6][:12]
+    (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FtUsageError, match=r"lines.json, line 7: not valid JSON .*holds JSON lines"):
+        D.load_rows(str(tmp_path / "lines.json"))
+    (tmp_path / "cut.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FtUsageError, match=r"cut.jsonl, line 7: not valid JSON \(Unterminated string"):
+        D.load_rows(str(tmp_path / "cut.jsonl"))
+
+
 def test_a_column_of_nested_objects_is_not_suggested_as_text(tok, tmp_path):
     nested = write_jsonl(tmp_path / "nested.jsonl", [{"data": {"prompt": "a", "completion": "b"}}] * 2)
     with pytest.raises(FtUsageError, match="cannot tell the dataset format") as err:
@@ -1527,7 +1575,7 @@ def test_a_latin1_csv_and_a_null_answer_say_how_to_go_on(tmp_path):
     p = tmp_path / "latin1.csv"
     p.write_bytes("prompt,completion\ncaf\xe9,cr\xe8me\n".encode("latin-1"))
     with pytest.raises(FtUsageError, match=r"not UTF-8 text\. Save it as UTF-8, or read it in a cell with its "
-                                           r"encoding \(e\.g\. pandas\.read_csv\(path, encoding='latin-1', dtype=str, "
+                                           r"encoding \(it looks like Latin-1 \(Western European\): pandas\.read_csv\(path, encoding='latin-1', dtype=str, "
                                            r"keep_default_na=False\): every field as the text written"):
         D.load_rows(str(p))
     with pytest.raises(FtUsageError, match=r"field 'completion' is missing or null\. Fill it, or drop such rows "

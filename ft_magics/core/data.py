@@ -591,16 +591,46 @@ def _data_bytes(path: Path) -> int:
     return size * 10 if suffix in COMPRESSIONS else size
 
 
-def _csv_separator(path: Path, suffix: str) -> str:
-    """The column separator of a .csv/.tsv file: a tab for .tsv; for .csv a comma, unless the header line
-    has none but a semicolon, tab or bar (spreadsheets in many locales export 'question;answer')."""
+def _csv_separator(path: Path, suffix: str) -> tuple:
+    """``(the column separator of a .csv/.tsv file, lines to skip before the header)``: a tab for .tsv; Excel's
+    ``sep=;`` first line where there is one (it names the separator and is not the header); for .csv a comma,
+    unless the header line has none but a semicolon, tab or bar (spreadsheets in many locales export
+    'question;answer'), or another of those splits the first rows into the same number of fields while commas
+    do not, or only as prose does, followed by a space ('question;answer, short')."""
+    import csv
+
     if suffix == ".tsv":
-        return "\t"
+        return "\t", 0
     with _open_text(path) as f:
-        header = f.readline()
-    if "," in header:
-        return ","
-    return next((sep for sep in (";", "\t", "|") if sep in header), ",")
+        head = f.read(1 << 16)
+    m = re.match(r"\s*sep=(.)[ \t]*\r?\n", head)
+    if m:
+        return m.group(1), 1
+    header = head.split("\n", 1)[0]
+    others = [sep for sep in (";", "\t", "|") if sep in header]
+    if "," not in header or not others:
+        return ("," if "," in header or not others else others[0]), 0
+    complete = head if len(head) < (1 << 16) else head[:head.rfind("\n") + 1]  # whole lines only
+    records = lambda sep: [r for r in itertools.islice(csv.reader(io.StringIO(complete), delimiter=sep), 50) if r]  # noqa: E731
+
+    def fits(sep: str) -> bool:  # every row as many fields as the header, and more than one
+        counts = {len(r) for r in records(sep)}
+        return len(counts) == 1 and counts.pop() > 1
+
+    def prose(sep: str) -> bool:  # mostly followed by a space: punctuation in text, not a separator
+        return complete.count(sep + " ") * 2 > complete.count(sep)
+
+    fitting = [sep for sep in [","] + others if fits(sep)]
+    plain = [sep for sep in fitting if not prose(sep)]
+    return (plain or fitting or [","])[0], 0
+
+
+def _csv_text(path: Path, skip: int = 0):
+    """The file as text, the ``skip`` lines before its header (Excel's ``sep=`` line) read past."""
+    fh = _open_text(path)
+    for _ in range(skip):
+        fh.readline()
+    return fh
 
 
 def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
@@ -615,24 +645,30 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
 
     import pandas as pd
 
-    sep = _csv_separator(path, suffix)
-    quoting = _tsv_quoting(path) if sep == "\t" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a 140k-character cell: Python's csv refused it
+    sep, skip = _csv_separator(path, suffix)
+    quoting = _tsv_quoting(path, skip) if sep == "\t" else csv.QUOTE_MINIMAL
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # "leads to a loss of data": a too-long row
             df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, index_col=False, nrows=limit,
-                             quoting=quoting,
+                             quoting=quoting, skiprows=skip,
                              encoding="utf-8-sig")  # -sig: a byte-order mark (Excel's UTF-8 export) is not a column
     except (pd.errors.ParserWarning, pd.errors.ParserError) as exc:
-        raise _csv_row_error(path, sep, quoting) or FtUsageError(
+        raise _csv_row_error(path, sep, quoting, skip=skip) or FtUsageError(
             f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
     # pandas fills a short row's missing fields with "" (the answer read as empty), and renames a header's second
     # 'prompt' 'prompt.1' (a column then unused): both without a word
     if len(df.columns) > 1 and (df == "").to_numpy().any():
-        short = _csv_row_error(path, sep, quoting, short=True)
+        short = _csv_row_error(path, sep, quoting, short=True, skip=skip)
         if short is not None:
             raise short
-    header = _csv_header(path, sep, quoting)
+        df = df[(df != "").any(axis=1)]  # a spreadsheet's blank rows (',,'): no example, as a blank line is none
+    # a cell that spans lines keeps the file's line ends: Windows' \r\n would train the model to write \r
+    crlf = [c for c in df.columns if df[c].str.contains("\r", regex=False).any()]
+    for c in crlf:
+        df[c] = df[c].str.replace("\r\n", "\n", regex=False)
+    header = _csv_header(path, sep, quoting, skip)
     # a spreadsheet's export often ends its rows in empty columns ('Question,Answer,,'): no name and no data
     blank = [i for i, h in enumerate(header) if not h and i < len(df.columns) and (df.iloc[:, i] == "").all()]
     if blank:
@@ -648,14 +684,14 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
     return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
 
 
-def _tsv_quoting(path: Path) -> int:
+def _tsv_quoting(path: Path, skip: int = 0) -> int:
     """How a tab-separated file quotes: literally (csv.QUOTE_NONE, the TSV convention: a quote is text), unless
     it was written with CSV-style quoting (a field wrapped in quotes, as pandas writes one holding a tab or a
     line break, or a row that only has its fields once quotes join lines). Read with CSV quoting, a hand-written
     '"Hello" she said' lost its quotes and a stray quote merged the rows after it into one prompt."""
     import csv
 
-    with _open_text(path) as fh:
+    with _csv_text(path, skip) as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, [])
         for row in reader:
@@ -666,50 +702,92 @@ def _tsv_quoting(path: Path) -> int:
     return csv.QUOTE_NONE
 
 
+_CP1252_HOLES = {0x81, 0x8D, 0x8F, 0x90, 0x9D}  # the bytes Windows-1252 leaves undefined
+
+
+def legacy_encoding(data: bytes) -> str:
+    """The single-byte encoding a non-UTF-8 text most likely is: ``cp1252`` (Windows, Excel: curly quotes, dashes
+    and the euro sign at bytes 0x80-0x9F) where it uses those bytes, else ``latin-1``. Read as Latin-1, Windows
+    text turns those characters into invisible control characters that train without a word."""
+    upper = {b for b in data if 0x80 <= b <= 0x9F}
+    return "cp1252" if upper and not upper & _CP1252_HOLES else "latin-1"
+
+
 def _not_utf8(path: Path, suffix: str) -> FtUsageError:
-    """The refusal of a file that is not UTF-8, with the way to convert it that fits its encoding and type."""
+    """The refusal of a file that is not UTF-8, with the way to convert it that fits its encoding and type: one
+    bad line in a UTF-8 file is named by its line (converting the whole file would garble the rest), a Windows
+    file is read as cp1252, a UTF-16 table exported as .txt is saved as .tsv."""
     with _open_data(path) as fh:
-        head = fh.read(4)
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (Windows' "Unicode" text)
+        data = fh.read(64 << 20)
+    p = f"p = pathlib.Path({str(path)!r}); "
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) >= 8 and data[1:8:2].count(0) == 4) or (
+        len(data) >= 8 and data[0:8:2].count(0) == 4)  # (a BOM, or ASCII text with every other byte 0: no BOM)
+    if utf16:
+        enc = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-16-le" if data[1] == 0 else "utf-16-be")
+        try:
+            first = data.decode(enc, errors="replace").lstrip("\ufeff").split("\n", 1)[0]
+        except LookupError:  # pragma: no cover
+            first = ""
+        table = "\t" in first and suffix not in (".csv", ".tsv")  # Excel's "Unicode text": a tab-separated table
+        target = f"p.with_suffix('.tsv')" if table else "p"
         return FtUsageError(
-            f"{path} is UTF-16 text, not UTF-8: save it as UTF-8 (in Python: p = pathlib.Path({str(path)!r}); "
-            "p.write_text(p.read_text(encoding='utf-16'), encoding='utf-8')), then train on it again.")
+            f"{path} is UTF-16 text, not UTF-8: save it as UTF-8 (in Python: {p}{target}.write_text(p.read_text("
+            f"encoding='{enc}'), encoding='utf-8'))" + (", named .tsv: its lines are a tab-separated table (as .txt "
+                                                          "they would train as plain text, the header too)" if table else "")
+            + ", then train on it again.")
+    try:
+        data.decode("utf-8")
+        bad = None
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    rest = data.decode("utf-8", errors="ignore")
+    if bad is not None and any(ord(c) > 127 for c in rest):  # valid multi-byte characters elsewhere: one bad spot
+        line = data.count(b"\n", 0, bad) + 1
+        column = bad - (data.rfind(b"\n", 0, bad) + 1) + 1
+        snippet = data[max(0, bad - 20):bad + 5].decode("utf-8", errors="replace").replace("\n", " ")
+        return FtUsageError(
+            f"{path}, line {line}: not UTF-8 text (byte {column} of the line: ...{snippet}...), while the rest of the "
+            f"file is UTF-8: that line was written in another encoding (an accented letter as one byte, e.g. from "
+            "Latin-1). Retype or fix that line (and any like it) in an editor; do not convert the whole file, which "
+            "would garble its correct characters.")
+    enc = legacy_encoding(data)
+    name = "Windows-1252 (Excel on Windows)" if enc == "cp1252" else "Latin-1 (Western European)"
     if suffix in (".csv", ".tsv"):
-        how = ("or read it in a cell with its encoding (e.g. pandas.read_csv(path, encoding='latin-1', dtype=str, "
-               "keep_default_na=False): every field as the text written, '02134' not 2134) and pass the DataFrame's "
-               "name to --data")
+        how = (f"or read it in a cell with its encoding (it looks like {name}: pandas.read_csv(path, encoding="
+               f"'{enc}', dtype=str, keep_default_na=False): every field as the text written, '02134' not 2134) and "
+               "pass the DataFrame's name to --data")
     else:
-        how = (f"e.g. from Latin-1 (Western European) in Python: p = pathlib.Path({str(path)!r}); "
-               "p.write_text(p.read_text(encoding='latin-1'), encoding='utf-8')")
+        how = f"e.g. from {name} in Python: {p}p.write_text(p.read_text(encoding='{enc}'), encoding='utf-8')"
     return FtUsageError(f"{path} is not UTF-8 text. Save it as UTF-8, {how}.")
 
 
-def _csv_header(path: Path, sep: str, quoting: int) -> list:
+def _csv_header(path: Path, sep: str, quoting: int, skip: int = 0) -> list:
     """The header row's column names, stripped of spaces (and of a byte-order mark)."""
     import csv
 
-    with _open_text(path) as fh:
+    with _csv_text(path, skip) as fh:
         return [h.strip().lstrip("\ufeff").strip() for h in next(csv.reader(fh, delimiter=sep, quoting=quoting), [])]
 
 
-def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False) -> Optional[FtUsageError]:
+def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False,
+                   skip: int = 0) -> Optional[FtUsageError]:
     """The first row with more fields than the header (with ``short``: fewer, blank lines aside), named by its
     line, or None."""
     import csv
 
-    with _open_text(path) as fh:
+    with _csv_text(path, skip) as fh:
         reader = csv.reader(fh, delimiter=sep, quoting=quoting)
         header = next(reader, [])
         for row in reader:
             if len(row) > len(header):
                 return FtUsageError(
-                    f"{path}, line {reader.line_num}: {len(row)} fields where the header has {len(header)} "
+                    f"{path}, line {reader.line_num + skip}: {len(row)} fields where the header has {len(header)} "
                     f"({', '.join(h.strip() for h in header)}). Put quotes around a field that contains "
                     f"{'a tab' if sep == chr(9) else repr(sep)} (\"like, this\"), or remove the extra field.")
             if short and 0 < len(row) < len(header) and any(f.strip() for f in row):
                 missing = ", ".join(h.strip() for h in header[len(row):])
                 return FtUsageError(
-                    f"{path}, line {reader.line_num}: {len(row)} field{'s' if len(row) != 1 else ''} where the header "
+                    f"{path}, line {reader.line_num + skip}: {len(row)} field{'s' if len(row) != 1 else ''} where the header "
                     f"has {len(header)}: {missing} {'is' if len(header) - len(row) == 1 else 'are'} missing, and would "
                     f"be read as empty. Add the missing field(s) (an empty one is written as nothing after the "
                     f"{'tab' if sep == chr(9) else repr(sep)}), or remove the row.")
@@ -731,14 +809,21 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
             except UnicodeDecodeError as exc:
                 if n == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the whole file is UTF-16
                     raise _not_utf8(path, ".jsonl") from None
+                enc = legacy_encoding(raw)
                 raise FtUsageError(
-                    f"{path}, line {n}: not UTF-8 text (byte {exc.start + 1}). Save the file as UTF-8."
-                ) from None
+                    f"{path}, line {n}: not UTF-8 text (byte {exc.start + 1}). Save the file as UTF-8 (if every line "
+                    f"is in one other encoding, e.g. {'Windows-1252' if enc == 'cp1252' else 'Latin-1'}: p = pathlib."
+                    f"Path({str(path)!r}); p.write_text(p.read_text(encoding='{enc}'), encoding='utf-8'); if only some "
+                    "lines are, fix those lines).") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
+                row = json.loads(line.rstrip("\r\n"))  # (a line cut inside a string: "unterminated", not "control
+            except json.JSONDecodeError as exc:     # character", its line end read as part of the string)
+                if not rows and array_ok and line.strip() in ("{", "["):  # pretty-printed: jq's default output,
+                    spread = _spread_json(path, limit)  # json.dump(..., indent=2)
+                    if spread is not None:
+                        return spread
                 raise FtUsageError(
                     f"{path}, line {n}: not valid JSON ({_json_problem(exc)} at column {exc.colno}). "
                     "Each line of a .jsonl file must be one JSON object."
@@ -781,6 +866,29 @@ def _read_txt(path: Path, mode: str, limit: Optional[int] = None) -> list[dict]:
         return rows
 
 
+def _spread_json(path: Path, limit: Optional[int]) -> Optional[list]:
+    """The rows of a .jsonl file whose objects are spread over several lines (pretty-printed: one JSON value, or
+    objects one after another as ``jq`` prints them), or None where the text is not that either."""
+    with _open_text(path) as fh:
+        text = fh.read()
+    decoder, values, i = json.JSONDecoder(), [], 0
+    try:
+        while True:
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if i >= len(text):
+                break
+            value, i = decoder.raw_decode(text, i)
+            values.append(value)
+    except json.JSONDecodeError:
+        return None
+    if len(values) == 1:  # one pretty-printed JSON value ({"train": [...]}): read as a .json file is
+        return _read_json(path, limit) if isinstance(values[0], (dict, list)) else None
+    if not values or not all(isinstance(v, dict) for v in values):
+        return None
+    return values[:limit] if limit is not None else values
+
+
 def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     with _open_text(path) as fh:
         raw = fh.read()
@@ -790,8 +898,10 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
         if exc.lineno > 1:  # a .json file that is really JSON lines?
             try:
                 return _read_jsonl(path, limit, array_ok=False)
-            except FtUsageError:
-                pass
+            except FtUsageError as lines_exc:
+                if exc.msg == "Extra data":  # one complete value per line until then: JSON lines, with its error
+                    raise FtUsageError(f"{lines_exc} ({path.name} holds JSON lines, one object per line, not one "
+                                       "JSON value: its lines are read as a .jsonl file's)") from None
         raise FtUsageError(
             f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)} at column {exc.colno})."
         ) from None
@@ -886,6 +996,10 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
     if path.stat().st_size == 0:
         raise FtUsageError(f"{path} is empty (0 bytes): it holds no examples.")
     try:
+        if suffix != ".parquet":  # text with NUL bytes: UTF-16 without a byte-order mark reads as valid UTF-8
+            with _open_data(path) as fh:  # (ASCII with a NUL after each letter), and would train as such
+                if b"\x00" in fh.read(4096):
+                    raise _not_utf8(path, suffix)
         if suffix == ".jsonl":
             return _read_jsonl(path, limit)
         if suffix == ".json":
