@@ -135,15 +135,38 @@ POSIX_LINES = os.name != "nt"
 
 
 def _refuse_unquoted_backslashes(line: str) -> None:
-    """An unquoted word with a backslash (``data\\faq.csv``, ``C:\\Users\\me``) lost it to the shell-style split,
-    and the error named a path the user never typed ('datafaq.csv')."""
+    """An unquoted word with a backslash before a letter, digit or dot (``data\\faq.csv``, ``C:\\Users\\me``) lost it to
+    the shell-style split, and the error named a path the user never typed ('datafaq.csv'). A backslash before a
+    space or a shell character (``my\\ data/train\\ set.jsonl``, ``v\\#2.jsonl``: what IPython's tab completion writes)
+    is the escape it means, and is read as such."""
     from IPython.utils.process import arg_split
 
-    for word in arg_split(line, posix=False):
-        if "\\" in word and not any(quote in word for quote in "\"'"):  # (inside quotes it is kept)
-            raise UsageError(f"{word}: a backslash on a magic's line is an escape character here, so it would be "
-                             f"read as {''.join(arg_split(word, posix=True))!r}. Write the path with / "
-                             f"({word.replace(chr(92), '/')}) or put it in quotes ('{word}').")
+    quote, i = None, 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "\\":
+            nxt = line[i + 1:i + 2]
+            if nxt and (nxt.isalnum() or nxt in "._-"):  # a Windows path's separator, not an escape
+                start = i
+                while start > 0 and not (line[start - 1].isspace() and line[start - 2:start - 1] != "\\"):
+                    start -= 1
+                end = i
+                while end < len(line) and not (line[end].isspace() and line[end - 1] != "\\"):
+                    end += 1
+                word = line[start:end]
+                try:
+                    read = "".join(arg_split(word, posix=True))
+                except ValueError:
+                    read = word.replace("\\", "")
+                raise UsageError(f"{word}: a backslash on a magic's line is an escape character here, so it would be "
+                                 f"read as {read!r}. Write the path with / ({word.replace(chr(92), '/')}) or put it in "
+                                 f"quotes ('{word}').")
+            i += 1  # the escaped character is taken as it is
+        i += 1
 
 
 def parse_args(magic_func, line: str) -> argparse.Namespace:

@@ -1215,6 +1215,8 @@ def test_files_from_windows_and_spreadsheets_load_or_say_the_fix_that_keeps_thei
     assert D.load_rows(str(tmp_path / "semi.csv"))[0][0] == {"question": "Q0", "answer, short": "A0, ok"}
     (tmp_path / "long.tsv").write_text("prompt\tcompletion\n" + "x" * 140_000 + "\tA\n")
     assert len(D.load_rows(str(tmp_path / "long.tsv"))[0][0]["prompt"]) == 140_000
+    (tmp_path / "bomkey.jsonl").write_text(json.dumps({"\ufeffprompt": "q", "completion": "a"}) + "\n")  # DictReader's
+    assert load(str(tmp_path / "bomkey.jsonl"))[1] == "prompt-completion"  # key of an Excel CSV: was no format
     (tmp_path / "crlf.csv").write_bytes(b'prompt,completion\r\n"Line one\r\nLine two","A"\r\n,\r\n,\r\n"Q","B"\r\n')
     assert D.load_rows(str(tmp_path / "crlf.csv"))[0] == [{"prompt": "Line one\nLine two", "completion": "A"},
                                                           {"prompt": "Q", "completion": "B"}]  # blank rows: none

@@ -181,7 +181,7 @@ def test_an_interrupted_answer_is_kept_and_ends_the_cell_so_queued_cells_are_ski
     assert "2 tokens" in capsys.readouterr().out
 
 
-def test_an_unquoted_backslash_path_is_named_as_typed_not_as_the_split_read_it(shell, tiny_model_dir):
+def test_an_unquoted_backslash_path_is_named_as_typed_not_as_the_split_read_it(shell, tiny_model_dir, capsys):
     """`--data data\\faq.csv` (a Windows habit) was split shell-style: the error said 'datafaq.csv' does not
     exist, a path the user never typed."""
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
@@ -191,6 +191,13 @@ def test_an_unquoted_backslash_path_is_named_as_typed_not_as_the_split_read_it(s
         shell.run_line_magic("lora_train", r"win --data data\faq.csv --max-steps 2")
     with pytest.raises(UsageError, match=r"data file 'data\\+faq\.csv' does not exist"):  # quoted: kept as typed
         shell.run_line_magic("lora_train", r'win --data "data\faq.csv" --max-steps 2')
+    # the escapes IPython's tab completion writes (a space, a #) are read as the shell reads them
+    for name in ("my data/train set.jsonl", "v#2.jsonl"):
+        Path(name).parent.mkdir(exist_ok=True)
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    for typed in (r"my\ data/train\ set.jsonl", r"v\#2.jsonl"):
+        shell.run_line_magic("lora_train", f"esc --data {typed} --dry-run")
+        assert f"{len(ROWS)} training examples ->" in capsys.readouterr().out
 
 
 def test_unknown_flag_is_usage_error_with_did_you_mean(shell):

@@ -1457,6 +1457,9 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     origin: dict = {}  # a field as read -> the user's column it came from (--map, Instruction, question/answer)
     if rows and any(not isinstance(k, str) for k in rows[0]):  # a DataFrame's 0, 1 columns: named as typed
         rows = _remade(rows, lambda r: {str(k): v for k, v in r.items()})
+    if rows and any(k.startswith("\ufeff") for k in rows[0] if isinstance(k, str)):  # a byte-order mark read into
+        rows = _remade(rows, lambda r: {(k.lstrip("\ufeff") if isinstance(k, str) else k): v  # the first column's
+                                        for k, v in r.items()})  # name (pandas.read_csv without utf-8-sig)
     if mapping:
         keys0 = set().union(*(r.keys() for r in rows[:1000]))
         nested = [a for a in mapping if a not in keys0 and "." in a and a.split(".", 1)[0] in keys0]
