@@ -140,6 +140,11 @@ class Session:
         if overrides:
             cfg = TrainConfig.from_dict(overrides, base=cfg)
         self._require_model()
+        from .core.training import fit_context
+
+        cfg, context_note = fit_context(cfg, self.handle.model)  # the default 512 on a model that reads 64
+        if context_note:
+            emit(listeners, Message(context_note))
         out_root = user_path(output_dir) if output_dir else self.adapters_dir
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():

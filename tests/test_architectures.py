@@ -139,3 +139,39 @@ def test_the_padding_free_probe_does_not_warn_about_the_user_s_padding():
         logging.getLogger("transformers").removeHandler(handler)
     assert not [m for m in seen if "attention_mask" in m], seen
     assert logging.getLogger("transformers.modeling_utils").level != logging.ERROR  # put back
+
+
+def test_a_model_with_few_learned_positions_trains_at_its_context_and_refuses_more(tmp_path, capsys):
+    """GPT-2 with 64 positions: the default max_seq_len 512 crashed the first step with an IndexError (and packing's
+    padding positions went past 64 even where every example fit); a llama with 64 rotary positions keeps a larger
+    max_seq_len given (a long-context fine-tune may mean it; the data report warns)."""
+    import transformers
+
+    from ft_magics import Session
+    from ft_magics.errors import FtUsageError
+
+    tok = build_tiny_tokenizer()
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    folder = saved_model(tmp_path, "gpt2-64", "GPT2LMHeadModel", cfg, tok)
+    long_rows = [{"prompt": " ".join(["word"] * 60) + f" {i}?", "completion": "yes"} for i in range(8)] + ROWS[:8]
+    sess = Session(adapters_dir=tmp_path / "adapters", namespace={"rows": long_rows})
+    sess.load(str(folder), bits=32)
+    import warnings
+
+    for body in ({"max_steps": 2, "batch_size": 4}, {"max_steps": 2, "batch_size": 4, "packing": True}):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result = sess.train("short", "rows", body)
+        assert result.status == "completed" and result.steps == 2
+        assert not [w for w in seen if "fan_in_fan_out" in str(w.message)]  # PEFT's Conv1D notice, every run
+    assert "max_seq_len 512 (the default) is beyond the model's context (64 tokens" in capsys.readouterr().out
+    with pytest.raises(FtUsageError, match=r"max_seq_len 128 is beyond the model's 64 learned positions.*max_seq_len: 64"):
+        sess.train("long", "rows", {"max_steps": 2, "max_seq_len": 128})
+    assert not (tmp_path / "adapters" / "long").exists()
+    sess.unload()
+    llama = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    sess.load(str(saved_model(tmp_path, "llama-64", "LlamaForCausalLM", llama, tok)), bits=32)
+    report = sess.train("rope", "rows", {"max_steps": 1, "max_seq_len": 256}, dry_run=True)
+    assert report.max_seq_len == 256 and any("longer than the model's context window" in w for w in report.warnings)

@@ -625,11 +625,30 @@ class TrainResult:
 def lora_config(model, cfg: TrainConfig):
     from peft import LoraConfig
 
+    targets = resolve_target_modules(model, cfg.target_modules)
     return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=resolve_target_modules(model, cfg.target_modules),
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
         bias="none", task_type="CAUSAL_LM", use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        # GPT-2's Conv1D layers store the weight transposed: PEFT sets this itself, with a UserWarning per run
+        fan_in_fan_out=_all_conv1d(model, targets),
     )
+
+
+def _all_conv1d(model, targets) -> bool:
+    """Whether every layer ``targets`` names is a transformers ``Conv1D`` (GPT-2 in 16 or 32 bits)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers without it has no such layers
+        return False
+    import torch
+
+    if targets == "all-linear":  # PEFT's: every linear layer but the output head
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        hit = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+    else:
+        names = {targets} if isinstance(targets, str) else set(targets or ())
+        hit = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    return bool(hit) and all(isinstance(m, Conv1D) for m in hit)
 
 
 def attach_adapter(model, name: str, cfg: TrainConfig, on_model: Optional[Callable] = None):
@@ -922,6 +941,40 @@ def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
                          f"(dpo, orpo, ipo, simpo); objective: {cfg.objective} does not use "
                          f"{'them' if len(unused) > 1 else 'it'}.")
     return notes
+
+
+def learned_positions(model) -> bool:
+    """Whether ``model`` reads positions from an embedding table (GPT-2's wpe, OPT's embed_positions): past its
+    rows a longer row fails with an IndexError, where rotary or ALiBi positions only degrade."""
+    import torch
+
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return any(isinstance(m, torch.nn.Embedding) and m is not inputs
+               and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings", "pos_emb")
+               for name, m in model.named_modules())
+
+
+def fit_context(cfg: TrainConfig, model) -> tuple:
+    """``(cfg, note)``: the default max_seq_len lowered to a model that reads fewer tokens (as %lora_eval does), a
+    larger one given for a model with learned positions refused (its rows past them cannot run: GPT-2 with 64
+    positions crashed in the first step with an IndexError); otherwise as given (rotary positions run past the
+    context, and a long-context fine-tune may mean to: the data report warns)."""
+    from .inference import context_limit
+
+    window = context_limit(model)
+    if not window or cfg.max_seq_len <= window or window < 16:
+        return cfg, None
+    default = TrainConfig().max_seq_len
+    if cfg.max_seq_len == default:
+        return dataclasses.replace(cfg, max_seq_len=window), (
+            f"max_seq_len {default} (the default) is beyond the model's context ({window:,} tokens, its "
+            f"max_position_embeddings): this run uses max_seq_len {window}.")
+    if learned_positions(model):
+        raise FtUsageError(
+            f"max_seq_len {cfg.max_seq_len:,} is beyond the model's {window:,} learned positions (a table of "
+            f"{window:,} position embeddings): rows longer than that cannot run. Set max_seq_len: {window} or less "
+            "(overlong: truncate, drop or split decides what happens to longer examples).")
+    return cfg, None
 
 
 def run_checks(cfg: TrainConfig, train_examples: list, eval_examples: list, device: str) -> list:
