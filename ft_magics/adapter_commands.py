@@ -121,10 +121,12 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         if merged_in:
             out(f"on disk in {s.adapters_dir}, already merged into {s.handle.name} (applied again, their update "
                 f"would count twice): {', '.join(merged_in)}")
-        broken = [n for n in on_disk if why[n] and "is corrupt or truncated" in why[n]]
-        for n in broken:  # a file cut short (an interrupted copy): its folder, and what is wrong with it
+        # a mismatch names the base the adapter was trained on; anything else is a damaged folder (a file cut
+        # short by an interrupted copy, a config cut short, weights deleted part-way): its folder, and what is wrong
+        others = [n for n in on_disk if why[n] and n not in merged_in and "trained on" in why[n]]
+        broken = [n for n in on_disk if why[n] and n not in merged_in and n not in others]
+        for n in broken:
             out(f"on disk in {s.adapters_dir}, unreadable: {n}: {why[n]} Delete it with %lora_adapters delete {n}.")
-        others = [n for n in on_disk if why[n] and n not in merged_in and n not in broken]
         if others:
             out(f"on disk in {s.adapters_dir}, trained on another base model (they do not fit "
                 f"{s.handle.name}): {', '.join(others)}")

@@ -149,8 +149,8 @@ class Session:
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
-        if output_dir:  # found now, not when the first checkpoint or the adapter is saved
-            from .core.atomic import writable_dir
+        if output_dir or not dry_run:  # found now, not when the first checkpoint or the adapter is saved (a
+            from .core.atomic import writable_dir  # read-only adapters folder failed with the Trainer's traceback)
 
             writable_dir(out_root, "the adapter")
         self._check_no_training()
@@ -524,6 +524,10 @@ class Session:
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
                 return self._remove_folder(folder, name)
         self._check_not_merged("delete an adapter")  # (unload would say "cannot unload")
+        if folder is not None:  # before the unload: a read-only folder left the adapter unloaded and on disk
+            from .core.atomic import writable_dir
+
+            writable_dir(folder.parent, "", doing=f"delete {name!r}")
         self.unload_adapter(name)
         return self._remove_folder(folder, name) if folder is not None else None
 
@@ -549,6 +553,10 @@ class Session:
             if not loaded and folder is None:  # "no adapter named ...", naming the loaded ones and those on disk
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             target = self.adapters_dir / new
+            if folder is not None:  # a read-only adapters folder: said before anything moves
+                from .core.atomic import writable_dir
+
+                writable_dir(folder.parent, "", doing=f"rename {name!r}")
             if new in self.adapters or os.path.lexists(target):
                 taken = "an adapter loaded under that name" if new in self.adapters else f"{target} exists"
                 raise FtUsageError(f"cannot rename {name!r} to {new!r}: {taken}. Pick another name, or delete "
@@ -871,6 +879,9 @@ class Session:
             target = self.adapters_dir / name
             if target.exists():
                 raise FtUsageError(f"{target} already exists on disk; pick another --name or delete it first.")
+            from .core.atomic import writable_dir
+
+            writable_dir(self.adapters_dir, f"the combined adapter {name!r}")  # before the work, in a clear message
             loaded_here = [a for a in weights if a not in self.adapters]  # from the adapters folder, for this
             try:
                 for a in weights:

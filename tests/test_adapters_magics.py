@@ -566,6 +566,17 @@ def test_a_truncated_adapter_in_the_adapters_folder_does_not_break_list(loaded, 
     assert "corrupt or truncated" in out
     with pytest.raises(UsageError, match="corrupt or truncated"):
         sh.run_line_magic("lora_adapters", "use broken")
+    # a delete killed part-way (weights gone) and a config cut short: damaged, not "trained on another base model"
+    for name, damage in (("noweights", lambda f: (f / "adapter_model.safetensors").unlink()),
+                         ("cutconfig", lambda f: (f / "adapter_config.json").write_text(
+                             (f / "adapter_config.json").read_text()[:100]))):
+        shutil.copytree(a, tmp_path / "adapters" / name)
+        damage(tmp_path / "adapters" / name)
+    sh.run_line_magic("lora_adapters", "list")
+    out = capsys.readouterr().out
+    assert "another base model" not in out
+    assert "unreadable: noweights: " in out and "no adapter_model.safetensors" in out
+    assert "unreadable: cutconfig: " in out and "is corrupt" in out
 
 
 def test_an_adapter_loaded_by_name_keeps_its_folder_after_a_cd(shell, tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -446,6 +446,59 @@ def test_retraining_same_name_replaces_adapter_atomically(tiny_session):
     assert [p.name for p in Path(r1.adapter_path).parent.iterdir() if not p.name.startswith(".checkpoints")] == ["same"]
 
 
+def test_a_replace_is_one_exchange_and_what_a_killed_replace_left_is_put_right(tmp_path, monkeypatch):
+    """A replace was two renames (old aside, new in): a kill between them hid both adapters, and one after them
+    left a hidden whole copy (.NAME.old-PID) that nothing removed. Linux swaps the two folders in one step."""
+    import os
+
+    from ft_magics.core import atomic
+
+    target = tmp_path / "bot"
+    with atomic.atomic_dir(target) as t:
+        (t / "w").write_text("one")
+    renamed = []
+    real_rename = os.rename
+    monkeypatch.setattr(atomic.os, "rename", lambda a, b: (renamed.append((a, b)), real_rename(a, b)))
+    with atomic.atomic_dir(target) as t:
+        (t / "w").write_text("two")
+    assert (target / "w").read_text() == "two" and renamed == []  # no rename: one exchange
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bot"]
+    monkeypatch.undo()
+    # killed between the two renames of the fallback (another system): the old copy comes back by itself
+    real_rename(target, tmp_path / ".bot.old-999999999")
+    atomic.recover_replaced(target)
+    assert (target / "w").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["bot"]
+    # killed after them, before the old copy was deleted: removed
+    (tmp_path / ".bot.old-999999999").mkdir()
+    with atomic.atomic_dir(target) as t:
+        (t / "w").write_text("three")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bot"]
+
+
+def test_a_read_only_or_blocked_adapters_folder_is_said_before_anything_changes(tiny_session, tmp_path, monkeypatch):
+    from ft_magics.core import atomic
+    from ft_magics.errors import FtUsageError
+
+    tiny_session.train("bot", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    real = atomic.tempfile.NamedTemporaryFile
+
+    def refused(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "NamedTemporaryFile", refused)  # (root ignores chmod: the probe fails)
+    with pytest.raises(FtUsageError, match=r"cannot delete 'bot' in .*: Permission denied\. Make the folder writable"):
+        tiny_session.delete_adapter("bot")
+    assert "bot" in tiny_session.adapters and tiny_session.adapters.active == "bot"  # was unloaded first
+    with pytest.raises(FtUsageError, match=r"cannot rename 'bot' in .*: Permission denied"):
+        tiny_session.rename_adapter("bot", "bot2")
+    with pytest.raises(FtUsageError, match=r"cannot write the combined adapter 'mix' to .*: Permission denied"):
+        tiny_session.combine_adapters({"bot": 1.0}, "mix")
+    with pytest.raises(FtUsageError, match=r"cannot write the adapter to .*: Permission denied"):
+        tiny_session.train("bot3", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    monkeypatch.setattr(atomic.tempfile, "NamedTemporaryFile", real)
+    assert sorted(p.name for p in tiny_session.adapters_dir.iterdir() if not p.name.startswith(".")) == ["bot"]
+
+
 def test_retraining_beside_another_adapter_keeps_it_and_warns_nothing(tiny_session):
     import warnings
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -49,33 +50,80 @@ def _as_if_created(path: Path, directory: bool, umask: Optional[int] = None) -> 
     os.chmod(path, (0o777 if directory else 0o666) & ~(_umask() if umask is None else umask))
 
 
-def writable_dir(path: os.PathLike | str, what: str) -> Path:
+def writable_dir(path: os.PathLike | str, what: str, doing: Optional[str] = None) -> Path:
     """``path``, made with its parents and checked writable, or a usage error saying ``what`` was to be
-    written there (a read-only or missing mount found before any work, not at the first save)."""
+    written there (``doing``: what was to be done in it instead, e.g. "delete 'bot'") - a read-only or missing
+    mount found before any work, not at the first save or half-way through a delete."""
     from ..errors import FtUsageError
 
     path = Path(path)
+    head = f"cannot {doing} in {path}" if doing else f"cannot write {what} to {path}"
     blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:  # mkdir would say only "File exists"
-        raise FtUsageError(f"cannot write {what} to {path}: {blocking} is a file, not a folder. Give a folder's path "
-                           "(a new one is made).")
+        raise FtUsageError(f"{head}: {blocking} is a file, not a folder. Give a folder's path (a new one is made).")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ft_magics-probe-"):
             pass
     except OSError as exc:
-        raise FtUsageError(f"cannot write {what} to {path}: {exc.strerror or exc}. Choose a folder you can "
-                           "write to.") from None
+        raise FtUsageError(f"{head}: {exc.strerror or exc}. " + (
+            "Make the folder writable (nothing was changed)." if doing else "Choose a folder you can write to.")) from None
     return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where that is not available
+    (another system, an old kernel or libc, a file system without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def recover_replaced(target: Path) -> None:
+    """Tidy what a replace killed part-way left beside ``target``: a ``.NAME.old-PID`` copy of a process that is
+    gone is put back where ``target`` is missing (killed between moving the old folder aside and moving the new
+    one in: both were invisible) and removed where ``target`` is there (killed before the old copy was
+    deleted: a hidden whole copy, never cleaned)."""
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+            continue  # another process is replacing it right now
+        if not target.exists() and (old / COMPLETE_MARKER).exists():
+            try:
+                os.rename(old, target)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``target`` in one rename."""
+    """Yield an empty temporary folder; on success it replaces ``target`` in one step: an atomic exchange of the
+    two where the system has one (the old folder is then the temporary one, removed after), else two renames."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    recover_replaced(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -87,6 +135,10 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
             _as_if_created(f, f.is_dir(), umask)  # safetensors writes its files 0600 whatever the umask
         (tmp / COMPLETE_MARKER).write_text("ok\n")
         _as_if_created(tmp, True, umask)
+        if target.exists() and _exchange(tmp, target):  # killed after it: the old copy is a stale .tmp-*
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
