@@ -44,6 +44,20 @@ class SharedStopFlag(StopFlag):
         super().__init__()
         self.stop_file = stop_file
         self._agreed = False
+        # the notebook kernel that started the job: killed, it can no longer stop the job, read its events or
+        # see its end, and a new kernel offered --resume on the checkpoints this job went on writing
+        self.notebook_pid = int(os.environ.get("FT_MAGICS_NOTEBOOK_PID") or 0)
+
+    def _notebook_gone(self) -> bool:
+        if not self.notebook_pid:
+            return False
+        try:
+            os.kill(self.notebook_pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, another user's
+            return False
+        return False
 
     def is_set(self) -> bool:
         if self._agreed:
@@ -53,6 +67,9 @@ class SharedStopFlag(StopFlag):
             local = True
             reason = Path(self.stop_file).read_text().strip() or "stopped"
             self.set(reason if reason in STOP_CODES[1:] else "stopped")
+        elif not local and self._notebook_gone():  # stop at this step and save the adapter, as %lora_stop would
+            local = True
+            self.set("stopped")
         # the ranks agree on the largest code, so a rank that learns of the stop from the others records the
         # same reason as the one that read the file
         mine = (STOP_CODES.index(self.reason) if self.reason in STOP_CODES[1:] else 1) if local else 0

@@ -618,3 +618,61 @@ def test_two_processes_report_the_eval_loss_one_process_and_lora_eval_give(tiny_
     report = s.evaluate("ev2", evals, general=False, max_seq_len=FAST["max_seq_len"])
     scored = report.results[(report.sets[0], "ev2")][0]
     assert two.record["eval_loss"] == pytest.approx(scored, rel=1e-4), (two.record["eval_loss"], report.results)
+
+
+def test_only_the_first_process_marks_a_checkpoint_and_a_file_renamed_mid_walk_is_no_crash(tmp_path, monkeypatch):
+    """On two processes the second walked the checkpoint folder while the first was still writing it: it crashed
+    the run on a temporary file renamed away (FileNotFoundError), and marked checkpoints not yet written."""
+    import threading
+    from types import SimpleNamespace
+
+    from ft_magics.config import TrainConfig
+    from ft_magics.core import checkpoints
+
+    flag = threading.Event()
+    flag.saving = True
+    callback = checkpoints.make_callback(TrainConfig.from_dict({}), flag, {"name": "bot"})
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    (folder / ".tmpABC").write_bytes(b"partial")
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback.on_save(args, SimpleNamespace(global_step=4, is_world_process_zero=False), None)
+    assert not (folder / checkpoints.COMPLETE_MARKER).exists() and not flag.saving
+    real_open = open
+
+    def vanishing(path, *a, **kw):  # the first process renames its temporary file away meanwhile
+        if str(path).endswith(".tmpABC"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", vanishing)
+    callback.on_save(args, SimpleNamespace(global_step=4, is_world_process_zero=True), None)
+    monkeypatch.undo()
+    assert (folder / checkpoints.COMPLETE_MARKER).exists() and json.loads((folder / checkpoints.META).read_text())["step"] == 4
+
+
+def test_a_job_stops_at_its_next_step_when_the_notebook_that_started_it_is_killed(monkeypatch, tmp_path):
+    """A kernel killed mid-run left torchrun and its workers training on: a new kernel was offered --resume on
+    checkpoints they went on writing, and the orphans then wrote the adapter."""
+    from ft_magics.core import jobs
+    from ft_magics.train import SharedStopFlag
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv("FT_MAGICS_NOTEBOOK_PID", str(os.getpid()))
+    assert not SharedStopFlag().is_set()
+    monkeypatch.setenv("FT_MAGICS_NOTEBOOK_PID", str(gone.pid))
+    flag = SharedStopFlag()
+    assert flag.is_set() and flag.reason == "stopped"  # the adapter is saved, as after %lora_stop
+    monkeypatch.delenv("FT_MAGICS_NOTEBOOK_PID")
+    assert not SharedStopFlag().is_set()  # ft-magics train from a shell: no notebook to watch
+    # the launcher passes its own pid down
+    seen = {}
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda cmd, **kw: seen.update(kw["env"]) or (_ for _ in ()).throw(
+        RuntimeError("stop here")))
+    job = jobs.write_job(tmp_path / "job", jobs.JobSpec(name="a", model={"source": "demo", "bits": 4, "dtype": "auto"},
+                                                        data="data.jsonl", settings={"max_steps": 3}, processes=2))
+    with pytest.raises(RuntimeError, match="stop here"):
+        jobs.run_job(job, 2, "torchrun", listeners=[])
+    assert seen["FT_MAGICS_NOTEBOOK_PID"] == str(os.getpid())

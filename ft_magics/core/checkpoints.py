@@ -287,8 +287,11 @@ def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, w
 def _fsync_tree(folder: Path) -> None:
     for f in folder.rglob("*"):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            try:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except FileNotFoundError:  # a temporary file renamed away between the listing and the open
+                continue
     for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
         _fsync_dir(d)
 
@@ -327,7 +330,10 @@ def make_callback(cfg, flag, meta: dict, listeners=()):
         def on_save(self, args, state, control, **kw):
             try:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
+                # under several processes only the first marks the checkpoint, once its own save (the weights,
+                # the optimizer) is done: another one walked the folder while the first was still writing it, and
+                # crashed the run on a temporary file renamed away (or marked a checkpoint not yet written)
+                if folder.is_dir() and state.is_world_process_zero:
                     atomic_write_json(folder / META, {**meta, "step": state.global_step, "saved": time.time()})
                     _fsync_tree(folder)
                     (folder / COMPLETE_MARKER).write_text("ok\n")

@@ -468,7 +468,7 @@ def run_job(job_path: os.PathLike | str, processes: int, launcher: str = "accele
     events = run_dir / EVENTS_FILE
     cmd = launch_command(job_path, processes, launcher, events, resume=resume)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FT_MAGICS_STOP_FILE=str(run_dir / STOP_FILE),
-               FT_MAGICS_RUN_DIR=str(run_dir))
+               FT_MAGICS_RUN_DIR=str(run_dir), FT_MAGICS_NOTEBOOK_PID=str(os.getpid()))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     emit(listeners, Message(f"starting {processes} process{'es' if processes > 1 else ''} with {launcher}: "
                             f"{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}  (log: {run_dir / LOG_FILE})"))
@@ -555,6 +555,7 @@ def _notebook_worker(job_path: str, events: str, run_dir: str, resume: bool = Fa
     os.environ["FT_MAGICS_RUN_DIR"] = run_dir
     os.environ["FT_MAGICS_QUIET"] = "1"  # the notebook's own view shows progress; no duplicate text from rank 0
     os.environ["FT_MAGICS_STOP_FILE"] = str(Path(run_dir) / STOP_FILE)
+    os.environ["FT_MAGICS_NOTEBOOK_PID"] = str(os.getppid())  # forked from the kernel: stop if it is killed
     from ..train import run_job as worker
 
     code = worker(job_path, events, resume)
