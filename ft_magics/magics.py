@@ -629,6 +629,10 @@ class FtMagics(Magics):
     @sampling_arguments(max_new_tokens=128)
     @argument("--system", default=None, help="System prompt.")
     @argument("--no-stream", action="store_true", help="Print the answer at the end instead of streaming it.")
+    @argument("--raw", action=argparse.BooleanOptionalAction, default=None,
+              help="Continue the text as typed (no chat template, no turns), or --no-raw: send it as a user turn. "
+                   "Default: raw where the tokenizer has no chat template and the base model, or an adapter trained "
+                   "on plain text, answers.")
     @line_cell_magic
     @user_errors
     def lora_generate(self, line="", cell=None):
@@ -658,7 +662,7 @@ class FtMagics(Magics):
                              "or in the cell body:\n%%lora_generate\nHow do I reset my password?")
         on_text = None if args.no_stream else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         gen = self.session.generate(prompt.strip(), adapter=args.adapter, system=args.system, on_text=on_text,
-                                    sampling=sampling_of(args))
+                                    sampling=sampling_of(args), raw=args.raw)
         if args.no_stream:
             print(gen.text)
         else:

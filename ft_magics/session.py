@@ -625,11 +625,13 @@ class Session:
     # ------------------------------------------------------------------ inference
     def generate(self, prompt: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
                  on_text: Optional[Callable[[str], None]] = None, history: Sequence[dict] = (),
-                 sampling=None, **settings):
+                 sampling=None, raw: Optional[bool] = None, **settings):
         """Answer ``prompt`` with ``adapter`` (default: the active one; 'base' for none); ``history``: the
         earlier messages of a conversation (see :meth:`chat`). How it is decoded: ``sampling`` (a
         core.inference.Sampling) and/or its fields as keywords: ``max_new_tokens`` (128), ``temperature``
-        (0: greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``."""
+        (0: greedy), ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``. ``raw``: continue the text as
+        typed (no chat template, no turns); None: so where the tokenizer has no chat template and the model
+        answering is the base or an adapter trained on plain text (a GPT-2 user's continuation), else not."""
         from .core.adapters import BASE, activate
         from .core.inference import Sampling, generate
 
@@ -648,12 +650,26 @@ class Session:
                 model = model.get_base_model()  # and its generate skips PeftModel's per-call wrapping
             if self.adapters and self._merged is None:
                 activate(model, chosen)
+            if raw is None:
+                raw = (not getattr(self.tokenizer, "chat_template", None) and not system and not history
+                       and self._learned_plain_text(chosen))
             try:
                 return generate(model, self.tokenizer, prompt, system=system, sampling=sampling, on_text=on_text,
-                                adapter_label=chosen or BASE, history=history)
+                                adapter_label=chosen or BASE, history=history, raw=bool(raw))
             finally:
                 if self.adapters and chosen != previous and self._merged is None:
                     activate(model, previous)
+
+    def _learned_plain_text(self, name: Optional[str]) -> bool:
+        """Whether ``name`` (None / 'base': the base model) continues text rather than answers turns: the base,
+        or an adapter whose run trained on the text format."""
+        from .core.adapters import BASE, run_record
+
+        if name in (None, BASE):
+            return True
+        info = next((i for i in self.adapters if i.name == name), None)
+        data = run_record(info.path).get("data") if info is not None and info.path else None
+        return isinstance(data, dict) and str(data.get("format", "")).split(" (")[0] == "text"
 
     def chat(self, message: str, adapter: Optional[str] = None, *, system: Optional[str] = None,
              new: bool = False, on_text: Optional[Callable[[str], None]] = None, sampling=None, **settings):

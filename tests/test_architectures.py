@@ -175,3 +175,75 @@ def test_a_model_with_few_learned_positions_trains_at_its_context_and_refuses_mo
     sess.load(str(saved_model(tmp_path, "llama-64", "LlamaForCausalLM", llama, tok)), bits=32)
     report = sess.train("rope", "rows", {"max_steps": 1, "max_seq_len": 256}, dry_run=True)
     assert report.max_seq_len == 256 and any("longer than the model's context window" in w for w in report.warnings)
+
+
+def _tiny_model_folder(tmp_path, name, tok):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=512)
+    return saved_model(tmp_path, name, "LlamaForCausalLM", cfg, tok)
+
+
+def test_a_model_without_a_chat_template_continues_text_where_that_is_what_it_learned(tmp_path, monkeypatch, capsys):
+    """A plain-text adapter on a GPT-2-like model answered 'The quick brown fox' as a user turn ('...fox\\n'), so
+    it could not continue text; nothing said how a model without a template sees turns."""
+    from ft_magics import Session
+    from ft_magics.core import inference
+    from ft_magics.errors import FtUsageError
+
+    folder = _tiny_model_folder(tmp_path, "plain", build_tiny_tokenizer(chat_template=False))
+    texts = [{"text": "The quick brown fox jumps over the lazy dog."}] * 16
+    sess = Session(adapters_dir=tmp_path / "adapters", namespace={"texts": texts, "rows": ROWS})
+    handle = sess.load(str(folder), bits=32)
+    assert any("no chat template" in n and "--raw" in n for n in handle.notes)
+    sess.train("prose", "texts", {"max_steps": 1, "batch_size": 4}, listeners=[])
+    sess.train("qa", "rows", {"max_steps": 1, "batch_size": 4}, listeners=[])
+    sent = []
+    real = inference.without_added_eos
+    monkeypatch.setattr(inference, "without_added_eos", lambda tok, enc, t: (sent.append(list(t)), real(tok, enc, t))[1])
+    for adapter, raw in (("prose", None), ("base", None), ("qa", None), ("prose", False), ("qa", True)):
+        sess.generate("The quick brown fox", adapter=adapter, max_new_tokens=2, raw=raw)
+    assert sent == [["The quick brown fox"], ["The quick brown fox"], ["The quick brown fox\n"],
+                    ["The quick brown fox\n"], ["The quick brown fox"]]
+    with pytest.raises(FtUsageError, match="--raw continues the text as typed, so it takes no system prompt"):
+        sess.generate("The quick brown fox", adapter="prose", raw=True, system="Be brief.")
+
+
+def test_a_tokenizer_that_appends_eos_itself_trains_the_stop_and_is_not_prompted_with_it(tmp_path):
+    """add_eos_token-style tokenizers: the EOS their post-processor appends carried no loss (the model never learned
+    to stop) and ended every prompt (the model went on after the end)."""
+    import torch
+    from tokenizers.processors import TemplateProcessing
+
+    from ft_magics.core import data as D
+    from ft_magics.core.inference import build_prompt, without_added_eos
+
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A <|im_end|>", special_tokens=[("<|endoftext|>", tok.bos_token_id),
+                                                               ("<|im_end|>", tok.eos_token_id)])
+    ex = D.tokenize_record(tok, D.Record(messages=[{"role": "user", "content": "How do I reset my password?"},
+                                                   {"role": "assistant", "content": "Click forgot password."}]))
+    assert ex.input_ids[-1] == tok.eos_token_id and ex.labels[-1] == tok.eos_token_id  # the stop carries loss
+    assert ex.input_ids.count(tok.eos_token_id) == 1
+    text = build_prompt(tok, "How do I reset my password?")
+    enc = tok(text, return_tensors="pt")
+    assert int(enc["input_ids"][0, -1]) == tok.eos_token_id
+    trimmed = without_added_eos(tok, dict(enc), [text])
+    assert int(trimmed["input_ids"][0, -1]) != tok.eos_token_id and trimmed["attention_mask"].shape[1] == \
+        enc["input_ids"].shape[1] - 1
+    spelled = tok(text + "<|im_end|>", return_tensors="pt")
+    assert torch.equal(without_added_eos(tok, dict(spelled), [text + "<|im_end|>"])["input_ids"], spelled["input_ids"])
+
+
+def test_a_tokenizer_without_end_or_pad_token_trains_and_says_answers_cannot_stop(tmp_path):
+    from ft_magics import Session
+
+    tok = build_tiny_tokenizer(chat_template=False)
+    tok.eos_token = tok.pad_token = tok.bos_token = tok.unk_token = None
+    sess = Session(adapters_dir=tmp_path / "adapters", namespace={"rows": ROWS})
+    handle = sess.load(str(_tiny_model_folder(tmp_path, "bare", tok)), bits=32)
+    assert any("no end-of-sequence token" in n for n in handle.notes)
+    result = sess.train("bare", "rows", {"max_steps": 1, "batch_size": 4}, listeners=[])  # was "Asking to pad"
+    assert result.status == "completed"

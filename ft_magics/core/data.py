@@ -1838,10 +1838,18 @@ def _example(tokenizer, text: str, spans: list, special: bool, ids: list, offset
              train_on: str) -> TokenizedExample:
     """Token ids and offsets of a rendered text -> the example, with labels on the answer spans."""
     ids, offsets = list(ids), [tuple(o) for o in offsets]
-    if special and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)  # so the model learns to stop
-        offsets.append((len(text), len(text) + 1))
-        spans = [(s, e + 1 if e == len(text) else e) for s, e in spans]
+    eos = tokenizer.eos_token_id
+    if special and eos is not None:
+        ended = False
+        if not ids or ids[-1] != eos:
+            ids.append(eos)  # so the model learns to stop
+            offsets.append((len(text), len(text) + 1))
+            ended = True
+        elif offsets[-1] == (0, 0):  # the tokenizer's post-processor added it (add_eos_token): it carried no
+            offsets[-1] = (len(text), len(text) + 1)  # loss, and the model never learned to stop
+            ended = True
+        if ended:
+            spans = [(s, e + 1 if e == len(text) else e) for s, e in spans]
     if train_on == "all":
         return TokenizedExample(input_ids=ids, labels=list(ids))
     # a token carries loss when its characters overlap an answer span; special tokens a post-processor

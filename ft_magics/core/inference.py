@@ -197,8 +197,8 @@ def fit_to_context(model, prompt_tokens: int, max_new_tokens: int) -> tuple[int,
         return max_new_tokens, ""
     if prompt_tokens >= limit:
         raise FtUsageError(
-            f"the prompt is {prompt_tokens:,} tokens (with the chat template) and the model reads at most "
-            f"{limit:,} (max_position_embeddings): shorten it."
+            f"the prompt is {prompt_tokens:,} tokens (as the model reads it, its chat template or turn layout "
+            f"included) and the model reads at most {limit:,} (max_position_embeddings): shorten it."
         )
     return limit - prompt_tokens, (f"answer limit lowered to {limit - prompt_tokens} tokens: the model's context is "
                                    f"{limit:,}")
@@ -215,20 +215,38 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
     return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def without_added_eos(tokenizer, enc: dict, texts: Sequence[str]) -> dict:
+    """``enc`` without the end-of-sequence token a tokenizer's post-processor appends to every text (Llama-2's
+    ``add_eos_token=True``, some Mistral configs): a prompt that ends in EOS asks the model to go on after the end,
+    and it rambled. Kept where the text itself spells the token."""
+    eos, spelled = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "eos_token", None)
+    ids = enc["input_ids"]
+    if eos is None or ids.shape[1] < 2 or not bool((ids[:, -1] == eos).all()):
+        return enc
+    if spelled and any(t.endswith(spelled) for t in texts):
+        return enc
+    return {k: v[:, :-1] for k, v in enc.items()}
+
+
 def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sampling: Optional[Sampling] = None,
              on_text: Optional[Callable[[str], None]] = None, adapter_label: str = "base",
-             history: Sequence[dict] = (), **settings) -> Generation:
+             history: Sequence[dict] = (), raw: bool = False, **settings) -> Generation:
     """One answer to ``prompt``; ``sampling`` (a :class:`Sampling`) and/or its fields as keywords
-    (``max_new_tokens=64, temperature=0.7, ...``) say how it is decoded."""
+    (``max_new_tokens=64, temperature=0.7, ...``) say how it is decoded. ``raw``: the text is continued as
+    typed (no chat template, no turn layout: what a model trained on plain text does)."""
     import torch
 
     sampling = Sampling.of(sampling, **settings)
     if not prompt or not prompt.strip():
         raise FtUsageError("the prompt is empty: give the user message (in a magic, after the flags or in the cell "
                            "body).")
-    text = build_prompt(tokenizer, prompt, system, history)
+    if raw and (system or history):
+        raise FtUsageError("--raw continues the text as typed, so it takes no system prompt and no earlier turns "
+                           "(those are turns of a conversation): drop --system, or drop --raw.")
+    text = prompt if raw else build_prompt(tokenizer, prompt, system, history)
     device = next(model.parameters()).device
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer))
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=raw or adds_special_tokens(tokenizer))
+    enc = without_added_eos(tokenizer, enc, [text])
     max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], sampling.max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(sampling.generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)
@@ -357,6 +375,7 @@ def generate_batch(model, tokenizer, prompts: list, *, system: Optional[str] = N
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True,
                         add_special_tokens=adds_special_tokens(tokenizer))
+        enc = without_added_eos(tokenizer, enc, texts)
     finally:
         tokenizer.padding_side = side
     max_new_tokens, _ = fit_to_context(model, enc["input_ids"].shape[1], max_new_tokens)

@@ -414,8 +414,18 @@ def load_model(
     if qcfg is not None and dev == "cpu":
         detach_from_files(lm)  # the 16-bit file the quantised weights came from need not stay resident
     trim_heap()  # loading freed the file-sized conversion buffers; give those pages back to the OS
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # padding is masked out, so any of the tokenizer's own tokens serves (with
+        # no special token at all, batching raised transformers' "Asking to pad" in training)
+        tokenizer.pad_token = (tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+                               or tokenizer.convert_ids_to_tokens(0))
+    if tokenizer.eos_token is None:
+        notes.append("the tokenizer has no end-of-sequence token: an adapter cannot learn where an answer ends, so "
+                     "answers run to --max-new-tokens (plain-text training is unaffected)")
+    if not getattr(tokenizer, "chat_template", None):
+        notes.append("the tokenizer has no chat template: a conversation is written as plain text, each message "
+                     "followed by a line break (a blank line after an answer), in training and in the prompts; "
+                     "%lora_generate continues the text as typed on the base model and on adapters trained on plain "
+                     "text (--raw / --no-raw choose)")
     if getattr(lm.generation_config, "pad_token_id", None) is None:
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
     return ModelHandle(
