@@ -1217,6 +1217,13 @@ def test_files_from_windows_and_spreadsheets_load_or_say_the_fix_that_keeps_thei
     assert len(D.load_rows(str(tmp_path / "long.tsv"))[0][0]["prompt"]) == 140_000
     (tmp_path / "bomkey.jsonl").write_text(json.dumps({"\ufeffprompt": "q", "completion": "a"}) + "\n")  # DictReader's
     assert load(str(tmp_path / "bomkey.jsonl"))[1] == "prompt-completion"  # key of an Excel CSV: was no format
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "moved.jsonl")
+    with pytest.raises(FtUsageError, match=r"gone.jsonl' is a link to .*moved.jsonl, which does not exist"):
+        D.load_rows(str(tmp_path / "gone.jsonl"))
+    (tmp_path / "twins.csv").write_text("Prompt,prompt,completion\nq0,Q0,a0\n")
+    _, _, report = D.prepare(str(tmp_path / "twins.csv"), build_tiny_tokenizer(), cfg())
+    assert "column 'Prompt' is not used: 'prompt' is read as the prompt (the two differ only in letter case" in \
+        " ".join(report.warnings)
     (tmp_path / "crlf.csv").write_bytes(b'prompt,completion\r\n"Line one\r\nLine two","A"\r\n,\r\n,\r\n"Q","B"\r\n')
     assert D.load_rows(str(tmp_path / "crlf.csv"))[0] == [{"prompt": "Line one\nLine two", "completion": "A"},
                                                           {"prompt": "Q", "completion": "B"}]  # blank rows: none

@@ -214,9 +214,12 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
         )
     if HUB_ID.fullmatch(src) and data_suffix(src.split(":")[0]) not in FILE_SUFFIXES:
         return _rows_from_hub(src, limit), f"hub:{src}"
+    if path.is_symlink():  # a link whose file is gone: "did you mean" its own name helped nobody
+        raise FtUsageError(f"data file {src!r} is a link to {os.readlink(path)}, which does not exist: point the link "
+                           "at the data file, or give the file's own path.")
     hint = ""
     if path.parent.exists():
-        hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
+        hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.name != path.name])
     raise FtUsageError(f"data file {src!r} does not exist{hint} (looked relative to {Path.cwd()}).")
 
 
@@ -2260,6 +2263,21 @@ def _unused_text_column(rows: list, fmt: str, column_map: Optional[str]) -> Opti
             + (f" with text_field: {col}" if col != "text" else "") + ".")
 
 
+def _unused_case_twin(rows: list, column_map: Optional[str]) -> Optional[str]:
+    """A note when a column differs from a field's own column only in letter case or spaces ('Prompt' beside
+    'prompt'): the field's column is read and the other left out without a word."""
+    if not rows or not isinstance(rows[0], dict):
+        return None
+    keys = [k for k in rows[0] if isinstance(k, str)]
+    mapped = parse_map(column_map)
+    twin = next((k for k in keys if k != _plain(k) and _plain(k) in FORMAT_FIELDS and _plain(k) in keys
+                 and k not in mapped), None)
+    if twin is None:
+        return None
+    return (f"column {twin!r} is not used: {_plain(twin)!r} is read as the {_plain(twin)} (the two differ only in "
+            f"letter case or spaces). Drop or rename the one not meant.")
+
+
 def _unused_verdict_column(rows: list, fmt: str) -> Optional[str]:
     """For conversations and prompt/completion rows, a note when a column holds true/false verdicts on the answers
     (KTO's ``label``: desirable or not): it is not read, so the answers marked false train as good ones."""
@@ -2347,7 +2365,8 @@ def split_records(src: Any, cfg, namespace: Optional[dict] = None, eval_src: Any
     if getattr(rows, "file_splits", None):
         desc += f" ({rows.file_splits})"
     records, fmt = normalise_rows(rows, cfg.format, cfg.text_field, cfg.map, where=desc)
-    unused_note = (_unused_answer_column(rows, fmt, cfg.text_field) or _unused_prompt_columns(rows, fmt, cfg.map)
+    unused_note = (_unused_case_twin(rows, cfg.map) or _unused_answer_column(rows, fmt, cfg.text_field)
+                   or _unused_prompt_columns(rows, fmt, cfg.map)
                    or _unused_verdict_column(rows, fmt) or _unused_pair_columns(rows, fmt, cfg.map)
                    or _unused_text_column(rows, fmt, cfg.map))
     del rows
