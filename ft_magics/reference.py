@@ -81,7 +81,8 @@ def arguments(name: str, include_config: bool = False) -> list:
         return []
     rows = []
     for a in parser._actions:
-        if isinstance(a, argparse._HelpAction) or (a.dest.startswith("cfg_") and not include_config):
+        if isinstance(a, argparse._HelpAction) or (a.dest.startswith("cfg_") and not include_config) \
+                or a.help == argparse.SUPPRESS:  # (--no-gradient-checkpointing printed "==SUPPRESS==")
             continue
         label = ", ".join(a.option_strings) if a.option_strings else a.dest.upper()
         if a.choices:
@@ -156,7 +157,8 @@ def readme_block() -> str:
             out.append("")
         if has_config_flags(name):
             out += ["Every setting in the table below is also a `--kebab-case` flag of this magic (flags win over the "
-                    "YAML body).", ""]
+                    "YAML body); an on/off setting also takes `--no-NAME` and a value (`--no-packing`, "
+                    "`--chunked-loss false`).", ""]
     out += ["### Training settings (YAML keys of `%%lora_train` / `%%lora_export_job`)", "",
             "Generated from `ft_magics.config.TrainConfig`. The names transformers and peft use are accepted "
             "too, as keys and as flags: " + ", ".join(f"`{a}`" for a in ALIASES) + ". A key given twice "

@@ -90,6 +90,7 @@ def test_ft_help_one_magic_shows_every_flag(shell, capsys):
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
     assert "--processes" in out and "--resume" in out
+    assert "SUPPRESS" not in out  # a hidden flag's help printed as "==SUPPRESS=="
     with pytest.raises(UsageError, match="no magic %lora_trian.*did you mean 'lora_train'"):
         shell.run_line_magic("ft_help", "lora_trian")
 
