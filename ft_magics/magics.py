@@ -565,18 +565,23 @@ class FtMagics(Magics):
                              "(its live dashboard is shown again above); stop it first (its Stop button or "
                              "%lora_stop) or wait for it to finish.")
         view = training_view(self.widgets and not args.no_widgets, background=args.background, session=self.session)
-        if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
-            if args.background:
-                raise UsageError("--processes/--launcher cannot be combined with --background yet.")
-            result = self.session.train_processes(args.name, args.data, cfg,
-                                                  processes=args.processes if args.processes is not None else 1,
-                                                  launcher=args.launcher or "accelerate", eval_data=args.eval,
-                                                  output_dir=args.output_dir, listeners=[view], resume=args.resume)
-        else:
-            result = self.session.train(
-                args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
-                background=args.background, resume=args.resume,
-            )
+        try:  # a run catches its own interrupts (it stops at the next step and saves); one that reaches here came
+            # before the run started, while the data was read (a traceback through the tokenizer, before)
+            if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
+                if args.background:
+                    raise UsageError("--processes/--launcher cannot be combined with --background yet.")
+                result = self.session.train_processes(args.name, args.data, cfg,
+                                                      processes=args.processes if args.processes is not None else 1,
+                                                      launcher=args.launcher or "accelerate", eval_data=args.eval,
+                                                      output_dir=args.output_dir, listeners=[view], resume=args.resume)
+            else:
+                result = self.session.train(
+                    args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir, listeners=[view],
+                    background=args.background, resume=args.resume,
+                )
+        except KeyboardInterrupt:
+            end_as_interrupted(f"%%lora_train {args.name} interrupted before its first step: nothing was trained or "
+                               "saved, and the model and adapters are as they were")
         if args.background:
             self._background_view = view
             if not hasattr(view, "stop_hint"):  # a dashboard says it beside its Stop button, for as long as it holds

@@ -161,7 +161,10 @@ class Session:
 
             resume_from = require_resumable(checkpoint_root(target.parent, name), name, cfg.to_dict())
         # Everything that can be wrong with the data is found before the model is touched.
-        train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
+        from .core.data import data_progress
+
+        with data_progress(_progress_lines(listeners)):  # a large dataset: lines while it is read, not silence
+            train_ex, eval_ex, report = self.prepare_data(data, cfg, eval_data)
         self.last_data_report = report
         emit(listeners, Message(report.text()))
         if not resume:
@@ -1251,6 +1254,25 @@ def _written_by_export(folder: Path) -> bool:
     except (OSError, ValueError, TypeError):
         pass
     return merged_into(folder) is not None
+
+
+def _progress_lines(listeners, after_s: float = 5.0, every_s: float = 5.0):
+    """A :func:`core.data.data_progress` report that says, once reading the data has taken ``after_s`` seconds and
+    then every ``every_s``, how far it is (as %lora_eval's progress lines do)."""
+    import time
+
+    from .core.events import Message, emit
+
+    start, last = time.monotonic(), [0.0]
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic() - start
+        if now >= after_s and now - last[0] >= every_s and done < total:
+            last[0] = now
+            emit(listeners, Message(f"reading the data: {stage} {done:,} of {total:,} examples ({done / total:.0%}), "
+                                    f"{now:.0f} s"))
+
+    return report
 
 
 def _default_listeners(listeners: Optional[list]) -> list:

@@ -659,7 +659,9 @@ def test_answer_cut_away_by_truncation_is_reported_and_dropped(tok):
     assert report.dropped_no_answer == 1 and report.truncated == 1 and len(train) == 1
     assert all(e.n_loss_tokens > 0 for e in train)
     assert "Dropped    1 example whose answer was cut away entirely by truncation" in report.text()
-    assert "1 of 2 examples exceed max_seq_len=32: 1 truncated, 0 dropped" in report.text()
+    # (it read "1 truncated, 0 dropped" above "Dropped 1 example")
+    assert ("1 of 2 examples exceed max_seq_len=32: 1 truncated (1 of them cut before their answer: dropped, below), "
+            "0 dropped whole (overlong: truncate)") in report.text()
     # every answer cut away: the error says where the answers begin and what max_seq_len would keep them
     start = next(i for i, lab in enumerate(D.tokenize_record(tok, D.normalise(rows[:1])[0][0]).labels) if lab != -100)
     assert 32 < start and max(len(e.input_ids) for e in D.tokenize_records(tok, D.normalise(rows[:1])[0])) <= 128
@@ -2235,3 +2237,39 @@ def test_a_conversation_without_an_assistant_turn_is_dropped_with_that_reason_na
     assert len(train) == 4 and report.dropped_empty == 1
     assert "with no answer to learn from (empty or blank: it would teach the model to end its turn at once; or no " \
            "assistant turn at all)" in report.text()
+
+
+def test_reading_a_large_dataset_reports_its_progress_and_an_interrupt_there_ends_in_one_line(tok, shell,
+                                                                                             tiny_model_dir,
+                                                                                             monkeypatch):
+    """41,000 rows took 35 s with nothing on the screen, and the stop button then printed 40 lines of traceback
+    through the tokenizer."""
+    from IPython.core.error import UsageError
+
+    from ft_magics.core.events import Message
+    from ft_magics.session import Session, _progress_lines
+
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(2500)]
+    seen = []
+    with D.data_progress(lambda stage, done, total: seen.append((stage, done, total))):
+        D.prepare(rows, tok, cfg())
+    assert [s for s in seen if s[0] == "rendering"] == [("rendering", 1024, 2500), ("rendering", 2048, 2500),
+                                                        ("rendering", 2500, 2500)]
+    assert seen[-1] == ("tokenising", 2500, 2500)
+    from ft_magics.core.events import Recorder
+
+    recorder = Recorder()
+    report = _progress_lines([recorder], after_s=0.0, every_s=0.0)
+    report("tokenising", 1024, 2500)
+    report("tokenising", 2500, 2500)  # done: the data report follows at once
+    texts = [e.text for e in recorder.events if isinstance(e, Message)]
+    assert len(texts) == 1 and texts[0].startswith("reading the data: tokenising 1,024 of 2,500 examples (41%), ")
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Session, "prepare_data", interrupted)
+    with pytest.raises(UsageError, match="%%lora_train big interrupted before its first step: nothing was trained or "
+                                         "saved, and the model and adapters are as they were"):
+        shell.run_line_magic("lora_train", "big --data demo:support --max-steps 2 --no-widgets")

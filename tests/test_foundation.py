@@ -1031,6 +1031,10 @@ def test_the_batch_checks_count_the_examples_there_are_and_auto_batch_size_lower
         training.read_memory = real
     assert run_cfg.batch_size == 2 and notes == ["auto_batch_size: batch_size 4 would not fit in the free memory; "
                                                  "training with batch_size 2."]
+    # where it fits, the setting is said to have been read (a dry run said nothing of it)
+    run_cfg, _, notes = preflight(handle, TrainConfig(batch_size=4, max_seq_len=512, gradient_checkpointing=False,
+                                                      auto_batch_size=True), few)
+    assert run_cfg.batch_size == 4 and notes == ["auto_batch_size: batch_size 4 fits in the free memory; kept."]
 
 
 def test_a_run_that_fails_leaves_the_model_and_adapters_as_they_were(tiny_session, monkeypatch):

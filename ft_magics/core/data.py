@@ -10,6 +10,7 @@ Everything a user can get wrong is an :class:`FtUsageError` raised *before* the 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import glob
 import hashlib
@@ -22,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from ..errors import FtUsageError, did_you_mean
 from ..paths import user_path
@@ -1722,7 +1723,10 @@ class DataReport:
             if self.over_max and self.overlong == "split":
                 line += f": split into {counted(self.split_rows, 'row')} of at most {self.max_seq_len} tokens (overlong: split)"
             elif self.over_max:
-                line += (f": {self.truncated:,} truncated, {self.dropped_overlong:,} dropped (overlong: {self.overlong}); "
+                cut = (f" ({self.dropped_no_answer:,} of them cut before their answer: dropped, below)"
+                       if self.dropped_no_answer else "")  # ("0 dropped" read as if none were, above "Dropped 1,032")
+                line += (f": {self.truncated:,} truncated{cut}, {self.dropped_overlong:,} dropped whole (overlong: "
+                         f"{self.overlong}); "
                          + self.keep_whole(st['max'])
                          + ("; overlong: split trains on all of it" if self.format == "text" else ""))
             lines.append(line)
@@ -1897,6 +1901,21 @@ def _tokenizer_key(tokenizer) -> tuple:
             hashlib.sha256(json.dumps(template, sort_keys=True, default=str).encode()).hexdigest())
 
 
+# where tokenising reports its progress: (what it is doing, records done, records in all); see data_progress
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("ft_magics_data_progress", default=None)
+
+
+@contextlib.contextmanager
+def data_progress(report: Callable[[str, int, int], None]):
+    """While active, :func:`tokenize_records` calls ``report(stage, done, total)`` as it goes (every batch): a
+    large dataset took tens of seconds with nothing on the screen, and the cell looked hung."""
+    token = _PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 def tokenize_records(tokenizer, records: list[Record], train_on: str = "answers") -> list[TokenizedExample]:
     """:func:`tokenize_record` of every record, with the texts encoded in batches, and remembered: the same
     records with the same tokenizer (a cell run again with other settings) are not tokenised again.
@@ -1907,8 +1926,13 @@ def tokenize_records(tokenizer, records: list[Record], train_on: str = "answers"
     key = (_tokenizer_key(tokenizer), train_on, fingerprint(records))
     hit = _TOKENIZED.pop(key, None)
     if hit is None:
-        rendered = [_render_checked(tokenizer, rec) for rec in records]
+        progress = _PROGRESS.get() or (lambda stage, done, total: None)
+        rendered = []
+        for at in range(0, len(records), ENCODE_BATCH):
+            rendered += [_render_checked(tokenizer, rec) for rec in records[at:at + ENCODE_BATCH]]
+            progress("rendering", len(rendered), len(records))
         hit = [None] * len(records)
+        done = 0
         for special in (False, True):
             idx = [i for i, r in enumerate(rendered) if r[2] is special]
             for at in range(0, len(idx), ENCODE_BATCH):
@@ -1919,6 +1943,8 @@ def tokenize_records(tokenizer, records: list[Record], train_on: str = "answers"
                     text, spans, _ = rendered[i]
                     hit[i] = _example(tokenizer, text, spans, special, enc["input_ids"][j], enc["offset_mapping"][j],
                                       train_on)
+                done += len(part)
+                progress("tokenising", done, len(records))
     _TOKENIZED[key] = hit  # the newest last
     while len(_TOKENIZED) > TOKENIZED_CACHE_ENTRIES:
         del _TOKENIZED[next(iter(_TOKENIZED))]

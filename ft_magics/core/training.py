@@ -914,6 +914,11 @@ def preflight(handle, cfg: TrainConfig, train_examples: list) -> tuple:
     if cfg.batch_size != asked:
         notes.append(f"auto_batch_size: batch_size {asked} would not fit in the free memory; training with batch_size "
                      f"{cfg.batch_size}.")
+    elif cfg.auto_batch_size:  # said either way: a setting that did nothing looked as if it was not read
+        notes.append(f"auto_batch_size: batch_size {asked} fits"
+                     + (" with gradient checkpointing on" if ckpt_on else "")
+                     + ("; on CUDA a batch that runs out of memory mid-run is halved and retried."
+                        if str(handle.device).startswith("cuda") else " in the free memory; kept."))
     check_batch_fits(cfg, handle.model, handle.device, train_examples, free)
     return cfg, ckpt_why, notes
 
