@@ -697,7 +697,7 @@ class Session:
         history, left_out = conv.fitting_history(self.model, self.tokenizer, message,
                                                  max(1, min(sampling.max_new_tokens, 64)))
         gen = self.generate(message, adapter, system=conv.system, sampling=sampling, on_text=on_text,
-                            history=history)
+                            history=history, raw=False)  # a conversation is turns, from its first one
         conv.add(message, gen.text, gen.adapter, gen.stopped)
         self.conversation = conv
         return gen, left_out

@@ -206,6 +206,9 @@ def test_a_model_without_a_chat_template_continues_text_where_that_is_what_it_le
         sess.generate("The quick brown fox", adapter=adapter, max_new_tokens=2, raw=raw)
     assert sent == [["The quick brown fox"], ["The quick brown fox"], ["The quick brown fox\n"],
                     ["The quick brown fox\n"], ["The quick brown fox"]]
+    sent.clear()
+    sess.chat("The quick brown fox", adapter="base", max_new_tokens=2)  # a conversation's first turn is a turn
+    assert sent == [["The quick brown fox\n"]]
     with pytest.raises(FtUsageError, match="--raw continues the text as typed, so it takes no system prompt"):
         sess.generate("The quick brown fox", adapter="prose", raw=True, system="Be brief.")
 
