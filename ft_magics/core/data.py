@@ -733,7 +733,7 @@ def _not_utf8(path: Path, suffix: str) -> FtUsageError:
         except LookupError:  # pragma: no cover
             first = ""
         table = "\t" in first and suffix not in (".csv", ".tsv")  # Excel's "Unicode text": a tab-separated table
-        target = f"p.with_suffix('.tsv')" if table else "p"
+        target = "p.with_suffix('.tsv')" if table else "p"
         return FtUsageError(
             f"{path} is UTF-16 text, not UTF-8: save it as UTF-8 (in Python: {p}{target}.write_text(p.read_text("
             f"encoding='{enc}'), encoding='utf-8'))" + (", named .tsv: its lines are a tab-separated table (as .txt "
