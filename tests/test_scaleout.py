@@ -676,3 +676,23 @@ def test_a_job_stops_at_its_next_step_when_the_notebook_that_started_it_is_kille
     with pytest.raises(RuntimeError, match="stop here"):
         jobs.run_job(job, 2, "torchrun", listeners=[])
     assert seen["FT_MAGICS_NOTEBOOK_PID"] == str(os.getpid())
+
+
+def test_finishing_a_run_whose_checkpoints_folder_another_process_removed_is_no_crash(tmp_path, monkeypatch):
+    """Both processes of a completed two-process run remove its checkpoints: the second found the folder gone
+    between its look and its rmdir, and the run failed at its very end (FileNotFoundError)."""
+    from pathlib import Path as P
+
+    from ft_magics.core import checkpoints
+
+    root = tmp_path / checkpoints.CHECKPOINTS_DIRNAME / "res"
+    root.mkdir(parents=True)
+    real_rmdir = P.rmdir
+
+    def raced(self):  # the other process got there first
+        real_rmdir(self)
+        real_rmdir(self)
+
+    monkeypatch.setattr(P, "rmdir", raced)
+    checkpoints.finish(root, "completed")
+    assert not root.parent.exists()

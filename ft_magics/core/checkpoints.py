@@ -261,8 +261,11 @@ def discard(root: Path) -> None:
     """Remove a run's checkpoints (and the checkpoints folder once it is empty)."""
     shutil.rmtree(root, ignore_errors=True)
     parent = Path(root).parent
-    if parent.name == CHECKPOINTS_DIRNAME and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
+    try:  # (every process of a run finishes it: another may have removed the folder between the look and this)
+        if parent.name == CHECKPOINTS_DIRNAME and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    except OSError:  # gone already, or another run's checkpoints arrived meanwhile: either way nothing to do
+        pass
 
 
 def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1) -> str:
