@@ -162,6 +162,41 @@ def test_resume_follows_a_changed_learning_rate_and_max_steps_from_its_first_ste
         assert resumed.record["settings"]["learning_rate"] == cfg["learning_rate"]
 
 
+def test_time_left_weighs_the_steps_left_by_their_tokens_and_counts_only_this_part(tiny_session, monkeypatch):
+    """Length-grouped batches run the longest first, so the time per step of the first steps overstated the time
+    left (a 5-step run said "20:55 left" with 2 minutes to go); a resumed run divided this part's time by every
+    step since the start, so its estimate fell short by as much."""
+    from ft_magics.core import training
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return training.eta_seconds.__wrapped__(*args)
+
+    spy.__wrapped__ = training.eta_seconds
+    monkeypatch.setattr(training, "eta_seconds", spy)
+    data = [{"prompt": f"Question {i} " + "word " * (80 if i % 8 == 0 else 2), "completion": "Answer."} for i in range(16)]
+    cfg = dict(CFG, max_steps=8, group_by_length=True, max_seq_len=256)  # 16 examples, batch 2: exactly one epoch
+    s = tiny_session
+    s.train("eta", data, cfg)
+    per_step = {c[4] for c in calls}
+    assert len(per_step) == 1 and len(calls) == 8
+    per_step = per_step.pop()
+    first, last = calls[0], calls[-1]
+    assert first[3] > 2 * per_step  # the first batch holds the longest examples: more than a mean step's tokens
+    assert first[1:3] == (1, 7) and last[1:3] == (8, 0) and spy.__wrapped__(*last) == 0.0
+    # after one epoch every example ran once: the tokens counted are the mean step's, eight times
+    assert last[3] == pytest.approx(8 * per_step)
+    assert spy.__wrapped__(*first) < 0.5 * first[0] * 7  # far below the step-based estimate
+    calls.clear()
+    part = s.train("eta2", data, cfg, listeners=[StopAt(s, 3)])
+    assert 3 <= part.steps < 7
+    calls.clear()
+    s.train("eta2", data, cfg, resume=True)
+    assert calls and calls[0][1:3] == (1, 8 - part.steps - 1)  # its first step: one step done in this part
+
+
 def test_resume_with_no_steps_left_is_refused_and_keeps_the_checkpoint(tiny_session):
     s = tiny_session
     s.train("bot", DATA, dict(CFG, max_steps=6), listeners=[StopAt(s, 3)])

@@ -362,8 +362,9 @@ class CountingCollator:
             return_tensors="pt",
         )
         self.batch_loss_tokens: list = []  # per training batch, in the order collated
+        self.batch_tokens: list = []  # the tokens each training batch runs (loss-bearing or not, no padding)
         self.counting = True  # off while an evaluation collates its batches (SpeedTrainer.evaluation_loop)
-        self._trained = (0, 0)  # (batches summed, their loss tokens)
+        self._trained = (0, 0, 0)  # (batches summed, their loss tokens, all their tokens)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.flatten_packed = False  # set for flash attention (core.data.packing_flattens)
         self.padding_free = False  # set where the attention keeps a flattened batch's examples apart
@@ -374,6 +375,7 @@ class CountingCollator:
         features = unpaired(features)  # preference pairs: the chosen rows, then the rejected rows
         if self.counting:
             self.batch_loss_tokens.append(sum(sum(1 for x in f["labels"] if x != -100) for f in features))
+            self.batch_tokens.append(sum(len(f["input_ids"]) for f in features))
         if "position_ids" in features[0]:  # packed rows (core.data.pack): no attention mask, see collate_packed
             from .data import collate_packed
 
@@ -393,11 +395,17 @@ class CountingCollator:
 
     def trained(self, batches: int) -> int:
         """The loss-bearing tokens of the first ``batches`` training batches: those the steps so far trained on."""
-        done, total = self._trained
+        done, loss_tokens, tokens = self._trained
         stop = min(batches, len(self.batch_loss_tokens))
         if stop > done:  # summed once each, as the steps go
-            self._trained = (stop, total + sum(self.batch_loss_tokens[done:stop]))
+            self._trained = (stop, loss_tokens + sum(self.batch_loss_tokens[done:stop]),
+                             tokens + sum(self.batch_tokens[done:stop]))
         return self._trained[1]
+
+    @property
+    def trained_all_tokens(self) -> int:
+        """Every token (not only loss-bearing ones) of the batches :meth:`trained` last counted."""
+        return self._trained[2]
 
 
 def _auto_chunk_rows(model, checkpointed: bool) -> int:
@@ -423,8 +431,26 @@ def _resumed(checkpoint, meta: dict) -> Optional[dict]:
     return out
 
 
+def example_tokens(example) -> int:
+    """The tokens a training example puts through the model (both sides of a preference pair)."""
+    return len(example.input_ids) + len(getattr(example, "rejected_input_ids", None) or ())
+
+
+def eta_seconds(elapsed: float, steps_done: int, steps_left: int, tokens_done: int,
+                tokens_per_step: Optional[float]) -> float:
+    """Time left: the time per token so far times the tokens the steps left are expected to run, where the
+    tokens are known; else the time per step so far. Length-grouped batches run the longest first, so the
+    time per step of the first steps overstated what was left many times over (a 5-step run said "20:55
+    left" after step 1 with 2 minutes to go)."""
+    if steps_left <= 0:
+        return 0.0
+    if tokens_done > 0 and tokens_per_step:
+        return elapsed / tokens_done * tokens_per_step * steps_left
+    return elapsed / max(steps_done, 1) * steps_left
+
+
 def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollator, history: dict, device: str,
-                   begin_info: dict, peak_mark: Optional[int] = None):
+                   begin_info: dict, peak_mark: Optional[int] = None, tokens_per_step: Optional[float] = None):
     from transformers import TrainerCallback
 
     class EventCallback(TrainerCallback):
@@ -470,12 +496,13 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
             if "loss" in logs:
                 loss = float(logs["loss"])
                 history["loss"].append([step, loss])
-                rate = elapsed / max(step, 1)
                 lb = self.trained_tokens(args, state)
+                eta = eta_seconds(elapsed, step - self.step_at_start, state.max_steps - step,
+                                  collator.trained_all_tokens, tokens_per_step)
                 emit(listeners, StepEnd(
                     step=step, total_steps=state.max_steps, epoch=float(logs.get("epoch", state.epoch or 0.0)),
                     loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
-                    elapsed_s=elapsed, eta_s=rate * max(state.max_steps - step, 0),
+                    elapsed_s=elapsed, eta_s=eta,
                     tokens_per_s=lb / elapsed if elapsed > 0 else None, memory=self.mem,
                     pairs_right=_f(logs.get("pairs_right")),
                 ))
@@ -1065,7 +1092,11 @@ def run_training(
         packed_examples=data_report.packed_examples if cfg.packing and data_report is not None else None,
     )
     peak_mark = reset_peak(handle.device)
-    callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info, peak_mark)
+    # a step's expected tokens: the mean example's, batch_size x grad_accum times (each process its own batches)
+    tokens_per_step = (sum(example_tokens(f) for f in train_examples) / len(train_examples)
+                       * cfg.batch_size * cfg.grad_accum if train_examples else None)
+    callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info, peak_mark,
+                              tokens_per_step)
     ckpt_dir = target.parent / ".checkpoints" / name
     from . import checkpoints as ckpts
 
