@@ -746,6 +746,22 @@ def test_examples_with_an_empty_answer_are_dropped_not_trained_to_end_the_turn(t
     assert len(everything) == 8 and report.dropped_empty == 0
 
 
+def test_a_blank_prompt_is_named_in_the_report_and_still_trains(tok, tmp_path):
+    """An empty or whitespace-only prompt (a CSV's empty cell) trained silently as the answer to no question."""
+    rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]
+    rows += [{"prompt": "   ", "completion": "orphan one"}, {"prompt": "", "completion": "orphan two"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, _, report = D.prepare(str(path), tok, cfg())
+    assert len(train) == 8  # kept: an unconditioned answer can be meant
+    text = " ".join(report.warnings)
+    assert "2 examples have an empty prompt (a blank user turn: " in text
+    assert "d.jsonl, lines 7, 8): they train the answer to no question" in text
+    assert D.places(["a.csv, row 2", "a.csv, row 5", "a.csv, row 9", "a.csv, row 11"]) == "a.csv, rows 2, 5, 9 and 1 more"
+    assert D.places(["<list>, row 3"]) == "<list>, row 3" and D.places(["x", "y"]) == "x; y"
+    _, _, fine = D.prepare(rows[:6], tok, cfg())
+    assert not any("empty prompt" in w for w in fine.warnings)
+
+
 def test_report_text_has_everything(tok):
     _, _, report = D.prepare(CHAT * 5, tok, cfg(max_seq_len=64, eval_fraction=0.2, seed=3))
     text = report.text()

@@ -2194,7 +2194,37 @@ def quality_warnings(records: list[Record]) -> list:
         warnings.append(f"{extra} exact duplicate {'example' if extra == 1 else 'examples'}: "
                         f"{counted(len(repeated), 'example')} appear{'s' if len(repeated) == 1 else ''} more than "
                         f"once (up to {most} times), and each copy weighs once more in training.")
+    blank = blank_prompt_warning(records)
+    if blank:
+        warnings.append(blank)
     return warnings  # (an empty or blank example is dropped, and counted in the report, as it is tokenised)
+
+
+def blank_prompt_warning(records: list) -> Optional[str]:
+    """A warning for conversations with a blank user turn (an empty or whitespace-only prompt; a CSV's empty
+    cell): they train as they are, the answer to no question, which is rarely what a row meant."""
+    blank = [r for r in records if r.messages and any(
+        m["role"] == "user" and not str(m.get("content") or "").strip() for m in r.messages)]
+    if not blank:
+        return None
+    where = places([r.where for r in blank if r.where])
+    return (f"{counted(len(blank), 'example')} {'has' if len(blank) == 1 else 'have'} an empty prompt (a blank user "
+            f"turn{': ' + where if where else ''}): {'it trains' if len(blank) == 1 else 'they train'} the "
+            "answer to no question. Fill the prompt in, or remove the row, unless that is what you want.")
+
+
+def places(wheres: list, show: int = 3) -> str:
+    """Where some rows are, briefly: "d.jsonl, lines 7, 9, 12 and 4 more" from "d.jsonl, line 7" and the like."""
+    if not wheres:
+        return ""
+    head = [w.rpartition(", ") for w in wheres[:show]]
+    more = f" and {len(wheres) - show:,} more" if len(wheres) > show else ""
+    if all(sep and src == head[0][0] for src, sep, _ in head) and all(" " in at for _, _, at in head):
+        unit = head[0][2].split(" ")[0]  # line / row
+        if all(at.split(" ")[0] == unit for _, _, at in head):
+            plural = f"{unit}s" if len(wheres) > 1 else unit
+            return f"{head[0][0]}, {plural} " + ", ".join(at.split(" ", 1)[1] for _, _, at in head) + more
+    return "; ".join(wheres[:show]) + more
 
 
 def special_token_warning(records: list, tokenizer) -> Optional[str]:
