@@ -40,7 +40,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit", "adafactor", "sgd", "lion_8bit", "lion_32bit", "rmsprop")
 DATA_FORMATS = ("auto", "chat", "prompt-completion", "alpaca", "sharegpt", "text")
-OVERLONG = ("truncate", "drop", "split")
+OVERLONG = ("truncate", "drop", "split", "truncate_prompt")
 TXT_MODES = ("auto", "document", "lines", "blocks")
 
 
@@ -139,9 +139,11 @@ class TrainConfig:
                                  "clear (0.5-1.5 is usual).")
     # data
     max_seq_len: int = _f(512, "Longest example in tokens; longer ones are truncated or dropped (see overlong).")
-    overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate, drop, or split (text "
-                       "learned whole, as in continued pre-training: consecutive rows of max_seq_len tokens, nothing "
-                       "lost).", choices=OVERLONG)
+    overlong: str = _f("truncate", "What to do with examples longer than max_seq_len: truncate (cut the end), drop, "
+                       "split (text learned whole, as in continued pre-training: consecutive rows of max_seq_len "
+                       "tokens, nothing lost), or truncate_prompt (keep the answer whole and cut the middle of the "
+                       "prompt: its start and its end stay, for long documents with short answers; an answer too "
+                       "long for that is cut at its end).", choices=OVERLONG)
     train_on: str = _f("answers", "Which tokens carry loss: answers (assistant turns / completions) or all.", choices=TRAIN_ON)
     format: str = _f("auto", f"Dataset format: {', '.join(DATA_FORMATS)}.", choices=DATA_FORMATS)
     text_field: Optional[str] = _f(None, "Column holding the text for the text format.")

@@ -762,6 +762,32 @@ def test_a_blank_prompt_is_named_in_the_report_and_still_trains(tok, tmp_path):
     assert not any("empty prompt" in w for w in fine.warnings)
 
 
+def test_truncate_prompt_keeps_the_answer_and_both_ends_of_the_prompt(tok):
+    """Long documents with short answers (summaries, questions over a text) were dropped whole past max_seq_len:
+    truncation cut the answer away."""
+    doc = {"prompt": "Summarise this. " + " ".join(f"w{i}" for i in range(300)) + " Now: in one line?",
+           "completion": "It lists words."}
+    rows = [doc] + [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(5)]
+    train, _, report = D.prepare(rows, tok, cfg(max_seq_len=64))  # the default cuts the end: the answer goes
+    assert len(train) == 5 and report.dropped_no_answer == 1
+    assert "or set overlong: truncate_prompt to keep their answers" in report.text()
+    train, _, report = D.prepare(rows, tok, cfg(max_seq_len=64, overlong="truncate_prompt"))
+    assert len(train) == 6 and report.prompt_cut == 1 and report.dropped_no_answer == 0
+    whole = D.tokenize_records(tok, D.normalise([doc])[0], "answers")[0]
+    cut = max(train, key=lambda e: len(e.input_ids))
+    assert len(cut.input_ids) == 64
+    first = next(i for i, lab in enumerate(cut.labels) if lab != -100)
+    assert cut.labels[first:] == whole.labels[-(64 - first):]  # the whole answer, with its loss
+    assert cut.input_ids[:first // 2] == whole.input_ids[:first // 2]  # the prompt's start: template, instruction
+    text = tok.decode(cut.input_ids)
+    assert "Summarise this." in text and "Now: in one line?" in text and "w150" not in text
+    assert "1 kept with the middle of their prompt cut, 0 truncated" in report.text()
+    # an answer longer than max_seq_len leaves too little prompt: its end is cut as by truncate
+    long_answer = {"prompt": "Say it", "completion": " ".join(f"a{i}" for i in range(200))}
+    train, _, report = D.prepare([long_answer] * 2, tok, cfg(max_seq_len=64, overlong="truncate_prompt"))
+    assert report.truncated == 2 and report.prompt_cut == 0 and "Say it" in tok.decode(train[0].input_ids)
+
+
 def test_report_text_has_everything(tok):
     _, _, report = D.prepare(CHAT * 5, tok, cfg(max_seq_len=64, eval_fraction=0.2, seed=3))
     text = report.text()

@@ -421,6 +421,21 @@ def test_pairs_dropped_by_truncation_are_counted_as_pairs(tok):
     assert "Dropped    1 pair whose answer was cut away entirely by truncation" in report.text(), report.text()
 
 
+def test_truncate_prompt_takes_the_same_stretch_out_of_both_sides_of_a_pair(tok):
+    from ft_magics.core.data import prepare
+
+    rows = [{"prompt": "Read: " + "word " * 200 + "Question: which?", "chosen": "the good one, surely",
+             "rejected": "bad"}] + [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+    train, _, report = prepare(rows, tok, _cfg(max_seq_len=64, overlong="truncate_prompt"))
+    assert len(train) == 4 and report.prompt_cut == 1 and report.dropped_no_answer == 0
+    pair = next(p for p in train if len(p.chosen.input_ids) > 20)
+    c, r = pair.chosen, pair.rejected
+    assert len(c.input_ids) <= 64 and len(r.input_ids) <= 64
+    start = lambda ex: next(i for i, lab in enumerate(ex.labels) if lab != -100)  # noqa: E731
+    assert c.input_ids[:start(c)] == r.input_ids[:start(r)]  # the same prompt before each answer
+    assert "the good one, surely" in tok.decode(c.input_ids[start(c):]) and "Question: which?" in tok.decode(c.input_ids)
+
+
 def test_an_hh_transcript_prompt_becomes_the_earlier_turns_and_the_answers_lose_the_marker_s_space(tok):
     """Dahoas/full-hh-rlhf rows (the prompt itself an HH transcript) rendered the "Human:" / "Assistant:" markers
     and blank lines inside one user turn, and kept each answer's leading space."""

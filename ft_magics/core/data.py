@@ -1651,6 +1651,7 @@ class DataReport:
     truncated: int = 0
     dropped_overlong: int = 0
     split_rows: int = 0  # overlong: split - the rows the overlong examples became
+    prompt_cut: int = 0  # overlong: truncate_prompt - examples kept whole but for the middle of their prompt
     dropped_no_answer: int = 0  # the answer was cut away entirely by truncation
     answer_starts: list = field(default_factory=list)  # where those answers began (token index)
     dropped_empty: int = 0  # nothing carried loss even before truncation
@@ -1725,7 +1726,9 @@ class DataReport:
             elif self.over_max:
                 cut = (f" ({self.dropped_no_answer:,} of them cut before their answer: dropped, below)"
                        if self.dropped_no_answer else "")  # ("0 dropped" read as if none were, above "Dropped 1,032")
-                line += (f": {self.truncated:,} truncated{cut}, {self.dropped_overlong:,} dropped whole (overlong: "
+                middle = (f"{self.prompt_cut:,} kept with the middle of their prompt cut, "
+                          if self.overlong == "truncate_prompt" else "")
+                line += (f": {middle}{self.truncated:,} truncated{cut}, {self.dropped_overlong:,} dropped whole (overlong: "
                          f"{self.overlong}); "
                          + self.keep_whole(st['max'])
                          + ("; overlong: split trains on all of it" if self.format == "text" else ""))
@@ -1738,6 +1741,8 @@ class DataReport:
                 "(no loss-bearing token left); " + (
                     f"their prompts alone fill the {self.context:,} tokens the model reads: shorten those prompts to "
                     "keep them" if at_context else "raise max_seq_len to keep them")
+                + ("" if self.overlong == "truncate_prompt" or self.train_on == "all" else
+                   ", or set overlong: truncate_prompt to keep their answers and cut the middle of their prompts")
             )
         if self.dropped_empty and self.format == "text":
             lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no text to learn from (empty or blank)")
@@ -1996,18 +2001,42 @@ def _answerless(record: Record) -> bool:
     return bool(answers) and all(not str(m.get("content") or "").strip() and not m.get("tool_calls") for m in answers)
 
 
-def fit_length(ex: TokenizedExample, max_seq_len: int, overlong: str = "truncate") -> tuple:
+def fit_length(ex: TokenizedExample, max_seq_len: int, overlong: str = "truncate",
+               cut: Optional[int] = None) -> tuple:
     """``(the example as it trains, or None when it cannot, what happened)``; what happened is "kept",
-    "truncated", "dropped_overlong", "dropped_empty" (no loss-bearing token at all) or "dropped_no_answer"
-    (the whole answer lay beyond ``max_seq_len``): the :class:`DataReport` counters of those names."""
+    "truncated", "prompt_cut" (overlong: truncate_prompt), "dropped_overlong", "dropped_empty" (no loss-bearing
+    token at all) or "dropped_no_answer" (the whole answer lay beyond ``max_seq_len``): the :class:`DataReport`
+    counters of those names. ``cut``: the prompt tokens truncate_prompt takes out (both sides of a preference
+    pair lose the same ones); by default as many as the example is over."""
     if ex.n_loss_tokens == 0:
         return None, "dropped_empty"
-    if len(ex.input_ids) <= max_seq_len:
+    if len(ex.input_ids) <= max_seq_len and not cut:
         return ex, "kept"
     if overlong == "drop":
         return None, "dropped_overlong"
+    if overlong == "truncate_prompt":
+        shorter = cut_prompt(ex, len(ex.input_ids) - max_seq_len if cut is None else cut)
+        if shorter is not None and len(shorter.input_ids) <= max_seq_len:
+            return shorter, "prompt_cut"
     cut = TokenizedExample(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
     return (cut, "truncated") if cut.n_loss_tokens else (None, "dropped_no_answer")
+
+
+def cut_prompt(ex: TokenizedExample, excess: int) -> Optional[TokenizedExample]:
+    """``ex`` without ``excess`` tokens from the middle of its prompt (what comes before its first loss-bearing
+    token): the prompt's start (the template's header, the instruction) and its end (the question after a long
+    document) stay, and so does the answer. None where the prompt is too short to give that many and keep at
+    least :data:`PROMPT_KEPT` tokens."""
+    first = next((i for i, lab in enumerate(ex.labels) if lab != -100), 0)
+    keep = first - excess
+    if excess <= 0 or keep < PROMPT_KEPT:
+        return None
+    head = keep // 2
+    return TokenizedExample(ex.input_ids[:head] + ex.input_ids[head + excess:],
+                            ex.labels[:head] + ex.labels[head + excess:])
+
+
+PROMPT_KEPT = 8  # overlong: truncate_prompt leaves at least this much of a prompt, else cuts the answer's end
 
 
 def show_loss_tokens(tokenizer, ex: TokenizedExample, limit: int = 600) -> str:

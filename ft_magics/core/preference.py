@@ -285,7 +285,10 @@ def tokenize_pairs(pairs: list, tokenizer, max_seq_len: int, overlong: str = "tr
             if report is not None:
                 report.count("dropped_empty", c)
             continue
-        fitted = [fit_length(ex, max_seq_len, overlong) for ex in (c, r)]
+        over = max(len(c.input_ids), len(r.input_ids)) - max_seq_len
+        # truncate_prompt takes the same stretch out of both sides' prompt: each answer follows the same text
+        cut = over if overlong == "truncate_prompt" and over > 0 else None
+        fitted = [fit_length(ex, max_seq_len, overlong, cut) for ex in (c, r)]
         if report is not None:  # a pair counts once, under the worse of what befell its two sides
             outcome, ex = min(((why, ex) for (_, why), ex in zip(fitted, (c, r))), key=lambda o: _SEVERITY[o[0]])
             report.count(outcome, ex)
@@ -294,7 +297,8 @@ def tokenize_pairs(pairs: list, tokenizer, max_seq_len: int, overlong: str = "tr
     return out
 
 
-_SEVERITY = {"dropped_empty": 0, "dropped_overlong": 1, "dropped_no_answer": 2, "truncated": 3, "kept": 4}
+_SEVERITY = {"dropped_empty": 0, "dropped_overlong": 1, "dropped_no_answer": 2, "truncated": 3, "prompt_cut": 4,
+             "kept": 5}
 
 
 def pair_warnings(pairs: list) -> list:

@@ -1219,6 +1219,7 @@ def run_training(
                                                                  "dropped_overlong", "dropped_unweighted",
                                                                  "eval_dropped") if getattr(data_report, k, 0)},
                 "truncated": data_report.truncated,
+                **({"prompt_cut": data_report.prompt_cut} if data_report.prompt_cut else {}),
                 "fingerprint": data_report.fingerprint, "length_stats": data_report.stats(),
                 **({"spec": data_report.spec} if getattr(data_report, "spec", None) else {}),
             },
