@@ -366,8 +366,9 @@ OTHER_TOOLS = {
                         "completes",
     "dataset_num_proc": "nothing: the data is tokenised once in this process and cached",
     "use_gradient_checkpointing": "gradient_checkpointing: true, false or auto",
-    "max_prompt_length": "nothing: max_seq_len bounds prompt and answer together (overlong: decides what happens "
-                         "to longer rows; a prompt that leaves no room for its answer is dropped and counted)",
+    "max_prompt_length": "nothing: max_seq_len bounds prompt and answer together, and overlong: truncate_prompt "
+                         "shortens the prompts of longer rows, keeping the answers (by default a prompt that "
+                         "leaves no room for its answer is dropped and counted)",
     "max_completion_length": "nothing: max_seq_len bounds prompt and answer together (overlong: decides what "
                              "happens to longer rows)",
     "ref_model": "nothing: a preference objective's reference is the base model itself (the adapter switched off, "
