@@ -760,6 +760,11 @@ def test_a_blank_prompt_is_named_in_the_report_and_still_trains(tok, tmp_path):
     assert D.places(["<list>, row 3"]) == "<list>, row 3" and D.places(["x", "y"]) == "x; y"
     _, _, fine = D.prepare(rows[:6], tok, cfg())
     assert not any("empty prompt" in w for w in fine.warnings)
+    # a spreadsheet's blank rows are dropped, and still counted in the rows named after them (they were not)
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("prompt,completion\nq1,a1\n,\n,\nq2,a2\n,an answer to nothing\nq3,a3\n")
+    _, _, report = D.prepare(str(sheet), tok, cfg())
+    assert "sheet.csv, row 5): it trains the answer to no question" in " ".join(report.warnings)
 
 
 def test_truncate_prompt_keeps_the_answer_and_both_ends_of_the_prompt(tok):

@@ -637,7 +637,7 @@ def _csv_text(path: Path, skip: int = 0):
     return fh
 
 
-def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
+def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> "Rows":
     """The rows of a .csv/.tsv file, every field the text written in it.
 
     Fields are read as strings, never type-guessed: pandas would turn a column of numbers into numbers
@@ -685,7 +685,9 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> list[dict]:
     stripped = [str(c).strip() for c in df.columns]
     if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
         df.columns = stripped
-    return df.to_dict(orient="records")  # errors name "path, row N" (quoted fields may span lines)
+    # errors name "path, row N" (quoted fields may span lines), N counted in the file: blank rows dropped above
+    # are still counted, or every later row was named by one less for each
+    return Rows(df.to_dict(orient="records"), [f"{path}, row {i + 1}" for i in df.index])
 
 
 def _tsv_quoting(path: Path, skip: int = 0) -> int:
