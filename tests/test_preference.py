@@ -421,6 +421,18 @@ def test_pairs_dropped_by_truncation_are_counted_as_pairs(tok):
     assert "Dropped    1 pair whose answer was cut away entirely by truncation" in report.text(), report.text()
 
 
+def test_the_data_report_counts_pairs_as_pairs(tok):
+    """The small-set and duplicate warnings said "examples" of preference pairs."""
+    from ft_magics.core.data import prepare
+
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(3)] * 2
+    rows.append({"prompt": "word " * 200, "chosen": "good", "rejected": "bad"})
+    _, _, report = prepare(rows, tok, _cfg(max_seq_len=64))
+    text = report.text()
+    assert "only 6 pairs train (of 7 rows read" in text and "3 exact duplicate pairs: 3 pairs appear more" in text
+    assert " examples" not in text.split("Example")[0].replace("100-500 high-quality examples", "")
+
+
 def test_truncate_prompt_takes_the_same_stretch_out_of_both_sides_of_a_pair(tok):
     from ft_magics.core.data import prepare
 

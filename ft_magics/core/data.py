@@ -1691,14 +1691,14 @@ class DataReport:
         pick = lambda q: s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)] if q > 0 else s[0]  # noqa: E731
         return {"min": s[0], "median": pick(0.5), "p95": pick(0.95), "max": s[-1]}
 
-    def keep_whole(self, longest: int) -> str:
+    def keep_whole(self, longest: int, unit: str = "example") -> str:
         """The advice for examples cut by max_seq_len: the --max-seq-len that keeps them whole, or, where they are
         longer than the model's context window, that none does (past it the model never learned positions)."""
         if self.context and longest > self.context:
             return (f"the longest ({longest:,} tokens) is beyond the model's context window ({self.context:,}), so no "
                     f"max_seq_len keeps it whole: {self.context} is the most the model reads")
         want = _round_up(longest)
-        return f"--max-seq-len {min(want, self.context) if self.context else want} keeps every example whole"
+        return f"--max-seq-len {min(want, self.context) if self.context else want} keeps every {unit} whole"
 
     @property
     def over_max(self) -> int:
@@ -1721,8 +1721,10 @@ class DataReport:
                 f"Tokens     min {st['min']} / median {st['median']} / p95 {st['p95']} / max {st['max']} per example; "
                 f"{self.loss_tokens:,} loss-bearing tokens in training"
             )
+        unit = "example" if self.objective == "sft" else "pair"
         if self.max_seq_len:
-            line = f"Length     {self.over_max:,} of {len(self.lengths):,} examples exceed max_seq_len={self.max_seq_len}"
+            line = (f"Length     {self.over_max:,} of {len(self.lengths):,} {unit}s exceed "
+                    f"max_seq_len={self.max_seq_len}")
             if self.over_max and self.overlong == "split":
                 line += f": split into {counted(self.split_rows, 'row')} of at most {self.max_seq_len} tokens (overlong: split)"
             elif self.over_max:
@@ -1732,10 +1734,9 @@ class DataReport:
                           if self.overlong == "truncate_prompt" else "")
                 line += (f": {middle}{self.truncated:,} truncated{cut}, {self.dropped_overlong:,} dropped whole (overlong: "
                          f"{self.overlong}); "
-                         + self.keep_whole(st['max'])
+                         + self.keep_whole(st['max'], unit)
                          + ("; overlong: split trains on all of it" if self.format == "text" else ""))
             lines.append(line)
-        unit = "example" if self.objective == "sft" else "pair"
         if self.dropped_no_answer:
             at_context = bool(self.context) and self.max_seq_len >= self.context
             lines.append(
@@ -2201,17 +2202,19 @@ def _identity(record) -> str:
 _FEW = "the usual guidance is 100-500 high-quality examples at the least."
 
 
-def few_examples_warning(n: int, rows: Optional[int] = None) -> Optional[str]:
-    """The warning for a small training set: ``n`` examples that train (of ``rows`` read, where drops left fewer)."""
+def few_examples_warning(n: int, rows: Optional[int] = None, unit: str = "example") -> Optional[str]:
+    """The warning for a small training set: ``n`` examples (or pairs) that train (of ``rows`` read, where drops
+    left fewer)."""
     if n >= 100:
         return None
     of = f" (of {counted(rows, 'row')} read; the others were dropped, see above)" if rows is not None and rows > n else ""
-    return f"only {counted(n, 'example')} train{of}; {_FEW}"
+    return f"only {counted(n, unit)} train{of}; {_FEW}"
 
 
-def quality_warnings(records: list[Record]) -> list:
+def quality_warnings(records: list[Record], unit: str = "example") -> list:
+    """The small-set, duplicate and blank-prompt warnings; ``unit``: what a record is called (pairs)."""
     warnings = []
-    few = few_examples_warning(len(records))
+    few = few_examples_warning(len(records), unit=unit)
     if few:
         warnings.append(few)
     copies: dict = {}
@@ -2222,16 +2225,16 @@ def quality_warnings(records: list[Record]) -> list:
     if repeated:  # "4 identical rows" read "3 exact duplicates (they weigh double)": they weigh 4x
         extra = sum(repeated) - len(repeated)
         most = max(repeated)
-        warnings.append(f"{extra} exact duplicate {'example' if extra == 1 else 'examples'}: "
-                        f"{counted(len(repeated), 'example')} appear{'s' if len(repeated) == 1 else ''} more than "
+        warnings.append(f"{extra} exact duplicate {unit if extra == 1 else unit + 's'}: "
+                        f"{counted(len(repeated), unit)} appear{'s' if len(repeated) == 1 else ''} more than "
                         f"once (up to {most} times), and each copy weighs once more in training.")
-    blank = blank_prompt_warning(records)
+    blank = blank_prompt_warning(records, unit)
     if blank:
         warnings.append(blank)
     return warnings  # (an empty or blank example is dropped, and counted in the report, as it is tokenised)
 
 
-def blank_prompt_warning(records: list) -> Optional[str]:
+def blank_prompt_warning(records: list, unit: str = "example") -> Optional[str]:
     """A warning for conversations with a blank user turn (an empty or whitespace-only prompt; a CSV's empty
     cell): they train as they are, the answer to no question, which is rarely what a row meant."""
     blank = [r for r in records if r.messages and any(
@@ -2239,7 +2242,7 @@ def blank_prompt_warning(records: list) -> Optional[str]:
     if not blank:
         return None
     where = places([r.where for r in blank if r.where])
-    return (f"{counted(len(blank), 'example')} {'has' if len(blank) == 1 else 'have'} an empty prompt (a blank user "
+    return (f"{counted(len(blank), unit)} {'has' if len(blank) == 1 else 'have'} an empty prompt (a blank user "
             f"turn{': ' + where if where else ''}): {'it trains' if len(blank) == 1 else 'they train'} the "
             "answer to no question. Fill the prompt in, or remove the row, unless that is what you want.")
 
@@ -2594,7 +2597,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             "rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
     if train and len(train) < len(train_records):  # the small-set warning counts what trains, after the drops
-        few = few_examples_warning(len(train), len(train_records))
+        few = few_examples_warning(len(train), len(train_records), "pair" if pairs else "example")
         report.warnings = [w for w in report.warnings if not w.endswith(_FEW)]
         if few:
             report.warnings.insert(0, few)

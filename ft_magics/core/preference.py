@@ -306,7 +306,7 @@ def pair_warnings(pairs: list) -> list:
     the same (they teach nothing: their loss is a constant), and pairs whose rejected answer is empty."""
     from .data import quality_warnings
 
-    warnings = quality_warnings(pairs)
+    warnings = quality_warnings(pairs, "pair")
     same = sum(1 for p in pairs if p.chosen == p.rejected)
     if same:
         warnings.append(f"{counted(same, 'pair')} whose chosen and rejected answers are the same (nothing to learn "
