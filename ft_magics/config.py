@@ -5,6 +5,7 @@ run record are all generated from its fields (peft's LoraConfig style). Pure Pyt
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -449,7 +450,14 @@ def pop_data_keys(body: dict) -> dict:
         which = DATA_KEYS[str(raw).replace("-", "_")]
         if which in found:
             raise FtUsageError(f"the {which} source is given twice in the cell body ({raw!r} and another name); keep one.")
-        found[which] = str(body.pop(raw))
+        value = body.pop(raw)
+        if value is None or isinstance(value, (list, dict)):  # 'data:' left empty, or YAML's list / mapping forms
+            got = "nothing" if value is None else f"a {'list' if isinstance(value, list) else 'mapping'} ({value!r:.60})"
+            raise FtUsageError(
+                f"{raw}: in the cell body names one {which} source, and got {got}: write a file, a folder, a glob "
+                f"pattern (several files: data/*.jsonl), demo:NAME or a notebook variable's name, e.g. "
+                f"'{raw}: data/train.jsonl'.")
+        found[which] = str(value)
     return found
 
 
@@ -483,6 +491,8 @@ _FALSE = {"false", "no", "off", "0"}
 def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or explain what was expected."""
     default = f.default
+    if f.type in (float, "float") and isinstance(default, int) and not isinstance(default, bool):
+        default = float(default)  # alpha: float = 32 takes 16.5; its default is written as a whole number
     choices = f.metadata.get("choices")
     try:
         if key in ("map", "eval_map") and isinstance(value, dict):  # YAML's own mapping form: {question: prompt, answer: completion}
@@ -514,11 +524,19 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             if isinstance(value, float):
+                if not math.isfinite(value):
+                    raise FtUsageError(f"{key} must be a finite whole number, got {value!r}.")
                 if not value.is_integer():
                     raise TypeError
                 return int(value)
+            if isinstance(value, int):
+                return value
+            with contextlib.suppress(ValueError):  # '12345678901234567890' stays exact (float() rounds it)
+                return int(str(value).strip())
             fv = float(str(value).strip())
-            if not math.isfinite(fv) or not fv.is_integer():
+            if not math.isfinite(fv):
+                raise FtUsageError(f"{key} must be a finite whole number, got {value!r}.")
+            if not fv.is_integer():
                 raise TypeError
             return int(fv)
         if isinstance(default, float):
@@ -526,7 +544,7 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
                 raise TypeError
             fv = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
             if not math.isfinite(fv):
-                raise TypeError
+                raise FtUsageError(f"{key} must be a finite number, got {value!r}.")
             return fv
         # strings (and Optional[str])
         if value is None:
@@ -559,6 +577,11 @@ def _strict_loader():
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):  # '[a, b]: 1' or '? {a: 1}': a key must be a word
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"a key at line {key_node.start_mark.line + 1} is a "
+                        f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}; a key is one word "
+                        f"before the colon, e.g. 'r: 16'", key_node.start_mark)
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(

@@ -39,3 +39,14 @@ def unknown(kind: str, word: str, choices: Iterable[str], fix: str = "") -> FtUs
     if fix:
         msg += f" {fix}"
     return FtUsageError(msg)
+
+
+def need_text(value, what: str, example: str, path: bool = False):
+    """``value`` itself when it is text (or, where ``path``, a path); otherwise the error that says so. The
+    Python API's counterpart of a magic's argument, which is always text: ``None`` or ``123`` fails here, in
+    words, rather than in a ``.strip()`` far below."""
+    import os
+
+    if isinstance(value, str) or (path and isinstance(value, os.PathLike)):
+        return value
+    raise FtUsageError(f"{what} must be text{' or a path' if path else ''}, e.g. {example} (got {value!r}).")

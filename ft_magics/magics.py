@@ -489,7 +489,7 @@ class FtMagics(Magics):
         """
         args = parse_args(self.qlora_load, line)
         handle = self.session.load(
-            args.model or self.default_model, bits=args.bits or self.default_bits, dtype=args.dtype,
+            self.default_model if args.model is None else args.model, bits=args.bits or self.default_bits, dtype=args.dtype,
             device=args.device, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
         )
         print(handle.card())

@@ -103,6 +103,8 @@ def help_text(name: str | None = None) -> str:
     kinds = magic_kinds()
     if name:
         key = name.strip().lstrip("%")
+        if len(key.split()) > 1:
+            raise FtUsageError(f"%ft_help takes one magic's name, got {key!r}: e.g. %ft_help {key.split()[0].lstrip('%')}.")
         if key not in kinds:
             raise FtUsageError(f"no magic %{key}{did_you_mean(key, list(kinds))}. %ft_help lists them all.")
         return _one(key, kinds[key], full=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
-from .errors import FtUsageError, did_you_mean
+from .errors import FtUsageError, did_you_mean, need_text
 from .paths import user_path
 
 
@@ -145,7 +145,7 @@ class Session:
         cfg, context_note = fit_context(cfg, self.handle.model)  # the default 512 on a model that reads 64
         if context_note:
             emit(listeners, Message(context_note))
-        out_root = user_path(output_dir) if output_dir else self.adapters_dir
+        out_root = user_path(output_dir, "output_dir", "'runs'") if output_dir is not None else self.adapters_dir
         target = (out_root / name).resolve()
         if target.parent != out_root.resolve():
             raise FtUsageError(f"adapter {name!r} would be written outside {out_root}.")
@@ -217,7 +217,7 @@ class Session:
 
         run_cfg, ckpt_why, notes = preflight(self.handle, cfg, train_ex)  # a batch that cannot fit is refused here too
         steps = planned_steps(run_cfg, len(train_ex))
-        per_step = f"{run_cfg.batch_size}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
+        per_step = f"{min(run_cfg.batch_size, max(1, len(train_ex)))}" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
         span = (f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"{cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
         unit = "eval pair" if cfg.pairs else "eval example"
         if not eval_ex:
@@ -390,7 +390,7 @@ class Session:
         listeners = _default_listeners(listeners)
         self._check_no_training()
         self._check_not_merged("train")  # as one process refuses: the run would end unable to load its adapter
-        out_root = user_path(output_dir) if output_dir else self.adapters_dir
+        out_root = user_path(output_dir, "output_dir", "'runs'") if output_dir is not None else self.adapters_dir
         name = validate_name(name)
         if resume:  # nothing to resume is found here, not after the processes have loaded the model
             from .core.checkpoints import checkpoint_root, require_resumable
@@ -453,10 +453,10 @@ class Session:
         from .core.adapters import (check_finite, check_fits, info_from_folder, load_folder, name_from_folder,
                                     read_adapter_folder, validate_name)
 
-        path = user_path(path)
+        path = user_path(path, "the adapter's folder", "'adapters/support'")
         if not path.exists() and len(path.parts) == 1 and (self.adapters_dir / path).is_dir():
             path = self.adapters_dir / path  # a name 'list' shows on disk: its folder in the adapters folder
-        name = validate_name(name or name_from_folder(path), self.handle.model if self.handle is not None else None)
+        name = validate_name(name_from_folder(path) if name is None else name, self.handle.model if self.handle is not None else None)
         config = read_adapter_folder(path)
         check_finite(path)
         with self._model_busy("load an adapter"):
@@ -488,6 +488,7 @@ class Session:
 
     def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` from memory (its folder stays on disk)."""
+        _adapter_name(name)
         with self._model_busy("unload an adapter"):
             if name not in self.adapters and self._adapter_folder(name) is not None:
                 raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
@@ -500,6 +501,7 @@ class Session:
     def deletable_folder(self, name: str) -> Optional[Path]:
         """The folder ``delete_adapter(name)`` removes: the adapter's own folder ``adapters/NAME``, and no other.
         An adapter loaded from elsewhere, or from another adapter's folder under a new name, keeps its folder."""
+        _adapter_name(name)
         if name not in self.adapters:
             folder = self._adapter_folder(name)
             return folder.resolve() if folder is not None else None
@@ -545,6 +547,7 @@ class Session:
         from .core.atomic import atomic_write_json
         from .core.checkpoints import checkpoint_root
 
+        _adapter_name(name)
         new = validate_name(new, self.handle.model if self.handle is not None else None)
         for n in (name, new):
             self._check_not_training(n)
@@ -642,6 +645,7 @@ class Session:
         if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
             raise FtUsageError(f"the prompt and the system prompt are text (got {type(prompt).__name__}"
                                + (f" and {type(system).__name__}" if system is not None else "") + ").")
+        _check_history(history)
         with self._model_busy("generate"):
             previous = self.adapters.active
             chosen = previous if adapter is None else adapter
@@ -706,6 +710,7 @@ class Session:
         """What adapter ``name`` (loaded, or a folder in the adapters folder) is and how it was trained."""
         from .core.adapters import adapter_card
 
+        _adapter_name(name)
         if name in self.adapters:
             info = self.adapters.require(name)
             if not info.path:
@@ -771,8 +776,7 @@ class Session:
         (trained before a kernel restart, or by another notebook). The active adapter stays as it was."""
         from .core.adapters import activate
 
-        if not isinstance(name, str):
-            raise FtUsageError(f"an adapter is named by text (got {name!r}).")
+        _adapter_name(name)
         if name not in self.adapters:
             self._check_not_training(name)
             if self._adapter_folder(name) is not None:  # on disk: loading it needs the base as it was
@@ -949,7 +953,7 @@ class Session:
 
         with self._model_busy("export an adapter"):
             info = self._require_adapter(name)  # also one only in the adapters folder (after a restart)
-        target = user_path(directory)
+        target = user_path(directory, "the export folder", "'exports/support'")
         writable_dir(target.parent, "the export")
         if target.exists() and not target.is_dir():
             raise FtUsageError(f"{target} is a file, not a folder: an export writes a folder; choose a new or empty "
@@ -1177,10 +1181,11 @@ class Session:
         greedy unless ``sampling`` (a core.inference.Sampling) or its fields as keywords (``temperature``,
         ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``) say otherwise, as for :meth:`generate`."""
         from .core.inference import Sampling
-        from .core.routing import AdapterRouter
+        from .core.routing import AdapterRouter, as_requests
 
         sampling = Sampling.of(sampling, max_new_tokens=max_new_tokens, **settings)  # refused before any work
         self._require_model()
+        requests = as_requests(requests)
         if capacity is not None and capacity < 1:
             raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
         store = Path(store) if store is not None else self.adapters_dir
@@ -1221,6 +1226,24 @@ class Session:
             model = dims_from_config(self.handle.model.config.to_dict(), name=f"{self.handle.name} (loaded)")
         return plan(model or "demo", seq_len=seq_len, batch_size=batch_size, r=r, gradient_checkpointing=gradient_checkpointing,
                     optimizer=optimizer, objective=objective)
+
+
+def _check_history(history) -> None:
+    """``history`` is a conversation's earlier messages: a list of {'role': 'user' | 'assistant' | 'system',
+    'content': text}; anything else is refused in words before the chat template reads it."""
+    example = "[{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]"
+    if isinstance(history, (str, bytes, dict)) or not isinstance(history, Sequence):
+        raise FtUsageError(f"history is a list of messages, e.g. {example} (got {type(history).__name__}).")
+    for n, m in enumerate(history):
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str)):
+            raise FtUsageError(f"history[{n}] is {m!r:.80}: each message is a dict with a 'role' (user, assistant or "
+                               f"system) and a text 'content', e.g. {example}.")
+
+
+def _adapter_name(name) -> str:
+    """``name`` when it is text: an adapter is named by text (None or 3 read as 'no adapter' further down)."""
+    return need_text(name, "an adapter's name", "'support'")
 
 
 def _exported_name(folder: Path) -> Optional[str]:

@@ -93,6 +93,8 @@ def test_ft_help_one_magic_shows_every_flag(shell, capsys):
     assert "SUPPRESS" not in out  # a hidden flag's help printed as "==SUPPRESS=="
     with pytest.raises(UsageError, match="no magic %lora_trian.*did you mean 'lora_train'"):
         shell.run_line_magic("ft_help", "lora_trian")
+    with pytest.raises(UsageError, match="%ft_help takes one magic's name, got 'lora_train extra'"):
+        shell.run_line_magic("ft_help", "lora_train extra")  # was: "no magic %lora_train extra"
 
 
 def test_unknown_setting_error_points_to_an_ft_help_that_works(shell, capsys):

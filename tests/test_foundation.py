@@ -235,7 +235,9 @@ def test_a_load_that_cannot_start_keeps_the_model_and_adapters_loaded_now(shell,
     for line, why in (("./no-such-folder", "no model './no-such-folder'"),
                       ("someone/not-cached-here", "not in the local Hugging Face cache"),
                       (f"{tiny_model_dir} --device cuda:7", "cuda"),
-                      ("missing.gguf", "does not exist")):
+                      ("missing.gguf", "does not exist"),
+                      ("''", "the model is an empty name"),  # an empty $variable: it loaded the demo instead
+                      ("x" * 300, "cannot be looked up as a path")):  # an OSError: File name too long
         with pytest.raises(UsageError, match=why):
             shell.run_line_magic("qlora_load", line)
         assert session.model is model and session.adapters.active == "kept" and "kept" in session.adapters
@@ -767,6 +769,30 @@ def test_data_and_eval_may_be_written_in_the_body_and_the_line_wins(shell, monke
         shell.run_cell_magic("lora_train", "x", "data: a.jsonl\ntrain_data: b.jsonl\n")
 
 
+def test_body_values_of_the_wrong_shape_are_refused_in_words_and_numbers_keep_their_value(shell, monkeypatch):
+    """A list or mapping as a key crashed ('unhashable type'); a list, mapping or nothing as data: was looked for
+    as a file named "['a']"; alpha 16.5 was refused as not whole (its default, 32, is); nan said 'a number'; a
+    seed of 20 digits was echoed rounded through a float."""
+    from ft_magics.config import TrainConfig, parse_yaml_body
+    from ft_magics.errors import FtUsageError
+
+    monkeypatch.setattr(type(shell.magics_manager.registry["FtMagics"].session), "train",
+                        lambda self, name, data, cfg, **kw: None)
+    for body, message in (("[a, b]: 1\n", "a key at line 1 is a list"), ("? {a: 1}\n: 2\n", "is a mapping"),
+                          ("data: [a.jsonl, b.jsonl]\n", r"names one data source, and got a list.*data/\*\.jsonl"),
+                          ("eval: {a: 1}\n", "names one eval source, and got a mapping"),
+                          ("data:\n", "names one data source, and got nothing"),
+                          ("r: .nan\n", "r must be a finite whole number"),
+                          ("learning_rate: .inf\n", "learning_rate must be a finite number")):
+        with pytest.raises(UsageError, match=message):
+            shell.run_cell_magic("lora_train", "x", body)
+    assert TrainConfig.from_dict(parse_yaml_body("alpha: 16.5\n")).alpha == 16.5
+    assert TrainConfig.from_dict({"alpha": "24"}).alpha == 24.0
+    with pytest.raises(FtUsageError, match="got 12345678901234567890\\)"):
+        TrainConfig.from_dict(parse_yaml_body("seed: 12345678901234567890\n"))
+    assert TrainConfig.from_dict({"seed": "9007199254740993"}, check=False).seed == 9007199254740993  # 2**53 + 1
+
+
 def test_map_as_a_yaml_mapping_and_target_modules_all_suggests_all_linear(tiny_session):
     from ft_magics.config import TrainConfig
     from ft_magics.errors import FtUsageError
@@ -1189,6 +1215,9 @@ def test_sampling_flags_of_the_magics(shell, tiny_model_dir, capsys):
     assert "Note:" not in capsys.readouterr().out
     shell.run_line_magic("lora_generate", "--max-new-tokens 2 --temperature 1000 hello")  # near-uniform sampling
     assert "Note: --temperature 1000 makes every token almost as likely" in capsys.readouterr().out
+    shell.run_line_magic("lora_generate", "--max-new-tokens 2 --repetition-penalty 1e-9 hello")  # favours repeats
+    assert "Note: --repetition-penalty 1e-09 is below 1, so tokens already in the text become more likely" in \
+        capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown flag --top-k"):  # %lora_compare stays greedy: no sampling flags
         shell.run_cell_magic("lora_compare", "--top-k 3", "hello")
     capsys.readouterr()
@@ -1783,13 +1812,29 @@ def test_the_python_api_refuses_wrong_argument_types_by_name(tiny_session, tiny_
                           (lambda: s.generate(5), "the prompt and the system prompt are text"),
                           (lambda: s.generate("hi", system=5), "the prompt and the system prompt are text"),
                           (lambda: s.chat(5), "the message is text"),
-                          (lambda: s.use(5), "an adapter is named by text"),
-                          (lambda: s.train(5, ROWS), "an adapter name is text"),
+                          (lambda: s.use(5), "an adapter's name must be text"),
+                          (lambda: s.train(5, ROWS), "an adapter's name must be text"),
+                          # None read as 'no adapter' further down: 'adapter None is training in the background'
+                          (lambda: s.rename_adapter(None, "x"), "an adapter's name must be text"),
+                          (lambda: s.delete_adapter(None), "an adapter's name must be text"),
+                          (lambda: s.unload_adapter(None), "an adapter's name must be text"),
+                          (lambda: s.load(123), "the model must be text"),  # was: no attribute 'strip'
+                          (lambda: s.load("a" * 300), "cannot be looked up as a path"),  # was: OSError
+                          (lambda: s.load(" "), "the model is an empty name"),  # was: loaded the folder '.'
+                          (lambda: s.load(tiny_model_dir, bits="x"), "--bits 'x' is not supported"),
+                          (lambda: s.load_adapter(None), "the adapter's folder must be text or a path"),
+                          (lambda: s.export_adapter("p", None), "the export folder must be text or a path|no adapter"),
+                          (lambda: s.export_job("j", "", ROWS), "the job folder is empty"),
+                          (lambda: s.train("p", ROWS, output_dir=123), "output_dir must be text or a path"),
+                          (lambda: s.generate("hi", history="x"), "history is a list of messages"),
+                          (lambda: s.generate("hi", history=[{"role": "bogus"}]), r"history\[0\] is"),
+                          (lambda: s.serve(None), "requests is a list of requests"),
                           (lambda: s.evaluate(None, ROWS, batch_size="x"), "batch_size must be a number"),
                           (lambda: s.plan("7B", optimizer="adamz"), "unknown optimizer 'adamz'"),
                           (lambda: s.plan(7), "model must be a folder, a hub id or a size")):
         with pytest.raises(FtUsageError, match=message):
             call()
     assert s.plan("7B", seq_len="256").seq_len == 256
+    assert s.load(str(tiny_model_dir), bits="32").bits == 32  # the flag's value as the magic would write it
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     assert s.train("p", tmp_path / "rows.jsonl", {"max_steps": 1, "batch_size": 4, "r": 4}, dry_run=True) is not None

@@ -202,7 +202,8 @@ def test_fuzz_yaml_body():
     text = st.one_of(plausible, plausible, structured, st.text(max_size=80),
                      st.lists(st.sampled_from(["r: 8", "alpha: x", "- a", "key", ": :", "\t", "{", "[1, 2",
                                                "&a [*a]", "!!python/object:os.system ls", "lr: .inf", "%YAML 1.2",
-                                               "---", "r: !!binary aGk=", "save_every: -3", "a: &x 1\nb: *x"]),
+                                               "---", "r: !!binary aGk=", "save_every: -3", "a: &x 1\nb: *x",
+                                               "[a, b]: 1", "? {a: 1}\n: 2", "data: [a, b]", "eval:"]),
                               max_size=6).map("\n".join))
 
     @settings(FUZZ, max_examples=1500)

@@ -654,6 +654,12 @@ def test_a_warmup_as_long_as_the_run_and_a_paged_optimizer_on_the_cpu_are_named(
     rec = Recorder()
     tiny_session.train("warm", DATA, dict(CFG, max_steps=2, warmup=5), listeners=[rec])
     assert any("warmup: 5 steps is as long as the run (2 steps)" in m for m in _messages(rec))
+    assert not any("batch_size" in m for m in _messages(rec))
+    rec = Recorder()  # a batch larger than the data: the dry run said "1 optimizer step of 64" for 8 rows
+    tiny_session.train("big", DATA, dict(CFG, max_steps=1, batch_size=64), listeners=[rec], dry_run=True)
+    rows = tiny_session.last_data_report.train_rows
+    assert rows < 64 and any(f"batch_size 64 is more than the {rows} training rows" in m for m in _messages(rec))
+    assert any(f"1 optimizer step of {rows} " in m for m in _messages(rec))
     rec = Recorder()
     tiny_session.train("paged", DATA, dict(CFG, max_steps=1, optimizer="paged_adamw_8bit"), listeners=[rec])
     assert any("optimizer: paged_adamw_8bit pages its states" in m and "runs it without paging" in m

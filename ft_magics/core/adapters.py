@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import FtUsageError, did_you_mean
+from ..errors import FtUsageError, did_you_mean, need_text
 from .atomic import COMPLETE_MARKER
 from .events import counted
 
@@ -30,11 +30,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's lay
 def validate_name(name: str, model: Any = None) -> str:
     """An adapter name is also a folder name: no separators, no '..', no hidden names, not 'base'. With ``model``,
     not a part of its layers' paths either (see :func:`_layer_path_parts`)."""
-    if name is not None and not isinstance(name, str):
-        raise FtUsageError(f"an adapter name is text, e.g. 'support-bot' (got {name!r}).")
+    if name is not None:
+        need_text(name, "an adapter's name", "'support-bot'")
     name = (name or "").strip()
     if not name:
-        raise FtUsageError("an adapter name is required, e.g. %%lora_train support-bot --data ...")
+        raise FtUsageError("the adapter name is empty: give one of letters, digits, '-' or '_', e.g. 'support-bot'.")
     if name == BASE:
         raise FtUsageError("'base' is reserved for the base model without adapters; choose another name.")
     if "/" in name or "\\" in name or ".." in name or name.startswith(".") or not _NAME_RE.match(name):

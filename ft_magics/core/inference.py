@@ -138,6 +138,9 @@ class Sampling:
         if self.temperature > HOT_TEMPERATURE:
             out.append(f"--temperature {self.temperature:g} makes every token almost as likely as the model's choice: "
                        "expect noise. 0.2-1.5 is the usual range.")
+        if self.repetition_penalty < 1:  # transformers divides a seen token's score by it: below 1 it is favoured
+            out.append(f"--repetition-penalty {self.repetition_penalty:g} is below 1, so tokens already in the text "
+                       "become more likely: expect loops. 1 is none; 1.1-1.3 curbs repeats.")
         return out
 
     @property

@@ -283,7 +283,7 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
         raise FtUsageError(f"--processes must be a whole number, got {processes!r}.") from None
     if processes < 1:
         raise FtUsageError(f"--processes must be at least 1 (got {processes}).")
-    job_dir = writable_dir(user_path(job_dir).resolve(), "the job")
+    job_dir = writable_dir(user_path(job_dir, "the job folder", "'jobs/support'").resolve(), "the job")
     if job_dir.is_dir() and any(job_dir.iterdir()) and not (job_dir / JOB_FILE).exists():
         raise FtUsageError(f"{job_dir} already holds other files and is not a job folder (no {JOB_FILE}); choose a "
                            "new or empty folder for the job (an earlier job's folder is rewritten).")

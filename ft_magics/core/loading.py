@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import FtUsageError, did_you_mean
+from ..errors import FtUsageError, did_you_mean, need_text
 from ..paths import user_path
 from . import hardware
 from .atomic import atomic_dir
@@ -155,7 +155,18 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
 def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list] = None) -> tuple[str, str]:
     """``(display name, path or hub id to load)`` for a MODEL argument."""
     notes = notes if notes is not None else []
-    model = (model or DEMO_NAME).strip()
+    model = need_text(DEMO_NAME if model is None else model, "the model", "'demo' or './my-model'").strip()
+    if not model:  # an empty string is most often a variable that was empty, not a wish for the default
+        raise FtUsageError("the model is an empty name: give a model folder, a .gguf file, a hub id or 'demo' "
+                           "(%qlora_load with no argument loads the demo).")
+    try:
+        return _resolve(model, allow_pickle, notes)
+    except OSError as exc:  # a name too long for a file name, a folder that cannot be read
+        raise FtUsageError(f"the model {model[:80]!r}{'...' if len(model) > 80 else ''} cannot be looked up as a "
+                           f"path ({exc.strerror or exc}); give a model folder, a .gguf file, a hub id or 'demo'.") from None
+
+
+def _resolve(model: str, allow_pickle: bool, notes: list) -> tuple[str, str]:
     if model == DEMO_NAME:
         gguf = demo_gguf_path()
         if gguf is None:
@@ -296,6 +307,7 @@ class LoadPlan:
     device: str
     dtype: Any
     notes: list
+    bits: int = 4
 
 
 def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device: str = "auto",
@@ -303,8 +315,11 @@ def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device
     """Every check of a load that needs no loading: the precision, the device, the dtype and the source
     (a missing folder, a typo, an unreachable hub id). A wrong argument fails here, before anything that
     is loaded now is let go."""
-    if bits not in (4, 8, 16, 32):
-        raise FtUsageError(f"--bits {bits} is not supported: use 4 (QLoRA, NF4), 8, 16 or 32.")
+    if isinstance(bits, str) and bits.strip().isdigit():  # load(bits='16'), as the magic's flag is written
+        bits = int(bits)
+    if isinstance(bits, bool) or bits not in (4, 8, 16, 32):
+        raise FtUsageError(f"--bits {bits!r} is not supported: use 4 (QLoRA, NF4), 8, 16 or 32.")
+    bits = int(bits)
     notes: list = []
     dev = hardware.resolve_device(device)
     compute_dtype = hardware.resolve_dtype(dtype, dev)
@@ -323,7 +338,7 @@ def plan_load(model: str = DEMO_NAME, bits: int = 4, dtype: str = "auto", device
                      f"fp32 chosen: bf16 matrix multiplies are no faster on this CPU ({x:.1f}x fp32, measured); "
                      "--dtype bf16 uses bf16 anyway")
     name, source = resolve_source(model, allow_pickle=allow_pickle, notes=notes)
-    return LoadPlan(name, source, dev, compute_dtype, notes)
+    return LoadPlan(name, source, dev, compute_dtype, notes, bits)
 
 
 def _quantised_bits(lm, bits: int, compute_dtype, notes: list) -> int:
@@ -357,7 +372,8 @@ def load_model(
     :func:`plan_load` made of the same arguments (a caller checks them before it lets go of a model)."""
     t0 = time.perf_counter()
     plan = plan or plan_load(model, bits, dtype, device, allow_pickle)
-    name, source, dev, compute_dtype, notes = plan.name, plan.source, plan.device, plan.dtype, list(plan.notes)
+    name, source, dev, compute_dtype, notes, bits = (plan.name, plan.source, plan.device, plan.dtype, list(plan.notes),
+                                                     plan.bits)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -50,6 +50,14 @@ class Served:
     how: str = "resident"  # loaded | hot-swapped | reloaded (cold); resident | pinned (session's own) | base
 
 
+def as_requests(requests: Any) -> list:
+    """A batch of requests (any iterable of what :func:`as_request` takes) as a list of Request."""
+    if isinstance(requests, (str, bytes, dict, Request)) or not hasattr(requests, "__iter__"):
+        raise FtUsageError(f"requests is a list of requests, e.g. [('support', 'Where is my order?'), "
+                           f"{{'adapter': 'sql', 'prompt': 'Count the users'}}] (got {type(requests).__name__}).")
+    return [as_request(r) for r in requests]
+
+
 def as_request(item: Any) -> Request:
     if isinstance(item, Request):
         return item
@@ -251,7 +259,7 @@ class AdapterRouter:
     def serve(self, requests: list, max_new_tokens: int = 64, system: Optional[str] = None, sampling=None) -> list:
         """One answer per request; ``sampling`` (a core.inference.Sampling): how every answer is decoded
         (default greedy); ``max_new_tokens``: for requests that name no limit of their own."""
-        reqs = [as_request(r) for r in requests]
+        reqs = as_requests(requests)
         if not reqs:
             return []
         for r in reqs:

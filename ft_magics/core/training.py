@@ -960,6 +960,9 @@ def run_notes(cfg: TrainConfig, examples: int, device: str) -> list:
         notes.append(f"warmup: {warm} steps is as long as the run ({counted(steps, 'step')}): the learning rate only "
                      f"climbs, and never reaches {cfg.learning_rate:g}. Use a shorter warmup (e.g. warmup: 0.03, a "
                      "fraction of the steps) or more steps.")
+    if 0 < examples < cfg.batch_size:  # the Trainer's last (here: only) batch is what is left, not padded to size
+        notes.append(f"batch_size {cfg.batch_size} is more than the {counted(examples, 'training row')}: each step "
+                     f"trains on all {examples} at once, so batch_size: {examples} says what happens.")
     if str(cfg.optimizer).startswith("paged_") and not str(device).startswith("cuda"):
         notes.append(f"optimizer: {cfg.optimizer} pages its states to the CPU on CUDA; on {device} bitsandbytes runs "
                      "it without paging (the same arithmetic, nothing to page).")
