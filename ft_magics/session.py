@@ -600,8 +600,8 @@ class Session:
                 raise
             if name in self.heldout:
                 self.heldout[new] = self.heldout.pop(name)
-            if self._router is not None and self._router.store.resolve() == self.adapters_dir.resolve():
-                self._router.rename(name, new)
+            if self._router is not None and folder is not None:
+                self._router.rename(name, new, folder)
             return str(target.resolve()) if folder is not None else None
 
     def _reload(self, info, name: str, active: bool, path: Optional[Path] = None) -> None:
@@ -1183,19 +1183,35 @@ class Session:
         from .core.inference import Sampling
         from .core.routing import AdapterRouter, as_requests
 
-        sampling = Sampling.of(sampling, max_new_tokens=max_new_tokens, **settings)  # refused before any work
+        from .core.inference import as_number
+
+        # every argument is checked before any work: a refused call loads nothing and keeps the slots it holds
+        sampling = Sampling.of(sampling, max_new_tokens=max_new_tokens, **settings)
         self._require_model()
         requests = as_requests(requests)
+        if system is not None:
+            need_text(system, "system", "'Answer briefly.'")
+        capacity = None if capacity is None else as_number("capacity", capacity, integer=True, optional=False)
         if capacity is not None and capacity < 1:
             raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
-        store = Path(store) if store is not None else self.adapters_dir
-        if self._router is None or self._router.store != store:
+        store = user_path(store, "store", "'adapters'") if store is not None else self.adapters_dir
+        if self._router is None:
             self._router = AdapterRouter(self, store, capacity=capacity if capacity is not None else 4)
-        elif capacity is not None:
-            self._router.capacity = capacity
         with self._model_busy("serve requests"):
             self._check_not_merged("serve requests with several adapters")
-            return self._router.serve(requests, max_new_tokens=max_new_tokens, system=system, sampling=sampling)
+            # one router for the session: its slots stay counted against capacity whichever store a call names (a
+            # router per store left the last one's slots in the model, uncounted); a slot read from another folder
+            # than the one a name means now is filled again
+            previous = (self._router.store, self._router.capacity)
+            self._router.store = store
+            if capacity is not None:
+                self._router.capacity = capacity
+            try:
+                return self._router.serve(requests, max_new_tokens=sampling.max_new_tokens, system=system,
+                                          sampling=sampling)
+            except FtUsageError:  # refused (a name not in that store): the next call starts from what was
+                self._router.store, self._router.capacity = previous
+                raise
 
     # ------------------------------------------------------------------ planning
     def plan(self, model: Optional[str] = None, seq_len: int = 512, batch_size: int = 8, r: int = 16,

@@ -177,6 +177,57 @@ def test_routing_errors_name_the_fix(tiny_session, store):
     assert "legal" not in tiny_session.adapters  # nothing loaded by a refused batch
 
 
+def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_across_stores(tiny_session, store,
+                                                                                            tmp_path):
+    """A slot kept the weights it read before its folder was rewritten (a retrain, a job) and served them as
+    'resident' while generate answered the new ones; a call naming another store (even a refused one) made a new
+    router and left the old one's slots in the model, uncounted against capacity."""
+    from test_adapters_ops import peft_adapter
+
+    s, mine = tiny_session, tmp_path / "mine"
+    shutil.copytree(store, mine)
+    before = s.serve([("legal", PROMPTS[0])], store=mine, capacity=2, max_new_tokens=6)[0]
+    shutil.rmtree(mine / "legal")
+    peft_adapter(s.handle.source, mine / "legal", seed=99, targets=("q_proj", "v_proj", "down_proj"))
+    after = s.serve([("legal", PROMPTS[0])], store=mine, max_new_tokens=6)[0]
+    s.load_adapter(mine / "legal", "legal-now")
+    now = s.generate(PROMPTS[0], adapter="legal-now", max_new_tokens=6)
+    assert after.how == "reloaded" and after.cold and (after.text, after.new_tokens) == (now.text, now.new_tokens)
+    assert before.text != after.text  # (the two adapters answer differently: the test can tell them apart)
+    assert s.serve([("legal", PROMPTS[0])], store=mine, max_new_tokens=6)[0].how == "resident"
+    s.serve([("support", "b")], store=mine, max_new_tokens=2)
+    with pytest.raises(FtUsageError, match="no adapter 'legal' in memory or in the store"):
+        s.serve([("legal", "a")], store=tmp_path / "typo", capacity=2)
+    assert sorted(s._router.in_memory()) == ["legal", "support"]  # kept by the refused call
+    assert s.serve([("legal", "a")], store=mine, max_new_tokens=2)[0].how == "resident"
+    # the store's own 'legal' (other weights) replaces the slot read from mine/legal, within capacity
+    assert s.serve([("legal", "a"), ("shop", "b")], store=store, max_new_tokens=2)[0].how in ("reloaded", "hot-swapped")
+    assert len(slots(s)) == 2 and sorted(s._router.in_memory()) == ["legal", "shop"]
+    with pytest.raises(FtUsageError, match="reserved for the adapters Session.serve"):
+        s.load_adapter(store / "support", name=slots(s)[0])  # it took the slot over, serving support as legal
+    s.unload_adapter("legal-now")
+
+
+def test_serve_arguments_of_the_wrong_type_are_refused_before_any_work(tiny_session, store):
+    s = tiny_session
+    loaded = set(s.model.peft_config) if hasattr(s.model, "peft_config") else set()
+    for kwargs, message in (({"max_new_tokens": "x"}, "max_new_tokens must be a number"),
+                            ({"capacity": "two"}, "capacity must be a number"),
+                            ({"capacity": 1.5}, "capacity must be a whole number"),
+                            ({"store": 5}, "store must be text or a path"),
+                            ({"system": 5}, "system must be text")):
+        with pytest.raises(FtUsageError, match=message):
+            s.serve([("legal", "hi")], **{"store": store, **kwargs})
+    for request, message in ((("legal", 123), "a request's prompt is text \\(got int"),
+                             (("", "hi"), "a request's adapter is an adapter's name, or 'base'"),
+                             ({"adapter": "  ", "prompt": "hi"}, "got '  '")):
+        with pytest.raises(FtUsageError, match=message):
+            s.serve([request], store=store)
+    assert (set(s.model.peft_config) if hasattr(s.model, "peft_config") else set()) == loaded  # nothing loaded
+    served = s.serve([("legal", "hi"), (None, "hi")], store=store, max_new_tokens="3", capacity="2")
+    assert [r.adapter for r in served] == ["legal", "base"] and all(r.new_tokens <= 3 for r in served)
+
+
 def test_compare_is_greedy_and_reproducible(tiny_session, store):
     tiny_session.load_adapter(store / "legal", "legal")
     cmp1 = tiny_session.compare("How do I reset my password?\n---\nhello world", max_new_tokens=5)

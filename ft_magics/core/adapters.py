@@ -24,6 +24,7 @@ from .events import counted
 log = logging.getLogger(__name__)
 
 BASE = "base"
+SLOT_PREFIX = "ft-slot-"  # Session.serve's own adapters (core.routing): the router's slots ft-slot-0, ft-slot-1, ...
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's layer dictionaries refuse it
 
 
@@ -37,6 +38,9 @@ def validate_name(name: str, model: Any = None) -> str:
         raise FtUsageError("the adapter name is empty: give one of letters, digits, '-' or '_', e.g. 'support-bot'.")
     if name == BASE:
         raise FtUsageError("'base' is reserved for the base model without adapters; choose another name.")
+    if name.startswith(SLOT_PREFIX):  # an adapter loaded under a slot's name took the slot over
+        raise FtUsageError(f"names that start with {SLOT_PREFIX!r} are reserved for the adapters Session.serve "
+                           "holds in memory; choose another name.")
     if "/" in name or "\\" in name or ".." in name or name.startswith(".") or not _NAME_RE.match(name):
         dotless = name.replace(".", "_")
         hint = (f" ('.' cannot be part of one: PEFT names the adapter's layers with it; e.g. {dotless!r})"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FtUsageError, did_you_mean
-from .adapters import BASE, activate, uses_dora, validate_name
+from .adapters import BASE, SLOT_PREFIX, activate, uses_dora, validate_name
 
 PEFT_BASE_ROW = "__base__"  # PEFT's name for "no adapter on this row"
 
@@ -58,6 +58,17 @@ def as_requests(requests: Any) -> list:
     return [as_request(r) for r in requests]
 
 
+def _request_adapter(name: Any) -> str:
+    """A request's adapter: None is the base model; a name is text, and an empty one is a caller's slip, not
+    a wish for the base (it was answered by the base without a word)."""
+    if name is None:
+        return BASE
+    if not isinstance(name, str) or not name.strip():
+        raise FtUsageError(f"a request's adapter is an adapter's name, or 'base' (or None) for the base model; got "
+                           f"{name!r}.")
+    return name.strip()
+
+
 def as_request(item: Any) -> Request:
     if isinstance(item, Request):
         return item
@@ -71,9 +82,9 @@ def as_request(item: Any) -> Request:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise FtUsageError(f"a request's max_new_tokens must be a whole number >= 1 (got {limit!r}); leave it out "
                                "for the batch's.")
-        return Request(item["prompt"], item.get("adapter") or BASE, limit)
+        return Request(item["prompt"], _request_adapter(item.get("adapter")), limit)
     if isinstance(item, (tuple, list)) and len(item) == 2:
-        return Request(prompt=item[1], adapter=item[0] or BASE)
+        return Request(prompt=item[1], adapter=_request_adapter(item[0]))
     what = (f"a {type(item).__name__} of {len(item)} items" if isinstance(item, (tuple, list))
             else f"a {type(item).__name__}")
     raise FtUsageError(f"a request is a Request, a dict or an (adapter, prompt) pair; got {what}. A request with its "
@@ -102,7 +113,6 @@ def remove_adapter_name_hooks(model) -> int:
     return n
 
 
-SLOT_PREFIX = "ft-slot-"
 _MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _SAME_SETTINGS = ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "peft_type")
 
@@ -168,6 +178,16 @@ def fill_slot(model, slot: str, path: Path) -> bool:
     return True
 
 
+def folder_stamp(folder: Path) -> tuple:
+    """What changes when an adapter folder's files are rewritten (a retrain replaces the folder, a job writes new
+    weights): each file's inode, size and modification time."""
+    out = []
+    for f in sorted(Path(folder).glob("adapter_*")):
+        st = f.stat()
+        out.append((f.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 class AdapterRouter:
     def __init__(self, host, store: str | Path, capacity: int = 4) -> None:
         if capacity < 1:
@@ -176,6 +196,7 @@ class AdapterRouter:
         self.store = Path(store)
         self.capacity = capacity
         self._slots: OrderedDict = OrderedDict()  # slot name -> task adapter in it, least recently used first
+        self._read: dict = {}  # slot name -> the folder it was filled from and that folder's files' stamp
         self.mixed_ok = True  # set False once PEFT refuses a mixed batch on this model
 
     # ------------------------------------------------------------------ memory
@@ -188,12 +209,16 @@ class AdapterRouter:
         configs = getattr(self.host.model, "peft_config", {}) or {}
         for slot in [s for s in self._slots if s not in configs]:  # e.g. the model was unloaded meanwhile
             del self._slots[slot]
+            self._read.pop(slot, None)
 
-    def rename(self, name: str, new: str) -> None:
-        """A store adapter resident in a slot was renamed (its folder too): requests for ``new`` use that slot."""
+    def rename(self, name: str, new: str, folder: Path) -> None:
+        """Adapter ``name``'s folder ``folder`` was renamed ``new`` (beside it): a slot filled from it serves
+        ``new`` now, from the same files."""
         for slot, task in self._slots.items():
-            if task == name:
+            read, stamp = self._read.get(slot, (None, None))
+            if task == name and read == Path(folder).resolve():
                 self._slots[slot] = new
+                self._read[slot] = (read.parent / new, stamp)
 
     def _resolve(self, name: str) -> Optional[Path]:
         """None when the session holds ``name`` itself; else its folder in the store (checked)."""
@@ -221,6 +246,7 @@ class AdapterRouter:
         from .adapters import drop_adapter
 
         self.host.handle.model = drop_adapter(self.host.model, slot)
+        self._read.pop(slot, None)
 
     def _hotswap(self, path: Path, slot: str) -> bool:
         from .adapters import read_adapter_folder
@@ -232,13 +258,24 @@ class AdapterRouter:
         """Make ``name`` resident; return (PEFT adapter name, load ms, how)."""
         if name in self.host.adapters:  # the user's own (trained or loaded) adapter: never evicted
             return name, 0.0, "pinned"
+        path = self._resolve(name)
+        held = (path.resolve(), folder_stamp(path))
+        stale = None
         for slot, task in self._slots.items():
             if task == name:
-                self._slots.move_to_end(slot)
-                return slot, 0.0, "resident"
-        path = self._resolve(name)
+                if self._read.get(slot) == held:
+                    self._slots.move_to_end(slot)
+                    return slot, 0.0, "resident"
+                stale = slot  # retrained, rewritten by a job, or another store's adapter of that name
         t = time.perf_counter()
-        if len(self._slots) < self.capacity:
+        if stale is not None:  # refill its own slot from the folder as it is now
+            del self._slots[stale]
+            slot = stale
+            if not self._hotswap(path, slot):
+                self._drop(slot)
+                self._load_new(path, slot)
+            how = "reloaded"
+        elif len(self._slots) < self.capacity:
             used = set(self._slots) | set(getattr(self.host.model, "peft_config", {}) or {})
             slot = next(f"{SLOT_PREFIX}{i}" for i in range(len(used) + 1) if f"{SLOT_PREFIX}{i}" not in used)
             self._load_new(path, slot)
@@ -253,6 +290,7 @@ class AdapterRouter:
                 self._load_new(path, slot)
                 how = "reloaded"
         self._slots[slot] = name
+        self._read[slot] = held
         return slot, (time.perf_counter() - t) * 1000.0, how
 
     # ------------------------------------------------------------------ serving
@@ -263,7 +301,9 @@ class AdapterRouter:
         if not reqs:
             return []
         for r in reqs:
-            if not isinstance(r.prompt, str) or not r.prompt.strip():
+            if not isinstance(r.prompt, str):
+                raise FtUsageError(f"a request's prompt is text (got {type(r.prompt).__name__}: {r.prompt!r:.40}).")
+            if not r.prompt.strip():
                 raise FtUsageError("every request needs a non-empty prompt.")
         self._forget_lost_slots()
         while len(self._slots) > self.capacity:  # capacity lowered since the last batch
