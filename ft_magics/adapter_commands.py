@@ -71,9 +71,9 @@ def _note_other_base(s, name: str, out) -> None:
     loads, but its answers assume its own base)."""
     other = s.trained_on_another_base(name)
     if other:
-        other, now = other
-        out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({now}): its answers "
-            f"assume that base (%qlora_load it to use {name!r} as trained).")
+        other, now, how = other
+        out(f"Note: {name!r} was trained on {other}, not on the model loaded now ({now}): its answers and losses "
+            f"assume that base ({how}).")
 
 
 def run(session, words: list, out: Callable[[str], None] = print) -> None:

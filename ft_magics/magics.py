@@ -893,6 +893,10 @@ class FtMagics(Magics):
             end_as_interrupted(f"%lora_eval interrupted: no scores for {name!r}; the model and adapters are as they "
                                "were")
         self._show(report)
+        if name != "base":
+            from .adapter_commands import _note_other_base
+
+            _note_other_base(self.session, name, print)  # its run's eval loss was on that base
         if args.data is None and not any(str(label).startswith("held out in training") for label in report.sets):
             print(f"(only the forgetting check: no held-out examples are known for {name!r}; --data FILE scores "
                   "it on yours)")

@@ -281,12 +281,19 @@ class Session:
     def _forget_unsaved(self, name: str, before) -> None:
         """After a run that saved nothing (it failed, or made no step): take its LoRA layers out of the model
         and ``name`` out of the registry, so memory and the registry agree again. A copy of ``name`` that was
-        loaded before the run was replaced by it; its folder is untouched and loads by name when used.
+        loaded before the run was replaced by it, and is loaded again from its folder (active if it was).
         ``before``: ``name``'s PEFT config before the run; still there, the run never attached its own (it was
         refused first) and nothing is undone."""
         if self.handle is None or getattr(self.handle.model, "peft_config", {}).get(name) is before:
             return
+        prior = next((i for i in self.adapters if i.name == name), None)
+        was_active = self.adapters.active == name
         self._drop_from_memory(name)
+        if prior is not None and prior.path and Path(prior.path).is_dir():  # the copy the run replaced, back as
+            try:                                                            # it was (active too): "as they were"
+                self._reload(prior, name, was_active)
+            except Exception:  # noqa: BLE001 - it stays on disk and loads by name when used
+                self._drop_from_memory(name)
 
     def _drop_from_memory(self, name: str) -> None:
         """Take adapter ``name`` out of the model's LoRA layers (when it is there) and out of the registry,
@@ -430,9 +437,10 @@ class Session:
             return ms
 
     def trained_on_another_base(self, name: str) -> Optional[tuple]:
-        """``(the base adapter name was trained on, the model loaded now)``, named so they can be told apart, when its
-        run record names another base than the one loaded (e.g. a DPO adapter trained over an exported SFT model,
-        used on the plain base), else None."""
+        """``(the base adapter name was trained on, the model loaded now, the fix)``, named so they can be told
+        apart, when its run record names another base than the one loaded (e.g. a DPO adapter trained over an
+        exported SFT model, used on the plain base), or the same base loaded in other bits (trained on the 16-bit
+        base, used on the 4-bit one), else None."""
         from .core.adapters import run_record
 
         info = self.adapters.require(name) if name in self.adapters else None
@@ -443,10 +451,15 @@ class Session:
         if not source or not self.handle.source:
             return None
         same = Path(str(source)).expanduser().resolve() == Path(str(self.handle.source)).expanduser().resolve()
+        bits = base.get("bits")
+        if same and bits and self.handle.bits and bits != self.handle.bits:  # the base's weights at another precision:
+            return (f"{self.handle.name} in {bits}-bit", f"{self.handle.name} in {self.handle.bits}-bit",
+                    f"%qlora_load --bits {bits} to use it as trained")  # its eval loss moved 0.035 -> 0.047
         if same:
             return None
         named = str(base.get("name") or source)  # the names, or where two different folders share one, the paths
-        return (str(source), str(self.handle.source)) if named == self.handle.name else (named, self.handle.name)
+        fix = f"%qlora_load it to use {name!r} as trained"
+        return (str(source), str(self.handle.source), fix) if named == self.handle.name else (named, self.handle.name, fix)
 
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""

@@ -527,6 +527,19 @@ def test_using_an_adapter_trained_on_another_base_says_so(shell, tiny_model_dir,
     shell.run_line_magic("lora_adapters", "use twin")
     out = capsys.readouterr().out
     assert f"Note: 'twin' was trained on {twin}, not on the model loaded now ({tiny_model_dir})" in out, out
+    # the same base in other bits: %lora_eval's losses moved from the run's (0.035 -> 0.047) without a word
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 16")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "use plain")
+    assert ("Note: 'plain' was trained on tiny-llama in 32-bit, not on the model loaded now (tiny-llama in 16-bit): "
+            "its answers and losses assume that base (%qlora_load --bits 32 to use it as trained)") in \
+        capsys.readouterr().out
+    shell.run_line_magic("lora_eval", "plain --data rows --no-general")
+    assert "Note: 'plain' was trained on tiny-llama in 32-bit" in capsys.readouterr().out
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", "plain --data rows --no-general")
+    assert "Note" not in capsys.readouterr().out
 
 
 def test_a_long_eval_prints_its_progress_by_batches(loaded, capsys, monkeypatch):

@@ -255,8 +255,13 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tiny_session, shell, tiny_
     # a run that completed removed its checkpoints: said as such, with how to train longer
     tiny_session.train("done", DATA, dict(CFG, max_steps=2), listeners=[])
     with pytest.raises(FtUsageError, match=r"'done' completed its run \(2 steps; the adapter is saved\).*nothing to "
-                                           r"resume. To train longer, run it again without --resume"):
+                                           r"resume. To train longer from its weights, run it without --resume "
+                                           r"with init_from: done"):
         tiny_session.train("done", DATA, dict(CFG, max_steps=4), resume=True)
+    # what it says works under the same name: the run starts where 'done' ended (it pointed at a fresh start)
+    fresh = tiny_session.train("fresh", DATA, dict(CFG, max_steps=1), listeners=[]).first_loss
+    longer = tiny_session.train("done", DATA, dict(CFG, max_steps=1, init_from="done"), listeners=[]).first_loss
+    assert longer < fresh
     from IPython.core.error import UsageError
 
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
@@ -646,6 +651,33 @@ def test_checkpoints_and_a_resume_print_no_transformers_bookkeeping_amid_the_pro
     assert r.status == "completed"
     said = " ".join(str(rec.msg) for rec in caplog.records if rec.name.startswith("transformers"))
     assert "mtime may not be reliable" not in said and "trainer_state.json" not in said
+
+
+def test_a_retrain_interrupted_before_its_first_step_leaves_the_loaded_adapter_loaded_and_active(tiny_session,
+                                                                                                  monkeypatch):
+    """Ctrl-C before the first step of a retrain said 'the model and adapters are as they were' and left the adapter
+    it replaced unloaded, the base active: the next answer came from the base without a word."""
+    from ft_magics.session import Session
+
+    s = tiny_session
+    s.train("captain", DATA, dict(CFG, max_steps=2), listeners=[])
+    s.train("other", DATA, dict(CFG, max_steps=1), listeners=[])
+    s.use("captain")
+    answer = s.generate("How do I reset password 3?", max_new_tokens=5).text
+    real = Session._set_model
+
+    def attach_then_interrupt(self, model):
+        real(self, model)
+        if "captain" in getattr(model, "peft_config", {}) and self.handle.model is model:
+            raise KeyboardInterrupt  # after the run attached its own 'captain', before any step
+
+    monkeypatch.setattr(Session, "_set_model", attach_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        s.train("captain", DATA, dict(CFG, max_steps=4, learning_rate=0.5), listeners=[])
+    monkeypatch.undo()
+    assert "captain" in s.adapters and s.adapters.active == "captain" and "other" in s.adapters
+    again = s.generate("How do I reset password 3?", max_new_tokens=5)
+    assert (again.adapter, again.text) == ("captain", answer)
 
 
 def test_a_warmup_as_long_as_the_run_and_a_paged_optimizer_on_the_cpu_are_named(tiny_session):

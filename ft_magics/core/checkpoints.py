@@ -231,8 +231,9 @@ def no_checkpoint_error(root: Path, name: str) -> FtUsageError:
     if record.get("status") == "completed":
         return FtUsageError(
             f"{name!r} completed its run ({record.get('steps')} steps; the adapter is saved) and a completed run keeps "
-            "no checkpoints, so there is nothing to resume. To train longer, run it again without --resume with "
-            "more steps (that replaces the adapter), or under a new name to keep this one.")
+            "no checkpoints, so there is nothing to resume. To train longer from its weights, run it without "
+            f"--resume with init_from: {name} in the body (under this name, or a new one to keep this one); without "
+            "init_from a run starts from a fresh adapter.")
     return FtUsageError(
         f"no complete checkpoint of {name!r} to resume from (looked in {root}). "
         f"Train it without --resume: %%lora_train {name} --data ... (see README 'Troubleshooting: interrupted runs')."
