@@ -174,7 +174,7 @@ def test_folder_of_files_and_errors_name_the_file(tmp_path):
     # files in two formats: said as such (it advised dropping a format setting that was never given)
     (folder / "c.jsonl").unlink()
     (folder / "d.csv").write_text("text\nhello\n")
-    with pytest.raises(FtUsageError, match=r"d\.csv, row 1: .*This row is in the text format, while .*a\.jsonl, "
+    with pytest.raises(FtUsageError, match=r"d\.csv, line 2: .*This row is in the text format, while .*a\.jsonl, "
                                            r"line 1 is chat: the rows of one dataset share one format") as err:
         load(str(folder))
     assert "format setting" not in str(err.value)
@@ -478,7 +478,7 @@ def test_csv_row_errors_name_the_row(tmp_path):
     recs, _ = load(str(tmp_path / "d.csv"))  # an empty cell is an empty string, not a missing field
     assert recs[0].messages[0]["content"] == "multi\nline" and recs[1].messages[1]["content"] == ""
     (tmp_path / "e.csv").write_text("instruction,output\nhi,there\n")
-    with pytest.raises(FtUsageError, match=r"e\.csv, row 1: the prompt-completion format needs"):
+    with pytest.raises(FtUsageError, match=r"e\.csv, line 2: the prompt-completion format needs"):
         load(str(tmp_path / "e.csv"), fmt="prompt-completion")
 
 
@@ -764,7 +764,12 @@ def test_a_blank_prompt_is_named_in_the_report_and_still_trains(tok, tmp_path):
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("prompt,completion\nq1,a1\n,\n,\nq2,a2\n,an answer to nothing\nq3,a3\n")
     _, _, report = D.prepare(str(sheet), tok, cfg())
-    assert "sheet.csv, row 5): it trains the answer to no question" in " ".join(report.warnings)
+    assert "sheet.csv, line 6): it trains the answer to no question" in " ".join(report.warnings)
+    # named by the line it starts on, as the file's refusals name theirs: blank lines and a quoted cell's line
+    # breaks counted too (it said 'row 3' for what is line 7)
+    sheet.write_text('prompt,completion\nq1,a1\n\n"a prompt\nover two lines",a2\n\n,an answer to nothing\nq3,a3\n')
+    _, _, report = D.prepare(str(sheet), tok, cfg())
+    assert "sheet.csv, line 7): it trains the answer to no question" in " ".join(report.warnings)
 
 
 def test_truncate_prompt_keeps_the_answer_and_both_ends_of_the_prompt(tok):
@@ -1262,6 +1267,15 @@ def test_files_from_windows_and_spreadsheets_load_or_say_the_fix_that_keeps_thei
     assert D.load_rows(str(tmp_path / "sep.csv"))[0] == [{"prompt": "Q0", "completion": "A0, ok"},
                                                          {"prompt": "Q1", "completion": "A1, ok"}]
     assert D.load_rows(str(tmp_path / "semi.csv"))[0][0] == {"question": "Q0", "answer, short": "A0, ok"}
+    (tmp_path / "nan.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": NaN, "completion": "x"}\n')
+    with pytest.raises(FtUsageError, match=r"nan\.jsonl, line 2: NaN is not a JSON value"):  # (a blank prompt)
+        D.load_rows(str(tmp_path / "nan.jsonl"))
+    (tmp_path / "inf.json").write_text('[{"prompt": "q", "completion": -Infinity}]')  # trained the answer '-inf'
+    with pytest.raises(FtUsageError, match=r"inf\.json: -Infinity is not a JSON value.*Write null"):
+        D.load_rows(str(tmp_path / "inf.json"))
+    (tmp_path / "extra.csv").write_text("sep=;\nprompt;completion\nQ0;A0\nQ1;A1;more\n")  # the hint in its separator
+    with pytest.raises(FtUsageError, match=r"extra\.csv, line 4: 3 fields .*contains ';' \(\"like; this\"\)"):
+        D.load_rows(str(tmp_path / "extra.csv"))
     (tmp_path / "long.tsv").write_text("prompt\tcompletion\n" + "x" * 140_000 + "\tA\n")
     assert len(D.load_rows(str(tmp_path / "long.tsv"))[0][0]["prompt"]) == 140_000
     (tmp_path / "bomkey.jsonl").write_text(json.dumps({"\ufeffprompt": "q", "completion": "a"}) + "\n")  # DictReader's
@@ -2063,7 +2077,7 @@ def test_a_column_of_true_false_verdicts_beside_the_answers_is_named(tok, tmp_pa
     assert not any("verdicts" in w for w in report.warnings)
 
 
-def test_a_model_folder_a_folder_of_subfolders_and_a_mixed_list_say_what_they_are(tmp_path, tiny_model_dir):
+def test_a_model_folder_a_folder_of_subfolders_and_a_mixed_list_say_what_they_are(tmp_path, tiny_model_dir, tok):
     """--data on a model folder read config.json and tokenizer.json as data and listed their keys; a folder whose
     data sits in a subfolder said it held no data files; a list of dicts and strings said 'item 1 is a str; a
     list must hold dicts or strings'."""
@@ -2073,6 +2087,15 @@ def test_a_model_folder_a_folder_of_subfolders_and_a_mixed_list_say_what_they_ar
     write_jsonl(tmp_path / "f" / "sub" / "x.jsonl", [{"text": "hi"}])
     with pytest.raises(FtUsageError, match=r"its subfolders are not searched, and sub/ holds data: --data .*f/sub reads"):
         load(str(tmp_path / "f"))
+    # with data of its own too, the subfolders' files were left out without a word (half the data)
+    write_jsonl(tmp_path / "f" / "top.jsonl", [{"text": "hello there"}] * 4)
+    (tmp_path / "f" / "sub" / "deeper").mkdir()
+    write_jsonl(tmp_path / "f" / "sub" / "deeper" / "y.jsonl", [{"text": "more"}] * 4)
+    _, _, report = D.prepare(str(tmp_path / "f"), tok, cfg())
+    pattern = str(tmp_path / "f" / "**" / "*.jsonl")
+    assert f"not read: sub/deeper/y.jsonl, sub/x.jsonl in its subfolders (a folder's own files are read; --data " \
+           f"'{pattern}' reads every level)" in report.text()
+    assert len(D.prepare(pattern, tok, cfg())[0]) == 9  # what it advises reads them all
     with pytest.raises(FtUsageError, match=r"item 1 is a str \(item 0 is a dict: the items may not be both\)"):
         load([{"prompt": "q", "completion": "a"}, "a string"])
 

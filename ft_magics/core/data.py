@@ -685,9 +685,27 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> "Rows":
     stripped = [str(c).strip() for c in df.columns]
     if len(set(stripped)) == len(stripped):  # "question, answer": the header's spaces are not the names
         df.columns = stripped
-    # errors name "path, row N" (quoted fields may span lines), N counted in the file: blank rows dropped above
-    # are still counted, or every later row was named by one less for each
-    return Rows(df.to_dict(orient="records"), [f"{path}, row {i + 1}" for i in df.index])
+    # errors name "path, line N", the line the row starts on, as a refusal of the file names its rows: a row number
+    # counted by pandas skipped blank lines and counted a quoted cell's line breaks as nothing
+    lines = _csv_record_lines(path, sep, quoting, skip)
+    return Rows(df.to_dict(orient="records"),
+                [f"{path}, line {lines[i]}" if i < len(lines) else f"{path}, row {i + 1}" for i in df.index])
+
+
+def _csv_record_lines(path: Path, sep: str, quoting: int, skip: int = 0) -> list:
+    """The line of the file each data row (after the header) starts on, in the order pandas reads them: blank
+    lines are no row (pandas skips them; csv reads them as []), a quoted cell's line breaks are part of its row."""
+    import csv
+
+    starts = []
+    with _csv_text(path, skip) as fh:
+        reader = csv.reader(fh, delimiter=sep, quoting=quoting)
+        before = 0
+        for row in reader:
+            if row:
+                starts.append(before + 1 + skip)
+            before = reader.line_num
+    return starts[1:]  # the first is the header
 
 
 def _tsv_quoting(path: Path, skip: int = 0) -> int:
@@ -775,6 +793,11 @@ def _csv_header(path: Path, sep: str, quoting: int, skip: int = 0) -> list:
         return [h.strip().lstrip("\ufeff").strip() for h in next(csv.reader(fh, delimiter=sep, quoting=quoting), [])]
 
 
+def _quoted_example(sep: str) -> str:
+    """A quoted field that holds the separator, as it is written in a file with that separator."""
+    return '"like<TAB>this"' if sep == "\t" else f'"like{sep} this"'
+
+
 def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False,
                    skip: int = 0) -> Optional[FtUsageError]:
     """The first row with more fields than the header (with ``short``: fewer, blank lines aside), named by its
@@ -789,7 +812,7 @@ def _csv_row_error(path: Path, sep: str, quoting: int = 0, short: bool = False,
                 return FtUsageError(
                     f"{path}, line {reader.line_num + skip}: {len(row)} fields where the header has {len(header)} "
                     f"({', '.join(h.strip() for h in header)}). Put quotes around a field that contains "
-                    f"{'a tab' if sep == chr(9) else repr(sep)} (\"like, this\"), or remove the extra field.")
+                    f"{'a tab' if sep == chr(9) else repr(sep)} ({_quoted_example(sep)}), or remove the extra field.")
             if short and 0 < len(row) < len(header) and any(f.strip() for f in row):
                 missing = ", ".join(h.strip() for h in header[len(row):])
                 return FtUsageError(
@@ -824,8 +847,10 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.rstrip("\r\n"))  # (a line cut inside a string: "unterminated", not "control
-            except json.JSONDecodeError as exc:     # character", its line end read as part of the string)
+                row = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)  # (a line cut inside a
+            except _JsonConstant as exc:  # string: "unterminated", not "control character", its line end read as
+                raise FtUsageError(f"{path}, line {n}: {_constant_problem(exc)}") from None  # part of the string)
+            except json.JSONDecodeError as exc:
                 if not rows and array_ok and line.strip() in ("{", "["):  # pretty-printed: jq's default output,
                     spread = _spread_json(path, limit)  # json.dump(..., indent=2)
                     if spread is not None:
@@ -895,11 +920,26 @@ def _spread_json(path: Path, limit: Optional[int]) -> Optional[list]:
     return values[:limit] if limit is not None else values
 
 
+class _JsonConstant(ValueError):
+    """NaN, Infinity or -Infinity in a JSON file: Python's json reads them, JSON has none."""
+
+
+def _refuse_constant(name: str):
+    raise _JsonConstant(name)
+
+
+def _constant_problem(exc: _JsonConstant) -> str:
+    return (f"{exc} is not a JSON value (Python's json.dump writes it for a float NaN or infinity, as a DataFrame's "
+            "empty cell). Write null for a missing value, or the text itself.")
+
+
 def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     with _open_text(path) as fh:
         raw = fh.read()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except _JsonConstant as exc:
+        raise FtUsageError(f"{path}: {_constant_problem(exc)}") from None
     except json.JSONDecodeError as exc:
         if exc.lineno > 1:  # a .json file that is really JSON lines?
             try:
@@ -987,8 +1027,20 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                 + (f"; its subfolders are not searched, and {deeper[0].relative_to(path)}/ holds data: --data "
                    f"{deeper[0]} reads it" if deeper else "") + "."
             )
-        return _rows_of_split_files(files, path, txt_mode, limit, lambda f: str(f.relative_to(path)),
+        rows = _rows_of_split_files(files, path, txt_mode, limit, lambda f: str(f.relative_to(path)),
                                     where=f" from {path}")
+        read = set(files)  # (with a split-named subfolder's files where they split: named by the split note)
+        skipped = sorted(p for p in path.rglob("*") if p.parent != path and p not in read and is_data_file(p)
+                         and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if skipped:  # half the data left out without a word: the subfolders' files are not read, and said so
+            shown = ", ".join(str(p.relative_to(path)) for p in skipped[:3]) + (
+                f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+            suffixes = {data_suffix(p) for p in files + skipped}
+            pattern = str(path / "**" / ("*" + suffixes.pop() if len(suffixes) == 1 else "*"))
+            rows.file_splits = "; ".join(filter(None, [rows.file_splits, (
+                f"not read: {shown} in its subfolders (a folder's own files are read; --data '{pattern}' reads "
+                "every level)")]))
+        return rows
     suffix = data_suffix(path)
     if suffix not in FILE_SUFFIXES:
         raise FtUsageError(
