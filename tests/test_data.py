@@ -1575,6 +1575,15 @@ def test_the_data_line_says_when_eval_loss_cannot_compare_or_cannot_happen(tok, 
     assert "eval_steps: 2 has nothing to evaluate: give --eval FILE or eval_fraction: 0.1" in report.text()
 
 
+def test_dropped_eval_examples_are_counted_by_their_cause(tok, tmp_path):
+    """An eval row with an empty answer was reported as 'Dropped 1 eval example (too long, or no answer token
+    left)'."""
+    rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]
+    evals = write_jsonl(tmp_path / "e.jsonl", rows[:2] + [{"prompt": "q9", "completion": ""}])
+    _, ev, report = D.prepare(rows, tok, cfg(), eval_src=str(evals))
+    assert len(ev) == 2 and "Dropped    1 eval example (1 with an empty or blank answer)" in report.text()
+
+
 def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tmp_path):
     """Continued pre-training on a document longer than max_seq_len kept its first max_seq_len tokens only
     (the report even said how long max_seq_len would have to be). overlong: split makes consecutive rows of
@@ -1586,6 +1595,7 @@ def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tm
     assert len(whole.input_ids) > 3 * 64 and len(train) == math.ceil(len(whole.input_ids) / 64)
     assert [t for e in train for t in e.input_ids] == whole.input_ids and all(len(e.input_ids) <= 64 for e in train)
     assert f"split into {len(train)} rows of at most 64 tokens (overlong: split)" in report.text()
+    assert f"only {len(train)} examples train" in report.text() and "only 1 example" not in report.text()  # (said 1)
     _, _, truncated = D.prepare(str(doc), tok, cfg(max_seq_len=64), txt_mode="document")
     assert "overlong: split trains on all of it" in truncated.text()
     with pytest.raises(FtUsageError, match="overlong: split cuts a long example .* chat format"):

@@ -1711,6 +1711,7 @@ class DataReport:
     dropped_empty: int = 0  # nothing carried loss even before truncation
     dropped_unweighted: int = 0  # every answer had weight 0 (context only)
     eval_dropped: int = 0
+    eval_dropped_why: str = ""  # e.g. "1 with an empty answer, 2 too long"
     warnings: list = field(default_factory=list)
     example: str = ""
     rendering: str = ""
@@ -1809,7 +1810,8 @@ class DataReport:
             lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')} whose every answer has weight 0 "
                          "(context only: nothing to learn from)")
         if self.eval_dropped:
-            lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} (too long, or no answer token left)")
+            lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} "
+                         f"({self.eval_dropped_why or 'too long, or no answer token left'})")
         if self.packing:
             lines.append(f"Packing    {self.packing}")
         for w in self.warnings:
@@ -2648,7 +2650,13 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             f"nothing. Raise max_seq_len ({eval_report.keep_whole(max(eval_report.lengths, default=0))}) or give eval "
             "rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
-    if train and len(train) < len(train_records):  # the small-set warning counts what trains, after the drops
+    why = [(eval_report.dropped_empty, "with an empty or blank answer"),
+           (eval_report.dropped_no_answer, "whose answer truncation cut away"),
+           (eval_report.dropped_overlong, "too long (overlong: drop)"),
+           (eval_report.dropped_unweighted, "whose every answer has weight 0")]
+    report.eval_dropped_why = ", ".join(f"{n} {what}" for n, what in why if n)
+    if train and len(train) != len(train_records):  # the small-set warning counts what trains: after the drops,
+                                                   # and after overlong: split made several rows of one example
         few = few_examples_warning(len(train), len(train_records), "pair" if pairs else "example")
         report.warnings = [w for w in report.warnings if not w.endswith(_FEW)]
         if few:
