@@ -669,14 +669,15 @@ def test_an_interrupted_first_load_or_attach_leaves_the_bare_base(tiny_session, 
     assert s.train("f1", rows, cfg, listeners=[]).status == "completed"  # the name is free, the base clean
     trained = logits(s.model)
     # retrained under its name (the only adapter), interrupted while the new one attaches: the old one was
-    # dropped first; it left the registry too (it listed 'f1' answering as the bare base) and loads from its folder
+    # dropped first; it is loaded again from its folder, active as it was (it was listed, answering as the bare
+    # base; then it was left unloaded, the base active, under 'the adapters are as they were')
     undo = _raise_on_call(monkeypatch, LoraModel, "_create_and_replace", 3)
     with pytest.raises(KeyboardInterrupt):
         s.train("f1", rows, dict(cfg, seed=7), listeners=[])
     undo()
-    assert "f1" not in s.adapters and _lora_layer_count(s.model) == 0 and torch.equal(logits(s.model), base)
-    s.use("f1")  # from its folder, as saved
-    assert torch.equal(logits(s.model), trained)
+    assert "f1" in s.adapters and s.adapters.active == "f1" and torch.equal(logits(s.model), trained)
+    s.use(None)
+    assert torch.equal(logits(s.model), base)
 
 
 def test_an_interrupted_merge_puts_every_layer_back(tiny_session, made_by_peft, monkeypatch):
