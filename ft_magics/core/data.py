@@ -687,14 +687,15 @@ def _read_csv(path: Path, suffix: str, limit: Optional[int]) -> "Rows":
         df.columns = stripped
     # errors name "path, line N", the line the row starts on, as a refusal of the file names its rows: a row number
     # counted by pandas skipped blank lines and counted a quoted cell's line breaks as nothing
-    lines = _csv_record_lines(path, sep, quoting, skip)
+    lines = _csv_record_lines(path, sep, quoting, skip, limit)
     return Rows(df.to_dict(orient="records"),
                 [f"{path}, line {lines[i]}" if i < len(lines) else f"{path}, row {i + 1}" for i in df.index])
 
 
-def _csv_record_lines(path: Path, sep: str, quoting: int, skip: int = 0) -> list:
+def _csv_record_lines(path: Path, sep: str, quoting: int, skip: int = 0, limit: Optional[int] = None) -> list:
     """The line of the file each data row (after the header) starts on, in the order pandas reads them: blank
-    lines are no row (pandas skips them; csv reads them as []), a quoted cell's line breaks are part of its row."""
+    lines are no row (pandas skips them; csv reads them as []), a quoted cell's line breaks are part of its row.
+    With ``limit`` (max_rows: pandas read that many), the rest of the file is not read."""
     import csv
 
     starts = []
@@ -702,6 +703,8 @@ def _csv_record_lines(path: Path, sep: str, quoting: int, skip: int = 0) -> list
         reader = csv.reader(fh, delimiter=sep, quoting=quoting)
         before = 0
         for row in reader:
+            if limit is not None and len(starts) > limit:
+                break
             if row:
                 starts.append(before + 1 + skip)
             before = reader.line_num
