@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import TrainConfig
+from .core.adapters import adapter_name_text
 from .errors import FtUsageError, did_you_mean, need_text
 from .paths import user_path
 
@@ -501,7 +502,7 @@ class Session:
 
     def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` from memory (its folder stays on disk)."""
-        _adapter_name(name)
+        adapter_name_text(name)
         with self._model_busy("unload an adapter"):
             if name not in self.adapters and self._adapter_folder(name) is not None:
                 raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
@@ -514,7 +515,7 @@ class Session:
     def deletable_folder(self, name: str) -> Optional[Path]:
         """The folder ``delete_adapter(name)`` removes: the adapter's own folder ``adapters/NAME``, and no other.
         An adapter loaded from elsewhere, or from another adapter's folder under a new name, keeps its folder."""
-        _adapter_name(name)
+        adapter_name_text(name)
         if name not in self.adapters:
             folder = self._adapter_folder(name)
             return folder.resolve() if folder is not None else None
@@ -560,7 +561,7 @@ class Session:
         from .core.atomic import atomic_write_json
         from .core.checkpoints import checkpoint_root
 
-        _adapter_name(name)
+        adapter_name_text(name)
         new = validate_name(new, self.handle.model if self.handle is not None else None)
         for n in (name, new):
             self._check_not_training(n)
@@ -723,7 +724,7 @@ class Session:
         """What adapter ``name`` (loaded, or a folder in the adapters folder) is and how it was trained."""
         from .core.adapters import adapter_card
 
-        _adapter_name(name)
+        adapter_name_text(name)
         if name in self.adapters:
             info = self.adapters.require(name)
             if not info.path:
@@ -789,7 +790,7 @@ class Session:
         (trained before a kernel restart, or by another notebook). The active adapter stays as it was."""
         from .core.adapters import activate
 
-        _adapter_name(name)
+        adapter_name_text(name)
         if name not in self.adapters:
             self._check_not_training(name)
             if self._adapter_folder(name) is not None:  # on disk: loading it needs the base as it was
@@ -1268,11 +1269,6 @@ def _check_history(history) -> None:
                 and isinstance(m.get("content"), str)):
             raise FtUsageError(f"history[{n}] is {m!r:.80}: each message is a dict with a 'role' (user, assistant or "
                                f"system) and a text 'content', e.g. {example}.")
-
-
-def _adapter_name(name) -> str:
-    """``name`` when it is text: an adapter is named by text (None or 3 read as 'no adapter' further down)."""
-    return need_text(name, "an adapter's name", "'support'")
 
 
 def _exported_name(folder: Path) -> Optional[str]:

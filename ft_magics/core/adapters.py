@@ -28,11 +28,17 @@ SLOT_PREFIX = "ft-slot-"  # Session.serve's own adapters (core.routing): the rou
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT's layer dictionaries refuse it
 
 
+def adapter_name_text(name: Any) -> str:
+    """``name`` when it is text: an adapter is named by text (``None`` or ``3`` read as 'no adapter' further down:
+    'adapter None is training in the background')."""
+    return need_text(name, "an adapter's name", "'support-bot'")
+
+
 def validate_name(name: str, model: Any = None) -> str:
     """An adapter name is also a folder name: no separators, no '..', no hidden names, not 'base'. With ``model``,
     not a part of its layers' paths either (see :func:`_layer_path_parts`)."""
     if name is not None:
-        need_text(name, "an adapter's name", "'support-bot'")
+        adapter_name_text(name)
     name = (name or "").strip()
     if not name:
         raise FtUsageError("the adapter name is empty: give one of letters, digits, '-' or '_', e.g. 'support-bot'.")
