@@ -746,6 +746,19 @@ def test_examples_with_an_empty_answer_are_dropped_not_trained_to_end_the_turn(t
     assert len(everything) == 8 and report.dropped_empty == 0
 
 
+def test_token_statistics_describe_the_examples_that_can_train(tok):
+    """The Tokens line's min/median/max (and the Length line's count) took in rows then dropped as empty: a
+    one-word prompt with a blank answer set the minimum, though nothing of it trained."""
+    rows = [{"prompt": f"question number {i} " * 3, "completion": f"the answer is {i} " * 3} for i in range(6)]
+    kept, _, report = D.prepare(rows, tok, cfg())
+    shortest = min(report.lengths)
+    rows += [{"prompt": "q", "completion": "  "}, {"prompt": "q", "completion": ""}]
+    train, _, report = D.prepare(rows, tok, cfg())
+    assert len(train) == 6 and report.dropped_empty == 2
+    assert len(report.lengths) == 6 and min(report.lengths) == shortest
+    assert f"Tokens     min {shortest} / " in report.text() and "of 6 examples exceed" in report.text()
+
+
 def test_a_blank_prompt_is_named_in_the_report_and_still_trains(tok, tmp_path):
     """An empty or whitespace-only prompt (a CSV's empty cell) trained silently as the answer to no question."""
     rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]

@@ -378,6 +378,7 @@ def test_pairs_with_an_empty_answer_are_warned_of(tok):
     assert ("3 pairs with an empty rejected answer: they teach only that answering beats saying nothing. Check the "
             "rejected column (--map ...=rejected) if that is not meant.") in report.warnings
     assert len(train) == 6 and report.dropped_empty == 1
+    assert len(report.lengths) == 6  # the Tokens line describes the pairs that train
     assert ("Dropped    1 pair with no answer to learn from (empty or blank: it would teach the model to end its "
             "turn at once)") in report.text()
     assert not any("empty chosen" in w for w in report.warnings)

@@ -2027,28 +2027,37 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
     left without a loss-bearing token, so no step ever trains on nothing."""
     out = []
     for record, ex in zip(records, tokenize_records(tokenizer, records, train_on)):
-        if report is not None:
-            report.lengths.append(len(ex.input_ids))
-        if train_on != "all" and record.weights is not None and not any(record.weights):
-            fitted, outcome = None, "dropped_unweighted"  # every answer is context (weight 0): nothing to learn
-        elif train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
-            fitted, outcome = None, "dropped_empty"   # would learn to end its turn at once
-        elif record.messages is None and not (record.text or "").strip():  # plain text of spaces: nothing to learn
-            fitted, outcome = None, "dropped_empty"
+        empty = _nothing_to_learn(record, train_on)
+        if empty:
+            fitted, outcome = None, empty
         elif overlong == "split" and len(ex.input_ids) > max_seq_len:
             rows = [r for r in (TokenizedExample(ex.input_ids[i:i + max_seq_len], ex.labels[i:i + max_seq_len])
                                 for i in range(0, len(ex.input_ids), max_seq_len)) if r.n_loss_tokens]
             out.extend(rows)
+            fitted, outcome = None, "kept"
             if report is not None:
                 report.split_rows += len(rows)
-            continue
         else:
             fitted, outcome = fit_length(ex, max_seq_len, overlong)
         if report is not None:
+            if not empty:  # the Tokens and Length lines describe what can train, the overlong too (they advise on
+                report.lengths.append(len(ex.input_ids))  # them), not a row with nothing to learn from
             report.count(outcome, ex)
         if fitted is not None:
             out.append(fitted)
     return out
+
+
+def _nothing_to_learn(record: Record, train_on: str) -> str:
+    """The report's outcome for a record that has nothing to train on ("dropped_unweighted": every answer has
+    weight 0; "dropped_empty": no answer, or blank text), or "" for one that has."""
+    if train_on != "all" and record.weights is not None and not any(record.weights):
+        return "dropped_unweighted"  # every answer is context (weight 0)
+    if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
+        return "dropped_empty"  # would learn to end its turn at once
+    if record.messages is None and not (record.text or "").strip():  # plain text of spaces
+        return "dropped_empty"
+    return ""
 
 
 def _answerless(record: Record) -> bool:

@@ -279,12 +279,12 @@ def tokenize_pairs(pairs: list, tokenizer, max_seq_len: int, overlong: str = "tr
     rejected = tokenize_records(tokenizer, [r for _, r in sides])
     out = []
     for pair, c, r in zip(pairs, chosen, rejected):
-        if report is not None:
-            report.lengths.append(max(len(c.input_ids), len(r.input_ids)))
         if empty_answer(pair.chosen):
             if report is not None:
                 report.count("dropped_empty", c)
             continue
+        if report is not None:  # the Tokens and Length lines describe the pairs that can train
+            report.lengths.append(max(len(c.input_ids), len(r.input_ids)))
         over = max(len(c.input_ids), len(r.input_ids)) - max_seq_len
         # truncate_prompt takes the same stretch out of both sides' prompt: each answer follows the same text
         cut = over if overlong == "truncate_prompt" and over > 0 else None
