@@ -2285,6 +2285,28 @@ def test_a_dataframe_s_empty_cells_read_as_a_csv_file_s_and_a_null_names_the_use
         D.normalise([{"q": "a?", "reply": None}], column_map="q=prompt,reply=completion")
 
 
+def test_a_null_in_a_table_is_an_empty_cell_wherever_the_table_comes_from(tok, tmp_path):
+    """A parquet file's null, a datasets table's and a DataFrame object column's None were refused ("missing or
+    null"), while the same table's text column (NaN) or a CSV file's empty cell dropped the row and counted it."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"prompt": ["a?", "b?", "c?", None], "completion": ["x", None, "z", "w"]}, dtype=object)
+    df.to_parquet(tmp_path / "t.parquet")
+    df.astype(str).where(df.notna(), "").to_csv(tmp_path / "t.csv", index=False)
+    seen = []
+    for src in (df, str(tmp_path / "t.parquet"), str(tmp_path / "t.csv")):
+        train, _, report = D.prepare(src, tok, cfg())
+        seen.append((len(train), report.dropped_empty, any("blank prompt" in w or "empty prompt" in w
+                                                           for w in report.warnings)))
+    assert seen == [(3, 1, True)] * 3, seen
+    (tmp_path / "m.parquet").unlink(missing_ok=True)
+    pd.DataFrame({"messages": [CHAT[0]["messages"], None]}).to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(FtUsageError, match=r"m\.parquet, row 2: the messages are missing \(an empty or null cell\)"):
+        D.prepare(str(tmp_path / "m.parquet"), tok, cfg())
+    write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a?", "completion": None}])  # JSON wrote its null: refused
+    with pytest.raises(FtUsageError, match=r"n\.jsonl, line 1: field 'completion' is missing or null"):
+        D.prepare(str(tmp_path / "n.jsonl"), tok, cfg())
+
+
 def test_a_variable_holding_a_path_says_how_to_read_the_file(tmp_path):
     with pytest.raises(FtUsageError, match=r"variable 'path' is a str; .* write --data \$path \(IPython puts"):
         D.load_rows("path", namespace={"path": str(tmp_path / "qa.csv")})

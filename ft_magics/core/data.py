@@ -475,6 +475,17 @@ def _pick_one(what: str, key: str) -> str:
     return f"keep one (e.g. {key!r}) in the file, or name it 'train'"
 
 
+def empty_cells(rows) -> list[dict]:
+    """``rows`` with each null cell (None) read as an empty one, as a CSV file's empty cell reads (NaN, which a
+    text field reads as ""): a table's null - a parquet file's, a datasets table's, a DataFrame's object column's
+    (its text columns hold NaN) - is the same missing value. A JSON row's null stays refused: the row wrote it."""
+    return [{k: _EMPTY_CELL if v is None else v for k, v in row.items()} if isinstance(row, dict) else row
+            for row in rows]
+
+
+_EMPTY_CELL = float("nan")
+
+
 def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     mod = type(obj).__module__
     name = type(obj).__name__
@@ -487,7 +498,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             df = obj if limit is None else obj.head(limit)
             if getattr(obj.columns, "nlevels", 1) > 1:  # a MultiIndex (pivot, groupby): ('x', 'prompt') -> x.prompt
                 df = df.set_axis([".".join(str(p) for p in c if str(p)) for c in df.columns], axis=1)
-            return df.to_dict(orient="records")
+            return empty_cells(df.to_dict(orient="records"))
         if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
             return [{"text": v} for v in (obj if limit is None else obj.head(limit))]
         raise FtUsageError(f"{what} is a pandas {name}; pass a DataFrame with named columns (or a Series of strings).")
@@ -507,10 +518,10 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
         if type(obj).__name__.startswith("Iterable"):
             if limit is None:
                 raise FtUsageError(f"{what} is a streaming IterableDataset; set max_rows to take its first rows.")
-            return [dict(r) for r, _ in zip(obj, range(limit))]
+            return empty_cells(dict(r) for r, _ in zip(obj, range(limit)))
         if limit is not None and len(obj) > limit:
             obj = obj.select(range(limit))
-        return [dict(r) for r in obj]
+        return empty_cells(dict(r) for r in obj)
     if _split_lists(obj):  # {"train": [records], "test": [records]}: as a DatasetDict, or a JSON file of that shape
         train = _train_split(obj) or (next(iter(obj)) if len(obj) == 1 else None)
         if train is None:
@@ -1075,13 +1086,13 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
             # a compressed parquet file (rare: parquet compresses inside) is read whole: parquet needs to seek
             pf = pq.ParquetFile(io.BytesIO(_open_data(path).read()) if path.suffix.lower() in COMPRESSIONS else path)
             if limit is None:
-                return pf.read().to_pylist()
+                return empty_cells(pf.read().to_pylist())
             rows = []
             for batch in pf.iter_batches(batch_size=min(limit, 10_000)):
                 rows += batch.to_pylist()
                 if len(rows) >= limit:
                     break
-            return rows[:limit]
+            return empty_cells(rows[:limit])
         return _read_txt(path, txt_mode, limit)
     except FtUsageError:
         raise
@@ -1348,6 +1359,8 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         seq = _json_text(seq, f"{where}: the messages are text that starts like a JSON list but is not valid JSON",
                          ". Fix the JSON, or store the data as JSON lines (.jsonl), where a list of messages needs no "
                          "quoting.")
+    if seq is None or (isinstance(seq, float) and math.isnan(seq)):
+        raise FtUsageError(f"{where}: the messages are missing (an empty or null cell). Fill it, or drop such rows.")
     if not isinstance(seq, (list, tuple)):
         raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
     if not seq:
