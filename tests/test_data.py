@@ -1847,6 +1847,16 @@ def test_tsv_quotes_are_text_unless_the_file_quotes_fields_as_csv_does(tmp_path)
     recs, _ = load(str(tmp_path / "p.tsv"))
     assert [(r.messages[0]["content"], r.messages[1]["content"]) for r in recs] == [(x["prompt"], x["completion"])
                                                                                     for x in rows]
+    # a file quoted as CSV with one field whose quote closes early: those quotes were dropped without a word
+    (tmp_path / "m.tsv").write_text('prompt\tcompletion\n"What, exactly?"\tan answer\nq2\t"Quoted" she said\n')
+    with pytest.raises(FtUsageError, match=r"m\.tsv, line 3: the field \"Quoted\" she said opens a quote that closes "
+                                           r"before the field ends.*or wrap no field in quotes"):
+        load(str(tmp_path / "m.tsv"))
+    (tmp_path / "m.csv").write_text('prompt,completion\nq1,"fine ""quoted"" text"\nq2,"Quoted" she said\nq3,5" screen\n')
+    with pytest.raises(FtUsageError, match=r"m\.csv, line 3: .*read as CSV, its quotes would be lost"):
+        load(str(tmp_path / "m.csv"))
+    (tmp_path / "m.csv").write_text('prompt,completion\nq1,"fine ""quoted"" text"\nq3,5" screen\n')
+    assert [r.messages[1]["content"] for r in load(str(tmp_path / "m.csv"))[0]] == ['fine "quoted" text', '5" screen']
 
 
 def test_eval_rows_all_dropped_for_length_are_refused_with_the_length_that_fits(tok):

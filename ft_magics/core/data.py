@@ -711,15 +711,37 @@ def _csv_record_lines(path: Path, sep: str, quoting: int, skip: int = 0, limit: 
 
     starts = []
     with _csv_text(path, skip) as fh:
-        reader = csv.reader(fh, delimiter=sep, quoting=quoting)
+        # strict: a field whose opening quote closes before the field ends ('"Hello" she said') is an error, where
+        # pandas and a lenient reader drop those quotes without a word
+        reader = csv.reader(fh, delimiter=sep, quoting=quoting, strict=quoting != csv.QUOTE_NONE)
         before = 0
-        for row in reader:
-            if limit is not None and len(starts) > limit:
-                break
-            if row:
-                starts.append(before + 1 + skip)
-            before = reader.line_num
+        try:
+            for row in reader:
+                if limit is not None and len(starts) > limit:
+                    break
+                if row:
+                    starts.append(before + 1 + skip)
+                before = reader.line_num
+        except csv.Error as exc:
+            if "expected after" not in str(exc):
+                raise
+            raise _quote_closed_early(path, sep, reader.line_num + skip) from None
     return starts[1:]  # the first is the header
+
+
+def _quote_closed_early(path: Path, sep: str, line: int) -> FtUsageError:
+    """The refusal of a CSV-quoted row with a field like '"Hello" she said', whose quotes a CSV reader drops."""
+    with _open_text(path) as fh:
+        text = next((t for i, t in enumerate(fh, 1) if i == line), "").rstrip("\r\n")
+    field = next((f for f in text.split(sep) if f.startswith('"') and not f.endswith('"')), text)
+    shown = field if len(field) <= 60 else field[:57] + "..."
+    tsv = sep == "\t"
+    return FtUsageError(
+        f"{path}, line {line}: the field {shown} opens a quote that closes before the field ends; read "
+        f"{'with the CSV-style quoting this file uses elsewhere (a field wrapped in quotes)' if tsv else 'as CSV'}, "
+        f"its quotes would be lost ('\"Hello\" she said' reads as 'Hello she said'). Wrap the whole field in quotes "
+        f"and double the quotes inside it ('\"\"\"Hello\"\" she said\"')"
+        + (", or wrap no field in quotes: then every quote is text." if tsv else "."))
 
 
 def _tsv_quoting(path: Path, skip: int = 0) -> int:
