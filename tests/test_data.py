@@ -1859,6 +1859,20 @@ def test_tsv_quotes_are_text_unless_the_file_quotes_fields_as_csv_does(tmp_path)
     assert [r.messages[1]["content"] for r in load(str(tmp_path / "m.csv"))[0]] == ['fine "quoted" text', '5" screen']
 
 
+def test_eval_data_gets_the_blank_prompt_and_special_token_warnings(tok):
+    """A blank prompt or a pasted '<|im_end|>' in the eval data was named nowhere, though the eval loss scores it."""
+    train = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    evals = [{"prompt": " ", "completion": "x"}, {"prompt": "hi", "completion": "bye<|im_end|>"}]
+    _, _, report = D.prepare(train, tok, cfg(), eval_src=evals)
+    assert ("eval data: 1 example has an empty prompt (a blank user turn: <list>, row 1): its answer is scored as the "
+            "answer to no question.") in " ".join(report.warnings)
+    assert any(w.startswith("eval data: the data's text spells special tokens of the tokenizer: '<|im_end|>' "
+                            "(1 example), first at <list>, row 2. Each is read as that token, not as text, and the eval "
+                            "loss scores it as one.") for w in report.warnings)
+    _, _, report = D.prepare(train, tok, cfg(), eval_src=train[:2])
+    assert not any(w.startswith("eval data:") for w in report.warnings)
+
+
 def test_eval_rows_all_dropped_for_length_are_refused_with_the_length_that_fits(tok):
     """Every eval row cut to no answer: the run went on with 'no eval data', and keep_best / early_stopping did
     nothing, without a word of why."""

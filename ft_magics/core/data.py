@@ -2335,17 +2335,21 @@ def quality_warnings(records: list[Record], unit: str = "example") -> list:
     return warnings  # (an empty or blank example is dropped, and counted in the report, as it is tokenised)
 
 
-def blank_prompt_warning(records: list, unit: str = "example") -> Optional[str]:
+def blank_prompt_warning(records: list, unit: str = "example", scored: bool = False) -> Optional[str]:
     """A warning for conversations with a blank user turn (an empty or whitespace-only prompt; a CSV's empty
-    cell): they train as they are, the answer to no question, which is rarely what a row meant."""
+    cell): they train as they are, the answer to no question, which is rarely what a row meant. ``scored``: the
+    records are eval data, which the eval loss scores rather than trains on."""
     blank = [r for r in records if r.messages and any(
         m["role"] == "user" and not str(m.get("content") or "").strip() for m in r.messages)]
     if not blank:
         return None
     where = places([r.where for r in blank if r.where])
+    one = len(blank) == 1
+    what = ("its answer is scored as" if one else "their answers are scored as") if scored else (
+        "it trains" if one else "they train")
     return (f"{counted(len(blank), unit)} {'has' if len(blank) == 1 else 'have'} an empty prompt (a blank user "
-            f"turn{': ' + where if where else ''}): {'it trains' if len(blank) == 1 else 'they train'} the "
-            "answer to no question. Fill the prompt in, or remove the row, unless that is what you want.")
+            f"turn{': ' + where if where else ''}): {what} the answer to no question. Fill the prompt in, or remove "
+            "the row, unless that is what you want.")
 
 
 def places(wheres: list, show: int = 3) -> str:
@@ -2362,7 +2366,7 @@ def places(wheres: list, show: int = 3) -> str:
     return "; ".join(wheres[:show]) + more
 
 
-def special_token_warning(records: list, tokenizer) -> Optional[str]:
+def special_token_warning(records: list, tokenizer, scored: bool = False) -> Optional[str]:
     """A warning when the data's own text holds a special token's spelling (``<|im_end|>`` in an answer, pasted
     from a log or a chat export): the tokenizer reads it as that token, so the model learns to end its turn, or
     start a role, there; the printed example cannot show it, since it decodes to the same text."""
@@ -2385,8 +2389,10 @@ def special_token_warning(records: list, tokenizer) -> Optional[str]:
         return None
     tokens = ", ".join(f"{t!r} ({counted(n, 'example')})" for t, n in sorted(found.items(), key=lambda kv: -kv[1]))
     return (f"the data's text spells special tokens of the tokenizer: {tokens}{f', first at {first}' if first else ''}. "
-            "Each is read as that token, not as text: in an answer the model learns to end its turn (or start a role) "
-            "there. Remove or rewrite them where they are not meant as markup.")
+            + ("Each is read as that token, not as text, and the eval loss scores it as one. " if scored else
+               "Each is read as that token, not as text: in an answer the model learns to end its turn (or start a "
+               "role) there. ")
+            + "Remove or rewrite them where they are not meant as markup.")
 
 
 def overlap_warning(train_records: list, eval_records: list) -> Optional[str]:
@@ -2669,6 +2675,10 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     overlap = overlap_warning(train_records, eval_records)
     if overlap:
         report.warnings.append(overlap)
+    for check in (blank_prompt_warning(eval_records, "pair" if pairs else "example", scored=True),
+                  special_token_warning(eval_records, tokenizer, scored=True)):
+        if check:
+            report.warnings.append(f"eval data: {check}")
     unweighted = sum(1 for r in train_records if getattr(r, "weights", None))  # (preference pairs have none)
     if unweighted and cfg.train_on == "all":
         report.warnings.append(f"{counted(unweighted, 'example')} with assistant messages of weight 0: train_on: all "
