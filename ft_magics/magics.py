@@ -855,6 +855,44 @@ class FtMagics(Magics):
             lines = cmp.prompts[0].count("\n") + 1
             print(f"(the cell held one prompt of {lines} lines; separate several prompts with a line of ---)")
 
+    # ------------------------------------------------------------------ %%lora_serve
+    @magic_arguments()
+    @argument("--store", default=None, help="Folder the adapters are read from. Default: the adapters folder.")
+    @argument("--capacity", type=int, default=None,
+              help="Most adapters the router keeps in memory (least recently used first out). Default 4, or the "
+                   "last call's.")
+    @sampling_arguments(max_new_tokens=64)
+    @argument("--system", default=None, help="System prompt for every request.")
+    @line_cell_magic
+    @user_errors
+    def lora_serve(self, line="", cell=None):
+        """Answer a batch of requests, each with its own adapter (or the base), as a service of one base and many
+        task adapters would: one line per request, ``ADAPTER: PROMPT``. Adapters not in memory are read from the
+        store into at most --capacity slots, and the mixed batch runs in one generate call. Each answer says how its
+        adapter was found (resident, loaded, hot-swapped, reloaded) and what that cost. A prompt of several lines
+        goes in a block between lines of ``---``. ``%lora_serve`` alone shows the slots in memory.
+
+        Examples::
+
+            %%lora_serve --max-new-tokens 48
+            support-bot: How do I reset my password?
+            legal: Is this clause enforceable?
+            base: What is LoRA?
+        """
+        line = cell_flags(self.lora_serve, line) if cell is not None else strip_comment(line)
+        args = parse_args(self.lora_serve, line)
+        if cell is None:
+            print(self.session.serving_text())
+            return
+        from .core.routing import requests_of_text
+
+        requests = requests_of_text(cell)
+        served = self.session.serve(requests, store=args.store, capacity=args.capacity,
+                                    max_new_tokens=args.max_new_tokens, system=args.system, sampling=sampling_of(args))
+        from .core.routing import served_text
+
+        print(served_text(requests, served))
+
     # ------------------------------------------------------------------ %lora_eval
     @magic_arguments()
     @argument("name", nargs="?", default=None,

@@ -17,7 +17,7 @@ from .errors import FtUsageError, did_you_mean
 BEGIN = "<!-- BEGIN GENERATED REFERENCE: scripts/gen_reference.py writes this block; do not edit by hand -->"
 END = "<!-- END GENERATED REFERENCE -->"
 # the order magics are presented in (any registered magic not listed here follows, alphabetically)
-ORDER = ("qlora_load", "lora_train", "lora_generate", "lora_chat", "lora_compare", "lora_eval", "lora_adapters",
+ORDER = ("qlora_load", "lora_train", "lora_generate", "lora_chat", "lora_compare", "lora_serve", "lora_eval", "lora_adapters",
          "lora_stop", "lora_export_job", "ft_plan", "ft_memory", "ft_unload", "ft_help")
 
 

@@ -1186,6 +1186,13 @@ class Session:
             return float(beta), f"as its {settings['objective'].upper()} run"
         return PAIR_BETA["dpo"], "DPO's usual"
 
+    def serving_text(self) -> str:
+        """What :meth:`serve` holds in memory: its slots, least recently used first, and their folders."""
+        if self._router is None:
+            return (f"Serving    nothing yet: serve() or %%lora_serve reads adapters from {self.adapters_dir} into at "
+                    "most 4 slots (capacity) as requests name them")
+        return self._router.describe()
+
     def serve(self, requests: list, store: Optional[str | Path] = None, capacity: Optional[int] = None,
               max_new_tokens: int = 64, system: Optional[str] = None, sampling=None, **settings) -> list:
         """Answer a batch of requests, each naming a task adapter (or 'base'): adapters missing from memory

@@ -546,3 +546,45 @@ def test_evaluation_batches_examples_of_similar_length_and_autocasts_as_training
     evaluation.loss_and_perplexity(model, tok, examples, batch_size=2, dtype=torch.bfloat16)
     assert casts and all(casts)
     hook.remove()
+
+
+def test_serve_cells_read_one_request_per_line_or_per_block():
+    from ft_magics.core.routing import requests_of_text
+
+    reqs = requests_of_text("# a comment\nlegal: Is this clause fine: yes or no?\n\nbase:  What is LoRA? \n")
+    assert [(r.adapter, r.prompt) for r in reqs] == [("legal", "Is this clause fine: yes or no?"), ("base", "What is LoRA?")]
+    reqs = requests_of_text("legal: first line\nsecond line\n---\nsupport: one\n---\n")
+    assert [(r.adapter, r.prompt) for r in reqs] == [("legal", "first line\nsecond line"), ("support", "one")]
+    with pytest.raises(FtUsageError, match=r"request 2 \('Note that'\) names no adapter: write each request as "
+                                           r"ADAPTER: PROMPT.*a prompt of several lines goes between lines of ---"):
+        requests_of_text("legal: hi\nNote that\n")
+    with pytest.raises(FtUsageError, match=r"request 1 \('what is: this'\) names no adapter"):
+        requests_of_text("what is: this\n")
+    with pytest.raises(FtUsageError, match="no request in the cell"):
+        requests_of_text("# only a comment\n\n")
+
+
+def test_the_serve_magic_answers_each_request_with_its_adapter_and_says_how(shell, tiny_model_dir, store, capsys):
+    """The edge pattern had no magic: Session.serve was the only way to route requests to adapters."""
+    shutil.copytree(store / "legal", "adapters/legal")
+    shutil.copytree(store / "support", "adapters/support")
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_line_magic("lora_serve", "")
+    assert "Serving    nothing yet" in capsys.readouterr().out
+    cell = f"legal: {PROMPTS[0]}\nsupport: {PROMPTS[1]}\nbase: {PROMPTS[2]}\n"
+    shell.run_cell_magic("lora_serve", "--max-new-tokens 5 --capacity 2", cell)
+    out = capsys.readouterr().out
+    session = shell.magics_manager.registry["FtMagics"].session
+    again = session.serve([("legal", PROMPTS[0]), ("support", PROMPTS[1]), ("base", PROMPTS[2])], max_new_tokens=5)
+    for s, prompt, how in zip(again, PROMPTS, ("loaded from the store in", "loaded from the store in", "base model")):
+        answer = "\n".join("  " + t for t in (s.text.strip() or "(an empty answer)").splitlines())
+        assert f"[{s.adapter} · {how}" in out and f"] {prompt}\n{answer}\n" in out
+    assert "(3 requests in one mixed batch: " in out and " tokens/s)" in out
+    shell.run_line_magic("lora_serve", "")
+    listing = capsys.readouterr().out
+    assert "Serving    2 of 2 slots in use" in listing and "  legal  (from " in listing and "  support  (from " in listing
+    with pytest.raises(Exception, match="no adapter 'nope' in memory or in the store"):
+        shell.run_cell_magic("lora_serve", "", "nope: hi\n")
+    with pytest.raises(Exception, match="names no adapter"):
+        shell.run_cell_magic("lora_serve", "", "just a prompt\n")

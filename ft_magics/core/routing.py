@@ -91,6 +91,73 @@ def as_request(item: Any) -> Request:
                        "own answer length: {'adapter': NAME, 'prompt': TEXT, 'max_new_tokens': N}.")
 
 
+_REQUEST_LINE = re.compile(r"^\s*([^\s:][^:]*?)\s*:(.*)$")
+
+
+def requests_of_text(text: str) -> list:
+    """The requests a ``%%lora_serve`` cell writes: one per line, ``ADAPTER: prompt`` (``base: ...`` for the base
+    model), or, where the cell has lines of ``---``, one per block between them, whose first line starts
+    ``ADAPTER:`` and whose other lines continue the prompt. Lines starting ``#`` are comments."""
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    blocked = any(ln.strip() == "---" for ln in lines)
+    blocks, block = [], []
+    for n, ln in enumerate(lines, 1):
+        if ln.strip() == "---" or not blocked:
+            if block:
+                blocks.append(block)
+            block = [] if ln.strip() == "---" else [(n, ln)]
+        else:
+            block.append((n, ln))
+    if block:
+        blocks.append(block)
+    out = []
+    for block in blocks:
+        while block and not block[0][1].strip():
+            block = block[1:]
+        if not block:
+            continue
+        n, first = block[0]
+        m = _REQUEST_LINE.match(first)
+        if m is None or " " in m.group(1).strip():
+            raise FtUsageError(
+                f"request {len(out) + 1} ({first.strip()[:60]!r}) names no adapter: write each request as ADAPTER: "
+                "PROMPT, e.g. 'support-bot: How do I reset my password?' (base: PROMPT for the base model)"
+                + ("; a prompt of several lines goes between lines of ---." if not blocked else "."))
+        prompt = "\n".join([m.group(2).strip()] + [ln for _, ln in block[1:]]).strip()
+        out.append(Request(prompt=prompt, adapter=m.group(1).strip()))
+    if not out:
+        raise FtUsageError("no request in the cell: write one per line as ADAPTER: PROMPT, e.g.\n%%lora_serve\n"
+                           "support-bot: How do I reset my password?\nbase: What is LoRA?")
+    return out
+
+
+_HOW = {"loaded": "loaded from the store", "hot-swapped": "hot-swapped into a slot", "reloaded": "reloaded into a slot",
+        "resident": "in memory", "pinned": "loaded in the session", "base": "base model"}
+
+
+def served_text(requests: list, served: list) -> str:
+    """``%%lora_serve``'s output: each request's adapter, how it was found and at what cost, its prompt and
+    answer; then the batches the answers took and their speed."""
+    from .events import counted
+
+    lines = []
+    for req, s in zip(requests, served):
+        cost = f" in {s.load_ms:.0f} ms" if s.cold else ""
+        prompt = " ".join(req.prompt.split())
+        lines.append(f"[{s.adapter} · {_HOW.get(s.how, s.how)}{cost} · {counted(s.new_tokens, 'token')}] "
+                     f"{prompt if len(prompt) <= 80 else prompt[:77] + '...'}")
+        lines += ["  " + t for t in (s.text.strip() or "(an empty answer)").splitlines()]
+    calls = {(s.mode, s.batch_seconds) for s in served}  # one per generate call: its rows share its time
+    seconds = sum(t for _, t in calls)
+    tokens = sum(s.new_tokens for s in served)
+    modes = "one mixed batch" if len(calls) == 1 and served[0].mode == "mixed" else (
+        f"{counted(len(calls), 'batch')}, " + ("one per adapter" if all(s.mode == "grouped" for s in served)
+                                                          else "mixed where they could be"))
+    lines.append(f"({counted(len(served), 'request')} in {modes}: {seconds:.1f} s, "
+                 f"{tokens / seconds if seconds else 0:.1f} tokens/s)")
+    return "\n".join(lines)
+
+
 def remove_adapter_name_hooks(model) -> int:
     """Remove the pre-forward hooks through which PEFT's mixed-adapter batches pass ``adapter_names`` to each
     LoRA layer; returns how many there were.
@@ -204,6 +271,16 @@ class AdapterRouter:
         """Task adapters resident in the router's slots, least recently used first."""
         self._forget_lost_slots()
         return list(self._slots.values())
+
+    def describe(self) -> str:
+        """The slots in memory, least recently used first, with the folder each was read from."""
+        tasks = self.in_memory()
+        head = f"Serving    {len(tasks)} of {self.capacity} slots in use; store {self.store}"
+        if not tasks:
+            return head + "\n(no adapter in a slot yet: %%lora_serve reads them from the store as requests name them)"
+        rows = [f"  {task}  (from {self._read.get(slot, (None,))[0] or self.store / task})"
+                for slot, task in self._slots.items()]
+        return "\n".join([head + "; least recently used first:"] + rows)
 
     def _forget_lost_slots(self) -> None:
         configs = getattr(self.host.model, "peft_config", {}) or {}
