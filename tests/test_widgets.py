@@ -422,6 +422,30 @@ def test_adapters_panel_unload_and_delete_with_confirmation(two_adapters):
     assert p.status.value.startswith("active: second (loaded from disk and switched in ")
 
 
+def test_adapters_panel_renames_the_selected_adapter_and_its_folder(two_adapters):
+    """The panel had no way to rename: a typo in an adapter's name meant a trip to %lora_adapters rename."""
+    from ft_magics.widgets.adapters_panel import AdaptersPanel
+
+    s = two_adapters
+    p = AdaptersPanel(s)
+    p.selector.value = "first"
+    p.rename_button.click()
+    assert p.status.value == "type the new name for first in the box beside Rename first." and "first" in s.adapters
+    p.rename_text.value = "second"
+    p.rename_button.click()
+    assert p.status.value.startswith("cannot rename: cannot rename 'first' to 'second'") and "first" in s.adapters
+    p.rename_text.value = "  faq-bot "
+    p.rename_button.click()
+    assert p.status.value == f"renamed first to faq-bot (folder {s.adapters_dir / 'faq-bot'})"
+    assert "faq-bot" in s.adapters and "first" not in s.adapters and s.adapters.active == "faq-bot"
+    assert (s.adapters_dir / "faq-bot").is_dir() and not (s.adapters_dir / "first").exists()
+    assert sorted(_choices(p)) == ["base", "faq-bot", "second"] and p.selector.value == "faq-bot" and p.rename_text.value == ""
+    s.use("second")  # switched in another cell: the panel acts on what it shows, or not at all
+    p.rename_text.value = "other"
+    p.rename_button.click()
+    assert p.status.value.startswith("nothing renamed: the panel was out of date") and "second" in s.adapters
+
+
 def test_adapters_panel_delete_of_an_adapter_gone_since_it_was_drawn_says_so(two_adapters):
     """Unloaded in another cell (the panel still listing it), a folder-less adapter's Delete raised FtUsageError
     out of the button's handler: in Jupyter a log line, and a button that seemed to do nothing."""

@@ -94,6 +94,10 @@ class AdaptersPanel:
         self.unload_button = widgets.Button(description="Unload", tooltip="Drop the selected adapter from memory")
         self.delete_button = widgets.Button(description="Delete…", button_style="warning",
                                             tooltip="Unload the selected adapter and delete its folder")
+        self.rename_text = widgets.Text(placeholder="new name", layout=widgets.Layout(width="12em"))
+        self.rename_text.add_class("ft-adapter-new-name")
+        self.rename_button = widgets.Button(description="Rename",
+                                            tooltip="Give the selected adapter, and its folder, the name typed beside")
         self.confirm_label = TextLine()
         self.confirm_button = widgets.Button(description="Yes, delete", button_style="danger")
         self.cancel_button = widgets.Button(description="Cancel")
@@ -102,6 +106,7 @@ class AdaptersPanel:
         self.refresh_button.on_click(lambda _b: self.sync())
         self.unload_button.on_click(lambda _b: self.unload())
         self.delete_button.on_click(lambda _b: self.ask_delete())
+        self.rename_button.on_click(lambda _b: self.rename())
         self.confirm_button.on_click(lambda _b: self.confirm_delete())
         self.cancel_button.on_click(lambda _b: self.cancel_delete())
         self._pending_delete: Optional[str] = None
@@ -111,7 +116,8 @@ class AdaptersPanel:
         self.box = widgets.VBox([
             self.table,
             widgets.HBox([self.selector, self.status]),
-            widgets.HBox([self.unload_button, self.delete_button, self.refresh_button]),
+            widgets.HBox([self.unload_button, self.delete_button, self.refresh_button, self.rename_text,
+                          self.rename_button]),
             self.confirm_box,
         ])
         self.box.add_class("ft-adapters-panel")
@@ -162,7 +168,7 @@ class AdaptersPanel:
         active = self.session.adapters.active or BASE_LABEL
         set_choices(self, self.selector, names, active if active in loaded else BASE_LABEL)
         has = bool(rows)
-        self.unload_button.disabled = self.delete_button.disabled = not has
+        self.unload_button.disabled = self.delete_button.disabled = self.rename_button.disabled = not has
 
     # ------------------------------------------------------------------ actions
     def _on_select(self, change) -> None:
@@ -218,6 +224,25 @@ class AdaptersPanel:
             self.status.text = f"unloaded {name} (its folder stays on disk)"
         except FtUsageError as exc:
             self.status.text = f"cannot unload: {exc}"
+        self.refresh()
+
+    def rename(self) -> None:
+        """Rename the selected adapter (its folder and checkpoints too: ``Session.rename_adapter``) to the name
+        typed beside the button."""
+        name = self._target("renamed")
+        if name is None:
+            return
+        new = self.rename_text.value.strip()
+        if not new:
+            self.status.text = f"type the new name for {name} in the box beside Rename first."
+            return
+        try:
+            folder = self.session.rename_adapter(name, new)
+        except FtUsageError as exc:
+            self.status.text = f"cannot rename: {exc}"
+        else:
+            self.rename_text.value = ""
+            self.status.text = f"renamed {name} to {new}" + (f" (folder {folder})" if folder else " (in memory)")
         self.refresh()
 
     def ask_delete(self) -> None:
