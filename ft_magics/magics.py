@@ -870,7 +870,8 @@ class FtMagics(Magics):
         task adapters would: one line per request, ``ADAPTER: PROMPT``. Adapters not in memory are read from the
         store into at most --capacity slots, and the mixed batch runs in one generate call. Each answer says how its
         adapter was found (resident, loaded, hot-swapped, reloaded) and what that cost. A prompt of several lines
-        goes in a block between lines of ``---``. ``%lora_serve`` alone shows the slots in memory.
+        goes in a block between lines of ``---``. The line form takes one request; ``%lora_serve`` alone shows the
+        slots in memory.
 
         Examples::
 
@@ -878,10 +879,15 @@ class FtMagics(Magics):
             support-bot: How do I reset my password?
             legal: Is this clause enforceable?
             base: What is LoRA?
+
+            %lora_serve support-bot: Where is my order?
         """
-        line = cell_flags(self.lora_serve, line) if cell is not None else strip_comment(line)
+        if cell is None:  # line form: the flags, then one request as typed, or nothing (the slots)
+            line, cell = split_leading_flags(self.lora_serve, line)
+        else:
+            line = cell_flags(self.lora_serve, line)
         args = parse_args(self.lora_serve, line)
-        if cell is None:
+        if not cell.strip() or cell.lstrip().startswith("#"):
             print(self.session.serving_text())
             return
         from .core.routing import requests_of_text
@@ -1102,7 +1108,7 @@ def get_session():
     return magics.session
 
 
-_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat|lora_compare)[ \t]+(\S.*?)\s*$")
+_PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat|lora_compare|lora_serve)[ \t]+(\S.*?)\s*$")
 
 
 def _answer_footer(gen, notes=()) -> None:
