@@ -585,7 +585,7 @@ def test_the_serve_magic_answers_each_request_with_its_adapter_and_says_how(shel
     listing = capsys.readouterr().out
     assert "Serving    2 of 2 slots in use" in listing and "  legal  (from " in listing and "  support  (from " in listing
     shell.run_line_magic("lora_serve", f"--max-new-tokens 5 legal: {PROMPTS[0]}")  # one request on the line
-    assert f"[legal · in memory · " in capsys.readouterr().out
+    assert "[legal · in memory · " in capsys.readouterr().out
     with pytest.raises(Exception, match="no adapter 'nope' in memory or in the store"):
         shell.run_cell_magic("lora_serve", "", "nope: hi\n")
     with pytest.raises(Exception, match="names no adapter"):
