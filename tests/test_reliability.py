@@ -414,6 +414,29 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path, she
     assert h.param_count > 0
 
 
+def test_a_model_folder_without_weights_or_tokenizer_says_what_it_lacks(tiny_model_dir, tmp_path, shell):
+    """A folder with config.json alone (what %ft_plan reads) failed deep in transformers with a raw ValueError."""
+    import shutil
+
+    from IPython.core.error import UsageError
+
+    folder = tmp_path / "my model"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    with pytest.raises(UsageError, match=r"holds config\.json but no weights \(\*\.safetensors\) and no tokenizer "
+                                         r"\(tokenizer\.json.*%ft_plan reads a folder with config\.json alone"):
+        shell.run_line_magic("qlora_load", f'"{folder}" --bits 32')
+    for f in tiny_model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(UsageError, match=r"holds config\.json but no tokenizer \("):
+        shell.run_line_magic("qlora_load", f'"{folder}" --bits 32')
+    shutil.rmtree(folder)
+    shutil.copytree(tiny_model_dir, folder)
+    shell.run_line_magic("qlora_load", f'"{folder}" --bits 32')
+    assert shell.magics_manager.registry["FtMagics"].session.handle is not None
+
+
 def test_remote_code_is_not_run_unless_trusted(tiny_model_dir, tmp_path):
     import shutil
 

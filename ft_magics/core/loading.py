@@ -137,6 +137,10 @@ def convert_gguf(gguf: Path, notes: Optional[list] = None) -> Path:
     return target
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model",
+                   "vocab.txt")
+
+
 def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
     if not (folder / "config.json").exists():
         raise FtUsageError(
@@ -150,6 +154,17 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
             f"{folder} has only pickle weights ({', '.join(sorted(pickles)[:3])}); loading pickle can run "
             "arbitrary code. Convert them to safetensors, or pass --allow-pickle if you trust the source."
         )
+    # what from_pretrained needs besides config.json, said before it fails deep inside with a ValueError
+    missing = [what for what, present in (
+        ("no weights (*.safetensors)", has_safetensors or pickles),
+        ("no tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+         any((folder / f).exists() for f in TOKENIZER_FILES)),
+    ) if not present]
+    if missing:
+        raise FtUsageError(
+            f"{folder} holds config.json but {' and '.join(missing)}, so it cannot be loaded as a model. Copy the "
+            "model's whole folder (save_pretrained writes the model, tokenizer.save_pretrained the tokenizer); "
+            "%ft_plan reads a folder with config.json alone.")
 
 
 def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list] = None) -> tuple[str, str]:
