@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 
 from .errors import FtUsageError, did_you_mean
 
+MAX_STEPS = 10**9  # beyond any run (and within the int64 counters training keeps)
+MAX_SEQ_LEN = 1_048_576
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 TRAIN_ON = ("answers", "all")
 OBJECTIVES = ("sft", "dpo", "orpo", "ipo", "simpo")
@@ -248,11 +250,12 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be at least 1 (got {self.batch_size}).")
         need(self.grad_accum >= 1, f"grad_accum must be at least 1 (got {self.grad_accum}).")
         need(self.epochs > 0, f"epochs must be positive (got {self.epochs}).")
-        need(self.max_steps == -1 or self.max_steps >= 1, f"max_steps must be -1 (use epochs) or >= 1 (got {self.max_steps}).")
+        need(self.max_steps == -1 or 1 <= self.max_steps <= MAX_STEPS,
+             f"max_steps must be -1 (use epochs) or from 1 to {MAX_STEPS:,} (got {self.max_steps:,}).")
         need(self.warmup >= 0, f"warmup must be >= 0 (got {self.warmup}).")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
-        need(16 <= self.max_seq_len <= 1_048_576, f"max_seq_len must be between 16 and 1048576 (got {self.max_seq_len}).")
+        need(16 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be between 16 and {MAX_SEQ_LEN} (got {self.max_seq_len}).")
         need(self.max_rows >= 0, f"max_rows must be >= 0 (got {self.max_rows}); 0 reads every row.")
         need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
         need(self.neftune_noise_alpha >= 0, f"neftune_noise_alpha must be >= 0 (got {self.neftune_noise_alpha}); 0 turns it off.")

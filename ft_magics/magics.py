@@ -1045,6 +1045,9 @@ class FtMagics(Magics):
         # argparse takes "--memory -5GB"'s value for a flag ("expected one argument"): join a signed value to
         # its flag, so that parse_memory says what is wrong with it
         line = re.sub(r"(--memory)\s+(?=[-+]\s*[\d.])", r"\1=", line)
+        first = strip_comment(line).split()[:1]
+        if first and re.match(r"^-\d", first[0]):  # argparse reads "-7B" as an unknown flag
+            raise UsageError(f"{first[0]!r}: a model size must be positive, e.g. 135M or 7B.")
         args = parse_args(self.ft_plan, line)
         memory = None
         if args.memory:  # checked before anything is printed

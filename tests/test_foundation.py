@@ -943,6 +943,7 @@ def test_settings_out_of_range_or_of_another_meaning_are_refused_when_read():
 
     for data, message in (({"seed": 99999999999}, r"seed must be between 0 and 4294967295"),
                           ({"seed": "1e20"}, r"seed must be between 0 and 4294967295"),
+                          ({"max_steps": 10**20}, r"max_steps must be -1 \(use epochs\) or from 1 to 1,000,000,000"),
                           ({"warmup_ratio": 1.0}, r"warmup_ratio is a fraction of the steps below 1 \(got 1\)"),
                           ({"warmup_steps": 0.5}, r"warmup_steps is a number of steps \(got 0\.5\); for a fraction"),
                           ({"warmup": 1.5}, r"warmup 1\.5 is neither a fraction of the steps")):

@@ -647,3 +647,23 @@ def test_the_readme_s_ft_plan_totals_are_what_the_planner_prints():
     planned = [tuple(planner._gb(m.total) for m in planner.plan(n, seq_len=512, batch_size=1).modes)
                for n in ("7B", "13B", "70B")]
     assert written == planned
+
+
+def test_the_planner_refuses_what_training_would_refuse(shell, capsys):
+    """%ft_plan planned 1e30 parameters, a rank of 100,000 on a 7B model and a 99,999,999,999-token sequence without
+    a word (training refuses the last two), read -7B as an unknown flag, and its note spoke of Adam states under SGD."""
+    from IPython.core.error import UsageError
+
+    for line, complaint in [
+        ("1e30", r"'1e30' is 1e\+30 parameters, past any model"),
+        ("7B --r 100000", r"--r 100,000 is above the rank any adapted layer of 7B can hold: the widest is 4,096"),
+        ("7B --seq-len 99999999999", r"--seq-len must be at most 1048576 \(got 99,999,999,999\)"),
+        ("-7B", r"'-7B': a model size must be positive"),
+    ]:
+        with pytest.raises(UsageError, match=complaint):
+            shell.run_line_magic("ft_plan", line)
+    assert capsys.readouterr().out == ""
+    shell.run_line_magic("ft_plan", "7B --r 4096 --optimizer sgd")
+    out = capsys.readouterr().out
+    assert "fp32 master weights and the optimizer's states (SGD: no state)" in out and "Adam" not in out
+    assert planner.plan("2T").dims.params == 2e12  # the largest models still plan

@@ -41,7 +41,7 @@ def validate_name(name: str, model: Any = None) -> str:
         adapter_name_text(name)
     name = (name or "").strip()
     if not name:
-        raise FtUsageError("the adapter name is empty: give one of letters, digits, '-' or '_', e.g. 'support-bot'.")
+        raise FtUsageError("the adapter name is empty: give one of ASCII letters, digits, '-' or '_', e.g. 'support-bot'.")
     if name == BASE:
         raise FtUsageError("'base' is reserved for the base model without adapters; choose another name.")
     if name.startswith(SLOT_PREFIX):  # an adapter loaded under a slot's name took the slot over
@@ -52,8 +52,8 @@ def validate_name(name: str, model: Any = None) -> str:
         hint = (f" ('.' cannot be part of one: PEFT names the adapter's layers with it; e.g. {dotless!r})"
                 if "." in name and _NAME_RE.match(dotless) else "")
         raise FtUsageError(
-            f"adapter name {name!r} is not allowed{hint}: use letters, digits, '-' or '_', start with a letter "
-            "or digit, at most 64 characters."
+            f"adapter name {name!r} is not allowed{hint}: use ASCII letters (a-z, A-Z), digits, '-' or '_', start "
+            "with a letter or digit, at most 64 characters."
         )
     if model is not None:
         where = _layer_path_parts(model).get(name)

@@ -58,6 +58,8 @@ FULL_BYTES = 16
 ADAM_STATE_BYTES = 8  # fp32 Adam m and v
 # (bytes of state per trained parameter, what they are) for the optimizers the `optimizer` setting takes
 # (transformers' names and defaults: its sgd and rmsprop keep no momentum; adafactor factors its second moment)
+MAX_PLANNED_PARAMS = 1e14  # 100T: a size past this is a typo
+
 OPTIMIZER_STATES = {
     "adamw": (8, "fp32 Adam m,v"),
     "8bit": (2, "8-bit Adam m,v"),
@@ -513,6 +515,9 @@ def resolve_model(model) -> ModelDims:
             raise FtUsageError(f"{m!r}: a model size must be positive, e.g. 135M or 7B.")
         if params < 1e6:
             raise FtUsageError(f"{m!r} is under a million parameters; write the size with a unit, e.g. 135M or 7B.")
+        if params > MAX_PLANNED_PARAMS:
+            raise FtUsageError(f"{m!r} is {params:.3g} parameters, past any model (the largest published have a few "
+                               "trillion); write the size with a unit, e.g. 70B or 1.8T.")
         return dims_from_count(params, m.upper())
     if _looks_like_path(m):  # not a hub id, not a size: a folder that is not there
         raise FtUsageError(f"no such folder: {m!r} (looked for {path.absolute()}). Give the folder of a model with its "
@@ -714,11 +719,20 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
 
     if objective not in OBJECTIVES:
         raise FtUsageError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}.")
+    from ..config import MAX_SEQ_LEN
+
     if seq_len < 1 or batch_size < 1:
         raise FtUsageError(f"--seq-len and --batch-size must be positive (got {seq_len}, {batch_size}).")
+    if seq_len > MAX_SEQ_LEN:  # as a training run's max_seq_len
+        raise FtUsageError(f"--seq-len must be at most {MAX_SEQ_LEN} (got {seq_len:,}), as a training run's max_seq_len.")
     if r < 1:
         raise FtUsageError(f"--r must be a positive LoRA rank (got {r}); try 8, 16 or 32.")
     d = model if isinstance(model, ModelDims) else resolve_model(model)
+    top_rank = max((min(i, o) for i, o in list(d.attention_linears()) + list(d.mlp_linears(d.intermediate))), default=0)
+    if top_rank and r > top_rank:  # as a training run refuses it (core.training.check_adapter_fits)
+        raise FtUsageError(f"--r {r:,} is above the rank any adapted layer of {d.name} can hold: the widest is "
+                           f"{top_rank:,} (min of its inputs and outputs). Use --r {top_rank} or less; 8-64 covers most "
+                           "tasks.")
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     rows = batch_size * rows_per_example(objective)  # a pair's chosen and rejected sides, as training batches them
     act_full = activation_bytes(d, seq_len, rows, gradient_checkpointing, False, full_act_bytes)
@@ -729,7 +743,8 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     opt_name = "AdamW" if optimizer_states(optimizer) == OPTIMIZER_STATES["adamw"] else optimizer
     full = ModePlan(f"full fine-tuning (bf16 + {opt_name})", 2 * p + reference,
                     (FULL_BYTES - 2 - optimizer_saving(optimizer)) * p, act_full, overhead_bytes,
-                    notes=["adapter+opt column holds the full model's gradients, fp32 master weights and Adam states"]
+                    notes=["adapter+opt column holds the full model's gradients, fp32 master weights and the "
+                           f"optimizer's states ({optimizer_states(optimizer)[1]})"]
                     + ([f"weights include {objective_name(objective)}'s reference: a second, frozen bf16 copy of the model"]
                        if reference else []))
     shared = [f"{objective_name(objective)}'s reference is the base itself with the adapter switched off: no second copy"] \
