@@ -154,14 +154,16 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
     if cmd == "delete":
         name = _name(cmd, rest)
         loaded_from = s.adapters.require(name).path if name in s.adapters else None
+        was_active = s.adapters.active == name
         removed = s.delete_adapter(name)
+        now = f" The base model is active now (it was {name!r})." if was_active else ""
         if removed:
-            out(f"deleted adapter {name!r} and its folder {removed}.")
+            out(f"deleted adapter {name!r} and its folder {removed}.{now}")
         elif loaded_from and not Path(loaded_from).exists():
-            out(f"deleted adapter {name!r} from memory; its folder {loaded_from} was already gone.")
+            out(f"deleted adapter {name!r} from memory; its folder {loaded_from} was already gone.{now}")
         else:
             out(f"deleted adapter {name!r} from memory; the folder it was loaded from was kept (delete removes "
-                f"only its own folder, {s.adapters_dir / name}).")
+                f"only its own folder, {s.adapters_dir / name}).{now}")
         return
     if cmd == "rename":
         if len(rest) != 2:

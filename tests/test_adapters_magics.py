@@ -61,6 +61,10 @@ def test_adapter_subcommands_end_to_end(loaded, capsys, tmp_path):
     assert not a.exists()
     out = capsys.readouterr().out
     assert "unloaded adapter 'beta'" in out and "deleted adapter 'alpha' and its folder" in out
+    assert "The base model is active now" not in out  # alpha was not the active one
+    sh.run_line_magic("lora_adapters", "delete blend")  # the active one: the base answers from now on, said
+    assert capsys.readouterr().out.rstrip().endswith("The base model is active now (it was 'blend').")
+    assert sess.adapters.active is None
 
 
 def test_an_export_does_not_silently_replace_another_adapter_s_export(loaded, capsys, tmp_path):

@@ -1594,7 +1594,7 @@ def test_dropped_eval_examples_are_counted_by_their_cause(tok, tmp_path):
     rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(6)]
     evals = write_jsonl(tmp_path / "e.jsonl", rows[:2] + [{"prompt": "q9", "completion": ""}])
     _, ev, report = D.prepare(rows, tok, cfg(), eval_src=str(evals))
-    assert len(ev) == 2 and "Dropped    1 eval example (1 with an empty or blank answer)" in report.text()
+    assert len(ev) == 2 and "Dropped    1 eval example (1 with an empty or blank answer, or none)" in report.text()
 
 
 def test_overlong_split_trains_a_long_document_whole_in_consecutive_rows(tok, tmp_path):
@@ -2329,6 +2329,52 @@ def test_a_null_in_a_table_is_an_empty_cell_wherever_the_table_comes_from(tok, t
     write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a?", "completion": None}])  # JSON wrote its null: refused
     with pytest.raises(FtUsageError, match=r"n\.jsonl, line 1: field 'completion' is missing or null"):
         D.prepare(str(tmp_path / "n.jsonl"), tok, cfg())
+
+
+def test_messages_about_odd_rows_point_at_the_row_and_a_fix_that_keeps_the_data(tok, tmp_path):
+    """Four messages that misled: a row lacking its answer was told to use --map "prompt=text" (which trains every
+    row's question as plain text and drops every answer); a list ['ok', 5] blamed item 0; a dict of columns of
+    different lengths was told a dict is no data at all; a DataFrame's row was named by its position, so "row 4" of a
+    filtered frame was not df.loc[4]."""
+    pd = pytest.importorskip("pandas")
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
+    del rows[3]["completion"]
+    with pytest.raises(FtUsageError, match=r"m\.jsonl, line 4: .*needs field\(s\) 'completion'; this row has prompt\. "
+                                           r"The dataset's other rows have 'completion': add it to this row, or remove "
+                                           r"the row\.$"):
+        load(str(write_jsonl(tmp_path / "m.jsonl", rows)))
+    for items, complaint in ((["ok", 5, None], r"item 1 is an int \(item 0 is a string\)"),
+                             (["a", "b", None], r"item 2 is None \(item 0 is a string\)"),
+                             ([{"text": "a"}, "b"], r"item 1 is a str \(item 0 is a dict: the items may not be both\)")):
+        with pytest.raises(FtUsageError, match=complaint):
+            D.load_rows("v", {"v": items})
+    with pytest.raises(FtUsageError, match=r"variable 'v' is a dict of columns of different lengths \(prompt 2, "
+                                           r"completion 1\)"):
+        D.load_rows("v", {"v": {"prompt": ["a", "b"], "completion": ["c"]}})
+    df = pd.DataFrame({"prompt": [f"Q{i}" for i in range(6)], "completion": [f"A{i}" for i in range(6)]},
+                      index=[10, 20, 30, 40, 50, 60], dtype=object)
+    df.loc[40, "completion"] = True
+    with pytest.raises(FtUsageError, match=r", index 40: field 'completion' is a boolean"):
+        D.prepare(df, tok, cfg())
+    df.loc[40, "completion"], df.loc[50, "prompt"] = "A3", ""
+    _, _, report = D.prepare(df.sample(frac=1, random_state=1), tok, cfg())
+    assert any("a blank user turn: <DataFrame>, index 50)" in w for w in report.warnings), report.warnings
+
+
+def test_a_jsonl_line_that_is_no_object_is_named_in_json_s_words(tmp_path):
+    for line, kind in (("null", "JSON null"), ('"text"', "a JSON string"), ("[1]", "a JSON array"), ("3", "a JSON number")):
+        (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n' + line + "\n")
+        with pytest.raises(FtUsageError, match=rf"d\.jsonl, line 2: {kind}, where each line is one example, an object"):
+            D.load_rows(str(tmp_path / "d.jsonl"))
+
+
+def test_a_chat_without_an_assistant_turn_is_dropped_and_left_out_of_the_token_lines(tok):
+    chats = [{"messages": [{"role": "user", "content": f"question number {i} " * 3},
+                           {"role": "assistant", "content": f"answer {i} " * 3}]} for i in range(6)]
+    lone = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    train, _, report = D.prepare(chats + [lone], tok, cfg())
+    assert len(train) == 6 and report.dropped_empty == 1 and len(report.lengths) == 6
+    assert "0 of 6 examples exceed" in report.text() and "or no assistant turn at all" in report.text()
 
 
 def test_a_variable_holding_a_path_says_how_to_read_the_file(tmp_path):

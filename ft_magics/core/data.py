@@ -102,6 +102,7 @@ class Rows(list):
     held_out = None  # (split name, its source): see _with_held_out
     only_split = None  # the name of the dataset's one split, when it is named for evaluation: see _only_split
     file_splits = None  # which files train, evaluate or are left out, where file names name splits: see _split_files
+    index_labels = None  # a DataFrame's index label of each row (what df.loc takes), named instead of a position
 
     def __init__(self, rows=(), locs=None):
         super().__init__(rows)
@@ -110,6 +111,8 @@ class Rows(list):
     def where(self, i: int, default: str) -> str:
         if self.locs is not None and i < len(self.locs) and self.locs[i]:
             return self.locs[i]
+        if self.index_labels is not None and i < len(self.index_labels):
+            return f"{default}, index {self.index_labels[i]}"
         return f"{default}, row {i + 1}"
 
     def extend_from(self, other: list, label: str) -> None:
@@ -475,6 +478,16 @@ def _pick_one(what: str, key: str) -> str:
     return f"keep one (e.g. {key!r}) in the file, or name it 'train'"
 
 
+def np_int() -> type:
+    """numpy's integer scalar type (a DataFrame's index labels), or int where numpy is absent."""
+    try:
+        import numpy
+
+        return numpy.integer
+    except ImportError:  # pragma: no cover - pandas brings numpy
+        return int
+
+
 def empty_cells(rows) -> list[dict]:
     """``rows`` with each null cell (None) read as an empty one, as a CSV file's empty cell reads (NaN, which a
     text field reads as ""): a table's null - a parquet file's, a datasets table's, a DataFrame's object column's
@@ -498,7 +511,12 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             df = obj if limit is None else obj.head(limit)
             if getattr(obj.columns, "nlevels", 1) > 1:  # a MultiIndex (pivot, groupby): ('x', 'prompt') -> x.prompt
                 df = df.set_axis([".".join(str(p) for p in c if str(p)) for c in df.columns], axis=1)
-            return empty_cells(df.to_dict(orient="records"))
+            # a row is named by its index label (what df.loc[...] takes), not by its position: after a filter or a
+            # shuffle "row 4" was another row than df.loc[4]
+            rows = Rows(empty_cells(df.to_dict(orient="records")))
+            if getattr(df.index, "nlevels", 1) == 1:
+                rows.index_labels = [label if isinstance(label, (int, np_int())) else repr(label) for label in df.index]
+            return rows
         if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
             return [{"text": v} for v in (obj if limit is None else obj.head(limit))]
         raise FtUsageError(f"{what} is a pandas {name}; pass a DataFrame with named columns (or a Series of strings).")
@@ -535,18 +553,22 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             keys = list(obj)
             rows = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
             return rows[:limit] if limit else rows
+        if all(not v or not isinstance(v[0], dict) for v in obj.values()):  # columns, not lists of records
+            sizes = ", ".join(f"{k} {len(v):,}" for k, v in obj.items())
+            raise FtUsageError(f"{what} is a dict of columns of different lengths ({sizes}); each column needs one "
+                               "value per example: make them the same length.")
     if isinstance(obj, (list, tuple)):
         rows = list(obj) if limit is None else list(obj[:limit])
         if rows and all(isinstance(r, str) for r in rows):
             return [{"text": r} for r in rows]
+        kind = str if rows and isinstance(rows[0], str) else dict  # what the first item makes the list: texts or rows
         for i, r in enumerate(rows):
-            if not isinstance(r, dict):
-                mixed = " (item 0 is a dict: the items may not be both)" if isinstance(r, str) and rows and \
-                    isinstance(rows[0], dict) else ""
-                raise FtUsageError(
-                    f"{what}: item {i} is a {type(r).__name__}{mixed}; a list must hold dicts (one per example) or "
-                    "strings (one text each)."
-                )
+            if not isinstance(r, kind):
+                first = "" if i == 0 else f" (item 0 is a {'string' if kind is str else 'dict'}" + (
+                    ": the items may not be both)" if isinstance(r, (str, dict)) else ")")
+                got = "None" if r is None else ("an " if type(r).__name__[0] in "aeiou" else "a ") + type(r).__name__
+                raise FtUsageError(f"{what}: item {i} is {got}{first}; a list must hold dicts (one per example) or "
+                                   "strings (one text each).")
         return rows
     var = re.fullmatch(r"variable '([A-Za-z_][A-Za-z0-9_]*)'", what)
     named = (f" To read the file or folder it names, write --data ${var.group(1)} (IPython puts the variable's value "
@@ -638,6 +660,14 @@ def _csv_separator(path: Path, suffix: str) -> tuple:
     fitting = [sep for sep in [","] + others if fits(sep)]
     plain = [sep for sep in fitting if not prose(sep)]
     return (plain or fitting or [","])[0], 0
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: "a JSON array", "JSON null"."""
+    if value is None:
+        return "JSON null"
+    kinds = {bool: "a JSON boolean", str: "a JSON string", list: "a JSON array", int: "a JSON number", float: "a JSON number"}
+    return kinds.get(type(value), f"a JSON {type(value).__name__}")
 
 
 def _csv_text(path: Path, skip: int = 0):
@@ -896,7 +926,8 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
                     "Each line of a .jsonl file must be one JSON object."
                 ) from None
             if not isinstance(row, dict):
-                raise FtUsageError(f"{path}, line {n}: a JSON {type(row).__name__}, expected an object {{...}}.")
+                raise FtUsageError(f"{path}, line {n}: {_json_kind(row)}, where each line is one example, an object "
+                                   "{...}.")
             rows.append(row)
             rows.locs.append(f"{path}, line {n}")
     return rows
@@ -1532,7 +1563,9 @@ def _renamed(rows, mapping: dict) -> "Rows":
 
 def _remade(rows, remake) -> "Rows":
     """``remake`` applied to every row, each keeping where it came from."""
-    return Rows([remake(r) for r in rows], getattr(rows, "locs", None))
+    out = Rows([remake(r) for r in rows], getattr(rows, "locs", None))
+    out.index_labels = getattr(rows, "index_labels", None)
+    return out
 
 
 def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = None,
@@ -1636,6 +1669,9 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
                    "one format; convert or rename the odd rows' columns, or train on the two parts separately")
         elif other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
             fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
+        elif detected:  # the dataset's other rows have the field: this row lacks it (a --map would remap them all)
+            fix = (f"the dataset's other rows have {' and '.join(map(repr, absent))}: add {'it' if len(absent) == 1 else 'them'}"
+                   " to this row, or remove the row")
         else:
             guess = suggest_map(row, row)
             fix = "Fix the row or use --map" + (f' (e.g. --map "{guess}")' if guess else "")
@@ -2088,18 +2124,20 @@ def _nothing_to_learn(record: Record, train_on: str) -> str:
     weight 0; "dropped_empty": no answer, or blank text), or "" for one that has."""
     if train_on != "all" and record.weights is not None and not any(record.weights):
         return "dropped_unweighted"  # every answer is context (weight 0)
-    if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss: the model
-        return "dropped_empty"  # would learn to end its turn at once
+    if train_on != "all" and _answerless(record):  # only the end-of-turn token would carry loss (the model
+        return "dropped_empty"  # would learn to end its turn at once), or no assistant turn has any
     if record.messages is None and not (record.text or "").strip():  # plain text of spaces
         return "dropped_empty"
     return ""
 
 
 def _answerless(record: Record) -> bool:
-    """A conversation whose answers are all empty (blank, no tool call)."""
+    """A conversation whose answers are all empty (blank, no tool call), or that has none."""
     if record.messages is None:
         return False
     answers = [m for m in record.messages if m.get("role") == "assistant"]
+    if not answers:  # no assistant turn at all: nothing to learn either
+        return True
     if record.weights is not None:  # the answers trained on
         answers = [m for m, w in zip(answers, record.weights) if w]
     return bool(answers) and all(not str(m.get("content") or "").strip() and not m.get("tool_calls") for m in answers)
@@ -2361,7 +2399,7 @@ def places(wheres: list, show: int = 3) -> str:
     if all(sep and src == head[0][0] for src, sep, _ in head) and all(" " in at for _, _, at in head):
         unit = head[0][2].split(" ")[0]  # line / row
         if all(at.split(" ")[0] == unit for _, _, at in head):
-            plural = f"{unit}s" if len(wheres) > 1 else unit
+            plural = ("indexes" if unit == "index" else f"{unit}s") if len(wheres) > 1 else unit
             return f"{head[0][0]}, {plural} " + ", ".join(at.split(" ", 1)[1] for _, _, at in head) + more
     return "; ".join(wheres[:show]) + more
 
@@ -2707,7 +2745,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
             f"nothing. Raise max_seq_len ({eval_report.keep_whole(max(eval_report.lengths, default=0))}) or give eval "
             "rows with answers that fit.")
     report.eval_dropped = len(eval_records) - len(evals)
-    why = [(eval_report.dropped_empty, "with an empty or blank answer"),
+    why = [(eval_report.dropped_empty, "with an empty or blank answer, or none"),
            (eval_report.dropped_no_answer, "whose answer truncation cut away"),
            (eval_report.dropped_overlong, "too long (overlong: drop)"),
            (eval_report.dropped_unweighted, "whose every answer has weight 0")]
