@@ -882,12 +882,14 @@ class FtMagics(Magics):
 
             %lora_serve support-bot: Where is my order?
         """
-        if cell is None:  # line form: the flags, then one request as typed, or nothing (the slots)
+        listing = cell is None
+        if listing:  # line form: the flags, then one request as typed, or nothing (the slots)
             line, cell = split_leading_flags(self.lora_serve, line)
+            listing = not cell.strip() or cell.lstrip().startswith("#")
         else:
             line = cell_flags(self.lora_serve, line)
         args = parse_args(self.lora_serve, line)
-        if not cell.strip() or cell.lstrip().startswith("#"):
+        if listing:
             print(self.session.serving_text())
             return
         from .core.routing import requests_of_text

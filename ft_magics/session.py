@@ -1216,10 +1216,14 @@ class Session:
         if capacity is not None and capacity < 1:
             raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
         store = user_path(store, "store", "'adapters'") if store is not None else self.adapters_dir
+        if store != self.adapters_dir and not store.is_dir():  # a typo read as "Store holds: nothing"
+            raise FtUsageError(f"the store {store} {'is not a folder' if store.exists() else 'does not exist'}: give "
+                               f"the folder the adapters were saved in (default: {self.adapters_dir}).")
         if self._router is None:
             self._router = AdapterRouter(self, store, capacity=capacity if capacity is not None else 4)
         with self._model_busy("serve requests"):
-            self._check_not_merged("serve requests with several adapters")
+            # (every row, the base's included, would be answered with the merged adapter's update in the weights)
+            self._check_not_merged("serve requests (each would be answered with it in the weights, the base's too)")
             # one router for the session: its slots stay counted against capacity whichever store a call names (a
             # router per store left the last one's slots in the model, uncounted); a slot read from another folder
             # than the one a name means now is filled again

@@ -170,8 +170,10 @@ def test_grouped_fallback_reports_swap_time(tiny_session, store):
 def test_routing_errors_name_the_fix(tiny_session, store):
     with pytest.raises(FtUsageError, match="no adapter 'legl'.*did you mean 'legal'"):
         tiny_session.serve([("legl", "hi")], store=store)
-    with pytest.raises(FtUsageError, match="non-empty prompt"):
-        tiny_session.serve([("legal", "  ")], store=store)
+    with pytest.raises(FtUsageError, match=r"request 2 \(legal\) has an empty prompt"):
+        tiny_session.serve([("base", "hi"), ("legal", "  ")], store=store)
+    with pytest.raises(FtUsageError, match=r"the store .*no-such-store does not exist: give the folder"):
+        tiny_session.serve([("legal", "hi")], store=store / "no-such-store")
     with pytest.raises(FtUsageError, match="capacity must be at least 1"):
         tiny_session.serve([("legal", "hi")], store=store / "..", capacity=0)
     assert "legal" not in tiny_session.adapters  # nothing loaded by a refused batch
@@ -197,7 +199,8 @@ def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_acr
     assert s.serve([("legal", PROMPTS[0])], store=mine, max_new_tokens=6)[0].how == "resident"
     s.serve([("support", "b")], store=mine, max_new_tokens=2)
     with pytest.raises(FtUsageError, match="no adapter 'legal' in memory or in the store"):
-        s.serve([("legal", "a")], store=tmp_path / "typo", capacity=2)
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        s.serve([("legal", "a")], store=tmp_path / "empty", capacity=2)
     assert sorted(s._router.in_memory()) == ["legal", "support"]  # kept by the refused call
     assert s.serve([("legal", "a")], store=mine, max_new_tokens=2)[0].how == "resident"
     # the store's own 'legal' (other weights) replaces the slot read from mine/legal, within capacity
@@ -562,6 +565,10 @@ def test_serve_cells_read_one_request_per_line_or_per_block():
         requests_of_text("what is: this\n")
     with pytest.raises(FtUsageError, match="no request in the cell"):
         requests_of_text("# only a comment\n\n")
+    # a '#' line inside a block is the prompt's (a code comment); before a request, or one request per line, a comment
+    reqs = requests_of_text("# header\n---\n# about the next\nbase: Translate:\n# add one\nx = x + 1\n---\n")
+    assert [(r.adapter, r.prompt) for r in reqs] == [("base", "Translate:\n# add one\nx = x + 1")]
+    assert [r.adapter for r in requests_of_text("# first\nlegal: a\n# between\nbase: b\n")] == ["legal", "base"]
 
 
 def test_the_serve_magic_answers_each_request_with_its_adapter_and_says_how(shell, tiny_model_dir, store, capsys):
@@ -584,6 +591,18 @@ def test_the_serve_magic_answers_each_request_with_its_adapter_and_says_how(shel
     shell.run_line_magic("lora_serve", "")
     listing = capsys.readouterr().out
     assert "Serving    2 of 2 slots in use" in listing and "  legal  (from " in listing and "  support  (from " in listing
+    shell.run_cell_magic("lora_serve", "--max-new-tokens 2", "# a comment first\nsupport: hi\n")  # was: the slots
+    assert "[support · in memory · " in capsys.readouterr().out
+    shell.run_line_magic("lora_adapters", "delete support")  # a deleted adapter's slot goes with its folder
+    shell.run_line_magic("lora_serve", "")
+    listing = capsys.readouterr().out
+    assert "Serving    1 of 2 slots in use" in listing and "support" not in listing.split("Serving")[-1]
+    session.load_adapter("adapters/legal", "mine")
+    session.merge_adapter("mine")
+    with pytest.raises(Exception, match=r"cannot serve requests \(each would be answered with it in the weights, the "
+                                        r"base's too\) while adapter 'mine' is merged"):
+        shell.run_line_magic("lora_serve", "base: hi")
+    session.unmerge_adapter()
     shell.run_line_magic("lora_serve", f"--max-new-tokens 5 legal: {PROMPTS[0]}")  # one request on the line
     assert "[legal · in memory · " in capsys.readouterr().out
     with pytest.raises(Exception, match="no adapter 'nope' in memory or in the store"):

@@ -97,11 +97,16 @@ _REQUEST_LINE = re.compile(r"^\s*([^\s:][^:]*?)\s*:(.*)$")
 def requests_of_text(text: str) -> list:
     """The requests a ``%%lora_serve`` cell writes: one per line, ``ADAPTER: prompt`` (``base: ...`` for the base
     model), or, where the cell has lines of ``---``, one per block between them, whose first line starts
-    ``ADAPTER:`` and whose other lines continue the prompt. Lines starting ``#`` are comments."""
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    ``ADAPTER:`` and whose other lines continue the prompt, ``#`` lines included. Lines starting ``#`` outside a
+    prompt are comments."""
+    lines = text.splitlines()
     blocked = any(ln.strip() == "---" for ln in lines)
     blocks, block = [], []
     for n, ln in enumerate(lines, 1):
+        # in a block, a prompt's own '#' lines (code comments, headings) are its text: only one before the block's
+        # request line is a comment; one request per line, every '#' line is
+        if ln.lstrip().startswith("#") and not (blocked and any(t.strip() for _, t in block)):
+            continue
         if ln.strip() == "---" or not blocked:
             if block:
                 blocks.append(block)
@@ -287,6 +292,9 @@ class AdapterRouter:
         for slot in [s for s in self._slots if s not in configs]:  # e.g. the model was unloaded meanwhile
             del self._slots[slot]
             self._read.pop(slot, None)
+        for slot in [s for s in self._slots if s in self._read and not self._read[s][0].is_dir()]:
+            del self._slots[slot]  # its folder was deleted: the name serves nothing now, and its memory goes
+            self._drop(slot)
 
     def rename(self, name: str, new: str, folder: Path) -> None:
         """Adapter ``name``'s folder ``folder`` was renamed ``new`` (beside it): a slot filled from it serves
@@ -377,11 +385,12 @@ class AdapterRouter:
         reqs = as_requests(requests)
         if not reqs:
             return []
-        for r in reqs:
+        for k, r in enumerate(reqs, 1):
             if not isinstance(r.prompt, str):
-                raise FtUsageError(f"a request's prompt is text (got {type(r.prompt).__name__}: {r.prompt!r:.40}).")
+                raise FtUsageError(f"request {k} ({r.adapter}): a request's prompt is text (got "
+                                   f"{type(r.prompt).__name__}: {r.prompt!r:.40}).")
             if not r.prompt.strip():
-                raise FtUsageError("every request needs a non-empty prompt.")
+                raise FtUsageError(f"request {k} ({r.adapter}) has an empty prompt: every request needs one.")
         self._forget_lost_slots()
         while len(self._slots) > self.capacity:  # capacity lowered since the last batch
             self._drop(self._slots.popitem(last=False)[0])
