@@ -2106,6 +2106,22 @@ def test_eval_examples_that_are_also_training_examples_are_named(tok, tmp_path):
     assert not any("also appear in the training data" in w for w in report.warnings)
 
 
+def test_a_folder_with_a_dataset_info_json_beside_its_files_is_read_by_its_files(tmp_path):
+    """LLaMA-Factory's data/ folder (and some hub downloads) hold dataset_info.json beside the data files: the folder
+    was taken for a save_to_disk folder and refused ("neither a Dataset directory nor a DatasetDict directory"), and
+    without split names the metadata file was read as a row."""
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
+    for name in ("split", "plain"):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / ("train.jsonl" if name == "split" else "mine.jsonl"), rows)
+        (tmp_path / name / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.jsonl"}}))
+    write_jsonl(tmp_path / "split" / "test.jsonl", rows[:3])
+    read, _ = D.load_rows(str(tmp_path / "split"))
+    assert len(read) == 8 and read.file_splits is not None
+    read, _ = D.load_rows(str(tmp_path / "plain"))
+    assert list(read) == rows
+
+
 def test_a_column_of_true_false_verdicts_beside_the_answers_is_named(tok, tmp_path):
     """KTO-style rows (prompt, completion, label: true/false) trained every answer as a good one without a word,
     those labelled false too; the report now says the column is not used and how to keep the good rows."""
@@ -2119,6 +2135,9 @@ def test_a_column_of_true_false_verdicts_beside_the_answers_is_named(tok, tmp_pa
     csv.write_text("prompt,completion,desirable\nq1,a1,True\nq2,a2,False\n", encoding="utf-8")
     _, _, report = D.prepare(str(csv), tok, TrainConfig.from_dict({}))
     assert any("column 'desirable' holds true/false verdicts" in w for w in report.warnings)
+    tools = [dict(r, label=True, parallel_tool_calls=False) for r in rows]  # OpenAI's field: no verdict
+    _, _, report = D.prepare(tools, tok, TrainConfig.from_dict({}))
+    assert not any("verdicts" in w for w in report.warnings)
     all_good = [dict(r, label=True) for r in rows]
     _, _, report = D.prepare(all_good, tok, TrainConfig.from_dict({}))
     assert not any("verdicts" in w for w in report.warnings)

@@ -429,10 +429,24 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+# a dataset folder's description, not its rows (LLaMA-Factory's dataset_info.json, a hub download's metadata)
+DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+
+
+def saved_dataset(folder: Path) -> bool:
+    """Whether ``folder`` is what datasets' ``save_to_disk`` writes: dataset_dict.json, or a Dataset's
+    dataset_info.json beside its state.json and arrow files. A dataset_info.json alone sits beside ordinary data
+    files in LLaMA-Factory's data/ folder and in some hub downloads: such a folder is read by its files."""
+    if (folder / "dataset_dict.json").exists():
+        return True
+    return (folder / "dataset_info.json").exists() and (
+        (folder / "state.json").exists() or any(folder.glob("*.arrow")))
+
+
 def _check_memory(path: Path) -> None:
     """Refuse, before reading a byte, a file (or folder) that cannot be loaded whole into memory."""
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if saved_dataset(path):
             return  # arrow files are memory-mapped; rows are read as needed
         size = sum(_data_bytes(p) for p in path.iterdir() if is_data_file(p))
     else:
@@ -1064,7 +1078,7 @@ def _rows_from_files(files: list, txt_mode: str, limit: Optional[int], label, wh
 
 def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> list[dict]:
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if saved_dataset(path):
             import datasets
 
             try:
@@ -1078,7 +1092,7 @@ def _rows_from_path(path: Path, txt_mode: str, limit: Optional[int] = None) -> l
                                "%qlora_load.")
         # hidden files (.notes.jsonl, macOS' ._resource forks) are not data, as a glob skips them
         files = sorted(p for p in path.iterdir()
-                       if is_data_file(p) and not p.name.startswith("."))
+                       if is_data_file(p) and not p.name.startswith(".") and p.name.lower() not in DATASET_METADATA)
         # train/ beside test/: with the files of the subfolders whose names name splits, if they name the training one
         in_splits = sorted(p for d in path.iterdir() if d.is_dir() and _split_key(d / "x", path)
                            for p in d.rglob("*") if is_data_file(p)
@@ -2513,6 +2527,14 @@ def _unused_case_twin(rows: list, column_map: Optional[str]) -> Optional[str]:
             f"letter case or spaces). Drop or rename the one not meant.")
 
 
+# column names that read as a judgement on the row's answer (KTO's label, a rater's thumbs-up); a true/false column
+# of another name is metadata (parallel_tool_calls, synthetic, deleted) and says nothing about the answer
+VERDICT_NAMES = {"label", "labels", "verdict", "good", "is_good", "desirable", "is_desirable", "undesirable", "accepted",
+                 "is_accepted", "correct", "is_correct", "approved", "is_approved", "preferred", "is_preferred",
+                 "thumbs_up", "helpful", "is_helpful", "acceptable", "is_acceptable", "valid", "is_valid", "keep",
+                 "chosen_label", "rating_ok", "passed", "pass"}
+
+
 def _unused_verdict_column(rows: list, fmt: str) -> Optional[str]:
     """For conversations and prompt/completion rows, a note when a column holds true/false verdicts on the answers
     (KTO's ``label``: desirable or not): it is not read, so the answers marked false train as good ones."""
@@ -2520,14 +2542,16 @@ def _unused_verdict_column(rows: list, fmt: str) -> Optional[str]:
         return None
     sample = rows[:1000]
     for k in rows[0]:
+        if _plain(k) not in VERDICT_NAMES:  # a flag of another meaning (OpenAI's parallel_tool_calls: false)
+            continue
         values = [r.get(k) for r in sample if isinstance(r, dict)]
         if values and all(isinstance(v, bool) or str(v).strip().lower() in ("true", "false") for v in values):
             bad = sum(1 for v in values if v is False or str(v).strip().lower() == "false")
             if bad:
                 return (f"column {str(k)!r} holds true/false verdicts and is not used: every row trains as a good "
                         f"answer, the {bad:,} marked false too (of the first {len(values):,}). Keep only the rows to "
-                        "learn from (e.g. df[df['" + str(k) + "']]), or give preferred/rejected answer pairs "
-                        "(chosen/rejected) with objective: dpo.")
+                        "learn from (those marked true; for a DataFrame, df[df['" + str(k) + "']]), or give "
+                        "preferred/rejected answer pairs (chosen/rejected) with objective: dpo.")
     return None
 
 
