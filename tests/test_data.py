@@ -2106,6 +2106,17 @@ def test_eval_examples_that_are_also_training_examples_are_named(tok, tmp_path):
     assert not any("also appear in the training data" in w for w in report.warnings)
 
 
+def test_the_example_of_a_long_prompt_still_shows_where_the_loss_falls(tok):
+    """The report's Example was cut after 600 characters: behind a long system prompt (a tool schema) it never
+    reached the answer, so the dry run could not show what carries loss."""
+    system = "You are a tool user. " * 60
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": "What is the weather?"},
+                          {"role": "assistant", "content": "Sunny and warm today."}]}] * 3
+    _, _, report = D.prepare(rows, tok, cfg(max_seq_len=2048))
+    assert "⟦Sunny and warm today." in report.example and "What is the weather?" in report.example
+    assert " characters] … " in report.example and len(report.example) < 600
+
+
 def test_a_folder_with_a_dataset_info_json_beside_its_files_is_read_by_its_files(tmp_path):
     """LLaMA-Factory's data/ folder (and some hub downloads) hold dataset_info.json beside the data files: the folder
     was taken for a save_to_disk folder and refused ("neither a Dataset directory nor a DatasetDict directory"), and

@@ -2208,7 +2208,22 @@ def show_loss_tokens(tokenizer, ex: TokenizedExample, limit: int = 600) -> str:
     if cur:
         parts.append((cur_loss, tokenizer.decode(cur)))
     text = "".join(f"⟦{t}⟧" if loss else t for loss, t in parts)
-    return text if len(text) <= limit else text[:limit] + " …"
+    if len(text) <= limit:
+        return text
+    # too long to show whole: each long stretch loses its middle, the context's more than the loss-bearing text's,
+    # so the example still shows where the loss falls (a long system prompt, a tool schema, cut at the end, hid it)
+    text = "".join(f"⟦{_middle_cut(t, limit // 2)}⟧" if loss else _middle_cut(t, limit // 3) for loss, t in parts)
+    first_loss = text.find("⟧")
+    end = max(limit, first_loss + 1)
+    return text if len(text) <= end else text[:end] + " …"
+
+
+def _middle_cut(text: str, keep: int) -> str:
+    """``text``, or its first and last ``keep // 2`` characters around a note of what was left out."""
+    if len(text) <= keep + 40:
+        return text
+    half = keep // 2
+    return f"{text[:half]} … [{len(text) - 2 * half:,} characters] … {text[-half:]}"
 
 
 # ----------------------------------------------------------------------------- packing
