@@ -1819,9 +1819,12 @@ def test_prompt_side_columns_left_out_of_a_known_pair_are_named(tok):
         return [w for w in D.prepare(rows, tok, cfg(max_seq_len=64, **kw))[2].warnings if "not used" in w]
 
     dolly = [{"instruction": f"i{i}", "context": "c", "response": "r", "category": "x"} for i in range(3)]
-    assert notes(dolly) == ["column 'context' is not used: the prompt is 'instruction' alone. To include it, join the "
-                            "columns into one first (e.g. df['full'] = df['instruction'] + '\\n\\n' + df['context']) and "
-                            "--map it to prompt."]
+    assert notes(dolly) == ["column 'context' is not used: the prompt is 'instruction' alone. To include it, --map "
+                            "\"context=input,response=output\" reads the rows as alpaca: 'instruction', a blank line, "
+                            "then 'context'."]
+    recs, _ = load(dolly, column_map="context=input,response=output")  # the fix it names works
+    assert recs[0].messages[-2]["content"] == "i0\n\nc" and recs[0].messages[-1]["content"] == "r"
+    assert notes(dolly, map="context=input,response=output") == []
     orca = [{"id": i, "system_prompt": "Be brief.", "question": f"q{i}", "response": "r"} for i in range(3)]
     assert notes(orca) == ['column \'system_prompt\' is not used: the rows are read as prompt and completion. It is a '
                            'system prompt: --map "system_prompt=system" puts it before each prompt.']

@@ -2507,6 +2507,13 @@ def _unused_prompt_columns(rows: list, fmt: str, column_map: Optional[str]) -> O
         return None
     prompt = next((k for k in rows[0] if str(k) in used and str(k) not in ("completion", "system")
                    and _plain(k) in CONTEXT_NAMES + PROMPT_NAMES), "prompt")
+    answer = next((part.split(" -> ")[0] for part in (m.group(1).split(", ") if m else [])
+                   if part.endswith(" -> completion")), "completion")
+    if len(left) == 1:  # the alpaca reading joins the two itself: instruction, a blank line, then the input
+        pairs = [f"{prompt}=instruction"] if prompt != "instruction" else []
+        pairs += [f"{left[0]}=input"] + ([f"{answer}=output"] if answer != "output" else [])
+        return (f"column {left[0]!r} is not used: the prompt is {prompt!r} alone. To include it, --map "
+                f"\"{','.join(pairs)}\" reads the rows as alpaca: {prompt!r}, a blank line, then {left[0]!r}.")
     return (f"column{'s' if len(left) > 1 else ''} {', '.join(map(repr, left))} {'are' if len(left) > 1 else 'is'} not "
             f"used: the prompt is {prompt!r} alone. To include {'them' if len(left) > 1 else 'it'}, join the columns "
             f"into one first (e.g. df['full'] = df['{prompt}'] + '\\n\\n' + df['{left[0]}']) and --map it to prompt.")
