@@ -2109,6 +2109,19 @@ def test_eval_examples_that_are_also_training_examples_are_named(tok, tmp_path):
     assert not any("also appear in the training data" in w for w in report.warnings)
 
 
+def test_a_json_file_of_splits_each_a_dict_of_columns_reads_as_splits(tmp_path):
+    """{"train": {columns}, "test": {columns}} was refused as "cannot tell the dataset format from the fields found
+    (test, train)" with a --map that could not help."""
+    cols = {"train": {"question": [f"q{i}" for i in range(6)], "answer": [f"a{i}" for i in range(6)]},
+            "test": {"question": ["tq"], "answer": ["ta"]}}
+    (tmp_path / "s.json").write_text(json.dumps(cols))
+    rows, _ = D.load_rows(str(tmp_path / "s.json"))
+    assert rows[0] == {"question": "q0", "answer": "a0"} and len(rows) == 6
+    assert rows.held_out == ("test", [{"question": "tq", "answer": "ta"}])
+    rows, _ = D.load_rows("v", {"v": cols})
+    assert len(rows) == 6 and rows.held_out[0] == "test"
+
+
 def test_the_example_of_a_long_prompt_still_shows_where_the_loss_falls(tok):
     """The report's Example was cut after 600 characters: behind a long system prompt (a tool schema) it never
     reached the answer, so the dry run could not show what carries loss."""

@@ -477,7 +477,19 @@ def _split_lists(obj: Any) -> bool:
         isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in obj.values())
 
 
+def _columns_as_records(obj: Any) -> Any:
+    """``{"train": {"q": [...], "a": [...]}, "test": {...}}`` (each split a dict of columns of one length) as
+    ``{"train": [records], ...}``; anything else as it is."""
+    def columns(v):
+        return (isinstance(v, dict) and v and all(isinstance(c, list) for c in v.values())
+                and len({len(c) for c in v.values()}) == 1 and next(iter(v.values())))
+    if isinstance(obj, dict) and obj and all(columns(v) for v in obj.values()):
+        return {split: [dict(zip(cols, vals)) for vals in zip(*cols.values())] for split, cols in obj.items()}
+    return obj
+
+
 def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
+    obj = _columns_as_records(obj)
     held = _eval_split(obj, _train_split(obj)) \
         if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj) else None
     rows = _rows_of_object(obj, what, limit)
@@ -1033,6 +1045,7 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
             f"{path}, line {exc.lineno}: not valid JSON ({_json_problem(exc)} at column {exc.colno})."
         ) from None
     held = None
+    data = _columns_as_records(data)  # {"train": {columns}, "test": {columns}}: as splits of records
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
         train = _train_split(lists) or (lists[0] if len(lists) == 1 else None)
