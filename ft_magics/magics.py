@@ -892,13 +892,11 @@ class FtMagics(Magics):
         if listing:
             print(self.session.serving_text())
             return
-        from .core.routing import requests_of_text
+        from .core.routing import requests_of_text, served_text
 
         requests = requests_of_text(cell)
         served = self.session.serve(requests, store=args.store, capacity=args.capacity,
                                     max_new_tokens=args.max_new_tokens, system=args.system, sampling=sampling_of(args))
-        from .core.routing import served_text
-
         print(served_text(requests, served))
 
     # ------------------------------------------------------------------ %lora_eval
@@ -1048,8 +1046,8 @@ class FtMagics(Magics):
         # its flag, so that parse_memory says what is wrong with it
         line = re.sub(r"(--memory)\s+(?=[-+]\s*[\d.])", r"\1=", line)
         first = strip_comment(line).split()[:1]
-        if first and re.match(r"^-\d", first[0]):  # argparse reads "-7B" as an unknown flag
-            raise UsageError(f"{first[0]!r}: a model size must be positive, e.g. 135M or 7B.")
+        if first and re.match(r"^-\d", first[0]):  # argparse reads "-7B" as an unknown flag: the planner says
+            self.session.plan(first[0])  # what is wrong with it as a size
         args = parse_args(self.ft_plan, line)
         memory = None
         if args.memory:  # checked before anything is printed

@@ -1189,8 +1189,10 @@ class Session:
     def serving_text(self) -> str:
         """What :meth:`serve` holds in memory: its slots, least recently used first, and their folders."""
         if self._router is None:
+            from .core.routing import DEFAULT_CAPACITY
+
             return (f"Serving    nothing yet: serve() or %%lora_serve reads adapters from {self.adapters_dir} into at "
-                    "most 4 slots (capacity) as requests name them")
+                    f"most {DEFAULT_CAPACITY} slots (capacity) as requests name them")
         return self._router.describe()
 
     def serve(self, requests: list, store: Optional[str | Path] = None, capacity: Optional[int] = None,
@@ -1202,7 +1204,7 @@ class Session:
         greedy unless ``sampling`` (a core.inference.Sampling) or its fields as keywords (``temperature``,
         ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``) say otherwise, as for :meth:`generate`."""
         from .core.inference import Sampling
-        from .core.routing import AdapterRouter, as_requests
+        from .core.routing import DEFAULT_CAPACITY, AdapterRouter, as_requests
 
         from .core.inference import as_number
 
@@ -1220,7 +1222,7 @@ class Session:
             raise FtUsageError(f"the store {store} {'is not a folder' if store.exists() else 'does not exist'}: give "
                                f"the folder the adapters were saved in (default: {self.adapters_dir}).")
         if self._router is None:
-            self._router = AdapterRouter(self, store, capacity=capacity if capacity is not None else 4)
+            self._router = AdapterRouter(self, store, capacity=capacity if capacity is not None else DEFAULT_CAPACITY)
         with self._model_busy("serve requests"):
             # (every row, the base's included, would be answered with the merged adapter's update in the weights)
             self._check_not_merged("serve requests (each would be answered with it in the weights, the base's too)")

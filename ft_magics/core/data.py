@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -477,6 +478,12 @@ def _split_lists(obj: Any) -> bool:
         isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in obj.values())
 
 
+def _column_records(columns: dict) -> list[dict]:
+    """A dict of columns of one length as its records, one dict per position."""
+    keys = list(columns)
+    return [dict(zip(keys, vals)) for vals in zip(*columns.values())]
+
+
 def _columns_as_records(obj: Any) -> Any:
     """``{"train": {"q": [...], "a": [...]}, "test": {...}}`` (each split a dict of columns of one length) as
     ``{"train": [records], ...}``; anything else as it is."""
@@ -484,7 +491,7 @@ def _columns_as_records(obj: Any) -> Any:
         return (isinstance(v, dict) and v and all(isinstance(c, list) for c in v.values())
                 and len({len(c) for c in v.values()}) == 1 and next(iter(v.values())))
     if isinstance(obj, dict) and obj and all(columns(v) for v in obj.values()):
-        return {split: [dict(zip(cols, vals)) for vals in zip(*cols.values())] for split, cols in obj.items()}
+        return {split: _column_records(cols) for split, cols in obj.items()}
     return obj
 
 
@@ -502,16 +509,6 @@ def _pick_one(what: str, key: str) -> str:
     if m:
         return f"put one in a variable first (part = {m.group(1)}[{key!r}]) and pass --data part"
     return f"keep one (e.g. {key!r}) in the file, or name it 'train'"
-
-
-def np_int() -> type:
-    """numpy's integer scalar type (a DataFrame's index labels), or int where numpy is absent."""
-    try:
-        import numpy
-
-        return numpy.integer
-    except ImportError:  # pragma: no cover - pandas brings numpy
-        return int
 
 
 def empty_cells(rows) -> list[dict]:
@@ -541,7 +538,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
             # shuffle "row 4" was another row than df.loc[4]
             rows = Rows(empty_cells(df.to_dict(orient="records")))
             if getattr(df.index, "nlevels", 1) == 1:
-                rows.index_labels = [label if isinstance(label, (int, np_int())) else repr(label) for label in df.index]
+                rows.index_labels = [label if isinstance(label, numbers.Integral) else repr(label) for label in df.index]
             return rows
         if name == "Series" and all(isinstance(v, str) for v in obj.head(1000)):
             return [{"text": v} for v in (obj if limit is None else obj.head(limit))]
@@ -576,8 +573,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) == 1:  # a dict of columns
-            keys = list(obj)
-            rows = [dict(zip(keys, vals)) for vals in zip(*obj.values())]
+            rows = _column_records(obj)
             return rows[:limit] if limit else rows
         if all(not v or not isinstance(v[0], dict) for v in obj.values()):  # columns, not lists of records
             sizes = ", ".join(f"{k} {len(v):,}" for k, v in obj.items())

@@ -432,7 +432,8 @@ def _moe_from_config(cfg: dict, g, layers: int, inter: int, model_type: str = ""
 
 
 # a parameter count: 7B, 135M, 7e9, 7bn, 7G, 7,000M, 1.5 B (k / m / b = bn = g / t, any case)
-_COUNT = re.compile(r"^\s*(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e\d+)?)\s*(k|m|b|bn|g|t)?\s*$", re.I)
+# a sign is read so that "-7B" is refused as a size that must be positive, not looked up as a model name
+_COUNT = re.compile(r"^\s*(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:e\d+)?)\s*(k|m|b|bn|g|t)?\s*$", re.I)
 _COUNT_SCALE = {"k": 1e3, "m": 1e6, "b": 1e9, "bn": 1e9, "g": 1e9, "t": 1e12, "": 1}
 
 

@@ -27,6 +27,7 @@ from ..errors import FtUsageError, did_you_mean
 from .adapters import BASE, SLOT_PREFIX, activate, uses_dora, validate_name
 
 PEFT_BASE_ROW = "__base__"  # PEFT's name for "no adapter on this row"
+DEFAULT_CAPACITY = 4  # slots a router holds unless a call says otherwise
 
 
 @dataclass
@@ -261,7 +262,7 @@ def folder_stamp(folder: Path) -> tuple:
 
 
 class AdapterRouter:
-    def __init__(self, host, store: str | Path, capacity: int = 4) -> None:
+    def __init__(self, host, store: str | Path, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
             raise FtUsageError(f"capacity must be at least 1 adapter in memory (got {capacity}).")
         self.host = host
