@@ -2122,6 +2122,29 @@ def test_a_json_file_of_splits_each_a_dict_of_columns_reads_as_splits(tmp_path):
     assert len(rows) == 6 and rows.held_out[0] == "test"
 
 
+def test_an_empty_split_is_not_trained_on_nor_taken_for_a_dict(tmp_path):
+    """{"train": [], "test": [...]} in a JSON file trained on the test split and evaluated on it too (an empty list
+    did not count as a split); as a variable, {"train": [...], "test": []} was refused as "a dict"."""
+    import datasets
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]
+    for what, src, ns in (("s.json", str(tmp_path / "s.json"), None), ("variable 'v'", "v", {"v": {"train": [], "test": rows}}),
+                          ("variable 'dd'", "dd", {"dd": datasets.DatasetDict({"train": datasets.Dataset.from_list([]),
+                                                                                "test": datasets.Dataset.from_list(rows)})})):
+        (tmp_path / "s.json").write_text(json.dumps({"train": [], "validation": [], "test": rows}))
+        with pytest.raises(FtUsageError, match=r"its 'train' split is empty.*\('test' holds 5 records\)"):
+            D.load_rows(src, ns)
+    with pytest.raises(FtUsageError, match=r"or put one in a variable first \(part = v\['test'\]\)"):
+        D.load_rows("v", {"v": {"train": [], "test": rows}})
+    # an empty eval split: the train split trains, with no eval data (not an eval set of nothing)
+    (tmp_path / "e.json").write_text(json.dumps({"train": rows, "test": []}))
+    for src, ns in ((str(tmp_path / "e.json"), None), ("v", {"v": {"train": rows, "test": []}}),
+                    ("dd", {"dd": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                                                        "test": datasets.Dataset.from_list([])})})):
+        got, _ = D.load_rows(src, ns)
+        assert len(got) == 5 and getattr(got, "held_out", None) is None, src
+
+
 def test_the_example_of_a_long_prompt_still_shows_where_the_loss_falls(tok):
     """The report's Example was cut after 600 characters: behind a long system prompt (a tool schema) it never
     reached the answer, so the dry run could not show what carries loss."""

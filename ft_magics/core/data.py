@@ -473,9 +473,28 @@ def _looks_like_data(v: Any) -> bool:
 
 
 def _split_lists(obj: Any) -> bool:
-    """A dict of splits, each a list of records (dicts), rather than a dict of columns."""
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in obj.values())
+    """A dict of splits, each a list of records (dicts), rather than a dict of columns; a split may be empty
+    ({"train": [...], "test": []}) while another holds records."""
+    return isinstance(obj, dict) and bool(obj) and any(obj.values()) and all(
+        isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in obj.values())
+
+
+def _filled(obj: Any) -> list:
+    """The splits of ``obj`` (a dict of splits, a DatasetDict) that hold records (a streaming split counts)."""
+    return [s for s in obj if not hasattr(obj[s], "__len__") or len(obj[s])]
+
+
+def _check_train_filled(obj: Any, train: str, what: str) -> None:
+    """Refuse a dataset whose split to train on is empty, naming the splits that hold records: training on
+    another split unasked (the test split, which would also be its eval data) is not what the author meant."""
+    if train in _filled(obj):
+        return
+    filled = _filled(obj)
+    others = ", ".join(f"{s!r} holds {len(obj[s]):,} records" if hasattr(obj[s], "__len__") else f"{s!r} streams some"
+                       for s in filled)
+    raise FtUsageError(f"{what}: its {train!r} split is empty, so there is nothing to train on"
+                       + (f" ({others})" if others else "") + f"; put the training examples in {train!r}"
+                       + (f", or {_pick_one(what, filled[0])}." if filled and what.startswith("variable") else "."))
 
 
 def _column_records(columns: dict) -> list[dict]:
@@ -497,7 +516,7 @@ def _columns_as_records(obj: Any) -> Any:
 
 def _rows_from_object(obj: Any, what: str, limit: Optional[int] = None) -> list[dict]:
     obj = _columns_as_records(obj)
-    held = _eval_split(obj, _train_split(obj)) \
+    held = _eval_split(_filled(obj), _train_split(obj)) \
         if type(obj).__name__ in ("DatasetDict", "IterableDatasetDict") or _split_lists(obj) else None
     rows = _rows_of_object(obj, what, limit)
     return _with_held_out(rows, held, obj[held]) if held else rows
@@ -553,6 +572,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
                 raise FtUsageError(
                     f"{what} is a DatasetDict without one split to train on (splits: {', '.join(splits)}); "
                     f"{_pick_one(what, splits[0])}.")
+            _check_train_filled(obj, train, what)
             if str(train).lower() in EVAL_SPLITS and len(splits) == 1:
                 return _only_split(_rows_of_object(obj[train], what, limit), train)
             obj = obj[train]
@@ -568,6 +588,7 @@ def _rows_of_object(obj: Any, what: str, limit: Optional[int] = None) -> list[di
         if train is None:
             raise FtUsageError(f"{what} holds several lists of records ({', '.join(obj)}) and none is called "
                                f"'train'; {_pick_one(what, next(iter(obj)))}.")
+        _check_train_filled(obj, train, what)
         rows = _rows_from_object(obj[train], what, limit)
         return _only_split(rows, train) if str(train).lower() in EVAL_SPLITS and len(obj) == 1 else rows
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
@@ -1044,6 +1065,8 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     data = _columns_as_records(data)  # {"train": {columns}, "test": {columns}}: as splits of records
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if lists and _train_split(data) not in (None, *lists):  # {"train": [], "test": [...]}
+            _check_train_filled(data, _train_split(data), str(path))
         train = _train_split(lists) or (lists[0] if len(lists) == 1 else None)
         if train is not None:  # {"data": [...]}, {"train": [...], "test": [...]}
             held = _eval_split(lists, train)
