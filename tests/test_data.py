@@ -1371,6 +1371,34 @@ def test_tool_calls_reach_a_template_that_writes_them_and_are_refused_by_one_tha
     assert "get_weather" in learned and "It is sunny." in learned and "sunny" not in learned.replace("It is sunny.", "")
 
 
+def test_sharegpt_function_calls_are_tool_calls_where_the_template_writes_them_and_json_text_elsewhere(tok, tmp_path):
+    """ShareGPT's function_call turns (LLaMA-Factory, Glaive) trained as their JSON text even under a template with
+    a tool-call format of its own (the model learned the wrong one), and a template that drops the tools' schemas
+    (the demo's) left them out without a word."""
+    schema = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})
+    rows = [{"conversations": [{"from": "human", "value": "weather in Oslo?"}, {"from": "function_call", "value": call},
+                               {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}],
+             "tools": json.dumps(schema)}] * 3
+    path = write_jsonl(tmp_path / "fc.jsonl", rows)
+    writes = _tool_template(tok, lists_tools=True, writes_calls=True)
+    train, _, report = D.prepare(str(path), writes, cfg())
+    learned = writes.decode([t for t in train[0].labels if t != -100])
+    assert "<call>get_weather</call>" in learned and '"arguments"' not in learned and "It is sunny." in learned
+    assert '"get_weather"' in writes.decode(train[0].input_ids)  # the schema, in the prompt
+    assert not [w for w in report.warnings if "tool" in w]
+    for t in (tok, _tool_template(tok, lists_tools=False, writes_calls=False)):  # no tool format: the text, as written
+        train, _, report = D.prepare(str(path), t, cfg())
+        learned = t.decode([x for x in train[0].labels if x != -100])
+        assert call in learned and "It is sunny." in learned
+        assert any(w.startswith("3 examples with tools: this model's chat template does not write the tools' "
+                                "schemas") for w in report.warnings), report.warnings
+        assert any(w.startswith("3 examples with function_call turns") for w in report.warnings)
+    # a function_call value that is not a JSON call stays the turn's text, with no call made of it
+    recs, _ = D.normalise([{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "lookup(x)"}]}])
+    assert recs[0].messages[1] == {"role": "assistant", "content": "lookup(x)"}
+
+
 def test_openai_legacy_function_call_is_a_tool_call_and_developer_is_the_system_role(tok, tmp_path):
     """A 'function_call' turn (OpenAI's older format) was read as an empty assistant answer: it trained the model
     to end its turn at once. The 'developer' role (OpenAI's newer system message) refused the whole dataset."""

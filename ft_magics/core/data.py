@@ -1499,6 +1499,10 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         for extra in ("tool_calls", "name", "tool_call_id"):  # function calling: the template writes them
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
+        if _plain(raw_role) == "function_call" and "tool_calls" not in msg:  # ShareGPT's call: JSON text
+            call = _call_of_text(msg["content"])
+            if call is not None:
+                msg.update(content="", tool_calls=[{"type": "function", "function": call}], call_text=msg["content"])
         call = m.get("function_call")  # OpenAI's older single call: the same as one tool call
         if role == "assistant" and isinstance(call, dict) and "tool_calls" not in msg:
             msg["tool_calls"] = [{"type": "function", "function": call}]
@@ -1507,6 +1511,18 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
                                f"(got {type(call).__name__}).")
         out.append(msg)
     return out
+
+
+def _call_of_text(text: str) -> Optional[dict]:
+    """A ShareGPT ``function_call`` turn's value (LLaMA-Factory, Glaive: ``{"name": ..., "arguments": ...}`` as
+    JSON text) as a tool call's function, or None where it is not one."""
+    try:
+        call = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+        return None
+    return {"name": call["name"], "arguments": call.get("arguments", {})}
 
 
 def _turn_weight(value: Any, where: str) -> int:
@@ -1962,6 +1978,49 @@ def _render_plain(messages: list) -> tuple[str, list]:
     return text.rstrip("\n"), spans
 
 
+_TEMPLATE_WRITES: dict = {}  # (chat template, "calls" | "tools") -> whether the template writes them
+
+
+def template_writes(tokenizer, what: str) -> bool:
+    """Whether the tokenizer's chat template writes an assistant turn's tool calls (``what="calls"``) or the tools'
+    schemas (``"tools"``) into the text: probed once per template with a made-up function's name. A template that
+    raises on them (some refuse tools) writes nothing."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return False
+    key = (str(template), what)
+    if key not in _TEMPLATE_WRITES:
+        name = "ft_magics_probe_function"
+        user = {"role": "user", "content": "hi"}
+        try:
+            if what == "calls":
+                text = tokenizer.apply_chat_template([user, {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": name, "arguments": {}}}]}], tokenize=False)
+            else:
+                text = tokenizer.apply_chat_template([user], tools=[{"type": "function", "function": {
+                    "name": name, "description": "a probe", "parameters": {"type": "object", "properties": {}}}}],
+                    tokenize=False)
+        except Exception:  # noqa: BLE001 - a template's own refusal (raise_exception) or a jinja error: it does not
+            text = ""
+        _TEMPLATE_WRITES[key] = name in str(text)
+    return _TEMPLATE_WRITES[key]
+
+
+def _calls_for(tokenizer, messages: list) -> list:
+    """``messages`` with ShareGPT's function_call turns (their JSON text kept as ``call_text``) as the template can
+    write them: tool calls where it writes calls, else the JSON text as the answer, as it was written."""
+    if not any("call_text" in m for m in messages):
+        return messages
+    as_calls = has_chat_template(tokenizer) and template_writes(tokenizer, "calls")
+    out = []
+    for m in messages:
+        if "call_text" in m:
+            kept = {k: v for k, v in m.items() if k != "call_text" and (as_calls or k != "tool_calls")}
+            m = kept if as_calls else {**kept, "content": m["call_text"]}
+        out.append(m)
+    return out
+
+
 def _render_chat(tokenizer, messages: list, tools=None) -> tuple[str, list]:
     """Render with the chat template and find the character spans of every assistant turn.
 
@@ -2007,11 +2066,12 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
     """(text, answer spans, add special tokens?) for one record."""
     if record.text is not None:
         return record.text, [(0, len(record.text))], True
+    messages = _calls_for(tokenizer, record.messages)
     if has_chat_template(tokenizer):
-        text, spans = _render_chat(tokenizer, record.messages, record.tools)
+        text, spans = _render_chat(tokenizer, messages, record.tools)
         shown = spans[-record.answer_turns:] if record.answer_turns else spans
         answers = "".join(text[a:b] for a, b in shown)  # not the tool list a template may print up front
-        missing = [n for n in _tool_call_names(record.messages) if n not in answers]
+        missing = [n for n in _tool_call_names(messages) if n not in answers]
         if missing:  # the template dropped the calls: the turn would teach an empty answer
             raise FtUsageError(
                 f"{record.where or 'an example'}: an assistant turn calls {missing[0]!r} (tool_calls), but this "
@@ -2019,7 +2079,7 @@ def render(tokenizer, record: Record) -> tuple[str, list, bool]:
                 "Load a model whose chat template supports tools, or write the call into the message content."
             )
         return text, _trained_spans(spans, record), False
-    text, spans = _render_plain(record.messages)
+    text, spans = _render_plain(messages)
     return text, _trained_spans(spans, record), True
 
 
@@ -2494,6 +2554,24 @@ def special_token_warning(records: list, tokenizer, scored: bool = False) -> Opt
             + "Remove or rewrite them where they are not meant as markup.")
 
 
+def tool_warnings(records: list, tokenizer) -> list:
+    """What this model's chat template leaves out of function-calling data: the tools' schemas (the model would
+    learn to call functions it is never shown), and ShareGPT's function_call turns as calls (they train as the
+    JSON text they were written as)."""
+    out = []
+    with_tools = sum(1 for r in records if getattr(r, "tools", None))
+    if with_tools and not template_writes(tokenizer, "tools"):
+        out.append(f"{counted(with_tools, 'example')} with tools: this model's chat template does not write the "
+                   "tools' schemas into the prompt, so it learns to call functions it is not shown. Describe the "
+                   "tools in the system message, or load a model whose chat template supports tools.")
+    as_text = sum(1 for r in records if any("call_text" in m for m in getattr(r, "messages", None) or []))
+    if as_text and not template_writes(tokenizer, "calls"):
+        out.append(f"{counted(as_text, 'example')} with function_call turns: this model's chat template does not "
+                   "write tool calls, so each call trains as its JSON text ({\"name\": ..., \"arguments\": ...}) "
+                   "in the answer, and the model will call tools that way.")
+    return out
+
+
 def overlap_warning(train_records: list, eval_records: list) -> Optional[str]:
     """A warning when eval examples are also training examples (--eval the same file, a validation split cut
     from train, duplicated rows split by eval_fraction): their loss measures memory, not what generalises."""
@@ -2788,6 +2866,7 @@ def prepare(src: Any, tokenizer, cfg, namespace: Optional[dict] = None, eval_src
     literal = special_token_warning(train_records, tokenizer)
     if literal:
         report.warnings.append(literal)
+    report.warnings.extend(tool_warnings(train_records, tokenizer))
     overlap = overlap_warning(train_records, eval_records)
     if overlap:
         report.warnings.append(overlap)
