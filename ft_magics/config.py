@@ -185,10 +185,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Optional[dict], base: Optional["TrainConfig"] = None,
-                  check: bool = True) -> "TrainConfig":
+                  check: bool = True, dtype: Optional[str] = None) -> "TrainConfig":
         """Merge ``data`` over ``base`` (or the defaults), validating every key and value; ``check=False`` leaves
         the checks across settings (keep_best needs eval_steps) to the merge of what overrides these (flags
-        over a cell body: the body alone may lack what a flag gives)."""
+        over a cell body: the body alone may lack what a flag gives). ``dtype``: the loaded model's compute dtype
+        (``bfloat16``), so that another tool's ``bf16: true`` is taken where it asks for what the load chose."""
         cfg = dataclasses.replace(base) if base is not None else cls()
         if not data:
             if check:
@@ -205,7 +206,7 @@ class TrainConfig:
             key = canonical_key(raw_key)
             if key in OTHER_TOOLS:
                 try:
-                    translated = _other_tools_setting(key, raw_key, value)
+                    translated = _other_tools_setting(key, raw_key, value, dtype)
                 except FtUsageError as exc:
                     foreign.append(str(exc))
                     continue
@@ -345,6 +346,11 @@ ALIASES = {
 
 _DTYPE = ("%qlora_load --dtype bf16 (or fp16, fp32): the compute dtype is chosen when the model is loaded (auto: "
           "bf16 where the hardware is fast at it), and training follows it (autocast)")
+_ADAM = ("nothing: AdamW runs with transformers' defaults here (adam_beta1 0.9, adam_beta2 0.999, adam_epsilon "
+         "1e-8); learning_rate, weight_decay and max_grad_norm are the optimizer's settings")
+_ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+# transformers' precision switches: what each asks of the compute dtype (``tf32`` is CUDA's fp32 matmul mode)
+_PRECISION = {"bf16": "bfloat16", "fp16": "float16", "bf16_full_eval": "bfloat16", "fp16_full_eval": "float16"}
 _BITS = "%qlora_load --bits 4 (NF4 with double quantisation; 8, 16, 32 otherwise): the base's bits are chosen at the load"
 # settings of other tools (TRL, transformers, PEFT) that say the same thing another way: what to write here
 OTHER_TOOLS = {
@@ -360,6 +366,10 @@ OTHER_TOOLS = {
                  "losses (hinge, robust, ...) have no counterpart here",
     "evaluation_strategy": "eval_steps: N (evaluate every N steps; 0, the default, evaluates at the end)",
     "bf16": _DTYPE, "fp16": _DTYPE, "tf32": _DTYPE, "bf16_full_eval": _DTYPE, "fp16_full_eval": _DTYPE,
+    "adam_beta1": _ADAM, "adam_beta2": _ADAM, "adam_epsilon": _ADAM,
+    "per_device_eval_batch_size": "nothing: evaluation runs in batches of batch_size (per_device_train_batch_size)",
+    "lr_scheduler_kwargs": "lr_scheduler: cosine, linear, constant, ... with warmup: the schedules here take no "
+                           "other arguments",
     "load_in_4bit": _BITS, "load_in_8bit": _BITS, "bnb_4bit_quant_type": _BITS, "bnb_4bit_compute_dtype": _BITS,
     "bnb_4bit_use_double_quant": _BITS,
     "output_dir": "the --output-dir DIR flag of %%lora_train (the adapter is saved in DIR/NAME; by default in "
@@ -416,9 +426,38 @@ def _check_warmup_alias(name: str, value: float) -> None:
                            f"warmup_ratio: {value:g}.")
 
 
-def _other_tools_setting(key: str, raw_key: str, value):
+def _switch(value) -> Optional[bool]:
+    """A YAML true/false (or its text), else None."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def _other_tools_setting(key: str, raw_key: str, value, dtype: Optional[str] = None):
     """``(setting, value)`` for another tool's setting that has a clean translation, None for one that asks
-    for what happens anyway, else a usage error saying what to write here."""
+    for what happens anyway, else a usage error saying what to write here. ``dtype``: the loaded model's compute
+    dtype (``bfloat16``), against which ``bf16``, ``fp16`` and ``tf32`` are read."""
+    on = _switch(value)
+    if key in _PRECISION and dtype and on is not None:
+        if on == (dtype == _PRECISION[key]):  # bf16: true on a bf16 model (false on another): what happens anyway
+            return None
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+        want = short[_PRECISION[key]] if on else " or ".join(v for k, v in short.items() if k not in (dtype, _PRECISION[key]))
+        raise FtUsageError(f"{raw_key}: {value} asks for {'' if on else 'other than '}{_PRECISION[key]} compute, but the "
+                           f"model was loaded to compute in {dtype}: the compute dtype is chosen at the load. Reload "
+                           f"with %qlora_load --dtype {want}, or drop {raw_key} to train in {dtype}.")
+    if key == "tf32" and dtype and on is not None:
+        if dtype != "float32" or not on:  # no fp32 products to make TensorFloat-32
+            return None
+        raise FtUsageError(f"{raw_key!r}: {value!r} makes CUDA's fp32 matrix products TensorFloat-32, which ft_magics "
+                           f"does not switch; the model computes in float32 as loaded. For faster products load it "
+                           "with %qlora_load --dtype bf16, or drop tf32.")
+    if key == "lr_scheduler_kwargs" and not value:  # {}: no arguments asked for
+        return None
+    if key in _ADAM_DEFAULTS and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isclose(value, _ADAM_DEFAULTS[key], rel_tol=1e-9):
+        return None
     if key in _ANSWERS_ONLY and isinstance(value, bool):
         return "train_on", "answers" if value else "all"
     if key in ("bias", "lora_bias") and value in ("none", False, None):

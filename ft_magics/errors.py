@@ -41,7 +41,7 @@ def unknown(kind: str, word: str, choices: Iterable[str], fix: str = "") -> FtUs
     return FtUsageError(msg)
 
 
-def need_text(value, what: str, example: str, path: bool = False):
+def need_text(value, what: str, example: str, path: bool = False, fix: str = ""):
     """``value`` itself when it is text (or, where ``path``, a path); otherwise the error that says so. The
     Python API's counterpart of a magic's argument, which is always text: ``None`` or ``123`` fails here, in
     words, rather than in a ``.strip()`` far below."""
@@ -49,4 +49,8 @@ def need_text(value, what: str, example: str, path: bool = False):
 
     if isinstance(value, str) or (path and isinstance(value, os.PathLike)):
         return value
-    raise FtUsageError(f"{what} must be text{' or a path' if path else ''}, e.g. {example} (got {value!r}).")
+    got = repr(value)
+    if len(got) > 80 or "\n" in got:  # a model's repr runs for pages
+        name = type(value).__name__
+        got = ("an " if name[:1].lower() in "aeiou" else "a ") + name
+    raise FtUsageError(f"{what} must be text{' or a path' if path else ''}, e.g. {example} (got {got}).{fix}")

@@ -203,9 +203,14 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
                 raise UsageError(f"unknown flag {flag}: {ABSENT_FLAGS[flag]}. See %{magic_func.__name__}? for every flag.")
             if flag in GREEDY_FLAGS and magic_func.__name__ == "lora_compare":
                 raise UsageError(f"unknown flag {flag}: {GREEDY_FLAGS[flag]}.")
-            pointer = other_tool_pointer(flag[2:]) if "--max-steps" in flags else None  # a training magic
+            pointer = other_tool_pointer(flag[2:]) if "--max-steps" in flags or "--bits" in flags else None
             if pointer:  # --bf16: a setting of another tool, and where it lives here
                 raise UsageError(f"unknown flag {flag}: another tool's setting; here write {pointer}.")
+            setting = canonical_key(flag[2:].lower())
+            if "--bits" in flags and setting in TrainConfig.keys():  # Unsloth's load takes max_seq_length
+                raise UsageError(f"unknown flag {flag}: {setting} is a training setting here, not the load's; write "
+                                 f"'{setting}: VALUE' in the %%lora_train cell's body (or --{setting.replace('_', '-')} "
+                                 "on its line, where it has a flag).")
             raise UsageError(
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
@@ -540,9 +545,10 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_train, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body, check=False)  # checked with the flags over it
+        dtype = self.session.compute_dtype  # (bf16: true is read against it)
+        cfg = TrainConfig.from_dict(body, check=False, dtype=dtype)  # checked with the flags over it
         overrides = _config_overrides(args)
-        cfg = TrainConfig.from_dict(overrides, base=cfg)
+        cfg = TrainConfig.from_dict(overrides, base=cfg, dtype=dtype)
         for note in overridden_notes({canonical_key(k) for k in body} | set(overrides), cfg):
             print("Note: " + note)
         from .widgets import training_view
@@ -617,8 +623,8 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_export_job, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body, check=False)  # checked with the flags over it
-        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg)
+        cfg = TrainConfig.from_dict(body, check=False, dtype=self.session.compute_dtype)  # checked with the flags
+        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg, dtype=self.session.compute_dtype)
         from .core.jobs import load_job, run_commands
         from .widgets.text import TextReporter
 

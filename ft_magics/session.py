@@ -48,6 +48,18 @@ class Session:
         self._require_model()
         return self.handle.tokenizer
 
+    @property
+    def compute_dtype(self) -> Optional[str]:
+        """The loaded model's compute dtype (``bfloat16``), or None before a load."""
+        return None if self.handle is None else str(self.handle.dtype).replace("torch.", "")
+
+    def _train_config(self, config: Optional[dict | TrainConfig], overrides: dict) -> TrainConfig:
+        """``config`` (settings, or a TrainConfig) with ``overrides`` over it, checked as a whole; other tools'
+        precision switches are read against the loaded model's dtype."""
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(
+            config or {}, check=not overrides, dtype=self.compute_dtype)
+        return TrainConfig.from_dict(overrides, base=cfg, dtype=self.compute_dtype) if overrides else cfg
+
     def _require_model(self) -> None:
         if self.handle is None:
             raise FtUsageError("no model is loaded: run %qlora_load first (or Session.load()).")
@@ -137,9 +149,7 @@ class Session:
 
         listeners = _default_listeners(listeners)
         name = validate_name(name, self.handle.model if self.handle is not None else None)
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
-        if overrides:
-            cfg = TrainConfig.from_dict(overrides, base=cfg)
+        cfg = self._train_config(config, overrides)
         self._require_model()
         from .core.training import fit_context
 
@@ -375,8 +385,7 @@ class Session:
         for ``ft-magics train`` / ``accelerate launch``; returns the job.yaml path."""
         from .core.jobs import export_job
 
-        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
-        cfg = TrainConfig.from_dict(overrides, base=cfg) if overrides else cfg
+        cfg = self._train_config(config, overrides)
         self._require_model()
         self.prepare_data(data, cfg, eval_data)  # a data mistake is found here, not in N processes later
         return export_job(self.handle, name, job_dir, data, cfg, eval_data=eval_data, namespace=self.namespace,
@@ -403,8 +412,7 @@ class Session:
         if resume:  # nothing to resume is found here, not after the processes have loaded the model
             from .core.checkpoints import checkpoint_root, require_resumable
 
-            cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {}, check=not overrides)
-            cfg = TrainConfig.from_dict(overrides, base=cfg) if overrides else cfg
+            cfg = self._train_config(config, overrides)
             require_resumable(checkpoint_root(out_root, name), name, cfg.to_dict())
         else:
             note = replacing_note(out_root / name, name)  # what one process says of a name in use

@@ -1156,7 +1156,7 @@ def test_a_format_setting_that_does_not_fit_names_the_format_the_rows_are_in():
         D.normalise([{"instruction": "i", "input": "", "output": "o"}], fmt="text")
     with pytest.raises(FtUsageError, match=r"This row is in the prompt-completion format"):  # a well-known pair
         D.normalise([{"question": "q", "answer": "a"}], fmt="chat")
-    with pytest.raises(FtUsageError, match=r"--text-field names column\(s\) 'body' that do not exist"):
+    with pytest.raises(FtUsageError, match=r"text_field \(--text-field\) names column\(s\) 'body' that do not exist"):
         D.normalise([{"text": "t"}], text_field="body")
 
 

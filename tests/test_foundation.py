@@ -925,6 +925,61 @@ def test_an_unsloth_or_trl_settings_block_is_answered_in_one_message_that_says_w
         TrainConfig.from_dict({"frobnicate": 1})
 
 
+def test_another_tool_s_precision_and_optimizer_switches_are_taken_where_they_ask_for_what_happens():
+    """Every Unsloth notebook sets bf16/fp16: they were refused even on a model that computes in bf16, which
+    stopped a whole TRL settings block; adam_beta1 was answered "did you mean 'dpo_beta'?" (DPO's strength)."""
+    from ft_magics.config import TrainConfig
+    from ft_magics.errors import FtUsageError
+
+    for body in ({"bf16": True}, {"bf16": "true", "fp16": False, "tf32": True}, {"adam_beta1": 0.9, "adam_beta2": 0.999,
+                                                                                  "adam_epsilon": 1e-8, "lr_scheduler_kwargs": {}}):
+        assert TrainConfig.from_dict(body, dtype="bfloat16") == TrainConfig.from_dict({}), body
+    assert TrainConfig.from_dict({"fp16": True, "bf16": False}, dtype="float16") == TrainConfig.from_dict({})
+    with pytest.raises(FtUsageError, match=r"fp16: True asks for float16 compute, but the model was loaded to compute "
+                                           r"in bfloat16.*Reload with %qlora_load --dtype fp16, or drop fp16"):
+        TrainConfig.from_dict({"fp16": True}, dtype="bfloat16")
+    with pytest.raises(FtUsageError, match=r"--dtype fp16 or fp32, or drop bf16 to train in bfloat16"):
+        TrainConfig.from_dict({"bf16": False}, dtype="bfloat16")
+    with pytest.raises(FtUsageError, match=r"'tf32'.*TensorFloat-32.*computes in float32"):
+        TrainConfig.from_dict({"tf32": True}, dtype="float32")
+    with pytest.raises(FtUsageError, match=r"'bf16': True is another tool's setting"):  # no model: no dtype to match
+        TrainConfig.from_dict({"bf16": True})
+    for key, value, said in (("adam_beta2", 0.95, "AdamW runs with transformers' defaults"),
+                             ("per_device_eval_batch_size", 4, "evaluation runs in batches of batch_size"),
+                             ("lr_scheduler_kwargs", {"power": 2}, "the schedules here take no other arguments")):
+        with pytest.raises(FtUsageError, match=said) as err:
+            TrainConfig.from_dict({key: value}, dtype="bfloat16")
+        assert "did you mean" not in str(err.value)
+
+
+def test_the_load_s_unknown_flags_of_other_tools_say_where_they_live(shell):
+    """Unsloth's from_pretrained takes load_in_4bit and max_seq_length: on %qlora_load they met a bare "unknown
+    flag"; a model object given to Session.load printed pages of its repr and no way forward."""
+    from IPython.core.error import UsageError
+
+    from ft_magics import Session
+    from ft_magics.errors import FtUsageError
+
+    with pytest.raises(UsageError, match="unknown flag --load-in-4bit: another tool's setting; here write %qlora_load --bits 4"):
+        shell.run_line_magic("qlora_load", "--load-in-4bit")
+    with pytest.raises(UsageError, match=r"unknown flag --max-seq-length: max_seq_len is a training setting here.*"
+                                         r"'max_seq_len: VALUE' in the %%lora_train cell's body"):
+        shell.run_line_magic("qlora_load", "demo --max-seq-length 2048")
+
+    class Built:  # what a model object looks like to the load: save_pretrained and a long repr
+        def save_pretrained(self, path):
+            pass
+
+        def __repr__(self):
+            return "Built(\n" + "  (layer): Linear()\n" * 50 + ")"
+
+    for given in (Built(), (Built(), "tok")):
+        with pytest.raises(FtUsageError) as err:
+            Session().load(given)
+        assert "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR), then Session.load(DIR)" in str(err.value)
+        assert "(layer)" not in str(err.value) and len(str(err.value)) < 300
+
+
 def test_another_tool_s_flag_on_a_training_line_and_sampling_flags_on_compare_say_where_they_belong(shell):
     from IPython.core.error import UsageError
 

@@ -1662,7 +1662,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
         mapping = _spaced_columns(mapping, keys0)
         missing = [a for a in mapping if a not in keys0]
         if missing:
-            given = "--text-field" if missing == [text_field] and text_field not in parse_map(column_map) else "--map"
+            given = "text_field (--text-field)" if missing == [text_field] and text_field not in parse_map(column_map) else "--map"
             objects = sorted(k for k in keys0 if isinstance(rows[0].get(k), dict))
             inside = (f" Fields inside a column of objects are named with dots, e.g. --map "
                       f"\"{objects[0]}.{next(iter(rows[0][objects[0]]), 'field')}=prompt\"." if objects else "")

