@@ -86,6 +86,14 @@ def optimizer_saving(optimizer: str = "adamw") -> int:
     return ADAM_STATE_BYTES - optimizer_states(optimizer)[0]
 
 
+def rank_refusal(given: str, fix: str, top_rank: int, of: str = "") -> FtUsageError:
+    """The refusal of a LoRA rank above ``top_rank``, the widest rank any adapted layer can hold: a plan's
+    (``given`` "--r 100,000") and a training run's ("r=128"), in one wording."""
+    return FtUsageError(f"{given} is above the rank any adapted layer{of} can hold: the widest is {top_rank:,} (min of "
+                        f"its inputs and outputs), so the extra rank adds parameters and no capacity. Use {fix} or "
+                        "less; 8-64 covers most tasks.")
+
+
 def adapter_bytes(optimizer: str = "adamw") -> int:
     """Bytes per adapter parameter: fp32 weight and gradient plus the optimizer's states."""
     return ADAPTER_BYTES - optimizer_saving(optimizer)
@@ -731,9 +739,7 @@ def plan(model: str | ModelDims, seq_len: int = 512, batch_size: int = 8, r: int
     d = model if isinstance(model, ModelDims) else resolve_model(model)
     top_rank = max((min(i, o) for i, o in list(d.attention_linears()) + list(d.mlp_linears(d.intermediate))), default=0)
     if top_rank and r > top_rank:  # as a training run refuses it (core.training.check_adapter_fits)
-        raise FtUsageError(f"--r {r:,} is above the rank any adapted layer of {d.name} can hold: the widest is "
-                           f"{top_rank:,} (min of its inputs and outputs). Use --r {top_rank} or less; 8-64 covers most "
-                           "tasks.")
+        raise rank_refusal(f"--r {r:,}", f"--r {top_rank}", top_rank, f" of {d.name}")
     p, emb, lora = d.params, d.embed_params, d.lora_params(r)
     rows = batch_size * rows_per_example(objective)  # a pair's chosen and rejected sides, as training batches them
     act_full = activation_bytes(d, seq_len, rows, gradient_checkpointing, False, full_act_bytes)

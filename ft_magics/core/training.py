@@ -124,13 +124,11 @@ def check_adapter_fits(model, cfg: TrainConfig, device: str, free: Optional[int]
     kernel's death, not an error)."""
     from .memory import human_bytes, read_memory
 
+    from .planner import adapter_bytes, rank_refusal
+
     params, top_rank = adapter_size(model, cfg)
     if top_rank and cfg.r > top_rank:
-        raise FtUsageError(
-            f"r={cfg.r} is above the rank any adapted layer can hold: the widest is {top_rank} "
-            f"(min of its inputs and outputs), so the extra rank adds parameters and no capacity. Use r <= "
-            f"{top_rank}; 8-64 covers most tasks.")
-    from .planner import adapter_bytes
+        raise rank_refusal(f"r={cfg.r}", f"r: {top_rank}", top_rank)
 
     need = params * adapter_bytes(cfg.optimizer)  # fp32 weight + gradient, and the optimizer's states
     free = read_memory(device).available_bytes if free is None else free
