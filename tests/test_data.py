@@ -1821,7 +1821,7 @@ def test_chat_tools_written_as_json_text_are_read():
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     recs, _ = load([dict(TOOL_ROWS[0], tools=json.dumps(tools))])
     assert recs[0].tools == tools
-    with pytest.raises(FtUsageError, match=r"row 1: 'tools' is text but not valid JSON .*give a JSON list of function"):
+    with pytest.raises(FtUsageError, match=r"index 0: 'tools' is text but not valid JSON .*give a JSON list of function"):
         load([dict(TOOL_ROWS[0], tools='[{"type": "function"')])
 
 
@@ -1895,10 +1895,10 @@ def test_eval_data_gets_the_blank_prompt_and_special_token_warnings(tok):
     train = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]
     evals = [{"prompt": " ", "completion": "x"}, {"prompt": "hi", "completion": "bye<|im_end|>"}]
     _, _, report = D.prepare(train, tok, cfg(), eval_src=evals)
-    assert ("eval data: 1 example has an empty prompt (a blank user turn: <list>, row 1): its answer is scored as the "
+    assert ("eval data: 1 example has an empty prompt (a blank user turn: <list>, index 0): its answer is scored as the "
             "answer to no question.") in " ".join(report.warnings)
     assert any(w.startswith("eval data: the data's text spells special tokens of the tokenizer: '<|im_end|>' "
-                            "(1 example), first at <list>, row 2. Each is read as that token, not as text, and the eval "
+                            "(1 example), first at <list>, index 1. Each is read as that token, not as text, and the eval "
                             "loss scores it as one.") for w in report.warnings)
     _, _, report = D.prepare(train, tok, cfg(), eval_src=train[:2])
     assert not any(w.startswith("eval data:") for w in report.warnings)
@@ -2171,6 +2171,26 @@ def test_an_empty_split_is_not_trained_on_nor_taken_for_a_dict(tmp_path):
                                                         "test": datasets.Dataset.from_list([])})})):
         got, _ = D.load_rows(src, ns)
         assert len(got) == 5 and getattr(got, "held_out", None) is None, src
+
+
+def test_conversations_written_as_role_keyed_exchanges_or_plain_utterances_read_as_chats(tok):
+    """[{"user": .., "assistant": ..}, ...] and a dialog's list of utterances were "cannot tell the dataset format"
+    with no --map that could help; rows of a list in memory were named "row 1" for what Python calls rows[0]."""
+    turns = [{"turns": [{"assistant": "hello", "user": "hi"}, {"human": f"n{i}", "gpt": f"{i}"}]} for i in range(3)]
+    dialog = [{"dialog": ["hi", "hello!", f"num {i}?", f"{i}"]} for i in range(3)]
+    for rows, col in ((turns, "turns"), (dialog, "dialog")):
+        with pytest.raises(FtUsageError, match=f'--map "{col}=messages"'):
+            D.prepare(rows, tok, cfg())
+        train, _, report = D.prepare(rows, tok, cfg(map=f"{col}=messages"))
+        assert report.format == "chat"
+    recs, _ = D.normalise(turns, column_map="turns=messages")
+    assert [(m["role"], m["content"]) for m in recs[0].messages] == [
+        ("user", "hi"), ("assistant", "hello"), ("user", "n0"), ("assistant", "0")]
+    recs, _ = D.normalise(dialog, column_map="dialog=messages")
+    assert [m["role"] for m in recs[2].messages] == ["user", "assistant"] * 2 and recs[2].messages[3]["content"] == "2"
+    ok = {"prompt": "q", "completion": "a"}
+    with pytest.raises(FtUsageError, match=r"^variable v, index 2: "):
+        D.prepare("v", tok, cfg(), namespace={"v": [ok, ok, {"prompt": "q", "completion": 3.5j}]})
 
 
 def test_the_example_of_a_long_prompt_still_shows_where_the_loss_falls(tok):
@@ -2486,7 +2506,7 @@ def test_a_special_token_spelled_in_the_data_is_warned_about(tok):
     rows = [{"prompt": f"q{i}", "completion": f"It is {end} literally." if i < 2 else f"a{i}"} for i in range(6)]
     _, _, report = D.prepare(rows, tok, cfg())
     warned = [w for w in report.warnings if "spells special tokens" in w]
-    assert len(warned) == 1 and f"{end!r} (2 examples)" in warned[0] and "first at <list>, row 1" in warned[0]
+    assert len(warned) == 1 and f"{end!r} (2 examples)" in warned[0] and "first at <list>, index 0" in warned[0]
     _, _, clean = D.prepare([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)], tok, cfg())
     assert not [w for w in clean.warnings if "spells special tokens" in w]
 

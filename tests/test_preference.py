@@ -78,7 +78,7 @@ def test_whole_conversations_beside_a_prompt_column_keep_their_system_turn():
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([{"prompt": "p", "chosen": "a", "rejected": None}], r"row 1: field 'rejected' is missing or null"),
+    ([{"prompt": "p", "chosen": "a", "rejected": None}], r"index 0: field 'rejected' is missing or null"),
     ([{"chosen": [USER("a"), BOT("x")], "rejected": [USER("b"), BOT("y")]}],
      r"chosen and rejected part at message 0, a user / user turn, not at the answer"),
     ([{"chosen": [BOT("x")], "rejected": [BOT("y")]}], r"a pair of answers without a prompt"),
@@ -91,12 +91,12 @@ def test_whole_conversations_beside_a_prompt_column_keep_their_system_turn():
     # one side's answer goes on with a user turn the other lacks: trained silently, the unshared turn in the answer
     ([{"chosen": "\n\nHuman: hi\n\nAssistant: yes\n\nHuman: ok\n\nAssistant: good",
        "rejected": "\n\nHuman: hi\n\nAssistant: no"}],
-     r"row 1: the chosen side goes on past its answer: a further user turn \('ok'\) follows it that the rejected "
+     r"index 0: the chosen side goes on past its answer: a further user turn \('ok'\) follows it that the rejected "
      r"side lacks.*Cut the chosen side after its first answer"),
     ([{"prompt": "p", "chosen": [BOT("a")], "rejected": [BOT("b"), USER("more?"), BOT("c")]}],
-     r"row 1: the rejected side goes on past its answer: a further user turn \('more\?'\)"),
+     r"index 0: the rejected side goes on past its answer: a further user turn \('more\?'\)"),
     ([{"prompt": "\n\nHuman: hi\n\nAssistant: Sure,", "chosen": " yes", "rejected": " no"}],
-     r"row 1: the prompt is a Human:/Assistant: transcript whose last Assistant: turn already holds text \('Sure,'\)"
+     r"index 0: the prompt is a Human:/Assistant: transcript whose last Assistant: turn already holds text \('Sure,'\)"
      r".*End each prompt at its final \"Assistant:\" marker.*--map"),
 ])
 def test_bad_pair_rows_are_refused_with_the_cause_and_the_fix(tok, rows, match):

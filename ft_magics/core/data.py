@@ -154,6 +154,15 @@ def data_spec(src: Any, namespace: Optional[dict] = None) -> Optional[str]:
     return None
 
 
+def _indexed(rows: list) -> "Rows":
+    """Rows of an object in memory (a list, a Dataset), each named by its index, as Python reaches it
+    (``rows[0]``, ``ds[0]``); a DataFrame's rows keep their index labels, and rows that know their lines keep them."""
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
+    if rows.locs is None and rows.index_labels is None:
+        rows.index_labels = range(len(rows))
+    return rows
+
+
 def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto",
               max_rows: int = 0) -> tuple[list[dict], str]:
     """Rows (a list of dicts) and a short description of where they came from.
@@ -168,7 +177,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     if isinstance(src, _Files):  # the eval split of a folder or glob whose file names name splits
         return _rows_from_files(list(src), txt_mode, limit, src.label), src.desc
     if not isinstance(src, str):
-        return _rows_from_object(src, "the given object", limit), f"<{type(src).__name__}>"
+        return _indexed(_rows_from_object(src, "the given object", limit)), f"<{type(src).__name__}>"
     if not src.strip():
         raise FtUsageError("--data is empty: give a file path, demo:NAME or the name of a notebook variable.")
     if src.startswith("demo:"):
@@ -184,7 +193,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
     variable = namespace.get(src) if namespace is not None and src.isidentifier() else None
     if path.exists() and _looks_like_data(variable):  # `parts` names a DataFrame and the folder parts/: in a
         # notebook the name means the variable; the Data line says how to read the folder instead
-        return (_rows_from_object(variable, f"variable {src!r}", limit),
+        return (_indexed(_rows_from_object(variable, f"variable {src!r}", limit)),
                 f"variable {src} (not the {'folder' if path.is_dir() else 'file'} {src}: --data ./{src} reads that)")
     if path.exists():
         if limit is None:
@@ -198,7 +207,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
         if split not in splits:
             raise FtUsageError(f"variable {name!r} has no split {split!r}{did_you_mean(split, [str(k) for k in splits])}; "
                                f"its splits: {', '.join(map(str, splits))}.")
-        return _rows_from_object(namespace[name][split], f"variable {name!r}, split {split!r}", limit), \
+        return _indexed(_rows_from_object(namespace[name][split], f"variable {name!r}, split {split!r}", limit)), \
             f"variable {name}, split '{split}'"
     expression = re.match(r"([A-Za-z_]\w*)\s*[\[(.]", src)
     if (expression and namespace is not None and _looks_like_data(namespace.get(expression.group(1)))
@@ -210,7 +219,7 @@ def load_rows(src: Any, namespace: Optional[dict] = None, txt_mode: str = "auto"
         return _rows_from_glob(src, txt_mode, limit), src
     if namespace is not None and src.isidentifier():
         if src in namespace:
-            return _rows_from_object(namespace[src], f"variable {src!r}", limit), f"variable {src}"
+            return _indexed(_rows_from_object(namespace[src], f"variable {src!r}", limit)), f"variable {src}"
         names = [k for k, v in namespace.items() if not k.startswith("_") and _looks_like_data(v)]
         raise FtUsageError(
             f"--data {src!r} is neither a file nor a variable in this notebook{did_you_mean(src, names)}. "
@@ -1301,6 +1310,30 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def _turn_pair(m: Any) -> bool:
+    """``{"user": "hi", "assistant": "hello"}``: one exchange, each side under its role's name (no role field)."""
+    return (isinstance(m, dict) and bool(m) and "role" not in m and "from" not in m
+            and all(_plain(k) in ROLE_ALIASES for k in m))
+
+
+def _spelled_turns(seq: list) -> list:
+    """A conversation written another way, as role/content messages: a list of exchanges keyed by role
+    (``[{"user": .., "assistant": ..}, ...]``, system first, then the user, then the answer), or a list of plain
+    strings, which alternate user and assistant from the first (a dialog's utterances). Anything else as it is."""
+    if all(_turn_pair(m) for m in seq):
+        order = {role: i for i, role in enumerate(CHAT_ROLES)}
+        return [{"role": k, "content": m[k]} for m in seq
+                for k in sorted(m, key=lambda k: order[ROLE_ALIASES[_plain(k)]])]
+    if len(seq) > 1 and all(isinstance(m, str) for m in seq):
+        return [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(seq)]
+    return seq
+
+
+def _is_spelled_conversation(value: Any) -> bool:
+    """A list that :func:`_spelled_turns` reads as a conversation."""
+    return isinstance(value, list) and bool(value) and _is_conversation(_spelled_turns(value))
+
+
 def _is_texty(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
@@ -1311,7 +1344,8 @@ def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[
     nested object is nothing to train on)."""
     keys = list(keys)
     if sample is not None:
-        chats = [str(k) for k in keys if _is_conversation(conversation_cell(sample.get(k)))]
+        chats = [str(k) for k in keys if _is_conversation(conversation_cell(sample.get(k)))
+                 or _is_spelled_conversation(sample.get(k))]
         if chats:
             return f"{chats[0]}=messages"
         keys = [k for k in keys if _is_texty(sample.get(k))]
@@ -1464,6 +1498,7 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
     if not seq:
         raise FtUsageError(f"{where}: the list of messages is empty.")
+    seq = _spelled_turns(seq)
     out = []
     for j, m in enumerate(seq):
         if not isinstance(m, dict):
