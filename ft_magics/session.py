@@ -473,7 +473,7 @@ class Session:
     def load_adapter(self, path: str | Path, name: Optional[str] = None) -> str:
         """Load a PEFT LoRA adapter folder (made here or by any other tool) under ``name``."""
         from .core.adapters import (check_finite, check_fits, info_from_folder, load_folder, name_from_folder,
-                                    read_adapter_folder, validate_name)
+                                    read_adapter_folder, unfit_error, validate_name)
 
         path = user_path(path, "the adapter's folder", "'adapters/support'")
         if not path.exists() and len(path.parts) == 1 and (self.adapters_dir / path).is_dir():
@@ -498,9 +498,7 @@ class Session:
             try:
                 self.handle.model = load_folder(model, path, name)
             except (KeyError, ValueError, RuntimeError) as exc:
-                raise FtUsageError(
-                    f"adapter {path} does not fit the loaded model {self.handle.name}: {exc}"
-                ) from None
+                raise unfit_error(path, self.handle.name, exc) from None
             self.adapters.add(info_from_folder(name, path, "loaded"))
             from .core.adapters import activate
 

@@ -179,6 +179,33 @@ def test_routing_errors_name_the_fix(tiny_session, store):
     assert "legal" not in tiny_session.adapters  # nothing loaded by a refused batch
 
 
+def test_an_adapter_whose_config_contradicts_its_weights_is_refused_in_one_line(tiny_session, store, tmp_path):
+    """An adapter folder copied and its config's r edited by hand: serve printed a raw RuntimeError traceback, and
+    use / load a 1,700-line message blaming the base model."""
+    import json
+
+    bad = tmp_path / "bad-store" / "edited"
+    shutil.copytree(store / "legal", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    true_r, config["r"] = config["r"], config["r"] + 4
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    said = rf"says r={true_r + 4}, but its weights have rank {true_r} .*put \"r\": {true_r} back in adapter_config.json"
+    with pytest.raises(FtUsageError, match=said) as err:
+        tiny_session.serve([("base", "hi"), ("edited", "hi")], store=bad.parent, max_new_tokens=3)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(FtUsageError, match=said):
+        tiny_session.load_adapter(bad, "edited")
+    assert "edited" not in tiny_session.adapters
+    assert tiny_session.serve([("legal", "hi")], store=store, max_new_tokens=3)[0].adapter == "legal"  # still serving
+    from pathlib import Path
+
+    from ft_magics.core.adapters import unfit_error
+
+    torch_says = RuntimeError("Error(s) in loading state_dict:\n" + "\n".join(f"\tsize mismatch {i}" for i in range(1680)))
+    assert str(unfit_error(Path("a"), "tiny", torch_says)) == ("adapter a does not fit the loaded model tiny: Error(s) in "
+                                                               "loading state_dict: size mismatch 0 (and 1,679 more lines)")
+
+
 def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_across_stores(tiny_session, store,
                                                                                             tmp_path):
     """A slot kept the weights it read before its folder was rewritten (a retrain, a job) and served them as

@@ -467,6 +467,14 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def unfit_error(path: Path, model_label: str, exc: BaseException) -> FtUsageError:
+    """What PEFT's or torch's refusal to load the folder at ``path`` says, in one or two lines (torch lists every
+    mismatched tensor: a thousand lines for one edited config)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()] or [type(exc).__name__]
+    more = f" (and {len(lines) - 2:,} more lines)" if len(lines) > 2 else ""
+    return FtUsageError(f"adapter {path} does not fit the loaded model {model_label}: {' '.join(lines[:2])}{more}")
+
+
 def load_folder(model, path: Path, name: str):
     """``model`` with the adapter in folder ``path`` loaded as ``name`` (a PeftModel: the same one if it was
     already), its weights exactly the file's. A load that fails or is interrupted part-way leaves ``model`` as
@@ -595,6 +603,14 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
                     f"not have: the adapter was trained on {trained_for}, a different base model."
                 )
             shape = list(fh.get_slice(key).get_shape())
+            rank = shape[0] if m.group("ab") == "A" else shape[1] if len(shape) == 2 else None
+            if len(shape) == 2 and isinstance(config.get("r"), int) and not config.get("rank_pattern") \
+                    and rank != config["r"]:  # an edited config, or a folder's files from two adapters
+                raise FtUsageError(
+                    f"adapter {path}: its adapter_config.json says r={config['r']}, but its weights have rank {rank} "
+                    f"(layer {mod_name}), so they cannot be loaded as written. The config was edited or belongs to "
+                    f"other weights: put \"r\": {rank} back in adapter_config.json, or copy the adapter's folder "
+                    "again whole.")
             fan_in, fan_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
             if fan_in is None or fan_out is None or len(shape) != 2:
                 continue

@@ -322,11 +322,14 @@ class AdapterRouter:
         return path
 
     def _load_new(self, path: Path, slot: str) -> None:
-        from .adapters import check_fits, load_folder, read_adapter_folder
+        from .adapters import check_fits, load_folder, read_adapter_folder, unfit_error
 
         model = self.host.model
         check_fits(model, path, read_adapter_folder(path), self.host.handle.name)
-        self.host.handle.model = load_folder(model, path, slot)
+        try:
+            self.host.handle.model = load_folder(model, path, slot)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise unfit_error(path, self.host.handle.name, exc) from None
 
     def _drop(self, slot: str) -> None:
         from .adapters import drop_adapter
