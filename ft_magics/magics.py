@@ -817,7 +817,13 @@ class FtMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"cannot parse the magic line ({exc}); check the quotes.") from None
         help_asked(self.lora_adapters, words[:1])
-        adapter_commands.run(self.session, words)
+        try:
+            adapter_commands.run(self.session, words)
+        except KeyboardInterrupt:  # the stop button in a merged export, a combine, a cold load: one line, not a traceback
+            cmd = words[0] if words else "list"
+            end_as_interrupted(f"%lora_adapters {cmd} interrupted: " + (
+                "undone, so the model and the adapters are as they were and nothing was written"
+                if cmd in UNDONE_ON_INTERRUPT else "see %lora_adapters list for what is loaded and on disk now"))
 
     # ------------------------------------------------------------------ %%lora_compare
     @magic_arguments()
@@ -1127,6 +1133,11 @@ def _answer_footer(gen, notes=()) -> None:
     if gen.stopped:
         end_as_interrupted(f"the answer was stopped by the interrupt after {counted(gen.new_tokens, 'token')} "
                            "(kept above)")
+
+
+# %lora_adapters subcommands that put everything back when interrupted (their in-place work undoes on BaseException,
+# their files are written whole or not at all)
+UNDONE_ON_INTERRUPT = ("load", "merge", "combine", "export")
 
 
 def end_as_interrupted(what: str) -> None:

@@ -100,6 +100,27 @@ def test_an_export_does_not_silently_replace_another_adapter_s_export(loaded, ca
     assert sess.handle is not None
 
 
+def test_an_interrupted_merged_export_ends_in_one_line_and_leaves_nothing(loaded, tmp_path, monkeypatch):
+    """The stop button during `export NAME DIR --merged` printed a raw KeyboardInterrupt traceback from inside
+    PEFT's merge_and_unload."""
+    sh, a, _ = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("lora_adapters", f"load {a}")
+    before = sess.generate("hello", adapter="alpha", max_new_tokens=5).text
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", stopped)
+    with pytest.raises(UsageError, match=r"^%lora_adapters export interrupted: undone, so the model and the adapters "
+                                         r"are as they were and nothing was written\.$"):
+        sh.run_line_magic("lora_adapters", "export alpha out/merged --merged")
+    assert not (tmp_path / "out" / "merged").exists()
+    assert sess.generate("hello", adapter="alpha", max_new_tokens=5).text == before
+
+
 def test_a_merge_into_16_bit_weights_says_greedy_answers_can_part(shell, tiny_model_dir, tmp_path, capsys):
     """A tester saw a merged adapter answer differently from the unmerged one on a 16-bit base (the sum W + BA is
     rounded to 16 bits; the unmerged update is added at full precision) with nothing saying it could."""
