@@ -96,7 +96,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             if name != running:
                 out(f"{name}: its run was cut short at step {step} before it saved an adapter; %%lora_train {name} "
                     "--data ... --resume continues it from there.")
-        if not s.adapters and not on_disk:
+        if not s.adapters and not on_disk and not s.misnamed_on_disk():
             if running or cut_short:
                 return
             out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
@@ -130,6 +130,9 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         if others:
             out(f"on disk in {s.adapters_dir}, trained on another base model (they do not fit "
                 f"{s.handle.name}): {', '.join(others)}")
+        for folder, name in s.misnamed_on_disk().items():
+            out(f"on disk in {s.adapters_dir}, under a folder name that is no adapter name: {folder!r}; rename the "
+                f"folder (e.g. to {name}), or load it with %lora_adapters load \"{s.adapters_dir / folder}\" --name {name}.")
         out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
         return
     if cmd == "info":

@@ -854,13 +854,27 @@ class Session:
         from .core.adapters import check_fits, read_adapter_folder
 
         folder = self._adapter_folder(name)
-        if folder is None or self.handle is None:
+        if folder is None:
             return None
         try:
-            check_fits(self.model, folder, read_adapter_folder(folder, parse_weights=False), self.handle.name)
+            config = read_adapter_folder(folder, parse_weights=False)  # (unreadable with no model loaded too)
+            if self.handle is not None:
+                check_fits(self.model, folder, config, self.handle.name)
         except FtUsageError as exc:
             return str(exc)
         return None
+
+    def misnamed_on_disk(self) -> dict:
+        """``{folder name: the name it loads under}`` for adapter folders in the adapters folder whose names cannot
+        be adapter names (``a2 copy``: a file manager's copy), which are not used by name."""
+        from .core.adapters import name_from_folder
+
+        root = self.adapters_dir
+        if not root.is_dir():
+            return {}
+        return {p.name: name_from_folder(p) for p in sorted(root.iterdir())
+                if p.is_dir() and not p.name.startswith(".") and (p / "adapter_config.json").is_file()
+                and self._adapter_folder(p.name) is None}
 
     # ------------------------------------------------------------------ merge, combine, export
     def _check_not_merged(self, what: str, keep: Optional[str] = None) -> None:

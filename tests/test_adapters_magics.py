@@ -201,6 +201,28 @@ def test_compare_shows_an_html_table_in_a_notebook(loaded, monkeypatch):
     assert html.startswith("<table") and "<th style='text-align:left'>alpha<br>" in html and html.count("<tr>") == 3
 
 
+def test_a_copied_or_damaged_adapter_folder_is_listed_for_what_it_is(shell, tiny_model_dir, tmp_path, capsys):
+    """A file manager's copy ('alpha copy') was missing from the list and could not be loaded by its folder's
+    name; with no model loaded, damaged folders were listed as ones that load."""
+    import shutil
+
+    a = peft_adapter(tiny_model_dir, tmp_path / "adapters" / "alpha", seed=5)
+    shutil.copytree(a, tmp_path / "adapters" / "alpha copy")
+    shutil.copytree(a, tmp_path / "adapters" / "broken")
+    (tmp_path / "adapters" / "broken" / "adapter_config.json").write_text("{not json")
+    capsys.readouterr()
+    shell.run_line_magic("lora_adapters", "list")  # no model loaded
+    out = capsys.readouterr().out
+    assert "(used by name, they load): alpha\n" in out and "unreadable: broken:" in out
+    assert ("under a folder name that is no adapter name: 'alpha copy'; rename the folder (e.g. to alpha-copy), or "
+            "load it with %lora_adapters load \"adapters/alpha copy\" --name alpha-copy.") in out
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    shell.run_line_magic("lora_adapters", "load 'adapters/alpha copy'")
+    assert "alpha-copy" in magics(shell).session.adapters
+    with pytest.raises(UsageError, match=r"broken/adapter_config.json is corrupt .*the adapter cannot be loaded"):
+        shell.run_line_magic("lora_adapters", "use broken")
+
+
 def test_tilde_of_an_unknown_user_is_a_usage_error_not_a_crash(shell):
     """Found by tests/test_fuzz.py: pathlib raises RuntimeError for '~0' (no user named 0)."""
     from IPython.core.error import UsageError

@@ -79,8 +79,9 @@ def _layer_path_parts(model: Any) -> dict:
 
 def name_from_folder(path) -> str:
     """The name an adapter folder loads under when none is given: the folder's name, a '.' (which an adapter
-    name cannot hold) written '_' (``llama-3.1-lora`` -> ``llama-3_1-lora``)."""
-    return Path(path).name.replace(".", "_")
+    name cannot hold) written '_' (``llama-3.1-lora`` -> ``llama-3_1-lora``), and spaces '-' (``a2 copy``, as a
+    file manager names a copy -> ``a2-copy``)."""
+    return re.sub(r"\s+", "-", Path(path).name.strip()).replace(".", "_")
 
 
 @dataclass
