@@ -757,6 +757,22 @@ def test_a_stopped_run_s_summary_says_which_step_its_eval_loss_was_measured_at(t
     assert end.extra["eval_step"] == end.steps and "(at step" not in summary_text(end)
 
 
+def test_the_final_evaluation_is_announced_after_the_last_step(tiny_session):
+    """At the last step the time left read 0:00 while the final evaluation and the save took a while more, with
+    nothing on the dashboard saying so."""
+    rec = Recorder()
+    tiny_session.train("fin", DATA, dict(CFG, max_steps=3, eval_fraction=0.25), listeners=[rec])
+    kinds = [(type(e).__name__, getattr(e, "text", "")) for e in rec.events]
+    said = [i for i, (_, text) in enumerate(kinds) if text == "the last step is done: evaluating on 6 eval examples, then "
+                                                               "saving the adapter"]
+    steps = [i for i, (k, _) in enumerate(kinds) if k == "StepEnd"]
+    evals = [i for i, (k, _) in enumerate(kinds) if k == "EvalEnd"]
+    assert len(said) == 1 and steps[-1] < said[0] < evals[-1]
+    rec = Recorder()  # a run whose last step was evaluated already has nothing more to announce
+    tiny_session.train("fin2", DATA, dict(CFG, max_steps=2, eval_fraction=0.25, eval_steps=2), listeners=[rec])
+    assert not [m for m in _messages(rec) if m.startswith("the last step is done")]
+
+
 def test_the_run_record_and_info_keep_what_the_data_report_dropped(tiny_session):
     """ft_run.json and %lora_adapters info said '6 train' where 3 rows had no answer and 3 trained."""
     s = tiny_session

@@ -1150,6 +1150,9 @@ def run_training(
                 if flag.is_set():
                     status = flag.reason or "stopped"
                 if eval_ds is not None and status == "completed" and not _last_step_evaluated(history):
+                    # the time left said 0:00 at the last step, while this evaluation could take a while more
+                    emit(listeners, Message(f"the last step is done: evaluating on {counted(len(eval_ds), 'eval example')}, "
+                                            "then saving the adapter"))
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
                     metrics = trainer.evaluate()
                     eval_loss, eval_step = _f(metrics.get("eval_loss")), history["last_step"]
