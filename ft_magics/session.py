@@ -499,7 +499,11 @@ class Session:
                 self.handle.model = load_folder(model, path, name)
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise unfit_error(path, self.handle.name, exc) from None
-            self.adapters.add(info_from_folder(name, path, "loaded"))
+            info = info_from_folder(name, path, "loaded")
+            from .core.routing import folder_stamp
+
+            info.extra["stamp"] = folder_stamp(path)  # what _reload_if_rewritten compares the folder with later
+            self.adapters.add(info)
             from .core.adapters import activate
 
             activate(self.handle.model, name)
@@ -785,6 +789,36 @@ class Session:
                                    "examples with --data FILE.")
         return spec["data"], spec.get("eval"), cfg, data.get("fingerprint"), spec["data"]
 
+    def _reload_if_rewritten(self, name: str) -> None:
+        """Read adapter ``name`` again from its folder when the folder's files changed since this session loaded
+        it (another notebook or process retrained it there): the session kept answering with the old weights while
+        %lora_adapters info showed the new run. Not while this session trains it or has an adapter merged; a folder
+        that is gone, or that no longer fits, leaves the loaded copy as it is."""
+        from .core.adapters import check_fits, read_adapter_folder
+        from .core.routing import folder_stamp
+
+        info = self.adapters.require(name)
+        stamp = (info.extra or {}).get("stamp")
+        folder = Path(info.path) if info.path else None
+        if not stamp or folder is None or self._merged is not None or self.training_in_background == name:
+            return
+        try:
+            if folder_stamp(folder) == stamp or not (folder / "adapter_config.json").is_file():
+                return
+            check_fits(self.model, folder, read_adapter_folder(folder, parse_weights=False), self.handle.name)
+        except (OSError, FtUsageError):
+            return
+        active = self.adapters.active
+        self._drop_from_memory(name)
+        self.load_adapter(folder, name)
+        if active != name:  # load_adapter made it active: the user's selection stays
+            from .core.adapters import activate
+
+            activate(self.model, active)
+            self.adapters.active = active
+        print(f"Note: {folder} changed on disk since this session loaded {name!r} (retrained elsewhere?): "
+              "reloaded it from there.")
+
     def _load_on_demand(self, name: str) -> None:
         """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""
         folder = self._adapter_folder(name)
@@ -797,6 +831,8 @@ class Session:
         from .core.adapters import activate
 
         adapter_name_text(name)
+        if name in self.adapters:
+            self._reload_if_rewritten(name)
         if name not in self.adapters:
             self._check_not_training(name)
             if self._adapter_folder(name) is not None:  # on disk: loading it needs the base as it was

@@ -206,6 +206,29 @@ def test_an_adapter_whose_config_contradicts_its_weights_is_refused_in_one_line(
                                                                "loading state_dict: size mismatch 0 (and 1,679 more lines)")
 
 
+def test_an_adapter_retrained_by_another_process_is_read_again_when_next_used(tiny_session, store, tmp_path, capsys):
+    """Another notebook retrained adapter 'legal' in the shared folder: this session went on answering with the
+    weights it had loaded, while %lora_adapters info showed the new run."""
+    s = tiny_session
+    folder = s.adapters_dir / "legal"
+    shutil.copytree(store / "legal", folder)
+    s.load_adapter(folder, "legal")
+    s.use(None)
+    old = s.generate(PROMPTS[0], adapter="legal", max_new_tokens=6).text
+    new = s.generate(PROMPTS[0], adapter=s.load_adapter(store / "support", "support-ref"), max_new_tokens=6).text
+    assert old != new
+    capsys.readouterr()
+    assert s.generate(PROMPTS[0], adapter="legal", max_new_tokens=6).text == old and "changed on disk" not in \
+        capsys.readouterr().out  # unchanged: nothing read again
+    shutil.copytree(store / "support", tmp_path / "incoming")  # what an atomic save elsewhere does: a new folder
+    shutil.rmtree(folder)
+    (tmp_path / "incoming").rename(folder)
+    s.use(None)
+    assert s.generate(PROMPTS[0], adapter="legal", max_new_tokens=6).text == new
+    assert "changed on disk since this session loaded 'legal' (retrained elsewhere?): reloaded it" in capsys.readouterr().out
+    assert s.adapters.active is None  # the selection stays as it was
+
+
 def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_across_stores(tiny_session, store,
                                                                                             tmp_path):
     """A slot kept the weights it read before its folder was rewritten (a retrain, a job) and served them as
