@@ -720,6 +720,12 @@ class FtMagics(Magics):
         if not message.strip():
             from .widgets import widget_frontend
 
+            given = [f"--{k.replace('_', '-')}" for k in ("adapter", *SAMPLING_FLAGS, "no_stream")
+                     if getattr(args, k, None) != self.lora_chat.parser.get_default(k)]
+            if given and not (self.widgets and widget_frontend()):  # they shape an answer; without a message there
+                # is none (only --system and --new persist; the panel takes them as its settings)
+                print(f"{', '.join(given)} applies to a turn: give a message too (e.g. %lora_chat {given[0]} ... "
+                      "Hello); only --system and --new act on their own.")
             if args.new:
                 from .core.chat import Conversation
 
@@ -733,8 +739,10 @@ class FtMagics(Magics):
                 session.conversation = session.conversation or Conversation()
                 session.conversation.system = args.system or None
                 if not (self.widgets and widget_frontend()):
-                    print(f"system prompt from the next turn on: {args.system}" if args.system else
-                          "no system prompt from the next turn on.")
+                    print((f"system prompt from the next turn on: {args.system}" if args.system else
+                           "no system prompt from the next turn on.")
+                          + (" The turns so far stay in the conversation, and the model reads them under it "
+                             "(%lora_chat --new starts afresh)." if session.conversation.turns else ""))
                     return
             on_disk = session.adapters_on_disk() if args.adapter not in (None, "base") else []
             if args.adapter not in (None, "base") and args.adapter not in session.adapters and args.adapter not in on_disk:
@@ -748,11 +756,6 @@ class FtMagics(Magics):
                 display(ChatPanel(session, sampling=sampling_of(args), adapter=args.adapter,
                                   system=None if args.new else args.system))
                 return
-            given = [f"--{k.replace('_', '-')}" for k in ("adapter", *SAMPLING_FLAGS, "no_stream")
-                     if getattr(args, k, None) != self.lora_chat.parser.get_default(k)]
-            if given:  # they shape an answer; without a message there is none (only --system and --new persist)
-                print(f"{', '.join(given)} applies to a turn: give a message too (e.g. %lora_chat {given[0]} ... "
-                      "Hello); only --system and --new act on their own.")
             conv = session.conversation
             if conv is None or not conv.turns:
                 raise UsageError("no conversation yet: write a message, e.g. %lora_chat Hello! (or in the cell "

@@ -850,6 +850,9 @@ def test_a_comparison_s_notes_say_which_answers_they_are_about():
     assert "(blank: whitespace only)" in cmp.to_text()
     every = Comparison(prompts=["p"], columns=["base"], cells={(0, "base"): gen("x", "cut")}, swap_ms={})
     assert every.notes() == ["cut"]  # about every answer: no label
+    listed = Comparison(prompts=["fruit?"], columns=["base"], cells={(0, "base"): gen("1. Banana\n2. Orange\n\nBye")},
+                        swap_ms={})  # the text view joined an answer's lines into one ("1. Banana 2. Orange")
+    assert "    1. Banana\n    2. Orange\n\n    Bye\n" in listed.to_text(width=60)
 
 
 def test_use_of_an_adapter_on_disk_says_it_was_loaded(loaded, capsys):

@@ -20,6 +20,7 @@ class Turn:
     content: str
     adapter: str = ""  # for an answer: the adapter that gave it ("base" for none)
     stopped: bool = False  # an answer cut short by an interrupt
+    system: Optional[str] = None  # for a question: the system prompt it was asked under
 
 
 @dataclass
@@ -35,7 +36,25 @@ class Conversation:
         return [{"role": t.role, "content": t.content} for t in self.turns]
 
     def add(self, question: str, answer: str, adapter: str, stopped: bool = False) -> None:
-        self.turns += [Turn("user", question), Turn("assistant", answer, adapter, stopped)]
+        self.turns += [Turn("user", question, system=self.system), Turn("assistant", answer, adapter, stopped)]
+
+    def entries(self) -> list:
+        """What a view shows, in order: ``("system", text)`` where the system prompt in force changes (at the top,
+        and where ``--system`` changed it between turns: each answer shows beside the prompt it was given under;
+        ``text`` None once it was removed), ``("user", text)``, ``("answer", text, adapter, stopped)``, and the
+        system prompt set for the next turn, where it differs from the last one's."""
+        out, shown = [], None
+        for t in self.turns:
+            if t.role == "user":
+                if t.system != shown and (t.system or out):
+                    out.append(("system", t.system))
+                shown = t.system
+                out.append(("user", t.content))
+            else:
+                out.append(("answer", t.content, t.adapter or "model", t.stopped))
+        if self.system != shown and (self.system or out):
+            out.append(("system", self.system))
+        return out
 
     def fitting_history(self, model, tokenizer, question: str, answer_tokens: int) -> tuple[list, int]:
         """``(messages, left_out)``: the most recent whole exchanges that leave ``answer_tokens`` of the
@@ -57,10 +76,12 @@ class Conversation:
     def transcript(self) -> str:
         if not self.turns:
             return ""
-        lines = [f"system: {self.system}"] if self.system else []
-        for t in self.turns:
-            if t.role == "user":
-                lines.append(f"you: {t.content}")
+        lines = []
+        for entry in self.entries():
+            if entry[0] == "system":
+                lines.append(f"system: {entry[1]}" if entry[1] is not None else "system: (none from here on)")
+            elif entry[0] == "user":
+                lines.append(f"you: {entry[1]}")
             else:
-                lines.append(f"{t.adapter or 'model'}: {t.content}{' [stopped]' if t.stopped else ''}")
+                lines.append(f"{entry[2]}: {entry[1]}{' [stopped]' if entry[3] else ''}")
         return "\n".join(lines)

@@ -2560,14 +2560,20 @@ def places(wheres: list, show: int = 3) -> str:
     return "; ".join(wheres[:show]) + more
 
 
-def special_token_warning(records: list, tokenizer, scored: bool = False) -> Optional[str]:
-    """A warning when the data's own text holds a special token's spelling (``<|im_end|>`` in an answer, pasted
-    from a log or a chat export): the tokenizer reads it as that token, so the model learns to end its turn, or
-    start a role, there; the printed example cannot show it, since it decodes to the same text."""
+def special_spellings(tokenizer) -> set:
+    """The text of each special token of the tokenizer (``<|im_end|>``), which text holding it is read as."""
     specials = {t for t in getattr(tokenizer, "all_special_tokens", []) or [] if isinstance(t, str) and len(t) >= 3}
     for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
         if getattr(tok, "special", False) and len(str(tok.content)) >= 3:
             specials.add(str(tok.content))
+    return specials
+
+
+def special_token_warning(records: list, tokenizer, scored: bool = False) -> Optional[str]:
+    """A warning when the data's own text holds a special token's spelling (``<|im_end|>`` in an answer, pasted
+    from a log or a chat export): the tokenizer reads it as that token, so the model learns to end its turn, or
+    start a role, there; the printed example cannot show it, since it decodes to the same text."""
+    specials = special_spellings(tokenizer)
     if not specials:
         return None
     found: dict = {}  # token -> examples holding it

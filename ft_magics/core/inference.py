@@ -212,6 +212,8 @@ def _streamer(tokenizer, on_text: Callable[[str], None]):
 
     class CallbackStreamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):
+            if stream_end and text.endswith("\ufffd"):  # an answer cut inside a character: as _decoded drops it
+                text = text[:-1]
             if text:
                 on_text(text)
 
@@ -229,6 +231,20 @@ def without_added_eos(tokenizer, enc: dict, texts: Sequence[str]) -> dict:
     if spelled and any(t.endswith(spelled) for t in texts):
         return enc
     return {k: v[:, :-1] for k, v in enc.items()}
+
+
+def markup_note(tokenizer, prompt: str, system: Optional[str] = None) -> str:
+    """What an answer's footer says when the prompt (or system prompt) spells a special token of the tokenizer
+    (``<|im_start|>system``, pasted or typed): it is read as that token, so the text can open a turn of its own
+    (a system prompt injected into the conversation), as training's data report warns; else ''."""
+    from .data import special_spellings
+
+    text = prompt + (system or "")
+    spelled = sorted(t for t in special_spellings(tokenizer) if t in text)
+    if not spelled:
+        return ""
+    return (f"the prompt spells {', '.join(map(repr, spelled))}: read as the special "
+            f"token{'s' if len(spelled) > 1 else ''} (chat markup: a turn's boundary), not as text")
 
 
 def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sampling: Optional[Sampling] = None,
@@ -250,7 +266,14 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=raw or adds_special_tokens(tokenizer))
     enc = without_added_eos(tokenizer, enc, [text])
-    max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], sampling.max_new_tokens)
+    try:
+        max_new_tokens, note = fit_to_context(model, enc["input_ids"].shape[1], sampling.max_new_tokens)
+    except FtUsageError as exc:  # "shorten it": where a long system prompt is the cause, say so (a chat keeps it)
+        own = len(tokenizer(system, add_special_tokens=False)["input_ids"]) if system else 0
+        if own * 2 < enc["input_ids"].shape[1]:
+            raise
+        raise FtUsageError(f"{exc} Of that, the system prompt is {own:,} tokens: give a shorter one (--system TEXT; "
+                           "in a chat, %lora_chat --system TEXT, or --new to start again without it).") from None
     enc = {k: v.to(device) for k, v in enc.items()}
     kw = dict(sampling.generate_kwargs(max_new_tokens), pad_token_id=tokenizer.pad_token_id)
     sampling.seed_generator()
@@ -284,6 +307,7 @@ def generate(model, tokenizer, prompt: str, *, system: Optional[str] = None, sam
     new = out[0][enc["input_ids"].shape[1]:].tolist()
     if sampling.greedy and sampling.repetition_penalty == 1.0 and repeats_itself(new):
         note = "; ".join(n for n in (note, LOOP_NOTE) if n)
+    note = "; ".join(n for n in (markup_note(tokenizer, prompt, system), note) if n)
     return Generation(
         text=_decoded(tokenizer, new), adapter=adapter_label,
         new_tokens=len(new), seconds=seconds, stopped=flag.is_set(), note=note, decode_seconds=clock.decode_seconds,
@@ -461,7 +485,9 @@ class Comparison:
             for c in self.columns:
                 g = self.cells[(i, c)]
                 shown = g.text if g.text.strip() else ("(blank: whitespace only)" if g.text else EMPTY_ANSWER)
-                body = textwrap.fill(shown, width=width, initial_indent="    ", subsequent_indent="    ")
+                body = "\n".join(  # each line of the answer wrapped on its own: a list stays a list
+                    textwrap.fill(line, width=width, initial_indent="    ", subsequent_indent="    ") if line.strip()
+                    else "" for line in shown.splitlines() or [shown])
                 lines.append(f"  [{c}] {g.new_tokens} tokens")
                 lines.append(body)
             lines.append("")

@@ -110,13 +110,14 @@ class ChatPanel:
         """The conversation so far, plus ``pending`` = (message, answer so far, adapter) while one streams in."""
         conv = self.session.conversation
         parts = []
-        if conv is not None and conv.system:
-            parts.append(f"<div class='ft-chat-system' style='color:#666'><i>system: {html.escape(conv.system)}</i></div>")
-        for t in (conv.turns if conv is not None else []):
-            if t.role == "user":
-                parts.append(_bubble("you", t.content, "user"))
+        for entry in (conv.entries() if conv is not None else []):
+            if entry[0] == "system":
+                said = html.escape(entry[1]) if entry[1] is not None else "(none from here on)"
+                parts.append(f"<div class='ft-chat-system' style='color:#666'><i>system: {said}</i></div>")
+            elif entry[0] == "user":
+                parts.append(_bubble("you", entry[1], "user"))
             else:
-                parts.append(_bubble(t.adapter or "model", t.content, "answer", "stopped" if t.stopped else ""))
+                parts.append(_bubble(entry[2], entry[1], "answer", "stopped" if entry[3] else ""))
         if pending is not None:
             message, answer, adapter = pending
             parts.append(_bubble("you", message, "user"))
