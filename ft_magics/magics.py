@@ -957,8 +957,10 @@ class FtMagics(Magics):
 
             _note_other_base(self.session, name, print)  # its run's eval loss was on that base
         if args.data is None and not any(str(label).startswith("held out in training") for label in report.sets):
-            print(f"(only the forgetting check: no held-out examples are known for {name!r}; --data FILE scores "
-                  "it on yours)")
+            why = self.session.unknown_heldout_why(name)
+            print("(only the forgetting check: " + (f"{why}; " if why else
+                                                     f"no held-out examples are known for {name!r}; ")
+                  + "--data FILE scores it on yours)")
 
     def _show(self, result) -> None:
         """An HTML table in a notebook (a kernel with a rich frontend), text elsewhere."""

@@ -789,6 +789,24 @@ class Session:
                                    "examples with --data FILE.")
         return spec["data"], spec.get("eval"), cfg, data.get("fingerprint"), spec["data"]
 
+    def unknown_heldout_why(self, name: str) -> str:
+        """Why adapter ``name``'s run held out rows that ``%lora_eval NAME`` cannot rebuild ('' where it held out
+        none, or they can be rebuilt): its data was a notebook variable, which a later kernel does not hold as the
+        run read it (scoring the variable as it is now could score rows the run trained on)."""
+        from .core.adapters import run_record
+        from .core.events import counted
+
+        if name in self.heldout or not isinstance(name, str):
+            return ""
+        info = next((i for i in self.adapters if i.name == name), None)
+        folder = Path(info.path) if info is not None and info.path else self._adapter_folder(name)
+        data = (run_record(folder) if folder is not None else {}).get("data")
+        if not (isinstance(data, dict) and data.get("eval_rows") and not data.get("spec")):
+            return ""
+        return (f"its run held out {counted(data['eval_rows'], 'row')} of {data.get('source') or 'its data'}, which "
+                "this kernel cannot read again as the run read it (a notebook variable), so they cannot be told from "
+                "the rows it trained on")
+
     def _reload_if_rewritten(self, name: str) -> None:
         """Read adapter ``name`` again from its folder when the folder's files changed since this session loaded
         it (another notebook or process retrained it there): the session kept answering with the old weights while
@@ -1126,7 +1144,9 @@ class Session:
             if recorded is not None:
                 own, recorded = recorded[:3], recorded[3:]
         if data is None and own is None and not general:
-            raise FtUsageError("--data is required: held-out examples, e.g. --data demo:support-eval.")
+            why = self.unknown_heldout_why(name)
+            raise FtUsageError(f"--data is required: {why}; give held-out examples, e.g. --data FILE." if why else
+                               "--data is required: held-out examples, e.g. --data demo:support-eval.")
         if column_map and data is None:
             raise FtUsageError("--map renames the columns of --data: give --data FILE too.")
         from .core.inference import as_number

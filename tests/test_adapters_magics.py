@@ -413,6 +413,15 @@ def test_eval_alone_uses_the_active_adapter_and_the_rows_its_run_held_out(shell,
     assert "only the forgetting check: no held-out examples are known for 'noeval'" in out
     with pytest.raises(UsageError, match="--data is required"):
         shell.run_line_magic("lora_eval", "--no-general")
+    # after a restart (the kernel no longer holds the rows the run read): the reason is the variable, not "unknown"
+    magics(shell).session.heldout.clear()
+    capsys.readouterr()
+    shell.run_line_magic("lora_eval", "held --max-seq-len 64")
+    said = (r"\(only the forgetting check: its run held out \d+ rows of variable rows, which this kernel cannot read "
+            r"again as the run read it \(a notebook variable\)")
+    assert re.search(said, capsys.readouterr().out)
+    with pytest.raises(UsageError, match=r"--data is required: its run held out \d+ rows of variable rows.*--data FILE"):
+        shell.run_line_magic("lora_eval", "held --no-general")
 
 
 def test_eval_after_a_restart_rebuilds_the_held_out_split_from_the_run_s_record(shell, tiny_model_dir, tmp_path,
