@@ -807,7 +807,7 @@ class Session:
                 "this kernel cannot read again as the run read it (a notebook variable), so they cannot be told from "
                 "the rows it trained on")
 
-    def _reload_if_rewritten(self, name: str) -> None:
+    def _reload_if_rewritten(self, name: str) -> bool:
         """Read adapter ``name`` again from its folder when the folder's files changed since this session loaded
         it (another notebook or process retrained it there): the session kept answering with the old weights while
         %lora_adapters info showed the new run. Not while this session trains it or has an adapter merged; a folder
@@ -819,13 +819,13 @@ class Session:
         stamp = (info.extra or {}).get("stamp")
         folder = Path(info.path) if info.path else None
         if not stamp or folder is None or self._merged is not None or self.training_in_background == name:
-            return
+            return False
         try:
             if folder_stamp(folder) == stamp or not (folder / "adapter_config.json").is_file():
-                return
+                return False
             check_fits(self.model, folder, read_adapter_folder(folder, parse_weights=False), self.handle.name)
         except (OSError, FtUsageError):
-            return
+            return False
         active = self.adapters.active
         self._drop_from_memory(name)
         self.load_adapter(folder, name)
@@ -836,6 +836,7 @@ class Session:
             self.adapters.active = active
         print(f"Note: {folder} changed on disk since this session loaded {name!r} (retrained elsewhere?): "
               "reloaded it from there.")
+        return True
 
     def _load_on_demand(self, name: str) -> None:
         """Load adapter ``name`` from the adapters folder if it is there (per-call --adapter NAME)."""

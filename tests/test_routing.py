@@ -227,6 +227,11 @@ def test_an_adapter_retrained_by_another_process_is_read_again_when_next_used(ti
     assert s.generate(PROMPTS[0], adapter="legal", max_new_tokens=6).text == new
     assert "changed on disk since this session loaded 'legal' (retrained elsewhere?): reloaded it" in capsys.readouterr().out
     assert s.adapters.active is None  # the selection stays as it was
+    shutil.rmtree(folder)  # and serve, which answers with the session's own copy, reads it again too
+    shutil.copytree(store / "shop", folder)
+    served = s.serve([("legal", PROMPTS[0])], store=store, max_new_tokens=6)[0]
+    assert served.how == "refreshed" and served.cold
+    assert served.text == s.generate(PROMPTS[0], adapter=s.load_adapter(store / "shop", "shop-ref"), max_new_tokens=6).text
 
 
 def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_across_stores(tiny_session, store,

@@ -48,7 +48,7 @@ class Served:
     swap_ms: float  # time to make it the one that runs (0 in a mixed batch: selected per row)
     mode: str  # "mixed" (one forward pass for the whole batch) or "grouped" (one batch per adapter)
     batch_seconds: float  # wall time of the generate call that produced this answer
-    how: str = "resident"  # loaded | hot-swapped | reloaded (cold); resident | pinned (session's own) | base
+    how: str = "resident"  # loaded | hot-swapped | reloaded | refreshed (cold); resident | pinned (session's own) | base
 
 
 def as_requests(requests: Any) -> list:
@@ -138,7 +138,8 @@ def requests_of_text(text: str) -> list:
 
 
 _HOW = {"loaded": "loaded from the store", "hot-swapped": "hot-swapped into a slot", "reloaded": "reloaded into a slot",
-        "resident": "in memory", "pinned": "loaded in the session", "base": "base model"}
+        "resident": "in memory", "pinned": "loaded in the session", "base": "base model",
+        "refreshed": "loaded in the session, read again from its rewritten folder"}
 
 
 def served_text(requests: list, served: list) -> str:
@@ -346,6 +347,9 @@ class AdapterRouter:
     def _ensure(self, name: str, keep: set) -> tuple:
         """Make ``name`` resident; return (PEFT adapter name, load ms, how)."""
         if name in self.host.adapters:  # the user's own (trained or loaded) adapter: never evicted
+            t = time.perf_counter()
+            if getattr(self.host, "_reload_if_rewritten", lambda n: False)(name):  # retrained elsewhere: read again
+                return name, (time.perf_counter() - t) * 1000.0, "refreshed"
             return name, 0.0, "pinned"
         path = self._resolve(name)
         held = (path.resolve(), folder_stamp(path))
@@ -434,7 +438,7 @@ class AdapterRouter:
             first = r.adapter not in seen
             seen.add(r.adapter)
             _, ms, how = loads.get(r.adapter, (None, 0.0, "base"))
-            cold = first and how in ("loaded", "hot-swapped", "reloaded")
+            cold = first and how in ("loaded", "hot-swapped", "reloaded", "refreshed")
             out[k] = Served(index=k, adapter=r.adapter, text=text, new_tokens=n, cold=cold,
                             load_ms=ms if cold else 0.0, swap_ms=swap_ms, mode=mode, batch_seconds=seconds,
                             how=how if cold or how in ("pinned", "base") else "resident")
