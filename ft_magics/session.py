@@ -499,11 +499,7 @@ class Session:
                 self.handle.model = load_folder(model, path, name)
             except (KeyError, ValueError, RuntimeError) as exc:
                 raise unfit_error(path, self.handle.name, exc) from None
-            info = info_from_folder(name, path, "loaded")
-            from .core.routing import folder_stamp
-
-            info.extra["stamp"] = folder_stamp(path)  # what _reload_if_rewritten compares the folder with later
-            self.adapters.add(info)
+            self.adapters.add(info_from_folder(name, path, "loaded"))
             from .core.adapters import activate
 
             activate(self.handle.model, name)
@@ -812,8 +808,7 @@ class Session:
         it (another notebook or process retrained it there): the session kept answering with the old weights while
         %lora_adapters info showed the new run. Not while this session trains it or has an adapter merged; a folder
         that is gone, or that no longer fits, leaves the loaded copy as it is."""
-        from .core.adapters import check_fits, read_adapter_folder
-        from .core.routing import folder_stamp
+        from .core.adapters import check_fits, folder_stamp, read_adapter_folder
 
         info = self.adapters.require(name)
         stamp = (info.extra or {}).get("stamp")

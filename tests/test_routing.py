@@ -232,6 +232,15 @@ def test_an_adapter_retrained_by_another_process_is_read_again_when_next_used(ti
     served = s.serve([("legal", PROMPTS[0])], store=store, max_new_tokens=6)[0]
     assert served.how == "refreshed" and served.cold
     assert served.text == s.generate(PROMPTS[0], adapter=s.load_adapter(store / "shop", "shop-ref"), max_new_tokens=6).text
+    # an adapter this session trained is watched the same way (its entry came from the run, not from a load)
+    s.train("own", [{"prompt": p, "completion": "ok"} for p in PROMPTS] * 2, dict(max_steps=1, batch_size=4, r=4),
+            listeners=[])
+    shutil.copytree(store / "legal", tmp_path / "incoming2")  # copytree keeps the files' times and sizes
+    shutil.rmtree(s.adapters_dir / "own")
+    (tmp_path / "incoming2").rename(s.adapters_dir / "own")
+    capsys.readouterr()
+    s.generate(PROMPTS[0], adapter="own", max_new_tokens=2)
+    assert "changed on disk since this session loaded 'own'" in capsys.readouterr().out
 
 
 def test_a_slot_serves_the_folder_as_it_is_now_and_one_router_holds_capacity_across_stores(tiny_session, store,

@@ -215,7 +215,20 @@ def run_record(path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def folder_stamp(folder: Path) -> tuple:
+    """What changes when an adapter folder's files are rewritten (a retrain replaces the folder, a job writes new
+    weights, a copy lands over it): each file's inode, size and modification time."""
+    out = []
+    for f in sorted(Path(folder).glob("adapter_*")):
+        st = f.stat()
+        out.append((f.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
+    """The registry's entry for the adapter read from ``path``, with the stamp of the files it was read from
+    (``extra["stamp"]``: a session reads the folder again once they change, see Session._reload_if_rewritten)."""
+    stamp = folder_stamp(path)
     config = read_adapter_folder(path)
     record = run_record(path)
     tm = config.get("target_modules")
@@ -223,7 +236,7 @@ def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
         name=name, path=str(path), loaded=True, origin=origin, r=config.get("r"), alpha=config.get("lora_alpha"),
         target_modules=sorted(tm) if isinstance(tm, list) else tm, steps=record.get("steps"),
         final_loss=record.get("final_loss"), extra={"complete_marker": (Path(path) / COMPLETE_MARKER).exists(),
-                                                    "best": record.get("best") or None},
+                                                    "best": record.get("best") or None, "stamp": stamp},
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FtUsageError, did_you_mean
-from .adapters import BASE, SLOT_PREFIX, activate, uses_dora, validate_name
+from .adapters import BASE, SLOT_PREFIX, activate, folder_stamp, uses_dora, validate_name
 
 PEFT_BASE_ROW = "__base__"  # PEFT's name for "no adapter on this row"
 DEFAULT_CAPACITY = 4  # slots a router holds unless a call says otherwise
@@ -250,16 +250,6 @@ def fill_slot(model, slot: str, path: Path) -> bool:
         layer.lora_alpha[slot] = new.lora_alpha
     old.r, old.lora_alpha = new.r, new.lora_alpha
     return True
-
-
-def folder_stamp(folder: Path) -> tuple:
-    """What changes when an adapter folder's files are rewritten (a retrain replaces the folder, a job writes new
-    weights): each file's inode, size and modification time."""
-    out = []
-    for f in sorted(Path(folder).glob("adapter_*")):
-        st = f.stat()
-        out.append((f.name, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 class AdapterRouter:
