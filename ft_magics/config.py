@@ -185,11 +185,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Optional[dict], base: Optional["TrainConfig"] = None,
-                  check: bool = True, dtype: Optional[str] = None) -> "TrainConfig":
+                  check: bool = True, dtype: Optional[str] = None, bits: Optional[int] = None) -> "TrainConfig":
         """Merge ``data`` over ``base`` (or the defaults), validating every key and value; ``check=False`` leaves
         the checks across settings (keep_best needs eval_steps) to the merge of what overrides these (flags
         over a cell body: the body alone may lack what a flag gives). ``dtype``: the loaded model's compute dtype
-        (``bfloat16``), so that another tool's ``bf16: true`` is taken where it asks for what the load chose."""
+        (``bfloat16``) and ``bits`` its base's, so that another tool's ``bf16: true`` (``load_in_4bit: true``) is
+        taken where it asks for what the load chose."""
         cfg = dataclasses.replace(base) if base is not None else cls()
         if not data:
             if check:
@@ -200,13 +201,17 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         data = _llama_factory_stage(data)
         seen: dict = {}
+        eval_batch = None  # (key, value) of per_device_eval_batch_size, read against the batch_size set here
         foreign: list = []  # other tools' settings and unknown keys: all named at once, not one per try
         unknown = False
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
             if key in OTHER_TOOLS:
                 try:
-                    translated = _other_tools_setting(key, raw_key, value, dtype)
+                    if key == "per_device_eval_batch_size":  # the same as batch_size: what happens anyway
+                        eval_batch = (raw_key, value)
+                        continue
+                    translated = _other_tools_setting(key, raw_key, value, dtype, bits)
                 except FtUsageError as exc:
                     foreign.append(str(exc))
                     continue
@@ -225,6 +230,9 @@ class TrainConfig:
             setattr(cfg, key, _coerce(key, fields[key], value))
             if key == "warmup":  # one setting for both: each other tool's name keeps its own meaning
                 _check_warmup_alias(str(raw_key).strip().lower().replace("-", "_"), cfg.warmup)
+        if eval_batch is not None and _number(eval_batch[1]) != cfg.batch_size:
+            foreign.append(f"{eval_batch[0]!r}: {eval_batch[1]!r} is another tool's setting; here write "
+                           f"{OTHER_TOOLS['per_device_eval_batch_size']} ({cfg.batch_size} here).")
         if foreign:
             valid = f" Valid settings: {', '.join(fields)}. See %ft_help lora_train." if unknown else ""
             if len(foreign) == 1:
@@ -349,6 +357,17 @@ _DTYPE = ("%qlora_load --dtype bf16 (or fp16, fp32): the compute dtype is chosen
 _ADAM = ("nothing: AdamW runs with transformers' defaults here (adam_beta1 0.9, adam_beta2 0.999, adam_epsilon "
          "1e-8); learning_rate, weight_decay and max_grad_norm are the optimizer's settings")
 _ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+_BITS_OF = {"load_in_4bit": 4, "load_in_8bit": 8}  # what each of transformers' switches asks of the base's bits
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a number (YAML reads ``1e-8`` as text), or None; true/false are no numbers."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 # transformers' precision switches: what each asks of the compute dtype (``tf32`` is CUDA's fp32 matmul mode)
 _PRECISION = {"bf16": "bfloat16", "fp16": "float16", "bf16_full_eval": "bfloat16", "fp16_full_eval": "float16"}
 _BITS = "%qlora_load --bits 4 (NF4 with double quantisation; 8, 16, 32 otherwise): the base's bits are chosen at the load"
@@ -434,10 +453,11 @@ def _switch(value) -> Optional[bool]:
     return True if text in _TRUE else False if text in _FALSE else None
 
 
-def _other_tools_setting(key: str, raw_key: str, value, dtype: Optional[str] = None):
+def _other_tools_setting(key: str, raw_key: str, value, dtype: Optional[str] = None, bits: Optional[int] = None):
     """``(setting, value)`` for another tool's setting that has a clean translation, None for one that asks
     for what happens anyway, else a usage error saying what to write here. ``dtype``: the loaded model's compute
-    dtype (``bfloat16``), against which ``bf16``, ``fp16`` and ``tf32`` are read."""
+    dtype (``bfloat16``), against which ``bf16``, ``fp16`` and ``tf32`` are read; ``bits``: its base's bits, against
+    which ``load_in_4bit`` and ``load_in_8bit`` are."""
     on = _switch(value)
     if key in _PRECISION and dtype and on is not None:
         if on == (dtype == _PRECISION[key]):  # bf16: true on a bf16 model (false on another): what happens anyway
@@ -455,9 +475,17 @@ def _other_tools_setting(key: str, raw_key: str, value, dtype: Optional[str] = N
                            "with %qlora_load --dtype bf16, or drop tf32.")
     if key == "lr_scheduler_kwargs" and not value:  # {}: no arguments asked for
         return None
-    if key in _ADAM_DEFAULTS and isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isclose(value, _ADAM_DEFAULTS[key], rel_tol=1e-9):
-        return None
+    if key in _ADAM_DEFAULTS and _number(value) is not None and math.isclose(_number(value), _ADAM_DEFAULTS[key],
+                                                                              rel_tol=1e-9):
+        return None  # (YAML reads 1e-8 as text: the number it spells)
+    if key in _BITS_OF and bits and on is not None:
+        if on == (bits == _BITS_OF[key]):  # load_in_4bit: true on a 4-bit load: what happens anyway
+            return None
+        other = f"--bits {_BITS_OF[key]}" if on else " or ".join(f"--bits {b}" for b in (16, 8, 4, 32)
+                                                                  if b not in (bits, _BITS_OF[key]))
+        raise FtUsageError(f"{raw_key}: {value} asks for {'' if on else 'other than '}a {_BITS_OF[key]}-bit base, but the "
+                           f"model was loaded in {bits}-bit: the base's bits are chosen at the load. Reload with "
+                           f"%qlora_load {other}, or drop {raw_key}.")
     if key in _ANSWERS_ONLY and isinstance(value, bool):
         return "train_on", "answers" if value else "all"
     if key in ("bias", "lora_bias") and value in ("none", False, None):

@@ -545,10 +545,10 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_train, line)
         body = _training_body(args, cell)
-        dtype = self.session.compute_dtype  # (bf16: true is read against it)
-        cfg = TrainConfig.from_dict(body, check=False, dtype=dtype)  # checked with the flags over it
+        loaded = self.session.loaded_as  # (bf16: true, load_in_4bit: true are read against it)
+        cfg = TrainConfig.from_dict(body, check=False, **loaded)  # checked with the flags over it
         overrides = _config_overrides(args)
-        cfg = TrainConfig.from_dict(overrides, base=cfg, dtype=dtype)
+        cfg = TrainConfig.from_dict(overrides, base=cfg, **loaded)
         for note in overridden_notes({canonical_key(k) for k in body} | set(overrides), cfg):
             print("Note: " + note)
         from .widgets import training_view
@@ -623,8 +623,8 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_export_job, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body, check=False, dtype=self.session.compute_dtype)  # checked with the flags
-        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg, dtype=self.session.compute_dtype)
+        cfg = TrainConfig.from_dict(body, check=False, **self.session.loaded_as)  # checked with the flags over it
+        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg, **self.session.loaded_as)
         from .core.jobs import load_job, run_commands
         from .widgets.text import TextReporter
 
@@ -908,8 +908,9 @@ class FtMagics(Magics):
             print(self.session.serving_text())
             return
         from .core.routing import requests_of_text, served_text
+        from .paths import user_path
 
-        requests = requests_of_text(cell)
+        requests = requests_of_text(cell, store=user_path(args.store) if args.store else self.session.adapters_dir)
         served = self.session.serve(requests, store=args.store, capacity=args.capacity,
                                     max_new_tokens=args.max_new_tokens, system=args.system, sampling=sampling_of(args))
         print(served_text(requests, served))

@@ -53,12 +53,18 @@ class Session:
         """The loaded model's compute dtype (``bfloat16``), or None before a load."""
         return None if self.handle is None else str(self.handle.dtype).replace("torch.", "")
 
+    @property
+    def loaded_as(self) -> dict:
+        """``{"dtype": ..., "bits": ...}`` of the loaded model (empty before a load): what other tools' switches
+        (``bf16``, ``load_in_4bit``) are read against in training settings."""
+        return {} if self.handle is None else {"dtype": self.compute_dtype, "bits": self.handle.bits}
+
     def _train_config(self, config: Optional[dict | TrainConfig], overrides: dict) -> TrainConfig:
         """``config`` (settings, or a TrainConfig) with ``overrides`` over it, checked as a whole; other tools'
-        precision switches are read against the loaded model's dtype."""
+        precision and quantisation switches are read against the loaded model."""
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(
-            config or {}, check=not overrides, dtype=self.compute_dtype)
-        return TrainConfig.from_dict(overrides, base=cfg, dtype=self.compute_dtype) if overrides else cfg
+            config or {}, check=not overrides, **self.loaded_as)
+        return TrainConfig.from_dict(overrides, base=cfg, **self.loaded_as) if overrides else cfg
 
     def _require_model(self) -> None:
         if self.handle is None:

@@ -217,6 +217,11 @@ def test_a_copied_or_damaged_adapter_folder_is_listed_for_what_it_is(shell, tiny
     assert ("under a folder name that is no adapter name: 'alpha copy'; rename the folder (e.g. to alpha-copy), or "
             "load it with %lora_adapters load \"adapters/alpha copy\" --name alpha-copy.") in out
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    with pytest.raises(UsageError, match=r"request 1 \('alpha copy: hi'\) names the folder 'alpha copy', but an adapter "
+                                         r"name has no spaces: load it with %lora_adapters load .*--name alpha-copy"):
+        shell.run_cell_magic("lora_serve", "", "alpha copy: hi")
+    with pytest.raises(UsageError, match=r"request 1 \('what is: this'\) names no adapter"):  # no such folder: prose
+        shell.run_cell_magic("lora_serve", "", "what is: this")
     shell.run_line_magic("lora_adapters", "load 'adapters/alpha copy'")
     assert "alpha-copy" in magics(shell).session.adapters
     with pytest.raises(UsageError, match=r"broken/adapter_config.json is corrupt .*the adapter cannot be loaded"):

@@ -416,7 +416,7 @@ def test_unknown_role_suggests_the_right_one():
     ({"messages": [{"role": "user", "content": {"x": 1}}]}, "content must be a string or a list of text parts, got dict"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "url": "u"}]}]}, "content part of type 'image'"),
     ({"messages": [{"role": "user", "text": "x"}]}, "no 'content' field \\(fields: role, text\\)"),
-    ({"messages": ["hi"]}, "message 0: expected an object"),
+    ({"messages": ["hi", 3]}, "message 1: the dialog.s utterances are plain strings"),
     ({"prompt": None, "completion": "c"}, "field 'prompt' is missing or null"),
     ({"instruction": "i", "output": "o", "history": "no"}, "'history' must be a list"),
 ])
@@ -1394,9 +1394,16 @@ def test_sharegpt_function_calls_are_tool_calls_where_the_template_writes_them_a
         assert any(w.startswith("3 examples with tools: this model's chat template does not write the tools' "
                                 "schemas") for w in report.warnings), report.warnings
         assert any(w.startswith("3 examples with function_call turns") for w in report.warnings)
-    # a function_call value that is not a JSON call stays the turn's text, with no call made of it
-    recs, _ = D.normalise([{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "lookup(x)"}]}])
-    assert recs[0].messages[1] == {"role": "assistant", "content": "lookup(x)"}
+    # a call written as an object reads as one written as JSON text; a value that is no call stays the turn's text,
+    # counted in the report
+    as_object = [{"conversations": [dict(m, value=json.loads(m["value"])) if m["from"] == "function_call" else m
+                                    for m in rows[0]["conversations"]]}]
+    assert D.normalise(as_object)[0][0].messages[1]["tool_calls"] == D.normalise(rows[:1])[0][0].messages[1]["tool_calls"]
+    odd = [{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "lookup(x)"},
+                              {"from": "gpt", "value": "done"}]}] * 2
+    train, _, report = D.prepare(odd, tok, cfg())
+    assert "lookup(x)" in tok.decode([x for x in train[0].labels if x != -100])
+    assert any(w.startswith("2 examples with function_call turns that are not a call as JSON") for w in report.warnings)
 
 
 def test_openai_legacy_function_call_is_a_tool_call_and_developer_is_the_system_role(tok, tmp_path):
@@ -2188,6 +2195,11 @@ def test_conversations_written_as_role_keyed_exchanges_or_plain_utterances_read_
         ("user", "hi"), ("assistant", "hello"), ("user", "n0"), ("assistant", "0")]
     recs, _ = D.normalise(dialog, column_map="dialog=messages")
     assert [m["role"] for m in recs[2].messages] == ["user", "assistant"] * 2 and recs[2].messages[3]["content"] == "2"
+    with pytest.raises(FtUsageError, match=r"row 2, message 1: the dialog's utterances are plain strings \(message 0 "
+                                           r"is one\), and this one is a number"):
+        D.normalise([dialog[0], {"dialog": ["hi", 5]}], column_map="dialog=messages")
+    recs, _ = D.normalise([{"dialog": ["only a question"]}], column_map="dialog=messages")  # no answer: dropped later
+    assert recs[0].messages == [{"role": "user", "content": "only a question"}]
     ok = {"prompt": "q", "completion": "a"}
     with pytest.raises(FtUsageError, match=r"^variable v, index 2: "):
         D.prepare("v", tok, cfg(), namespace={"v": [ok, ok, {"prompt": "q", "completion": 3.5j}]})

@@ -944,8 +944,14 @@ def test_another_tool_s_precision_and_optimizer_switches_are_taken_where_they_as
         TrainConfig.from_dict({"tf32": True}, dtype="float32")
     with pytest.raises(FtUsageError, match=r"'bf16': True is another tool's setting"):  # no model: no dtype to match
         TrainConfig.from_dict({"bf16": True})
+    assert TrainConfig.from_dict({"adam_epsilon": "1e-8", "load_in_4bit": True, "per_device_eval_batch_size": 4,
+                                  "batch_size": 4}, dtype="bfloat16", bits=4).batch_size == 4  # YAML's "1e-8" is text
+    assert TrainConfig.from_dict({"load_in_4bit": False, "load_in_8bit": "no"}, bits=16) == TrainConfig.from_dict({})
+    with pytest.raises(FtUsageError, match=r"load_in_4bit: False asks for other than a 4-bit base, but the model was "
+                                           r"loaded in 4-bit.*Reload with %qlora_load --bits 16 or --bits 8 or --bits 32"):
+        TrainConfig.from_dict({"load_in_4bit": False}, bits=4)
     for key, value, said in (("adam_beta2", 0.95, "AdamW runs with transformers' defaults"),
-                             ("per_device_eval_batch_size", 4, "evaluation runs in batches of batch_size"),
+                             ("per_device_eval_batch_size", 4, r"evaluation runs in batches of batch_size.*\(8 here\)"),
                              ("lr_scheduler_kwargs", {"power": 2}, "the schedules here take no other arguments")):
         with pytest.raises(FtUsageError, match=said) as err:
             TrainConfig.from_dict({key: value}, dtype="bfloat16")

@@ -1316,22 +1316,34 @@ def _turn_pair(m: Any) -> bool:
             and all(_plain(k) in ROLE_ALIASES for k in m))
 
 
-def _spelled_turns(seq: list) -> list:
+def _spelled_turns(seq: list, where: str = "data") -> list:
     """A conversation written another way, as role/content messages: a list of exchanges keyed by role
     (``[{"user": .., "assistant": ..}, ...]``, system first, then the user, then the answer), or a list of plain
-    strings, which alternate user and assistant from the first (a dialog's utterances). Anything else as it is."""
+    strings, which alternate user and assistant from the first (a dialog's utterances; one alone is a question
+    without an answer). Anything else as it is."""
     if all(_turn_pair(m) for m in seq):
         order = {role: i for i, role in enumerate(CHAT_ROLES)}
         return [{"role": k, "content": m[k]} for m in seq
                 for k in sorted(m, key=lambda k: order[ROLE_ALIASES[_plain(k)]])]
-    if len(seq) > 1 and all(isinstance(m, str) for m in seq):
+    if seq and isinstance(seq[0], str):
+        bad = next((j for j, m in enumerate(seq) if not isinstance(m, str)), None)
+        if bad is not None:
+            kind = type(seq[bad]).__name__
+            got = {"NoneType": "null", "dict": "an object", "list": "a list", "bool": "true/false", "int": "a number",
+                   "float": "a number"}.get(kind, f"a {kind}")
+            raise FtUsageError(f"{where}, message {bad}: the dialog's utterances are plain strings (message 0 is one), "
+                               f"and this one is {got}; write every utterance as text, or every message as an object "
+                               "with 'role' and 'content'.")
         return [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(seq)]
     return seq
 
 
 def _is_spelled_conversation(value: Any) -> bool:
     """A list that :func:`_spelled_turns` reads as a conversation."""
-    return isinstance(value, list) and bool(value) and _is_conversation(_spelled_turns(value))
+    try:
+        return isinstance(value, list) and bool(value) and _is_conversation(_spelled_turns(value))
+    except FtUsageError:
+        return True  # a dialog with a bad utterance: the map that reads it also names the utterance
 
 
 def _is_texty(value: Any) -> bool:
@@ -1498,7 +1510,7 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
         raise FtUsageError(f"{where}: expected a list of messages, got {type(seq).__name__}.")
     if not seq:
         raise FtUsageError(f"{where}: the list of messages is empty.")
-    seq = _spelled_turns(seq)
+    seq = _spelled_turns(seq, where)
     out = []
     for j, m in enumerate(seq):
         if not isinstance(m, dict):
@@ -1528,16 +1540,21 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
             raise FtUsageError(
                 f"{where}, message {j}: no {content_key!r} field (fields: {', '.join(sorted(map(str, m)))})."
             )
+        function_call = _plain(raw_role) == "function_call"  # ShareGPT's call turn (its value: the call)
+        if function_call and isinstance(content, dict):  # the call written as an object rather than as JSON text
+            content = json.dumps(content, ensure_ascii=False)
         msg = {"role": role, "content": _content_text(content, f"{where}, message {j}")}
         if role == "assistant" and m.get("weight") is not None:  # OpenAI's fine-tuning format: 0 = no loss
             msg["weight"] = _turn_weight(m["weight"], f"{where}, message {j}")
         for extra in ("tool_calls", "name", "tool_call_id"):  # function calling: the template writes them
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
-        if _plain(raw_role) == "function_call" and "tool_calls" not in msg:  # ShareGPT's call: JSON text
+        if function_call and "tool_calls" not in msg:  # ShareGPT's call: JSON text
             call = _call_of_text(msg["content"])
             if call is not None:
                 msg.update(content="", tool_calls=[{"type": "function", "function": call}], call_text=msg["content"])
+            else:  # not {"name": ..., "arguments": ...}: it trains as the text written, which the report counts
+                msg["call_unread"] = True
         call = m.get("function_call")  # OpenAI's older single call: the same as one tool call
         if role == "assistant" and isinstance(call, dict) and "tool_calls" not in msg:
             msg["tool_calls"] = [{"type": "function", "function": call}]
@@ -2044,11 +2061,13 @@ def template_writes(tokenizer, what: str) -> bool:
 def _calls_for(tokenizer, messages: list) -> list:
     """``messages`` with ShareGPT's function_call turns (their JSON text kept as ``call_text``) as the template can
     write them: tool calls where it writes calls, else the JSON text as the answer, as it was written."""
-    if not any("call_text" in m for m in messages):
+    if not any("call_text" in m or "call_unread" in m for m in messages):
         return messages
     as_calls = has_chat_template(tokenizer) and template_writes(tokenizer, "calls")
     out = []
     for m in messages:
+        if "call_unread" in m:
+            m = {k: v for k, v in m.items() if k != "call_unread"}
         if "call_text" in m:
             kept = {k: v for k, v in m.items() if k != "call_text" and (as_calls or k != "tool_calls")}
             m = kept if as_calls else {**kept, "content": m["call_text"]}
@@ -2605,6 +2624,10 @@ def tool_warnings(records: list, tokenizer) -> list:
         out.append(f"{counted(with_tools, 'example')} with tools: this model's chat template does not write the "
                    "tools' schemas into the prompt, so it learns to call functions it is not shown. Describe the "
                    "tools in the system message, or load a model whose chat template supports tools.")
+    unread = sum(1 for r in records if any("call_unread" in m for m in getattr(r, "messages", None) or []))
+    if unread:
+        out.append(f"{counted(unread, 'example')} with function_call turns that are not a call as JSON ({{\"name\": "
+                   "..., \"arguments\": ...}): each such turn trains as the text written, not as a tool call.")
     as_text = sum(1 for r in records if any("call_text" in m for m in getattr(r, "messages", None) or []))
     if as_text and not template_writes(tokenizer, "calls"):
         out.append(f"{counted(as_text, 'example')} with function_call turns: this model's chat template does not "

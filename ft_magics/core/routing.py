@@ -95,11 +95,11 @@ def as_request(item: Any) -> Request:
 _REQUEST_LINE = re.compile(r"^\s*([^\s:][^:]*?)\s*:(.*)$")
 
 
-def requests_of_text(text: str) -> list:
+def requests_of_text(text: str, store: Optional[Path] = None) -> list:
     """The requests a ``%%lora_serve`` cell writes: one per line, ``ADAPTER: prompt`` (``base: ...`` for the base
     model), or, where the cell has lines of ``---``, one per block between them, whose first line starts
     ``ADAPTER:`` and whose other lines continue the prompt, ``#`` lines included. Lines starting ``#`` outside a
-    prompt are comments."""
+    prompt are comments. ``store``: the adapters' folder, where a name with a space may be a copied folder's."""
     lines = text.splitlines()
     blocked = any(ln.strip() == "---" for ln in lines)
     blocks, block = [], []
@@ -124,7 +124,16 @@ def requests_of_text(text: str) -> list:
             continue
         n, first = block[0]
         m = _REQUEST_LINE.match(first)
-        if m is None or " " in m.group(1).strip():
+        spaced = m.group(1).strip() if m is not None and " " in m.group(1).strip() else None
+        if spaced and store is not None and (Path(store) / spaced / "adapter_config.json").is_file():
+            from .adapters import name_from_folder  # 'alpha copy': a folder a file manager copied
+
+            name = name_from_folder(spaced)
+            raise FtUsageError(
+                f"request {len(out) + 1} ({first.strip()[:60]!r}) names the folder {spaced!r}, but an adapter name "
+                f"has no spaces: load it with %lora_adapters load \"{Path(store) / spaced}\" --name {name} (or rename "
+                f"the folder), then write '{name}: ...'.")
+        if m is None or spaced:
             raise FtUsageError(
                 f"request {len(out) + 1} ({first.strip()[:60]!r}) names no adapter: write each request as ADAPTER: "
                 "PROMPT, e.g. 'support-bot: How do I reset my password?' (base: PROMPT for the base model)"
