@@ -167,7 +167,8 @@ def readme_block() -> str:
             "(also under two names) is refused. Settings of other tools that live elsewhere here or need nothing ("
             + ", ".join(f"`{k}`" for k in OTHER_TOOLS) + ") are translated where the meaning is the same "
             "(`completion_only_loss: false`, `report_to: none`, `bf16: true` on a model loaded to compute in bf16, "
-            "`adam_beta1: 0.9`), else refused with what to write instead; "
+            "`load_in_4bit: true` on a 4-bit base, `adam_beta1: 0.9`, `per_device_eval_batch_size` equal to "
+            "`batch_size`), else refused with what to write instead; "
             "a body with several such keys is answered in one message that names them all.",
             "", reference_table(), "", END]
     return "\n".join(out)
