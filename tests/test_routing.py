@@ -196,6 +196,11 @@ def test_an_adapter_whose_config_contradicts_its_weights_is_refused_in_one_line(
     with pytest.raises(FtUsageError, match=said):
         tiny_session.load_adapter(bad, "edited")
     assert "edited" not in tiny_session.adapters
+    from ft_magics.core.adapters import adapter_card
+
+    card = adapter_card("edited", bad)  # the card read the config alone: r it could not load with
+    assert f"r={true_r + 4} alpha=" in card and "Warning" in card and f"its weights have rank {true_r}" in card
+    assert "Warning" not in adapter_card("legal", store / "legal")
     assert tiny_session.serve([("legal", "hi")], store=store, max_new_tokens=3)[0].adapter == "legal"  # still serving
     from pathlib import Path
 

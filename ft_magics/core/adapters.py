@@ -260,6 +260,9 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
             ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)}"
                      + (" DoRA" if config.get("use_dora") else "") + (" rsLoRA" if config.get("use_rslora") else "")
                      + f" on {modules}")]
+    held = first_weight_rank(path) if isinstance(config.get("r"), int) and not config.get("rank_pattern") else None
+    if held is not None and held[0] != config["r"]:  # the config alone would have the card say what loads refuse
+        rows.append(("Warning", rank_contradiction(path, config["r"], *held)))
     base = record.get("base_model") or {}
     base_name = base.get("name") or config.get("base_model_name_or_path")
     if base_name:
@@ -583,6 +586,28 @@ def check_not_merged_in(model, path: Path, model_label: str) -> None:
             )
 
 
+def rank_contradiction(path: Path, r: int, rank: int, layer: str) -> str:
+    """What is wrong with a folder whose config's ``r`` is not its weights' ``rank``, and the fix."""
+    return (f"adapter {path}: its adapter_config.json says r={r}, but its weights have rank {rank} (layer {layer}), "
+            f"so they cannot be loaded as written. The config was edited or belongs to other weights: put \"r\": "
+            f"{rank} back in adapter_config.json, or copy the adapter's folder again whole.")
+
+
+def first_weight_rank(path: Path) -> Optional[tuple]:
+    """``(rank, layer)`` of the first LoRA A matrix in the folder's weights (read from the safetensors header), or
+    None where there is none to read."""
+    try:
+        with open_weights(Path(path) / "adapter_model.safetensors") as fh:
+            for key in fh.keys():
+                m = _KEY_RE.match(key)
+                shape = list(fh.get_slice(key).get_shape()) if m and m.group("ab") == "A" else []
+                if len(shape) == 2:
+                    return shape[0], m.group("module")
+    except (OSError, FtUsageError):
+        return None
+    return None
+
+
 def check_fits(model, path: Path, config: dict, model_label: str) -> None:
     """Refuse an adapter whose target modules or layer shapes do not exist in ``model``; name which;
     and one the model already has merged into it (see :func:`check_not_merged_in`).
@@ -620,11 +645,7 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
             rank = shape[0] if m.group("ab") == "A" else shape[1] if len(shape) == 2 else None
             if len(shape) == 2 and isinstance(config.get("r"), int) and not config.get("rank_pattern") \
                     and rank != config["r"]:  # an edited config, or a folder's files from two adapters
-                raise FtUsageError(
-                    f"adapter {path}: its adapter_config.json says r={config['r']}, but its weights have rank {rank} "
-                    f"(layer {mod_name}), so they cannot be loaded as written. The config was edited or belongs to "
-                    f"other weights: put \"r\": {rank} back in adapter_config.json, or copy the adapter's folder "
-                    "again whole.")
+                raise FtUsageError(rank_contradiction(path, config["r"], rank, mod_name))
             fan_in, fan_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
             if fan_in is None or fan_out is None or len(shape) != 2:
                 continue
