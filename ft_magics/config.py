@@ -206,11 +206,11 @@ class TrainConfig:
         unknown = False
         for raw_key, value in data.items():
             key = canonical_key(raw_key)
+            if key == "per_device_eval_batch_size":  # read once batch_size is known: equal, it is what happens
+                eval_batch = (raw_key, value)
+                continue
             if key in OTHER_TOOLS:
                 try:
-                    if key == "per_device_eval_batch_size":  # the same as batch_size: what happens anyway
-                        eval_batch = (raw_key, value)
-                        continue
                     translated = _other_tools_setting(key, raw_key, value, dtype, bits)
                 except FtUsageError as exc:
                     foreign.append(str(exc))
@@ -358,16 +358,6 @@ _ADAM = ("nothing: AdamW runs with transformers' defaults here (adam_beta1 0.9, 
          "1e-8); learning_rate, weight_decay and max_grad_norm are the optimizer's settings")
 _ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 _BITS_OF = {"load_in_4bit": 4, "load_in_8bit": 8}  # what each of transformers' switches asks of the base's bits
-
-
-def _number(value) -> Optional[float]:
-    """``value`` as a number (YAML reads ``1e-8`` as text), or None; true/false are no numbers."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 # transformers' precision switches: what each asks of the compute dtype (``tf32`` is CUDA's fp32 matmul mode)
 _PRECISION = {"bf16": "bfloat16", "fp16": "float16", "bf16_full_eval": "bfloat16", "fp16_full_eval": "float16"}
 _BITS = "%qlora_load --bits 4 (NF4 with double quantisation; 8, 16, 32 otherwise): the base's bits are chosen at the load"
@@ -443,6 +433,16 @@ def _check_warmup_alias(name: str, value: float) -> None:
     if name == "warmup_steps" and not float(value).is_integer():
         raise FtUsageError(f"warmup_steps is a number of steps (got {value:g}); for a fraction of the steps write "
                            f"warmup_ratio: {value:g}.")
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a number (YAML reads ``1e-8`` as text), or None; true/false are no numbers."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _switch(value) -> Optional[bool]:

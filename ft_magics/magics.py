@@ -623,8 +623,9 @@ class FtMagics(Magics):
         """
         args = parse_args(self.lora_export_job, line)
         body = _training_body(args, cell)
-        cfg = TrainConfig.from_dict(body, check=False, **self.session.loaded_as)  # checked with the flags over it
-        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg, **self.session.loaded_as)
+        loaded = self.session.loaded_as  # (bf16: true, load_in_4bit: true are read against it)
+        cfg = TrainConfig.from_dict(body, check=False, **loaded)  # checked with the flags over it
+        cfg = TrainConfig.from_dict(_config_overrides(args), base=cfg, **loaded)
         from .core.jobs import load_job, run_commands
         from .widgets.text import TextReporter
 

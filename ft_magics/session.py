@@ -49,15 +49,12 @@ class Session:
         return self.handle.tokenizer
 
     @property
-    def compute_dtype(self) -> Optional[str]:
-        """The loaded model's compute dtype (``bfloat16``), or None before a load."""
-        return None if self.handle is None else str(self.handle.dtype).replace("torch.", "")
-
-    @property
     def loaded_as(self) -> dict:
-        """``{"dtype": ..., "bits": ...}`` of the loaded model (empty before a load): what other tools' switches
+        """``{"dtype": "bfloat16", "bits": 4}`` of the loaded model (empty before a load): what other tools' switches
         (``bf16``, ``load_in_4bit``) are read against in training settings."""
-        return {} if self.handle is None else {"dtype": self.compute_dtype, "bits": self.handle.bits}
+        if self.handle is None:
+            return {}
+        return {"dtype": str(self.handle.dtype).replace("torch.", ""), "bits": self.handle.bits}
 
     def _train_config(self, config: Optional[dict | TrainConfig], overrides: dict) -> TrainConfig:
         """``config`` (settings, or a TrainConfig) with ``overrides`` over it, checked as a whole; other tools'
@@ -768,11 +765,7 @@ class Session:
         """``(data, eval_data, TrainConfig, fingerprint, description)`` of adapter ``name``'s run as its ft_run.json
         records them, for ``%lora_eval NAME`` in a later kernel (this session's own runs are in ``self.heldout``);
         None where the record has no held-out examples or no data a later kernel can read again (a variable)."""
-        from .core.adapters import run_record
-
-        info = next((i for i in self.adapters if i.name == name), None)
-        folder = Path(info.path) if info is not None and info.path else self._adapter_folder(name)
-        record = run_record(folder) if folder is not None else {}
+        record = self._run_record(name)
         data = record.get("data") if isinstance(record.get("data"), dict) else {}
         spec, settings = data.get("spec"), record.get("settings")
         if not (isinstance(spec, dict) and spec.get("data") and isinstance(settings, dict) and data.get("eval_rows")):
@@ -791,18 +784,24 @@ class Session:
                                    "examples with --data FILE.")
         return spec["data"], spec.get("eval"), cfg, data.get("fingerprint"), spec["data"]
 
+    def _run_record(self, name: str) -> dict:
+        """Adapter ``name``'s ft_run.json (loaded: from the folder it was read from; else its folder in the adapters
+        folder), or {}."""
+        from .core.adapters import run_record
+
+        info = next((i for i in self.adapters if i.name == name), None)
+        folder = Path(info.path) if info is not None and info.path else self._adapter_folder(name)
+        return run_record(folder) if folder is not None else {}
+
     def unknown_heldout_why(self, name: str) -> str:
         """Why adapter ``name``'s run held out rows that ``%lora_eval NAME`` cannot rebuild ('' where it held out
         none, or they can be rebuilt): its data was a notebook variable, which a later kernel does not hold as the
         run read it (scoring the variable as it is now could score rows the run trained on)."""
-        from .core.adapters import run_record
         from .core.events import counted
 
         if name in self.heldout or not isinstance(name, str):
             return ""
-        info = next((i for i in self.adapters if i.name == name), None)
-        folder = Path(info.path) if info is not None and info.path else self._adapter_folder(name)
-        data = (run_record(folder) if folder is not None else {}).get("data")
+        data = self._run_record(name).get("data")
         if not (isinstance(data, dict) and data.get("eval_rows") and not data.get("spec")):
             return ""
         return (f"its run held out {counted(data['eval_rows'], 'row')} of {data.get('source') or 'its data'}, which "

@@ -642,10 +642,10 @@ def check_fits(model, path: Path, config: dict, model_label: str) -> None:
                     f"not have: the adapter was trained on {trained_for}, a different base model."
                 )
             shape = list(fh.get_slice(key).get_shape())
-            rank = shape[0] if m.group("ab") == "A" else shape[1] if len(shape) == 2 else None
-            if len(shape) == 2 and isinstance(config.get("r"), int) and not config.get("rank_pattern") \
-                    and rank != config["r"]:  # an edited config, or a folder's files from two adapters
-                raise FtUsageError(rank_contradiction(path, config["r"], rank, mod_name))
+            if len(shape) == 2 and isinstance(config.get("r"), int) and not config.get("rank_pattern"):
+                rank = shape[0] if m.group("ab") == "A" else shape[1]  # A is r x in, B is out x r
+                if rank != config["r"]:  # an edited config, or a folder's files from two adapters
+                    raise FtUsageError(rank_contradiction(path, config["r"], rank, mod_name))
             fan_in, fan_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
             if fan_in is None or fan_out is None or len(shape) != 2:
                 continue

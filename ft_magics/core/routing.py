@@ -347,7 +347,7 @@ class AdapterRouter:
         """Make ``name`` resident; return (PEFT adapter name, load ms, how)."""
         if name in self.host.adapters:  # the user's own (trained or loaded) adapter: never evicted
             t = time.perf_counter()
-            if getattr(self.host, "_reload_if_rewritten", lambda n: False)(name):  # retrained elsewhere: read again
+            if self.host._reload_if_rewritten(name):  # retrained elsewhere: read again
                 return name, (time.perf_counter() - t) * 1000.0, "refreshed"
             return name, 0.0, "pinned"
         path = self._resolve(name)

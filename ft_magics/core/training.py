@@ -123,7 +123,6 @@ def check_adapter_fits(model, cfg: TrainConfig, device: str, free: Optional[int]
     gradients and optimizer states would not fit the memory free now (on the CPU that would be the
     kernel's death, not an error)."""
     from .memory import human_bytes, read_memory
-
     from .planner import adapter_bytes, rank_refusal
 
     params, top_rank = adapter_size(model, cfg)
