@@ -36,7 +36,9 @@ _warnings.filterwarnings("ignore", message=r"Paged optimizers are not supported 
 
 # bitsandbytes' CPU backend, wherever it is first imported (a 4-bit load, or PEFT attaching an adapter to a
 # 16-bit base), warns that it could not fetch an optional kernel from the Hugging Face Hub ("pip install
-# kernels"): offline that is the normal case, and its built-in kernels run instead. Only that message is dropped.
+# kernels"): offline that is the normal case, and its built-in kernels run instead. With `kernels` installed (as
+# transformers 5.25 has it), that package first notes that offline it skips the kernel's publisher trust check.
+# Only messages naming kernels-community are dropped, from those two loggers.
 import logging as _logging
 
 
@@ -45,7 +47,8 @@ class _HubKernelNote(_logging.Filter):
         return "kernels-community" not in str(record.msg)
 
 
-_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_HubKernelNote())
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_name).addFilter(_HubKernelNote())
 
 
 # transformers' checkpoint bookkeeping, printed amid a run's progress lines: "mtime may not be reliable on this

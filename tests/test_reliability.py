@@ -544,6 +544,21 @@ def test_pickle_only_adapter_is_refused(tiny_session, tmp_path):
     assert not tiny_session.adapters.names()
 
 
+def test_a_run_repeats_exactly_in_one_process(tiny_session):
+    """The same data and settings trained twice in one kernel give the same curve and eval loss, to the bit.
+    transformers 5.25 swaps layers for Hub kernels by default and redoes the swap on every train()/eval() switch,
+    so a process's first run differed from its second in the sixth digit; ft_magics loads with that off."""
+    s = tiny_session
+    assert not any(getattr(m, "use_kernels", False) for m in s.model.modules())
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(16)]
+    ev = [{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(4)]
+    cfg = {"max_steps": 4, "batch_size": 4, "learning_rate": 0.3, "warmup": 0, "eval_steps": 2}
+    first = s.train("first", rows, cfg, eval_data=ev, listeners=[])
+    second = s.train("second", rows, cfg, eval_data=ev, listeners=[])
+    assert first.record["loss_history"] == second.record["loss_history"]
+    assert first.record["eval_history"] == second.record["eval_history"] and first.record["eval_loss"] is not None
+
+
 def test_keep_best_carries_its_best_across_a_resume(tiny_session):
     """The best weights so far travel in every checkpoint: stopped after its best evaluation and resumed, a
     keep_best run saves the same adapter as the uninterrupted one (before, the resumed run looked for its

@@ -849,9 +849,10 @@ def export_merged(source: str, adapter_dir: Path, tokenizer, target: Path, dtype
     from transformers import AutoModelForCausalLM
 
     from .atomic import atomic_dir
+    from .loading import NO_HUB_KERNELS
 
     dtype = dtype or torch.float32
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **NO_HUB_KERNELS)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     # which adapters this model holds (a base that was itself a merged export keeps its own list)
     setattr(merged.config, MERGED_KEY, list(getattr(base.config, MERGED_KEY, None) or []) + [{

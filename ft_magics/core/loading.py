@@ -34,6 +34,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _OBJECT_FIX = (" A model built in the notebook loads from a folder: model.save_pretrained(DIR) and "
                "tokenizer.save_pretrained(DIR), then Session.load(DIR) (or %qlora_load DIR).")
 
+# transformers 5.25 swaps layers for Hugging Face Hub kernels unless told not to (`use_kernels` defaults to on, and
+# the `kernels` package is now its dependency). ft_magics loads with it off: those kernels are code fetched from the
+# Hub at load time (offline they fall back after a trust-check note), the swapped layers are not the ones core.lean
+# and core.fused_lora recognise, and the swap is redone on every train()/eval() switch, which made a process's
+# first training run differ in the sixth digit from the next one. 5.x before 5.25 accepts the same argument.
+NO_HUB_KERNELS = {"use_kernels": False}
+
 
 def home() -> Path:
     """The cache folder: ``$FT_MAGICS_HOME`` or ``~/.cache/ft_magics``."""
@@ -126,7 +133,8 @@ def convert_gguf(gguf: Path, notes: Optional[list] = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # bf16 holds the dequantised 4/8-bit GGUF blocks with an error far below their quantisation step, and
     # the cache is then half the size: loading maps the whole file, so this halves the load-time peak.
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, CACHE_DTYPE))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, CACHE_DTYPE),
+                                                 **NO_HUB_KERNELS)
     # The model still carries the GGUF quantiser, which makes save_pretrained refuse.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -402,6 +410,7 @@ def load_model(
         dtype=compute_dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
+        **NO_HUB_KERNELS,
     )
     qcfg = quantization_config(bits, compute_dtype)
     if bits == 8:
