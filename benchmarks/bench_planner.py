@@ -73,11 +73,11 @@ def worker(mode: str, out: str) -> None:
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-        from ft_magics.core.loading import resolve_source
+        from ft_magics.core.loading import NO_HUB_KERNELS, resolve_source
 
         path = resolve_source("demo")[1]
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **NO_HUB_KERNELS)  # as ft_magics loads
         enc = [tok(r["text"], truncation=True, max_length=SEQ)["input_ids"] for r in rows(tok)]
         ds = Dataset.from_list([{"input_ids": e, "labels": e} for e in enc])
         import tempfile

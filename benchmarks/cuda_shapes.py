@@ -55,13 +55,14 @@ def worker(variant: str, folder: str, device: str, profile: bool) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from ft_magics.core.fused_lora import fused_lora
-    from ft_magics.core.loading import quantization_config
+    from ft_magics.core.loading import NO_HUB_KERNELS, quantization_config
 
     if variant == "no_cudnn_sdp" and device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     kw = {"attn_implementation": "eager"} if variant == "eager" else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device},
-                                                 quantization_config=quantization_config(4, torch.bfloat16), **kw)
+                                                 quantization_config=quantization_config(4, torch.bfloat16), **kw,
+                                                 **NO_HUB_KERNELS)
     pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
