@@ -111,12 +111,16 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             if best.get("restored"):  # keep_best saved an earlier step's weights: the last step's loss is not theirs
                 loss += f" (kept step {best['step']}: eval {best['eval_loss']:.4f})"
             tag = " [merged]" if a.name == merged else ""
+            gone = s._only_in_memory(a)
             out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
-                f"{a.origin}{tag}  {a.path}")
+                f"{a.origin}{tag}  {a.path}" + (f"  (only in memory: {gone}; %lora_adapters export {a.name} DIR "
+                                                 "keeps it)" if gone else ""))
         why = {n: s.misfit(n) for n in on_disk}
         fitting = [n for n in on_disk if why[n] is None]
         if fitting:
-            out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(fitting)}")
+            out(f"on disk in {s.adapters_dir}, not loaded (used by name, they load): {', '.join(fitting)}"
+                if s.handle is not None else f"on disk in {s.adapters_dir}: {', '.join(fitting)} (no model is loaded: "
+                "%qlora_load one, then use them by name)")
         merged_in = [n for n in on_disk if why[n] and "is already merged into" in why[n]]
         if merged_in:
             out(f"on disk in {s.adapters_dir}, already merged into {s.handle.name} (applied again, their update "
@@ -133,7 +137,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         for folder, name in s.misnamed_on_disk().items():
             out(f"on disk in {s.adapters_dir}, under a folder name that is no adapter name: {folder!r}; rename the "
                 f"folder (e.g. to {name}), or load it with %lora_adapters load \"{s.adapters_dir / folder}\" --name {name}.")
-        out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
+        if s.handle is not None:
+            out(f"active: {active}" + (" (merged into the base weights)" if merged else ""))
         return
     if cmd == "info":
         out(s.adapter_card(_name(cmd, rest)))

@@ -493,10 +493,20 @@ class FtMagics(Magics):
             %qlora_load HuggingFaceTB/SmolLM2-135M-Instruct --bits 4
         """
         args = parse_args(self.qlora_load, line)
-        handle = self.session.load(
-            self.default_model if args.model is None else args.model, bits=args.bits or self.default_bits, dtype=args.dtype,
-            device=args.device, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-        )
+        before = self.session.handle.name if self.session.handle is not None else None
+        try:
+            handle = self.session.load(
+                self.default_model if args.model is None else args.model, bits=args.bits or self.default_bits,
+                dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                allow_pickle=args.allow_pickle,
+            )
+        except KeyboardInterrupt:  # the stop button in the slowest cell a user runs: one line on what is loaded now
+            if self.session.handle is not None:
+                end_as_interrupted(f"%qlora_load interrupted before it let go of {self.session.handle.name}: that "
+                                   "model and its adapters are loaded as they were")
+            end_as_interrupted("%qlora_load interrupted: no model is loaded now" + (
+                f" ({before} and its adapters were let go first, to make room for the new one)" if before else "")
+                + "; run %qlora_load again")
         print(handle.card())
 
     # ------------------------------------------------------------------ %%lora_train

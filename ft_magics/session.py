@@ -100,6 +100,11 @@ class Session:
                                      trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, plan=plan)
             if replaced:
                 self.handle.notes.append(replaced)
+            if self.conversation is not None and self.conversation.exchanges:
+                n = self.conversation.exchanges
+                self.handle.notes.append(
+                    f"the chat so far ({n} exchange{'s' if n != 1 else ''}) is kept: the next %lora_chat continues it "
+                    "on this model; %lora_chat --new starts over")
             self._pin_adapters_dir()
             return self.handle
 
@@ -519,7 +524,22 @@ class Session:
             self._check_not_training(name)
             info = self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             self._check_not_merged("unload an adapter")
+            gone = self._only_in_memory(info)
+            if gone:
+                raise FtUsageError(f"adapter {name!r} is only in memory now: {gone}, so unloading it would lose it. "
+                                   f"Keep it with %lora_adapters export {name} DIR (then unload it), or drop it for "
+                                   f"good with %lora_adapters delete {name}.")
             self._drop_from_memory(info.name)
+
+    @staticmethod
+    def _only_in_memory(info) -> Optional[str]:
+        """Why loaded adapter ``info`` has no copy on disk (its folder deleted or moved behind the session's back),
+        or None where its folder is there to read it again from."""
+        if not info.path:
+            return "it was never saved to a folder"
+        if not (Path(info.path) / "adapter_config.json").is_file():
+            return f"its folder {info.path} is gone (deleted or moved outside ft_magics)"
+        return None
 
     def deletable_folder(self, name: str) -> Optional[Path]:
         """The folder ``delete_adapter(name)`` removes: the adapter's own folder ``adapters/NAME``, and no other.
@@ -545,6 +565,10 @@ class Session:
                 raise FtUsageError(f"the folder of {name!r} ({folder}) is also where the loaded adapter "
                                    f"{others[0]!r} was read from; unload {others[0]!r} first "
                                    f"(%lora_adapters unload {others[0]}), or export it to a folder of its own.")
+        if folder is not None:  # before anything goes: a read-only folder left it half-deleted, or unloaded
+            from .core.atomic import writable_dir
+
+            writable_dir(folder.parent, "", doing=f"delete {name!r}")
         if name not in self.adapters:
             self._check_not_training(name)
             if folder is None:  # "no adapter named ...", naming the loaded ones and those in the adapters folder
@@ -552,11 +576,9 @@ class Session:
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
                 return self._remove_folder(folder, name)
         self._check_not_merged("delete an adapter")  # (unload would say "cannot unload")
-        if folder is not None:  # before the unload: a read-only folder left the adapter unloaded and on disk
-            from .core.atomic import writable_dir
-
-            writable_dir(folder.parent, "", doing=f"delete {name!r}")
-        self.unload_adapter(name)
+        with self._model_busy("delete an adapter"):
+            self._check_not_training(name)
+            self._drop_from_memory(name)
         return self._remove_folder(folder, name) if folder is not None else None
 
     def rename_adapter(self, name: str, new: str) -> Optional[str]:
@@ -581,6 +603,11 @@ class Session:
             folder = self.deletable_folder(name)
             if not loaded and folder is None:  # "no adapter named ...", naming the loaded ones and those on disk
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
+            gone = self._only_in_memory(self.adapters.require(name)) if loaded else None
+            if gone:  # a rename reads the adapter again under its new name: with nothing to read, it was lost
+                raise FtUsageError(f"cannot rename {name!r}: {gone}, and a rename reads it again under the new name. "
+                                   f"Write it out first with %lora_adapters export {name} DIR, then %lora_adapters "
+                                   f"load DIR --name {new}.")
             target = self.adapters_dir / new
             if folder is not None:  # a read-only adapters folder: said before anything moves
                 from .core.atomic import writable_dir
@@ -643,11 +670,18 @@ class Session:
 
     @staticmethod
     def _remove_folder(folder: Path, name: str) -> str:
+        """Remove adapter folder ``folder`` in one step (renamed aside, then emptied: a file that cannot be removed
+        never leaves the adapter half there), and its run's checkpoints."""
         import shutil
+        import time
 
         from .core.checkpoints import checkpoint_root, discard
 
-        shutil.rmtree(folder)
+        # a sibling (moving a folder to another parent needs its own write permission too), under the name
+        # atomic_dir clears as stale the next time NAME is written
+        aside = folder.parent / f".{name}.tmp-deleted-{os.getpid()}-{time.time_ns()}"
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
         discard(checkpoint_root(folder.parent, name))  # else 'list' offered to resume a run whose adapter is gone
         return str(folder)
 

@@ -213,7 +213,8 @@ def test_a_copied_or_damaged_adapter_folder_is_listed_for_what_it_is(shell, tiny
     capsys.readouterr()
     shell.run_line_magic("lora_adapters", "list")  # no model loaded
     out = capsys.readouterr().out
-    assert "(used by name, they load): alpha\n" in out and "unreadable: broken:" in out
+    assert "on disk in adapters: alpha (no model is loaded: %qlora_load one, then use them by name)\n" in out
+    assert "unreadable: broken:" in out and "active:" not in out  # (it said "active: base" with no model)
     assert ("under a folder name that is no adapter name: 'alpha copy'; rename the folder (e.g. to alpha-copy), or "
             "load it with %lora_adapters load \"adapters/alpha copy\" --name alpha-copy.") in out
     shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
@@ -878,3 +879,75 @@ def test_use_of_an_adapter_on_disk_says_it_was_loaded(loaded, capsys):
     sh.run_line_magic("lora_adapters", "use base")
     sh.run_line_magic("lora_adapters", "use alpha")
     assert re.search(r"active adapter: alpha \(swapped in [\d.]+ ms\)", capsys.readouterr().out)
+
+
+def test_an_adapter_whose_folder_went_is_kept_until_the_user_drops_it(loaded, tmp_path, capsys):
+    """A tester deleted a loaded adapter's folder, then renamed it: the rename dropped it from memory and failed to
+    read it back from the missing folder (a traceback, and the only copy lost); unload said "its folder stays on
+    disk" while it dropped the last copy."""
+    import shutil
+
+    from ft_magics.errors import FtUsageError
+
+    sh, a, _ = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("lora_adapters", "use alpha")
+    before = sess.generate("hello", max_new_tokens=5).text
+    shutil.rmtree(a)
+    with pytest.raises(UsageError, match=r"^cannot rename 'alpha': its folder .*alpha is gone \(deleted or moved "
+                                         r"outside ft_magics\), .* export alpha DIR, then %lora_adapters load DIR "
+                                         r"--name alpha2\.$"):
+        sh.run_line_magic("lora_adapters", "rename alpha alpha2")
+    with pytest.raises(FtUsageError, match=r"only in memory now: its folder .* is gone .* unloading it would lose "
+                                           r"it\. Keep it with %lora_adapters export alpha DIR"):
+        sess.unload_adapter("alpha")
+    assert sess.adapters.names() == ["alpha"] and sess.adapters.active == "alpha"
+    assert sess.generate("hello", max_new_tokens=5).text == before
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "list")
+    assert "(only in memory: its folder" in capsys.readouterr().out
+    sh.run_line_magic("lora_adapters", f"export alpha {tmp_path / 'kept'}")  # the way out the messages name
+    sh.run_line_magic("lora_adapters", f"load {tmp_path / 'kept'} --name alpha2")
+    assert sess.generate("hello", adapter="alpha2", max_new_tokens=5).text == before
+    sess.delete_adapter("alpha")  # the other way out: dropped on purpose
+    assert "alpha" not in sess.adapters
+
+
+def test_an_interrupted_load_says_what_is_loaded_now(loaded, tiny_model_dir, monkeypatch):
+    """The stop button during %qlora_load printed a 100-line traceback, and nothing said the previous model was
+    already let go (a load frees it first, to make room)."""
+    import ft_magics.core.loading as loading
+
+    sh, _, _ = loaded
+    sess = magics(sh).session
+    real = loading.load_model
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "load_model", stopped)
+    with pytest.raises(UsageError, match=r"^%qlora_load interrupted: no model is loaded now \(tiny-llama and its "
+                                         r"adapters were let go first, to make room for the new one\); run "
+                                         r"%qlora_load again\.$"):
+        sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    assert sess.handle is None
+    monkeypatch.setattr(loading, "load_model", real)
+    sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    monkeypatch.setattr(loading, "plan_load", stopped)  # before anything was let go
+    with pytest.raises(UsageError, match=r"^%qlora_load interrupted before it let go of tiny-llama: that model and "
+                                         r"its adapters are loaded as they were\.$"):
+        sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    assert sess.handle is not None and sess.generate("hello", max_new_tokens=2).text is not None
+
+
+def test_a_load_says_the_chat_goes_on(loaded, tiny_model_dir, capsys):
+    """A tester's chat went on across %qlora_load of another model, with nothing to say so: the load's card now
+    says the conversation is kept and how to start over."""
+    sh, _, _ = loaded
+    sess = magics(sh).session
+    sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    assert "the chat so far" not in capsys.readouterr().out  # no conversation yet: nothing to say
+    sess.chat("hello", max_new_tokens=2)
+    sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    assert ("Note       the chat so far (1 exchange) is kept: the next %lora_chat continues it on this model; "
+            "%lora_chat --new starts over") in capsys.readouterr().out

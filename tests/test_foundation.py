@@ -497,6 +497,13 @@ def test_a_read_only_or_blocked_adapters_folder_is_said_before_anything_changes(
         tiny_session.combine_adapters({"bot": 1.0}, "mix")
     with pytest.raises(FtUsageError, match=r"cannot write the adapter to .*: Permission denied"):
         tiny_session.train("bot3", ROWS, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    # on disk only (unloaded, or after a restart): delete removed its files, then failed on the folder itself,
+    # leaving an empty folder the list took for a cut-short run
+    tiny_session.unload_adapter("bot")
+    files = sorted(p.name for p in (tiny_session.adapters_dir / "bot").iterdir())
+    with pytest.raises(FtUsageError, match=r"cannot delete 'bot' in .*: Permission denied\. Make the folder writable"):
+        tiny_session.delete_adapter("bot")
+    assert sorted(p.name for p in (tiny_session.adapters_dir / "bot").iterdir()) == files
     monkeypatch.setattr(atomic.tempfile, "NamedTemporaryFile", real)
     assert sorted(p.name for p in tiny_session.adapters_dir.iterdir() if not p.name.startswith(".")) == ["bot"]
 

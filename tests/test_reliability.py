@@ -626,6 +626,21 @@ def test_a_resumed_runs_card_says_where_it_resumed_and_what_data_the_earlier_ste
     assert "resumed at" not in adapter_card("fresh", Path(fresh.adapter_path))
 
 
+def test_a_card_says_when_the_run_record_cannot_be_read(tiny_session):
+    """A corrupt ft_run.json left `%lora_adapters info` showing the LoRA and base lines alone, with no word on why
+    the training lines were missing."""
+    s = tiny_session
+    run = s.train("rec", DATA, CFG, listeners=[])
+    record = Path(run.adapter_path) / "ft_run.json"
+    assert "Trained " in s.adapter_card("rec") and "cannot be read" not in s.adapter_card("rec")
+    record.write_text("{garbage")
+    card = s.adapter_card("rec")
+    assert "Trained " not in card
+    assert f"its run record {record} cannot be read (not JSON: Expecting property name enclosed in double quotes)" in card
+    record.write_text("[1, 2]")
+    assert "cannot be read (a JSON list, not an object)" in s.adapter_card("rec")
+
+
 def test_deleting_a_stopped_runs_adapter_removes_its_checkpoints_too(tiny_session):
     """A stopped run keeps checkpoints beside its adapter for --resume. Deleting the adapter left them behind
     (often larger than the adapter: optimizer state), and 'list' then said the run was cut short before it saved

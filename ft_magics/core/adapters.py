@@ -215,6 +215,17 @@ def run_record(path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def record_fault(path) -> str:
+    """Why adapter folder ``path``'s ft_run.json reads as no record: what the reader met, in a few words."""
+    try:
+        record = json.loads((Path(path) / "ft_run.json").read_text())
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    except ValueError as exc:
+        return f"not JSON: {str(exc).split(':')[0]}"
+    return "readable" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+
+
 def folder_stamp(folder: Path) -> tuple:
     """What changes when an adapter folder's files are rewritten (a retrain replaces the folder, a job writes new
     weights, a copy lands over it): each file's inode, size and modification time."""
@@ -267,6 +278,9 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     base_name = base.get("name") or config.get("base_model_name_or_path")
     if base_name:
         rows.append(("Base", f"{base_name}" + (f", {base['bits']}-bit" if base.get("bits") else "")))
+    if not record and (path / "ft_run.json").exists():  # the rows below come from it: say why they are missing
+        rows.append(("Note", f"its run record {path / 'ft_run.json'} cannot be read ({record_fault(path)}), so how "
+                             "it was trained is not shown; the weights and settings above are what loads."))
     if record.get("combined_from"):
         parts = ", ".join(f"{k}:{v:g}" for k, v in record["combined_from"].items())
         rows.append(("Combined", f"{parts} ({record.get('method', 'linear')})"))
