@@ -266,7 +266,9 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         need(16 <= self.max_seq_len <= MAX_SEQ_LEN, f"max_seq_len must be between 16 and {MAX_SEQ_LEN} (got {self.max_seq_len}).")
         need(self.max_rows >= 0, f"max_rows must be >= 0 (got {self.max_rows}); 0 reads every row.")
-        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction}).")
+        need(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction:g})" + (
+            f"; it is a fraction of the rows: {self.eval_fraction / 100:g} holds out {self.eval_fraction:g}%."
+            if 1 <= self.eval_fraction < 100 else "."))
         need(self.neftune_noise_alpha >= 0, f"neftune_noise_alpha must be >= 0 (got {self.neftune_noise_alpha}); 0 turns it off.")
         need(self.eval_steps >= 0, f"eval_steps must be >= 0 (got {self.eval_steps}).")
         need(self.early_stopping >= 0, f"early_stopping must be >= 0 evaluations (got {self.early_stopping}); 0 turns it off.")
@@ -635,7 +637,11 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
             kind = "true, false or auto"
         if key == "target_modules":
             kind = "a preset name or a list of module names"
-        raise FtUsageError(f"{key} must be {kind}, got {value!r}.") from None
+        pct = str(value).strip()
+        hint = ""
+        if kind == "a number" and pct.endswith("%") and pct[:-1].strip().replace(".", "", 1).isdigit():
+            hint = f" (a percentage is written as a fraction here: {float(pct[:-1]) / 100:g} for {pct})"
+        raise FtUsageError(f"{key} must be {kind}, got {value!r}{hint}.") from None
 
 
 @functools.cache

@@ -215,7 +215,8 @@ def parse_args(magic_func, line: str) -> argparse.Namespace:
                 f"unknown flag {flag}{did_you_mean(flag, flags)}. See %{magic_func.__name__}? for every flag."
             )
         i = words.index(bad) if bad in words else 0
-        hint = _unquoted_path(words, i) or _list_hint(parser, words, i) or _switch_hint(parser, words, i)
+        hint = (_unquoted_path(words, i) or _unquoted_map(words, i) or _list_hint(parser, words, i)
+                or _switch_hint(parser, words, i))
         raise UsageError(f"unexpected argument {bad!r}{hint}. See %{magic_func.__name__}? for usage.")
     return args
 
@@ -238,6 +239,19 @@ def _switch_hint(parser, words: list, i: int) -> str:
     if isinstance(action, argparse.BooleanOptionalAction):
         flag = words[i - 1]
         return f": {flag} is on or off ({flag} true, {flag} false, or {flag} alone for on)"
+    return ""
+
+
+def _unquoted_map(words: list, i: int) -> str:
+    """A hint when ``words[i]`` is the rest of a --map whose column names have spaces and no quotes (--map Customer
+    question=prompt,Agent answer=completion)."""
+    for start in range(i - 1, max(i - 6, 0) - 1, -1):
+        if words[start] == "--map":
+            end = next((j for j in range(i + 1, len(words)) if words[j].startswith("--")), len(words))
+            joined = " ".join(words[start + 1:end])
+            return f": a --map with spaces in column names needs quotes (--map \"{joined}\")" if "=" in joined else ""
+        if words[start].startswith("-"):
+            break
     return ""
 
 

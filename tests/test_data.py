@@ -2587,3 +2587,50 @@ def test_reading_a_large_dataset_reports_its_progress_and_an_interrupt_there_end
     with pytest.raises(UsageError, match="%%lora_train big interrupted before its first step: nothing was trained or "
                                          "saved, and the model and adapters are as they were"):
         shell.run_line_magic("lora_train", "big --data demo:support --max-steps 2 --no-widgets")
+
+
+def test_a_file_cut_short_and_a_headerless_table_are_named_for_what_they_are(tok, tmp_path):
+    """A JSONL file whose last line stops mid-object was refused as any bad line; a CSV without its header line had
+    its first row suggested as column names in a --map that --map itself refuses (a name holding a comma)."""
+    rows = [json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(3)]
+    (tmp_path / "cut.jsonl").write_text("\n".join(rows) + "\n" + rows[0][:20] + "\n\n")
+    with pytest.raises(FtUsageError, match=r"cut.jsonl, line 4: not valid JSON \(Unterminated string .*\)\. It is the "
+                                           r"file's last line and it stops mid-object: the file looks cut short"):
+        D.load_rows(str(tmp_path / "cut.jsonl"))
+    (tmp_path / "mid.jsonl").write_text(rows[0][:20] + "\n" + "\n".join(rows) + "\n")
+    with pytest.raises(FtUsageError, match=r"mid.jsonl, line 1: .*Each line of a \.jsonl file must be one JSON") as err:
+        D.load_rows(str(tmp_path / "mid.jsonl"))
+    assert "cut short" not in str(err.value)
+    (tmp_path / "noheader.csv").write_text('How do I reset?,"Go to settings, then security."\n'
+                                           "Where is my order?,Check the orders page.\n")
+    with pytest.raises(FtUsageError, match=r"cannot tell the dataset format") as err:
+        D.prepare(str(tmp_path / "noheader.csv"), tok, cfg())
+    assert "--map \"" not in str(err.value)
+    assert ("The column names read like a first row of data, not names: a table's first line names its columns, so "
+            "add one (e.g. prompt,completion) at the top of the file (no --map can name a column holding ',' or '=')."
+            ) in str(err.value)
+    (tmp_path / "named.csv").write_text("Question,Reply\nWhere is my order?,Check the orders page.\n")
+    with pytest.raises(FtUsageError, match=r'For these columns: --map "Question=prompt,Reply=completion"\.$'):
+        D.prepare(str(tmp_path / "named.csv"), tok, cfg())
+
+
+def test_sharegpt_keys_in_capitals_read_as_the_list_key_does():
+    """'Conversations' was matched whatever its case, but its messages' 'From'/'Value' were refused as no role."""
+    recs, fmt = load([{"Conversations": [{"From": "human", "Value": "hi"}, {"From": "gpt", "Value": "yo"}]}])
+    assert fmt.startswith("sharegpt") and recs[0].messages == [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]
+    recs, _ = load([{"messages": [{"Role": "user", "Content": "hi"}, {"Role": "assistant", "Content": "yo"}]}])
+    assert recs[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+def test_a_percentage_for_a_fraction_says_how_to_write_it():
+    from ft_magics.config import TrainConfig
+
+    with pytest.raises(FtUsageError, match=r"^eval_fraction must be a number, got '10%' \(a percentage is written as "
+                                           r"a fraction here: 0\.1 for 10%\)\.$"):
+        TrainConfig.from_dict({"eval_fraction": "10%"})
+    with pytest.raises(FtUsageError, match=r"^eval_fraction must be in \[0, 1\) \(got 10\); it is a fraction of the "
+                                           r"rows: 0\.1 holds out 10%\.$"):
+        TrainConfig.from_dict({"eval_fraction": 10})
+    with pytest.raises(FtUsageError, match=r"^eval_fraction must be in \[0, 1\) \(got 150\)\.$"):
+        TrainConfig.from_dict({"eval_fraction": 150})

@@ -1749,6 +1749,11 @@ def test_an_unquoted_path_with_a_space_is_named_with_the_quotes_it_needs(shell, 
         shell.run_line_magic("lora_train", "a --data my data/x.jsonl")
     with pytest.raises(UsageError, match=r"unexpected argument 'other'\. See"):  # not a path: no hint
         shell.run_line_magic("lora_train", "a --data rows other")
+    with pytest.raises(UsageError, match=r"unexpected argument 'question=prompt,Agent': a --map with spaces in column "
+                                         r"names needs quotes \(--map \"Customer question=prompt,Agent answer="
+                                         r"completion\"\)\. See"):
+        shell.run_line_magic("lora_train", "a --data rows --map Customer question=prompt,Agent answer=completion "
+                                           "--max-steps 2")
 
 
 def test_flags_complete_the_body_before_settings_are_checked_against_each_other(shell, tiny_model_dir, capsys):

@@ -973,9 +973,13 @@ def _read_jsonl(path: Path, limit: Optional[int] = None, array_ok: bool = True) 
                     spread = _spread_json(path, limit)  # json.dump(..., indent=2)
                     if spread is not None:
                         return spread
+                last = not any(rest.strip() for rest in fh)  # (nothing is read after this error)
+                cut = last and (exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip()) - 1)
                 raise FtUsageError(
-                    f"{path}, line {n}: not valid JSON ({_json_problem(exc)} at column {exc.colno}). "
-                    "Each line of a .jsonl file must be one JSON object."
+                    f"{path}, line {n}: not valid JSON ({_json_problem(exc)} at column {exc.colno}). " + (
+                        "It is the file's last line and it stops mid-object: the file looks cut short (an "
+                        "interrupted write, copy or download). Write the file again, or delete that line to train "
+                        "on the lines before it." if cut else "Each line of a .jsonl file must be one JSON object.")
                 ) from None
             if not isinstance(row, dict):
                 raise FtUsageError(f"{path}, line {n}: {_json_kind(row)}, where each line is one example, an object "
@@ -1351,6 +1355,15 @@ def _is_texty(value: Any) -> bool:
     return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
+def _mapless(name, strict: bool = False) -> bool:
+    """Whether column ``name`` cannot be written in a --map (it holds ',' or '='), or (not ``strict``) reads as a
+    sentence (ends in '.', '?' or '!' after a space-separated phrase): a data row taken for the header."""
+    name = str(name)
+    if "," in name or "=" in name:
+        return True
+    return not strict and " " in name.strip() and name.rstrip().endswith((".", "?", "!"))
+
+
 def suggest_map(keys: Iterable[str], sample: Optional[dict] = None) -> Optional[str]:
     """A --map value that would make these columns a known format, guessed from common column names and,
     given a ``sample`` row, from what the columns hold (a list of role/content messages is a chat; a
@@ -1442,6 +1455,11 @@ def _missing_fields_error(keys: list, where: str, renamed: Optional[dict] = None
         pairs = [p.split("=", 1) for p in fix.split(",")]
         fix = ",".join(f"{back.get(col, col)}={field}" for col, field in pairs)
     suggestion = f' For these columns: --map "{fix}".' if fix else ""
+    if any(_mapless(k) for k in keys):  # a CSV without its header line: its first row was read as the names
+        suggestion = (" The column names read like a first row of data, not names: a table's first line names its "
+                      "columns, so add one (e.g. prompt,completion) at the top of the file"
+                      + (" (no --map can name a column holding ',' or '=')." if any(_mapless(k, strict=True)
+                                                                                    for k in keys) else "."))
     return FtUsageError(
         f"{where}: cannot tell the dataset format from the fields found ({shown}). "
         f"Known formats and the fields they need: {formats}. "
@@ -1516,6 +1534,8 @@ def _messages(seq: Any, where: str, role_key="role", content_key="content") -> l
     for j, m in enumerate(seq):
         if not isinstance(m, dict):
             raise FtUsageError(f"{where}, message {j}: expected an object with {role_key!r} and {content_key!r}.")
+        if role_key not in m and content_key not in m:  # 'From'/'Value', 'Role'/'Content': as the list's own key
+            m = {(k.lower() if isinstance(k, str) and k.lower() not in m else k): v for k, v in m.items()}
         raw_role = m.get(role_key)
         if raw_role is None:  # the other convention: ShareGPT's from/value, or role/content in conversations
             other = next(((r, c) for r, c in (("role", "content"), ("from", "value")) if r != role_key and r in m), None)
