@@ -104,6 +104,8 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             return
         active = s.adapters.active or "base"
         merged = s.merged_adapter
+        from .core.adapters import number_text
+
         for a in s.adapters:
             mark = "*" if a.name == active else " "
             loss = f"{a.final_loss:.4f}" if a.final_loss is not None else "-"
@@ -112,7 +114,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
                 loss += f" (kept step {best['step']}: eval {best['eval_loss']:.4f})"
             tag = " [merged]" if a.name == merged else ""
             gone = s._only_in_memory(a)
-            out(f"{mark} {a.name:<20} r={a.r} alpha={a.alpha} steps={a.steps or '-'} loss={loss} "
+            out(f"{mark} {a.name:<20} r={a.r} alpha={number_text(a.alpha)} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}" + (f"  (only in memory: {gone}; %lora_adapters export {a.name} DIR "
                                                  "keeps it)" if gone else ""))
         why = {n: s.misfit(n) for n in on_disk}

@@ -782,9 +782,11 @@ class FtMagics(Magics):
                                   system=None if args.new else args.system))
                 return
             conv = session.conversation
-            if conv is None or not conv.turns:
-                raise UsageError("no conversation yet: write a message, e.g. %lora_chat Hello! (or in the cell "
-                                 "body of %%lora_chat).")
+            if conv is None or not conv.turns:  # a normal state (after --new, too): said, not an error that stops Run All
+                print("no conversation yet: write a message, e.g. %lora_chat Hello! (or in the cell body of "
+                      "%%lora_chat)." + (f" The next one is asked under the system prompt: {conv.system}"
+                                         if conv is not None and conv.system else ""))
+                return
             print(conv.transcript())
             print(f"[{counted(conv.exchanges, 'exchange')}; %lora_chat --new starts over]")
             return

@@ -290,8 +290,8 @@ def test_chat_remembers_the_conversation_across_turns_and_adapters(loaded, capsy
     seen = []
     real = inference.build_prompt
     monkeypatch.setattr(inference, "build_prompt", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-    with pytest.raises(UsageError, match="no conversation yet"):
-        sh.run_line_magic("lora_chat", "")
+    sh.run_line_magic("lora_chat", "")  # nothing said yet: a line, not an error that stops Run All
+    assert capsys.readouterr().out.startswith("no conversation yet: write a message, e.g. %lora_chat Hello!")
     sh.run_line_magic("lora_chat", "--max-new-tokens 3 My name is Ada?")  # a final ? is part of the message
     first_answer = magics(sh).session.conversation.turns[1].content
     sh.run_cell_magic("lora_chat", "--adapter alpha --max-new-tokens 3", "What is my name?\n")
@@ -951,3 +951,17 @@ def test_a_load_says_the_chat_goes_on(loaded, tiny_model_dir, capsys):
     sh.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
     assert ("Note       the chat so far (1 exchange) is kept: the next %lora_chat continues it on this model; "
             "%lora_chat --new starts over") in capsys.readouterr().out
+
+
+def test_alpha_is_shown_as_written(loaded, capsys):
+    """`alpha: 32` in a YAML body showed as alpha=32.0 in list and info, beside alpha=32 for the default."""
+    sh, _, _ = loaded
+    sess = magics(sh).session
+    sess.train("al", [{"prompt": f"q{i}?", "completion": f"a{i}"} for i in range(8)],
+               {"max_steps": 1, "batch_size": 4, "alpha": 32.0}, listeners=[])
+    capsys.readouterr()
+    sh.run_line_magic("lora_adapters", "list")
+    sh.run_line_magic("lora_adapters", "info al")
+    out = capsys.readouterr().out
+    assert "al                   r=16 alpha=32 steps=1" in out and "LoRA       r=16 alpha=32 dropout" in out
+    assert "32.0" not in out

@@ -658,7 +658,7 @@ def test_answer_cut_away_by_truncation_is_reported_and_dropped(tok):
     train, _, report = D.prepare(rows, tok, cfg(max_seq_len=32))
     assert report.dropped_no_answer == 1 and report.truncated == 1 and len(train) == 1
     assert all(e.n_loss_tokens > 0 for e in train)
-    assert "Dropped    1 example whose answer was cut away entirely by truncation" in report.text()
+    assert "Dropped    1 example (<list>, index 0) whose answer was cut away entirely by truncation" in report.text()
     # (it read "1 truncated, 0 dropped" above "Dropped 1 example")
     assert ("1 of 2 examples exceed max_seq_len=32: 1 truncated (1 of them cut before their answer: dropped, below), "
             "0 dropped whole (overlong: truncate)") in report.text()
@@ -737,7 +737,7 @@ def test_examples_with_an_empty_answer_are_dropped_not_trained_to_end_the_turn(t
     rows += [{"prompt": "blank", "completion": "   "}, {"prompt": "empty", "completion": ""}]
     train, _, report = D.prepare(rows, tok, cfg())
     assert len(train) == 6 and report.dropped_empty == 2
-    assert "Dropped    2 examples with no answer to learn from (empty or blank" in report.text()
+    assert "Dropped    2 examples (<list>, indexes 6, 7) with no answer to learn from (empty or blank" in report.text()
     assert all("blank" not in tok.decode(e.input_ids) and "empty" not in tok.decode(e.input_ids) for e in train)
     chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] + CHAT
     train, _, report = D.prepare(chat, tok, cfg())
@@ -2024,7 +2024,7 @@ def test_an_assistant_message_of_weight_0_is_context_not_loss(tok, plain_tok, tm
     rows = [{"messages": [dict(m) for m in convo]} for _ in range(3)] + [context_only]
     train, _, report = D.prepare(rows, tok, cfg())
     assert len(train) == 3 and report.dropped_unweighted == 1 and report.dropped_empty == 0
-    assert "1 example whose every answer has weight 0" in report.text()
+    assert "1 example (<list>, index 3) whose every answer has weight 0" in report.text()
     with pytest.raises(FtUsageError, match="every assistant message has weight 0"):
         D.prepare([context_only] * 2, tok, cfg())
     _, _, report = D.prepare(rows, tok, cfg(train_on="all"))
@@ -2540,7 +2540,8 @@ def test_blank_plain_texts_are_dropped_and_counted_as_texts(tok):
     train, _, report = D.prepare(["hello world", "", "   ", "\n\t", "more text here"], tok, cfg())
     assert len(train) == 2 and report.dropped_empty == 3
     text = report.text()
-    assert "Dropped    3 examples with no text to learn from (empty or blank)" in text and "answer" not in text
+    assert "Dropped    3 examples (<list>, indexes 1, 2, 3) with no text to learn from (empty or blank)" in text
+    assert "answer" not in text
     assert not [w for w in report.warnings if "empty" in w]
 
 
@@ -2634,3 +2635,22 @@ def test_a_percentage_for_a_fraction_says_how_to_write_it():
         TrainConfig.from_dict({"eval_fraction": 10})
     with pytest.raises(FtUsageError, match=r"^eval_fraction must be in \[0, 1\) \(got 150\)\.$"):
         TrainConfig.from_dict({"eval_fraction": 150})
+
+
+def test_dropped_rows_are_named_where_they_are(tok, tmp_path):
+    """'Dropped 2 examples with no answer' named no rows, though the blank-prompt warning beside it did."""
+    rows = [{"prompt": f"q{i}", "completion": "" if i in (2, 5) else f"a{i}"} for i in range(8)]
+    _, _, report = D.prepare(str(write_jsonl(tmp_path / "d.jsonl", rows)), tok, cfg())
+    line = next(ln for ln in report.text().splitlines() if ln.startswith("Dropped"))
+    assert line.startswith("Dropped    2 examples (") and "d.jsonl, lines 3, 6)" in line, line
+    _, _, report = D.prepare([{"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "yo", "weight": w}]} for w in (1, 0)],
+                             tok, cfg())
+    assert "Dropped    1 example (<list>, index 1) whose every answer has weight 0" in report.text()
+
+
+def test_an_adapters_card_names_why_rows_were_dropped(tiny_session):
+    rows = [{"prompt": f"Question {i}?", "completion": "" if i < 2 else "Category: account"} for i in range(12)]
+    run = tiny_session.train("dr2", rows, {"max_steps": 1, "batch_size": 4}, listeners=[])
+    assert run.record["data"]["dropped"] == {"dropped_empty": 2}
+    assert "10 trained on, 2 dropped (2 with no answer (empty or blank))" in tiny_session.adapter_card("dr2")

@@ -129,7 +129,7 @@ def check_04(text: str, work: Path) -> None:
         full, lora, qlora = map(float, re.search(
             rf"planner {size}: full ([\d.]+) / LoRA ([\d.]+) / QLoRA ([\d.]+) GB", s).groups())
         assert full > lora > qlora > 0
-    assert "Seed table (70B)" in text and "seed ~280 GB" in text  # %ft_plan 70B printed the comparison
+    assert "The often-quoted 70B table (~280 / ~140 / ~36 GB)" in text and "quoted ~280 GB" in text  # %ft_plan 70B printed the comparison
     measured = {m[0]: (float(m[1]), float(m[2]), float(m[3]))
                 for m in re.findall(r"(full|lora|qlora): peak ([\d.]+) GB, ([\d.]+) s/step, trainable ([\d.]+)%", s)}
     assert set(measured) == {"full", "lora", "qlora"}

@@ -97,7 +97,7 @@ def test_ft_plan_magic(shell, capsys):
     out = capsys.readouterr().out
     assert "QLoRA" in out and "ESTIMATES" in out and "seq_len 1024" in out
     shell.run_line_magic("ft_plan", "meta-llama/Llama-2-70b-hf")
-    assert "Seed table" in capsys.readouterr().out
+    assert "The often-quoted 70B table" in capsys.readouterr().out
     from IPython.core.error import UsageError
 
     with pytest.raises(UsageError):
@@ -105,7 +105,7 @@ def test_ft_plan_magic(shell, capsys):
     with pytest.raises(UsageError, match="--r must be a positive LoRA rank"):  # it planned a rank-0 adapter
         shell.run_line_magic("ft_plan", "7B --r 0")
     shell.run_line_magic("ft_plan", "400B")
-    assert "Seed table" not in capsys.readouterr().out  # the seed's comparison is of a 70B model only
+    assert "often-quoted 70B table" not in capsys.readouterr().out  # the seed's comparison is of a 70B model only
 
 
 def test_an_8bit_optimizer_is_planned_at_10_bytes_per_trained_parameter(shell, capsys):
@@ -667,3 +667,14 @@ def test_the_planner_refuses_what_training_would_refuse(shell, capsys):
     out = capsys.readouterr().out
     assert "fp32 master weights and the optimizer's states (SGD: no state)" in out and "Adam" not in out
     assert planner.plan("2T").dims.params == 2e12  # the largest models still plan
+
+
+def test_the_70b_comparison_gives_16_bytes_a_parameter_as_16_bytes_a_parameter():
+    """It said "1135 GB (16 B/param)" for 70B: the plan's whole total, activations and overhead included."""
+    from ft_magics.core import planner as P
+
+    p = P.plan("meta-llama/Llama-2-70b-hf", seq_len=512, batch_size=1)
+    text = P.seed_comparison(p)
+    full = p.mode("full fine-tuning (bf16 + AdamW)").total
+    assert f"16 B/param: {16 * p.dims.params / P.GB:.0f} GB, {full / P.GB:.0f} GB with activations and overhead" in text
+    assert 16 * p.dims.params < full

@@ -596,7 +596,7 @@ def test_a_run_killed_before_it_saved_is_listed_as_resumable_and_named_when_aske
     part = s.train("cut", DATA, CFG, listeners=[StopAt(s, 3)])
     assert part.status == "stopped" and _ckpts(s, "cut")
     shutil.rmtree(part.adapter_path)  # what a SIGKILL before the save leaves: the checkpoints alone
-    s.unload_adapter("cut")
+    s._drop_from_memory("cut")  # (and the killed kernel's memory went with it; unload refuses to drop a last copy)
     assert s.resumable_runs() == {"cut": part.steps}
     lines = []
     adapter_commands.run(s, ["list"], out=lines.append)
@@ -889,3 +889,43 @@ def test_a_run_interrupted_before_its_first_checkpoint_leaves_no_empty_checkpoin
     except KeyboardInterrupt:
         pass
     assert _ckpts(s, "early") == [] and not (s.adapters_dir / ".checkpoints" / "early").exists()
+
+
+def test_evaluations_are_announced_and_kept_out_of_the_steps_rate(tiny_session, monkeypatch):
+    """A slow mid-run evaluation printed nothing for minutes, then the rate (and the card's loss-tok/s) counted its
+    time as training time, and the time left after it left out the evaluations still to come."""
+    import time
+
+    import transformers
+
+    real = transformers.Trainer.evaluate
+
+    def slow(self, *a, **kw):
+        time.sleep(1.5)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", slow)
+
+    class Clock(Listener):
+        def __init__(self):
+            self.seen = []
+
+        def on_step(self, event):
+            self.seen.append((time.perf_counter(), event))
+
+        on_message = on_step
+
+    clock = Clock()
+    rows = [{"prompt": f"Question {i}: reset?", "completion": "Category: account"} for i in range(24)]
+    ev = [{"prompt": f"Other {i}: reset?", "completion": "Category: account"} for i in range(4)]
+    run = tiny_session.train("ev", rows, {"max_steps": 4, "batch_size": 4, "eval_steps": 2}, eval_data=ev,
+                             listeners=[clock])
+    steps = {e.step: (t, e) for t, e in clock.seen if type(e).__name__ == "StepEnd"}
+    notes = [e.text for _, e in clock.seen if type(e).__name__ == "Message" and e.text.startswith("evaluating at")]
+    assert notes == ["evaluating at step 2; its loss follows (loss-tok/s counts the steps' time only)",
+                     "evaluating at step 4; its loss follows (loss-tok/s counts the steps' time only)"]
+    (t1, e1), (t3, e3) = steps[1], steps[3]
+    assert (t3 - t1) - (e3.elapsed_s - e1.elapsed_s) >= 1.4  # the evaluation at step 2 is not the steps' time
+    assert e3.eta_s >= 1.4  # one more evaluation comes, at step 4
+    timings = run.record["timings"]
+    assert timings["seconds"] - timings["loss_tokens"] / timings["loss_tokens_per_s"] >= 2.8  # both evaluations

@@ -215,6 +215,11 @@ def run_record(path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def number_text(value):
+    """A number as written (32, not the 32.0 a YAML body's alpha became), anything else as it is."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
 def record_fault(path) -> str:
     """Why adapter folder ``path``'s ft_run.json reads as no record: what the reader met, in a few words."""
     try:
@@ -251,6 +256,12 @@ def info_from_folder(name: str, path: Path, origin: str) -> AdapterInfo:
     )
 
 
+# the run record's "dropped" keys (core.data.DataReport's counters), in the card's words
+DROP_REASONS = {"dropped_empty": "with no answer (empty or blank)", "dropped_no_answer": "with the answer cut away "
+                "by truncation", "dropped_overlong": "too long", "dropped_unweighted": "with every answer at weight 0",
+                "eval_dropped": "of the eval data"}
+
+
 def adapter_card(name: str, path: Path, state: str = "") -> str:
     """What an adapter folder says about itself: its LoRA shape, the base it was made on, and for one this
     tool trained, the run (steps, losses, data, the settings that differ from the defaults, speed, peak)."""
@@ -268,7 +279,8 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     # the kinds of layer, as target_modules is usually written
     modules = ", ".join(sorted({str(t).rsplit(".", 1)[-1] for t in tm})) if isinstance(tm, list) else str(tm)
     rows = [("Adapter", f"{name}{f'  ({state})' if state else ''}  {path}  {human_bytes(size)}"),
-            ("LoRA", f"r={config.get('r')} alpha={config.get('lora_alpha')} dropout={config.get('lora_dropout', 0)}"
+            ("LoRA", f"r={config.get('r')} alpha={number_text(config.get('lora_alpha'))} "
+                     f"dropout={config.get('lora_dropout', 0)}"
                      + (" DoRA" if config.get("use_dora") else "") + (" rsLoRA" if config.get("use_rslora") else "")
                      + f" on {modules}")]
     held = first_weight_rank(path) if isinstance(config.get("r"), int) and not config.get("rank_pattern") else None
@@ -310,10 +322,12 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     data = record.get("data") or {}
     if data:
         earlier = (record.get("resumed") or {}).get("earlier_data")
-        trained, dropped = data.get("trained_examples"), sum((data.get("dropped") or {}).values())
+        trained, drops = data.get("trained_examples"), data.get("dropped") or {}
+        dropped = sum(drops.values())
+        why = ", ".join(f"{n:,} {DROP_REASONS.get(k, k)}" for k, n in drops.items() if n)  # as the report said
         rows.append(("Data", f"{data.get('source')}: {data.get('format')}, {counted(data.get('rows') or 0, 'row')} "
                               f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"
-                              + (f"; {trained:,} trained on, {dropped:,} dropped (no answer left, too long, ...)"
+                              + (f"; {trained:,} trained on, {dropped:,} dropped ({why})"
                                  if trained is not None and dropped else "")
                               + (f"; steps 1-{record['resumed']['at']} ran on {earlier}" if earlier else "")))
     settings = record.get("settings") or {}

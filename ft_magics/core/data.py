@@ -1919,6 +1919,7 @@ class DataReport:
     answer_starts: list = field(default_factory=list)  # where those answers began (token index)
     dropped_empty: int = 0  # nothing carried loss even before truncation
     dropped_unweighted: int = 0  # every answer had weight 0 (context only)
+    dropped_at: dict = field(default_factory=dict)  # each dropped_* counter's rows ("d.jsonl, line 7", "index 3")
     eval_dropped: int = 0
     eval_dropped_why: str = ""  # e.g. "1 with an empty answer, 2 too long"
     warnings: list = field(default_factory=list)
@@ -1937,11 +1938,13 @@ class DataReport:
     context: int = 0  # the model's context window (max_position_embeddings) where known: no advice goes past it
     spec: Optional[dict] = None  # {"data": ..., "eval": ...} as data_spec gives them, where both survive a restart
 
-    def count(self, outcome: str, ex: "TokenizedExample") -> None:
-        """Count what :func:`fit_length` did to ``ex`` (as tokenised, before any cut)."""
+    def count(self, outcome: str, ex: "TokenizedExample", where: str = "") -> None:
+        """Count what :func:`fit_length` did to ``ex`` (as tokenised, before any cut); ``where``: its row."""
         if outcome == "kept":
             return
         setattr(self, outcome, getattr(self, outcome) + 1)
+        if where and outcome.startswith("dropped"):
+            self.dropped_at.setdefault(outcome, []).append(where)
         if outcome == "dropped_no_answer":  # cut, and nothing left to learn: truncated too
             self.truncated += 1
             self.answer_starts.append(next(i for i, lab in enumerate(ex.labels) if lab != -100))
@@ -1965,6 +1968,11 @@ class DataReport:
     @property
     def over_max(self) -> int:
         return sum(1 for n in self.lengths if n > self.max_seq_len) if self.max_seq_len else 0
+
+    def _at(self, outcome: str) -> str:
+        """`` (d.jsonl, lines 7, 9)``: where the rows dropped as ``outcome`` are, where the reader knew."""
+        where = places(self.dropped_at.get(outcome) or [])
+        return f" ({where})" if where else ""
 
     def text(self) -> str:
         from ..config import objective_name
@@ -2002,22 +2010,23 @@ class DataReport:
         if self.dropped_no_answer:
             at_context = bool(self.context) and self.max_seq_len >= self.context
             lines.append(
-                f"Dropped    {counted(self.dropped_no_answer, unit)} whose answer was cut away entirely by truncation "
-                "(no loss-bearing token left); " + (
+                f"Dropped    {counted(self.dropped_no_answer, unit)}{self._at('dropped_no_answer')} whose answer was "
+                "cut away entirely by truncation (no loss-bearing token left); " + (
                     f"their prompts alone fill the {self.context:,} tokens the model reads: shorten those prompts to "
                     "keep them" if at_context else "raise max_seq_len to keep them")
                 + ("" if self.overlong == "truncate_prompt" or self.train_on == "all" else
                    ", or set overlong: truncate_prompt to keep their answers and cut the middle of their prompts")
             )
+        empty = f"{counted(self.dropped_empty, unit)}{self._at('dropped_empty')}"
         if self.dropped_empty and self.format == "text":
-            lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no text to learn from (empty or blank)")
+            lines.append(f"Dropped    {empty} with no text to learn from (empty or blank)")
         elif self.dropped_empty:
-            lines.append(f"Dropped    {counted(self.dropped_empty, unit)} with no answer to learn from (empty or "
+            lines.append(f"Dropped    {empty} with no answer to learn from (empty or "
                          "blank: it would teach the model to end its turn at once"
                          + ("; or no assistant turn at all)" if unit == "example" else ")"))
         if self.dropped_unweighted:
-            lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')} whose every answer has weight 0 "
-                         "(context only: nothing to learn from)")
+            lines.append(f"Dropped    {counted(self.dropped_unweighted, 'example')}{self._at('dropped_unweighted')} "
+                         "whose every answer has weight 0 (context only: nothing to learn from)")
         if self.eval_dropped:
             lines.append(f"Dropped    {counted(self.eval_dropped, 'eval example')} "
                          f"({self.eval_dropped_why or 'too long, or no answer token left'})")
@@ -2294,7 +2303,7 @@ def tokenize(records: list[Record], tokenizer, max_seq_len: int, train_on: str =
         if report is not None:
             if not empty:  # the Tokens and Length lines describe what can train, the overlong too (they advise on
                 report.lengths.append(len(ex.input_ids))  # them), not a row with nothing to learn from
-            report.count(outcome, ex)
+            report.count(outcome, ex, record.where)
         if fitted is not None:
             out.append(fitted)
     return out

@@ -769,12 +769,14 @@ def seed_comparison(p: Optional[Plan] = None) -> str:
     full, lora, q = p.mode("full fine-tuning (bf16 + AdamW)"), p.mode("LoRA, 16-bit base"), p.mode("QLoRA, NF4 + double quant")
     n = p.dims.params
     return "\n".join([
-        f"Seed table (70B) vs computed for {p.dims.name}, seq {p.seq_len}, batch {p.batch_size}:",
-        f"  full:  seed ~280 GB = 4 B/param (16-bit weights + 16-bit grads: {4 * n / GB:.0f} GB); with AdamW states and "
-        f"an fp32 master copy it is {full.total / GB:.0f} GB (16 B/param).",
-        f"  LoRA:  seed ~140 GB = 2 B/param; computed weights {lora.weights / GB:.0f} GB, total {lora.total / GB:.0f} GB "
-        "(adapter, optimizer, activations on top).",
-        f"  QLoRA: seed ~36 GB; computed weights {q.weights / GB:.1f} GB ({NF4_BITS:.3f} bits/param + 16-bit "
+        f"The often-quoted 70B table (~280 / ~140 / ~36 GB) vs computed for {p.dims.name}, seq {p.seq_len}, "
+        f"batch {p.batch_size}:",
+        f"  full:  quoted ~280 GB = 4 B/param (16-bit weights + 16-bit grads: {4 * n / GB:.0f} GB); with AdamW states "
+        f"and an fp32 master copy, 16 B/param: {16 * n / GB:.0f} GB, {full.total / GB:.0f} GB with activations "
+        "and overhead.",
+        f"  LoRA:  quoted ~140 GB = 2 B/param; computed weights {lora.weights / GB:.0f} GB, total {lora.total / GB:.0f} "
+        "GB (adapter, optimizer, activations on top).",
+        f"  QLoRA: quoted ~36 GB; computed weights {q.weights / GB:.1f} GB ({NF4_BITS:.3f} bits/param + 16-bit "
         f"embeddings), total {q.total / GB:.1f} GB.",
     ])
 

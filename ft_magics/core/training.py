@@ -459,6 +459,13 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
             self.last_mem_t = 0.0
             self.mem = None
             self.step_at_start = 0
+            self.step_end_t = None  # when the last step ended: an evaluation runs from then to on_evaluate
+            self.evaluations: list = []  # each evaluation's seconds, kept out of the steps' time and rate
+
+        def step_seconds(self, now: float) -> float:
+            """The time the steps took: the run's time less its evaluations (a 12-minute evaluation on a slow
+            machine had the rate read 1 loss-tok/s where the steps ran at 5)."""
+            return now - self.t0 - sum(self.evaluations)
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
@@ -482,20 +489,34 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 self.peak = max(self.peak, self.mem.peak_bytes)
                 self.last_mem_t = now
             history["last_step"] = state.global_step
-            history["train_seconds"] = now - self.t0  # the steps' time, as the progress lines' rate counts it
+            history["train_seconds"] = self.step_seconds(now)  # the steps' time, as the progress lines' rate counts it
             self.trained_tokens(args, state)
+            self.step_end_t = now
             return control
+
+        def on_evaluate(self, args, state, control, **kw):
+            if self.step_end_t is not None and not history.get("final_eval"):
+                self.evaluations.append(time.perf_counter() - self.step_end_t)
+                self.step_end_t = None
+            return control
+
+        def evals_left(self, args, step: int, max_steps: int) -> int:
+            strategy = getattr(args, "eval_strategy", None)
+            every = int(args.eval_steps or 0) if getattr(strategy, "value", strategy) == "steps" else 0
+            return max_steps // every - step // every if every >= 1 else 0
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             step = state.global_step
-            elapsed = time.perf_counter() - self.t0
+            elapsed = self.step_seconds(time.perf_counter())
             if "loss" in logs:
                 loss = float(logs["loss"])
                 history["loss"].append([step, loss])
                 lb = self.trained_tokens(args, state)
                 eta = eta_seconds(elapsed, step - self.step_at_start, state.max_steps - step,
                                   collator.trained_all_tokens, tokens_per_step)
+                if eta is not None and self.evaluations:  # the evaluations still to come, at the pace of the last
+                    eta += self.evaluations[-1] * self.evals_left(args, step, state.max_steps)
                 emit(listeners, StepEnd(
                     step=step, total_steps=state.max_steps, epoch=float(logs.get("epoch", state.epoch or 0.0)),
                     loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
@@ -503,6 +524,9 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                     tokens_per_s=lb / elapsed if elapsed > 0 else None, memory=self.mem,
                     pairs_right=_f(logs.get("pairs_right")),
                 ))
+                if control.should_evaluate and not history.get("final_eval"):  # (quiet until its loss, before)
+                    emit(listeners, Message(f"evaluating at step {step}; its loss follows (loss-tok/s counts the "
+                                            "steps' time only)"))
             if "eval_loss" in logs:
                 history["eval"].append([step, float(logs["eval_loss"])])
                 emit(listeners, EvalEnd(step=step, eval_loss=float(logs["eval_loss"]),
@@ -1153,6 +1177,7 @@ def run_training(
                     emit(listeners, Message(f"the last step is done: evaluating on {counted(len(eval_ds), 'eval example')}, "
                                             "then saving the adapter"))
                     drop_optimizer_state(trainer)  # no step follows; the evaluation reuses that memory
+                    history["final_eval"] = True
                     metrics = trainer.evaluate()
                     eval_loss, eval_step = _f(metrics.get("eval_loss")), history["last_step"]
                     if eval_loss is not None and not _last_step_evaluated(history):  # the callback usually has
