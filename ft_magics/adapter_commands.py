@@ -91,13 +91,17 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
                 + (f"the {running!r} below is its last save, replaced when the run saves"
                    if saved else "it joins this list when it is saved")
                 + " (%lora_stop stops it at the next step and saves it).")
+        elsewhere = s.trained_elsewhere()
+        for name, pid in elsewhere.items():
+            out(f"{name}: being trained now by another process on this machine (pid {pid}); its adapter is "
+                "listed here once that run saves it.")
         cut_short = s.resumable_runs()
         for name, step in cut_short.items():
             if name != running:
                 out(f"{name}: its run was cut short at step {step} before it saved an adapter; %%lora_train {name} "
                     "--data ... --resume continues it from there.")
         if not s.adapters and not on_disk and not s.misnamed_on_disk():
-            if running or cut_short:
+            if running or cut_short or elsewhere:
                 return
             out("No adapters yet. Train one with %%lora_train NAME --data ... or load one with "
                 "%lora_adapters load PATH.")

@@ -912,7 +912,7 @@ class Session:
         """``{name: step}`` of runs in the adapters folder that were cut short (a killed kernel, a stop, an
         error) and that have no saved adapter of their own: their newest complete checkpoint's step, from which
         ``%%lora_train NAME --data ... --resume`` continues."""
-        from .core.checkpoints import CHECKPOINTS_DIRNAME, checkpoint_step, latest_valid
+        from .core.checkpoints import CHECKPOINTS_DIRNAME, checkpoint_step, latest_valid, running_elsewhere
 
         root = self.adapters_dir / CHECKPOINTS_DIRNAME
         if not root.is_dir():
@@ -921,10 +921,20 @@ class Session:
         for run in sorted(p for p in root.iterdir() if p.is_dir()):
             if run.name in self.adapters or self._adapter_folder(run.name) is not None:
                 continue  # the adapter is there (a stopped run saves one): list and use name it already
+            if running_elsewhere(run) is not None:  # not cut short: another notebook is training it now
+                continue
             latest = latest_valid(run)
             if latest is not None:
                 out[run.name] = checkpoint_step(latest)
         return out
+
+    def trained_elsewhere(self) -> dict:
+        """``{name: pid}`` of runs another process on this machine is training now in the adapters folder."""
+        from .core.checkpoints import CHECKPOINTS_DIRNAME, running_elsewhere
+
+        root = self.adapters_dir / CHECKPOINTS_DIRNAME
+        runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return {run.name: pid for run in runs for pid in [running_elsewhere(run)] if pid is not None}
 
     def adapters_on_disk(self, fitting: bool = False) -> list:
         """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``

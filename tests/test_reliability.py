@@ -929,3 +929,45 @@ def test_evaluations_are_announced_and_kept_out_of_the_steps_rate(tiny_session, 
     assert e3.eta_s >= 1.4  # one more evaluation comes, at step 4
     timings = run.record["timings"]
     assert timings["seconds"] - timings["loss_tokens"] / timings["loss_tokens_per_s"] >= 2.8  # both evaluations
+
+
+def test_a_run_another_process_is_training_is_not_called_cut_short_nor_trained_twice(tiny_session):
+    """Two notebooks on one adapters folder: the second's list called the first's live run "cut short" and
+    offered --resume, which would have trained it twice into the same checkpoints and adapter."""
+    import shutil
+    import subprocess
+
+    from ft_magics import adapter_commands
+    from ft_magics.core.checkpoints import RUNNING_FILE, _process_start, checkpoint_root
+
+    s = tiny_session
+    root = checkpoint_root(s.adapters_dir, "cut")
+
+    class Peek(Listener):
+        seen = []
+
+        def on_step(self, event):
+            self.seen.append(json.loads((root / RUNNING_FILE).read_text())["pid"])
+
+    part = s.train("cut", DATA, CFG, listeners=[StopAt(s, 3), Peek()])
+    assert set(Peek.seen) == {os.getpid()}  # this process marks the run while it trains
+    assert not (root / RUNNING_FILE).exists() and _ckpts(s, "cut")  # and unmarks it when it stops
+    shutil.rmtree(part.adapter_path)  # a run still going in another kernel: checkpoints, no adapter yet
+    s._drop_from_memory("cut")
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        mark = {"pid": other.pid, "host": __import__("socket").gethostname(), "start": _process_start(other.pid)}
+        (root / RUNNING_FILE).write_text(json.dumps(mark))
+        lines = []
+        adapter_commands.run(s, ["list"], out=lines.append)
+        assert lines[0] == (f"cut: being trained now by another process on this machine (pid {other.pid}); its "
+                            "adapter is listed here once that run saves it."), lines
+        assert s.resumable_runs() == {} and not any("cut short" in line for line in lines)
+        with pytest.raises(FtUsageError, match=rf"'cut' is being trained now by another process on this machine "
+                                               rf"\(pid {other.pid}\)"):
+            s.train("cut", DATA, CFG, resume=True)
+        assert _ckpts(s, "cut")  # nothing of the other run's was touched
+    finally:
+        other.kill()
+        other.wait()
+    assert s.resumable_runs() == {"cut": part.steps}  # its process is gone: a mark left behind is a cut-short run

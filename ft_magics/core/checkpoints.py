@@ -152,13 +152,75 @@ def resume_warning(name: str, changed: list) -> str:
             "will not match an uninterrupted run.")
 
 
+RUNNING_FILE = "ft_running.json"  # in a run's checkpoints folder while a process trains it
+
+
+def _first_rank() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (Linux: /proc/PID/stat's starttime), so a reused pid is not taken for it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_running(root: Path) -> None:
+    """Say in ``root`` that this process trains the run (another kernel's list and train read it)."""
+    import socket
+
+    if _first_rank():
+        atomic_write_json(Path(root) / RUNNING_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "start": _process_start(os.getpid())})
+
+
+def unmark_running(root: Path) -> None:
+    if _first_rank():
+        try:
+            (Path(root) / RUNNING_FILE).unlink()
+        except OSError:
+            pass
+
+
+def running_elsewhere(root: Path) -> Optional[int]:
+    """The pid of another live process on this machine that is training the run whose checkpoints are ``root``
+    (its mark is left behind by a killed one: then None)."""
+    import socket
+
+    try:
+        mark = json.loads((Path(root) / RUNNING_FILE).read_text())
+        pid = int(mark["pid"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if pid == os.getpid() or mark.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    if mark.get("start") is not None and _process_start(pid) not in (None, mark["start"]):
+        return None  # the pid now names another process
+    return pid
+
+
 def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> Optional[Path]:
     """Prepare ``root`` for a run; return the checkpoint to resume from (None for a fresh run).
 
     A fresh run starts from an empty folder (old checkpoints of NAME belong to the adapter it replaces).
     A resumed run drops incomplete checkpoints, says which, and warns when the data or settings differ.
+    A run another process on this machine is training now (another notebook on the same adapters folder) is
+    refused: both would write the same checkpoints and adapter.
     """
     root = Path(root)
+    other = running_elsewhere(root) if _first_rank() else None
+    if other is not None:
+        raise FtUsageError(f"{name!r} is being trained now by another process on this machine (pid {other}), in "
+                           f"{root.parent.parent}: wait for it to finish (%lora_adapters list names it then), or "
+                           "train under another name.")
     if not resume:
         if root.exists():
             shutil.rmtree(root, ignore_errors=True)
@@ -256,6 +318,8 @@ def finish(root: Path, status: str) -> None:
     that ended before its first checkpoint leaves no empty folder behind either."""
     if status == "completed" or not any(Path(root).glob("checkpoint-*")):
         discard(root)
+    else:
+        unmark_running(root)
 
 
 def discard(root: Path) -> None:

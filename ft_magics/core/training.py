@@ -1156,6 +1156,7 @@ def run_training(
     # training and saving must not fall through to the default handler (a KeyboardInterrupt mid-save).
     sigint = contextlib.ExitStack()
     sigint.enter_context(interrupt_stops(flag, listeners))
+    ckpts.mark_running(ckpt_dir)  # till the end: another kernel's list does not call this run cut short
     try:
         status, error, eval_loss, caught = "completed", None, None, None
         eval_step = None  # the step the eval loss reported was measured at
@@ -1280,6 +1281,7 @@ def run_training(
                                         "objective": cfg.objective}))
     finally:
         sigint.close()
+        ckpts.unmark_running(ckpt_dir)
     del trainer
     if caught is not None:
         raise caught
