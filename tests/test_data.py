@@ -2654,3 +2654,19 @@ def test_an_adapters_card_names_why_rows_were_dropped(tiny_session):
     run = tiny_session.train("dr2", rows, {"max_steps": 1, "batch_size": 4}, listeners=[])
     assert run.record["data"]["dropped"] == {"dropped_empty": 2}
     assert "10 trained on, 2 dropped (2 with no answer (empty or blank))" in tiny_session.adapter_card("dr2")
+
+
+def test_a_stray_file_in_a_data_folder_is_named_with_the_pattern_that_leaves_it_out(tok, tmp_path):
+    """A notes.txt beside a folder's parquet parts was refused as rows "in another format" with advice to convert
+    columns, not to move the file out or read the parquet files alone."""
+    import pandas as pd
+
+    (tmp_path / "fold").mkdir()
+    pd.DataFrame([{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"}]).to_parquet(
+        tmp_path / "fold" / "part1.parquet")
+    (tmp_path / "fold" / "notes.txt").write_text("some notes here\n")
+    with pytest.raises(FtUsageError, match=r"\(if notes\.txt is no part of the data, move it out of the folder, or "
+                                           r"read the folder's \.parquet files alone: --data '.*fold/\*\.parquet'\)"):
+        D.prepare(str(tmp_path / "fold"), tok, cfg())
+    train, _, _ = D.prepare(str(tmp_path / "fold" / "*.parquet"), tok, cfg())  # the pattern it names reads
+    assert len(train) == 2

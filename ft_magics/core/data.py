@@ -1778,7 +1778,7 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     for i, r in enumerate(rows):
         loc = locate(i, where)
         try:
-            rec = _normalise_row(r, fmt, loc, detected)
+            rec = _normalise_row(r, fmt, loc, detected, source=where)
         except FtUsageError as exc:
             field = getattr(exc, "field", None)
             if field in origin:  # say the column as the user has it ('Answer'), not as it was read ('completion')
@@ -1789,8 +1789,9 @@ def normalise(rows: list[dict], fmt: str = "auto", text_field: Optional[str] = N
     return records, shown_fmt or fmt
 
 
-def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = None) -> Record:
-    """``detected``: ``fmt`` was read from the first rows' columns, not set by the user; where a row of it is."""
+def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = None, source: str = "") -> Record:
+    """``detected``: ``fmt`` was read from the first rows' columns, not set by the user; where a row of it is.
+    ``source``: the data as the user named it (a folder's path, for a pattern that reads part of it)."""
     if not isinstance(row, dict):
         raise FtUsageError(f"{where}: expected an object, got {type(row).__name__}.")
     need = FORMAT_KEYS[fmt]
@@ -1802,6 +1803,12 @@ def _normalise_row(row: dict, fmt: str, where: str, detected: Optional[str] = No
         if other is not None and other != fmt and detected:  # e.g. a folder of files in two formats
             fix = (f"this row is in the {other} format, while {detected} is {fmt}: the rows of one dataset share "
                    "one format; convert or rename the odd rows' columns, or train on the two parts separately")
+            here, there = where.split(", ")[0], detected.split(", ")[0]
+            if here != there and data_suffix(Path(here)) != data_suffix(Path(there)):  # a stray file in a folder
+                folder = source if source and os.path.isdir(os.path.expanduser(source)) else "FOLDER"
+                kind = data_suffix(Path(there))
+                fix += (f" (if {here} is no part of the data, move it out of the folder, or read the folder's {kind} "
+                        f"files alone: --data '{os.path.join(folder, '*' + kind)}')")
         elif other is not None and other != fmt:  # e.g. format: chat copied from elsewhere, on prompt/completion rows
             fix = f"this row is in the {other} format: drop the format setting (auto detects it) or use format: {other}"
         elif detected:  # the dataset's other rows have the field: this row lacks it (a --map would remap them all)
