@@ -117,7 +117,7 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
             if best.get("restored"):  # keep_best saved an earlier step's weights: the last step's loss is not theirs
                 loss += f" (kept step {best['step']}: eval {best['eval_loss']:.4f})"
             tag = " [merged]" if a.name == merged else ""
-            gone = s._only_in_memory(a)
+            gone = s.only_in_memory(a)
             out(f"{mark} {a.name:<20} r={a.r} alpha={number_text(a.alpha)} steps={a.steps or '-'} loss={loss} "
                 f"{a.origin}{tag}  {a.path}" + (f"  (only in memory: {gone}; %lora_adapters export {a.name} DIR "
                                                  "keeps it)" if gone else ""))

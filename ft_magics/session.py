@@ -524,7 +524,7 @@ class Session:
             self._check_not_training(name)
             info = self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             self._check_not_merged("unload an adapter")
-            gone = self._only_in_memory(info)
+            gone = self.only_in_memory(info)
             if gone:
                 raise FtUsageError(f"adapter {name!r} is only in memory now: {gone}, so unloading it would lose it. "
                                    f"Keep it with %lora_adapters export {name} DIR (then unload it), or drop it for "
@@ -532,7 +532,7 @@ class Session:
             self._drop_from_memory(info.name)
 
     @staticmethod
-    def _only_in_memory(info) -> Optional[str]:
+    def only_in_memory(info) -> Optional[str]:
         """Why loaded adapter ``info`` has no copy on disk (its folder deleted or moved behind the session's back),
         or None where its folder is there to read it again from."""
         if not info.path:
@@ -603,7 +603,7 @@ class Session:
             folder = self.deletable_folder(name)
             if not loaded and folder is None:  # "no adapter named ...", naming the loaded ones and those on disk
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
-            gone = self._only_in_memory(self.adapters.require(name)) if loaded else None
+            gone = self.only_in_memory(self.adapters.require(name)) if loaded else None
             if gone:  # a rename reads the adapter again under its new name: with nothing to read, it was lost
                 raise FtUsageError(f"cannot rename {name!r}: {gone}, and a rename reads it again under the new name. "
                                    f"Write it out first with %lora_adapters export {name} DIR, then %lora_adapters "

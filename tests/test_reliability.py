@@ -639,6 +639,8 @@ def test_a_card_says_when_the_run_record_cannot_be_read(tiny_session):
     assert f"its run record {record} cannot be read (not JSON: Expecting property name enclosed in double quotes)" in card
     record.write_text("[1, 2]")
     assert "cannot be read (a JSON list, not an object)" in s.adapter_card("rec")
+    record.write_text("{}")
+    assert "cannot be read (an empty object)" in s.adapter_card("rec")
 
 
 def test_deleting_a_stopped_runs_adapter_removes_its_checkpoints_too(tiny_session):

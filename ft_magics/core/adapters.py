@@ -228,7 +228,7 @@ def record_fault(path) -> str:
         return exc.strerror or type(exc).__name__
     except ValueError as exc:
         return f"not JSON: {str(exc).split(':')[0]}"
-    return "readable" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+    return "an empty object" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def folder_stamp(folder: Path) -> tuple:
