@@ -465,14 +465,21 @@ def test_dpo_on_two_processes_matches_one_process(tiny_session, tmp_path):
     wrapper, no gradient) and the policy pass goes through the wrapper: 2 processes at batch 4 == 1 at batch 8."""
     s = tiny_session
     cfg = dict(FAST, objective="dpo", learning_rate=5e-3)
-    two = s.train_processes("two", "demo:support-pairs", dict(cfg, batch_size=4), processes=2, listeners=[])
-    one = s.train("one", "demo:support-pairs", dict(cfg, batch_size=8), listeners=[])
+    rec_two, rec_one = Recorder(), Recorder()
+    two = s.train_processes("two", "demo:support-pairs", dict(cfg, batch_size=4), processes=2, listeners=[rec_two])
+    one = s.train("one", "demo:support-pairs", dict(cfg, batch_size=8), listeners=[rec_one])
     assert two.status == one.status == "completed"
     curve_two = [l for _, l in two.record["loss_history"]]
     curve_one = [l for _, l in one.record["loss_history"]]
     assert abs(curve_one[0] - 0.6931) < 1e-3 and curve_one[-1] < curve_one[0] - 0.05  # from log 2, and it learns
     worst = max(abs(a - b) for a, b in zip(curve_one, curve_two))
     assert len(curve_two) == len(curve_one) and worst < 0.01, (curve_one, curve_two)
+    # "pairs right" counts both processes' pairs, as the loss does: what one process gives on the whole batch (each
+    # step's 8 pairs; at step 1 every pair is a tie, the adapter being the base, and a tie counts as half)
+    right_one = [e.pairs_right for e in rec_one.of(StepEnd)]
+    right_two = [e.pairs_right for e in rec_two.of(StepEnd)]
+    assert right_one[0] == right_two[0] == 0.5 and len(right_one) == len(right_two) == 6
+    assert sum(abs(a - b) for a, b in zip(right_one, right_two)) <= 0.125, (right_one, right_two)
 
 
 def test_ddp_searches_for_unused_weights_only_in_mixture_of_experts_models(tmp_path):

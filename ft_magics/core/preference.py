@@ -364,8 +364,8 @@ def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[An
     """``(loss, metrics)`` for a batch whose first half of rows are the chosen sides and second half the
     rejected ones. ``policy``: :func:`sequence_logprobs` with the adapter on; ``reference``: the sums with it
     off (DPO, IPO). Metrics (detached): ``pairs_right``, the share of pairs the adapter ranks the chosen
-    answer above the rejected one (DPO, IPO: against the base; ORPO: by odds; SimPO: per token), and
-    ``margin``, the mean gap."""
+    answer above the rejected one (DPO, IPO: against the base; ORPO: by odds; SimPO: per token), a tie as
+    half, and ``margin``, the mean gap."""
     import torch
     import torch.nn.functional as F
 
@@ -394,7 +394,9 @@ def pair_loss(objective: str, beta: float, policy: tuple, reference: Optional[An
     else:
         raise ValueError(objective)
     gap = gap.detach()
-    return loss, {"pairs_right": (gap > 0).float().mean(), "margin": gap.mean()}
+    # a tie counts as half: at DPO's and IPO's first step the adapter is still the base and every pair is one
+    right = (gap > 0).float() + 0.5 * (gap == 0).float()
+    return loss, {"pairs_right": right.mean(), "margin": gap.mean()}
 
 
 def pair_step(model, inputs: dict, objective: str, beta: float, gamma: float = 0.5, chunk_rows: int = 0,

@@ -918,10 +918,16 @@ def speed_trainer_class():
         def log(self, logs, *args, **kwargs):
             # the pair metrics of the batches since the last log: eval ones beside eval_loss, train ones beside loss
             phase = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+            # (every process logs at the same step, so under several processes the means of all the processes'
+            # batches, as the loss beside them is: each process holds as many batches as the others)
             kept = (self._pair_metrics or {}).pop(phase, None)
             if kept:
                 prefix = "eval_" if phase == "eval" else ""
-                logs = {**logs, **{prefix + k: round(float(torch.stack(v).float().mean()), 4) for k, v in kept.items()}}
+                names = sorted(kept)
+                means = torch.stack([torch.stack(kept[k]).float().mean() for k in names])
+                if self.accelerator.num_processes > 1:
+                    means = self.accelerator.reduce(means, reduction="mean")
+                logs = {**logs, **{prefix + k: round(float(v), 4) for k, v in zip(names, means.tolist())}}
             return super().log(logs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
