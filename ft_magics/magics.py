@@ -628,7 +628,8 @@ class FtMagics(Magics):
     @argument("--data", default=None, help="Training data, as for %%lora_train (a notebook variable is exported to DIR).")
     @argument("--eval", default=None, help="Held-out data (same kinds as --data).")
     @argument("--processes", type=int, default=1, help="Processes `ft-magics train` starts by default. Default 1.")
-    @argument("--output-dir", default=None, help="Where the job writes the adapter (default: DIR/adapters).")
+    @argument("--output-dir", default=None, help="Where the job writes the adapter, in OUTPUT_DIR/NAME (default: "
+                                                 "DIR/adapters; a relative path is read from the working folder).")
     @_config_flags
     @line_cell_magic
     @user_errors

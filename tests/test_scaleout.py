@@ -516,6 +516,20 @@ def test_the_printed_run_commands_quote_a_job_folder_with_a_space(shell, tiny_mo
     assert shlex.split(printed[1])[-1] == str(job) and str(job.parent / "accelerate.yaml") in shlex.split(printed[1])
 
 
+def test_an_exported_jobs_output_dir_is_read_from_the_working_folder(shell, tiny_model_dir, tmp_path, capsys):
+    """`--output-dir out` was written to job.yaml as given and so read from the job folder (jobs/j/out/NAME),
+    where %%lora_train --output-dir and the data files are read from the working folder."""
+    shell.run_line_magic("qlora_load", f"{tiny_model_dir} --bits 32")
+    capsys.readouterr()
+    shell.run_cell_magic("lora_export_job", "j jobs/j --data demo:support --output-dir out", "max_steps: 1\n")
+    from ft_magics.core.jobs import load_job
+
+    assert load_job(tmp_path / "jobs" / "j" / "job.yaml").adapter_dir == tmp_path / "out" / "j"
+    assert f"adapter will be saved to {tmp_path / 'out' / 'j'}" in capsys.readouterr().out
+    shell.run_cell_magic("lora_export_job", "k jobs/k --data demo:support", "max_steps: 1\n")  # the default stays
+    assert load_job(tmp_path / "jobs" / "k" / "job.yaml").adapter_dir == tmp_path / "jobs" / "k" / "adapters" / "k"
+
+
 def test_an_exported_job_reads_what_the_notebook_run_reads(shell, tiny_model_dir, tmp_path):
     """--processes and %%lora_export_job trained on a folder named like the notebook variable (the notebook run
     reads the variable), dropped a dict of splits' eval split, and did not pass --allow-pickle to the workers."""

@@ -271,7 +271,8 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
                namespace: Optional[dict] = None, processes: int = 1, output_dir: Optional[os.PathLike | str] = None,
                listeners: Optional[list] = None) -> Path:
     """The notebook's run as a job folder: ``handle``'s model, ``data`` (exported when it is a notebook
-    variable), ``cfg``. ``output_dir`` defaults to ``adapters`` inside the job folder."""
+    variable), ``cfg``. ``output_dir`` defaults to ``adapters`` inside the job folder; one given is read from the
+    working folder, as ``%%lora_train --output-dir`` and the data files are, and written to job.yaml in full."""
     from .adapters import validate_name
 
     name = validate_name(name, getattr(handle, "model", None))
@@ -308,7 +309,8 @@ def export_job(handle, name: str, job_dir: os.PathLike | str, data: Any, cfg, *,
                                       "rows (a notebook variable cannot reach another process; what a glob or a Hub "
                                       f"id names can change): {note}"))
     spec = JobSpec(name=name, model=model_reference(handle), data=data_ref, settings=cfg.to_dict(),
-                   output_dir=str(output_dir) if output_dir is not None else "adapters", eval_data=eval_ref,
+                   output_dir=str(user_path(output_dir, "--output-dir", "'adapters'").resolve())
+                   if output_dir is not None else "adapters", eval_data=eval_ref,
                    processes=processes, data_note=note)
     gpus = 0
     if str(handle.device).startswith("cuda"):
