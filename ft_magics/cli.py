@@ -25,9 +25,11 @@ def _train(args: argparse.Namespace) -> int:
     processes = spec.processes if args.processes is None else args.processes  # (0 is no count: refused below)
     if processes < 1:
         raise FtUsageError(f"--processes must be at least 1 (got {processes}).")
-    if processes == 1 and args.launcher is None:
-        from .train import run_job
+    from .train import require_job_resumable, run_job
 
+    if args.resume:
+        require_job_resumable(spec)
+    if processes == 1 and args.launcher is None:
         return run_job(str(spec.path), args.events, args.resume)
     launcher = args.launcher or "accelerate"
     if launcher not in LAUNCHERS[:2]:

@@ -541,7 +541,8 @@ class FtMagics(Magics):
               help="Continue NAME from its latest complete checkpoint (same --data and settings as before).")
     @argument("--processes", type=int, default=None,
               help="Run the same job on N processes (CPU: gloo; GPUs: one per process) and stream its progress "
-                   "here. batch_size is per process. See %%lora_export_job.")
+                   "here; the cell waits for them (not with --background). batch_size is per process. See "
+                   "%%lora_export_job.")
     @argument("--launcher", default=None, choices=("accelerate", "torchrun", "notebook"),
               help="What starts the processes: accelerate launch (default), torchrun, or accelerate's notebook "
                    "launcher where it can fork this kernel (else accelerate launch).")
@@ -586,6 +587,11 @@ class FtMagics(Magics):
             self.session.train(args.name, args.data, cfg, eval_data=args.eval, output_dir=args.output_dir,
                                listeners=[TextReporter()], resume=args.resume, dry_run=True)
             return None
+        if args.background and (args.processes is not None or args.launcher is not None):
+            raise UsageError(
+                "--processes/--launcher cannot be combined with --background: the cell follows the processes until "
+                "they end. To keep the kernel free, write the job with %%lora_export_job NAME DIR (same flags and "
+                "body), run `ft-magics train DIR/job.yaml` in a terminal, then %lora_adapters load DIR/adapters/NAME.")
         live = self._background_view if self.session.training_in_progress else None
         if live is not None and hasattr(live, "box"):  # a dashboard (a text view has nothing to show again)
             from IPython.display import display
@@ -598,8 +604,6 @@ class FtMagics(Magics):
         try:  # a run catches its own interrupts (it stops at the next step and saves); one that reaches here came
             # before the run started, while the data was read (a traceback through the tokenizer, before)
             if args.processes is not None or args.launcher is not None:  # several processes: core/jobs.py
-                if args.background:
-                    raise UsageError("--processes/--launcher cannot be combined with --background yet.")
                 result = self.session.train_processes(args.name, args.data, cfg,
                                                       processes=args.processes if args.processes is not None else 1,
                                                       launcher=args.launcher or "accelerate", eval_data=args.eval,

@@ -131,6 +131,14 @@ def padded_for_processes(examples: list, world: int, batch_size: int) -> list:
     return list(examples) + [blank] * short
 
 
+def require_job_resumable(spec) -> None:
+    """``--resume`` of a job with nothing to resume (a completed run, no checkpoint, other settings) fails here,
+    before the launcher starts processes and each of them loads the model."""
+    from .core.checkpoints import checkpoint_root, require_resumable
+
+    require_resumable(checkpoint_root(spec.adapter_dir.parent, spec.name), spec.name, spec.settings)
+
+
 def run_job(job_path: str, events: Optional[str] = None, resume: bool = False) -> int:
     """Train the job in this process (one rank of several, or alone); with ``resume``, continue from the
     adapter's latest complete checkpoint. Returns the exit code."""
@@ -146,6 +154,8 @@ def run_job(job_path: str, events: Optional[str] = None, resume: bool = False) -
     _check_layout()
     rank, local_rank, world = dist_env()
     spec = load_job(job_path)
+    if resume:
+        require_job_resumable(spec)
     run_dir = Path(os.environ.get("FT_MAGICS_RUN_DIR") or spec.path.parent)
     events_path = Path(events) if events else run_dir / EVENTS_FILE
     stop_file = os.environ.get("FT_MAGICS_STOP_FILE") or str(run_dir / "STOP")

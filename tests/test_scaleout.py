@@ -151,7 +151,7 @@ def test_magic_flags_are_checked(shell, tiny_model_dir, tmp_path):
         shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --launcher mpi", "r: 8\n")
     with pytest.raises(UsageError, match="no model is loaded"):
         shell.run_cell_magic("lora_train", "x --data demo:support --processes 2", "r: 8\n")
-    with pytest.raises(UsageError, match="background"):
+    with pytest.raises(UsageError, match="cannot be combined with --background.*ft-magics train DIR/job.yaml"):
         shell.run_cell_magic("lora_train", "x --data demo:support --processes 2 --background", "r: 8\n")
     assert "lora_export_job" in shell.magics_manager.magics["line"]
     assert "lora_export_job" in shell.magics_manager.magics["cell"]
@@ -332,6 +332,12 @@ def test_exported_job_runs_from_a_clean_shell_and_loads_in_the_notebook(shell, t
     adapter = job_dir / "adapters" / "exported"
     record = json.loads((adapter / "ft_run.json").read_text())
     assert record["launch"]["processes"] == 2 and record["steps"] == 3
+    # --resume of the completed job is refused before any launcher starts or model loads (it loaded the model in
+    # every process, then refused)
+    again = subprocess.run(["ft-magics", "train", str(job_dir / "job.yaml"), "--resume"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "'exported' completed its run (3 steps" in again.stderr, again.stderr[-2000:]
+    assert "running:" not in again.stdout and "Loading" not in again.stdout + again.stderr
 
     shell.run_line_magic("lora_adapters", f"load {adapter}")
     magics = shell.magics_manager.registry["FtMagics"]
