@@ -153,6 +153,10 @@ def run_job(job_path: str, events: Optional[str] = None, resume: bool = False) -
 
     _check_layout()
     rank, local_rank, world = dist_env()
+    if rank > 0:  # rank 0 speaks for the run: the others' "Loading weights" bars only repeated its own
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     spec = load_job(job_path)
     if resume:
         require_job_resumable(spec)

@@ -201,6 +201,7 @@ def test_two_processes_train_one_adapter_and_match_one_process(tiny_session, tmp
     assert "two" in s.adapters and s.adapters.active == "two"
     logs = "".join(p.read_text() for p in tmp_path.rglob("launch.log"))
     assert "Run 'two' completed after 6 steps" in logs  # the launch log was read
+    assert logs.count("Loading weights: 100%") == 1, logs  # rank 0's progress bar; rank 1 printed its own too
     assert "find_unused_parameters=True" not in logs  # DDP told every weight is used: no search, no warning
 
     one = s.train("one", "demo:support", dict(FAST, batch_size=8))
