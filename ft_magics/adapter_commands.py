@@ -91,11 +91,10 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
                 + (f"the {running!r} below is its last save, replaced when the run saves"
                    if saved else "it joins this list when it is saved")
                 + " (%lora_stop stops it at the next step and saves it).")
-        elsewhere = s.trained_elsewhere()
+        elsewhere, cut_short = s.unfinished_runs()
         for name, pid in elsewhere.items():
             out(f"{name}: being trained now by another process on this machine (pid {pid}); its adapter is "
                 "listed here once that run saves it.")
-        cut_short = s.resumable_runs()
         for name, step in cut_short.items():
             if name != running:
                 out(f"{name}: its run was cut short at step {step} before it saved an adapter; %%lora_train {name} "

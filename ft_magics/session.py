@@ -174,10 +174,11 @@ class Session:
             writable_dir(out_root, "the adapter")
         self._check_no_training()
         self._check_not_merged("train")  # it would learn on top of the merged weights
+        from .core.checkpoints import checkpoint_root, refuse_if_trained_elsewhere, require_resumable
+
+        refuse_if_trained_elsewhere(checkpoint_root(target.parent, name), name)  # before the data is read
         resume_from = None
         if resume:  # nothing to resume is a user error, found before any work
-            from .core.checkpoints import checkpoint_root, require_resumable
-
             resume_from = require_resumable(checkpoint_root(target.parent, name), name, cfg.to_dict())
         # Everything that can be wrong with the data is found before the model is touched.
         from .core.data import data_progress
@@ -417,9 +418,10 @@ class Session:
         self._check_not_merged("train")  # as one process refuses: the run would end unable to load its adapter
         out_root = user_path(output_dir, "output_dir", "'runs'") if output_dir is not None else self.adapters_dir
         name = validate_name(name)
-        if resume:  # nothing to resume is found here, not after the processes have loaded the model
-            from .core.checkpoints import checkpoint_root, require_resumable
+        from .core.checkpoints import checkpoint_root, refuse_if_trained_elsewhere, require_resumable
 
+        refuse_if_trained_elsewhere(checkpoint_root(out_root, name), name)  # before the processes start
+        if resume:  # nothing to resume is found here, not after the processes have loaded the model
             cfg = self._train_config(config, overrides)
             require_resumable(checkpoint_root(out_root, name), name, cfg.to_dict())
         else:
@@ -517,14 +519,19 @@ class Session:
     def unload_adapter(self, name: str) -> None:
         """Drop adapter ``name`` from memory (its folder stays on disk)."""
         adapter_name_text(name)
-        with self._model_busy("unload an adapter"):
-            if name not in self.adapters and self._adapter_folder(name) is not None:
-                raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
-                                   "disk), so there is nothing to unload.")
+        if name not in self.adapters and self._adapter_folder(name) is not None:
+            raise FtUsageError(f"adapter {name!r} is not loaded (its folder {self.adapters_dir / name} is on "
+                               "disk), so there is nothing to unload.")
+        self._unload(name, "unload an adapter", keep_last_copy=True)
+
+    def _unload(self, name: str, doing: str, keep_last_copy: bool) -> None:
+        """Drop loaded adapter ``name`` from memory; with ``keep_last_copy``, refuse where it has no folder to be
+        read again from (``unload``: the folder stays; ``delete`` drops it on purpose)."""
+        with self._model_busy(doing):
             self._check_not_training(name)
             info = self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
-            self._check_not_merged("unload an adapter")
-            gone = self.only_in_memory(info)
+            self._check_not_merged(doing)
+            gone = self.only_in_memory(info) if keep_last_copy else None
             if gone:
                 raise FtUsageError(f"adapter {name!r} is only in memory now: {gone}, so unloading it would lose it. "
                                    f"Keep it with %lora_adapters export {name} DIR (then unload it), or drop it for "
@@ -575,10 +582,7 @@ class Session:
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
                 return self._remove_folder(folder, name)
-        self._check_not_merged("delete an adapter")  # (unload would say "cannot unload")
-        with self._model_busy("delete an adapter"):
-            self._check_not_training(name)
-            self._drop_from_memory(name)
+        self._unload(name, "delete an adapter", keep_last_copy=False)
         return self._remove_folder(folder, name) if folder is not None else None
 
     def rename_adapter(self, name: str, new: str) -> Optional[str]:
@@ -770,13 +774,10 @@ class Session:
         adapter_name_text(name)
         if name in self.adapters:
             info = self.adapters.require(name)
-            if not info.path:
-                raise FtUsageError(f"adapter {name!r} has no folder to describe (it was made in memory).")
-            if not Path(info.path).is_dir():
-                raise FtUsageError(
-                    f"adapter {name!r} is loaded and answers, but its folder {info.path} is gone (deleted outside "
-                    f"ft_magics), so how it was trained cannot be read. %lora_adapters export {name} DIR writes its "
-                    "weights out again.")
+            gone = self.only_in_memory(info)
+            if gone:
+                raise FtUsageError(f"adapter {name!r} is loaded and answers, but {gone}, so how it was trained cannot "
+                                   f"be read. %lora_adapters export {name} DIR writes its weights out.")
             state = "loaded" + (", active" if self.adapters.active == name else "")
             return adapter_card(name, Path(info.path), state)
         folder = self._adapter_folder(name)
@@ -909,32 +910,28 @@ class Session:
                                "settings).") from None
 
     def resumable_runs(self) -> dict:
-        """``{name: step}`` of runs in the adapters folder that were cut short (a killed kernel, a stop, an
-        error) and that have no saved adapter of their own: their newest complete checkpoint's step, from which
-        ``%%lora_train NAME --data ... --resume`` continues."""
+        """``{name: step}`` of runs in the adapters folder that were cut short (:meth:`unfinished_runs`)."""
+        return self.unfinished_runs()[1]
+
+    def unfinished_runs(self) -> tuple:
+        """``({name: pid}, {name: step})`` of the runs whose checkpoints are in the adapters folder: those another
+        process on this machine is training now, and those that were cut short (a killed kernel, a stop, an
+        error) with no saved adapter of their own, at their newest complete checkpoint's step, from which
+        ``%%lora_train NAME --data ... --resume`` continues. Each run's mark is read once."""
         from .core.checkpoints import CHECKPOINTS_DIRNAME, checkpoint_step, latest_valid, running_elsewhere
 
         root = self.adapters_dir / CHECKPOINTS_DIRNAME
-        if not root.is_dir():
-            return {}
-        out = {}
-        for run in sorted(p for p in root.iterdir() if p.is_dir()):
-            if run.name in self.adapters or self._adapter_folder(run.name) is not None:
-                continue  # the adapter is there (a stopped run saves one): list and use name it already
-            if running_elsewhere(run) is not None:  # not cut short: another notebook is training it now
-                continue
-            latest = latest_valid(run)
-            if latest is not None:
-                out[run.name] = checkpoint_step(latest)
-        return out
-
-    def trained_elsewhere(self) -> dict:
-        """``{name: pid}`` of runs another process on this machine is training now in the adapters folder."""
-        from .core.checkpoints import CHECKPOINTS_DIRNAME, running_elsewhere
-
-        root = self.adapters_dir / CHECKPOINTS_DIRNAME
-        runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        return {run.name: pid for run in runs for pid in [running_elsewhere(run)] if pid is not None}
+        elsewhere: dict = {}
+        cut_short: dict = {}
+        for run in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+            pid = running_elsewhere(run)
+            if pid is not None:  # not cut short: another notebook is training it now
+                elsewhere[run.name] = pid
+            elif run.name not in self.adapters and self._adapter_folder(run.name) is None:
+                latest = latest_valid(run)  # (an adapter that is there, as a stopped run saves one, is listed already)
+                if latest is not None:
+                    cut_short[run.name] = checkpoint_step(latest)
+        return elsewhere, cut_short
 
     def adapters_on_disk(self, fitting: bool = False) -> list:
         """Names of adapter folders in the adapters folder that this session has not loaded; with ``fitting``

@@ -203,7 +203,7 @@ def run_job(job_path: str, events: Optional[str] = None, resume: bool = False) -
                 f"{world} processes ({backend}); global batch {cfg.batch_size} x {cfg.grad_accum} x {world} = "
                 f"{cfg.batch_size * cfg.grad_accum * world} examples per step"))
         result = run_training(handle, spec.name, train_ex, eval_ex, cfg, spec.adapter_dir, listeners,
-                              flag=SharedStopFlag(stop_file), data_report=report, resume=resume)
+                              flag=SharedStopFlag(stop_file), data_report=report, resume=resume, job=spec.path)
         if rank == 0 and result.adapter_path:
             record = dict(result.record, launch={
                 "processes": world, "backend": backend if world > 1 else None, "job": str(spec.path),

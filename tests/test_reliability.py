@@ -616,11 +616,26 @@ def test_a_resumed_runs_card_says_where_it_resumed_and_what_data_the_earlier_ste
     s = tiny_session
     part = s.train("re", DATA, CFG, listeners=[StopAt(s, 3)])
     other = [{"prompt": f"Where is parcel {i}?", "completion": f"In depot {i}."} for i in range(24)]
-    resumed = s.train("re", other, CFG, resume=True)
-    assert resumed.record["resumed"]["at"] == part.steps and resumed.record["resumed"]["earlier_data"]
+    # (with a longer run and another learning rate: the checkpoint it resumed from was rotated out before the run
+    # ended, and the record, read from it then, forgot the earlier data)
+    rec = Recorder()
+    resumed = s.train("re", other, dict(CFG, max_steps=12, learning_rate=5e-3), resume=True, listeners=[rec])
+    assert resumed.record["resumed"] == {"at": part.steps, "earlier_data": "<list>",
+                                         "earlier_settings": {"max_steps": 8, "learning_rate": 1e-2}}
     card = adapter_card("re", Path(resumed.adapter_path))
-    assert f"Trained    8 steps (resumed at step {part.steps}; steps {part.steps + 1}-8 in " in card
-    assert f"; steps 1-{part.steps} ran on " in card
+    assert f"Trained    12 steps (resumed at step {part.steps}; steps {part.steps + 1}-12 in " in card
+    assert f"; steps 1-{part.steps} ran on <list>" in card
+    settings = next(l for l in card.splitlines() if l.startswith("Settings"))
+    assert "max_steps 12" in settings and "learning_rate 0.005" in settings
+    assert settings.endswith(f" (steps 1-{part.steps}: max_steps 8, learning_rate 0.01)"), settings
+    # the warning gives the figures, and the learning rate the next step takes against the interrupted run's
+    said = _messages(rec)
+    assert any("different data (the rows changed), max_steps" in m and "max_steps (8 before, 12 now)" in m
+               and "learning_rate (0.01 before, 0.005 now)" in m for m in said), said
+    jump = [m for m in said if m.startswith(f"step {part.steps + 1} trains at a learning rate of ")]
+    assert len(jump) == 1 and "cosine schedule is laid from learning_rate 0.005 over this run's 12 steps" in jump[0]
+    first_lr = _lrs(rec)[part.steps + 1]
+    assert f"a learning rate of {first_lr:.3g}, where" in jump[0], (jump, first_lr)
     fresh = s.train("fresh", DATA, CFG)
     assert fresh.record["resumed"] is None
     assert "resumed at" not in adapter_card("fresh", Path(fresh.adapter_path))
@@ -839,8 +854,13 @@ def test_a_multi_process_run_s_resume_hint_names_the_processes_and_the_job_s_fol
         ckpts.latest_valid = lambda r: root / "checkpoint-6"
         hint = ckpts.resume_hint("intr", None, root, 6, world=2)
         one = ckpts.resume_hint("intr", None, root, 6)
+        job = tmp_path / "jobs" / "j" / "job.yaml"
+        from_job = ckpts.resume_hint("intr", None, root, 6, job=job)  # `ft-magics train job.yaml` on one process
     finally:
         ckpts.latest_valid = real
+    # it sent the job's user to %%lora_train intr --resume, which looked for checkpoints in ./adapters
+    assert f"with ft-magics train {job} --resume, or from a notebook with %%lora_train intr --resume --processes 1 " \
+           f"--output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in from_job
     assert f"%%lora_train intr --resume --processes 2 --output-dir {tmp_path / 'jobs' / 'j' / 'adapters'}" in hint
     assert "ft-magics train JOB --resume" in hint and "processes=2, resume=True" in hint
     assert "--output-dir" not in one and "--processes" not in one
@@ -968,6 +988,10 @@ def test_a_run_another_process_is_training_is_not_called_cut_short_nor_trained_t
         with pytest.raises(FtUsageError, match=rf"'cut' is being trained now by another process on this machine "
                                                rf"\(pid {other.pid}\)"):
             s.train("cut", DATA, CFG, resume=True)
+        # said before the data is read (it came after the report, the example and a minute of tokenising): a
+        # missing file would be named otherwise
+        with pytest.raises(FtUsageError, match=r"'cut' is being trained now by another process"):
+            s.train("cut", "no-such-file.jsonl", CFG)
         assert _ckpts(s, "cut")  # nothing of the other run's was touched
     finally:
         other.kill()

@@ -208,27 +208,28 @@ def check_finite_adapter(model, name: str, active: Optional[str]) -> None:
 
 def run_record(path) -> dict:
     """The ft_run.json record in adapter folder ``path`` ({} when there is none, or it cannot be read)."""
+    return read_run_record(path)[0]
+
+
+def read_run_record(path) -> tuple:
+    """``(record, fault)``: adapter folder ``path``'s ft_run.json as :func:`run_record` gives it, and where the
+    file is there but reads as no record, why, in a few words (else None)."""
     try:
         record = json.loads((Path(path) / "ft_run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, exc.strerror or type(exc).__name__
+    except ValueError as exc:
+        return {}, f"not JSON: {str(exc).split(':')[0]}"
+    if isinstance(record, dict) and record:
+        return record, None
+    return {}, "an empty object" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def number_text(value):
     """A number as written (32, not the 32.0 a YAML body's alpha became), anything else as it is."""
     return f"{value:g}" if isinstance(value, float) else value
-
-
-def record_fault(path) -> str:
-    """Why adapter folder ``path``'s ft_run.json reads as no record: what the reader met, in a few words."""
-    try:
-        record = json.loads((Path(path) / "ft_run.json").read_text())
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    except ValueError as exc:
-        return f"not JSON: {str(exc).split(':')[0]}"
-    return "an empty object" if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
 
 
 def folder_stamp(folder: Path) -> tuple:
@@ -272,7 +273,7 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
 
     path = Path(path)
     config = read_adapter_folder(path, parse_weights=False)
-    record = run_record(path)
+    record, fault = read_run_record(path)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     tm = config.get("target_modules")
     # PEFT writes all-linear as every layer's full path (model.layers.0.self_attn.q_proj, ...): the card names
@@ -290,8 +291,8 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
     base_name = base.get("name") or config.get("base_model_name_or_path")
     if base_name:
         rows.append(("Base", f"{base_name}" + (f", {base['bits']}-bit" if base.get("bits") else "")))
-    if not record and (path / "ft_run.json").exists():  # the rows below come from it: say why they are missing
-        rows.append(("Note", f"its run record {path / 'ft_run.json'} cannot be read ({record_fault(path)}), so how "
+    if fault:  # the rows below come from the record: say why they are missing
+        rows.append(("Note", f"its run record {path / 'ft_run.json'} cannot be read ({fault}), so how "
                              "it was trained is not shown; the weights and settings above are what loads."))
     if record.get("combined_from"):
         parts = ", ".join(f"{k}:{v:g}" for k, v in record["combined_from"].items())
@@ -335,7 +336,10 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
         defaults = dataclasses.asdict(TrainConfig())
         unused = PAIR_ONLY_SETTINGS if settings.get("objective", "sft") == "sft" else ()  # e.g. the old default beta
         changed = [f"{k} {v}" for k, v in settings.items() if k in defaults and defaults[k] != v and k not in unused]
-        rows.append(("Settings", ", ".join(changed) if changed else "the defaults"))
+        earlier = (record.get("resumed") or {}).get("earlier_settings") or {}
+        rows.append(("Settings", (", ".join(changed) if changed else "the defaults")
+                     + (f" (steps 1-{record['resumed']['at']}: {', '.join(f'{k} {v}' for k, v in earlier.items())})"
+                        if earlier else "")))
     peak = record.get("peak_memory") or {}
     if peak.get("bytes"):
         rows.append(("Peak", f"{human_bytes(peak['bytes'])} ({peak.get('label', '')})"))

@@ -127,6 +127,15 @@ def read_meta(path: Path) -> dict:
         return {}
 
 
+# settings a resumed run may change, and which shape its steps
+STEP_SETTINGS = ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
+
+
+def earlier_settings(old_s: dict, new_s: dict) -> dict:
+    """``{key: the checkpoint's value}`` of the :data:`STEP_SETTINGS` a resumed run changes."""
+    return {k: old_s[k] for k in STEP_SETTINGS if k in old_s and k in new_s and old_s[k] != new_s[k]}
+
+
 def resume_differences(old: dict, meta: dict) -> list:
     """What a resumed run changes against the checkpoint it continues (``old``: the checkpoint's metadata,
     ``meta``: this run's): the data, the step-shaping settings, a preference run's beta; each in words."""
@@ -134,8 +143,7 @@ def resume_differences(old: dict, meta: dict) -> list:
                if old.get("data_source") != meta.get("data_source") else "data (the rows changed)"
                for k in ("data_fingerprint",) if old.get(k) and meta.get(k) and old[k] != meta[k]]
     old_s, new_s = old.get("settings") or {}, meta.get("settings") or {}
-    changed += [k for k in ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
-                if k in old_s and k in new_s and old_s[k] != new_s[k]]
+    changed += [f"{k} ({v} before, {new_s[k]} now)" for k, v in earlier_settings(old_s, new_s).items()]
     objective = new_s.get("objective", "sft")
     if objective != "sft":  # what the preference loss is made of (a run records the beta it used; 0: the usual)
         from ..config import PAIR_BETA
@@ -207,6 +215,15 @@ def running_elsewhere(root: Path) -> Optional[int]:
     return pid
 
 
+def refuse_if_trained_elsewhere(root: Path, name: str) -> None:
+    """A run another process on this machine is training now (its mark in ``root``) is not trained here too."""
+    other = running_elsewhere(root)
+    if other is not None:
+        raise FtUsageError(f"{name!r} is being trained now by another process on this machine (pid {other}), in "
+                           f"{Path(root).parent.parent}: wait for it to finish (%lora_adapters list names it then), "
+                           "or train under another name.")
+
+
 def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> Optional[Path]:
     """Prepare ``root`` for a run; return the checkpoint to resume from (None for a fresh run).
 
@@ -216,11 +233,8 @@ def begin(root: Path, name: str, resume: bool, listeners: list, meta: dict) -> O
     refused: both would write the same checkpoints and adapter.
     """
     root = Path(root)
-    other = running_elsewhere(root) if _first_rank() else None
-    if other is not None:
-        raise FtUsageError(f"{name!r} is being trained now by another process on this machine (pid {other}), in "
-                           f"{root.parent.parent}: wait for it to finish (%lora_adapters list names it then), or "
-                           "train under another name.")
+    if _first_rank():
+        refuse_if_trained_elsewhere(root, name)
     if not resume:
         if root.exists():
             shutil.rmtree(root, ignore_errors=True)
@@ -333,16 +347,23 @@ def discard(root: Path) -> None:
         pass
 
 
-def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1) -> str:
+def resume_hint(name: str, adapter_path: Optional[str], root: Path, step: int, world: int = 1,
+                job: Optional[Path] = None) -> str:
     """What a stopped run says of resuming it. Under several processes it names ``--processes`` (the same number
     keeps the global batch) and the output folder when the checkpoints are not in the notebook's adapters folder
-    (an exported job's)."""
+    (an exported job's). A run of job file ``job`` names the command that resumes the job first."""
     ckpt = latest_valid(root)
     where = f"adapter (step {step}) saved to {adapter_path}" if adapter_path else "no adapter was saved"
     if ckpt is None:
         return f"training of {name!r} stopped: {where}."
-    flags = "" if world <= 1 or root.parent.parent.resolve() == Path("adapters").resolve() else \
+    flags = "" if (world <= 1 and job is None) or root.parent.parent.resolve() == Path("adapters").resolve() else \
         f" --output-dir {root.parent.parent}"  # an exported job's checkpoints sit in its own adapters folder
+    if job is not None:
+        import shlex
+
+        return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with ft-magics train "
+                f"{shlex.quote(str(job))} --resume, or from a notebook with %%lora_train {name} --resume --processes "
+                f"{world}{flags} (same --data and settings).")
     if world > 1:
         return (f"training of {name!r} stopped: {where}. Continue it from {ckpt.name} with %%lora_train {name} "
                 f"--resume --processes {world}{flags} (same --data and settings), or Session.train_processes("

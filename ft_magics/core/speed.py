@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 log = logging.getLogger(__name__)
 
@@ -1007,7 +1007,7 @@ def holding_loss_blocks(trainer):
     return hold() if hold is not None else contextlib.nullcontext()
 
 
-def schedule_as_set():
+def schedule_as_set(note: Optional[Callable[[str], None]] = None):
     """A callback that makes the learning-rate schedule the one the settings give, from the first step.
 
     - transformers' warm-up multiplies the learning rate by step / warmup_steps, so step 0 runs at a learning
@@ -1018,6 +1018,8 @@ def schedule_as_set():
       optimizer's, whose current rate is the old schedule's: a learning_rate changed on --resume was ignored
       while the record showed the new one, and a changed max_steps took effect one step late. The base rate
       is set to ``args.learning_rate`` and the current rate recomputed from the schedule at the resumed step.
+      Where that moves the next step's rate away from the interrupted run's, ``note`` is told both figures (a
+      larger learning_rate on --resume near the end of a cosine schedule still gives a small rate).
     """
     from transformers import TrainerCallback
 
@@ -1039,9 +1041,17 @@ def schedule_as_set():
             w = args.get_warmup_steps(state.max_steps)
             if w >= 1:
                 sched.lr_lambdas = [(lambda step, f=f: f(step + 1) if step < w else f(step)) for f in lambdas]
+            was = optimizer.param_groups[0]["lr"]  # a resumed run's: the interrupted schedule's next rate
             for group, base, f in zip(optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group["lr"] = base * f(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+            now = optimizer.param_groups[0]["lr"]
+            if note is not None and state.global_step > 0 and abs(now - was) > 0.01 * max(abs(was), 1e-12):
+                kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+                note(f"step {state.global_step + 1} trains at a learning rate of {now:.3g}, where the interrupted "
+                     f"run's would have been {was:.3g}: the {kind} schedule is laid from learning_rate "
+                     f"{args.learning_rate:g} over this run's {state.max_steps} steps and continues at step "
+                     f"{state.global_step}.")
 
     return ScheduleAsSet()
 

@@ -416,15 +416,19 @@ def _auto_chunk_rows(model, checkpointed: bool) -> int:
 
 def _resumed(checkpoint, meta: dict) -> Optional[dict]:
     """What a resumed run's record says of its start: the step it resumed at (its timings are the resumed
-    part's), and the data the earlier steps ran on where it was not this run's."""
+    part's), and the data and the step-shaping settings the earlier steps ran with where they were not this
+    run's. Read when the run begins: its own checkpoints replace that one as it goes."""
     if checkpoint is None:
         return None
-    from .checkpoints import checkpoint_step, read_meta
+    from .checkpoints import checkpoint_step, earlier_settings, read_meta
 
     before = read_meta(checkpoint)
     out = {"at": checkpoint_step(checkpoint)}
     if before.get("data_fingerprint") and before["data_fingerprint"] != meta.get("data_fingerprint"):
         out["earlier_data"] = before.get("data_source") or "other data"
+    changed = earlier_settings(before.get("settings") or {}, meta.get("settings") or {})
+    if changed:
+        out["earlier_settings"] = changed
     return out
 
 
@@ -1065,8 +1069,10 @@ def run_training(
     background: bool = False,
     on_model: Optional[Callable[[Any], None]] = None,
     resume: bool = False,
+    job: Optional[Path] = None,
 ) -> TrainResult:
     """Train adapter ``name`` on ``handle``'s model; save it to ``target``. Returns a :class:`TrainResult`.
+    ``job``: the job file this run trains (``ft_magics.train``), which a stopped run's resume hint names.
 
     ``on_model`` receives the PEFT-wrapped model as soon as it exists, so the session holds it even if
     training fails halfway.
@@ -1129,6 +1135,7 @@ def run_training(
                  "data_source": getattr(data_report, "source", None), "processes": world,
                  "global_batch": cfg.batch_size * cfg.grad_accum * world}
     resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
+    resumed = _resumed(resume_from, ckpt_meta)
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None, model_config)
@@ -1145,8 +1152,8 @@ def run_training(
         preference=(cfg.objective, cfg.pair_beta, cfg.simpo_gamma) if cfg.pairs else None, args=args, train_dataset=train_ds,
         eval_dataset=eval_ds, data_collator=collator,
         # the best weights go into a checkpoint before its callback marks it complete
-        callbacks=[schedule_as_set(), callback] + ([keeper.callback()] if keeper is not None else [])
-        + [ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
+        callbacks=[schedule_as_set(lambda text: emit(listeners, Message(text, "warning"))), callback]
+        + ([keeper.callback()] if keeper is not None else []) + [ckpts.make_callback(cfg, flag, ckpt_meta, listeners)],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -1253,7 +1260,7 @@ def run_training(
                 **({"spec": data_report.spec} if getattr(data_report, "spec", None) else {}),
             },
             "versions": versions(),
-            "resumed": _resumed(resume_from, ckpt_meta),
+            "resumed": resumed,
         }
         adapter_path = None
         # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
@@ -1272,7 +1279,7 @@ def run_training(
         )
         ckpts.finish(ckpt_dir, status)
         if status in ("interrupted", "stopped"):
-            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world)))
+            emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world, job)))
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                                  extra={"eval_loss": eval_loss, "eval_step": eval_step,
