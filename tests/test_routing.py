@@ -681,3 +681,24 @@ def test_the_serve_magic_answers_each_request_with_its_adapter_and_says_how(shel
         shell.run_cell_magic("lora_serve", "", "nope: hi\n")
     with pytest.raises(Exception, match="names no adapter"):
         shell.run_cell_magic("lora_serve", "", "just a prompt\n")
+
+
+def test_a_refused_batch_changes_nothing_and_names_the_request_at_fault(tiny_session, store):
+    """A prompt past the model's context was refused inside the mixed batch as a ValueError, which the router
+    read as "this model cannot mix adapters": every later batch ran one adapter at a time, unsaid. It was refused
+    after the batch's adapters were loaded, named no request and gave the padded length. A refused call with a
+    lower capacity also emptied a slot first; 'Base' got no hint."""
+    s = tiny_session
+    s.serve([("legal", "a"), ("support", "b")], store=store, capacity=2, max_new_tokens=2)
+    held = s._router.in_memory()
+    limit = s.model.config.max_position_embeddings
+    long = " ".join(["word"] * (limit + 10))
+    with pytest.raises(FtUsageError, match=r"request 2 \(shop\): the prompt is [\d,]+ tokens .* Nothing was run"):
+        s.serve([("legal", "hi"), ("shop", long)], store=store, max_new_tokens=2)
+    assert s._router.in_memory() == held and s._router.mixed_ok  # nothing loaded; mixing stays on
+    assert {r.mode for r in s.serve([("legal", "a"), ("support", "b")], store=store, max_new_tokens=2)} == {"mixed"}
+    with pytest.raises(FtUsageError, match="no adapter 'nope'"):
+        s.serve([("nope", "hi")], store=store, capacity=1)
+    assert sorted(s._router.in_memory()) == sorted(held)  # the refused call emptied no slot
+    with pytest.raises(FtUsageError, match=r"no adapter 'Base' .*\(did you mean 'base'\?\)"):
+        s.serve([("Base", "hi")], store=store)

@@ -207,6 +207,21 @@ def fit_to_context(model, prompt_tokens: int, max_new_tokens: int) -> tuple[int,
                                    f"{limit:,}")
 
 
+def check_prompts_fit(model, tokenizer, prompts: Sequence[str], system: Optional[str] = None,
+                      labels: Optional[Sequence[str]] = None) -> None:
+    """Refuse, before any work, a prompt that leaves the model no room to answer (:func:`fit_to_context`),
+    naming which one by ``labels`` (default: its number) with its own length, not a padded batch's."""
+    if context_limit(model) is None:
+        return
+    for k, prompt in enumerate(prompts):
+        text = build_prompt(tokenizer, prompt, system)
+        n = len(tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer))["input_ids"])
+        try:
+            fit_to_context(model, n, 1)
+        except FtUsageError as exc:
+            raise FtUsageError(f"{labels[k] if labels else f'prompt {k + 1}'}: {exc} Nothing was run.") from None
+
+
 def _streamer(tokenizer, on_text: Callable[[str], None]):
     from transformers import TextStreamer
 

@@ -316,7 +316,7 @@ class AdapterRouter:
             known = sorted(p.name for p in self.store.iterdir() if (p / "adapter_config.json").exists()) \
                 if self.store.is_dir() else []
             raise FtUsageError(
-                f"no adapter {name!r} in memory or in the store {self.store}{did_you_mean(name, known)}. "
+                f"no adapter {name!r} in memory or in the store {self.store}{did_you_mean(name, known + [BASE])}. "
                 f"Store holds: {', '.join(known) or 'nothing'}."
             )
         return path
@@ -398,12 +398,16 @@ class AdapterRouter:
                                    f"{type(r.prompt).__name__}: {r.prompt!r:.40}).")
             if not r.prompt.strip():
                 raise FtUsageError(f"request {k} ({r.adapter}) has an empty prompt: every request needs one.")
+        needed = list(dict.fromkeys(r.adapter for r in reqs if r.adapter != BASE))
+        for name in needed:  # every name and prompt checked before any work is done (a slot emptied included)
+            self._resolve(name)
+        from .inference import check_prompts_fit
+
+        check_prompts_fit(self.host.model, self.host.tokenizer, [r.prompt for r in reqs], system,
+                          [f"request {k} ({r.adapter})" for k, r in enumerate(reqs, 1)])
         self._forget_lost_slots()
         while len(self._slots) > self.capacity:  # capacity lowered since the last batch
             self._drop(self._slots.popitem(last=False)[0])
-        needed = list(dict.fromkeys(r.adapter for r in reqs if r.adapter != BASE))
-        for name in needed:  # every name checked before any work is done
-            self._resolve(name)
         previous = self.host.adapters.active
         out: list = [None] * len(reqs)
         try:
@@ -455,6 +459,8 @@ class AdapterRouter:
                                                             for k in rows], sampling=sampling)
                 finally:  # refused or interrupted, PEFT leaves its hooks on every layer
                     remove_adapter_name_hooks(model)
+            except FtUsageError:  # the user's to fix (the model is not at fault): said, and mixing stays on
+                raise
             except (ValueError, TypeError, NotImplementedError):
                 self.mixed_ok = False  # this model/adapter kind has no mixed-batch path: group instead
             else:
