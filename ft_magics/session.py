@@ -1281,6 +1281,7 @@ class Session:
                             meter.what = f"{col} ranking the preference pairs"
                             report.pairs[col] = pair_scores(model, self.tokenizer, pairs, batch_size, on_batch=meter.tick,
                                                             dtype=self.handle.dtype)
+                report.cases = list(cases or [])
                 for col in columns if cases else ():  # generation: the inference layout, fused layers
                     if self.adapters:
                         activate(model, col)

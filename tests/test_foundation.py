@@ -1457,6 +1457,9 @@ def test_lora_eval_answers_scores_greedy_answers_against_the_references(shell, t
     out = capsys.readouterr().out
     assert "greedy answers, base: exact 1/3 (33%), first line 2/3 (67%) match the reference" in out
     assert "greedy answers, a: exact 2/3 (67%), first line 3/3 (100%) match the reference" in out
+    # the question the adapter missed, with both answers (only counts were shown: a user rebuilt the questions)
+    assert ("a answered 1 question otherwise:\n  Q: question 2?\n     expected: Category: c0 Answer: a2\n"
+            "     answered: Category: c0\n") in out, out
     assert seen[0][0] == ["question 0?", "question 1?", "question 2?"] and seen[0][1][0] == (None, [])
     monkeypatch.setattr(inference, "generate_batch", real_batch)
     shell.run_line_magic("lora_eval", "a --data d.jsonl --answers 2 --no-general")  # real generation runs

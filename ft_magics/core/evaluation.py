@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import FtUsageError
+from .events import counted
 
 GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general.txt"
 
@@ -278,7 +279,8 @@ class EvalReport:
     columns: list  # "base" and the adapter
     results: dict = field(default_factory=dict)  # (set label, column) -> (loss, ppl, tokens)
     sets: list = field(default_factory=list)
-    answers: dict = field(default_factory=dict)  # column -> (exact, first line, n): greedy answers scored
+    answers: dict = field(default_factory=dict)  # column -> (exact, first line, n, answers): greedy answers scored
+    cases: list = field(default_factory=list)  # the questions answered (data.AnswerCase), in the answers' order
     pairs: dict = field(default_factory=dict)  # column -> PairScores: preference data
     notes: list = field(default_factory=list)  # what was done to the data to score it (rows cut to max_seq_len)
     reward_beta: float = 0.1  # DPO's beta for the implicit rewards (the adapter's own where its run had one)
@@ -302,6 +304,28 @@ class EvalReport:
     def answer_cell(self, column: str) -> str:
         exact, first, n = self.answers[column][:3]
         return f"exact {exact}/{n} ({100 * exact / n:.0f}%), first line {first}/{n} ({100 * first / n:.0f}%)"
+
+    def misses(self, column: str) -> list:
+        """``[(case, answer)]`` of the questions ``column``'s greedy answer did not match as a whole."""
+        answers = self.answers[column][3] if len(self.answers.get(column, ())) > 3 else []
+        return [(c, a) for c, a in zip(self.cases, answers)
+                if normalised_answer(a) != normalised_answer(c.reference)]
+
+    def _misses_lines(self, column: str, shown: int = 3) -> list:
+        """The first few questions the adapter (the last column) answered otherwise, each with both answers."""
+        missed = self.misses(column)
+        if not missed:
+            return []
+
+        def clip(text: str, n: int = 70) -> str:
+            text = " ".join(str(text).split())
+            return text if len(text) <= n else text[:n - 3] + "..."
+
+        head = (f"{column} answered {counted(len(missed), 'question')} otherwise"
+                + (f" (the first {shown}; EvalReport.misses({column!r}) holds them all)" if len(missed) > shown else "")
+                + ":")
+        return [head] + [f"  Q: {clip(c.prompt)}\n     expected: {clip(c.reference)}\n     answered: {clip(a) or '(nothing)'}"
+                         for c, a in missed[:shown]]
 
     def add(self, label: str, column: str, loss: float, ppl: float, tokens: int) -> None:
         if label not in self.sets:
@@ -338,6 +362,8 @@ class EvalReport:
         for c in self.columns:
             if c in self.answers:
                 lines.append(f"greedy answers, {c}: {self.answer_cell(c)} match the reference")
+        if self.columns[-1] in self.answers:
+            lines += self._misses_lines(self.columns[-1])
         for c in self.columns:
             if c in self.pairs:
                 lines.append(f"held-out pairs, {c}: the chosen answer is the more likely one (per token) in {self.pair_cell(c)}")
@@ -374,7 +400,10 @@ class EvalReport:
             rows += ("<tr><td>held-out pairs whose chosen answer is the more likely one (per token)</td>"
                      + "".join(f"<td>{self.pair_cell(c) if c in self.pairs else ''}</td>" for c in self.columns)
                      + "</tr>")
-        foot = f"<p>{html.escape(self._rewards_line(), quote=False)}</p>" if self.rewards() is not None else ""
+        foot = ""
+        if self.columns[-1] in self.answers and self.misses(self.columns[-1]):
+            foot += f"<pre>{html.escape(chr(10).join(self._misses_lines(self.columns[-1])), quote=False)}</pre>"
+        foot += f"<p>{html.escape(self._rewards_line(), quote=False)}</p>" if self.rewards() is not None else ""
         foot += f"<p>{html.escape(self._forgetting_verdict(), quote=False)}</p>" if self.forgetting() is not None else ""
         foot += "".join(f"<p>Note: {html.escape(n)}</p>" for n in self.notes)
         return f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>{foot}"
