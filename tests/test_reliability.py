@@ -949,8 +949,15 @@ def test_evaluations_are_announced_and_kept_out_of_the_steps_rate(tiny_session, 
     (t1, e1), (t3, e3) = steps[1], steps[3]
     assert (t3 - t1) - (e3.elapsed_s - e1.elapsed_s) >= 1.4  # the evaluation at step 2 is not the steps' time
     assert e3.eta_s >= 1.4  # one more evaluation comes, at step 4
+    assert steps[4][1].eta_s >= 1.4  # and at step 4 it is still to come (it runs after the step's line)
     timings = run.record["timings"]
     assert timings["seconds"] - timings["loss_tokens"] / timings["loss_tokens_per_s"] >= 2.8  # both evaluations
+    # no eval_steps: the one evaluation comes after the last step, and the time left said 0:00 there; before any
+    # evaluation its time is estimated from its tokens
+    clock.seen.clear()
+    tiny_session.train("ev2", rows, {"max_steps": 2, "batch_size": 4}, eval_data=ev, listeners=[clock])
+    last = [e for _, e in clock.seen if type(e).__name__ == "StepEnd"][-1]
+    assert last.step == 2 and last.eta_s > 0, last
 
 
 def test_a_run_another_process_is_training_is_not_called_cut_short_nor_trained_twice(tiny_session):

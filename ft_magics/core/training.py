@@ -451,7 +451,8 @@ def eta_seconds(elapsed: float, steps_done: int, steps_left: int, tokens_done: i
 
 
 def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollator, history: dict, device: str,
-                   begin_info: dict, peak_mark: Optional[int] = None, tokens_per_step: Optional[float] = None):
+                   begin_info: dict, peak_mark: Optional[int] = None, tokens_per_step: Optional[float] = None,
+                   eval_tokens: int = 0):
     from transformers import TrainerCallback
 
     class EventCallback(TrainerCallback):
@@ -505,9 +506,22 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
             return control
 
         def evals_left(self, args, step: int, max_steps: int) -> int:
+            """The evaluations still to come: every eval_steps, and the final one after the last step where the
+            schedule does not evaluate that step (run_training's)."""
+            if not eval_tokens:
+                return 0
             strategy = getattr(args, "eval_strategy", None)
             every = int(args.eval_steps or 0) if getattr(strategy, "value", strategy) == "steps" else 0
-            return max_steps // every - step // every if every >= 1 else 0
+            scheduled = max_steps // every - (step - 1) // every if every >= 1 else 0  # (this step's comes after)
+            return scheduled + (1 if every < 1 or max_steps % every else 0)
+
+        def eval_seconds(self, elapsed: float) -> Optional[float]:
+            """An evaluation's time: the last one's; before any, its tokens at the training's time per token over
+            3 (a forward alone, where a step also runs the backward, about twice the forward)."""
+            if self.evaluations:
+                return self.evaluations[-1]
+            done = collator.trained_all_tokens
+            return elapsed / done * eval_tokens / 3 if done > 0 and eval_tokens else None
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -519,8 +533,9 @@ def _make_callback(run_name, listeners, flag: StopFlag, collator: CountingCollat
                 lb = self.trained_tokens(args, state)
                 eta = eta_seconds(elapsed, step - self.step_at_start, state.max_steps - step,
                                   collator.trained_all_tokens, tokens_per_step)
-                if eta is not None and self.evaluations:  # the evaluations still to come, at the pace of the last
-                    eta += self.evaluations[-1] * self.evals_left(args, step, state.max_steps)
+                per_eval = self.eval_seconds(elapsed) if eta is not None else None
+                if per_eval is not None:  # the evaluations still to come, at the pace of the last (or estimated)
+                    eta += per_eval * self.evals_left(args, step, state.max_steps)
                 emit(listeners, StepEnd(
                     step=step, total_steps=state.max_steps, epoch=float(logs.get("epoch", state.epoch or 0.0)),
                     loss=loss, learning_rate=_f(logs.get("learning_rate")), grad_norm=_f(logs.get("grad_norm")),
@@ -1126,7 +1141,7 @@ def run_training(
     tokens_per_step = (sum(example_tokens(f) for f in train_examples) / len(train_examples)
                        * cfg.batch_size * cfg.grad_accum if train_examples else None)
     callback = _make_callback(name, listeners, flag, collator, history, handle.device, begin_info, peak_mark,
-                              tokens_per_step)
+                              tokens_per_step, sum(example_tokens(f) for f in eval_examples or ()))
     ckpt_dir = target.parent / ".checkpoints" / name
     from . import checkpoints as ckpts
 
