@@ -290,7 +290,7 @@ def test_sigint_stops_at_a_step_boundary_saves_and_model_stays_usable(tiny_sessi
     record = json.loads((Path(r.adapter_path) / "ft_run.json").read_text())
     assert record["status"] == "interrupted" and record["steps"] == r.steps
     hint = [m for m in _messages(rec) if "--resume" in m]
-    assert hint and r.adapter_path in hint[0] and f"%%lora_train bot --resume" in hint[0]
+    assert hint and r.adapter_path in hint[0] and "%%lora_train bot --resume" in hint[0]
     # the model is usable: the adapter is registered and generates
     assert "bot" in s.adapters.names()
     assert s.generate("How do I reset my password?", max_new_tokens=3).new_tokens >= 1
