@@ -1004,3 +1004,41 @@ def test_a_run_another_process_is_training_is_not_called_cut_short_nor_trained_t
         other.kill()
         other.wait()
     assert s.resumable_runs() == {"cut": part.steps}  # its process is gone: a mark left behind is a cut-short run
+
+
+def test_a_stopped_retrain_keeps_the_completed_adapter_it_replaced(tiny_session, monkeypatch):
+    """Retraining a name warned, then a stop saved the new 2-step adapter over the completed one: the finished
+    adapter was gone. The stopped run keeps what it learned under the name, and the completed one it replaced in
+    adapters/.replaced/NAME, from where it loads back; a failed save puts it back in place."""
+    s = tiny_session
+    done = s.train("keep", DATA, CFG, listeners=[])
+    rec = Recorder()
+    part = s.train("keep", DATA, CFG, listeners=[rec, StopAt(s, 2)])
+    kept = s.adapters_dir / ".replaced" / "keep"
+    assert part.status == "stopped" and part.steps < 8
+    assert json.loads((Path(part.adapter_path) / "ft_run.json").read_text())["steps"] == part.steps
+    old = json.loads((kept / "ft_run.json").read_text())
+    assert old["status"] == "completed" and old["steps"] == done.steps == 8
+    said = _messages(rec)
+    assert any("this run replaces it when it saves (stopped before it completes, the run keeps this one in "
+               f"{kept})" in m for m in said), said
+    assert any(f"the completed adapter 'keep' this run replaced is kept in {kept}: %lora_adapters load {kept} "
+               "--name keep-before" in m for m in said), said
+    assert "keep" in s.adapters_on_disk() or "keep" in s.adapters  # the stopped run's adapter is the name's
+    assert ".replaced" not in s.adapters_on_disk() and not s.misnamed_on_disk()
+    s.load_adapter(kept, "keep-before")
+    assert s.adapters.require("keep-before").steps == 8
+    # a run that completes replaces as asked, and a stopped one over a stopped adapter keeps nothing more
+    again = s.train("keep", DATA, dict(CFG, max_steps=3), listeners=[StopAt(s, 1)])
+    assert again.status == "stopped" and json.loads((kept / "ft_run.json").read_text())["steps"] == 8
+    s.train("done", DATA, dict(CFG, max_steps=2), listeners=[])
+    from ft_magics.core import training
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "save_adapter", full_disk)
+    with pytest.raises(OSError):
+        s.train("done", DATA, CFG, listeners=[StopAt(s, 1)])
+    assert json.loads((s.adapters_dir / "done" / "ft_run.json").read_text())["status"] == "completed"
+    assert not (s.adapters_dir / ".replaced" / "done").exists()  # put back where it was

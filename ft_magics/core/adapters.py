@@ -353,8 +353,33 @@ def replacing_note(target: Path, name: str) -> Optional[str]:
     except (FtUsageError, OSError, ValueError):
         return None
     done = f"{counted(info.steps, 'step')}, loss {info.final_loss:.4f}" if info.steps and info.final_loss is not None else "trained earlier"
-    return (f"adapter {name!r} already exists ({done}, {target}); this run replaces it when it saves. "
+    kept = (f" (stopped before it completes, the run keeps this one in {Path(target).parent / REPLACED_DIRNAME / name})"
+            if run_record(target).get("status") == "completed" else "")
+    return (f"adapter {name!r} already exists ({done}, {target}); this run replaces it when it saves{kept}. "
             "Use another name to keep it, or --resume to continue it.")
+
+
+REPLACED_DIRNAME = ".replaced"  # in the adapters folder: a completed adapter an unfinished retrain replaced
+
+
+def keep_replaced(target: Path) -> Optional[Path]:
+    """Before a run that did not complete saves over ``target``: move a completed adapter there aside, to
+    ``.replaced/NAME`` beside it (an earlier one kept there goes), and return where; None when there is none.
+    A stopped retrain keeps what it learned under the name, and the finished adapter it replaced is not lost."""
+    import os
+    import shutil
+
+    target = Path(target)
+    if run_record(target).get("status") != "completed" or not (target / "adapter_config.json").is_file():
+        return None
+    keep = target.parent / REPLACED_DIRNAME / target.name
+    keep.parent.mkdir(exist_ok=True)
+    if os.path.lexists(keep):
+        gone = keep.with_name(f".{target.name}.tmp-deleted-{os.getpid()}")
+        os.rename(keep, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    os.rename(target, keep)
+    return keep
 
 
 class AdapterRegistry:

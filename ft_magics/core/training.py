@@ -1277,13 +1277,21 @@ def run_training(
             "versions": versions(),
             "resumed": resumed,
         }
-        adapter_path = None
+        adapter_path = kept = None
         # args.should_save: under several processes (accelerate / torchrun) only the main process writes.
         if steps > 0 and status != "failed" and args.should_save:
+            from .adapters import keep_replaced
+
             flag.saving = True
             try:
                 with interrupt_stops(flag, listeners):
+                    kept = keep_replaced(target) if status != "completed" and resume_from is None else None
                     adapter_path = str(save_adapter(peft_model, name, target, record))
+            except BaseException:
+                if kept is not None and not target.exists():  # the save failed: the completed one comes back
+                    os.rename(kept, target)
+                    kept = None
+                raise
             finally:
                 flag.saving = False
         result = TrainResult(
@@ -1295,6 +1303,10 @@ def run_training(
         ckpts.finish(ckpt_dir, status)
         if status in ("interrupted", "stopped"):
             emit(listeners, Message(ckpts.resume_hint(name, adapter_path, ckpt_dir, steps, world, job)))
+        if kept is not None:
+            emit(listeners, Message(
+                f"the completed adapter {name!r} this run replaced is kept in {kept}: %lora_adapters load {kept} "
+                f"--name {name}-before brings it back (the next stopped retrain of {name!r} replaces that copy)."))
         emit(listeners, TrainEnd(run_name=name, status=status, steps=steps, final_loss=record["final_loss"],
                                  elapsed_s=seconds, adapter_path=adapter_path, peak_memory=mem, error=error,
                                  extra={"eval_loss": eval_loss, "eval_step": eval_step,
