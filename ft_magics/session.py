@@ -641,6 +641,9 @@ class Session:
                     if ckpts.is_dir():
                         os.rename(ckpts, new_ckpts)
                         done.append(lambda: os.rename(new_ckpts, ckpts))
+                        from .core.checkpoints import rename_checkpoints
+
+                        done += rename_checkpoints(new_ckpts, name, new)
                 if loaded:
                     self._drop_from_memory(name)
                     done.insert(0, lambda: self._reload(info, name, was_active))  # last: once its folder is back

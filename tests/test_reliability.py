@@ -1042,3 +1042,29 @@ def test_a_stopped_retrain_keeps_the_completed_adapter_it_replaced(tiny_session,
         s.train("done", DATA, CFG, listeners=[StopAt(s, 1)])
     assert json.loads((s.adapters_dir / "done" / "ft_run.json").read_text())["status"] == "completed"
     assert not (s.adapters_dir / ".replaced" / "done").exists()  # put back where it was
+
+
+def test_a_renamed_stopped_run_resumes_its_own_weights(tiny_session):
+    """rename moved .checkpoints/OLD to .checkpoints/NEW, but each checkpoint kept the weights in checkpoint-N/OLD:
+    --resume under the new name found none, trained a fresh adapter from step N on and said it resumed. A
+    checkpoint without the name's weights is now refused rather than resumed."""
+    from ft_magics.core.checkpoints import checkpoint_root, latest_valid
+
+    s = tiny_session
+    part = s.train("old", DATA, CFG, listeners=[StopAt(s, 3)])
+    straight = s.train("twin", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert part.steps == straight.steps
+    s.rename_adapter("old", "new")
+    ckpt = latest_valid(checkpoint_root(s.adapters_dir, "new"))
+    assert (ckpt / "new" / "adapter_model.safetensors").is_file() and not (ckpt / "old").exists()
+    renamed = s.train("new", DATA, CFG, resume=True, listeners=[])
+    resumed = s.train("twin", DATA, CFG, resume=True, listeners=[])
+    first = lambda r: [l for st, l in r.record["loss_history"] if st == part.steps + 1][0]  # noqa: E731
+    assert abs(first(renamed) - first(resumed)) < 1e-4, (renamed.record["loss_history"], resumed.record["loss_history"])
+    # a checkpoint whose weights sit under another name (renamed by hand) is refused, not resumed fresh
+    cut = s.train("hand", DATA, CFG, listeners=[StopAt(s, 3)])
+    assert cut.status == "stopped"
+    ckpt = latest_valid(checkpoint_root(s.adapters_dir, "hand"))
+    os.rename(ckpt / "hand", ckpt / "other")
+    with pytest.raises(FtUsageError, match=r"holds no adapter weights under that name \(it holds 'other'"):
+        s.train("hand", DATA, CFG, resume=True, listeners=[])

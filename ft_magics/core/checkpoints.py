@@ -127,6 +127,26 @@ def read_meta(path: Path) -> dict:
         return {}
 
 
+def rename_checkpoints(root: Path, name: str, new: str) -> list:
+    """In run ``root``'s checkpoints (already moved to the new name's folder), the adapter's weights folder
+    ``checkpoint-N/NAME`` becomes ``checkpoint-N/NEW``: a resume under the new name loads it from there, and
+    found nothing under the old one (it trained a fresh adapter while saying it resumed). Returns the undo
+    steps, newest last."""
+    undo = []
+    for _, ckpt in _checkpoints(root):
+        src, dst = ckpt / name, ckpt / new
+        if src.is_dir() and not os.path.lexists(dst):
+            os.rename(src, dst)
+            undo.append(lambda src=src, dst=dst: os.rename(dst, src))
+    return undo
+
+
+def holds_weights(path: Path, name: str) -> bool:
+    """Whether checkpoint ``path`` holds adapter ``name``'s weights, where a resume loads them from."""
+    return any(Path(path, *where, f"adapter_model.{ext}").is_file()
+               for where in ((name,), ()) for ext in ("safetensors", "bin"))
+
+
 # settings a resumed run may change, and which shape its steps
 STEP_SETTINGS = ("batch_size", "grad_accum", "max_steps", "epochs", "learning_rate", "seed", "alpha")
 
@@ -273,6 +293,13 @@ def check_resumable(path: Path, name: str, settings: dict) -> dict:
     and for sft against the others, other rows). Returns the checkpoint's metadata."""
     old = read_meta(path)
     step = checkpoint_step(path)
+    if not holds_weights(path, name):  # else the Trainer goes on from step N with a fresh adapter, unsaid
+        held = sorted(p.name for p in Path(path).iterdir() if p.is_dir() and holds_weights(p.parent, p.name))
+        raise FtUsageError(
+            f"{Path(path).name} of {name!r} holds no adapter weights under that name"
+            + (f" (it holds {', '.join(repr(h) for h in held)}: its folder was renamed outside ft_magics)" if held
+               else "") + ", so resuming would train a fresh adapter from its step on. Rename the run back, or "
+            "train afresh without --resume (that replaces the adapter).")
     limit = settings.get("max_steps", -1)
     if isinstance(limit, int) and 0 < limit <= step:
         started = (old.get("settings") or {}).get("max_steps")
