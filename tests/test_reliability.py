@@ -1068,3 +1068,23 @@ def test_a_renamed_stopped_run_resumes_its_own_weights(tiny_session):
     os.rename(ckpt / "hand", ckpt / "other")
     with pytest.raises(FtUsageError, match=r"holds no adapter weights under that name \(it holds 'other'"):
         s.train("hand", DATA, CFG, resume=True, listeners=[])
+
+
+def test_a_card_keeps_every_resume_of_a_run(tiny_session):
+    """A run resumed twice: its card kept only the last resume, so the first part's other learning rate was
+    forgotten. Each resume's checkpoints carry the one before."""
+    from ft_magics.core.adapters import adapter_card
+
+    s = tiny_session
+    one = s.train("twice", DATA, CFG, listeners=[StopAt(s, 3)])
+    two = s.train("twice", DATA, dict(CFG, max_steps=12, learning_rate=5e-3), resume=True,
+                  listeners=[StopAt(s, one.steps + 2)])
+    assert two.status == "stopped" and two.steps > one.steps
+    three = s.train("twice", "demo:support", dict(CFG, max_steps=12, learning_rate=5e-3), resume=True, listeners=[])
+    assert three.status == "completed" and three.steps == 12
+    assert three.record["resumed"]["at"] == two.steps and three.record["resumed"]["before"]["at"] == one.steps
+    card = adapter_card("twice", Path(three.adapter_path))
+    settings = next(l for l in card.splitlines() if l.startswith("Settings"))
+    assert settings.endswith(f" (steps 1-{one.steps}: max_steps 8, learning_rate 0.01)"), card
+    data = next(l for l in card.splitlines() if l.startswith("Data"))
+    assert data.endswith(f"; steps 1-{two.steps} ran on <list>"), card

@@ -263,6 +263,36 @@ DROP_REASONS = {"dropped_empty": "with no answer (empty or blank)", "dropped_no_
                 "eval_dropped": "of the eval data"}
 
 
+def resumed_spans(resumed: Optional[dict]) -> list:
+    """``[(steps "a-b", earlier data or None, {setting: value})]``, oldest first, of a run resumed once or more
+    (its record's ``resumed``, each level holding the one before): what the steps before each resume ran on and
+    with, where that was not what came after."""
+    chain = []
+    while isinstance(resumed, dict) and resumed.get("at") is not None:
+        chain.append(resumed)
+        resumed = resumed.get("before")
+    data, later = [], None  # a part whose data was the next part's records none: it is the next one's
+    for level in chain:
+        later = level.get("earlier_data") or later
+        data.append(later)
+    spans, start = [], 1
+    for level, d in zip(reversed(chain), reversed(data)):
+        spans.append((f"{start}-{level['at']}", d, level.get("earlier_settings") or {}))
+        start = level["at"] + 1
+    return spans
+
+
+def _joined_spans(spans: list) -> list:
+    """``[(steps "a-b", data)]``: adjacent spans of :func:`resumed_spans` that ran on the same data, as one."""
+    out: list = []
+    for span, d, _ in spans:
+        if out and d and out[-1][1] == d:
+            out[-1] = (f"{out[-1][0].split('-')[0]}-{span.split('-')[1]}", d)
+        else:
+            out.append((span, d))
+    return out
+
+
 def adapter_card(name: str, path: Path, state: str = "") -> str:
     """What an adapter folder says about itself: its LoRA shape, the base it was made on, and for one this
     tool trained, the run (steps, losses, data, the settings that differ from the defaults, speed, peak)."""
@@ -320,9 +350,10 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
             loss += f" (the weights of step {best['step']}, its lowest eval loss"
             loss += f"; early stopping at step {best['early_stopped_at']})" if best.get("early_stopped_at") else ")"
         rows.append(("Loss", loss))
+    spans = resumed_spans(record.get("resumed"))
     data = record.get("data") or {}
     if data:
-        earlier = (record.get("resumed") or {}).get("earlier_data")
+        ran_on = "; ".join(f"steps {span} ran on {d}" for span, d in _joined_spans(spans) if d)
         trained, drops = data.get("trained_examples"), data.get("dropped") or {}
         dropped = sum(drops.values())
         why = ", ".join(f"{n:,} {DROP_REASONS.get(k, k)}" for k, n in drops.items() if n)  # as the report said
@@ -330,16 +361,16 @@ def adapter_card(name: str, path: Path, state: str = "") -> str:
                               f"({data.get('train_rows') or 0:,} train / {data.get('eval_rows') or 0:,} eval)"
                               + (f"; {trained:,} trained on, {dropped:,} dropped ({why})"
                                  if trained is not None and dropped else "")
-                              + (f"; steps 1-{record['resumed']['at']} ran on {earlier}" if earlier else "")))
+                              + (f"; {ran_on}" if ran_on else "")))
     settings = record.get("settings") or {}
     if settings:
         defaults = dataclasses.asdict(TrainConfig())
         unused = PAIR_ONLY_SETTINGS if settings.get("objective", "sft") == "sft" else ()  # e.g. the old default beta
         changed = [f"{k} {v}" for k, v in settings.items() if k in defaults and defaults[k] != v and k not in unused]
-        earlier = (record.get("resumed") or {}).get("earlier_settings") or {}
+        ran_with = "; ".join(f"steps {span}: {', '.join(f'{k} {v}' for k, v in were.items())}"
+                             for span, _, were in spans if were)
         rows.append(("Settings", (", ".join(changed) if changed else "the defaults")
-                     + (f" (steps 1-{record['resumed']['at']}: {', '.join(f'{k} {v}' for k, v in earlier.items())})"
-                        if earlier else "")))
+                     + (f" ({ran_with})" if ran_with else "")))
     peak = record.get("peak_memory") or {}
     if peak.get("bytes"):
         rows.append(("Peak", f"{human_bytes(peak['bytes'])} ({peak.get('label', '')})"))

@@ -429,6 +429,8 @@ def _resumed(checkpoint, meta: dict) -> Optional[dict]:
     changed = earlier_settings(before.get("settings") or {}, meta.get("settings") or {})
     if changed:
         out["earlier_settings"] = changed
+    if before.get("resumed"):  # the run that made the checkpoint was itself resumed: its steps before that
+        out["before"] = before["resumed"]
     return out
 
 
@@ -1151,6 +1153,8 @@ def run_training(
                  "global_batch": cfg.batch_size * cfg.grad_accum * world}
     resume_from = ckpts.begin(ckpt_dir, name, resume, listeners, ckpt_meta)
     resumed = _resumed(resume_from, ckpt_meta)
+    if resumed:  # this run's checkpoints carry it, so a resume of a resumed run keeps the earlier one too
+        ckpt_meta["resumed"] = resumed
     if resume_from is not None:  # the resumed run's record keeps the whole curve
         history["loss"], history["eval"] = ckpts.prior_losses(resume_from), ckpts.prior_evals(resume_from)
     args = _training_args(cfg, str(ckpt_dir), handle.device, handle.dtype, eval_ds is not None, model_config)
