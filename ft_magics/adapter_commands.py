@@ -168,9 +168,12 @@ def run(session, words: list, out: Callable[[str], None] = print) -> None:
         name = _name(cmd, rest)
         loaded_from = s.adapters.require(name).path if name in s.adapters else None
         was_active = s.adapters.active == name
+        cut_short = s.resumable_runs().get(name) if name not in s.adapters else None
         removed = s.delete_adapter(name)
         now = f" The base model is active now (it was {name!r})." if was_active else ""
-        if removed:
+        if removed and cut_short is not None and not (s.adapters_dir / name).exists():
+            out(f"deleted the cut-short run {name!r}: its checkpoints up to step {cut_short} ({removed}).")
+        elif removed:
             out(f"deleted adapter {name!r} and its folder {removed}.{now}")
         elif loaded_from and not Path(loaded_from).exists():
             out(f"deleted adapter {name!r} from memory; its folder {loaded_from} was already gone.{now}")

@@ -819,7 +819,8 @@ class FtMagics(Magics):
             use NAME|base                         switch the active adapter (milliseconds)
             load PATH [--name N]                  any PEFT LoRA adapter folder
             unload NAME                           drop from memory, keep the folder
-            delete NAME                           drop and delete its folder (only inside adapters/)
+            delete NAME                           drop and delete its folder (only inside adapters/; a
+                                                  run cut short before it saved: its checkpoints)
             rename NAME NEW                       its folder, record and checkpoints too; stays active
             merge NAME                            fold into the base weights (16/32-bit base)
             unmerge                               restore the base weights exactly

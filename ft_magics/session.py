@@ -578,6 +578,13 @@ class Session:
             writable_dir(folder.parent, "", doing=f"delete {name!r}")
         if name not in self.adapters:
             self._check_not_training(name)
+            if folder is None and name in self.resumable_runs():  # a run cut short: its checkpoints are all of it
+                from .core.checkpoints import checkpoint_root, discard
+
+                root = checkpoint_root(self.adapters_dir, name)
+                with self._model_busy("delete an adapter"):
+                    discard(root)
+                return str(root)
             if folder is None:  # "no adapter named ...", naming the loaded ones and those in the adapters folder
                 self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
             with self._model_busy("delete an adapter"):  # on disk only (after a restart): nothing to unload
@@ -606,7 +613,7 @@ class Session:
             loaded = name in self.adapters
             folder = self.deletable_folder(name)
             if not loaded and folder is None:  # "no adapter named ...", naming the loaded ones and those on disk
-                self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
+                self._require(name, delete_hint=True)
             gone = self.only_in_memory(self.adapters.require(name)) if loaded else None
             if gone:  # a rename reads the adapter again under its new name: with nothing to read, it was lost
                 raise FtUsageError(f"cannot rename {name!r}: {gone}, and a rename reads it again under the new name. "
@@ -786,7 +793,7 @@ class Session:
         folder = self._adapter_folder(name)
         if folder is None:  # not loaded and not on disk: the error names the ones that are
             self._check_not_training(name)
-            self.adapters.require(name, self.adapters_on_disk(), self.adapters_dir)
+            self._require(name, delete_hint=True)
         return adapter_card(name, folder, "on disk, not loaded")
 
     def _adapter_folder(self, name: str) -> Optional[Path]:
@@ -901,8 +908,14 @@ class Session:
                 activate(self.model, previous)
                 self.adapters.active = previous
         # unknown: the error names the loaded adapters and those in the adapters folder (they load by name)
+        return self._require(name, () if name in self.adapters else None)
+
+    def _require(self, name: str, on_disk=None, delete_hint: bool = False):
+        """``self.adapters.require``: an unknown name's error names the loaded adapters and those in the adapters
+        folder, and where ``name`` is a run cut short before it saved an adapter (``list`` names those), how to
+        continue it, or with ``delete_hint`` how to drop it."""
         try:
-            return self.adapters.require(name, () if name in self.adapters else self.adapters_on_disk(),
+            return self.adapters.require(name, self.adapters_on_disk() if on_disk is None else on_disk,
                                          self.adapters_dir)
         except FtUsageError as exc:
             step = self.resumable_runs().get(name)
@@ -910,7 +923,8 @@ class Session:
                 raise
             raise FtUsageError(f"{exc} Its run was cut short before it saved an adapter; its checkpoint at step {step} "
                                f"continues with %%lora_train {name} --data ... --resume (the same data and "
-                               "settings).") from None
+                               "settings)" + (f", and %lora_adapters delete {name} drops it." if delete_hint else ".")
+                               ) from None
 
     def resumable_runs(self) -> dict:
         """``{name: step}`` of runs in the adapters folder that were cut short (:meth:`unfinished_runs`)."""

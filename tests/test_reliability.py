@@ -604,6 +604,17 @@ def test_a_run_killed_before_it_saved_is_listed_as_resumable_and_named_when_aske
     with pytest.raises(FtUsageError, match=rf"no adapter named 'cut'.*checkpoint at step {part.steps} continues with "
                                            r"%%lora_train cut --data \.\.\. --resume"):
         s.use("cut")
+    # info and rename said only "no adapter named 'cut'", and nothing dropped a run list kept naming
+    for words in (["info", "cut"], ["rename", "cut", "cut2"]):
+        with pytest.raises(FtUsageError, match=rf"no adapter named 'cut'.*checkpoint at step {part.steps} continues "
+                                               r"with .*--resume .*, and %lora_adapters delete cut drops it\."):
+            adapter_commands.run(s, words, out=lines.append)
+    copy = s.adapters_dir / ".checkpoints" / "copy"
+    shutil.copytree(s.adapters_dir / ".checkpoints" / "cut", copy)
+    said = []
+    adapter_commands.run(s, ["delete", "copy"], out=said.append)
+    assert said == [f"deleted the cut-short run 'copy': its checkpoints up to step {part.steps} ({copy})."], said
+    assert not copy.exists() and s.resumable_runs() == {"cut": part.steps}
     resumed = s.train("cut", DATA, CFG, resume=True)
     assert resumed.status == "completed" and resumed.steps == 8 and s.resumable_runs() == {}
 
