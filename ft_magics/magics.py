@@ -708,7 +708,7 @@ class FtMagics(Magics):
             print(gen.text)
         else:
             print()
-        _answer_footer(gen)
+        _answer_footer(gen, [f"system prompt: {_clipped(args.system)}"] if args.system else [])
 
     # ------------------------------------------------------------------ %%lora_chat
     @magic_arguments()
@@ -1163,6 +1163,11 @@ def get_session():
 
 
 _PROMPT_LINE = re.compile(r"^([ \t]*)%(lora_generate|lora_chat|lora_compare|lora_serve)[ \t]+(\S.*?)\s*$")
+
+
+def _clipped(text: str, n: int = 40) -> str:
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
 
 
 def _answer_footer(gen, notes=()) -> None:

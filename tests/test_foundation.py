@@ -116,6 +116,14 @@ def test_an_unquoted_system_prompt_is_not_cut_after_its_first_word(shell, tiny_m
         with pytest.raises(UsageError, match=r'an unquoted --system value is one word.*Quote it: '
                                              rf'%{magic} --system "You \.\.\." then the message'):
             shell.run_line_magic(magic, "--system You are a pirate. Say hello")
+    # the answers say which system prompt they were given (nothing in the output did: a saved table could not tell)
+    capsys.readouterr()
+    shell.run_line_magic("lora_generate", '--system "Answer in one word." Hello --max-new-tokens 2')
+    assert "system prompt: 'Answer in one word.'" in capsys.readouterr().out.splitlines()[-1]
+    cmp = s.compare(["Hello", "Hi"], max_new_tokens=2, system="Answer in one word.")
+    assert cmp.to_text().startswith("System prompt: Answer in one word.\n\nPrompt 1: Hello")
+    assert "<b>System prompt:</b> Answer in one word." in cmp.to_html()
+    assert "System prompt" not in s.compare(["Hello"], max_new_tokens=2).to_text()
 
 
 def test_a_cell_magic_s_first_line_takes_an_unquoted_system_prompt_whole(shell, tiny_model_dir, monkeypatch):

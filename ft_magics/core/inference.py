@@ -476,6 +476,7 @@ class Comparison:
     columns: list  # "base" and adapter names
     cells: dict  # (prompt index, column) -> Generation
     swap_ms: dict  # column -> swap time
+    system: Optional[str] = None  # the system prompt every answer was given, shown above them
 
     def tokens_per_s(self, column: str) -> float:
         """The column's decoding speed over its answers, as each answer's footer measures it
@@ -494,7 +495,7 @@ class Comparison:
         import textwrap
 
         width = width or min(100, max(40, shutil.get_terminal_size((100, 24)).columns - 1))
-        lines = []
+        lines = [f"System prompt: {self.system}", ""] if self.system else []
         for i, p in enumerate(self.prompts):
             lines.append(f"Prompt {i + 1}: {p}")
             for c in self.columns:
@@ -538,7 +539,8 @@ class Comparison:
                 f"{cell(self.cells[(i, c)].text)}</td>" for c in self.columns)
             rows.append(f"<tr><td style='vertical-align:top;text-align:left'><b>{html.escape(p)}</b></td>{cells}</tr>")
         notes = "".join(f"<p>Note: {html.escape(n, quote=False)}</p>" for n in self.notes())
-        return (f"<table class='ft-compare'><thead><tr><th {left}>prompt</th>{head}</tr></thead>"
+        system = f"<p><b>System prompt:</b> {html.escape(self.system, quote=False)}</p>" if self.system else ""
+        return (f"{system}<table class='ft-compare'><thead><tr><th {left}>prompt</th>{head}</tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table>{notes}")
 
     def _repr_html_(self) -> str:
@@ -567,4 +569,4 @@ def compare(model, tokenizer, prompts: list, columns: list, switch: Callable[[st
             if cells[(i, c)].stopped:  # an interrupt ends the whole comparison, not one answer of it
                 raise FtUsageError(f"comparison stopped by an interrupt after {len(cells)} of "
                                    f"{len(columns) * len(prompts)} answers.")
-    return Comparison(prompts=list(prompts), columns=list(columns), cells=cells, swap_ms=swaps)
+    return Comparison(prompts=list(prompts), columns=list(columns), cells=cells, swap_ms=swaps, system=system)
