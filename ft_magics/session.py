@@ -686,16 +686,10 @@ class Session:
     def _remove_folder(folder: Path, name: str) -> str:
         """Remove adapter folder ``folder`` in one step (renamed aside, then emptied: a file that cannot be removed
         never leaves the adapter half there), and its run's checkpoints."""
-        import shutil
-        import time
-
+        from .core.atomic import remove_dir
         from .core.checkpoints import checkpoint_root, discard
 
-        # a sibling (moving a folder to another parent needs its own write permission too), under the name
-        # atomic_dir clears as stale the next time NAME is written
-        aside = folder.parent / f".{name}.tmp-deleted-{os.getpid()}-{time.time_ns()}"
-        os.rename(folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        remove_dir(folder, name)  # (under the name atomic_dir clears as stale the next time NAME is written)
         discard(checkpoint_root(folder.parent, name))  # else 'list' offered to resume a run whose adapter is gone
         return str(folder)
 

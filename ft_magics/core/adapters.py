@@ -398,7 +398,8 @@ def keep_replaced(target: Path) -> Optional[Path]:
     ``.replaced/NAME`` beside it (an earlier one kept there goes), and return where; None when there is none.
     A stopped retrain keeps what it learned under the name, and the finished adapter it replaced is not lost."""
     import os
-    import shutil
+
+    from .atomic import remove_dir
 
     target = Path(target)
     if run_record(target).get("status") != "completed" or not (target / "adapter_config.json").is_file():
@@ -406,9 +407,7 @@ def keep_replaced(target: Path) -> Optional[Path]:
     keep = target.parent / REPLACED_DIRNAME / target.name
     keep.parent.mkdir(exist_ok=True)
     if os.path.lexists(keep):
-        gone = keep.with_name(f".{target.name}.tmp-deleted-{os.getpid()}")
-        os.rename(keep, gone)
-        shutil.rmtree(gone, ignore_errors=True)
+        remove_dir(keep)
     os.rename(target, keep)
     return keep
 

@@ -153,6 +153,18 @@ def atomic_dir(target: os.PathLike | str) -> Iterator[Path]:
         raise
 
 
+def remove_dir(folder: os.PathLike | str, name: Optional[str] = None) -> None:
+    """Remove ``folder`` in one step: renamed aside to a sibling (moving a folder to another parent needs that
+    parent's write permission too) named as :func:`atomic_dir` clears stale ones for ``name`` (default: the
+    folder's own name), then emptied, so a file that cannot be removed never leaves it half there."""
+    import time
+
+    folder = Path(folder)
+    aside = folder.parent / f".{name or folder.name}.tmp-deleted-{os.getpid()}-{time.time_ns()}"
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling, fsync it, and rename it over ``path``."""
     path = Path(path)
